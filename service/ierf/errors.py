@@ -1,0 +1,8 @@
+"""Error types shared by the engine. Bad calls raise ValueError/TypeError subclasses."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains an operation SRD has no decomposition rule for.
+
+    The message names the operation and its module path, so a user knows what to canonicalise.
+    """

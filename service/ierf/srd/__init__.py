@@ -1,0 +1,5 @@
+"""SRD: Sharing Ratio Decomposition (Han, Kim, Kwak, ICLR 2024), generic over CNN graphs."""
+
+from ierf.srd.explainer import SRD, Decomposition
+
+__all__ = ["SRD", "Decomposition"]
