@@ -106,6 +106,11 @@ class InProcessBackend:
         loaded = load_model(
             request.model, weights=request.weights, random_init=request.random_init, device=request.device
         )
+        # Resolve class names before the expensive part, so a typo fails fast.
+        target = None if request.target == "auto" else loaded.class_index(request.target)
+        contrast: str | int = request.contrast.lower()
+        if contrast not in ("identity", "mean"):
+            contrast = loaded.class_index(request.contrast)
         pixels = loaded.resize_crop(request.image)
         x = loaded.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(loaded.device)
         explainer = ierf.SRD(loaded.module)
@@ -130,10 +135,8 @@ class InProcessBackend:
                 position=request.position,
                 feature_hw=(int(feat_h), int(feat_w)),
             )
-        target = top[0].index if request.target == "auto" else loaded.class_index(request.target)
-        contrast: str | int = request.contrast.lower()
-        if contrast not in ("identity", "mean"):
-            contrast = loaded.class_index(request.contrast)
+        if target is None:
+            target = top[0].index
         saliency = decomposition.saliency(target, contrast=contrast)[0]
         probability = float(torch.softmax(logits.double(), dim=0)[target])
         return Explanation(
