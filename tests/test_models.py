@@ -232,6 +232,13 @@ def test_bundled_lite0_digest_is_stable_and_matches_its_file_name(lite0):
     assert load_model("efficientnet_lite0").weights_digest == lite0.weights_digest
 
 
+def test_loading_and_running_lite0_prints_nothing(capfd):
+    model = load_model("efficientnet_lite0")
+    with torch.no_grad():
+        model.module(torch.zeros(1, 3, 224, 224))
+    assert capfd.readouterr() == ("", "")
+
+
 def test_loaded_model_fields(lite0):
     assert lite0.name == "efficientnet_lite0"
     assert lite0.input_size == 224
