@@ -117,29 +117,12 @@ def test_parse_position():
 # --- end to end through the SRD engine ------------------------------------------------------------
 
 
-def _engine_ready() -> bool:
-    import ierf
-    import torch
-
-    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
-    try:
-        ierf.SRD(torch.nn.Sequential(tiny, torch.nn.Flatten(), torch.nn.Linear(2, 3)).eval())
-    except NotImplementedError:
-        return False
-    return True
-
-
-# TEMPORARY until the engine lands on main (then this guard is deleted).
-pytestmark_engine = pytest.mark.skipif(not _engine_ready(), reason="SRD engine not merged here yet")
-
-
 def _number(pattern: str, text: str) -> float:
     match = re.search(pattern, text)
     assert match, f"{pattern!r} not in output:\n{text}"
     return float(match.group(1))
 
 
-@pytestmark_engine
 def test_explain_prints_top5_and_writes_the_saliency_overlay(coffee_png, tmp_path, capsys):
     out = tmp_path / "coffee_srd.png"
     assert main(["explain", str(coffee_png), "-o", str(out)]) == 0
@@ -156,7 +139,6 @@ def test_explain_prints_top5_and_writes_the_saliency_overlay(coffee_png, tmp_pat
     assert picture.format == "PNG" and picture.width == 224 and picture.height > 224
 
 
-@pytestmark_engine
 def test_explain_named_target_and_contrast(coffee_png, tmp_path, capsys):
     out = tmp_path / "cup.png"
     explain = ["explain", str(coffee_png), "-o", str(out)]
@@ -166,7 +148,6 @@ def test_explain_named_target_and_contrast(coffee_png, tmp_path, capsys):
     assert out.is_file()
 
 
-@pytestmark_engine
 def test_explain_ierf_and_layer_errors(coffee_png, tmp_path, capsys):
     assert main(["layers"]) == 0
     layers = capsys.readouterr().out.split()
@@ -184,7 +165,6 @@ def test_explain_ierf_and_layer_errors(coffee_png, tmp_path, capsys):
     assert "999" in _error(capsys)
 
 
-@pytestmark_engine
 def test_explain_torchvision_model_with_random_weights(coffee_png, tmp_path, capsys):
     out = tmp_path / "r18.png"
     assert main(["explain", str(coffee_png), "-o", str(out), "--model", "resnet18", "--random-init"]) == 0

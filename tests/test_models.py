@@ -165,9 +165,7 @@ def test_wrapped_data_parallel_checkpoint_loads(tmp_path):
 def test_densenet_checkpoints_with_old_key_names_load(tmp_path):
     torch.manual_seed(4)
     state = torchvision.models.densenet121(weights=None).state_dict()
-    old_style = {
-        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
-    }
+    old_style = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
     assert "features.denseblock1.denselayer1.norm.1.weight" in old_style
     path = tmp_path / "densenet121-a639ec97.pth"
     torch.save(old_style, path)
