@@ -161,12 +161,10 @@ def test_explain_ierf_and_layer_errors(coffee_png, tmp_path, capsys):
     assert out.is_file()
     assert main([*explain, "--layer", "no.such.layer", "--position", "0,0"]) == 2
     assert "no.such.layer" in _error(capsys)
-    assert main([*explain, "--layer", layers[-1], "--position", "999,0"]) == 2
-    assert "999" in _error(capsys)
 
 
 def test_explain_torchvision_model_with_random_weights(coffee_png, tmp_path, capsys):
-    out = tmp_path / "r18.png"
-    assert main(["explain", str(coffee_png), "-o", str(out), "--model", "resnet18", "--random-init"]) == 0
+    out = tmp_path / "mobilenet.png"
+    assert main(["explain", str(coffee_png), "-o", str(out), "--model", "mobilenet_v2", "--random-init"]) == 0
     printed = capsys.readouterr().out
     assert "random_init(seed=0)" in printed and out.is_file()
