@@ -78,9 +78,7 @@ _SPECS: dict[str, ModelSpec] = {
             bundled_weights=bundled_weights_path,
         ),
         ModelSpec("resnet18", _torchvision("resnet18"), ("resnet18-f37072fd.pth",), IMAGENET),
-        ModelSpec(
-            "resnet50", _torchvision("resnet50"), ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), IMAGENET
-        ),
+        ModelSpec("resnet50", _torchvision("resnet50"), ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), IMAGENET),
         ModelSpec(
             "resnet101",
             _torchvision("resnet101"),
@@ -169,10 +167,7 @@ class LoadedModel:
             )
         probabilities = torch.softmax(flat.to(torch.float64), dim=0)
         values, indices = probabilities.topk(min(k, flat.numel()))
-        return [
-            ClassScore(int(i), self.class_names[int(i)], float(p))
-            for p, i in zip(values, indices, strict=True)
-        ]
+        return [ClassScore(int(i), self.class_names[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
 
 
 def available_models() -> list[str]:
@@ -265,9 +260,7 @@ def load_model(
         module.load_state_dict(state, strict=True, assign=True)
         leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if leftover:
-            raise ValueError(
-                f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}"
-            )
+            raise ValueError(f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}")
         digest = file_digest(path)
         source = str(path)
     module = module.float().eval().requires_grad_(False).to(target_device)
