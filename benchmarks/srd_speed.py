@@ -176,8 +176,10 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, repeats {args.repeats}, "
-          f"malloc tuned ({', '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())})")
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {args.threads}, repeats {args.repeats}, "
+        f"malloc tuned ({', '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())})"
+    )
     print(f"{'model':<20}{'batch':>6}{'SRD s':>10}{'grad s':>10}{'SRD/grad':>10}{'SRD MB':>10}{'grad MB':>10}")
     base = {"device": args.device, "threads": args.threads, "repeats": args.repeats}
     for model in args.models.split(","):
@@ -186,17 +188,25 @@ def main() -> None:
             r = run_in_fresh_process({**spec, "kind": "ratio"})
             m_srd = run_in_fresh_process({**spec, "kind": "mem_srd"})["peak_mb"]
             m_grad = run_in_fresh_process({**spec, "kind": "mem_grad"})["peak_mb"]
-            print(f"{model:<20}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{r['srd'] / r['grad']:>10.2f}"
-                  f"{m_srd:>10.0f}{m_grad:>10.0f}", flush=True)
+            print(
+                f"{model:<20}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{r['srd'] / r['grad']:>10.2f}"
+                f"{m_srd:>10.0f}{m_grad:>10.0f}",
+                flush=True,
+            )
 
     spec = {**base, "model": "resnet50", "batch": 1}
     for layer in ("layer4.2", "layer2.3"):
         s = run_in_fresh_process({**spec, "kind": "seeds", "layer": layer})
-        print(f"resnet50 iERF at {layer}: 49 seeds in one call {s['many']:.3f} s vs one seed {s['one']:.3f} s "
-              f"-> {s['many'] / s['one']:.2f}x (49 separate calls: {s['separate']:.2f} s)", flush=True)
+        print(
+            f"resnet50 iERF at {layer}: 49 seeds in one call {s['many']:.3f} s vs one seed {s['one']:.3f} s "
+            f"-> {s['many'] / s['one']:.2f}x (49 separate calls: {s['separate']:.2f} s)",
+            flush=True,
+        )
     t = run_in_fresh_process({**spec, "kind": "second_target"})
-    print(f"resnet50 second target with ratios kept: {t['second']:.4f} s vs first {t['first']:.3f} s "
-          f"-> {t['second'] / t['first']:.3f}x")
+    print(
+        f"resnet50 second target with ratios kept: {t['second']:.4f} s vs first {t['first']:.3f} s "
+        f"-> {t['second'] / t['first']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

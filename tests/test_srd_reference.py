@@ -204,7 +204,11 @@ def test_parity_with_the_published_code():
     model = randomise_bn(torchvision.models.resnet50(), seed=3)
     dec = ierf.SRD(model).decompose(data["x"])
     torch.testing.assert_close(dec.logits, data["logits"], atol=1e-3, rtol=1e-5)
-    for key, target, contrast in (("srd_13", 13, "identity"), ("srd_500", 500, "identity"), ("srd_13_mean", 13, "mean")):
+    for key, target, contrast in (
+        ("srd_13", 13, "identity"),
+        ("srd_500", 500, "identity"),
+        ("srd_13_mean", 13, "mean"),
+    ):
         ours, theirs = dec.saliency(target, contrast)[0], data[key]
         rel = float((ours - theirs).abs().max() / theirs.abs().max())
         assert rel < 1e-3, f"{key}: relative difference {rel:.2e}"
