@@ -1,0 +1,316 @@
+"""``ierf`` command line: classify an image, explain it with SRD, write an overlay PNG.
+
+    ierf explain photo.jpg -o srd.png                       # saliency of the top-1 class
+    ierf explain photo.jpg --target "tiger cat" -o cat.png
+    ierf explain photo.jpg --layer _blocks.10 --position 3,4 -o ierf.png
+    ierf demo-image coffee -o coffee.png
+    ierf models | ierf layers --model resnet50
+
+The commands talk to a :class:`Backend`. :class:`InProcessBackend` runs the engine in this process;
+a remote backend (the gRPC SDK behind ``--server``) only has to implement the same three methods.
+User errors print one line and exit with status 2; tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+DEFAULT_MODEL = "efficientnet_lite0"
+TOP_K = 5
+
+
+class UsageError(ValueError):
+    """A bad command line argument detected by the CLI itself."""
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What to explain; ``target``/``contrast`` stay strings so the backend resolves class names
+    against the model it actually serves."""
+
+    image: np.ndarray  # uint8 (H, W, 3), the original picture (the backend resizes and crops)
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    random_init: bool = False
+    target: str = "auto"  # "auto" (top-1) | class id | class name
+    contrast: str = "identity"  # "identity" | "mean" | class id | class name
+    layer: str | None = None  # with position: the iERF of that PFV instead of class saliency
+    position: tuple[int, int] | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    index: int
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    kind: Literal["saliency", "ierf"]
+    model: str
+    weights: str  # where the weights came from, for the user to see
+    pixels: np.ndarray  # uint8 (h, w, 3): the model's crop, which the map refers to
+    map: np.ndarray  # float32 (h, w), signed
+    top: list[ClassProbability]
+    target: ClassProbability | None = None  # saliency only
+    target_logit: float | None = None
+    contrast: str = "identity"
+    layer: str | None = None  # iERF only
+    position: tuple[int, int] | None = None
+    feature_hw: tuple[int, int] | None = None  # the layer's (h, w), to mark the PFV's cell
+
+
+class Backend(Protocol):
+    """Where explanations are computed: in this process, or (later) a server."""
+
+    def model_names(self) -> list[str]: ...
+
+    def layer_names(self, model: str, weights: str | None = None) -> list[str]: ...
+
+    def explain(self, request: ExplainRequest) -> Explanation: ...
+
+
+class InProcessBackend:
+    """Loads models with :func:`ierf.models.load_model` and explains with :class:`ierf.SRD`."""
+
+    def model_names(self) -> list[str]:
+        from ierf.models import available_models
+
+        return available_models()
+
+    def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+        import ierf
+        from ierf.models import load_model
+
+        # The layer list depends on the graph only, so explicit random weights do when none are given.
+        loaded = load_model(model, weights=weights, random_init=weights is None)
+        return list(ierf.SRD(loaded.module).layers)
+
+    def explain(self, request: ExplainRequest) -> Explanation:
+        import torch
+
+        import ierf
+        from ierf.models import load_model
+
+        loaded = load_model(
+            request.model, weights=request.weights, random_init=request.random_init, device=request.device
+        )
+        pixels = loaded.resize_crop(request.image)
+        x = loaded.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(loaded.device)
+        explainer = ierf.SRD(loaded.module)
+        decomposition = explainer.decompose(x)
+        logits = decomposition.logits[0].detach().float().cpu()
+        top = [ClassProbability(*score) for score in loaded.top_k(logits, TOP_K)]
+        weights = f"{loaded.weights_source} (sha256 {loaded.weights_digest})"
+        if request.layer is not None:
+            if request.position is None:
+                raise UsageError("--layer needs --position ROW,COL")
+            positions = torch.tensor([request.position], dtype=torch.long, device=loaded.device)
+            erf = decomposition.ierf(request.layer, positions)[0, 0]
+            _, feat_h, feat_w = explainer.layer_shape(request.layer, tuple(pixels.shape[:2]))
+            return Explanation(
+                kind="ierf",
+                model=loaded.name,
+                weights=weights,
+                pixels=pixels,
+                map=erf.detach().float().cpu().numpy(),
+                top=top,
+                layer=request.layer,
+                position=request.position,
+                feature_hw=(int(feat_h), int(feat_w)),
+            )
+        target = top[0].index if request.target == "auto" else loaded.class_index(request.target)
+        contrast: str | int = request.contrast.lower()
+        if contrast not in ("identity", "mean"):
+            contrast = loaded.class_index(request.contrast)
+        saliency = decomposition.saliency(target, contrast=contrast)[0]
+        probability = float(torch.softmax(logits.double(), dim=0)[target])
+        return Explanation(
+            kind="saliency",
+            model=loaded.name,
+            weights=weights,
+            pixels=pixels,
+            map=saliency.detach().float().cpu().numpy(),
+            top=top,
+            target=ClassProbability(target, loaded.class_names[target], probability),
+            target_logit=float(logits[target]),
+            contrast=str(contrast)
+            if isinstance(contrast, str)
+            else f"minus {loaded.class_names[contrast]!r}",
+        )
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``"ROW,COL"`` -> (row, col) with non-negative ints."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise UsageError(f"--position must be ROW,COL with non-negative integers (e.g. 3,4), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ierf", description="Explain what vision models see (SRD, iERF).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    explain = commands.add_parser(
+        "explain", help="classify an image and write an SRD saliency or iERF overlay"
+    )
+    explain.add_argument("image", help="image file (PNG, JPEG, WebP, …)")
+    explain.add_argument("-o", "--output", required=True, help="PNG file to write")
+    explain.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}; see `ierf models`)"
+    )
+    weights = explain.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="state_dict file for torchvision models (.pth)")
+    weights.add_argument("--random-init", action="store_true", help="explicitly random weights (seed 0)")
+    explain.add_argument("--target", help="class to explain: auto (top-1, default), an id or a name")
+    explain.add_argument("--contrast", help="identity (default), mean, or a class id/name to subtract")
+    explain.add_argument("--layer", help="layer whose PFV to explain as an iERF (see `ierf layers`)")
+    explain.add_argument("--position", help="ROW,COL of the PFV in the layer's feature map (with --layer)")
+    explain.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
+    demo = commands.add_parser("demo-image", help="write a bundled real photograph as PNG")
+    demo.add_argument("name", help="coffee, chelsea, rocket, astronaut, motorcycle, china, flower")
+    demo.add_argument("-o", "--output", required=True, help="PNG file to write")
+
+    commands.add_parser("models", help="list the available models and where their weights are")
+
+    layers = commands.add_parser("layers", help="list the layers accepted by --layer")
+    layers.add_argument("--model", default=DEFAULT_MODEL)
+    layers.add_argument(
+        "--weights", help="state_dict file (only the graph matters; random weights otherwise)"
+    )
+    return parser
+
+
+def _write_png(picture: object, output: str) -> Path:
+    from PIL import Image
+
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"output must be a .png file, got {output!r}")
+    if path.is_dir():
+        raise UsageError(f"output {output!r} is a directory")
+    if not isinstance(picture, Image.Image):
+        picture = Image.fromarray(np.asarray(picture))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path, format="PNG")
+    except OSError as exc:
+        raise UsageError(f"cannot write {output!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
+    from ierf.images import load_image
+    from ierf.viz import feature_cell_box, overlay_signed, render_ierf
+
+    if (args.layer is None) != (args.position is None):
+        raise UsageError("--layer and --position go together (the iERF of one PFV)")
+    if args.layer is not None and (args.target is not None or args.contrast is not None):
+        raise UsageError(
+            "--target/--contrast apply to class saliency; an iERF (--layer/--position) has no target"
+        )
+    if not str(args.output).lower().endswith(".png"):
+        raise UsageError(f"output must be a .png file, got {args.output!r}")
+    request = ExplainRequest(
+        image=load_image(args.image),
+        model=args.model,
+        weights=args.weights,
+        random_init=args.random_init,
+        target=(args.target or "auto").strip(),
+        contrast=(args.contrast or "identity").strip(),
+        layer=args.layer,
+        position=parse_position(args.position) if args.position is not None else None,
+        device=args.device,
+    )
+    result = backend.explain(request)
+    print(f"model: {result.model}   weights: {result.weights}")
+    print(f"top-{len(result.top)} classes:")
+    for rank, score in enumerate(result.top, start=1):
+        print(f"  {rank}. {score.index:>4}  {score.name:<30} {score.probability:7.2%}")
+    if result.kind == "ierf":
+        assert result.position is not None and result.feature_hw is not None
+        box = feature_cell_box(result.position, result.feature_hw, result.pixels.shape[:2])
+        caption = f"iERF {result.layer} @ {result.position[0]},{result.position[1]}"
+        picture = render_ierf(result.pixels, result.map, mark=box, caption=caption)
+        summary = (
+            f"iERF of {result.layer} at {result.position} "
+            f"(feature map {result.feature_hw[0]}x{result.feature_hw[1]}); map sum {result.map.sum():.4g}"
+        )
+    else:
+        assert result.target is not None
+        caption = f"SRD {result.target.index} {result.target.name}"
+        picture = overlay_signed(result.pixels, result.map, caption=caption)
+        target = f"{result.target.index} {result.target.name!r} (p={result.target.probability:.3f})"
+        summary = (
+            f"SRD saliency for {target}, contrast {result.contrast}; "
+            f"map sum {result.map.sum():.4g}, target logit {result.target_logit:.4g}"
+        )
+    path = _write_png(picture, args.output)
+    print(summary)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _run_demo_image(args: argparse.Namespace) -> int:
+    from ierf.images import demo_image
+
+    path = _write_png(demo_image(args.name), args.output)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _run_models(backend: Backend) -> int:
+    from ierf.models import model_spec, resolve_weights
+
+    print(f"{'model':<20} {'preprocessing':<24} weights")
+    for name in backend.model_names():
+        try:
+            where = str(resolve_weights(name))
+        except FileNotFoundError:
+            where = "weights not found (use --weights PATH or --random-init; see README 'Models')"
+        print(f"{name:<20} {model_spec(name).preprocessing.version:<24} {where}")
+    return EXIT_OK
+
+
+def _run_layers(args: argparse.Namespace, backend: Backend) -> int:
+    for layer in backend.layer_names(args.model, args.weights):
+        print(layer)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> int:
+    """Entry point of the ``ierf`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the problem
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    backend = backend or InProcessBackend()
+    try:
+        if args.command == "explain":
+            return _run_explain(args, backend)
+        if args.command == "demo-image":
+            return _run_demo_image(args)
+        if args.command == "models":
+            return _run_models(backend)
+        return _run_layers(args, backend)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

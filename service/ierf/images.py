@@ -1,0 +1,172 @@
+"""Images in, uint8 RGB out: one canonical pixel format for every model, cache key and overlay.
+
+Everything the engine, CLI and service accept as an image passes through :func:`to_rgb_array`, so
+greyscale, palette and RGBA inputs behave the same whether they arrive as a file, bytes, a PIL image
+or a numpy array. Alpha is dropped (not composited): the model sees the colour channels as stored.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Image.Image | np.ndarray
+
+# PIL modes holding more than 8 bits per channel: scaled down to 8 bits instead of clipped.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Return ``image`` as a C-contiguous uint8 array of shape (H, W, 3).
+
+    Accepts PIL images of any 8- or 16-bit mode and uint8 numpy arrays shaped (H, W), (H, W, 1),
+    (H, W, 3) or (H, W, 4). Greyscale is replicated to three channels; alpha is dropped.
+    """
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"expected a PIL.Image or a uint8 numpy array, got {type(image).__name__}")
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image is empty ({image.width}x{image.height})")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+        return _array_to_rgb(grey)
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"image mode {image.mode!r} (32-bit integer/float pixels) has no defined 8-bit scale; "
+            "convert it to 8-bit RGB or greyscale first"
+        )
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise TypeError(
+            f"image array must have dtype uint8 (0..255 pixel values), got {array.dtype}; "
+            "convert floats with (x * 255).round().astype(np.uint8)"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    elif not (array.ndim == 3 and array.shape[2] == 3):
+        raise ValueError(
+            f"image array must be shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {tuple(array.shape)}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image is empty ({array.shape[1]}x{array.shape[0]})")
+    return np.ascontiguousarray(array)
+
+
+def load_image(source: str | os.PathLike[str] | bytes) -> np.ndarray:
+    """Decode an image file (PNG, JPEG, WebP, BMP, GIF first frame, TIFF, …) to uint8 (H, W, 3).
+
+    ``source`` is a path or the encoded bytes. EXIF orientation is applied, so a phone photo is
+    explained the way it is displayed. Missing files raise FileNotFoundError; anything that does not
+    decode raises ValueError naming the source.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        label = f"<{len(source)} bytes>"
+        if len(source) == 0:
+            raise ValueError("cannot read image from empty bytes")
+        stream: io.BytesIO | Path = io.BytesIO(bytes(source))
+    elif isinstance(source, str | os.PathLike):
+        stream = Path(source)
+        label = repr(str(stream))
+        if not stream.exists():
+            raise FileNotFoundError(f"image file {label} does not exist")
+        if stream.is_dir():
+            raise ValueError(f"image path {label} is a directory, not an image file")
+    else:
+        raise TypeError(f"expected a path or bytes, got {type(source).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as opened:
+                opened.load()  # force a full decode now: truncated files fail here, not later
+                image = ImageOps.exif_transpose(opened)
+                return to_rgb_array(image)
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {label}: not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"cannot read image {label}: {exc}") from None
+    except (OSError, SyntaxError, EOFError) as exc:  # PIL reports corrupt data with these
+        raise ValueError(f"cannot read image {label}: {exc}") from None
+
+
+def _motorcycle() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.stereo_motorcycle()[0]
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return getattr(skimage.data, name)()
+
+    return load
+
+
+def _sklearn(file_name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(file_name)
+
+    return load
+
+
+# Real photographs bundled inside installed wheels (nothing downloads). The EfficientNet-Lite0
+# top-1 classes in the comments were checked offline (see the offline-material spec, §1a).
+_DEMO_IMAGES: dict[str, Callable[[], np.ndarray]] = {
+    "coffee": _skimage("coffee"),  # 967 espresso
+    "chelsea": _skimage("chelsea"),  # 282 tiger cat / 285 Egyptian cat / 281 tabby
+    "rocket": _skimage("rocket"),  # 657 missile
+    "astronaut": _skimage("astronaut"),  # no confident class
+    "motorcycle": _motorcycle,  # 665 moped
+}
+_SKLEARN_IMAGES: dict[str, Callable[[], np.ndarray]] = {
+    "china": _sklearn("china.jpg"),  # 698 palace
+    "flower": _sklearn("flower.jpg"),  # 985 daisy
+}
+
+
+def _sklearn_available() -> bool:
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def demo_images() -> list[str]:
+    """Names accepted by :func:`demo_image` in this environment (sklearn ones only if installed)."""
+    names = list(_DEMO_IMAGES)
+    if _sklearn_available():
+        names += list(_SKLEARN_IMAGES)
+    return names
+
+
+def demo_image(name: str) -> np.ndarray:
+    """A bundled real photograph as uint8 (H, W, 3), e.g. ``demo_image("coffee")``."""
+    loader = _DEMO_IMAGES.get(name) or (_SKLEARN_IMAGES.get(name) if _sklearn_available() else None)
+    if loader is None:
+        hint = " (china and flower need scikit-learn)" if name in _SKLEARN_IMAGES else ""
+        raise ValueError(f"unknown demo image {name!r}{hint}; available: {', '.join(demo_images())}")
+    return to_rgb_array(np.asarray(loader()))

