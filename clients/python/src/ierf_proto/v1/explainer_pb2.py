@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dierf_proto/v1/explainer.proto\x12\x07ierf.v1\"G\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.ierf.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"G\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x06tensor\x18\x02 \x01(\x0b\x32\x0f.ierf.v1.TensorH\x00\x42\x08\n\x06source\"$\n\x08Position\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x02 \x01(\x05\"A\n\x0b\x43\x61\x63heLookup\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12 \n\x04tier\x18\x02 \x01(\x0e\x32\x12.ierf.v1.CacheTier\"-\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x88\x02\n\nProvenance\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x16\n\x0emethod_version\x18\x04 \x01(\t\x12\x1a\n\x12preprocess_version\x18\x05 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12#\n\x05\x63\x61\x63he\x18\x07 \x03(\x0b\x32\x14.ierf.v1.CacheLookup\x12%\n\x07timings\x18\x08 \x03(\x0b\x32\x14.ierf.v1.StageTiming\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\"M\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"\xea\x01\n\x0e\x45xplainRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.ierf.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x63ontrast\x18\x05 \x01(\t\x12\x1b\n\x0e\x63ontrast_class\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12$\n\tmap_dtype\x18\x07 \x01(\x0e\x32\x11.ierf.v1.DataType\x12\x0f\n\x07overlay\x18\x08 \x01(\x08\x42\t\n\x07_targetB\x11\n\x0f_contrast_class\"\x92\x01\n\x0f\x45xplainResponse\x12\x1c\n\x03map\x18\x01 \x01(\x0b\x32\x0f.ierf.v1.Tensor\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.ierf.v1.ClassScore\x12\x13\n\x0boverlay_png\x18\x03 \x01(\x0c\x12\'\n\nprovenance\x18\x04 \x01(\x0b\x32\x13.ierf.v1.Provenance\"\xb1\x01\n\x12\x43omputeIERFRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.ierf.v1.Image\x12\r\n\x05layer\x18\x03 \x01(\t\x12$\n\tpositions\x18\x04 \x03(\x0b\x32\x11.ierf.v1.Position\x12$\n\tmap_dtype\x18\x05 \x01(\x0e\x32\x11.ierf.v1.DataType\x12\x0f\n\x07overlay\x18\x06 \x01(\x08\"\x95\x01\n\x13\x43omputeIERFResponse\x12\x1d\n\x04maps\x18\x01 \x01(\x0b\x32\x0f.ierf.v1.Tensor\x12!\n\x05layer\x18\x02 \x01(\x0b\x32\x12.ierf.v1.LayerInfo\x12\x13\n\x0boverlay_png\x18\x03 \x03(\x0c\x12\'\n\nprovenance\x18\x04 \x01(\x0b\x32\x13.ierf.v1.Provenance\"P\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.ierf.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\x05\"d\n\x0fPredictResponse\x12(\n\x0btop_classes\x18\x01 \x03(\x0b\x32\x13.ierf.v1.ClassScore\x12\'\n\nprovenance\x18\x02 \x01(\x0b\x32\x13.ierf.v1.Provenance\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.ierf.v1.ModelInfo\x12\x18\n\x10\x64\x65\x66\x61ult_model_id\x18\x02 \x01(\t\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xd7\x01\n\tInputSpec\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x13\n\x0b\x63olor_space\x18\x04 \x01(\t\x12\x1a\n\x12preprocess_version\x18\x05 \x01(\t\x12\x11\n\tencodings\x18\x06 \x03(\t\x12(\n\rtensor_dtypes\x18\x07 \x03(\x0e\x32\x11.ierf.v1.DataType\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x03\x12\x12\n\nmax_pixels\x18\t \x01(\x03\"J\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\"\xc9\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.ierf.v1.InputSpec\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\"\n\x06layers\x18\x06 \x03(\x0b\x32\x12.ierf.v1.LayerInfo\x12\x0f\n\x07methods\x18\x07 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x08 \x01(\t*J\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03*O\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x08\n\x04MISS\x10\x01\x12\x06\n\x02L1\x10\x02\x12\x06\n\x02L2\x10\x03\x12\x0c\n\x08\x44ISABLED\x10\x04\x32\xd7\x02\n\x0e\x45xplainService\x12<\n\x07\x45xplain\x12\x17.ierf.v1.ExplainRequest\x1a\x18.ierf.v1.ExplainResponse\x12H\n\x0b\x43omputeIERF\x12\x1b.ierf.v1.ComputeIERFRequest\x1a\x1c.ierf.v1.ComputeIERFResponse\x12<\n\x07Predict\x12\x17.ierf.v1.PredictRequest\x1a\x18.ierf.v1.PredictResponse\x12\x45\n\nListModels\x12\x1a.ierf.v1.ListModelsRequest\x1a\x1b.ierf.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.ierf.v1.GetModelRequest\x1a\x12.ierf.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dierf_proto/v1/explainer.proto\x12\x07ierf.v1\"G\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.ierf.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"G\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x06tensor\x18\x02 \x01(\x0b\x32\x0f.ierf.v1.TensorH\x00\x42\x08\n\x06source\"$\n\x08Position\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x02 \x01(\x05\"A\n\x0b\x43\x61\x63heLookup\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12 \n\x04tier\x18\x02 \x01(\x0e\x32\x12.ierf.v1.CacheTier\"-\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x88\x02\n\nProvenance\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x16\n\x0emethod_version\x18\x04 \x01(\t\x12\x1a\n\x12preprocess_version\x18\x05 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12#\n\x05\x63\x61\x63he\x18\x07 \x03(\x0b\x32\x14.ierf.v1.CacheLookup\x12%\n\x07timings\x18\x08 \x03(\x0b\x32\x14.ierf.v1.StageTiming\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\"M\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"\x80\x02\n\x0e\x45xplainRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.ierf.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x63ontrast\x18\x05 \x01(\t\x12\x1b\n\x0e\x63ontrast_class\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12$\n\tmap_dtype\x18\x07 \x01(\x0e\x32\x11.ierf.v1.DataType\x12\x0f\n\x07overlay\x18\x08 \x01(\x08\x12\x14\n\x0creturn_input\x18\t \x01(\x08\x42\t\n\x07_targetB\x11\n\x0f_contrast_class\"\xb8\x01\n\x0f\x45xplainResponse\x12\x1c\n\x03map\x18\x01 \x01(\x0b\x32\x0f.ierf.v1.Tensor\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.ierf.v1.ClassScore\x12\x13\n\x0boverlay_png\x18\x03 \x01(\x0c\x12\'\n\nprovenance\x18\x04 \x01(\x0b\x32\x13.ierf.v1.Provenance\x12$\n\x0bmodel_input\x18\x05 \x01(\x0b\x32\x0f.ierf.v1.Tensor\"\xc7\x01\n\x12\x43omputeIERFRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.ierf.v1.Image\x12\r\n\x05layer\x18\x03 \x01(\t\x12$\n\tpositions\x18\x04 \x03(\x0b\x32\x11.ierf.v1.Position\x12$\n\tmap_dtype\x18\x05 \x01(\x0e\x32\x11.ierf.v1.DataType\x12\x0f\n\x07overlay\x18\x06 \x01(\x08\x12\x14\n\x0creturn_input\x18\x07 \x01(\x08\"\xbb\x01\n\x13\x43omputeIERFResponse\x12\x1d\n\x04maps\x18\x01 \x01(\x0b\x32\x0f.ierf.v1.Tensor\x12!\n\x05layer\x18\x02 \x01(\x0b\x32\x12.ierf.v1.LayerInfo\x12\x13\n\x0boverlay_png\x18\x03 \x03(\x0c\x12\'\n\nprovenance\x18\x04 \x01(\x0b\x32\x13.ierf.v1.Provenance\x12$\n\x0bmodel_input\x18\x05 \x01(\x0b\x32\x0f.ierf.v1.Tensor\"P\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.ierf.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\x05\"d\n\x0fPredictResponse\x12(\n\x0btop_classes\x18\x01 \x03(\x0b\x32\x13.ierf.v1.ClassScore\x12\'\n\nprovenance\x18\x02 \x01(\x0b\x32\x13.ierf.v1.Provenance\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.ierf.v1.ModelInfo\x12\x18\n\x10\x64\x65\x66\x61ult_model_id\x18\x02 \x01(\t\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xd7\x01\n\tInputSpec\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x13\n\x0b\x63olor_space\x18\x04 \x01(\t\x12\x1a\n\x12preprocess_version\x18\x05 \x01(\t\x12\x11\n\tencodings\x18\x06 \x03(\t\x12(\n\rtensor_dtypes\x18\x07 \x03(\x0e\x32\x11.ierf.v1.DataType\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x03\x12\x12\n\nmax_pixels\x18\t \x01(\x03\"J\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\"\xc9\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.ierf.v1.InputSpec\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\"\n\x06layers\x18\x06 \x03(\x0b\x32\x12.ierf.v1.LayerInfo\x12\x0f\n\x07methods\x18\x07 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x08 \x01(\t*J\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03*O\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x08\n\x04MISS\x10\x01\x12\x06\n\x02L1\x10\x02\x12\x06\n\x02L2\x10\x03\x12\x0c\n\x08\x44ISABLED\x10\x04\x32\xd7\x02\n\x0e\x45xplainService\x12<\n\x07\x45xplain\x12\x17.ierf.v1.ExplainRequest\x1a\x18.ierf.v1.ExplainResponse\x12H\n\x0b\x43omputeIERF\x12\x1b.ierf.v1.ComputeIERFRequest\x1a\x1c.ierf.v1.ComputeIERFResponse\x12<\n\x07Predict\x12\x17.ierf.v1.PredictRequest\x1a\x18.ierf.v1.PredictResponse\x12\x45\n\nListModels\x12\x1a.ierf.v1.ListModelsRequest\x1a\x1b.ierf.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.ierf.v1.GetModelRequest\x1a\x12.ierf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ierf_proto.v1.explainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2228
-  _globals['_DATATYPE']._serialized_end=2302
-  _globals['_CACHETIER']._serialized_start=2304
-  _globals['_CACHETIER']._serialized_end=2383
+  _globals['_DATATYPE']._serialized_start=2348
+  _globals['_DATATYPE']._serialized_end=2422
+  _globals['_CACHETIER']._serialized_start=2424
+  _globals['_CACHETIER']._serialized_end=2503
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=113
   _globals['_IMAGE']._serialized_start=115
@@ -50,29 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSSCORE']._serialized_start=607
   _globals['_CLASSSCORE']._serialized_end=684
   _globals['_EXPLAINREQUEST']._serialized_start=687
-  _globals['_EXPLAINREQUEST']._serialized_end=921
-  _globals['_EXPLAINRESPONSE']._serialized_start=924
-  _globals['_EXPLAINRESPONSE']._serialized_end=1070
-  _globals['_COMPUTEIERFREQUEST']._serialized_start=1073
-  _globals['_COMPUTEIERFREQUEST']._serialized_end=1250
-  _globals['_COMPUTEIERFRESPONSE']._serialized_start=1253
-  _globals['_COMPUTEIERFRESPONSE']._serialized_end=1402
-  _globals['_PREDICTREQUEST']._serialized_start=1404
-  _globals['_PREDICTREQUEST']._serialized_end=1484
-  _globals['_PREDICTRESPONSE']._serialized_start=1486
-  _globals['_PREDICTRESPONSE']._serialized_end=1586
-  _globals['_LISTMODELSREQUEST']._serialized_start=1588
-  _globals['_LISTMODELSREQUEST']._serialized_end=1607
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1609
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1691
-  _globals['_GETMODELREQUEST']._serialized_start=1693
-  _globals['_GETMODELREQUEST']._serialized_end=1728
-  _globals['_INPUTSPEC']._serialized_start=1731
-  _globals['_INPUTSPEC']._serialized_end=1946
-  _globals['_LAYERINFO']._serialized_start=1948
-  _globals['_LAYERINFO']._serialized_end=2022
-  _globals['_MODELINFO']._serialized_start=2025
-  _globals['_MODELINFO']._serialized_end=2226
-  _globals['_EXPLAINSERVICE']._serialized_start=2386
-  _globals['_EXPLAINSERVICE']._serialized_end=2729
+  _globals['_EXPLAINREQUEST']._serialized_end=943
+  _globals['_EXPLAINRESPONSE']._serialized_start=946
+  _globals['_EXPLAINRESPONSE']._serialized_end=1130
+  _globals['_COMPUTEIERFREQUEST']._serialized_start=1133
+  _globals['_COMPUTEIERFREQUEST']._serialized_end=1332
+  _globals['_COMPUTEIERFRESPONSE']._serialized_start=1335
+  _globals['_COMPUTEIERFRESPONSE']._serialized_end=1522
+  _globals['_PREDICTREQUEST']._serialized_start=1524
+  _globals['_PREDICTREQUEST']._serialized_end=1604
+  _globals['_PREDICTRESPONSE']._serialized_start=1606
+  _globals['_PREDICTRESPONSE']._serialized_end=1706
+  _globals['_LISTMODELSREQUEST']._serialized_start=1708
+  _globals['_LISTMODELSREQUEST']._serialized_end=1727
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1729
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1811
+  _globals['_GETMODELREQUEST']._serialized_start=1813
+  _globals['_GETMODELREQUEST']._serialized_end=1848
+  _globals['_INPUTSPEC']._serialized_start=1851
+  _globals['_INPUTSPEC']._serialized_end=2066
+  _globals['_LAYERINFO']._serialized_start=2068
+  _globals['_LAYERINFO']._serialized_end=2142
+  _globals['_MODELINFO']._serialized_start=2145
+  _globals['_MODELINFO']._serialized_end=2346
+  _globals['_EXPLAINSERVICE']._serialized_start=2506
+  _globals['_EXPLAINSERVICE']._serialized_end=2849
 # @@protoc_insertion_point(module_scope)

@@ -110,7 +110,7 @@ class ClassScore(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model_id", "image", "target", "method", "contrast", "contrast_class", "map_dtype", "overlay")
+    __slots__ = ("model_id", "image", "target", "method", "contrast", "contrast_class", "map_dtype", "overlay", "return_input")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class ExplainRequest(_message.Message):
     CONTRAST_CLASS_FIELD_NUMBER: _ClassVar[int]
     MAP_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_INPUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     image: Image
     target: int
@@ -127,47 +128,54 @@ class ExplainRequest(_message.Message):
     contrast_class: int
     map_dtype: DataType
     overlay: bool
-    def __init__(self, model_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target: _Optional[int] = ..., method: _Optional[str] = ..., contrast: _Optional[str] = ..., contrast_class: _Optional[int] = ..., map_dtype: _Optional[_Union[DataType, str]] = ..., overlay: _Optional[bool] = ...) -> None: ...
+    return_input: bool
+    def __init__(self, model_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target: _Optional[int] = ..., method: _Optional[str] = ..., contrast: _Optional[str] = ..., contrast_class: _Optional[int] = ..., map_dtype: _Optional[_Union[DataType, str]] = ..., overlay: _Optional[bool] = ..., return_input: _Optional[bool] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("map", "target", "overlay_png", "provenance")
+    __slots__ = ("map", "target", "overlay_png", "provenance", "model_input")
     MAP_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     map: Tensor
     target: ClassScore
     overlay_png: bytes
     provenance: Provenance
-    def __init__(self, map: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[ClassScore, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+    model_input: Tensor
+    def __init__(self, map: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[ClassScore, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., model_input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeIERFRequest(_message.Message):
-    __slots__ = ("model_id", "image", "layer", "positions", "map_dtype", "overlay")
+    __slots__ = ("model_id", "image", "layer", "positions", "map_dtype", "overlay", "return_input")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MAP_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_INPUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     image: Image
     layer: str
     positions: _containers.RepeatedCompositeFieldContainer[Position]
     map_dtype: DataType
     overlay: bool
-    def __init__(self, model_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., layer: _Optional[str] = ..., positions: _Optional[_Iterable[_Union[Position, _Mapping]]] = ..., map_dtype: _Optional[_Union[DataType, str]] = ..., overlay: _Optional[bool] = ...) -> None: ...
+    return_input: bool
+    def __init__(self, model_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., layer: _Optional[str] = ..., positions: _Optional[_Iterable[_Union[Position, _Mapping]]] = ..., map_dtype: _Optional[_Union[DataType, str]] = ..., overlay: _Optional[bool] = ..., return_input: _Optional[bool] = ...) -> None: ...
 
 class ComputeIERFResponse(_message.Message):
-    __slots__ = ("maps", "layer", "overlay_png", "provenance")
+    __slots__ = ("maps", "layer", "overlay_png", "provenance", "model_input")
     MAPS_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     maps: Tensor
     layer: LayerInfo
     overlay_png: _containers.RepeatedScalarFieldContainer[bytes]
     provenance: Provenance
-    def __init__(self, maps: _Optional[_Union[Tensor, _Mapping]] = ..., layer: _Optional[_Union[LayerInfo, _Mapping]] = ..., overlay_png: _Optional[_Iterable[bytes]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+    model_input: Tensor
+    def __init__(self, maps: _Optional[_Union[Tensor, _Mapping]] = ..., layer: _Optional[_Union[LayerInfo, _Mapping]] = ..., overlay_png: _Optional[_Iterable[bytes]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., model_input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("model_id", "image", "top_k")
