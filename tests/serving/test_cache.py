@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from ierf.serving.cache import (
     ByteLRU,
     CacheKey,

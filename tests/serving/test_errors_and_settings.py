@@ -6,7 +6,6 @@ import pickle
 
 import grpc
 import pytest
-
 from ierf.serving.errors import (
     DeadlineExceeded,
     InvalidArgument,

@@ -10,11 +10,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-
 from ierf_client import _core
 from ierf_client._core import RetryPolicy, image_message
 from ierf_proto.v1 import explainer_pb2 as pb
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 
