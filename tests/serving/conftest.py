@@ -41,3 +41,48 @@ def pytest_configure(config: pytest.Config) -> None:
     # Ray 2.60's own pydantic models warn on import; not ours to fix, and noise hides real warnings.
     config.addinivalue_line("filterwarnings", "ignore:.*extra keyword arguments on `Field`.*")
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:ray.*")
+
+
+@pytest.fixture(scope="session")
+def live_service(redis_server: object) -> Iterator[object]:
+    """The real stack on loopback, once per session: private Ray cluster, Serve gRPC, real Redis.
+
+    Sized for 2-core CI: fractional CPUs, a 300 MB object store, tiny queues (so overload is
+    reachable), and no L1 in the worker, so every reuse goes through Redis (L2).
+    """
+    from ierf.serving.local import free_port, load_serve_config, start_service
+
+    config = load_serve_config()
+    app = config["applications"][0]
+    app["deployments"] = [
+        {
+            "name": "Ingress",
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 32,
+            "ray_actor_options": {"num_cpus": 0.1},
+        },
+        {
+            "name": "Worker_efficientnet_lite0",
+            "num_replicas": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 2,
+            "ray_actor_options": {"num_cpus": 0.5},
+        },
+    ]
+    service = start_service(
+        config,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        redis_url=redis_server.url,  # type: ignore[attr-defined]
+        num_cpus=2,
+        args_overrides={
+            "models": [{"id": "efficientnet_lite0", "num_threads": 2}],
+            "cache": {"l1_bytes": 0},
+            "ingress": {"max_image_bytes": 2_000_000, "max_pixels": 4_000_000, "request_timeout_s": 120},
+        },
+    )
+    try:
+        yield service
+    finally:
+        service.stop()

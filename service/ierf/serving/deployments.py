@@ -1,6 +1,6 @@
 """Ray Serve deployments: a thin gRPC ingress and one model-host worker deployment per model.
 
-Ingress (cheap, many requests in flight): authentication, decoding with caps, canonicalisation and
+Ingress (cheap, many requests in flight): decoding with caps, canonicalisation and
 content hash, deadline, error -> gRPC status mapping, protobuf packing, request metrics, health.
 Worker (heavy, few requests in flight, bounded queue): holds the model once per replica and runs
 every method in-process (:class:`ierf.serving.worker.ModelHost`). One hop, small messages: the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import time
@@ -24,7 +23,6 @@ from ierf.serving.errors import (
     DeadlineExceeded,
     NotFound,
     ServiceError,
-    Unauthenticated,
     Unavailable,
     to_status,
 )
@@ -102,8 +100,6 @@ class Ingress:
     """gRPC entry point: methods are named exactly like the RPCs (the Serve proxy routes by name)."""
 
     def __init__(self, workers: dict[str, Any], config: ServiceConfig) -> None:
-        import os
-
         import ierf
         from ierf.serving.metrics import ServiceMetrics
 
@@ -112,12 +108,6 @@ class Ingress:
         self.limits = config.ingress.limits
         self.metrics = ServiceMetrics()
         self.server_version = ierf.__version__
-        env = config.ingress.auth_token_env
-        self._token = os.environ.get(env) if env else None
-        if env and not self._token:
-            raise ValueError(
-                f"ingress.auth_token_env names ${env}, which is not set in the replica environment"
-            )
         self._descriptions: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------ plumbing
@@ -129,13 +119,6 @@ class Ingress:
                     with contextlib.suppress(ValueError):
                         budget = min(budget, max(0.0, float(value) / 1000.0))
         return time.time() + budget
-
-    def _check_auth(self, grpc_context: Any) -> None:
-        if self._token is None or grpc_context is None:
-            return
-        supplied = dict(grpc_context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(supplied.encode(), f"Bearer {self._token}".encode()):
-            raise Unauthenticated("missing or wrong bearer token in the 'authorization' metadata")
 
     def _worker(self, model_id: str) -> tuple[str, Any]:
         model_id = model_id or self.config.default_model
@@ -164,16 +147,13 @@ class Ingress:
         grpc_context: Any,
         handler: Callable[[Any, Any, dict[str, str]], Awaitable[Any]],
         empty: Callable[[], Any],
-        authenticate: bool = True,
     ) -> Any:
-        """Run one RPC: metrics, auth, error mapping. ``labels`` is filled by the handler (model, method)."""
+        """Run one RPC: metrics and error mapping. ``labels`` is filled by the handler (model, method)."""
         start = time.perf_counter()
         labels = {"model": "none", "method": "none"}
         code = "OK"
         self.metrics.inflight(rpc, +1)
         try:
-            if authenticate:
-                self._check_auth(grpc_context)
             return await handler(request, grpc_context, labels)
         except Exception as exc:
             status, message = to_status(exc)
@@ -203,9 +183,15 @@ class Ingress:
 
     @staticmethod
     def _request_id(grpc_context: Any) -> str:
-        if grpc_context is None:
+        """The caller's ``request_id`` metadata, else the id the Serve proxy generated (also in trailers)."""
+        if grpc_context is not None and grpc_context.request_id():
+            return str(grpc_context.request_id())
+        try:
+            from ray.serve.context import _get_serve_request_context  # no public accessor in Ray 2.60
+
+            return str(_get_serve_request_context().request_id or "")
+        except Exception:
             return ""
-        return grpc_context.request_id() or ""
 
     def _finish_timings(self, timings: list[tuple[str, float]], start: float, model: str) -> None:
         timings.append(("total", time.perf_counter() - start))
@@ -413,9 +399,7 @@ class Ingress:
         async def handler(request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
             return health_pb2.HealthCheckResponse(status=await self._status(request.service))
 
-        return await self._serve(
-            "Check", request, grpc_context, handler, health_pb2.HealthCheckResponse, authenticate=False
-        )
+        return await self._serve("Check", request, grpc_context, handler, health_pb2.HealthCheckResponse)
 
     async def List(self, request: Any, grpc_context: Any = None) -> Any:
         from grpc_health.v1 import health_pb2
@@ -427,9 +411,7 @@ class Ingress:
             }
             return health_pb2.HealthListResponse(statuses=statuses)
 
-        return await self._serve(
-            "List", request, grpc_context, handler, health_pb2.HealthListResponse, authenticate=False
-        )
+        return await self._serve("List", request, grpc_context, handler, health_pb2.HealthListResponse)
 
     async def Watch(self, request: Any, grpc_context: Any = None):
         """Not offered (probes use Check); answers UNIMPLEMENTED as the health protocol allows."""

@@ -44,10 +44,6 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
 def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps worker exceptions (RayTaskError); the original is its ``cause``."""
     seen = 0

@@ -73,7 +73,6 @@ class IngressConfig:
     max_positions: int = 64
     max_top_k: int = 100
     request_timeout_s: float = 120.0  # upper bound when the caller sends no deadline
-    auth_token_env: str | None = None  # name of an env var holding a bearer token; unset: no auth
 
     @property
     def limits(self) -> ImageLimits:
