@@ -145,7 +145,7 @@ def test_ierf_and_predict_reuse_the_image_work(client, reference, coffee) -> Non
     assert result.overlay(1).size[0] == 224
 
     prediction = client.predict(coffee, top_k=3)
-    assert [c.index for c in prediction.top_classes][0] == 967
+    assert prediction.top_classes[0].index == 967
     assert prediction.provenance.cache["logits"] in ("l1", "l2")
 
 
@@ -171,35 +171,57 @@ def test_every_bad_input_gets_a_precise_code_and_the_service_keeps_answering(liv
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
+    image = pb.Image(encoded=good_png)
+
+    def explain(**fields: object) -> tuple[str, object]:
+        return "Explain", pb.ExplainRequest(**fields)
+
+    def explain_good(**fields: object) -> tuple[str, object]:
+        return "Explain", pb.ExplainRequest(image=image, **fields)
+
+    def predict(**fields: object) -> tuple[str, object]:
+        return "Predict", pb.PredictRequest(**fields)
+
+    def ierf(**fields: object) -> tuple[str, object]:
+        return "ComputeIERF", pb.ComputeIERFRequest(image=image, **fields)
+
+    def at(row: int, col: int) -> list[object]:
+        return [pb.Position(row=row, col=col)]
+
+    zeros = np.zeros((4, 4, 3), np.uint8)
     cases = [
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png[: len(good_png) // 2])), INVALID, "truncated or corrupt"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=b"\x89PNG\r\n\x1a\n" + b"\x13" * 300)), INVALID, "corrupt|not a readable"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=b"garbage" * 20)), INVALID, "not a readable"),
-        ("Explain", pb.ExplainRequest(), INVALID, "image is empty"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=b"")), INVALID, "image is empty"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=b"\x00" * 2_100_000)), EXHAUSTED, "over the cap"),
-        ("Predict", pb.PredictRequest(image=pb.Image(encoded=_png_claiming(60_000, 60_000))), EXHAUSTED, "bomb|pixels"),
-        ("Predict", pb.PredictRequest(image=pb.Image(encoded=_png_claiming(4000, 4000))), EXHAUSTED, "pixels"),
-        ("Explain", pb.ExplainRequest(image=raw(np.zeros((4, 4, 3), np.int32))), INVALID, "dtype"),
-        ("Explain", pb.ExplainRequest(image=raw(np.zeros((4, 4, 3), np.uint8), dtype=pb.UINT8, shape=[4, 5, 3])), INVALID, "needs 60 bytes"),
-        ("Explain", pb.ExplainRequest(image=raw(np.zeros((4, 4, 2), np.uint8), dtype=pb.UINT8)), INVALID, "shape"),
-        ("Explain", pb.ExplainRequest(image=raw(np.full((4, 4, 3), 3.0, np.float32), dtype=pb.FLOAT32)), INVALID, r"\[0, 1\]"),
-        ("Explain", pb.ExplainRequest(model_id="resnet9000", image=pb.Image(encoded=good_png)), NOT_FOUND, "unknown model 'resnet9000'"),
+        (*explain(image=pb.Image(encoded=good_png[: len(good_png) // 2])), INVALID, "truncated or corrupt"),
+        (
+            *explain(image=pb.Image(encoded=b"\x89PNG\r\n\x1a\n" + b"\x13" * 300)),
+            INVALID,
+            "corrupt|not a readable",
+        ),
+        (*explain(image=pb.Image(encoded=b"garbage" * 20)), INVALID, "not a readable"),
+        (*explain(), INVALID, "image is empty"),
+        (*explain(image=pb.Image(encoded=b"")), INVALID, "image is empty"),
+        (*explain(image=pb.Image(encoded=b"\x00" * 2_100_000)), EXHAUSTED, "over the cap"),
+        (*predict(image=pb.Image(encoded=_png_claiming(60_000, 60_000))), EXHAUSTED, "bomb|pixels"),
+        (*predict(image=pb.Image(encoded=_png_claiming(4000, 4000))), EXHAUSTED, "pixels"),
+        (*explain(image=raw(np.zeros((4, 4, 3), np.int32))), INVALID, "dtype"),
+        (*explain(image=raw(zeros, dtype=pb.UINT8, shape=[4, 5, 3])), INVALID, "needs 60 bytes"),
+        (*explain(image=raw(np.zeros((4, 4, 2), np.uint8), dtype=pb.UINT8)), INVALID, "shape"),
+        (*explain(image=raw(np.full((4, 4, 3), 3.0, np.float32), dtype=pb.FLOAT32)), INVALID, r"\[0, 1\]"),
+        (*explain_good(model_id="resnet9000"), NOT_FOUND, "unknown model 'resnet9000'"),
         ("GetModel", pb.GetModelRequest(model_id="resnet9000"), NOT_FOUND, "unknown model"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png), target=1000), INVALID, "target 1000 is out of range"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png), target=-1), INVALID, "out of range"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png), contrast_class=5000), INVALID, "contrast class"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png), contrast="median"), INVALID, "contrast"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png), method="magic"), INVALID, "unknown method 'magic'"),
-        ("Explain", pb.ExplainRequest(image=pb.Image(encoded=good_png), map_dtype=pb.UINT8), INVALID, "map_dtype"),
-        ("Predict", pb.PredictRequest(image=pb.Image(encoded=good_png), top_k=-3), INVALID, "top_k"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=pb.Image(encoded=good_png), layer="no.such.layer", positions=[pb.Position()]), INVALID, "unknown layer 'no.such.layer'"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=pb.Image(encoded=good_png), layer=""), INVALID, "layer is empty"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=pb.Image(encoded=good_png), layer="LAST", positions=[pb.Position(row=99, col=0)]), INVALID, r"position \(99, 0\) is outside"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=pb.Image(encoded=good_png), layer="LAST", positions=[pb.Position(row=-1, col=0)]), INVALID, "outside"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=pb.Image(encoded=good_png), layer="LAST"), INVALID, "no positions"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=pb.Image(encoded=good_png), layer="LAST", positions=[pb.Position()] * 65), INVALID, "at most 64"),
-    ]  # fmt: skip
+        (*explain_good(target=1000), INVALID, "target 1000 is out of range"),
+        (*explain_good(target=-1), INVALID, "out of range"),
+        (*explain_good(contrast_class=5000), INVALID, "contrast class"),
+        (*explain_good(contrast="median"), INVALID, "contrast"),
+        (*explain_good(method="magic"), INVALID, "unknown method 'magic'"),
+        (*explain_good(map_dtype=pb.UINT8), INVALID, "map_dtype"),
+        (*predict(image=image, top_k=-3), INVALID, "top_k"),
+        (*ierf(layer="no.such.layer", positions=at(0, 0)), INVALID, "unknown layer 'no.such.layer'"),
+        (*ierf(layer=""), INVALID, "layer is empty"),
+        (*ierf(layer="LAST", positions=at(99, 0)), INVALID, r"position \(99, 0\) is outside"),
+        (*ierf(layer="LAST", positions=at(-1, 0)), INVALID, "outside"),
+        (*ierf(layer="LAST"), INVALID, "no positions"),
+        (*ierf(layer="LAST", positions=at(0, 0) * 65), INVALID, "at most 64"),
+    ]
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     with grpc.insecure_channel(live_service.grpc_address, options=options) as channel:
         stub = pb_grpc.ExplainServiceStub(channel)

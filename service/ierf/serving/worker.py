@@ -141,6 +141,34 @@ class _Timer:
         self._stages.add(self._stage, time.perf_counter() - self._start)
 
 
+class _ModelInput:
+    """The model's view of the image, computed only when needed: a cache hit skips preprocessing."""
+
+    def __init__(self, host: ModelHost, pixels: np.ndarray, content_hash: str, stages: _Stages) -> None:
+        self._host, self._pixels, self._stages = host, pixels, stages
+        self.content_hash = content_hash
+        self._view: np.ndarray | None = None
+        self._x: torch.Tensor | None = None
+
+    @property
+    def view(self) -> np.ndarray:
+        """uint8 (H, W, 3) after resize and centre crop: the pixels every map refers to."""
+        if self._view is None:
+            with self._stages.timed("preprocess"):
+                self._view = self._host.model.resize_crop(self._pixels)
+        return self._view
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Normalised (1, 3, H, W) float input on the model's device."""
+        if self._x is None:
+            view = self.view
+            with self._stages.timed("preprocess"):
+                pixels = torch.from_numpy(view).permute(2, 0, 1)[None].contiguous()
+                self._x = self._host.model.normalize(pixels).to(self._host.device)
+        return self._x
+
+
 def _check_deadline(deadline: float | None, before: str) -> None:
     if deadline is not None and time.time() > deadline:
         late = time.time() - deadline
@@ -250,12 +278,6 @@ class ModelHost:
             content_hash=content_hash,
         ).redis_key()
 
-    def _model_input(self, pixels: np.ndarray, stages: _Stages) -> tuple[np.ndarray, torch.Tensor]:
-        with stages.timed("preprocess"):
-            view = self.model.resize_crop(pixels)
-            x = self.model.normalize(torch.from_numpy(view).permute(2, 0, 1)[None].contiguous())
-        return view, x.to(self.device)
-
     def _score(self, logits: torch.Tensor, index: int) -> Score:
         flat = logits.detach().reshape(-1).to(torch.float64)
         probability = torch.softmax(flat, dim=0)[index]
@@ -269,10 +291,10 @@ class ModelHost:
             )
 
     def _decomposition(
-        self, x: torch.Tensor, content_hash: str, prov: Provenance, stages: _Stages, deadline: float | None
-    ):
+        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None
+    ) -> Any:
         """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image)."""
-        key = self._key("decomposition", DEFAULT_METHOD, content_hash)
+        key = self._key("decomposition", DEFAULT_METHOD, inputs.content_hash)
 
         def rebuild(state: dict[str, torch.Tensor]) -> tuple[Any, int]:
             state = {k: v.to(self.device) for k, v in state.items()}
@@ -287,13 +309,13 @@ class ModelHost:
                 return found.value
             _check_deadline(deadline, "the forward pass")
             with stages.timed("forward"):
-                decomposition = self.srd.decompose(x)
+                decomposition = self.srd.decompose(inputs.x)
             start = time.perf_counter()
             state = decomposition.state_dict()
-            stored = self.cache.put(key, decomposition, tensors_nbytes(state), state)
-            self._put_logits(content_hash, decomposition.logits)
+            self.cache.put(key, decomposition, tensors_nbytes(state), state)
+            self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
-            prov.cache.append(("decomposition", "miss" if stored != "too_big" else "disabled"))
+            prov.cache.append(("decomposition", "miss"))
             return decomposition
 
     def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
@@ -303,9 +325,9 @@ class ModelHost:
         )
 
     def _logits(
-        self, x: torch.Tensor, content_hash: str, prov: Provenance, stages: _Stages, deadline: float | None
+        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None
     ) -> torch.Tensor:
-        key = self._key("logits", "model", content_hash)
+        key = self._key("logits", "model", inputs.content_hash)
         start = time.perf_counter()
         found = self.cache.get(key, lambda state: (state["logits"], state["logits"].numel() * 4))
         stages.add("cache_get", time.perf_counter() - start)
@@ -314,8 +336,8 @@ class ModelHost:
             return found.value
         _check_deadline(deadline, "the forward pass")
         with stages.timed("forward"), torch.inference_mode():
-            logits = self.model.module(x)
-        self._put_logits(content_hash, logits)
+            logits = self.model.module(inputs.x)
+        self._put_logits(inputs.content_hash, logits)
         prov.cache.append(("logits", "miss"))
         return logits.detach().reshape(1, -1).to("cpu", torch.float32)
 
@@ -347,18 +369,19 @@ class ModelHost:
                 f"contrast is an SRD option; method {method!r} takes contrast 'identity' only"
             )
         prov = self._provenance(method, job.content_hash)
-        view, x = self._model_input(job.pixels, stages)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         if method == DEFAULT_METHOD:
-            decomposition = self._decomposition(x, job.content_hash, prov, stages, job.deadline)
+            decomposition = self._decomposition(inputs, prov, stages, job.deadline)
             logits = decomposition.logits
             target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
             _check_deadline(job.deadline, "the explanation")
             with stages.timed("explain"):
                 saliency = decomposition.saliency(target, contrast=contrast)
         else:
-            logits = self._logits(x, job.content_hash, prov, stages, job.deadline)
+            logits = self._logits(inputs, prov, stages, job.deadline)
             target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
             _check_deadline(job.deadline, "the explanation")
+            x = inputs.x
             with stages.timed("explain"):
                 saliency = explainer.saliency(x, target)
         saliency_map = (
@@ -370,9 +393,9 @@ class ModelHost:
 
             caption = f"{method.upper()} {target} {self.model.class_names[target]}"
             with stages.timed("encode"):
-                outcome.overlays.append(saliency_png(view, saliency_map, caption))
+                outcome.overlays.append(saliency_png(inputs.view, saliency_map, caption))
         if job.return_input:
-            outcome.model_input = view
+            outcome.model_input = inputs.view
         prov.timings = stages.items
         return outcome
 
@@ -395,8 +418,8 @@ class ModelHost:
                     f"{layer.name!r} (rows 0..{layer.height - 1}, cols 0..{layer.width - 1})"
                 )
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
-        view, x = self._model_input(job.pixels, stages)
-        decomposition = self._decomposition(x, job.content_hash, prov, stages, job.deadline)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        decomposition = self._decomposition(inputs, prov, stages, job.deadline)
         _check_deadline(job.deadline, "the iERF computation")
         with stages.timed("explain"):
             maps = decomposition.ierf(job.layer, torch.from_numpy(positions).to(self.device))
@@ -408,12 +431,16 @@ class ModelHost:
             with stages.timed("encode"):
                 outcome.overlays = [
                     ierf_png(
-                        view, m, (int(r), int(c)), (layer.height, layer.width), f"iERF {layer.name} @ {r},{c}"
+                        inputs.view,
+                        m,
+                        (int(r), int(c)),
+                        (layer.height, layer.width),
+                        f"iERF {job.layer} @ {r},{c}",
                     )
                     for m, (r, c) in zip(maps_np, positions.tolist(), strict=True)
                 ]
         if job.return_input:
-            outcome.model_input = view
+            outcome.model_input = inputs.view
         prov.timings = stages.items
         return outcome
 
@@ -424,8 +451,8 @@ class ModelHost:
         if not 1 <= top_k <= n:
             raise InvalidArgument(f"top_k {job.top_k} is out of range: 1..{n}")
         prov = self._provenance("", job.content_hash)
-        _, x = self._model_input(job.pixels, stages)
-        logits = self._logits(x, job.content_hash, prov, stages, job.deadline).reshape(-1)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        logits = self._logits(inputs, prov, stages, job.deadline).reshape(-1)
         probabilities = torch.softmax(logits.to(torch.float64), dim=0)
         values, indices = probabilities.topk(top_k)
         top = [
