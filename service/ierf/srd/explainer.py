@@ -1,54 +1,403 @@
-"""Public SRD API (contract; implementation lands with the engine)."""
+"""Public SRD API: :class:`SRD` (one per model) and :class:`Decomposition` (one per batch of images).
+
+Sharing ratios depend on the image, not on the target or the seed, so :meth:`SRD.decompose` does the
+channel-dimension work once; every saliency target and every iERF seed afterwards is a cheap scatter of
+per-position scalars down the stages.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ierf.methods import register_method
+from ierf.srd.graph import check_input, ensure_eval
+from ierf.srd.program import Head, Program, Stage
+from ierf.srd.terms import Route
+
+HeadMode = Literal["auto", "exact", "gradcam", "grad_x_act"]
+HEAD_MODES = ("auto", "exact", "gradcam", "grad_x_act")
+Contrast = str | int
+SCHEMA_VERSION = 1
+
+
+def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route) -> None:
+    """dst[..., sy*q + oy, sx*q + ox] += values[..., q] for every q landing inside dst (padding drops)."""
+    h, w = values.shape[-2:]
+    hs, ws = dst.shape[-2:]
+    qy0, qx0 = max(0, -(route.oy // route.sy)), max(0, -(route.ox // route.sx))
+    qy1 = min(h - 1, (hs - 1 - route.oy) // route.sy)
+    qx1 = min(w - 1, (ws - 1 - route.ox) // route.sx)
+    if qy1 < qy0 or qx1 < qx0:
+        return
+    ys, xs = route.sy * qy0 + route.oy, route.sx * qx0 + route.ox
+    dst[..., ys : route.sy * qy1 + route.oy + 1 : route.sy, xs : route.sx * qx1 + route.ox + 1 : route.sx] += values[
+        ..., qy0 : qy1 + 1, qx0 : qx1 + 1
+    ]
+
 
 class Decomposition:
-    """Everything SRD knows about one batch of images that does not depend on the target.
+    """Everything SRD knows about one batch of images that does not depend on the target."""
 
-    Holds logits, the sharing ratios of every stage (per-position scalars) and what the head
-    needs to build a start map. Every further target or iERF seed costs one cheap scatter.
-    """
+    def __init__(
+        self,
+        program: Program,
+        logits: torch.Tensor,
+        stages: list[Stage],
+        shapes: dict[int, tuple[int, ...]],
+        head: Head,
+        activations: dict[int, torch.Tensor],
+        head_mode: HeadMode = "auto",
+    ) -> None:
+        self._program = program
+        self.logits = logits
+        self.stages = stages
+        self.shapes = shapes
+        self.head = head
+        self.activations = activations
+        self.head_mode = head_mode
 
-    logits: torch.Tensor
+    # -- queries ----------------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.logits.shape[0]
 
-    def saliency(self, target: int | torch.Tensor, contrast: str | int = "identity") -> torch.Tensor:
-        """Signed (B, H, W) map at input resolution."""
-        raise NotImplementedError
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.shapes[0][1], self.shapes[0][2]
+
+    def layer_shape(self, layer: str) -> tuple[int, ...]:
+        """(C, h, w) of a layer's PFV map for this input size ((C,) for vector layers)."""
+        return self.shapes[self._program.source_id(layer)]
+
+    def saliency(
+        self, target: int | torch.Tensor, contrast: Contrast = "identity", head: HeadMode | None = None
+    ) -> torch.Tensor:
+        """Signed (B, H, W) float32 map at input resolution.
+
+        With the identity contrast and an exact head, each map sums to the target logit (conservation).
+        ``contrast``: "identity", "mean" (subtract the start map's spatial mean: sums to 0) or another class
+        index (target minus that class).
+        """
+        return self.relevance(target, contrast, head).float()
+
+    def relevance(
+        self, target: int | torch.Tensor, contrast: Contrast = "identity", head: HeadMode | None = None
+    ) -> torch.Tensor:
+        """Like :meth:`saliency` but in the computation dtype (float64 models stay float64)."""
+        seeds = self._start(self._targets(target), contrast, head or self.head_mode)
+        return self._propagate(seeds)[:, 0]
+
+    def layer_relevance(
+        self,
+        layer: str,
+        target: int | torch.Tensor,
+        contrast: Contrast = "identity",
+        head: HeadMode | None = None,
+    ) -> torch.Tensor:
+        """Relevance R^t of every PFV of ``layer`` (B, h, w) for the target: the hidden-layer saliency."""
+        sid = self._program.source_id(layer)
+        seeds = self._start(self._targets(target), contrast, head or self.head_mode)
+        return self._propagate(seeds, stop=sid)[:, 0]
 
     def ierf(self, layer: str, positions: torch.Tensor) -> torch.Tensor:
-        """(B, P, H, W) iERFs of the PFVs at ``positions`` (P, 2) of ``layer``; each sums to 1."""
-        raise NotImplementedError
+        """(B, P, H, W) float32 iERFs of the PFVs at ``positions`` (P, 2) = (row, col) of ``layer``.
 
+        Each map sums to 1 (up to relevance lost on all-zero pre-activations) and is zero outside the
+        PFV's theoretical receptive field. All P seeds share one pass.
+        """
+        sid = self._program.source_id(layer)
+        shape = self.shapes.get(sid)
+        if shape is None:
+            raise ValueError(f"layer {layer!r} is not computed for this input")
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        pos = _check_positions(positions, h, w, layer)
+        ref = self.logits
+        seed = ref.new_zeros(self.batch, pos.shape[0], h, w)
+        seed[:, torch.arange(pos.shape[0]), pos[:, 0].to(ref.device), pos[:, 1].to(ref.device)] = 1.0
+        return self._propagate({sid: seed}).float()
+
+    # -- start maps -------------------------------------------------------------------------------------
+    def _targets(self, target: int | torch.Tensor) -> torch.Tensor:
+        k = self.logits.shape[1]
+        if isinstance(target, bool) or not isinstance(target, int | torch.Tensor):
+            raise TypeError(f"target must be an int or a LongTensor of shape (B,), got {type(target).__name__}")
+        if isinstance(target, int):
+            t = torch.full((self.batch,), target, dtype=torch.long, device=self.logits.device)
+        else:
+            if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+                raise TypeError(f"target tensor must hold integers, got dtype {target.dtype}")
+            if target.dim() == 0:
+                target = target.expand(self.batch)
+            if target.shape != (self.batch,):
+                raise ValueError(f"target must have shape ({self.batch},), got {tuple(target.shape)}")
+            t = target.to(device=self.logits.device, dtype=torch.long)
+        if (t < 0).any() or (t >= k).any():
+            raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {t.tolist()}")
+        return t
+
+    def _resolve_head(self, mode: str) -> str:
+        if mode not in HEAD_MODES:
+            raise ValueError(f"head must be one of {HEAD_MODES}, got {mode!r}")
+        if mode != "auto":
+            return mode
+        spatial = any(self._is_spatial(r.source) for r in self.head.routes)
+        return "exact" if spatial else "gradcam"
+
+    def _inside(self, route: Route) -> bool:
+        shape = self.shapes[route.source]
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        return 0 <= route.oy < h and 0 <= route.ox < w
+
+    def _is_spatial(self, sid: int) -> bool:
+        s = self.shapes[sid]
+        return len(s) == 3 and s[1] * s[2] > 1
+
+    def start_layer(self) -> int:
+        """The last spatial PFV map the head reads (through any fully connected stages)."""
+        frontier = {r.source for r in self.head.routes}
+        by_sink = {s.sink: s for s in self.stages}
+        while frontier:
+            spatial = [s for s in frontier if self._is_spatial(s) or s == 0]
+            if spatial:
+                return max(spatial)
+            frontier = {r.source for s in frontier if s in by_sink for r in by_sink[s].routes}
+        raise ValueError("the head reads no spatial feature map")
+
+    def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
+        mode = self._resolve_head(head)
+        if not (contrast in ("identity", "mean") or (isinstance(contrast, int) and not isinstance(contrast, bool))):
+            raise ValueError(f"contrast must be 'identity', 'mean' or a class index, got {contrast!r}")
+        if isinstance(contrast, int) and not 0 <= contrast < self.logits.shape[1]:
+            raise ValueError(f"contrast class {contrast} out of range 0..{self.logits.shape[1] - 1}")
+        if mode == "exact":
+            return self._exact_start(target, contrast)
+        return self._gradient_start(target, contrast, mode)
+
+    def _exact_start(self, target: torch.Tensor, contrast: Contrast) -> dict[int, torch.Tensor]:
+        # The head's bias is shared equally among the paths that land on a real PFV (not on padding).
+        inside = torch.tensor([self._inside(r) for r in self.head.routes], device=self.logits.device)
+        n = int(inside.sum())
+
+        def per_path(cls: torch.Tensor) -> torch.Tensor:  # (B, T)
+            idx = cls.view(-1, 1, 1).expand(-1, 1, len(self.head.routes))
+            c = self.head.contrib.gather(1, idx)[:, 0]
+            b = self.head.bias.expand(self.batch, -1).gather(1, cls.view(-1, 1))
+            return c + b / n * inside
+
+        values = per_path(target)
+        if contrast == "mean":
+            values = values - values.mean(1, keepdim=True)
+        elif isinstance(contrast, int):
+            values = values - per_path(torch.full_like(target, contrast))
+        seeds: dict[int, torch.Tensor] = {}
+        for t, route in enumerate(self.head.routes):
+            dst = seeds.setdefault(route.source, self._zeros(route.source, 1))
+            _scatter(dst, values[:, t].view(-1, 1, 1, 1), route)
+        return seeds
+
+    def _gradient_start(self, target: torch.Tensor, contrast: Contrast, mode: str) -> dict[int, torch.Tensor]:
+        sid = self.start_layer()
+        if sid not in self.activations:
+            raise ValueError("this decomposition was made without the start activation; gradient heads need it")
+        act = self.activations[sid]
+        head = self._program.head_module(sid)
+
+        def start_map(cls: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                a = act if act.requires_grad else act.detach().requires_grad_(True)
+                logits = head(a)
+                score = logits.gather(1, cls.view(-1, 1)).sum()
+                (grad,) = torch.autograd.grad(score, a, create_graph=act.requires_grad)
+            if not act.requires_grad:
+                a = act
+            if mode == "gradcam":  # TorchRay-style Grad-CAM, ReLU-clamped (official VGG start)
+                return torch.relu((grad.mean((2, 3), keepdim=True) * a).sum(1))
+            return (grad * a).sum(1)  # gradient x activation per PFV, signed
+
+        values = start_map(target)
+        if contrast == "mean":
+            values = values - values.mean((1, 2), keepdim=True)
+        elif isinstance(contrast, int):
+            values = values - start_map(torch.full_like(target, contrast))
+        return {sid: values[:, None]}
+
+    # -- relevance flow ---------------------------------------------------------------------------------
+    def _zeros(self, sid: int, seeds: int) -> torch.Tensor:
+        shape = self.shapes[sid]
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        return self.logits.new_zeros(self.batch, seeds, h, w)
+
+    def _propagate(self, relevance: dict[int, torch.Tensor], stop: int = 0) -> torch.Tensor:
+        """Push relevance down every stage (reverse topological order) until map ``stop`` is complete."""
+        relevance = dict(relevance)
+        seeds = next(iter(relevance.values())).shape[1]
+        for stage in reversed(self.stages):
+            if stage.sink <= stop:
+                break
+            r = relevance.pop(stage.sink, None)
+            if r is None:
+                continue
+            for t, route in enumerate(stage.routes):
+                dst = relevance.get(route.source)
+                if dst is None:
+                    dst = relevance[route.source] = self._zeros(route.source, seeds)
+                _scatter(dst, stage.mu[:, t : t + 1] * r, route)
+        out = relevance.get(stop)
+        return out if out is not None else self._zeros(stop, seeds)
+
+    # -- persistence ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors only (cacheable as raw bytes / safetensors, never pickle)."""
-        raise NotImplementedError
+        """Flat tensors only, so caches can store raw bytes (never pickle)."""
+        state: dict[str, torch.Tensor] = {
+            "schema": torch.tensor([SCHEMA_VERSION]),
+            "logits": self.logits,
+            "head.contrib": self.head.contrib,
+            "head.bias": self.head.bias,
+            "head.routes": _routes_tensor(self.head.routes),
+            "shapes": torch.tensor([[sid, *_pad3(s)] for sid, s in sorted(self.shapes.items())]),
+        }
+        for i, st in enumerate(self.stages):
+            state[f"stage.{i}.mu"] = st.mu
+            state[f"stage.{i}.routes"] = _routes_tensor(st.routes)
+            state[f"stage.{i}.sink"] = torch.tensor([st.sink])
+        for sid, a in self.activations.items():
+            state[f"activation.{sid}"] = a
+        return {k: v.detach() for k, v in state.items()}
+
+    @classmethod
+    def from_state(
+        cls, program: Program, state: dict[str, torch.Tensor], head_mode: HeadMode = "auto"
+    ) -> Decomposition:
+        if int(state["schema"][0]) != SCHEMA_VERSION:
+            raise ValueError(f"decomposition schema {int(state['schema'][0])} != {SCHEMA_VERSION}")
+        shapes = {int(r[0]): _unpad3(r[1:].tolist()) for r in state["shapes"]}
+        stages = []
+        i = 0
+        while f"stage.{i}.mu" in state:
+            stages.append(
+                Stage(
+                    int(state[f"stage.{i}.sink"][0]),
+                    state[f"stage.{i}.mu"],
+                    _routes_list(state[f"stage.{i}.routes"]),
+                )
+            )
+            i += 1
+        head = Head(state["head.contrib"], state["head.bias"], _routes_list(state["head.routes"]))
+        acts = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("activation.")}
+        return cls(program, state["logits"], stages, shapes, head, acts, head_mode)
 
 
+def _routes_tensor(routes: list[Route]) -> torch.Tensor:
+    return torch.tensor([[r.source, r.sy, r.sx, r.oy, r.ox] for r in routes], dtype=torch.long).view(-1, 5)
+
+
+def _routes_list(t: torch.Tensor) -> list[Route]:
+    return [Route(*row) for row in t.tolist()]
+
+
+def _pad3(shape: tuple[int, ...]) -> list[int]:
+    return [*shape, -1, -1][:3] if len(shape) < 3 else list(shape)
+
+
+def _unpad3(values: list[int]) -> tuple[int, ...]:
+    return tuple(v for v in values if v >= 0)
+
+
+def _check_positions(positions: torch.Tensor, h: int, w: int, layer: str) -> torch.Tensor:
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a LongTensor of shape (P, 2), got {type(positions).__name__}")
+    if positions.is_floating_point() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must hold integers, got dtype {positions.dtype}")
+    if positions.dim() != 2 or positions.shape[1] != 2 or positions.shape[0] == 0:
+        raise ValueError(f"positions must have shape (P, 2) with P >= 1, got {tuple(positions.shape)}")
+    pos = positions.long().cpu()
+    bad = (pos[:, 0] < 0) | (pos[:, 0] >= h) | (pos[:, 1] < 0) | (pos[:, 1] >= w)
+    if bad.any():
+        first = pos[bad][0].tolist()
+        raise ValueError(f"position {tuple(first)} is outside the {h}x{w} PFV grid of layer {layer!r}")
+    return pos
+
+
+@register_method("srd")
 class SRD:
-    """Sharing Ratio Decomposition over any supported model graph."""
+    """Sharing Ratio Decomposition over any supported model graph.
+
+    ``head`` picks the start map: "exact" decomposes the logit through the head (for global-average-pool
+    + linear heads: CAM + b_y/HW, the published ResNet start), "gradcam" is the published VGG start
+    (ReLU-clamped Grad-CAM on the last spatial PFV map), "grad_x_act" its signed per-PFV variant, and
+    "auto" picks "exact" when the head reads a spatial map directly and "gradcam" otherwise.
+    """
 
     name = "srd"
+    version = "1.0"
 
-    def __init__(self, model: nn.Module) -> None:
-        raise NotImplementedError
+    def __init__(self, model: nn.Module, head: HeadMode = "auto") -> None:
+        if head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
+        self.model = model
+        self.program = Program(model)
+        self.head = head
 
     @property
     def layers(self) -> list[str]:
         """Names accepted as ``layer``: every post-activation PFV map, in forward order."""
-        raise NotImplementedError
+        return list(self.program.names[1:])
 
-    def decompose(self, x: torch.Tensor) -> Decomposition:
-        raise NotImplementedError
+    def layer_shape(self, layer: str, input_hw: tuple[int, int] = (224, 224)) -> tuple[int, ...]:
+        """(C, h, w) of ``layer`` for an input of size ``input_hw`` (one forward, cached)."""
+        sid = self.program.source_id(layer)
+        cache = self.__dict__.setdefault("_shape_cache", {})
+        if input_hw not in cache:
+            p = next(self.model.parameters())
+            x = torch.zeros(1, self._input_channels(), *input_hw, dtype=p.dtype, device=p.device)
+            with torch.no_grad():
+                cache[input_hw] = self.program.run(x).shapes
+        return cache[input_hw][sid]
+
+    def _input_channels(self) -> int:
+        for m in self.model.modules():
+            if isinstance(m, nn.Conv2d):
+                return m.in_channels
+        return 3
+
+    def decompose(self, x: torch.Tensor, keep: list[str] | None = None) -> Decomposition:
+        """Run the cached forward and take every stage's ratios; ``keep`` names activations to retain.
+
+        Differentiable with respect to ``x`` when ``x.requires_grad`` (explanation-manipulation attacks).
+        """
+        ensure_eval(self.model)
+        p = next(self.model.parameters(), None)
+        check_input(x, p.dtype if p is not None else x.dtype)
+        if p is not None and p.device != x.device:
+            raise ValueError(f"x is on {x.device} but the model is on {p.device}")
+        expected = self._input_channels()
+        if x.shape[1] != expected:
+            raise ValueError(f"x must have {expected} channels, got {x.shape[1]}")
+        keep_ids = {self.program.source_id(name) for name in keep or []}
+        with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
+            run = self.program.run(x, frozenset(keep_ids) | self._start_ids())
+        dec = Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
+        if self.head != "exact" and dec._resolve_head(self.head) != "exact":
+            sid = dec.start_layer()
+            if sid not in dec.activations:  # first call: learn the start layer, then keep it
+                self.__dict__["_start"] = frozenset({sid})
+                return self.decompose(x, keep)
+        return dec
+
+    def _start_ids(self) -> frozenset[int]:
+        return self.__dict__.get("_start", frozenset())
 
     def load_decomposition(self, state: dict[str, torch.Tensor]) -> Decomposition:
-        raise NotImplementedError
+        return Decomposition.from_state(self.program, state, self.head)
 
-    def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: str | int = "identity") -> torch.Tensor:
+    def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:
+        """Signed (B, H, W) float32 class saliency at input resolution."""
         return self.decompose(x).saliency(target, contrast)
 
     def ierf(self, x: torch.Tensor, layer: str, positions: torch.Tensor) -> torch.Tensor:
+        """(B, P, H, W) float32 iERFs of PFVs at ``positions`` of ``layer``; each sums to 1."""
+        self.program.source_id(layer)  # fail fast on a bad name before the forward
         return self.decompose(x).ierf(layer, positions)

@@ -1,0 +1,244 @@
+"""A model compiled for SRD: its traced graph with a rule per node, run as one cached forward.
+
+The forward computes every stage's pre-activation from its paths (so kernel taps are formed once and
+their sum *is* the convolution), takes the sharing ratios there, then applies the model's own activation.
+The result is target-independent: logits, per-stage ratios and what the head needs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ierf.errors import UnsupportedModelError
+from ierf.srd.graph import head_subgraph, name_activations, rule_type, trace
+from ierf.srd.ratios import stage_ratios, tap_products
+from ierf.srd.rules import (
+    FUNCTION_RULES,
+    KNOWN_MODULE_TYPES,
+    METHOD_RULES,
+    MODULE_RULES,
+    Source,
+    as_affine,
+    is_activation,
+)
+from ierf.srd.terms import Affine, ConvTerm, Route
+
+
+@dataclass
+class Stage:
+    """Ratios of the paths into one PFV map: ``mu`` (B, T, H, W), ``routes`` (T) to upstream maps."""
+
+    sink: int
+    mu: torch.Tensor
+    routes: list[Route]
+
+
+@dataclass
+class Head:
+    """Logit decomposition over the head's paths: ``contrib`` (B, K, T), shared ``bias`` (B|1, K)."""
+
+    contrib: torch.Tensor
+    bias: torch.Tensor
+    routes: list[Route]
+
+
+@dataclass
+class RunResult:
+    logits: torch.Tensor
+    stages: list[Stage]
+    shapes: dict[int, tuple[int, ...]]
+    head: Head
+    activations: dict[int, torch.Tensor]
+
+
+class Program:
+    """Compile once per model; :meth:`run` is the per-image work."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.graph = trace(model, KNOWN_MODULE_TYPES)
+        self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
+        activations: list[fx.Node] = []
+        placeholders = 0
+        for node in self.graph.nodes:
+            module = None
+            rule: Callable[..., Any] | None = None
+            if node.op == "placeholder":
+                placeholders += 1
+            elif node.op == "call_module":
+                module = model.get_submodule(str(node.target))
+                cls = rule_type(module, KNOWN_MODULE_TYPES)
+                if cls is None:
+                    raise UnsupportedModelError(f"no SRD rule for {type(module).__name__} at module '{node.target}'")
+                rule = MODULE_RULES[cls]
+            elif node.op == "call_function":
+                rule = FUNCTION_RULES.get(node.target)
+                if rule is None:
+                    raise UnsupportedModelError(
+                        f"no SRD rule for function {getattr(node.target, '__name__', node.target)} "
+                        f"in {self._scope(node)}"
+                    )
+            elif node.op == "call_method":
+                rule = METHOD_RULES.get(str(node.target))
+                if rule is None:
+                    raise UnsupportedModelError(f"no SRD rule for method .{node.target}() in {self._scope(node)}")
+            if is_activation(node, module):
+                activations.append(node)
+            self.steps.append((node, rule, module))
+        if placeholders != 1:
+            raise UnsupportedModelError(f"SRD needs a model with exactly one input; this one takes {placeholders}")
+        names = name_activations(self.graph, activations, model)
+        self.source_of: dict[fx.Node, int] = {node: i + 1 for i, node in enumerate(activations)}
+        self.node_of: dict[int, fx.Node] = {i: n for n, i in self.source_of.items()}
+        self.names: list[str] = ["input"] + [names.canonical[n] for n in activations]
+        self.lookup: dict[str, int] = {name: self.source_of[n] for name, n in names.lookup.items()}
+        self.module_names = {name for name, _ in model.named_modules() if name}
+        self._head_modules: dict[int, fx.GraphModule] = {}
+
+    # -- naming ---------------------------------------------------------------------------------------
+    def _scope(self, node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return "the model's top-level forward"
+        path, cls = list(stack.values())[-1]
+        return f"module '{path}' ({getattr(cls, '__name__', cls)})"
+
+    def where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"module '{node.target}' ({type(self.model.get_submodule(str(node.target))).__name__})"
+        return f"'{node.name}' in {self._scope(node)}"
+
+    def source_id(self, layer: str) -> int:
+        """Resolve a layer name to its PFV map, with an error that says what is valid."""
+        if not isinstance(layer, str):
+            raise TypeError(f"layer must be a string, got {type(layer).__name__}")
+        if layer in self.lookup:
+            return self.lookup[layer]
+        sample = (
+            ", ".join([*self.names[1:6], "…", *self.names[-3:]]) if len(self.names) > 9 else ", ".join(self.names[1:])
+        )
+        if layer in self.module_names:
+            kind = type(self.model.get_submodule(layer)).__name__
+            raise ValueError(
+                f"layer {layer!r} ({kind}) is not a stage boundary: its output is not a post-activation PFV map. "
+                f"Valid layers: {sample} (see SRD.layers)"
+            )
+        raise ValueError(f"unknown layer {layer!r}. Valid layers: {sample} (see SRD.layers)")
+
+    # -- the forward ------------------------------------------------------------------------------------
+    def run(self, x: torch.Tensor, keep: frozenset[int] = frozenset()) -> RunResult:
+        interp = _Interpreter(self, keep)
+        out = interp.execute(x)
+        if isinstance(out, Source):
+            out = as_affine(out, "model output")
+        if not isinstance(out, Affine):
+            raise UnsupportedModelError(f"the model must return one logits tensor, got {type(out).__name__}")
+        logits = out.value()
+        if logits.dim() != 2:
+            raise UnsupportedModelError(f"the model must return (B, num_classes) logits, got {tuple(logits.shape)}")
+        head = _head(out)
+        return RunResult(logits, interp.stages, interp.shapes, head, interp.kept)
+
+    def head_module(self, source: int) -> fx.GraphModule:
+        """The model's own head from PFV map ``source`` to logits (for gradient start maps)."""
+        if source not in self._head_modules:
+            self._head_modules[source] = head_subgraph(self.graph, self.node_of[source], self.model)
+        return self._head_modules[source]
+
+
+class _Interpreter:
+    def __init__(self, program: Program, keep: frozenset[int]) -> None:
+        self.program = program
+        self.keep = keep
+        self.stages: list[Stage] = []
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def where(self, node: fx.Node) -> str:
+        return self.program.where(node)
+
+    def activation(self, node: fx.Node, value: Any, apply: Callable[[torch.Tensor], torch.Tensor]) -> Source:
+        bundle = as_affine(value, self.where(node))
+        if bundle.flat_from is not None:
+            raise UnsupportedModelError(f"{self.where(node)}: activation on a flattened map")
+        z, mu, routes = stage_ratios(bundle)
+        a = apply(z)
+        if bundle.is_vector:
+            a = a.flatten(1)
+        sid = self.program.source_of[node]
+        self.stages.append(Stage(sid, mu, routes))
+        self.shapes[sid] = tuple(a.shape[1:])
+        if sid in self.keep:
+            self.kept[sid] = a
+        return Source(a, sid)
+
+    def execute(self, x: torch.Tensor) -> Any:
+        env: dict[fx.Node, Any] = {}
+        model = self.program.model
+        self.shapes[0] = tuple(x.shape[1:])
+        if 0 in self.keep:
+            self.kept[0] = x
+        for node, rule, module in self.program.steps:
+            if node.op == "placeholder":
+                env[node] = Source(x, 0)
+                continue
+            if node.op == "get_attr":
+                env[node] = functools.reduce(getattr, str(node.target).split("."), model)
+                continue
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if node.op == "output":
+                return args[0]
+            first = module if node.op == "call_module" else node.target
+            env[node] = rule(self, node, first, *args, **kwargs)
+            for dead in _last_uses(self.program, node):
+                env.pop(dead, None)
+        raise UnsupportedModelError("the traced graph has no output")
+
+
+def _last_uses(program: Program, node: fx.Node) -> list[fx.Node]:
+    table = program.__dict__.get("_last_use_table")
+    if table is None:
+        table = {}
+        seen: set[fx.Node] = set()
+        for n in reversed(list(program.graph.nodes)):
+            for dep in n.all_input_nodes:
+                if dep not in seen:
+                    seen.add(dep)
+                    table.setdefault(n, []).append(dep)
+        program.__dict__["_last_use_table"] = table
+    return table.get(node, [])
+
+
+def _head(out: Affine) -> Head:
+    """Split the logits into per-path contributions; biases are shared equally among the paths, as the
+    published code does for the global-average-pool head (CAM + b_y / HW)."""
+    b, k = out.batch, out.channels
+    parts: list[torch.Tensor] = []
+    routes: list[Route] = []
+    for t in out.terms:
+        if isinstance(t, ConvTerm):
+            y = tap_products(t)  # (T, C, B, 1)
+            c = y[..., 0].permute(2, 1, 0)  # (B, C, T)
+        else:
+            c = t.x.reshape(t.x.shape[0], t.x.shape[1], 1)
+        full = c.new_zeros(c.shape[0], k, c.shape[2])
+        full[:, t.c0 : t.c0 + t.channels] = c
+        parts.append(full.expand(b, k, c.shape[2]))
+        routes += t.tap_routes()
+    contrib = torch.cat(parts, 2)
+    bias = contrib.new_zeros(1, k)
+    for bt in out.biases:
+        bias = bias + torch.nn.functional.pad(
+            bt.value.reshape(bt.value.shape[0], bt.channels), (bt.c0, k - bt.c0 - bt.channels)
+        )
+    return Head(contrib, bias, routes)

@@ -1,0 +1,317 @@
+"""A slow, obviously-correct SRD, written independently of the fast path (for tests and audits).
+
+It shares only the stage boundaries with :mod:`ierf.srd.program` and nothing of its arithmetic:
+
+* every stage is re-evaluated with the model's own modules, in float64, once per *path* through the
+  stage's graph (a residual branch, a concat input) and per max-pool window offset, on a batch of inputs
+  that each keep a single upstream PFV — a brute-force Jacobian, one PFV at a time;
+* each bias is measured by running the stage on zero input with only that layer's bias switched on, and
+  is shared by norm among the paths that pass through that layer;
+* ratios follow the definition mu = <C + b, z> / ||z||^2 literally, and relevance moves by explicit
+  sums over (source PFV, target PFV) pairs.
+
+Use small models and inputs: cost grows with (positions)^2.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ierf.srd.program import Program
+
+_BIAS_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+@dataclass
+class RefStage:
+    sink: int  # source id of the activation output
+    # per source id: ratio tensor (paths, P_src, Q) where P_src, Q are flattened positions
+    ratios: dict[int, list[torch.Tensor]]
+    z: torch.Tensor  # (C, Q)
+
+
+def _zero_biases(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
+            m.bias.data.zero_()
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            if m.bias is not None:
+                m.bias.data.zero_()
+            m.running_mean.zero_()
+
+
+class ReferenceSRD:
+    """Brute-force SRD for one image (batch 1) of a small float model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).double().eval()
+        self.program = Program(self.model)
+        self.graph = self.program.graph
+        self.linear_model = copy.deepcopy(self.model)
+        _zero_biases(self.linear_model)
+        self.modules = dict(self.model.named_modules())
+        self.lin_modules = dict(self.linear_model.named_modules())
+
+    # ---- plain forward with recorded routing ------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
+        values: dict[fx.Node, torch.Tensor] = {}
+        self.pool_index: dict[fx.Node, torch.Tensor] = {}
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                values[node] = x
+            elif node.op == "output":
+                values[node] = values[node.args[0]]
+            else:
+                values[node] = self._eval(node, values, self.model, record=True)
+        return values
+
+    def _eval(self, node: fx.Node, values, model: nn.Module, record: bool = False, pool_offset=None):
+        args = fx.node.map_arg(node.args, lambda n: values[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
+        if node.op == "get_attr":
+            return functools.reduce(getattr, str(node.target).split("."), model)
+        if node.op == "call_module":
+            m = model.get_submodule(str(node.target))
+            if isinstance(m, nn.MaxPool2d):
+                return self._pool(
+                    node,
+                    args[0],
+                    m.kernel_size,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.ceil_mode,
+                    record,
+                    pool_offset,
+                )
+            if isinstance(m, nn.ReLU) and m.inplace:
+                return F.relu(args[0])
+            return m(*args, **kwargs)
+        if node.op == "call_function":
+            if node.target is F.max_pool2d:
+                x, k = args[0], args[1]
+                s = args[2] if len(args) > 2 else kwargs.get("stride", k)
+                p = args[3] if len(args) > 3 else kwargs.get("padding", 0)
+                return self._pool(node, x, k, s, p, 1, False, record, pool_offset)
+            if node.target in (operator.iadd,):
+                return args[0] + args[1]
+            kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            if node.target == "relu_":
+                return torch.relu(args[0])
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        raise AssertionError(node.op)
+
+    def _pool(self, node, x, k, s, p, d, ceil_mode, record, offset):
+        k = (k, k) if isinstance(k, int) else tuple(k)
+        s = k if s is None else ((s, s) if isinstance(s, int) else tuple(s))
+        p = (p, p) if isinstance(p, int) else tuple(p)
+        d = (d, d) if isinstance(d, int) else tuple(d)
+        if record:
+            out, idx = F.max_pool2d(x, k, s, p, d, ceil_mode, return_indices=True)
+            self.pool_index[node] = idx
+            return out
+        idx = self.pool_index[node].expand(x.shape[0], -1, -1, -1)
+        b, c, h, w = idx.shape
+        out = x.flatten(2).gather(2, idx.flatten(2)).view(b, c, h, w)
+        if offset is not None:
+            width = x.shape[3]
+            wy, wx = idx // width, idx % width
+            by = torch.arange(h).view(1, 1, h, 1) * s[0] - p[0]
+            bx = torch.arange(w).view(1, 1, 1, w) * s[1] - p[1]
+            keep = (wy - by == offset[0] * d[0]) & (wx - bx == offset[1] * d[1])
+            out = out * keep
+        return out
+
+    # ---- one stage -------------------------------------------------------------------------------------
+    def _stage_nodes(self, sink_input: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+        """Nodes between upstream sources and the sink (topological order), and the sources."""
+        inside: set[fx.Node] = set()
+        sources: set[fx.Node] = set()
+        stack = [sink_input]
+        while stack:
+            n = stack.pop()
+            if n in inside or n in sources:
+                continue
+            if n.op == "placeholder" or n in self.program.source_of:
+                sources.add(n)
+                continue
+            if n.op == "get_attr":
+                continue
+            inside.add(n)
+            stack.extend(n.all_input_nodes)
+        order = [n for n in self.graph.nodes if n in inside]
+        return order, [n for n in self.graph.nodes if n in sources]
+
+    def _paths(self, order: list[fx.Node], sources: list[fx.Node], sink_input: fx.Node) -> list[list[fx.Node]]:
+        inside = set(order)
+        paths: list[list[fx.Node]] = []
+
+        def walk(node: fx.Node, trail: list[fx.Node]) -> None:
+            if node in sources:
+                paths.append([node, *reversed(trail)])
+                return
+            for dep in dict.fromkeys(node.all_input_nodes):
+                if dep in inside or dep in sources:
+                    walk(dep, [*trail, node])
+
+        walk(sink_input, [])
+        return paths
+
+    def _run_path(self, path: list[fx.Node], order, source_value: torch.Tensor, values, offset) -> torch.Tensor:
+        """Evaluate the bias-free stage along one path only; other operands of adds/concats are zero."""
+        on = set(path)
+        local: dict[fx.Node, torch.Tensor] = dict(values)
+        local[path[0]] = source_value
+        for n in order:
+            if n not in on:
+                continue
+            for dep in n.all_input_nodes:
+                if dep not in on and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
+                    local[dep] = torch.zeros(source_value.shape[0], *values[dep].shape[1:], dtype=torch.float64)
+            local[n] = self._eval(n, local, self.linear_model, pool_offset=offset)
+        return local[path[-1]]
+
+    def _bias_vector(self, node: fx.Node, order, sources, values) -> torch.Tensor:
+        """The sink value with zero sources and only ``node``'s bias switched on."""
+        only = copy.deepcopy(self.linear_model)
+        src_mod = self.model.get_submodule(str(node.target))
+        dst_mod = only.get_submodule(str(node.target))
+        dst_mod.load_state_dict(src_mod.state_dict())
+        local = dict(values)
+        for s in sources:
+            local[s] = torch.zeros_like(values[s])
+        for n in order:
+            local[n] = self._eval(n, local, only)
+        return local[order[-1]]
+
+    def _pool_offsets(self, path: list[fx.Node]) -> list[tuple[int, int] | None]:
+        for n in path:
+            if n.op == "call_module" and isinstance(self.modules[str(n.target)], nn.MaxPool2d):
+                k = self.modules[str(n.target)].kernel_size
+                k = (k, k) if isinstance(k, int) else k
+                return [(i, j) for i in range(k[0]) for j in range(k[1])]
+        return [None]
+
+    def _contributions(self, sink_input: fx.Node, values):
+        order, sources = self._stage_nodes(sink_input)
+        paths = self._paths(order, sources, sink_input)
+        z = values[sink_input][0]
+        z = z.reshape(z.shape[0], -1) if z.dim() == 3 else z.reshape(-1, 1)
+        items = []  # (path index, source node, contributions (P, C, Q))
+        for pi, path in enumerate(paths):
+            a = values[path[0]][0]
+            flat = a.reshape(a.shape[0], -1) if a.dim() == 3 else a.reshape(-1, 1)
+            n_pos = flat.shape[1]
+            one_hot = torch.zeros(n_pos, *a.shape, dtype=torch.float64)
+            view = one_hot.view(n_pos, a.shape[0], -1)
+            for p in range(n_pos):
+                view[p, :, p] = flat[:, p]
+            for offset in self._pool_offsets(path):
+                out = self._run_path(path, order, one_hot, values, offset)
+                items.append((pi, path[0], out.reshape(n_pos, z.shape[0], -1)))
+        biases = []
+        for n in order:
+            if n.op == "call_module" and isinstance(self.modules[str(n.target)], _BIAS_MODULES):
+                beta = self._bias_vector(n, order, sources, values)[0]
+                owners = {pi for pi, p in enumerate(paths) if n in p}
+                biases.append((beta.reshape(z.shape[0], -1), owners))
+        return z, items, biases
+
+    def _ratios(self, z, items, biases) -> dict[fx.Node, list[torch.Tensor]]:
+        zz = (z * z).sum(0)
+        norms = [c.norm(dim=1) for _, _, c in items]
+        share = [torch.zeros_like(zz) for _ in items]
+        for beta, owners in biases:
+            e = (beta * z).sum(0)
+            total = sum(norms[i].sum(0) for i, (pi, _, _) in enumerate(items) if pi in owners)
+            if not torch.is_tensor(total):
+                continue
+            per = torch.where(total > 0, e / torch.where(total > 0, total, 1), 0)
+            for i, (pi, _, _) in enumerate(items):
+                if pi in owners:
+                    share[i] = share[i] + per
+        out: dict[fx.Node, list[torch.Tensor]] = {}
+        for i, (_, src, c) in enumerate(items):
+            dots = torch.einsum("pcq,cq->pq", c, z)
+            mu = torch.where(zz > 0, (dots + norms[i] * share[i]) / torch.where(zz > 0, zz, 1), 0)
+            out.setdefault(src, []).append(mu)
+        return out
+
+    # ---- public ------------------------------------------------------------------------------------------
+    def decompose(self, x: torch.Tensor) -> dict:
+        """Ratios of every stage (keyed by sink source id) plus logits and head contributions."""
+        assert x.shape[0] == 1, "the reference handles one image at a time"
+        x = x.double()
+        with torch.no_grad():
+            values = self._forward(x)
+            stages: list[RefStage] = []
+            for node in self.graph.nodes:
+                if node not in self.program.source_of:
+                    continue
+                sink_input = node.args[0]
+                z, items, biases = self._contributions(sink_input, values)
+                ratios = {self._sid(src): mus for src, mus in self._ratios(z, items, biases).items()}
+                stages.append(RefStage(self.program.source_of[node], ratios, z))
+            out_node = next(n for n in self.graph.nodes if n.op == "output").args[0]
+            z, items, biases = self._contributions(out_node, values)
+            head_bias = sum(b for b, _ in biases)[:, 0] if biases else torch.zeros(z.shape[0], dtype=torch.float64)
+        return {
+            "values": values,
+            "stages": stages,
+            "head_items": items,
+            "head_bias": head_bias,
+            "logits": z[:, 0],
+        }
+
+    def _sid(self, node: fx.Node) -> int:
+        return 0 if node.op == "placeholder" else self.program.source_of[node]
+
+    def _shape(self, values, sid: int) -> tuple[int, ...]:
+        node = next(n for n in self.graph.nodes if n.op == "placeholder") if sid == 0 else self.program.node_of[sid]
+        return tuple(values[node].shape[1:])
+
+    def propagate(self, dec: dict, seeds: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Relevance per source id (flattened positions) after pushing ``seeds`` down every stage."""
+        rel = {k: v.clone().double() for k, v in seeds.items()}
+        for stage in reversed(dec["stages"]):
+            r = rel.get(stage.sink)
+            if r is None:
+                continue
+            for sid, mus in stage.ratios.items():
+                acc = rel.setdefault(sid, torch.zeros(mus[0].shape[0], dtype=torch.float64))
+                for mu in mus:
+                    acc += mu @ r
+        return rel
+
+    def saliency(self, x: torch.Tensor, target: int) -> torch.Tensor:
+        """(H, W) map with the exact head: each path's share of the logit plus an equal share of its bias."""
+        dec = self.decompose(x)
+        items = dec["head_items"]
+        n_taps = sum(c.shape[0] for _, _, c in items)
+        seeds: dict[int, torch.Tensor] = {}
+        for _, src, c in items:
+            sid = self._sid(src)
+            acc = seeds.setdefault(sid, torch.zeros(c.shape[0], dtype=torch.float64))
+            acc += c[:, target, 0] + dec["head_bias"][target] / n_taps
+        rel = self.propagate(dec, seeds)
+        return rel[0].view(x.shape[2], x.shape[3])
+
+    def ierf(self, x: torch.Tensor, layer: str, position: tuple[int, int]) -> torch.Tensor:
+        dec = self.decompose(x)
+        sid = self.program.source_id(layer)
+        shape = self._shape(dec["values"], sid)
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        seed = torch.zeros(h * w, dtype=torch.float64)
+        seed[position[0] * w + position[1]] = 1.0
+        rel = self.propagate(dec, {sid: seed})
+        return rel[0].view(x.shape[2], x.shape[3])

@@ -1,0 +1,559 @@
+"""Decomposition rules, keyed by operation, registered in one place.
+
+Each rule reads the node's inputs — a :class:`Source` (a post-activation PFV map), an :class:`Affine`
+bundle, or a plain constant — and returns the node's value in the same vocabulary. Activations are the
+stage boundaries: their rule asks the interpreter to compute the stage's sharing ratios. An operation
+without a rule makes :class:`~ierf.errors.UnsupportedModelError` name the op and its module path; nothing
+is silently approximated.
+
+To support a new layer type, register a function here (Zennit-style: small rules over stock modules).
+Attention and LayerNorm rules (ViTs) plug in the same way: a rule that returns an Affine bundle whose
+terms carry their token routes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ierf.errors import UnsupportedModelError
+from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_routes
+
+
+@dataclass
+class Source:
+    """A post-activation PFV map (or the input image) and its id in the decomposition."""
+
+    tensor: torch.Tensor
+    id: int
+
+
+class Interpreter(Protocol):
+    def activation(self, node: fx.Node, value: Any, apply: Callable[[torch.Tensor], torch.Tensor]) -> Source: ...
+
+    def where(self, node: fx.Node) -> str: ...
+
+
+Rule = Callable[..., Any]
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def module_rule(*types: type) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for t in types:
+            MODULE_RULES[t] = fn
+        return fn
+
+    return wrap
+
+
+def function_rule(*fns: Any) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for f in fns:
+            FUNCTION_RULES[f] = fn
+        return fn
+
+    return wrap
+
+
+def method_rule(*names: str) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for n in names:
+            METHOD_RULES[n] = fn
+        return fn
+
+    return wrap
+
+
+def as_affine(value: Any, where: str) -> Affine:
+    if isinstance(value, Affine):
+        return value
+    if isinstance(value, Source):
+        return Affine.of_source(value.tensor, value.id)
+    raise UnsupportedModelError(f"{where}: expected a feature map, got {type(value).__name__}")
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Activations: the PFV boundaries. Any element-wise nonlinearity works (SRD is activation-agnostic).
+ACTIVATION_MODULES: tuple[type, ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.PReLU,
+)
+ACTIVATION_FUNCTIONS: tuple[Any, ...] = (
+    F.relu,
+    torch.relu,
+    F.relu_,
+    torch.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.softplus,
+    F.mish,
+    F.hardtanh,
+    torch.tanh,
+    torch.sigmoid,
+    F.hardsigmoid,
+)
+ACTIVATION_METHODS: tuple[str, ...] = ("relu", "relu_", "sigmoid", "tanh")
+
+
+@module_rule(*ACTIVATION_MODULES)
+def _activation_module(ctx: Interpreter, node: fx.Node, module: nn.Module, x: Any) -> Source:
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        if getattr(module, "inplace", False) and z.requires_grad:
+            z = z.clone()  # the stage's autograd graph still needs z (differentiable maps)
+        return module(z)
+
+    return ctx.activation(node, x, apply)
+
+
+@function_rule(*ACTIVATION_FUNCTIONS)
+def _activation_function(ctx: Interpreter, node: fx.Node, fn: Any, x: Any, *args: Any, **kwargs: Any) -> Source:
+    kwargs.pop("inplace", None)
+    if fn in (F.relu_, torch.relu_):
+        fn = torch.relu
+    return ctx.activation(node, x, lambda z: fn(z, *args, **kwargs))
+
+
+@method_rule(*ACTIVATION_METHODS)
+def _activation_method(ctx: Interpreter, node: fx.Node, name: str, x: Any, *args: Any, **kwargs: Any) -> Source:
+    fn = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[name]
+    return ctx.activation(node, x, fn)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Convolutions and linear layers.
+def _conv_padding(padding: Any, weight: torch.Tensor, dilation: tuple[int, int], where: str) -> tuple[int, ...]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            kh, kw = weight.shape[2:]
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise UnsupportedModelError(f"{where}: unknown padding {padding!r}")
+    py, px = _pair(padding)
+    return (py, py, px, px)
+
+
+def _conv(ctx, node, x, weight, bias, stride, padding, dilation, groups) -> Affine:
+    where = ctx.where(node)
+    dilation = _pair(dilation)
+    pad = _conv_padding(padding, weight, dilation, where)
+    return as_affine(x, where).conv(weight, bias, _pair(stride), pad, dilation, groups, where)
+
+
+@module_rule(nn.Conv2d)
+def _conv2d_module(ctx, node, m: nn.Conv2d, x) -> Affine:
+    if m.padding_mode != "zeros":
+        raise UnsupportedModelError(f"{ctx.where(node)}: padding_mode={m.padding_mode!r} (only 'zeros' is supported)")
+    return _conv(ctx, node, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+@function_rule(F.conv2d, torch.conv2d)
+def _conv2d_function(ctx, node, fn, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Affine:
+    return _conv(ctx, node, x, weight, bias, stride, padding, dilation, groups)
+
+
+@module_rule(nn.Linear)
+def _linear_module(ctx, node, m: nn.Linear, x) -> Affine:
+    return as_affine(x, ctx.where(node)).linear(m.weight, m.bias, ctx.where(node))
+
+
+@function_rule(F.linear)
+def _linear_function(ctx, node, fn, x, weight, bias=None) -> Affine:
+    return as_affine(x, ctx.where(node)).linear(weight, bias, ctx.where(node))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batch norm (eval): folded into a per-channel scale and shift, eps in both (spec §2.4).
+def _batch_norm(ctx, node, x, mean, var, weight, bias, eps) -> Affine:
+    if mean is None or var is None:
+        raise UnsupportedModelError(f"{ctx.where(node)}: batch norm without running statistics uses batch statistics")
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return as_affine(x, ctx.where(node)).scale_shift(scale, shift)
+
+
+@module_rule(nn.BatchNorm2d, nn.BatchNorm1d)
+def _bn_module(ctx, node, m: nn.modules.batchnorm._BatchNorm, x) -> Affine:
+    if m.training:
+        raise ValueError(f"{ctx.where(node)}: batch norm in training mode; call model.eval()")
+    return _batch_norm(ctx, node, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+
+
+@function_rule(F.batch_norm)
+def _bn_function(
+    ctx,
+    node,
+    fn,
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+) -> Affine:
+    if training:
+        raise ValueError(f"{ctx.where(node)}: F.batch_norm called with training=True")
+    return _batch_norm(ctx, node, x, running_mean, running_var, weight, bias, eps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pooling.
+def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return_indices) -> Affine:
+    where = ctx.where(node)
+    if return_indices:
+        raise UnsupportedModelError(f"{where}: max pooling with return_indices")
+    kernel = _pair(kernel)
+    stride = kernel if stride is None or stride == [] else _pair(stride)
+    if isinstance(x, Source):
+        tensor, route = x.tensor, Affine.of_source(x.tensor, x.id).terms[0].route
+    elif isinstance(x, Affine) and len(x.terms) == 1 and not x.biases and isinstance(x.terms[0], DenseTerm):
+        tensor, route = x.terms[0].x, x.terms[0].route
+    else:
+        raise UnsupportedModelError(
+            f"{where}: max pooling of a sum of several feature maps (needs an activation first)"
+        )
+    return max_pool_routes(tensor, route, kernel, stride, _pair(padding), _pair(dilation), ceil_mode)
+
+
+@module_rule(nn.MaxPool2d)
+def _max_pool_module(ctx, node, m: nn.MaxPool2d, x) -> Affine:
+    return _max_pool(ctx, node, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+
+
+@function_rule(F.max_pool2d, torch.max_pool2d)
+def _max_pool_function(
+    ctx, node, fn, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+) -> Affine:
+    return _max_pool(ctx, node, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def _avg_pool(ctx, node, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> Affine:
+    where = ctx.where(node)
+    kernel = _pair(kernel)
+    stride = kernel if stride is None or stride == [] else _pair(stride)
+    py, px = _pair(padding)
+    if ceil_mode or divisor_override is not None or ((py or px) and not count_include_pad):
+        raise UnsupportedModelError(
+            f"{where}: average pooling with ceil_mode, divisor_override or padding excluded from the count"
+        )
+    return as_affine(x, where).avg_pool(kernel, stride, (py, py, px, px), where)
+
+
+@module_rule(nn.AvgPool2d)
+def _avg_pool_module(ctx, node, m: nn.AvgPool2d, x) -> Affine:
+    return _avg_pool(
+        ctx, node, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+    )
+
+
+@function_rule(F.avg_pool2d, torch._C._nn.avg_pool2d)
+def _avg_pool_function(
+    ctx,
+    node,
+    fn,
+    x,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+) -> Affine:
+    return _avg_pool(ctx, node, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _adaptive_avg(ctx, node, x, output_size) -> Affine:
+    where = ctx.where(node)
+    a = as_affine(x, where)
+    oh, ow = (
+        _pair(output_size)
+        if not isinstance(output_size, list | tuple)
+        else (
+            a.height if output_size[0] is None else output_size[0],
+            a.width if output_size[1] is None else output_size[1],
+        )
+    )
+    if (oh, ow) == (a.height, a.width):
+        return a
+    if a.height % oh or a.width % ow:
+        raise UnsupportedModelError(
+            f"{where}: adaptive average pooling from {a.height}x{a.width} to {oh}x{ow} has uneven windows"
+        )
+    k = (a.height // oh, a.width // ow)
+    return a.avg_pool(k, k, (0, 0, 0, 0), where)
+
+
+@module_rule(nn.AdaptiveAvgPool2d)
+def _adaptive_avg_module(ctx, node, m: nn.AdaptiveAvgPool2d, x) -> Affine:
+    return _adaptive_avg(ctx, node, x, m.output_size)
+
+
+@function_rule(F.adaptive_avg_pool2d)
+def _adaptive_avg_function(ctx, node, fn, x, output_size) -> Affine:
+    return _adaptive_avg(ctx, node, x, output_size)
+
+
+def _global_mean(ctx, node, x, dim, keepdim) -> Affine:
+    where = ctx.where(node)
+    dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
+    if dims != {2, 3}:
+        raise UnsupportedModelError(f"{where}: mean over dims {dim} (only the spatial mean is supported)")
+    a = as_affine(x, where)
+    pooled = a.avg_pool((a.height, a.width), (a.height, a.width), (0, 0, 0, 0), where)
+    return pooled if keepdim else pooled.flatten()
+
+
+@function_rule(torch.mean)
+def _mean_function(ctx, node, fn, x, dim=None, keepdim=False, **kwargs) -> Affine:
+    return _global_mean(ctx, node, x, dim, keepdim)
+
+
+@method_rule("mean")
+def _mean_method(ctx, node, name, x, dim=None, keepdim=False, **kwargs) -> Affine:
+    return _global_mean(ctx, node, x, dim, keepdim)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Structure: identity-like ops, padding, residual add, concat, flatten/reshape.
+IDENTITY_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout1d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+@module_rule(*IDENTITY_MODULES)
+def _identity_module(ctx, node, m: nn.Module, x, *args, **kwargs) -> Any:
+    if m.training and not isinstance(m, nn.Identity):
+        raise ValueError(f"{ctx.where(node)}: dropout in training mode; call model.eval()")
+    return x
+
+
+@function_rule(F.dropout, F.dropout2d, torch.dropout)
+def _dropout_function(ctx, node, fn, x, p=0.5, training=False, inplace=False) -> Any:
+    if training:
+        raise ValueError(f"{ctx.where(node)}: dropout called with training=True")
+    return x
+
+
+@method_rule("contiguous", "clone")
+def _identity_method(ctx, node, name, x, *args, **kwargs) -> Any:
+    return x
+
+
+def _zero_pad(ctx, node, x, pad, value=0.0) -> Affine:
+    where = ctx.where(node)
+    if value != 0:
+        raise UnsupportedModelError(f"{where}: padding with the constant {value} (only zero padding)")
+    pad = tuple(int(p) for p in pad)
+    if len(pad) == 2:
+        pad = (*pad, 0, 0)
+    if len(pad) != 4 or min(pad) < 0:
+        raise UnsupportedModelError(f"{where}: padding {pad} (non-negative 2-D padding only)")
+    left, right, top, bottom = pad
+    return as_affine(x, where).zero_pad((top, bottom, left, right))
+
+
+@module_rule(nn.ZeroPad2d, nn.ConstantPad2d)
+def _pad_module(ctx, node, m: nn.Module, x) -> Affine:
+    return _zero_pad(ctx, node, x, m.padding, getattr(m, "value", 0.0))
+
+
+@function_rule(F.pad)
+def _pad_function(ctx, node, fn, x, pad, mode="constant", value=None) -> Affine:
+    if mode != "constant":
+        raise UnsupportedModelError(f"{ctx.where(node)}: F.pad mode {mode!r} (only constant zero padding)")
+    return _zero_pad(ctx, node, x, pad, value or 0.0)
+
+
+def _is_map(v: Any) -> bool:
+    return isinstance(v, Source | Affine)
+
+
+def _add(ctx, node, a, b, alpha=1) -> Any:
+    where = ctx.where(node)
+    if alpha != 1:
+        raise UnsupportedModelError(f"{where}: add with alpha={alpha}")
+    if _is_map(a) and _is_map(b):
+        return add(as_affine(a, where), as_affine(b, where))
+    if _is_map(a) or _is_map(b):
+        m, c = (a, b) if _is_map(a) else (b, a)
+        bundle = as_affine(m, where)
+        const = torch.as_tensor(c, dtype=bundle.terms[0].x.dtype, device=bundle.terms[0].x.device)
+        return bundle.add_constant(const.expand(bundle.channels) if const.dim() == 0 else const)
+    return a + b
+
+
+@function_rule(operator.add, operator.iadd, torch.add)
+def _add_function(ctx, node, fn, a, b, alpha=1) -> Any:
+    return _add(ctx, node, a, b, alpha)
+
+
+@method_rule("add", "add_")
+def _add_method(ctx, node, name, a, b, alpha=1) -> Any:
+    return _add(ctx, node, a, b, alpha)
+
+
+@function_rule(operator.mul, torch.mul)
+def _mul_function(ctx, node, fn, a, b) -> Any:
+    where = ctx.where(node)
+    if _is_map(a) and _is_map(b):
+        raise UnsupportedModelError(f"{where}: product of two feature maps (gating, e.g. squeeze-excitation)")
+    if _is_map(a) or _is_map(b):
+        m, c = (a, b) if _is_map(a) else (b, a)
+        if not isinstance(c, int | float):
+            raise UnsupportedModelError(f"{where}: multiplication of a feature map by a tensor")
+        bundle = as_affine(m, where)
+        s = bundle.terms[0].x.new_full((bundle.channels,), float(c))
+        return bundle.scale_shift(s, None)
+    return a * b
+
+
+@function_rule(torch.cat, torch.concat)
+def _cat_function(ctx, node, fn, tensors, dim=0) -> Affine:
+    where = ctx.where(node)
+    parts = [as_affine(t, where) for t in tensors]
+    if dim % 4 != 1:
+        raise UnsupportedModelError(f"{where}: torch.cat along dim {dim} (only channel concatenation)")
+    return cat_channels(parts)
+
+
+def _flatten(ctx, node, x, start_dim=1, end_dim=-1) -> Affine:
+    where = ctx.where(node)
+    if start_dim != 1 or end_dim not in (-1, 3):
+        raise UnsupportedModelError(f"{where}: flatten({start_dim}, {end_dim}) (only flattening all but the batch)")
+    return as_affine(x, where).flatten()
+
+
+@module_rule(nn.Flatten)
+def _flatten_module(ctx, node, m: nn.Flatten, x) -> Affine:
+    return _flatten(ctx, node, x, m.start_dim, m.end_dim)
+
+
+@function_rule(torch.flatten)
+def _flatten_function(ctx, node, fn, x, start_dim=0, end_dim=-1) -> Affine:
+    return _flatten(ctx, node, x, start_dim, end_dim)
+
+
+@method_rule("flatten")
+def _flatten_method(ctx, node, name, x, start_dim=0, end_dim=-1) -> Affine:
+    return _flatten(ctx, node, x, start_dim, end_dim)
+
+
+@method_rule("view", "reshape")
+def _reshape_method(ctx, node, name, x, *shape) -> Any:
+    where = ctx.where(node)
+    if not _is_map(x):
+        return getattr(x, name)(*shape)
+    a = as_affine(x, where)
+    if len(shape) == 1 and isinstance(shape[0], tuple | list | torch.Size):
+        shape = tuple(shape[0])
+    numel = a.channels * a.height * a.width
+    if len(shape) == 2 and shape[0] in (a.batch, -1) and shape[1] in (-1, numel):
+        return a.flatten()
+    raise UnsupportedModelError(f"{where}: {name}{tuple(shape)} of a feature map (only flattening is supported)")
+
+
+@method_rule("size")
+def _size_method(ctx, node, name, x, dim=None) -> Any:
+    shape = _shape_of(x)
+    return shape if dim is None else shape[dim]
+
+
+@function_rule(getattr)
+def _getattr_function(ctx, node, fn, x, attr) -> Any:
+    if _is_map(x) and attr == "shape":
+        return _shape_of(x)
+    if _is_map(x):
+        raise UnsupportedModelError(f"{ctx.where(node)}: attribute {attr!r} of a feature map")
+    return getattr(x, attr)
+
+
+@function_rule(operator.getitem)
+def _getitem_function(ctx, node, fn, x, index) -> Any:
+    if _is_map(x):
+        raise UnsupportedModelError(f"{ctx.where(node)}: indexing a feature map")
+    return x[index]
+
+
+@function_rule(operator.floordiv, operator.sub)  # shape arithmetic only
+def _shape_arith(ctx, node, fn, a, b) -> Any:
+    if _is_map(a) or _is_map(b):
+        raise UnsupportedModelError(f"{ctx.where(node)}: {fn.__name__} on a feature map")
+    return fn(a, b)
+
+
+def _shape_of(x: Any) -> torch.Size:
+    if isinstance(x, Source):
+        return x.tensor.shape
+    if isinstance(x, Affine):
+        if x.is_vector:
+            return torch.Size((x.batch, x.channels))
+        if x.flat_from is not None:
+            return torch.Size((x.batch, math.prod(x.flat_from)))
+        return torch.Size((x.batch, x.channels, x.height, x.width))
+    return x.shape
+
+
+KNOWN_MODULE_TYPES: tuple[type, ...] = tuple(MODULE_RULES)
+
+
+def is_activation(node: fx.Node, module: nn.Module | None) -> bool:
+    if node.op == "call_module":
+        return module is not None and MODULE_RULES.get(_type_for(module)) is _activation_module
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ACTIVATION_METHODS
+    return False
+
+
+def _type_for(module: nn.Module) -> type | None:
+    from ierf.srd.graph import rule_type
+
+    return rule_type(module, KNOWN_MODULE_TYPES)

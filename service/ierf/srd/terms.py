@@ -1,0 +1,497 @@
+"""Affine bundles: a tensor written as a sum of per-path contributions of upstream PFV maps plus biases.
+
+Between two activations every operation is affine once the instance's routing is frozen (max-pool
+winners). SRD needs, for each pre-activation PFV z_q, the contribution vector of every upstream PFV
+(every *path*: a kernel tap, a max-pool offset, a residual branch) and the biases with the set of paths
+that share them. An :class:`Affine` carries exactly that, symbolically enough to stay cheap:
+
+* :class:`DenseTerm` — a materialised contribution tensor (one path per position).
+* :class:`ConvTerm` — a convolution not yet expanded into its kernel taps (one path per tap); the tap
+  products are only formed where ratios are computed, in the cheapest way for the layer's shape.
+* :class:`BiasTerm` — a constant, shared by norm among the paths that existed where it was added
+  ("bias shared within each branch", as in the published code).
+
+A :class:`Route` maps a position q of a term's tensor to the source position p = stride*q + offset,
+so ratios can be scattered back without any index tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ierf.errors import UnsupportedModelError
+
+_keys = itertools.count(1)
+
+
+def new_key() -> int:
+    """A fresh path identity; biases name the paths that share them by these keys."""
+    return next(_keys)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Position q of a tensor corresponds to position stride*q + offset of PFV map ``source``."""
+
+    source: int
+    sy: int = 1
+    sx: int = 1
+    oy: int = 0
+    ox: int = 0
+
+    def then(self, sy: int, sx: int, oy: int, ox: int) -> Route:
+        """Route of a tensor whose position q reads position (sy*q+oy, sx*q+ox) of this one."""
+        return Route(self.source, self.sy * sy, self.sx * sx, self.sy * oy + self.oy, self.sx * ox + self.ox)
+
+
+@dataclass
+class DenseTerm:
+    """Contribution ``x`` (B, C, H, W) to channels [c0, c0+C) of the node, one path per position."""
+
+    x: torch.Tensor
+    route: Route
+    c0: int = 0
+    key: int = field(default_factory=new_key)
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def taps(self) -> int:
+        return 1
+
+    def spatial(self) -> tuple[int, int]:
+        return self.x.shape[2], self.x.shape[3]
+
+    def total(self) -> torch.Tensor:
+        return self.x
+
+    def tap_routes(self) -> list[Route]:
+        return [self.route]
+
+
+@dataclass
+class ConvTerm:
+    """conv2d(pad(x), weight) * out_scale, kept unexpanded: one path per kernel tap.
+
+    ``uniform`` marks a channel-uniform averaging kernel (average pooling): it commutes with any 1x1
+    channel mixing, which keeps global-average-pool + linear heads cheap.
+    """
+
+    x: torch.Tensor
+    route: Route
+    weight: torch.Tensor  # (C_out, C_in/groups, kh, kw)
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right
+    groups: int = 1
+    out_scale: torch.Tensor | None = None  # (C_out,), folded batch-norm scales
+    uniform: bool = False
+    c0: int = 0
+    key: int = field(default_factory=new_key)
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.weight.shape[2], self.weight.shape[3]
+
+    @property
+    def taps(self) -> int:
+        kh, kw = self.kernel
+        return kh * kw
+
+    def spatial(self) -> tuple[int, int]:
+        (kh, kw), (sy, sx), (dy, dx) = self.kernel, self.stride, self.dilation
+        t, b, l, r = self.pad
+        h = (self.x.shape[2] + t + b - dy * (kh - 1) - 1) // sy + 1
+        w = (self.x.shape[3] + l + r - dx * (kw - 1) - 1) // sx + 1
+        return h, w
+
+    def scaled_weight(self) -> torch.Tensor:
+        if self.out_scale is None:
+            return self.weight
+        return self.weight * self.out_scale.view(-1, 1, 1, 1)
+
+    def padded_input(self) -> torch.Tensor:
+        t, b, l, r = self.pad
+        if t == b == l == r == 0:
+            return self.x
+        return F.pad(self.x, (l, r, t, b))
+
+    def total(self) -> torch.Tensor:
+        return F.conv2d(self.padded_input(), self.scaled_weight(), None, self.stride, 0, self.dilation, self.groups)
+
+    def tap_routes(self) -> list[Route]:
+        """Routes in the (i, j) row-major tap order used by every tap computation."""
+        (kh, kw), (sy, sx), (dy, dx) = self.kernel, self.stride, self.dilation
+        t, _, l, _ = self.pad
+        return [self.route.then(sy, sx, i * dy - t, j * dx - l) for i in range(kh) for j in range(kw)]
+
+
+Term = DenseTerm | ConvTerm
+
+
+@dataclass
+class BiasTerm:
+    """Constant added to channels [c0, c0+C); ``owners`` are the path keys that share it by norm."""
+
+    value: torch.Tensor  # broadcastable to (B, C, H, W)
+    owners: frozenset[int]
+    c0: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.value.shape[1]
+
+
+@dataclass
+class Affine:
+    """A node value written as sum(terms) + sum(biases); shape (B, channels, height, width).
+
+    ``flat_from`` records a flatten of a (C, H, W) map, so that a following Linear layer can be read as
+    a convolution whose kernel covers the whole map (VGG's first fully connected layer).
+    """
+
+    terms: list[Term]
+    biases: list[BiasTerm]
+    batch: int
+    channels: int
+    height: int
+    width: int
+    flat_from: tuple[int, int, int] | None = None
+    is_vector: bool = False  # (B, C) rather than (B, C, H, W); H = W = 1 then
+
+    # -- construction -------------------------------------------------------------------------------
+    @staticmethod
+    def of_source(x: torch.Tensor, source: int) -> Affine:
+        if x.dim() == 2:
+            return Affine(
+                [DenseTerm(x[:, :, None, None], Route(source))],
+                [],
+                x.shape[0],
+                x.shape[1],
+                1,
+                1,
+                is_vector=True,
+            )
+        if x.dim() != 4:
+            raise UnsupportedModelError(f"PFV maps must be (B, C, H, W) or (B, C); got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        return Affine([DenseTerm(x, Route(source))], [], b, c, h, w)
+
+    def rekeyed(self) -> Affine:
+        """Same value with fresh path keys: every op output is a new branch for bias ownership."""
+        mapping = {t.key: new_key() for t in self.terms}
+        terms = [replace(t, key=mapping[t.key]) for t in self.terms]
+        biases = [replace(b, owners=frozenset(mapping.get(k, k) for k in b.owners)) for b in self.biases]
+        return replace(self, terms=terms, biases=biases)
+
+    def keys(self) -> frozenset[int]:
+        return frozenset(t.key for t in self.terms)
+
+    # -- value ----------------------------------------------------------------------------------------
+    def total(self) -> torch.Tensor:
+        """The node's actual value (B, C, H, W)."""
+        ref = self._reference_tensor()
+        out = ref.new_zeros(self.batch, self.channels, self.height, self.width)
+        for t in self.terms:
+            out[:, t.c0 : t.c0 + t.channels] += t.total()
+        for b in self.biases:
+            out[:, b.c0 : b.c0 + b.channels] += b.value
+        return out
+
+    def value(self) -> torch.Tensor:
+        out = self.total()
+        return out.flatten(1) if self.is_vector or self.flat_from else out
+
+    def _reference_tensor(self) -> torch.Tensor:
+        if self.terms:
+            return self.terms[0].x
+        return self.biases[0].value
+
+    def bias_map(self, bias: BiasTerm) -> torch.Tensor:
+        """A bias expanded to (B or 1, C, H, W): needed before spatial ops change it at borders."""
+        v = bias.value
+        return v.expand(v.shape[0], v.shape[1], self.height, self.width)
+
+    # -- linear ops -------------------------------------------------------------------------------------
+    def scale_shift(self, scale: torch.Tensor | None, shift: torch.Tensor | None) -> Affine:
+        """Per-channel affine map (folded batch norm): scales fold into terms, the shift is a new bias."""
+        out = self.rekeyed()
+        if scale is not None:
+            terms: list[Term] = []
+            for t in out.terms:
+                s = scale[t.c0 : t.c0 + t.channels]
+                if isinstance(t, DenseTerm):
+                    terms.append(replace(t, x=t.x * s.view(1, -1, 1, 1)))
+                else:
+                    new_scale = s if t.out_scale is None else t.out_scale * s
+                    terms.append(replace(t, out_scale=new_scale))
+            out.terms = terms
+            out.biases = [
+                replace(b, value=b.value * scale[b.c0 : b.c0 + b.channels].view(1, -1, 1, 1)) for b in out.biases
+            ]
+        if shift is not None:
+            out.biases.append(BiasTerm(shift.view(1, -1, 1, 1), out.keys()))
+        return out
+
+    def add_constant(self, const: torch.Tensor) -> Affine:
+        out = self.rekeyed()
+        value = const
+        while value.dim() < 4:
+            value = value.unsqueeze(0)
+        out.biases.append(BiasTerm(value, out.keys()))
+        return out
+
+    def conv(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        pad: tuple[int, int, int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        where: str,
+    ) -> Affine:
+        """Apply conv2d. Pending single-tap convolutions are materialised; a 1x1 conv after a k x k one is
+        folded into it; two spreading kernels in a row (no activation between) are not supported."""
+        src = self.rekeyed()
+        kh, kw = weight.shape[2:]
+        one_by_one = kh == kw == 1 and stride == (1, 1) and pad == (0, 0, 0, 0)
+        terms: list[Term] = []
+        for t in src.terms:
+            terms.append(_conv_term(t, weight, stride, pad, dilation, groups, one_by_one, where))
+        biases: list[BiasTerm] = []
+        for b in src.biases:
+            v = b.value
+            if one_by_one and v.shape[2] == 1 and v.shape[3] == 1:
+                w = _dense_slice(weight, groups, b.c0, b.channels)
+                biases.append(BiasTerm(F.conv2d(v, w), b.owners))
+            else:
+                w = _dense_slice(weight, groups, b.c0, b.channels)
+                t_, b_, l_, r_ = pad
+                full = F.pad(src.bias_map(b), (l_, r_, t_, b_))
+                biases.append(BiasTerm(F.conv2d(full, w, None, stride, 0, dilation), b.owners))
+        out_h, out_w = _out_size(src.height, src.width, weight.shape[2:], stride, pad, dilation)
+        keys = frozenset(t.key for t in terms)
+        if bias is not None:
+            biases.append(BiasTerm(bias.view(1, -1, 1, 1), keys))
+        return Affine(terms, biases, src.batch, weight.shape[0], out_h, out_w)
+
+    def avg_pool(
+        self, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int, int, int], where: str
+    ) -> Affine:
+        """Average pooling (zero padding counted) as a channel-uniform depthwise convolution."""
+        src = self.rekeyed()
+        kh, kw = kernel
+        ref = src._reference_tensor()
+        terms: list[Term] = []
+        for t in src.terms:
+            w = ref.new_full((t.channels, 1, kh, kw), 1.0 / (kh * kw))
+            if isinstance(t, ConvTerm) and t.taps == 1:
+                t = materialise(t)
+            elif isinstance(t, ConvTerm):
+                if pad != (0, 0, 0, 0):
+                    raise UnsupportedModelError(
+                        f"{where}: padded average pooling directly after a {t.kernel} convolution (no activation "
+                        "between) is not supported"
+                    )
+                folded = compose(t, _dense_slice(w, t.channels, 0, t.channels), stride, (1, 1))
+                terms.append(replace(folded, c0=t.c0))
+                continue
+            terms.append(ConvTerm(t.x, t.route, w, stride, (1, 1), pad, t.channels, None, True, t.c0, t.key))
+        biases = []
+        for b in src.biases:
+            full = F.pad(src.bias_map(b), (pad[2], pad[3], pad[0], pad[1]))
+            biases.append(BiasTerm(F.avg_pool2d(full, kernel, stride), b.owners, b.c0))
+        out_h, out_w = _out_size(src.height, src.width, kernel, stride, pad, (1, 1))
+        return Affine(terms, biases, src.batch, src.channels, out_h, out_w)
+
+    def zero_pad(self, pad: tuple[int, int, int, int]) -> Affine:
+        """Constant-zero padding (TF "same" padding): padded positions hold no contribution."""
+        src = self.rekeyed()
+        t_, b_, l_, r_ = pad
+        terms: list[Term] = []
+        for t in src.terms:
+            if isinstance(t, ConvTerm):
+                t = materialise(t)
+            terms.append(DenseTerm(F.pad(t.x, (l_, r_, t_, b_)), t.route.then(1, 1, -t_, -l_), t.c0, t.key))
+        biases = [BiasTerm(F.pad(src.bias_map(b), (l_, r_, t_, b_)), b.owners, b.c0) for b in src.biases]
+        return Affine(terms, biases, src.batch, src.channels, src.height + t_ + b_, src.width + l_ + r_)
+
+    def flatten(self) -> Affine:
+        out = self.rekeyed()
+        if self.height == 1 and self.width == 1:
+            out.is_vector = True
+        else:
+            out.flat_from = (self.channels, self.height, self.width)
+        return out
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None, where: str) -> Affine:
+        """nn.Linear on a vector (1x1 conv) or on a flattened map (a conv covering the whole map)."""
+        if self.flat_from is not None:
+            c, h, w = self.flat_from
+            kernel = weight.reshape(weight.shape[0], c, h, w)
+        elif self.is_vector or (self.height == 1 and self.width == 1):
+            kernel = weight[:, :, None, None]
+        else:
+            raise UnsupportedModelError(f"{where}: nn.Linear applied to a spatial map (use Conv2d 1x1)")
+        unflat = replace(self, flat_from=None, is_vector=False)
+        out = unflat.conv(kernel, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, where)
+        out.is_vector = True
+        return out
+
+
+def add(a: Affine, b: Affine) -> Affine:
+    """Residual sum: union of paths; each branch keeps its own biases."""
+    if (a.channels, a.height, a.width) != (b.channels, b.height, b.width):
+        raise UnsupportedModelError(
+            f"add of shapes {(a.channels, a.height, a.width)} and {(b.channels, b.height, b.width)} (broadcasting "
+            "adds are not supported)"
+        )
+    a, b = a.rekeyed(), b.rekeyed()
+    return Affine(
+        a.terms + b.terms,
+        a.biases + b.biases,
+        max(a.batch, b.batch),
+        a.channels,
+        a.height,
+        a.width,
+        is_vector=a.is_vector and b.is_vector,
+    )
+
+
+def cat_channels(parts: list[Affine]) -> Affine:
+    """Channel concatenation (DenseNet): terms and biases move to their channel slice."""
+    terms: list[Term] = []
+    biases: list[BiasTerm] = []
+    offset = 0
+    h, w = parts[0].height, parts[0].width
+    for p in parts:
+        if (p.height, p.width) != (h, w):
+            raise UnsupportedModelError("torch.cat of maps with different spatial sizes")
+        p = p.rekeyed()
+        terms += [replace(t, c0=t.c0 + offset) for t in p.terms]
+        biases += [replace(b, c0=b.c0 + offset) for b in p.biases]
+        offset += p.channels
+    return Affine(terms, biases, parts[0].batch, offset, h, w)
+
+
+def max_pool_routes(
+    x: torch.Tensor,
+    route: Route,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pad: tuple[int, int],
+    dilation: tuple[int, int],
+    ceil_mode: bool,
+) -> Affine:
+    """Max pooling with the winners frozen: one masked term per window offset.
+
+    The pooled PFV is the channel-wise mosaic of the input PFVs that won each channel; the term for window
+    offset (i, j) keeps the channels won by the PFV at that offset (spec §2.4: merged into the next stage).
+    """
+    pooled, idx = F.max_pool2d(x, kernel, stride, pad, dilation, ceil_mode, return_indices=True)
+    b, c, h, w = pooled.shape
+    width_in = x.shape[3]
+    win_y, win_x = idx // width_in, idx % width_in
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
+    base_y = torch.arange(h, device=x.device).view(1, 1, h, 1) * sy - py
+    base_x = torch.arange(w, device=x.device).view(1, 1, 1, w) * sx - px
+    rel_y, rel_x = win_y - base_y, win_x - base_x
+    terms: list[Term] = []
+    zero = pooled.new_zeros(())
+    for i in range(kh):
+        for j in range(kw):
+            mask = (rel_y == i * dy) & (rel_x == j * dx)
+            terms.append(DenseTerm(torch.where(mask, pooled, zero), route.then(sy, sx, i * dy - py, j * dx - px)))
+    return Affine(terms, [], b, c, h, w)
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def _out_size(h, w, kernel, stride, pad, dilation) -> tuple[int, int]:
+    kh, kw = kernel
+    t, b, l, r = pad
+    return (h + t + b - dilation[0] * (kh - 1) - 1) // stride[0] + 1, (
+        w + l + r - dilation[1] * (kw - 1) - 1
+    ) // stride[1] + 1
+
+
+def materialise(t: ConvTerm) -> DenseTerm:
+    """A single-tap convolution is one path per position: compute it once and keep the tensor."""
+    sy, sx = t.stride
+    top, _, left, _ = t.pad
+    return DenseTerm(t.total(), t.route.then(sy, sx, -top, -left), t.c0, t.key)
+
+
+def _dense_slice(weight: torch.Tensor, groups: int, c0: int, channels: int) -> torch.Tensor:
+    """The columns of a (grouped) conv weight that read input channels [c0, c0+channels), as a dense conv."""
+    if groups == 1:
+        return weight[:, c0 : c0 + channels]
+    c_out, c_in_g = weight.shape[:2]
+    c_in = c_in_g * groups
+    dense = weight.new_zeros(c_out, c_in, *weight.shape[2:])
+    out_g = c_out // groups
+    for g in range(groups):
+        dense[g * out_g : (g + 1) * out_g, g * c_in_g : (g + 1) * c_in_g] = weight[g * out_g : (g + 1) * out_g]
+    return dense[:, c0 : c0 + channels]
+
+
+def _conv_term(
+    t: Term,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    pad: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    one_by_one: bool,
+    where: str,
+) -> Term:
+    if t.c0 == 0 and t.channels == weight.shape[1] * groups:
+        w, term_groups = weight, groups
+    else:  # the term feeds a channel slice (after torch.cat): only those weight columns apply
+        w, term_groups = _dense_slice(weight, groups, t.c0, t.channels), 1
+    if isinstance(t, ConvTerm):
+        if t.taps == 1:
+            t = materialise(t)
+        elif one_by_one and t.uniform:
+            # Averaging commutes with channel mixing: mix first, average after (cheap GAP+linear heads).
+            mixed = F.conv2d(t.x, w * (t.out_scale.view(1, -1, 1, 1) if t.out_scale is not None else 1))
+            uniform = mixed.new_full((mixed.shape[1], 1, *t.kernel), float(t.weight.flatten()[0]))
+            return ConvTerm(mixed, t.route, uniform, t.stride, t.dilation, t.pad, mixed.shape[1], None, True, 0, t.key)
+        elif pad == (0, 0, 0, 0):
+            return compose(t, _dense_slice(w, term_groups, 0, w.shape[1] * term_groups), stride, dilation)
+        else:
+            raise UnsupportedModelError(
+                f"{where}: a padded {tuple(weight.shape[2:])} convolution directly after a {t.kernel} spatial "
+                "operation without an activation between them is not supported"
+            )
+    return ConvTerm(t.x, t.route, w, stride, dilation, pad, term_groups, None, False, 0, t.key)
+
+
+def compose(t: ConvTerm, weight: torch.Tensor, stride: tuple[int, int], dilation: tuple[int, int]) -> ConvTerm:
+    """Fold an unpadded convolution ``weight`` (dense) applied after ``t`` into one effective kernel.
+
+    Exact because the second convolution never reads the first one's padding; paths then merge per
+    source PFV, which is what the contribution of a PFV means when no routing separates them.
+    """
+    first = _dense_slice(t.scaled_weight(), t.groups, 0, t.x.shape[1])
+    dy, dx = t.dilation
+    if (dy, dx) != (1, 1):  # spell the first kernel's dilation out as zeros
+        kh, kw = first.shape[2:]
+        spread = first.new_zeros(*first.shape[:2], dy * (kh - 1) + 1, dx * (kw - 1) + 1)
+        spread[:, :, ::dy, ::dx] = first
+        first = spread
+    sy, sx = t.stride
+    step = (sy * dilation[0], sx * dilation[1])
+    # conv_transpose2d(second, first)[o, i] = sum_c sum_h second[o, c, h] * first[c, i, y - step*h]
+    kernel = F.conv_transpose2d(weight, first, stride=step)
+    return ConvTerm(t.x, t.route, kernel, (sy * stride[0], sx * stride[1]), (1, 1), t.pad, 1, None, False, 0, t.key)

@@ -1,0 +1,179 @@
+"""Small random networks that together exercise every SRD rule (used by the reference tests)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters, so BN folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+class TinyVGG(nn.Module):
+    """conv+bias / non-overlapping max-pool merged into the next conv / strided conv / GAP-linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(6, 6, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """BN folding, overlapping 3x3/s2 max-pool, residual with and without downsample, GAP-linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = Block(4, 4, 1)
+        self.layer2 = Block(4, 6, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Mixed(nn.Module):
+    """Dilation, groups, depthwise + ReLU6, TF-style asymmetric F.pad, linear bottleneck chain (two
+    residual projections without activation), average pooling, channel concat, GELU/SiLU/Hardswish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=2, dilation=2)
+        self.act0 = nn.GELU()
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2, bias=False)
+        self.bn_g = nn.BatchNorm2d(6)
+        self.act1 = nn.SiLU()
+        self.dw = nn.Conv2d(6, 6, 3, stride=2, groups=6, bias=False)  # padded by F.pad below
+        self.bn_dw = nn.BatchNorm2d(6)
+        self.act2 = nn.ReLU6()
+        self.proj1 = nn.Conv2d(6, 4, 1, bias=False)
+        self.bn_p1 = nn.BatchNorm2d(4)
+        self.expand = nn.Conv2d(4, 8, 1, bias=False)
+        self.bn_e = nn.BatchNorm2d(8)
+        self.act3 = nn.Hardswish()
+        self.proj2 = nn.Conv2d(8, 4, 1, bias=False)
+        self.bn_p2 = nn.BatchNorm2d(4)
+        self.pool = nn.AvgPool2d(2)
+        self.side = nn.Conv2d(6, 3, 1)
+        self.head_conv = nn.Conv2d(7, 8, 1)  # 1x1 after average pooling: folded by commuting
+        self.act4 = nn.ReLU()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a0 = self.act0(self.stem(x))
+        a1 = self.act1(self.bn_g(self.grouped(a0)))
+        a2 = self.act2(self.bn_dw(self.dw(F.pad(a1, (0, 1, 0, 1)))))
+        x1 = self.bn_p1(self.proj1(a2))  # linear bottleneck: no activation
+        a3 = self.act3(self.bn_e(self.expand(x1)))
+        x2 = x1 + self.bn_p2(self.proj2(a3))  # residual of two projections
+        pooled = self.pool(self.side(a2))  # avg-pool of a 1x1 conv
+        cat = torch.cat([self.pool(x2), pooled], dim=1)  # concat of pooled maps
+        a4 = self.act4(self.head_conv(cat))
+        return self.fc(a4.mean((2, 3)))
+
+
+class FCHead(nn.Module):
+    """VGG-style head: max-pool, flatten, Linear-ReLU-Dropout-Linear (exact SRD through the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(4 * 4 * 5, 7), nn.ReLU(), nn.Dropout(), nn.Linear(7, 5))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class Composed(nn.Module):
+    """Two spreading kernels without an activation between them (folded into one effective kernel),
+    and a final conv + BN read by global average pooling without an activation (folded into the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2)
+        self.act = nn.LeakyReLU(0.1)
+        self.conv3 = nn.Conv2d(5, 6, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        a = self.act(self.conv2(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.bn3(self.conv3(a)), 1), 1))
+
+
+class LinearNet(nn.Module):
+    """No activation at all: SRD reduces to the exact additive decomposition of the logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
+    """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
+    torch.manual_seed(0)
+    nets = {
+        "tiny_vgg": (TinyVGG(), (10, 12)),
+        "tiny_resnet": (TinyResNet(), (11, 14)),
+        "mixed": (Mixed(), (12, 16)),
+        "fc_head": (FCHead(), (8, 10)),
+        "composed": (Composed(), (11, 9)),
+        "linear": (LinearNet(), (7, 9)),
+    }
+    return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
