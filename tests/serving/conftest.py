@@ -65,7 +65,7 @@ def live_service(redis_server: object) -> Iterator[object]:
             "name": "Worker_efficientnet_lite0",
             "num_replicas": 1,
             "max_ongoing_requests": 1,
-            "max_queued_requests": 2,
+            "max_queued_requests": 1,
             "ray_actor_options": {"num_cpus": 0.5},
         },
     ]
@@ -78,7 +78,7 @@ def live_service(redis_server: object) -> Iterator[object]:
         num_cpus=2,
         args_overrides={
             "models": [{"id": "efficientnet_lite0", "num_threads": 2}],
-            "cache": {"l1_bytes": 0},
+            "cache": {"l1_bytes": 0, "open_seconds": 2.0},
             "ingress": {"max_image_bytes": 2_000_000, "max_pixels": 4_000_000, "request_timeout_s": 120},
         },
     )

@@ -34,9 +34,7 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 
 def test_key_names_every_dependency() -> None:
-    key = CacheKey(
-        "decomposition", "resnet50", "0123abcd", "v1-r256", "srd", "srd-0.1.0", "f" * 64
-    ).redis_key()
+    key = CacheKey("decomposition", "resnet50", "0123abcd", "v1-r256", "srd", "srd-0.1.0", "f" * 64).redis_key()
     assert key == "ierf:v1:decomposition:resnet50:0123abcd:v1-r256:srd@srd-0.1.0:" + "f" * 64
 
 

@@ -50,6 +50,12 @@ def reference():
     return model, ierf.SRD(model.module)
 
 
+@pytest.fixture(scope="module")
+def coffee_decomposition(reference, coffee):
+    model, srd = reference
+    return srd.decompose(_model_input(model, coffee))
+
+
 def _model_input(model, image: np.ndarray) -> torch.Tensor:
     view = model.resize_crop(image)
     return model.normalize(torch.from_numpy(view).permute(2, 0, 1)[None])
@@ -74,9 +80,7 @@ def test_health_serving_and_reflection_lists_the_service(live_service, client) -
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as info:
-            health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="nope"), timeout=30
-            )
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = stub.ServerReflectionInfo(
@@ -100,10 +104,9 @@ def test_models_describe_input_classes_and_layers(client, reference) -> None:
     assert "srd" in info.methods and info.default_method == "srd"
 
 
-def test_explain_round_trip_equals_the_in_process_map(client, reference, coffee) -> None:
-    model, srd = reference
-    x = _model_input(model, coffee)
-    decomposition = srd.decompose(x)
+def test_explain_round_trip_equals_the_in_process_map(client, reference, coffee, coffee_decomposition) -> None:
+    model, _ = reference
+    decomposition = coffee_decomposition
     target = int(decomposition.logits.argmax())
     expected = decomposition.saliency(target)[0].numpy()
 
@@ -132,15 +135,14 @@ def test_explain_round_trip_equals_the_in_process_map(client, reference, coffee)
     )
 
 
-def test_ierf_and_predict_reuse_the_image_work(client, reference, coffee) -> None:
-    model, srd = reference
+def test_ierf_and_predict_reuse_the_image_work(client, coffee, coffee_decomposition) -> None:
     layer = client.model().layers[-1]
     positions = [(0, 0), (layer.height - 1, layer.width - 1)]
     result = client.ierf(coffee, layer.name, positions, overlay=True)
     assert result.maps.shape == (2, 224, 224) and result.layer == layer
     np.testing.assert_allclose(result.maps.sum(axis=(1, 2)), 1.0, rtol=1e-3)
     assert result.provenance.cache["decomposition"] in ("l1", "l2")
-    expected = srd.decompose(_model_input(model, coffee)).ierf(layer.name, torch.tensor(positions))[0].numpy()
+    expected = coffee_decomposition.ierf(layer.name, torch.tensor(positions))[0].numpy()
     np.testing.assert_allclose(result.maps, expected, rtol=1e-4, atol=1e-6)
     assert result.overlay(1).size[0] == 224
 
@@ -236,37 +238,26 @@ def test_every_bad_input_gets_a_precise_code_and_the_service_keeps_answering(liv
             assert len(info.value.details()) < 600
         # ...and the service is still fine.
         assert (
-            stub.Predict(pb.PredictRequest(image=pb.Image(encoded=_png(coffee))), timeout=120)
-            .top_classes[0]
-            .index
+            stub.Predict(pb.PredictRequest(image=pb.Image(encoded=_png(coffee))), timeout=120).top_classes[0].index
             == 967
         )
 
 
-def test_redis_stopped_mid_run_changes_nothing_but_latency(
-    live_service, redis_server, client, coffee
-) -> None:
+def test_redis_stopped_mid_run_changes_nothing_but_latency(live_service, redis_server, client, coffee) -> None:
     before = client.explain(coffee, target=282, overlay=False)
-    fresh = _noise(7)
+    assert before.provenance.cache["decomposition"] == "l2"
     redis_server.stop()
     try:
-        during = client.explain(coffee, target=282, overlay=False)  # was in Redis; now recomputed
+        during = client.explain(coffee, target=282, overlay=False)  # was in Redis: recomputed now
         assert during.provenance.cache["decomposition"] == "miss"
         np.testing.assert_allclose(during.map, before.map, rtol=1e-4, atol=1e-6)
-        cold = client.explain(fresh, overlay=False)  # a new image: computed, the write is skipped
-        again = client.explain(fresh, overlay=False)
-        np.testing.assert_allclose(again.map, cold.map, rtol=1e-4, atol=1e-6)
+        assert during.target == before.target
         assert client.health() == "SERVING"
     finally:
-        redis_server.start()
-    deadline = time.monotonic() + 60  # breaker half-opens after open_seconds; Redis is used again
-    while time.monotonic() < deadline:
-        client.explain(fresh, target=1, overlay=False)
-        if client.explain(fresh, target=2, overlay=False).provenance.cache["decomposition"] == "l2":
-            break
-        time.sleep(1)
-    else:
-        pytest.fail("the cache did not return to Redis within 60 s of Redis coming back")
+        redis_server.start()  # empty: no persistence
+    time.sleep(2.5)  # the breaker (open_seconds=2 here) lets a trial call through again
+    client.explain(coffee, target=5, overlay=False)  # recomputed and written back
+    assert client.explain(coffee, target=6, overlay=False).provenance.cache["decomposition"] == "l2"
 
 
 def test_overload_gets_resource_exhausted_not_a_hang(live_service) -> None:
@@ -274,7 +265,7 @@ def test_overload_gets_resource_exhausted_not_a_hang(live_service) -> None:
 
     async def burst() -> list[object]:
         async with AsyncClient(live_service.grpc_address, timeout=240) as aclient:
-            calls = [aclient.explain(_noise(100 + i), overlay=False) for i in range(10)]
+            calls = [aclient.explain(_noise(100 + i), overlay=False) for i in range(6)]
             return await asyncio.gather(*calls, return_exceptions=True)
 
     results = asyncio.run(burst())
@@ -306,12 +297,7 @@ def test_cli_server_mode_uses_the_service(live_service, tmp_path, capsys) -> Non
     assert Image.open(out).size[0] == 224
     printed = capsys.readouterr().out
     assert "espresso" in printed and f"served by {live_service.grpc_address}" in printed
-    assert (
-        main(
-            ["--server", live_service.grpc_address, "explain", str(image), "-o", str(out), "--model", "nope"]
-        )
-        == 2
-    )
+    assert main(["--server", live_service.grpc_address, "explain", str(image), "-o", str(out), "--model", "nope"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
 
 

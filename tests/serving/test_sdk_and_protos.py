@@ -72,10 +72,7 @@ def test_large_arrays_go_as_lossless_png(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_health_codec_matches_the_official_messages(service: str) -> None:
     from grpc_health.v1 import health_pb2
 
-    assert (
-        _core.encode_health_request(service)
-        == health_pb2.HealthCheckRequest(service=service).SerializeToString()
-    )
+    assert _core.encode_health_request(service) == health_pb2.HealthCheckRequest(service=service).SerializeToString()
     for status in (0, 1, 2, 3):
         data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
         assert _core.decode_health_response(data) == health_pb2.HealthCheckResponse.ServingStatus.Name(status)

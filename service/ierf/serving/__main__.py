@@ -15,9 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (YAML)")
     serve.add_argument("--grpc-port", type=int, help="default: the config's grpc_options.port (9000)")
     serve.add_argument("--http-port", type=int, help="default: the config's http_options.port (8000)")
-    serve.add_argument(
-        "--metrics-port", type=int, default=8080, help="Prometheus endpoint of Ray (default 8080)"
-    )
+    serve.add_argument("--metrics-port", type=int, default=8080, help="Prometheus endpoint of Ray (default 8080)")
     serve.add_argument("--redis-url", help="replaces cache.redis_url; '' turns the Redis tier off")
     serve.add_argument("--num-cpus", type=float, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ready-file", help="written with the gRPC address once the app is RUNNING")

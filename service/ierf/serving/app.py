@@ -34,9 +34,7 @@ DEPLOYMENT_OPTION_KEYS = {
 }
 
 
-def build_application(
-    config: ServiceConfig, overrides: dict[str, dict[str, Any]] | None = None
-) -> Application:
+def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]] | None = None) -> Application:
     """Bind one worker deployment per model and the ingress over them.
 
     ``overrides`` maps a deployment name to Serve options; Serve applies a config file's ``deployments``
@@ -46,17 +44,15 @@ def build_application(
     names = {"Ingress"} | {m.deployment_name for m in config.models}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(
-            f"deployment override(s) for unknown deployment(s) {unknown}; deployments: {sorted(names)}"
-        )
+        raise ValueError(f"deployment override(s) for unknown deployment(s) {unknown}; deployments: {sorted(names)}")
     for name, options in overrides.items():
         bad = sorted(set(options) - DEPLOYMENT_OPTION_KEYS)
         if bad:
             raise ValueError(f"unsupported option(s) {bad} for deployment {name!r}")
     workers = {
-        model.id: ExplainerWorker.options(
-            name=model.deployment_name, **overrides.get(model.deployment_name, {})
-        ).bind(model, config.cache)
+        model.id: ExplainerWorker.options(name=model.deployment_name, **overrides.get(model.deployment_name, {})).bind(
+            model, config.cache
+        )
         for model in config.models
     }
     return Ingress.options(**overrides.get("Ingress", {})).bind(workers, config)

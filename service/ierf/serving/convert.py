@@ -69,10 +69,7 @@ def provenance_message(
         method_version=prov.method_version,
         preprocess_version=prov.preprocess_version,
         content_hash=prov.content_hash,
-        cache=[
-            pb.CacheLookup(artifact=a, tier=_CACHE_TIERS.get(t, pb.CACHE_TIER_UNSPECIFIED))
-            for a, t in prov.cache
-        ],
+        cache=[pb.CacheLookup(artifact=a, tier=_CACHE_TIERS.get(t, pb.CACHE_TIER_UNSPECIFIED)) for a, t in prov.cache],
         timings=[pb.StageTiming(stage=s, seconds=v) for s, v in [*prov.timings, *extra_timings]],
         server_version=server_version,
         request_id=request_id,

@@ -31,9 +31,7 @@ from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 logger = logging.getLogger("ierf.serving")
 
 SERVICE_NAME = "ierf.v1.ExplainService"
-TIMEOUT_METADATA_KEY = (
-    "ierf-timeout-ms"  # remaining client budget; Serve's proxy does not forward grpc-timeout
-)
+TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # remaining client budget; Serve's proxy does not forward grpc-timeout
 DESCRIBE_TIMEOUT_S = 30.0
 
 
@@ -66,9 +64,7 @@ class ExplainerWorker:
         threads = model.num_threads or max(1, math.ceil(_assigned_cpus()))
         torch.set_num_threads(threads)
         self.metrics = ServiceMetrics()
-        self.host = ModelHost(
-            model, cache, stage_observer=self.metrics.stage, cache_observer=self.metrics.cache
-        )
+        self.host = ModelHost(model, cache, stage_observer=self.metrics.stage, cache_observer=self.metrics.cache)
         self.metrics.model_info(model.id, self.host.model.weights_digest, str(self.host.device))
         logger.info("worker %s ready on %s with %d torch threads", model.id, self.host.device, threads)
 
@@ -136,9 +132,7 @@ class Ingress:
             return await asyncio.wait_for(response, timeout=remaining)
         except TimeoutError:
             response.cancel()
-            raise DeadlineExceeded(
-                f"deadline exceeded after {remaining:.3f} s waiting for the worker"
-            ) from None
+            raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker") from None
 
     async def _serve(
         self,
@@ -245,9 +239,7 @@ class Ingress:
         timings.append(("encode", time.perf_counter() - encode_start))
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
-            convert.provenance_message(
-                outcome.provenance, timings, self._request_id(grpc_context), self.server_version
-            )
+            convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
         )
         return response
 
@@ -300,9 +292,7 @@ class Ingress:
         timings.append(("encode", time.perf_counter() - encode_start))
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
-            convert.provenance_message(
-                outcome.provenance, timings, self._request_id(grpc_context), self.server_version
-            )
+            convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
         )
         return response
 
@@ -323,21 +313,15 @@ class Ingress:
         model_id, worker = self._worker(request.model_id)
         labels["model"] = model_id
         if not 0 <= request.top_k <= self.config.ingress.max_top_k:
-            raise InvalidArgument(
-                f"top_k {request.top_k} is out of range: 1..{self.config.ingress.max_top_k} (0: 5)"
-            )
+            raise InvalidArgument(f"top_k {request.top_k} is out of range: 1..{self.config.ingress.max_top_k} (0: 5)")
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings)
-        job = PredictJob(
-            pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline
-        )
+        job = PredictJob(pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline)
         outcome = await self._call(worker.predict, job, deadline)
         response = pb.PredictResponse(top_classes=[convert.score_message(s) for s in outcome.top_classes])
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
-            convert.provenance_message(
-                outcome.provenance, timings, self._request_id(grpc_context), self.server_version
-            )
+            convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
         )
         return response
 
@@ -348,9 +332,7 @@ class Ingress:
             try:
                 desc = await asyncio.wait_for(worker.describe.remote(), timeout=DESCRIBE_TIMEOUT_S)
             except TimeoutError:
-                raise Unavailable(
-                    f"model {model_id!r} did not describe itself within {DESCRIBE_TIMEOUT_S} s"
-                ) from None
+                raise Unavailable(f"model {model_id!r} did not describe itself within {DESCRIBE_TIMEOUT_S} s") from None
             self._descriptions[model_id] = desc
         return desc
 
@@ -406,8 +388,7 @@ class Ingress:
 
         async def handler(request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
             statuses = {
-                name: health_pb2.HealthCheckResponse(status=await self._status(name))
-                for name in ("", SERVICE_NAME)
+                name: health_pb2.HealthCheckResponse(status=await self._status(name)) for name in ("", SERVICE_NAME)
             }
             return health_pb2.HealthListResponse(statuses=statuses)
 

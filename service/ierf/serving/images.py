@@ -60,9 +60,7 @@ def _check_dimensions(height: int, width: int, limits: ImageLimits, what: str) -
     if height <= 0 or width <= 0:
         raise InvalidArgument(f"{what} has no pixels ({height}x{width})")
     if height > limits.max_side or width > limits.max_side:
-        raise ResourceExhausted(
-            f"{what} is {height}x{width}; each side must be at most {limits.max_side} pixels"
-        )
+        raise ResourceExhausted(f"{what} is {height}x{width}; each side must be at most {limits.max_side} pixels")
     if height * width > limits.max_pixels:
         raise ResourceExhausted(
             f"{what} is {height}x{width} = {height * width} pixels, over the cap of {limits.max_pixels}"
@@ -121,9 +119,7 @@ def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits
     (rounded to the nearest uint8 level), little-endian row-major.
     """
     if dtype not in TENSOR_DTYPES:
-        raise InvalidArgument(
-            f"tensor dtype {dtype!r} is not accepted; use one of {', '.join(TENSOR_DTYPES)}"
-        )
+        raise InvalidArgument(f"tensor dtype {dtype!r} is not accepted; use one of {', '.join(TENSOR_DTYPES)}")
     shape = [int(s) for s in shape]
     if len(shape) == 2:
         shape = [*shape, 1]
@@ -139,9 +135,7 @@ def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits
     np_dtype = np.dtype(dtype).newbyteorder("<")
     expected = shape[0] * shape[1] * shape[2] * np_dtype.itemsize
     if len(data) != expected:
-        raise InvalidArgument(
-            f"tensor data is {len(data)} bytes but shape {shape} of {dtype} needs {expected} bytes"
-        )
+        raise InvalidArgument(f"tensor data is {len(data)} bytes but shape {shape} of {dtype} needs {expected} bytes")
     array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if dtype != "uint8":
         values = array.astype(np.float32)

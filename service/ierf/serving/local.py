@@ -80,8 +80,7 @@ class RedisProcess:
         binary = shutil.which(self.executable)
         if binary is None:
             raise FileNotFoundError(
-                f"{self.executable} not found on PATH; install Debian's redis-server "
-                "(apt-get install -y redis-server)"
+                f"{self.executable} not found on PATH; install Debian's redis-server (apt-get install -y redis-server)"
             )
         if not self.port:
             self.port = free_port()
@@ -105,9 +104,7 @@ class RedisProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {self.process.returncode} (port {self.port} taken?)"
-                )
+                raise RuntimeError(f"redis-server exited with code {self.process.returncode} (port {self.port} taken?)")
             if self._ping():
                 return self
             time.sleep(0.05)
@@ -206,9 +203,7 @@ def start_service(
     if redis_url is not None:
         args["cache"] = {**(args.get("cache") or {}), "redis_url": redis_url or None}
     config = ServiceConfig.from_args(args)  # fail on a bad config before starting anything
-    overrides = {
-        d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app_spec.get("deployments") or []
-    }
+    overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app_spec.get("deployments") or []}
     application = build_application(config, overrides)
 
     grpc_cfg = serve_config.get("grpc_options") or {}
@@ -235,15 +230,11 @@ def start_service(
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options=gRPCOptions(
                 port=grpc_port,
-                grpc_servicer_functions=list(
-                    grpc_cfg.get("grpc_servicer_functions") or GRPC_SERVICER_FUNCTIONS
-                ),
+                grpc_servicer_functions=list(grpc_cfg.get("grpc_servicer_functions") or GRPC_SERVICER_FUNCTIONS),
                 request_timeout_s=grpc_cfg.get("request_timeout_s"),
             ),
         )
-        serve.run(
-            application, name=app_spec.get("name", APP_NAME), route_prefix=app_spec.get("route_prefix", "/")
-        )
+        serve.run(application, name=app_spec.get("name", APP_NAME), route_prefix=app_spec.get("route_prefix", "/"))
     except BaseException:
         service.stop()
         raise

@@ -10,11 +10,13 @@ One instance per replica process: metric objects must be created inside the repl
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 # Request latency spans decode-only errors (~ms) to cold CPU explanations of large models (~minutes).
 REQUEST_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120]
 STAGE_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+GAUGE_REFRESH_S = 5.0
 VALUE_BUCKETS_BYTES = [1e3, 1e4, 1e5, 1e6, 4e6, 16e6, 64e6, 256e6]
 
 # name -> (kind, description, labels); the README's metric table is generated from this list.
@@ -33,8 +35,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "explainer_cache_requests_total": (
         "counter",
-        "Cache operations by tier (l1, l2), op (get, put) and result "
-        "(hit, miss, error, skipped, too_big, stored).",
+        "Cache operations by tier (l1, l2), op (get, put) and result (hit, miss, error, skipped, too_big, stored).",
         ("tier", "op", "result"),
     ),
     "explainer_cache_value_bytes": ("histogram", "Size of values read from or written to Redis.", ("op",)),
@@ -62,15 +63,30 @@ class ServiceMetrics:
                     "explainer_stage_duration_seconds": STAGE_BUCKETS_S,
                     "explainer_cache_value_bytes": VALUE_BUCKETS_BYTES,
                 }[name]
-                metric: object = metrics.Histogram(
-                    name, description=description, boundaries=buckets, tag_keys=labels
-                )
+                metric: object = metrics.Histogram(name, description=description, boundaries=buckets, tag_keys=labels)
             elif kind == "counter":
                 metric = metrics.Counter(name, description=description, tag_keys=labels)
             else:
                 metric = metrics.Gauge(name, description=description, tag_keys=labels)
             self._metrics[name] = metric
         self._inflight: dict[str, int] = {}
+        # Ray drops a gauge series ~20 s after its last set(); re-set them so they stay visible.
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._gauges_lock = threading.Lock()
+        threading.Thread(target=self._refresh_gauges, name="ierf-gauge-refresh", daemon=True).start()
+
+    def _set_gauge(self, name: str, value: float, tags: dict[str, str]) -> None:
+        with self._gauges_lock:
+            self._gauges[(name, tuple(sorted(tags.items())))] = value
+        self._metrics[name].set(value, tags=tags)  # type: ignore[attr-defined]
+
+    def _refresh_gauges(self, interval_s: float = GAUGE_REFRESH_S) -> None:
+        while True:
+            threading.Event().wait(interval_s)
+            with self._gauges_lock:
+                items = list(self._gauges.items())
+            for (name, tags), value in items:
+                self._metrics[name].set(value, tags=dict(tags))  # type: ignore[attr-defined]
 
     def request(self, rpc: str, method: str, model: str, code: str, seconds: float) -> None:
         tags = {"rpc": rpc, "method": method or "none", "model": model or "none", "code": code}
@@ -80,7 +96,7 @@ class ServiceMetrics:
 
     def inflight(self, rpc: str, delta: int) -> None:
         self._inflight[rpc] = self._inflight.get(rpc, 0) + delta
-        self._metrics["explainer_inflight_requests"].set(self._inflight[rpc], tags={"rpc": rpc})  # type: ignore[attr-defined]
+        self._set_gauge("explainer_inflight_requests", self._inflight[rpc], {"rpc": rpc})
 
     def stage(self, stage: str, model: str, seconds: float) -> None:
         self._metrics["explainer_stage_duration_seconds"].observe(  # type: ignore[attr-defined]
@@ -95,6 +111,4 @@ class ServiceMetrics:
             self._metrics["explainer_cache_value_bytes"].observe(nbytes, tags={"op": op})  # type: ignore[attr-defined]
 
     def model_info(self, model: str, weights_digest: str, device: str) -> None:
-        self._metrics["explainer_model_info"].set(  # type: ignore[attr-defined]
-            1, tags={"model": model, "weights_digest": weights_digest, "device": device}
-        )
+        self._set_gauge("explainer_model_info", 1, {"model": model, "weights_digest": weights_digest, "device": device})

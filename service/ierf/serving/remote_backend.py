@@ -64,9 +64,7 @@ class RemoteBackend:
         from ierf.models.classes import class_index
 
         if request.weights is not None or request.random_init:
-            raise UsageError(
-                "--weights/--random-init do not apply with --server: the server decides its weights"
-            )
+            raise UsageError("--weights/--random-init do not apply with --server: the server decides its weights")
         info = self.client.model(request.model)
         top = [
             ClassProbability(s.index, s.name, s.probability)

@@ -19,9 +19,7 @@ def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
-            f"unknown setting(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
+        raise ValueError(f"unknown setting(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return cls(**values)
 
 
@@ -92,9 +90,7 @@ class ServiceConfig:
         known = {"models", "default_model", "cache", "ingress"}
         unknown = sorted(set(args) - known)
         if unknown:
-            raise ValueError(
-                f"unknown application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+            raise ValueError(f"unknown application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         raw_models = args.get("models") or [{"id": "efficientnet_lite0"}]
         models = []
         for i, raw in enumerate(raw_models):

@@ -216,6 +216,7 @@ class ModelHost:
             name: LayerShape(name, *[int(v) for v in self.srd.layer_shape(name, self.input_hw)])
             for name in self.srd.layers
         }
+        self._forward_estimate_s: float | None = None  # moving average of decomposition time
         self._record_stage = stage_observer or (lambda stage, model, seconds: None)
         redis_url = cache_config.resolved_redis_url()
         redis_tier = None
@@ -236,11 +237,13 @@ class ModelHost:
         )
 
     # ------------------------------------------------------------------------------- description
-    @staticmethod
-    def _method_version(name: str) -> str:
+    def _method_version(self, name: str) -> str:
+        """The method's own version when it declares one (SRD does), plus the package version."""
         import ierf
+        from ierf.methods import _REGISTRY
 
-        return f"{name}-{ierf.__version__}"
+        declared = getattr(_REGISTRY.get(name), "version", None)
+        return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
 
     def describe(self) -> ModelDescription:
         return ModelDescription(
@@ -286,13 +289,9 @@ class ModelHost:
     def _check_target(self, target: int, what: str = "target") -> None:
         n = len(self.model.class_names)
         if not 0 <= target < n:
-            raise InvalidArgument(
-                f"{what} {target} is out of range: {self.config.id} has {n} classes (0..{n - 1})"
-            )
+            raise InvalidArgument(f"{what} {target} is out of range: {self.config.id} has {n} classes (0..{n - 1})")
 
-    def _decomposition(
-        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None
-    ) -> Any:
+    def _decomposition(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> Any:
         """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image)."""
         key = self._key("decomposition", DEFAULT_METHOD, inputs.content_hash)
 
@@ -307,9 +306,12 @@ class ModelHost:
             if found.value is not None:
                 prov.cache.append(("decomposition", found.tier))
                 return found.value
-            _check_deadline(deadline, "the forward pass")
-            with stages.timed("forward"):
-                decomposition = self.srd.decompose(inputs.x)
+            self._check_time_for_forward(deadline)
+            start = time.perf_counter()
+            decomposition = self.srd.decompose(inputs.x)
+            seconds = time.perf_counter() - start
+            stages.add("forward", seconds)
+            self._learn_forward_time(seconds)
             start = time.perf_counter()
             state = decomposition.state_dict()
             self.cache.put(key, decomposition, tensors_nbytes(state), state)
@@ -318,15 +320,27 @@ class ModelHost:
             prov.cache.append(("decomposition", "miss"))
             return decomposition
 
+    def _check_time_for_forward(self, deadline: float | None) -> None:
+        """Refuse work that cannot finish in time: a decomposition is not interruptible once started."""
+        _check_deadline(deadline, "the forward pass")
+        estimate = self._forward_estimate_s
+        if deadline is not None and estimate is not None:
+            left = deadline - time.time()
+            if left < 0.8 * estimate:
+                raise DeadlineExceeded(
+                    f"{left:.2f} s left before the deadline, but decomposing a new image takes about "
+                    f"{estimate:.1f} s on this replica; send a longer deadline"
+                )
+
+    def _learn_forward_time(self, seconds: float) -> None:
+        previous = self._forward_estimate_s
+        self._forward_estimate_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
     def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
-        self.cache.put(
-            self._key("logits", "model", content_hash), value, value.numel() * 4, {"logits": value}
-        )
+        self.cache.put(self._key("logits", "model", content_hash), value, value.numel() * 4, {"logits": value})
 
-    def _logits(
-        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None
-    ) -> torch.Tensor:
+    def _logits(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> torch.Tensor:
         key = self._key("logits", "model", inputs.content_hash)
         start = time.perf_counter()
         found = self.cache.get(key, lambda state: (state["logits"], state["logits"].numel() * 4))
@@ -365,9 +379,7 @@ class ModelHost:
         elif contrast not in ("identity", "mean"):
             raise InvalidArgument(f"contrast {contrast!r} is not 'identity', 'mean' or a class index")
         if method != DEFAULT_METHOD and contrast != "identity":
-            raise InvalidArgument(
-                f"contrast is an SRD option; method {method!r} takes contrast 'identity' only"
-            )
+            raise InvalidArgument(f"contrast is an SRD option; method {method!r} takes contrast 'identity' only")
         prov = self._provenance(method, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         if method == DEFAULT_METHOD:
@@ -404,9 +416,7 @@ class ModelHost:
         layer = self.layers.get(job.layer)
         if layer is None:
             names = list(self.layers)
-            shown = ", ".join(names[:12]) + (
-                f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else ""
-            )
+            shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
             raise InvalidArgument(f"unknown layer {job.layer!r} for {self.config.id}; layers: {shown}")
         positions = np.asarray(job.positions, dtype=np.int64).reshape(-1, 2)
         if len(positions) == 0:
