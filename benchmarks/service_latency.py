@@ -107,13 +107,9 @@ def through_service(address: str, cold_images, warm_targets, label: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument(
-        "--weights", choices=("random", "real"), default=None, help="default: real if bundled"
-    )
+    parser.add_argument("--weights", choices=("random", "real"), default=None, help="default: real if bundled")
     parser.add_argument("--cold", type=int, default=6, help="new images per series")
     parser.add_argument("--warm", type=int, default=30, help="second-target requests per series")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the worker")

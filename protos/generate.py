@@ -48,9 +48,7 @@ def stale_files() -> list[str]:
     """Names of generated files that are missing, extra or different in the committed tree."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        committed = sorted(
-            p.relative_to(OUT_ROOT) for p in OUT_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
-        )
+        committed = sorted(p.relative_to(OUT_ROOT) for p in OUT_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
         problems = [f"extra: {p}" for p in set(committed) - set(fresh)]
         for rel in fresh:
             target = OUT_ROOT / rel
@@ -62,9 +60,7 @@ def stale_files() -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if committed stubs are stale")
     args = parser.parse_args()
     if args.check:

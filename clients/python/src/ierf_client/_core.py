@@ -131,16 +131,13 @@ def image_message(image: ImageInput) -> pb.Image:
             dtype = pb.FLOAT16
         else:
             raise TypeError(
-                f"image array dtype {image.dtype} is not sent as is: "
-                "use uint8 (0..255) or float32/float16 in [0, 1]"
+                f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float32/float16 in [0, 1]"
             )
         if image.dtype == np.uint8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES and image.ndim in (2, 3):
             return pb.Image(encoded=_png(Image.fromarray(image)))  # lossless: same pixels, same cache key
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
         return pb.Image(tensor=pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(image.shape)))
-    raise TypeError(
-        f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array"
-    )
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array")
 
 
 def _png(picture: Image.Image) -> bytes:
@@ -153,11 +150,7 @@ def tensor_array(tensor: pb.Tensor) -> np.ndarray:
     dtype = {pb.UINT8: np.uint8, pb.FLOAT16: np.float16, pb.FLOAT32: np.float32}.get(tensor.dtype)
     if dtype is None:
         raise ValueError(f"response tensor has unknown dtype {tensor.dtype}")
-    return (
-        np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<"))
-        .reshape(tuple(tensor.shape))
-        .copy()
-    )
+    return np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(tensor.shape)).copy()
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -332,9 +325,7 @@ def parse_ierf(r: pb.ComputeIERFResponse) -> IERFResult:
 
 
 def parse_prediction(r: pb.PredictResponse) -> Prediction:
-    return Prediction(
-        top_classes=[parse_score(s) for s in r.top_classes], provenance=parse_provenance(r.provenance)
-    )
+    return Prediction(top_classes=[parse_score(s) for s in r.top_classes], provenance=parse_provenance(r.provenance))
 
 
 # ---------------------------------------------------------------------------------------- requests

@@ -46,9 +46,7 @@ class AsyncClient:
             response_deserializer=_core.decode_health_response,
         )
 
-    async def _call(
-        self, method: Any, request: Any, timeout: float | None, metadata_token: bool = True
-    ) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float | None, metadata_token: bool = True) -> Any:
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         attempt = 0
@@ -84,9 +82,7 @@ class AsyncClient:
         return_input: bool = False,
         timeout: float | None = None,
     ) -> Explanation:
-        request = _core.explain_request(
-            image, target, model, method, contrast, map_dtype, overlay, return_input
-        )
+        request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
         return _core.parse_explanation(await self._call(self._stub.Explain, request, timeout))
 
     async def ierf(
@@ -115,9 +111,7 @@ class AsyncClient:
         return [_core.parse_model(m) for m in response.models]
 
     async def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
-        return _core.parse_model(
-            await self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout)
-        )
+        return _core.parse_model(await self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         return await self._call(self._health, service, timeout, metadata_token=False)

@@ -59,9 +59,7 @@ class Client:
         )
 
     # ------------------------------------------------------------------------------ plumbing
-    def _call(
-        self, method: Callable[..., R], request: Any, timeout: float | None, metadata_token: bool = True
-    ) -> R:
+    def _call(self, method: Callable[..., R], request: Any, timeout: float | None, metadata_token: bool = True) -> R:
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         attempt = 0
@@ -99,9 +97,7 @@ class Client:
         timeout: float | None = None,
     ) -> Explanation:
         """Signed class saliency; ``target=None`` explains the predicted top-1 class."""
-        request = _core.explain_request(
-            image, target, model, method, contrast, map_dtype, overlay, return_input
-        )
+        request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
         return _core.parse_explanation(self._call(self._stub.Explain, request, timeout))
 
     def ierf(
@@ -132,9 +128,7 @@ class Client:
 
     def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
         """One model's input spec, classes and layers (``""``: the server's default model)."""
-        return _core.parse_model(
-            self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout)
-        )
+        return _core.parse_model(self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", …"""
