@@ -106,9 +106,16 @@ class InProcessBackend:
         loaded = load_model(
             request.model, weights=request.weights, random_init=request.random_init, device=request.device
         )
+        # Resolve class names before the expensive part, so a typo fails fast.
+        target = None if request.target == "auto" else loaded.class_index(request.target)
+        contrast: str | int = request.contrast.lower()
+        if contrast not in ("identity", "mean"):
+            contrast = loaded.class_index(request.contrast)
         pixels = loaded.resize_crop(request.image)
         x = loaded.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(loaded.device)
         explainer = ierf.SRD(loaded.module)
+        if request.layer is not None:
+            explainer.program.source_id(request.layer)  # a bad layer name fails before the forward
         decomposition = explainer.decompose(x)
         logits = decomposition.logits[0].detach().float().cpu()
         top = [ClassProbability(*score) for score in loaded.top_k(logits, TOP_K)]
@@ -118,7 +125,8 @@ class InProcessBackend:
                 raise UsageError("--layer needs --position ROW,COL")
             positions = torch.tensor([request.position], dtype=torch.long, device=loaded.device)
             erf = decomposition.ierf(request.layer, positions)[0, 0]
-            _, feat_h, feat_w = explainer.layer_shape(request.layer, tuple(pixels.shape[:2]))
+            shape = decomposition.layer_shape(request.layer)  # (C, h, w), or (C,) for a vector layer
+            feat_h, feat_w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
             return Explanation(
                 kind="ierf",
                 model=loaded.name,
@@ -130,10 +138,8 @@ class InProcessBackend:
                 position=request.position,
                 feature_hw=(int(feat_h), int(feat_w)),
             )
-        target = top[0].index if request.target == "auto" else loaded.class_index(request.target)
-        contrast: str | int = request.contrast.lower()
-        if contrast not in ("identity", "mean"):
-            contrast = loaded.class_index(request.contrast)
+        if target is None:
+            target = top[0].index
         saliency = decomposition.saliency(target, contrast=contrast)[0]
         probability = float(torch.softmax(logits.double(), dim=0)[target])
         return Explanation(
@@ -145,9 +151,7 @@ class InProcessBackend:
             top=top,
             target=ClassProbability(target, loaded.class_names[target], probability),
             target_logit=float(logits[target]),
-            contrast=str(contrast)
-            if isinstance(contrast, str)
-            else f"minus {loaded.class_names[contrast]!r}",
+            contrast=str(contrast) if isinstance(contrast, str) else f"minus {loaded.class_names[contrast]!r}",
         )
 
 
@@ -168,9 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    explain = commands.add_parser(
-        "explain", help="classify an image and write an SRD saliency or iERF overlay"
-    )
+    explain = commands.add_parser("explain", help="classify an image and write an SRD saliency or iERF overlay")
     explain.add_argument("image", help="image file (PNG, JPEG, WebP, …)")
     explain.add_argument("-o", "--output", required=True, help="PNG file to write")
     explain.add_argument(
@@ -193,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", help="list the layers accepted by --layer")
     layers.add_argument("--model", default=DEFAULT_MODEL)
-    layers.add_argument(
-        "--weights", help="state_dict file (only the graph matters; random weights otherwise)"
-    )
+    layers.add_argument("--weights", help="state_dict file (only the graph matters; random weights otherwise)")
     return parser
 
 
@@ -224,9 +224,7 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
     if (args.layer is None) != (args.position is None):
         raise UsageError("--layer and --position go together (the iERF of one PFV)")
     if args.layer is not None and (args.target is not None or args.contrast is not None):
-        raise UsageError(
-            "--target/--contrast apply to class saliency; an iERF (--layer/--position) has no target"
-        )
+        raise UsageError("--target/--contrast apply to class saliency; an iERF (--layer/--position) has no target")
     if not str(args.output).lower().endswith(".png"):
         raise UsageError(f"output must be a .png file, got {args.output!r}")
     request = ExplainRequest(

@@ -2,7 +2,7 @@
 
 Colour rule (the same for saliency and iERF maps): a diverging blue–white–red scale, symmetric about
 zero. A value v is shown as ``colour(clip(v / scale, -1, 1))``: pure white at exactly 0, red for
-positive, blue for negative, equal magnitudes equally saturated. ``scale`` defaults to a high
+positive, blue for negative; colour(-v) is colour(v) with red and blue swapped. ``scale`` defaults to a high
 percentile of |map| (99th: one hot pixel cannot wash out the rest; above it everything saturates);
 pass ``scale=`` to compare several maps on one scale. The colours are blended over the greyscaled,
 dimmed image, and a colour bar strip states the scale.
@@ -22,24 +22,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ierf.images import ImageLike, to_rgb_array
 
-# ColorBrewer RdBu anchors (reversed: negative = blue), with the centre made pure white.
-_ANCHOR_VALUES = np.array([-1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-_ANCHOR_COLOURS = np.array(
-    [
-        (5, 48, 97),
-        (33, 102, 172),
-        (67, 147, 195),
-        (146, 197, 222),
-        (209, 229, 240),
-        (255, 255, 255),
-        (253, 219, 199),
-        (244, 165, 130),
-        (214, 96, 77),
-        (178, 24, 43),
-        (103, 0, 31),
-    ],
+# Positive half: ColorBrewer RdBu's reds, from the pure-white centre (0) to dark red (1). The negative
+# half is the same scale with red and blue swapped, so +v and -v are exact mirror colours.
+_POSITIVE_COLOURS = np.array(
+    [(255, 255, 255), (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43), (103, 0, 31)],
     dtype=np.float64,
 )
+_POSITIVE_VALUES = np.linspace(0.0, 1.0, len(_POSITIVE_COLOURS))
 _ASPECT_TOLERANCE = 0.02
 _BAR_HEIGHT = 12
 _TEXT_HEIGHT = 16
@@ -48,8 +37,12 @@ _TEXT_HEIGHT = 16
 def diverging_colours(normalised: np.ndarray) -> np.ndarray:
     """Values in [-1, 1] (clipped) -> uint8 RGB (..., 3); 0 is exactly white."""
     values = np.clip(np.asarray(normalised, dtype=np.float64), -1.0, 1.0)
-    channels = [np.interp(values, _ANCHOR_VALUES, _ANCHOR_COLOURS[:, c]) for c in range(3)]
-    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+    magnitude = np.abs(values)
+    channels = [np.interp(magnitude, _POSITIVE_VALUES, _POSITIVE_COLOURS[:, c]) for c in range(3)]
+    colours = np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+    negative = values < 0
+    colours[negative] = colours[negative][:, ::-1]
+    return colours
 
 
 def symmetric_scale(values: np.ndarray, percentile: float = 99.0, support_only: bool = False) -> float:

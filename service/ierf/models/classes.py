@@ -64,9 +64,7 @@ def _lookup_name(text: str, names: Sequence[str]) -> int:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise ValueError(
-            f"no class name contains {text!r}; give a class id (0..{len(names) - 1}) or another name"
-        )
+        raise ValueError(f"no class name contains {text!r}; give a class id (0..{len(names) - 1}) or another name")
     shown = ", ".join(f"{i} {names[i]!r}" for i in matches[:12])
     more = f", … and {len(matches) - 12} more" if len(matches) > 12 else ""
     raise ValueError(f"class name {text!r} is ambiguous; candidates: {shown}{more}")

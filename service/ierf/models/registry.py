@@ -53,7 +53,7 @@ def _torchvision(arch: str) -> Callable[[], nn.Module]:
 
 # Old DenseNet checkpoints name layers "norm.1"; torchvision renames them to "norm1" on load.
 _DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 
 
@@ -78,9 +78,7 @@ _SPECS: dict[str, ModelSpec] = {
             bundled_weights=bundled_weights_path,
         ),
         ModelSpec("resnet18", _torchvision("resnet18"), ("resnet18-f37072fd.pth",), IMAGENET),
-        ModelSpec(
-            "resnet50", _torchvision("resnet50"), ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), IMAGENET
-        ),
+        ModelSpec("resnet50", _torchvision("resnet50"), ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), IMAGENET),
         ModelSpec(
             "resnet101",
             _torchvision("resnet101"),
@@ -169,10 +167,7 @@ class LoadedModel:
             )
         probabilities = torch.softmax(flat.to(torch.float64), dim=0)
         values, indices = probabilities.topk(min(k, flat.numel()))
-        return [
-            ClassScore(int(i), self.class_names[int(i)], float(p))
-            for p, i in zip(values, indices, strict=True)
-        ]
+        return [ClassScore(int(i), self.class_names[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
 
 
 def available_models() -> list[str]:
@@ -259,15 +254,13 @@ def load_model(
             state = spec.fix_state_dict(state)
         with torch.device("meta"):  # skip the (slow, discarded) random init: VGG16 takes seconds
             module = spec.build()
-        try:
-            module.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:
-            raise ValueError(f"weights file {path} does not fit {name}: {exc}") from None
+        mismatch = _state_mismatch(module, state)
+        if mismatch:
+            raise ValueError(f"weights file {path} does not fit {name}: {mismatch}")
+        module.load_state_dict(state, strict=True, assign=True)
         leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if leftover:
-            raise ValueError(
-                f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}"
-            )
+            raise ValueError(f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}")
         digest = file_digest(path)
         source = str(path)
     module = module.float().eval().requires_grad_(False).to(target_device)
@@ -307,6 +300,30 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if state and all(key.startswith("module.") for key in state):
         state = {key.removeprefix("module."): value for key, value in state.items()}
     return state
+
+
+def _state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """Why ``state`` cannot load into ``module`` (empty if it can), short enough for one line."""
+    expected = module.state_dict()
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f", … ({len(keys)} in all)" if len(keys) > 4 else "")
+
+    problems = []
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    if missing:
+        problems.append(f"missing {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {listed(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape (file != model) {listed(wrong_shape)}")
+    return "; ".join(problems)
 
 
 _file_digests: dict[tuple[str, int, int], str] = {}

@@ -1,0 +1,170 @@
+"""The ``ierf`` CLI, run in-process through ``main(argv)`` and once as ``python -m ierf.cli``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ierf.cli import main, parse_position
+from ierf.images import demo_image, load_image
+from ierf.models import available_models
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = "{image}"  # placeholders filled in per test
+
+
+@pytest.fixture(scope="module")
+def coffee_png(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "coffee.png"
+    Image.fromarray(demo_image("coffee")).save(path)
+    return path
+
+
+def _error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err
+    return lines[-1] if lines else ""
+
+
+def test_models_lists_every_model_and_where_weights_are(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in available_models():
+        assert re.search(rf"^{name}\s", out, re.MULTILINE)
+    assert "efficientnet-lite0-57934424.pth" in out
+    assert "v1-r256-c224-tf127" in out
+
+
+def test_demo_image_writes_the_bundled_photo(tmp_path, capsys):
+    out = tmp_path / "nested" / "coffee.png"
+    assert main(["demo-image", "coffee", "-o", str(out)]) == 0
+    assert np.array_equal(load_image(out), demo_image("coffee"))
+    assert str(out) in capsys.readouterr().out
+
+
+def test_module_entry_point_works_as_in_make_run(tmp_path):
+    out = tmp_path / "chelsea.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "service")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ierf.cli", "demo-image", "chelsea", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_image(out).shape == (300, 451, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo-image", "dog", "-o", "x.png"], "unknown demo image 'dog'"),
+        (["demo-image", "coffee", "-o", "x.jpg"], "output must be a .png file"),
+        (["explain", IMG, "-o", "out.png", "--model", "resnet5"], "unknown model 'resnet5'"),
+        (["explain", "{missing}", "-o", "out.png"], "does not exist"),
+        (["explain", IMG, "-o", "out.png", "--layer", "layer1"], "--layer and --position go together"),
+        (["explain", IMG, "-o", "out.png", "--position", "1,2"], "--layer and --position go together"),
+        (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "a,b"], "ROW,COL"),
+        (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "1,2", "--target", "3"], "target"),
+        (["explain", IMG, "-o", "out.png", "--target", "zzzz"], "no class name contains 'zzzz'"),
+        (["explain", IMG, "-o", "out.png", "--target", "cat"], "ambiguous"),
+        (["explain", IMG, "-o", "out.png", "--target", "1000"], "out of range"),
+        (["explain", IMG, "-o", "out.png", "--contrast", "zzzz"], "no class name contains 'zzzz'"),
+        (["explain", "{image}", "-o", "out.jpg"], "output must be a .png file"),
+        (["explain", IMG, "-o", "out.png", "--model", "resnet50"], "resnet50-0676ba61.pth"),
+        (["explain", IMG, "-o", "out.png", "--weights", "{missing}"], "not found"),
+        (["explain", "{text}", "-o", "out.png"], "not a recognised image format"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, coffee_png, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IERF_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    paths = {"image": str(coffee_png), "missing": str(tmp_path / "missing.png"), "text": str(text)}
+    assert main([arg.format(**paths) for arg in argv]) == 2
+    line = _error(capsys)
+    assert line.startswith(f"ierf {argv[0]}: error: ") and message in line
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_argparse_errors_exit_2(capsys):
+    assert main(["explain"]) == 2  # no image, no -o
+    assert "required" in capsys.readouterr().err
+    assert main(["explain", "x.png", "-o", "y.png", "--device", "tpu"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["explain", "x.png", "-o", "y.png", "--weights", "w.pth", "--random-init"]) == 2
+    assert main([]) == 2
+
+
+def test_parse_position():
+    assert parse_position("3,4") == (3, 4)
+    assert parse_position(" 0 , 12 ") == (0, 12)
+    for bad in ("3", "3,4,5", "-1,2", "1.5,2", ""):
+        with pytest.raises(ValueError, match="ROW,COL"):
+            parse_position(bad)
+
+
+# --- end to end through the SRD engine ------------------------------------------------------------
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in output:\n{text}"
+    return float(match.group(1))
+
+
+def test_explain_prints_top5_and_writes_the_saliency_overlay(coffee_png, tmp_path, capsys):
+    out = tmp_path / "coffee_srd.png"
+    assert main(["explain", str(coffee_png), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    ranks = re.findall(r"^\s+(\d)\.\s+(\d+)\s+(.+?)\s+([\d.]+)%$", printed, re.MULTILINE)
+    assert [int(r[0]) for r in ranks] == [1, 2, 3, 4, 5]
+    assert (int(ranks[0][1]), ranks[0][2]) == (967, "espresso")
+    assert float(ranks[0][3]) == pytest.approx(95.7, abs=2)
+    assert "SRD saliency for 967 'espresso'" in printed and f"wrote {out}" in printed
+    # Identity contrast on a global-pool + linear head: the map sums to the target logit.
+    target_logit = _number(r"target logit (\S+)", printed)
+    assert _number(r"map sum (\S+),", printed) == pytest.approx(target_logit, rel=1e-3)
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.width == 224 and picture.height > 224
+
+
+def test_explain_named_target_and_contrast(coffee_png, tmp_path, capsys):
+    out = tmp_path / "cup.png"
+    explain = ["explain", str(coffee_png), "-o", str(out)]
+    assert main([*explain, "--target", "CUP", "--contrast", "espresso"]) == 0
+    printed = capsys.readouterr().out
+    assert "SRD saliency for 968 'cup'" in printed and "contrast minus 'espresso'" in printed
+    assert out.is_file()
+
+
+def test_explain_ierf_and_layer_errors(coffee_png, tmp_path, capsys):
+    assert main(["layers"]) == 0
+    layers = capsys.readouterr().out.split()
+    assert layers, "the engine reported no layers for efficientnet_lite0"
+    out = tmp_path / "ierf.png"
+    explain = ["explain", str(coffee_png), "-o", str(out)]
+    assert main([*explain, "--layer", layers[-1], "--position", "2,3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"iERF of {layers[-1]} at (2, 3)" in printed
+    assert _number(r"map sum (\S+)", printed) == pytest.approx(1.0, abs=1e-3)
+    assert out.is_file()
+    assert main([*explain, "--layer", "no.such.layer", "--position", "0,0"]) == 2
+    assert "no.such.layer" in _error(capsys)
+
+
+def test_explain_torchvision_model_with_random_weights(coffee_png, tmp_path, capsys):
+    out = tmp_path / "mobilenet.png"
+    assert main(["explain", str(coffee_png), "-o", str(out), "--model", "mobilenet_v2", "--random-init"]) == 0
+    printed = capsys.readouterr().out
+    assert "random_init(seed=0)" in printed and out.is_file()

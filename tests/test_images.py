@@ -1,0 +1,109 @@
+"""Image decoding and the bundled demo photographs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from ierf.images import demo_image, demo_images, load_image, to_rgb_array
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return demo_image("chelsea")
+
+
+def _encode(array: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_png_round_trips_exactly_from_path_and_bytes(photo, tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(_encode(photo, "PNG"))
+    assert np.array_equal(load_image(path), photo)
+    assert np.array_equal(load_image(str(path)), photo)
+    assert np.array_equal(load_image(path.read_bytes()), photo)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_other_formats_decode_to_rgb(photo, fmt):
+    decoded = load_image(_encode(photo, fmt))
+    assert decoded.shape == photo.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - photo).mean() < 25  # lossy formats stay close
+
+
+def test_grey_and_rgba_files_become_rgb(photo):
+    grey = photo[:, :, 0]
+    assert np.array_equal(load_image(_encode(grey, "PNG")), np.repeat(grey[:, :, None], 3, axis=2))
+    rgba = np.concatenate([photo, np.zeros((*photo.shape[:2], 1), np.uint8)], axis=2)
+    assert np.array_equal(load_image(_encode(rgba, "PNG")), photo)  # alpha dropped, not composited
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    decoded = load_image(_encode(photo, "JPEG", exif=exif))
+    assert decoded.shape == (photo.shape[1], photo.shape[0], 3)
+
+
+def test_unreadable_inputs_raise_clear_errors(photo, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_image(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match=r"cannot read image .*notes\.png.*not a recognised image format"):
+        load_image(text)
+    truncated = _encode(photo, "PNG")[:2000]
+    with pytest.raises(ValueError, match="cannot read image <2000 bytes>"):
+        load_image(truncated)
+    with pytest.raises(ValueError, match="empty bytes"):
+        load_image(b"")
+    with pytest.raises(TypeError, match="path or bytes"):
+        load_image(42)
+
+
+def test_decompression_bombs_are_refused(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image(_encode(np.zeros((40, 40, 3), np.uint8), "PNG"))
+
+
+def test_to_rgb_array_modes():
+    palette = Image.new("P", (5, 4), 3)
+    assert to_rgb_array(palette).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match="32-bit"):
+        to_rgb_array(Image.new("F", (5, 4)))
+    with pytest.raises(ValueError, match="empty"):
+        to_rgb_array(Image.new("RGB", (0, 4)))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("coffee", (400, 600, 3)),
+        ("chelsea", (300, 451, 3)),
+        ("rocket", (427, 640, 3)),
+        ("astronaut", (512, 512, 3)),
+        ("motorcycle", (500, 741, 3)),
+        ("china", (427, 640, 3)),
+        ("flower", (427, 640, 3)),
+    ],
+)
+def test_demo_images_are_real_bundled_photos(name, shape):
+    if name in ("china", "flower"):
+        pytest.importorskip("sklearn")
+    image = demo_image(name)
+    assert image.shape == shape and image.dtype == np.uint8
+    assert image.std() > 20  # a photograph, not a flat placeholder
+
+
+def test_unknown_demo_image_lists_the_choices():
+    assert {"coffee", "chelsea", "motorcycle"} <= set(demo_images())
+    with pytest.raises(ValueError, match=r"unknown demo image 'dog'.*coffee"):
+        demo_image("dog")
