@@ -127,9 +127,8 @@ def main() -> None:
     print("in-process ...", flush=True)
     ref_cold, ref_warm = in_process(args.model, random_init, args.threads, cold_images, warm_targets)
 
-    redis = RedisProcess(maxmemory="1gb").start()
     model_args = {"id": args.model, "random_init": random_init, "num_threads": args.threads}
-    app_args = {"models": [model_args], "cache": {"redis_url": redis.url}}
+    app_args = {"models": [model_args], "default_model": args.model, "cache": {}}
     config = load_serve_config()
     app = config["applications"][0]
     app["deployments"] = [
@@ -138,15 +137,18 @@ def main() -> None:
          "ray_actor_options": {"num_cpus": 1}},
     ]  # fmt: skip
     print("starting Ray + Serve + Redis ...", flush=True)
-    service = start_service(
-        config,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        num_cpus=os.cpu_count(),
-        args_overrides=app_args,
-    )
+    redis = RedisProcess(maxmemory="1gb").start()
+    service = None
     try:
+        app_args["cache"]["redis_url"] = redis.url
+        service = start_service(
+            config,
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            num_cpus=os.cpu_count(),
+            args_overrides=app_args,
+        )
         print("service, L1 + L2 ...", flush=True)
         cold_l1, warm_l1, tiers_l1 = through_service(service.grpc_address, cold_images, warm_targets, "L1")
         # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
@@ -158,7 +160,8 @@ def main() -> None:
             service.grpc_address, images(args.cold, 500), warm_targets, "L2 only"
         )
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
         redis.cleanup()
 
     rows = [ref_cold, cold_l1, cold_l2, ref_warm, warm_l1, warm_l2]

@@ -172,6 +172,7 @@ def start_service(
     *,
     grpc_port: int | None = None,
     http_port: int | None = None,
+    http_host: str | None = None,
     metrics_port: int | None = None,
     redis_url: str | None = None,
     args_overrides: dict[str, Any] | None = None,
@@ -181,7 +182,8 @@ def start_service(
 ) -> RunningService:
     """Start a private Ray cluster, Serve with gRPC, and deploy the app; returns when it is RUNNING.
 
-    Ports default to the config file's (gRPC), 8000 (HTTP, for /-/healthz) and a free one (metrics).
+    Ports default to the config file's (gRPC), 8000 (HTTP, for /-/healthz) and a free one (metrics);
+    the HTTP host to the config's (127.0.0.1). In a container pass ``http_host="0.0.0.0"``.
     ``redis_url`` replaces the config's ``cache.redis_url``; ``args_overrides`` is merged into the
     application args (top-level keys replace, ``cache``/``ingress`` dicts merge).
     """
@@ -208,10 +210,12 @@ def start_service(
 
     grpc_cfg = serve_config.get("grpc_options") or {}
     grpc_port = grpc_port or int(grpc_cfg.get("port", 9000))
-    http_port = http_port or int((serve_config.get("http_options") or {}).get("port", 8000))
+    http_cfg = serve_config.get("http_options") or {}
+    http_port = http_port or int(http_cfg.get("port", 8000))
+    http_host = http_host or str(http_cfg.get("host", "127.0.0.1"))
     metrics_port = metrics_port or free_port()
     for name, port in (("gRPC", grpc_port), ("HTTP", http_port), ("metrics", metrics_port)):
-        if port_in_use(port):
+        if port_in_use(port):  # probe loopback: catches our own and other local listeners
             raise RuntimeError(f"{name} port {port} on 127.0.0.1 is already in use; choose another")
     owns_temp_dir = temp_dir is None
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ierf-ray-", dir="/tmp")  # short: Unix socket paths
@@ -227,7 +231,7 @@ def start_service(
     service = RunningService(grpc_port, http_port, metrics_port, temp_dir, owns_temp_dir)
     try:
         serve.start(
-            http_options={"host": "127.0.0.1", "port": http_port},
+            http_options={"host": http_host, "port": http_port},
             grpc_options=gRPCOptions(
                 port=grpc_port,
                 grpc_servicer_functions=list(grpc_cfg.get("grpc_servicer_functions") or GRPC_SERVICER_FUNCTIONS),
