@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ierf.serving.app import GRPC_SERVICER_FUNCTIONS, build_application
 from ierf.serving.metrics import METRICS
 from ierf.serving.settings import ServiceConfig
