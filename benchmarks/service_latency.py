@@ -56,54 +56,63 @@ def images(count: int, offset: int) -> list[np.ndarray]:
     return out
 
 
-def in_process(model_id: str, random_init: bool, threads: int, cold_images, warm_targets):
-    import ierf
-    import torch
-    from ierf.models import load_model
+class InProcess:
+    """The same model and engine in this process: the reference for "the same work"."""
 
-    torch.set_num_threads(threads)
-    model = load_model(model_id, random_init=random_init)
-    srd = ierf.SRD(model.module)
+    def __init__(self, model_id: str, random_init: bool, threads: int) -> None:
+        import ierf
+        import torch
+        from ierf.models import load_model
 
-    def model_input(picture: np.ndarray) -> torch.Tensor:
-        view = model.resize_crop(picture)
-        return model.normalize(torch.from_numpy(view).permute(2, 0, 1)[None])
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load_model(model_id, random_init=random_init)
+        self.srd = ierf.SRD(self.model.module)
+        self.decomposition = None
 
-    srd.decompose(model_input(cold_images[0])).saliency(0)  # warm-up: lazy init, allocator
-    cold, warm = [], []
-    decomposition = None
-    for picture in cold_images:
+    def cold(self, picture: np.ndarray) -> float:
         start = time.perf_counter()
-        x = model_input(picture)
-        decomposition = srd.decompose(x)
-        decomposition.saliency(int(decomposition.logits.argmax()))
-        cold.append(time.perf_counter() - start)
-    for target in warm_targets:
+        view = self.model.resize_crop(picture)
+        x = self.model.normalize(self.torch.from_numpy(view).permute(2, 0, 1)[None])
+        self.decomposition = self.srd.decompose(x)
+        self.decomposition.saliency(int(self.decomposition.logits.argmax()))
+        return time.perf_counter() - start
+
+    def warm(self, target: int) -> float:
         start = time.perf_counter()
-        decomposition.saliency(target)
-        warm.append(time.perf_counter() - start)
-    return Series("in-process cold", cold), Series("in-process warm", warm)
+        self.decomposition.saliency(target)
+        return time.perf_counter() - start
 
 
-def through_service(address: str, cold_images, warm_targets, label: str):
+def measure(reference: InProcess, address: str, cold_images, warm_targets, label: str) -> dict[str, Series]:
+    """Alternate in-process and gRPC calls so both see the same machine load (other jobs share the cores)."""
     from ierf_client import Client
 
+    out = {k: Series(k, []) for k in ("ref cold", "grpc cold", "ref warm", "grpc warm", "health")}
+    tiers: set[str] = set()
     with Client(address, timeout=600) as client:
         client.wait_until_serving(timeout=300)
         client.explain(images(1, 10_000)[0], overlay=False)  # warm-up of the worker
-        cold, warm, tiers = [], [], set()
+        reference.cold(images(1, 20_000)[0])
         for picture in cold_images:
+            out["ref cold"].seconds.append(reference.cold(picture))
             start = time.perf_counter()
             result = client.explain(picture, overlay=False)
-            cold.append(time.perf_counter() - start)
+            out["grpc cold"].seconds.append(time.perf_counter() - start)
             assert result.provenance.cache.get("decomposition") == "miss", result.provenance.cache
-        last = cold_images[-1]
-        for target in warm_targets:
+        for target in warm_targets:  # the last cold image, other classes
+            out["ref warm"].seconds.append(reference.warm(target))
             start = time.perf_counter()
-            result = client.explain(last, target=target, overlay=False)
-            warm.append(time.perf_counter() - start)
-            tiers.add(result.provenance.cache.get("decomposition"))
-    return Series(f"gRPC cold ({label})", cold), Series(f"gRPC warm ({label})", warm), tiers
+            result = client.explain(cold_images[-1], target=target, overlay=False)
+            out["grpc warm"].seconds.append(time.perf_counter() - start)
+            tiers.add(str(result.provenance.cache.get("decomposition")))
+            start = time.perf_counter()
+            client.health()
+            out["health"].seconds.append(time.perf_counter() - start)
+    for series in out.values():
+        series.name = f"{series.name} ({label})"
+    out["tiers"] = Series(",".join(sorted(tiers)), [])
+    return out
 
 
 def main() -> None:
@@ -124,8 +133,7 @@ def main() -> None:
     cold_images = images(args.cold, 0)
     warm_targets = [(17 * i + 3) % 1000 for i in range(args.warm)]
     print(f"model {args.model} ({'random' if random_init else 'real'} weights), torch threads {args.threads}")
-    print("in-process ...", flush=True)
-    ref_cold, ref_warm = in_process(args.model, random_init, args.threads, cold_images, warm_targets)
+    reference = InProcess(args.model, random_init, args.threads)
 
     model_args = {"id": args.model, "random_init": random_init, "num_threads": args.threads}
     app_args = {"models": [model_args], "default_model": args.model, "cache": {}}
@@ -149,34 +157,36 @@ def main() -> None:
             num_cpus=os.cpu_count(),
             args_overrides=app_args,
         )
-        print("service, L1 + L2 ...", flush=True)
-        cold_l1, warm_l1, tiers_l1 = through_service(service.grpc_address, cold_images, warm_targets, "L1")
+        print("phase 1: worker with L1 + L2 ...", flush=True)
+        l1 = measure(reference, service.grpc_address, cold_images, warm_targets, "L1")
         # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
         overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
         no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
         serve.run(build_application(no_l1, overrides), name="ierf", route_prefix="/")
-        print("service, L2 only ...", flush=True)
-        cold_l2, warm_l2, tiers_l2 = through_service(
-            service.grpc_address, images(args.cold, 500), warm_targets, "L2 only"
-        )
+        print("phase 2: worker with L2 only ...", flush=True)
+        l2 = measure(reference, service.grpc_address, images(args.cold, 500), warm_targets, "L2 only")
     finally:
         if service is not None:
             service.stop()
         redis.cleanup()
 
-    rows = [ref_cold, cold_l1, cold_l2, ref_warm, warm_l1, warm_l2]
     print()
-    print(f"{'series':<24} {'n':>4} {'p50 ms':>10} {'p99 ms':>10}")
-    for series in rows:
-        print(f"{series.name:<24} {len(series.seconds):>4} {series.p50:>10.1f} {series.pct(99):>10.1f}")
+    print(f"{'series':<26} {'n':>4} {'p50 ms':>10} {'p99 ms':>10}")
+    for phase in (l1, l2):
+        for key in ("ref cold", "grpc cold", "ref warm", "grpc warm", "health"):
+            series = phase[key]
+            print(f"{series.name:<26} {len(series.seconds):>4} {series.p50:>10.1f} {series.pct(99):>10.1f}")
     print()
     print("overhead = gRPC p50 - in-process p50 for the same work (target p50 <= 15 ms)")
-    for grpc_series, ref in ((cold_l1, ref_cold), (warm_l1, ref_warm), (warm_l2, ref_warm)):
-        extra = grpc_series.p50 - ref.p50
-        print(f"  {grpc_series.name:<22} {extra:+9.1f} ms   ratio {grpc_series.p50 / ref.p50:6.2f}x")
-    print("warm / cold through the service (target <= 0.2)")
-    print(f"  L1 hit  {warm_l1.p50 / cold_l1.p50:6.3f}   (tiers served: {sorted(map(str, tiers_l1))})")
-    print(f"  L2 hit  {warm_l2.p50 / cold_l2.p50:6.3f}   (tiers served: {sorted(map(str, tiers_l2))})")
+    for phase in (l1, l2):
+        for kind in ("cold", "warm"):
+            grpc_s, ref_s = phase[f"grpc {kind}"], phase[f"ref {kind}"]
+            print(f"  {grpc_s.name:<24} {grpc_s.p50 - ref_s.p50:+9.1f} ms   ratio {grpc_s.p50 / ref_s.p50:6.2f}x")
+    print(f"  floor: health check through the proxy, no worker hop: p50 {l1['health'].p50:.1f} ms")
+    print("warm / cold through the service, p50 (target <= 0.2)")
+    for phase, label in ((l1, "L1 hit"), (l2, "L2 hit")):
+        ratio = phase["grpc warm"].p50 / phase["grpc cold"].p50
+        print(f"  {label}  {ratio:6.3f}   (decomposition served from: {phase['tiers'].name})")
 
 
 if __name__ == "__main__":

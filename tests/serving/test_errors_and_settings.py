@@ -117,3 +117,12 @@ def test_local_config_file_parses_and_matches_the_app() -> None:
     service = ServiceConfig.from_args(app["args"])
     names = {d["name"] for d in app["deployments"]}
     assert names == {"Ingress"} | {m.deployment_name for m in service.models}
+
+
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL]
+)
+def test_error_for_round_trips_the_code(code: grpc.StatusCode) -> None:
+    from ierf.serving.errors import error_for
+
+    assert to_status(error_for(code, "m")) == (code, "m")

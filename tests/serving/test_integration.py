@@ -304,6 +304,19 @@ def test_cli_server_mode_uses_the_service(live_service, tmp_path, capsys) -> Non
     assert "espresso" in printed and f"served by {live_service.grpc_address}" in printed
     assert main(["--server", live_service.grpc_address, "explain", str(image), "-o", str(out), "--model", "nope"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["--server", live_service.grpc_address, "models"]) == 0
+    served = re.escape(f"served by {live_service.grpc_address}")
+    assert re.search(rf"efficientnet_lite0\s+v1-\S+\s+{served}", capsys.readouterr().out)
+    assert main(["--server", live_service.grpc_address, "layers"]) == 0
+    layers = capsys.readouterr().out.split()
+    assert len(layers) > 10 and layers == [layer.name for layer in client_layers(live_service)]
+
+
+def client_layers(live_service) -> list:
+    from ierf_client import Client
+
+    with Client(live_service.grpc_address, timeout=60) as c:
+        return c.model().layers
 
 
 def test_metrics_are_exported_through_ray(live_service, client, coffee) -> None:

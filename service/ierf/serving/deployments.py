@@ -24,6 +24,7 @@ from ierf.serving.errors import (
     NotFound,
     ServiceError,
     Unavailable,
+    error_for,
     to_status,
 )
 from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
@@ -149,6 +150,9 @@ class Ingress:
         self.metrics.inflight(rpc, +1)
         try:
             return await handler(request, grpc_context, labels)
+        except asyncio.CancelledError:  # the caller went away (or its deadline passed at the proxy)
+            code = "CANCELLED"
+            raise
         except Exception as exc:
             status, message = to_status(exc)
             code = status.name
@@ -157,7 +161,7 @@ class Ingress:
             if grpc_context is None:  # handle call (tests, local mode): raise the precise error
                 if isinstance(exc, ServiceError):
                     raise
-                raise ServiceError(message) from exc
+                raise error_for(status, message) from exc
             grpc_context.set_code(status)
             grpc_context.set_details(message)
             return empty()

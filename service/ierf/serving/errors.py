@@ -44,6 +44,14 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+def error_for(code: grpc.StatusCode, message: str) -> ServiceError:
+    """The ServiceError subclass for ``code`` (INTERNAL and others: the base class)."""
+    for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable):
+        if cls.code == code:
+            return cls(message)
+    return ServiceError(message)
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps worker exceptions (RayTaskError); the original is its ``cause``."""
     seen = 0
