@@ -399,11 +399,16 @@ class Ingress:
         return await self._serve("List", request, grpc_context, handler, health_pb2.HealthListResponse)
 
     async def Watch(self, request: Any, grpc_context: Any = None):
-        """Not offered (probes use Check); answers UNIMPLEMENTED as the health protocol allows."""
+        """Not offered (probes use Check); answers UNIMPLEMENTED as the health protocol allows.
+
+        A streaming method's status only reaches the caller when the generator raises after setting it
+        (Ray 2.60 then keeps the user-set code), so this raises instead of returning.
+        """
         import grpc
 
+        message = "Health.Watch is not implemented; poll Health.Check"
         if grpc_context is not None:
             grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-            grpc_context.set_details("Health.Watch is not implemented; poll Health.Check")
-        return
+            grpc_context.set_details(message)
+        raise NotImplementedError(message)
         yield  # makes this an async generator, which the proxy expects for streaming RPCs
