@@ -69,7 +69,7 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
 def _grouped_tap_products(t: ConvTerm) -> torch.Tensor:
     """Grouped (not depthwise) kernels: batched products over unfolded taps."""
     x = t.padded_input()
-    b, c_in = x.shape[:2]
+    b = x.shape[0]
     kh, kw = t.kernel
     taps = kh * kw
     cols = F.unfold(x, (kh, kw), dilation=t.dilation, stride=t.stride)  # (B, C_in*T, L)

@@ -17,8 +17,8 @@ so ratios can be scattered back without any index tensors.
 
 from __future__ import annotations
 
-import itertools
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,7 @@ from ierf.srd.derived import DERIVED
 _keys = itertools.count(1)
 
 
-def replace(obj, **changes):  # noqa: ANN001, ANN201 - dataclasses.replace without re-running __init__
+def replace(obj, **changes):
     """A shallow copy with some fields changed: bundles are rebuilt on every op, so this stays cheap."""
     new = copy.copy(obj)
     new.__dict__.update(changes)
