@@ -245,6 +245,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
     z: torch.Tensor | None = None  # (B, H, W, C)
     taps_of: dict[int, torch.Tensor] = {}
     parts: dict[int, torch.Tensor] = {}
+    source_ids = {id(t) for t in bundle.terms if isinstance(t, DenseTerm)}  # tensors others may still read
     for t in units:
         if isinstance(t, _SharedKernel):
             ins = t.inputs()
@@ -259,14 +260,21 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         if isinstance(t, DenseTerm):
             parts[id(t)] = part
         if z is None and t.c0 == 0 and t.channels == c:
-            z = part.clone() if isinstance(t, DenseTerm) else part
+            # z is written in place below (and by an in-place activation): copy only borrowed tensors, and
+            # also a fresh path tensor when it is needed again for its own dot product.
+            borrowed = id(t) in source_ids or part.data_ptr() == t.x.data_ptr()
+            z = part if len(units) == 1 and not borrowed else part.clone()
             continue
         if z is None:
             z = part.new_zeros(b, h, w, c)
         z[..., t.c0 : t.c0 + t.channels] += part
     assert z is not None
     for bias in bundle.biases:
-        z[..., bias.c0 : bias.c0 + bias.channels] += bias.value.permute(0, 2, 3, 1)
+        value = bias.value.permute(0, 2, 3, 1)
+        if z.data_ptr() in {p.data_ptr() for p in parts.values() if isinstance(p, torch.Tensor)}:
+            z = z + F.pad(value, (bias.c0, c - bias.c0 - bias.channels))  # keep the path tensor intact
+        else:
+            z[..., bias.c0 : bias.c0 + bias.channels] += value
 
     zz = torch.linalg.vecdot(z, z)  # (B, H, W)
     z_out = z.permute(0, 3, 1, 2)  # (B, C, H, W) stored channels-last
