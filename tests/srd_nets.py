@@ -170,7 +170,7 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
     nets = {
-        "tiny_vgg": (TinyVGG(), (10, 12)),
+        "tiny_vgg": (TinyVGG(), (26, 30)),
         "tiny_resnet": (TinyResNet(), (11, 14)),
         "mixed": (Mixed(), (23, 30)),
         "fc_head": (FCHead(), (8, 10)),

@@ -15,8 +15,13 @@ import torch
 
 
 class DerivedCache:
-    def __init__(self, max_entries: int = 2048) -> None:
+    """LRU, bounded by entry count and by bytes, so a model larger than the budget still works (it then
+    recomputes) and models used one after another do not accumulate."""
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 1 << 30) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...], Any]] = OrderedDict()
 
     def get(self, tag: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
@@ -29,13 +34,29 @@ class DerivedCache:
             self._entries.move_to_end(key)
             return hit[2]
         value = build()
+        size = _nbytes(value)
+        if size > self.max_bytes:
+            return value
+        if hit is not None:
+            self._bytes -= _nbytes(self._entries.pop(key)[2])
         self._entries[key] = (sources, versions, value)
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += size
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            _, (_, _, old) = self._entries.popitem(last=False)
+            self._bytes -= _nbytes(old)
         return value
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes() if value._base is None else value.numel() * value.element_size()
+    if isinstance(value, tuple | list):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 DERIVED = DerivedCache()

@@ -44,6 +44,10 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
         return torch.stack(taps, 3)
     if t.groups != 1:
         return _grouped_tap_products(t)
+    span_y = max((i * dy) // sy for i in range(kh)) + ho
+    span_x = max((j * dx) // sx for j in range(kw)) + wo
+    if span_y * span_x > 1.3 * ho * wo:  # kernel large next to the output (small maps, FC-as-conv): im2col
+        return _unfolded_tap_products(t)
     out = x.new_empty(b, ho, wo, kh * kw, c_out)
     for py in range(sy):
         for px in range(sx):
@@ -64,6 +68,21 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
                 oy, ox = (i * dy) // sy, (j * dx) // sx
                 out[:, :, :, i * kw + j] = prod[:, oy : oy + ho, ox : ox + wo, k]
     return out
+
+
+def _unfolded_tap_products(t: ConvTerm) -> torch.Tensor:
+    """Dense kernels on maps not much larger than the kernel: one batched product over unfolded taps."""
+    x = t.padded_input()
+    b, c_in = x.shape[:2]
+    kh, kw = t.kernel
+    taps = kh * kw
+    ho, wo = t.spatial()
+    cols = F.unfold(x, (kh, kw), dilation=t.dilation, stride=t.stride).view(b, c_in, taps, ho * wo)
+    cols = cols.permute(2, 0, 3, 1).reshape(taps, b * ho * wo, c_in)
+    w = t.scaled_weight()
+    per_tap = DERIVED.get("unfold-w", (w,), lambda: w.permute(2, 3, 1, 0).reshape(taps, c_in, w.shape[0]))
+    y = torch.bmm(cols, per_tap)  # (T, B*L, C_out)
+    return y.view(taps, b, ho, wo, -1).permute(1, 2, 3, 0, 4)
 
 
 def _grouped_tap_products(t: ConvTerm) -> torch.Tensor:

@@ -349,7 +349,9 @@ class Affine:
         """nn.Linear on a vector (1x1 conv) or on a flattened map (a conv covering the whole map)."""
         if self.flat_from is not None:
             c, h, w = self.flat_from
-            kernel = weight.reshape(weight.shape[0], c, h, w)
+            kernel = DERIVED.get(
+                f"flat-kernel{self.flat_from}", (weight,), lambda: weight.view(weight.shape[0], c, h, w)
+            )
         elif self.is_vector or (self.height == 1 and self.width == 1):
             kernel = DERIVED.get("linear-kernel", (weight,), lambda: weight[:, :, None, None])
         else:
