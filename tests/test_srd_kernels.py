@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ierf.srd import ratios
 from ierf.srd.terms import ConvTerm, Route
 
@@ -52,7 +51,7 @@ def test_tap_products_equal_one_convolution_per_tap(case, force_unfold):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] == 1])
 def test_gram_norms_and_dots_equal_the_taps(case):
-    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
+    c_in, c_out, kernel, stride, dilation, pad, _, h, w = case
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, c_in, h, w, dtype=torch.float64, generator=g)
     weight = torch.randn(c_out, c_in, *kernel, dtype=torch.float64, generator=g)

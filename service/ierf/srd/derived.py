@@ -34,16 +34,17 @@ class DerivedCache:
             self._entries.move_to_end(key)
             return hit[2]
         value = build()
-        size = _nbytes(value)
+        size = _nbytes(value, sources)
         if size > self.max_bytes:
             return value
         if hit is not None:
-            self._bytes -= _nbytes(self._entries.pop(key)[2])
+            old_sources, _, old_value = self._entries.pop(key)
+            self._bytes -= _nbytes(old_value, old_sources)
         self._entries[key] = (sources, versions, value)
         self._bytes += size
         while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-            _, (_, _, old) = self._entries.popitem(last=False)
-            self._bytes -= _nbytes(old)
+            _, (old_sources, _, old) = self._entries.popitem(last=False)
+            self._bytes -= _nbytes(old, old_sources)
         return value
 
     def clear(self) -> None:
@@ -51,11 +52,15 @@ class DerivedCache:
         self._bytes = 0
 
 
-def _nbytes(value: Any) -> int:
+def _nbytes(value: Any, sources: tuple[torch.Tensor, ...]) -> int:
+    """Bytes the entry keeps alive: views of a source (a reshaped weight) cost nothing."""
     if isinstance(value, torch.Tensor):
-        return value.untyped_storage().nbytes() if value._base is None else value.numel() * value.element_size()
+        storage = value.untyped_storage()
+        if any(storage.data_ptr() == s.untyped_storage().data_ptr() for s in sources):
+            return 0
+        return storage.nbytes()
     if isinstance(value, tuple | list):
-        return sum(_nbytes(v) for v in value)
+        return sum(_nbytes(v, sources) for v in value)
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ierf.srd.derived import DERIVED
-from ierf.srd.terms import Affine, ConvTerm, DenseTerm, Route, Term, materialise
+from ierf.srd.terms import Affine, ConvTerm, DenseTerm, Route, Term, materialise, replace
 
 # Largest tap tensor (bytes) formed at once; larger stages are processed a few images at a time.
 TAP_BUDGET_BYTES = 256 * 2**20
@@ -80,7 +80,7 @@ def _unfolded_tap_products(t: ConvTerm) -> torch.Tensor:
     cols = F.unfold(x, (kh, kw), dilation=t.dilation, stride=t.stride).view(b, c_in, taps, ho * wo)
     cols = cols.permute(2, 0, 3, 1).reshape(taps, b * ho * wo, c_in)
     w = t.scaled_weight()
-    per_tap = DERIVED.get("unfold-w", (w,), lambda: w.permute(2, 3, 1, 0).reshape(taps, c_in, w.shape[0]))
+    per_tap = DERIVED.get("unfold-w", (w,), lambda: w.permute(2, 3, 1, 0).reshape(taps, c_in, w.shape[0]).contiguous())
     y = torch.bmm(cols, per_tap)  # (T, B*L, C_out)
     return y.view(taps, b, ho, wo, -1).permute(1, 2, 3, 0, 4)
 
@@ -109,9 +109,14 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
+GRAM_MAX_INPUT_CHANNELS = 4
+
+
 def _use_gram(t: ConvTerm) -> bool:
-    """Few input channels (the RGB stem): form norms from a per-tap Gram matrix instead of the taps."""
-    return t.groups == 1 and t.taps > 1 and t.weight.shape[1] * 4 <= t.weight.shape[0]
+    """A few input channels and many outputs (the RGB stem): form norms from a per-tap Gram matrix of the
+    kernel instead of the taps (work grows with C_in^2 pairs, so only for a handful of channels)."""
+    c_out, c_in = t.weight.shape[:2]
+    return t.groups == 1 and t.taps > 1 and c_in <= GRAM_MAX_INPUT_CHANNELS and c_in * 4 <= c_out
 
 
 def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +135,9 @@ def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.
     cols = xp.as_strided((b, c_in, kh, kw, ho, wo), (sb, sc, dy * sh, dx * sw, sy * sh, sx * sw))
     w = t.scaled_weight()
     c_out = w.shape[0]
-    w_rows = DERIVED.get("gram-w", (w,), lambda: w.permute(1, 2, 3, 0).reshape(-1, c_out))  # (C_in*T, C_out)
+    w_rows = DERIVED.get(
+        "gram-w", (w,), lambda: w.permute(1, 2, 3, 0).reshape(-1, c_out).contiguous()
+    )  # (C_in*T, C_out)
     gram = DERIVED.get("gram-g", (w,), lambda: torch.einsum("ocij,odij->cdij", w, w))  # (C_in, C_in, kh, kw)
     back = (w_rows @ z.reshape(-1, c_out).t()).view(c_in, kh, kw, b, ho, wo).permute(0, 3, 1, 2, 4, 5)
     dots = sum(cols[:, c] * back[c] for c in range(c_in))  # (B, kh, kw, H, W)
@@ -248,6 +255,26 @@ def _group_shared_kernels(terms: list[Term], shared_keys: set[int]) -> list[Term
     return out
 
 
+def _joint_tap_products(units: list) -> dict[int, torch.Tensor]:
+    """Kernel taps of convolutions that share one kernel (the max-pool window offsets feeding a conv, or a
+    fully connected layer after a max-pool) in one product over the stacked inputs: the weights are read
+    once instead of once per input."""
+    groups: dict[tuple, list[ConvTerm]] = {}
+    for t in units:
+        if isinstance(t, ConvTerm) and t.taps > 1 and not _use_gram(t):
+            sig = (id(t.weight), id(t.out_scale), t.stride, t.dilation, t.pad, t.groups, tuple(t.x.shape))
+            groups.setdefault(sig, []).append(t)
+    out: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        stacked = tap_products(replace(first, x=torch.cat([m.x for m in members], 0)))
+        for m, taps in zip(members, stacked.chunk(len(members), 0), strict=True):
+            out[id(m)] = taps
+    return out
+
+
 def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
     """Channels-last throughout: every reduction over channels runs over contiguous memory."""
     b, c, h, w = bundle.batch, bundle.channels, bundle.height, bundle.width
@@ -265,14 +292,16 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
     taps_of: dict[int, torch.Tensor] = {}
     parts: dict[int, torch.Tensor] = {}
     source_ids = {id(t) for t in bundle.terms if isinstance(t, DenseTerm)}  # tensors others may still read
+    taps_of.update(_joint_tap_products(units))
     for t in units:
         if isinstance(t, _SharedKernel):
             ins = t.inputs()
             part = sum(ins[1:], ins[0].clone()) @ t.weight.t()
             parts[id(t)] = ins  # type: ignore[assignment]
         elif isinstance(t, ConvTerm) and not _use_gram(t):
-            taps = tap_products(t)  # (B, H, W, T, C)
-            taps_of[id(t)] = taps
+            taps = taps_of.get(id(t))
+            if taps is None:
+                taps = taps_of[id(t)] = tap_products(t)  # (B, H, W, T, C)
             part = taps.sum(3)
         else:
             part = _channels_last(t.total())
