@@ -42,8 +42,9 @@ class TinyVGG(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, skip_first: bool = False) -> None:
         super().__init__()
+        self.skip_first = skip_first  # operand order of the residual add (paths are listed in that order)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -57,7 +58,7 @@ class Block(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += identity
+        out = identity + out if self.skip_first else out + identity
         return self.relu(out)
 
 
@@ -70,7 +71,7 @@ class TinyResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(4)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = Block(4, 8, 1)  # 1x1 downsample read through the overlapping max-pool
+        self.layer1 = Block(4, 8, 1, skip_first=True)  # 1x1 downsample read through the overlapping max-pool
         self.layer2 = Block(8, 8, 1)  # identity residual
         self.layer3 = Block(8, 6, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

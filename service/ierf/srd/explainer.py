@@ -384,17 +384,12 @@ class SRD:
             raise ValueError(f"x must have {expected} channels, got {x.shape[1]}")
         keep_ids = {self.program.source_id(name) for name in keep or []}
         with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
-            run = self.program.run(x, frozenset(keep_ids) | self._start_ids())
+            run = self.program.run(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
         dec = Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
-        if self.head != "exact" and dec._resolve_head(self.head) != "exact":
-            sid = dec.start_layer()
-            if sid not in dec.activations:  # first call: learn the start layer, then keep it
-                self.__dict__["_start"] = frozenset({sid})
-                return self.decompose(x, keep)
+        if self.head != "exact" and dec._resolve_head(self.head) == "exact":
+            # "auto" resolved to the exact head: the gradient start map's activation is not needed
+            dec.activations = {sid: a for sid, a in dec.activations.items() if sid in keep_ids}
         return dec
-
-    def _start_ids(self) -> frozenset[int]:
-        return self.__dict__.get("_start", frozenset())
 
     def load_decomposition(self, state: dict[str, torch.Tensor]) -> Decomposition:
         return Decomposition.from_state(self.program, state, self.head)

@@ -139,9 +139,13 @@ class Program:
         raise ValueError(f"unknown layer {layer!r}. Valid layers: {sample} (see SRD.layers)")
 
     # -- the forward ------------------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, keep: frozenset[int] = frozenset()) -> RunResult:
+    def run(self, x: torch.Tensor, keep: frozenset[int] = frozenset(), keep_last_spatial: bool = False) -> RunResult:
+        """``keep_last_spatial`` retains the last spatial PFV map: the start layer of gradient heads."""
         interp = _Interpreter(self, keep)
         out = interp.execute(x)
+        if keep_last_spatial and interp.last_spatial is not None:
+            sid, tensor = interp.last_spatial
+            interp.kept.setdefault(sid, tensor)
         if isinstance(out, Source):
             out = as_affine(out, "model output")
         if not isinstance(out, Affine):
@@ -180,6 +184,7 @@ class _Interpreter:
         self.stages: list[Stage] = []
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.kept: dict[int, torch.Tensor] = {}
+        self.last_spatial: tuple[int, torch.Tensor] | None = None
 
     def where(self, node: fx.Node) -> _Where:
         return self.program.where(node)
@@ -197,6 +202,8 @@ class _Interpreter:
         self.shapes[sid] = tuple(a.shape[1:])
         if sid in self.keep:
             self.kept[sid] = a
+        if a.dim() == 4 and a.shape[2] * a.shape[3] > 1:
+            self.last_spatial = (sid, a)
         return Source(a, sid)
 
     def execute(self, x: torch.Tensor) -> Any:

@@ -308,9 +308,9 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         if isinstance(t, DenseTerm):
             parts[id(t)] = part
         if z is None and t.c0 == 0 and t.channels == c:
-            # z is written in place below (and by an in-place activation): copy only borrowed tensors, and
-            # also a fresh path tensor when it is needed again for its own dot product.
-            borrowed = id(t) in source_ids or part.data_ptr() == t.x.data_ptr()
+            # z is written in place below (and by an in-place activation): a tensor others still read (an
+            # upstream PFV map) or one needed again for its own dot product must be copied first.
+            borrowed = isinstance(t, DenseTerm) and (id(t) in source_ids or part.data_ptr() == t.x.data_ptr())
             z = part if len(units) == 1 and not borrowed else part.clone()
             continue
         if z is None:
