@@ -95,7 +95,7 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
             baselines=torch.zeros_like(x),
             target=target,
             n_steps=self.n_steps,
-            internal_batch_size=self.internal_batch_size,
+            internal_batch_size=max(self.internal_batch_size, x.shape[0]),
         )
 
 
@@ -125,7 +125,7 @@ class SmoothGrad(_CaptumExplainer):
         maps = []
         for i in range(x.shape[0]):
             image = x[i : i + 1]
-            stdev = float(self.noise_level * (image.max() - image.min()))
+            stdev = float(self.noise_level * (image.max() - image.min()).detach())
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 maps.append(

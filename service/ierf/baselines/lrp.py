@@ -54,6 +54,20 @@ def _is_mbconv(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("_block_args", "_depthwise_conv", "_project_conv", "_bn2"))
 
 
+class _ExactNamedMergeBatchNorm(NamedMergeBatchNorm):
+    """Zennit's merge leaves the BN as x / sqrt(1 + eps) instead of the identity; with EfficientNet's
+    eps = 1e-3 over 49 BNs that shifted logits by ~0.05. Setting running_var = 1 - eps makes it exact
+    (restored on removal with the other BN statistics)."""
+
+    @staticmethod
+    def merge_batch_norm(modules: list[nn.Module], batch_norm: nn.Module) -> None:
+        NamedMergeBatchNorm.merge_batch_norm(modules, batch_norm)
+        batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 1.0 - batch_norm.eps)
+
+    def copy(self) -> _ExactNamedMergeBatchNorm:
+        return self.__class__(self.name_map)
+
+
 class _EfficientNetBatchNormMerge(NamedMergeBatchNorm):
     """BN merge for the lukemelas EfficientNet layout, whose convs and BNs are not in a Sequential."""
 
@@ -72,7 +86,7 @@ class _EfficientNetBatchNormMerge(NamedMergeBatchNorm):
             for conv, bn in pairs:
                 if f"{prefix}{conv}" in modules and f"{prefix}{bn}" in modules:
                     name_map.append(([f"{prefix}{conv}"], f"{prefix}{bn}"))
-        return NamedMergeBatchNorm(name_map).apply(root_module)
+        return _ExactNamedMergeBatchNorm(name_map).apply(root_module)
 
     def copy(self) -> _EfficientNetBatchNormMerge:
         return self.__class__()
@@ -138,6 +152,7 @@ class LRPExplainer:
             p.requires_grad_(False)
         self.epsilon = epsilon
         canonizers_for(self.model)  # unsupported architectures fail here, not on the first call
+        self._registered: tuple[nn.Module, EpsilonPlusFlat] | None = None
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         x = check_input(x)
@@ -156,3 +171,27 @@ class LRPExplainer:
             finally:
                 composite.remove()
         return finish(collapse_channels(relevance), tuple(x.shape[-2:]))
+
+    def differentiable_saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        """The same map kept in the autograd graph (for the manipulation attack).
+
+        The canonizer rewrites weights through ``.data``, which autograd does not version, so the
+        graph must never outlive a merge: this path uses a second private copy on which the composite
+        stays registered for the explainer's lifetime.
+        """
+        target = resolve_target(target, x.shape[0])
+        if self._registered is None:
+            model = copy.deepcopy(self.model)
+            composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=canonizers_for(model))
+            composite.register(model)
+            self._registered = (model, composite)
+        model = self._registered[0]
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+
+        def output_relevance(logits: torch.Tensor) -> torch.Tensor:
+            check_target_range(logits, target)
+            return torch.nn.functional.one_hot(target.to(logits.device), logits.shape[1]).to(logits.dtype)
+
+        _, relevance = Gradient(model, create_graph=True)(x, output_relevance)
+        return collapse_channels(relevance)

@@ -63,7 +63,7 @@ def confident_images(
     model: nn.Module,
     preprocess: Callable[[np.ndarray], torch.Tensor],
     photos: dict[str, np.ndarray] | None = None,
-    min_prob: float = 0.3,
+    min_prob: float = 0.25,
 ) -> list[GridImage]:
     """Photos whose top-1 probability is >= ``min_prob``; among photos sharing a top-1 class the most
     confident one is kept (cells of a grid must have distinct classes)."""

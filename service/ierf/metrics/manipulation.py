@@ -17,6 +17,11 @@ method's normal (non-differentiable) path and compared: Pearson, SSIM and top-10
 between the original and the manipulated map (high = robust), the same similarities between the
 manipulated map and the target (low = robust), and the change of the target-class probability.
 
+An explainer that refuses the smoothed copy (``UnsupportedModelError``; SRD accepts nn.Softplus but
+not the subclass standing in for ReLU6) is attacked on the unmodified model instead, and the result
+says so (``smoothed=False``). Piecewise-linear activations leave SRD's ratios differentiable in x (z
+enters them directly), but without smoothing the attack is weaker, so such rows are flagged.
+
 The attack is generic: ``attack_explain(model) -> f(x, target)`` must return maps that are
 differentiable w.r.t. x (baselines expose ``differentiable_saliency``; SRD offers the same).
 """
@@ -31,18 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf.errors import UnsupportedModelError
 from ierf.metrics._checks import check_maps
 from ierf.metrics.similarity import pearson, ssim, top_k_intersection
 
 DiffExplain = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class SmoothReLU6(nn.Module):
-    """softplus(z) - softplus(z - 6): the smooth counterpart of ReLU6 = relu(z) - relu(z - 6)."""
+class SmoothReLU6(nn.Softplus):
+    """softplus(z) - softplus(z - 6): the smooth counterpart of ReLU6 = relu(z) - relu(z - 6).
+
+    Subclasses nn.Softplus so tools that recognise element-wise activations by type (the SRD
+    engine, Zennit's pass rule) treat it as the activation it is.
+    """
 
     def __init__(self, beta: float) -> None:
-        super().__init__()
-        self.beta = beta
+        super().__init__(beta=beta)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.softplus(z, beta=self.beta) - F.softplus(z - 6.0, beta=self.beta)
@@ -90,6 +99,7 @@ class ManipulationResult:
     prediction_kept: torch.Tensor  # argmax unchanged on the real model
     linf: torch.Tensor  # achieved ||delta||_inf per image
     final_loss: float
+    smoothed: bool  # False: the attack ran on the unmodified activations (explainer refused the smooth copy)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -99,6 +109,7 @@ class ManipulationResult:
             "pearson_after_target": float(self.pearson_after_target.mean()),
             "prob_change": float(self.prob_change.mean()),
             "prediction_kept": float(self.prediction_kept.float().mean()),
+            "smoothed": float(self.smoothed),
         }
 
 
@@ -124,8 +135,15 @@ def manipulation_attack(
     if target_maps.shape != (x.shape[0], *x.shape[-2:]):
         raise ValueError(f"target_maps must be {(x.shape[0], *x.shape[-2:])}, got {tuple(target_maps.shape)}")
     lo, hi = bounds
-    smooth, _ = smooth_activations_copy(model, beta)
-    explain = attack_explain(smooth)
+    smooth, replaced = smooth_activations_copy(model, beta)
+    explain, smoothed = attack_explain(smooth), replaced > 0
+    try:  # probe: an explainer may not accept the smoothed activations
+        explain(x[:1].detach().clone().requires_grad_(True), target[:1])
+    except UnsupportedModelError:
+        smooth = copy.deepcopy(model).eval()
+        for p in smooth.parameters():
+            p.requires_grad_(False)
+        explain, smoothed = attack_explain(smooth), False
     goal = _unit(target_maps.to(x.device))
     x = x.detach()
     with torch.no_grad():
@@ -145,7 +163,7 @@ def manipulation_attack(
         with torch.no_grad():
             delta.clamp_(-epsilon, epsilon)
             delta.copy_((x + delta).clamp(lo, hi) - x)
-        loss_value = float(loss)
+        loss_value = loss.item()
     x_adv = (x + delta).detach()
     maps_before = check_maps(evaluate_explain(x, target))
     maps_after = check_maps(evaluate_explain(x_adv, target))
@@ -165,4 +183,5 @@ def manipulation_attack(
         prediction_kept=(p_after.argmax(1) == p_before.argmax(1)).cpu(),
         linf=(x_adv - x).flatten(1).abs().max(1).values.cpu(),
         final_loss=loss_value,
+        smoothed=smoothed,
     )

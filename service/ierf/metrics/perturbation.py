@@ -13,7 +13,11 @@ changed, so the curve is sampled at fractions 0, 1/n_steps, ..., 1 (default 20 s
   default 4 %, reflect padding) and pastes the original pixels back in ranked order. Higher AUC =
   better.
 
-Score = softmax probability of the target class. AUC = trapezoid rule over the fraction axis [0, 1].
+Score = softmax probability of the target class, by default relative to the unperturbed image's
+(``relative=True``: every curve is divided by p(target | x), so deletion starts and insertion ends at
+1). This keeps AUCs comparable across images whose base confidence differs by orders of magnitude
+(a class among four in a 2x2 grid gets p ~ 0.01-0.3). AUC = trapezoid rule over the fraction axis
+[0, 1]; a relative AUC can exceed 1 when a partial image is more convincing than the whole.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def insertion_deletion(
     blur_fraction: float = 0.04,
     batch_size: int = 32,
     seed: int = 0,
+    relative: bool = True,
 ) -> PerturbationCurves:
     """Deletion and insertion curves for each image; see the module docstring for the protocol."""
     maps = check_maps(maps)
@@ -123,5 +128,12 @@ def insertion_deletion(
                     logits = model(batch[start : start + batch_size])
                     probs.append(logits.softmax(1)[:, target[i]].float().cpu())
                 curves[key][i] = torch.cat(probs)
+    if relative:
+        with eval_mode(model):
+            base = torch.cat([model(x[i : i + batch_size]).softmax(1).float().cpu() for i in range(0, b, batch_size)])[
+                torch.arange(b), target.cpu()
+            ]
+        for key in curves:
+            curves[key] = curves[key] / base.clamp_min(1e-12)[:, None]
     fractions = torch.tensor([c / (h * w) for c in counts])
     return PerturbationCurves(fractions=fractions, deletion=curves["deletion"], insertion=curves["insertion"])
