@@ -113,7 +113,7 @@ def test_bad_calls_raise_and_leave_no_trace(method: str, model: nn.Module, x: to
         explainer.saliency(x[0], 1)
     with pytest.raises(TypeError, match="floating"):
         explainer.saliency(x.to(torch.int64), 1)
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         explainer.saliency(x.numpy(), 1)
     with pytest.raises(ValueError, match="NaN"):
         explainer.saliency(torch.full_like(x, float("nan")), 1)

@@ -129,7 +129,8 @@ def test_insertion_deletion_closed_form() -> None:
     # deletion: p=1 at 0 %, ~0 from the first step (125 pixels) on -> AUC = 0.05 / 2
     assert curves.deletion[0, 0].item() == pytest.approx(1.0)
     assert curves.deletion_auc.item() == pytest.approx(0.025, abs=1e-3)
-    # insertion from the blurred image (sigma 2 px: the pixel drops below 0.5): 0 at 0 %, 1 from the first step -> 1 - 0.025
+    # insertion from the blurred image (sigma 2 px: the pixel drops below 0.5):
+    # 0 at 0 %, 1 from the first step -> 1 - 0.025
     assert curves.insertion_auc.item() == pytest.approx(0.975, abs=1e-3)
     worst = insertion_deletion(model, x, torch.tensor([0]), bad, n_steps=20)
     assert worst.deletion_auc.item() == pytest.approx(0.975, abs=1e-3)
