@@ -76,12 +76,13 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
     """Integrated Gradients (Sundararajan et al. 2017) from the all-zero normalised input.
 
     Zero in normalised space is the dataset mean colour for both bundled models, the usual
-    "black/grey" baseline. ``n_steps`` Gauss-Legendre points (Captum's default rule).
+    "black/grey" baseline. ``n_steps`` Gauss-Legendre points (Captum's default rule); path points are
+    evaluated ``max(internal_batch_size, B)`` at a time (bounded memory on large inputs).
     """
 
     name = "integrated_gradients"
 
-    def __init__(self, model: nn.Module, n_steps: int = 32, internal_batch_size: int = 32) -> None:
+    def __init__(self, model: nn.Module, n_steps: int = 32, internal_batch_size: int = 8) -> None:
         super().__init__(model)
         if n_steps < 1 or internal_batch_size < 1:
             raise ValueError("n_steps and internal_batch_size must be >= 1")
