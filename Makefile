@@ -1,42 +1,125 @@
 # Two commands do everything on a fresh machine:
-#   make run   - set up .venv and run the demo on the bundled pretrained model
-#   make test  - set up .venv and run lint + the test suite
+#   make run   - set up .venv, start Redis + the gRPC service on localhost, send a demo request
+#                through the SDK, leave the service running (make stop stops it)
+#   make test  - set up .venv (and redis-server), run lint + the test suite
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml | md5sum | cut -c1-12)
 OUT ?= out
+RUN_DIR := $(abspath run)
+GRPC_PORT ?= 9000
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8080
+REDIS_PORT ?= 6379
+START_TIMEOUT ?= 600
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run start stop test lint bench bench-service protos redis-server clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
 	# torch and torchvision pinned first: an unpinned resolve pulls a multi-GB build.
 	$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,serve]' -e clients/python
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-run: venv
+# Debian's redis-server, installed once if missing (root, or sudo without a password).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (apt-get)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; \
+	}
+	@command -v redis-server >/dev/null || { echo "redis-server is missing and could not be installed"; exit 1; }
+
+run: venv redis-server start
 	@mkdir -p $(OUT)
-	$(BIN)/python -m ierf.cli demo-image coffee -o $(OUT)/coffee.png
-	$(BIN)/ierf explain $(OUT)/coffee.png -o $(OUT)/coffee_srd.png
-	@echo "SRD overlay written to $(OUT)/coffee_srd.png"
+	$(BIN)/ierf demo-image coffee -o $(OUT)/coffee.png
+	$(BIN)/ierf --server 127.0.0.1:$(GRPC_PORT) explain $(OUT)/coffee.png -o $(OUT)/coffee_srd.png
+	@echo
+	@echo "SRD overlay (computed by the service) written to $(OUT)/coffee_srd.png"
+	@echo "gRPC     127.0.0.1:$(GRPC_PORT)  ierf.v1.ExplainService, grpc.health.v1.Health, reflection"
+	@echo "metrics  http://127.0.0.1:$(METRICS_PORT)/metrics"
+	@echo "healthz  http://127.0.0.1:$(HTTP_PORT)/-/healthz"
+	@echo "redis    redis://127.0.0.1:$(REDIS_PORT)/0"
+	@echo "logs     $(RUN_DIR)/service.log, $(RUN_DIR)/redis.log    stop: make stop"
+
+# Start Redis and the service in the background (no-ops for parts already running from here).
+start: venv redis-server
+	@mkdir -p $(RUN_DIR)
+	@if [ -f $(RUN_DIR)/redis.pid ] && kill -0 $$(cat $(RUN_DIR)/redis.pid) 2>/dev/null; then \
+		echo "redis already running (pid $$(cat $(RUN_DIR)/redis.pid))"; \
+	else \
+		if (exec 3<>/dev/tcp/127.0.0.1/$(REDIS_PORT)) 2>/dev/null; then \
+			echo "port $(REDIS_PORT) is taken by another process; try REDIS_PORT=6380 make run"; exit 1; fi; \
+		redis-server --daemonize yes --pidfile $(RUN_DIR)/redis.pid --bind 127.0.0.1 --port $(REDIS_PORT) \
+			--save "" --appendonly no --maxmemory 512mb --maxmemory-policy allkeys-lru \
+			--dir $(RUN_DIR) --logfile $(RUN_DIR)/redis.log; \
+		for i in $$(seq 50); do [ -s $(RUN_DIR)/redis.pid ] && break; sleep 0.1; done; \
+		echo "redis started (pid $$(cat $(RUN_DIR)/redis.pid), port $(REDIS_PORT))"; \
+	fi
+	@if [ -f $(RUN_DIR)/service.pid ] && kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null; then \
+		echo "service already running (pid $$(cat $(RUN_DIR)/service.pid))"; \
+	else \
+		rm -f $(RUN_DIR)/service.ready; \
+		RAY_USAGE_STATS_ENABLED=0 nohup $(BIN)/python -m ierf.serving serve \
+			--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
+			--redis-url redis://127.0.0.1:$(REDIS_PORT)/0 --ready-file $(RUN_DIR)/service.ready \
+			> $(RUN_DIR)/service.log 2>&1 & echo $$! > $(RUN_DIR)/service.pid; \
+		echo "starting the service (pid $$(cat $(RUN_DIR)/service.pid)); log: $(RUN_DIR)/service.log"; \
+		for i in $$(seq $(START_TIMEOUT)); do \
+			[ -f $(RUN_DIR)/service.ready ] && break; \
+			kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null || { tail -20 $(RUN_DIR)/service.log; rm -f $(RUN_DIR)/service.pid; exit 1; }; \
+			sleep 1; \
+		done; \
+		[ -f $(RUN_DIR)/service.ready ] || { echo "service not ready after $(START_TIMEOUT) s"; tail -20 $(RUN_DIR)/service.log; exit 1; }; \
+		echo "service ready on 127.0.0.1:$(GRPC_PORT)"; \
+	fi
+
+# Stop what start/run started, by PID (never `ray stop`: that would kill every Ray on the host).
+stop:
+	@if [ -f $(RUN_DIR)/service.pid ]; then \
+		pid=$$(cat $(RUN_DIR)/service.pid); \
+		if kill -0 $$pid 2>/dev/null; then \
+			kill -TERM $$pid; \
+			for i in $$(seq 120); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+			kill -0 $$pid 2>/dev/null && { echo "service did not stop in 60 s; killing"; kill -KILL $$pid; }; \
+			echo "service stopped (pid $$pid)"; \
+		fi; \
+		rm -f $(RUN_DIR)/service.pid $(RUN_DIR)/service.ready; \
+	fi
+	@if [ -f $(RUN_DIR)/redis.pid ]; then \
+		pid=$$(cat $(RUN_DIR)/redis.pid); \
+		if kill -0 $$pid 2>/dev/null; then \
+			kill -TERM $$pid; \
+			for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+			echo "redis stopped (pid $$pid)"; \
+		fi; \
+		rm -f $(RUN_DIR)/redis.pid; \
+	fi
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: venv
+test: venv redis-server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: venv
 	$(BIN)/python benchmarks/srd_speed.py
 
-clean:
-	rm -rf $(VENV) $(OUT)
+bench-service: venv redis-server
+	$(BIN)/python benchmarks/service_latency.py
+
+# Regenerate the committed gRPC stubs after editing protos/ (tests fail while they are stale).
+protos: venv
+	$(BIN)/python protos/generate.py
+
+clean: stop
+	rm -rf $(VENV) $(OUT) $(RUN_DIR)

@@ -26,10 +26,10 @@ class TinyVGG(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Conv2d(3, 12, 3, padding=1),  # few input channels: the Gram path
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(4, 6, 3, padding=1),
+            nn.Conv2d(12, 6, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(6, 6, 3, stride=2, padding=1),
             nn.ReLU(inplace=True),
@@ -70,14 +70,15 @@ class TinyResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(4)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = Block(4, 4, 1)
-        self.layer2 = Block(4, 6, 2)
+        self.layer1 = Block(4, 8, 1)  # 1x1 downsample read through the overlapping max-pool
+        self.layer2 = Block(8, 8, 1)  # identity residual
+        self.layer3 = Block(8, 6, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(6, 5)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -87,9 +88,9 @@ class Mixed(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 6, 3, padding=2, dilation=2)
+        self.stem = nn.Conv2d(3, 12, 3, stride=2, padding=(2, 3), dilation=2)  # few inputs: Gram path
         self.act0 = nn.GELU()
-        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2, bias=False)
+        self.grouped = nn.Conv2d(12, 6, 3, padding=1, groups=2, bias=False)
         self.bn_g = nn.BatchNorm2d(6)
         self.act1 = nn.SiLU()
         self.dw = nn.Conv2d(6, 6, 3, stride=2, groups=6, bias=False)  # padded by F.pad below
@@ -169,9 +170,9 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
     nets = {
-        "tiny_vgg": (TinyVGG(), (10, 12)),
+        "tiny_vgg": (TinyVGG(), (26, 30)),
         "tiny_resnet": (TinyResNet(), (11, 14)),
-        "mixed": (Mixed(), (12, 16)),
+        "mixed": (Mixed(), (23, 30)),
         "fc_head": (FCHead(), (8, 10)),
         "composed": (Composed(), (11, 9)),
         "linear": (LinearNet(), (7, 9)),

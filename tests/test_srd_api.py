@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import ierf
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from ierf.errors import UnsupportedModelError
 from srd_nets import NETS_FOR_ERRORS, randomise_bn
 from torch import nn
-
-import ierf
-from ierf.errors import UnsupportedModelError
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -116,7 +115,7 @@ def test_layer_names_and_errors_for_non_boundaries():
     torch.testing.assert_close(
         dec.ierf("layer1.0.relu:1", torch.tensor([[3, 3]])), dec.ierf("layer1.0", torch.tensor([[3, 3]]))
     )
-    with pytest.raises(ValueError, match="'maxpool'.*not a stage boundary"):
+    with pytest.raises(ValueError, match=r"'maxpool'.*not a stage boundary"):
         srd.ierf(x, "maxpool", torch.tensor([[0, 0]]))
     with pytest.raises(ValueError, match="unknown layer 'layer9'"):
         srd.ierf(x, "layer9", torch.tensor([[0, 0]]))
@@ -141,7 +140,7 @@ def test_bad_calls_raise_precise_errors():
         srd.saliency(torch.full((1, 3, 32, 32), float("nan")), 0)
     with pytest.raises(ValueError, match="3 channels"):
         srd.saliency(torch.randn(1, 4, 32, 32), 0)
-    with pytest.raises(TypeError, match="model's parameters are torch.float32"):
+    with pytest.raises(TypeError, match=r"model's parameters are torch\.float32"):
         srd.saliency(x.double(), 0)
     dec = srd.decompose(x)
     with pytest.raises(ValueError, match="out of range: the model has 1000 classes"):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import ierf
 import pytest
 import torch
 import torchvision
+from ierf.srd.reference import ReferenceSRD
 from srd_nets import all_nets, randomise_bn
 from torch import nn
-
-import ierf
-from ierf.srd.reference import ReferenceSRD
 
 NETS = all_nets()
 
@@ -111,7 +110,7 @@ def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x:
     """Theoretical receptive field: gradient support of the PFV on a copy with positive weights, identity
     activations and average- instead of max-pooling (so no path can cancel or switch off)."""
     pos_model = copy.deepcopy(model).double()
-    for name, m in list(pos_model.named_modules()):
+    for m in list(pos_model.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, nn.ReLU6 | nn.Hardswish | nn.Hardtanh):
                 setattr(m, child_name, nn.ReLU())  # no clamp or dip on positive values
@@ -204,7 +203,11 @@ def test_parity_with_the_published_code():
     model = randomise_bn(torchvision.models.resnet50(), seed=3)
     dec = ierf.SRD(model).decompose(data["x"])
     torch.testing.assert_close(dec.logits, data["logits"], atol=1e-3, rtol=1e-5)
-    for key, target, contrast in (("srd_13", 13, "identity"), ("srd_500", 500, "identity"), ("srd_13_mean", 13, "mean")):
+    for key, target, contrast in (
+        ("srd_13", 13, "identity"),
+        ("srd_500", 500, "identity"),
+        ("srd_13_mean", 13, "mean"),
+    ):
         ours, theirs = dec.saliency(target, contrast)[0], data[key]
         rel = float((ours - theirs).abs().max() / theirs.abs().max())
         assert rel < 1e-3, f"{key}: relative difference {rel:.2e}"

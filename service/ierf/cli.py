@@ -165,6 +165,11 @@ def parse_position(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ierf", description="Explain what vision models see (SRD, iERF).")
+    parser.add_argument(
+        "--server",
+        metavar="ADDRESS",
+        help="compute on an ierf gRPC service (e.g. 127.0.0.1:9000) through the SDK instead of in-process",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     explain = commands.add_parser("explain", help="classify an image and write an SRD saliency or iERF overlay")
@@ -274,6 +279,10 @@ def _run_models(backend: Backend) -> int:
     from ierf.models import model_spec, resolve_weights
 
     print(f"{'model':<20} {'preprocessing':<24} weights")
+    if hasattr(backend, "model_rows"):  # a server reports its own preprocessing and weights
+        for name, preprocessing, where in backend.model_rows():
+            print(f"{name:<20} {preprocessing:<24} {where}")
+        return EXIT_OK
     for name in backend.model_names():
         try:
             where = str(resolve_weights(name))
@@ -296,8 +305,12 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the problem
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    backend = backend or InProcessBackend()
     try:
+        if backend is None and args.server:
+            from ierf.serving.remote_backend import RemoteBackend
+
+            backend = RemoteBackend(args.server)
+        backend = backend or InProcessBackend()
         if args.command == "explain":
             return _run_explain(args, backend)
         if args.command == "demo-image":

@@ -157,7 +157,9 @@ def module_of(model: nn.Module, target: str) -> nn.Module:
 def ensure_eval(model: nn.Module) -> None:
     """Batch norm and dropout behave differently in training mode; SRD decomposes the eval model."""
     stateful = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training and isinstance(m, stateful)]
+    training = [
+        name or type(model).__name__ for name, m in model.named_modules() if m.training and isinstance(m, stateful)
+    ]
     if training:
         raise ValueError(
             f"model must be in eval mode (call model.eval()); modules in training mode: {', '.join(training[:5])}"

@@ -112,7 +112,11 @@ class Program:
         path, cls = list(stack.values())[-1]
         return f"module '{path}' ({getattr(cls, '__name__', cls)})"
 
-    def where(self, node: fx.Node) -> str:
+    def where(self, node: fx.Node) -> _Where:
+        """Where a node sits, for error messages; formatted only if an error is actually raised."""
+        return _Where(self, node)
+
+    def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
             return f"module '{node.target}' ({type(self.model.get_submodule(str(node.target))).__name__})"
         return f"'{node.name}' in {self._scope(node)}"
@@ -155,6 +159,20 @@ class Program:
         return self._head_modules[source]
 
 
+class _Where:
+    __slots__ = ("node", "program")
+
+    def __init__(self, program: Program, node: fx.Node) -> None:
+        self.program = program
+        self.node = node
+
+    def __str__(self) -> str:
+        return self.program.describe(self.node)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 class _Interpreter:
     def __init__(self, program: Program, keep: frozenset[int]) -> None:
         self.program = program
@@ -163,7 +181,7 @@ class _Interpreter:
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.kept: dict[int, torch.Tensor] = {}
 
-    def where(self, node: fx.Node) -> str:
+    def where(self, node: fx.Node) -> _Where:
         return self.program.where(node)
 
     def activation(self, node: fx.Node, value: Any, apply: Callable[[torch.Tensor], torch.Tensor]) -> Source:
@@ -227,8 +245,8 @@ def _head(out: Affine) -> Head:
     routes: list[Route] = []
     for t in out.terms:
         if isinstance(t, ConvTerm):
-            y = tap_products(t)  # (T, C, B, 1)
-            c = y[..., 0].permute(2, 1, 0)  # (B, C, T)
+            y = tap_products(t)  # (B, 1, 1, T, C)
+            c = y[:, 0, 0].transpose(1, 2)  # (B, C, T)
         else:
             c = t.x.reshape(t.x.shape[0], t.x.shape[1], 1)
         full = c.new_zeros(c.shape[0], k, c.shape[2])

@@ -15,16 +15,80 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ierf.srd.terms import Affine, ConvTerm, DenseTerm, Route, Term, materialise
+from ierf.srd.derived import DERIVED
+from ierf.srd.terms import Affine, ConvTerm, DenseTerm, Route, Term, materialise, replace
 
 # Largest tap tensor (bytes) formed at once; larger stages are processed a few images at a time.
 TAP_BUDGET_BYTES = 256 * 2**20
 
 
 def tap_products(t: ConvTerm) -> torch.Tensor:
-    """Per-tap contributions of a convolution term, laid out (T, C_out, B, L), L = output positions."""
+    """Per-tap contributions of a convolution term, channels last: (B, H_out, W_out, T, C_out).
+
+    Dense kernels: one matrix product per stride phase over the padded input (no im2col), the taps read
+    as shifted views of it. Depthwise kernels: an element-wise product per tap.
+    """
+    x = _channels_last(t.padded_input())  # (B, Hp, Wp, C_in)
+    b, _, _, c_in = x.shape
+    kh, kw = t.kernel
+    (sy, sx), (dy, dx) = t.stride, t.dilation
+    ho, wo = t.spatial()
+    w = t.scaled_weight()  # (C_out, C_in/g, kh, kw)
+    c_out, c_in_g = w.shape[:2]
+    if t.groups == c_in and c_in_g == 1 and c_out == c_in:  # depthwise
+        taps = [
+            x[:, i * dy : i * dy + sy * (ho - 1) + 1 : sy, j * dx : j * dx + sx * (wo - 1) + 1 : sx] * w[:, 0, i, j]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return torch.stack(taps, 3)
+    if t.groups != 1:
+        return _grouped_tap_products(t)
+    span_y = max((i * dy) // sy for i in range(kh)) + ho
+    span_x = max((j * dx) // sx for j in range(kw)) + wo
+    if span_y * span_x > 1.3 * ho * wo:  # kernel large next to the output (small maps, FC-as-conv): im2col
+        return _unfolded_tap_products(t)
+    out = x.new_empty(b, ho, wo, kh * kw, c_out)
+    for py in range(sy):
+        for px in range(sx):
+            taps = [(i, j) for i in range(kh) for j in range(kw) if (i * dy) % sy == py and (j * dx) % sx == px]
+            if not taps:
+                continue
+            phase = x[:, py::sy, px::sx]
+            rows = max((i * dy) // sy for i, _ in taps) + ho
+            cols = max((j * dx) // sx for _, j in taps) + wo
+            phase = phase[:, :rows, :cols].contiguous()
+            stacked = DERIVED.get(
+                f"taps{taps}",
+                (w,),
+                lambda taps=taps: torch.stack([w[:, :, i, j].t() for i, j in taps], 1).reshape(c_in, -1),
+            )  # (C_in, T_p*C_out)
+            prod = (phase.reshape(-1, c_in) @ stacked).view(b, phase.shape[1], phase.shape[2], len(taps), c_out)
+            for k, (i, j) in enumerate(taps):
+                oy, ox = (i * dy) // sy, (j * dx) // sx
+                out[:, :, :, i * kw + j] = prod[:, oy : oy + ho, ox : ox + wo, k]
+    return out
+
+
+def _unfolded_tap_products(t: ConvTerm) -> torch.Tensor:
+    """Dense kernels on maps not much larger than the kernel: one batched product over unfolded taps."""
     x = t.padded_input()
     b, c_in = x.shape[:2]
+    kh, kw = t.kernel
+    taps = kh * kw
+    ho, wo = t.spatial()
+    cols = F.unfold(x, (kh, kw), dilation=t.dilation, stride=t.stride).view(b, c_in, taps, ho * wo)
+    cols = cols.permute(2, 0, 3, 1).reshape(taps, b * ho * wo, c_in)
+    w = t.scaled_weight()
+    per_tap = DERIVED.get("unfold-w", (w,), lambda: w.permute(2, 3, 1, 0).reshape(taps, c_in, w.shape[0]).contiguous())
+    y = torch.bmm(cols, per_tap)  # (T, B*L, C_out)
+    return y.view(taps, b, ho, wo, -1).permute(1, 2, 3, 0, 4)
+
+
+def _grouped_tap_products(t: ConvTerm) -> torch.Tensor:
+    """Grouped (not depthwise) kernels: batched products over unfolded taps."""
+    x = t.padded_input()
+    b = x.shape[0]
     kh, kw = t.kernel
     taps = kh * kw
     cols = F.unfold(x, (kh, kw), dilation=t.dilation, stride=t.stride)  # (B, C_in*T, L)
@@ -32,35 +96,65 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
     w = t.scaled_weight()
     c_out, c_in_g = w.shape[:2]
     groups = t.groups
-    if groups == c_in and c_in_g == 1 and c_out == c_in:  # depthwise: element-wise per tap
-        cols = cols.view(b, c_in, taps, length).permute(2, 1, 0, 3)  # (T, C, B, L)
-        return cols * w.view(c_out, taps).t()[:, :, None, None]
     out_g = c_out // groups
     cols = cols.view(b, groups, c_in_g, taps, length).permute(3, 1, 2, 0, 4).reshape(taps, groups, c_in_g, b * length)
     wt = w.view(groups, out_g, c_in_g, taps).permute(3, 0, 1, 2)  # (T, g, out_g, in_g)
-    y = torch.matmul(wt, cols)  # (T, g, out_g, B*L)
-    return y.reshape(taps, c_out, b, length)
+    y = torch.matmul(wt, cols).reshape(taps, c_out, b, length)
+    ho, wo = t.spatial()
+    return y.permute(2, 3, 0, 1).reshape(b, ho, wo, taps, c_out)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C) view when the tensor is stored channels-last, else a copy."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+GRAM_MAX_INPUT_CHANNELS = 4
 
 
 def _use_gram(t: ConvTerm) -> bool:
-    """Few input channels (the RGB stem): form norms from a per-tap Gram matrix instead of the taps."""
-    return t.groups == 1 and t.taps > 1 and t.weight.shape[1] * 4 <= t.weight.shape[0]
+    """A few input channels and many outputs (the RGB stem): form norms from a per-tap Gram matrix of the
+    kernel instead of the taps (work grows with C_in^2 pairs, so only for a handful of channels)."""
+    c_out, c_in = t.weight.shape[:2]
+    return t.groups == 1 and t.taps > 1 and c_in <= GRAM_MAX_INPUT_CHANNELS and c_in * 4 <= c_out
 
 
 def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """n_t and <C_t, z> via ||W_t a||^2 = a^T (W_t^T W_t) a and <W_t a, z> = <a, W_t^T z>."""
-    x = t.padded_input()
-    b, c_in = x.shape[:2]
+    """n_t and <C_t, z> as (B, H, W, T) without forming the taps, for kernels reading few channels:
+    ||W_t a||^2 = a^T (W_t^T W_t) a and <W_t a, z> = <a, W_t^T z> (one matrix product for all taps).
+
+    The input is read through a strided view (no im2col copy) one channel plane at a time, which keeps
+    every element-wise pass over long contiguous rows even with three input channels.
+    """
+    xp = t.padded_input().contiguous()
+    b, c_in = xp.shape[:2]
     kh, kw = t.kernel
-    taps = kh * kw
-    cols = F.unfold(x, (kh, kw), dilation=t.dilation, stride=t.stride).view(b, c_in, taps, -1)
-    w = t.scaled_weight().view(t.weight.shape[0], c_in, taps).permute(2, 0, 1)  # (T, C_out, C_in)
-    gram = torch.matmul(w.transpose(1, 2), w)  # (T, C_in, C_in)
-    g_cols = torch.einsum("tcd,bdtl->bctl", gram, cols)
-    norms = (cols * g_cols).sum(1).clamp_min(0).sqrt()  # (B, T, L)
-    wz = torch.einsum("toc,bol->bctl", w, z.flatten(2))
-    dots = (cols * wz).sum(1)
-    return norms, dots
+    (sy, sx), (dy, dx) = t.stride, t.dilation
+    ho, wo = t.spatial()
+    sb, sc, sh, sw = xp.stride()
+    cols = xp.as_strided((b, c_in, kh, kw, ho, wo), (sb, sc, dy * sh, dx * sw, sy * sh, sx * sw))
+    w = t.scaled_weight()
+    c_out = w.shape[0]
+    w_rows = DERIVED.get(
+        "gram-w", (w,), lambda: w.permute(1, 2, 3, 0).reshape(-1, c_out).contiguous()
+    )  # (C_in*T, C_out)
+    gram = DERIVED.get("gram-g", (w,), lambda: torch.einsum("ocij,odij->cdij", w, w))  # (C_in, C_in, kh, kw)
+    back = (w_rows @ z.reshape(-1, c_out).t()).view(c_in, kh, kw, b, ho, wo).permute(0, 3, 1, 2, 4, 5)
+    dots = sum(cols[:, c] * back[c] for c in range(c_in))  # (B, kh, kw, H, W)
+    # ||W_t a_p||^2 = sum_k g_t[k] * P_k[p] with P_k the products a_c * a_d of input channel pairs: combine the
+    # few product planes per tap once at input resolution, then read each tap at its strided positions.
+    pairs = [(c, d) for c in range(c_in) for d in range(c, c_in)]
+    planes = torch.stack([xp[:, c] * xp[:, d] for c, d in pairs], 1)  # (B, P, Hp, Wp)
+    coef = DERIVED.get(
+        "gram-pairs",
+        (w,),
+        lambda: torch.stack([gram[c, d] * (1.0 if c == d else 2.0) for c, d in pairs], 0).reshape(len(pairs), -1),
+    )  # (P, T)
+    per_tap = F.conv2d(planes, coef.t()[:, :, None, None])  # (B, T, Hp, Wp): a 1x1 convolution
+    qb, qt, qh, qw = per_tap.stride()
+    squares = per_tap.as_strided((b, kh, kw, ho, wo), (qb, kw * qt + dy * qh, qt + dx * qw, sy * qh, sx * qw))
+    norms = squares.clamp_min(0).sqrt()
+    return norms.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1), dots.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1)
 
 
 class _TermStats:
@@ -91,14 +185,14 @@ def stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route
 def _tap_bytes_per_image(bundle: Affine) -> int:
     total = 0
     for t in bundle.terms:
-        if isinstance(t, ConvTerm) and not _use_gram(t):
+        if isinstance(t, ConvTerm) and t.taps > 1 and not _use_gram(t):
             h, w = t.spatial()
             total += t.taps * t.channels * h * w * t.x.element_size()
     return total
 
 
 def _batch_slice(bundle: Affine, start: int, stop: int) -> Affine:
-    from dataclasses import replace
+    from ierf.srd.terms import replace
 
     def cut(v: torch.Tensor) -> torch.Tensor:
         return v[start:stop] if v.shape[0] > 1 else v
@@ -108,65 +202,167 @@ def _batch_slice(bundle: Affine, start: int, stop: int) -> Affine:
     return replace(bundle, terms=terms, biases=biases, batch=stop - start)
 
 
+class _SharedKernel:
+    """Single-tap convolutions with one kernel applied to several inputs (the max-pool window offsets
+    feeding a 1x1 convolution). Their sum is one convolution of the summed inputs, <W x, z> = <x, W^T z>
+    needs W^T z once, and ||W x||^2 = x^T (W^T W) x: no per-input copy of the wide output."""
+
+    def __init__(self, members: list[ConvTerm]) -> None:
+        self.members = members
+        first = members[0]
+        self.weight = first.scaled_weight()[:, :, 0, 0]  # (C_out, C_in)
+        self.stride = first.stride
+        self.c0 = first.c0
+        self.channels = first.channels
+
+    def inputs(self) -> list[torch.Tensor]:
+        sy, sx = self.stride
+        return [_channels_last(m.x[:, :, ::sy, ::sx]) for m in self.members]
+
+    @staticmethod
+    def worth_it(members: list[ConvTerm], need_norm: bool) -> bool:
+        c_out, c_in = members[0].weight.shape[:2]
+        k = len(members)
+        shared = 2 * c_in * c_out + k * (c_in * c_in if need_norm else 0) + 2 * k * c_in
+        return shared < k * (c_in * c_out + 2 * c_out)
+
+
+def _group_shared_kernels(terms: list[Term], shared_keys: set[int]) -> list[Term | _SharedKernel]:
+    groups: dict[tuple, list[ConvTerm]] = {}
+    for t in terms:
+        if isinstance(t, ConvTerm) and t.taps == 1 and t.groups == 1 and t.pad == (0, 0, 0, 0):
+            sig = (id(t.weight), id(t.out_scale), t.stride, t.c0, tuple(t.x.shape))
+            groups.setdefault(sig, []).append(t)
+    out: list[Term | _SharedKernel] = []
+    done: set[int] = set()
+    for t in terms:
+        if id(t) in done:
+            continue
+        members = (
+            groups.get((id(t.weight), id(t.out_scale), t.stride, t.c0, tuple(t.x.shape)))
+            if isinstance(t, ConvTerm) and t.taps == 1 and t.groups == 1 and t.pad == (0, 0, 0, 0)
+            else None
+        )
+        if members and len(members) > 1:
+            need_norm = any(m.key in shared_keys for m in members)
+            done.update(id(m) for m in members)
+            if _SharedKernel.worth_it(members, need_norm):
+                out.append(_SharedKernel(members))
+            else:
+                out.extend(materialise(m) for m in members)
+            continue
+        out.append(materialise(t) if isinstance(t, ConvTerm) and t.taps == 1 else t)
+    return out
+
+
+def _joint_tap_products(units: list) -> dict[int, torch.Tensor]:
+    """Kernel taps of convolutions that share one kernel (the max-pool window offsets feeding a conv, or a
+    fully connected layer after a max-pool) in one product over the stacked inputs: the weights are read
+    once instead of once per input."""
+    groups: dict[tuple, list[ConvTerm]] = {}
+    for t in units:
+        if isinstance(t, ConvTerm) and t.taps > 1 and not _use_gram(t):
+            sig = (id(t.weight), id(t.out_scale), t.stride, t.dilation, t.pad, t.groups, tuple(t.x.shape))
+            groups.setdefault(sig, []).append(t)
+    out: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        stacked = tap_products(replace(first, x=torch.cat([m.x for m in members], 0)))
+        for m, taps in zip(members, stacked.chunk(len(members), 0), strict=True):
+            out[id(m)] = taps
+    return out
+
+
 def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
+    """Channels-last throughout: every reduction over channels runs over contiguous memory."""
     b, c, h, w = bundle.batch, bundle.channels, bundle.height, bundle.width
+    all_keys = frozenset(t.key for t in bundle.terms)
+    taps_of_key = {t.key: t.taps for t in bundle.terms}
+    owned = [(bias, (bias.owners & all_keys) or all_keys) for bias in bundle.biases]
+    # Norms only matter where a bias is shared by several paths: a bias owned by one path simply joins it.
+    shared_keys = set().union(*[o for _, o in owned if sum(taps_of_key[k] for k in o) > 1])
+
     # Single-tap convolutions (1x1) are one path per position: the library convolution is the fastest
     # way to form them, and their output is the contribution itself.
-    terms = [materialise(t) if isinstance(t, ConvTerm) and t.taps == 1 else t for t in bundle.terms]
-    z: torch.Tensor | None = None
-    pending: list[tuple[ConvTerm, torch.Tensor]] = []
-    for t in terms:
-        if isinstance(t, ConvTerm) and not _use_gram(t):
-            taps = tap_products(t)  # (T, C, B, L)
-            pending.append((t, taps))
-            part = taps.sum(0).view(t.channels, b, h, w).transpose(0, 1)
+    units = _group_shared_kernels(bundle.terms, shared_keys)
+    terms = [m for u in units for m in (u.members if isinstance(u, _SharedKernel) else [u])]
+    z: torch.Tensor | None = None  # (B, H, W, C)
+    taps_of: dict[int, torch.Tensor] = {}
+    parts: dict[int, torch.Tensor] = {}
+    source_ids = {id(t) for t in bundle.terms if isinstance(t, DenseTerm)}  # tensors others may still read
+    taps_of.update(_joint_tap_products(units))
+    for t in units:
+        if isinstance(t, _SharedKernel):
+            ins = t.inputs()
+            part = sum(ins[1:], ins[0].clone()) @ t.weight.t()
+            parts[id(t)] = ins  # type: ignore[assignment]
+        elif isinstance(t, ConvTerm) and not _use_gram(t):
+            taps = taps_of.get(id(t))
+            if taps is None:
+                taps = taps_of[id(t)] = tap_products(t)  # (B, H, W, T, C)
+            part = taps.sum(3)
         else:
-            part = t.total()
+            part = _channels_last(t.total())
+        if isinstance(t, DenseTerm):
+            parts[id(t)] = part
         if z is None and t.c0 == 0 and t.channels == c:
-            z = part.clone() if isinstance(t, DenseTerm) else part.contiguous()
+            # z is written in place below (and by an in-place activation): copy only borrowed tensors, and
+            # also a fresh path tensor when it is needed again for its own dot product.
+            borrowed = id(t) in source_ids or part.data_ptr() == t.x.data_ptr()
+            z = part if len(units) == 1 and not borrowed else part.clone()
             continue
         if z is None:
-            z = part.new_zeros(b, c, h, w)
-        z[:, t.c0 : t.c0 + t.channels] += part
+            z = part.new_zeros(b, h, w, c)
+        z[..., t.c0 : t.c0 + t.channels] += part
     assert z is not None
     for bias in bundle.biases:
-        z[:, bias.c0 : bias.c0 + bias.channels] += bias.value
+        value = bias.value.permute(0, 2, 3, 1)
+        if z.data_ptr() in {p.data_ptr() for p in parts.values() if isinstance(p, torch.Tensor)}:
+            z = z + F.pad(value, (bias.c0, c - bias.c0 - bias.channels))  # keep the path tensor intact
+        else:
+            z[..., bias.c0 : bias.c0 + bias.channels] += value
 
-    zz = (z * z).sum(1)
+    zz = torch.linalg.vecdot(z, z)  # (B, H, W)
+    z_out = z.permute(0, 3, 1, 2)  # (B, C, H, W) stored channels-last
     routes = [r for t in terms for r in t.tap_routes()]
     if len(terms) == 1 and terms[0].taps == 1:
         # One path: its ratio is exactly 1 wherever it carries the PFV. With a bias the path also needs a
         # nonzero contribution, else the bias has nobody to be shared with (published rule).
         carried = zz > 0
         if bundle.biases:
-            carried = carried & (terms[0].total() != 0).any(1)
-        return z, carried.to(z.dtype)[:, None], routes
-
-    taps_of = {id(t): y for t, y in pending}
-    all_keys = frozenset(t.key for t in terms)
-    taps_of_key = {t.key: t.taps for t in terms}
-    owned = [(bias, (bias.owners & all_keys) or all_keys) for bias in bundle.biases]
-    # Norms only matter where a bias is shared by several paths: a bias owned by one path simply joins it.
-    shared_keys = set().union(*[o for _, o in owned if sum(taps_of_key[k] for k in o) > 1])
+            carried = carried & (parts[id(terms[0])] != 0).any(-1)
+        return z_out, carried.to(z.dtype)[:, None], routes
 
     stats: list[_TermStats] = []
+    for u in units:
+        if not isinstance(u, _SharedKernel):
+            continue
+        back = z[..., u.c0 : u.c0 + u.channels] @ u.weight  # W^T z, (B, H, W, C_in)
+        gram = u.weight.t() @ u.weight if any(m.key in shared_keys for m in u.members) else None
+        for m, x in zip(u.members, parts[id(u)], strict=True):
+            norms = None if gram is None else torch.linalg.vecdot(x, x @ gram).clamp_min(0).sqrt()[..., None]
+            stats.append(_TermStats(m, norms, torch.linalg.vecdot(x, back)[..., None]))
+    grouped = {id(m) for u in units if isinstance(u, _SharedKernel) for m in u.members}
     for t in terms:
-        zc = z[:, t.c0 : t.c0 + t.channels]
+        if id(t) in grouped:
+            continue
+        zc = z[..., t.c0 : t.c0 + t.channels]
         want_norm = t.key in shared_keys
         norms = None
         if isinstance(t, DenseTerm):
+            x = parts[id(t)]
             if want_norm:
-                norms = (t.x * t.x).sum(1, keepdim=True).sqrt()
-            dots = (t.x * zc).sum(1, keepdim=True)
+                norms = torch.linalg.vector_norm(x, dim=-1)[..., None]
+            dots = torch.linalg.vecdot(x, zc)[..., None]
         elif id(t) in taps_of:
             y = taps_of[id(t)]
-            zt = zc.transpose(0, 1).reshape(t.channels, b, h * w)
             if want_norm:
-                norms = (y * y).sum(1).sqrt().view(-1, b, h, w).transpose(0, 1)
-            dots = (y * zt).sum(1).view(-1, b, h, w).transpose(0, 1)
+                norms = torch.linalg.vector_norm(y, dim=-1)
+            dots = torch.einsum("bhwtc,bhwc->bhwt", y, zc)
         else:
-            n, d = _gram_norms_dots(t, zc)
-            norms, dots = n.view(b, -1, h, w), d.view(b, -1, h, w)
+            norms, dots = _gram_norms_dots(t, zc)
         stats.append(_TermStats(t, norms, dots))
 
     # Bias shares: each bias goes to its owner paths in proportion to their contribution norms; a path
@@ -175,24 +371,24 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
     share = {k: torch.zeros_like(zz) for k in all_keys}
     solo: dict[int, torch.Tensor] = {}
     for bias, owners in owned:
-        e = (bias.value * z[:, bias.c0 : bias.c0 + bias.channels]).sum(1)
+        e = torch.linalg.vecdot(bias.value.permute(0, 2, 3, 1), z[..., bias.c0 : bias.c0 + bias.channels])
         if sum(taps_of_key[k] for k in owners) == 1:
             (k,) = owners
             solo[k] = solo[k] + e if k in solo else e
             continue
-        total_norm = sum(by_key[k].norms.sum(1) for k in owners)
+        total_norm = sum(by_key[k].norms.sum(-1) for k in owners)
         per_norm = torch.where(total_norm > 0, e / torch.where(total_norm > 0, total_norm, 1), 0)
         for k in owners:
             share[k] = share[k] + per_norm
 
-    safe_zz = torch.where(zz > 0, zz, torch.ones_like(zz))[:, None]
+    safe_zz = torch.where(zz > 0, zz, torch.ones_like(zz))[..., None]
     mus = []
     for st in stats:
         num = st.dots
         if st.norms is not None:
-            num = num + st.norms * share[st.term.key][:, None]
+            num = num + st.norms * share[st.term.key][..., None]
         if st.term.key in solo:
-            num = num + torch.where(st.dots != 0, solo[st.term.key][:, None], 0)
+            num = num + torch.where(st.dots != 0, solo[st.term.key][..., None], 0)
         mus.append(num / safe_zz)
-    mu = torch.cat(mus, 1) * (zz > 0)[:, None]
-    return z, mu, routes
+    mu = (torch.cat(mus, -1) * (zz > 0)[..., None]).permute(0, 3, 1, 2).contiguous()
+    return z_out, mu, [r for st in stats for r in st.term.tap_routes()]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
+from ierf.srd.derived import DERIVED
 from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_routes
 
 
@@ -203,12 +204,18 @@ def _linear_function(ctx, node, fn, x, weight, bias=None) -> Affine:
 def _batch_norm(ctx, node, x, mean, var, weight, bias, eps) -> Affine:
     if mean is None or var is None:
         raise UnsupportedModelError(f"{ctx.where(node)}: batch norm without running statistics uses batch statistics")
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return scale, shift
+
+    sources = tuple(t for t in (mean, var, weight, bias) if t is not None)
+    scale, shift = DERIVED.get(f"bn{eps}:{weight is not None}:{bias is not None}", sources, fold)
     return as_affine(x, ctx.where(node)).scale_shift(scale, shift)
 
 

@@ -17,15 +17,24 @@ so ratios can be scattered back without any index tensors.
 
 from __future__ import annotations
 
+import copy
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ierf.errors import UnsupportedModelError
+from ierf.srd.derived import DERIVED
 
 _keys = itertools.count(1)
+
+
+def replace(obj, **changes):
+    """A shallow copy with some fields changed: bundles are rebuilt on every op, so this stays cheap."""
+    new = copy.copy(obj)
+    new.__dict__.update(changes)
+    return new
 
 
 def new_key() -> int:
@@ -118,7 +127,8 @@ class ConvTerm:
     def scaled_weight(self) -> torch.Tensor:
         if self.out_scale is None:
             return self.weight
-        return self.weight * self.out_scale.view(-1, 1, 1, 1)
+        w, s = self.weight, self.out_scale
+        return DERIVED.get("scaled", (w, s), lambda: w * s.view(-1, 1, 1, 1))
 
     def padded_input(self) -> torch.Tensor:
         t, b, l, r = self.pad
@@ -229,7 +239,7 @@ class Affine:
         if scale is not None:
             terms: list[Term] = []
             for t in out.terms:
-                s = scale[t.c0 : t.c0 + t.channels]
+                s = scale if t.c0 == 0 and t.channels == scale.numel() else scale[t.c0 : t.c0 + t.channels]
                 if isinstance(t, DenseTerm):
                     terms.append(replace(t, x=t.x * s.view(1, -1, 1, 1)))
                 else:
@@ -339,9 +349,11 @@ class Affine:
         """nn.Linear on a vector (1x1 conv) or on a flattened map (a conv covering the whole map)."""
         if self.flat_from is not None:
             c, h, w = self.flat_from
-            kernel = weight.reshape(weight.shape[0], c, h, w)
+            kernel = DERIVED.get(
+                f"flat-kernel{self.flat_from}", (weight,), lambda: weight.view(weight.shape[0], c, h, w)
+            )
         elif self.is_vector or (self.height == 1 and self.width == 1):
-            kernel = weight[:, :, None, None]
+            kernel = DERIVED.get("linear-kernel", (weight,), lambda: weight[:, :, None, None])
         else:
             raise UnsupportedModelError(f"{where}: nn.Linear applied to a spatial map (use Conv2d 1x1)")
         unflat = replace(self, flat_from=None, is_vector=False)
@@ -464,7 +476,7 @@ def _conv_term(
             t = materialise(t)
         elif one_by_one and t.uniform:
             # Averaging commutes with channel mixing: mix first, average after (cheap GAP+linear heads).
-            mixed = F.conv2d(t.x, w * (t.out_scale.view(1, -1, 1, 1) if t.out_scale is not None else 1))
+            mixed = F.conv2d(t.x, w if t.out_scale is None else w * t.out_scale.view(1, -1, 1, 1))
             uniform = mixed.new_full((mixed.shape[1], 1, *t.kernel), float(t.weight.flatten()[0]))
             return ConvTerm(mixed, t.route, uniform, t.stride, t.dilation, t.pad, mixed.shape[1], None, True, 0, t.key)
         elif pad == (0, 0, 0, 0):

@@ -1,0 +1,193 @@
+"""Explain latency through the service (gRPC -> Ray Serve -> worker) against the same work in-process.
+
+Starts its own private Ray cluster, Serve (gRPC on a free loopback port) and redis-server, then
+measures, for one model:
+
+- cold: a new image (decomposition computed) — in-process ``srd.decompose(x).saliency(t)`` vs Explain;
+- warm: another class on an image already seen — in-process ``decomposition.saliency(t)`` vs Explain,
+  served from the worker's in-process LRU (L1) and, in a second phase with L1 off, from Redis (L2).
+
+Targets (issue 3): overhead p50 <= 15 ms; warm <= 0.2 x cold for ResNet50 on CPU.
+
+    python benchmarks/service_latency.py                       # resnet50 (random weights), CPU
+    python benchmarks/service_latency.py --model efficientnet_lite0 --cold 6 --warm 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+DEMO_IMAGES = ("coffee", "chelsea", "rocket", "astronaut", "motorcycle")
+
+
+@dataclass
+class Series:
+    name: str
+    seconds: list[float]
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.seconds)
+        index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+        return ordered[index] * 1000
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.seconds) * 1000
+
+
+def images(count: int, offset: int) -> list[np.ndarray]:
+    """Real photos, made unique per index (one pixel nudged) so every one is a cache miss."""
+    from ierf.images import demo_image
+
+    base = [demo_image(name) for name in DEMO_IMAGES]
+    out = []
+    for i in range(count):
+        picture = base[i % len(base)].copy()
+        picture[0, 0, 0] = (int(picture[0, 0, 0]) + offset + i + 1) % 256
+        out.append(picture)
+    return out
+
+
+class InProcess:
+    """The same model and engine in this process: the reference for "the same work"."""
+
+    def __init__(self, model_id: str, random_init: bool, threads: int) -> None:
+        import ierf
+        import torch
+        from ierf.models import load_model
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load_model(model_id, random_init=random_init)
+        self.srd = ierf.SRD(self.model.module)
+        self.decomposition = None
+
+    def cold(self, picture: np.ndarray) -> float:
+        start = time.perf_counter()
+        view = self.model.resize_crop(picture)
+        x = self.model.normalize(self.torch.from_numpy(view).permute(2, 0, 1)[None])
+        self.decomposition = self.srd.decompose(x)
+        self.decomposition.saliency(int(self.decomposition.logits.argmax()))
+        return time.perf_counter() - start
+
+    def warm(self, target: int) -> float:
+        start = time.perf_counter()
+        self.decomposition.saliency(target)
+        return time.perf_counter() - start
+
+
+def measure(reference: InProcess, address: str, cold_images, warm_targets, label: str) -> dict[str, Series]:
+    """Alternate in-process and gRPC calls so both see the same machine load (other jobs share the cores)."""
+    from ierf_client import Client
+
+    out = {k: Series(k, []) for k in ("ref cold", "grpc cold", "ref warm", "grpc warm", "health")}
+    tiers: set[str] = set()
+    with Client(address, timeout=600) as client:
+        client.wait_until_serving(timeout=300)
+        client.explain(images(1, 10_000)[0], overlay=False)  # warm-up of the worker
+        reference.cold(images(1, 20_000)[0])
+        for picture in cold_images:
+            out["ref cold"].seconds.append(reference.cold(picture))
+            start = time.perf_counter()
+            result = client.explain(picture, overlay=False)
+            out["grpc cold"].seconds.append(time.perf_counter() - start)
+            assert result.provenance.cache.get("decomposition") == "miss", result.provenance.cache
+        for target in warm_targets:  # the last cold image, other classes
+            out["ref warm"].seconds.append(reference.warm(target))
+            start = time.perf_counter()
+            result = client.explain(cold_images[-1], target=target, overlay=False)
+            out["grpc warm"].seconds.append(time.perf_counter() - start)
+            tiers.add(str(result.provenance.cache.get("decomposition")))
+            start = time.perf_counter()
+            client.health()
+            out["health"].seconds.append(time.perf_counter() - start)
+    for series in out.values():
+        series.name = f"{series.name} ({label})"
+    out["tiers"] = Series(",".join(sorted(tiers)), [])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--weights", choices=("random", "real"), default=None, help="default: real if bundled")
+    parser.add_argument("--cold", type=int, default=6, help="new images per series")
+    parser.add_argument("--warm", type=int, default=30, help="second-target requests per series")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the worker")
+    args = parser.parse_args()
+    random_init = (args.weights or ("real" if args.model == "efficientnet_lite0" else "random")) == "random"
+
+    from ierf.serving.app import build_application
+    from ierf.serving.local import RedisProcess, free_port, load_serve_config, start_service
+    from ierf.serving.settings import ServiceConfig
+    from ray import serve
+
+    cold_images = images(args.cold, 0)
+    warm_targets = [(17 * i + 3) % 1000 for i in range(args.warm)]
+    print(f"model {args.model} ({'random' if random_init else 'real'} weights), torch threads {args.threads}")
+    reference = InProcess(args.model, random_init, args.threads)
+
+    model_args = {"id": args.model, "random_init": random_init, "num_threads": args.threads}
+    app_args = {"models": [model_args], "default_model": args.model, "cache": {}}
+    config = load_serve_config()
+    app = config["applications"][0]
+    app["deployments"] = [
+        {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}},
+        {"name": f"Worker_{args.model}", "max_ongoing_requests": 1, "max_queued_requests": 8,
+         "ray_actor_options": {"num_cpus": 1}},
+    ]  # fmt: skip
+    print("starting Ray + Serve + Redis ...", flush=True)
+    redis = RedisProcess(maxmemory="1gb").start()
+    service = None
+    try:
+        app_args["cache"]["redis_url"] = redis.url
+        service = start_service(
+            config,
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            num_cpus=os.cpu_count(),
+            args_overrides=app_args,
+        )
+        print("phase 1: worker with L1 + L2 ...", flush=True)
+        l1 = measure(reference, service.grpc_address, cold_images, warm_targets, "L1")
+        # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
+        overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+        no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
+        serve.run(build_application(no_l1, overrides), name="ierf", route_prefix="/")
+        print("phase 2: worker with L2 only ...", flush=True)
+        l2 = measure(reference, service.grpc_address, images(args.cold, 500), warm_targets, "L2 only")
+    finally:
+        if service is not None:
+            service.stop()
+        redis.cleanup()
+
+    print()
+    print(f"{'series':<26} {'n':>4} {'p50 ms':>10} {'p99 ms':>10}")
+    for phase in (l1, l2):
+        for key in ("ref cold", "grpc cold", "ref warm", "grpc warm", "health"):
+            series = phase[key]
+            print(f"{series.name:<26} {len(series.seconds):>4} {series.p50:>10.1f} {series.pct(99):>10.1f}")
+    print()
+    print("overhead = gRPC p50 - in-process p50 for the same work (target p50 <= 15 ms)")
+    for phase in (l1, l2):
+        for kind in ("cold", "warm"):
+            grpc_s, ref_s = phase[f"grpc {kind}"], phase[f"ref {kind}"]
+            print(f"  {grpc_s.name:<24} {grpc_s.p50 - ref_s.p50:+9.1f} ms   ratio {grpc_s.p50 / ref_s.p50:6.2f}x")
+    print(f"  floor: health check through the proxy, no worker hop: p50 {l1['health'].p50:.1f} ms")
+    print("warm / cold through the service, p50 (target <= 0.2)")
+    for phase, label in ((l1, "L1 hit"), (l2, "L2 hit")):
+        ratio = phase["grpc warm"].p50 / phase["grpc cold"].p50
+        print(f"  {label}  {ratio:6.3f}   (decomposition served from: {phase['tiers'].name})")
+
+
+if __name__ == "__main__":
+    main()

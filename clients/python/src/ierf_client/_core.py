@@ -1,0 +1,446 @@
+"""Request building, response parsing, errors and retry policy shared by the sync and async clients."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from ierf_proto.v1 import explainer_pb2 as pb
+from PIL import Image
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's default is 4 MiB, too small for maps and photos
+RAW_TENSOR_LIMIT_BYTES = 16 * 1024 * 1024  # larger arrays are sent as lossless PNG instead
+TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # the server-side deadline (Serve does not forward grpc-timeout)
+SERVICE = "ierf.v1.ExplainService"
+
+ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+
+# ----------------------------------------------------------------------------------------- errors
+class IerfError(Exception):
+    """A failed call: ``code`` is the gRPC status, ``details`` the server's readable message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(IerfError, ValueError):
+    pass
+
+
+class NotFoundError(IerfError, LookupError):
+    pass
+
+
+class ResourceExhaustedError(IerfError):
+    pass
+
+
+class DeadlineExceededError(IerfError, TimeoutError):
+    pass
+
+
+class UnavailableError(IerfError, ConnectionError):
+    pass
+
+
+class UnauthenticatedError(IerfError, PermissionError):
+    pass
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> IerfError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return _ERRORS.get(code, IerfError)(code, details)
+
+
+# ------------------------------------------------------------------------------------------ retry
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE only (the request never reached a worker, or the server is restarting).
+
+    Anything else is either the caller's mistake or would repeat work the server may have done.
+    Backoff: exponential with full jitter, capped, and never past the call's own deadline.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        return random.uniform(0, ceiling)
+
+    @staticmethod
+    def retryable(code: grpc.StatusCode) -> bool:
+        return code == grpc.StatusCode.UNAVAILABLE
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # 5 min: the gRPC server default minimum ping interval, so servers never answer "too_many_pings".
+        ("grpc.keepalive_time_ms", 300_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+def call_metadata(token: str | None, remaining_s: float) -> list[tuple[str, str]]:
+    metadata = [(TIMEOUT_METADATA_KEY, str(max(1, int(remaining_s * 1000))))]
+    if token:
+        metadata.append(("authorization", f"Bearer {token}"))
+    return metadata
+
+
+# ------------------------------------------------------------------------------------------ images
+def image_message(image: ImageInput) -> pb.Image:
+    """Paths and bytes travel as the file's encoded bytes; arrays as raw tensors (or PNG when large)."""
+    if isinstance(image, str | os.PathLike):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, bytes | bytearray | memoryview):
+        return pb.Image(encoded=bytes(image))
+    if isinstance(image, Image.Image):
+        return pb.Image(encoded=_png(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            dtype = pb.UINT8
+        elif image.dtype == np.float32:
+            dtype = pb.FLOAT32
+        elif image.dtype == np.float16:
+            dtype = pb.FLOAT16
+        else:
+            raise TypeError(
+                f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float32/float16 in [0, 1]"
+            )
+        if image.dtype == np.uint8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES and image.ndim in (2, 3):
+            return pb.Image(encoded=_png(Image.fromarray(image)))  # lossless: same pixels, same cache key
+        data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
+        return pb.Image(tensor=pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(image.shape)))
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array")
+
+
+def _png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def tensor_array(tensor: pb.Tensor) -> np.ndarray:
+    dtype = {pb.UINT8: np.uint8, pb.FLOAT16: np.float16, pb.FLOAT32: np.float32}.get(tensor.dtype)
+    if dtype is None:
+        raise ValueError(f"response tensor has unknown dtype {tensor.dtype}")
+    return np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(tensor.shape)).copy()
+
+
+# ----------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    name: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class Provenance:
+    model_id: str
+    weights_digest: str
+    method: str
+    method_version: str
+    preprocess_version: str
+    content_hash: str
+    cache: dict[str, str]  # artifact -> "miss" | "l1" | "l2" | "disabled"
+    timings: dict[str, float]  # stage -> seconds (summed when a stage occurs more than once)
+    server_version: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    height: int
+    width: int
+    channels: int
+    color_space: str
+    preprocess_version: str
+    encodings: list[str]
+    max_image_bytes: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    weights_digest: str
+    input: InputSpec
+    num_classes: int
+    class_names: list[str]
+    layers: list[LayerInfo]
+    methods: list[str]
+    default_method: str
+
+    def layer(self, name: str) -> LayerInfo:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"model {self.id} has no layer {name!r}")
+
+
+def _overlay_image(png: bytes) -> Image.Image:
+    if not png:
+        raise ValueError("no overlay in this result: call with overlay=True")
+    picture = Image.open(io.BytesIO(png))
+    picture.load()
+    return picture
+
+
+@dataclass(frozen=True)
+class Explanation:
+    map: np.ndarray  # (H, W) signed saliency at the model's input resolution
+    target: ClassScore
+    provenance: Provenance
+    overlay_png: bytes = b""
+    model_input: np.ndarray | None = None  # uint8 (H, W, 3) with return_input=True
+
+    def overlay(self) -> Image.Image:
+        """The server-rendered overlay (request it with ``overlay=True``)."""
+        return _overlay_image(self.overlay_png)
+
+
+@dataclass(frozen=True)
+class IERFResult:
+    maps: np.ndarray  # (P, H, W); each sums to 1
+    layer: LayerInfo
+    provenance: Provenance
+    overlay_pngs: list[bytes] = field(default_factory=list)
+    model_input: np.ndarray | None = None
+
+    def overlay(self, index: int = 0) -> Image.Image:
+        return _overlay_image(self.overlay_pngs[index] if index < len(self.overlay_pngs) else b"")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    top_classes: list[ClassScore]
+    provenance: Provenance
+
+
+_TIERS = {pb.MISS: "miss", pb.L1: "l1", pb.L2: "l2", pb.DISABLED: "disabled"}
+
+
+def parse_provenance(p: pb.Provenance) -> Provenance:
+    timings: dict[str, float] = {}
+    for t in p.timings:
+        timings[t.stage] = timings.get(t.stage, 0.0) + t.seconds
+    return Provenance(
+        model_id=p.model_id,
+        weights_digest=p.weights_digest,
+        method=p.method,
+        method_version=p.method_version,
+        preprocess_version=p.preprocess_version,
+        content_hash=p.content_hash,
+        cache={c.artifact: _TIERS.get(c.tier, "unknown") for c in p.cache},
+        timings=timings,
+        server_version=p.server_version,
+        request_id=p.request_id,
+    )
+
+
+def parse_score(s: pb.ClassScore) -> ClassScore:
+    return ClassScore(index=s.index, name=s.name, probability=s.probability, logit=s.logit)
+
+
+def parse_layer(layer: pb.LayerInfo) -> LayerInfo:
+    return LayerInfo(name=layer.name, channels=layer.channels, height=layer.height, width=layer.width)
+
+
+def parse_model(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        id=m.id,
+        weights_digest=m.weights_digest,
+        input=InputSpec(
+            height=m.input.height,
+            width=m.input.width,
+            channels=m.input.channels,
+            color_space=m.input.color_space,
+            preprocess_version=m.input.preprocess_version,
+            encodings=list(m.input.encodings),
+            max_image_bytes=m.input.max_image_bytes,
+            max_pixels=m.input.max_pixels,
+        ),
+        num_classes=m.num_classes,
+        class_names=list(m.class_names),
+        layers=[parse_layer(layer) for layer in m.layers],
+        methods=list(m.methods),
+        default_method=m.default_method,
+    )
+
+
+def parse_explanation(r: pb.ExplainResponse) -> Explanation:
+    return Explanation(
+        map=tensor_array(r.map),
+        target=parse_score(r.target),
+        provenance=parse_provenance(r.provenance),
+        overlay_png=r.overlay_png,
+        model_input=tensor_array(r.model_input) if r.HasField("model_input") else None,
+    )
+
+
+def parse_ierf(r: pb.ComputeIERFResponse) -> IERFResult:
+    return IERFResult(
+        maps=tensor_array(r.maps),
+        layer=parse_layer(r.layer),
+        provenance=parse_provenance(r.provenance),
+        overlay_pngs=list(r.overlay_png),
+        model_input=tensor_array(r.model_input) if r.HasField("model_input") else None,
+    )
+
+
+def parse_prediction(r: pb.PredictResponse) -> Prediction:
+    return Prediction(top_classes=[parse_score(s) for s in r.top_classes], provenance=parse_provenance(r.provenance))
+
+
+# ---------------------------------------------------------------------------------------- requests
+_MAP_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
+
+
+def _map_dtype(name: str) -> int:
+    try:
+        return _MAP_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"map_dtype must be 'float32' or 'float16', got {name!r}") from None
+
+
+def explain_request(
+    image: ImageInput,
+    target: int | None,
+    model: str,
+    method: str,
+    contrast: str | int,
+    map_dtype: str,
+    overlay: bool,
+    return_input: bool,
+) -> pb.ExplainRequest:
+    request = pb.ExplainRequest(
+        model_id=model,
+        image=image_message(image),
+        method=method,
+        map_dtype=_map_dtype(map_dtype),
+        overlay=overlay,
+        return_input=return_input,
+    )
+    if target is not None:
+        request.target = int(target)
+    if isinstance(contrast, int | np.integer) and not isinstance(contrast, bool):
+        request.contrast_class = int(contrast)
+    else:
+        request.contrast = str(contrast)
+    return request
+
+
+def ierf_request(
+    image: ImageInput,
+    layer: str,
+    positions: Iterable[Sequence[int]],
+    model: str,
+    map_dtype: str,
+    overlay: bool,
+    return_input: bool,
+) -> pb.ComputeIERFRequest:
+    pairs = [tuple(int(v) for v in p) for p in positions]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"positions must be (row, col) pairs, got {pairs}")
+    return pb.ComputeIERFRequest(
+        model_id=model,
+        image=image_message(image),
+        layer=layer,
+        positions=[pb.Position(row=r, col=c) for r, c in pairs],
+        map_dtype=_map_dtype(map_dtype),
+        overlay=overlay,
+        return_input=return_input,
+    )
+
+
+def predict_request(image: ImageInput, top_k: int, model: str) -> pb.PredictRequest:
+    return pb.PredictRequest(model_id=model, image=image_message(image), top_k=top_k)
+
+
+# ------------------------------------------------------------------------------------------ health
+# grpc.health.v1 messages are two tiny protos; encoded by hand so the SDK needs no second stub package
+# (and cannot collide with grpcio-health-checking's registration of the same names).
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_STATUSES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def encode_health_request(service: str) -> bytes:
+    data = service.encode()
+    if not data:
+        return b""
+    return b"\x0a" + _varint(len(data)) + data
+
+
+def decode_health_response(data: bytes) -> str:
+    status, i = 0, 0
+    while i < len(data):
+        tag, i = _read_varint(data, i)
+        if tag == 0x08:
+            status, i = _read_varint(data, i)
+        elif tag & 7 == 0:
+            _, i = _read_varint(data, i)
+        elif tag & 7 == 2:
+            length, i = _read_varint(data, i)
+            i += length
+        else:
+            raise ValueError("unexpected wire type in HealthCheckResponse")
+    return HEALTH_STATUSES.get(status, f"UNKNOWN({status})")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint in HealthCheckResponse")
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return value, i
+        shift += 7

@@ -1,0 +1,126 @@
+"""asyncio client: the same API as :class:`ierf_client.Client`, as coroutines (``grpc.aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from ierf_proto.v1 import explainer_pb2 as pb
+from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+from ierf_client import _core
+from ierf_client._core import Explanation, IERFResult, ImageInput, ModelInfo, Prediction, RetryPolicy
+
+
+class AsyncClient:
+    """``async with AsyncClient("host:9000") as client: await client.explain(...)``."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 60.0,
+        token: str | None = None,
+        *,
+        max_message_bytes: int = _core.DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.token = token
+        self.retry = retry or RetryPolicy()
+        all_options = [*_core.channel_options(max_message_bytes), *options]
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=all_options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=all_options)
+        self._stub = pb_grpc.ExplainServiceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _core.HEALTH_CHECK,
+            request_serializer=_core.encode_health_request,
+            response_deserializer=_core.decode_health_response,
+        )
+
+    async def _call(self, method: Any, request: Any, timeout: float | None, metadata_token: bool = True) -> Any:
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await method(
+                    request,
+                    timeout=max(remaining, 0.001),
+                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining),
+                )
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                pause = self.retry.backoff(attempt - 1)
+                if (
+                    not self.retry.retryable(exc.code())
+                    or attempt >= self.retry.max_attempts
+                    or time.monotonic() + pause >= deadline
+                ):
+                    raise _core.error_from_rpc(exc) from None
+                await asyncio.sleep(pause)
+
+    async def explain(
+        self,
+        image: ImageInput,
+        target: int | None = None,
+        *,
+        model: str = "",
+        method: str = "srd",
+        contrast: str | int = "identity",
+        map_dtype: str = "float32",
+        overlay: bool = True,
+        return_input: bool = False,
+        timeout: float | None = None,
+    ) -> Explanation:
+        request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
+        return _core.parse_explanation(await self._call(self._stub.Explain, request, timeout))
+
+    async def ierf(
+        self,
+        image: ImageInput,
+        layer: str,
+        positions: Iterable[Sequence[int]],
+        *,
+        model: str = "",
+        map_dtype: str = "float32",
+        overlay: bool = False,
+        return_input: bool = False,
+        timeout: float | None = None,
+    ) -> IERFResult:
+        request = _core.ierf_request(image, layer, positions, model, map_dtype, overlay, return_input)
+        return _core.parse_ierf(await self._call(self._stub.ComputeIERF, request, timeout))
+
+    async def predict(
+        self, image: ImageInput, top_k: int = 5, *, model: str = "", timeout: float | None = None
+    ) -> Prediction:
+        request = _core.predict_request(image, top_k, model)
+        return _core.parse_prediction(await self._call(self._stub.Predict, request, timeout))
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [_core.parse_model(m) for m in response.models]
+
+    async def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
+        return _core.parse_model(await self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        return await self._call(self._health, service, timeout, metadata_token=False)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

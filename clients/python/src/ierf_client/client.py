@@ -1,0 +1,158 @@
+"""Blocking client for ``ierf.v1.ExplainService``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from ierf_proto.v1 import explainer_pb2 as pb
+from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+from ierf_client import _core
+from ierf_client._core import (
+    Explanation,
+    IERFResult,
+    ImageInput,
+    ModelInfo,
+    Prediction,
+    RetryPolicy,
+)
+
+R = TypeVar("R")
+
+
+class Client:
+    """``Client("host:9000", timeout=60, token=None)``; one HTTP/2 channel, thread-safe.
+
+    ``timeout`` is the whole-call budget in seconds, retries included (per call: ``timeout=``).
+    The budget also travels to the server (metadata ``ierf-timeout-ms``), which drops work whose
+    caller has given up.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 60.0,
+        token: str | None = None,
+        *,
+        max_message_bytes: int = _core.DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.token = token
+        self.retry = retry or RetryPolicy()
+        all_options = [*_core.channel_options(max_message_bytes), *options]
+        if credentials is not None:
+            self._channel = grpc.secure_channel(address, credentials, options=all_options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=all_options)
+        self._stub = pb_grpc.ExplainServiceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _core.HEALTH_CHECK,
+            request_serializer=_core.encode_health_request,
+            response_deserializer=_core.decode_health_response,
+        )
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _call(self, method: Callable[..., R], request: Any, timeout: float | None, metadata_token: bool = True) -> R:
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return method(
+                    request,
+                    timeout=max(remaining, 0.001),
+                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining),
+                )
+            except grpc.RpcError as exc:
+                attempt += 1
+                pause = self.retry.backoff(attempt - 1)
+                if (
+                    not self.retry.retryable(exc.code())
+                    or attempt >= self.retry.max_attempts
+                    or time.monotonic() + pause >= deadline
+                ):
+                    raise _core.error_from_rpc(exc) from None
+                time.sleep(pause)
+
+    # ---------------------------------------------------------------------------------- API
+    def explain(
+        self,
+        image: ImageInput,
+        target: int | None = None,
+        *,
+        model: str = "",
+        method: str = "srd",
+        contrast: str | int = "identity",
+        map_dtype: str = "float32",
+        overlay: bool = True,
+        return_input: bool = False,
+        timeout: float | None = None,
+    ) -> Explanation:
+        """Signed class saliency; ``target=None`` explains the predicted top-1 class."""
+        request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
+        return _core.parse_explanation(self._call(self._stub.Explain, request, timeout))
+
+    def ierf(
+        self,
+        image: ImageInput,
+        layer: str,
+        positions: Iterable[Sequence[int]],
+        *,
+        model: str = "",
+        map_dtype: str = "float32",
+        overlay: bool = False,
+        return_input: bool = False,
+        timeout: float | None = None,
+    ) -> IERFResult:
+        """iERFs of the PFVs at ``positions`` [(row, col), …] of ``layer``."""
+        request = _core.ierf_request(image, layer, positions, model, map_dtype, overlay, return_input)
+        return _core.parse_ierf(self._call(self._stub.ComputeIERF, request, timeout))
+
+    def predict(
+        self, image: ImageInput, top_k: int = 5, *, model: str = "", timeout: float | None = None
+    ) -> Prediction:
+        request = _core.predict_request(image, top_k, model)
+        return _core.parse_prediction(self._call(self._stub.Predict, request, timeout))
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [_core.parse_model(m) for m in response.models]
+
+    def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
+        """One model's input spec, classes and layers (``""``: the server's default model)."""
+        return _core.parse_model(self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """grpc.health.v1 status: "SERVING", "NOT_SERVING", …"""
+        return self._call(self._health, service, timeout, metadata_token=False)
+
+    def wait_until_serving(self, timeout: float = 120.0, interval_s: float = 0.5) -> None:
+        """Poll health until SERVING (e.g. right after start-up); TimeoutError past ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except _core.IerfError as exc:
+                last = str(exc)
+            time.sleep(interval_s)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout} s (last: {last})")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,45 @@
+"""``python -m ierf.serving serve``: run the service in the foreground until SIGTERM (``make run``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ierf.serving.local import DEFAULT_CONFIG, load_serve_config, serve_forever, start_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ierf.serving", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start Ray + Serve (gRPC) locally and block until SIGTERM")
+    serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (YAML)")
+    serve.add_argument("--grpc-port", type=int, help="default: the config's grpc_options.port (9000)")
+    serve.add_argument("--http-port", type=int, help="default: the config's http_options.port (8000)")
+    serve.add_argument("--http-host", help="default: the config's http_options.host (127.0.0.1)")
+    serve.add_argument("--metrics-port", type=int, default=8080, help="Prometheus endpoint of Ray (default 8080)")
+    serve.add_argument("--redis-url", help="replaces cache.redis_url; '' turns the Redis tier off")
+    serve.add_argument("--num-cpus", type=float, help="CPUs Ray may schedule (default: all)")
+    serve.add_argument("--ready-file", help="written with the gRPC address once the app is RUNNING")
+    args = parser.parse_args(argv)
+    try:
+        service = start_service(
+            load_serve_config(args.config),
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            http_host=args.http_host,
+            metrics_port=args.metrics_port,
+            redis_url=args.redis_url,
+            num_cpus=args.num_cpus,
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"ierf.serving: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"gRPC      {service.grpc_address}  (ierf.v1.ExplainService, grpc.health.v1.Health, reflection)")
+    print(f"metrics   {service.metrics_url}")
+    print(f"healthz   http://{args.http_host or '127.0.0.1'}:{service.http_port}/-/healthz", flush=True)
+    serve_forever(service, args.ready_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

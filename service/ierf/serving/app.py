@@ -1,0 +1,63 @@
+"""The Serve application: ``import_path: ierf.serving.app:build_app`` in a Serve config file.
+
+Deployment names are fixed so a config file can tune them: ``Ingress`` and ``Worker_<model id>``
+(replicas, ``num_cpus``/``num_gpus``, autoscaling, ``max_ongoing_requests``/``max_queued_requests``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from ierf.serving.deployments import ExplainerWorker, Ingress
+from ierf.serving.settings import ServiceConfig
+
+# Import paths the Serve gRPC proxy loads; the generated modules must be importable in every Ray worker.
+GRPC_SERVICER_FUNCTIONS = [
+    "ierf_proto.v1.explainer_pb2_grpc.add_ExplainServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+# Keys accepted in a config file's per-deployment overrides (Serve's own schema, minus the name).
+DEPLOYMENT_OPTION_KEYS = {
+    "num_replicas",
+    "ray_actor_options",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "autoscaling_config",
+    "graceful_shutdown_wait_loop_s",
+    "graceful_shutdown_timeout_s",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "user_config",
+    "max_replicas_per_node",
+}
+
+
+def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]] | None = None) -> Application:
+    """Bind one worker deployment per model and the ingress over them.
+
+    ``overrides`` maps a deployment name to Serve options; Serve applies a config file's ``deployments``
+    itself when deploying, the local runner passes them here.
+    """
+    overrides = dict(overrides or {})
+    names = {"Ingress"} | {m.deployment_name for m in config.models}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"deployment override(s) for unknown deployment(s) {unknown}; deployments: {sorted(names)}")
+    for name, options in overrides.items():
+        bad = sorted(set(options) - DEPLOYMENT_OPTION_KEYS)
+        if bad:
+            raise ValueError(f"unsupported option(s) {bad} for deployment {name!r}")
+    workers = {
+        model.id: ExplainerWorker.options(name=model.deployment_name, **overrides.get(model.deployment_name, {})).bind(
+            model, config.cache
+        )
+        for model in config.models
+    }
+    return Ingress.options(**overrides.get("Ingress", {})).bind(workers, config)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder: ``args`` are the ``applications[].args`` of the config file."""
+    return build_application(ServiceConfig.from_args(args))

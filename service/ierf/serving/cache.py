@@ -1,0 +1,361 @@
+"""Two-tier cache for target-independent work per image: in-process LRU (L1) in front of Redis (L2).
+
+Why: on CPU the SRD decomposition of one image (forward pass + sharing ratios) costs seconds while
+every further class, layer or PFV on that image is a cheap scatter. Caching the decomposition's flat
+tensors lets a second request reuse them, within a replica (L1) and across replicas/restarts (L2).
+
+Rules that keep the cache from ever failing a request:
+- values are safetensors bytes (a JSON header + raw arrays) whose metadata echoes the key; anything
+  that does not parse or does not match is a miss (never pickle: whoever can write to Redis would
+  otherwise run code in every worker);
+- the Redis client has short timeouts and no retries, behind a circuit breaker; every Redis error is
+  a miss (or a skipped write), counted for the metrics, never raised;
+- values over a size cap are not sent to Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+SCHEMA_VERSION = "v1"
+CODEC_FORMAT = "ierf-safetensors-1"
+T = TypeVar("T")
+
+# Observer signature: (tier, op, result, seconds, nbytes). tier "l1"|"l2"; op "get"|"put"; result
+# "hit"|"miss"|"error"|"skipped"|"too_big"|"stored" — a bounded set, safe as metric labels.
+CacheObserver = Callable[[str, str, str, float, int], None]
+
+
+def _noop_observer(tier: str, op: str, result: str, seconds: float, nbytes: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything an artifact depends on. ``artifact`` names what is stored (e.g. "decomposition")."""
+
+    artifact: str
+    model_id: str
+    weights_digest: str
+    preprocess_version: str
+    method: str
+    method_version: str
+    content_hash: str
+
+    def redis_key(self) -> str:
+        return (
+            f"ierf:{SCHEMA_VERSION}:{self.artifact}:{self.model_id}:{self.weights_digest}:"
+            f"{self.preprocess_version}:{self.method}@{self.method_version}:{self.content_hash}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- codec
+class CodecError(ValueError):
+    """Bytes under a key are not a value this version wrote for this key."""
+
+
+def encode_tensors(key: str, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Flat tensors -> safetensors bytes whose metadata records the codec format and the key."""
+    from safetensors.torch import save
+
+    clean = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return save(clean, metadata={"format": CODEC_FORMAT, "key": key})
+
+
+def _read_header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CodecError(f"value is {len(data)} bytes, too short for a header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or header_len > 100 * 1024 * 1024:
+        raise CodecError("header length points past the value")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise CodecError("header is not a JSON object")
+    return header
+
+
+def decode_tensors(key: str, data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_tensors`; raises CodecError for anything else (garbage, other key)."""
+    from safetensors.torch import load
+
+    meta = _read_header(data).get("__metadata__") or {}
+    if meta.get("format") != CODEC_FORMAT:
+        raise CodecError(f"value format {meta.get('format')!r} is not {CODEC_FORMAT!r}")
+    if meta.get("key") != key:
+        raise CodecError("value was written under another key")
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises its own error types for corrupt payloads
+        raise CodecError(f"payload does not parse: {exc}") from None
+
+
+def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------- L1
+class ByteLRU(Generic[T]):
+    """Thread-safe LRU bounded by the sum of the values' declared byte sizes."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = int(capacity_bytes)
+        self._items: OrderedDict[str, tuple[T, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> T | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: T, nbytes: int) -> bool:
+        """Insert, evicting least-recently-used entries; values bigger than the capacity are refused."""
+        if nbytes > self.capacity_bytes:
+            return False
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.capacity_bytes:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# ----------------------------------------------------------------------------------------- breaker
+class CircuitBreaker:
+    """After ``failure_threshold`` consecutive failures, skip calls for ``open_seconds``.
+
+    Then one trial call is let through (half-open): success closes the breaker, failure re-opens it.
+    Why: a dead or black-holed Redis must cost each request nothing, not one timeout per request.
+    """
+
+    def __init__(
+        self,
+        failure_threshold: int = 3,
+        open_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.open_seconds = open_seconds
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial_in_flight = False
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state_locked()
+
+    def _state_locked(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        if self._clock() - self._opened_at >= self.open_seconds:
+            return "half_open"
+        return "open"
+
+    def allow(self) -> bool:
+        with self._lock:
+            state = self._state_locked()
+            if state == "closed":
+                return True
+            if state == "half_open" and not self._trial_in_flight:
+                self._trial_in_flight = True
+                return True
+            return False
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+            self._trial_in_flight = False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            self._trial_in_flight = False
+            if self._opened_at is not None or self._failures >= self.failure_threshold:
+                self._opened_at = self._clock()
+
+
+# ---------------------------------------------------------------------------------------------- L2
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str
+    connect_timeout_s: float = 0.2
+    timeout_s: float = 1.0
+    ttl_s: int = 6 * 3600
+    max_value_bytes: int = 64 * 1024 * 1024
+    failure_threshold: int = 3
+    open_seconds: float = 10.0
+
+
+class RedisTier:
+    """Redis GET/SET that never raises: results are ("hit", bytes) / ("miss"|"error"|"skipped", None)."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.settings = settings
+        self.breaker = CircuitBreaker(settings.failure_threshold, settings.open_seconds)
+        # redis-py 8 defaults block ~4 s on a refused connection (retries with backoff): disable both.
+        self._client = redis.Redis.from_url(
+            settings.url,
+            socket_connect_timeout=settings.connect_timeout_s,
+            socket_timeout=settings.timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            max_connections=32,
+        )
+        self._errors = (redis.exceptions.RedisError, OSError)
+
+    def get(self, key: str) -> tuple[str, bytes | None]:
+        if not self.breaker.allow():
+            return "skipped", None
+        try:
+            value = self._client.get(key)
+        except self._errors:
+            self.breaker.record_failure()
+            return "error", None
+        self.breaker.record_success()
+        return ("hit", value) if value is not None else ("miss", None)
+
+    def put(self, key: str, value: bytes) -> str:
+        if len(value) > self.settings.max_value_bytes:
+            return "too_big"
+        if not self.breaker.allow():
+            return "skipped"
+        try:
+            self._client.set(key, value, ex=self.settings.ttl_s)
+        except self._errors:
+            self.breaker.record_failure()
+            return "error"
+        self.breaker.record_success()
+        return "stored"
+
+    def delete(self, key: str) -> None:
+        """Best effort: drop a value that failed to decode so it is recomputed once, not forever."""
+        if not self.breaker.allow():
+            return
+        try:
+            self._client.delete(key)
+        except self._errors:
+            self.breaker.record_failure()
+            return
+        self.breaker.record_success()
+
+    def close(self) -> None:
+        with contextlib.suppress(*self._errors):
+            self._client.close()
+
+
+# -------------------------------------------------------------------------------------------- tiers
+@dataclass
+class Lookup(Generic[T]):
+    value: T | None
+    tier: str  # "l1" | "l2" | "miss"
+
+
+class TieredCache:
+    """L1 (objects, bytes-bounded) in front of L2 (Redis, encoded tensors).
+
+    L1 holds ready-to-use objects so a hit costs a dict lookup; L2 holds flat tensors encoded by
+    :func:`encode_tensors`. ``redis`` may be None (L2 off).
+    """
+
+    def __init__(
+        self,
+        l1_capacity_bytes: int,
+        redis_tier: RedisTier | None = None,
+        observer: CacheObserver = _noop_observer,
+    ) -> None:
+        self.l1: ByteLRU[Any] = ByteLRU(l1_capacity_bytes)
+        self.l2 = redis_tier
+        self.observer = observer
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def key_lock(self, key: str) -> threading.Lock:
+        """Per-key lock for single-flight: concurrent requests for one image compute it once."""
+        with self._locks_guard:
+            lock = self._key_locks.get(key)
+            if lock is None:
+                if len(self._key_locks) > 4096:  # drop idle locks; bounded memory
+                    for k in [k for k, v in self._key_locks.items() if not v.locked()]:
+                        del self._key_locks[k]
+                lock = self._key_locks[key] = threading.Lock()
+            return lock
+
+    def get(self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]]) -> Lookup[T]:
+        """Look in L1, then L2. ``from_tensors`` rebuilds the object (and its byte size) from L2 tensors."""
+        start = time.perf_counter()
+        value = self.l1.get(key)
+        self.observer("l1", "get", "hit" if value is not None else "miss", time.perf_counter() - start, 0)
+        if value is not None:
+            return Lookup(value, "l1")
+        if self.l2 is None:
+            return Lookup(None, "miss")
+        start = time.perf_counter()
+        result, data = self.l2.get(key)
+        if data is None:
+            self.observer("l2", "get", result, time.perf_counter() - start, 0)
+            return Lookup(None, "miss")
+        try:
+            obj, nbytes = from_tensors(decode_tensors(key, data))
+        except Exception:  # garbage under the key, or tensors the engine rejects: a miss, never a failure
+            self.observer("l2", "get", "error", time.perf_counter() - start, len(data))
+            self.l2.delete(key)
+            return Lookup(None, "miss")
+        self.observer("l2", "get", "hit", time.perf_counter() - start, len(data))
+        self.l1.put(key, obj, nbytes)
+        return Lookup(obj, "l2")
+
+    def put(self, key: str, obj: Any, nbytes: int, tensors: dict[str, torch.Tensor] | None) -> str:
+        """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance."""
+        self.l1.put(key, obj, nbytes)
+        if self.l2 is None or tensors is None:
+            return "disabled"
+        start = time.perf_counter()
+        if tensors_nbytes(tensors) > self.l2.settings.max_value_bytes:
+            result = "too_big"
+            self.observer("l2", "put", result, time.perf_counter() - start, tensors_nbytes(tensors))
+            return result
+        data = encode_tensors(key, tensors)
+        result = self.l2.put(key, data)
+        self.observer("l2", "put", result, time.perf_counter() - start, len(data))
+        return result

@@ -1,0 +1,414 @@
+"""Ray Serve deployments: a thin gRPC ingress and one model-host worker deployment per model.
+
+Ingress (cheap, many requests in flight): decoding with caps, canonicalisation and
+content hash, deadline, error -> gRPC status mapping, protobuf packing, request metrics, health.
+Worker (heavy, few requests in flight, bounded queue): holds the model once per replica and runs
+every method in-process (:class:`ierf.serving.worker.ModelHost`). One hop, small messages: the
+canonical image goes in, float32 maps come out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ray import serve
+
+from ierf.serving.errors import (
+    DeadlineExceeded,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    error_for,
+    to_status,
+)
+from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
+
+logger = logging.getLogger("ierf.serving")
+
+SERVICE_NAME = "ierf.v1.ExplainService"
+TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # remaining client budget; Serve's proxy does not forward grpc-timeout
+DESCRIBE_TIMEOUT_S = 30.0
+
+
+def _assigned_cpus() -> float:
+    import ray
+
+    if not ray.is_initialized():  # local testing mode: no Ray runtime (and none must be started)
+        return 1.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+
+
+@serve.deployment(
+    name="Worker",
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=2,
+    max_queued_requests=8,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class ExplainerWorker:
+    """Hosts one model. Compute runs in a thread so the replica stays responsive to health checks."""
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig) -> None:
+        import torch
+
+        from ierf.serving.metrics import ServiceMetrics
+        from ierf.serving.worker import ModelHost
+
+        threads = model.num_threads or max(1, math.ceil(_assigned_cpus()))
+        torch.set_num_threads(threads)
+        self.metrics = ServiceMetrics()
+        self.host = ModelHost(model, cache, stage_observer=self.metrics.stage, cache_observer=self.metrics.cache)
+        self.metrics.model_info(model.id, self.host.model.weights_digest, str(self.host.device))
+        logger.info("worker %s ready on %s with %d torch threads", model.id, self.host.device, threads)
+
+    async def describe(self) -> Any:
+        return self.host.describe()
+
+    async def explain(self, job: Any) -> Any:
+        return await asyncio.to_thread(self.host.explain, job)
+
+    async def ierf(self, job: Any) -> Any:
+        return await asyncio.to_thread(self.host.ierf, job)
+
+    async def predict(self, job: Any) -> Any:
+        return await asyncio.to_thread(self.host.predict, job)
+
+    def check_health(self) -> None:
+        # The model lives in this process; a cache outage must not restart replicas, so nothing else here.
+        if self.host.model is None:
+            raise RuntimeError("model not loaded")
+
+
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=64,
+    max_queued_requests=128,
+)
+class Ingress:
+    """gRPC entry point: methods are named exactly like the RPCs (the Serve proxy routes by name)."""
+
+    def __init__(self, workers: dict[str, Any], config: ServiceConfig) -> None:
+        import ierf
+        from ierf.serving.metrics import ServiceMetrics
+
+        self.workers = workers
+        self.config = config
+        self.limits = config.ingress.limits
+        self.metrics = ServiceMetrics()
+        self.server_version = ierf.__version__
+        self._descriptions: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _deadline(self, grpc_context: Any) -> float:
+        budget = self.config.ingress.request_timeout_s
+        if grpc_context is not None:
+            for key, value in grpc_context.invocation_metadata():
+                if key == TIMEOUT_METADATA_KEY:
+                    with contextlib.suppress(ValueError):
+                        budget = min(budget, max(0.0, float(value) / 1000.0))
+        return time.time() + budget
+
+    def _worker(self, model_id: str) -> tuple[str, Any]:
+        model_id = model_id or self.config.default_model
+        handle = self.workers.get(model_id)
+        if handle is None:
+            raise NotFound(f"unknown model {model_id!r}; served: {', '.join(sorted(self.workers))}")
+        return model_id, handle
+
+    async def _call(self, method: Any, job: Any, deadline: float) -> Any:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline passed before the request reached a worker")
+        response = method.remote(job)
+        try:
+            return await asyncio.wait_for(response, timeout=remaining)
+        except TimeoutError:
+            response.cancel()
+            raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker") from None
+
+    async def _serve(
+        self,
+        rpc: str,
+        request: Any,
+        grpc_context: Any,
+        handler: Callable[[Any, Any, dict[str, str]], Awaitable[Any]],
+        empty: Callable[[], Any],
+    ) -> Any:
+        """Run one RPC: metrics and error mapping. ``labels`` is filled by the handler (model, method)."""
+        start = time.perf_counter()
+        labels = {"model": "none", "method": "none"}
+        code = "OK"
+        self.metrics.inflight(rpc, +1)
+        try:
+            return await handler(request, grpc_context, labels)
+        except asyncio.CancelledError:  # the caller went away (or its deadline passed at the proxy)
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            status, message = to_status(exc)
+            code = status.name
+            if status.name == "INTERNAL":
+                logger.exception("%s failed", rpc)
+            if grpc_context is None:  # handle call (tests, local mode): raise the precise error
+                if isinstance(exc, ServiceError):
+                    raise
+                raise error_for(status, message) from exc
+            grpc_context.set_code(status)
+            grpc_context.set_details(message)
+            return empty()
+        finally:
+            self.metrics.inflight(rpc, -1)
+            self.metrics.request(rpc, labels["method"], labels["model"], code, time.perf_counter() - start)
+
+    async def _decode(self, image: Any, model: str, timings: list[tuple[str, float]]) -> Any:
+        from ierf.serving.convert import decode_image
+
+        start = time.perf_counter()
+        canonical = await asyncio.to_thread(decode_image, image, self.limits)
+        seconds = time.perf_counter() - start
+        timings.append(("decode", seconds))
+        self.metrics.stage("decode", model, seconds)
+        return canonical
+
+    @staticmethod
+    def _request_id(grpc_context: Any) -> str:
+        """The caller's ``request_id`` metadata, else the id the Serve proxy generated (also in trailers)."""
+        if grpc_context is not None and grpc_context.request_id():
+            return str(grpc_context.request_id())
+        try:
+            from ray.serve.context import _get_serve_request_context  # no public accessor in Ray 2.60
+
+            return str(_get_serve_request_context().request_id or "")
+        except Exception:
+            return ""
+
+    def _finish_timings(self, timings: list[tuple[str, float]], start: float, model: str) -> None:
+        timings.append(("total", time.perf_counter() - start))
+
+    # ---------------------------------------------------------------------------------- RPCs
+    async def Explain(self, request: Any, grpc_context: Any = None) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        return await self._serve("Explain", request, grpc_context, self._explain, pb.ExplainResponse)
+
+    async def _explain(self, request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        from ierf.serving import convert
+        from ierf.serving.errors import InvalidArgument
+        from ierf.serving.worker import DEFAULT_METHOD, ExplainJob
+
+        start = time.perf_counter()
+        deadline = self._deadline(grpc_context)
+        model_id, worker = self._worker(request.model_id)
+        labels["model"] = model_id
+        method = request.method or DEFAULT_METHOD
+        labels["method"] = method if method in self._known_methods(model_id) else "other"
+        dtype = convert.map_dtype(request.map_dtype)
+        contrast: str | int = request.contrast or "identity"
+        if request.HasField("contrast_class"):
+            if request.contrast not in ("", "identity"):
+                raise InvalidArgument("set either contrast ('identity'/'mean') or contrast_class, not both")
+            contrast = int(request.contrast_class)
+        timings: list[tuple[str, float]] = []
+        image = await self._decode(request.image, model_id, timings)
+        job = ExplainJob(
+            pixels=image.pixels,
+            content_hash=image.content_hash,
+            method=method,
+            target=int(request.target) if request.HasField("target") else None,
+            contrast=contrast,
+            overlay=request.overlay,
+            return_input=request.return_input,
+            deadline=deadline,
+        )
+        outcome = await self._call(worker.explain, job, deadline)
+        encode_start = time.perf_counter()
+        response = pb.ExplainResponse(
+            map=convert.tensor_message(convert.outcome_maps(outcome), dtype),
+            target=convert.score_message(outcome.target),
+            overlay_png=outcome.overlays[0] if outcome.overlays else b"",
+        )
+        if outcome.model_input is not None:
+            response.model_input.CopyFrom(convert.input_message(outcome.model_input))
+        timings.append(("encode", time.perf_counter() - encode_start))
+        self._finish_timings(timings, start, model_id)
+        response.provenance.CopyFrom(
+            convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
+        )
+        return response
+
+    def _known_methods(self, model_id: str) -> list[str]:
+        desc = self._descriptions.get(model_id)
+        return desc.methods if desc is not None else ["srd"]
+
+    async def ComputeIERF(self, request: Any, grpc_context: Any = None) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        return await self._serve("ComputeIERF", request, grpc_context, self._ierf, pb.ComputeIERFResponse)
+
+    async def _ierf(self, request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        from ierf.serving import convert
+        from ierf.serving.errors import InvalidArgument
+        from ierf.serving.worker import IERFJob
+
+        start = time.perf_counter()
+        deadline = self._deadline(grpc_context)
+        model_id, worker = self._worker(request.model_id)
+        labels["model"], labels["method"] = model_id, "srd"
+        dtype = convert.map_dtype(request.map_dtype)
+        if not request.layer:
+            raise InvalidArgument("layer is empty: name one of the model's layers (see GetModel)")
+        if len(request.positions) > self.config.ingress.max_positions:
+            limit = self.config.ingress.max_positions
+            raise InvalidArgument(f"{len(request.positions)} positions requested; at most {limit} per call")
+        timings: list[tuple[str, float]] = []
+        image = await self._decode(request.image, model_id, timings)
+        job = IERFJob(
+            pixels=image.pixels,
+            content_hash=image.content_hash,
+            layer=request.layer,
+            positions=convert.positions_array(request.positions),
+            overlay=request.overlay,
+            return_input=request.return_input,
+            deadline=deadline,
+        )
+        outcome = await self._call(worker.ierf, job, deadline)
+        encode_start = time.perf_counter()
+        response = pb.ComputeIERFResponse(
+            maps=convert.tensor_message(convert.outcome_maps(outcome), dtype),
+            layer=convert.layer_message(outcome.layer),
+            overlay_png=outcome.overlays,
+        )
+        if outcome.model_input is not None:
+            response.model_input.CopyFrom(convert.input_message(outcome.model_input))
+        timings.append(("encode", time.perf_counter() - encode_start))
+        self._finish_timings(timings, start, model_id)
+        response.provenance.CopyFrom(
+            convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
+        )
+        return response
+
+    async def Predict(self, request: Any, grpc_context: Any = None) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        return await self._serve("Predict", request, grpc_context, self._predict, pb.PredictResponse)
+
+    async def _predict(self, request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        from ierf.serving import convert
+        from ierf.serving.errors import InvalidArgument
+        from ierf.serving.worker import PredictJob
+
+        start = time.perf_counter()
+        deadline = self._deadline(grpc_context)
+        model_id, worker = self._worker(request.model_id)
+        labels["model"] = model_id
+        if not 0 <= request.top_k <= self.config.ingress.max_top_k:
+            raise InvalidArgument(f"top_k {request.top_k} is out of range: 1..{self.config.ingress.max_top_k} (0: 5)")
+        timings: list[tuple[str, float]] = []
+        image = await self._decode(request.image, model_id, timings)
+        job = PredictJob(pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline)
+        outcome = await self._call(worker.predict, job, deadline)
+        response = pb.PredictResponse(top_classes=[convert.score_message(s) for s in outcome.top_classes])
+        self._finish_timings(timings, start, model_id)
+        response.provenance.CopyFrom(
+            convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
+        )
+        return response
+
+    async def _description(self, model_id: str) -> Any:
+        desc = self._descriptions.get(model_id)
+        if desc is None:
+            _, worker = self._worker(model_id)
+            try:
+                desc = await asyncio.wait_for(worker.describe.remote(), timeout=DESCRIBE_TIMEOUT_S)
+            except TimeoutError:
+                raise Unavailable(f"model {model_id!r} did not describe itself within {DESCRIBE_TIMEOUT_S} s") from None
+            self._descriptions[model_id] = desc
+        return desc
+
+    async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        async def handler(request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+            from ierf.serving import convert
+
+            descs = await asyncio.gather(*(self._description(m) for m in sorted(self.workers)))
+            return pb.ListModelsResponse(
+                models=[convert.model_message(d, self.limits) for d in descs],
+                default_model_id=self.config.default_model,
+            )
+
+        return await self._serve("ListModels", request, grpc_context, handler, pb.ListModelsResponse)
+
+    async def GetModel(self, request: Any, grpc_context: Any = None) -> Any:
+        from ierf_proto.v1 import explainer_pb2 as pb
+
+        async def handler(request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+            from ierf.serving import convert
+
+            model_id, _ = self._worker(request.model_id)
+            labels["model"] = model_id
+            return convert.model_message(await self._description(model_id), self.limits)
+
+        return await self._serve("GetModel", request, grpc_context, handler, pb.ModelInfo)
+
+    # --------------------------------------------------------------------- grpc.health.v1.Health
+    async def _status(self, service: str) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        if service not in ("", SERVICE_NAME):
+            raise NotFound(f"unknown service {service!r}; this server serves {SERVICE_NAME!r}")
+        try:
+            await asyncio.gather(*(self._description(m) for m in self.workers))
+        except Exception as exc:
+            logger.warning("health check: a worker is not ready: %s", exc)
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        async def handler(request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+            return health_pb2.HealthCheckResponse(status=await self._status(request.service))
+
+        return await self._serve("Check", request, grpc_context, handler, health_pb2.HealthCheckResponse)
+
+    async def List(self, request: Any, grpc_context: Any = None) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        async def handler(request: Any, grpc_context: Any, labels: dict[str, str]) -> Any:
+            statuses = {
+                name: health_pb2.HealthCheckResponse(status=await self._status(name)) for name in ("", SERVICE_NAME)
+            }
+            return health_pb2.HealthListResponse(statuses=statuses)
+
+        return await self._serve("List", request, grpc_context, handler, health_pb2.HealthListResponse)
+
+    async def Watch(self, request: Any, grpc_context: Any = None):
+        """Not offered (probes use Check); answers UNIMPLEMENTED as the health protocol allows.
+
+        A streaming method's status only reaches the caller when the generator raises after setting it
+        (Ray 2.60 then keeps the user-set code), so this raises instead of returning.
+        """
+        import grpc
+
+        message = "Health.Watch is not implemented; poll Health.Check"
+        if grpc_context is not None:
+            grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+            grpc_context.set_details(message)
+        raise NotImplementedError(message)
+        yield  # makes this an async generator, which the proxy expects for streaming RPCs

@@ -1,0 +1,87 @@
+"""Service errors and their gRPC status codes.
+
+Everything a caller can get wrong is raised as a :class:`ServiceError` subclass carrying the status
+code and a readable message; the ingress turns it into the gRPC status. Errors cross the Ray hop
+between worker and ingress, so they stay plain picklable exceptions (one positional message).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error the caller can act on; ``code`` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ServiceError):
+    """Over a size cap, or the service is overloaded (bounded queues are full)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServiceError):
+    """Transient: the caller may retry with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def error_for(code: grpc.StatusCode, message: str) -> ServiceError:
+    """The ServiceError subclass for ``code`` (INTERNAL and others: the base class)."""
+    for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable):
+        if cls.code == code:
+            return cls(message)
+    return ServiceError(message)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps worker exceptions (RayTaskError); the original is its ``cause``."""
+    seen = 0
+    while seen < 8:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException) and cause is not exc:
+            exc = cause
+            seen += 1
+            continue
+        break
+    return exc
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception raised while serving a request to (code, readable message).
+
+    ServiceError keeps its code. Ray's back-pressure means a full queue -> RESOURCE_EXHAUSTED.
+    Engine ValueError/TypeError are bad calls -> INVALID_ARGUMENT. Anything else is a server bug:
+    INTERNAL with a short message (the traceback goes to the log, not to the caller).
+    """
+    exc = _unwrap(exc)
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    name = type(exc).__name__
+    if name == "BackPressureError":  # ray.serve.exceptions, matched by name to keep this import-light
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"service overloaded, retry later: {exc}"
+    if name in {"DeploymentUnavailableError", "ActorDiedError", "RayActorError", "ActorUnavailableError"}:
+        return grpc.StatusCode.UNAVAILABLE, f"worker unavailable, retry later: {type(exc).__name__}"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    if isinstance(exc, ValueError | TypeError | IndexError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"

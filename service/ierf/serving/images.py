@@ -1,0 +1,150 @@
+"""Decode request images safely and canonicalise them to uint8 RGB with a content hash.
+
+Why here: every cache key downstream hangs off the content hash of the *decoded* image, so PNG and
+JPEG re-encodings of the same pixels (and raw tensors) share cached work. Decoding is where hostile
+input bites, so caps are checked before any pixel is allocated: encoded byte size, then the header's
+dimensions (decompression bombs), then the decoded frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ierf.serving.errors import InvalidArgument, ResourceExhausted
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+TENSOR_DTYPES = ("uint8", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps applied before decoding. Pixel cap = height x width of the decoded frame."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_side: int = 16384
+
+
+@dataclass(frozen=True)
+class CanonicalImage:
+    """uint8 RGB (H, W, 3), C-contiguous; ``content_hash`` = sha256 over shape and pixels."""
+
+    pixels: np.ndarray
+    content_hash: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+def content_hash(pixels: np.ndarray) -> str:
+    """sha256 of the canonical array; the shape is hashed too so equal bytes in other shapes differ."""
+    h = hashlib.sha256()
+    h.update(f"uint8:{pixels.shape[0]}x{pixels.shape[1]}x{pixels.shape[2]}|".encode())
+    h.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+    return h.hexdigest()
+
+
+def canonicalise(pixels: np.ndarray) -> CanonicalImage:
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    return CanonicalImage(pixels=pixels, content_hash=content_hash(pixels))
+
+
+def _check_dimensions(height: int, width: int, limits: ImageLimits, what: str) -> None:
+    if height <= 0 or width <= 0:
+        raise InvalidArgument(f"{what} has no pixels ({height}x{width})")
+    if height > limits.max_side or width > limits.max_side:
+        raise ResourceExhausted(f"{what} is {height}x{width}; each side must be at most {limits.max_side} pixels")
+    if height * width > limits.max_pixels:
+        raise ResourceExhausted(
+            f"{what} is {height}x{width} = {height * width} pixels, over the cap of {limits.max_pixels}"
+        )
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Any decoded mode -> uint8 RGB, by the same rule as the CLI (:func:`ierf.images.to_rgb_array`):
+    16-bit greys scaled to 8 bits, alpha dropped, palettes expanded. Same pixels -> same cache key."""
+    from ierf.images import to_rgb_array
+
+    try:
+        return to_rgb_array(im)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"image cannot be converted to 8-bit RGB: {exc}") from None
+
+
+def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
+    """PNG / JPEG / WebP bytes -> canonical image. Raises InvalidArgument / ResourceExhausted."""
+    if not data:
+        raise InvalidArgument("image is empty: no encoded bytes and no tensor")
+    if len(data) > limits.max_bytes:
+        raise ResourceExhausted(f"encoded image is {len(data)} bytes, over the cap of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past 2x raises) on huge images; our own cap below is stricter.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+            # Header only so far: check the announced size before decoding any pixel.
+            width, height = im.size
+            _check_dimensions(height, width, limits, f"{im.format} image")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (ResourceExhausted, InvalidArgument):
+        raise
+    except UnidentifiedImageError:
+        raise InvalidArgument(
+            f"image bytes are not a readable {'/'.join(ACCEPTED_FORMATS)} file ({len(data)} bytes, "
+            f"starting {data[:8]!r})"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ResourceExhausted(
+            f"image rejected as a decompression bomb (cap {limits.max_pixels} pixels): {exc}"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidArgument(f"image bytes are truncated or corrupt: {exc}") from None
+    pixels = _to_rgb_array(im)
+    _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
+    return canonicalise(pixels)
+
+
+def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits) -> CanonicalImage:
+    """Raw HWC tensor -> canonical image.
+
+    Accepted: (H, W, 3) RGB or (H, W) / (H, W, 1) grey; uint8 0..255 or float16/float32 in [0, 1]
+    (rounded to the nearest uint8 level), little-endian row-major.
+    """
+    if dtype not in TENSOR_DTYPES:
+        raise InvalidArgument(f"tensor dtype {dtype!r} is not accepted; use one of {', '.join(TENSOR_DTYPES)}")
+    shape = [int(s) for s in shape]
+    if len(shape) == 2:
+        shape = [*shape, 1]
+    if len(shape) != 3 or shape[2] not in (1, 3):
+        raise InvalidArgument(f"tensor shape {list(shape)} is not (H, W, 3), (H, W, 1) or (H, W)")
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"tensor shape {shape} has a negative dimension")
+    if len(data) > limits.max_bytes:
+        raise ResourceExhausted(f"tensor is {len(data)} bytes, over the cap of {limits.max_bytes}")
+    if not data and shape[0] * shape[1] == 0:
+        raise InvalidArgument("image is empty: the tensor has no data")
+    _check_dimensions(shape[0], shape[1], limits, "tensor image")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    expected = shape[0] * shape[1] * shape[2] * np_dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(f"tensor data is {len(data)} bytes but shape {shape} of {dtype} needs {expected} bytes")
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    if dtype != "uint8":
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise InvalidArgument("float tensor contains NaN or infinity")
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidArgument(f"float tensor values must lie in [0, 1]; got [{lo:.4g}, {hi:.4g}]")
+        array = np.rint(values * 255.0).astype(np.uint8)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return canonicalise(array)

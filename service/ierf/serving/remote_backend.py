@@ -1,0 +1,108 @@
+"""The CLI's ``--server ADDRESS`` backend: the same commands, computed by the gRPC service via the SDK.
+
+Lives in ierf.serving (not next to the CLI) because it imports grpc through the SDK; the CLI loads it
+only when ``--server`` is given, so the in-process CLI never needs grpc.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ierf.cli import ClassProbability, ExplainRequest, Explanation, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ServerError(ValueError):
+    """The server refused or failed a call; the CLI prints it as one line (exit status 2)."""
+
+
+def _server_errors(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: RemoteBackend, *args: Any, **kwargs: Any) -> Any:
+        from ierf_client import IerfError
+
+        try:
+            return method(self, *args, **kwargs)
+        except IerfError as exc:
+            raise ServerError(f"server {self.address}: {exc.code.name}: {exc.details}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RemoteBackend:
+    """Implements the CLI's Backend protocol with :class:`ierf_client.Client`."""
+
+    def __init__(self, address: str, timeout: float = 600.0) -> None:
+        from ierf_client import Client
+
+        self.address = address
+        self.client = Client(address, timeout=timeout)
+
+    @_server_errors
+    def model_names(self) -> list[str]:
+        return [model.id for model in self.client.models()]
+
+    @_server_errors
+    def model_rows(self) -> list[tuple[str, str, str]]:
+        """(id, preprocessing version, weights) per served model, for ``ierf models``."""
+        return [
+            (m.id, m.input.preprocess_version, f"served by {self.address} (sha256 {m.weights_digest})")
+            for m in self.client.models()
+        ]
+
+    @_server_errors
+    def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+        if weights is not None:
+            raise UsageError("--weights does not apply with --server: the server decides its weights")
+        return [layer.name for layer in self.client.model(model).layers]
+
+    @_server_errors
+    def explain(self, request: ExplainRequest) -> Explanation:
+        from ierf.models.classes import class_index
+
+        if request.weights is not None or request.random_init:
+            raise UsageError("--weights/--random-init do not apply with --server: the server decides its weights")
+        info = self.client.model(request.model)
+        top = [
+            ClassProbability(s.index, s.name, s.probability)
+            for s in self.client.predict(request.image, top_k=5, model=info.id).top_classes
+        ]
+        weights = f"served by {self.address} (sha256 {info.weights_digest})"
+        if request.layer is not None:
+            if request.position is None:
+                raise UsageError("--layer needs --position ROW,COL")
+            result = self.client.ierf(
+                request.image, request.layer, [request.position], model=info.id, return_input=True
+            )
+            return Explanation(
+                kind="ierf",
+                model=info.id,
+                weights=weights,
+                pixels=result.model_input,
+                map=result.maps[0],
+                top=top,
+                layer=request.layer,
+                position=request.position,
+                feature_hw=(result.layer.height, result.layer.width),
+            )
+        target = None if request.target == "auto" else class_index(request.target, info.class_names)
+        contrast: str | int = request.contrast.lower()
+        if contrast not in ("identity", "mean"):
+            contrast = class_index(request.contrast, info.class_names)
+        result = self.client.explain(
+            request.image, target, model=info.id, contrast=contrast, overlay=False, return_input=True
+        )
+        return Explanation(
+            kind="saliency",
+            model=info.id,
+            weights=weights,
+            pixels=result.model_input,
+            map=result.map,
+            top=top,
+            target=ClassProbability(result.target.index, result.target.name, result.target.probability),
+            target_logit=result.target.logit,
+            contrast=contrast if isinstance(contrast, str) else f"minus {info.class_names[contrast]!r}",
+        )

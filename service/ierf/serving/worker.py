@@ -1,0 +1,473 @@
+"""The model host: one model per replica, every method in-process, target-independent work cached.
+
+:class:`ModelHost` is plain Python (no Ray) so its logic is tested directly; the Serve deployment
+in :mod:`ierf.serving.deployments` only wraps it. Jobs and outcomes are small dataclasses of numpy
+arrays and strings: they cross the ingress->worker hop through Ray's object store.
+
+Why the decomposition is the cached unit: SRD's ``decompose(x)`` (forward pass + sharing ratios of
+every layer) is the expensive, target-independent part; saliency for any class and the iERF of any
+PFV are cheap reads of it. Its ``state_dict()`` is flat tensors, so it goes to Redis as safetensors.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
+from ierf.serving.errors import DeadlineExceeded, InvalidArgument
+from ierf.serving.images import ACCEPTED_FORMATS, TENSOR_DTYPES
+from ierf.serving.settings import CacheConfig, ModelConfig
+
+DEFAULT_METHOD = "srd"
+
+
+# --------------------------------------------------------------------------------------- messages
+@dataclass
+class ExplainJob:
+    pixels: np.ndarray  # canonical uint8 (H, W, 3)
+    content_hash: str
+    method: str = DEFAULT_METHOD
+    target: int | None = None
+    contrast: str | int = "identity"
+    overlay: bool = False
+    return_input: bool = False
+    deadline: float | None = None  # time.time() after which the caller no longer waits
+
+
+@dataclass
+class IERFJob:
+    pixels: np.ndarray
+    content_hash: str
+    layer: str
+    positions: np.ndarray  # int64 (P, 2) rows of (row, col)
+    overlay: bool = False
+    return_input: bool = False
+    deadline: float | None = None
+
+
+@dataclass
+class PredictJob:
+    pixels: np.ndarray
+    content_hash: str
+    top_k: int = 5
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Score:
+    index: int
+    name: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass
+class Provenance:
+    model_id: str
+    weights_digest: str
+    method: str
+    method_version: str
+    preprocess_version: str
+    content_hash: str
+    cache: list[tuple[str, str]] = field(default_factory=list)  # (artifact, "miss"|"l1"|"l2"|"disabled")
+    timings: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds)
+
+
+@dataclass
+class Outcome:
+    provenance: Provenance
+    maps: np.ndarray | None = None  # float32: (H, W) saliency or (P, H, W) iERFs
+    target: Score | None = None
+    top_classes: list[Score] = field(default_factory=list)
+    layer: LayerShape | None = None
+    overlays: list[bytes] = field(default_factory=list)
+    model_input: np.ndarray | None = None  # uint8 (H, W, 3): the model's view the maps refer to
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    id: str
+    weights_digest: str
+    input_height: int
+    input_width: int
+    preprocess_version: str
+    class_names: list[str]
+    layers: list[LayerShape]
+    methods: list[str]
+    default_method: str
+    device: str
+    encodings: tuple[str, ...] = ACCEPTED_FORMATS
+    tensor_dtypes: tuple[str, ...] = TENSOR_DTYPES
+
+
+class _Stages:
+    """Collects (stage, seconds) for provenance and forwards them to the metrics."""
+
+    def __init__(self, record: Any, model: str) -> None:
+        self.items: list[tuple[str, float]] = []
+        self._record = record
+        self._model = model
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.items.append((stage, seconds))
+        self._record(stage, self._model, seconds)
+
+    def timed(self, stage: str) -> _Timer:
+        return _Timer(self, stage)
+
+
+class _Timer:
+    def __init__(self, stages: _Stages, stage: str) -> None:
+        self._stages, self._stage = stages, stage
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stages.add(self._stage, time.perf_counter() - self._start)
+
+
+class _ModelInput:
+    """The model's view of the image, computed only when needed: a cache hit skips preprocessing."""
+
+    def __init__(self, host: ModelHost, pixels: np.ndarray, content_hash: str, stages: _Stages) -> None:
+        self._host, self._pixels, self._stages = host, pixels, stages
+        self.content_hash = content_hash
+        self._view: np.ndarray | None = None
+        self._x: torch.Tensor | None = None
+
+    @property
+    def view(self) -> np.ndarray:
+        """uint8 (H, W, 3) after resize and centre crop: the pixels every map refers to."""
+        if self._view is None:
+            with self._stages.timed("preprocess"):
+                self._view = self._host.model.resize_crop(self._pixels)
+        return self._view
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Normalised (1, 3, H, W) float input on the model's device."""
+        if self._x is None:
+            view = self.view
+            with self._stages.timed("preprocess"):
+                pixels = torch.from_numpy(view).permute(2, 0, 1)[None].contiguous()
+                self._x = self._host.model.normalize(pixels).to(self._host.device)
+        return self._x
+
+
+def _check_deadline(deadline: float | None, before: str) -> None:
+    if deadline is not None and time.time() > deadline:
+        late = time.time() - deadline
+        raise DeadlineExceeded(f"deadline passed {late:.3f} s ago, before {before}; no work was done for it")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------- host
+class ModelHost:
+    """Loads one model once; answers describe / explain / ierf / predict in-process."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        cache_config: CacheConfig,
+        *,
+        stage_observer: Any = None,
+        cache_observer: Any = None,
+    ) -> None:
+        import ierf
+        from ierf.models import load_model
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = load_model(
+            config.name,
+            weights=config.weights,
+            random_init=config.random_init,
+            device=self.device,
+            **({"seed": config.seed} if config.random_init else {}),
+        )
+        self.srd = ierf.SRD(self.model.module)
+        self._explainers: dict[str, Any] = {DEFAULT_METHOD: self.srd}
+        self._explainers_lock = threading.Lock()
+        self.methods = ierf.available_methods() or [DEFAULT_METHOD]
+        self.method_versions = {name: self._method_version(name) for name in self.methods}
+        size = self.model.input_size
+        self.input_hw = (size, size)
+        self.layers = {
+            name: LayerShape(name, *[int(v) for v in self.srd.layer_shape(name, self.input_hw)])
+            for name in self.srd.layers
+        }
+        self._forward_estimate_s: float | None = None  # moving average of decomposition time
+        self._record_stage = stage_observer or (lambda stage, model, seconds: None)
+        redis_url = cache_config.resolved_redis_url()
+        redis_tier = None
+        if redis_url:
+            redis_tier = RedisTier(
+                RedisSettings(
+                    url=redis_url,
+                    connect_timeout_s=cache_config.connect_timeout_s,
+                    timeout_s=cache_config.timeout_s,
+                    ttl_s=cache_config.ttl_s,
+                    max_value_bytes=cache_config.max_value_bytes,
+                    failure_threshold=cache_config.failure_threshold,
+                    open_seconds=cache_config.open_seconds,
+                )
+            )
+        self.cache = TieredCache(
+            cache_config.l1_bytes, redis_tier, **({"observer": cache_observer} if cache_observer else {})
+        )
+
+    # ------------------------------------------------------------------------------- description
+    def _method_version(self, name: str) -> str:
+        """The method's own version when it declares one (SRD does), plus the package version."""
+        import ierf
+        from ierf.methods import _REGISTRY
+
+        declared = getattr(_REGISTRY.get(name), "version", None)
+        return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(
+            id=self.config.id,
+            weights_digest=self.model.weights_digest,
+            input_height=self.input_hw[0],
+            input_width=self.input_hw[1],
+            preprocess_version=self.model.preprocess_version,
+            class_names=list(self.model.class_names),
+            layers=list(self.layers.values()),
+            methods=list(self.methods),
+            default_method=DEFAULT_METHOD,
+            device=str(self.device),
+        )
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _provenance(self, method: str, content_hash: str) -> Provenance:
+        return Provenance(
+            model_id=self.config.id,
+            weights_digest=self.model.weights_digest,
+            method=method,
+            method_version=self.method_versions.get(method, ""),
+            preprocess_version=self.model.preprocess_version,
+            content_hash=content_hash,
+        )
+
+    def _key(self, artifact: str, method: str, content_hash: str) -> str:
+        return CacheKey(
+            artifact=artifact,
+            model_id=self.config.id,
+            weights_digest=self.model.weights_digest,
+            preprocess_version=self.model.preprocess_version,
+            method=method,
+            method_version=self.method_versions.get(method, "na"),
+            content_hash=content_hash,
+        ).redis_key()
+
+    def _score(self, logits: torch.Tensor, index: int) -> Score:
+        flat = logits.detach().reshape(-1).to(torch.float64)
+        probability = torch.softmax(flat, dim=0)[index]
+        return Score(index, self.model.class_names[index], float(probability), float(flat[index]))
+
+    def _check_target(self, target: int, what: str = "target") -> None:
+        n = len(self.model.class_names)
+        if not 0 <= target < n:
+            raise InvalidArgument(f"{what} {target} is out of range: {self.config.id} has {n} classes (0..{n - 1})")
+
+    def _decomposition(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> Any:
+        """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image)."""
+        key = self._key("decomposition", DEFAULT_METHOD, inputs.content_hash)
+
+        def rebuild(state: dict[str, torch.Tensor]) -> tuple[Any, int]:
+            state = {k: v.to(self.device) for k, v in state.items()}
+            return self.srd.load_decomposition(state), tensors_nbytes(state)
+
+        with self.cache.key_lock(key):
+            start = time.perf_counter()
+            found = self.cache.get(key, rebuild)
+            stages.add("cache_get", time.perf_counter() - start)
+            if found.value is not None:
+                prov.cache.append(("decomposition", found.tier))
+                return found.value
+            self._check_time_for_forward(deadline)
+            start = time.perf_counter()
+            decomposition = self.srd.decompose(inputs.x)
+            seconds = time.perf_counter() - start
+            stages.add("forward", seconds)
+            self._learn_forward_time(seconds)
+            start = time.perf_counter()
+            state = decomposition.state_dict()
+            self.cache.put(key, decomposition, tensors_nbytes(state), state)
+            self._put_logits(inputs.content_hash, decomposition.logits)
+            stages.add("cache_put", time.perf_counter() - start)
+            prov.cache.append(("decomposition", "miss"))
+            return decomposition
+
+    def _check_time_for_forward(self, deadline: float | None) -> None:
+        """Refuse work that cannot finish in time: a decomposition is not interruptible once started."""
+        _check_deadline(deadline, "the forward pass")
+        estimate = self._forward_estimate_s
+        if deadline is not None and estimate is not None:
+            left = deadline - time.time()
+            if left < 0.8 * estimate:
+                raise DeadlineExceeded(
+                    f"{left:.2f} s left before the deadline, but decomposing a new image takes about "
+                    f"{estimate:.1f} s on this replica; send a longer deadline"
+                )
+
+    def _learn_forward_time(self, seconds: float) -> None:
+        previous = self._forward_estimate_s
+        self._forward_estimate_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+    def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
+        value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
+        self.cache.put(self._key("logits", "model", content_hash), value, value.numel() * 4, {"logits": value})
+
+    def _logits(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> torch.Tensor:
+        key = self._key("logits", "model", inputs.content_hash)
+        start = time.perf_counter()
+        found = self.cache.get(key, lambda state: (state["logits"], state["logits"].numel() * 4))
+        stages.add("cache_get", time.perf_counter() - start)
+        if found.value is not None:
+            prov.cache.append(("logits", found.tier))
+            return found.value
+        _check_deadline(deadline, "the forward pass")
+        with stages.timed("forward"), torch.inference_mode():
+            logits = self.model.module(inputs.x)
+        self._put_logits(inputs.content_hash, logits)
+        prov.cache.append(("logits", "miss"))
+        return logits.detach().reshape(1, -1).to("cpu", torch.float32)
+
+    def _explainer(self, method: str) -> Any:
+        if method not in self.methods:
+            raise InvalidArgument(f"unknown method {method!r}; available: {', '.join(self.methods)}")
+        with self._explainers_lock:
+            explainer = self._explainers.get(method)
+            if explainer is None:
+                import ierf
+
+                explainer = self._explainers[method] = ierf.create_explainer(method, self.model.module)
+            return explainer
+
+    # --------------------------------------------------------------------------------------- RPCs
+    def explain(self, job: ExplainJob) -> Outcome:
+        stages = _Stages(self._record_stage, self.config.id)
+        method = job.method or DEFAULT_METHOD
+        explainer = self._explainer(method)
+        if job.target is not None:
+            self._check_target(job.target)
+        contrast = job.contrast
+        if isinstance(contrast, int):
+            self._check_target(contrast, "contrast class")
+        elif contrast not in ("identity", "mean"):
+            raise InvalidArgument(f"contrast {contrast!r} is not 'identity', 'mean' or a class index")
+        if method != DEFAULT_METHOD and contrast != "identity":
+            raise InvalidArgument(f"contrast is an SRD option; method {method!r} takes contrast 'identity' only")
+        prov = self._provenance(method, job.content_hash)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        if method == DEFAULT_METHOD:
+            decomposition = self._decomposition(inputs, prov, stages, job.deadline)
+            logits = decomposition.logits
+            target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
+            _check_deadline(job.deadline, "the explanation")
+            with stages.timed("explain"):
+                saliency = decomposition.saliency(target, contrast=contrast)
+        else:
+            logits = self._logits(inputs, prov, stages, job.deadline)
+            target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
+            _check_deadline(job.deadline, "the explanation")
+            x = inputs.x
+            with stages.timed("explain"):
+                saliency = explainer.saliency(x, target)
+        saliency_map = (
+            saliency.detach().reshape(saliency.shape[-2], saliency.shape[-1]).to("cpu", torch.float32).numpy()
+        )
+        outcome = Outcome(provenance=prov, maps=saliency_map, target=self._score(logits, target))
+        if job.overlay:
+            from ierf.serving.overlay import saliency_png
+
+            caption = f"{method.upper()} {target} {self.model.class_names[target]}"
+            with stages.timed("encode"):
+                outcome.overlays.append(saliency_png(inputs.view, saliency_map, caption))
+        if job.return_input:
+            outcome.model_input = inputs.view
+        prov.timings = stages.items
+        return outcome
+
+    def ierf(self, job: IERFJob) -> Outcome:
+        stages = _Stages(self._record_stage, self.config.id)
+        layer = self.layers.get(job.layer)
+        if layer is None:
+            names = list(self.layers)
+            shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
+            raise InvalidArgument(f"unknown layer {job.layer!r} for {self.config.id}; layers: {shown}")
+        positions = np.asarray(job.positions, dtype=np.int64).reshape(-1, 2)
+        if len(positions) == 0:
+            raise InvalidArgument("no positions given: send at least one (row, col) on the layer's PFV grid")
+        for row, col in positions.tolist():
+            if not (0 <= row < layer.height and 0 <= col < layer.width):
+                raise InvalidArgument(
+                    f"position ({row}, {col}) is outside the {layer.height}x{layer.width} PFV grid of layer "
+                    f"{layer.name!r} (rows 0..{layer.height - 1}, cols 0..{layer.width - 1})"
+                )
+        prov = self._provenance(DEFAULT_METHOD, job.content_hash)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        decomposition = self._decomposition(inputs, prov, stages, job.deadline)
+        _check_deadline(job.deadline, "the iERF computation")
+        with stages.timed("explain"):
+            maps = decomposition.ierf(job.layer, torch.from_numpy(positions).to(self.device))
+        maps_np = maps.detach().reshape(len(positions), *maps.shape[-2:]).to("cpu", torch.float32).numpy()
+        outcome = Outcome(provenance=prov, maps=maps_np, layer=layer)
+        if job.overlay:
+            from ierf.serving.overlay import ierf_png
+
+            with stages.timed("encode"):
+                outcome.overlays = [
+                    ierf_png(
+                        inputs.view,
+                        m,
+                        (int(r), int(c)),
+                        (layer.height, layer.width),
+                        f"iERF {job.layer} @ {r},{c}",
+                    )
+                    for m, (r, c) in zip(maps_np, positions.tolist(), strict=True)
+                ]
+        if job.return_input:
+            outcome.model_input = inputs.view
+        prov.timings = stages.items
+        return outcome
+
+    def predict(self, job: PredictJob) -> Outcome:
+        stages = _Stages(self._record_stage, self.config.id)
+        n = len(self.model.class_names)
+        top_k = job.top_k or 5
+        if not 1 <= top_k <= n:
+            raise InvalidArgument(f"top_k {job.top_k} is out of range: 1..{n}")
+        prov = self._provenance("", job.content_hash)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        logits = self._logits(inputs, prov, stages, job.deadline).reshape(-1)
+        probabilities = torch.softmax(logits.to(torch.float64), dim=0)
+        values, indices = probabilities.topk(top_k)
+        top = [
+            Score(int(i), self.model.class_names[int(i)], float(p), float(logits[int(i)]))
+            for p, i in zip(values, indices, strict=True)
+        ]
+        prov.timings = stages.items
+        return Outcome(provenance=prov, top_classes=top)

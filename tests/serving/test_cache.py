@@ -1,0 +1,236 @@
+"""Cache tiers: codec safety, byte-bounded LRU, circuit breaker, and Redis failures as misses."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+from ierf.serving.cache import (
+    ByteLRU,
+    CacheKey,
+    CircuitBreaker,
+    CodecError,
+    RedisSettings,
+    RedisTier,
+    TieredCache,
+    decode_tensors,
+    encode_tensors,
+    tensors_nbytes,
+)
+from ierf.serving.local import free_port
+
+KEY = CacheKey("decomposition", "m", "digest", "prep-v1", "srd", "srd-0.1.0", "ab" * 32).redis_key()
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "logits": torch.randn(1, 10, generator=g),
+        "ratio.layer1": torch.rand(1, 8, 8, generator=g).half(),
+        "index": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+    }
+
+
+def test_key_names_every_dependency() -> None:
+    key = CacheKey("decomposition", "resnet50", "0123abcd", "v1-r256", "srd", "srd-0.1.0", "f" * 64).redis_key()
+    assert key == "ierf:v1:decomposition:resnet50:0123abcd:v1-r256:srd@srd-0.1.0:" + "f" * 64
+
+
+def test_codec_round_trip_keeps_dtypes_shapes_and_values() -> None:
+    tensors = _tensors()
+    restored = decode_tensors(KEY, encode_tensors(KEY, tensors))
+    assert set(restored) == set(tensors)
+    for name, tensor in tensors.items():
+        assert restored[name].dtype == tensor.dtype
+        assert torch.equal(restored[name], tensor)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"short",
+        b"\xff" * 64,
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{not json",
+        b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
+    ],
+)
+def test_codec_rejects_garbage(garbage: bytes) -> None:
+    with pytest.raises(CodecError):
+        decode_tensors(KEY, garbage)
+
+
+def test_codec_rejects_a_value_written_under_another_key() -> None:
+    data = encode_tensors(KEY, _tensors())
+    with pytest.raises(CodecError, match="another key"):
+        decode_tensors(KEY + "x", data)
+
+
+def test_codec_rejects_foreign_safetensors_and_truncation() -> None:
+    from safetensors.torch import save
+
+    with pytest.raises(CodecError, match="format"):
+        decode_tensors(KEY, save({"a": torch.zeros(3)}))
+    data = encode_tensors(KEY, _tensors())
+    with pytest.raises(CodecError):
+        decode_tensors(KEY, data[:-10])
+
+
+def test_byte_lru_evicts_least_recently_used_and_refuses_oversize() -> None:
+    lru: ByteLRU[str] = ByteLRU(100)
+    assert lru.put("a", "A", 40) and lru.put("b", "B", 40)
+    assert lru.get("a") == "A"  # a is now most recent
+    assert lru.put("c", "C", 40)  # evicts b
+    assert lru.get("b") is None and lru.get("a") == "A" and lru.get("c") == "C"
+    assert lru.nbytes == 80
+    assert not lru.put("huge", "H", 101)
+    assert lru.put("a", "A2", 10) and lru.nbytes == 50 and lru.get("a") == "A2"
+
+
+def test_breaker_opens_after_threshold_then_half_opens_with_one_trial() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, open_seconds=5, clock=lambda: now[0])
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "closed"
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 5.0
+    assert breaker.state == "half_open"
+    assert breaker.allow() and not breaker.allow()  # one trial at a time
+    breaker.record_failure()
+    assert breaker.state == "open"
+    now[0] = 10.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def _closed_port() -> int:
+    port = free_port()
+    with socket.socket() as probe:  # make sure nothing listens there
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    return port
+
+
+def test_redis_down_fails_fast_and_trips_the_breaker() -> None:
+    tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{_closed_port()}/0", failure_threshold=2))
+    start = time.perf_counter()
+    assert tier.get("k") == ("error", None)
+    assert time.perf_counter() - start < 0.5  # redis-py defaults would block ~4 s retrying
+    assert tier.put("k", b"v") == "error"
+    assert tier.breaker.state == "open"
+    start = time.perf_counter()
+    assert tier.get("k") == ("skipped", None)
+    assert tier.put("k", b"v") == "skipped"
+    assert time.perf_counter() - start < 0.01
+
+
+def test_black_holed_redis_times_out_quickly() -> None:
+    """A server that accepts and never answers (a hung Redis) costs one read timeout, then nothing."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{port}/0", timeout_s=0.2, failure_threshold=1))
+        start = time.perf_counter()
+        assert tier.get("k") == ("error", None)
+        assert time.perf_counter() - start < 1.5
+        assert tier.get("k") == ("skipped", None)
+
+
+def test_real_redis_round_trip_ttl_and_size_cap(redis_flushed) -> None:
+    import redis
+
+    tier = RedisTier(RedisSettings(url=redis_flushed.url, ttl_s=60, max_value_bytes=1000))
+    assert tier.get("k") == ("miss", None)
+    assert tier.put("k", b"v" * 10) == "stored"
+    assert tier.get("k") == ("hit", b"v" * 10)
+    assert 0 < redis.Redis.from_url(redis_flushed.url).ttl("k") <= 60
+    assert tier.put("big", b"v" * 1001) == "too_big"
+    assert tier.get("big") == ("miss", None)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    def __call__(self, tier: str, op: str, result: str, seconds: float, nbytes: int) -> None:
+        self.events.append((tier, op, result))
+
+
+def _rebuild(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    return state, tensors_nbytes(state)
+
+
+def test_tiered_cache_l2_serves_a_new_process_and_fills_l1(redis_flushed) -> None:
+    settings = RedisSettings(url=redis_flushed.url)
+    writer = TieredCache(10_000_000, RedisTier(settings))
+    tensors = _tensors()
+    assert writer.put(KEY, tensors, tensors_nbytes(tensors), tensors) == "stored"
+    recorder = Recorder()
+    reader = TieredCache(10_000_000, RedisTier(settings), recorder)  # a fresh replica: empty L1
+    first = reader.get(KEY, _rebuild)
+    assert first.tier == "l2" and torch.equal(first.value["logits"], tensors["logits"])
+    assert reader.get(KEY, _rebuild).tier == "l1"
+    assert recorder.events == [("l1", "get", "miss"), ("l2", "get", "hit"), ("l1", "get", "hit")]
+
+
+def test_garbage_under_a_key_is_a_miss_and_is_removed(redis_flushed) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_flushed.url)
+    client.set(KEY, b"\x00garbage\xff" * 10)
+    recorder = Recorder()
+    cache = TieredCache(10_000_000, RedisTier(RedisSettings(url=redis_flushed.url)), recorder)
+    assert cache.get(KEY, _rebuild).tier == "miss"
+    assert ("l2", "get", "error") in recorder.events
+    assert client.get(KEY) is None
+
+
+def test_values_the_engine_rejects_are_misses(redis_flushed) -> None:
+    settings = RedisSettings(url=redis_flushed.url)
+    tensors = _tensors()
+    TieredCache(10_000_000, RedisTier(settings)).put(KEY, tensors, 1, tensors)
+
+    def refuse(state: dict[str, torch.Tensor]) -> tuple[object, int]:
+        raise ValueError("state from another engine version")
+
+    assert TieredCache(10_000_000, RedisTier(settings)).get(KEY, refuse).tier == "miss"
+
+
+def test_redis_stopped_mid_run_means_misses_then_recovery(redis_flushed) -> None:
+    settings = RedisSettings(url=redis_flushed.url, failure_threshold=2, open_seconds=0.3)
+    tier = RedisTier(settings)
+    cache = TieredCache(10_000_000, tier)
+    tensors = _tensors()
+    assert cache.put(KEY, tensors, 1, tensors) == "stored"
+    redis_flushed.stop()
+    try:
+        fresh = TieredCache(10_000_000, tier)
+        start = time.perf_counter()
+        for _ in range(5):
+            assert fresh.get(KEY, _rebuild).tier == "miss"
+            assert fresh.put(KEY + ":other", tensors, 10**9, tensors) in ("error", "skipped")
+        assert time.perf_counter() - start < 2.0
+        assert tier.breaker.state == "open"
+    finally:
+        redis_flushed.start()
+    time.sleep(0.35)  # breaker half-opens, the trial succeeds, Redis is used again
+    assert cache.put(KEY, tensors, 1, tensors) == "stored"
+    assert TieredCache(10_000_000, tier).get(KEY, _rebuild).tier == "l2"
+
+
+def test_too_big_values_stay_in_l1_only(redis_flushed) -> None:
+    cache = TieredCache(10_000_000, RedisTier(RedisSettings(url=redis_flushed.url, max_value_bytes=10)))
+    tensors = _tensors()
+    assert cache.put(KEY, tensors, tensors_nbytes(tensors), tensors) == "too_big"
+    assert cache.get(KEY, _rebuild).tier == "l1"
+
+
+def test_single_flight_lock_is_per_key() -> None:
+    cache = TieredCache(1000)
+    assert cache.key_lock("a") is cache.key_lock("a")
+    assert cache.key_lock("a") is not cache.key_lock("b")

@@ -1,0 +1,84 @@
+"""Deployment artefacts agree with the code: KubeRay serveConfigV2, Grafana queries, Dockerfile pins."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from ierf.serving.app import GRPC_SERVICER_FUNCTIONS, build_application
+from ierf.serving.metrics import METRICS
+from ierf.serving.settings import ServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY_ADDED_LABELS = {"deployment", "replica", "application"}
+
+
+def _rayservice() -> dict:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "rayservice.yaml").read_text()))
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    return service
+
+
+def test_rayservice_serve_config_builds_the_app() -> None:
+    import ray
+
+    service = _rayservice()
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "ierf.serving.app:build_app"
+    config = ServiceConfig.from_args(app["args"])
+    overrides = {d.pop("name"): d for d in app["deployments"]}
+    build_application(config, overrides)  # raises on unknown deployments or options
+
+
+def test_every_ray_container_gets_the_redis_url_the_config_reads() -> None:
+    service = _rayservice()
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    redis_ref = serve_config["applications"][0]["args"]["cache"]["redis_url"]
+    assert redis_ref.startswith("env:")
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert env[redis_ref[4:]].startswith("redis://ierf-redis:6379/")
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["serve-grpc"] == 9000 and ports["metrics"] == 8080 and ports["serve"] == 8000
+
+
+def test_dashboard_queries_use_exported_metric_names_and_labels() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "ierf-service.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    seen = set()
+    for expr in exprs:
+        for match in re.finditer(r"ray_(explainer_\w+?)(_bucket|_sum|_count)?\b", expr):
+            name = match.group(1)
+            assert name in METRICS, f"{name} is not defined in ierf.serving.metrics"
+            seen.add(name)
+            labels = set(METRICS[name][2]) | RAY_ADDED_LABELS | {"le"}
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                used = {label.strip() for label in group.split(",")}
+                assert used <= labels, f"{expr}: labels {used - labels} not on {name}"
+            for label in re.findall(r"(\w+)=~?\"", expr):
+                assert label in labels, f"{expr}: label {label} not on {name}"
+    assert seen == set(METRICS)  # every metric has a panel
+
+
+@pytest.mark.parametrize("pin", ["torch==2.14.1", "torchvision==0.29.1"])
+def test_dockerfile_pins_match_the_project(pin: str) -> None:
+    assert pin in (ROOT / "pyproject.toml").read_text()
+    assert pin in (ROOT / "Dockerfile").read_text()
+
+
+def test_readme_lists_every_metric_with_its_labels() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, (kind, _, labels) in METRICS.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `ray_{name}` |")), None)
+        assert row is not None, f"README has no row for ray_{name}"
+        assert f"| {kind} | {', '.join(labels)} |" in row

@@ -1,0 +1,128 @@
+"""Error -> gRPC status mapping and validation of the application's settings."""
+
+from __future__ import annotations
+
+import pickle
+
+import grpc
+import pytest
+from ierf.serving.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    to_status,
+)
+from ierf.serving.settings import ServiceConfig
+
+
+@pytest.mark.parametrize(
+    "exc,code",
+    [
+        (InvalidArgument("bad target"), grpc.StatusCode.INVALID_ARGUMENT),
+        (NotFound("no model"), grpc.StatusCode.NOT_FOUND),
+        (ResourceExhausted("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (Unavailable("restart"), grpc.StatusCode.UNAVAILABLE),
+        (ValueError("engine: unknown layer 'x'"), grpc.StatusCode.INVALID_ARGUMENT),
+        (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_status_codes(exc: Exception, code: grpc.StatusCode) -> None:
+    assert to_status(exc)[0] == code
+
+
+def test_internal_errors_do_not_leak_details() -> None:
+    code, message = to_status(RuntimeError("secret path /etc/x"))
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in message and "RuntimeError" in message
+
+
+def test_ray_back_pressure_maps_to_resource_exhausted() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    code, message = to_status(BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in message
+
+
+def test_wrapped_worker_errors_keep_their_code() -> None:
+    class Wrapper(Exception):
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("wrapped")
+            self.cause = cause
+
+    assert to_status(Wrapper(NotFound("unknown model 'x'"))) == (
+        grpc.StatusCode.NOT_FOUND,
+        "unknown model 'x'",
+    )
+
+
+def test_service_errors_survive_pickling_across_the_ray_hop() -> None:
+    restored = pickle.loads(pickle.dumps(InvalidArgument("target 5000 is out of range")))
+    assert isinstance(restored, ServiceError) and restored.message == "target 5000 is out of range"
+    assert to_status(restored)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_settings_defaults_and_model_list() -> None:
+    config = ServiceConfig.from_args({"models": ["efficientnet_lite0", {"id": "r50", "name": "resnet50"}]})
+    assert config.default_model == "efficientnet_lite0"
+    assert [m.deployment_name for m in config.models] == ["Worker_efficientnet_lite0", "Worker_r50"]
+    assert config.models[1].name == "resnet50"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ({"modles": []}, "unknown application arg"),
+        ({"cache": {"redis": "x"}}, "unknown setting"),
+        ({"models": [{"id": "a b"}]}, "letters, digits"),
+        ({"models": ["a", "a"]}, "unique"),
+        ({"models": ["a"], "default_model": "b"}, "default_model"),
+    ],
+)
+def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig.from_args(args)
+
+
+def test_redis_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ServiceConfig.from_args({"cache": {"redis_url": "env:IERF_TEST_REDIS"}})
+    monkeypatch.delenv("IERF_TEST_REDIS", raising=False)
+    assert config.cache.resolved_redis_url() is None
+    monkeypatch.setenv("IERF_TEST_REDIS", "redis://127.0.0.1:1/0")
+    assert config.cache.resolved_redis_url() == "redis://127.0.0.1:1/0"
+
+
+def test_deployment_overrides_are_checked() -> None:
+    from ierf.serving.app import build_application
+
+    config = ServiceConfig.from_args({})
+    with pytest.raises(ValueError, match="unknown deployment"):
+        build_application(config, {"Worker_other": {"num_replicas": 1}})
+    with pytest.raises(ValueError, match="unsupported option"):
+        build_application(config, {"Ingress": {"num_replicass": 1}})
+    build_application(config, {"Worker_efficientnet_lite0": {"max_queued_requests": 4}})
+
+
+def test_local_config_file_parses_and_matches_the_app() -> None:
+    from ierf.serving.app import GRPC_SERVICER_FUNCTIONS
+    from ierf.serving.local import DEFAULT_CONFIG, load_serve_config
+
+    config = load_serve_config(DEFAULT_CONFIG)
+    app = config["applications"][0]
+    assert app["import_path"] == "ierf.serving.app:build_app"
+    assert config["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    service = ServiceConfig.from_args(app["args"])
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {"Ingress"} | {m.deployment_name for m in service.models}
+
+
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL]
+)
+def test_error_for_round_trips_the_code(code: grpc.StatusCode) -> None:
+    from ierf.serving.errors import error_for
+
+    assert to_status(error_for(code, "m")) == (code, "m")

@@ -1,0 +1,156 @@
+"""Request image decoding: formats, canonicalisation, content hash and every rejection path."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from ierf.serving.errors import InvalidArgument, ResourceExhausted
+from ierf.serving.images import ImageLimits, decode_encoded, decode_tensor
+from PIL import Image
+
+LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000, max_side=4000)
+
+
+def _rgb(h: int = 40, w: int = 60, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _encode(array: np.ndarray, fmt: str, **kw: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_lossless_formats_and_raw_tensor_share_pixels_and_hash(fmt: str, kw: dict) -> None:
+    pixels = _rgb()
+    from_file = decode_encoded(_encode(pixels, fmt, **kw), LIMITS)
+    from_tensor = decode_tensor(pixels.tobytes(), "uint8", [40, 60, 3], LIMITS)
+    np.testing.assert_array_equal(from_file.pixels, pixels)
+    assert from_file.content_hash == from_tensor.content_hash
+    assert from_file.pixels.flags.c_contiguous and from_file.pixels.dtype == np.uint8
+
+
+def test_jpeg_decodes_to_rgb() -> None:
+    image = decode_encoded(_encode(_rgb(), "JPEG", quality=90), LIMITS)
+    assert image.pixels.shape == (40, 60, 3)
+
+
+def test_hash_depends_on_shape_not_only_bytes() -> None:
+    flat = _rgb(4, 6)
+    a = decode_tensor(flat.tobytes(), "uint8", [4, 6, 3], LIMITS)
+    b = decode_tensor(flat.tobytes(), "uint8", [6, 4, 3], LIMITS)
+    assert a.content_hash != b.content_hash
+
+
+def test_float_tensor_rounds_to_uint8_levels_and_grey_expands() -> None:
+    grey = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    image = decode_tensor(grey.tobytes(), "float32", [3, 4], LIMITS)
+    assert image.pixels.shape == (3, 4, 3)
+    np.testing.assert_array_equal(image.pixels[..., 0], np.rint(grey * 255).astype(np.uint8))
+    half = decode_tensor(grey.astype(np.float16).tobytes(), "float16", [3, 4, 1], LIMITS)
+    assert half.pixels.shape == (3, 4, 3)
+
+
+def test_sixteen_bit_png_and_rgba_are_canonicalised() -> None:
+    grey16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    image = decode_encoded(_encode(grey16, "PNG"), LIMITS)
+    np.testing.assert_array_equal(image.pixels[..., 0], (grey16 >> 8).astype(np.uint8))
+    rgba = np.dstack([_rgb(), np.full((40, 60), 7, np.uint8)])
+    np.testing.assert_array_equal(decode_encoded(_encode(rgba, "PNG"), LIMITS).pixels, rgba[..., :3])
+
+
+def test_exif_orientation_is_applied() -> None:
+    pixels = _rgb(20, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    assert decode_encoded(buffer.getvalue(), LIMITS).pixels.shape == (30, 20, 3)
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a readable"),
+        (b"GIF89a" + b"\x00" * 40, "not a readable"),  # real format, but not accepted
+    ],
+)
+def test_unreadable_bytes_are_invalid_argument(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        decode_encoded(data, LIMITS)
+
+
+def test_truncated_png_is_invalid_argument() -> None:
+    data = _encode(_rgb(200, 200), "PNG")
+    with pytest.raises(InvalidArgument, match="truncated or corrupt"):
+        decode_encoded(data[: len(data) // 2], LIMITS)
+
+
+def test_corrupt_jpeg_body_is_invalid_argument() -> None:
+    data = bytearray(_encode(_rgb(64, 64), "JPEG"))
+    data[len(data) // 2 : len(data) // 2 + 400] = b"\xff" * 400
+    data = bytes(data[: len(data) - 200])
+    with pytest.raises(InvalidArgument):
+        decode_encoded(data, LIMITS)
+
+
+def test_over_byte_cap_is_resource_exhausted() -> None:
+    with pytest.raises(ResourceExhausted, match="over the cap"):
+        decode_encoded(b"\x89PNG" + b"\x00" * 2_000_000, LIMITS)
+    with pytest.raises(ResourceExhausted, match="over the cap"):
+        decode_tensor(b"\x00" * 2_000_001, "uint8", [1, 2_000_001, 1], LIMITS)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header announces width x height: a decompression bomb's calling card."""
+    data = bytearray(_encode(np.zeros((1, 1), np.uint8), "PNG"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_decompression_bomb_is_rejected_from_the_header() -> None:
+    bomb = _png_claiming(50_000, 50_000)
+    assert len(bomb) < 200
+    with pytest.raises(ResourceExhausted, match=r"decompression bomb|50000x50000"):
+        decode_encoded(bomb, LIMITS)
+    with pytest.raises(ResourceExhausted, match="pixels"):
+        decode_encoded(_png_claiming(2000, 1000), LIMITS)  # sides fine, area over 1e6
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,size,message",
+    [
+        ("int16", [2, 2, 3], 24, "dtype"),
+        ("uint8", [2, 2, 4], 16, "shape"),
+        ("uint8", [2, 2, 3, 1], 12, "shape"),
+        ("uint8", [2, 2, 3], 11, "needs 12 bytes"),
+        ("uint8", [0, 0, 3], 0, "empty"),
+        ("uint8", [0, 5, 3], 0, "empty"),
+        ("uint8", [0, 5, 3], 5, "no pixels"),
+        ("uint8", [-2, -2, 3], 12, "negative"),
+    ],
+)
+def test_bad_raw_tensors_are_invalid_argument(dtype: str, shape: list[int], size: int, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        decode_tensor(b"\x01" * size, dtype, shape, LIMITS)
+
+
+def test_float_tensor_out_of_range_or_nan_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match=r"\[0, 1\]"):
+        decode_tensor(np.full((2, 2, 3), 2.0, np.float32).tobytes(), "float32", [2, 2, 3], LIMITS)
+    with pytest.raises(InvalidArgument, match="NaN"):
+        decode_tensor(np.full((2, 2, 3), np.nan, np.float32).tobytes(), "float32", [2, 2, 3], LIMITS)
+
+
+def test_tensor_over_pixel_cap_is_resource_exhausted_before_reading_data() -> None:
+    with pytest.raises(ResourceExhausted, match="pixels"):
+        decode_tensor(b"", "uint8", [1001, 1000, 3], LIMITS)

@@ -1,0 +1,63 @@
+"""Every way the ratio kernel forms kernel taps equals the literal definition: one convolution per tap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ierf.srd import ratios
+from ierf.srd.terms import ConvTerm, Route
+
+CASES = [
+    # (C_in, C_out, kernel, stride, dilation, pad (t, b, l, r), groups, input H, W)
+    (5, 7, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, 17, 19),
+    (5, 7, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 1, 17, 20),
+    (4, 6, (5, 3), (2, 1), (2, 1), (0, 1, 2, 1), 1, 23, 18),
+    (3, 16, (7, 7), (2, 2), (1, 1), (3, 3, 3, 3), 1, 30, 28),
+    (6, 6, (3, 3), (2, 2), (1, 1), (0, 1, 0, 1), 6, 16, 15),  # depthwise, TF "same" padding
+    (6, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, 12, 11),  # grouped
+    (8, 9, (4, 5), (1, 1), (1, 1), (0, 0, 0, 0), 1, 4, 5),  # kernel covers the map (FC as conv)
+]
+
+
+def _literal_taps(t: ConvTerm) -> torch.Tensor:
+    """(B, H, W, T, C_out): conv2d with all but one tap zeroed, tap by tap."""
+    kh, kw = t.kernel
+    out = []
+    for i in range(kh):
+        for j in range(kw):
+            w = torch.zeros_like(t.weight)
+            w[:, :, i, j] = t.weight[:, :, i, j]
+            y = F.conv2d(t.padded_input(), w * t.out_scale.view(-1, 1, 1, 1), None, t.stride, 0, t.dilation, t.groups)
+            out.append(y.permute(0, 2, 3, 1))
+    return torch.stack(out, 3)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("force_unfold", [False, True])
+def test_tap_products_equal_one_convolution_per_tap(case, force_unfold):
+    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c_in, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g)
+    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    t = ConvTerm(x, Route(0), weight, stride, dilation, pad, groups, scale)
+    # the dispatcher picks per-phase products or im2col by shape; check both on every dense case
+    got = ratios._unfolded_tap_products(t) if force_unfold and groups == 1 else ratios.tap_products(t)
+    torch.testing.assert_close(got, _literal_taps(t), atol=1e-10, rtol=1e-10)
+    # the taps' sum is the convolution itself, and their routes point at the right input PFVs
+    torch.testing.assert_close(got.sum(3), t.total().permute(0, 2, 3, 1), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] == 1])
+def test_gram_norms_and_dots_equal_the_taps(case):
+    c_in, c_out, kernel, stride, dilation, pad, _, h, w = case
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, c_in, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(c_out, c_in, *kernel, dtype=torch.float64, generator=g)
+    t = ConvTerm(x, Route(0), weight, stride, dilation, pad, 1, torch.rand(c_out, dtype=torch.float64, generator=g))
+    taps = _literal_taps(t)
+    z = torch.randn(*taps.shape[:3], c_out, dtype=torch.float64, generator=g)
+    norms, dots = ratios._gram_norms_dots(t, z)
+    torch.testing.assert_close(norms, taps.norm(dim=-1), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(dots, torch.einsum("bhwtc,bhwc->bhwt", taps, z), atol=1e-9, rtol=1e-9)
