@@ -213,3 +213,24 @@ def test_lrp_efficientnet_canonizer_merges_and_restores() -> None:
             instance.remove()
     assert all(torch.equal(private.state_dict()[k], v) for k, v in state.items())
     assert not any(type(m).__name__ == "Sum" for m in private.modules())
+
+
+def test_concurrent_calls_on_one_model_leave_it_untouched(model: nn.Module, x: torch.Tensor) -> None:
+    """Serving runs requests in threads: guarded calls on one model must not restore each other's state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = snapshot(model)
+    explainers = [ierf.create_explainer(m, model) for m in ("gradcam", "gradient", "layercam", "lrp")] * 3
+    serial = [e.saliency(x, 3) for e in explainers]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda e: e.saliency(x, 3), explainers))
+    for a, b in zip(serial, parallel, strict=True):
+        torch.testing.assert_close(a, b)
+    assert_untouched(model, before)
+
+
+def test_baselines_declare_a_version_for_cache_keys() -> None:
+    from ierf.methods import _REGISTRY
+
+    for method in BASELINE_METHODS:
+        assert getattr(_REGISTRY[method], "version", ""), method

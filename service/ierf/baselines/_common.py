@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -87,6 +89,18 @@ def to_input_resolution(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+_GUARD_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_GUARD_LOCKS_LOCK = threading.Lock()
+
+
+def _lock_for(model: nn.Module) -> threading.RLock:
+    with _GUARD_LOCKS_LOCK:
+        lock = _GUARD_LOCKS.get(model)
+        if lock is None:
+            lock = _GUARD_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[None]:
     """Run in eval mode with frozen parameters and leave the model exactly as found.
@@ -94,7 +108,15 @@ def model_guard(model: nn.Module) -> Iterator[None]:
     Restores, even when the body raises: every module's ``training`` flag, every parameter's
     ``requires_grad`` and ``.grad``, and every hook dictionary (entries a library forgot to remove
     are dropped). Parameters are frozen inside so no library writes parameter gradients.
+    Guarded calls on the same model are serialised (one lock per model): otherwise two threads'
+    snapshots would interleave and one could restore the other's temporary hooks or flags.
     """
+    with _lock_for(model), _guarded(model):
+        yield
+
+
+@contextlib.contextmanager
+def _guarded(model: nn.Module) -> Iterator[None]:
     modules = list(model.modules())
     training = [m.training for m in modules]
     hooks = [{name: dict(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]

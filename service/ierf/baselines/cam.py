@@ -69,6 +69,7 @@ class _CAMExplainer:
     """Capture -> library formula -> optional ReLU -> bilinear upsampling."""
 
     name = ""
+    version = "1-grad-cam-1.5.7"
     library_class: type[BaseCAM]
     defines_relu = True
 

@@ -27,6 +27,8 @@ class _CaptumExplainer:
     """Common frame: checks, model guard, channel collapse."""
 
     name = ""
+    #: Part of cache keys (ierf.serving): bump when a default or the library changes a map.
+    version = "1-captum-0.9.0"
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):

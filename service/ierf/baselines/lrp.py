@@ -143,6 +143,7 @@ class LRPExplainer:
     """LRP-EpsilonPlusFlat (Zennit) with the matching canonizer; signed channel-summed relevance."""
 
     name = "lrp"
+    version = "1-zennit-0.5.1"
 
     def __init__(self, model: nn.Module, epsilon: float = 1e-6) -> None:
         if not isinstance(model, nn.Module):
