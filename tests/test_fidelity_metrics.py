@@ -138,6 +138,28 @@ def test_insertion_deletion_closed_form() -> None:
     assert curves.fractions.tolist() == pytest.approx([k / 20 for k in range(21)])
 
 
+class _DominatedModel(nn.Module):
+    """Like _OnePixelModel, plus a third class that always wins the full softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        two = _OnePixelModel()(x)
+        return torch.cat([two, torch.full_like(two[:, :1], 200.0)], dim=1)
+
+
+def test_insertion_deletion_among_a_class_subset() -> None:
+    x = torch.zeros(1, 3, 50, 50)
+    x[0, 0, 0, 0] = 1.0
+    good = torch.zeros(1, 50, 50)
+    good[0, 0, 0] = 1.0
+    full = insertion_deletion(_DominatedModel(), x, 0, good)
+    among = insertion_deletion(_DominatedModel(), x, 0, good, classes=torch.tensor([[1, 0]]))
+    assert full.deletion.max().item() < 1e-6  # class 2 takes all the probability
+    assert among.deletion_auc.item() == pytest.approx(0.025, abs=1e-3)  # same as the two-class model
+    assert among.insertion_auc.item() == pytest.approx(0.975, abs=1e-3)
+    with pytest.raises(ValueError, match="one of its row"):
+        insertion_deletion(_DominatedModel(), x, 0, good, classes=torch.tensor([[1, 2]]))
+
+
 def test_insertion_deletion_rejects_bad_arguments() -> None:
     model, x, m = _OnePixelModel(), torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8)
     with pytest.raises(ValueError, match="deletion_fill"):
