@@ -1,0 +1,146 @@
+"""Shared plumbing of the baseline explainers: input/target checks, map post-processing, model guard."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Hook dictionaries a library may add entries to; restored key by key after every call.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def check_input(x: object) -> torch.Tensor:
+    """A (B, C, H, W) floating tensor, or a precise error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point (normalised) tensor, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    return x
+
+
+def resolve_target(target: object, batch: int) -> torch.Tensor:
+    """int, 0-d or (B,) integer tensor -> LongTensor (B,). Range is checked against the logits later."""
+    if isinstance(target, bool):
+        raise TypeError("target must be an int or an integer tensor, got bool")
+    if isinstance(target, int):
+        target = torch.full((batch,), target, dtype=torch.long)
+    elif isinstance(target, torch.Tensor):
+        if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
+        if target.dim() == 0:
+            target = target.reshape(1).expand(batch)
+        elif target.shape != (batch,):
+            raise ValueError(f"target must be an int or a tensor of shape ({batch},), got {tuple(target.shape)}")
+        target = target.to(torch.long).cpu()
+    else:
+        raise TypeError(f"target must be an int or an integer tensor, got {type(target).__name__}")
+    if (target < 0).any():
+        raise ValueError(f"target class indices must be >= 0, got {target.tolist()}")
+    return target
+
+
+def check_target_range(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"model must return (B, num_classes) logits, got shape {tuple(logits.shape)}")
+    if int(target.max()) >= logits.shape[1]:
+        raise ValueError(f"target {int(target.max())} out of range for a model with {logits.shape[1]} classes")
+
+
+def checked_forward(model: nn.Module, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's forward, validating the logits shape and target range on every call."""
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs)
+        check_target_range(logits, target)
+        return logits
+
+    return forward
+
+
+def collapse_channels(attribution: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W) by summing over channels (signed; see the package docstring)."""
+    return attribution.sum(dim=1)
+
+
+def to_input_resolution(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W): bilinear, align_corners=False; a no-op when already at ``size``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+_GUARD_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_GUARD_LOCKS_LOCK = threading.Lock()
+
+
+def _lock_for(model: nn.Module) -> threading.RLock:
+    with _GUARD_LOCKS_LOCK:
+        lock = _GUARD_LOCKS.get(model)
+        if lock is None:
+            lock = _GUARD_LOCKS[model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode with frozen parameters and leave the model exactly as found.
+
+    Restores, even when the body raises: every module's ``training`` flag, every parameter's
+    ``requires_grad`` and ``.grad``, and every hook dictionary (entries a library forgot to remove
+    are dropped). Parameters are frozen inside so no library writes parameter gradients.
+    Guarded calls on the same model are serialised (one lock per model): otherwise two threads'
+    snapshots would interleave and one could restore the other's temporary hooks or flags.
+    """
+    with _lock_for(model), _guarded(model):
+        yield
+
+
+@contextlib.contextmanager
+def _guarded(model: nn.Module) -> Iterator[None]:
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    hooks = [{name: dict(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, flag, saved in zip(modules, training, hooks, strict=True):
+            m.training = flag
+            for name, entries in saved.items():
+                current = getattr(m, name, None)
+                if current is not None and (current.keys() != entries.keys()):
+                    current.clear()
+                    current.update(entries)
+        for p, flag, grad in zip(params, requires_grad, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def finish(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Detached float32 (B, H, W) at input resolution."""
+    return to_input_resolution(maps.detach().float(), size).contiguous()

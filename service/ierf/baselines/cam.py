@@ -1,0 +1,169 @@
+"""CAM-family baselines with the formulas of pytorch-grad-cam 1.5.7.
+
+The library's ``__call__`` is not used: it ReLUs, min-max normalises each map to [0, 1] and resizes
+with OpenCV, which destroys the map's scale and sign. Instead activations and gradients of the
+target layer are captured here (hooks removed in ``finally``), the library's own
+``get_cam_image`` computes the raw channel-weighted map, and then:
+
+* the method's ReLU is applied only where the method defines one: Grad-CAM, Grad-CAM++ and
+  LayerCAM define ``ReLU(sum_k w_k A^k)`` (Selvaraju et al. eq. 2; Chattopadhay et al.; Jiang et
+  al.), so they return non-negative maps; HiResCAM is defined without it (Draelos & Carin 2020) and
+  stays signed. ``relu=False`` returns the pre-ReLU map of any of them;
+* no min-max normalisation;
+* bilinear upsampling (align_corners=False) to the input size.
+
+Target layer: by default the input of the model's last ``AdaptiveAvgPool2d`` (the final feature map
+feeding the classifier), which needs no per-architecture configuration; ``layer="layer3"`` picks the
+output of a named module instead. A module called several times per forward (shared activation
+modules) contributes its last call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from torch import nn
+
+from ierf.baselines._common import check_input, check_target_range, finish, model_guard, resolve_target
+from ierf.methods import register_method
+
+
+def final_feature_module(model: nn.Module) -> tuple[str, nn.Module]:
+    """The last AdaptiveAvgPool2d in registration order; its input is the final feature map."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not found:
+        raise ValueError("model has no nn.AdaptiveAvgPool2d; pass layer=<module name> to choose the CAM layer")
+    return found[-1]
+
+
+class _Capture:
+    """Activation and its gradient at one module (its output, or its input when ``use_input``)."""
+
+    def __init__(self, module: nn.Module, use_input: bool) -> None:
+        self.activation: torch.Tensor | None = None
+        hook = self._pre_hook if use_input else self._hook
+        self.handle = module.register_forward_pre_hook(hook) if use_input else module.register_forward_hook(hook)
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        self.activation = args[0]
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.activation = output
+
+
+@contextlib.contextmanager
+def _captured(module: nn.Module, use_input: bool) -> Iterator[_Capture]:
+    capture = _Capture(module, use_input)
+    try:
+        yield capture
+    finally:
+        capture.handle.remove()
+
+
+class _CAMExplainer:
+    """Capture -> library formula -> optional ReLU -> bilinear upsampling."""
+
+    name = ""
+    version = "1-grad-cam-1.5.7"
+    library_class: type[BaseCAM]
+    defines_relu = True
+
+    def __init__(self, model: nn.Module, layer: str | None = None, relu: bool | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        if layer is None:
+            self.layer, self.module = final_feature_module(model)
+            self.use_input = True
+        else:
+            modules = dict(model.named_modules())
+            if layer not in modules:
+                raise ValueError(f"model has no module named {layer!r}")
+            self.layer, self.module, self.use_input = layer, modules[layer], False
+        self.relu = self.defines_relu if relu is None else relu
+
+    def _activations_and_gradients(
+        self, x: torch.Tensor, target: torch.Tensor, create_graph: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with _captured(self.module, self.use_input) as capture:
+            logits = self.model(x)
+        check_target_range(logits, target)
+        activation = capture.activation
+        if activation is None or activation.dim() != 4:
+            shape = None if activation is None else tuple(activation.shape)
+            raise ValueError(f"CAM layer {self.layer!r} must produce a (B, C, h, w) map, got {shape}")
+        selected = logits.gather(1, target.to(logits.device)[:, None]).sum()
+        (grad,) = torch.autograd.grad(selected, activation, create_graph=create_graph)
+        return activation, grad
+
+    def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        x = check_input(x)
+        target = resolve_target(target, x.shape[0])
+        with model_guard(self.model):
+            x_in = x.detach().requires_grad_(True)  # makes the feature map part of a graph
+            activation, grad = self._activations_and_gradients(x_in, target, create_graph=False)
+            formula = self.library_class(model=self.model, target_layers=[])
+            cam = formula.get_cam_image(
+                x_in,
+                self.module,
+                None,
+                activation.detach().cpu().numpy(),
+                grad.detach().cpu().numpy(),
+                eigen_smooth=False,
+            )
+        maps = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))
+        if self.relu:
+            maps = maps.clamp_min(0.0)
+        return finish(maps.to(x.device), tuple(x.shape[-2:]))
+
+
+@register_method("gradcam")
+class GradCAMExplainer(_CAMExplainer):
+    """Grad-CAM (Selvaraju et al. 2017): ReLU(sum_k mean(dy/dA^k) A^k)."""
+
+    name = "gradcam"
+    library_class = GradCAM
+
+    def differentiable_saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        """Grad-CAM kept in the autograd graph (create_graph) for the manipulation attack.
+
+        The same formula as the library path, in torch; the caller owns the model state.
+        """
+        target = resolve_target(target, x.shape[0])
+        activation, grad = self._activations_and_gradients(x, target, create_graph=True)
+        cam = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
+        if self.relu:
+            cam = torch.relu(cam)
+        return torch.nn.functional.interpolate(
+            cam[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False
+        )[:, 0]
+
+
+@register_method("gradcam_plusplus")
+class GradCAMPlusPlusExplainer(_CAMExplainer):
+    """Grad-CAM++ (Chattopadhay et al. 2018)."""
+
+    name = "gradcam_plusplus"
+    library_class = GradCAMPlusPlus
+
+
+@register_method("layercam")
+class LayerCAMExplainer(_CAMExplainer):
+    """LayerCAM (Jiang et al. 2021): ReLU(sum_k ReLU(dy/dA^k_ij) A^k_ij), position-wise weights."""
+
+    name = "layercam"
+    library_class = LayerCAM
+
+
+@register_method("hirescam")
+class HiResCAMExplainer(_CAMExplainer):
+    """HiResCAM (Draelos & Carin 2020): sum_k dy/dA^k_ij A^k_ij, signed (no ReLU in the definition)."""
+
+    name = "hirescam"
+    library_class = HiResCAM
+    defines_relu = False

@@ -1,0 +1,198 @@
+"""LRP through Zennit 0.5.1: the EpsilonPlusFlat composite with an architecture canonizer.
+
+Rules (Zennit's EpsilonPlusFlat): flat rule for the first (pixel) layer, z+ for every other
+convolution, epsilon (1e-6) for linear layers, Norm for sums and average pools, pass-through for
+activations; batch norms are merged into the preceding convolution first. EpsilonGammaBox would
+need pixel bounds per model, which the generic interface does not know, so it is not the default.
+
+Canonizers: torchvision ResNets (including the TinyResNet, built from torchvision's BasicBlock) get
+Zennit's ``ResNetCanonizer`` (BN merge + residual sums as ``Sum`` modules so the Norm rule splits
+relevance over both branches). EfficientNet-Lite (lukemelas layout: ``_blocks.N._project_conv`` …)
+gets :class:`EfficientNetLiteCanonizer`, written here with Zennit's building blocks. Anything else
+gets ``SequentialMergeBatchNorm`` only; residual additions written as ``a + b`` then receive the
+plain gradient split (each branch gets the full relevance), which is documented LRP behaviour for
+uncanonised graphs, not a bug here.
+
+Relevance starts as 1 at the target logit (Zennit's convention), so maps are comparable in sign
+across images whatever the logit's sign. Zennit rewrites weights in place while registered, so the
+explainer works on a private deep copy of the model taken at construction: the caller's model is
+never touched, even temporarily (safe when other threads use it concurrently).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from zennit.attribution import Gradient
+from zennit.canonizers import (
+    AttributeCanonizer,
+    Canonizer,
+    CompositeCanonizer,
+    NamedMergeBatchNorm,
+    SequentialMergeBatchNorm,
+)
+from zennit.composites import EpsilonPlusFlat
+from zennit.layer import Sum
+from zennit.torchvision import ResNetCanonizer
+
+from ierf.baselines._common import (
+    check_input,
+    check_target_range,
+    collapse_channels,
+    finish,
+    model_guard,
+    resolve_target,
+)
+from ierf.errors import UnsupportedModelError
+from ierf.methods import register_method
+
+
+def _is_mbconv(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("_block_args", "_depthwise_conv", "_project_conv", "_bn2"))
+
+
+class _ExactNamedMergeBatchNorm(NamedMergeBatchNorm):
+    """Zennit's merge leaves the BN as x / sqrt(1 + eps) instead of the identity; with EfficientNet's
+    eps = 1e-3 over 49 BNs that shifted logits by ~0.05. Setting running_var = 1 - eps makes it exact
+    (restored on removal with the other BN statistics)."""
+
+    @staticmethod
+    def merge_batch_norm(modules: list[nn.Module], batch_norm: nn.Module) -> None:
+        NamedMergeBatchNorm.merge_batch_norm(modules, batch_norm)
+        batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 1.0 - batch_norm.eps)
+
+    def copy(self) -> _ExactNamedMergeBatchNorm:
+        return self.__class__(self.name_map)
+
+
+class _EfficientNetBatchNormMerge(NamedMergeBatchNorm):
+    """BN merge for the lukemelas EfficientNet layout, whose convs and BNs are not in a Sequential."""
+
+    _PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
+    _BLOCK_PAIRS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
+    def __init__(self) -> None:
+        super().__init__(name_map=[])
+
+    def apply(self, root_module: nn.Module) -> list[Canonizer]:
+        modules = dict(root_module.named_modules())
+        name_map = []
+        for name, module in modules.items():
+            prefix = f"{name}." if name else ""
+            pairs = self._BLOCK_PAIRS if _is_mbconv(module) else self._PAIRS
+            for conv, bn in pairs:
+                if f"{prefix}{conv}" in modules and f"{prefix}{bn}" in modules:
+                    name_map.append(([f"{prefix}{conv}"], f"{prefix}{bn}"))
+        return _ExactNamedMergeBatchNorm(name_map).apply(root_module)
+
+    def copy(self) -> _EfficientNetBatchNormMerge:
+        return self.__class__()
+
+
+class _MBConvSumCanonizer(AttributeCanonizer):
+    """Route the MBConv skip connection through a Zennit ``Sum`` so the Norm rule applies to it."""
+
+    def __init__(self) -> None:
+        super().__init__(self._attribute_map)
+
+    @classmethod
+    def _attribute_map(cls, name: str, module: nn.Module) -> dict | None:
+        if not _is_mbconv(module):
+            return None
+        return {"forward": cls.forward.__get__(module), "canonizer_sum": Sum()}
+
+    @staticmethod
+    def forward(self: nn.Module, inputs: torch.Tensor, drop_connect_rate: float | None = None) -> torch.Tensor:
+        x = inputs
+        if self._block_args.expand_ratio != 1:
+            x = self._swish(self._bn0(self._expand_conv(inputs)))
+        x = self._swish(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        args = self._block_args
+        if args.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+            x = self.canonizer_sum(torch.stack([inputs, x], dim=-1))
+        return x
+
+
+class EfficientNetLiteCanonizer(CompositeCanonizer):
+    """BN merge + skip sums for EfficientNet-Lite models in the lukemelas layout (no SE blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__((_EfficientNetBatchNormMerge(), _MBConvSumCanonizer()))
+
+
+def canonizers_for(model: nn.Module) -> list[Canonizer]:
+    """Pick the canonizer matching the architecture (see the module docstring)."""
+    modules = list(model.modules())
+    if any(isinstance(m, BasicBlock | Bottleneck) for m in modules):
+        return [ResNetCanonizer()]
+    blocks = [name for name, m in model.named_modules() if _is_mbconv(m)]
+    if blocks:
+        with_se = [name for name in blocks if getattr(model.get_submodule(name), "has_se", False)]
+        if with_se:  # checked before any canonizer touches the model
+            raise UnsupportedModelError(f"LRP canonizer: squeeze-excitation blocks are not supported: {with_se[:3]}")
+        return [EfficientNetLiteCanonizer()]
+    return [SequentialMergeBatchNorm()]
+
+
+@register_method("lrp")
+class LRPExplainer:
+    """LRP-EpsilonPlusFlat (Zennit) with the matching canonizer; signed channel-summed relevance."""
+
+    name = "lrp"
+    version = "1-zennit-0.5.1"
+
+    def __init__(self, model: nn.Module, epsilon: float = 1e-6) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.epsilon = epsilon
+        canonizers_for(self.model)  # unsupported architectures fail here, not on the first call
+        self._registered: tuple[nn.Module, EpsilonPlusFlat] | None = None
+
+    def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        x = check_input(x)
+        target = resolve_target(target, x.shape[0])
+        composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=canonizers_for(self.model))
+        with model_guard(self.model):
+            try:
+                composite.register(self.model)
+                x_in = x.detach().clone().requires_grad_(True)
+
+                def output_relevance(logits: torch.Tensor) -> torch.Tensor:
+                    check_target_range(logits, target)
+                    return torch.nn.functional.one_hot(target.to(logits.device), logits.shape[1]).to(logits.dtype)
+
+                _, relevance = Gradient(self.model)(x_in, output_relevance)
+            finally:
+                composite.remove()
+        return finish(collapse_channels(relevance), tuple(x.shape[-2:]))
+
+    def differentiable_saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        """The same map kept in the autograd graph (for the manipulation attack).
+
+        The canonizer rewrites weights through ``.data``, which autograd does not version, so the
+        graph must never outlive a merge: this path uses a second private copy on which the composite
+        stays registered for the explainer's lifetime.
+        """
+        target = resolve_target(target, x.shape[0])
+        if self._registered is None:
+            model = copy.deepcopy(self.model)
+            composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=canonizers_for(model))
+            composite.register(model)
+            self._registered = (model, composite)
+        model = self._registered[0]
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+
+        def output_relevance(logits: torch.Tensor) -> torch.Tensor:
+            check_target_range(logits, target)
+            return torch.nn.functional.one_hot(target.to(logits.device), logits.shape[1]).to(logits.dtype)
+
+        _, relevance = Gradient(model, create_graph=True)(x, output_relevance)
+        return collapse_channels(relevance)

@@ -1,0 +1,203 @@
+"""APOP: Activation-Pattern-Only Prediction (methods spec §2.7).
+
+Claim reproduced: the on/off pattern of a network's activations, frozen from the real image,
+carries most of what the prediction needs - even when the input is replaced by an uninformative
+one, the network run through the frozen pattern mostly predicts the original class.
+
+Pattern = for every call of every activation module, the state of each unit:
+
+* ReLU: off (z <= 0) or on (linear); replay: ``z * on``;
+* ReLU6 has two thresholds, so three states: off (z <= 0), linear (0 < z < 6), saturated (z >= 6);
+  replay: 0, z, or the constant 6;
+* MaxPool2d: the argmax index of every window; replay gathers the new input at those indices.
+
+Everything else (convolutions with their biases, batch norm in eval mode, average pooling, linear
+layers, residual additions) runs normally on the new input. The published code's APOP forward also
+has a "bias scaling" option whose semantics could not be recovered; it is not used here.
+
+Implementation: forward hooks on a private deep copy of the model (the caller's model is never
+touched), removed in ``finally``. A module called several times per forward (EfficientNet reuses one
+ReLU6 module inside each block) is matched call by call. Other activation types (SiLU, GELU…) have no
+discrete pattern; models containing them raise UnsupportedModelError.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ierf.errors import UnsupportedModelError
+
+_SMOOTH_ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid)
+
+
+@dataclass
+class ActivationPattern:
+    """Per hooked module name: one tensor per call (uint8 states, or int64 max-pool indices)."""
+
+    states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def units(self) -> int:
+        return sum(t.numel() for calls in self.states.values() for t in calls)
+
+
+def _patterned_modules(model: nn.Module) -> dict[str, nn.Module]:
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _SMOOTH_ACTIVATIONS):
+            raise UnsupportedModelError(f"APOP needs piecewise-linear activations; {name!r} is {type(module).__name__}")
+        if type(module) in (nn.ReLU, nn.ReLU6, nn.MaxPool2d):
+            found[name] = module
+    if not any(type(m) in (nn.ReLU, nn.ReLU6) for m in found.values()):
+        raise UnsupportedModelError("APOP found no nn.ReLU / nn.ReLU6 modules (functional activations are not hooked)")
+    return found
+
+
+def _relu6_state(out: torch.Tensor) -> torch.Tensor:
+    state = torch.zeros_like(out, dtype=torch.uint8)
+    state[out > 0] = 1
+    state[out >= 6] = 2
+    return state
+
+
+class _Hooks:
+    """Record or replay the pattern; every handle removed in :meth:`remove`."""
+
+    def __init__(self, modules: dict[str, nn.Module], pattern: ActivationPattern, replay: bool) -> None:
+        self.pattern = pattern
+        self.replay = replay
+        self.calls = dict.fromkeys(modules, 0)
+        self.stash: dict[str, torch.Tensor] = {}
+        self.handles = []
+        try:
+            for name, module in modules.items():
+                self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+                self.handles.append(module.register_forward_hook(self._post(name)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _pre(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            z = args[0]
+            if isinstance(module, nn.MaxPool2d) and not self.replay:
+                _, idx = F.max_pool2d(
+                    z, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, True
+                )
+                self.pattern.states.setdefault(name, []).append(idx)
+            elif self.replay:
+                self.stash[name] = z.clone()  # in-place activations overwrite z
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            call = self.calls[name]
+            self.calls[name] += 1
+            if not self.replay:
+                if isinstance(module, nn.ReLU6):
+                    self.pattern.states.setdefault(name, []).append(_relu6_state(out))
+                elif isinstance(module, nn.ReLU):
+                    self.pattern.states.setdefault(name, []).append((out > 0).to(torch.uint8))
+                return None
+            recorded = self.pattern.states.get(name, [])
+            if call >= len(recorded):
+                raise ValueError(f"pattern has {len(recorded)} call(s) of {name!r}; the replay made more")
+            state, z = recorded[call], self.stash.pop(name)
+            if isinstance(module, nn.MaxPool2d):
+                if state.shape[:2] != z.shape[:2]:
+                    raise ValueError(f"max-pool pattern of {name!r} does not match the input shape")
+                return z.flatten(2).gather(2, state.flatten(2)).view(state.shape)
+            if state.shape != z.shape:
+                raise ValueError(f"pattern of {name!r} has shape {tuple(state.shape)}, input {tuple(z.shape)}")
+            if isinstance(module, nn.ReLU6):
+                return torch.where(state == 1, z, torch.where(state == 2, torch.full_like(z, 6.0), torch.zeros_like(z)))
+            return z * state.to(z.dtype)
+
+        return hook
+
+
+class APOP:
+    """Record a model's activation pattern on real inputs and replay it on other inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.modules = _patterned_modules(self.model)
+
+    @torch.no_grad()
+    def record(self, x: torch.Tensor) -> tuple[torch.Tensor, ActivationPattern]:
+        """Logits of ``x`` and its activation pattern."""
+        pattern = ActivationPattern()
+        hooks = _Hooks(self.modules, pattern, replay=False)
+        try:
+            logits = self.model(x)
+        finally:
+            hooks.remove()
+        return logits, pattern
+
+    @torch.no_grad()
+    def replay(self, pattern: ActivationPattern, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` computed through ``pattern`` (same batch size and input size as recorded)."""
+        hooks = _Hooks(self.modules, pattern, replay=True)
+        try:
+            logits = self.model(x)
+        finally:
+            hooks.remove()
+        for name, count in hooks.calls.items():
+            if count != len(pattern.states.get(name, [])):
+                raise ValueError(f"replay called {name!r} {count} times; the pattern has {len(pattern.states[name])}")
+        return logits
+
+
+def uninformative(x: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
+    """The replacement input: "zeros" (normalised zero = the mean colour) or "noise" (N(0, 1), seeded)."""
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "noise":
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    raise ValueError(f"kind must be 'zeros' or 'noise', got {kind!r}")
+
+
+@torch.no_grad()
+def apop_agreement(model: nn.Module, x: torch.Tensor, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """Top-1 agreement with the real prediction for the APOP forward and its controls.
+
+    * ``pattern_zeros`` / ``pattern_noise``: own pattern, input replaced by zeros / noise;
+    * ``plain_zeros`` / ``plain_noise``: control, the replacement input through the normal network;
+    * ``shuffled_pattern_zeros``: another image's pattern with zeros input, scored against *that*
+      image's prediction (does the pattern alone carry the other image's class?), and
+      ``shuffled_vs_own``: the same outputs scored against the own image's prediction.
+    """
+    apop = APOP(model)
+    totals = dict.fromkeys(
+        ("pattern_zeros", "pattern_noise", "plain_zeros", "plain_noise", "shuffled_pattern_zeros", "shuffled_vs_own"),
+        0,
+    )
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        batch = x[start : start + batch_size]
+        logits, pattern = apop.record(batch)
+        pred = logits.argmax(1)
+        for kind in ("zeros", "noise"):
+            fake = uninformative(batch, kind, seed + start)
+            totals[f"pattern_{kind}"] += int((apop.replay(pattern, fake).argmax(1) == pred).sum())
+            totals[f"plain_{kind}"] += int((apop.model(fake).argmax(1) == pred).sum())
+        if batch.shape[0] > 1:
+            rolled = torch.roll(torch.arange(batch.shape[0]), 1)
+            _, other = apop.record(batch[rolled])
+            out = apop.replay(other, torch.zeros_like(batch)).argmax(1)
+            totals["shuffled_pattern_zeros"] += int((out == pred[rolled]).sum())
+            totals["shuffled_vs_own"] += int((out == pred).sum())
+    return {key: value / n for key, value in totals.items()}

@@ -1,0 +1,41 @@
+"""Input checks shared by the metrics."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def check_maps(maps: object, name: str = "maps") -> torch.Tensor:
+    """A finite floating (B, H, W) tensor, or a precise error."""
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(maps).__name__}")
+    if maps.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, H, W), got {tuple(maps.shape)}")
+    if not maps.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {maps.dtype}")
+    if maps.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch")
+    if not torch.isfinite(maps).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return maps.detach()
+
+
+def check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; every module's own training flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -1,0 +1,187 @@
+"""Robustness to targeted explanation manipulation (Dombrowski et al., NeurIPS 2019).
+
+The attack looks for a small perturbation delta (||delta||_inf <= epsilon, x + delta inside the
+valid input range) that moves the explanation of x toward a chosen target map while keeping the
+model's output:
+
+    L(delta) = || h(x + delta) - h_t ||^2 + output_weight * || p(x + delta) - p(x) ||^2
+
+with h the map scaled to unit L2 norm per image, h_t the unit-norm target map, p the softmax
+output. Adam on delta, ``steps`` iterations, step size ``epsilon / 10``, projection after each step.
+
+ReLU networks have zero second derivatives, so gradient-based maps give the attack no signal. As in
+the paper, the attack runs on a *copy* of the model whose ReLUs are replaced by softplus with
+sharpness ``beta`` (ReLU6 by softplus(z) - softplus(z - 6), its smooth counterpart); the caller's
+model is never changed. Maps before and after are then computed with the real model and the
+method's normal (non-differentiable) path and compared: Pearson, SSIM and top-10 % intersection
+between the original and the manipulated map (high = robust), the same similarities between the
+manipulated map and the target (low = robust), and the change of the target-class probability.
+
+An explainer that refuses the smoothed copy (``UnsupportedModelError``; SRD accepts nn.Softplus but
+not the subclass standing in for ReLU6) is attacked on the unmodified model instead, and the result
+says so (``smoothed=False``). Piecewise-linear activations leave SRD's ratios differentiable in x (z
+enters them directly), but without smoothing the attack is weaker, so such rows are flagged.
+
+The attack is generic: ``attack_explain(model) -> f(x, target)`` must return maps that are
+differentiable w.r.t. x (baselines expose ``differentiable_saliency``; SRD offers the same).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ierf.errors import UnsupportedModelError
+from ierf.metrics._checks import check_maps
+from ierf.metrics.similarity import pearson, ssim, top_k_intersection
+
+DiffExplain = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SmoothReLU6(nn.Softplus):
+    """softplus(z) - softplus(z - 6): the smooth counterpart of ReLU6 = relu(z) - relu(z - 6).
+
+    Subclasses nn.Softplus so tools that recognise element-wise activations by type (the SRD
+    engine, Zennit's pass rule) treat it as the activation it is.
+    """
+
+    def __init__(self, beta: float) -> None:
+        super().__init__(beta=beta)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.softplus(z, beta=self.beta) - F.softplus(z - 6.0, beta=self.beta)
+
+
+def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, int]:
+    """A deep copy of ``model`` with every nn.ReLU -> Softplus(beta), nn.ReLU6 -> SmoothReLU6(beta).
+
+    Returns the copy (eval mode) and the number of modules replaced. Functional ``F.relu`` calls
+    inside a forward cannot be replaced this way; the count tells whether anything was.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    smooth = copy.deepcopy(model).eval()
+    replaced = 0
+    for parent in list(smooth.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU:
+                setattr(parent, name, nn.Softplus(beta=beta))
+                replaced += 1
+            elif type(child) is nn.ReLU6:
+                setattr(parent, name, SmoothReLU6(beta))
+                replaced += 1
+    for p in smooth.parameters():
+        p.requires_grad_(False)
+    return smooth, replaced
+
+
+def _unit(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(maps)
+
+
+@dataclass
+class ManipulationResult:
+    x_adv: torch.Tensor
+    maps_before: torch.Tensor
+    maps_after: torch.Tensor
+    target_maps: torch.Tensor
+    pearson_before_after: torch.Tensor
+    ssim_before_after: torch.Tensor
+    topk_before_after: torch.Tensor
+    pearson_after_target: torch.Tensor
+    prob_change: torch.Tensor  # |p_y(x_adv) - p_y(x)| on the real model
+    prediction_kept: torch.Tensor  # argmax unchanged on the real model
+    linf: torch.Tensor  # achieved ||delta||_inf per image
+    final_loss: float
+    smoothed: bool  # False: the attack ran on the unmodified activations (explainer refused the smooth copy)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "pearson_before_after": float(self.pearson_before_after.mean()),
+            "ssim_before_after": float(self.ssim_before_after.mean()),
+            "topk_before_after": float(self.topk_before_after.mean()),
+            "pearson_after_target": float(self.pearson_after_target.mean()),
+            "prob_change": float(self.prob_change.mean()),
+            "prediction_kept": float(self.prediction_kept.float().mean()),
+            "smoothed": float(self.smoothed),
+        }
+
+
+def manipulation_attack(
+    attack_explain: Callable[[nn.Module], DiffExplain],
+    evaluate_explain: DiffExplain,
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    target_maps: torch.Tensor,
+    *,
+    epsilon: float,
+    bounds: tuple[float, float],
+    steps: int = 100,
+    output_weight: float = 10.0,
+    beta: float = 5.0,
+) -> ManipulationResult:
+    """Run the attack on ``x`` (B, C, H, W); see the module docstring. Deterministic (no noise)."""
+    if steps < 1 or epsilon <= 0:
+        raise ValueError("steps must be >= 1 and epsilon > 0")
+    target = target.to(torch.long)
+    target_maps = check_maps(target_maps, "target_maps")
+    if target_maps.shape != (x.shape[0], *x.shape[-2:]):
+        raise ValueError(f"target_maps must be {(x.shape[0], *x.shape[-2:])}, got {tuple(target_maps.shape)}")
+    lo, hi = bounds
+    smooth, replaced = smooth_activations_copy(model, beta)
+    explain, smoothed = attack_explain(smooth), replaced > 0
+    try:  # probe: an explainer may not accept the smoothed activations
+        explain(x[:1].detach().clone().requires_grad_(True), target[:1])
+    except UnsupportedModelError:
+        smooth = copy.deepcopy(model).eval()
+        for p in smooth.parameters():
+            p.requires_grad_(False)
+        explain, smoothed = attack_explain(smooth), False
+    goal = _unit(target_maps.to(x.device))
+    x = x.detach()
+    with torch.no_grad():
+        p_ref = smooth(x).softmax(1)
+    delta = torch.zeros_like(x, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=epsilon / 10)
+    loss_value = float("nan")
+    for _ in range(steps):
+        x_adv = x + delta
+        maps = explain(x_adv, target)
+        loss = ((_unit(maps) - goal) ** 2).flatten(1).sum(1)
+        loss = loss + output_weight * ((smooth(x_adv).softmax(1) - p_ref) ** 2).sum(1)
+        loss = loss.sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            delta.clamp_(-epsilon, epsilon)
+            delta.copy_((x + delta).clamp(lo, hi) - x)
+        loss_value = loss.item()
+    x_adv = (x + delta).detach()
+    maps_before = check_maps(evaluate_explain(x, target))
+    maps_after = check_maps(evaluate_explain(x_adv, target))
+    with torch.no_grad():
+        p_before, p_after = model(x).softmax(1), model(x_adv).softmax(1)
+    rows = torch.arange(x.shape[0])
+    return ManipulationResult(
+        x_adv=x_adv,
+        maps_before=maps_before,
+        maps_after=maps_after,
+        target_maps=target_maps,
+        pearson_before_after=pearson(maps_before, maps_after),
+        ssim_before_after=ssim(maps_before, maps_after),
+        topk_before_after=top_k_intersection(maps_before, maps_after),
+        pearson_after_target=pearson(maps_after, target_maps),
+        prob_change=(p_after[rows, target] - p_before[rows, target]).abs().cpu(),
+        prediction_kept=(p_after.argmax(1) == p_before.argmax(1)).cpu(),
+        linf=(x_adv - x).flatten(1).abs().max(1).values.cpu(),
+        final_loss=loss_value,
+        smoothed=smoothed,
+    )

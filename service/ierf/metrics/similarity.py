@@ -1,0 +1,57 @@
+"""Similarity of two signed maps (B, H, W), per image: Pearson, SSIM and top-k intersection.
+
+Used by the manipulation attack to say how far a map moved. All three are scale-invariant, so maps
+of different methods need no common normalisation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+from ierf.metrics._checks import check_maps, check_same_shape
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of the signed pixel values; 0 where either map is constant."""
+    a, b = check_maps(a, "a").flatten(1).double(), check_maps(b, "b").flatten(1).double()
+    check_same_shape(a, b)
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denom > 0, (a * b).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom)).float()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM (scikit-image, 7x7 window) after scaling each map by its own max |value| into [-1, 1].
+
+    data_range = 2 (the span of [-1, 1]); an all-zero map stays zero.
+    """
+    a, b = check_maps(a, "a"), check_maps(b, "b")
+    check_same_shape(a, b)
+
+    def unit(m: torch.Tensor) -> np.ndarray:
+        peak = float(m.abs().max())
+        return (m / peak).double().cpu().numpy() if peak > 0 else m.double().cpu().numpy()
+
+    scores = [structural_similarity(unit(x), unit(y), data_range=2.0) for x, y in zip(a, b, strict=True)]
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """Share of the k most positive pixels of ``a`` that are also among the k most positive of ``b``.
+
+    k = round(fraction x H x W). Signed: "most positive" = strongest evidence for the class.
+    """
+    a, b = check_maps(a, "a"), check_maps(b, "b")
+    check_same_shape(a, b)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n = a[0].numel()
+    k = max(1, round(fraction * n))
+    top_a = torch.zeros(a.shape[0], n, dtype=torch.bool, device=a.device)
+    top_b = torch.zeros_like(top_a)
+    top_a.scatter_(1, a.flatten(1).topk(k, dim=1).indices, True)
+    top_b.scatter_(1, b.flatten(1).topk(k, dim=1).indices, True)
+    return (top_a & top_b).sum(1).float() / k

@@ -1,0 +1,236 @@
+"""Baseline explainers: the shared contract, the one map rule, cross-checks with the libraries, and
+the promise that the caller's model is left exactly as found (also after exceptions)."""
+
+from __future__ import annotations
+
+import copy
+
+import ierf
+import numpy as np
+import pytest
+import torch
+from ierf.baselines import BASELINE_METHODS
+from ierf.baselines._common import model_guard
+from ierf.baselines.lrp import EfficientNetLiteCanonizer, canonizers_for
+from ierf.fidelity.tiny_resnet import random_tiny_resnet
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+from zennit.attribution import Gradient as ZennitGradient
+from zennit.composites import EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    m = random_tiny_resnet(seed=3)
+    with torch.no_grad():  # non-trivial BN statistics so merges and folds are exercised
+        gen = torch.Generator().manual_seed(4)
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+                bn.bias.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+
+
+def snapshot(m: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in m.state_dict().items()},
+        "training": [mod.training for mod in m.modules()],
+        "requires_grad": [p.requires_grad for p in m.parameters()],
+        "grads": [p.grad for p in m.parameters()],
+        "hooks": [len(getattr(mod, d)) for mod in m.modules() for d in HOOK_DICTS],
+        "forwards": [("forward" in mod.__dict__) for mod in m.modules()],
+        "n_modules": len(list(m.modules())),
+    }
+
+
+def assert_untouched(m: nn.Module, before: dict) -> None:
+    after = snapshot(m)
+    assert after["n_modules"] == before["n_modules"]
+    for key in ("training", "requires_grad", "hooks", "forwards"):
+        assert after[key] == before[key], key
+    assert all(a is b for a, b in zip(after["grads"], before["grads"], strict=True))
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+def test_all_baselines_registered() -> None:
+    assert set(BASELINE_METHODS) <= set(ierf.available_methods())
+    assert "srd" in ierf.available_methods()
+
+
+@pytest.mark.parametrize("method", BASELINE_METHODS)
+def test_contract_shape_dtype_and_model_untouched(method: str, model: nn.Module, x: torch.Tensor) -> None:
+    model.train()  # a caller's training flags survive (explanations run in eval mode)
+    model.layer1.eval()
+    before = snapshot(model)
+    explainer = ierf.create_explainer(method, model)
+    maps = explainer.saliency(x, torch.tensor([1, 7]))
+    assert maps.shape == (2, 48, 40)
+    assert maps.dtype == torch.float32
+    assert not maps.requires_grad
+    assert torch.isfinite(maps).all()
+    assert maps.abs().sum() > 0
+    assert_untouched(model, before)
+    model.eval()
+    # the same class for every image: int and 0-d tensor targets agree
+    torch.testing.assert_close(explainer.saliency(x, 4), explainer.saliency(x, torch.tensor(4)))
+
+
+@pytest.mark.parametrize("method", BASELINE_METHODS)
+def test_per_image_targets_match_single_image_calls(method: str, model: nn.Module, x: torch.Tensor) -> None:
+    explainer = ierf.create_explainer(method, model)
+    both = explainer.saliency(x, torch.tensor([2, 5]))
+    first = explainer.saliency(x[:1], 2)
+    second = explainer.saliency(x[1:], 5)
+    torch.testing.assert_close(both, torch.cat([first, second]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", BASELINE_METHODS)
+def test_bad_calls_raise_and_leave_no_trace(method: str, model: nn.Module, x: torch.Tensor) -> None:
+    before = snapshot(model)
+    explainer = ierf.create_explainer(method, model)
+    with pytest.raises(ValueError, match="out of range"):
+        explainer.saliency(x, 10)  # 10 classes: 0..9
+    with pytest.raises(ValueError, match=">= 0"):
+        explainer.saliency(x, -1)
+    with pytest.raises(ValueError, match="shape"):
+        explainer.saliency(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="integer"):
+        explainer.saliency(x, torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="bool"):
+        explainer.saliency(x, True)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        explainer.saliency(x[0], 1)
+    with pytest.raises(TypeError, match="floating"):
+        explainer.saliency(x.to(torch.int64), 1)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        explainer.saliency(x.numpy(), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        explainer.saliency(torch.full_like(x, float("nan")), 1)
+    assert_untouched(model, before)
+
+
+def test_model_guard_restores_after_an_exception_mid_call(model: nn.Module) -> None:
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"), model_guard(model):
+        model.layer2.register_forward_hook(lambda *a: None)  # a library forgetting its hook
+        model.fc.weight.grad = torch.ones_like(model.fc.weight)
+        raise RuntimeError("boom")
+    assert_untouched(model, before)
+
+
+def test_gradient_family_collapse_rule(model: nn.Module, x: torch.Tensor) -> None:
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    (grad,) = torch.autograd.grad(logits[:, 3].sum(), xg)
+    torch.testing.assert_close(ierf.create_explainer("gradient", model).saliency(x, 3), grad.sum(1))
+    torch.testing.assert_close(ierf.create_explainer("input_x_gradient", model).saliency(x, 3), (x * grad).sum(1))
+    ig = ierf.create_explainer("integrated_gradients", model, n_steps=64).saliency(x, 3)
+    with torch.no_grad():  # completeness: IG sums to f(x) - f(0)
+        gap = model(x)[:, 3] - model(torch.zeros_like(x))[:, 3]
+    torch.testing.assert_close(ig.sum((1, 2)), gap, atol=2e-3 * float(gap.abs().max()) + 1e-4, rtol=1e-2)
+
+
+def test_differentiable_paths_equal_the_library_paths(model: nn.Module, x: torch.Tensor) -> None:
+    for method in ("gradient", "input_x_gradient", "gradcam", "lrp"):
+        explainer = ierf.create_explainer(method, model)
+        xg = x.clone().requires_grad_(True)
+        diff = explainer.differentiable_saliency(xg, torch.tensor([1, 7]))
+        assert diff.requires_grad, method
+        torch.testing.assert_close(diff.detach(), explainer.saliency(x, torch.tensor([1, 7])), atol=1e-6, rtol=1e-4)
+
+
+def test_gradcam_matches_pytorch_grad_cam_up_to_its_normalisation(model: nn.Module) -> None:
+    x = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    with GradCAM(model=copy.deepcopy(model), target_layers=[]) as _:
+        pass
+    reference_model = copy.deepcopy(model)
+    with GradCAM(model=reference_model, target_layers=[reference_model.layer4]) as cam:
+        library = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in (0, 4, 9)])
+    ours = ierf.create_explainer("gradcam", model).saliency(x, torch.tensor([0, 4, 9])).numpy()
+    for a, b in zip(library, ours, strict=True):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+        assert np.unravel_index(a.argmax(), a.shape) == np.unravel_index(b.argmax(), b.shape)
+
+
+def test_cam_relu_follows_each_method_definition(model: nn.Module, x: torch.Tensor) -> None:
+    assert (ierf.create_explainer("gradcam", model).saliency(x, 1) >= 0).all()
+    assert (ierf.create_explainer("layercam", model).saliency(x, 1) >= 0).all()
+    raw = ierf.create_explainer("gradcam", model, relu=False).saliency(x, 1)
+    hires = ierf.create_explainer("hirescam", model).saliency(x, 1)
+    assert (raw < 0).any() and (hires < 0).any()  # signed where the method (or the caller) says so
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        ierf.create_explainer("gradcam", model, layer="nope")
+    layer3 = ierf.create_explainer("gradcam", model, layer="layer2").saliency(x, 1)
+    assert layer3.shape == (2, 48, 40)
+
+
+def test_lrp_equals_zennit_used_directly(model: nn.Module, x: torch.Tensor) -> None:
+    reference = copy.deepcopy(model)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    target = torch.tensor([1, 7])
+    with ZennitGradient(reference, EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as attributor:
+        _, relevance = attributor(x.clone().requires_grad_(True), torch.eye(10)[target])
+    torch.testing.assert_close(ierf.create_explainer("lrp", model).saliency(x, target), relevance.sum(1))
+
+
+def test_lrp_efficientnet_canonizer_merges_and_restores() -> None:
+    from ierf.models import load_model
+
+    module = load_model("efficientnet_lite0").module
+    assert isinstance(canonizers_for(module)[0], EfficientNetLiteCanonizer)
+    private = copy.deepcopy(module)
+    state = {k: v.clone() for k, v in private.state_dict().items()}
+    instances = EfficientNetLiteCanonizer().apply(private)
+    try:
+        n_sums = sum(1 for m in private.modules() if type(m).__name__ == "Sum")
+        merged_bns = [m for m in private.modules() if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 1).all())]
+        skips = sum(
+            1
+            for b in module._blocks
+            if b._block_args.id_skip
+            and b._block_args.stride == 1
+            and b._block_args.input_filters == b._block_args.output_filters
+        )
+        assert n_sums == len(module._blocks) and skips > 0  # every block gets the Sum; skip blocks use it
+        assert len(merged_bns) == sum(1 for m in module.modules() if isinstance(m, nn.BatchNorm2d))
+        with torch.no_grad():  # canonised model computes the same function
+            xe = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(private(xe), module(xe), atol=1e-4, rtol=1e-4)
+    finally:
+        for instance in instances:
+            instance.remove()
+    assert all(torch.equal(private.state_dict()[k], v) for k, v in state.items())
+    assert not any(type(m).__name__ == "Sum" for m in private.modules())
+
+
+def test_concurrent_calls_on_one_model_leave_it_untouched(model: nn.Module, x: torch.Tensor) -> None:
+    """Serving runs requests in threads: guarded calls on one model must not restore each other's state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = snapshot(model)
+    explainers = [ierf.create_explainer(m, model) for m in ("gradcam", "gradient", "layercam", "lrp")] * 3
+    serial = [e.saliency(x, 3) for e in explainers]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda e: e.saliency(x, 3), explainers))
+    for a, b in zip(serial, parallel, strict=True):
+        torch.testing.assert_close(a, b)
+    assert_untouched(model, before)
+
+
+def test_baselines_declare_a_version_for_cache_keys() -> None:
+    from ierf.methods import _REGISTRY
+
+    for method in BASELINE_METHODS:
+        assert getattr(_REGISTRY[method], "version", ""), method

@@ -1,0 +1,179 @@
+"""The evaluation material: synthetic generator, committed TinyResNet, grids, APOP."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from ierf.errors import UnsupportedModelError
+from ierf.fidelity import grid, synthetic
+from ierf.fidelity.apop import APOP, apop_agreement
+from ierf.fidelity.tiny_resnet import (
+    CHECKPOINT,
+    TRAINING_RECORD,
+    TinyResNet,
+    load_tiny_resnet,
+    random_tiny_resnet,
+    training_record,
+)
+from torch import nn
+
+
+@pytest.fixture(scope="module")
+def test_set() -> synthetic.SyntheticSet:
+    return synthetic.generate("test", 96)
+
+
+def test_generator_is_deterministic_and_seeded() -> None:
+    a, b = synthetic.generate("train", 12), synthetic.generate("train", 12)
+    assert torch.equal(a.images, b.images) and torch.equal(a.boxes, b.boxes)
+    c = synthetic.generate("train", 12, seed=5)
+    assert not torch.equal(a.images, c.images)
+    assert synthetic.generate("test", 12).seed == synthetic.TEST_SEED != synthetic.TRAIN_SEED
+
+
+def test_test_split_only_uses_held_out_glyphs(test_set: synthetic.SyntheticSet) -> None:
+    split = synthetic.glyph_split()
+    assert not set(split["train"]) & set(split["test"])
+    assert len(split["train"]) + len(split["test"]) == 1797
+    assert set(test_set.glyph_ids.tolist()) <= set(split["test"].tolist())
+    train = synthetic.generate("train", 200)
+    assert set(train.glyph_ids.tolist()) <= set(split["train"].tolist())
+
+
+def test_ground_truth_is_consistent(test_set: synthetic.SyntheticSet) -> None:
+    n, _, h, w = test_set.images.shape
+    assert test_set.images.dtype == torch.uint8 and (h, w) == (96, 96)
+    assert test_set.labels.min() >= 0 and test_set.labels.max() <= 9
+    for i in range(n):
+        y0, x0, y1, x1 = test_set.boxes[i].tolist()
+        mask = test_set.masks[i]
+        assert mask.any()
+        assert mask.sum() == mask[y0:y1, x0:x1].sum()  # the mask lies in the box
+        assert mask[y0].any() and mask[y1 - 1].any() and mask[:, x0].any() and mask[:, x1 - 1].any()  # tight
+    # objects are small and spread: a centre guess is a weak baseline
+    assert synthetic.centre_point_hit_rate(test_set) < 0.15
+    area = ((test_set.boxes[:, 2] - test_set.boxes[:, 0]) * (test_set.boxes[:, 3] - test_set.boxes[:, 1])).float()
+    assert area.mean() / (h * w) < 0.06
+    assert torch.allclose(synthetic.denormalize(test_set.inputs()), test_set.images.float() / 255)
+
+
+def test_generator_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="split"):
+        synthetic.generate("val", 3)
+    with pytest.raises(ValueError, match="positive int"):
+        synthetic.generate("test", 0)
+    with pytest.raises(ValueError, match="object_size"):
+        synthetic.SyntheticConfig(canvas=32, object_size=(16, 40))
+    with pytest.raises(TypeError, match="uint8"):
+        synthetic.normalize(torch.zeros(1, 3, 4, 4))
+
+
+def test_committed_checkpoint_and_record(test_set: synthetic.SyntheticSet) -> None:
+    assert CHECKPOINT.stat().st_size <= 5 * 1024 * 1024
+    record = training_record()
+    assert json.loads(TRAINING_RECORD.read_text()) == record
+    for key in ("test_accuracy", "parameters"):
+        assert key in record
+    assert {"seed", "training_seconds", "stages", "threads"} <= set(record["training"])
+    model = load_tiny_resnet()
+    assert not model.training
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    with torch.no_grad():
+        accuracy = (model(test_set.inputs()).argmax(1) == test_set.labels).float().mean().item()
+    assert accuracy > 0.6  # 96 images; the record's 2000-image figure is the precise one
+    with pytest.raises(FileNotFoundError, match="train one"):
+        load_tiny_resnet("/nonexistent/tiny.pt")
+
+
+def test_random_init_is_seeded_and_leaves_global_rng() -> None:
+    state = torch.random.get_rng_state()
+    a, b = random_tiny_resnet(1), random_tiny_resnet(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), random_tiny_resnet(2).parameters(), strict=True))
+
+
+def _fake_images(n: int, size: int = 8) -> list[grid.GridImage]:
+    return [grid.GridImage(f"img{i}", torch.full((3, size, size), float(i)), label=100 + i, prob=0.9) for i in range(n)]
+
+
+def test_build_grids_layout() -> None:
+    cases = grid.build_grids(_fake_images(6), orders=2)
+    assert cases.grids.shape == (30, 3, 16, 16)
+    assert len(cases) == 120
+    for k in range(len(cases)):
+        g, (y0, x0, y1, x1) = int(cases.grid_index[k]), cases.boxes[k].tolist()
+        cell = cases.grids[g, :, y0:y1, x0:x1]
+        assert (y1 - y0, x1 - x0) == (8, 8)
+        assert torch.all(cell == float(int(cases.targets[k]) - 100))  # the target's own photo fills its cell
+    with pytest.raises(ValueError, match="at least 4"):
+        grid.build_grids(_fake_images(3))
+
+
+def test_confident_images_on_the_real_model() -> None:
+    from ierf.models import load_model
+
+    loaded = load_model("efficientnet_lite0")
+    images = grid.confident_images(loaded.module, loaded.preprocess)
+    names = {i.name for i in images}
+    assert {"coffee", "motorcycle"} <= names and "astronaut" not in names
+    assert len({i.label for i in images}) == len(images) >= 4
+    assert all(i.prob >= 0.25 for i in images)
+
+
+def test_apop_replay_of_own_input_is_the_normal_forward(test_set: synthetic.SyntheticSet) -> None:
+    model = load_tiny_resnet()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apop = APOP(model)
+    x = test_set.inputs()[:8]
+    logits, pattern = apop.record(x)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))
+        torch.testing.assert_close(apop.replay(pattern, x), model(x), atol=1e-5, rtol=1e-5)
+    assert set(pattern.states) == {"relu", "maxpool"} | {f"layer{i}.0.relu" for i in range(1, 5)}
+    assert len(pattern.states["layer1.0.relu"]) == 2  # torchvision's BasicBlock reuses its ReLU
+    with pytest.raises(ValueError, match="shape"):
+        apop.replay(pattern, x[:4])
+    assert all(not getattr(m, d) for m in apop.model.modules() for d in ("_forward_hooks", "_forward_pre_hooks"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_apop_relu6_three_states_and_controls() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(20)  # drive many units past 6
+    apop = APOP(net)
+    x = torch.randn(2, 3, 6, 6)
+    _, pattern = apop.record(x)
+    states = pattern.states["1"][0]
+    assert set(states.unique().tolist()) == {0, 1, 2}
+    pre = apop.model[0](torch.zeros_like(x))
+    out = apop.replay(pattern, torch.zeros_like(x))
+    expected = net[4](net[3](net[2](torch.where(states == 1, pre, torch.where(states == 2, 6.0, 0.0)))))
+    torch.testing.assert_close(out, expected)
+    scores = apop_agreement(net, torch.randn(6, 3, 6, 6))
+    assert set(scores) == {
+        "pattern_zeros",
+        "pattern_noise",
+        "plain_zeros",
+        "plain_noise",
+        "shuffled_pattern_zeros",
+        "shuffled_vs_own",
+    }
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_apop_refuses_smooth_activations_and_leaves_model() -> None:
+    with pytest.raises(UnsupportedModelError, match="SiLU"):
+        APOP(nn.Sequential(nn.Conv2d(3, 3, 1), nn.SiLU()))
+    model = TinyResNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    APOP(model).record(torch.randn(1, 3, 32, 32))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -1,0 +1,269 @@
+"""Fidelity metrics on toy cases whose answer is known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ierf.metrics import (
+    boxes_to_masks,
+    energy_in_box,
+    gaussian_blur,
+    gini,
+    insertion_deletion,
+    manipulation_attack,
+    max_sensitivity,
+    pearson,
+    pixel_ranking,
+    pointing_game,
+    smooth_activations_copy,
+    ssim,
+    top_k_intersection,
+)
+from ierf.metrics.manipulation import SmoothReLU6
+from torch import nn
+
+
+def test_boxes_to_masks_end_exclusive() -> None:
+    masks = boxes_to_masks(torch.tensor([[1, 2, 3, 5]]), (6, 6))
+    assert masks.sum() == 2 * 3
+    assert masks[0, 1, 2] and masks[0, 2, 4] and not masks[0, 3, 4] and not masks[0, 1, 5]
+    with pytest.raises(ValueError, match="y0 < y1"):
+        boxes_to_masks(torch.tensor([[3, 0, 3, 2]]), (6, 6))
+
+
+def test_pointing_game_hit_miss_and_ties() -> None:
+    maps = torch.zeros(3, 10, 10)
+    maps[0, 2, 2] = 5.0  # inside the box
+    maps[1, 8, 8] = 5.0  # outside
+    maps[1, 2, 2] = -9.0  # strong *negative* evidence in the box is no hit: the signed maximum counts
+    # maps[2] constant: every pixel ties, expected hit = box area / image area
+    boxes = torch.tensor([[0, 0, 4, 5]] * 3)
+    assert pointing_game(maps, boxes).tolist() == pytest.approx([1.0, 0.0, 20 / 100])
+    # masks and boxes give the same answer
+    assert torch.equal(pointing_game(maps, boxes_to_masks(boxes, (10, 10))), pointing_game(maps, boxes))
+
+
+def test_energy_in_box_uses_positive_part() -> None:
+    maps = -5.0 * torch.ones(3, 4, 4)
+    maps[0, :2, :2] = 1.0  # all positive mass in the box; negatives outside ignored
+    maps[1] = 1.0  # uniform positive: share = box area
+    # maps[2]: no positive mass at all -> 0
+    boxes = torch.tensor([[0, 0, 2, 2]] * 3)
+    assert energy_in_box(maps, boxes).tolist() == pytest.approx([1.0, 4 / 16, 0.0])
+
+
+def test_localisation_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        pointing_game(torch.zeros(4, 4), torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="NaN"):
+        energy_in_box(torch.full((1, 4, 4), float("nan")), torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="boxes must have shape"):
+        pointing_game(torch.zeros(2, 4, 4), torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(TypeError, match="bool"):
+        pointing_game(torch.zeros(1, 4, 4), torch.ones(1, 4, 4))
+
+
+def test_gini_known_values() -> None:
+    uniform = torch.ones(1, 8, 8)
+    one_hot = torch.zeros(1, 8, 8)
+    one_hot[0, 3, 3] = 2.0
+    # |[1, 2, 3, 4]|: sum (2i - n - 1) a_i = -3 - 2 + 3 + 12 = 10; n sum a = 40 -> 0.25
+    ramp = torch.tensor([[[1.0, -2.0], [3.0, 4.0]]])
+    assert gini(uniform).item() == pytest.approx(0.0, abs=1e-7)
+    assert gini(one_hot).item() == pytest.approx(63 / 64)
+    assert gini(ramp).item() == pytest.approx(0.25)
+    assert gini(-ramp).item() == pytest.approx(gini(ramp).item())  # |.| is the metric's definition
+    assert gini(torch.zeros(1, 3, 3)).item() == 0.0
+
+
+def test_similarity_known_values() -> None:
+    a = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert pearson(a, a).tolist() == pytest.approx([1.0, 1.0])
+    assert pearson(a, -a).tolist() == pytest.approx([-1.0, -1.0])
+    assert pearson(a, 3 * a + 1).tolist() == pytest.approx([1.0, 1.0])
+    assert ssim(a, a).tolist() == pytest.approx([1.0, 1.0])
+    assert ssim(a, 5 * a).tolist() == pytest.approx([1.0, 1.0])  # each map scaled by its own peak
+    assert top_k_intersection(a, a).tolist() == [1.0, 1.0]
+    assert top_k_intersection(a, -a, fraction=0.25).tolist() == [0.0, 0.0]
+    assert pearson(torch.ones(1, 4, 4), a[:1, :4, :4]).item() == 0.0  # constant map: defined as 0
+
+
+def test_pixel_ranking_breaks_ties_randomly_but_reproducibly() -> None:
+    flat = torch.zeros(1, 10, 10)
+    flat[0, 9, 9] = 1.0
+    order = pixel_ranking(flat, seed=0)
+    assert order[0, 0] == 99  # the maximum first
+    assert sorted(order[0].tolist()) == list(range(100))
+    assert order[0, 1:].tolist() != list(range(99))  # ties are not in raster order
+    assert torch.equal(order, pixel_ranking(flat, seed=0))
+
+
+def test_gaussian_blur_keeps_constants_and_mass() -> None:
+    x = torch.full((1, 3, 20, 20), 0.7)
+    assert torch.allclose(gaussian_blur(x, 2.0), x)
+    spike = torch.zeros(1, 1, 21, 21)
+    spike[0, 0, 10, 10] = 1.0
+    blurred = gaussian_blur(spike, 1.5)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert blurred[0, 0, 10, 10] < 0.2
+
+
+class _OnePixelModel(nn.Module):
+    """Class 0 wins exactly when pixel (0, 0) of channel 0 is bright: logit0 = 100 (x - 0.5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = 100.0 * (x[:, 0, 0, 0] - 0.5)
+        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
+
+
+def test_insertion_deletion_closed_form() -> None:
+    x = torch.zeros(1, 3, 50, 50)
+    x[0, 0, 0, 0] = 1.0
+    good = torch.zeros(1, 50, 50)
+    good[0, 0, 0] = 1.0  # ranks the decisive pixel first
+    bad = -good  # ranks it last
+    model = _OnePixelModel()
+    curves = insertion_deletion(model, x, 0, good, n_steps=20, deletion_fill="mean")
+    # deletion: p=1 at 0 %, ~0 from the first step (125 pixels) on -> AUC = 0.05 / 2
+    assert curves.deletion[0, 0].item() == pytest.approx(1.0)
+    assert curves.deletion_auc.item() == pytest.approx(0.025, abs=1e-3)
+    # insertion from the blurred image (sigma 2 px: the pixel drops below 0.5):
+    # 0 at 0 %, 1 from the first step -> 1 - 0.025
+    assert curves.insertion_auc.item() == pytest.approx(0.975, abs=1e-3)
+    worst = insertion_deletion(model, x, torch.tensor([0]), bad, n_steps=20)
+    assert worst.deletion_auc.item() == pytest.approx(0.975, abs=1e-3)
+    assert worst.insertion_auc.item() == pytest.approx(0.025, abs=1e-3)
+    assert curves.fractions.tolist() == pytest.approx([k / 20 for k in range(21)])
+
+
+class _DominatedModel(nn.Module):
+    """Like _OnePixelModel, plus a third class that always wins the full softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        two = _OnePixelModel()(x)
+        return torch.cat([two, torch.full_like(two[:, :1], 200.0)], dim=1)
+
+
+def test_insertion_deletion_among_a_class_subset() -> None:
+    x = torch.zeros(1, 3, 50, 50)
+    x[0, 0, 0, 0] = 1.0
+    good = torch.zeros(1, 50, 50)
+    good[0, 0, 0] = 1.0
+    full = insertion_deletion(_DominatedModel(), x, 0, good)
+    among = insertion_deletion(_DominatedModel(), x, 0, good, classes=torch.tensor([[1, 0]]))
+    assert full.deletion.max().item() < 1e-6  # class 2 takes all the probability
+    assert among.deletion_auc.item() == pytest.approx(0.025, abs=1e-3)  # same as the two-class model
+    assert among.insertion_auc.item() == pytest.approx(0.975, abs=1e-3)
+    with pytest.raises(ValueError, match="one of its row"):
+        insertion_deletion(_DominatedModel(), x, 0, good, classes=torch.tensor([[1, 2]]))
+
+
+def test_insertion_deletion_rejects_bad_arguments() -> None:
+    model, x, m = _OnePixelModel(), torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8)
+    with pytest.raises(ValueError, match="deletion_fill"):
+        insertion_deletion(model, x, 0, m, deletion_fill="black")
+    with pytest.raises(ValueError, match="matching maps"):
+        insertion_deletion(model, x, 0, torch.zeros(1, 4, 4))
+
+
+def test_max_sensitivity_known_cases() -> None:
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, ::2] = 1.0  # value range 1 per image
+    target = torch.tensor([0, 1])
+
+    def constant(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones(inp.shape[0], 8, 8)
+
+    def first_channel(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return inp[:, 0]
+
+    assert max_sensitivity(constant, x, target).tolist() == [0.0, 0.0]
+    radius = 0.02
+    sens = max_sensitivity(first_channel, x, target, radius=radius, n_samples=4, seed=3)
+    # ||U[-r, r]^64|| is about r * sqrt(64 / 3); ||x[:, 0]|| = sqrt(32)
+    expected = radius * math.sqrt(64 / 3) / math.sqrt(32)
+    assert ((sens > 0.7 * expected) & (sens < 1.5 * expected)).all()
+    scaled = max_sensitivity(lambda i, t: 7 * first_channel(i, t), x, target, radius=radius, n_samples=4, seed=3)
+    assert torch.allclose(scaled, sens)  # relative: the method's scale drops out
+    assert torch.equal(sens, max_sensitivity(first_channel, x, target, radius=radius, n_samples=4, seed=3))
+    zero = max_sensitivity(lambda i, t: torch.zeros(i.shape[0], 8, 8), x, target)
+    assert torch.isnan(zero).all()
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+
+
+def test_smooth_activations_copy_leaves_model_alone() -> None:
+    model = _small_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    smooth, replaced = smooth_activations_copy(model, beta=50.0)
+    assert replaced == 2
+    assert isinstance(model[1], nn.ReLU) and isinstance(model[3], nn.ReLU6)
+    assert isinstance(smooth[1], nn.Softplus) and isinstance(smooth[3], SmoothReLU6)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    z = torch.linspace(-3, 9, 50)
+    assert torch.allclose(SmoothReLU6(50.0)(z), torch.clamp(z, 0, 6), atol=0.02)
+
+
+def _gradient_explain(model: nn.Module):
+    def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        score = model(x).gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, x, create_graph=True)
+        return grad.sum(1)
+
+    return explain
+
+
+def test_manipulation_attack_moves_gradient_maps_and_respects_budget() -> None:
+    model = _small_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    target = model(x).argmax(1)
+    evaluate = _gradient_explain(model)
+    before = evaluate(x, target).detach()
+    result = manipulation_attack(
+        _gradient_explain, evaluate, model, x, target, torch.roll(before, 1, 0), epsilon=0.1, bounds=(-1, 1), steps=40
+    )
+    assert (result.linf <= 0.1 + 1e-6).all()
+    assert result.x_adv.min() >= -1 and result.x_adv.max() <= 1
+    assert result.smoothed
+    assert result.pearson_before_after.mean() < 0.95  # the gradient map moved
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert isinstance(model[1], nn.ReLU)
+
+
+def test_manipulation_attack_cannot_move_an_input_independent_map() -> None:
+    model = _small_net()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    fixed = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(3))
+
+    def constant_factory(_: nn.Module):
+        return lambda inp, t: fixed + 0.0 * inp.sum()
+
+    result = manipulation_attack(
+        constant_factory,
+        lambda inp, t: fixed,
+        model,
+        x,
+        torch.tensor([0, 1]),
+        -fixed,
+        epsilon=0.1,
+        bounds=(0, 1),
+        steps=5,
+    )
+    assert result.pearson_before_after.tolist() == pytest.approx([1.0, 1.0])
+    assert result.topk_before_after.tolist() == [1.0, 1.0]
