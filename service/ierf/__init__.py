@@ -13,7 +13,7 @@ Public entry points::
 """
 
 from ierf.errors import UnsupportedModelError
-from ierf.methods import available_methods, create_explainer
+from ierf.methods import available_methods, create_explainer, method_version
 from ierf.srd import SRD, Decomposition
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "UnsupportedModelError",
     "available_methods",
     "create_explainer",
+    "method_version",
 ]
 __version__ = "0.1.0"

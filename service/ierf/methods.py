@@ -52,6 +52,14 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_version(name: str) -> str | None:
+    """The version a method declares (``version`` on its factory); part of cache keys and provenance."""
+    _load_providers()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return getattr(_REGISTRY[name], "version", None)
+
+
 def create_explainer(name: str, model: nn.Module, **options: Any) -> Explainer:
     """Build the explainer registered as ``name`` for ``model``."""
     _load_providers()

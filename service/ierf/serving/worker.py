@@ -240,9 +240,9 @@ class ModelHost:
     def _method_version(self, name: str) -> str:
         """The method's own version when it declares one (SRD does), plus the package version."""
         import ierf
-        from ierf.methods import _REGISTRY
+        from ierf.methods import method_version
 
-        declared = getattr(_REGISTRY.get(name), "version", None)
+        declared = method_version(name)
         return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
 
     def describe(self) -> ModelDescription:
