@@ -63,6 +63,15 @@ def assert_untouched(m: nn.Module, before: dict) -> None:
         assert torch.equal(after["state"][k], v), k
 
 
+@pytest.mark.parametrize("method", ["srd", *BASELINE_METHODS])
+def test_inputs_made_under_inference_mode_give_the_same_map(method: str, model: nn.Module, x: torch.Tensor) -> None:
+    """Servers build inputs under ``torch.inference_mode``; every method must accept them unchanged."""
+    explainer = ierf.create_explainer(method, model)
+    with torch.inference_mode():
+        frozen = x.clone()
+    torch.testing.assert_close(explainer.saliency(frozen, 2), explainer.saliency(x, 2), rtol=1e-4, atol=1e-6)
+
+
 def test_all_baselines_registered() -> None:
     assert set(BASELINE_METHODS) <= set(ierf.available_methods())
     assert "srd" in ierf.available_methods()

@@ -73,3 +73,27 @@ def test_health_check_serves(ingress) -> None:
 
     response = ingress.Check.remote(health_pb2.HealthCheckRequest()).result()
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("method", ["gradcam", "integrated_gradients"])
+def test_baselines_are_served_through_the_method_field(ingress, method: str) -> None:
+    """A baseline picked by ``method`` gives the in-process baseline's map, with its own provenance."""
+    import ierf
+    import torch
+    from ierf.models import load_model
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    served = ingress.Explain.remote(pb.ExplainRequest(image=_image(3), target=5, method=method)).result()
+    assert served.provenance.method == method
+    assert served.provenance.method_version == f"{method}-{ierf.method_version(method)}+ierf-{ierf.__version__}"
+    assert [c.artifact for c in served.provenance.cache] == ["logits"]  # no decomposition for a baseline
+
+    model = load_model("resnet18", random_init=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (120, 150, 3), dtype=np.uint8)
+    x = model.normalize(torch.from_numpy(model.resize_crop(pixels)).permute(2, 0, 1)[None])
+    expected = ierf.create_explainer(method, model.module).saliency(x, 5)[0].numpy()
+    got = np.frombuffer(served.map.data, np.float32).reshape(tuple(served.map.shape))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
+
+    with pytest.raises(Exception, match="contrast is an SRD option"):
+        ingress.Explain.remote(pb.ExplainRequest(image=_image(3), method=method, contrast="mean")).result()

@@ -35,6 +35,9 @@ def check_input(x: object) -> torch.Tensor:
         raise ValueError("x is an empty batch")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
+    if x.is_inference():  # made under torch.inference_mode (servers do): autograd needs an ordinary copy
+        with torch.inference_mode(False):
+            x = x.clone()
     return x
 
 
