@@ -67,6 +67,19 @@ def test_torchvision_architectures(arch):
     _assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2"])
+def test_inputs_so_small_that_the_last_map_is_one_pfv(arch):
+    """A 32x32 input leaves a 1x1 final map: the pool+linear head is still decomposed exactly."""
+    torch.manual_seed(0)
+    model = randomise_bn(getattr(torchvision.models, arch)(), seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    dec = ierf.SRD(model).decompose(x)
+    assert dec._resolve_head("auto") == "exact"
+    maps = dec.saliency(5)
+    assert maps.shape == (2, 32, 32)
+    torch.testing.assert_close(maps.sum((1, 2)), dec.logits[:, 5], atol=1e-4 * float(dec.logits.abs().max()), rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
 def test_vgg(arch):

@@ -143,8 +143,10 @@ class Decomposition:
             raise ValueError(f"head must be one of {HEAD_MODES}, got {mode!r}")
         if mode != "auto":
             return mode
-        spatial = any(self._is_spatial(r.source) for r in self.head.routes)
-        return "exact" if spatial else "gradcam"
+        # A fully connected stack (the head reads flattened PFVs) has one PFV per layer, so only a gradient
+        # start stays class-specific; a head on a (B, C, h, w) map, even 1x1, is decomposed exactly.
+        fully_connected = any(len(self.shapes[r.source]) != 3 for r in self.head.routes)
+        return "gradcam" if fully_connected else "exact"
 
     def _inside(self, route: Route) -> bool:
         shape = self.shapes[route.source]
@@ -157,14 +159,18 @@ class Decomposition:
 
     def start_layer(self) -> int:
         """The last spatial PFV map the head reads (through any fully connected stages)."""
-        frontier = {r.source for r in self.head.routes}
+        # Source ids follow execution order, so the latest spatial ancestor of the head is the largest id:
+        # the same map the forward retains for gradient heads (``keep_last_spatial``).
         by_sink = {s.sink: s for s in self.stages}
+        seen: set[int] = set()
+        frontier = {r.source for r in self.head.routes}
         while frontier:
-            spatial = [s for s in frontier if self._is_spatial(s) or s == 0]
-            if spatial:
-                return max(spatial)
-            frontier = {r.source for s in frontier if s in by_sink for r in by_sink[s].routes}
-        raise ValueError("the head reads no spatial feature map")
+            seen |= frontier
+            frontier = {r.source for s in frontier if s in by_sink for r in by_sink[s].routes} - seen
+        spatial = [s for s in seen if self._is_spatial(s) or s == 0]
+        if not spatial:
+            raise ValueError("the head reads no spatial feature map")
+        return max(spatial)
 
     def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
         mode = self._resolve_head(head)
@@ -334,7 +340,7 @@ class SRD:
     ``head`` picks the start map: "exact" decomposes the logit through the head (for global-average-pool
     + linear heads: CAM + b_y/HW, the published ResNet start), "gradcam" is the published VGG start
     (ReLU-clamped Grad-CAM on the last spatial PFV map), "grad_x_act" its signed per-PFV variant, and
-    "auto" picks "exact" when the head reads a spatial map directly and "gradcam" otherwise.
+    "auto" picks "gradcam" for fully connected heads (the head reads flattened PFVs) and "exact" otherwise.
     """
 
     name = "srd"
@@ -383,13 +389,21 @@ class SRD:
         if x.shape[1] != expected:
             raise ValueError(f"x must have {expected} channels, got {x.shape[1]}")
         keep_ids = {self.program.source_id(name) for name in keep or []}
-        with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
-            run = self.program.run(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
-        dec = Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
-        if self.head != "exact" and dec._resolve_head(self.head) == "exact":
+        dec = self._run(x, keep_ids)
+        gradient_head = self.head != "exact" and dec._resolve_head(self.head) != "exact"
+        if gradient_head and dec.start_layer() not in dec.activations:
+            # Safety net: the forward retains the last spatial map it executes, which is the head's start
+            # map in any network whose activations all feed the output. Otherwise run again, keeping it.
+            dec = self._run(x, keep_ids | {dec.start_layer()})
+        if not gradient_head:
             # "auto" resolved to the exact head: the gradient start map's activation is not needed
             dec.activations = {sid: a for sid, a in dec.activations.items() if sid in keep_ids}
         return dec
+
+    def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:
+        with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
+            run = self.program.run(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
+        return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
 
     def load_decomposition(self, state: dict[str, torch.Tensor]) -> Decomposition:
         return Decomposition.from_state(self.program, state, self.head)
