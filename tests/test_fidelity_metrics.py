@@ -267,3 +267,25 @@ def test_manipulation_attack_cannot_move_an_input_independent_map() -> None:
     )
     assert result.pearson_before_after.tolist() == pytest.approx([1.0, 1.0])
     assert result.topk_before_after.tolist() == [1.0, 1.0]
+
+
+def test_srd_is_attacked_on_the_smoothed_copy_of_a_relu6_network() -> None:
+    """SRD takes SmoothReLU6 as an element-wise activation, so ReLU6 models get the full-strength attack."""
+    import ierf
+
+    model = _small_net()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    target = model(x).argmax(1)
+    smooth, _ = smooth_activations_copy(model, beta=5.0)
+    maps = ierf.SRD(smooth).saliency(x, target)
+    torch.testing.assert_close(maps.sum((1, 2)), smooth(x).gather(1, target[:, None])[:, 0], rtol=1e-4, atol=1e-5)
+
+    def srd_factory(m: nn.Module):
+        return ierf.SRD(m).saliency
+
+    evaluate = ierf.SRD(model).saliency
+    before = evaluate(x, target)
+    result = manipulation_attack(
+        srd_factory, evaluate, model, x, target, torch.roll(before, 1, 0), epsilon=0.1, bounds=(-1, 1), steps=3
+    )
+    assert result.smoothed

@@ -17,10 +17,10 @@ method's normal (non-differentiable) path and compared: Pearson, SSIM and top-10
 between the original and the manipulated map (high = robust), the same similarities between the
 manipulated map and the target (low = robust), and the change of the target-class probability.
 
-An explainer that refuses the smoothed copy (``UnsupportedModelError``; SRD accepts nn.Softplus but
-not the subclass standing in for ReLU6) is attacked on the unmodified model instead, and the result
-says so (``smoothed=False``). Piecewise-linear activations leave SRD's ratios differentiable in x (z
-enters them directly), but without smoothing the attack is weaker, so such rows are flagged.
+An explainer that refuses the smoothed copy (``UnsupportedModelError``) is attacked on the unmodified
+model instead, and the result says so (``smoothed=False``); SRD takes both stand-ins (``SmoothReLU6`` is
+registered with it as an element-wise activation). Without smoothing the attack is weaker, so such rows
+are flagged.
 
 The attack is generic: ``attack_explain(model) -> f(x, target)`` must return maps that are
 differentiable w.r.t. x (baselines expose ``differentiable_saliency``; SRD offers the same).
@@ -39,6 +39,7 @@ from torch import nn
 from ierf.errors import UnsupportedModelError
 from ierf.metrics._checks import check_maps
 from ierf.metrics.similarity import pearson, ssim, top_k_intersection
+from ierf.srd.rules import register_activation
 
 DiffExplain = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,6 +56,9 @@ class SmoothReLU6(nn.Softplus):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.softplus(z, beta=self.beta) - F.softplus(z - 6.0, beta=self.beta)
+
+
+register_activation(SmoothReLU6)  # element-wise: a PFV boundary for SRD like the ReLU6 it replaces
 
 
 def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, int]:

@@ -21,12 +21,12 @@ from ierf.srd.graph import head_subgraph, name_activations, rule_type, trace
 from ierf.srd.ratios import stage_ratios, tap_products
 from ierf.srd.rules import (
     FUNCTION_RULES,
-    KNOWN_MODULE_TYPES,
     METHOD_RULES,
     MODULE_RULES,
     Source,
     as_affine,
     is_activation,
+    known_module_types,
 )
 from ierf.srd.terms import Affine, ConvTerm, Route
 
@@ -65,7 +65,8 @@ class Program:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.graph = trace(model, KNOWN_MODULE_TYPES)
+        known = known_module_types()
+        self.graph = trace(model, known)
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
         activations: list[fx.Node] = []
         placeholders = 0
@@ -76,7 +77,7 @@ class Program:
                 placeholders += 1
             elif node.op == "call_module":
                 module = model.get_submodule(str(node.target))
-                cls = rule_type(module, KNOWN_MODULE_TYPES)
+                cls = rule_type(module, known)
                 if cls is None:
                     raise UnsupportedModelError(f"no SRD rule for {type(module).__name__} at module '{node.target}'")
                 rule = MODULE_RULES[cls]

@@ -547,7 +547,21 @@ def _shape_of(x: Any) -> torch.Size:
     return x.shape
 
 
-KNOWN_MODULE_TYPES: tuple[type, ...] = tuple(MODULE_RULES)
+def known_module_types() -> tuple[type, ...]:
+    """Module classes with a rule (traced as leaves); read at trace time so late registrations count."""
+    return tuple(MODULE_RULES)
+
+
+def register_activation(*types: type[nn.Module]) -> None:
+    """Declare module classes element-wise activations (PFV boundaries), applied by their own forward.
+
+    For custom activations whose arithmetic the tracer cannot see through (a smooth stand-in for ReLU6,
+    say). The caller vouches that the module is element-wise; SRD applies it exactly as the model does.
+    """
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"register_activation takes nn.Module subclasses, got {t!r}")
+        MODULE_RULES[t] = _activation_module
 
 
 def is_activation(node: fx.Node, module: nn.Module | None) -> bool:
@@ -563,4 +577,4 @@ def is_activation(node: fx.Node, module: nn.Module | None) -> bool:
 def _type_for(module: nn.Module) -> type | None:
     from ierf.srd.graph import rule_type
 
-    return rule_type(module, KNOWN_MODULE_TYPES)
+    return rule_type(module, known_module_types())
