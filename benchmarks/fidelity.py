@@ -18,6 +18,8 @@ its defaults (exact head, identity contrast); nothing here is tuned toward any m
     python benchmarks/fidelity.py                  # full run (about an hour on 2 shared cores)
     python benchmarks/fidelity.py --fast           # every experiment on a small subset (a few minutes)
     python benchmarks/fidelity.py --out DIR --methods srd,gradient,gradcam --publish benchmarks/results
+    python benchmarks/fidelity.py --methods srd --skip-synthetic --merge out/fidelity/results.json --out DIR
+        # recompute some rows, take every other row from an earlier run with the same settings
 
 Writes ``results.json`` (every number, seeds, settings, versions, runtimes), ``table.md`` and PNG
 figures to ``--out`` (default ``out/fidelity/``); ``--publish DIR`` also copies the table and the
@@ -602,6 +604,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-variants", action="store_true", help="leave out the documented extra rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--publish", type=Path, help="also copy table.md and the main figures here")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="results.json of an earlier run with the same settings: its rows fill in what this run skips",
+    )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = set(ierf.available_methods())
@@ -618,27 +625,66 @@ def main(argv: list[str] | None = None) -> int:
     tiny, tiny_extra, tiny_meta = ({}, None, {}) if args.skip_synthetic else run_synthetic(methods, settings, args.out)
     real, real_extra, real_meta = ({}, None, {}) if args.skip_real else run_real(methods, settings)
     total = time.perf_counter() - t0
+    tiny_summary = tiny_extra and {k: tiny_extra[k] for k in ("accuracy", "reference", "apop")}
+    real_summary = real_extra and {k: real_extra[k] for k in ("apop", "apop_inputs", "images")}
+    merged_from = None
+    if args.merge:  # rows of an earlier full run for every (model, method) this run did not compute
+        prev = json.loads(args.merge.read_text())
+        if prev["settings"] != settings.__dict__:
+            parser.error(f"--merge {args.merge}: that run used other settings")
+        merged_from = {"path": str(args.merge), "total_seconds": prev["total_seconds"], "versions": prev["versions"]}
+        for key, rows in (("tiny_resnet", tiny), ("efficientnet_lite0", real)):
+            for m, r in prev[key].items():
+                rows.setdefault(m, MethodResult(**r))
+        methods += [m for m in prev["methods"] if m not in methods]
+        methods.sort(key=lambda m: (list(METHODS) + list(VARIANTS)).index(m))
+        tiny_meta = tiny_meta or prev["tiny_meta"]
+        real_meta = real_meta or prev["real_meta"]
+        tiny_summary = tiny_summary or {
+            "accuracy": prev["synthetic_accuracy"],
+            "reference": prev["synthetic_reference"],
+            "apop": prev["apop"]["tiny_resnet"],
+        }
+        real_summary = real_summary or {
+            "apop": prev["apop"]["efficientnet_lite0"],
+            "apop_inputs": prev.get("apop_inputs")
+            or f"{len(prev['grid_images'])} confident photos + {settings.n_apop_real_crops} random crops of the "
+            "offline photos",
+            "images": prev["grid_images"],
+        }
     table = markdown_table(tiny, real, methods)
     record = training_record()
     notes = [
         f"Tiny = TinyResNet on {tiny_meta.get('n_images', 0)} held-out synthetic test images "
-        f"(accuracy {fmt(tiny_extra and tiny_extra['accuracy'])}; checkpoint test accuracy "
+        f"(accuracy {fmt(tiny_summary and tiny_summary['accuracy'])}; checkpoint test accuracy "
         f"{record['test_accuracy']:.3f}); Eff = EfficientNet-Lite0 on {real_meta.get('n_cases', 0)} grid cases "
         f"({real_meta.get('n_grids', 0)} grids of 448²; chance 0.25), Del/Ins on {real_meta.get('n_perturb_cases', 0)} "
         "cases, MaxSens and attack on the single 224² photos.",
     ]
-    if tiny_extra:
-        ref = tiny_extra["reference"]
+    if tiny_summary:
+        ref = tiny_summary["reference"]
         notes.append(
             f"Synthetic references: random map PG {ref['random map']['pointing_game']:.3f} / EiB "
             f"{ref['random map']['energy_in_box']:.3f}; centre point PG {ref['centre point']['pointing_game']:.3f}; "
             f"the box covers {ref['box share of image']:.1%} of the image."
         )
-        notes.append(f"APOP TinyResNet: {json.dumps({k: round(v, 3) for k, v in tiny_extra['apop'].items()})}")
-    if real_extra:
+        notes.append(f"APOP TinyResNet: {json.dumps({k: round(v, 3) for k, v in tiny_summary['apop'].items()})}")
+    if real_summary:
         notes.append(
-            f"APOP EfficientNet-Lite0 ({real_extra['apop_inputs']}): "
-            f"{json.dumps({k: round(v, 3) for k, v in real_extra['apop'].items()})}"
+            f"APOP EfficientNet-Lite0 ({real_summary['apop_inputs']}): "
+            f"{json.dumps({k: round(v, 3) for k, v in real_summary['apop'].items()})}"
+        )
+    if merged_from:
+        ran = [
+            f"{m} on {label}"
+            for label, ran_rows in (("TinyResNet", tiny_extra), ("EfficientNet-Lite0", real_extra))
+            if ran_rows
+            for m in methods
+            if m in ran_rows["examples"]
+        ]
+        notes.append(
+            f"Rows recomputed in this run: {', '.join(ran)}; every other row comes from {merged_from['path']} "
+            "(same settings and seeds; each method's numbers are computed independently)."
         )
     notes.append(
         "PG = pointing game, EiB = energy in box (positive part), Del/Ins = deletion/insertion AUC of p(target) "
@@ -672,13 +718,15 @@ def main(argv: list[str] | None = None) -> int:
         "efficientnet_lite0": {m: r.__dict__ for m, r in real.items()},
         "tiny_meta": tiny_meta,
         "real_meta": real_meta,
-        "synthetic_reference": tiny_extra and tiny_extra["reference"],
-        "synthetic_accuracy": tiny_extra and tiny_extra["accuracy"],
+        "synthetic_reference": tiny_summary and tiny_summary["reference"],
+        "synthetic_accuracy": tiny_summary and tiny_summary["accuracy"],
         "apop": {
-            "tiny_resnet": tiny_extra and tiny_extra["apop"],
-            "efficientnet_lite0": real_extra and real_extra["apop"],
+            "tiny_resnet": tiny_summary and tiny_summary["apop"],
+            "efficientnet_lite0": real_summary and real_summary["apop"],
         },
-        "grid_images": real_extra and real_extra["images"],
+        "apop_inputs": real_summary and real_summary["apop_inputs"],
+        "grid_images": real_summary and real_summary["images"],
+        "merged_from": merged_from,
         "training_record": record,
         "versions": versions(),
         "threads": args.threads,
@@ -691,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         args.publish.mkdir(parents=True, exist_ok=True)
         shutil.copy(args.out / "table.md", args.publish / "fidelity_table.md")
-        for path in written:
+        shutil.copy(args.out / "results.json", args.publish / "fidelity_results.json")
+        for path in [] if merged_from else written:  # a merged run's figures show only the rows it recomputed
             shutil.copy(path, args.publish / f"fidelity_{path.name}")
         print(f"published to {args.publish}")
     return 0
