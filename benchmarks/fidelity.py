@@ -41,6 +41,7 @@ from pathlib import Path
 import ierf
 import numpy as np
 import torch
+from ierf.baselines import BASELINE_METHODS
 from ierf.fidelity import grid, synthetic
 from ierf.fidelity.apop import apop_agreement
 from ierf.fidelity.tiny_resnet import load_tiny_resnet, random_tiny_resnet, training_record
@@ -54,18 +55,7 @@ from ierf.metrics import (
 )
 from ierf.models import load_model
 
-METHODS = (
-    "srd",
-    "gradient",
-    "input_x_gradient",
-    "integrated_gradients",
-    "smoothgrad",
-    "gradcam",
-    "gradcam_plusplus",
-    "layercam",
-    "hirescam",
-    "lrp",
-)
+METHODS = ("srd", *BASELINE_METHODS)
 #: Same settings on both models; IG and SmoothGrad are cut from their registry defaults (32 / 16) to keep
 #: the 448² grid affordable on 2 cores.
 METHOD_OPTIONS: dict[str, dict] = {"integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 10}}
