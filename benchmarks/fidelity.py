@@ -610,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     settings = FAST if args.fast else FULL
+    prev = json.loads(args.merge.read_text()) if args.merge else None
+    if prev is not None and prev["settings"] != settings.__dict__:  # checked before an hour of work, not after
+        parser.error(f"--merge {args.merge}: that run used other settings")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tiny, tiny_extra, tiny_meta = ({}, None, {}) if args.skip_synthetic else run_synthetic(methods, settings, args.out)
@@ -618,10 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_summary = tiny_extra and {k: tiny_extra[k] for k in ("accuracy", "reference", "apop")}
     real_summary = real_extra and {k: real_extra[k] for k in ("apop", "apop_inputs", "images")}
     merged_from = None
-    if args.merge:  # rows of an earlier full run for every (model, method) this run did not compute
-        prev = json.loads(args.merge.read_text())
-        if prev["settings"] != settings.__dict__:
-            parser.error(f"--merge {args.merge}: that run used other settings")
+    if prev is not None:  # rows of an earlier full run for every (model, method) this run did not compute
         merged_from = {"path": str(args.merge), "total_seconds": prev["total_seconds"], "versions": prev["versions"]}
         for key, rows in (("tiny_resnet", tiny), ("efficientnet_lite0", real)):
             for m, r in prev[key].items():
