@@ -171,6 +171,59 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def record_perturbation(r: MethodResult, pc) -> dict[str, np.ndarray]:
+    """Deletion/insertion AUCs into the row; the mean curves for the figure."""
+    r.scores["deletion_auc"] = float(pc.deletion_auc.mean())
+    r.scores["insertion_auc"] = float(pc.insertion_auc.mean())
+    return {
+        "fractions": pc.fractions.numpy(),
+        "deletion": pc.deletion.mean(0).numpy(),
+        "insertion": pc.insertion.mean(0).numpy(),
+    }
+
+
+def record_sensitivity(r: MethodResult, sens: torch.Tensor) -> None:
+    r.scores["max_sensitivity"] = float(np.nanmean(sens.numpy())) if torch.isfinite(sens).any() else float("nan")
+    if (n_nan := int(torch.isnan(sens).sum())) > 0:
+        r.notes.append(f"max-sensitivity undefined (all-zero map) for {n_nan}/{len(sens)} images")
+
+
+def record_attack(
+    r: MethodResult,
+    key: str,
+    method: str,
+    explainer,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    own: torch.Tensor,
+    s: Settings,
+    *,
+    epsilon: float,
+    bounds: tuple[float, float],
+    steps: int,
+):
+    """Push each image's map toward its neighbour's (``own`` rolled by one); scores and time into the row."""
+    res, seconds = timed(
+        lambda: manipulation_attack(
+            attack_explain_factory(method),
+            explainer.saliency,
+            model,
+            x,
+            target,
+            torch.roll(own, 1, dims=0),
+            epsilon=epsilon,
+            bounds=bounds,
+            steps=steps,
+            output_weight=s.attack_output_weight,
+            beta=s.attack_beta,
+        )
+    )
+    r.scores.update({f"attack_{k}": v for k, v in res.summary().items()})
+    r.seconds_per_map[key] = seconds
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------------
 # synthetic (TinyResNet)
 
@@ -218,13 +271,7 @@ def run_synthetic(methods: list[str], s: Settings, out: Path) -> tuple[dict[str,
         r.scores["pointing_game_random_init"] = float(pointing_game(rand_maps, boxes).mean())
         r.scores["energy_in_box_random_init"] = float(energy_in_box(rand_maps, boxes).mean())
         pc = insertion_deletion(trained, x[:n_p], y[:n_p], maps[:n_p], n_steps=s.perturb_steps_synthetic, seed=SEED)
-        r.scores["deletion_auc"] = float(pc.deletion_auc.mean())
-        r.scores["insertion_auc"] = float(pc.insertion_auc.mean())
-        curves[method] = {
-            "fractions": pc.fractions.numpy(),
-            "deletion": pc.deletion.mean(0).numpy(),
-            "insertion": pc.insertion.mean(0).numpy(),
-        }
+        curves[method] = record_perturbation(r, pc)
         sens = max_sensitivity(
             explainer.saliency,
             x[:n_s],
@@ -234,39 +281,32 @@ def run_synthetic(methods: list[str], s: Settings, out: Path) -> tuple[dict[str,
             seed=SEED,
             maps=maps[:n_s],
         )
-        r.scores["max_sensitivity"] = float(np.nanmean(sens.numpy())) if torch.isfinite(sens).any() else float("nan")
-        if (n_nan := int(torch.isnan(sens).sum())) > 0:
-            r.notes.append(f"max-sensitivity undefined (all-zero map) for {n_nan}/{n_s} images")
+        record_sensitivity(r, sens)
         if VARIANTS.get(method, (method,))[0] in ATTACKABLE:
             xa, ya = x[:n_a], y[:n_a]
-            own = maps[:n_a]
-            target_maps = torch.roll(own, 1, dims=0)  # each image's map is pushed toward its neighbour's
-            res, seconds = timed(
-                lambda m=method, e=explainer, xa=xa, ya=ya, tm=target_maps: manipulation_attack(
-                    attack_explain_factory(m),
-                    e.saliency,
-                    trained,
-                    xa,
-                    ya,
-                    tm,
-                    epsilon=(8 / 255) / synthetic.INPUT_STD,
-                    bounds=(
-                        (0 - synthetic.INPUT_MEAN) / synthetic.INPUT_STD,
-                        (1 - synthetic.INPUT_MEAN) / synthetic.INPUT_STD,
-                    ),
-                    steps=s.attack_steps_synthetic,
-                    output_weight=s.attack_output_weight,
-                    beta=s.attack_beta,
-                )
+            res = record_attack(
+                r,
+                "attack_tiny_resnet_total",
+                method,
+                explainer,
+                trained,
+                xa,
+                ya,
+                maps[:n_a],
+                s,
+                epsilon=(8 / 255) / synthetic.INPUT_STD,
+                bounds=(
+                    (0 - synthetic.INPUT_MEAN) / synthetic.INPUT_STD,
+                    (1 - synthetic.INPUT_MEAN) / synthetic.INPUT_STD,
+                ),
+                steps=s.attack_steps_synthetic,
             )
-            r.scores.update({f"attack_{k}": v for k, v in res.summary().items()})
-            r.seconds_per_map["attack_tiny_resnet_total"] = seconds
             attack_examples[method] = {
                 "x": xa[:2],
                 "x_adv": res.x_adv[:2],
                 "before": res.maps_before[:2],
                 "after": res.maps_after[:2],
-                "target": target_maps[:2],
+                "target": torch.roll(maps[:n_a], 1, dims=0)[:2],
             }
         log(f"    {json.dumps({k: round(v, 4) for k, v in r.scores.items()})}")
     apop = apop_agreement(trained, x, seed=SEED)
@@ -366,13 +406,7 @@ def run_real(methods: list[str], s: Settings) -> tuple[dict[str, MethodResult], 
             seed=SEED,
             classes=grid_classes,  # the probability among the grid's four classes
         )
-        r.scores["deletion_auc"] = float(pc.deletion_auc.mean())
-        r.scores["insertion_auc"] = float(pc.insertion_auc.mean())
-        curves[method] = {
-            "fractions": pc.fractions.numpy(),
-            "deletion": pc.deletion.mean(0).numpy(),
-            "insertion": pc.insertion.mean(0).numpy(),
-        }
+        curves[method] = record_perturbation(r, pc)
         del maps
         n_s = s.n_sensitivity_real
         sens = max_sensitivity(
@@ -383,27 +417,23 @@ def run_real(methods: list[str], s: Settings) -> tuple[dict[str, MethodResult], 
             n_samples=s.sensitivity_samples,
             seed=SEED,
         )
-        r.scores["max_sensitivity"] = float(np.nanmean(sens.numpy())) if torch.isfinite(sens).any() else float("nan")
+        record_sensitivity(r, sens)
         if method in ATTACKABLE:
             n_a = s.n_attack_real
-            own = maps_for(explainer, singles[:n_a], single_targets[:n_a])
-            res, seconds = timed(
-                lambda m=method, e=explainer, own=own, n_a=n_a: manipulation_attack(
-                    attack_explain_factory(m),
-                    e.saliency,
-                    model,
-                    singles[:n_a],
-                    single_targets[:n_a],
-                    torch.roll(own, 1, dims=0),
-                    epsilon=8 / 128,
-                    bounds=(lo, hi),
-                    steps=s.attack_steps_real,
-                    output_weight=s.attack_output_weight,
-                    beta=s.attack_beta,
-                )
+            record_attack(
+                r,
+                "attack_efficientnet_total",
+                method,
+                explainer,
+                model,
+                singles[:n_a],
+                single_targets[:n_a],
+                maps_for(explainer, singles[:n_a], single_targets[:n_a]),
+                s,
+                epsilon=8 / 128,
+                bounds=(lo, hi),
+                steps=s.attack_steps_real,
             )
-            r.scores.update({f"attack_{k}": v for k, v in res.summary().items()})
-            r.seconds_per_map["attack_efficientnet_total"] = seconds
         log(f"    {json.dumps({k: round(v, 4) for k, v in r.scores.items()})}")
     crops = _real_crops(grid.candidate_photos(), s.n_apop_real_crops, 256, loaded.preprocess)
     apop = apop_agreement(model, torch.cat([singles, crops]), batch_size=16, seed=SEED)
