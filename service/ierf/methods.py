@@ -27,6 +27,24 @@ _REGISTRY: dict[str, ExplainerFactory] = {}
 _PROVIDERS = ("ierf.srd", "ierf.baselines")
 
 
+def check_input(x: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The shared verb's input: a finite (B, C, H, W) floating tensor (of ``dtype`` when given), or a
+    precise error. Every method validates with this, so the same bad call gets the same message."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a normalised floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    return x
+
+
 def register_method(name: str) -> Callable[[ExplainerFactory], ExplainerFactory]:
     """Class/function decorator: make a method available to :func:`create_explainer`."""
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf.methods import check_input as shared_check_input
+
 # Hook dictionaries a library may add entries to; restored key by key after every call.
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -24,17 +26,8 @@ _HOOK_DICTS = (
 
 
 def check_input(x: object) -> torch.Tensor:
-    """A (B, C, H, W) floating tensor, or a precise error."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point (normalised) tensor, got {x.dtype}")
-    if x.shape[0] == 0:
-        raise ValueError("x is an empty batch")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
+    """A (B, C, H, W) floating tensor (``ierf.methods.check_input``) that autograd can differentiate."""
+    x = shared_check_input(x)
     if x.is_inference():  # made under torch.inference_mode (servers do): autograd needs an ordinary copy
         with torch.inference_mode(False):
             x = x.clone()

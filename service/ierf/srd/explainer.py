@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ierf.methods import register_method
-from ierf.srd.graph import check_input, ensure_eval
+from ierf.methods import check_input, register_method
+from ierf.srd.graph import ensure_eval
 from ierf.srd.program import Head, Program, Stage
 from ierf.srd.terms import Route
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -164,18 +163,3 @@ def ensure_eval(model: nn.Module) -> None:
         raise ValueError(
             f"model must be in eval mode (call model.eval()); modules in training mode: {', '.join(training[:5])}"
         )
-
-
-def check_input(x: torch.Tensor, dtype: torch.dtype) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a normalised floating-point tensor, got dtype {x.dtype}")
-    if x.dtype != dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {dtype}")
-    if x.shape[0] == 0:
-        raise ValueError("x is an empty batch")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
