@@ -80,6 +80,34 @@ def test_inputs_so_small_that_the_last_map_is_one_pfv(arch):
     torch.testing.assert_close(maps.sum((1, 2)), dec.logits[:, 5], atol=1e-4 * float(dec.logits.abs().max()), rtol=1e-4)
 
 
+class _SideBranchNet(nn.Module):
+    """A fully connected head, and a spatial side branch run after the head's start map that never
+    reaches the logits (a probe): the start map is then not the last spatial map the forward sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.probe, self.probe_act = nn.Conv2d(8, 4, 3, padding=1), nn.ReLU()
+        self.fc1, self.fc_act, self.fc2 = nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv(x))
+        self.probe_act(self.probe(h))
+        return self.fc2(self.fc_act(self.fc1(h.flatten(1))))
+
+
+def test_gradient_head_start_map_off_the_last_executed_branch():
+    torch.manual_seed(0)
+    model = _SideBranchNet().eval()
+    x = torch.randn(2, 3, 6, 6)
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    assert dec._resolve_head("auto") == "gradcam" and srd.program.names[dec.start_layer()] == "act"
+    kept = srd.decompose(x, keep=["act"])  # the start map asked for explicitly
+    torch.testing.assert_close(dec.saliency(1), kept.saliency(1))
+    assert dec.saliency(1).abs().sum() > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
 def test_vgg(arch):
