@@ -37,12 +37,6 @@ def redis_flushed(redis_server: object) -> object:
     return redis_server
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Ray 2.60's own pydantic models warn on import; not ours to fix, and noise hides real warnings.
-    config.addinivalue_line("filterwarnings", "ignore:.*extra keyword arguments on `Field`.*")
-    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:ray.*")
-
-
 @pytest.fixture(scope="session")
 def live_service(redis_server: object) -> Iterator[object]:
     """The real stack on loopback, once per session: private Ray cluster, Serve gRPC, real Redis.
