@@ -23,8 +23,14 @@ class Explainer(Protocol):
 
 ExplainerFactory = Callable[..., Explainer]
 _REGISTRY: dict[str, ExplainerFactory] = {}
-# Modules whose import registers methods; imported on first lookup so the registry stays lazy.
-_PROVIDERS = ("ierf.srd", "ierf.baselines")
+# Method name -> the module whose import registers it, imported on first use of that method only: the
+# baselines pull in Captum, pytorch-grad-cam and Zennit (seconds of import an SRD user need not pay).
+_PROVIDERS: dict[str, str] = {
+    "srd": "ierf.srd",
+    **dict.fromkeys(("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"), "ierf.baselines.gradient"),
+    **dict.fromkeys(("gradcam", "gradcam_plusplus", "layercam", "hirescam"), "ierf.baselines.cam"),
+    "lrp": "ierf.baselines.lrp",
+}
 
 
 def check_input(x: object, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -55,34 +61,25 @@ def register_method(name: str) -> Callable[[ExplainerFactory], ExplainerFactory]
     return wrap
 
 
-def _load_providers() -> None:
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a provider not built yet must not hide the others
-            if exc.name != module:
-                raise
+def _factory(name: str) -> ExplainerFactory:
+    if name not in _REGISTRY and name in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[name])
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}") from None
 
 
 def available_methods() -> list[str]:
-    """Names accepted by :func:`create_explainer`, sorted."""
-    _load_providers()
-    return sorted(_REGISTRY)
+    """Names accepted by :func:`create_explainer`, sorted (nothing is imported to list them)."""
+    return sorted(set(_PROVIDERS) | set(_REGISTRY))
 
 
 def method_version(name: str) -> str | None:
     """The version a method declares (``version`` on its factory); part of cache keys and provenance."""
-    _load_providers()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return getattr(_REGISTRY[name], "version", None)
+    return getattr(_factory(name), "version", None)
 
 
 def create_explainer(name: str, model: nn.Module, **options: Any) -> Explainer:
     """Build the explainer registered as ``name`` for ``model``."""
-    _load_providers()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
-    return factory(model, **options)
+    return _factory(name)(model, **options)

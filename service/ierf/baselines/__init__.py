@@ -33,16 +33,34 @@ per image). Every explainer runs in eval mode with frozen parameters and leaves 
 it found it (training flags, ``requires_grad``, ``.grad``, hook dictionaries), also when it raises.
 """
 
-from ierf.baselines import cam, gradient, lrp
-from ierf.baselines._common import collapse_channels, to_input_resolution
-from ierf.baselines.cam import (
-    GradCAMExplainer,
-    GradCAMPlusPlusExplainer,
-    HiResCAMExplainer,
-    LayerCAMExplainer,
-)
-from ierf.baselines.gradient import Gradient, InputTimesGradient, IntegratedGradientsExplainer, SmoothGrad
-from ierf.baselines.lrp import LRPExplainer
+import importlib
+from typing import Any
+
+# Submodules load on first use (``ierf.baselines.cam`` pulls in pytorch-grad-cam, seconds of import).
+_LAZY = {
+    "cam": None,
+    "gradient": None,
+    "lrp": None,
+    "collapse_channels": "_common",
+    "to_input_resolution": "_common",
+    "GradCAMExplainer": "cam",
+    "GradCAMPlusPlusExplainer": "cam",
+    "HiResCAMExplainer": "cam",
+    "LayerCAMExplainer": "cam",
+    "Gradient": "gradient",
+    "InputTimesGradient": "gradient",
+    "IntegratedGradientsExplainer": "gradient",
+    "SmoothGrad": "gradient",
+    "LRPExplainer": "lrp",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_LAZY[name] or name}")
+    return module if _LAZY[name] is None else getattr(module, name)
+
 
 BASELINE_METHODS = (
     "gradient",

@@ -11,6 +11,7 @@ PFV are cheap reads of it. Its ``state_dict()`` is flat tensors, so it goes to R
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -208,8 +209,7 @@ class ModelHost:
         self.srd = ierf.SRD(self.model.module)
         self._explainers: dict[str, Any] = {DEFAULT_METHOD: self.srd}
         self._explainers_lock = threading.Lock()
-        self.methods = ierf.available_methods() or [DEFAULT_METHOD]
-        self.method_versions = {name: self._method_version(name) for name in self.methods}
+        self.methods = ierf.available_methods()  # names only: a method's code loads on its first request
         size = self.model.input_size
         self.input_hw = (size, size)
         self.layers = {
@@ -237,6 +237,7 @@ class ModelHost:
         )
 
     # ------------------------------------------------------------------------------- description
+    @functools.cache  # noqa: B019 - one ModelHost per replica, a handful of names
     def _method_version(self, name: str) -> str:
         """The method's own version when it declares one (SRD does), plus the package version."""
         import ierf
@@ -265,7 +266,7 @@ class ModelHost:
             model_id=self.config.id,
             weights_digest=self.model.weights_digest,
             method=method,
-            method_version=self.method_versions.get(method, ""),
+            method_version=self._method_version(method) if method in self.methods else "",
             preprocess_version=self.model.preprocess_version,
             content_hash=content_hash,
         )
@@ -277,7 +278,7 @@ class ModelHost:
             weights_digest=self.model.weights_digest,
             preprocess_version=self.model.preprocess_version,
             method=method,
-            method_version=self.method_versions.get(method, "na"),
+            method_version=self._method_version(method) if method in self.methods else "na",
             content_hash=content_hash,
         ).redis_key()
 
