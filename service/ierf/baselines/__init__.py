@@ -1,6 +1,6 @@
 """Baseline explainers behind the same verb as SRD: ``saliency(x, target) -> (B, H, W)``.
 
-Importing this package registers (see :func:`ierf.create_explainer`):
+Each is created by name with :func:`ierf.create_explainer` (its module loads on first use):
 
 =====================  ==================================================  =====================
 name                   method                                              library
