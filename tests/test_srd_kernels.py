@@ -61,3 +61,72 @@ def test_gram_norms_and_dots_equal_the_taps(case):
     norms, dots = ratios._gram_norms_dots(t, z)
     torch.testing.assert_close(norms, taps.norm(dim=-1), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(dots, torch.einsum("bhwtc,bhwc->bhwt", taps, z), atol=1e-9, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ relevance scatter by kernel grids
+def _conv_routes(kernel, stride, dilation, pad):
+    t = ConvTerm(torch.zeros(1, 1, 9, 9), Route(3), torch.zeros(1, 1, *kernel), stride, dilation, pad)
+    return t.tap_routes()
+
+
+def test_route_grids_recognise_kernel_taps_and_split_the_rest():
+    from ierf.srd.explainer import _route_grids
+
+    conv = _conv_routes((3, 5), (2, 1), (1, 2), (1, 1, 4, 4))
+    (grid,) = _route_grids(conv)
+    assert (grid.start, grid.kh, grid.kw, grid.dy, grid.dx) == (0, 3, 5, 1, 2)
+    assert grid.route == conv[0]
+    # two convolutions' taps back to back, then a skip path from another map: three grids
+    skip = Route(5)
+    grids = _route_grids(conv + _conv_routes((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)) + [skip])
+    assert [(g.start, g.kh, g.kw) for g in grids] == [(0, 3, 5), (15, 3, 3), (24, 1, 1)]
+    # offsets that are not a full grid (one tap missing) fall apart into rows and single routes
+    broken = conv[:7] + conv[8:]
+    assert sum(g.taps for g in _route_grids(broken)) == len(broken)
+    assert all(g.taps < 15 for g in _route_grids(broken))
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet", "mixed", "composed"])
+def test_grid_scatter_equals_tap_by_tap_scatter(name, monkeypatch):
+    """One col2im per kernel grid and the per-tap scatters give the same relevance (saliency and iERF)."""
+    import ierf
+    from ierf.srd import explainer
+    from srd_nets import all_nets
+
+    model, (h, w) = all_nets()[name]
+    x = torch.randn(2, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    srd = ierf.SRD(model)
+    d = srd.decompose(x)
+    layer = srd.layers[len(srd.layers) // 2]
+    _, lh, lw = d.layer_shape(layer)
+    positions = torch.tensor([[0, 0], [lh - 1, lw - 1], [lh // 2, lw // 3]])
+    fast = d.saliency(torch.tensor([1, 2])), d.ierf(layer, positions)
+    monkeypatch.setattr(explainer, "FOLD_MAX_ELEMENTS", 0)
+    slow = srd.decompose(x)
+    for a, b in zip(fast, (slow.saliency(torch.tensor([1, 2])), slow.ierf(layer, positions)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "pad", "src"),
+    [
+        ((3, 5), (2, 1), (1, 2), (1, 2, 4, 0), (15, 16)),  # asymmetric stride, dilation and padding
+        ((2, 3), (1, 3), (3, 1), (0, 0, 0, 0), (11, 20)),
+        ((7, 7), (2, 2), (1, 1), (3, 3, 3, 3), (14, 13)),  # a stem
+    ],
+)
+def test_grid_scatter_equals_per_tap_scatter_on_any_grid(kernel, stride, dilation, pad, src):
+    from ierf.srd.explainer import _route_grids, _scatter, _scatter_grid
+
+    x = torch.zeros(1, 1, *src)
+    term = ConvTerm(x, Route(1, 2, 1, 1, -1), torch.zeros(1, 1, *kernel), stride, dilation, pad)
+    routes = term.tap_routes()
+    (grid,) = _route_grids(routes)
+    h, w = term.spatial()
+    values = torch.randn(2, 3, len(routes), h, w, dtype=torch.float64)
+    expected = torch.zeros(2, 3, 2 * src[0], src[1], dtype=torch.float64)
+    for k, route in enumerate(routes):
+        _scatter(expected, values[:, :, k], route)
+    got = torch.zeros_like(expected)
+    _scatter_grid(got, values, grid)
+    torch.testing.assert_close(got, expected)

@@ -7,9 +7,11 @@ per-position scalars down the stages.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ierf.methods import check_input, register_method
@@ -38,6 +40,79 @@ def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route) -> None:
     ]
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """Consecutive routes ``start .. start + kh*kw`` into one source on a regular kernel grid: tap (i, j)
+    sends position q to ``stride * q + offset + (i*dy, j*dx)`` (one convolution's taps, or the window
+    offsets of a merged max-pool). Their scatters are one col2im (``F.fold``)."""
+
+    start: int
+    kh: int
+    kw: int
+    route: Route  # tap (0, 0)
+    dy: int
+    dx: int
+
+    @property
+    def taps(self) -> int:
+        return self.kh * self.kw
+
+
+def _route_grids(routes: list[Route]) -> list[_Grid]:
+    """Split a stage's routes into maximal kernel grids (single routes are 1x1 grids)."""
+    grids: list[_Grid] = []
+    n, k = len(routes), 0
+    while k < n:
+        r0 = routes[k]
+        kw, dx = 1, 1
+        if k + 1 < n and routes[k + 1].ox > r0.ox:
+            dx = routes[k + 1].ox - r0.ox
+            while _on_grid(routes, k + kw, r0, 0, kw * dx):
+                kw += 1
+        kh, dy = 1, 1
+        if k + kw < n and routes[k + kw].oy > r0.oy:
+            dy = routes[k + kw].oy - r0.oy
+            while all(_on_grid(routes, k + kh * kw + j, r0, kh * dy, j * dx) for j in range(kw)):
+                kh += 1
+        grids.append(_Grid(k, kh, kw, r0, dy, dx))
+        k += kh * kw
+    return grids
+
+
+def _on_grid(routes: list[Route], idx: int, r0: Route, oy: int, ox: int) -> bool:
+    """Route ``idx`` exists and reads r0's source at r0's stride, offset by (oy, ox) from r0."""
+    if idx >= len(routes):
+        return False
+    r = routes[idx]
+    return (r.source, r.sy, r.sx, r.oy, r.ox) == (r0.source, r0.sy, r0.sx, r0.oy + oy, r0.ox + ox)
+
+
+# Largest (B, seeds, taps, h, w) block scattered by one fold (col2im is a scalar loop: it wins where the
+# per-tap scatters are dispatch-bound, i.e. few seeds); bigger ones go tap by tap.
+FOLD_MAX_ELEMENTS = 1 << 17
+
+
+def _scatter_grid(dst: torch.Tensor, values: torch.Tensor, grid: _Grid) -> None:
+    """``values`` (B, P, T, h, w) of a grid's taps added into ``dst`` (B, P, H, W); padding drops."""
+    b, p, t, h, w = values.shape
+    r = grid.route
+    if t == 1 or values.numel() > FOLD_MAX_ELEMENTS:
+        for k in range(t):
+            i, j = divmod(k, grid.kw)
+            _scatter(dst, values[:, :, k], Route(r.source, r.sy, r.sx, r.oy + i * grid.dy, r.ox + j * grid.dx))
+        return
+    hb = r.sy * (h - 1) + grid.dy * (grid.kh - 1) + 1
+    wb = r.sx * (w - 1) + grid.dx * (grid.kw - 1) + 1
+    block = F.fold(
+        values.reshape(b, p * t, h * w), (hb, wb), (grid.kh, grid.kw), dilation=(grid.dy, grid.dx), stride=(r.sy, r.sx)
+    )  # block[u] belongs at dst[u + offset]
+    hs, ws = dst.shape[-2:]
+    y0, x0 = max(0, r.oy), max(0, r.ox)
+    y1, x1 = min(hs, r.oy + hb), min(ws, r.ox + wb)
+    if y1 > y0 and x1 > x0:
+        dst[..., y0:y1, x0:x1] += block[..., y0 - r.oy : y1 - r.oy, x0 - r.ox : x1 - r.ox]
+
+
 class Decomposition:
     """Everything SRD knows about one batch of images that does not depend on the target."""
 
@@ -58,6 +133,7 @@ class Decomposition:
         self.head = head
         self.activations = activations
         self.head_mode = head_mode
+        self._grids: dict[int, list[_Grid]] = {}
 
     # -- queries ----------------------------------------------------------------------------------------
     @property
@@ -199,9 +275,9 @@ class Decomposition:
         elif isinstance(contrast, int):
             values = values - per_path(torch.full_like(target, contrast))
         seeds: dict[int, torch.Tensor] = {}
-        for t, route in enumerate(self.head.routes):
-            dst = seeds.setdefault(route.source, self._zeros(route.source, 1))
-            _scatter(dst, values[:, t].view(-1, 1, 1, 1), route)
+        for grid in self._route_grids(-1, self.head.routes):
+            dst = seeds.setdefault(grid.route.source, self._zeros(grid.route.source, 1))
+            _scatter_grid(dst, values[:, grid.start : grid.start + grid.taps].view(self.batch, 1, -1, 1, 1), grid)
         return seeds
 
     def _gradient_start(self, target: torch.Tensor, contrast: Contrast, mode: str) -> dict[int, torch.Tensor]:
@@ -253,12 +329,19 @@ class Decomposition:
             r = relevance.pop(stage.sink, None)
             if r is None:
                 continue
-            for t, route in enumerate(stage.routes):
-                dst = relevance.get(route.source)
+            for grid in self._route_grids(stage.sink, stage.routes):
+                source = grid.route.source
+                dst = relevance.get(source)
                 if dst is None:
-                    dst = relevance[route.source] = self._zeros(route.source, seeds)
-                _scatter(dst, stage.mu[:, t : t + 1] * r, route)
+                    dst = relevance[source] = self._zeros(source, seeds)
+                _scatter_grid(dst, r[:, :, None] * stage.mu[:, None, grid.start : grid.start + grid.taps], grid)
         return relevance
+
+    def _route_grids(self, key: int, routes: list[Route]) -> list[_Grid]:
+        grids = self._grids.get(key)
+        if grids is None:
+            grids = self._grids[key] = _route_grids(routes)
+        return grids
 
     # -- persistence ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
