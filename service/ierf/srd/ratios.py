@@ -150,10 +150,20 @@ def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.
         (w,),
         lambda: torch.stack([gram[c, d] * (1.0 if c == d else 2.0) for c, d in pairs], 0).reshape(len(pairs), -1),
     )  # (P, T)
-    per_tap = F.conv2d(planes, coef.t()[:, :, None, None])  # (B, T, Hp, Wp): a 1x1 convolution
-    qb, qt, qh, qw = per_tap.stride()
-    squares = per_tap.as_strided((b, kh, kw, ho, wo), (qb, kw * qt + dy * qh, qt + dx * qw, sy * qh, sx * qw))
-    norms = squares.clamp_min(0).sqrt()
+    # A strided kernel reads each tap at one stride phase of the input: form each tap's squares only at
+    # its phase (1/(sy*sx) of the positions), a 1x1 convolution per phase.
+    squares = planes.new_empty(b, kh * kw, ho, wo)
+    for py in range(sy):
+        for px in range(sx):
+            taps = [(i, j) for i in range(kh) for j in range(kw) if (i * dy) % sy == py and (j * dx) % sx == px]
+            if not taps:
+                continue
+            index = [i * kw + j for i, j in taps]
+            per_tap = F.conv2d(planes[:, :, py::sy, px::sx], coef[:, index].t()[:, :, None, None])  # (B, T_p, ., .)
+            for k, (i, j) in enumerate(taps):
+                oy, ox = (i * dy) // sy, (j * dx) // sx
+                squares[:, index[k]] = per_tap[:, k, oy : oy + ho, ox : ox + wo]
+    norms = squares.clamp_min_(0).sqrt_()
     return norms.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1), dots.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1)
 
 
