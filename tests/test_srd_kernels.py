@@ -115,18 +115,25 @@ def test_grid_scatter_equals_tap_by_tap_scatter(name, monkeypatch):
         ((7, 7), (2, 2), (1, 1), (3, 3, 3, 3), (14, 13)),  # a stem
     ],
 )
-def test_grid_scatter_equals_per_tap_scatter_on_any_grid(kernel, stride, dilation, pad, src):
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("base", [Route(1, 2, 1, 1, -1), Route(1)])
+def test_grid_scatter_equals_per_tap_scatter_on_any_grid(kernel, stride, dilation, pad, src, fold, base, monkeypatch):
+    from ierf.srd import explainer
     from ierf.srd.explainer import _route_grids, _scatter, _scatter_grid
 
+    if not fold:
+        monkeypatch.setattr(explainer, "FOLD_MAX_ELEMENTS", 0)
+
     x = torch.zeros(1, 1, *src)
-    term = ConvTerm(x, Route(1, 2, 1, 1, -1), torch.zeros(1, 1, *kernel), stride, dilation, pad)
+    term = ConvTerm(x, base, torch.zeros(1, 1, *kernel), stride, dilation, pad)
     routes = term.tap_routes()
     (grid,) = _route_grids(routes)
     h, w = term.spatial()
-    values = torch.randn(2, 3, len(routes), h, w, dtype=torch.float64)
+    r = torch.randn(2, 3, h, w, dtype=torch.float64)
+    mu = torch.randn(2, len(routes), h, w, dtype=torch.float64)
     expected = torch.zeros(2, 3, 2 * src[0], src[1], dtype=torch.float64)
     for k, route in enumerate(routes):
-        _scatter(expected, values[:, :, k], route)
+        _scatter(expected, r * mu[:, k : k + 1], route)
     got = torch.zeros_like(expected)
-    _scatter_grid(got, values, grid)
+    _scatter_grid(got, grid, r, mu)
     torch.testing.assert_close(got, expected)

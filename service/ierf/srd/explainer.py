@@ -25,8 +25,9 @@ Contrast = str | int
 SCHEMA_VERSION = 1
 
 
-def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route) -> None:
-    """dst[..., sy*q + oy, sx*q + ox] += values[..., q] for every q landing inside dst (padding drops)."""
+def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route, factor: torch.Tensor | None = None) -> None:
+    """dst[..., sy*q + oy, sx*q + ox] += values[..., q] (times ``factor[..., q]``, broadcast, when given) for
+    every q landing inside dst (padding drops). The fused multiply-add never writes the product out."""
     h, w = values.shape[-2:]
     hs, ws = dst.shape[-2:]
     qy0, qx0 = max(0, -(route.oy // route.sy)), max(0, -(route.ox // route.sx))
@@ -35,9 +36,12 @@ def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route) -> None:
     if qy1 < qy0 or qx1 < qx0:
         return
     ys, xs = route.sy * qy0 + route.oy, route.sx * qx0 + route.ox
-    dst[..., ys : route.sy * qy1 + route.oy + 1 : route.sy, xs : route.sx * qx1 + route.ox + 1 : route.sx] += values[
-        ..., qy0 : qy1 + 1, qx0 : qx1 + 1
-    ]
+    target = dst[..., ys : route.sy * qy1 + route.oy + 1 : route.sy, xs : route.sx * qx1 + route.ox + 1 : route.sx]
+    inside = (..., slice(qy0, qy1 + 1), slice(qx0, qx1 + 1))
+    if factor is None:
+        target += values[inside]
+    else:
+        target.addcmul_(values[inside], factor[inside])
 
 
 @dataclass(frozen=True)
@@ -92,25 +96,59 @@ def _on_grid(routes: list[Route], idx: int, r0: Route, oy: int, ox: int) -> bool
 FOLD_MAX_ELEMENTS = 1 << 17
 
 
-def _scatter_grid(dst: torch.Tensor, values: torch.Tensor, grid: _Grid) -> None:
-    """``values`` (B, P, T, h, w) of a grid's taps added into ``dst`` (B, P, H, W); padding drops."""
-    b, p, t, h, w = values.shape
-    r = grid.route
-    if t == 1 or values.numel() > FOLD_MAX_ELEMENTS:
+def _scatter_grid(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch.Tensor) -> None:
+    """Add tap k's share ``r * mu[:, k]`` of a grid into ``dst`` (B, P, H, W); padding drops.
+
+    ``r`` (B, P, h, w) is the relevance of the sink positions, ``mu`` (B, T, h, w) the grid's ratios. Few
+    seeds: one col2im over all taps. Many: tap by tap, so the (B, P, T, h, w) products never exist at once
+    (at the ResNet50 stem with 49 seeds that would be 120 MB written and read back).
+    """
+    b, p, h, w = r.shape
+    t = mu.shape[1]
+    route = grid.route
+    if t > 1 and b * p * t * h * w > FOLD_MAX_ELEMENTS and (route.sy, route.sx) != (1, 1):
+        _scatter_by_phase(dst, grid, r, mu)
+        return
+    if t == 1 or b * p * t * h * w > FOLD_MAX_ELEMENTS:
         for k in range(t):
             i, j = divmod(k, grid.kw)
-            _scatter(dst, values[:, :, k], Route(r.source, r.sy, r.sx, r.oy + i * grid.dy, r.ox + j * grid.dx))
+            tap = Route(route.source, route.sy, route.sx, route.oy + i * grid.dy, route.ox + j * grid.dx)
+            _scatter(dst, r, tap, mu[:, k : k + 1])
         return
-    hb = r.sy * (h - 1) + grid.dy * (grid.kh - 1) + 1
-    wb = r.sx * (w - 1) + grid.dx * (grid.kw - 1) + 1
-    block = F.fold(
-        values.reshape(b, p * t, h * w), (hb, wb), (grid.kh, grid.kw), dilation=(grid.dy, grid.dx), stride=(r.sy, r.sx)
-    )  # block[u] belongs at dst[u + offset]
-    hs, ws = dst.shape[-2:]
-    y0, x0 = max(0, r.oy), max(0, r.ox)
-    y1, x1 = min(hs, r.oy + hb), min(ws, r.ox + wb)
+    hb = route.sy * (h - 1) + grid.dy * (grid.kh - 1) + 1
+    wb = route.sx * (w - 1) + grid.dx * (grid.kw - 1) + 1
+    values = (r[:, :, None] * mu[:, None]).reshape(b, p * t, h * w)
+    block = F.fold(values, (hb, wb), (grid.kh, grid.kw), dilation=(grid.dy, grid.dx), stride=(route.sy, route.sx))
+    hs, ws = dst.shape[-2:]  # block[u] belongs at dst[u + offset]
+    y0, x0 = max(0, route.oy), max(0, route.ox)
+    y1, x1 = min(hs, route.oy + hb), min(ws, route.ox + wb)
     if y1 > y0 and x1 > x0:
-        dst[..., y0:y1, x0:x1] += block[..., y0 - r.oy : y1 - r.oy, x0 - r.ox : x1 - r.ox]
+        dst[..., y0:y1, x0:x1] += block[..., y0 - route.oy : y1 - route.oy, x0 - route.ox : x1 - route.ox]
+
+
+def _scatter_by_phase(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch.Tensor) -> None:
+    """Strided grids, many seeds: the taps of one stride phase all land on one sub-lattice of ``dst``, so
+    they accumulate in a dense buffer (contiguous writes) that joins ``dst`` once per phase instead of
+    once per tap through a strided view (the stem of ResNet50: 49 strided passes become 4)."""
+    route = grid.route
+    sy, sx = route.sy, route.sx
+    h, w = r.shape[-2:]
+    phases: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for k in range(mu.shape[1]):
+        i, j = divmod(k, grid.kw)
+        oy, ox = route.oy + i * grid.dy, route.ox + j * grid.dx
+        phases.setdefault((oy % sy, ox % sx), []).append((k, oy // sy, ox // sx))
+    for (py, px), taps in phases.items():
+        uy0, ux0 = min(t[1] for t in taps), min(t[2] for t in taps)
+        uy1, ux1 = max(t[1] for t in taps) + h, max(t[2] for t in taps) + w
+        buf = r.new_zeros(*r.shape[:2], uy1 - uy0, ux1 - ux0)  # lattice rows/cols uy0..uy1, ux0..ux1
+        for k, qy, qx in taps:
+            buf[..., qy - uy0 : qy - uy0 + h, qx - ux0 : qx - ux0 + w].addcmul_(r, mu[:, k : k + 1])
+        lattice = dst[..., py::sy, px::sx]  # dst row sy*u + py is lattice row u
+        a0, a1 = max(0, uy0), min(lattice.shape[-2], uy1)
+        c0, c1 = max(0, ux0), min(lattice.shape[-1], ux1)
+        if a1 > a0 and c1 > c0:
+            lattice[..., a0:a1, c0:c1] += buf[..., a0 - uy0 : a1 - uy0, c0 - ux0 : c1 - ux0]
 
 
 class Decomposition:
@@ -275,9 +313,10 @@ class Decomposition:
         elif isinstance(contrast, int):
             values = values - per_path(torch.full_like(target, contrast))
         seeds: dict[int, torch.Tensor] = {}
+        one = values.new_ones(self.batch, 1, 1, 1)
         for grid in self._route_grids(-1, self.head.routes):
             dst = seeds.setdefault(grid.route.source, self._zeros(grid.route.source, 1))
-            _scatter_grid(dst, values[:, grid.start : grid.start + grid.taps].view(self.batch, 1, -1, 1, 1), grid)
+            _scatter_grid(dst, grid, one, values[:, grid.start : grid.start + grid.taps, None, None])
         return seeds
 
     def _gradient_start(self, target: torch.Tensor, contrast: Contrast, mode: str) -> dict[int, torch.Tensor]:
@@ -334,7 +373,7 @@ class Decomposition:
                 dst = relevance.get(source)
                 if dst is None:
                     dst = relevance[source] = self._zeros(source, seeds)
-                _scatter_grid(dst, r[:, :, None] * stage.mu[:, None, grid.start : grid.start + grid.taps], grid)
+                _scatter_grid(dst, grid, r, stage.mu[:, grid.start : grid.start + grid.taps])
         return relevance
 
     def _route_grids(self, key: int, routes: list[Route]) -> list[_Grid]:
