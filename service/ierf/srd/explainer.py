@@ -48,7 +48,7 @@ def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route, factor: torc
 class _Grid:
     """Consecutive routes ``start .. start + kh*kw`` into one source on a regular kernel grid: tap (i, j)
     sends position q to ``stride * q + offset + (i*dy, j*dx)`` (one convolution's taps, or the window
-    offsets of a merged max-pool). Their scatters are one col2im (``F.fold``)."""
+    offsets of a merged max-pool). Their scatters are done together (:func:`_scatter_grid`)."""
 
     start: int
     kh: int

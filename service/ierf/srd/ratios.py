@@ -177,8 +177,8 @@ class _TermStats:
 
 
 def _bias_dot(value: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """<beta, z_q> at every position: one matrix-vector product for a per-channel constant (a batch-norm
-    shift), which is several times cheaper than a broadcast element-wise product and sum."""
+    """<beta, z_q> at every position: for a per-channel constant (a batch-norm shift) one matrix-vector
+    product, instead of materialising the broadcast product of the whole map and summing it."""
     if value.shape[0] == 1 and value.shape[2:] == (1, 1) and z.is_contiguous():
         b, h, w, c = z.shape
         return (z.reshape(-1, c) @ value.reshape(c)).view(b, h, w)
