@@ -61,6 +61,12 @@ class _Grid:
     def taps(self) -> int:
         return self.kh * self.kw
 
+    def tap(self, k: int) -> Route:
+        """The route of tap k (row-major over the grid)."""
+        i, j = divmod(k, self.kw)
+        r = self.route
+        return Route(r.source, r.sy, r.sx, r.oy + i * self.dy, r.ox + j * self.dx)
+
 
 def _route_grids(routes: list[Route]) -> list[_Grid]:
     """Split a stage's routes into maximal kernel grids (single routes are 1x1 grids)."""
@@ -111,9 +117,7 @@ def _scatter_grid(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch.Ten
         return
     if t == 1 or b * p * t * h * w > FOLD_MAX_ELEMENTS:
         for k in range(t):
-            i, j = divmod(k, grid.kw)
-            tap = Route(route.source, route.sy, route.sx, route.oy + i * grid.dy, route.ox + j * grid.dx)
-            _scatter(dst, r, tap, mu[:, k : k + 1])
+            _scatter(dst, r, grid.tap(k), mu[:, k : k + 1])
         return
     hb = route.sy * (h - 1) + grid.dy * (grid.kh - 1) + 1
     wb = route.sx * (w - 1) + grid.dx * (grid.kw - 1) + 1
@@ -130,14 +134,12 @@ def _scatter_by_phase(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch
     """Strided grids, many seeds: the taps of one stride phase all land on one sub-lattice of ``dst``, so
     they accumulate in a dense buffer (contiguous writes) that joins ``dst`` once per phase instead of
     once per tap through a strided view (the stem of ResNet50: 49 strided passes become 4)."""
-    route = grid.route
-    sy, sx = route.sy, route.sx
+    sy, sx = grid.route.sy, grid.route.sx
     h, w = r.shape[-2:]
     phases: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for k in range(mu.shape[1]):
-        i, j = divmod(k, grid.kw)
-        oy, ox = route.oy + i * grid.dy, route.ox + j * grid.dx
-        phases.setdefault((oy % sy, ox % sx), []).append((k, oy // sy, ox // sx))
+        tap = grid.tap(k)
+        phases.setdefault((tap.oy % sy, tap.ox % sx), []).append((k, tap.oy // sy, tap.ox // sx))
     for (py, px), taps in phases.items():
         uy0, ux0 = min(t[1] for t in taps), min(t[2] for t in taps)
         uy1, ux1 = max(t[1] for t in taps) + h, max(t[2] for t in taps) + w

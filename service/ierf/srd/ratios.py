@@ -49,25 +49,33 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
     if span_y * span_x > 1.3 * ho * wo:  # kernel large next to the output (small maps, FC-as-conv): im2col
         return _unfolded_tap_products(t)
     out = x.new_empty(b, ho, wo, kh * kw, c_out)
-    for py in range(sy):
-        for px in range(sx):
-            taps = [(i, j) for i in range(kh) for j in range(kw) if (i * dy) % sy == py and (j * dx) % sx == px]
-            if not taps:
-                continue
-            phase = x[:, py::sy, px::sx]
-            rows = max((i * dy) // sy for i, _ in taps) + ho
-            cols = max((j * dx) // sx for _, j in taps) + wo
-            phase = phase[:, :rows, :cols].contiguous()
-            stacked = DERIVED.get(
-                f"taps{taps}",
-                (w,),
-                lambda taps=taps: torch.stack([w[:, :, i, j].t() for i, j in taps], 1).reshape(c_in, -1),
-            )  # (C_in, T_p*C_out)
-            prod = (phase.reshape(-1, c_in) @ stacked).view(b, phase.shape[1], phase.shape[2], len(taps), c_out)
-            for k, (i, j) in enumerate(taps):
-                oy, ox = (i * dy) // sy, (j * dx) // sx
-                out[:, :, :, i * kw + j] = prod[:, oy : oy + ho, ox : ox + wo, k]
+    for (py, px), taps in _stride_phases(t).items():
+        phase = x[:, py::sy, px::sx]
+        rows = max((i * dy) // sy for i, _ in taps) + ho
+        cols = max((j * dx) // sx for _, j in taps) + wo
+        phase = phase[:, :rows, :cols].contiguous()
+        stacked = DERIVED.get(
+            f"taps{taps}",
+            (w,),
+            lambda taps=taps: torch.stack([w[:, :, i, j].t() for i, j in taps], 1).reshape(c_in, -1),
+        )  # (C_in, T_p*C_out)
+        prod = (phase.reshape(-1, c_in) @ stacked).view(b, phase.shape[1], phase.shape[2], len(taps), c_out)
+        for k, (i, j) in enumerate(taps):
+            oy, ox = (i * dy) // sy, (j * dx) // sx
+            out[:, :, :, i * kw + j] = prod[:, oy : oy + ho, ox : ox + wo, k]
     return out
+
+
+def _stride_phases(t: ConvTerm) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Kernel taps (i, j) grouped by the stride phase of the input they read: tap (i, j) at output q reads
+    padded input (sy*q + i*dy, sx*q + j*dx), i.e. phase ((i*dy) % sy, (j*dx) % sx) at offset
+    ((i*dy) // sy, (j*dx) // sx) within it. Phases no tap reads are absent."""
+    (kh, kw), (sy, sx), (dy, dx) = t.kernel, t.stride, t.dilation
+    phases: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i in range(kh):
+        for j in range(kw):
+            phases.setdefault(((i * dy) % sy, (j * dx) % sx), []).append((i, j))
+    return phases
 
 
 def _unfolded_tap_products(t: ConvTerm) -> torch.Tensor:
@@ -153,16 +161,12 @@ def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.
     # A strided kernel reads each tap at one stride phase of the input: form each tap's squares only at
     # its phase (1/(sy*sx) of the positions), a 1x1 convolution per phase.
     squares = planes.new_empty(b, kh * kw, ho, wo)
-    for py in range(sy):
-        for px in range(sx):
-            taps = [(i, j) for i in range(kh) for j in range(kw) if (i * dy) % sy == py and (j * dx) % sx == px]
-            if not taps:
-                continue
-            index = [i * kw + j for i, j in taps]
-            per_tap = F.conv2d(planes[:, :, py::sy, px::sx], coef[:, index].t()[:, :, None, None])  # (B, T_p, ., .)
-            for k, (i, j) in enumerate(taps):
-                oy, ox = (i * dy) // sy, (j * dx) // sx
-                squares[:, index[k]] = per_tap[:, k, oy : oy + ho, ox : ox + wo]
+    for (py, px), taps in _stride_phases(t).items():
+        index = [i * kw + j for i, j in taps]
+        per_tap = F.conv2d(planes[:, :, py::sy, px::sx], coef[:, index].t()[:, :, None, None])  # (B, T_p, ., .)
+        for k, (i, j) in enumerate(taps):
+            oy, ox = (i * dy) // sy, (j * dx) // sx
+            squares[:, index[k]] = per_tap[:, k, oy : oy + ho, ox : ox + wo]
     norms = squares.clamp_min_(0).sqrt_()
     return norms.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1), dots.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1)
 
