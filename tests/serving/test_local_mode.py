@@ -97,3 +97,46 @@ def test_baselines_are_served_through_the_method_field(ingress, method: str) -> 
 
     with pytest.raises(Exception, match="contrast is an SRD option"):
         ingress.Explain.remote(pb.ExplainRequest(image=_image(3), method=method, contrast="mean")).result()
+
+
+def test_worker_does_all_tensor_work_on_one_compute_thread(monkeypatch) -> None:
+    """OpenMP keeps a thread team per calling thread: the worker must load and compute on one thread
+    (with asyncio's pool, several teams on 2 cores throttled each other to ~1.3 cores)."""
+    import asyncio
+    import threading
+
+    from ierf.serving.deployments import ExplainerWorker
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost, PredictJob
+
+    threads: list[tuple[str, int]] = []
+
+    def recorded(name: str, method):
+        def run(self, *args, **kwargs):
+            threads.append((name, threading.get_ident()))
+            return method(self, *args, **kwargs)
+
+        return run
+
+    for name in ("__init__", "explain", "predict"):
+        monkeypatch.setattr(ModelHost, name, recorded(name, getattr(ModelHost, name)))
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 2}], "cache": {}}
+    )
+    worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+    async def requests() -> list:
+        return await asyncio.gather(
+            *(worker.predict(PredictJob(pixels=pixels, content_hash=f"p{i}", top_k=2)) for i in range(3)),
+            *(worker.explain(ExplainJob(pixels=pixels, content_hash=f"e{i}", target=i)) for i in range(3)),
+        )
+
+    try:
+        outcomes = asyncio.run(requests())
+    finally:
+        worker.__del__()
+    assert len(outcomes) == 6
+    assert [name for name, _ in threads].count("__init__") == 1 and len(threads) == 7
+    assert len({ident for _, ident in threads}) == 1, threads
+    assert threads[0][1] != threading.get_ident()  # and not on the caller's (event loop's) thread
