@@ -110,3 +110,46 @@ def test_tensor_round_trip_little_endian() -> None:
     np.testing.assert_array_equal(_core.tensor_array(tensor_message(values, np.float32)), values)
     half = _core.tensor_array(tensor_message(values, np.float16))
     assert half.dtype == np.float16 and np.allclose(half, values, atol=1e-3)
+
+
+def test_application_and_token_travel_as_metadata() -> None:
+    """Against a real loopback gRPC server: Serve's proxy routes by ``application`` when a cluster runs
+    several apps; the bearer token goes with API calls (not with health probes)."""
+    import asyncio
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ierf_client import AsyncClient, Client
+
+    seen: list[dict[str, str]] = []
+
+    class Recorder(health_pb2_grpc.HealthServicer):
+        def Check(self, request, context):
+            seen.append(dict(context.invocation_metadata()))
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(Recorder(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5, token="t0k", application="ierf-blue") as client:
+            assert client.health() == "SERVING"
+        with Client(f"127.0.0.1:{port}", timeout=5) as client:
+            assert client.health() == "SERVING"
+
+        async def probe() -> str:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout=5, application="ierf-green") as client:
+                return await client.health()
+
+        assert asyncio.run(probe()) == "SERVING"
+    finally:
+        server.stop(None)
+    assert [m.get("application") for m in seen] == ["ierf-blue", None, "ierf-green"]
+    assert all("authorization" not in m and 0 < int(m["ierf-timeout-ms"]) <= 5000 for m in seen)
+    assert _core.call_metadata("t0k", 1.0, "ierf-blue") == [
+        ("ierf-timeout-ms", "1000"),
+        ("authorization", "Bearer t0k"),
+        ("application", "ierf-blue"),
+    ]

@@ -106,10 +106,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def call_metadata(token: str | None, remaining_s: float) -> list[tuple[str, str]]:
+def call_metadata(token: str | None, remaining_s: float, application: str | None = None) -> list[tuple[str, str]]:
     metadata = [(TIMEOUT_METADATA_KEY, str(max(1, int(remaining_s * 1000))))]
     if token:
         metadata.append(("authorization", f"Bearer {token}"))
+    if application:  # Ray Serve's proxy routes by it when the cluster runs several applications
+        metadata.append(("application", application))
     return metadata
 
 

@@ -29,10 +29,12 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        application: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.token = token
+        self.application = application
         self.retry = retry or RetryPolicy()
         all_options = [*_core.channel_options(max_message_bytes), *options]
         if credentials is not None:
@@ -56,7 +58,7 @@ class AsyncClient:
                 return await method(
                     request,
                     timeout=max(remaining, 0.001),
-                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining),
+                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining, self.application),
                 )
             except grpc.aio.AioRpcError as exc:
                 attempt += 1

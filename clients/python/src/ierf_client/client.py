@@ -28,7 +28,8 @@ class Client:
 
     ``timeout`` is the whole-call budget in seconds, retries included (per call: ``timeout=``).
     The budget also travels to the server (metadata ``ierf-timeout-ms``), which drops work whose
-    caller has given up.
+    caller has given up. ``application`` names the Ray Serve application to route to: needed only when
+    the Serve cluster runs more than one (sent as ``application`` metadata, Serve's routing key).
     """
 
     def __init__(
@@ -41,10 +42,12 @@ class Client:
         retry: RetryPolicy | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        application: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.token = token
+        self.application = application
         self.retry = retry or RetryPolicy()
         all_options = [*_core.channel_options(max_message_bytes), *options]
         if credentials is not None:
@@ -69,7 +72,7 @@ class Client:
                 return method(
                     request,
                     timeout=max(remaining, 0.001),
-                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining),
+                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining, self.application),
                 )
             except grpc.RpcError as exc:
                 attempt += 1
