@@ -5,7 +5,10 @@ measures, for one model:
 
 - cold: a new image (decomposition computed) — in-process ``srd.decompose(x).saliency(t)`` vs Explain;
 - warm: another class on an image already seen — in-process ``decomposition.saliency(t)`` vs Explain,
-  served from the worker's in-process LRU (L1) and, in a second phase with L1 off, from Redis (L2).
+  served from the worker's in-process LRU (L1) and, in a second phase with L1 off, from Redis (L2);
+- floor: probes of a trivial two-deployment app on the same proxy, interleaved with the warm calls (an
+  ingress whose ``Health.Check`` returns at once, or first awaits a no-op on a second deployment): what
+  Ray Serve's proxy and one or two deployment hops cost on this machine with no work at all.
 
 Targets (issue 3): overhead p50 <= 15 ms; warm <= 0.2 x cold for ResNet50 on CPU.
 
@@ -84,16 +87,65 @@ class InProcess:
         return time.perf_counter() - start
 
 
+FLOOR_APP = "serve-floor"
+SERIES = ("ref cold", "grpc cold", "ref warm", "grpc warm", "health", "floor 1 hop", "floor 2 hops")
+
+
+def deploy_floor() -> None:
+    """A do-nothing app shaped like ours, on the same proxy: gRPC proxy -> ingress whose Health.Check
+    returns at once ("floor 1 hop"), or first awaits a no-op on a second deployment ("floor 2 hops")."""
+    from grpc_health.v1 import health_pb2
+    from ray import serve
+
+    @serve.deployment(name="FloorWorker", ray_actor_options={"num_cpus": 0})
+    class FloorWorker:
+        async def ping(self, value: int) -> int:
+            return value
+
+    @serve.deployment(name="FloorIngress", ray_actor_options={"num_cpus": 0})
+    class FloorIngress:
+        def __init__(self, worker) -> None:
+            self.worker = worker
+
+        async def Check(self, request, grpc_context=None):
+            if request.service == "two-hops":
+                await self.worker.ping.remote(1)
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    serve.run(FloorIngress.bind(FloorWorker.bind()), name=FLOOR_APP, route_prefix="/serve-floor")
+
+
 def measure(reference: InProcess, address: str, cold_images, warm_targets, label: str) -> dict[str, Series]:
-    """Alternate in-process and gRPC calls so both see the same machine load (other jobs share the cores)."""
+    """Alternate in-process calls, gRPC calls and the floor probes so all see the same machine load
+    (other jobs share the cores). Two Serve apps run, so every call names its application."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ierf.serving.local import APP_NAME
     from ierf_client import Client
 
-    out = {k: Series(k, []) for k in ("ref cold", "grpc cold", "ref warm", "grpc warm", "health")}
+    out = {k: Series(k, []) for k in SERIES}
     tiers: set[str] = set()
-    with Client(address, timeout=600) as client:
+    with Client(address, timeout=600, application=APP_NAME) as client, grpc.insecure_channel(address) as channel:
+        floor = health_pb2_grpc.HealthStub(channel)
+
+        def probe(service: str) -> float:
+            start = time.perf_counter()
+            floor.Check(
+                health_pb2.HealthCheckRequest(service=service), metadata=(("application", FLOOR_APP),), timeout=60
+            )
+            return time.perf_counter() - start
+
         client.wait_until_serving(timeout=300)
-        client.explain(images(1, 10_000)[0], overlay=False)  # warm-up of the worker
-        reference.cold(images(1, 20_000)[0])
+        # Warm-up, both paths, until steady state (a fresh cluster's own processes are still busy at first).
+        for picture in images(3, 10_000):
+            reference.cold(picture)
+            client.explain(picture, overlay=False)
+        for target in range(10):
+            reference.warm(target)
+            client.explain(picture, target=target, overlay=False)
+            client.health()
+            probe("")
+            probe("two-hops")
         for picture in cold_images:
             out["ref cold"].seconds.append(reference.cold(picture))
             start = time.perf_counter()
@@ -109,6 +161,8 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
             start = time.perf_counter()
             client.health()
             out["health"].seconds.append(time.perf_counter() - start)
+            out["floor 1 hop"].seconds.append(probe(""))
+            out["floor 2 hops"].seconds.append(probe("two-hops"))
     for series in out.values():
         series.name = f"{series.name} ({label})"
     out["tiers"] = Series(",".join(sorted(tiers)), [])
@@ -157,6 +211,7 @@ def main() -> None:
             num_cpus=os.cpu_count(),
             args_overrides=app_args,
         )
+        deploy_floor()
         print("phase 1: worker with L1 + L2 ...", flush=True)
         l1 = measure(reference, service.grpc_address, cold_images, warm_targets, "L1")
         # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
@@ -173,7 +228,7 @@ def main() -> None:
     print()
     print(f"{'series':<26} {'n':>4} {'p50 ms':>10} {'p99 ms':>10}")
     for phase in (l1, l2):
-        for key in ("ref cold", "grpc cold", "ref warm", "grpc warm", "health"):
+        for key in SERIES:
             series = phase[key]
             print(f"{series.name:<26} {len(series.seconds):>4} {series.p50:>10.1f} {series.pct(99):>10.1f}")
     print()
@@ -182,7 +237,13 @@ def main() -> None:
         for kind in ("cold", "warm"):
             grpc_s, ref_s = phase[f"grpc {kind}"], phase[f"ref {kind}"]
             print(f"  {grpc_s.name:<24} {grpc_s.p50 - ref_s.p50:+9.1f} ms   ratio {grpc_s.p50 / ref_s.p50:6.2f}x")
-    print(f"  floor: health check through the proxy, no worker hop: p50 {l1['health'].p50:.1f} ms")
+    print("Ray Serve floor: the same proxy and hops with no work (probes interleaved with the warm calls)")
+    for phase in (l1, l2):
+        grpc_s, ref_s, two = phase["grpc warm"], phase["ref warm"], phase["floor 2 hops"]
+        print(
+            f"  {grpc_s.name:<24} two-hop floor {two.p50:5.1f} ms; overhead above it "
+            f"{grpc_s.p50 - ref_s.p50 - two.p50:+6.1f} ms"
+        )
     print("warm / cold through the service, p50 (target <= 0.2)")
     for phase, label in ((l1, "L1 hit"), (l2, "L2 hit")):
         ratio = phase["grpc warm"].p50 / phase["grpc cold"].p50
