@@ -70,7 +70,11 @@ class ExplainerWorker:
         threads = model.num_threads or max(1, math.ceil(_assigned_cpus()))
         self.metrics = ServiceMetrics()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ierf-compute-{model.id}")
-        self.host = self._compute.submit(self._load, model, cache, threads).result()
+        try:
+            self.host = self._compute.submit(self._load, model, cache, threads).result()
+        except BaseException:  # a model that cannot load: the replica fails to start, leaving no thread behind
+            self._compute.shutdown(wait=False)
+            raise
         self.metrics.model_info(model.id, self.host.model.weights_digest, str(self.host.device))
         logger.info("worker %s ready on %s with %d torch threads", model.id, self.host.device, threads)
 
