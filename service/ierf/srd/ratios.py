@@ -12,6 +12,8 @@ depthwise kernels, or a per-tap Gram matrix when the input has few channels (the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -51,30 +53,40 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
     out = x.new_empty(b, ho, wo, kh * kw, c_out)
     for (py, px), taps in _stride_phases(t).items():
         phase = x[:, py::sy, px::sx]
-        rows = max((i * dy) // sy for i, _ in taps) + ho
-        cols = max((j * dx) // sx for _, j in taps) + wo
+        rows = max(tap.oy for tap in taps) + ho
+        cols = max(tap.ox for tap in taps) + wo
         phase = phase[:, :rows, :cols].contiguous()
         stacked = DERIVED.get(
-            f"taps{taps}",
+            f"taps{[tap.index for tap in taps]}",
             (w,),
-            lambda taps=taps: torch.stack([w[:, :, i, j].t() for i, j in taps], 1).reshape(c_in, -1),
+            lambda taps=taps: torch.stack([w[:, :, tap.i, tap.j].t() for tap in taps], 1).reshape(c_in, -1),
         )  # (C_in, T_p*C_out)
         prod = (phase.reshape(-1, c_in) @ stacked).view(b, phase.shape[1], phase.shape[2], len(taps), c_out)
-        for k, (i, j) in enumerate(taps):
-            oy, ox = (i * dy) // sy, (j * dx) // sx
-            out[:, :, :, i * kw + j] = prod[:, oy : oy + ho, ox : ox + wo, k]
+        for k, tap in enumerate(taps):
+            out[:, :, :, tap.index] = prod[:, tap.oy : tap.oy + ho, tap.ox : tap.ox + wo, k]
     return out
 
 
-def _stride_phases(t: ConvTerm) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    """Kernel taps (i, j) grouped by the stride phase of the input they read: tap (i, j) at output q reads
+class _PhaseTap(NamedTuple):
+    """Kernel tap (i, j) (row-major ``index``) reading its stride phase at offset (oy, ox)."""
+
+    i: int
+    j: int
+    index: int
+    oy: int
+    ox: int
+
+
+def _stride_phases(t: ConvTerm) -> dict[tuple[int, int], list[_PhaseTap]]:
+    """Kernel taps grouped by the stride phase of the input they read: tap (i, j) at output q reads
     padded input (sy*q + i*dy, sx*q + j*dx), i.e. phase ((i*dy) % sy, (j*dx) % sx) at offset
     ((i*dy) // sy, (j*dx) // sx) within it. Phases no tap reads are absent."""
     (kh, kw), (sy, sx), (dy, dx) = t.kernel, t.stride, t.dilation
-    phases: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    phases: dict[tuple[int, int], list[_PhaseTap]] = {}
     for i in range(kh):
         for j in range(kw):
-            phases.setdefault(((i * dy) % sy, (j * dx) % sx), []).append((i, j))
+            tap = _PhaseTap(i, j, i * kw + j, (i * dy) // sy, (j * dx) // sx)
+            phases.setdefault(((i * dy) % sy, (j * dx) % sx), []).append(tap)
     return phases
 
 
@@ -162,13 +174,12 @@ def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.
     # its phase (1/(sy*sx) of the positions), a 1x1 convolution per phase.
     squares = planes.new_empty(b, kh * kw, ho, wo)
     for (py, px), taps in _stride_phases(t).items():
-        index = [i * kw + j for i, j in taps]
+        index = [tap.index for tap in taps]
         per_tap = F.conv2d(planes[:, :, py::sy, px::sx], coef[:, index].t()[:, :, None, None])  # (B, T_p, ., .)
-        for k, (i, j) in enumerate(taps):
-            oy, ox = (i * dy) // sy, (j * dx) // sx
-            squares[:, index[k]] = per_tap[:, k, oy : oy + ho, ox : ox + wo]
-    norms = squares.clamp_min_(0).sqrt_()
-    return norms.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1), dots.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1)
+        for k, tap in enumerate(taps):
+            squares[:, tap.index] = per_tap[:, k, tap.oy : tap.oy + ho, tap.ox : tap.ox + wo]
+    norms = squares.clamp_min_(0).sqrt_()  # (B, T, H, W)
+    return norms.permute(0, 2, 3, 1), dots.reshape(b, kh * kw, ho, wo).permute(0, 2, 3, 1)
 
 
 class _TermStats:
