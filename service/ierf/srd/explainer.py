@@ -127,7 +127,7 @@ def _scatter_grid(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch.Ten
     y0, x0 = max(0, route.oy), max(0, route.ox)
     y1, x1 = min(hs, route.oy + hb), min(ws, route.ox + wb)
     if y1 > y0 and x1 > x0:
-        dst[..., y0:y1, x0:x1] += block[..., y0 - route.oy : y1 - route.oy, x0 - route.ox : x1 - route.ox]
+        dst[..., y0:y1, x0:x1].add_(block[..., y0 - route.oy : y1 - route.oy, x0 - route.ox : x1 - route.ox])
 
 
 def _scatter_by_phase(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch.Tensor) -> None:
@@ -150,7 +150,7 @@ def _scatter_by_phase(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch
         a0, a1 = max(0, uy0), min(lattice.shape[-2], uy1)
         c0, c1 = max(0, ux0), min(lattice.shape[-1], ux1)
         if a1 > a0 and c1 > c0:
-            lattice[..., a0:a1, c0:c1] += buf[..., a0 - uy0 : a1 - uy0, c0 - ux0 : c1 - ux0]
+            lattice[..., a0:a1, c0:c1].add_(buf[..., a0 - uy0 : a1 - uy0, c0 - ux0 : c1 - ux0])
 
 
 class Decomposition:

@@ -213,9 +213,9 @@ class Affine:
         ref = self._reference_tensor()
         out = ref.new_zeros(self.batch, self.channels, self.height, self.width)
         for t in self.terms:
-            out[:, t.c0 : t.c0 + t.channels] += t.total()
+            out[:, t.c0 : t.c0 + t.channels].add_(t.total())
         for b in self.biases:
-            out[:, b.c0 : b.c0 + b.channels] += b.value
+            out[:, b.c0 : b.c0 + b.channels].add_(b.value)
         return out
 
     def value(self) -> torch.Tensor:
@@ -413,17 +413,20 @@ def max_pool_routes(
     """
     pooled, idx = F.max_pool2d(x, kernel, stride, pad, dilation, ceil_mode, return_indices=True)
     b, c, h, w = pooled.shape
+    # Channels-last: the next stage reads these terms with channels innermost (no per-term copy there).
+    pooled = pooled.contiguous(memory_format=torch.channels_last)
+    idx = idx.contiguous(memory_format=torch.channels_last)
     width_in = x.shape[3]
-    win_y, win_x = idx // width_in, idx % width_in
     (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
     base_y = torch.arange(h, device=x.device).view(1, 1, h, 1) * sy - py
     base_x = torch.arange(w, device=x.device).view(1, 1, 1, w) * sx - px
-    rel_y, rel_x = win_y - base_y, win_x - base_x
+    # The winner's window offset (i, j) as one index i*kw + j: one comparison per offset below.
+    offset = (idx // width_in - base_y) // dy * kw + (idx % width_in - base_x) // dx
     terms: list[Term] = []
     zero = pooled.new_zeros(())
     for i in range(kh):
         for j in range(kw):
-            mask = (rel_y == i * dy) & (rel_x == j * dx)
+            mask = offset == i * kw + j
             terms.append(DenseTerm(torch.where(mask, pooled, zero), route.then(sy, sx, i * dy - py, j * dx - px)))
     return Affine(terms, [], b, c, h, w)
 
