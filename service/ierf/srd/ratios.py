@@ -124,6 +124,13 @@ def _grouped_tap_products(t: ConvTerm) -> torch.Tensor:
     return y.permute(2, 3, 0, 1).reshape(b, ho, wo, taps, c_out)
 
 
+def _total_channels_last(t: ConvTerm) -> torch.Tensor:
+    """The convolution with a channels-last result: converting the input (three channels at the stem) is
+    cheaper than converting the output."""
+    x = t.padded_input().contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, t.scaled_weight(), None, t.stride, 0, t.dilation, t.groups)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H, W, C) view when the tensor is stored channels-last, else a copy."""
     return x.permute(0, 2, 3, 1).contiguous()
@@ -164,7 +171,7 @@ def _gram_norms_dots(t: ConvTerm, z: torch.Tensor) -> tuple[torch.Tensor, torch.
     per_image = []
     for k in range(b):
         back = (w_rows @ zf[k].t()).view(c_in, kh, kw, ho, wo)
-        d = cols[k, 0] * back[0]
+        d = back[0] * cols[k, 0]  # back first: the result takes its contiguous layout, not the strided view's
         for c in range(1, c_in):
             d.addcmul_(cols[k, c], back[c])
         per_image.append(d)
@@ -359,6 +366,8 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
             if taps is None:
                 taps = taps_of[id(t)] = tap_products(t)  # (B, H, W, T, C)
             part = taps.sum(3)
+        elif isinstance(t, ConvTerm):
+            part = _channels_last(_total_channels_last(t))
         else:
             part = _channels_last(t.total())
         if isinstance(t, DenseTerm):
