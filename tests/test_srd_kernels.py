@@ -33,20 +33,42 @@ def _literal_taps(t: ConvTerm) -> torch.Tensor:
     return torch.stack(out, 3)
 
 
+def _force_layout(monkeypatch, layout: str) -> None:
+    """Make the dispatcher take one way of forming taps wherever that way applies."""
+    if layout == "wide":  # every stride-1 dense kernel
+        monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", float("inf"))
+        monkeypatch.setattr(ratios, "WIDE_MIN_ROWS", 0)
+    elif layout == "phase":  # never the wide layout
+        monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", 0.0)
+
+
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("force_unfold", [False, True])
-def test_tap_products_equal_one_convolution_per_tap(case, force_unfold):
+@pytest.mark.parametrize("layout", ["auto", "unfold", "wide", "phase"])
+def test_tap_products_equal_one_convolution_per_tap(case, layout, monkeypatch):
     c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, c_in, h, w, dtype=torch.float64, generator=g)
+    x = torch.randn(3, c_in, h, w, dtype=torch.float64, generator=g)
     weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g)
     scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
     t = ConvTerm(x, Route(0), weight, stride, dilation, pad, groups, scale)
-    # the dispatcher picks per-phase products or im2col by shape; check both on every dense case
-    got = ratios._unfolded_tap_products(t) if force_unfold and groups == 1 else ratios.tap_products(t)
+    # the dispatcher picks wide products, per-phase products or im2col by shape; check each on every case
+    _force_layout(monkeypatch, layout)
+    got = ratios._unfolded_tap_products(t) if layout == "unfold" and groups == 1 else ratios.tap_products(t)
     torch.testing.assert_close(got, _literal_taps(t), atol=1e-10, rtol=1e-10)
     # the taps' sum is the convolution itself, and their routes point at the right input PFVs
     torch.testing.assert_close(got.sum(3), t.total().permute(0, 2, 3, 1), atol=1e-10, rtol=1e-10)
+    # the dot products with z read any of these layouts (the wide one through its padded rows)
+    z = torch.randn(*got.shape[:3], c_out, dtype=torch.float64, generator=g)
+    expected = torch.einsum("bhwtc,bhwc->bhwt", _literal_taps(t), z)
+    torch.testing.assert_close(ratios._tap_dots(got, z), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_wide_layout_is_taken_without_copies(monkeypatch):
+    """The stride-1 case really runs through the wide buffer (a view whose rows are longer than W)."""
+    _force_layout(monkeypatch, "wide")
+    t = ConvTerm(torch.randn(2, 4, 9, 11), Route(0), torch.randn(5, 4, 3, 3), pad=(1, 1, 1, 1))
+    got = ratios.tap_products(t)
+    assert not got.is_contiguous() and got.stride(1) == 13 * got.stride(2)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] == 1])

@@ -9,6 +9,7 @@ import ierf
 import pytest
 import torch
 import torchvision
+from ierf.srd import ratios
 from ierf.srd.reference import ReferenceSRD
 from srd_nets import all_nets, randomise_bn
 from torch import nn
@@ -31,7 +32,11 @@ def references() -> dict[str, tuple[ReferenceSRD, dict]]:
 
 
 @pytest.mark.parametrize("name", list(NETS))
-def test_saliency_matches_reference(name, references):
+@pytest.mark.parametrize("layout", ["auto", "wide"])
+def test_saliency_matches_reference(name, layout, references, monkeypatch):
+    if layout == "wide":  # stride-1 kernels through the wide tap layout even on these small maps
+        monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", float("inf"))
+        monkeypatch.setattr(ratios, "WIDE_MIN_ROWS", 0)
     model, _ = NETS[name]
     x = _input(name)
     ref, dec_ref = references[name]

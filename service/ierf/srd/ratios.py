@@ -27,8 +27,10 @@ TAP_BUDGET_BYTES = 256 * 2**20
 def tap_products(t: ConvTerm) -> torch.Tensor:
     """Per-tap contributions of a convolution term, channels last: (B, H_out, W_out, T, C_out).
 
-    Dense kernels: one matrix product per stride phase over the padded input (no im2col), the taps read
-    as shifted views of it. Depthwise kernels: an element-wise product per tap.
+    Dense kernels with stride 1: one matrix product per tap, written straight into a "wide" result (see
+    :func:`_wide_tap_products`). Other dense kernels: one matrix product per stride phase over the padded
+    input (no im2col), the taps copied out of it as shifted views. Depthwise kernels: an element-wise
+    product per tap.
     """
     x = _channels_last(t.padded_input())  # (B, Hp, Wp, C_in)
     b, _, _, c_in = x.shape
@@ -46,6 +48,9 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
         return torch.stack(taps, 3)
     if t.groups != 1:
         return _grouped_tap_products(t)
+    wide = x.shape[2]
+    if (sy, sx) == (1, 1) and wide <= WIDE_MAX_WASTE * wo and ho * wide >= WIDE_MIN_ROWS and not _needs_grad(x, w):
+        return _wide_tap_products(x, w, t.kernel, t.dilation, ho, wo)
     span_y = max((i * dy) // sy for i in range(kh)) + ho
     span_x = max((j * dx) // sx for j in range(kw)) + wo
     if span_y * span_x > 1.3 * ho * wo:  # kernel large next to the output (small maps, FC-as-conv): im2col
@@ -65,6 +70,49 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
         for k, tap in enumerate(taps):
             out[:, :, :, tap.index] = prod[:, tap.oy : tap.oy + ho, tap.ox : tap.ox + wo, k]
     return out
+
+
+# Stride-1 kernels take the wide layout while the extra columns cost at most this fraction of the work, and
+# while one image gives the matrix products enough rows to run at speed.
+WIDE_MAX_WASTE = 1.3
+WIDE_MIN_ROWS = 128
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(v.requires_grad for v in tensors)
+
+
+def _wide_tap_products(
+    x: torch.Tensor, w: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int
+) -> torch.Tensor:
+    """Stride-1 taps without any copy: (B, H, W, T, C) as a view of a (B, H, Wp, T, C) buffer.
+
+    With the padded input flattened to rows of Wp positions, tap (i, j) of output (y, x) reads input row
+    (y + i*dy)*Wp + x + j*dx: for all outputs of an image, one contiguous block of input rows. So each tap is
+    one matrix product over H*Wp rows, written in place into its slot of the tap-interleaved buffer (the
+    columns x >= W are computed and ignored: Wp/W of the work). Nothing is copied afterwards.
+    """
+    b, hp, wp, c_in = x.shape
+    kh, kw = kernel
+    dy, dx = dilation
+    c_out = w.shape[0]
+    taps = kh * kw
+    per_tap = DERIVED.get(
+        "wide-w", (w,), lambda: w.permute(2, 3, 1, 0).reshape(taps, c_in, c_out).contiguous()
+    )  # (T, C_in, C_out)
+    flat = x.reshape(-1, c_in)
+    out = x.new_empty(b, ho, wp, taps, c_out)
+    rows = ho * wp
+    for img in range(b):
+        dst = out[img].view(rows, taps, c_out)
+        for k in range(taps):
+            i, j = divmod(k, kw)
+            start = img * hp * wp + i * dy * wp + j * dx
+            n = min(rows, flat.shape[0] - start)  # the last image's last row runs past the input
+            torch.mm(flat[start : start + n], per_tap[k], out=dst[:n, k])
+            if n < rows:
+                dst[n:, k].zero_()  # only columns x >= W: keep them finite for the wide dot products
+    return out[:, :, :wo]
 
 
 class _PhaseTap(NamedTuple):
@@ -202,9 +250,15 @@ def _tap_dots(taps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
     Written as z_q^T C_q^T per position: einsum's own choice (C_q z_q) runs 3-10x slower at batch 8."""
     b, h, w, t, c = taps.shape
-    if not (taps.is_contiguous() and z.is_contiguous()):
+    sb, sh, sw, st, sc = taps.stride()
+    wide = sh // sw if sw else 0
+    # Contiguous, or the wide layout of _wide_tap_products: rows of Wp >= W positions, each (T, C) contiguous.
+    if not (z.is_contiguous() and sc == 1 and st == c and sw == t * c and sh == wide * sw and sb == h * sh):
         return torch.einsum("bhwtc,bhwc->bhwt", taps, z)
-    return torch.bmm(z.reshape(-1, 1, c), taps.view(-1, t, c).transpose(1, 2)).view(b, h, w, t)
+    if wide != w:
+        z = F.pad(z, (0, 0, 0, wide - w))  # zeros at the columns x >= W
+    rows = taps.as_strided((b * h * wide, t, c), (sw, st, sc))
+    return torch.bmm(z.reshape(-1, 1, c), rows.transpose(1, 2)).view(b, h, wide, t)[:, :, :w]
 
 
 class _TermStats:
