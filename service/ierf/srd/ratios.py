@@ -6,8 +6,9 @@ For the pre-activation PFV z_q of a stage and every path t reaching it (spec §2
 
 with n_t = ||C_t||, and N_o the summed norms of the paths sharing bias o. Everything after this is
 channel-free: relevance moves as per-position scalars. Kernel taps are formed in the cheapest exact way
-for the layer's shape: one batched matrix product over unfolded taps, an element-wise product for
-depthwise kernels, or a per-tap Gram matrix when the input has few channels (the RGB stem).
+for the layer's shape: one matrix product per tap written in place (stride 1), one per stride phase,
+one batched product over unfolded taps (small maps), an element-wise product for depthwise kernels, or
+a per-tap Gram matrix when the input has few channels (the RGB stem).
 """
 
 from __future__ import annotations
