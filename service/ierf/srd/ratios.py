@@ -173,13 +173,6 @@ def _grouped_tap_products(t: ConvTerm) -> torch.Tensor:
     return y.permute(2, 3, 0, 1).reshape(b, ho, wo, taps, c_out)
 
 
-def _total_channels_last(t: ConvTerm) -> torch.Tensor:
-    """The convolution with a channels-last result: converting the input (three channels at the stem) is
-    cheaper than converting the output."""
-    x = t.padded_input().contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, t.scaled_weight(), None, t.stride, 0, t.dilation, t.groups)
-
-
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H, W, C) view when the tensor is stored channels-last, else a copy."""
     return x.permute(0, 2, 3, 1).contiguous()
@@ -421,8 +414,6 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
             if taps is None:
                 taps = taps_of[id(t)] = tap_products(t)  # (B, H, W, T, C)
             part = taps.sum(3)
-        elif isinstance(t, ConvTerm):
-            part = _channels_last(_total_channels_last(t))
         else:
             part = _channels_last(t.total())
         if isinstance(t, DenseTerm):
@@ -512,7 +503,8 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
 
     # Ratio 0 onto an all-zero pre-activation: its reciprocal norm is taken as 0. Each term's ratios are
     # written straight into their slice of the (B, T, H, W) result, whatever the layout they came in.
-    inv_zz = torch.where(zz > 0, torch.where(zz > 0, zz, 1).reciprocal(), 0)[..., None]
+    positive = zz > 0
+    inv_zz = torch.where(positive, torch.where(positive, zz, 1).reciprocal(), 0)[..., None]
     mu = z.new_empty(b, sum(st.dots.shape[-1] for st in stats), h, w)
     k0 = 0
     for st in stats:
@@ -523,7 +515,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         if st.term.key in solo:
             num = num + torch.where(st.dots != 0, solo[st.term.key][..., None], 0)
         dst = mu[:, k0 : k0 + taps].permute(0, 2, 3, 1)
-        if torch.is_grad_enabled() and (num.requires_grad or inv_zz.requires_grad):
+        if _needs_grad(num, inv_zz):
             dst.copy_(num * inv_zz)  # out= has no autograd (maps differentiated in the input)
         else:
             torch.mul(num, inv_zz, out=dst)

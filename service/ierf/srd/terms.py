@@ -137,7 +137,10 @@ class ConvTerm:
         return F.pad(self.x, (l, r, t, b))
 
     def total(self) -> torch.Tensor:
-        return F.conv2d(self.padded_input(), self.scaled_weight(), None, self.stride, 0, self.dilation, self.groups)
+        """The convolution, stored channels-last as SRD reads it (the input is converted if it is not:
+        at the RGB stem, three channels instead of the output's 64)."""
+        x = self.padded_input().contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, self.scaled_weight(), None, self.stride, 0, self.dilation, self.groups)
 
     def tap_routes(self) -> list[Route]:
         """Routes in the (i, j) row-major tap order used by every tap computation."""
