@@ -159,3 +159,44 @@ def test_grid_scatter_equals_per_tap_scatter_on_any_grid(kernel, stride, dilatio
     got = torch.zeros_like(expected)
     _scatter_grid(got, grid, r, mu)
     torch.testing.assert_close(got, expected)
+
+
+POOL_CASES = [
+    # (kernel, stride, pad, dilation, ceil_mode, input H, W)
+    ((3, 3), (2, 2), (1, 1), (1, 1), False, 11, 12),  # ResNet stem pool, overlapping windows
+    ((2, 2), (2, 2), (0, 0), (1, 1), False, 8, 9),  # VGG pool
+    ((3, 2), (1, 2), (1, 0), (2, 1), True, 9, 7),  # dilated rows, ceil mode, non-square
+    ((2, 3), (1, 2), (0, 1), (1, 2), False, 6, 9),  # dilated columns
+    ((3, 3), (1, 1), (1, 1), (1, 1), False, 3, 2),  # window wider than the map: the division fallback
+    ((3, 3), (2, 2), (1, 1), (2, 2), False, 5, 4),  # dilated window wider than the map
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool_terms_route_each_channel_to_its_winner(case):
+    from ierf.srd.terms import max_pool_routes
+
+    kernel, stride, pad, dilation, ceil_mode, h, w = case
+    g = torch.Generator().manual_seed(1)
+    # Few distinct values: ties inside windows (zeros and equal positives) are common, as after a ReLU.
+    x = torch.randint(0, 3, (2, 5, h, w), generator=g).double()
+    pooled, idx = F.max_pool2d(x, kernel, stride, pad, dilation, ceil_mode, return_indices=True)
+    bundle = max_pool_routes(x, Route(0), kernel, stride, pad, dilation, ceil_mode)
+    assert len(bundle.terms) == kernel[0] * kernel[1] and not bundle.biases
+    total = torch.zeros_like(pooled)
+    winners = torch.zeros_like(pooled)
+    ys = torch.arange(pooled.shape[2]).view(-1, 1)
+    xs = torch.arange(pooled.shape[3]).view(1, -1)
+    for term in bundle.terms:
+        r = term.route
+        # where a term is nonzero, it carries the input at its route's position, and that position is the
+        # winner max_pool2d reported (first maximum in the window): ties go to exactly one offset
+        sy, sx = ys * r.sy + r.oy, xs * r.sx + r.ox
+        inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+        flat = (sy * w + sx).expand_as(idx)
+        won = (idx == flat) & inside
+        assert torch.equal(term.x, torch.where(won, pooled, 0.0))
+        total += term.x
+        winners += won.double()
+    torch.testing.assert_close(total, pooled, atol=0, rtol=0)
+    assert torch.equal(winners, torch.ones_like(winners))  # every output channel has exactly one winner

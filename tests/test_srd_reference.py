@@ -31,6 +31,17 @@ def references() -> dict[str, tuple[ReferenceSRD, dict]]:
     return out
 
 
+def _reference_relevance(ref: ReferenceSRD, dec_ref: dict, target: int) -> torch.Tensor:
+    """The reference's pixel relevance for one class, started from its exact head decomposition."""
+    items = dec_ref["head_items"]
+    n_taps = sum(c.shape[0] for _, _, c in items)
+    seeds: dict[int, torch.Tensor] = {}
+    for _, src, c in items:
+        acc = seeds.setdefault(ref._sid(src), torch.zeros(c.shape[0], dtype=torch.float64))
+        acc += c[:, target, 0] + dec_ref["head_bias"][target] / n_taps
+    return ref.propagate(dec_ref, seeds)[0]
+
+
 @pytest.mark.parametrize("name", list(NETS))
 @pytest.mark.parametrize("layout", ["auto", "wide"])
 def test_saliency_matches_reference(name, layout, references, monkeypatch):
@@ -43,14 +54,7 @@ def test_saliency_matches_reference(name, layout, references, monkeypatch):
     dec = ierf.SRD(model, head="exact").decompose(x)
     for target in (0, 3):
         fast = dec.relevance(target)[0]
-        items = dec_ref["head_items"]
-        n_taps = sum(c.shape[0] for _, _, c in items)
-        seeds: dict[int, torch.Tensor] = {}
-        for _, src, c in items:
-            sid = ref._sid(src)
-            acc = seeds.setdefault(sid, torch.zeros(c.shape[0], dtype=torch.float64))
-            acc += c[:, target, 0] + dec_ref["head_bias"][target] / n_taps
-        slow = ref.propagate(dec_ref, seeds)[0].view(fast.shape)
+        slow = _reference_relevance(ref, dec_ref, target).view(fast.shape)
         scale = slow.abs().max()
         torch.testing.assert_close(fast, slow, atol=1e-5 * scale, rtol=0)
         # conservation: the pixel map sums to the target logit
@@ -75,6 +79,35 @@ def test_ierf_matches_reference_at_every_layer(name, references):
             seed[r * w + c] = 1
             slow = ref.propagate(dec_ref, {sid: seed})[0].view(fast.shape[1:])
             torch.testing.assert_close(fast[i], slow, atol=1e-5 * slow.abs().max() + 1e-7, rtol=0)
+
+
+def test_a_path_that_contributes_nothing_carries_no_bias():
+    """Dead PFVs (all channels zero) feeding a single-path 1x1 stage with a bias: z there is the bias alone,
+    nobody can carry it, so the ratio is 0 (published rule) and the fast path agrees with the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 1), nn.ReLU(),
+        nn.Conv2d(6, 5, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).double().eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].bias.fill_(-0.5)  # with a zero input patch, every channel of the first map is dead there
+        model[2].bias.copy_(torch.linspace(0.2, 1.0, 6, dtype=torch.float64))
+    x = torch.randn(1, 3, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x[:, :, 2:7, 3:8] = 0
+    dead = (model[1](model[0](x))[0] == 0).all(0)
+    assert int(dead.sum()) >= 4
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    second = dec.stages[1]  # conv 1x1 + bias after the first activation: one path per position
+    assert second.mu.shape[1] == 1
+    assert bool((second.mu[0, 0][dead] == 0).all()) and bool((second.mu[0, 0][~dead] == 1).all())
+    ref = ReferenceSRD(model)
+    dec_ref = ref.decompose(x)
+    for target in (0, 2):
+        fast = dec.relevance(target)[0]
+        slow = _reference_relevance(ref, dec_ref, target).view(fast.shape)
+        torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max(), rtol=0)
 
 
 @pytest.mark.parametrize("name", list(NETS))

@@ -423,13 +423,19 @@ def max_pool_routes(
     (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
     base_y = torch.arange(h, device=x.device).view(1, 1, h, 1) * sy - py
     base_x = torch.arange(w, device=x.device).view(1, 1, 1, w) * sx - px
-    # The winner's window offset (i, j) as one index i*kw + j: one comparison per offset below.
-    offset = (idx // width_in - base_y) // dy * kw + (idx % width_in - base_x) // dx
+    if (kw - 1) * dx < width_in:
+        # The winner's flat index less its window origin's is i*dy*W + j*dx, distinct for every offset
+        # while the window is narrower than the input: one subtraction, no integer division.
+        offset = idx - (base_y * width_in + base_x)
+        code = [[i * dy * width_in + j * dx for j in range(kw)] for i in range(kh)]
+    else:
+        offset = (idx // width_in - base_y) // dy * kw + (idx % width_in - base_x) // dx
+        code = [[i * kw + j for j in range(kw)] for i in range(kh)]
     terms: list[Term] = []
     zero = pooled.new_zeros(())
     for i in range(kh):
         for j in range(kw):
-            mask = offset == i * kw + j
+            mask = offset == code[i][j]
             terms.append(DenseTerm(torch.where(mask, pooled, zero), route.then(sy, sx, i * dy - py, j * dx - px)))
     return Affine(terms, [], b, c, h, w)
 
