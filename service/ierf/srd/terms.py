@@ -17,7 +17,6 @@ so ratios can be scattered back without any index tensors.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass, field
 
@@ -31,8 +30,10 @@ _keys = itertools.count(1)
 
 
 def replace(obj, **changes):
-    """A shallow copy with some fields changed: bundles are rebuilt on every op, so this stays cheap."""
-    new = copy.copy(obj)
+    """A shallow copy with some fields changed: bundles are rebuilt on every op, so this stays cheap
+    (built directly: ``copy.copy`` goes through ``__reduce_ex__``, 3-4x slower per call)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
     new.__dict__.update(changes)
     return new
 
