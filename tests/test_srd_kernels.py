@@ -200,3 +200,20 @@ def test_max_pool_terms_route_each_channel_to_its_winner(case):
         winners += won.double()
     torch.testing.assert_close(total, pooled, atol=0, rtol=0)
     assert torch.equal(winners, torch.ones_like(winners))  # every output channel has exactly one winner
+
+
+@pytest.mark.parametrize("rows_limit", [0, 10**9])  # the library convolution / the matrix product
+def test_one_by_one_total_is_the_convolution_either_way(rows_limit, monkeypatch):
+    from ierf.srd import terms
+
+    monkeypatch.setattr(terms, "MM_MAX_ROWS", rows_limit)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, generator=g)
+    weight = torch.randn(4, 6, 1, 1, dtype=torch.float64, generator=g)
+    scale = torch.rand(4, dtype=torch.float64, generator=g) + 0.5
+    for stride in ((1, 1), (2, 2)):
+        t = ConvTerm(x, Route(0), weight, stride, (1, 1), (0, 0, 0, 0), 1, scale)
+        got = t.total()
+        want = F.conv2d(x, weight * scale.view(-1, 1, 1, 1), stride=stride)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        assert got.is_contiguous(memory_format=torch.channels_last)  # SRD reads it channels-last

@@ -85,6 +85,10 @@ class DenseTerm:
         return [self.route]
 
 
+# 1x1 convolutions over at most this many positions (batch x height x width) run as a matrix product.
+MM_MAX_ROWS = 4096
+
+
 @dataclass
 class ConvTerm:
     """conv2d(pad(x), weight) * out_scale, kept unexpanded: one path per kernel tap.
@@ -141,7 +145,14 @@ class ConvTerm:
         """The convolution, stored channels-last as SRD reads it (the input is converted if it is not:
         at the RGB stem, three channels instead of the output's 64)."""
         x = self.padded_input().contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, self.scaled_weight(), None, self.stride, 0, self.dilation, self.groups)
+        w = self.scaled_weight()
+        b, c_in, h, width = x.shape
+        if self.kernel == (1, 1) and self.stride == (1, 1) and self.groups == 1 and b * h * width <= MM_MAX_ROWS:
+            # A 1x1 convolution over few positions (late stages, the class head) is one matrix product: the
+            # library convolution spends ~2x as long there (the 2048 -> 1000 head at 7x7: 6.6 vs 3.0 ms).
+            y = x.permute(0, 2, 3, 1).reshape(-1, c_in) @ w.view(w.shape[0], c_in).t()
+            return y.view(b, h, width, -1).permute(0, 3, 1, 2)
+        return F.conv2d(x, w, None, self.stride, 0, self.dilation, self.groups)
 
     def tap_routes(self) -> list[Route]:
         """Routes in the (i, j) row-major tap order used by every tap computation."""
