@@ -97,7 +97,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if b * h * w > MM_MAX_ROWS:
         return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight)
     rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # a view when x is stored channels-last
-    return (rows @ weight.view(weight.shape[0], c_in).t()).view(b, h, w, -1).permute(0, 3, 1, 2)
+    return (rows @ weight.reshape(weight.shape[0], c_in).t()).view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 @dataclass
