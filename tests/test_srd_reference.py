@@ -9,7 +9,7 @@ import ierf
 import pytest
 import torch
 import torchvision
-from ierf.srd import ratios
+from ierf.srd import fused, ratios
 from ierf.srd.reference import ReferenceSRD
 from srd_nets import all_nets, randomise_bn
 from torch import nn
@@ -43,11 +43,15 @@ def _reference_relevance(ref: ReferenceSRD, dec_ref: dict, target: int) -> torch
 
 
 @pytest.mark.parametrize("name", list(NETS))
-@pytest.mark.parametrize("layout", ["auto", "wide"])
+@pytest.mark.parametrize("layout", ["auto", "wide", "fused"])
 def test_saliency_matches_reference(name, layout, references, monkeypatch):
     if layout == "wide":  # stride-1 kernels through the wide tap layout even on these small maps
         monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", float("inf"))
         monkeypatch.setattr(ratios, "WIDE_MIN_ROWS", 0)
+    if layout == "fused":  # stage statistics through the compiled fusion (IERF_FUSED=1)
+        if not fused._compiler_available():
+            pytest.skip("no C++ compiler for Inductor")
+        monkeypatch.setenv(fused.ENV_SWITCH, "1")
     model, _ = NETS[name]
     x = _input(name)
     ref, dec_ref = references[name]

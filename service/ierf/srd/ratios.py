@@ -18,8 +18,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ierf.srd import fused
 from ierf.srd.derived import DERIVED
-from ierf.srd.terms import Affine, ConvTerm, DenseTerm, Route, Term, materialise, replace
+from ierf.srd.terms import Affine, BiasTerm, ConvTerm, DenseTerm, Route, Term, materialise, replace
 
 # Largest tap tensor (bytes) formed at once; larger stages are processed a few images at a time.
 TAP_BUDGET_BYTES = 256 * 2**20
@@ -385,15 +386,17 @@ def _joint_tap_products(units: list) -> dict[int, torch.Tensor]:
 def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
     """Channels-last throughout: every reduction over channels runs over contiguous memory."""
     b, c, h, w = bundle.batch, bundle.channels, bundle.height, bundle.width
-    all_keys = frozenset(t.key for t in bundle.terms)
-    taps_of_key = {t.key: t.taps for t in bundle.terms}
-    owned = [(bias, (bias.owners & all_keys) or all_keys) for bias in bundle.biases]
+    _, taps_of_key, owned = _ownership(bundle)
     # Norms only matter where a bias is shared by several paths: a bias owned by one path simply joins it.
     shared_keys = set().union(*[o for _, o in owned if sum(taps_of_key[k] for k in o) > 1])
 
     # Single-tap convolutions (1x1) are one path per position: the library convolution is the fastest
     # way to form them, and their output is the contribution itself.
     units = _group_shared_kernels(bundle.terms, shared_keys)
+    if _fusable(bundle, units):
+        done = _fused_stage_ratios(bundle, units, shared_keys)
+        if done is not None:
+            return done
     terms = [m for u in units for m in (u.members if isinstance(u, _SharedKernel) else [u])]
     z: torch.Tensor | None = None  # (B, H, W, C)
     writable = borrowed = False
@@ -486,13 +489,23 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
             norms, dots = _gram_norms_dots(t, zc)
         stats.append(_TermStats(t, norms, dots))
 
+    return _assemble(bundle, z, zz, stats, None)
+
+
+def _assemble(
+    bundle: Affine, z: torch.Tensor, zz: torch.Tensor, stats: list[_TermStats], bias_dots: list[torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
+    """Ratios from the statistics: z (B, H, W, C), ||z||^2, each path's dot products and norms, and
+    <beta, z> per bias when already known."""
+    b, h, w = zz.shape
+    all_keys, taps_of_key, owned = _ownership(bundle)
     # Bias shares: each bias goes to its owner paths in proportion to their contribution norms; a path
     # that contributes nothing (its dot product is exactly zero) cannot carry a bias (published rule).
     by_key = {s.term.key: s for s in stats}
     share = {k: torch.zeros_like(zz) for k in all_keys}
     solo: dict[int, torch.Tensor] = {}
-    for bias, owners in owned:
-        e = _bias_dot(bias.value, z[..., bias.c0 : bias.c0 + bias.channels])
+    for i, (bias, owners) in enumerate(owned):
+        e = _bias_dot(bias.value, z[..., bias.c0 : bias.c0 + bias.channels]) if bias_dots is None else bias_dots[i]
         if sum(taps_of_key[k] for k in owners) == 1:
             (k,) = owners
             solo[k] = solo[k] + e if k in solo else e
@@ -521,4 +534,82 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         else:
             torch.mul(num, inv_zz, out=dst)
         k0 += taps
-    return z_out, mu, [r for st in stats for r in st.term.tap_routes()]
+    return z.permute(0, 3, 1, 2), mu, [r for st in stats for r in st.term.tap_routes()]
+
+
+def _ownership(bundle: Affine) -> tuple[frozenset[int], dict[int, int], list[tuple[BiasTerm, frozenset[int]]]]:
+    """Path keys, taps per key, and each bias with the keys that share it (every path when none of its
+    owners reaches this stage)."""
+    all_keys = frozenset(t.key for t in bundle.terms)
+    taps_of_key = {t.key: t.taps for t in bundle.terms}
+    return all_keys, taps_of_key, [(bias, (bias.owners & all_keys) or all_keys) for bias in bundle.biases]
+
+
+def _fusable(bundle: Affine, units: list) -> bool:
+    """The shape of stage the fused statistics cover: every path and bias spans all channels, biases are
+    per-channel constants, no max-pool merge or Gram-matrix term, no autograd, and not a lone path
+    without a bias (its z would be the upstream map itself)."""
+    c = bundle.channels
+    for u in units:
+        if isinstance(u, _SharedKernel) or u.c0 != 0 or u.channels != c:
+            return False
+        if isinstance(u, ConvTerm) and (u.taps == 1 or _use_gram(u)):
+            return False
+        if _needs_grad(u.x):
+            return False
+    for bias in bundle.biases:
+        v = bias.value
+        if bias.c0 != 0 or bias.channels != c or v.shape[0] != 1 or v.shape[2:] != (1, 1) or _needs_grad(v):
+            return False
+    single = len(units) == 1 and isinstance(units[0], DenseTerm)
+    return bool(units) and not (single and not bundle.biases) and fused.enabled(units[0].x.device)
+
+
+def _fused_stage_ratios(
+    bundle: Affine, units: list, shared_keys: set[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[Route]] | None:
+    """The stage through :mod:`ierf.srd.fused`; None when compilation is unavailable (eager path then)."""
+    b, c, h, w = bundle.batch, bundle.channels, bundle.height, bundle.width
+    taps_of = _joint_tap_products(units)
+    # Batch and rows merged (a view for contiguous and wide tap layouts alike): fewer dimensions, fewer
+    # shape specialisations to compile.
+    dense: list[torch.Tensor] = []
+    taps: list[torch.Tensor] = []
+    for u in units:
+        if isinstance(u, DenseTerm):
+            dense.append(_channels_last(u.total()).flatten(0, 1))  # (B*H, W, C)
+        else:
+            y = taps_of.get(id(u))
+            taps.append((tap_products(u) if y is None else y).flatten(0, 1))  # (B*H, W, T, C)
+    betas = [bias.value.reshape(c) for bias in bundle.biases]
+    if len(units) == 1 and dense:
+        out = fused.run(fused.single_path_stats, dense[0], betas)
+        if out is None:
+            return None
+        z, carried = out
+        return z.view(b, h, w, c).permute(0, 3, 1, 2), carried.view(b, 1, h, w), units[0].tap_routes()
+    dense_terms = [u for u in units if isinstance(u, DenseTerm)]
+    tap_terms = [u for u in units if not isinstance(u, DenseTerm)]
+    out = fused.run(
+        fused.stage_stats,
+        dense,
+        taps,
+        betas,
+        tuple(u.key in shared_keys for u in dense_terms),
+        tuple(u.key in shared_keys for u in tap_terms),
+    )
+    if out is None:
+        return None
+    z, zz, dense_dots, dense_norms, tap_dots, tap_norms, bias_dots = out
+
+    def per_position(v: torch.Tensor) -> torch.Tensor:  # (B*H, W[, T]) -> (B, H, W, T)
+        return v.reshape(b, h, w, -1)
+
+    by_id: dict[int, _TermStats] = {}
+    for u, d, n in zip(dense_terms, dense_dots, dense_norms, strict=True):
+        by_id[id(u)] = _TermStats(u, None if n is None else per_position(n), per_position(d))
+    for u, d, n in zip(tap_terms, tap_dots, tap_norms, strict=True):
+        by_id[id(u)] = _TermStats(u, None if n is None else per_position(n), per_position(d))
+    stats = [by_id[id(u)] for u in units]
+    e = [v.view(b, h, w) for v in bias_dots]
+    return _assemble(bundle, z.view(b, h, w, c), zz.view(b, h, w), stats, e)

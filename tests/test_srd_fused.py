@@ -1,0 +1,82 @@
+"""The compiled stage statistics (ierf.srd.fused) against the eager path, and their fallback."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import ierf
+import pytest
+import torch
+from ierf.srd import fused
+from srd_nets import all_nets
+
+NETS = all_nets()
+needs_compiler = pytest.mark.skipif(not fused._compiler_available(), reason="no C++ compiler for Inductor")
+
+
+@pytest.fixture(autouse=True)
+def _fusion_on(monkeypatch):
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+
+
+def _decompose(model, x, monkeypatch, switch: str):
+    monkeypatch.setenv(fused.ENV_SWITCH, switch)
+    with torch.no_grad():
+        return ierf.SRD(model, head="exact").decompose(x)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_stages_equal_the_eager_path(name, dtype, monkeypatch):
+    model, hw = NETS[name]
+    model = copy.deepcopy(model).to(dtype)  # the shared test nets stay float64
+    x = torch.randn(2, 3, *hw, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    calls = []
+    real_run = fused.run
+
+    def counting_run(fn, *args):
+        calls.append(fn.__name__)
+        return real_run(fn, *args)
+
+    monkeypatch.setattr(fused, "run", counting_run)
+    eager = _decompose(model, x, monkeypatch, "0")
+    assert not calls
+    fast = _decompose(model, x, monkeypatch, "1")
+    assert fused.disabled_reason() is None
+    if name in ("tiny_vgg", "tiny_resnet", "mixed"):  # stages of the shape fusion covers: it was taken
+        assert calls
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for a, b in zip(eager.stages, fast.stages, strict=True):
+        assert a.routes == b.routes
+        torch.testing.assert_close(b.mu, a.mu, atol=tol, rtol=tol)
+    torch.testing.assert_close(fast.saliency(1), eager.saliency(1), atol=tol, rtol=tol)
+
+
+@needs_compiler
+def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch, caplog):
+    model, hw = NETS["tiny_resnet"]
+    x = torch.randn(1, 3, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    eager = _decompose(model, x, monkeypatch, "0")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("C++ compile error: no such header\nmore detail")
+
+    monkeypatch.setattr(fused, "_compiled", {"stage_stats": broken, "single_path_stats": broken})
+    monkeypatch.setattr(fused, "_disabled_reason", None)
+    with caplog.at_level(logging.WARNING, logger="ierf.srd.fused"):
+        fast = _decompose(model, x, monkeypatch, "1")
+    assert fused.disabled_reason() == "RuntimeError: C++ compile error: no such header"
+    assert "fused SRD statistics disabled" in caplog.text
+    assert not fused.enabled(torch.device("cpu"))  # off for the rest of the process
+    torch.testing.assert_close(fast.saliency(0), eager.saliency(0), atol=0, rtol=0)
+
+
+@needs_compiler
+def test_the_switch(monkeypatch):
+    cpu = torch.device("cpu")
+    assert fused.enabled(cpu) and not fused.enabled(torch.device("meta"))
+    for off in ("", "0"):
+        monkeypatch.setenv(fused.ENV_SWITCH, off)
+        assert not fused.enabled(cpu)  # opt-in: compiling only pays for batch work
