@@ -42,6 +42,10 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
     w = t.scaled_weight()  # (C_out, C_in/g, kh, kw)
     c_out, c_in_g = w.shape[:2]
     if t.groups == c_in and c_in_g == 1 and c_out == c_in:  # depthwise
+        if (ho, wo) == (1, 1) and (dy, dx) == (1, 1) and x.shape[1:3] == (kh, kw):
+            # The kernel covers the map (a global-average-pool head): tap (i, j) is input position (i, j).
+            per_tap = w[:, 0].reshape(c_out, kh * kw).t()  # (T, C), a view
+            return (x.reshape(b, kh * kw, c_in) * per_tap).view(b, 1, 1, kh * kw, c_out)
         taps = [
             x[:, i * dy : i * dy + sy * (ho - 1) + 1 : sy, j * dx : j * dx + sx * (wo - 1) + 1 : sx] * w[:, 0, i, j]
             for i in range(kh)
