@@ -502,11 +502,11 @@ def _assemble(
     """Ratios from the statistics: z (B, H, W, C), ||z||^2, each path's dot products and norms, and
     <beta, z> per bias when already known."""
     b, h, w = zz.shape
-    all_keys, taps_of_key, owned = _ownership(bundle)
+    _, taps_of_key, owned = _ownership(bundle)
     # Bias shares: each bias goes to its owner paths in proportion to their contribution norms; a path
     # that contributes nothing (its dot product is exactly zero) cannot carry a bias (published rule).
     by_key = {s.term.key: s for s in stats}
-    share = {k: torch.zeros_like(zz) for k in all_keys}
+    share: dict[int, torch.Tensor] = {}  # per path key: its bias share per unit of norm
     solo: dict[int, torch.Tensor] = {}
     for i, (bias, owners) in enumerate(owned):
         e = _bias_dot(bias.value, z[..., bias.c0 : bias.c0 + bias.channels]) if bias_dots is None else bias_dots[i]
@@ -517,7 +517,7 @@ def _assemble(
         total_norm = sum(by_key[k].norms.sum(-1) for k in owners)
         per_norm = torch.where(total_norm > 0, e / torch.where(total_norm > 0, total_norm, 1), 0)
         for k in owners:
-            share[k] = share[k] + per_norm
+            share[k] = share[k] + per_norm if k in share else per_norm
 
     # Ratio 0 onto an all-zero pre-activation: its reciprocal norm is taken as 0. Each term's ratios are
     # written straight into their slice of the (B, T, H, W) result, whatever the layout they came in.
@@ -528,7 +528,7 @@ def _assemble(
     for st in stats:
         taps = st.dots.shape[-1]
         num = st.dots
-        if st.norms is not None:
+        if st.norms is not None and st.term.key in share:
             num = torch.addcmul(num, st.norms, share[st.term.key][..., None])
         if st.term.key in solo:
             num = num + torch.where(st.dots != 0, solo[st.term.key][..., None], 0)
