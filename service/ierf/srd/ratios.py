@@ -559,7 +559,8 @@ def _fusable(bundle: Affine, units: list) -> bool:
             return False
         if isinstance(u, ConvTerm) and (u.taps == 1 or _use_gram(u)):
             return False
-        if _needs_grad(u.x):
+        params = (u.weight,) + (() if u.out_scale is None else (u.out_scale,)) if isinstance(u, ConvTerm) else ()
+        if _needs_grad(u.x, *params):
             return False
     for bias in bundle.biases:
         v = bias.value
