@@ -80,3 +80,22 @@ def test_the_switch(monkeypatch):
     for off in ("", "0"):
         monkeypatch.setenv(fused.ENV_SWITCH, off)
         assert not fused.enabled(cpu)  # opt-in: compiling only pays for batch work
+
+
+@needs_compiler
+def test_one_shape_variant_too_many_runs_that_stage_uncompiled_and_keeps_fusion(monkeypatch):
+    model, hw = NETS["tiny_resnet"]
+    x = torch.randn(1, 3, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    eager = _decompose(model, x, monkeypatch, "0")
+
+    class FailOnRecompileLimitHit(Exception):  # the name Dynamo's own exception carries
+        pass
+
+    def over_limit(*args, **kwargs):
+        raise FailOnRecompileLimitHit("recompile limit reached")
+
+    monkeypatch.setattr(fused, "_compiled", {"stage_stats": over_limit, "single_path_stats": over_limit})
+    monkeypatch.setattr(fused, "_disabled_reason", None)
+    fast = _decompose(model, x, monkeypatch, "1")
+    assert fused.disabled_reason() is None and fused.enabled(torch.device("cpu"))
+    torch.testing.assert_close(fast.saliency(0), eager.saliency(0), atol=1e-12, rtol=1e-12)

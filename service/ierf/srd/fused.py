@@ -18,6 +18,7 @@ warning) takes the eager path of :mod:`ierf.srd.ratios`, which computes the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -86,7 +87,9 @@ def enabled(device: torch.device) -> bool:
     return _compiler_available()
 
 
+@functools.cache
 def _compiler_available() -> bool:
+    """Looked up once per process: scanning PATH at every stage would cost more than some fused calls."""
     cxx = os.environ.get("CXX")
     return bool((cxx and shutil.which(cxx)) or shutil.which("g++") or shutil.which("c++"))
 
@@ -97,7 +100,9 @@ def disabled_reason() -> str | None:
 
 
 def run(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` compiled; None when compilation fails (fusion is then off for the process)."""
+    """``fn(*args)``, compiled. Where compilation fails, ``fn`` runs uncompiled (same values, the
+    contributions already formed are not recomputed); after an error other than one shape variant too
+    many, fusion is off for the rest of the process."""
     global _disabled_reason
     compiled = _compiled.get(fn.__name__)
     if compiled is None:
@@ -108,12 +113,11 @@ def run(fn: Callable[..., Any], *args: Any) -> Any:
         with _independent_sizes():
             return compiled(*args)
     except Exception as exc:
-        if "RecompileLimit" in type(exc).__name__ or "CacheLimit" in type(exc).__name__:
-            return None  # one more shape variant than the limit allows: this stage runs eagerly
-        # no working compiler, an unsupported op: fall back for good, loudly once
-        _disabled_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        logger.warning("fused SRD statistics disabled, using the eager path (%s)", _disabled_reason)
-        return None
+        if not ("RecompileLimit" in type(exc).__name__ or "CacheLimit" in type(exc).__name__):
+            # no working compiler, an unsupported op: off for good, loudly once
+            _disabled_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            logger.warning("fused SRD statistics disabled, using the eager path (%s)", _disabled_reason)
+        return fn(*args)
 
 
 def _raise_recompile_limit(limit: int) -> None:

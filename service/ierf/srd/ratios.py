@@ -398,9 +398,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
     # way to form them, and their output is the contribution itself.
     units = _group_shared_kernels(bundle.terms, shared_keys)
     if _fusable(bundle, units):
-        done = _fused_stage_ratios(bundle, units, shared_keys)
-        if done is not None:
-            return done
+        return _fused_stage_ratios(bundle, units, shared_keys)
     terms = [m for u in units for m in (u.members if isinstance(u, _SharedKernel) else [u])]
     z: torch.Tensor | None = None  # (B, H, W, C)
     writable = borrowed = False
@@ -553,6 +551,8 @@ def _fusable(bundle: Affine, units: list) -> bool:
     """The shape of stage the fused statistics cover: every path and bias spans all channels, biases are
     per-channel constants, no max-pool merge or Gram-matrix term, no autograd, and not a lone path
     without a bias (its z would be the upstream map itself)."""
+    if not units or not fused.enabled(bundle.terms[0].x.device):
+        return False
     c = bundle.channels
     for u in units:
         if isinstance(u, _SharedKernel) or u.c0 != 0 or u.channels != c:
@@ -567,13 +567,13 @@ def _fusable(bundle: Affine, units: list) -> bool:
         if bias.c0 != 0 or bias.channels != c or v.shape[0] != 1 or v.shape[2:] != (1, 1) or _needs_grad(v):
             return False
     single = len(units) == 1 and isinstance(units[0], DenseTerm)
-    return bool(units) and not (single and not bundle.biases) and fused.enabled(units[0].x.device)
+    return not (single and not bundle.biases)
 
 
 def _fused_stage_ratios(
     bundle: Affine, units: list, shared_keys: set[int]
-) -> tuple[torch.Tensor, torch.Tensor, list[Route]] | None:
-    """The stage through :mod:`ierf.srd.fused`; None when compilation is unavailable (eager path then)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
+    """The stage with its statistics through :mod:`ierf.srd.fused`."""
     b, c, h, w = bundle.batch, bundle.channels, bundle.height, bundle.width
     taps_of = _joint_tap_products(units)
     # Batch and rows merged (a view for contiguous and wide tap layouts alike): fewer dimensions, fewer
@@ -588,14 +588,11 @@ def _fused_stage_ratios(
             taps.append((tap_products(u) if y is None else y).flatten(0, 1))  # (B*H, W, T, C)
     betas = [bias.value.reshape(c) for bias in bundle.biases]
     if len(units) == 1 and dense:
-        out = fused.run(fused.single_path_stats, dense[0], betas)
-        if out is None:
-            return None
-        z, carried = out
+        z, carried = fused.run(fused.single_path_stats, dense[0], betas)
         return z.view(b, h, w, c).permute(0, 3, 1, 2), carried.view(b, 1, h, w), units[0].tap_routes()
     dense_terms = [u for u in units if isinstance(u, DenseTerm)]
     tap_terms = [u for u in units if not isinstance(u, DenseTerm)]
-    out = fused.run(
+    z, zz, dense_dots, dense_norms, tap_dots, tap_norms, bias_dots = fused.run(
         fused.stage_stats,
         dense,
         taps,
@@ -603,9 +600,6 @@ def _fused_stage_ratios(
         tuple(u.key in shared_keys for u in dense_terms),
         tuple(u.key in shared_keys for u in tap_terms),
     )
-    if out is None:
-        return None
-    z, zz, dense_dots, dense_norms, tap_dots, tap_norms, bias_dots = out
 
     def per_position(v: torch.Tensor) -> torch.Tensor:  # (B*H, W[, T]) -> (B, H, W, T)
         return v.reshape(b, h, w, -1)
