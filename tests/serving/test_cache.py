@@ -47,6 +47,52 @@ def test_codec_round_trip_keeps_dtypes_shapes_and_values() -> None:
         assert torch.equal(restored[name], tensor)
 
 
+def test_codec_writes_what_safetensors_reads() -> None:
+    """Our writer, the library's reader: every dtype we store, 0-d, empty and non-contiguous tensors."""
+    import json
+    import struct
+
+    from safetensors.torch import load
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g).t(),  # non-contiguous
+        "f64": torch.randn(2, generator=g, dtype=torch.float64),
+        "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(3, generator=g).bfloat16(),
+        "i64": torch.tensor(-5),  # 0-d
+        "i32": torch.arange(3, dtype=torch.int32),
+        "i16": torch.arange(5, dtype=torch.int16),
+        "i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "u8": torch.arange(3, dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    data = encode_tensors(KEY, tensors)
+    restored = load(data)
+    assert set(restored) == set(tensors)
+    for name, tensor in tensors.items():
+        assert restored[name].dtype == tensor.dtype and restored[name].shape == tensor.shape
+        assert torch.equal(restored[name], tensor), name
+    (header_len,) = struct.unpack("<Q", data[:8])
+    assert (8 + header_len) % 8 == 0
+    header = json.loads(data[8 : 8 + header_len])
+    for name, tensor in tensors.items():  # each tensor starts aligned to its element size
+        assert header[name]["data_offsets"][0] % tensor.element_size() == 0, name
+
+
+def test_a_dtype_the_format_lacks_stays_in_l1_only() -> None:
+    recorder = Recorder()
+    dead = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    cache = TieredCache(10_000_000, dead, recorder)
+    tensors = {"z": torch.zeros(2, dtype=torch.complex64)}
+    with pytest.raises(CodecError, match="complex64"):
+        encode_tensors(KEY, tensors)
+    assert cache.put(KEY, tensors, 16, tensors) == "error"
+    assert ("l2", "put", "error") in recorder.events
+    assert cache.get(KEY, _rebuild).tier == "l1"
+
+
 @pytest.mark.parametrize(
     "garbage",
     [

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -64,12 +65,52 @@ class CodecError(ValueError):
     """Bytes under a key are not a value this version wrote for this key."""
 
 
-def encode_tensors(key: str, tensors: dict[str, torch.Tensor]) -> bytes:
-    """Flat tensors -> safetensors bytes whose metadata records the codec format and the key."""
-    from safetensors.torch import save
+# torch dtype -> safetensors dtype name (the format's own spelling)
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
 
-    clean = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return save(clean, metadata={"format": CODEC_FORMAT, "key": key})
+
+def encode_tensors(key: str, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Flat tensors -> safetensors bytes whose metadata records the codec format and the key.
+
+    Written directly (8-byte header length, JSON header, raw little-endian data) rather than through
+    ``safetensors.torch.save``, which spent ~11 ms on a ResNet50 decomposition's 153 tensors (3.4 MB)
+    against ~2 ms here: that was on every cold request. Any safetensors reader loads the result.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; this writer copies memory as is
+        raise CodecError("the safetensors writer needs a little-endian host")
+    arrays = []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise CodecError(f"tensor {name!r} has dtype {tensor.dtype}, which the cache does not store")
+        arrays.append((name, tensor.detach().to("cpu").contiguous()))
+    # Widest elements first (then by name), so every tensor starts at a multiple of its element size.
+    arrays.sort(key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": CODEC_FORMAT, "key": key}}
+    chunks: list[Any] = []
+    offset = 0
+    for name, tensor in arrays:
+        raw = tensor.reshape(-1).view(torch.uint8).numpy()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + raw.nbytes],
+        }
+        chunks.append(raw)
+        offset += raw.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data then starts 8-byte aligned, as the format recommends
+    return b"".join([struct.pack("<Q", len(text)), text, *chunks])
 
 
 def _read_header(data: bytes) -> dict[str, Any]:
@@ -355,7 +396,11 @@ class TieredCache:
             result = "too_big"
             self.observer("l2", "put", result, time.perf_counter() - start, tensors_nbytes(tensors))
             return result
-        data = encode_tensors(key, tensors)
+        try:
+            data = encode_tensors(key, tensors)
+        except CodecError:  # a dtype the format lacks: the value stays in L1 only
+            self.observer("l2", "put", "error", time.perf_counter() - start, 0)
+            return "error"
         result = self.l2.put(key, data)
         self.observer("l2", "put", result, time.perf_counter() - start, len(data))
         return result
