@@ -73,6 +73,8 @@ def test_module_entry_point_works_as_in_make_run(tmp_path):
         (["explain", IMG, "-o", "out.png", "--layer", "layer1"], "--layer and --position go together"),
         (["explain", IMG, "-o", "out.png", "--position", "1,2"], "--layer and --position go together"),
         (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "a,b"], "ROW,COL"),
+        (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "-1,2"], "got '-1,2'"),
+        (["explain", IMG, "-o", "out.png", "--weights", "{text}", "--model", "resnet18"], "not a readable PyTorch"),
         (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "1,2", "--target", "3"], "target"),
         (["explain", IMG, "-o", "out.png", "--target", "zzzz"], "no class name contains 'zzzz'"),
         (["explain", IMG, "-o", "out.png", "--target", "cat"], "ambiguous"),
@@ -104,6 +106,20 @@ def test_argparse_errors_exit_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert main(["explain", "x.png", "-o", "y.png", "--weights", "w.pth", "--random-init"]) == 2
     assert main([]) == 2
+
+
+def test_server_may_follow_the_command(coffee_png, capsys):
+    """``ierf explain IMG --server ADDR`` reaches the SDK like ``ierf --server ADDR explain IMG`` (here an
+    address nobody listens on: a one-line UNAVAILABLE error after the CLI's few quick retries)."""
+    from ierf.serving.local import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    for argv in (["--server", address, "models"], ["models", "--server", address]):
+        assert main(argv) == 2
+        line = _error(capsys)
+        assert line.startswith(f"ierf models: error: server {address}: UNAVAILABLE"), line
+    assert main(["explain", str(coffee_png), "-o", "x.png", "--server", address]) == 2
+    assert f"server {address}: UNAVAILABLE" in _error(capsys)
 
 
 def test_parse_position():

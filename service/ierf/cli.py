@@ -2,7 +2,7 @@
 
     ierf explain photo.jpg -o srd.png                       # saliency of the top-1 class
     ierf explain photo.jpg --target "tiger cat" -o cat.png
-    ierf explain photo.jpg --layer _blocks.10 --position 3,4 -o ierf.png
+    ierf explain photo.jpg --layer _blocks.10._swish:1 --position 3,4 -o ierf.png
     ierf demo-image coffee -o coffee.png
     ierf models | ierf layers --model resnet50
 
@@ -163,16 +163,21 @@ def parse_position(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+SERVER_HELP = "compute on an ierf gRPC service (e.g. 127.0.0.1:9000) through the SDK instead of in-process"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ierf", description="Explain what vision models see (SRD, iERF).")
-    parser.add_argument(
-        "--server",
-        metavar="ADDRESS",
-        help="compute on an ierf gRPC service (e.g. 127.0.0.1:9000) through the SDK instead of in-process",
-    )
+    parser.add_argument("--server", metavar="ADDRESS", help=SERVER_HELP)
+    # --server also after the command (`ierf explain IMG --server ADDR`); SUPPRESS keeps the value given
+    # before the command when the sub-command's own copy is absent.
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--server", metavar="ADDRESS", default=argparse.SUPPRESS, help=SERVER_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    explain = commands.add_parser("explain", help="classify an image and write an SRD saliency or iERF overlay")
+    explain = commands.add_parser(
+        "explain", parents=[remote], help="classify an image and write an SRD saliency or iERF overlay"
+    )
     explain.add_argument("image", help="image file (PNG, JPEG, WebP, …)")
     explain.add_argument("-o", "--output", required=True, help="PNG file to write")
     explain.add_argument(
@@ -191,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("name", help="coffee, chelsea, rocket, astronaut, motorcycle, china, flower")
     demo.add_argument("-o", "--output", required=True, help="PNG file to write")
 
-    commands.add_parser("models", help="list the available models and where their weights are")
+    commands.add_parser("models", parents=[remote], help="list the available models and where their weights are")
 
-    layers = commands.add_parser("layers", help="list the layers accepted by --layer")
+    layers = commands.add_parser("layers", parents=[remote], help="list the layers accepted by --layer")
     layers.add_argument("--model", default=DEFAULT_MODEL)
     layers.add_argument("--weights", help="state_dict file (only the graph matters; random weights otherwise)")
     return parser
@@ -278,11 +283,14 @@ def _run_demo_image(args: argparse.Namespace) -> int:
 def _run_models(backend: Backend) -> int:
     from ierf.models import model_spec, resolve_weights
 
-    print(f"{'model':<20} {'preprocessing':<24} weights")
+    header = f"{'model':<20} {'preprocessing':<24} weights"
     if hasattr(backend, "model_rows"):  # a server reports its own preprocessing and weights
-        for name, preprocessing, where in backend.model_rows():
+        rows = backend.model_rows()  # before any output: a failed call prints only its error
+        print(header)
+        for name, preprocessing, where in rows:
             print(f"{name:<20} {preprocessing:<24} {where}")
         return EXIT_OK
+    print(header)
     for name in backend.model_names():
         try:
             where = str(resolve_weights(name))
@@ -298,18 +306,38 @@ def _run_layers(args: argparse.Namespace, backend: Backend) -> int:
     return EXIT_OK
 
 
+def _join_negative_positions(argv: Sequence[str]) -> list[str]:
+    """argparse reads ``--position -1,2`` as a missing value followed by an unknown option; joined as
+    ``--position=-1,2`` the value reaches :func:`parse_position`, which says what is wrong with it."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--position":
+            value = next(args, None)
+            if value is not None and value.startswith("-"):
+                out.append(f"--position={value}")
+                continue
+            out.append(arg)
+            if value is not None:
+                out.append(value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> int:
     """Entry point of the ``ierf`` console script; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_negative_positions(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse already printed usage and the problem
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    opened = None  # a backend this call created and must close
     try:
         if backend is None and args.server:
             from ierf.serving.remote_backend import RemoteBackend
 
-            backend = RemoteBackend(args.server)
+            backend = opened = RemoteBackend(args.server)
         backend = backend or InProcessBackend()
         if args.command == "explain":
             return _run_explain(args, backend)
@@ -321,6 +349,9 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if opened is not None:
+            opened.close()
 
 
 if __name__ == "__main__":

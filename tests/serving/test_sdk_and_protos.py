@@ -68,6 +68,61 @@ def test_large_arrays_go_as_lossless_png(monkeypatch: pytest.MonkeyPatch) -> Non
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded))), pixels)
 
 
+@pytest.mark.parametrize("shape", [(10, 10, 3), (10, 10, 1), (10, 10)])
+def test_an_array_reaches_the_same_pixels_whatever_its_size(monkeypatch: pytest.MonkeyPatch, shape) -> None:
+    """Small arrays travel raw, large ones as PNG: the server must see the same canonical image."""
+    from ierf.serving.convert import decode_image
+    from ierf.serving.images import ImageLimits
+
+    pixels = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    raw = image_message(pixels)
+    monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", 10)
+    png = image_message(pixels)
+    assert raw.WhichOneof("source") == "tensor" and png.WhichOneof("source") == "encoded"
+    limits = ImageLimits()
+    assert decode_image(raw, limits).content_hash == decode_image(png, limits).content_hash
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 4), (8, 8, 2), (3, 8, 8, 3), (8,)])
+def test_an_array_of_the_wrong_shape_fails_before_upload_whatever_its_size(
+    monkeypatch: pytest.MonkeyPatch, shape
+) -> None:
+    pixels = np.zeros(shape, np.uint8)
+    with pytest.raises(ValueError, match=r"not \(H, W, 3\)"):
+        image_message(pixels)
+    monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", 10)
+    with pytest.raises(ValueError, match=r"not \(H, W, 3\)"):
+        image_message(pixels)
+
+
+def test_big_endian_float_arrays_travel_little_endian() -> None:
+    values = np.linspace(0, 1, 12, dtype=">f4").reshape(2, 2, 3)
+    tensor = image_message(values).tensor
+    assert tensor.dtype == pb.FLOAT32
+    np.testing.assert_array_equal(np.frombuffer(tensor.data, "<f4").reshape(2, 2, 3), values)
+
+
+def test_retry_policy_and_timeouts_are_validated() -> None:
+    from ierf_client import AsyncClient, Client
+
+    for bad in ({"max_attempts": 0}, {"max_attempts": 1.5}, {"initial_backoff_s": -1}, {"multiplier": 0.5}):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+    for timeout in (None, 0, -1, float("inf"), "5"):
+        for client_class in (Client, AsyncClient):
+            with pytest.raises(ValueError, match="timeout must be a positive number"):
+                client_class("127.0.0.1:1", timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_sync_and_async_clients_offer_the_same_calls() -> None:
+    from ierf_client import AsyncClient, Client
+
+    def public(cls: type) -> set[str]:
+        return {n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+    assert public(Client) == public(AsyncClient)
+
+
 @pytest.mark.parametrize("service", ["", "ierf.v1.ExplainService", "x" * 200])
 def test_health_codec_matches_the_official_messages(service: str) -> None:
     from grpc_health.v1 import health_pb2
@@ -114,7 +169,7 @@ def test_tensor_round_trip_little_endian() -> None:
 
 def test_application_and_token_travel_as_metadata() -> None:
     """Against a real loopback gRPC server: Serve's proxy routes by ``application`` when a cluster runs
-    several apps; the bearer token goes with API calls (not with health probes)."""
+    several apps; the bearer token goes with every call."""
     import asyncio
     from concurrent import futures
 
@@ -147,9 +202,85 @@ def test_application_and_token_travel_as_metadata() -> None:
     finally:
         server.stop(None)
     assert [m.get("application") for m in seen] == ["ierf-blue", None, "ierf-green"]
-    assert all("authorization" not in m and 0 < int(m["ierf-timeout-ms"]) <= 5000 for m in seen)
+    # The token goes with health probes too: a gateway that checks it must let them through.
+    assert [m.get("authorization") for m in seen] == ["Bearer t0k", None, None]
+    assert all(0 < int(m["ierf-timeout-ms"]) <= 5000 for m in seen)
     assert _core.call_metadata("t0k", 1.0, "ierf-blue") == [
         ("ierf-timeout-ms", "1000"),
         ("authorization", "Bearer t0k"),
         ("application", "ierf-blue"),
     ]
+
+
+def _health_server_after(port: int, delay_s: float):
+    """A real gRPC health server that starts listening on ``port`` only after ``delay_s``."""
+    import threading
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    class Serving(health_pb2_grpc.HealthServicer):
+        def Check(self, request, context):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(Serving(), server)
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    timer = threading.Timer(delay_s, server.start)
+    timer.start()
+    return server, timer
+
+
+def test_the_default_policy_retries_through_a_server_restart() -> None:
+    """The server comes (back) up 1.5 s into the call: retrying UNAVAILABLE until the call's deadline
+    gets through; a fixed small number of attempts would have given up in well under a second."""
+    import asyncio
+    import time
+
+    from ierf.serving.local import free_port
+    from ierf_client import AsyncClient, Client, UnavailableError
+
+    port = free_port()
+    with Client(f"127.0.0.1:{port}", timeout=1, retry=RetryPolicy(max_attempts=2)) as client:
+        start = time.monotonic()
+        with pytest.raises(UnavailableError):
+            client.health()
+        assert time.monotonic() - start < 0.9
+
+    server, timer = _health_server_after(port, 1.5)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=20) as client:
+            start = time.monotonic()
+            assert client.health() == "SERVING"
+            assert time.monotonic() - start >= 1.4
+    finally:
+        timer.cancel()
+        server.stop(None)
+
+    port = free_port()
+    server, timer = _health_server_after(port, 1.5)
+
+    async def wait() -> str:
+        async with AsyncClient(f"127.0.0.1:{port}", timeout=20) as client:
+            return await client.health()
+
+    try:
+        assert asyncio.run(wait()) == "SERVING"
+    finally:
+        timer.cancel()
+        server.stop(None)
+
+
+def test_a_dead_address_fails_within_the_budget() -> None:
+    """Retries stop once the next backoff would pass the deadline: never later than the budget."""
+    import time
+
+    from ierf.serving.local import free_port
+    from ierf_client import Client, IerfError
+
+    with Client(f"127.0.0.1:{free_port()}", timeout=1.0) as client:
+        start = time.monotonic()
+        with pytest.raises(IerfError) as info:
+            client.health()
+        assert time.monotonic() - start < 1.5
+    assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

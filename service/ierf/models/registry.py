@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -289,7 +290,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, pickle refused by weights_only, truncated file, …
-        raise ValueError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}") from None
+        # torch's own messages run to many lines (weights_only's is a page of advice): one line here.
+        if isinstance(exc, pickle.UnpicklingError):
+            why = "torch.load(weights_only=True) refused it: not a tensor file, or it holds arbitrary objects"
+        else:
+            why = f"{type(exc).__name__}: " + next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:200]
+        raise ValueError(f"cannot load weights from {path}: not a readable PyTorch state_dict file ({why})") from None
     # Training checkpoints often wrap the weights; DataParallel prefixes every key with "module.".
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):

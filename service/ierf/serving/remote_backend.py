@@ -36,10 +36,15 @@ class RemoteBackend:
     """Implements the CLI's Backend protocol with :class:`ierf_client.Client`."""
 
     def __init__(self, address: str, timeout: float = 600.0) -> None:
-        from ierf_client import Client
+        from ierf_client import Client, RetryPolicy
 
         self.address = address
-        self.client = Client(address, timeout=timeout)
+        # A few quick retries (~1.5 s): the SDK's default retries UNAVAILABLE for the whole 600 s
+        # budget, far too long for a person at a terminal who mistyped the address.
+        self.client = Client(address, timeout=timeout, retry=RetryPolicy(max_attempts=5))
+
+    def close(self) -> None:
+        self.client.close()
 
     @_server_errors
     def model_names(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -80,20 +81,46 @@ class RetryPolicy:
 
     Anything else is either the caller's mistake or would repeat work the server may have done.
     Backoff: exponential with full jitter, capped, and never past the call's own deadline.
+    ``max_attempts=None`` (the default) keeps retrying until that deadline: a server restart takes
+    seconds, and gRPC's own reconnect backoff starts at about 1 s, so a fixed handful of quick
+    attempts gives up while the server is still coming back. Pass a number to fail faster.
     """
 
-    max_attempts: int = 4
+    max_attempts: int | None = None
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
 
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1
+        ):
+            raise ValueError(f"max_attempts must be None or an integer >= 1, got {self.max_attempts!r}")
+        for name in ("initial_backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.multiplier, int | float) or not math.isfinite(self.multiplier) or self.multiplier < 1:
+            raise ValueError(f"multiplier must be a finite number >= 1, got {self.multiplier!r}")
+
     def backoff(self, attempt: int) -> float:
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** min(attempt, 64))
         return random.uniform(0, ceiling)
+
+    def gives_up(self, attempts: int) -> bool:
+        """True once ``attempts`` calls have been made and no further one is allowed."""
+        return self.max_attempts is not None and attempts >= self.max_attempts
 
     @staticmethod
     def retryable(code: grpc.StatusCode) -> bool:
         return code == grpc.StatusCode.UNAVAILABLE
+
+
+def check_timeout(timeout: object, what: str = "timeout") -> float:
+    """The call budget in seconds: a positive finite number (there is no unbounded call)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"{what} must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -125,18 +152,24 @@ def image_message(image: ImageInput) -> pb.Image:
     if isinstance(image, Image.Image):
         return pb.Image(encoded=_png(image))
     if isinstance(image, np.ndarray):
-        if image.dtype == np.uint8:
+        # The server takes (H, W, 3), (H, W, 1) or (H, W): checked here so that a wrong shape fails
+        # the same way whatever the array's size (large ones travel as PNG), before any upload.
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
+            raise ValueError(f"image array shape {image.shape} is not (H, W, 3), (H, W, 1) or (H, W)")
+        native = image.dtype.newbyteorder("=") if image.dtype.byteorder in "<>" else image.dtype
+        if native == np.uint8:
             dtype = pb.UINT8
-        elif image.dtype == np.float32:
+        elif native == np.float32:
             dtype = pb.FLOAT32
-        elif image.dtype == np.float16:
+        elif native == np.float16:
             dtype = pb.FLOAT16
         else:
             raise TypeError(
                 f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float32/float16 in [0, 1]"
             )
-        if image.dtype == np.uint8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES and image.ndim in (2, 3):
-            return pb.Image(encoded=_png(Image.fromarray(image)))  # lossless: same pixels, same cache key
+        if dtype == pb.UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
+            grey_or_rgb = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+            return pb.Image(encoded=_png(Image.fromarray(np.ascontiguousarray(grey_or_rgb))))  # lossless
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
         return pb.Image(tensor=pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(image.shape)))
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array")
@@ -194,6 +227,7 @@ class InputSpec:
     color_space: str
     preprocess_version: str
     encodings: list[str]
+    tensor_dtypes: list[str]  # raw tensor dtypes the server accepts: "uint8", "float16", "float32"
     max_image_bytes: int
     max_pixels: int
 
@@ -295,6 +329,7 @@ def parse_model(m: pb.ModelInfo) -> ModelInfo:
             color_space=m.input.color_space,
             preprocess_version=m.input.preprocess_version,
             encodings=list(m.input.encodings),
+            tensor_dtypes=[pb.DataType.Name(d).lower() for d in m.input.tensor_dtypes],
             max_image_bytes=m.input.max_image_bytes,
             max_pixels=m.input.max_pixels,
         ),

@@ -32,7 +32,7 @@ class AsyncClient:
         application: str | None = None,
     ) -> None:
         self.address = address
-        self.timeout = timeout
+        self.timeout = _core.check_timeout(timeout)
         self.token = token
         self.application = application
         self.retry = retry or RetryPolicy()
@@ -48,8 +48,8 @@ class AsyncClient:
             response_deserializer=_core.decode_health_response,
         )
 
-    async def _call(self, method: Any, request: Any, timeout: float | None, metadata_token: bool = True) -> Any:
-        budget = self.timeout if timeout is None else timeout
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        budget = self.timeout if timeout is None else _core.check_timeout(timeout)
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
@@ -58,14 +58,14 @@ class AsyncClient:
                 return await method(
                     request,
                     timeout=max(remaining, 0.001),
-                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining, self.application),
+                    metadata=_core.call_metadata(self.token, remaining, self.application),
                 )
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
                 pause = self.retry.backoff(attempt - 1)
                 if (
                     not self.retry.retryable(exc.code())
-                    or attempt >= self.retry.max_attempts
+                    or self.retry.gives_up(attempt)
                     or time.monotonic() + pause >= deadline
                 ):
                     raise _core.error_from_rpc(exc) from None
@@ -116,7 +116,21 @@ class AsyncClient:
         return _core.parse_model(await self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        return await self._call(self._health, service, timeout, metadata_token=False)
+        return await self._call(self._health, service, timeout)
+
+    async def wait_until_serving(self, timeout: float = 120.0, interval_s: float = 0.5) -> None:
+        """Poll health until SERVING (e.g. right after start-up); TimeoutError past ``timeout``."""
+        deadline = time.monotonic() + _core.check_timeout(timeout)
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = await self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except _core.IerfError as exc:
+                last = str(exc)
+            await asyncio.sleep(interval_s)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout} s (last: {last})")
 
     async def close(self) -> None:
         await self._channel.close()

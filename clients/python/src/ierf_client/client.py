@@ -45,7 +45,7 @@ class Client:
         application: str | None = None,
     ) -> None:
         self.address = address
-        self.timeout = timeout
+        self.timeout = _core.check_timeout(timeout)
         self.token = token
         self.application = application
         self.retry = retry or RetryPolicy()
@@ -62,8 +62,8 @@ class Client:
         )
 
     # ------------------------------------------------------------------------------ plumbing
-    def _call(self, method: Callable[..., R], request: Any, timeout: float | None, metadata_token: bool = True) -> R:
-        budget = self.timeout if timeout is None else timeout
+    def _call(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        budget = self.timeout if timeout is None else _core.check_timeout(timeout)
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
@@ -72,14 +72,14 @@ class Client:
                 return method(
                     request,
                     timeout=max(remaining, 0.001),
-                    metadata=_core.call_metadata(self.token if metadata_token else None, remaining, self.application),
+                    metadata=_core.call_metadata(self.token, remaining, self.application),
                 )
             except grpc.RpcError as exc:
                 attempt += 1
                 pause = self.retry.backoff(attempt - 1)
                 if (
                     not self.retry.retryable(exc.code())
-                    or attempt >= self.retry.max_attempts
+                    or self.retry.gives_up(attempt)
                     or time.monotonic() + pause >= deadline
                 ):
                     raise _core.error_from_rpc(exc) from None
@@ -135,11 +135,11 @@ class Client:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", …"""
-        return self._call(self._health, service, timeout, metadata_token=False)
+        return self._call(self._health, service, timeout)
 
     def wait_until_serving(self, timeout: float = 120.0, interval_s: float = 0.5) -> None:
         """Poll health until SERVING (e.g. right after start-up); TimeoutError past ``timeout``."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _core.check_timeout(timeout)
         last = "no answer"
         while time.monotonic() < deadline:
             try:
