@@ -243,3 +243,22 @@ def test_baselines_declare_a_version_for_cache_keys() -> None:
 
     for method in BASELINE_METHODS:
         assert getattr(_REGISTRY[method], "version", ""), method
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_cam_finds_the_final_feature_map_of_functionally_pooled_models(method: str) -> None:
+    """torchvision's MobileNetV2 pools with F.adaptive_avg_pool2d: the default layer is its ``features``
+    output, the same map as naming it; a model with no convolution at all is refused with a reason."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    default = ierf.create_explainer(method, model)
+    assert default.layer == "features"
+    torch.testing.assert_close(
+        default.saliency(x, 1), ierf.create_explainer(method, model, layer="features").saliency(x, 1)
+    )
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).eval()
+    with pytest.raises(ValueError, match="cannot find the final feature map"):
+        ierf.create_explainer(method, flat)

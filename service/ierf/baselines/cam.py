@@ -13,7 +13,8 @@ target layer are captured here (hooks removed in ``finally``), the library's own
 * bilinear upsampling (align_corners=False) to the input size.
 
 Target layer: by default the input of the model's last ``AdaptiveAvgPool2d`` (the final feature map
-feeding the classifier), which needs no per-architecture configuration; ``layer="layer3"`` picks the
+feeding the classifier), or for models that pool functionally the output of their last top-level block
+with a convolution (see :func:`final_feature_module`); no per-architecture configuration. ``layer="layer3"`` picks the
 output of a named module instead. A module called several times per forward (shared activation
 modules) contributes its last call.
 """
@@ -33,12 +34,28 @@ from ierf.baselines._common import check_input, check_target_range, finish, mode
 from ierf.methods import register_method
 
 
-def final_feature_module(model: nn.Module) -> tuple[str, nn.Module]:
-    """The last AdaptiveAvgPool2d in registration order; its input is the final feature map."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
-    if not found:
-        raise ValueError("model has no nn.AdaptiveAvgPool2d; pass layer=<module name> to choose the CAM layer")
-    return found[-1]
+def final_feature_module(model: nn.Module) -> tuple[str, nn.Module, bool]:
+    """(name, module, use_input) of the final feature map feeding the classifier.
+
+    The input of the last AdaptiveAvgPool2d in registration order; for models that pool functionally
+    (torchvision's MobileNetV2 and DenseNet call ``F.adaptive_avg_pool2d``), the output of the last
+    top-level block that holds a convolution (their ``features``: the layer pytorch-grad-cam's own
+    examples pick for these networks).
+    """
+    pools = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if pools:
+        return (*pools[-1], True)
+    blocks = [
+        (name, child)
+        for name, child in model.named_children()
+        if any(isinstance(m, nn.Conv2d) for m in child.modules())
+    ]
+    if blocks:
+        return (*blocks[-1], False)
+    raise ValueError(
+        "cannot find the final feature map: the model has no nn.AdaptiveAvgPool2d and no top-level block "
+        "with a convolution; pass layer=<module name> to choose the CAM layer"
+    )
 
 
 class _Capture:
@@ -78,8 +95,7 @@ class _CAMExplainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         if layer is None:
-            self.layer, self.module = final_feature_module(model)
-            self.use_input = True
+            self.layer, self.module, self.use_input = final_feature_module(model)
         else:
             modules = dict(model.named_modules())
             if layer not in modules:
