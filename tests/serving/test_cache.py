@@ -280,3 +280,83 @@ def test_single_flight_lock_is_per_key() -> None:
     cache = TieredCache(1000)
     assert cache.key_lock("a") is cache.key_lock("a")
     assert cache.key_lock("a") is not cache.key_lock("b")
+
+
+class FakeRedis:
+    """A TCP server that answers every command with ``reply`` (sent ``chunk`` bytes per ``interval_s``)."""
+
+    def __init__(self, reply: bytes, chunk: int | None = None, interval_s: float = 0.0) -> None:
+        import threading
+
+        self.reply, self.chunk, self.interval_s = reply, chunk or len(reply), interval_s
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while not self.stopped.is_set() and conn.recv(65536):
+                    for i in range(0, len(self.reply), self.chunk):
+                        conn.sendall(self.reply[i : i + self.chunk])
+                        if self.stopped.wait(self.interval_s):
+                            return
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "fails"), [(b"$abc\r\n", True), (b"!!garbage\r\n", True), (b"*-5\r\n", False), (b"+OK\r\n", False)]
+)
+def test_a_malformed_reply_is_a_miss_and_never_wedges_the_breaker(reply: bytes, fails: bool) -> None:
+    """redis-py raises ValueError and friends (not RedisError) on some malformed replies: still a miss,
+    counted as a failure, and a half-open trial that meets one lets the next trial through. Whatever
+    the reply, nothing raises."""
+    fake = FakeRedis(reply)
+    try:
+        tier = RedisTier(RedisSettings(url=fake.url, failure_threshold=1, open_seconds=0.2, timeout_s=0.5))
+        recorder = Recorder()
+        cache = TieredCache(10_000_000, tier, recorder)
+        assert cache.get(KEY, _rebuild).tier == "miss"
+        tensors = _tensors()
+        assert cache.put(KEY + ":2", tensors, 1, tensors) in ("stored", "error", "skipped")
+        if fails:
+            assert ("l2", "get", "error") in recorder.events
+            assert tier.breaker.state == "open"
+            for _ in range(2):  # each half-open trial fails and re-opens; none is left "in flight"
+                time.sleep(0.25)
+                assert tier.breaker.state == "half_open"
+                assert tier.get("k") == ("error", None)
+        tier.close()
+    finally:
+        fake.close()
+
+
+def test_a_server_that_trickles_its_reply_is_abandoned_at_the_operation_deadline() -> None:
+    """socket_timeout bounds each read only; a reply sent a byte every 0.2 s would hold a GET for hours."""
+    fake = FakeRedis(b"$100000\r\n" + b"x" * 100000 + b"\r\n", chunk=1, interval_s=0.2)
+    try:
+        settings = RedisSettings(url=fake.url, connect_timeout_s=0.2, timeout_s=0.5)
+        tier = RedisTier(settings)
+        for _ in range(2):
+            start = time.perf_counter()
+            assert tier.get("k") == ("error", None)
+            assert time.perf_counter() - start < settings.operation_timeout_s + 0.5
+        tier.close()
+    finally:
+        fake.close()

@@ -23,6 +23,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -256,15 +258,26 @@ class CircuitBreaker:
 class RedisSettings:
     url: str
     connect_timeout_s: float = 0.2
-    timeout_s: float = 1.0
+    timeout_s: float = 1.0  # per socket read or write
     ttl_s: int = 6 * 3600
     max_value_bytes: int = 64 * 1024 * 1024
     failure_threshold: int = 3
     open_seconds: float = 10.0
 
+    @property
+    def operation_timeout_s(self) -> float:
+        """Whole-operation cap. ``timeout_s`` bounds each socket read, so a server that trickles its
+        reply a byte at a time would otherwise hold a request (and the worker's thread) for hours."""
+        return 2 * self.timeout_s + self.connect_timeout_s
+
 
 class RedisTier:
-    """Redis GET/SET that never raises: results are ("hit", bytes) / ("miss"|"error"|"skipped", None)."""
+    """Redis GET/SET that never raises: results are ("hit", bytes) / ("miss"|"error"|"skipped", None).
+
+    Every command runs on a small I/O pool and is abandoned after ``operation_timeout_s``; the pool's
+    connections are then dropped (a socket shutdown wakes the stuck read). Any exception counts as a
+    failure, not only redis-py's own: a malformed reply surfaces as ValueError or AttributeError.
+    """
 
     def __init__(self, settings: RedisSettings) -> None:
         import redis
@@ -283,46 +296,60 @@ class RedisTier:
             health_check_interval=0,
             max_connections=32,
         )
-        self._errors = (redis.exceptions.RedisError, OSError)
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ierf-redis")
+
+    def _run(self, command: Callable[[], T]) -> tuple[bool, T | None]:
+        """(True, result), or (False, None) after any error or past the operation deadline."""
+        if not self.breaker.allow():
+            raise _Skipped
+        try:
+            result = self._io.submit(command).result(timeout=self.settings.operation_timeout_s)
+        except FutureTimeout:
+            with contextlib.suppress(Exception):
+                self._client.connection_pool.disconnect()
+            self.breaker.record_failure()
+            return False, None
+        except Exception:
+            self.breaker.record_failure()
+            return False, None
+        self.breaker.record_success()
+        return True, result
 
     def get(self, key: str) -> tuple[str, bytes | None]:
-        if not self.breaker.allow():
-            return "skipped", None
         try:
-            value = self._client.get(key)
-        except self._errors:
-            self.breaker.record_failure()
+            ok, value = self._run(lambda: self._client.get(key))
+        except _Skipped:
+            return "skipped", None
+        if not ok:
             return "error", None
-        self.breaker.record_success()
-        return ("hit", value) if value is not None else ("miss", None)
+        if value is None:
+            return "miss", None
+        if not isinstance(value, bytes) or len(value) > self.settings.max_value_bytes:
+            return "error", None  # not something this cache wrote
+        return "hit", value
 
     def put(self, key: str, value: bytes) -> str:
         if len(value) > self.settings.max_value_bytes:
             return "too_big"
-        if not self.breaker.allow():
-            return "skipped"
         try:
-            self._client.set(key, value, ex=self.settings.ttl_s)
-        except self._errors:
-            self.breaker.record_failure()
-            return "error"
-        self.breaker.record_success()
-        return "stored"
+            ok, _ = self._run(lambda: self._client.set(key, value, ex=self.settings.ttl_s))
+        except _Skipped:
+            return "skipped"
+        return "stored" if ok else "error"
 
     def delete(self, key: str) -> None:
         """Best effort: drop a value that failed to decode so it is recomputed once, not forever."""
-        if not self.breaker.allow():
-            return
-        try:
-            self._client.delete(key)
-        except self._errors:
-            self.breaker.record_failure()
-            return
-        self.breaker.record_success()
+        with contextlib.suppress(_Skipped):
+            self._run(lambda: self._client.delete(key))
 
     def close(self) -> None:
-        with contextlib.suppress(*self._errors):
+        self._io.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
             self._client.close()
+
+
+class _Skipped(Exception):
+    """The breaker is open: the command was not sent."""
 
 
 # -------------------------------------------------------------------------------------------- tiers
