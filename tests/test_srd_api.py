@@ -256,3 +256,178 @@ def test_same_maps_on_cpu_and_cuda():
     gpu = ierf.SRD(model.cuda()).saliency(x.cuda(), 11)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4 * cpu.abs().max(), rtol=1e-3)
+
+
+# --- the model as it is now, not as it was: parameters, hooks, modules, threads --------------------------
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return randomise_bn(model, seed=1).eval()
+
+
+def test_maps_follow_the_current_parameters():
+    """Folded batch norms and re-laid-out kernels are cached per parameter; a cached value must never
+    outlive a change: load_state_dict, a dtype or device move (new memory under the same Parameter),
+    and writes through ``.data`` (invisible to version counters) after clear_derived_cache()."""
+    from ierf.srd.derived import clear_derived_cache
+
+    model, x = _bn_net(), torch.randn(2, 3, 12, 12)
+
+    def conserved(m: nn.Module, inputs: torch.Tensor) -> None:
+        with torch.no_grad():
+            logits = m(inputs)
+        sums = ierf.SRD(m).saliency(inputs, 2).sum((1, 2))
+        torch.testing.assert_close(sums.to(logits.dtype), logits[:, 2], rtol=1e-4, atol=1e-5)
+
+    conserved(model, x)
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    conserved(model, x)
+    model.double()
+    conserved(model, x.double())
+    model.float()
+    model[1].weight.data.mul_(3.0)
+    clear_derived_cache()
+    conserved(model, x)
+
+
+def test_a_deleted_model_leaves_nothing_in_the_parameter_cache():
+    import gc
+    import weakref
+
+    from ierf.srd.derived import DERIVED
+
+    gc.collect()
+    before = len(DERIVED)
+    model = torchvision.models.resnet18().eval()
+    ierf.SRD(model).saliency(torch.randn(1, 3, 32, 32), 1)
+    assert len(DERIVED) > before
+    alive = weakref.ref(model.fc.weight)
+    del model
+    gc.collect()
+    assert alive() is None and len(DERIVED) == before
+
+
+def test_hooks_modes_and_replaced_modules_are_refused_not_ignored():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    calls = []
+    handle = model.layer4.register_forward_hook(lambda m, i, o: calls.append(type(o).__name__))
+    with pytest.raises(ValueError, match=r"forward hooks \(on 'layer4'\)"):
+        ierf.SRD(model)
+    assert calls == []  # never run on tracing proxies
+    handle.remove()
+    srd = ierf.SRD(model)
+    handle = model.fc.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ValueError, match=r"forward hooks \(on 'fc'\)"):
+        srd.saliency(x, 3)
+    handle.remove()
+    srd.saliency(x, 3)
+    model.fc = nn.Linear(512, 3)
+    with pytest.raises(ValueError, match="modules changed"):
+        srd.saliency(x, 1)
+
+    class DropoutByFlag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.dropout(F.relu(self.conv(x)), 0.5, self.training)
+            return self.fc(x.mean((2, 3)))
+
+    custom = DropoutByFlag().eval()
+    srd = ierf.SRD(custom)
+    custom.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        srd.saliency(x, 1)
+
+
+def test_explainers_built_in_parallel_threads_all_work():
+    """torch.fx patches nn.Module.__call__ process-wide while tracing: traces are serialised. (A module run
+    by another thread during a trace is still intercepted by fx: build explainers before serving.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    reference = ierf.SRD(model).saliency(x, 5)
+    with ThreadPoolExecutor(4) as pool:  # builds at once (running any module meanwhile is not supported)
+        explainers = list(pool.map(lambda _: ierf.SRD(model), range(8)))
+    with ThreadPoolExecutor(4) as pool:
+        maps = list(pool.map(lambda srd: srd.saliency(x, 5), explainers))
+    for m in maps:
+        torch.testing.assert_close(m, reference)
+
+
+def test_a_container_name_means_what_the_container_returns():
+    """A block that computes an auxiliary activation after its output: ``block`` is the returned map."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 5, padding=2)
+            self.r1, self.r2 = nn.ReLU(), nn.ReLU()
+            self.aux = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.r1(self.c1(x))
+            self.r2(self.c2(y))  # computed last, not returned
+            return y
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.act, self.block = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Block()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.block(self.act(self.stem(x))).mean((2, 3)))
+
+    srd = ierf.SRD(Net().eval())
+    x = torch.randn(1, 3, 16, 16)
+    pos = torch.tensor([[8, 8]])
+    torch.testing.assert_close(srd.ierf(x, "block", pos), srd.ierf(x, "block.r1", pos))
+    assert "block.r2" in srd.layers
+
+
+def test_scalar_constants_are_per_channel_biases():
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x))) + 1.0).mean((2, 3)) + 0.5)
+
+    torch.manual_seed(0)
+    model = Shifted().eval()
+    x = torch.randn(2, 3, 10, 12)  # width 12 != 8 channels: a scalar must not broadcast over the width
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(ierf.SRD(model).saliency(x, 3).sum((1, 2)), logits[:, 3], rtol=1e-4, atol=1e-5)
+
+
+def test_more_bad_calls_get_precise_errors():
+    import numpy as np
+
+    srd = ierf.SRD(torchvision.models.resnet18().eval())
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="empty dimension"):
+        srd.saliency(torch.randn(1, 3, 0, 10), 1)
+    for huge in (2**63, 2**70):
+        with pytest.raises(ValueError, match="out of range"):
+            srd.saliency(x, huge)
+    assert srd.saliency(x, np.int64(3)).shape == (1, 32, 32)
+    with pytest.raises(ValueError, match=r"runs 2 times .* layer1\.0\.relu:0, layer1\.0\.relu:1"):
+        srd.ierf(x, "layer1.0.relu", torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="too small for this model"):
+        ierf.SRD(torchvision.models.vgg16().eval()).saliency(torch.randn(1, 3, 16, 16), 1)

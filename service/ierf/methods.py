@@ -46,6 +46,8 @@ def check_input(x: object, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {dtype}")
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch")
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x has an empty dimension: shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
     return x

@@ -1,17 +1,29 @@
 """Tensors derived from parameters (folded batch-norm scales, scaled and re-laid-out kernels), kept between
 calls: they depend on the model, not the image, and recomputing them costs a pass over every weight.
 
-An entry is reused only while each source is the very same tensor object at the same version (in-place
-updates such as optimiser steps bump the version), so a changed model never sees stale values.
+An entry is reused only while each source is the very same tensor object, at the same version (in-place
+updates through the tensor, such as optimiser steps and ``load_state_dict``, bump it), over the same
+memory with the same dtype, device and layout (``model.double()``, ``.to()`` and ``param.data = ...``
+swap the memory of the same Parameter object). Writes through ``param.data`` bypass the version counter
+and cannot be seen: call :func:`clear_derived_cache` after such an edit.
+
+Sources are held by weak reference: a model that is deleted takes its entries with it.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def _fingerprint(source: torch.Tensor) -> tuple:
+    return (source._version, source.data_ptr(), source.dtype, source.device, tuple(source.shape), source.stride())
 
 
 class DerivedCache:
@@ -22,38 +34,78 @@ class DerivedCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._bytes = 0
-        self._entries: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...], Any]] = OrderedDict()
+        # key -> (weak refs to the sources, their fingerprints, value, bytes)
+        self._entries: OrderedDict[tuple, tuple[tuple[weakref.ref, ...], tuple, Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        # Keys whose source died. Weak-reference callbacks run inside whatever allocation triggered the
+        # collection, possibly while this thread holds the lock: they only append here (atomic).
+        self._dead: collections.deque[tuple] = collections.deque()
 
     def get(self, tag: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
         if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
             return build()  # would capture an autograd graph
         key = (tag, *(id(s) for s in sources))
-        versions = tuple(s._version for s in sources)
-        hit = self._entries.get(key)
-        if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], sources, strict=True)):
-            self._entries.move_to_end(key)
-            return hit[2]
-        value = build()
+        prints = tuple(_fingerprint(s) for s in sources)
+        with self._lock:
+            self._purge_dead()
+            hit = self._entries.get(key)
+            if hit is not None and hit[1] == prints and all(ref() is s for ref, s in zip(hit[0], sources, strict=True)):
+                self._entries.move_to_end(key)
+                return hit[2]
+        value = _unpinned(build(), sources)
         size = _nbytes(value, sources)
         if size > self.max_bytes:
             return value
-        if hit is not None:
-            old_sources, _, old_value = self._entries.pop(key)
-            self._bytes -= _nbytes(old_value, old_sources)
-        self._entries[key] = (sources, versions, value)
-        self._bytes += size
-        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-            _, (old_sources, _, old) = self._entries.popitem(last=False)
-            self._bytes -= _nbytes(old, old_sources)
+        refs = tuple(weakref.ref(s, lambda _, key=key: self._dead.append(key)) for s in sources)
+        with self._lock:
+            self._pop(key)
+            self._entries[key] = (refs, prints, value, size)
+            self._bytes += size
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                self._pop(next(iter(self._entries)))
         return value
 
+    def _pop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[3]
+
+    def _purge_dead(self) -> None:
+        """Drop entries whose source was freed: they can never match again and must not pin their values."""
+        while self._dead:
+            key = self._dead.popleft()
+            entry = self._entries.get(key)
+            if entry is not None and any(ref() is None for ref in entry[0]):
+                self._pop(key)
+
     def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge_dead()
+            return len(self._entries)
+
+
+def _unpinned(value: Any, sources: tuple[torch.Tensor, ...]) -> Any:
+    """A view of a source keeps the source object alive through ``_base`` (and so the entry could never
+    die with its model): re-express it over a detached alias of the same memory."""
+    if isinstance(value, torch.Tensor):
+        base = value._base
+        if base is not None and any(base is s for s in sources):
+            return base.detach().as_strided(value.shape, value.stride(), value.storage_offset())
+        return value
+    if isinstance(value, tuple):
+        return tuple(_unpinned(v, sources) for v in value)
+    if isinstance(value, list):
+        return [_unpinned(v, sources) for v in value]
+    return value
 
 
 def _nbytes(value: Any, sources: tuple[torch.Tensor, ...]) -> int:
-    """Bytes the entry keeps alive: views of a source (a reshaped weight) cost nothing."""
+    """Bytes the entry keeps alive beyond its sources: views of a source (a reshaped weight) cost nothing."""
     if isinstance(value, torch.Tensor):
         storage = value.untyped_storage()
         if any(storage.data_ptr() == s.untyped_storage().data_ptr() for s in sources):
@@ -65,3 +117,8 @@ def _nbytes(value: Any, sources: tuple[torch.Tensor, ...]) -> int:
 
 
 DERIVED = DerivedCache()
+
+
+def clear_derived_cache() -> None:
+    """Forget every parameter-derived tensor (needed only after writing weights through ``param.data``)."""
+    DERIVED.clear()

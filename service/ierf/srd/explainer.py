@@ -7,6 +7,7 @@ per-position scalars down the stages.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.methods import check_input, register_method
-from ierf.srd.graph import ensure_eval
+from ierf.srd.graph import check_model_state
 from ierf.srd.program import Head, Program, Stage
 from ierf.srd.terms import Route
 
@@ -238,9 +239,13 @@ class Decomposition:
     # -- start maps -------------------------------------------------------------------------------------
     def _targets(self, target: int | torch.Tensor) -> torch.Tensor:
         k = self.logits.shape[1]
+        if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+            target = int(target)  # also numpy integers
         if isinstance(target, bool) or not isinstance(target, int | torch.Tensor):
             raise TypeError(f"target must be an int or a LongTensor of shape (B,), got {type(target).__name__}")
         if isinstance(target, int):
+            if not 0 <= target < k:  # before torch.full, which overflows past int64
+                raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {target}")
             t = torch.full((self.batch,), target, dtype=torch.long, device=self.logits.device)
         else:
             if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -457,6 +462,10 @@ def _check_positions(positions: torch.Tensor, h: int, w: int, layer: str) -> tor
     return pos
 
 
+# PyTorch's messages when a kernel or pooling window no longer fits the feature map it is applied to.
+_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater than actual input size", "too small")
+
+
 @register_method("srd")
 class SRD:
     """Sharing Ratio Decomposition over any supported model graph.
@@ -504,7 +513,7 @@ class SRD:
 
         Differentiable with respect to ``x`` when ``x.requires_grad`` (explanation-manipulation attacks).
         """
-        ensure_eval(self.model)
+        check_model_state(self.model, self.program.built_from)
         p = next(self.model.parameters(), None)
         check_input(x, p.dtype if p is not None else x.dtype)
         if p is not None and p.device != x.device:
@@ -526,7 +535,16 @@ class SRD:
 
     def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:
         with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
-            run = self.program.run(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
+            try:
+                run = self.program.run(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
+            except RuntimeError as exc:  # a convolution or pooling window larger than the map it reaches
+                message = str(exc)
+                if any(p in message for p in _TOO_SMALL):
+                    first = message.strip().splitlines()[0]
+                    raise ValueError(
+                        f"input {x.shape[-2]}x{x.shape[-1]} is too small for this model: {first}"
+                    ) from None
+                raise
         return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
 
     def load_decomposition(self, state: dict[str, torch.Tensor]) -> Decomposition:

@@ -7,6 +7,7 @@ its own "same" padding) is traced through, so its real arithmetic is what gets d
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, known: tuple[type, ...]) -> None:
         super().__init__()
         self.known = known
+        self.module_outputs: dict[str, list[object]] = defaultdict(list)  # path -> value of each call
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         if rule_type(m, self.known) is not None:
@@ -37,15 +39,45 @@ class _Tracer(fx.Tracer):
             return not isinstance(m, nn.Sequential | nn.ModuleList | nn.ModuleDict)
         return False
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        before = len(self.graph.nodes)
+        out = super().call_module(m, forward, args, kwargs)
+        # What the module returns (not merely its last node), when computed by this call: a pass-through
+        # (nn.Identity, a 1x1 conv's "same" padding) returns a value that belongs to someone else.
+        created = len(self.graph.nodes) - before
+        made_here = isinstance(out, fx.Proxy) and out.node in list(reversed(self.graph.nodes))[:created]
+        self.module_outputs[self.path_of_module(m)].append(out if made_here else None)
+        return out
 
-def trace(model: nn.Module, known: tuple[type, ...]) -> fx.Graph:
-    try:
-        return _Tracer(known).trace(model)
-    except Exception as exc:  # fx raises many types; the user needs to know tracing is the problem
-        raise UnsupportedModelError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); SRD needs a "
-            "model whose forward has no data-dependent control flow"
-        ) from exc
+
+# torch.fx patches nn.Module.__call__ process-wide while it traces: two traces at once corrupt each other.
+_TRACE_LOCK = threading.Lock()
+
+
+@dataclass
+class Traced:
+    graph: fx.Graph
+    module_outputs: dict[str, fx.Node]  # modules called exactly once -> the node their forward returned
+
+
+def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
+    """Trace ``model`` (one at a time). The patching is process-wide, so a model being run by another
+    thread while an SRD is built may misbehave: build explainers before serving threads start."""
+    tracer = _Tracer(known)
+    with _TRACE_LOCK:
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # fx raises many types; the user needs to know tracing is the problem
+            raise UnsupportedModelError(
+                f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); SRD needs "
+                "a model whose forward has no data-dependent control flow"
+            ) from exc
+    outputs = {
+        path: values[0].node
+        for path, values in tracer.module_outputs.items()
+        if len(values) == 1 and isinstance(values[0], fx.Proxy)
+    }
+    return Traced(graph, outputs)
 
 
 @dataclass
@@ -56,7 +88,7 @@ class LayerNames:
     lookup: dict[str, fx.Node]
 
 
-def name_activations(graph: fx.Graph, activations: list[fx.Node], model: nn.Module) -> LayerNames:
+def name_activations(traced: Traced, activations: list[fx.Node]) -> LayerNames:
     """Name each activation output.
 
     * an activation module called once: its qualified name (``features.29``, ``relu``);
@@ -85,9 +117,9 @@ def name_activations(graph: fx.Graph, activations: list[fx.Node], model: nn.Modu
 
     aliases: dict[fx.Node, list[str]] = defaultdict(list)
     act_set = set(activations)
-    for path, last in _scope_outputs(graph).items():
-        if last in act_set and path != base[last] and path:
-            aliases[last].append(path)
+    for path, out in traced.module_outputs.items():
+        if out in act_set and path != base[out] and path:
+            aliases[out].append(path)
     canonical: dict[fx.Node, str] = {}
     lookup: dict[str, fx.Node] = {}
     for node in activations:
@@ -105,21 +137,6 @@ def _innermost_scope(node: fx.Node) -> str:
         return ""
     path, _ = list(stack.values())[-1]
     return path
-
-
-def _scope_outputs(graph: fx.Graph) -> dict[str, fx.Node]:
-    """For every module call scope, the last computing node inside it (its output in practice)."""
-    last: dict[str, fx.Node] = {}
-    repeated: set[str] = set()
-    for node in graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
-            if "@" in key:
-                repeated.add(path)
-            last[path] = node
-    # A module called several times has no single output: it is never an alias.
-    return {path: node for path, node in last.items() if path not in repeated}
 
 
 def head_subgraph(graph: fx.Graph, start: fx.Node, owner: nn.Module) -> fx.GraphModule:
@@ -153,13 +170,42 @@ def module_of(model: nn.Module, target: str) -> nn.Module:
     return model.get_submodule(target)
 
 
-def ensure_eval(model: nn.Module) -> None:
-    """Batch norm and dropout behave differently in training mode; SRD decomposes the eval model."""
-    stateful = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-    training = [
-        name or type(model).__name__ for name, m in model.named_modules() if m.training and isinstance(m, stateful)
-    ]
+def module_identities(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """What the traced program was built from: every submodule's name and object identity."""
+    return tuple((name, id(m)) for name, m in model.named_modules())
+
+
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int], ...]) -> None:
+    """Refuse to explain a model that no longer computes what the traced program computes: in training
+    mode (dropout, batch statistics, ``self.training`` branches were traced as in eval), with forward hooks
+    (the traced graph does not run them), or with submodules replaced since the explainer was built."""
+    training, hooked, now = [], [], []
+    for name, m in model.named_modules():
+        now.append((name, id(m)))
+        # Batch norm and dropout change with the mode, and so may any code outside torch.nn that reads
+        # self.training (it was traced in eval); stock activations and containers do not.
+        if m.training and (isinstance(m, _MODE_DEPENDENT) or not type(m).__module__.startswith("torch.nn")):
+            training.append(name or type(model).__name__)
+        if m._forward_hooks or m._forward_pre_hooks:
+            hooked.append(name or type(model).__name__)
     if training:
         raise ValueError(
             f"model must be in eval mode (call model.eval()); modules in training mode: {', '.join(training[:5])}"
+        )
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", {}) or getattr(
+        nn.modules.module, "_global_forward_pre_hooks", {}
+    )
+    if hooked or global_hooks:
+        where = f"on {', '.join(repr(n) for n in hooked[:5])}" if hooked else "registered globally"
+        raise ValueError(
+            f"the model has forward hooks ({where}): SRD decomposes the model's traced forward, which does not "
+            "run hooks, so the maps would not explain what the hooked model computes; remove them while explaining"
+        )
+    if tuple(now) != built_from:
+        raise ValueError(
+            "the model's modules changed after this explainer was built (a submodule was replaced, added or "
+            "removed): build a new ierf.SRD(model)"
         )

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
-from ierf.srd.graph import head_subgraph, name_activations, rule_type, trace
+from ierf.srd.graph import check_model_state, head_subgraph, module_identities, name_activations, rule_type, trace
 from ierf.srd.ratios import stage_ratios, tap_products
 from ierf.srd.rules import (
     FUNCTION_RULES,
@@ -66,7 +66,10 @@ class Program:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         known = known_module_types()
-        self.graph = trace(model, known)
+        self.built_from = module_identities(model)
+        check_model_state(model, self.built_from)  # hooks would also run, on fx proxies, while tracing
+        traced = trace(model, known)
+        self.graph = traced.graph
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
         activations: list[fx.Node] = []
         placeholders = 0
@@ -97,7 +100,7 @@ class Program:
             self.steps.append((node, rule, module))
         if placeholders != 1:
             raise UnsupportedModelError(f"SRD needs a model with exactly one input; this one takes {placeholders}")
-        names = name_activations(self.graph, activations, model)
+        names = name_activations(traced, activations)
         self.source_of: dict[fx.Node, int] = {node: i + 1 for i, node in enumerate(activations)}
         self.node_of: dict[int, fx.Node] = {i: n for n, i in self.source_of.items()}
         self.names: list[str] = ["input"] + [names.canonical[n] for n in activations]
@@ -131,6 +134,12 @@ class Program:
         sample = (
             ", ".join([*self.names[1:6], "…", *self.names[-3:]]) if len(self.names) > 9 else ", ".join(self.names[1:])
         )
+        runs = [name for name in self.lookup if name.startswith(f"{layer}:") and name[len(layer) + 1 :].isdigit()]
+        if runs:
+            raise ValueError(
+                f"layer {layer!r} runs {len(runs)} times in one forward (a reused activation module): name one "
+                f"run, {', '.join(sorted(runs, key=lambda n: int(n.rsplit(':', 1)[1])))}"
+            )
         if layer in self.module_names:
             kind = type(self.model.get_submodule(layer)).__name__
             raise ValueError(

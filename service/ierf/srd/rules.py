@@ -432,7 +432,10 @@ def _add(ctx, node, a, b, alpha=1) -> Any:
         m, c = (a, b) if _is_map(a) else (b, a)
         bundle = as_affine(m, where)
         const = torch.as_tensor(c, dtype=bundle.terms[0].x.dtype, device=bundle.terms[0].x.device)
-        return bundle.add_constant(const.expand(bundle.channels) if const.dim() == 0 else const)
+        # a scalar is one value per channel (a bias); a tensor keeps torch's broadcasting (trailing dims)
+        return bundle.add_constant(
+            const.reshape(1, 1, 1, 1).expand(1, bundle.channels, 1, 1) if const.dim() == 0 else const
+        )
     return a + b
 
 
