@@ -140,3 +140,101 @@ def test_worker_does_all_tensor_work_on_one_compute_thread(monkeypatch) -> None:
     assert [name for name, _ in threads].count("__init__") == 1 and len(threads) == 7
     assert len({ident for _, ident in threads}) == 1, threads
     assert threads[0][1] != threading.get_ident()  # and not on the caller's (event loop's) thread
+
+
+def test_caller_mistakes_are_answered_without_waiting_for_a_busy_worker(ingress) -> None:
+    """Once the ingress holds the model's description (fetched in the background on first use), a bad
+    target, method, layer or position is refused at once, not after the job ahead of it on the worker."""
+    import time
+
+    from ierf.serving.errors import InvalidArgument
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    ingress.GetModel.remote(pb.GetModelRequest(model_id="r18")).result()
+    ingress.Predict.remote(pb.PredictRequest(image=_image(7), top_k=1)).result()  # description now held
+    slow = ingress.Explain.remote(pb.ExplainRequest(image=_image(8), target=5, method="integrated_gradients"))
+    time.sleep(0.3)  # the slow job now occupies the worker's compute thread
+    bad = [
+        ("Explain", pb.ExplainRequest(image=_image(9), target=1000), "out of range"),
+        ("Explain", pb.ExplainRequest(image=_image(9), method="nope"), "unknown method"),
+        ("ComputeIERF", pb.ComputeIERFRequest(image=_image(9), layer="nope", positions=[pb.Position()]), "layer"),
+        (
+            "ComputeIERF",
+            pb.ComputeIERFRequest(image=_image(9), layer="layer4.1", positions=[pb.Position(row=99, col=0)]),
+            "outside",
+        ),
+        ("Predict", pb.PredictRequest(image=_image(9), top_k=1001), "out of range"),
+    ]
+    for rpc, request, message in bad:
+        start = time.perf_counter()
+        with pytest.raises(InvalidArgument, match=message):
+            getattr(ingress, rpc).remote(request).result()
+        assert time.perf_counter() - start < 0.25, rpc
+    slow.result()
+
+
+def test_malformed_timeout_metadata_is_a_precise_error() -> None:
+    import types
+
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.settings import ServiceConfig
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    me = types.SimpleNamespace(config=config)
+
+    class Context:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+        def invocation_metadata(self):
+            return [("ierf-timeout-ms", self.value)]
+
+    deadline = Ingress.func_or_class._deadline
+    import time
+
+    assert 1.9 < deadline(me, Context("2000")) - time.time() <= 2.0
+    for bad in ("nan", "abc", "-5", "inf"):
+        with pytest.raises(InvalidArgument, match="ierf-timeout-ms"):
+            deadline(me, Context(bad))
+
+
+def test_refused_work_lowers_the_time_estimate_so_probes_get_through() -> None:
+    import time
+
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    host._forward_estimate_s = 60.0  # one pathological run
+    refused = 0
+    for _ in range(40):
+        try:
+            host._check_time_for_forward(time.time() + 3.0)
+            break
+        except DeadlineExceeded:
+            refused += 1
+    assert 0 < refused < 40
+
+
+def test_a_method_that_cannot_explain_the_model_is_refused_once_and_remembered(monkeypatch) -> None:
+    import ierf
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    calls = []
+
+    def refuse(name, model, **options):
+        calls.append(name)
+        raise ValueError("no final feature map")
+
+    monkeypatch.setattr(ierf, "create_explainer", refuse)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="'gradcam' is not available for model r18: no final feature map"):
+            host._explainer("gradcam")
+    assert calls == ["gradcam"]

@@ -10,7 +10,6 @@ canonical image goes in, float32 maps come out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from ray import serve
 
 from ierf.serving.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     ServiceError,
     Unavailable,
@@ -131,6 +131,7 @@ class Ingress:
         self.metrics = ServiceMetrics()
         self.server_version = ierf.__version__
         self._descriptions: dict[str, Any] = {}
+        self._fetching: set[str] = set()  # model ids whose description is being fetched in the background
 
     # ------------------------------------------------------------------------------ plumbing
     def _deadline(self, grpc_context: Any) -> float:
@@ -138,8 +139,15 @@ class Ingress:
         if grpc_context is not None:
             for key, value in grpc_context.invocation_metadata():
                 if key == TIMEOUT_METADATA_KEY:
-                    with contextlib.suppress(ValueError):
-                        budget = min(budget, max(0.0, float(value) / 1000.0))
+                    try:
+                        millis = float(value)
+                    except ValueError:
+                        millis = math.nan
+                    if not math.isfinite(millis) or millis < 0:
+                        raise InvalidArgument(
+                            f"metadata {TIMEOUT_METADATA_KEY} must be a number of milliseconds >= 0, got {value!r}"
+                        )
+                    budget = min(budget, millis / 1000.0)
         return time.time() + budget
 
     def _worker(self, model_id: str) -> tuple[str, Any]:
@@ -229,8 +237,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.errors import InvalidArgument
-        from ierf.serving.worker import DEFAULT_METHOD, ExplainJob
+        from ierf.serving.worker import DEFAULT_METHOD, ExplainJob, check_explain_args
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
@@ -244,13 +251,17 @@ class Ingress:
             if request.contrast not in ("", "identity"):
                 raise InvalidArgument("set either contrast ('identity'/'mean') or contrast_class, not both")
             contrast = int(request.contrast_class)
+        target = int(request.target) if request.HasField("target") else None
+        desc = self._description_if_known(model_id)
+        if desc is not None:  # a caller's mistake answered now, not after the queue (the worker checks too)
+            check_explain_args(desc, method, target, contrast)
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings)
         job = ExplainJob(
             pixels=image.pixels,
             content_hash=image.content_hash,
             method=method,
-            target=int(request.target) if request.HasField("target") else None,
+            target=target,
             contrast=contrast,
             overlay=request.overlay,
             return_input=request.return_input,
@@ -285,8 +296,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.errors import InvalidArgument
-        from ierf.serving.worker import IERFJob
+        from ierf.serving.worker import IERFJob, check_ierf_args
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
@@ -298,13 +308,17 @@ class Ingress:
         if len(request.positions) > self.config.ingress.max_positions:
             limit = self.config.ingress.max_positions
             raise InvalidArgument(f"{len(request.positions)} positions requested; at most {limit} per call")
+        positions = convert.positions_array(request.positions)
+        desc = self._description_if_known(model_id)
+        if desc is not None:
+            check_ierf_args(desc, request.layer, positions)
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings)
         job = IERFJob(
             pixels=image.pixels,
             content_hash=image.content_hash,
             layer=request.layer,
-            positions=convert.positions_array(request.positions),
+            positions=positions,
             overlay=request.overlay,
             return_input=request.return_input,
             deadline=deadline,
@@ -334,8 +348,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.errors import InvalidArgument
-        from ierf.serving.worker import PredictJob
+        from ierf.serving.worker import PredictJob, check_top_k
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
@@ -343,6 +356,9 @@ class Ingress:
         labels["model"] = model_id
         if not 0 <= request.top_k <= self.config.ingress.max_top_k:
             raise InvalidArgument(f"top_k {request.top_k} is out of range: 1..{self.config.ingress.max_top_k} (0: 5)")
+        desc = self._description_if_known(model_id)
+        if desc is not None:
+            check_top_k(desc, request.top_k)
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings)
         job = PredictJob(pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline)
@@ -353,6 +369,16 @@ class Ingress:
             convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
         )
         return response
+
+    def _description_if_known(self, model_id: str) -> Any:
+        """The model's description if this replica holds it; else None, and fetch it in the background
+        (never on a request's path: a worker busy with a long job would make the request wait)."""
+        desc = self._descriptions.get(model_id)
+        if desc is None and model_id not in self._fetching:
+            self._fetching.add(model_id)
+            task = asyncio.get_running_loop().create_task(self._description(model_id))
+            task.add_done_callback(lambda t: (self._fetching.discard(model_id), t.cancelled() or t.exception()))
+        return desc
 
     async def _description(self, model_id: str) -> Any:
         desc = self._descriptions.get(model_id)

@@ -115,6 +115,61 @@ class ModelDescription:
     tensor_dtypes: tuple[str, ...] = TENSOR_DTYPES
 
 
+# ------------------------------------------------------------------------------------ validation
+# Pure checks against a model's description: the worker runs them, and the ingress runs them first
+# (when it holds the description) so a caller's mistake is answered at once, not behind the queue.
+
+
+def check_class(index: int, num_classes: int, model_id: str, what: str = "target") -> None:
+    if not 0 <= index < num_classes:
+        raise InvalidArgument(
+            f"{what} {index} is out of range: {model_id} has {num_classes} classes (0..{num_classes - 1})"
+        )
+
+
+def check_method(method: str, methods: list[str]) -> None:
+    if method not in methods:
+        raise InvalidArgument(f"unknown method {method!r}; available: {', '.join(methods)}")
+
+
+def check_explain_args(desc: ModelDescription, method: str, target: int | None, contrast: str | int) -> None:
+    check_method(method, desc.methods)
+    n = len(desc.class_names)
+    if target is not None:
+        check_class(target, n, desc.id)
+    if isinstance(contrast, int):
+        check_class(contrast, n, desc.id, "contrast class")
+    elif contrast not in ("identity", "mean"):
+        raise InvalidArgument(f"contrast {contrast!r} is not 'identity', 'mean' or a class index")
+    if method != DEFAULT_METHOD and contrast != "identity":
+        raise InvalidArgument(f"contrast is an SRD option; method {method!r} takes contrast 'identity' only")
+
+
+def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarray) -> LayerShape:
+    layer = next((item for item in desc.layers if item.name == layer_name), None)
+    if layer is None:
+        names = [item.name for item in desc.layers]
+        shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
+        raise InvalidArgument(f"unknown layer {layer_name!r} for {desc.id}; layers: {shown}")
+    if len(positions) == 0:
+        raise InvalidArgument("no positions given: send at least one (row, col) on the layer's PFV grid")
+    for row, col in positions.tolist():
+        if not (0 <= row < layer.height and 0 <= col < layer.width):
+            raise InvalidArgument(
+                f"position ({row}, {col}) is outside the {layer.height}x{layer.width} PFV grid of layer "
+                f"{layer.name!r} (rows 0..{layer.height - 1}, cols 0..{layer.width - 1})"
+            )
+    return layer
+
+
+def check_top_k(desc: ModelDescription, top_k: int) -> int:
+    n = len(desc.class_names)
+    value = top_k or 5
+    if not 1 <= value <= n:
+        raise InvalidArgument(f"top_k {top_k} is out of range: 1..{n}")
+    return value
+
+
 class _Stages:
     """Collects (stage, seconds) for provenance and forwards them to the metrics."""
 
@@ -209,6 +264,7 @@ class ModelHost:
         self.srd = ierf.SRD(self.model.module)
         self._explainers: dict[str, Any] = {DEFAULT_METHOD: self.srd}
         self._explainers_lock = threading.Lock()
+        self._unavailable: dict[str, str] = {}  # method -> why it cannot explain this model
         self.methods = ierf.available_methods()  # names only: a method's code loads on its first request
         size = self.model.input_size
         self.input_hw = (size, size)
@@ -247,6 +303,10 @@ class ModelHost:
         return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
 
     def describe(self) -> ModelDescription:
+        return self.description
+
+    @functools.cached_property
+    def description(self) -> ModelDescription:
         return ModelDescription(
             id=self.config.id,
             weights_digest=self.model.weights_digest,
@@ -288,9 +348,7 @@ class ModelHost:
         return Score(index, self.model.class_names[index], float(probability), float(flat[index]))
 
     def _check_target(self, target: int, what: str = "target") -> None:
-        n = len(self.model.class_names)
-        if not 0 <= target < n:
-            raise InvalidArgument(f"{what} {target} is out of range: {self.config.id} has {n} classes (0..{n - 1})")
+        check_class(target, len(self.model.class_names), self.config.id, what)
 
     def _decomposition(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> Any:
         """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image)."""
@@ -328,6 +386,10 @@ class ModelHost:
         if deadline is not None and estimate is not None:
             left = deadline - time.time()
             if left < 0.8 * estimate:
+                # Each refusal lowers the estimate, so one slow run (a cold start, a busy machine) cannot
+                # lock short-deadline callers out for good: after a few refusals one is let through and
+                # re-measures.
+                self._forward_estimate_s = 0.8 * estimate
                 raise DeadlineExceeded(
                     f"{left:.2f} s left before the deadline, but decomposing a new image takes about "
                     f"{estimate:.1f} s on this replica; send a longer deadline"
@@ -357,30 +419,29 @@ class ModelHost:
         return logits.detach().reshape(1, -1).to("cpu", torch.float32)
 
     def _explainer(self, method: str) -> Any:
-        if method not in self.methods:
-            raise InvalidArgument(f"unknown method {method!r}; available: {', '.join(self.methods)}")
+        check_method(method, self.methods)
         with self._explainers_lock:
             explainer = self._explainers.get(method)
             if explainer is None:
+                if method in self._unavailable:
+                    raise InvalidArgument(self._unavailable[method])
                 import ierf
 
-                explainer = self._explainers[method] = ierf.create_explainer(method, self.model.module)
+                try:
+                    explainer = self._explainers[method] = ierf.create_explainer(method, self.model.module)
+                except (ValueError, TypeError) as exc:  # the method cannot handle this architecture
+                    reason = f"method {method!r} is not available for model {self.config.id}: {exc}"
+                    self._unavailable[method] = reason  # remembered: not rebuilt (and refused) per request
+                    raise InvalidArgument(reason) from None
             return explainer
 
     # --------------------------------------------------------------------------------------- RPCs
     def explain(self, job: ExplainJob) -> Outcome:
         stages = _Stages(self._record_stage, self.config.id)
         method = job.method or DEFAULT_METHOD
-        explainer = self._explainer(method)
-        if job.target is not None:
-            self._check_target(job.target)
         contrast = job.contrast
-        if isinstance(contrast, int):
-            self._check_target(contrast, "contrast class")
-        elif contrast not in ("identity", "mean"):
-            raise InvalidArgument(f"contrast {contrast!r} is not 'identity', 'mean' or a class index")
-        if method != DEFAULT_METHOD and contrast != "identity":
-            raise InvalidArgument(f"contrast is an SRD option; method {method!r} takes contrast 'identity' only")
+        check_explain_args(self.description, method, job.target, contrast)
+        explainer = self._explainer(method)
         prov = self._provenance(method, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         if method == DEFAULT_METHOD:
@@ -414,20 +475,8 @@ class ModelHost:
 
     def ierf(self, job: IERFJob) -> Outcome:
         stages = _Stages(self._record_stage, self.config.id)
-        layer = self.layers.get(job.layer)
-        if layer is None:
-            names = list(self.layers)
-            shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
-            raise InvalidArgument(f"unknown layer {job.layer!r} for {self.config.id}; layers: {shown}")
         positions = np.asarray(job.positions, dtype=np.int64).reshape(-1, 2)
-        if len(positions) == 0:
-            raise InvalidArgument("no positions given: send at least one (row, col) on the layer's PFV grid")
-        for row, col in positions.tolist():
-            if not (0 <= row < layer.height and 0 <= col < layer.width):
-                raise InvalidArgument(
-                    f"position ({row}, {col}) is outside the {layer.height}x{layer.width} PFV grid of layer "
-                    f"{layer.name!r} (rows 0..{layer.height - 1}, cols 0..{layer.width - 1})"
-                )
+        layer = check_ierf_args(self.description, job.layer, positions)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         decomposition = self._decomposition(inputs, prov, stages, job.deadline)
@@ -457,10 +506,7 @@ class ModelHost:
 
     def predict(self, job: PredictJob) -> Outcome:
         stages = _Stages(self._record_stage, self.config.id)
-        n = len(self.model.class_names)
-        top_k = job.top_k or 5
-        if not 1 <= top_k <= n:
-            raise InvalidArgument(f"top_k {job.top_k} is out of range: 1..{n}")
+        top_k = check_top_k(self.description, job.top_k)
         prov = self._provenance("", job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         logits = self._logits(inputs, prov, stages, job.deadline).reshape(-1)
