@@ -360,3 +360,11 @@ def test_a_server_that_trickles_its_reply_is_abandoned_at_the_operation_deadline
         tier.close()
     finally:
         fake.close()
+
+
+def test_redis_replies_are_parsed_by_hiredis() -> None:
+    """The pure-Python parser read a ResNet50 decomposition (3.4 MB) in ~14 ms, hiredis in ~2 ms: every
+    L2 hit pays it, so the install must bring hiredis."""
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE
