@@ -50,6 +50,11 @@ def test_second_target_layer_and_prediction_reuse_the_decomposition_from_l1(ingr
     ).result()
     assert erf.provenance.cache[0].tier == pb.L1
     assert abs(float(np.frombuffer(erf.maps.data, np.float32).sum()) - 1.0) < 1e-3
+    # the engine's aliases work through the service too: "layer4" is the last block's output
+    alias = ingress.ComputeIERF.remote(
+        pb.ComputeIERFRequest(image=_image(), layer="layer4", positions=[pb.Position(row=1, col=1)])
+    ).result()
+    assert alias.layer.name == "layer4.1" and alias.layer.height == info.layers[-1].height
 
     prediction = ingress.Predict.remote(pb.PredictRequest(image=_image(), top_k=3)).result()
     assert prediction.provenance.cache[0].artifact == "logits" and prediction.provenance.cache[0].tier == pb.L1

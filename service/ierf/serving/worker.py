@@ -113,6 +113,8 @@ class ModelDescription:
     device: str
     encodings: tuple[str, ...] = ACCEPTED_FORMATS
     tensor_dtypes: tuple[str, ...] = TENSOR_DTYPES
+    # other names the engine accepts for a layer ("layer4" for "layer4.2", "layer4.2.relu:2"): alias -> name
+    layer_aliases: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -146,7 +148,9 @@ def check_explain_args(desc: ModelDescription, method: str, target: int | None, 
 
 
 def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarray) -> LayerShape:
-    layer = next((item for item in desc.layers if item.name == layer_name), None)
+    """The layer (aliases resolved to their canonical name), after checking the positions on its grid."""
+    name = desc.layer_aliases.get(layer_name, layer_name)
+    layer = next((item for item in desc.layers if item.name == name), None)
     if layer is None:
         names = [item.name for item in desc.layers]
         shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
@@ -318,6 +322,11 @@ class ModelHost:
             methods=list(self.methods),
             default_method=DEFAULT_METHOD,
             device=str(self.device),
+            layer_aliases={
+                alias: self.srd.program.names[sid]
+                for alias, sid in self.srd.program.lookup.items()
+                if alias != self.srd.program.names[sid]
+            },
         )
 
     # ----------------------------------------------------------------------------------- helpers
@@ -482,7 +491,7 @@ class ModelHost:
         decomposition = self._decomposition(inputs, prov, stages, job.deadline)
         _check_deadline(job.deadline, "the iERF computation")
         with stages.timed("explain"):
-            maps = decomposition.ierf(job.layer, torch.from_numpy(positions).to(self.device))
+            maps = decomposition.ierf(layer.name, torch.from_numpy(positions).to(self.device))
         maps_np = maps.detach().reshape(len(positions), *maps.shape[-2:]).to("cpu", torch.float32).numpy()
         outcome = Outcome(provenance=prov, maps=maps_np, layer=layer)
         if job.overlay:
@@ -495,7 +504,7 @@ class ModelHost:
                         m,
                         (int(r), int(c)),
                         (layer.height, layer.width),
-                        f"iERF {job.layer} @ {r},{c}",
+                        f"iERF {layer.name} @ {r},{c}",
                     )
                     for m, (r, c) in zip(maps_np, positions.tolist(), strict=True)
                 ]
