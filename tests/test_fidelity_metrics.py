@@ -277,6 +277,7 @@ def test_srd_is_attacked_on_the_smoothed_copy_of_a_relu6_network() -> None:
     x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4)) * 2 - 1
     target = model(x).argmax(1)
     smooth, _ = smooth_activations_copy(model, beta=5.0)
+    assert not any(m.training for m in smooth.modules())  # replacements included
     maps = ierf.SRD(smooth).saliency(x, target)
     torch.testing.assert_close(maps.sum((1, 2)), smooth(x).gather(1, target[:, None])[:, 0], rtol=1e-4, atol=1e-5)
 

@@ -79,6 +79,7 @@ def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, i
             elif type(child) is nn.ReLU6:
                 setattr(parent, name, SmoothReLU6(beta))
                 replaced += 1
+    smooth.eval()  # the new activation modules are created in training mode
     for p in smooth.parameters():
         p.requires_grad_(False)
     return smooth, replaced
