@@ -23,8 +23,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -271,12 +269,65 @@ class RedisSettings:
         return 2 * self.timeout_s + self.connect_timeout_s
 
 
+class _Watchdog:
+    """Enforces whole-operation deadlines on commands that run in the caller's thread.
+
+    A thread polls the registered deadlines and, when one passes, calls ``on_overrun`` (which drops the
+    connections: a socket shutdown wakes the stuck read). Registering costs a dict insert: handing each
+    command to another thread instead measured several ms per call in a busy Ray worker, where every
+    hand-off waits for the GIL.
+    """
+
+    def __init__(self, on_overrun: Callable[[], None], period_s: float = 0.05) -> None:
+        self._on_overrun = on_overrun
+        self._period_s = period_s
+        self._deadlines: dict[int, float] = {}
+        self._overran: set[int] = set()
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, timeout_s: float) -> int:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="ierf-redis-watchdog", daemon=True)
+                self._thread.start()
+            self._next += 1
+            self._deadlines[self._next] = time.monotonic() + timeout_s
+            return self._next
+
+    def end(self, token: int) -> bool:
+        """True when the operation overran its deadline (its result, if any, is not to be trusted)."""
+        with self._lock:
+            self._deadlines.pop(token, None)
+            if token in self._overran:
+                self._overran.discard(token)
+                return True
+            return False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._period_s):
+            now = time.monotonic()
+            with self._lock:
+                late = [token for token, deadline in self._deadlines.items() if deadline <= now]
+                for token in late:
+                    del self._deadlines[token]
+                    self._overran.add(token)
+            if late:
+                with contextlib.suppress(Exception):
+                    self._on_overrun()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class RedisTier:
     """Redis GET/SET that never raises: results are ("hit", bytes) / ("miss"|"error"|"skipped", None).
 
-    Every command runs on a small I/O pool and is abandoned after ``operation_timeout_s``; the pool's
-    connections are then dropped (a socket shutdown wakes the stuck read). Any exception counts as a
-    failure, not only redis-py's own: a malformed reply surfaces as ValueError or AttributeError.
+    Every command is abandoned after ``operation_timeout_s`` (a watchdog drops the connections, which
+    wakes a stuck read). Any exception counts as a failure, not only redis-py's own: a malformed reply
+    surfaces as ValueError or AttributeError.
     """
 
     def __init__(self, settings: RedisSettings) -> None:
@@ -296,20 +347,20 @@ class RedisTier:
             health_check_interval=0,
             max_connections=32,
         )
-        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ierf-redis")
+        self._watchdog = _Watchdog(lambda: self._client.connection_pool.disconnect())
 
     def _run(self, command: Callable[[], T]) -> tuple[bool, T | None]:
         """(True, result), or (False, None) after any error or past the operation deadline."""
         if not self.breaker.allow():
             raise _Skipped
+        token = self._watchdog.begin(self.settings.operation_timeout_s)
         try:
-            result = self._io.submit(command).result(timeout=self.settings.operation_timeout_s)
-        except FutureTimeout:
-            with contextlib.suppress(Exception):
-                self._client.connection_pool.disconnect()
+            result = command()
+        except Exception:
+            self._watchdog.end(token)
             self.breaker.record_failure()
             return False, None
-        except Exception:
+        if self._watchdog.end(token):  # finished, but only after its connection was dropped
             self.breaker.record_failure()
             return False, None
         self.breaker.record_success()
@@ -343,7 +394,7 @@ class RedisTier:
             self._run(lambda: self._client.delete(key))
 
     def close(self) -> None:
-        self._io.shutdown(wait=False, cancel_futures=True)
+        self._watchdog.stop()
         with contextlib.suppress(Exception):
             self._client.close()
 
