@@ -431,3 +431,64 @@ def test_more_bad_calls_get_precise_errors():
         srd.ierf(x, "layer1.0.relu", torch.tensor([[0, 0]]))
     with pytest.raises(ValueError, match="too small for this model"):
         ierf.SRD(torchvision.models.vgg16().eval()).saliency(torch.randn(1, 3, 16, 16), 1)
+
+
+class _UnevenPoolHead(nn.Module):
+    """VGG's tail in small: PFV map -> adaptive average pool to a grid its size does not divide -> flatten
+    -> Linear -> ReLU -> Linear."""
+
+    def __init__(self, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d(grid)
+        self.fc1, self.fc2 = nn.Linear(6 * grid[0] * grid[1], 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.flatten(self.avgpool(self.features(x)), 1))))
+
+
+def test_uneven_adaptive_pooling_before_a_linear_head_is_exact():
+    """7x5 -> 7x7 style pooling (VGG16 off 224x224) is folded into the Linear: the maps equal those of the
+    same network with the pooling multiplied into fc1's weight numerically (an independent route)."""
+    torch.manual_seed(0)
+    grid, x = (3, 3), torch.randn(2, 3, 10, 14)  # features 5x7 -> 3x3: windows overlap and differ in size
+    pooled = _UnevenPoolHead(grid).eval()
+    h, w = 5, 7
+    basis = torch.eye(6 * h * w).view(-1, 6, h, w)
+    pool_matrix = F.adaptive_avg_pool2d(basis, grid).flatten(1).t()  # (6*3*3, 6*h*w)
+    folded = nn.Sequential(pooled.features, nn.Flatten(), nn.Linear(6 * h * w, 16), nn.ReLU(), pooled.fc2).eval()
+    with torch.no_grad():
+        folded[2].weight.copy_(pooled.fc1.weight @ pool_matrix)
+        folded[2].bias.copy_(pooled.fc1.bias)
+        torch.testing.assert_close(pooled(x), folded(x), rtol=1e-5, atol=1e-6)
+    for head in ("exact", "gradcam"):
+        got = ierf.SRD(pooled, head=head).saliency(x, torch.tensor([1, 3]))
+        want = ierf.SRD(folded, head=head).saliency(x, torch.tensor([1, 3]))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        logits = pooled(x)
+    torch.testing.assert_close(
+        ierf.SRD(pooled, head="exact").saliency(x, 2).sum((1, 2)), logits[:, 2], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_vgg16_off_its_native_size_conserves_the_logit():
+    model = torchvision.models.vgg16().eval()
+    x = torch.randn(1, 3, 96, 64)  # last map 3x2 -> 7x7
+    with torch.no_grad():
+        logit = model(x)[0, 7]
+    torch.testing.assert_close(ierf.SRD(model, head="exact").saliency(x, 7).sum(), logit, rtol=1e-4, atol=1e-5)
+
+
+def test_uneven_adaptive_pooling_anywhere_else_fails_loudly():
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((3, 3)), nn.Conv2d(4, 4, 1), nn.ReLU()
+        )
+        .append(nn.AdaptiveAvgPool2d(1))
+        .append(nn.Flatten())
+        .append(nn.Linear(4, 2))
+        .eval()
+    )
+    with pytest.raises(UnsupportedModelError, match="uneven windows"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 5, 5), 0)

@@ -325,9 +325,7 @@ def _adaptive_avg(ctx, node, x, output_size) -> Affine:
     if (oh, ow) == (a.height, a.width):
         return a
     if a.height % oh or a.width % ow:
-        raise UnsupportedModelError(
-            f"{where}: adaptive average pooling from {a.height}x{a.width} to {oh}x{ow} has uneven windows"
-        )
+        return a.adaptive_avg_pool(oh, ow, where)
     k = (a.height // oh, a.width // ow)
     return a.avg_pool(k, k, (0, 0, 0, 0), where)
 
@@ -507,6 +505,12 @@ def _reshape_method(ctx, node, name, x, *shape) -> Any:
     if len(shape) == 2 and shape[0] in (a.batch, -1) and shape[1] in (-1, numel):
         return a.flatten()
     raise UnsupportedModelError(f"{where}: {name}{tuple(shape)} of a feature map (only flattening is supported)")
+
+
+# Rules that may receive a map with a pending uneven adaptive pooling: flatten and Linear fold it, the
+# shape queries read only the (pooled) shape. Every other rule refuses it (Interpreter.execute).
+for _rule in (_flatten_module, _flatten_function, _flatten_method, _reshape_method, _linear_module, _linear_function):
+    _rule.reads_pending_pool = True
 
 
 @method_rule("size")

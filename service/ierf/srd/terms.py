@@ -200,6 +200,9 @@ class Affine:
     width: int
     flat_from: tuple[int, int, int] | None = None
     is_vector: bool = False  # (B, C) rather than (B, C, H, W); H = W = 1 then
+    # An adaptive average pooling with uneven windows not yet applied: (A (oh, H), B (ow, W), H, W), the
+    # value being A x B^T per channel. Only flatten + Linear may consume it (they fold it into the kernel).
+    pending_pool: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     # -- construction -------------------------------------------------------------------------------
     @staticmethod
@@ -232,6 +235,10 @@ class Affine:
     # -- value ----------------------------------------------------------------------------------------
     def total(self) -> torch.Tensor:
         """The node's actual value (B, C, H, W)."""
+        if self.pending_pool is not None:
+            rows, cols, h, w = self.pending_pool
+            raw = replace(self, height=h, width=w, pending_pool=None).total()
+            return torch.einsum("bchw,ih,jw->bcij", raw, rows, cols)
         ref = self._reference_tensor()
         out = ref.new_zeros(self.batch, self.channels, self.height, self.width)
         for t in self.terms:
@@ -359,6 +366,20 @@ class Affine:
         biases = [BiasTerm(F.pad(src.bias_map(b), (l_, r_, t_, b_)), b.owners, b.c0) for b in src.biases]
         return Affine(terms, biases, src.batch, src.channels, src.height + t_ + b_, src.width + l_ + r_)
 
+    def adaptive_avg_pool(self, out_h: int, out_w: int, where: str) -> Affine:
+        """Adaptive average pooling whose windows do not tile the map (torchvision VGG at inputs other than
+        224 or multiples: 7x5 -> 7x7). Separable and linear; kept pending until a flatten + Linear folds
+        it into the Linear's weight, the form VGG's head takes."""
+        if self.biases or self.pending_pool is not None or self.flat_from is not None:
+            raise UnsupportedModelError(
+                f"{where}: adaptive average pooling from {self.height}x{self.width} to {out_h}x{out_w} has uneven "
+                "windows; supported only on a PFV map (no bias) that a flatten and a Linear layer then read"
+            )
+        ref = self._reference_tensor()
+        rows = _adaptive_matrix(self.height, out_h, ref)
+        cols = _adaptive_matrix(self.width, out_w, ref)
+        return replace(self.rekeyed(), height=out_h, width=out_w, pending_pool=(rows, cols, self.height, self.width))
+
     def flatten(self) -> Affine:
         out = self.rekeyed()
         if self.height == 1 and self.width == 1:
@@ -369,6 +390,18 @@ class Affine:
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None, where: str) -> Affine:
         """nn.Linear on a vector (1x1 conv) or on a flattened map (a conv covering the whole map)."""
+        if self.pending_pool is not None:  # fold the uneven adaptive pooling into the weight
+            c, oh, ow = self.flat_from
+            rows, cols, h, w = self.pending_pool
+            kernel = DERIVED.get(
+                f"pooled-flat-kernel{self.flat_from}{(h, w)}",
+                (weight,),
+                lambda: torch.einsum("ocij,ih,jw->ochw", weight.view(weight.shape[0], c, oh, ow), rows, cols),
+            )
+            unflat = replace(self, flat_from=None, is_vector=False, pending_pool=None, height=h, width=w)
+            out = unflat.conv(kernel, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, where)
+            out.is_vector = True
+            return out
         if self.flat_from is not None:
             c, h, w = self.flat_from
             kernel = DERIVED.get(
@@ -382,6 +415,16 @@ class Affine:
         out = unflat.conv(kernel, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, where)
         out.is_vector = True
         return out
+
+
+def _adaptive_matrix(size: int, out: int, ref: torch.Tensor) -> torch.Tensor:
+    """(out, size) averaging matrix of PyTorch's adaptive pooling: window i is [floor(i*size/out),
+    ceil((i+1)*size/out))."""
+    m = ref.new_zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
 
 
 def add(a: Affine, b: Affine) -> Affine:
