@@ -7,6 +7,7 @@ its own "same" padding) is traced through, so its real arithmetic is what gets d
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ class _Tracer(fx.Tracer):
         # What the module returns (not merely its last node), when computed by this call: a pass-through
         # (nn.Identity, a 1x1 conv's "same" padding) returns a value that belongs to someone else.
         created = len(self.graph.nodes) - before
-        made_here = isinstance(out, fx.Proxy) and out.node in list(reversed(self.graph.nodes))[:created]
+        made_here = isinstance(out, fx.Proxy) and out.node in itertools.islice(reversed(self.graph.nodes), created)
         self.module_outputs[self.path_of_module(m)].append(out if made_here else None)
         return out
 
