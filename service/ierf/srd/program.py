@@ -232,33 +232,12 @@ class _Interpreter:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             if node.op == "output":
-                _refuse_pending_pool(args, self.where(node), getattr(rule, "reads_pending_pool", False))
                 return args[0]
-            _refuse_pending_pool((args, kwargs), self.where(node), getattr(rule, "reads_pending_pool", False))
             first = module if node.op == "call_module" else node.target
             env[node] = rule(self, node, first, *args, **kwargs)
             for dead in _last_uses(self.program, node):
                 env.pop(dead, None)
         raise UnsupportedModelError("the traced graph has no output")
-
-
-def _refuse_pending_pool(values: Any, where: str, allowed: bool) -> None:
-    """An uneven adaptive pooling can only be folded into a following flatten + Linear (VGG's head)."""
-    if allowed:
-        return
-    stack = [values]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, list | tuple):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, Affine) and v.pending_pool is not None:
-            _, _, h, w = v.pending_pool
-            raise UnsupportedModelError(
-                f"{where}: adaptive average pooling from {h}x{w} to {v.height}x{v.width} has uneven windows; "
-                "supported only when a flatten and a Linear layer read it next"
-            )
 
 
 def _last_uses(program: Program, node: fx.Node) -> list[fx.Node]:

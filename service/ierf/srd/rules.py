@@ -325,9 +325,29 @@ def _adaptive_avg(ctx, node, x, output_size) -> Affine:
     if (oh, ow) == (a.height, a.width):
         return a
     if a.height % oh or a.width % ow:
+        if not _read_by_flatten_then_linear(ctx, node):
+            raise UnsupportedModelError(
+                f"{where}: adaptive average pooling from {a.height}x{a.width} to {oh}x{ow} has uneven windows; "
+                "supported only when a flatten and a Linear layer read it next"
+            )
         return a.adaptive_avg_pool(oh, ow, where)
     k = (a.height // oh, a.width // ow)
     return a.avg_pool(k, k, (0, 0, 0, 0), where)
+
+
+def _read_by_flatten_then_linear(ctx, node) -> bool:
+    """Whether ``node``'s value reaches the rest of the graph only through a flatten and then a Linear,
+    which fold a pending uneven pooling into the Linear's weight (shape queries such as ``x.size(0)`` aside).
+    Checked on the graph once the uneven case arises, so no other rule ever sees the pending value."""
+    role = {n: getattr(rule, "pending_pool_role", None) for n, rule, _ in ctx.program.steps}
+
+    def readers(n) -> list:
+        return [user for user in n.users if role.get(user) != "shape"]
+
+    flats = readers(node)
+    return bool(flats) and all(
+        role.get(f) == "flatten" and readers(f) and all(role.get(u) == "linear" for u in readers(f)) for f in flats
+    )
 
 
 @module_rule(nn.AdaptiveAvgPool2d)
@@ -507,12 +527,6 @@ def _reshape_method(ctx, node, name, x, *shape) -> Any:
     raise UnsupportedModelError(f"{where}: {name}{tuple(shape)} of a feature map (only flattening is supported)")
 
 
-# Rules that may receive a map with a pending uneven adaptive pooling: flatten and Linear fold it, the
-# shape queries read only the (pooled) shape. Every other rule refuses it (Interpreter.execute).
-for _rule in (_flatten_module, _flatten_function, _flatten_method, _reshape_method, _linear_module, _linear_function):
-    _rule.reads_pending_pool = True
-
-
 @method_rule("size")
 def _size_method(ctx, node, name, x, dim=None) -> Any:
     shape = _shape_of(x)
@@ -585,3 +599,18 @@ def _type_for(module: nn.Module) -> type | None:
     from ierf.srd.graph import rule_type
 
     return rule_type(module, known_module_types())
+
+
+# What each rule does with a map whose uneven adaptive pooling is pending (see _read_by_flatten_then_linear):
+# flatten passes it on, Linear folds it into its weight, shape queries read only the pooled shape.
+for _rule, _role in (
+    (_flatten_module, "flatten"),
+    (_flatten_function, "flatten"),
+    (_flatten_method, "flatten"),
+    (_reshape_method, "flatten"),
+    (_linear_module, "linear"),
+    (_linear_function, "linear"),
+    (_size_method, "shape"),
+    (_getattr_function, "shape"),
+):
+    _rule.pending_pool_role = _role
