@@ -310,18 +310,11 @@ def _join_negative_positions(argv: Sequence[str]) -> list[str]:
     """argparse reads ``--position -1,2`` as a missing value followed by an unknown option; joined as
     ``--position=-1,2`` the value reaches :func:`parse_position`, which says what is wrong with it."""
     out: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--position":
-            value = next(args, None)
-            if value is not None and value.startswith("-"):
-                out.append(f"--position={value}")
-                continue
+    for arg in argv:
+        if out and out[-1] == "--position" and arg.startswith("-"):
+            out[-1] = f"--position={arg}"
+        else:
             out.append(arg)
-            if value is not None:
-                out.append(value)
-            continue
-        out.append(arg)
     return out
 
 

@@ -129,13 +129,9 @@ def check_class(index: int, num_classes: int, model_id: str, what: str = "target
         )
 
 
-def check_method(method: str, methods: list[str]) -> None:
-    if method not in methods:
-        raise InvalidArgument(f"unknown method {method!r}; available: {', '.join(methods)}")
-
-
 def check_explain_args(desc: ModelDescription, method: str, target: int | None, contrast: str | int) -> None:
-    check_method(method, desc.methods)
+    if method not in desc.methods:
+        raise InvalidArgument(f"unknown method {method!r}; available: {', '.join(desc.methods)}")
     n = len(desc.class_names)
     if target is not None:
         check_class(target, n, desc.id)
@@ -356,9 +352,6 @@ class ModelHost:
         probability = torch.softmax(flat, dim=0)[index]
         return Score(index, self.model.class_names[index], float(probability), float(flat[index]))
 
-    def _check_target(self, target: int, what: str = "target") -> None:
-        check_class(target, len(self.model.class_names), self.config.id, what)
-
     def _decomposition(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> Any:
         """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image)."""
         key = self._key("decomposition", DEFAULT_METHOD, inputs.content_hash)
@@ -428,7 +421,7 @@ class ModelHost:
         return logits.detach().reshape(1, -1).to("cpu", torch.float32)
 
     def _explainer(self, method: str) -> Any:
-        check_method(method, self.methods)
+        """The explainer for a method already checked against ``self.methods`` (check_explain_args)."""
         with self._explainers_lock:
             explainer = self._explainers.get(method)
             if explainer is None:

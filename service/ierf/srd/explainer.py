@@ -463,7 +463,7 @@ def _check_positions(positions: torch.Tensor, h: int, w: int, layer: str) -> tor
 
 
 # PyTorch's messages when a kernel or pooling window no longer fits the feature map it is applied to.
-_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater than actual input size", "too small")
+_TOO_SMALL = ("too small", "Kernel size can't be greater than actual input size")
 
 
 @register_method("srd")
