@@ -349,30 +349,28 @@ class RedisTier:
         )
         self._watchdog = _Watchdog(lambda: self._client.connection_pool.disconnect())
 
-    def _run(self, command: Callable[[], T]) -> tuple[bool, T | None]:
-        """(True, result), or (False, None) after any error or past the operation deadline."""
+    def _run(self, command: Callable[[], T]) -> tuple[str, T | None]:
+        """("ok", result); ("skipped", None) while the breaker is open; ("error", None) after any error or
+        past the operation deadline."""
         if not self.breaker.allow():
-            raise _Skipped
+            return "skipped", None
         token = self._watchdog.begin(self.settings.operation_timeout_s)
         try:
             result = command()
         except Exception:
             self._watchdog.end(token)
             self.breaker.record_failure()
-            return False, None
+            return "error", None
         if self._watchdog.end(token):  # finished, but only after its connection was dropped
             self.breaker.record_failure()
-            return False, None
+            return "error", None
         self.breaker.record_success()
-        return True, result
+        return "ok", result
 
     def get(self, key: str) -> tuple[str, bytes | None]:
-        try:
-            ok, value = self._run(lambda: self._client.get(key))
-        except _Skipped:
-            return "skipped", None
-        if not ok:
-            return "error", None
+        status, value = self._run(lambda: self._client.get(key))
+        if status != "ok":
+            return status, None
         if value is None:
             return "miss", None
         if not isinstance(value, bytes) or len(value) > self.settings.max_value_bytes:
@@ -382,25 +380,17 @@ class RedisTier:
     def put(self, key: str, value: bytes) -> str:
         if len(value) > self.settings.max_value_bytes:
             return "too_big"
-        try:
-            ok, _ = self._run(lambda: self._client.set(key, value, ex=self.settings.ttl_s))
-        except _Skipped:
-            return "skipped"
-        return "stored" if ok else "error"
+        status, _ = self._run(lambda: self._client.set(key, value, ex=self.settings.ttl_s))
+        return "stored" if status == "ok" else status
 
     def delete(self, key: str) -> None:
         """Best effort: drop a value that failed to decode so it is recomputed once, not forever."""
-        with contextlib.suppress(_Skipped):
-            self._run(lambda: self._client.delete(key))
+        self._run(lambda: self._client.delete(key))
 
     def close(self) -> None:
         self._watchdog.stop()
         with contextlib.suppress(Exception):
             self._client.close()
-
-
-class _Skipped(Exception):
-    """The breaker is open: the command was not sent."""
 
 
 # -------------------------------------------------------------------------------------------- tiers
