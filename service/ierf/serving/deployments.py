@@ -376,8 +376,13 @@ class Ingress:
         desc = self._descriptions.get(model_id)
         if desc is None and model_id not in self._fetching:
             self._fetching.add(model_id)
-            task = asyncio.get_running_loop().create_task(self._description(model_id))
-            task.add_done_callback(lambda t: (self._fetching.discard(model_id), t.cancelled() or t.exception()))
+
+            def fetched(task: asyncio.Task) -> None:
+                self._fetching.discard(model_id)
+                if not task.cancelled():
+                    task.exception()  # a failure is retried by the next request; retrieving it keeps asyncio quiet
+
+            asyncio.get_running_loop().create_task(self._description(model_id)).add_done_callback(fetched)
         return desc
 
     async def _description(self, model_id: str) -> Any:
