@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -368,3 +369,66 @@ def test_redis_replies_are_parsed_by_hiredis() -> None:
     from redis.utils import HIREDIS_AVAILABLE
 
     assert HIREDIS_AVAILABLE
+
+
+def test_writes_behind_a_hung_redis_return_at_once_and_are_bounded() -> None:
+    """With write-behind, a SET to a server that never answers costs the request nothing; the write fails
+    on the background thread (counted), and writes past the pending-bytes bound are dropped, not queued."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        settings = RedisSettings(url=url, timeout_s=0.3, failure_threshold=5)
+        recorder = Recorder()
+        tensors = _tensors()
+        size = len(encode_tensors(KEY, tensors))
+        cache = TieredCache(10_000_000, RedisTier(settings), recorder, write_behind_bytes=2 * size)
+        start = time.perf_counter()
+        assert cache.put(KEY, tensors, 1, tensors, background=True) == "queued"
+        assert cache.put(KEY + ":b", tensors, 1, tensors, background=True) == "queued"
+        assert cache.put(KEY + ":c", tensors, 1, tensors, background=True) == "dropped"
+        assert time.perf_counter() - start < 0.1  # the first SET alone blocks for its read timeout
+        assert cache.l1.get(KEY) is tensors and cache.l1.get(KEY + ":c") is tensors  # L1 is written at once
+        assert ("l2", "put", "dropped") in recorder.events
+        assert cache.flush(timeout_s=3 * settings.operation_timeout_s)
+        assert recorder.events.count(("l2", "put", "error")) == 2
+        cache.close()
+
+
+def test_a_key_still_being_written_behind_is_read_from_memory(redis_flushed) -> None:
+    """Read-after-write within a replica: with L1 off, the next request for the image is served from the
+    queued bytes while the SET is still on its way (here held back), neither missing nor waiting."""
+    settings = RedisSettings(url=redis_flushed.url)
+    tier = RedisTier(settings)
+    recorder = Recorder()
+    cache = TieredCache(0, tier, recorder, write_behind_bytes=64 * 1024 * 1024)  # L1 off: reads go to L2
+    tensors = _tensors()
+    release = threading.Event()
+    real_put = tier.put
+
+    def held_put(key: str, value: bytes) -> str:
+        release.wait(5)
+        return real_put(key, value)
+
+    tier.put = held_put  # type: ignore[method-assign]
+    try:
+        assert cache.put(KEY, tensors, tensors_nbytes(tensors), tensors, background=True) == "queued"
+        start = time.perf_counter()
+        found = cache.get(KEY, _rebuild)
+        assert time.perf_counter() - start < 1.0
+        assert found.tier == "l2" and torch.equal(found.value["logits"], tensors["logits"])
+        assert tier.get(KEY) == ("miss", None)  # not in Redis yet
+    finally:
+        release.set()
+    assert cache.flush(timeout_s=5)
+    assert tier.get(KEY)[0] == "hit"  # landed
+    assert ("l2", "put", "stored") in recorder.events
+    cache.close()
+    assert cache.put(KEY + ":later", tensors, 1, tensors, background=True) == "dropped"  # closed
+
+
+def test_synchronous_puts_stay_the_default(redis_flushed) -> None:
+    cache = TieredCache(10_000_000, RedisTier(RedisSettings(url=redis_flushed.url)), write_behind_bytes=1 << 20)
+    tensors = _tensors()
+    assert cache.put(KEY, tensors, 1, tensors) == "stored"  # background=False: written before returning
+    assert TieredCache(0, RedisTier(RedisSettings(url=redis_flushed.url))).get(KEY, _rebuild).tier == "l2"

@@ -10,11 +10,14 @@ Rules that keep the cache from ever failing a request:
   otherwise run code in every worker);
 - the Redis client has short timeouts and no retries, behind a circuit breaker; every Redis error is
   a miss (or a skipped write), counted for the metrics, never raised;
-- values over a size cap are not sent to Redis.
+- values over a size cap are not sent to Redis;
+- writes may go behind the request (``TieredCache(write_behind_bytes=...)``): a slow Redis then never
+  delays a response, and a key still being written is read from the queued bytes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import struct
@@ -33,7 +36,7 @@ CODEC_FORMAT = "ierf-safetensors-1"
 T = TypeVar("T")
 
 # Observer signature: (tier, op, result, seconds, nbytes). tier "l1"|"l2"; op "get"|"put"; result
-# "hit"|"miss"|"error"|"skipped"|"too_big"|"stored" — a bounded set, safe as metric labels.
+# "hit"|"miss"|"error"|"skipped"|"too_big"|"stored"|"dropped" — a bounded set, safe as metric labels.
 CacheObserver = Callable[[str, str, str, float, int], None]
 
 
@@ -393,6 +396,93 @@ class RedisTier:
             self._client.close()
 
 
+# ------------------------------------------------------------------------------------ write-behind
+class _WriteBehind:
+    """Redis writes on one background thread, so a response never waits for them.
+
+    Pending writes are bounded by the bytes of their values (a write that does not fit is dropped: it is
+    a cache). Values queued or being written stay readable through :meth:`peek`, so a read of one is
+    served from memory (read-after-write within the replica) instead of missing and recomputing, and
+    never waits on Redis for it.
+    """
+
+    def __init__(self, write: Callable[[str, bytes], Any], max_pending_bytes: int) -> None:
+        self._write = write
+        self.max_pending_bytes = int(max_pending_bytes)
+        self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._pending: dict[str, tuple[bytes, int]] = {}  # key -> (latest value, writes of it not done)
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, key: str, value: bytes) -> bool:
+        """Queue ``write(key, value)``; False (nothing queued) when closed or when the pending bytes would
+        pass the bound."""
+        with self._cond:
+            if self._closed or self._bytes + len(value) > self.max_pending_bytes:
+                return False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="ierf-cache-write-behind", daemon=True)
+                self._thread.start()
+            self._queue.append((key, value))
+            self._bytes += len(value)
+            _, writes = self._pending.get(key, (b"", 0))
+            self._pending[key] = (value, writes + 1)
+            self._cond.notify_all()
+            return True
+
+    def peek(self, key: str) -> bytes | None:
+        """The value of a write of ``key`` not yet finished, if any."""
+        with self._cond:
+            entry = self._pending.get(key)
+            return None if entry is None else entry[0]
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued write has finished; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def close(self, timeout_s: float) -> None:
+        """Finish what is queued (bounded by ``timeout_s``), then stop the thread; later writes are refused."""
+        self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._pending.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                key, value = self._queue.popleft()
+            try:
+                self._write(key, value)
+            except Exception:  # the writer reports its own failures; never let the thread die
+                pass
+            finally:
+                with self._cond:
+                    if not self._closed:
+                        self._bytes -= len(value)
+                        latest, writes = self._pending[key]
+                        if writes > 1:
+                            self._pending[key] = (latest, writes - 1)
+                        else:
+                            del self._pending[key]
+                    self._cond.notify_all()
+
+
 # -------------------------------------------------------------------------------------------- tiers
 @dataclass
 class Lookup(Generic[T]):
@@ -404,7 +494,9 @@ class TieredCache:
     """L1 (objects, bytes-bounded) in front of L2 (Redis, encoded tensors).
 
     L1 holds ready-to-use objects so a hit costs a dict lookup; L2 holds flat tensors encoded by
-    :func:`encode_tensors`. ``redis`` may be None (L2 off).
+    :func:`encode_tensors`. ``redis`` may be None (L2 off). With ``write_behind_bytes`` > 0, ``put(...,
+    background=True)`` hands the Redis SET to a background thread, with at most that many bytes of
+    encoded values pending.
     """
 
     def __init__(
@@ -412,10 +504,14 @@ class TieredCache:
         l1_capacity_bytes: int,
         redis_tier: RedisTier | None = None,
         observer: CacheObserver = _noop_observer,
+        write_behind_bytes: int = 0,
     ) -> None:
         self.l1: ByteLRU[Any] = ByteLRU(l1_capacity_bytes)
         self.l2 = redis_tier
         self.observer = observer
+        self._behind: _WriteBehind | None = None
+        if redis_tier is not None and write_behind_bytes > 0:
+            self._behind = _WriteBehind(self._put_l2, write_behind_bytes)
         self._key_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -440,7 +536,9 @@ class TieredCache:
         if self.l2 is None:
             return Lookup(None, "miss")
         start = time.perf_counter()
-        result, data = self.l2.get(key)
+        queued = None if self._behind is None else self._behind.peek(key)
+        # A value still on its way to Redis is read from memory: no round trip, no recompute.
+        result, data = ("hit", queued) if queued is not None else self.l2.get(key)
         if data is None:
             self.observer("l2", "get", result, time.perf_counter() - start, 0)
             return Lookup(None, "miss")
@@ -454,8 +552,17 @@ class TieredCache:
         self.l1.put(key, obj, nbytes)
         return Lookup(obj, "l2")
 
-    def put(self, key: str, obj: Any, nbytes: int, tensors: dict[str, torch.Tensor] | None) -> str:
-        """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance."""
+    def put(
+        self,
+        key: str,
+        obj: Any,
+        nbytes: int,
+        tensors: dict[str, torch.Tensor] | None,
+        background: bool = False,
+    ) -> str:
+        """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance:
+        "queued" when the write went behind (its own result then only reaches the observer), "dropped"
+        when the write-behind queue was full."""
         self.l1.put(key, obj, nbytes)
         if self.l2 is None or tensors is None:
             return "disabled"
@@ -465,10 +572,34 @@ class TieredCache:
             self.observer("l2", "put", result, time.perf_counter() - start, tensors_nbytes(tensors))
             return result
         try:
+            # Encoded here, on the caller's thread, even when written behind: encoding runs torch copies,
+            # and a torch op on another thread would give OpenMP a second thread team to throttle.
             data = encode_tensors(key, tensors)
         except CodecError:  # a dtype the format lacks: the value stays in L1 only
             self.observer("l2", "put", "error", time.perf_counter() - start, 0)
             return "error"
+        if background and self._behind is not None:
+            if self._behind.submit(key, data):
+                return "queued"
+            self.observer("l2", "put", "dropped", 0.0, len(data))
+            return "dropped"
+        return self._put_l2(key, data, start)
+
+    def _put_l2(self, key: str, data: bytes, start: float | None = None) -> str:
+        """SET the encoded value; ``start`` is when the put began (encoding included), for the observer."""
+        assert self.l2 is not None
+        start = time.perf_counter() if start is None else start
         result = self.l2.put(key, data)
         self.observer("l2", "put", result, time.perf_counter() - start, len(data))
         return result
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait for background writes to finish (tests, shutdown); True when none is left."""
+        return True if self._behind is None else self._behind.flush(timeout_s)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Give queued writes up to ``timeout_s``, then release the Redis client."""
+        if self._behind is not None:
+            self._behind.close(timeout_s)
+        if self.l2 is not None:
+            self.l2.close()

@@ -10,6 +10,7 @@ canonical image goes in, float32 maps come out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -90,6 +91,10 @@ class ExplainerWorker:
         compute = getattr(self, "_compute", None)
         if compute is not None:
             compute.shutdown(wait=False, cancel_futures=True)
+        host = getattr(self, "host", None)
+        if host is not None:
+            with contextlib.suppress(Exception):
+                host.cache.close(timeout_s=1.0)  # queued Redis writes get a moment to land
 
     async def _run(self, fn: Callable[[Any], Any], job: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, job)

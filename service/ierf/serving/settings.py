@@ -56,6 +56,9 @@ class CacheConfig:
     max_value_bytes: int = 64 * 1024 * 1024
     failure_threshold: int = 3
     open_seconds: float = 10.0
+    # Redis writes go behind the response, with at most this many encoded bytes waiting (0: write before
+    # answering). A write that does not fit is dropped; a read of a key still being written waits for it.
+    write_behind_bytes: int = 256 * 1024 * 1024
 
     def resolved_redis_url(self) -> str | None:
         if self.redis_url and self.redis_url.startswith("env:"):

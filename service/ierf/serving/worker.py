@@ -289,7 +289,10 @@ class ModelHost:
                 )
             )
         self.cache = TieredCache(
-            cache_config.l1_bytes, redis_tier, **({"observer": cache_observer} if cache_observer else {})
+            cache_config.l1_bytes,
+            redis_tier,
+            **({"observer": cache_observer} if cache_observer else {}),
+            write_behind_bytes=cache_config.write_behind_bytes,
         )
 
     # ------------------------------------------------------------------------------- description
@@ -375,7 +378,7 @@ class ModelHost:
             self._learn_forward_time(seconds)
             start = time.perf_counter()
             state = decomposition.state_dict()
-            self.cache.put(key, decomposition, tensors_nbytes(state), state)
+            self.cache.put(key, decomposition, tensors_nbytes(state), state, background=True)
             self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
             prov.cache.append(("decomposition", "miss"))
@@ -403,7 +406,8 @@ class ModelHost:
 
     def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
-        self.cache.put(self._key("logits", "model", content_hash), value, value.numel() * 4, {"logits": value})
+        key = self._key("logits", "model", content_hash)
+        self.cache.put(key, value, value.numel() * 4, {"logits": value}, background=True)
 
     def _logits(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> torch.Tensor:
         key = self._key("logits", "model", inputs.content_hash)
