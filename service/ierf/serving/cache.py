@@ -11,8 +11,8 @@ Rules that keep the cache from ever failing a request:
 - the Redis client has short timeouts and no retries, behind a circuit breaker; every Redis error is
   a miss (or a skipped write), counted for the metrics, never raised;
 - values over a size cap are not sent to Redis;
-- writes may go behind the request (``TieredCache(write_behind_bytes=...)``): a slow Redis then never
-  delays a response, and a key still being written is read from the queued bytes.
+- writes may go behind the request (``TieredCache(write_behind_bytes=...)``): a slow Redis then delays
+  no response by its writes, and a key still being written is read from the queued bytes.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class CacheConfig:
     failure_threshold: int = 3
     open_seconds: float = 10.0
     # Redis writes go behind the response, with at most this many encoded bytes waiting (0: write before
-    # answering). A write that does not fit is dropped; a read of a key still being written waits for it.
+    # answering). A write that does not fit is dropped; a key still queued is read from its queued bytes.
     write_behind_bytes: int = 256 * 1024 * 1024
 
     def resolved_redis_url(self) -> str | None:
