@@ -20,7 +20,15 @@ START_TIMEOUT ?= 600
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# A venv whose pip does not run (python3-venv missing, an interrupted create) is made again.
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || { \
+		[ -n "$(PYTHON)" ] && $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+			echo "creating $(VENV) needs Python 3.11, and PYTHON='$(PYTHON)' is not;" \
+				"run: make PYTHON=/path/to/python3.11 ..."; exit 1; }; \
+		rm -rf $(VENV); \
+		$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+			echo "$(PYTHON) -m venv failed: on Debian/Ubuntu install python3.11-venv"; exit 1; }; \
+	}
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
 	# torch and torchvision pinned first: an unpinned resolve pulls a multi-GB build.
 	$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
@@ -34,6 +42,9 @@ redis-server:
 		echo "installing redis-server (apt-get)"; \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; \
+		: "the package starts a system Redis on 6379 where systemd runs; make start runs its own"; \
+		if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+			$$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true; fi; \
 	}
 	@command -v redis-server >/dev/null || { echo "redis-server is missing and could not be installed"; exit 1; }
 

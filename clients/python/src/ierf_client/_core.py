@@ -6,6 +6,7 @@ import io
 import math
 import os
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's default is 4 MiB, too sma
 RAW_TENSOR_LIMIT_BYTES = 16 * 1024 * 1024  # larger arrays are sent as lossless PNG instead
 TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # the server-side deadline (Serve does not forward grpc-timeout)
 SERVICE = "ierf.v1.ExplainService"
+MAX_RECONNECT_BACKOFF_MS = 2000  # longest wait of the channel between connection attempts
+MIN_ATTEMPT_S = 0.05  # an attempt with less budget than this left is not made
 
 ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
@@ -82,8 +85,9 @@ class RetryPolicy:
     Anything else is either the caller's mistake or would repeat work the server may have done.
     Backoff: exponential with full jitter, capped, and never past the call's own deadline.
     ``max_attempts=None`` (the default) keeps retrying until that deadline: a server restart takes
-    seconds, and gRPC's own reconnect backoff starts at about 1 s, so a fixed handful of quick
-    attempts gives up while the server is still coming back. Pass a number to fail faster.
+    seconds, and the channel reconnects on its own schedule (every 0.25 s growing to 2 s here, see
+    :func:`channel_options`), so a fixed handful of quick attempts gives up while the server is still
+    coming back. Pass a number to fail faster.
     """
 
     max_attempts: int | None = None
@@ -123,10 +127,28 @@ def check_timeout(timeout: object, what: str = "timeout") -> float:
     return float(timeout)
 
 
+def retry_pause(policy: RetryPolicy, code: grpc.StatusCode, attempts: int, deadline: float) -> float | None:
+    """Seconds to wait before the next attempt after ``attempts`` failed ones, or None to give up.
+
+    The last pause is cut short so that one more attempt still fits in the budget, rather than giving up
+    with time left (a server back a second before the deadline should still be reached).
+    """
+    if not policy.retryable(code) or policy.gives_up(attempts):
+        return None
+    left = deadline - time.monotonic() - MIN_ATTEMPT_S
+    if left <= 0:
+        return None
+    return min(policy.backoff(attempts - 1), left)
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC's reconnect backoff grows to 120 s, and while it waits every call fails at once, whatever
+        # the SDK's retries do: cap it so a restarted server is found again within ~2 s.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         # 5 min: the gRPC server default minimum ping interval, so servers never answer "too_many_pings".
         ("grpc.keepalive_time_ms", 300_000),
         ("grpc.keepalive_timeout_ms", 20_000),

@@ -36,19 +36,41 @@ class AsyncClient:
         self.token = token
         self.application = application
         self.retry = retry or RetryPolicy()
-        all_options = [*_core.channel_options(max_message_bytes), *options]
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=all_options)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=all_options)
-        self._stub = pb_grpc.ExplainServiceStub(self._channel)
-        self._health = self._channel.unary_unary(
-            _core.HEALTH_CHECK,
-            request_serializer=_core.encode_health_request,
-            response_deserializer=_core.decode_health_response,
-        )
+        self._options = [*_core.channel_options(max_message_bytes), *options]
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _connect(self) -> tuple[pb_grpc.ExplainServiceStub, Any]:
+        """The channel opens on first use, in the running loop: a grpc.aio channel belongs to the loop
+        that made it, so one made at import time or before ``asyncio.run`` would fail on every call."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        if self._channel is None:
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=self._options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            self._loop = loop
+            self._stub = pb_grpc.ExplainServiceStub(self._channel)
+            self._health = self._channel.unary_unary(
+                _core.HEALTH_CHECK,
+                request_serializer=_core.encode_health_request,
+                response_deserializer=_core.decode_health_response,
+            )
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "this AsyncClient's channel belongs to the event loop of its first call; "
+                "use one AsyncClient per event loop"
+            )
+        return self._stub, self._health
+
+    async def _call(self, rpc: str, request: Any, timeout: float | None) -> Any:
+        """``rpc``: an ExplainService method name, or "health" for grpc.health.v1 Check."""
+        stub, health = self._connect()
+        method = health if rpc == "health" else getattr(stub, rpc)
         budget = self.timeout if timeout is None else _core.check_timeout(timeout)
         deadline = time.monotonic() + budget
         attempt = 0
@@ -62,12 +84,8 @@ class AsyncClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
-                pause = self.retry.backoff(attempt - 1)
-                if (
-                    not self.retry.retryable(exc.code())
-                    or self.retry.gives_up(attempt)
-                    or time.monotonic() + pause >= deadline
-                ):
+                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline)
+                if pause is None:
                     raise _core.error_from_rpc(exc) from None
                 await asyncio.sleep(pause)
 
@@ -85,7 +103,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> Explanation:
         request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
-        return _core.parse_explanation(await self._call(self._stub.Explain, request, timeout))
+        return _core.parse_explanation(await self._call("Explain", request, timeout))
 
     async def ierf(
         self,
@@ -100,23 +118,23 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> IERFResult:
         request = _core.ierf_request(image, layer, positions, model, map_dtype, overlay, return_input)
-        return _core.parse_ierf(await self._call(self._stub.ComputeIERF, request, timeout))
+        return _core.parse_ierf(await self._call("ComputeIERF", request, timeout))
 
     async def predict(
         self, image: ImageInput, top_k: int = 5, *, model: str = "", timeout: float | None = None
     ) -> Prediction:
         request = _core.predict_request(image, top_k, model)
-        return _core.parse_prediction(await self._call(self._stub.Predict, request, timeout))
+        return _core.parse_prediction(await self._call("Predict", request, timeout))
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        response = await self._call("ListModels", pb.ListModelsRequest(), timeout)
         return [_core.parse_model(m) for m in response.models]
 
     async def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
-        return _core.parse_model(await self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
+        return _core.parse_model(await self._call("GetModel", pb.GetModelRequest(model_id=model_id), timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        return await self._call(self._health, service, timeout)
+        return await self._call("health", service, timeout)
 
     async def wait_until_serving(self, timeout: float = 120.0, interval_s: float = 0.5) -> None:
         """Poll health until SERVING (e.g. right after start-up); TimeoutError past ``timeout``."""
@@ -133,7 +151,9 @@ class AsyncClient:
         raise TimeoutError(f"{self.address} not SERVING after {timeout} s (last: {last})")
 
     async def close(self) -> None:
-        await self._channel.close()
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -76,12 +76,8 @@ class Client:
                 )
             except grpc.RpcError as exc:
                 attempt += 1
-                pause = self.retry.backoff(attempt - 1)
-                if (
-                    not self.retry.retryable(exc.code())
-                    or self.retry.gives_up(attempt)
-                    or time.monotonic() + pause >= deadline
-                ):
+                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline)
+                if pause is None:
                     raise _core.error_from_rpc(exc) from None
                 time.sleep(pause)
 
