@@ -6,3 +6,8 @@ class UnsupportedModelError(ValueError):
 
     The message names the operation and its module path, so a user knows what to canonicalise.
     """
+
+
+class InputSizeError(ValueError):
+    """The input's height and width do not fit the model (a window larger than the map it reaches, or a
+    fully connected layer that expects another number of features)."""

@@ -44,6 +44,8 @@ class DerivedCache:
     def get(self, tag: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
         if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
             return build()  # would capture an autograd graph
+        if any(s.is_inference() for s in sources):
+            return build()  # no version counter to tell an update by
         key = (tag, *(id(s) for s in sources))
         prints = tuple(_fingerprint(s) for s in sources)
         with self._lock:
@@ -52,7 +54,11 @@ class DerivedCache:
             if hit is not None and hit[1] == prints and all(ref() is s for ref, s in zip(hit[0], sources, strict=True)):
                 self._entries.move_to_end(key)
                 return hit[2]
-        value = _unpinned(build(), sources)
+        # Built as ordinary tensors even inside torch.inference_mode(): an inference tensor kept here would
+        # have no version counter and could not enter autograd, so one call under inference mode would
+        # break every later call outside it.
+        with torch.inference_mode(False), torch.no_grad():
+            value = _unpinned(build(), sources)
         size = _nbytes(value, sources)
         if size > self.max_bytes:
             return value

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf.errors import InputSizeError
 from ierf.methods import check_input, register_method
 from ierf.srd.graph import check_model_state
 from ierf.srd.program import Head, Program, Stage
@@ -217,13 +218,21 @@ class Decomposition:
         """Relevance R^t of every PFV of ``layer`` (B, h, w) for the target: the hidden-layer saliency."""
         sid = self._program.source_id(layer)
         seeds = self._start(self._targets(target), contrast, head or self.head_mode)
+        start = max(seeds)
+        if sid > start:  # relevance starts below this layer (a gradient head's start map): it never gets any
+            raise ValueError(
+                f"layer {layer!r} lies above the start map {self._program.names[start]!r} of the "
+                f"{self._resolve_head(head or self.head_mode)!r} head; pick it or a layer below it"
+            )
         return self._propagate(seeds, stop=sid)[:, 0]
 
     def ierf(self, layer: str, positions: torch.Tensor) -> torch.Tensor:
         """(B, P, H, W) float32 iERFs of the PFVs at ``positions`` (P, 2) = (row, col) of ``layer``.
 
-        Each map sums to 1 (up to relevance lost on all-zero pre-activations) and is zero outside the
-        PFV's theoretical receptive field. All P seeds share one pass.
+        Each map is zero outside the PFV's theoretical receptive field and sums to 1, less the relevance
+        of pre-activation PFVs that no upstream PFV contributes to (all-zero inputs in their window, or a
+        window only over padding): following the published rule, such a PFV is its bias alone, which has
+        no contributor to be shared with, so its relevance stops there. All P seeds share one pass.
         """
         sid = self._program.source_id(layer)
         shape = self.shapes.get(sid)
@@ -266,8 +275,10 @@ class Decomposition:
             return mode
         # A fully connected stack (the head reads flattened PFVs) has one PFV per layer, so only a gradient
         # start stays class-specific; a head on a (B, C, h, w) map, even 1x1, is decomposed exactly.
+        # A model with no spatial map before its fully connected layers (an MLP) starts at the input, where
+        # a gradient start would be no PFV map at all: decompose it exactly.
         fully_connected = any(len(self.shapes[r.source]) != 3 for r in self.head.routes)
-        return "gradcam" if fully_connected else "exact"
+        return "gradcam" if fully_connected and self.start_layer() != 0 else "exact"
 
     def _inside(self, route: Route) -> bool:
         shape = self.shapes[route.source]
@@ -295,6 +306,8 @@ class Decomposition:
 
     def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
         mode = self._resolve_head(head)
+        if isinstance(contrast, numbers.Integral) and not isinstance(contrast, bool):
+            contrast = int(contrast)  # numpy integers, like targets
         if not (contrast in ("identity", "mean") or (isinstance(contrast, int) and not isinstance(contrast, bool))):
             raise ValueError(f"contrast must be 'identity', 'mean' or a class index, got {contrast!r}")
         if isinstance(contrast, int) and not 0 <= contrast < self.logits.shape[1]:
@@ -315,15 +328,21 @@ class Decomposition:
             return c + b / n * inside
 
         values = per_path(target)
-        if contrast == "mean":
-            values = values - values.mean(1, keepdim=True)
-        elif isinstance(contrast, int):
+        if isinstance(contrast, int):
             values = values - per_path(torch.full_like(target, contrast))
         seeds: dict[int, torch.Tensor] = {}
         one = values.new_ones(self.batch, 1, 1, 1)
         for grid in self._route_grids(-1, self.head.routes):
             dst = seeds.setdefault(grid.route.source, self._zeros(grid.route.source, 1))
             _scatter_grid(dst, grid, one, values[:, grid.start : grid.start + grid.taps, None, None])
+        if contrast == "mean":
+            # The spatial mean of the start map, over its real positions: paths that land on padding carry
+            # nothing and are dropped, so a mean over paths would not leave the map summing to zero. A head
+            # that reads several maps is treated as one map made of all their positions.
+            total = sum(m.sum((1, 2, 3)) for m in seeds.values())
+            positions = sum(m[0].numel() for m in seeds.values())
+            mean = (total / positions).view(-1, 1, 1, 1)
+            seeds = {sid: m - mean for sid, m in seeds.items()}
         return seeds
 
     def _gradient_start(self, target: torch.Tensor, contrast: Contrast, mode: str) -> dict[int, torch.Tensor]:
@@ -334,10 +353,14 @@ class Decomposition:
         head = self._program.head_module(sid)
 
         def start_map(cls: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                a = act if act.requires_grad else act.detach().requires_grad_(True)
+            # inference_mode(False): under torch.inference_mode() the cached activation is an inference
+            # tensor, which autograd cannot differentiate; its clone outside inference mode can be.
+            with torch.inference_mode(False), torch.enable_grad():
+                src = act.clone() if act.is_inference() else act
+                a = src if src.requires_grad else src.detach().requires_grad_(True)
                 logits = head(a)
-                score = logits.gather(1, cls.view(-1, 1)).sum()
+                index = cls.clone() if cls.is_inference() else cls
+                score = logits.gather(1, index.view(-1, 1)).sum()
                 (grad,) = torch.autograd.grad(score, a, create_graph=act.requires_grad)
             if not act.requires_grad:
                 a = act
@@ -494,19 +517,27 @@ class SRD:
     def layer_shape(self, layer: str, input_hw: tuple[int, int] = (224, 224)) -> tuple[int, ...]:
         """(C, h, w) of ``layer`` for an input of size ``input_hw`` (one forward, cached)."""
         sid = self.program.source_id(layer)
+        if len(input_hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_hw):
+            raise ValueError(f"input_hw must be two positive ints (height, width), got {input_hw!r}")
+        input_hw = (int(input_hw[0]), int(input_hw[1]))
         cache = self.__dict__.setdefault("_shape_cache", {})
         if input_hw not in cache:
             p = next(self.model.parameters())
-            x = torch.zeros(1, self._input_channels(), *input_hw, dtype=p.dtype, device=p.device)
+            x = torch.zeros(1, self._input_channels() or 3, *input_hw, dtype=p.dtype, device=p.device)
             with torch.no_grad():
-                cache[input_hw] = self.program.run(x).shapes
+                cache[input_hw] = self._forward(x).shapes
         return cache[input_hw][sid]
 
-    def _input_channels(self) -> int:
-        for m in self.model.modules():
-            if isinstance(m, nn.Conv2d):
-                return m.in_channels
-        return 3
+    def _input_channels(self) -> int | None:
+        """In-channels of the first convolution the forward runs (registration order may differ); None
+        when the graph starts otherwise (a fully connected model), where the forward itself checks."""
+        modules = dict(self.model.named_modules())
+        for node in self.program.graph.nodes:
+            if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
+                return modules[str(node.target)].in_channels
+            if node.op == "call_function" and node.target is F.conv2d:
+                return None
+        return None
 
     def decompose(self, x: torch.Tensor, keep: list[str] | None = None) -> Decomposition:
         """Run the cached forward and take every stage's ratios; ``keep`` names activations to retain.
@@ -519,7 +550,7 @@ class SRD:
         if p is not None and p.device != x.device:
             raise ValueError(f"x is on {x.device} but the model is on {p.device}")
         expected = self._input_channels()
-        if x.shape[1] != expected:
+        if expected is not None and x.shape[1] != expected:
             raise ValueError(f"x must have {expected} channels, got {x.shape[1]}")
         keep_ids = {self.program.source_id(name) for name in keep or []}
         dec = self._run(x, keep_ids)
@@ -535,17 +566,20 @@ class SRD:
 
     def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:
         with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
-            try:
-                run = self.program.run(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
-            except RuntimeError as exc:  # a convolution or pooling window larger than the map it reaches
-                message = str(exc)
-                if any(p in message for p in _TOO_SMALL):
-                    first = message.strip().splitlines()[0]
-                    raise ValueError(
-                        f"input {x.shape[-2]}x{x.shape[-1]} is too small for this model: {first}"
-                    ) from None
-                raise
+            run = self._forward(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
         return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
+
+    def _forward(self, x: torch.Tensor, keep: frozenset[int] = frozenset(), keep_last_spatial: bool = False):
+        """The program's forward, with an input that does not fit the model reported as a ValueError."""
+        try:
+            return self.program.run(x, keep, keep_last_spatial=keep_last_spatial)
+        except (RuntimeError, InputSizeError) as exc:  # a window larger than the map it reaches, a wrong size
+            message = str(exc)
+            if isinstance(exc, InputSizeError) or any(p in message for p in _TOO_SMALL):
+                first = message.strip().splitlines()[0]
+                problem = "is too small for" if "too small" in first else "does not fit"
+                raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} {problem} this model: {first}") from None
+            raise
 
     def load_decomposition(self, state: dict[str, torch.Tensor]) -> Decomposition:
         return Decomposition.from_state(self.program, state, self.head)

@@ -66,6 +66,7 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
     thread while an SRD is built may misbehave: build explainers before serving threads start."""
     tracer = _Tracer(known)
     with _TRACE_LOCK:
+        saved = _attributes(model)
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many types; the user needs to know tracing is the problem
@@ -73,12 +74,42 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
                 f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); SRD needs "
                 "a model whose forward has no data-dependent control flow"
             ) from exc
+        finally:
+            _restore_attributes(saved)
     outputs = {
         path: values[0].node
         for path, values in tracer.module_outputs.items()
         if len(values) == 1 and isinstance(values[0], fx.Proxy)
     }
     return Traced(graph, outputs)
+
+
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Every module's attributes (and the contents of its parameter, buffer and child registries)."""
+    return [(m, dict(vars(m)), {k: dict(v) for k, v in vars(m).items() if k in _REGISTRIES}) for m in model.modules()]
+
+
+def _restore_attributes(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+    """Undo what a traced forward wrote on the caller's modules (``self.features = h`` would otherwise
+    leave an fx Proxy there, and ``self.calls += 1`` a changed counter): tracing runs the forward."""
+    for module, attrs, registries in saved:
+        current = vars(module)
+        for key in [k for k in current if k not in attrs]:
+            del current[key]
+        for key, value in attrs.items():
+            if current.get(key, _MISSING) is not value:
+                current[key] = value
+        for key, contents in registries.items():
+            registry = current[key]
+            if registry.keys() != contents.keys() or any(registry[k] is not v for k, v in contents.items()):
+                registry.clear()
+                registry.update(contents)
+
+
+_MISSING = object()
 
 
 @dataclass

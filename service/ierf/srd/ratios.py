@@ -13,6 +13,7 @@ a per-tap Gram matrix when the input has few channels (the RGB stem).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -281,6 +282,11 @@ def _bias_dot(value: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
     """Return (z, mu, routes): the pre-activation map, the ratio of every path (B, T, H, W), and where
     each path comes from. Large batches are split so tap tensors stay within TAP_BUDGET_BYTES."""
+    if bundle._reference_tensor().dtype == torch.float16:
+        # ||z||^2 and the dot products pass float16's 65504 once a PFV's norm passes 256: compute the stage
+        # in float32 (the sums then keep float32 precision too) and hand back float16.
+        z, mu, routes = stage_ratios(_converted(bundle, torch.float32))
+        return z.half(), mu.half(), routes
     per_image = _tap_bytes_per_image(bundle)
     chunk = max(1, int(TAP_BUDGET_BYTES // max(per_image, 1)))
     if bundle.batch <= chunk:
@@ -292,6 +298,19 @@ def stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route
         zs.append(z)
         mus.append(mu)
     return torch.cat(zs), torch.cat(mus), routes
+
+
+def _converted(bundle: Affine, dtype: torch.dtype) -> Affine:
+    """The bundle with every floating tensor in ``dtype`` (terms rebuilt from their fields, so no value
+    cached from the old dtype survives)."""
+
+    def to(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def rebuilt(obj):
+        return type(obj)(**{f.name: to(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+    return replace(bundle, terms=[rebuilt(t) for t in bundle.terms], biases=[rebuilt(b) for b in bundle.biases])
 
 
 def _tap_bytes_per_image(bundle: Affine) -> int:

@@ -13,6 +13,7 @@ terms carry their token routes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -257,11 +258,35 @@ def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return
         tensor, route = x.tensor, Affine.of_source(x.tensor, x.id).terms[0].route
     elif isinstance(x, Affine) and len(x.terms) == 1 and not x.biases and isinstance(x.terms[0], DenseTerm):
         tensor, route = x.terms[0].x, x.terms[0].route
-    else:
-        raise UnsupportedModelError(
-            f"{where}: max pooling of a sum of several feature maps (needs an activation first)"
+    elif _channel_slices(x):
+        # A channel concatenation of PFV maps (SqueezeNet's Fire modules): winners are per channel, so each
+        # slice is pooled on its own and the slices are concatenated again.
+        parts = sorted(x.terms, key=lambda t: t.c0)
+        return cat_channels(
+            [max_pool_routes(t.x, t.route, kernel, stride, _pair(padding), _pair(dilation), ceil_mode) for t in parts]
         )
+    else:
+        raise UnsupportedModelError(f"{where}: max pooling of {_describe_value(x)}")
     return max_pool_routes(tensor, route, kernel, stride, _pair(padding), _pair(dilation), ceil_mode)
+
+
+def _describe_value(x: Any) -> str:
+    """What a max-pool was given, for its refusal: the case decides what the user can change."""
+    if isinstance(x, Affine) and x.biases:
+        return "a map plus a constant, such as a convolution's output (max pooling needs an activation first)"
+    if isinstance(x, Affine) and len({t.route.source for t in x.terms}) > 1:
+        return "a sum of several feature maps (max pooling needs an activation first)"
+    return "a value that is not a single PFV map, such as another pooling's output (its winners are already paths)"
+
+
+def _channel_slices(x: Any) -> bool:
+    """Whether ``x`` is PFV maps side by side on disjoint channel slices that fill every channel."""
+    if not isinstance(x, Affine) or x.biases or x.pending_pool is not None or len(x.terms) < 2:
+        return False
+    if not all(isinstance(t, DenseTerm) for t in x.terms):
+        return False
+    spans = sorted((t.c0, t.c0 + t.channels) for t in x.terms)
+    return spans[0][0] == 0 and spans[-1][1] == x.channels and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 @module_rule(nn.MaxPool2d)
@@ -341,8 +366,14 @@ def _read_by_flatten_then_linear(ctx, node) -> bool:
     Checked on the graph once the uneven case arises, so no other rule ever sees the pending value."""
     role = {n: getattr(rule, "pending_pool_role", None) for n, rule, _ in ctx.program.steps}
 
-    def readers(n) -> list:
-        return [user for user in n.users if role.get(user) != "shape"]
+    def readers(n) -> list:  # the ops that consume n's value, looking through identities (eval dropout)
+        found = []
+        for user in n.users:
+            if role.get(user) == "pass":
+                found += readers(user)
+            elif role.get(user) != "shape":
+                found.append(user)
+        return found
 
     flats = readers(node)
     return bool(flats) and all(
@@ -450,10 +481,7 @@ def _add(ctx, node, a, b, alpha=1) -> Any:
         m, c = (a, b) if _is_map(a) else (b, a)
         bundle = as_affine(m, where)
         const = torch.as_tensor(c, dtype=bundle.terms[0].x.dtype, device=bundle.terms[0].x.device)
-        # a scalar is one value per channel (a bias); a tensor keeps torch's broadcasting (trailing dims)
-        return bundle.add_constant(
-            const.reshape(1, 1, 1, 1).expand(1, bundle.channels, 1, 1) if const.dim() == 0 else const
-        )
+        return bundle.add_constant(const, where)
     return a + b
 
 
@@ -602,8 +630,12 @@ def _type_for(module: nn.Module) -> type | None:
 
 
 # What each rule does with a map whose uneven adaptive pooling is pending (see _read_by_flatten_then_linear):
-# flatten passes it on, Linear folds it into its weight, shape queries read only the pooled shape.
+# flatten passes it on, Linear folds it into its weight, shape queries read only the pooled shape, and
+# identities (eval-mode dropout, nn.Identity, contiguous) hand the very same value on.
 for _rule, _role in (
+    (_identity_module, "pass"),
+    (_dropout_function, "pass"),
+    (_identity_method, "pass"),
     (_flatten_module, "flatten"),
     (_flatten_function, "flatten"),
     (_flatten_method, "flatten"),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ierf.errors import UnsupportedModelError
+from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.srd.derived import DERIVED
 
 _keys = itertools.count(1)
@@ -282,11 +282,34 @@ class Affine:
             out.biases.append(BiasTerm(shift.view(1, -1, 1, 1), out.keys()))
         return out
 
-    def add_constant(self, const: torch.Tensor) -> Affine:
+    def add_constant(self, const: torch.Tensor, where: str) -> Affine:
+        """``value + const`` with torch's broadcasting against the value's real shape ((B, C), (B, C*H*W)
+        when flattened, or (B, C, H, W)), kept as a bias of shape (1|B, C, 1|H, 1|W) so that each channel
+        gets its own part: a (1,)-shaped constant reaches every channel, not only the first."""
+        if self.pending_pool is not None:
+            raise UnsupportedModelError(f"{where}: a constant added after uneven adaptive average pooling")
+        if self.is_vector:
+            shape: tuple[int, ...] = (self.batch, self.channels)
+        elif self.flat_from is not None:
+            shape = (self.batch, self.channels * self.height * self.width)
+        else:
+            shape = (self.batch, self.channels, self.height, self.width)
+        try:
+            full = torch.broadcast_shapes(tuple(const.shape), shape)
+        except RuntimeError:
+            full = None
+        if full != shape:
+            raise UnsupportedModelError(
+                f"{where}: a constant of shape {tuple(const.shape)} added to a value of shape {shape} "
+                "(it must broadcast to the value's shape without enlarging it)"
+            )
+        value = const.reshape((1,) * (len(shape) - const.dim()) + tuple(const.shape))
+        if len(shape) == 2:  # one value per feature: expand, then lay the features out as (C, H, W)
+            value = value.expand(value.shape[0], shape[1])
+            value = value.reshape(value.shape[0], self.channels, self.height, self.width)
+        else:
+            value = value.expand(value.shape[0], self.channels, value.shape[2], value.shape[3])
         out = self.rekeyed()
-        value = const
-        while value.dim() < 4:
-            value = value.unsqueeze(0)
         out.biases.append(BiasTerm(value, out.keys()))
         return out
 
@@ -402,6 +425,12 @@ class Affine:
             out = unflat.conv(kernel, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, where)
             out.is_vector = True
             return out
+        features = self.channels * self.height * self.width if self.flat_from is not None else self.channels
+        if weight.shape[1] != features:
+            raise InputSizeError(
+                f"{where}: nn.Linear expects {weight.shape[1]} input features but receives {features}"
+                + (" (a flattened {}x{}x{} map)".format(*self.flat_from) if self.flat_from is not None else "")
+            )
         if self.flat_from is not None:
             c, h, w = self.flat_from
             kernel = DERIVED.get(
@@ -506,9 +535,13 @@ def max_pool_routes(
 def _out_size(h, w, kernel, stride, pad, dilation) -> tuple[int, int]:
     kh, kw = kernel
     t, b, l, r = pad
-    return (h + t + b - dilation[0] * (kh - 1) - 1) // stride[0] + 1, (
-        w + l + r - dilation[1] * (kw - 1) - 1
-    ) // stride[1] + 1
+    out = (
+        (h + t + b - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+        (w + l + r - dilation[1] * (kw - 1) - 1) // stride[1] + 1,
+    )
+    if min(out) < 1:
+        raise InputSizeError(f"a {kh}x{kw} window over a {h}x{w} map leaves no output: the map is too small")
+    return out
 
 
 def materialise(t: ConvTerm) -> DenseTerm:

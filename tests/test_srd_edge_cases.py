@@ -1,0 +1,239 @@
+"""Calls a demanding user makes that the main contract tests do not: inference mode, broadcast constants,
+models with side effects in forward, unusual first layers, fully connected models, ill-fitting inputs,
+float16 range, pooled concatenations."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import ierf
+import numpy as np
+import pytest
+import torch
+import torchvision
+from ierf.errors import UnsupportedModelError
+from srd_nets import FCHead, TinyResNet, TinyVGG, randomise_bn
+from torch import nn
+
+
+def _conserves(dec, target: int, rtol: float = 1e-4) -> None:
+    total = dec.saliency(target).sum((1, 2)).double()
+    logit = dec.logits[:, target].double()
+    assert torch.allclose(total, logit, rtol=rtol, atol=1e-5), (total, logit)
+
+
+# -- torch.inference_mode ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("net", [TinyResNet, FCHead], ids=["exact-head", "gradcam-head"])
+def test_inference_mode_gives_the_same_maps_and_leaves_later_calls_working(net) -> None:
+    """Parameter-derived tensors built under inference mode used to be cached as inference tensors, which
+    have no version counter: every later call outside inference mode then failed."""
+    torch.manual_seed(0)
+    model = randomise_bn(net()).eval()
+    explainer = ierf.SRD(model)
+    x = torch.randn(2, 3, 8, 10)
+    with torch.inference_mode():
+        inside = explainer.saliency(x, 1)
+    after = explainer.saliency(x, 1)
+    torch.testing.assert_close(inside, after)
+    differentiable = explainer.saliency(x.clone().requires_grad_(True), 1)
+    assert differentiable.requires_grad
+    torch.testing.assert_close(differentiable.detach(), after)
+
+
+# -- constants added with broadcasting ----------------------------------------------------------------------
+class _Shifted(nn.Module):
+    def __init__(self, shift_shape: tuple[int, ...], logit_bias: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("shift", torch.randn(shift_shape))
+        self.logit_bias = nn.Parameter(torch.randn(4)) if logit_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(torch.relu(self.conv(x) + self.shift).mean((2, 3)))
+        return y + self.logit_bias if self.logit_bias is not None else y
+
+
+@pytest.mark.parametrize(
+    "shape, logit_bias",
+    [((1,), False), ((10, 12), False), ((1, 1, 10, 12), False), ((8, 1, 1), False), ((), True)],
+    ids=["one-value", "per-position", "per-position-4d", "per-channel", "logit-bias"],
+)
+def test_a_broadcast_constant_reaches_every_channel(shape, logit_bias) -> None:
+    """A (1,)-shaped constant used to be added to channel 0 only: wrong logits, wrong maps."""
+    torch.manual_seed(0)
+    model = _Shifted(shape, logit_bias).eval()
+    x = torch.randn(2, 3, 10, 12)
+    dec = ierf.SRD(model).decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-5, atol=1e-5)
+    _conserves(dec, 2)
+
+
+def test_a_constant_that_would_enlarge_the_map_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"constant of shape \(3, 10, 12\)"):
+        ierf.SRD(_Shifted((3, 10, 12)).eval()).saliency(torch.randn(2, 3, 10, 12), 1)
+
+
+# -- contrast ----------------------------------------------------------------------------------------------
+class _PaddedHead(nn.Module):
+    """A convolution after the last activation: head paths that land on padding carry nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+
+def test_mean_contrast_sums_to_zero_when_head_paths_reach_padding() -> None:
+    torch.manual_seed(0)
+    dec = ierf.SRD(_PaddedHead().eval()).decompose(torch.randn(2, 3, 8, 8))
+    total = dec.saliency(1, contrast="mean").sum((1, 2))
+    assert total.abs().max() < 1e-5, total
+    # numpy integers are class indices, as for targets
+    pair = dec.saliency(1, contrast=np.int64(2)).sum((1, 2))
+    torch.testing.assert_close(pair, dec.logits[:, 1] - dec.logits[:, 2], rtol=1e-4, atol=1e-5)
+
+
+# -- the caller's model ---------------------------------------------------------------------------------------
+class _Recording(nn.Module):
+    """Writes on itself in forward, as feature-extraction code often does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.features = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        self.features = h
+        self.calls += 1
+        self.last_shape = h.shape
+        return self.fc(h.mean((2, 3)))
+
+
+def test_building_an_explainer_leaves_what_forward_writes_untouched() -> None:
+    """Tracing runs forward on proxies: it used to leave an fx Proxy in ``model.features`` (so the model
+    could no longer be saved) and count a call."""
+    model = _Recording().eval()
+    explainer = ierf.SRD(model)
+    assert model.features is None and model.calls == 0 and not hasattr(model, "last_shape")
+    torch.save(model, io.BytesIO())
+    x = torch.randn(1, 3, 8, 8)
+    _conserves(explainer.decompose(x), 1)
+
+
+# -- the first layer ------------------------------------------------------------------------------------------
+class _StemRegisteredLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(8, 5, 1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.stem(x))).mean((2, 3))
+
+
+def test_input_channels_come_from_the_first_convolution_run_not_registered() -> None:
+    explainer = ierf.SRD(_StemRegisteredLast().eval())
+    _conserves(explainer.decompose(torch.randn(1, 3, 16, 16)), 1)
+    assert explainer.layer_shape("relu", (16, 16)) == (8, 16, 16)
+    with pytest.raises(ValueError, match="3 channels, got 4"):
+        explainer.saliency(torch.randn(1, 4, 16, 16), 1)
+
+
+def test_a_fully_connected_model_is_decomposed_exactly_by_default() -> None:
+    """No spatial map before the head: the default head used to pick a gradient start at the input and
+    fail with KeyError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    dec = ierf.SRD(model).decompose(torch.randn(2, 1, 8, 8))
+    _conserves(dec, 3)
+    assert dec.saliency(3).shape == (2, 8, 8)
+
+
+# -- inputs that do not fit ----------------------------------------------------------------------------------
+def test_an_input_size_the_classifier_does_not_take_is_a_value_error() -> None:
+    explainer = ierf.SRD(FCHead().eval())  # its first Linear reads a pooled 4x4x5 map (8x10 input)
+    with pytest.raises(ValueError, match=r"input 16x16 does not fit this model: .*expects 80 input features"):
+        explainer.saliency(torch.randn(1, 3, 16, 16), 1)
+
+
+def test_an_input_smaller_than_a_window_is_a_value_error() -> None:
+    vgg = ierf.SRD(torchvision.models.vgg11().eval())  # five 2x2 max-pools
+    with pytest.raises(ValueError, match="is too small for this model"):
+        vgg.saliency(torch.randn(1, 3, 8, 8), 1)
+    with pytest.raises(ValueError, match="is too small for this model"):
+        vgg.layer_shape("features.1", (8, 8))
+    with pytest.raises(ValueError, match="two positive ints"):
+        vgg.layer_shape("features.1", (0, 8))
+    assert vgg.layer_shape("features.1", [32, 32]) == (64, 32, 32)  # any sequence of two ints
+
+
+def test_layer_relevance_above_a_gradient_start_is_refused() -> None:
+    """Relevance starts at the gradient head's start map: layers after it never receive any, and used to
+    come back as silent zeros."""
+    explainer = ierf.SRD(FCHead().eval())
+    dec = explainer.decompose(torch.randn(2, 3, 8, 10))
+    above = explainer.layers[-1]
+    assert dec.start_layer() < explainer.program.source_id(above)
+    with pytest.raises(ValueError, match="lies above the start map"):
+        dec.layer_relevance(above, 1)
+    start = explainer.program.names[dec.start_layer()]
+    torch.testing.assert_close(dec.layer_relevance(start, 1).sum((1, 2)), dec.saliency(1).sum((1, 2)))
+
+
+# -- float16 range -----------------------------------------------------------------------------------------
+def test_float16_statistics_do_not_overflow() -> None:
+    """||z||^2 passes float16's 65504 once a PFV's norm passes 256: ratios used to become inf/inf = NaN."""
+    torch.manual_seed(0)
+    model = randomise_bn(TinyVGG(), 1).eval()
+    x = torch.randn(1, 3, 16, 16) * 2000
+    half = ierf.SRD(copy.deepcopy(model).half()).saliency(x.half(), 1)
+    assert torch.isfinite(half).all()
+    full = ierf.SRD(model).saliency(x, 1)
+    torch.testing.assert_close(half.sum(), full.sum(), rtol=5e-3, atol=1e-2)
+
+
+# -- pooling ---------------------------------------------------------------------------------------------------
+def test_max_pooling_a_channel_concatenation_is_decomposed() -> None:
+    """SqueezeNet pools the concatenation of its Fire modules' two expand activations."""
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1().eval()
+    x = torch.randn(1, 3, 64, 64)
+    explainer = ierf.SRD(model)
+    dec = explainer.decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-5)
+    _conserves(dec, 7)
+    erf = dec.ierf("features.9.squeeze_activation", torch.tensor([[1, 1]]))
+    torch.testing.assert_close(erf.sum((2, 3)), torch.ones(1, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_uneven_adaptive_pooling_read_through_dropout_then_linear() -> None:
+    """AlexNet at 256x256: 7x7 -> 6x6 pooling, then flatten, eval-mode Dropout, Linear."""
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet().eval()
+    x = torch.randn(1, 3, 256, 256)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_max_pooling_of_a_pooled_map_names_the_problem() -> None:
+    class PoolTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+            return self.fc(nn.functional.max_pool2d(h, 2).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError, match="another pooling's output"):
+        ierf.SRD(PoolTwice().eval()).saliency(torch.randn(1, 3, 16, 16), 1)
