@@ -531,6 +531,11 @@ class SRD:
     def _input_channels(self) -> int | None:
         """In-channels of the first convolution the forward runs (registration order may differ); None
         when the graph starts otherwise (a fully connected model), where the forward itself checks."""
+        if "_in_channels" not in self.__dict__:  # the graph is fixed; replaced submodules are refused
+            self._in_channels = self._first_conv_channels()
+        return self._in_channels
+
+    def _first_conv_channels(self) -> int | None:
         modules = dict(self.model.named_modules())
         for node in self.program.graph.nodes:
             if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
