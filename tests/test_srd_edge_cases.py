@@ -237,3 +237,28 @@ def test_max_pooling_of_a_pooled_map_names_the_problem() -> None:
 
     with pytest.raises(UnsupportedModelError, match="another pooling's output"):
         ierf.SRD(PoolTwice().eval()).saliency(torch.randn(1, 3, 16, 16), 1)
+
+
+def test_stochastic_depth_is_the_identity_in_eval_mode() -> None:
+    """torchvision's StochasticDepth (EfficientNet, ConvNeXt residual branches) passes its input through
+    in eval mode."""
+    from torchvision.ops import StochasticDepth
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.branch = nn.Conv2d(8, 8, 3, padding=1)
+            self.drop = StochasticDepth(0.2, "row")
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.stem(x))
+            return self.fc(torch.relu(h + self.drop(self.branch(h))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(2, 3, 12, 12)
+    dec = ierf.SRD(model).decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-5, atol=1e-6)
+    _conserves(dec, 2)

@@ -437,6 +437,20 @@ def _dropout_function(ctx, node, fn, x, p=0.5, training=False, inplace=False) ->
     return x
 
 
+try:  # torchvision's EfficientNet and ConvNeXt drop residual branches at random while training
+    from torchvision.ops import stochastic_depth as _stochastic_depth_op
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    _stochastic_depth_op = None
+
+if _stochastic_depth_op is not None:
+
+    @function_rule(_stochastic_depth_op)
+    def _stochastic_depth(ctx, node, fn, x, p=0.0, mode="row", training=True) -> Any:
+        if training and p > 0:
+            raise ValueError(f"{ctx.where(node)}: stochastic depth in training mode; call model.eval()")
+        return x
+
+
 @method_rule("contiguous", "clone")
 def _identity_method(ctx, node, name, x, *args, **kwargs) -> Any:
     return x
