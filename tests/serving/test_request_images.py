@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ierf.serving.errors import InvalidArgument, ResourceExhausted
 from ierf.serving.images import ImageLimits, decode_encoded, decode_tensor
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000, max_side=4000)
 
@@ -305,3 +305,80 @@ def test_long_apng_is_not_an_ancillary_chunk_bomb() -> None:
     data = buffer.getvalue()
     assert data.count(b"fcTL") + data.count(b"fdAT") > 1000
     np.testing.assert_array_equal(decode_encoded(data, LIMITS).pixels, np.zeros((8, 8, 3), np.uint8))
+
+
+# --- EXIF orientation: read, never re-serialised ---------------------------------------------------
+
+
+def _exif(orientation: int, retag_make: int | None = None) -> bytes:
+    """An EXIF block with Orientation and Make; ``retag_make`` renames Make's tag, keeping its ASCII type."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "cam"
+    raw = bytearray(exif.tobytes())
+    if retag_make is not None:
+        at = raw.index(b"\x0f\x01" if raw[:2] == b"II" else b"\x01\x0f")
+        raw[at : at + 2] = retag_make.to_bytes(2, "little" if raw[:2] == b"II" else "big")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow_exif_transpose(fmt: str, orientation: int) -> None:
+    data = _encode(_rgb(20, 30), fmt, exif=_exif(orientation))
+    with Image.open(io.BytesIO(data)) as opened:
+        expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    assert expected.shape == ((30, 20, 3) if orientation >= 5 else (20, 30, 3))
+    np.testing.assert_array_equal(decode_encoded(data, LIMITS).pixels, expected)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize(
+    "retag",
+    [
+        pytest.param(0x0142, id="TileWidth-as-ASCII"),  # exif_transpose: struct.error -> was INTERNAL
+        pytest.param(0x011A, id="XResolution-as-ASCII"),  # exif_transpose: TypeError from abs()
+    ],
+)
+def test_malformed_exif_still_rotates_the_image(fmt: str, retag: int) -> None:
+    pixels = _rgb(6, 8)
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    plain = decode_encoded(_encode(pixels, fmt, **kw), LIMITS).pixels
+    image = decode_encoded(_encode(pixels, fmt, exif=_exif(6, retag), **kw), LIMITS)
+    np.testing.assert_array_equal(image.pixels, np.rot90(plain, k=-1))  # 6: turn 90° clockwise
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize(
+    "exif",
+    [
+        pytest.param(b"MM\x00\x2a\xff\xff\xff\xff", id="IFD-offset-past-the-end"),
+        pytest.param(b"II\x2a\x00\x08\x00\x00\x00\xff\xff", id="IFD-count-past-the-end"),
+        pytest.param(b"not tiff at all", id="not-TIFF"),
+    ],
+)
+def test_unreadable_exif_block_means_upright(exif: bytes) -> None:
+    pixels = _rgb(6, 8)
+    image = decode_encoded(_encode(pixels, "PNG", exif=exif), LIMITS)
+    np.testing.assert_array_equal(image.pixels, pixels)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [struct.error("required argument is not an integer"), TypeError("bad operand type for abs(): 'str'")],
+)
+def test_other_decoder_failures_are_invalid_argument_without_internal_text(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from ierf.serving.errors import to_status
+
+    def broken_load(self: object) -> None:
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    with pytest.raises(InvalidArgument) as caught:
+        decode_encoded(_encode(_rgb(), "JPEG"), LIMITS)
+    code, message = to_status(caught.value)
+    assert code.name == "INVALID_ARGUMENT"
+    assert message.startswith("image bytes are truncated or corrupt: the JPEG image could not be decoded")
+    assert str(error) not in message

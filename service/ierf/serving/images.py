@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ierf.serving.errors import InvalidArgument, ResourceExhausted
+
+logger = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 TENSOR_DTYPES = ("uint8", "float16", "float32")
@@ -178,21 +181,25 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 
 def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
     """PNG / JPEG / WebP bytes -> canonical image. Raises InvalidArgument / ResourceExhausted."""
+    from ierf.images import apply_exif_orientation
+
     if not data:
         raise InvalidArgument("image is empty: no encoded bytes and no tensor")
     if len(data) > limits.max_bytes:
         raise ResourceExhausted(f"encoded image is {len(data)} bytes, over the cap of {limits.max_bytes}")
     _check_structure(data)  # before Image.open: Pillow's header parser is part of the cost
+    what = "image"
     try:
         with warnings.catch_warnings():
             # PIL warns (and past 2x raises) on huge images; our own cap below is stricter.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+            what = f"{im.format} image"
             # Header only so far: check the announced size before decoding any pixel.
             width, height = im.size
-            _check_dimensions(height, width, limits, f"{im.format} image")
+            _check_dimensions(height, width, limits, what)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            im = apply_exif_orientation(im)
     except (ResourceExhausted, InvalidArgument):
         raise
     except UnidentifiedImageError:
@@ -204,8 +211,15 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
         raise ResourceExhausted(
             f"image rejected as a decompression bomb (cap {limits.max_pixels} pixels): {exc}"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # how Pillow reports bad data
         raise InvalidArgument(f"image bytes are truncated or corrupt: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # anything else out of Pillow (struct.error, TypeError, IndexError, ...)
+        logger.debug("decoding a %d-byte %s failed: %r", len(data), what, exc)
+        raise InvalidArgument(
+            f"image bytes are truncated or corrupt: the {what} could not be decoded ({len(data)} bytes)"
+        ) from None
     pixels = _to_rgb_array(im)
     _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
     return canonicalise(pixels)
