@@ -107,3 +107,15 @@ def test_unknown_demo_image_lists_the_choices():
     assert {"coffee", "chelsea", "motorcycle"} <= set(demo_images())
     with pytest.raises(ValueError, match=r"unknown demo image 'dog'.*coffee"):
         demo_image("dog")
+
+
+def test_malformed_exif_does_not_stop_orientation(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "cam"
+    raw = exif.tobytes()
+    make = b"\x0f\x01" if raw[:2] == b"II" else b"\x01\x0f"
+    tile_width = b"\x42\x01" if raw[:2] == b"II" else b"\x01\x42"
+    raw = raw.replace(make, tile_width, 1)  # Make -> TileWidth, still ASCII: re-saving this EXIF raises
+    decoded = load_image(_encode(photo, "PNG", exif=raw))
+    assert np.array_equal(decoded, np.rot90(photo, k=-1))  # 6: turn 90° clockwise to display

@@ -14,12 +14,46 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 ImageLike = Image.Image | np.ndarray
 
 # PIL modes holding more than 8 bits per channel: scaled down to 8 bits instead of clipped.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+# EXIF Orientation (tag 0x0112) -> the transpose that shows the image upright, as ImageOps.exif_transpose.
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1..8 (Pillow also reads it from XMP); 1 when absent or unreadable.
+
+    A broken EXIF block (wrong types, bad offsets) counts as no orientation rather than a bad image.
+    """
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        return 1
+    return value if type(value) is int and value in _ORIENTATION_TRANSPOSE else 1
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """``image`` turned the way its EXIF orientation says it is displayed.
+
+    Unlike ImageOps.exif_transpose this never re-serialises the EXIF block, which raises on malformed
+    tags (struct.error, TypeError) in files that otherwise decode fine.
+    """
+    method = _ORIENTATION_TRANSPOSE.get(exif_orientation(image))
+    return image if method is None else image.transpose(method)
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -98,7 +132,7 @@ def load_image(source: str | os.PathLike[str] | bytes) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(stream) as opened:
                 opened.load()  # force a full decode now: truncated files fail here, not later
-                image = ImageOps.exif_transpose(opened)
+                image = apply_exif_orientation(opened)
                 return to_rgb_array(image)
     except UnidentifiedImageError:
         raise ValueError(f"cannot read image {label}: not a recognised image format") from None

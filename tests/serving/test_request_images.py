@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import struct
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from ierf.serving.errors import InvalidArgument, ResourceExhausted
 from ierf.serving.images import ImageLimits, decode_encoded, decode_tensor
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000, max_side=4000)
 
@@ -154,3 +157,228 @@ def test_float_tensor_out_of_range_or_nan_is_invalid() -> None:
 def test_tensor_over_pixel_cap_is_resource_exhausted_before_reading_data() -> None:
     with pytest.raises(ResourceExhausted, match="pixels"):
         decode_tensor(b"", "uint8", [1001, 1000, 3], LIMITS)
+
+
+# --- structure bombs: refused by a linear walk before any decoding ---------------------------------
+
+
+def _jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each SOS segment with its entropy-coded data, in a well-formed JPEG."""
+    pos, scans = 2, []
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data[pos + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+            scans.append((pos, end))
+        pos = end
+    return scans
+
+
+def _scan_bomb(side: int, scans: int) -> bytes:
+    """A flat grey progressive JPEG whose smallest scan (a DC refinement) is repeated up to ``scans``."""
+    data = _encode(np.full((side, side), 128, np.uint8), "JPEG", progressive=True, quality=50)
+    own = _jpeg_scans(data)
+    start, end = min(own, key=lambda s: s[1] - s[0])
+    return data[:-2] + data[start:end] * (scans - len(own)) + data[-2:]
+
+
+def test_progressive_jpeg_scan_bomb_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ierf.serving import images
+
+    bomb = _scan_bomb(1000, images.MAX_JPEG_SCANS + 600)
+    assert len(bomb) < 30_000
+    start = time.perf_counter()
+    with pytest.raises(ResourceExhausted, match=r"decompression bomb: JPEG has over 256 scans"):
+        decode_encoded(bomb, LIMITS)
+    refused_in = time.perf_counter() - start
+    # The same bytes with the cap lifted: libjpeg makes one pass over the image per scan.
+    monkeypatch.setattr(images, "MAX_JPEG_SCANS", 10**6)
+    start = time.perf_counter()
+    assert decode_encoded(bomb, LIMITS).pixels.shape == (1000, 1000, 3)
+    decoded_in = time.perf_counter() - start
+    assert refused_in < decoded_in / 10, (refused_in, decoded_in)
+
+
+def test_jpeg_scan_cap_is_exact() -> None:
+    from ierf.serving.images import MAX_JPEG_SCANS
+
+    assert decode_encoded(_scan_bomb(32, MAX_JPEG_SCANS), LIMITS).pixels.shape == (32, 32, 3)
+    with pytest.raises(ResourceExhausted, match="scans"):
+        decode_encoded(_scan_bomb(32, MAX_JPEG_SCANS + 1), LIMITS)
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        (b"\xff\xfe\x00\x02", "marker segments"),  # empty COM segments, parsed one by one in Python
+        (b"\xff", "stray bytes"),  # fill bytes before a marker
+        (b"\xff\xd0", "stray bytes"),  # restart markers outside any scan
+    ],
+)
+def test_jpeg_header_padding_bombs_are_refused(kind: bytes, message: str) -> None:
+    data = _encode(_rgb(16, 16), "JPEG")
+    bomb = data[:2] + kind * 70_000 + data[2:]
+    with pytest.raises(ResourceExhausted, match=message):
+        decode_encoded(bomb, LIMITS)
+
+
+def _cmyk_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(64, 48)).convert("CMYK").save(buffer, format="JPEG", progressive=True)
+    return buffer.getvalue()
+
+
+def _exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "cam"
+    exif[0x9286] = b"x" * 40_000  # UserComment: a large APP1 segment
+    return _encode(_rgb(64, 48), "JPEG", exif=exif.tobytes(), icc_profile=b"\xff\xda" * 100_000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_encode(_rgb(64, 48), "JPEG"), id="baseline"),
+        pytest.param(_encode(_rgb(64, 48), "JPEG", progressive=True, optimize=True), id="progressive"),
+        pytest.param(_encode(_rgb(64, 48)[..., 0], "JPEG", progressive=True), id="grey-progressive"),
+        pytest.param(_encode(_rgb(64, 48), "JPEG", restart_marker_blocks=1), id="restart-every-block"),
+        pytest.param(_encode(_rgb(64, 48), "JPEG", progressive=True, restart_marker_rows=1), id="progressive-restarts"),
+        pytest.param(_exif_jpeg(), id="exif-and-multi-segment-icc"),
+        pytest.param(_cmyk_jpeg(), id="cmyk-progressive"),
+    ],
+)
+def test_ordinary_jpegs_pass_the_structure_walk(data: bytes) -> None:
+    assert decode_encoded(data, LIMITS).pixels.shape == (64, 48, 3)
+
+
+def test_real_photo_jpegs_decode() -> None:
+    """scikit-learn's two sample photos (china.jpg, flower.jpg), read as files: no sklearn import."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        pytest.skip("scikit-learn is not installed")
+    photos = sorted((Path(spec.origin).parent / "datasets" / "images").glob("*.jpg"))
+    assert photos
+    for path in photos:
+        assert decode_encoded(path.read_bytes(), ImageLimits()).pixels.shape == (427, 640, 3)
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_with(extra: bytes, before_idat: bool = True) -> bytes:
+    """A 16x16 grey PNG with ``extra`` chunks inserted before (or after) its image data."""
+    data = _encode(np.full((16, 16), 9, np.uint8), "PNG")
+    at = data.index(b"IDAT") - 4 if before_idat else data.index(b"IEND") - 4
+    return data[:at] + extra + data[at:]
+
+
+def test_png_made_of_tiny_text_chunks_is_refused_quickly() -> None:
+    from ierf.serving.images import MAX_PNG_ANCILLARY_CHUNKS
+
+    text = _chunk(b"tEXt", b"k\x00v")
+    ok = _png_with(text * MAX_PNG_ANCILLARY_CHUNKS)
+    assert decode_encoded(ok, LIMITS).pixels.shape == (16, 16, 3)
+    for before_idat in (True, False):
+        bomb = _png_with(text * 100_000, before_idat)
+        start = time.perf_counter()
+        with pytest.raises(ResourceExhausted, match="decompression bomb: PNG has over 1000 ancillary chunks"):
+            decode_encoded(bomb, LIMITS)
+        assert time.perf_counter() - start < 0.2  # the walk stops at chunk 1001; decoding takes seconds
+
+
+def test_png_made_of_empty_idat_chunks_is_refused() -> None:
+    from ierf.serving.images import MAX_PNG_CHUNKS
+
+    data = _encode(np.full((16, 16), 9, np.uint8), "PNG")
+    at = data.index(b"IDAT") - 4
+    bomb = data[:at] + _chunk(b"IDAT", b"") * MAX_PNG_CHUNKS + data[at:]
+    with pytest.raises(ResourceExhausted, match="PNG has over 65536 chunks"):
+        decode_encoded(bomb, LIMITS)
+
+
+def test_long_apng_is_not_an_ancillary_chunk_bomb() -> None:
+    frames = [Image.fromarray(np.full((8, 8), i % 256, np.uint8)) for i in range(600)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    assert data.count(b"fcTL") + data.count(b"fdAT") > 1000
+    np.testing.assert_array_equal(decode_encoded(data, LIMITS).pixels, np.zeros((8, 8, 3), np.uint8))
+
+
+# --- EXIF orientation: read, never re-serialised ---------------------------------------------------
+
+
+def _exif(orientation: int, retag_make: int | None = None) -> bytes:
+    """An EXIF block with Orientation and Make; ``retag_make`` renames Make's tag, keeping its ASCII type."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "cam"
+    raw = bytearray(exif.tobytes())
+    if retag_make is not None:
+        at = raw.index(b"\x0f\x01" if raw[:2] == b"II" else b"\x01\x0f")
+        raw[at : at + 2] = retag_make.to_bytes(2, "little" if raw[:2] == b"II" else "big")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow_exif_transpose(fmt: str, orientation: int) -> None:
+    data = _encode(_rgb(20, 30), fmt, exif=_exif(orientation))
+    with Image.open(io.BytesIO(data)) as opened:
+        expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    assert expected.shape == ((30, 20, 3) if orientation >= 5 else (20, 30, 3))
+    np.testing.assert_array_equal(decode_encoded(data, LIMITS).pixels, expected)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize(
+    "retag",
+    [
+        pytest.param(0x0142, id="TileWidth-as-ASCII"),  # exif_transpose: struct.error -> was INTERNAL
+        pytest.param(0x011A, id="XResolution-as-ASCII"),  # exif_transpose: TypeError from abs()
+    ],
+)
+def test_malformed_exif_still_rotates_the_image(fmt: str, retag: int) -> None:
+    pixels = _rgb(6, 8)
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    plain = decode_encoded(_encode(pixels, fmt, **kw), LIMITS).pixels
+    image = decode_encoded(_encode(pixels, fmt, exif=_exif(6, retag), **kw), LIMITS)
+    np.testing.assert_array_equal(image.pixels, np.rot90(plain, k=-1))  # 6: turn 90° clockwise
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize(
+    "exif",
+    [
+        pytest.param(b"MM\x00\x2a\xff\xff\xff\xff", id="IFD-offset-past-the-end"),
+        pytest.param(b"II\x2a\x00\x08\x00\x00\x00\xff\xff", id="IFD-count-past-the-end"),
+        pytest.param(b"not tiff at all", id="not-TIFF"),
+    ],
+)
+def test_unreadable_exif_block_means_upright(exif: bytes) -> None:
+    pixels = _rgb(6, 8)
+    image = decode_encoded(_encode(pixels, "PNG", exif=exif), LIMITS)
+    np.testing.assert_array_equal(image.pixels, pixels)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [struct.error("required argument is not an integer"), TypeError("bad operand type for abs(): 'str'")],
+)
+def test_other_decoder_failures_are_invalid_argument_without_internal_text(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from ierf.serving.errors import to_status
+
+    def broken_load(self: object) -> None:
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    with pytest.raises(InvalidArgument) as caught:
+        decode_encoded(_encode(_rgb(), "JPEG"), LIMITS)
+    code, message = to_status(caught.value)
+    assert code.name == "INVALID_ARGUMENT"
+    assert message.startswith("image bytes are truncated or corrupt: the JPEG image could not be decoded")
+    assert str(error) not in message

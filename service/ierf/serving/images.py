@@ -2,24 +2,53 @@
 
 Why here: every cache key downstream hangs off the content hash of the *decoded* image, so PNG and
 JPEG re-encodings of the same pixels (and raw tensors) share cached work. Decoding is where hostile
-input bites, so caps are checked before any pixel is allocated: encoded byte size, then the header's
-dimensions (decompression bombs), then the decoded frame.
+input bites, so caps are checked before any pixel is allocated: encoded byte size, then the file's
+structure (a linear walk over JPEG markers / PNG chunks that bounds how many times the decoder goes
+over the image), then the header's dimensions (decompression bombs), then the decoded frame.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ierf.serving.errors import InvalidArgument, ResourceExhausted
 
+logger = logging.getLogger(__name__)
+
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 TENSOR_DTYPES = ("uint8", "float16", "float32")
+
+# Structure caps, checked by a linear walk over the bytes before Pillow sees them. Each bounds work
+# that costs far more than the bytes that ask for it. JPEG: every progressive scan is a pass over the
+# whole coefficient buffer (~2 ms at 16 Mpx for a 33-byte scan), so a file repeating one tiny scan
+# costs minutes; libjpeg's standard progression has 6 scans (grey), 10 (YCbCr) or 18 (CMYK), and 256
+# is nvImageCodec's default cap for this attack. Segments and the stray bytes before the first scan
+# (fill 0xFF, junk, RSTn) are walked one at a time by Pillow's Python header parser. PNG: Pillow
+# reads every chunk in Python (text chunks are decoded and kept); fcTL/fdAT are APNG frames, which
+# Pillow stops at after the first frame, so they count only towards the total.
+MAX_JPEG_SCANS = 256
+MAX_JPEG_SEGMENTS = 4096
+MAX_JPEG_STRAY_BYTES = 65536
+MAX_PNG_ANCILLARY_CHUNKS = 1000
+MAX_PNG_CHUNKS = 65536
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The next JPEG marker as libjpeg finds it: 0xFF then a code that is not a stuffed zero (0x00), a fill
+# byte (0xFF), TEM (0x01) or RST0-7 (0xD0-0xD7); those are data or no-ops to libjpeg and are skipped.
+# One 0xFF, not 0xFF+: fill bytes before a marker are skipped by the search, and a long run of 0xFF
+# cannot make the search quadratic.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
+_JPEG_SOI, _JPEG_EOI, _JPEG_SOS = 0xD8, 0xD9, 0xDA
+_APNG_FRAME_CHUNKS = (b"fcTL", b"fdAT")
 
 
 @dataclass(frozen=True)
@@ -67,6 +96,78 @@ def _check_dimensions(height: int, width: int, limits: ImageLimits, what: str) -
         )
 
 
+def _bomb(what: str) -> ResourceExhausted:
+    return ResourceExhausted(f"image rejected as a decompression bomb: {what}")
+
+
+def _check_jpeg_structure(data: bytes) -> None:
+    """Count scans and segments the way libjpeg meets them, without decoding anything.
+
+    Walks marker segments by their length fields; after SOS the entropy-coded data runs to the next
+    marker (stuffed 0xFF00 and RSTn do not end it). Stops at EOI, where libjpeg stops, or where the
+    bytes run out. A malformed file may count more than libjpeg would read (it fails there), never less.
+    """
+    pos, size = 2, len(data)  # after SOI
+    scans = segments = stray = 0
+    while (found := _JPEG_MARKER.search(data, pos)) is not None:
+        if scans == 0:
+            stray += found.start() - pos
+            if stray > MAX_JPEG_STRAY_BYTES:
+                raise _bomb(
+                    f"JPEG has over {MAX_JPEG_STRAY_BYTES} stray bytes (fill, junk or restart markers) "
+                    "between its header segments"
+                )
+        code = data[found.start() + 1]
+        if code == _JPEG_EOI:
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise _bomb(f"JPEG has over {MAX_JPEG_SEGMENTS} marker segments (an ordinary JPEG has under 100)")
+        pos = found.end()
+        if code == _JPEG_SOI:  # a second SOI has no length; libjpeg refuses it, counting on is harmless
+            continue
+        if pos + 2 > size:
+            return
+        length = (data[pos] << 8) | data[pos + 1]
+        pos += max(length, 2)
+        if code == _JPEG_SOS:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise _bomb(
+                    f"JPEG has over {MAX_JPEG_SCANS} scans (an ordinary progressive JPEG has about 10), "
+                    "and each scan is another pass over the whole image"
+                )
+
+
+def _check_png_structure(data: bytes) -> None:
+    """Count chunks up to IEND by their length fields; stops early once a cap is passed."""
+    pos, size = len(_PNG_SIGNATURE), len(data)
+    chunks = ancillary = 0
+    while pos + 8 <= size:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise _bomb(f"PNG has over {MAX_PNG_CHUNKS} chunks")
+        if kind[0] & 0x20 and kind not in _APNG_FRAME_CHUNKS:  # lower-case first letter: ancillary
+            ancillary += 1
+            if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
+                raise _bomb(
+                    f"PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks (text, metadata); "
+                    "an ordinary PNG has a handful"
+                )
+        if kind == b"IEND":
+            return
+        pos += 12 + length  # length, type, data, CRC
+
+
+def _check_structure(data: bytes) -> None:
+    """Refuse JPEG/PNG files whose structure would make decoding cost far more than their size."""
+    if data[:3] == b"\xff\xd8\xff":  # what Pillow accepts as JPEG
+        _check_jpeg_structure(data)
+    elif data.startswith(_PNG_SIGNATURE):
+        _check_png_structure(data)
+
+
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
     """Any decoded mode -> uint8 RGB, by the same rule as the CLI (:func:`ierf.images.to_rgb_array`):
     16-bit greys scaled to 8 bits, alpha dropped, palettes expanded. Same pixels -> same cache key."""
@@ -80,20 +181,25 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 
 def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
     """PNG / JPEG / WebP bytes -> canonical image. Raises InvalidArgument / ResourceExhausted."""
+    from ierf.images import apply_exif_orientation
+
     if not data:
         raise InvalidArgument("image is empty: no encoded bytes and no tensor")
     if len(data) > limits.max_bytes:
         raise ResourceExhausted(f"encoded image is {len(data)} bytes, over the cap of {limits.max_bytes}")
+    _check_structure(data)  # before Image.open: Pillow's header parser is part of the cost
+    what = "image"
     try:
         with warnings.catch_warnings():
             # PIL warns (and past 2x raises) on huge images; our own cap below is stricter.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+            what = f"{im.format} image"
             # Header only so far: check the announced size before decoding any pixel.
             width, height = im.size
-            _check_dimensions(height, width, limits, f"{im.format} image")
+            _check_dimensions(height, width, limits, what)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            im = apply_exif_orientation(im)
     except (ResourceExhausted, InvalidArgument):
         raise
     except UnidentifiedImageError:
@@ -105,8 +211,15 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
         raise ResourceExhausted(
             f"image rejected as a decompression bomb (cap {limits.max_pixels} pixels): {exc}"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # how Pillow reports bad data
         raise InvalidArgument(f"image bytes are truncated or corrupt: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # anything else out of Pillow (struct.error, TypeError, IndexError, ...)
+        logger.debug("decoding a %d-byte %s failed: %r", len(data), what, exc)
+        raise InvalidArgument(
+            f"image bytes are truncated or corrupt: the {what} could not be decoded ({len(data)} bytes)"
+        ) from None
     pixels = _to_rgb_array(im)
     _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
     return canonicalise(pixels)
