@@ -243,3 +243,20 @@ def test_a_method_that_cannot_explain_the_model_is_refused_once_and_remembered(m
         with pytest.raises(InvalidArgument, match="'gradcam' is not available for model r18: no final feature map"):
             host._explainer("gradcam")
     assert calls == ["gradcam"]
+
+
+def test_the_logits_cache_key_names_the_architecture_and_package_version(monkeypatch) -> None:
+    """The logits are keyed like the decomposition (``srd@srd-1.0+ierf-X``), not ``model@na``: a release
+    that changes a model's code must not read the logits an older one wrote to a shared Redis."""
+    import ierf
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost, PredictJob
+
+    monkeypatch.setattr(ierf, "__version__", "9.8.7")
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    host.predict(PredictJob(pixels=pixels, content_hash="c" * 64, top_k=1))
+    (key,) = list(host.cache.l1._items)
+    digest, preprocess = host.model.weights_digest, host.model.preprocess_version
+    assert key == f"ierf:v1:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7:" + "c" * 64

@@ -26,6 +26,9 @@ from ierf.serving.images import ACCEPTED_FORMATS, TENSOR_DTYPES
 from ierf.serving.settings import CacheConfig, ModelConfig
 
 DEFAULT_METHOD = "srd"
+# The "method" of the plain forward pass in cache keys: the logits artifact is keyed
+# ``...:model@<architecture>+ierf-<version>:...`` (weights and preprocessing are key fields of their own).
+FORWARD_METHOD = "model"
 
 
 # --------------------------------------------------------------------------------------- messages
@@ -346,9 +349,17 @@ class ModelHost:
             weights_digest=self.model.weights_digest,
             preprocess_version=self.model.preprocess_version,
             method=method,
-            method_version=self._method_version(method) if method in self.methods else "na",
+            method_version=self._forward_version if method == FORWARD_METHOD else self._method_version(method),
             content_hash=content_hash,
         ).redis_key()
+
+    @functools.cached_property
+    def _forward_version(self) -> str:
+        """What the logits depend on besides the weights and preprocessing (key fields of their own): the
+        architecture's code, which ships with the package (the model registry, bundled models)."""
+        import ierf
+
+        return f"{self.model.name}+ierf-{ierf.__version__}"
 
     def _score(self, logits: torch.Tensor, index: int) -> Score:
         flat = logits.detach().reshape(-1).to(torch.float64)
@@ -406,11 +417,11 @@ class ModelHost:
 
     def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
-        key = self._key("logits", "model", content_hash)
+        key = self._key("logits", FORWARD_METHOD, content_hash)
         self.cache.put(key, value, value.numel() * 4, {"logits": value}, background=True)
 
     def _logits(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> torch.Tensor:
-        key = self._key("logits", "model", inputs.content_hash)
+        key = self._key("logits", FORWARD_METHOD, inputs.content_hash)
         start = time.perf_counter()
         found = self.cache.get(key, lambda state: (state["logits"], state["logits"].numel() * 4))
         stages.add("cache_get", time.perf_counter() - start)
