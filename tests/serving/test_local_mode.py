@@ -213,15 +213,48 @@ def test_refused_work_lowers_the_time_estimate_so_probes_get_through() -> None:
 
     config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
     host = ModelHost(config.models[0], config.cache)
-    host._forward_estimate_s = 60.0  # one pathological run
+    host._learn("decompose", 60.0)  # one pathological run
     refused = 0
     for _ in range(40):
         try:
-            host._check_time_for_forward(time.time() + 3.0)
+            host._check_time_for(time.time() + 3.0, "the forward pass", "decompose", "explain:srd")
             break
         except DeadlineExceeded:
             refused += 1
     assert 0 < refused < 40
+
+
+def test_a_baseline_that_cannot_finish_before_its_deadline_is_refused_before_it_starts() -> None:
+    """Baselines and the plain forward pass learn their time like SRD's decomposition does: a job that
+    would finish long after its caller stopped waiting is refused at once, not run on the worker's only
+    compute thread (integrated gradients on ResNet18 took ~2.5 s on CPU, well past a 0.3 s deadline)."""
+    import time
+
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+    def job(content_hash: str, deadline: float | None = None) -> ExplainJob:
+        return ExplainJob(pixels, content_hash, method="integrated_gradients", target=1, deadline=deadline)
+
+    start = time.perf_counter()
+    host.explain(job("seen"))  # no deadline: runs, and teaches this replica how long it takes
+    took = time.perf_counter() - start
+    # A new image (forward pass + saliency), then one whose logits are cached (saliency only).
+    for content_hash, message in (
+        ("new", "a forward pass and integrated_gradients saliency need about"),
+        ("seen", "integrated_gradients saliency need about"),
+    ):
+        start = time.perf_counter()
+        with pytest.raises(DeadlineExceeded, match=message):
+            host.explain(job(content_hash, deadline=time.time() + 0.3 * took))
+        assert time.perf_counter() - start < 0.3 * took, "refused only after the work"
+    # with time enough it runs
+    assert host.explain(job("new", deadline=time.time() + 20 * took + 5)).maps is not None
 
 
 def test_a_method_that_cannot_explain_the_model_is_refused_once_and_remembered(monkeypatch) -> None:
