@@ -293,3 +293,41 @@ def test_the_logits_cache_key_names_the_architecture_and_package_version(monkeyp
     (key,) = list(host.cache.l1._items)
     digest, preprocess = host.model.weights_digest, host.model.preprocess_version
     assert key == f"ierf:v1:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7:" + "c" * 64
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        {"l1_bytes": 0, "redis_url": None},  # the cache is off
+        {"l1_bytes": 1000, "redis_url": "redis://127.0.0.1:1/0", "max_value_bytes": 1000},  # too big for both
+    ],
+)
+def test_work_no_tier_can_keep_is_reported_disabled_not_miss(cache: dict) -> None:
+    """Provenance promises DISABLED for an artifact that cannot be cached: the caller learns that the next
+    request on the image will compute it again."""
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost, PredictJob
+
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": cache}
+    )
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for _ in range(2):  # and again: nothing was kept
+        explained = host.explain(ExplainJob(pixels, "d" * 64, target=1))
+        assert explained.provenance.cache == [("decomposition", "disabled")]
+        predicted = host.predict(PredictJob(pixels, "e" * 64, top_k=1))
+        assert predicted.provenance.cache == [("logits", "disabled")]
+
+
+def test_work_a_tier_keeps_is_a_miss() -> None:
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost, PredictJob
+
+    config = ServiceConfig.from_args(  # the logits (4 kB) fit L1; the decomposition would not
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"l1_bytes": 10_000}}
+    )
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert host.predict(PredictJob(pixels, "e" * 64, top_k=1)).provenance.cache == [("logits", "miss")]
+    assert host.predict(PredictJob(pixels, "e" * 64, top_k=1)).provenance.cache == [("logits", "l1")]

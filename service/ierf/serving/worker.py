@@ -87,7 +87,9 @@ class Provenance:
     method_version: str
     preprocess_version: str
     content_hash: str
-    cache: list[tuple[str, str]] = field(default_factory=list)  # (artifact, "miss"|"l1"|"l2"|"disabled")
+    # (artifact, tier): "l1"|"l2" found there; "miss" computed here; "disabled" computed here and kept in no
+    # tier (too big for each, or the cache is off), so the next request computes it again
+    cache: list[tuple[str, str]] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds)
 
 
@@ -413,10 +415,11 @@ class ModelHost:
             self._learn(DECOMPOSE, seconds)
             start = time.perf_counter()
             state = decomposition.state_dict()
-            self.cache.put(key, decomposition, tensors_nbytes(state), state, background=True)
+            nbytes = tensors_nbytes(state)
+            self.cache.put(key, decomposition, nbytes, state, background=True)
             self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
-            prov.cache.append(("decomposition", "miss"))
+            prov.cache.append(("decomposition", "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"))
             return decomposition
 
     def _check_time_for(self, deadline: float | None, before: str, *work: str) -> None:
@@ -445,10 +448,13 @@ class ModelHost:
         previous = self._estimates.get(work)
         self._estimates[work] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
 
-    def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
+    def _put_logits(self, content_hash: str, logits: torch.Tensor) -> str:
+        """Cache the logits; their tier for provenance ("miss", or "disabled" when no tier can keep them)."""
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
         key = self._key("logits", FORWARD_METHOD, content_hash)
-        self.cache.put(key, value, value.numel() * 4, {"logits": value}, background=True)
+        nbytes = value.numel() * 4
+        self.cache.put(key, value, nbytes, {"logits": value}, background=True)
+        return "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"
 
     def _logits(
         self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None, then: tuple[str, ...] = ()
@@ -468,8 +474,7 @@ class ModelHost:
         seconds = time.perf_counter() - start
         stages.add("forward", seconds)
         self._learn(FORWARD, seconds)
-        self._put_logits(inputs.content_hash, logits)
-        prov.cache.append(("logits", "miss"))
+        prov.cache.append(("logits", self._put_logits(inputs.content_hash, logits)))
         return logits.detach().reshape(1, -1).to("cpu", torch.float32)
 
     def _explainer(self, method: str) -> Any:
