@@ -125,3 +125,27 @@ def test_health_counts_requests_as_answers_and_a_replica_dying_under_one(monkeyp
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING and worker.describe.calls == 0
 
     asyncio.run(scenario())
+
+
+def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
+    """README lists decode and encode among ``explainer_stage_duration_seconds``'s stages: the ingress's
+    own encode (packing the response) was only in provenance."""
+    import numpy as np
+    from ierf.serving.worker import Outcome, Provenance, Score
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    outcome = Outcome(
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
+        maps=np.zeros((8, 8), np.float32),
+        target=Score(1, "one", 0.5, 2.0),
+    )
+    worker = _Worker(outcome=outcome)
+    ingress = _ingress({"m": worker})
+    observed: list[tuple[str, str]] = []
+    ingress.metrics.stage = lambda stage, model, seconds: observed.append((stage, model))
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[4, 4, 3]))
+
+    response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
+    assert [t.stage for t in response.provenance.timings] == ["explain", "decode", "encode", "total"]
+    assert observed == [("decode", "m"), ("encode", "m")]  # the worker's stages it observes itself

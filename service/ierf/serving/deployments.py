@@ -226,10 +226,13 @@ class Ingress:
 
         start = time.perf_counter()
         canonical = await asyncio.to_thread(decode_image, image, self.limits)
-        seconds = time.perf_counter() - start
-        timings.append(("decode", seconds))
-        self.metrics.stage("decode", model, seconds)
+        self._stage(timings, "decode", model, time.perf_counter() - start)
         return canonical
+
+    def _stage(self, timings: list[tuple[str, float]], stage: str, model: str, seconds: float) -> None:
+        """An ingress stage, for provenance and for ``explainer_stage_duration_seconds``."""
+        timings.append((stage, seconds))
+        self.metrics.stage(stage, model, seconds)
 
     @staticmethod
     def _request_id(grpc_context: Any) -> str:
@@ -295,7 +298,7 @@ class Ingress:
         )
         if outcome.model_input is not None:
             response.model_input.CopyFrom(convert.input_message(outcome.model_input))
-        timings.append(("encode", time.perf_counter() - encode_start))
+        self._stage(timings, "encode", model_id, time.perf_counter() - encode_start)
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
             convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
@@ -351,7 +354,7 @@ class Ingress:
         )
         if outcome.model_input is not None:
             response.model_input.CopyFrom(convert.input_message(outcome.model_input))
-        timings.append(("encode", time.perf_counter() - encode_start))
+        self._stage(timings, "encode", model_id, time.perf_counter() - encode_start)
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
             convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
