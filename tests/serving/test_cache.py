@@ -277,6 +277,15 @@ def test_too_big_values_stay_in_l1_only(redis_flushed) -> None:
     assert cache.get(KEY, _rebuild).tier == "l1"
 
 
+def test_can_keep_says_whether_any_tier_fits_a_value() -> None:
+    settings = RedisSettings(url="redis://127.0.0.1:1/0", max_value_bytes=100)
+    assert not TieredCache(0).can_keep(1, 1)  # cache off
+    assert TieredCache(10).can_keep(10, 10**9) and not TieredCache(10).can_keep(11, 11)
+    with_l2 = TieredCache(10, RedisTier(settings))
+    assert with_l2.can_keep(11, 100) and not with_l2.can_keep(11, 101)
+    with_l2.close()
+
+
 def test_single_flight_lock_is_per_key() -> None:
     cache = TieredCache(1000)
     assert cache.key_lock("a") is cache.key_lock("a")

@@ -87,6 +87,67 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ServiceConfig.from_args(args)
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        # a cap written with a unit would be accepted, then blame every caller's image
+        ({"ingress": {"max_image_bytes": "32MiB"}}, r"ingress\.max_image_bytes must be a positive integer, got '32M"),
+        ({"ingress": {"max_pixels": 0}}, r"ingress\.max_pixels must be a positive integer"),
+        ({"ingress": {"max_side": 1.5}}, r"ingress\.max_side"),
+        ({"ingress": {"max_positions": -1}}, r"ingress\.max_positions"),
+        ({"ingress": {"max_top_k": True}}, r"ingress\.max_top_k"),
+        ({"ingress": {"request_timeout_s": 0}}, r"ingress\.request_timeout_s must be a finite number of seconds > 0"),
+        ({"ingress": {"request_timeout_s": float("inf")}}, r"ingress\.request_timeout_s"),
+        ({"ingress": {"request_timeout_s": "300"}}, r"ingress\.request_timeout_s"),
+        # a TTL Redis refuses would make every SET fail silently
+        ({"cache": {"ttl_s": 0}}, r"cache\.ttl_s must be a positive integer \(seconds\), got 0"),
+        ({"cache": {"ttl_s": -5}}, r"cache\.ttl_s"),
+        ({"cache": {"ttl_s": 1.5}}, r"cache\.ttl_s"),
+        ({"cache": {"ttl_s": True}}, r"cache\.ttl_s"),  # bool is an int in Python, not here
+        ({"cache": {"l1_bytes": -1}}, r"cache\.l1_bytes must be an integer >= 0"),
+        ({"cache": {"l1_bytes": "512MiB"}}, r"cache\.l1_bytes"),
+        ({"cache": {"max_value_bytes": 0}}, r"cache\.max_value_bytes"),
+        ({"cache": {"write_behind_bytes": -1}}, r"cache\.write_behind_bytes"),
+        ({"cache": {"failure_threshold": 0}}, r"cache\.failure_threshold"),
+        ({"cache": {"timeout_s": 0}}, r"cache\.timeout_s must be a finite number of seconds > 0"),
+        ({"cache": {"connect_timeout_s": float("nan")}}, r"cache\.connect_timeout_s"),
+        ({"cache": {"open_seconds": -1}}, r"cache\.open_seconds"),
+        ({"cache": {"redis_url": "127.0.0.1:6379"}}, r"cache\.redis_url must be null, a redis://"),
+        ({"cache": {"redis_url": 6379}}, r"cache\.redis_url"),
+        ({"cache": {"redis_url": "env:"}}, r"cache\.redis_url"),
+        ({"cache": 5}, r"cache must be a mapping"),
+        ({"ingress": ["max_pixels"]}, r"ingress must be a mapping"),
+        ({"models": [{"id": "a", "seed": -1}]}, r"models\[0\]\.seed must be an integer >= 0"),
+        ({"models": [{"id": "a", "num_threads": 1.5}]}, r"models\[0\]\.num_threads"),
+        ({"models": [{"id": "a", "random_init": "yes"}]}, r"models\[0\]\.random_init must be true or false"),
+        ({"models": [{"id": "a", "random_init": 1}]}, r"models\[0\]\.random_init"),
+        ({"models": [{"id": "a", "device": "gpu"}]}, r"models\[0\]\.device must be 'auto'"),
+        ({"models": [{"id": "a", "weights": ""}]}, r"models\[0\]\.weights must be a non-empty string or null"),
+        ({"models": [{"id": "a", "name": None}]}, r"models\[0\]\.name must be a non-empty string"),
+        ({"models": ["a", {"id": 5}]}, r"models\[1\]\.id"),
+        ({"models": [{"name": "resnet18"}]}, r"models\[0\] lacks required setting\(s\): id"),
+        ({"models": "resnet18"}, r"models must be a list"),
+        ({"models": ["a"], "default_model": 1}, r"default_model must be a model id"),
+    ],
+)
+def test_bad_values_fail_at_build_time_with_the_key_named(args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig.from_args(args)
+
+
+def test_values_at_the_edge_of_their_range_are_accepted() -> None:
+    config = ServiceConfig.from_args(
+        {
+            "models": [{"id": "a", "name": "resnet18", "random_init": True, "device": "cuda:1", "num_threads": 0}],
+            "cache": {"l1_bytes": 0, "redis_url": None, "timeout_s": 1, "ttl_s": 1, "write_behind_bytes": 0},
+            "ingress": {"max_positions": 1, "request_timeout_s": 0.001},
+        }
+    )
+    assert config.cache.timeout_s == 1 and config.cache.resolved_redis_url() is None
+    for url in ("redis://h:6379/0", "rediss://h:6380/1", "unix:///run/redis.sock", "env:REDIS_URL", ""):
+        ServiceConfig.from_args({"cache": {"redis_url": url}})
+
+
 def test_redis_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     config = ServiceConfig.from_args({"cache": {"redis_url": "env:IERF_TEST_REDIS"}})
     monkeypatch.delenv("IERF_TEST_REDIS", raising=False)

@@ -213,15 +213,48 @@ def test_refused_work_lowers_the_time_estimate_so_probes_get_through() -> None:
 
     config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
     host = ModelHost(config.models[0], config.cache)
-    host._forward_estimate_s = 60.0  # one pathological run
+    host._learn("decompose", 60.0)  # one pathological run
     refused = 0
     for _ in range(40):
         try:
-            host._check_time_for_forward(time.time() + 3.0)
+            host._check_time_for(time.time() + 3.0, "the forward pass", "decompose", "explain:srd")
             break
         except DeadlineExceeded:
             refused += 1
     assert 0 < refused < 40
+
+
+def test_a_baseline_that_cannot_finish_before_its_deadline_is_refused_before_it_starts() -> None:
+    """Baselines and the plain forward pass learn their time like SRD's decomposition does: a job that
+    would finish long after its caller stopped waiting is refused at once, not run on the worker's only
+    compute thread (integrated gradients on ResNet18 took ~2.5 s on CPU, well past a 0.3 s deadline)."""
+    import time
+
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+    def job(content_hash: str, deadline: float | None = None) -> ExplainJob:
+        return ExplainJob(pixels, content_hash, method="integrated_gradients", target=1, deadline=deadline)
+
+    start = time.perf_counter()
+    host.explain(job("seen"))  # no deadline: runs, and teaches this replica how long it takes
+    took = time.perf_counter() - start
+    # A new image (forward pass + saliency), then one whose logits are cached (saliency only).
+    for content_hash, message in (
+        ("new", "a forward pass and integrated_gradients saliency need about"),
+        ("seen", "integrated_gradients saliency need about"),
+    ):
+        start = time.perf_counter()
+        with pytest.raises(DeadlineExceeded, match=message):
+            host.explain(job(content_hash, deadline=time.time() + 0.3 * took))
+        assert time.perf_counter() - start < 0.3 * took, "refused only after the work"
+    # with time enough it runs
+    assert host.explain(job("new", deadline=time.time() + 20 * took + 5)).maps is not None
 
 
 def test_a_method_that_cannot_explain_the_model_is_refused_once_and_remembered(monkeypatch) -> None:
@@ -243,3 +276,58 @@ def test_a_method_that_cannot_explain_the_model_is_refused_once_and_remembered(m
         with pytest.raises(InvalidArgument, match="'gradcam' is not available for model r18: no final feature map"):
             host._explainer("gradcam")
     assert calls == ["gradcam"]
+
+
+def test_the_logits_cache_key_names_the_architecture_and_package_version(monkeypatch) -> None:
+    """The logits are keyed like the decomposition (``srd@srd-1.0+ierf-X``), not ``model@na``: a release
+    that changes a model's code must not read the logits an older one wrote to a shared Redis."""
+    import ierf
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost, PredictJob
+
+    monkeypatch.setattr(ierf, "__version__", "9.8.7")
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    host.predict(PredictJob(pixels=pixels, content_hash="c" * 64, top_k=1))
+    (key,) = list(host.cache.l1._items)
+    digest, preprocess = host.model.weights_digest, host.model.preprocess_version
+    assert key == f"ierf:v1:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7:" + "c" * 64
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        {"l1_bytes": 0, "redis_url": None},  # the cache is off
+        {"l1_bytes": 1000, "redis_url": "redis://127.0.0.1:1/0", "max_value_bytes": 1000},  # too big for both
+    ],
+)
+def test_work_no_tier_can_keep_is_reported_disabled_not_miss(cache: dict) -> None:
+    """Provenance promises DISABLED for an artifact that cannot be cached: the caller learns that the next
+    request on the image will compute it again."""
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost, PredictJob
+
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": cache}
+    )
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for _ in range(2):  # and again: nothing was kept
+        explained = host.explain(ExplainJob(pixels, "d" * 64, target=1))
+        assert explained.provenance.cache == [("decomposition", "disabled")]
+        predicted = host.predict(PredictJob(pixels, "e" * 64, top_k=1))
+        assert predicted.provenance.cache == [("logits", "disabled")]
+
+
+def test_work_a_tier_keeps_is_a_miss() -> None:
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost, PredictJob
+
+    config = ServiceConfig.from_args(  # the logits (4 kB) fit L1; the decomposition would not
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"l1_bytes": 10_000}}
+    )
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert host.predict(PredictJob(pixels, "e" * 64, top_k=1)).provenance.cache == [("logits", "miss")]
+    assert host.predict(PredictJob(pixels, "e" * 64, top_k=1)).provenance.cache == [("logits", "l1")]

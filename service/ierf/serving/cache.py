@@ -552,6 +552,12 @@ class TieredCache:
         self.l1.put(key, obj, nbytes)
         return Lookup(obj, "l2")
 
+    def can_keep(self, nbytes: int, encoded_nbytes: int) -> bool:
+        """Whether a value of ``nbytes`` in L1 (``encoded_nbytes`` of tensors for L2) fits some tier: False
+        when it is too big for each, or the cache is off (L1 of 0 bytes, no Redis)."""
+        fits_l1 = nbytes <= self.l1.capacity_bytes
+        return fits_l1 or (self.l2 is not None and encoded_nbytes <= self.l2.settings.max_value_bytes)
+
     def put(
         self,
         key: str,

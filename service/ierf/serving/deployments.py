@@ -35,6 +35,12 @@ logger = logging.getLogger("ierf.serving")
 SERVICE_NAME = "ierf.v1.ExplainService"
 TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # remaining client budget; Serve's proxy does not forward grpc-timeout
 DESCRIBE_TIMEOUT_S = 30.0
+# Health: a worker that answered within HEALTH_CACHE_S (a request, or a probe) is not probed again, so
+# health checks add no load; otherwise one probe (describe, which skips the compute thread) per worker is
+# shared by every concurrent check, and a worker that does not answer it within HEALTH_PROBE_TIMEOUT_S,
+# or whose replica died under a request, reads NOT_SERVING.
+HEALTH_CACHE_S = 2.0
+HEALTH_PROBE_TIMEOUT_S = 2.0
 
 
 def _assigned_cpus() -> float:
@@ -137,6 +143,8 @@ class Ingress:
         self.server_version = ierf.__version__
         self._descriptions: dict[str, Any] = {}
         self._fetching: set[str] = set()  # model ids whose description is being fetched in the background
+        self._health: dict[str, tuple[float, bool]] = {}  # model id -> (time.monotonic(), the worker answered)
+        self._probes: dict[str, asyncio.Task] = {}  # model id -> the health probe in flight
 
     # ------------------------------------------------------------------------------ plumbing
     def _deadline(self, grpc_context: Any) -> float:
@@ -162,16 +170,22 @@ class Ingress:
             raise NotFound(f"unknown model {model_id!r}; served: {', '.join(sorted(self.workers))}")
         return model_id, handle
 
-    async def _call(self, method: Any, job: Any, deadline: float) -> Any:
+    async def _call(self, model_id: str, method: Any, job: Any, deadline: float) -> Any:
         remaining = deadline - time.time()
         if remaining <= 0:
             raise DeadlineExceeded("deadline passed before the request reached a worker")
         response = method.remote(job)
         try:
-            return await asyncio.wait_for(response, timeout=remaining)
+            outcome = await asyncio.wait_for(response, timeout=remaining)
         except TimeoutError:
             response.cancel()
             raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker") from None
+        except Exception as exc:
+            if to_status(exc)[0].name == "UNAVAILABLE":  # the replica died under the request: health says so
+                self._health[model_id] = (time.monotonic(), False)
+            raise
+        self._health[model_id] = (time.monotonic(), True)
+        return outcome
 
     async def _serve(
         self,
@@ -212,10 +226,13 @@ class Ingress:
 
         start = time.perf_counter()
         canonical = await asyncio.to_thread(decode_image, image, self.limits)
-        seconds = time.perf_counter() - start
-        timings.append(("decode", seconds))
-        self.metrics.stage("decode", model, seconds)
+        self._stage(timings, "decode", model, time.perf_counter() - start)
         return canonical
+
+    def _stage(self, timings: list[tuple[str, float]], stage: str, model: str, seconds: float) -> None:
+        """An ingress stage, for provenance and for ``explainer_stage_duration_seconds``."""
+        timings.append((stage, seconds))
+        self.metrics.stage(stage, model, seconds)
 
     @staticmethod
     def _request_id(grpc_context: Any) -> str:
@@ -272,7 +289,7 @@ class Ingress:
             return_input=request.return_input,
             deadline=deadline,
         )
-        outcome = await self._call(worker.explain, job, deadline)
+        outcome = await self._call(model_id, worker.explain, job, deadline)
         encode_start = time.perf_counter()
         response = pb.ExplainResponse(
             map=convert.tensor_message(convert.outcome_maps(outcome), dtype),
@@ -281,7 +298,7 @@ class Ingress:
         )
         if outcome.model_input is not None:
             response.model_input.CopyFrom(convert.input_message(outcome.model_input))
-        timings.append(("encode", time.perf_counter() - encode_start))
+        self._stage(timings, "encode", model_id, time.perf_counter() - encode_start)
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
             convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
@@ -328,7 +345,7 @@ class Ingress:
             return_input=request.return_input,
             deadline=deadline,
         )
-        outcome = await self._call(worker.ierf, job, deadline)
+        outcome = await self._call(model_id, worker.ierf, job, deadline)
         encode_start = time.perf_counter()
         response = pb.ComputeIERFResponse(
             maps=convert.tensor_message(convert.outcome_maps(outcome), dtype),
@@ -337,7 +354,7 @@ class Ingress:
         )
         if outcome.model_input is not None:
             response.model_input.CopyFrom(convert.input_message(outcome.model_input))
-        timings.append(("encode", time.perf_counter() - encode_start))
+        self._stage(timings, "encode", model_id, time.perf_counter() - encode_start)
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
             convert.provenance_message(outcome.provenance, timings, self._request_id(grpc_context), self.server_version)
@@ -367,7 +384,7 @@ class Ingress:
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings)
         job = PredictJob(pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline)
-        outcome = await self._call(worker.predict, job, deadline)
+        outcome = await self._call(model_id, worker.predict, job, deadline)
         response = pb.PredictResponse(top_classes=[convert.score_message(s) for s in outcome.top_classes])
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
@@ -433,12 +450,36 @@ class Ingress:
 
         if service not in ("", SERVICE_NAME):
             raise NotFound(f"unknown service {service!r}; this server serves {SERVICE_NAME!r}")
+        answered = await asyncio.gather(*(self._worker_answers(m) for m in sorted(self.workers)))
+        return health_pb2.HealthCheckResponse.SERVING if all(answered) else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def _worker_answers(self, model_id: str) -> bool:
+        """Whether the model's worker answered within the last HEALTH_CACHE_S, else a probe's answer."""
+        checked = self._health.get(model_id)
+        if checked is not None and time.monotonic() - checked[0] < HEALTH_CACHE_S:
+            return checked[1]
+        probe = self._probes.get(model_id)
+        if probe is None:
+            probe = self._probes[model_id] = asyncio.get_running_loop().create_task(self._probe(model_id))
+            probe.add_done_callback(lambda _, m=model_id: self._probes.pop(m, None))
+        return await asyncio.shield(probe)  # a caller that gives up leaves the probe to finish for the next
+
+    async def _probe(self, model_id: str) -> bool:
+        _, worker = self._worker(model_id)
+        response = worker.describe.remote()
         try:
-            await asyncio.gather(*(self._description(m) for m in self.workers))
+            desc = await asyncio.wait_for(response, timeout=HEALTH_PROBE_TIMEOUT_S)
         except Exception as exc:
-            logger.warning("health check: a worker is not ready: %s", exc)
-            return health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse.SERVING
+            if isinstance(exc, TimeoutError):
+                response.cancel()
+                exc = TimeoutError(f"no answer within {HEALTH_PROBE_TIMEOUT_S} s")
+            logger.warning("health check: worker %s does not answer: %s", model_id, exc)
+            answered = False
+        else:
+            self._descriptions.setdefault(model_id, desc)
+            answered = True
+        self._health[model_id] = (time.monotonic(), answered)
+        return answered
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         from grpc_health.v1 import health_pb2

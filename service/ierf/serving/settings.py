@@ -1,26 +1,72 @@
 """Service settings: the ``args`` of the Serve application, validated up front.
 
-Why a dataclass layer: a typo in a Serve config file should fail the deploy with a message naming
-the key, not surface as a KeyError inside a replica minutes later.
+Why a dataclass layer: a typo or a wrong value in a Serve config file should fail the deploy with a
+message naming the key, not surface inside a replica minutes later (as a KeyError, or as every request
+failing: a byte cap written "32MiB" would blame each caller's image, a TTL of 0 would make every Redis
+SET fail without a word). Every field's type and range is checked when the object is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ierf.serving.images import ImageLimits
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of settings, got {values!r}")
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**values)
+    required = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f))
+    if required:
+        raise ValueError(f"{where} lacks required setting(s): {', '.join(required)}")
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ValueError(f"{where}.{exc}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+# Checks for __post_init__: the message starts with the key, so _build can prefix its section
+# ("cache.ttl_s must be ..."). bool is a subclass of int in Python, and is refused wherever a number is
+# expected: `ttl_s: true` is a mistake, not 1.
+def _integer(key: str, value: object, minimum: int, meaning: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{key} must be {bound}{meaning}, got {value!r}")
+
+
+def _seconds(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a finite number of seconds > 0, got {value!r}")
+
+
+def _boolean(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def _text(key: str, value: object, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value:
+        what = "a non-empty string or null" if optional else "a non-empty string"
+        raise ValueError(f"{key} must be {what}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -36,10 +82,21 @@ class ModelConfig:
     num_threads: int = 0  # torch intra-op threads; 0: from the replica's num_cpus (at least 1)
 
     def __post_init__(self) -> None:
-        if not self.id or not self.id.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise ValueError(f"model id {self.id!r} must be non-empty and use only letters, digits, _ - .")
-        if not self.name:
+        if (
+            not isinstance(self.id, str)
+            or not self.id
+            or not self.id.replace("_", "").replace("-", "").replace(".", "").isalnum()
+        ):
+            raise ValueError(f"id: model id {self.id!r} must be non-empty and use only letters, digits, _ - .")
+        if self.name == "":
             object.__setattr__(self, "name", self.id)
+        _text("name", self.name)
+        _text("weights", self.weights, optional=True)
+        _boolean("random_init", self.random_init)
+        _integer("seed", self.seed, 0)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        _integer("num_threads", self.num_threads, 0, " (0: from the replica's num_cpus)")
 
     @property
     def deployment_name(self) -> str:
@@ -60,6 +117,23 @@ class CacheConfig:
     # answering). A write that does not fit is dropped; a key still queued is read from its queued bytes.
     write_behind_bytes: int = 256 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        _integer("l1_bytes", self.l1_bytes, 0, " (0: no in-process cache)")
+        url = self.redis_url
+        if url is not None and url != "":  # None or "": L2 off
+            env = isinstance(url, str) and url.startswith("env:") and len(url) > 4
+            if not env and not (isinstance(url, str) and url.startswith(_REDIS_SCHEMES)):
+                raise ValueError(
+                    f"redis_url must be null, a redis://, rediss:// or unix:// URL, or env:VARIABLE, got {url!r}"
+                )
+        _seconds("connect_timeout_s", self.connect_timeout_s)
+        _seconds("timeout_s", self.timeout_s)
+        _integer("ttl_s", self.ttl_s, 1, " (seconds)")
+        _integer("max_value_bytes", self.max_value_bytes, 1)
+        _integer("failure_threshold", self.failure_threshold, 1)
+        _seconds("open_seconds", self.open_seconds)
+        _integer("write_behind_bytes", self.write_behind_bytes, 0, " (0: write before answering)")
+
     def resolved_redis_url(self) -> str | None:
         if self.redis_url and self.redis_url.startswith("env:"):
             return os.environ.get(self.redis_url[4:]) or None
@@ -74,6 +148,11 @@ class IngressConfig:
     max_positions: int = 64
     max_top_k: int = 100
     request_timeout_s: float = 120.0  # upper bound when the caller sends no deadline
+
+    def __post_init__(self) -> None:
+        for key in ("max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k"):
+            _integer(key, getattr(self, key), 1)
+        _seconds("request_timeout_s", self.request_timeout_s)
 
     @property
     def limits(self) -> ImageLimits:
@@ -95,6 +174,8 @@ class ServiceConfig:
         if unknown:
             raise ValueError(f"unknown application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         raw_models = args.get("models") or [{"id": "efficientnet_lite0"}]
+        if not isinstance(raw_models, list | tuple):
+            raise ValueError(f"models must be a list of model ids or mappings, got {raw_models!r}")
         models = []
         for i, raw in enumerate(raw_models):
             if isinstance(raw, str):
@@ -104,6 +185,8 @@ class ServiceConfig:
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         default = args.get("default_model") or ids[0]
+        if not isinstance(default, str):
+            raise ValueError(f"default_model must be a model id (a string), got {default!r}")
         if default not in ids:
             raise ValueError(f"default_model {default!r} is not one of the served models {ids}")
         return cls(

@@ -26,6 +26,9 @@ from ierf.serving.images import ACCEPTED_FORMATS, TENSOR_DTYPES
 from ierf.serving.settings import CacheConfig, ModelConfig
 
 DEFAULT_METHOD = "srd"
+# The "method" of the plain forward pass in cache keys: the logits artifact is keyed
+# ``...:model@<architecture>+ierf-<version>:...`` (weights and preprocessing are key fields of their own).
+FORWARD_METHOD = "model"
 
 
 # --------------------------------------------------------------------------------------- messages
@@ -84,7 +87,9 @@ class Provenance:
     method_version: str
     preprocess_version: str
     content_hash: str
-    cache: list[tuple[str, str]] = field(default_factory=list)  # (artifact, "miss"|"l1"|"l2"|"disabled")
+    # (artifact, tier): "l1"|"l2" found there; "miss" computed here; "disabled" computed here and kept in no
+    # tier (too big for each, or the cache is off), so the next request computes it again
+    cache: list[tuple[str, str]] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds)
 
 
@@ -231,6 +236,25 @@ def _check_deadline(deadline: float | None, before: str) -> None:
         raise DeadlineExceeded(f"deadline passed {late:.3f} s ago, before {before}; no work was done for it")
 
 
+# Work that cannot be interrupted once started (the engine is plain PyTorch), whose time each replica
+# learns so that a request which cannot finish before its deadline is refused before it starts: the
+# worker computes on one thread, and a job nobody waits for would hold up every request behind it.
+DECOMPOSE = "decompose"  # SRD's forward pass + sharing ratios
+FORWARD = "forward"  # the logits alone
+
+
+def _explain_work(method: str) -> str:
+    return f"explain:{method}"
+
+
+def _work_name(work: str) -> str:
+    if work == DECOMPOSE:
+        return "decomposing a new image"
+    if work == FORWARD:
+        return "a forward pass"
+    return f"{work.removeprefix('explain:')} saliency"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -272,7 +296,7 @@ class ModelHost:
             name: LayerShape(name, *[int(v) for v in self.srd.layer_shape(name, self.input_hw)])
             for name in self.srd.layers
         }
-        self._forward_estimate_s: float | None = None  # moving average of decomposition time
+        self._estimates: dict[str, float] = {}  # work (DECOMPOSE, FORWARD, explain:<method>) -> moving seconds
         self._record_stage = stage_observer or (lambda stage, model, seconds: None)
         redis_url = cache_config.resolved_redis_url()
         redis_tier = None
@@ -346,17 +370,30 @@ class ModelHost:
             weights_digest=self.model.weights_digest,
             preprocess_version=self.model.preprocess_version,
             method=method,
-            method_version=self._method_version(method) if method in self.methods else "na",
+            method_version=self._forward_version if method == FORWARD_METHOD else self._method_version(method),
             content_hash=content_hash,
         ).redis_key()
+
+    @functools.cached_property
+    def _forward_version(self) -> str:
+        """What the logits depend on besides the weights and preprocessing (key fields of their own): the
+        architecture's code, which ships with the package (the model registry, bundled models)."""
+        import ierf
+
+        return f"{self.model.name}+ierf-{ierf.__version__}"
 
     def _score(self, logits: torch.Tensor, index: int) -> Score:
         flat = logits.detach().reshape(-1).to(torch.float64)
         probability = torch.softmax(flat, dim=0)[index]
         return Score(index, self.model.class_names[index], float(probability), float(flat[index]))
 
-    def _decomposition(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> Any:
-        """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image)."""
+    def _decomposition(
+        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None, then: tuple[str, ...] = ()
+    ) -> Any:
+        """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image).
+
+        ``then``: the work that follows in this request, refused along with the decomposition when both
+        cannot finish in time."""
         key = self._key("decomposition", DEFAULT_METHOD, inputs.content_hash)
 
         def rebuild(state: dict[str, torch.Tensor]) -> tuple[Any, int]:
@@ -370,58 +407,74 @@ class ModelHost:
             if found.value is not None:
                 prov.cache.append(("decomposition", found.tier))
                 return found.value
-            self._check_time_for_forward(deadline)
+            self._check_time_for(deadline, "the forward pass", DECOMPOSE, *then)
             start = time.perf_counter()
             decomposition = self.srd.decompose(inputs.x)
             seconds = time.perf_counter() - start
             stages.add("forward", seconds)
-            self._learn_forward_time(seconds)
+            self._learn(DECOMPOSE, seconds)
             start = time.perf_counter()
             state = decomposition.state_dict()
-            self.cache.put(key, decomposition, tensors_nbytes(state), state, background=True)
+            nbytes = tensors_nbytes(state)
+            self.cache.put(key, decomposition, nbytes, state, background=True)
             self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
-            prov.cache.append(("decomposition", "miss"))
+            prov.cache.append(("decomposition", "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"))
             return decomposition
 
-    def _check_time_for_forward(self, deadline: float | None) -> None:
-        """Refuse work that cannot finish in time: a decomposition is not interruptible once started."""
-        _check_deadline(deadline, "the forward pass")
-        estimate = self._forward_estimate_s
-        if deadline is not None and estimate is not None:
-            left = deadline - time.time()
-            if left < 0.8 * estimate:
-                # Each refusal lowers the estimate, so one slow run (a cold start, a busy machine) cannot
-                # lock short-deadline callers out for good: after a few refusals one is let through and
-                # re-measures.
-                self._forward_estimate_s = 0.8 * estimate
-                raise DeadlineExceeded(
-                    f"{left:.2f} s left before the deadline, but decomposing a new image takes about "
-                    f"{estimate:.1f} s on this replica; send a longer deadline"
-                )
+    def _check_time_for(self, deadline: float | None, before: str, *work: str) -> None:
+        """Refuse ``work`` (about to start, and not interruptible once started) when it cannot finish in
+        time: the deadline has passed, or the time left is clearly below what that work has taken here.
+        Work never measured on this replica is let through (its first run teaches the estimate)."""
+        _check_deadline(deadline, before)
+        known = {name: self._estimates[name] for name in work if name in self._estimates}
+        if deadline is None or not known:
+            return
+        needed = sum(known.values())
+        left = deadline - time.time()
+        if left < 0.8 * needed:
+            # Each refusal lowers the estimates, so one slow run (a cold start, a busy machine) cannot
+            # lock short-deadline callers out for good: after a few refusals one is let through and
+            # re-measures.
+            for name, estimate in known.items():
+                self._estimates[name] = 0.8 * estimate
+            what = " and ".join(_work_name(name) for name in known)
+            raise DeadlineExceeded(
+                f"{left:.2f} s left before the deadline, but {what} need about {needed:.2g} s on this replica; "
+                "send a longer deadline"
+            )
 
-    def _learn_forward_time(self, seconds: float) -> None:
-        previous = self._forward_estimate_s
-        self._forward_estimate_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+    def _learn(self, work: str, seconds: float) -> None:
+        previous = self._estimates.get(work)
+        self._estimates[work] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
 
-    def _put_logits(self, content_hash: str, logits: torch.Tensor) -> None:
+    def _put_logits(self, content_hash: str, logits: torch.Tensor) -> str:
+        """Cache the logits; their tier for provenance ("miss", or "disabled" when no tier can keep them)."""
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
-        key = self._key("logits", "model", content_hash)
-        self.cache.put(key, value, value.numel() * 4, {"logits": value}, background=True)
+        key = self._key("logits", FORWARD_METHOD, content_hash)
+        nbytes = value.numel() * 4
+        self.cache.put(key, value, nbytes, {"logits": value}, background=True)
+        return "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"
 
-    def _logits(self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None) -> torch.Tensor:
-        key = self._key("logits", "model", inputs.content_hash)
+    def _logits(
+        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None, then: tuple[str, ...] = ()
+    ) -> torch.Tensor:
+        """The logits of this image: from L1, L2, or a forward pass (``then`` as for the decomposition)."""
+        key = self._key("logits", FORWARD_METHOD, inputs.content_hash)
         start = time.perf_counter()
         found = self.cache.get(key, lambda state: (state["logits"], state["logits"].numel() * 4))
         stages.add("cache_get", time.perf_counter() - start)
         if found.value is not None:
             prov.cache.append(("logits", found.tier))
             return found.value
-        _check_deadline(deadline, "the forward pass")
-        with stages.timed("forward"), torch.inference_mode():
+        self._check_time_for(deadline, "the forward pass", FORWARD, *then)
+        start = time.perf_counter()
+        with torch.inference_mode():
             logits = self.model.module(inputs.x)
-        self._put_logits(inputs.content_hash, logits)
-        prov.cache.append(("logits", "miss"))
+        seconds = time.perf_counter() - start
+        stages.add("forward", seconds)
+        self._learn(FORWARD, seconds)
+        prov.cache.append(("logits", self._put_logits(inputs.content_hash, logits)))
         return logits.detach().reshape(1, -1).to("cpu", torch.float32)
 
     def _explainer(self, method: str) -> Any:
@@ -450,20 +503,24 @@ class ModelHost:
         explainer = self._explainer(method)
         prov = self._provenance(method, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        work = _explain_work(method)
         if method == DEFAULT_METHOD:
-            decomposition = self._decomposition(inputs, prov, stages, job.deadline)
+            decomposition = self._decomposition(inputs, prov, stages, job.deadline, then=(work,))
             logits = decomposition.logits
             target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
-            _check_deadline(job.deadline, "the explanation")
-            with stages.timed("explain"):
-                saliency = decomposition.saliency(target, contrast=contrast)
+            self._check_time_for(job.deadline, "the explanation", work)
+            start = time.perf_counter()
+            saliency = decomposition.saliency(target, contrast=contrast)
         else:
-            logits = self._logits(inputs, prov, stages, job.deadline)
+            logits = self._logits(inputs, prov, stages, job.deadline, then=(work,))
             target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
-            _check_deadline(job.deadline, "the explanation")
+            self._check_time_for(job.deadline, "the explanation", work)
             x = inputs.x
-            with stages.timed("explain"):
-                saliency = explainer.saliency(x, target)
+            start = time.perf_counter()
+            saliency = explainer.saliency(x, target)
+        seconds = time.perf_counter() - start
+        stages.add("explain", seconds)
+        self._learn(work, seconds)
         saliency_map = (
             saliency.detach().reshape(saliency.shape[-2], saliency.shape[-1]).to("cpu", torch.float32).numpy()
         )
@@ -472,6 +529,7 @@ class ModelHost:
             from ierf.serving.overlay import saliency_png
 
             caption = f"{method.upper()} {target} {self.model.class_names[target]}"
+            _check_deadline(job.deadline, "rendering the overlay")
             with stages.timed("encode"):
                 outcome.overlays.append(saliency_png(inputs.view, saliency_map, caption))
         if job.return_input:
@@ -494,6 +552,7 @@ class ModelHost:
         if job.overlay:
             from ierf.serving.overlay import ierf_png
 
+            _check_deadline(job.deadline, "rendering the overlays")
             with stages.timed("encode"):
                 outcome.overlays = [
                     ierf_png(

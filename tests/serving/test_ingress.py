@@ -1,0 +1,151 @@
+"""The ingress alone, over fake worker handles: no Ray runtime, no model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+
+class _Response:
+    """Stands in for a Serve DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, coroutine: Any) -> None:
+        self._coroutine = coroutine
+        self.cancelled = False
+
+    def __await__(self):
+        return self._coroutine.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self.calls = 0
+
+    def remote(self, *args: Any) -> _Response:
+        self.calls += 1
+        return _Response(self._fn(*args))
+
+
+class ActorDiedError(Exception):
+    """Named like Ray's: the ingress maps it to UNAVAILABLE by name."""
+
+
+class _Worker:
+    """A worker handle whose replica is up ("ok"), gone ("dead": calls fail) or hung (calls never return)."""
+
+    def __init__(self, outcome: Any = None) -> None:
+        self.state = "ok"
+        self.outcome = outcome
+        self.describe = _Method(self._describe)
+        self.explain = _Method(self._explain)
+
+    async def _answer(self, value: Any) -> Any:
+        if self.state == "dead":
+            raise ActorDiedError("the replica died")
+        if self.state == "hung":
+            await asyncio.sleep(3600)
+        return value
+
+    async def _describe(self) -> Any:
+        return await self._answer("description")
+
+    async def _explain(self, job: Any) -> Any:
+        return await self._answer(self.outcome)
+
+
+def _ingress(workers: dict[str, Any]) -> Any:
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+
+    config = ServiceConfig.from_args({"models": [{"id": m} for m in workers]})
+    return Ingress.func_or_class(workers, config)
+
+
+def test_health_follows_a_worker_outage_and_probes_cheaply(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.2, raising=False)
+    monkeypatch.setattr(deployments, "HEALTH_PROBE_TIMEOUT_S", 0.3, raising=False)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    worker = _Worker()
+    ingress = _ingress({"m": worker})
+
+    async def check() -> int:
+        return (await ingress.Check(health_pb2.HealthCheckRequest())).status
+
+    async def scenario() -> None:
+        assert await check() == serving
+        # probes are cached and shared: a burst of checks does not reach the worker again
+        assert await asyncio.gather(*(check() for _ in range(20))) == [serving] * 20
+        assert worker.describe.calls == 1
+
+        worker.state = "dead"  # was: SERVING forever once the first describe had succeeded
+        await asyncio.sleep(0.25)
+        assert await check() == not_serving
+
+        worker.state = "hung"  # a worker that never answers reads NOT_SERVING, and the check does not hang
+        await asyncio.sleep(0.25)
+        start = time.perf_counter()
+        assert await asyncio.gather(check(), check()) == [not_serving] * 2
+        assert time.perf_counter() - start < 1.0
+
+        worker.state = "ok"
+        await asyncio.sleep(0.25)
+        assert await check() == serving
+
+    asyncio.run(scenario())
+
+
+def test_health_counts_requests_as_answers_and_a_replica_dying_under_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker busy with requests is not probed (its answers to them are fresh evidence), and one whose
+    replica died under a request is NOT_SERVING without waiting for the next probe."""
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 60.0, raising=False)
+    worker = _Worker(outcome="done")
+    ingress = _ingress({"m": worker})
+
+    async def scenario() -> None:
+        assert await ingress._call("m", worker.explain, object(), time.time() + 5) == "done"
+        status = (await ingress.Check(health_pb2.HealthCheckRequest())).status
+        assert status == health_pb2.HealthCheckResponse.SERVING and worker.describe.calls == 0
+        worker.state = "dead"
+        with pytest.raises(ActorDiedError):
+            await ingress._call("m", worker.explain, object(), time.time() + 5)
+        status = (await ingress.Check(health_pb2.HealthCheckRequest())).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING and worker.describe.calls == 0
+
+    asyncio.run(scenario())
+
+
+def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
+    """README lists decode and encode among ``explainer_stage_duration_seconds``'s stages: the ingress's
+    own encode (packing the response) was only in provenance."""
+    import numpy as np
+    from ierf.serving.worker import Outcome, Provenance, Score
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    outcome = Outcome(
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
+        maps=np.zeros((8, 8), np.float32),
+        target=Score(1, "one", 0.5, 2.0),
+    )
+    worker = _Worker(outcome=outcome)
+    ingress = _ingress({"m": worker})
+    observed: list[tuple[str, str]] = []
+    ingress.metrics.stage = lambda stage, model, seconds: observed.append((stage, model))
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[4, 4, 3]))
+
+    response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
+    assert [t.stage for t in response.provenance.timings] == ["explain", "decode", "encode", "total"]
+    assert observed == [("decode", "m"), ("encode", "m")]  # the worker's stages it observes itself
