@@ -6,7 +6,7 @@ import os
 
 import pytest
 from ierf.serving import local
-from ierf.serving.local import choose_node_ip, is_loopback
+from ierf.serving.local import GRPC_MAX_MESSAGE_ENV, choose_node_ip, grpc_max_message_bytes, is_loopback
 
 
 @pytest.fixture
@@ -39,6 +39,14 @@ def test_a_specific_address_is_the_node_address_and_an_explicit_node_ip_wins(rou
 def test_routable_ip_is_never_loopback() -> None:
     address = local.routable_ip()
     assert address is None or not is_loopback(address)
+
+
+def test_grpc_cap_sits_above_the_image_cap() -> None:
+    assert grpc_max_message_bytes(32 * 2**20, {}) == 40 * 2**20
+    assert grpc_max_message_bytes(64 * 2**20, {}) == 65 * 2**20  # follows a raised image cap
+    assert grpc_max_message_bytes(32 * 2**20, {GRPC_MAX_MESSAGE_ENV: "50000000"}) == 50_000_000
+    with pytest.raises(ValueError, match="would refuse images the ingress accepts"):
+        grpc_max_message_bytes(40 * 2**20, {GRPC_MAX_MESSAGE_ENV: str(40 * 2**20)})
 
 
 def test_loopback_start_sets_rays_switch_only_while_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
