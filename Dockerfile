@@ -17,7 +17,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     RAY_USAGE_STATS_ENABLED=0 \
     # ingress->worker payloads (decoded images, maps) travel inline instead of via the object store
-    RAY_max_direct_call_object_size=4194304
+    RAY_max_direct_call_object_size=4194304 \
+    # Serve's gRPC proxy refuses messages over 40 MiB, both ways (Ray's default: 2 GiB): the 32 MiB
+    # image cap plus room. Raise it with ingress.max_image_bytes (`ierf.serving serve` refuses less).
+    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=41943040
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends wget \

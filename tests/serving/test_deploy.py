@@ -51,6 +51,44 @@ def test_every_ray_container_gets_the_redis_url_the_config_reads() -> None:
             assert ports["serve-grpc"] == 9000 and ports["metrics"] == 8080 and ports["serve"] == 8000
 
 
+def test_grpc_services_select_only_pods_kuberay_marks_as_serving() -> None:
+    # ray.io/serve="true": KubeRay's label for RayService pods fit for traffic (head: proxy health
+    # checked by the operator; workers: set at creation, gated by the proxy readiness probe).
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "rayservice.yaml").read_text()))
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == {"ierf-grpc", "ierf-grpc-headless"}
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for service in services:
+        selector = service["spec"]["selector"]
+        assert selector["ray.io/serve"] == "true"
+        own = {k: v for k, v in selector.items() if not k.startswith("ray.io/")}
+        assert own == {"app.kubernetes.io/name": "ierf"}
+        for template in templates:  # every Ray pod matches once KubeRay adds its label
+            assert own.items() <= template["metadata"]["labels"].items()
+            ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+            assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
+
+
+def test_grpc_message_cap_is_set_wherever_ray_runs_and_fits_the_image_cap() -> None:
+    from ierf.serving.local import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes, load_serve_config
+
+    service = _rayservice()
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    max_image = app["args"]["ingress"]["max_image_bytes"]
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    caps = set()
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert GRPC_MAX_MESSAGE_ENV in env  # Ray's default is 2 GiB
+            caps.add(grpc_max_message_bytes(max_image, env))  # raises when below the image cap
+    (docker_cap,) = re.findall(rf"^\s*{GRPC_MAX_MESSAGE_ENV}=(\d+)\s*$", (ROOT / "Dockerfile").read_text(), re.M)
+    local_image = load_serve_config()["applications"][0]["args"]["ingress"]["max_image_bytes"]
+    assert caps == {grpc_max_message_bytes(local_image, {GRPC_MAX_MESSAGE_ENV: docker_cap})} == {40 * 2**20}
+
+
 def test_dashboard_queries_use_exported_metric_names_and_labels() -> None:
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "ierf-service.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]

@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-port", type=int, help="default: the config's http_options.port (8000)")
     serve.add_argument("--http-host", help="default: the config's http_options.host (127.0.0.1)")
     serve.add_argument("--metrics-port", type=int, default=8080, help="Prometheus endpoint of Ray (default 8080)")
+    serve.add_argument(
+        "--node-ip",
+        help="Ray's node address; the metrics endpoint listens on 127.0.0.1 when it is loopback, on every "
+        "interface otherwise (default: 127.0.0.1 for a loopback --http-host, this host's routable address "
+        "for 0.0.0.0, else the --http-host address)",
+    )
     serve.add_argument("--redis-url", help="replaces cache.redis_url; '' turns the Redis tier off")
     serve.add_argument("--num-cpus", type=float, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ready-file", help="written with the gRPC address once the app is RUNNING")
@@ -30,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             redis_url=args.redis_url,
             num_cpus=args.num_cpus,
+            node_ip=args.node_ip,
         )
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"ierf.serving: error: {exc}", file=sys.stderr)
         return 2
     print(f"gRPC      {service.grpc_address}  (ierf.v1.ExplainService, grpc.health.v1.Health, reflection)")
-    print(f"metrics   {service.metrics_url}")
+    print(f"metrics   {'  '.join(service.metrics_urls)}")
     print(f"healthz   http://{args.http_host or '127.0.0.1'}:{service.http_port}/-/healthz", flush=True)
     serve_forever(service, args.ready_file)
     return 0

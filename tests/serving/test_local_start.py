@@ -1,0 +1,73 @@
+"""How ``ierf.serving.local`` sets Ray up before starting it (no cluster is started here)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from ierf.serving import local
+from ierf.serving.local import GRPC_MAX_MESSAGE_ENV, choose_node_ip, grpc_max_message_bytes, is_loopback
+
+
+@pytest.fixture
+def routable(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(local, "routable_ip", lambda: "10.1.2.3")
+    return "10.1.2.3"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.5", "localhost", "::1", "[::1]"])
+def test_a_loopback_http_host_keeps_ray_and_its_metrics_on_loopback(host: str, routable: str) -> None:
+    assert choose_node_ip(host) == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", ""])
+def test_a_wildcard_http_host_puts_the_node_on_the_routable_address(host: str, routable: str) -> None:
+    assert choose_node_ip(host) == routable
+
+
+def test_without_a_routable_address_the_node_stays_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "routable_ip", lambda: None)
+    assert choose_node_ip("0.0.0.0") == "127.0.0.1"
+
+
+def test_a_specific_address_is_the_node_address_and_an_explicit_node_ip_wins(routable: str) -> None:
+    assert choose_node_ip("192.0.2.7") == "192.0.2.7"
+    assert choose_node_ip("0.0.0.0", node_ip="127.0.0.1") == "127.0.0.1"
+    assert choose_node_ip("127.0.0.1", node_ip="192.0.2.7") == "192.0.2.7"
+
+
+def test_routable_ip_is_never_loopback() -> None:
+    address = local.routable_ip()
+    assert address is None or not is_loopback(address)
+
+
+def test_grpc_cap_sits_above_the_image_cap() -> None:
+    assert grpc_max_message_bytes(32 * 2**20, {}) == 40 * 2**20
+    assert grpc_max_message_bytes(64 * 2**20, {}) == 65 * 2**20  # follows a raised image cap
+    assert grpc_max_message_bytes(32 * 2**20, {GRPC_MAX_MESSAGE_ENV: "50000000"}) == 50_000_000
+    with pytest.raises(ValueError, match="would refuse images the ingress accepts"):
+        grpc_max_message_bytes(40 * 2**20, {GRPC_MAX_MESSAGE_ENV: str(40 * 2**20)})
+
+
+def test_loopback_start_sets_rays_switch_only_while_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import ray_constants
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    seen = {}
+
+    def fake_init(**kwargs: object) -> None:
+        seen.update(kwargs)
+        seen["env"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        seen["constant"] = ray_constants.ENABLE_RAY_CLUSTER
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: seen["_node_ip_address"])
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    assert local._init_ray(1, 80 * 2**20, "/tmp/x", 9999, "127.0.0.1") == "127.0.0.1"
+    assert (seen["env"], seen["constant"]) == ("0", False)
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    assert ray_constants.ENABLE_RAY_CLUSTER is before
+    assert local._init_ray(1, 80 * 2**20, "/tmp/x", 9999, "192.0.2.7") == "192.0.2.7"
+    assert (seen["env"], seen["constant"]) == (None, before)
