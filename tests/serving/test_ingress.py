@@ -74,6 +74,7 @@ def test_health_follows_a_worker_outage_and_probes_cheaply(monkeypatch: pytest.M
 
     monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.2, raising=False)
     monkeypatch.setattr(deployments, "HEALTH_PROBE_TIMEOUT_S", 0.3, raising=False)
+    monkeypatch.setattr(deployments, "HEALTH_BUSY_GRACE_S", 0.7, raising=False)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     worker = _Worker()
     ingress = _ingress({"m": worker})
@@ -100,6 +101,14 @@ def test_health_follows_a_worker_outage_and_probes_cheaply(monkeypatch: pytest.M
         worker.state = "ok"
         await asyncio.sleep(0.25)
         assert await check() == serving
+
+        # busy, not dead: a probe that only times out (it queues behind requests filling the worker's
+        # slots) reads SERVING while the worker answered within the grace window, NOT_SERVING after it
+        worker.state = "hung"
+        await asyncio.sleep(0.25)
+        assert await check() == serving
+        await asyncio.sleep(0.5)
+        assert await check() == not_serving
 
     asyncio.run(scenario())
 

@@ -41,6 +41,11 @@ DESCRIBE_TIMEOUT_S = 30.0
 # or whose replica died under a request, reads NOT_SERVING.
 HEALTH_CACHE_S = 2.0
 HEALTH_PROBE_TIMEOUT_S = 2.0
+# A probe that only times out is no proof of an outage: it queues in Serve's router behind the requests
+# filling a busy worker's slots. Such a worker reads SERVING while it answered anything within this window;
+# an error (the replica died) reads NOT_SERVING at once. Flapping to NOT_SERVING under load would make a
+# load balancer drain capacity exactly when it is needed.
+HEALTH_BUSY_GRACE_S = 30.0
 
 
 def _assigned_cpus() -> float:
@@ -145,6 +150,7 @@ class Ingress:
         self._fetching: set[str] = set()  # model ids whose description is being fetched in the background
         self._health: dict[str, tuple[float, bool]] = {}  # model id -> (time.monotonic(), the worker answered)
         self._probes: dict[str, asyncio.Task] = {}  # model id -> the health probe in flight
+        self._answered_at: dict[str, float] = {}  # model id -> time.monotonic() of its last answer
 
     # ------------------------------------------------------------------------------ plumbing
     def _deadline(self, grpc_context: Any) -> float:
@@ -183,9 +189,15 @@ class Ingress:
         except Exception as exc:
             if to_status(exc)[0].name == "UNAVAILABLE":  # the replica died under the request: health says so
                 self._health[model_id] = (time.monotonic(), False)
+                self._answered_at.pop(model_id, None)
             raise
-        self._health[model_id] = (time.monotonic(), True)
+        self._health[model_id] = self._answered(model_id)
         return outcome
+
+    def _answered(self, model_id: str) -> tuple[float, bool]:
+        now = time.monotonic()
+        self._answered_at[model_id] = now
+        return now, True
 
     async def _serve(
         self,
@@ -469,17 +481,22 @@ class Ingress:
         response = worker.describe.remote()
         try:
             desc = await asyncio.wait_for(response, timeout=HEALTH_PROBE_TIMEOUT_S)
+        except TimeoutError:
+            response.cancel()
+            last = self._answered_at.get(model_id)
+            busy = last is not None and time.monotonic() - last < HEALTH_BUSY_GRACE_S
+            if not busy:
+                logger.warning("health check: worker %s has not answered for %.0f s", model_id, HEALTH_BUSY_GRACE_S)
+            self._health[model_id] = (time.monotonic(), busy)
+            return busy
         except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                response.cancel()
-                exc = TimeoutError(f"no answer within {HEALTH_PROBE_TIMEOUT_S} s")
             logger.warning("health check: worker %s does not answer: %s", model_id, exc)
-            answered = False
-        else:
-            self._descriptions.setdefault(model_id, desc)
-            answered = True
-        self._health[model_id] = (time.monotonic(), answered)
-        return answered
+            self._health[model_id] = (time.monotonic(), False)
+            self._answered_at.pop(model_id, None)
+            return False
+        self._descriptions.setdefault(model_id, desc)
+        self._health[model_id] = self._answered(model_id)
+        return True
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         from grpc_health.v1 import health_pb2
