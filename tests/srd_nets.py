@@ -167,6 +167,39 @@ class LinearNet(nn.Module):
         return self.fc(self.bn(self.conv(x)).mean((2, 3)))
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation gates (per channel, from the gated map itself) and a per-position spatial gate,
+    inside a residual block with BN: the gates are frozen at their value for the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.act0 = nn.SiLU()
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.SiLU()
+        self.squeeze = nn.Conv2d(6, 3, 1)
+        self.act_s = nn.ReLU()
+        self.excite = nn.Conv2d(3, 6, 1)
+        self.gate = nn.Sigmoid()
+        self.spatial = nn.Conv2d(6, 1, 3, padding=1)
+        self.gate_s = nn.Hardsigmoid()
+        self.proj = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        a = self.act0(self.bn0(self.stem(x)))
+        h = self.act1(self.bn1(self.dw(a)))
+        g = self.gate(self.excite(self.act_s(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        h = h * g
+        h = self.gate_s(self.spatial(a)) * h  # a gate computed from an earlier map, on the left
+        out = self.act2(a + self.bn2(self.proj(h)))
+        return self.fc(out.mean((2, 3)))
+
+
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
@@ -177,24 +210,23 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
         "fc_head": (FCHead(), (8, 10)),
         "composed": (Composed(), (11, 9)),
         "linear": (LinearNet(), (7, 9)),
+        "squeeze_excite": (SqueezeExcite(), (9, 11)),
     }
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
 
 
-class _Gated(nn.Module):
-    """Squeeze-excitation style gating: a product of two feature maps."""
+class _Squared(nn.Module):
+    """A product of a feature map with itself: no operand is a gate computed from the other."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.act = nn.ReLU()
-        self.gate = nn.Conv2d(4, 4, 1)
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
         a = self.act(self.conv(x))
-        a = a * torch.sigmoid(self.gate(a.mean((2, 3), keepdim=True)))
-        return self.fc(a.mean((2, 3)))
+        return self.fc((a * a).mean((2, 3)))
 
 
 class _WithModule(nn.Module):
@@ -246,7 +278,7 @@ class _TupleOut(nn.Module):
 
 
 NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
-    "gating": (_Gated().eval(), "product of two feature maps"),
+    "squared": (_Squared().eval(), "product of two feature maps that is not a gate"),
     "layernorm": (_WithModule(nn.LayerNorm([4, 14, 14])).eval(), r"no SRD rule for LayerNorm at module 'block.0'"),
     "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block.0'"),
     "softmax": (_Functional(lambda a: torch.softmax(a, 1)).eval(), r"no SRD rule for function softmax"),

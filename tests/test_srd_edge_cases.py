@@ -262,3 +262,14 @@ def test_stochastic_depth_is_the_identity_in_eval_mode() -> None:
     dec = ierf.SRD(model).decompose(x)
     torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-5, atol=1e-6)
     _conserves(dec, 2)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_torchvision_squeeze_excitation_networks_decompose(name) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(1, 3, 64, 64)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-12)
+    total = dec.saliency(5).sum().double()
+    assert abs(total - dec.logits[0, 5].double()) <= 1e-4 * dec.logits.abs().max() + 1e-12

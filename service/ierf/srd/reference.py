@@ -152,6 +152,18 @@ class ReferenceSRD:
         order = [n for n in self.graph.nodes if n in inside]
         return order, [n for n in self.graph.nodes if n in sources]
 
+    def _gate(self, node: fx.Node) -> fx.Node | None:
+        """For a product of two PFV maps (squeeze-excitation), the operand that gates: the later source.
+        Gates are frozen at their value for this image: no path runs through them, and every path through
+        the product keeps them as they are."""
+        if node.op != "call_function" or node.target not in (operator.mul, torch.mul):
+            return None
+        args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        maps = [a for a in args if a in self.program.source_of]
+        if len(args) != 2 or not maps:
+            return None
+        return max(maps, key=lambda a: self.program.source_of[a])
+
     def _paths(self, order: list[fx.Node], sources: list[fx.Node], sink_input: fx.Node) -> list[list[fx.Node]]:
         inside = set(order)
         paths: list[list[fx.Node]] = []
@@ -160,8 +172,9 @@ class ReferenceSRD:
             if node in sources:
                 paths.append([node, *reversed(trail)])
                 return
+            gate = self._gate(node)
             for dep in dict.fromkeys(node.all_input_nodes):
-                if dep in inside or dep in sources:
+                if dep is not gate and (dep in inside or dep in sources):
                     walk(dep, [*trail, node])
 
         walk(sink_input, [])
@@ -175,8 +188,11 @@ class ReferenceSRD:
         for n in order:
             if n not in on:
                 continue
+            gate = self._gate(n)
             for dep in n.all_input_nodes:
-                if dep not in on and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
+                if dep is gate:
+                    local[dep] = values[dep]  # frozen at this image's value (broadcasts over the batch)
+                elif dep not in on and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
                     local[dep] = torch.zeros(source_value.shape[0], *values[dep].shape[1:], dtype=torch.float64)
             local[n] = self._eval(n, local, self.linear_model, pool_offset=offset)
         return local[path[-1]]
@@ -188,8 +204,10 @@ class ReferenceSRD:
         dst_mod = only.get_submodule(str(node.target))
         dst_mod.load_state_dict(src_mod.state_dict())
         local = dict(values)
+        gates = {self._gate(n) for n in order} - {None}
         for s in sources:
-            local[s] = torch.zeros_like(values[s])
+            if s not in gates:
+                local[s] = torch.zeros_like(values[s])
         for n in order:
             local[n] = self._eval(n, local, only)
         return local[order[-1]]

@@ -27,7 +27,7 @@ from torch import nn
 
 from ierf.errors import UnsupportedModelError
 from ierf.srd.derived import DERIVED
-from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_routes
+from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_routes, replace
 
 
 @dataclass
@@ -509,11 +509,46 @@ def _add_method(ctx, node, name, a, b, alpha=1) -> Any:
     return _add(ctx, node, a, b, alpha)
 
 
+def _gated(a: Any, b: Any) -> Affine | None:
+    """``x * g`` where ``g`` is a PFV map of gates computed from ``x`` (squeeze-excitation: one gate per
+    channel; spatial attention: one per position). The gate is taken as this image's constant scale, as
+    max-pool winners are: ``x * g`` is then linear in ``x``, so relevance flows exactly through the gated
+    map, and none through the gate's own branch. The gate is the later PFV map (it is computed from ``x``).
+    None when the operands are not of that form."""
+    sources = [v for v in (a, b) if isinstance(v, Source)]
+    if not sources:
+        return None
+    gate = max(sources, key=lambda v: v.id)
+    main = b if gate is a else a
+    g = gate.tensor
+    m = as_affine(main, "")
+    if g.dim() != 4 or m.is_vector or m.flat_from is not None or m.pending_pool is not None:
+        return None
+    if g.shape[0] != m.batch or g.shape[1] not in (1, m.channels) or g.shape[2:] not in ((1, 1), (m.height, m.width)):
+        return None
+    if any(not isinstance(t, DenseTerm) for t in m.terms) or (isinstance(main, Source) and gate is main):
+        return None
+
+    def gated(value: torch.Tensor, c0: int, channels: int) -> torch.Tensor:
+        return value * (g if g.shape[1] == 1 else g[:, c0 : c0 + channels])
+
+    out = m.rekeyed()
+    out.terms = [replace(t, x=gated(t.x, t.c0, t.channels)) for t in out.terms]
+    out.biases = [replace(bias, value=gated(bias.value, bias.c0, bias.channels)) for bias in out.biases]
+    return out
+
+
 @function_rule(operator.mul, torch.mul)
 def _mul_function(ctx, node, fn, a, b) -> Any:
     where = ctx.where(node)
     if _is_map(a) and _is_map(b):
-        raise UnsupportedModelError(f"{where}: product of two feature maps (gating, e.g. squeeze-excitation)")
+        gated = _gated(a, b)
+        if gated is None:
+            raise UnsupportedModelError(
+                f"{where}: product of two feature maps that is not a gate (a PFV map of per-channel or "
+                "per-position factors, computed from the other operand, times a map of single-path terms)"
+            )
+        return gated
     if _is_map(a) or _is_map(b):
         m, c = (a, b) if _is_map(a) else (b, a)
         if not isinstance(c, int | float):
