@@ -168,8 +168,8 @@ class LinearNet(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-excitation gates (per channel, from the gated map itself) and a per-position spatial gate,
-    inside a residual block with BN: the gates are frozen at their value for the image."""
+    """Squeeze-excitation gates (one per channel) and a spatial gate (one per position), each computed from
+    the map it gates, inside a residual block with BN: the gates are frozen at their value for the image."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,7 +195,7 @@ class SqueezeExcite(nn.Module):
         h = self.act1(self.bn1(self.dw(a)))
         g = self.gate(self.excite(self.act_s(self.squeeze(h.mean((2, 3), keepdim=True)))))
         h = h * g
-        h = self.gate_s(self.spatial(a)) * h  # a gate computed from an earlier map, on the left
+        h = self.gate_s(self.spatial(h)) * h  # a spatial gate computed from the map it gates, on the left
         out = self.act2(a + self.bn2(self.proj(h)))
         return self.fc(out.mean((2, 3)))
 

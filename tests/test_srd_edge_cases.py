@@ -273,3 +273,88 @@ def test_torchvision_squeeze_excitation_networks_decompose(name) -> None:
     torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-12)
     total = dec.saliency(5).sum().double()
     assert abs(total - dec.logits[0, 5].double()) <= 1e-4 * dec.logits.abs().max() + 1e-12
+
+
+# -- review follow-ups ------------------------------------------------------------------------------------
+def test_tensors_forward_creates_stay_readable_after_tracing() -> None:
+    """fx keeps a tensor made in forward as ``_tensor_constant<k>`` on the model, and the graph reads it:
+    putting the model's attributes back must leave those (and buffers forward registers) in place."""
+
+    class MadeInForward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "offset"):
+                self.register_buffer("offset", torch.full((4, 1, 1), 0.5))
+            return self.fc(torch.relu(self.conv(x) + torch.ones(4, 1, 1) + self.offset).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = MadeInForward().eval()
+    x = torch.randn(2, 3, 8, 8)
+    dec = ierf.SRD(model).decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach())
+    _conserves(dec, 1)
+
+
+class _TwoBranchGate(nn.Module):
+    """GLU-style gating of two full maps: neither factor is computed from the other."""
+
+    def __init__(self, gate_first: bool) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.gate_first = gate_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_first:
+            g = torch.sigmoid(self.b(x))
+            h = torch.relu(self.a(x))
+        else:
+            h = torch.relu(self.a(x))
+            g = torch.sigmoid(self.b(x))
+        return self.fc((h * g).mean((2, 3)))
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_products_whose_factors_have_no_gate_role_are_refused(gate_first: bool) -> None:
+    """Taking the later map as the gate made the map depend on statement order alone."""
+    with pytest.raises(UnsupportedModelError, match="not a gate"):
+        ierf.SRD(_TwoBranchGate(gate_first).eval()).saliency(torch.randn(1, 3, 8, 8), 1)
+
+
+def test_an_activation_written_as_a_product_points_to_register_activation() -> None:
+    class ManualSiLU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            return self.fc((h * torch.sigmoid(h)).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError, match="register_activation"):
+        ierf.SRD(ManualSiLU().eval()).saliency(torch.randn(1, 3, 8, 8), 1)
+
+
+def test_input_channels_of_a_convolution_called_as_a_function() -> None:
+    class SameConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.conv2d(x, self.weight, self.bias, 1, 1)
+
+    model = nn.Sequential(SameConv(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    explainer = ierf.SRD(model)
+    _conserves(explainer.decompose(torch.randn(1, 3, 8, 8)), 1)
+    with pytest.raises(ValueError, match="3 channels, got 4"):
+        explainer.saliency(torch.randn(1, 4, 8, 8), 1)
+
+
+def test_mean_contrast_of_a_one_position_start_map_is_refused() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    dec = ierf.SRD(model).decompose(torch.randn(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="one position"):
+        dec.saliency(1, contrast="mean")

@@ -158,3 +158,23 @@ def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
     response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
     assert [t.stage for t in response.provenance.timings] == ["explain", "decode", "encode", "total"]
     assert observed == [("decode", "m"), ("encode", "m")]  # the worker's stages it observes itself
+
+
+def test_an_ierf_response_that_could_pass_the_grpc_cap_is_refused_before_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy's cap bounds responses too: 200 overlaid 224x224 maps (~38 MiB) would be computed and then
+    dropped by a 32 MiB proxy; the ingress says so up front, with how many positions fit."""
+    from types import SimpleNamespace
+
+    from ierf.serving.deployments import GRPC_MAX_MESSAGE_ENV, _check_response_fits
+    from ierf.serving.errors import ResourceExhausted
+    from ierf.serving.local import GRPC_MAX_MESSAGE_ENV as LOCAL_ENV
+
+    assert GRPC_MAX_MESSAGE_ENV == LOCAL_ENV
+    desc = SimpleNamespace(input_height=224, input_width=224)
+    monkeypatch.setenv(GRPC_MAX_MESSAGE_ENV, str(32 * 2**20))
+    _check_response_fits(desc, 64, 4, True, True)  # ~25 MiB: fits
+    with pytest.raises(ResourceExhausted, match=r"at most 83 positions"):
+        _check_response_fits(desc, 200, 4, True, False)
+    _check_response_fits(desc, 200, 2, False, False)  # float16 maps without overlays: ~19 MiB
+    monkeypatch.delenv(GRPC_MAX_MESSAGE_ENV)
+    _check_response_fits(desc, 10_000, 4, True, True)  # no cap known: nothing to check

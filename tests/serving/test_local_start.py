@@ -36,9 +36,32 @@ def test_a_specific_address_is_the_node_address_and_an_explicit_node_ip_wins(rou
     assert choose_node_ip("127.0.0.1", node_ip="192.0.2.7") == "192.0.2.7"
 
 
-def test_routable_ip_is_never_loopback() -> None:
-    address = local.routable_ip()
-    assert address is None or not is_loopback(address)
+def test_routable_ip_skips_loopback_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No route out (the UDP probe's source is loopback): fall back to the host name's address, and to
+    None when that is loopback too (Debian maps the host name to 127.0.1.1)."""
+
+    class LoopbackRoute:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def __enter__(self) -> LoopbackRoute:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def connect(self, address: object) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", 40000)
+
+    monkeypatch.setattr(local.socket, "socket", LoopbackRoute)
+    monkeypatch.setattr(local.socket, "gethostbyname", lambda name: "127.0.1.1")
+    assert local.routable_ip() is None
+    monkeypatch.setattr(local.socket, "gethostbyname", lambda name: "10.1.2.3")
+    assert local.routable_ip() == "10.1.2.3"
+    assert is_loopback("127.0.1.1") and not is_loopback("10.1.2.3")
 
 
 def test_grpc_cap_sits_above_the_image_cap() -> None:

@@ -7,6 +7,7 @@ per-position scalars down the stages.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Literal
@@ -339,8 +340,13 @@ class Decomposition:
             # The spatial mean of the start map, over its real positions: paths that land on padding carry
             # nothing and are dropped, so a mean over paths would not leave the map summing to zero. A head
             # that reads several maps is treated as one map made of all their positions.
-            total = sum(m.sum((1, 2, 3)) for m in seeds.values())
             positions = sum(m[0].numel() for m in seeds.values())
+            if positions == 1:
+                raise ValueError(
+                    "contrast='mean' subtracts the start map's spatial mean, which leaves nothing of a start "
+                    "map with one position (a fully connected model); contrast with a class index instead"
+                )
+            total = sum(m.sum((1, 2, 3)) for m in seeds.values())
             mean = (total / positions).view(-1, 1, 1, 1)
             seeds = {sid: m - mean for sid, m in seeds.items()}
         return seeds
@@ -540,7 +546,12 @@ class SRD:
         for node in self.program.graph.nodes:
             if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
                 return modules[str(node.target)].in_channels
-            if node.op == "call_function" and node.target is F.conv2d:
+            if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
+                weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+                if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and isinstance(groups, int):
+                    value = functools.reduce(getattr, str(weight.target).split("."), self.model)
+                    return int(value.shape[1]) * groups
                 return None
         return None
 

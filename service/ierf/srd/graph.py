@@ -67,6 +67,7 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
     tracer = _Tracer(known)
     with _TRACE_LOCK:
         saved = _attributes(model)
+        graph = None
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many types; the user needs to know tracing is the problem
@@ -75,7 +76,10 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
                 "a model whose forward has no data-dependent control flow"
             ) from exc
         finally:
-            _restore_attributes(saved)
+            # What the graph reads back stays: tensors forward creates (fx stores them as
+            # ``_tensor_constant<k>``) and buffers it registers on its first call.
+            read = set() if graph is None else {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+            _restore_attributes(saved, read)
     outputs = {
         path: values[0].node
         for path, values in tracer.module_outputs.items()
@@ -87,26 +91,33 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
 
 
-def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
-    """Every module's attributes (and the contents of its parameter, buffer and child registries)."""
-    return [(m, dict(vars(m)), {k: dict(v) for k, v in vars(m).items() if k in _REGISTRIES}) for m in model.modules()]
+def _attributes(model: nn.Module) -> list[tuple[str, nn.Module, dict, dict]]:
+    """Every module's path and attributes (and the contents of its parameter, buffer and child registries)."""
+    return [
+        (path, m, dict(vars(m)), {k: dict(v) for k, v in vars(m).items() if k in _REGISTRIES})
+        for path, m in model.named_modules(remove_duplicate=False)
+    ]
 
 
-def _restore_attributes(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+def _restore_attributes(saved: list[tuple[str, nn.Module, dict, dict]], keep: set[str]) -> None:
     """Undo what a traced forward wrote on the caller's modules (``self.features = h`` would otherwise
-    leave an fx Proxy there, and ``self.calls += 1`` a changed counter): tracing runs the forward."""
-    for module, attrs, registries in saved:
+    leave an fx Proxy there, and ``self.calls += 1`` a changed counter): tracing runs the forward.
+    Attributes and registry entries named in ``keep`` (qualified paths the graph reads) stay as the trace
+    left them."""
+    for path, module, attrs, registries in saved:
+        prefix = f"{path}." if path else ""
         current = vars(module)
-        for key in [k for k in current if k not in attrs]:
+        for key in [k for k in current if k not in attrs and prefix + k not in keep]:
             del current[key]
         for key, value in attrs.items():
-            if current.get(key, _MISSING) is not value:
+            if key not in _REGISTRIES and current.get(key, _MISSING) is not value:
                 current[key] = value
         for key, contents in registries.items():
             registry = current[key]
-            if registry.keys() != contents.keys() or any(registry[k] is not v for k, v in contents.items()):
+            wanted = {**contents, **{k: v for k, v in registry.items() if prefix + k in keep}}
+            if registry.keys() != wanted.keys() or any(registry[k] is not v for k, v in wanted.items()):
                 registry.clear()
-                registry.update(contents)
+                registry.update(wanted)
 
 
 _MISSING = object()

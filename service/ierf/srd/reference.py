@@ -153,16 +153,27 @@ class ReferenceSRD:
         return order, [n for n in self.graph.nodes if n in sources]
 
     def _gate(self, node: fx.Node) -> fx.Node | None:
-        """For a product of two PFV maps (squeeze-excitation), the operand that gates: the later source.
-        Gates are frozen at their value for this image: no path runs through them, and every path through
-        the product keeps them as they are."""
+        """For a product of two maps (squeeze-excitation), the operand that gates: a PFV map computed from
+        the other operand. Gates are frozen at their value for this image: no path runs through them, and
+        every path through the product keeps them as they are."""
         if node.op != "call_function" or node.target not in (operator.mul, torch.mul):
             return None
-        args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        maps = [a for a in args if a in self.program.source_of]
-        if len(args) != 2 or not maps:
+        a, b = node.args[:2]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
             return None
-        return max(maps, key=lambda a: self.program.source_of[a])
+
+        def ancestors(n: fx.Node) -> set[fx.Node]:
+            seen: set[fx.Node] = set()
+            stack = list(n.all_input_nodes)
+            while stack:
+                m = stack.pop()
+                if m not in seen:
+                    seen.add(m)
+                    stack.extend(m.all_input_nodes)
+            return seen
+
+        gate = b if a in ancestors(b) else a if b in ancestors(a) else None
+        return gate if gate in self.program.source_of else None
 
     def _paths(self, order: list[fx.Node], sources: list[fx.Node], sink_input: fx.Node) -> list[list[fx.Node]]:
         inside = set(order)

@@ -509,28 +509,50 @@ def _add_method(ctx, node, name, a, b, alpha=1) -> Any:
     return _add(ctx, node, a, b, alpha)
 
 
-def _gated(a: Any, b: Any) -> Affine | None:
-    """``x * g`` where ``g`` is a PFV map of gates computed from ``x`` (squeeze-excitation: one gate per
-    channel; spatial attention: one per position). The gate is taken as this image's constant scale, as
-    max-pool winners are: ``x * g`` is then linear in ``x``, so relevance flows exactly through the gated
-    map, and none through the gate's own branch. The gate is the later PFV map (it is computed from ``x``).
-    None when the operands are not of that form."""
-    sources = [v for v in (a, b) if isinstance(v, Source)]
-    if not sources:
+def _computed_from(node: Any, other: Any) -> bool:
+    """Whether fx node ``node`` is computed (through any ops) from fx node ``other``."""
+    if not isinstance(node, fx.Node) or not isinstance(other, fx.Node) or node is other:
+        return False
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n is other:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _gated(node: fx.Node, a: Any, b: Any) -> Affine | None:
+    """``x * g`` where ``g`` is a PFV map of gates computed from ``x`` itself, one per channel
+    (squeeze-excitation) or one per position (spatial attention). The gate is taken as this image's constant
+    scale, as max-pool winners are: ``x * g`` is then linear in ``x``, so relevance flows exactly through
+    the gated map and none through the gate's own branch. None for any other product (two full maps, as in
+    GLU-style gating or ``x * sigmoid(x)``, whose factors have no such roles)."""
+    first, second = node.args[:2]
+    if _computed_from(second, first):
+        gate, main = b, a
+    elif _computed_from(first, second):
+        gate, main = a, b
+    else:
         return None
-    gate = max(sources, key=lambda v: v.id)
-    main = b if gate is a else a
+    if not isinstance(gate, Source):
+        return None
     g = gate.tensor
     m = as_affine(main, "")
     if g.dim() != 4 or m.is_vector or m.flat_from is not None or m.pending_pool is not None:
         return None
-    if g.shape[0] != m.batch or g.shape[1] not in (1, m.channels) or g.shape[2:] not in ((1, 1), (m.height, m.width)):
+    per_channel = g.shape[1] == m.channels and g.shape[2:] == (1, 1)
+    per_position = g.shape[1] == 1 and g.shape[2:] == (m.height, m.width)
+    if g.shape[0] != m.batch or not (per_channel or per_position) or (m.height, m.width) == (1, 1):
         return None
-    if any(not isinstance(t, DenseTerm) for t in m.terms) or (isinstance(main, Source) and gate is main):
+    if any(not isinstance(t, DenseTerm) for t in m.terms):
         return None
 
     def gated(value: torch.Tensor, c0: int, channels: int) -> torch.Tensor:
-        return value * (g if g.shape[1] == 1 else g[:, c0 : c0 + channels])
+        return value * (g if per_position else g[:, c0 : c0 + channels])
 
     out = m.rekeyed()
     out.terms = [replace(t, x=gated(t.x, t.c0, t.channels)) for t in out.terms]
@@ -542,11 +564,13 @@ def _gated(a: Any, b: Any) -> Affine | None:
 def _mul_function(ctx, node, fn, a, b) -> Any:
     where = ctx.where(node)
     if _is_map(a) and _is_map(b):
-        gated = _gated(a, b)
+        gated = _gated(node, a, b)
         if gated is None:
             raise UnsupportedModelError(
-                f"{where}: product of two feature maps that is not a gate (a PFV map of per-channel or "
-                "per-position factors, computed from the other operand, times a map of single-path terms)"
+                f"{where}: product of two feature maps that is not a gate (a PFV map of one factor per channel "
+                "or per position, computed from the other operand, times a map of single-path terms); "
+                "for an activation written as a product, such as x * sigmoid(x), register its module "
+                "with ierf.srd.register_activation"
             )
         return gated
     if _is_map(a) or _is_map(b):
