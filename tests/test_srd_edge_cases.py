@@ -298,6 +298,34 @@ def test_tensors_forward_creates_stay_readable_after_tracing() -> None:
     torch.testing.assert_close(dec.logits, model(x).detach())
     _conserves(dec, 1)
 
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "offset"):
+                self.register_buffer("offset", torch.full((4, 1, 1), 0.25))
+            self.seen = True
+            return torch.relu(self.conv(x) + self.offset)
+
+    class Shared(nn.Module):  # one module under two names: what one path keeps, the other keeps too
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.a = Inner()
+            self.b = self.a
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.b(self.a(torch.relu(self.stem(x)))).mean((2, 3)))
+
+    model = Shared().eval()
+    dec = ierf.SRD(model).decompose(x)
+    assert not hasattr(model.a, "seen") and "offset" in model.a._buffers
+    torch.testing.assert_close(dec.logits, model(x).detach())
+    _conserves(dec, 1)
+
 
 class _TwoBranchGate(nn.Module):
     """GLU-style gating of two full maps: neither factor is computed from the other."""

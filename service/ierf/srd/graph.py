@@ -104,17 +104,22 @@ def _restore_attributes(saved: list[tuple[str, nn.Module, dict, dict]], keep: se
     leave an fx Proxy there, and ``self.calls += 1`` a changed counter): tracing runs the forward.
     Attributes and registry entries named in ``keep`` (qualified paths the graph reads) stay as the trace
     left them."""
-    for path, module, attrs, registries in saved:
+    # A module shared under several paths is one object: keep what the graph reads through any of them.
+    kept: dict[int, set[str]] = {}
+    for path, module, _, _ in saved:
         prefix = f"{path}." if path else ""
+        kept.setdefault(id(module), set()).update(name[len(prefix) :] for name in keep if name.startswith(prefix))
+    for _, module, attrs, registries in saved:
+        names = kept[id(module)]
         current = vars(module)
-        for key in [k for k in current if k not in attrs and prefix + k not in keep]:
+        for key in [k for k in current if k not in attrs and k not in names]:
             del current[key]
         for key, value in attrs.items():
-            if key not in _REGISTRIES and current.get(key, _MISSING) is not value:
+            if key not in _REGISTRIES and key not in names and current.get(key, _MISSING) is not value:
                 current[key] = value
         for key, contents in registries.items():
             registry = current[key]
-            wanted = {**contents, **{k: v for k, v in registry.items() if prefix + k in keep}}
+            wanted = {**contents, **{k: v for k, v in registry.items() if k in names}}
             if registry.keys() != wanted.keys() or any(registry[k] is not v for k, v in wanted.items()):
                 registry.clear()
                 registry.update(wanted)
