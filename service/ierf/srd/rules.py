@@ -525,19 +525,22 @@ def _computed_from(node: Any, other: Any) -> bool:
     return False
 
 
+_GATE_OPERAND = "ierf_gate_operand"  # node.meta key: index of a product's operand computed from the other
+
+
 def _gated(node: fx.Node, a: Any, b: Any) -> Affine | None:
     """``x * g`` where ``g`` is a PFV map of gates computed from ``x`` itself, one per channel
     (squeeze-excitation) or one per position (spatial attention). The gate is taken as this image's constant
     scale, as max-pool winners are: ``x * g`` is then linear in ``x``, so relevance flows exactly through
     the gated map and none through the gate's own branch. None for any other product (two full maps, as in
     GLU-style gating or ``x * sigmoid(x)``, whose factors have no such roles)."""
-    first, second = node.args[:2]
-    if _computed_from(second, first):
-        gate, main = b, a
-    elif _computed_from(first, second):
-        gate, main = a, b
-    else:
+    if _GATE_OPERAND not in node.meta:  # the graph is fixed: walk it once, not on every forward
+        first, second = node.args[:2]
+        node.meta[_GATE_OPERAND] = 1 if _computed_from(second, first) else 0 if _computed_from(first, second) else None
+    which = node.meta[_GATE_OPERAND]
+    if which is None:
         return None
+    gate, main = (b, a) if which == 1 else (a, b)
     if not isinstance(gate, Source):
         return None
     g = gate.tensor
