@@ -302,13 +302,18 @@ def stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Route
 
 def _converted(bundle: Affine, dtype: torch.dtype) -> Affine:
     """The bundle with every floating tensor in ``dtype`` (terms rebuilt from their fields, so no value
-    cached from the old dtype survives)."""
+    cached from the old dtype survives). Kernels are converted once per parameter (the derived cache), so
+    the kernels derived from them stay cached between calls too."""
 
-    def to(v):
-        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    def to(name: str, v):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            return v
+        if name == "weight":
+            return DERIVED.get(f"as-{dtype}", (v,), lambda: v.to(dtype))
+        return v.to(dtype)
 
     def rebuilt(obj):
-        return type(obj)(**{f.name: to(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return type(obj)(**{f.name: to(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)})
 
     return replace(bundle, terms=[rebuilt(t) for t in bundle.terms], biases=[rebuilt(b) for b in bundle.biases])
 
