@@ -31,7 +31,7 @@ from ierf.serving.errors import (
     error_for,
     to_status,
 )
-from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
+from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, CacheConfig, ModelConfig, ServiceConfig
 
 logger = logging.getLogger("ierf.serving")
 
@@ -49,9 +49,6 @@ HEALTH_PROBE_TIMEOUT_S = 2.0
 # an error (the replica died) reads NOT_SERVING at once. Flapping to NOT_SERVING under load would make a
 # load balancer drain capacity exactly when it is needed.
 HEALTH_BUSY_GRACE_S = 30.0
-
-
-GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # Serve's gRPC proxy cap, both directions
 
 
 def _check_response_fits(desc: Any, maps: int, itemsize: int, overlay: bool, return_input: bool) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ierf.images import apply_exif_orientation
 from ierf.serving.errors import InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -181,8 +182,6 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 
 def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
     """PNG / JPEG / WebP bytes -> canonical image. Raises InvalidArgument / ResourceExhausted."""
-    from ierf.images import apply_exif_orientation
-
     if not data:
         raise InvalidArgument("image is empty: no encoded bytes and no tensor")
     if len(data) > limits.max_bytes:

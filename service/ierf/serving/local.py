@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV
+
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "local.yaml"
 # Images (<= 4 MiB decoded) and maps then travel inline in the ingress->worker RPC instead of through
 # the object store: measured on 2 cores, a 150 KB argument hop fell from ~10 ms to ~5 ms. On clusters
@@ -41,13 +43,12 @@ LOOPBACK = "127.0.0.1"
 # workers and the metrics exporter listen on every interface, so the loopback start sets it to 0.
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Serve's gRPC proxy takes messages up to 2 GiB unless told otherwise, so an oversize request is read
-# whole and shipped to the ingress before the ingress refuses it. The proxy reads this variable when
+# whole and shipped to the ingress before the ingress refuses it. The proxy reads GRPC_MAX_MESSAGE_ENV when
 # it starts (ray/serve/_private/constants.py) and applies it to what it receives *and* what it sends.
 # Requests are one image plus a few hundred bytes of fields; the largest response (ComputeIERF with
 # 64 positions: 64 float32 224x224 maps, 12.25 MiB, plus 64 overlay PNGs and the input crop) came to
 # 17.2 MiB on a noise image, whose overlays compress worst. Clusters set the same variable (Dockerfile
 # ENV, the RayService's container env).
-GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 GRPC_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 GRPC_REQUEST_OVERHEAD_BYTES = 1024 * 1024  # what a request carries besides its image, with room to spare
 

@@ -17,6 +17,11 @@ from typing import Any
 
 from ierf.serving.images import ImageLimits
 
+# Serve's gRPC proxy reads its message cap (both directions) from this variable when it starts: set by
+# local starts (local.py), the Dockerfile and the RayService; the ingress reads it to refuse responses
+# that could not pass.
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
