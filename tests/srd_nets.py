@@ -215,20 +215,6 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
 
 
-class _Squared(nn.Module):
-    """A product of a feature map with itself: no operand is a gate computed from the other."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        a = self.act(self.conv(x))
-        return self.fc((a * a).mean((2, 3)))
-
-
 class _WithModule(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -278,7 +264,9 @@ class _TupleOut(nn.Module):
 
 
 NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
-    "squared": (_Squared().eval(), "product of two feature maps that is not a gate"),
+    # a product of a map with itself: no operand is a gate computed from the other
+    "squared": (_Functional(lambda a: a * a).eval(), "product of two feature maps that is not a gate"),
+    "pool_of_pool": (_Functional(lambda a: F.max_pool2d(F.max_pool2d(a, 2), 2)).eval(), "another pooling's output"),
     "layernorm": (_WithModule(nn.LayerNorm([4, 14, 14])).eval(), r"no SRD rule for LayerNorm at module 'block.0'"),
     "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block.0'"),
     "softmax": (_Functional(lambda a: torch.softmax(a, 1)).eval(), r"no SRD rule for function softmax"),

@@ -224,21 +224,6 @@ def test_uneven_adaptive_pooling_read_through_dropout_then_linear() -> None:
     torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_max_pooling_of_a_pooled_map_names_the_problem() -> None:
-    class PoolTwice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
-            return self.fc(nn.functional.max_pool2d(h, 2).mean((2, 3)))
-
-    with pytest.raises(UnsupportedModelError, match="another pooling's output"):
-        ierf.SRD(PoolTwice().eval()).saliency(torch.randn(1, 3, 16, 16), 1)
-
-
 def test_stochastic_depth_is_the_identity_in_eval_mode() -> None:
     """torchvision's StochasticDepth (EfficientNet, ConvNeXt residual branches) passes its input through
     in eval mode."""
