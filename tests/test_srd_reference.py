@@ -264,3 +264,34 @@ def test_state_dict_round_trip_gives_identical_maps():
     torch.testing.assert_close(
         again.ierf("act2", torch.tensor([[1, 2]])), dec.ierf("act2", torch.tensor([[1, 2]])), atol=0, rtol=0
     )
+
+
+def test_a_state_is_checked_against_the_layout_of_another_decomposition_of_the_model():
+    """The layout depends on the model and input size only: one decomposition describes another image's,
+    and a state of another size, with a missing stage, a moved route or a NaN ratio is refused by name."""
+    model, _ = NETS["mixed"]
+    srd = ierf.SRD(model)
+    x = _input("mixed")
+    layout = ierf.StateLayout.of(srd.decompose(x))
+    other = srd.decompose(torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype))
+    state = other.state_dict()
+    torch.testing.assert_close(srd.load_decomposition(state, like=layout).relevance(3), other.relevance(3))
+
+    other_size = srd.decompose(torch.randn(1, 3, x.shape[2] + 4, x.shape[3], dtype=x.dtype)).state_dict()
+    with pytest.raises(ValueError, match="'shapes': its structure differs"):
+        layout.check(other_size)
+    missing = {k: v for k, v in state.items() if k != "stage.0.mu"}
+    with pytest.raises(ValueError, match=r"missing \['stage.0.mu'\]"):
+        srd.load_decomposition(missing, like=layout)
+    moved = dict(state)
+    moved["stage.1.routes"] = state["stage.1.routes"].clone()
+    moved["stage.1.routes"][0, 3] += 1
+    with pytest.raises(ValueError, match=r"'stage\.1\.routes': its structure differs"):
+        layout.check(moved)
+    poisoned = dict(state)
+    poisoned["head.contrib"] = state["head.contrib"].clone()
+    poisoned["head.contrib"].view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=r"'head\.contrib': holds NaN or infinite"):
+        layout.check(poisoned)
+    with pytest.raises(ValueError, match="dict of tensors"):
+        layout.check([state])  # type: ignore[arg-type]

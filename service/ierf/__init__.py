@@ -14,11 +14,12 @@ Public entry points::
 
 from ierf.errors import UnsupportedModelError
 from ierf.methods import available_methods, create_explainer, method_version
-from ierf.srd import SRD, Decomposition
+from ierf.srd import SRD, Decomposition, StateLayout
 
 __all__ = [
     "SRD",
     "Decomposition",
+    "StateLayout",
     "UnsupportedModelError",
     "available_methods",
     "create_explainer",

@@ -110,7 +110,13 @@ class ExplainerWorker:
             self._compute.shutdown(wait=False)
             raise
         self.metrics.model_info(model.id, self.host.model.weights_digest, str(self.host.device))
-        logger.info("worker %s ready on %s with %d torch threads", model.id, self.host.device, threads)
+        logger.info(
+            "worker %s ready on %s with %d torch threads; warm-up times: %s",
+            model.id,
+            self.host.device,
+            threads,
+            ", ".join(f"{work} {seconds:.3f} s" for work, seconds in self.host._estimates.items()),
+        )
 
     def _load(self, model: ModelConfig, cache: CacheConfig, threads: int) -> Any:
         import torch

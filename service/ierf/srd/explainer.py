@@ -460,6 +460,40 @@ class Decomposition:
         return cls(program, state["logits"], stages, shapes, head, acts, head_mode)
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """The structure of a decomposition's state: each tensor's dtype and shape, and the exact contents of
+    its integer tensors (schema, shapes, stage sinks, routes). It depends on the model and the input
+    size, never on the image, so one decomposition of a model describes every other at that size."""
+
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], torch.Tensor | None]]
+
+    @classmethod
+    def of(cls, decomposition: Decomposition) -> StateLayout:
+        entries = {}
+        for key, v in decomposition.state_dict().items():
+            values = None if v.is_floating_point() else v.detach().to("cpu", copy=True)
+            entries[key] = (v.dtype, tuple(v.shape), values)
+        return cls(entries)
+
+    def check(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError, naming the first difference, unless ``state`` has this layout and finite values."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a decomposition state is a dict of tensors, got {type(state).__name__}")
+        missing, extra = sorted(self.entries.keys() - state.keys()), sorted(state.keys() - self.entries.keys())
+        if missing or extra:
+            raise ValueError(f"decomposition state: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, (dtype, shape, values) in self.entries.items():
+            v = state[key]
+            if not isinstance(v, torch.Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"decomposition state {key!r}: expected {dtype} {shape}, got {got}")
+            if values is not None and not torch.equal(v.cpu(), values):
+                raise ValueError(f"decomposition state {key!r}: its structure differs from this model's")
+            if values is None and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"decomposition state {key!r}: holds NaN or infinite values")
+
+
 def _routes_tensor(routes: list[Route]) -> torch.Tensor:
     return torch.tensor([[r.source, r.sy, r.sx, r.oy, r.ox] for r in routes], dtype=torch.long).view(-1, 5)
 
@@ -597,7 +631,13 @@ class SRD:
                 raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} {problem} this model: {first}") from None
             raise
 
-    def load_decomposition(self, state: dict[str, torch.Tensor]) -> Decomposition:
+    def load_decomposition(self, state: dict[str, torch.Tensor], like: StateLayout | None = None) -> Decomposition:
+        """A decomposition from :meth:`Decomposition.state_dict` tensors. ``like``: the layout the state
+        must have (:meth:`StateLayout.of` a decomposition of this model at the same input size); states
+        read back from a shared store should always be checked, since a mismatched one fails or gives
+        wrong maps only when queried."""
+        if like is not None:
+            like.check(state)
         return Decomposition.from_state(self.program, state, self.head)
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:

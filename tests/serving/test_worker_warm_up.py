@@ -1,0 +1,119 @@
+"""A worker replica before and after its first request: warm-up estimates, and cached values checked
+against the layout of the replica's own warm-up decomposition when they come back from Redis."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+PIXELS = np.random.default_rng(11).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+HASH = "f" * 64
+
+
+def _host(cache: dict | None = None):
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    args = {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": cache or {"redis_url": None}}
+    config = ServiceConfig.from_args(args)
+    return ModelHost(config.models[0], config.cache)
+
+
+def test_a_fresh_replica_knows_its_times_and_refuses_a_first_request_that_cannot_finish() -> None:
+    """Before warm-up a replica let its first request through whatever the deadline (nothing measured
+    yet), holding its only compute thread long after the caller gave up."""
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.worker import DECOMPOSE, FORWARD, ExplainJob, PredictJob
+
+    host = _host()
+    assert {DECOMPOSE, FORWARD, "explain:srd"} <= host._estimates.keys()
+    assert all(0 < seconds < 30 for seconds in host._estimates.values())
+    too_short = 0.2 * host._estimates[DECOMPOSE]
+    start = time.perf_counter()
+    with pytest.raises(DeadlineExceeded, match="decomposing a new image and srd saliency need about"):
+        host.explain(ExplainJob(PIXELS, HASH, target=1, deadline=time.time() + too_short))
+    with pytest.raises(DeadlineExceeded, match="a forward pass need about"):
+        host.predict(PredictJob(PIXELS, HASH, top_k=1, deadline=time.time() + 0.2 * host._estimates[FORWARD]))
+    assert time.perf_counter() - start < host._estimates[DECOMPOSE], "refused only after the work"
+    assert len(host.cache.l1._items) == 0  # nothing was computed for them
+
+
+def _tamper(url: str, key: str, change) -> None:
+    import redis
+    from ierf.serving.cache import decode_tensors, encode_tensors
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    state = decode_tensors(key, client.get(key))
+    change(state)
+    client.set(key, encode_tensors(key, state))
+    client.close()
+
+
+def _truncate_a_ratio_map(state: dict[str, torch.Tensor]) -> None:
+    state["stage.3.mu"] = state["stage.3.mu"][..., :-1].contiguous()
+
+
+def _poison_a_ratio(state: dict[str, torch.Tensor]) -> None:
+    mu = state["stage.2.mu"].clone()
+    mu.view(-1)[7] = float("nan")
+    state["stage.2.mu"] = mu
+
+
+def _move_a_route(state: dict[str, torch.Tensor]) -> None:
+    routes = state["stage.4.routes"].clone()
+    routes[0, 3] += 1  # a tap read one row lower: a well-formed but different network
+    state["stage.4.routes"] = routes
+
+
+def _drop_a_stage(state: dict[str, torch.Tensor]) -> None:
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("stage."))
+    for suffix in ("mu", "routes", "sink"):
+        del state[f"stage.{last}.{suffix}"]
+
+
+@pytest.mark.parametrize("change", [_truncate_a_ratio_map, _poison_a_ratio, _move_a_route, _drop_a_stage])
+def test_a_cached_decomposition_unlike_the_models_own_is_a_miss_and_recomputed(redis_flushed, change) -> None:
+    """Redis holding a well-formed value of the wrong structure under a decomposition key (another build
+    of the model, a partial write, tampering): before, a truncated ratio map failed the request
+    (INTERNAL), and a NaN or a moved route gave a wrong map with an L2 hit in its provenance."""
+    from ierf.serving.worker import ExplainJob
+
+    cache = {"redis_url": redis_flushed.url, "l1_bytes": 0}
+    writer = _host(cache)
+    expected = writer.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert writer.cache.flush(10.0)
+    key = writer._key("decomposition", "srd", HASH)
+    _tamper(redis_flushed.url, key, change)
+
+    reader = _host(cache)  # another replica: nothing in memory
+    got = reader.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert got.provenance.cache == [("decomposition", "miss")]
+    np.testing.assert_allclose(got.maps, expected.maps, rtol=1e-5, atol=1e-6)
+    assert reader.cache.flush(10.0)
+    again = _host(cache).explain(ExplainJob(PIXELS, HASH, target=3))  # the recomputed value replaced it
+    assert again.provenance.cache == [("decomposition", "l2")]
+    np.testing.assert_allclose(again.maps, expected.maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [torch.zeros(1, 999), torch.full((1, 1000), float("nan")), torch.zeros(1, 1000, dtype=torch.float64)],
+    ids=["truncated", "nan", "float64"],
+)
+def test_cached_logits_of_the_wrong_shape_or_values_are_a_miss(redis_flushed, logits: torch.Tensor) -> None:
+    from ierf.serving.worker import PredictJob
+
+    cache = {"redis_url": redis_flushed.url, "l1_bytes": 0}
+    writer = _host(cache)
+    expected = writer.predict(PredictJob(PIXELS, HASH, top_k=3))
+    assert writer.cache.flush(10.0)
+    _tamper(redis_flushed.url, writer._key("logits", "model", HASH), lambda state: state.update(logits=logits))
+
+    got = _host(cache).predict(PredictJob(PIXELS, HASH, top_k=3))
+    assert got.provenance.cache == [("logits", "miss")]
+    assert [s.index for s in got.top_classes] == [s.index for s in expected.top_classes]
