@@ -200,6 +200,69 @@ class SqueezeExcite(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
+def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Inception(nn.Module):
+    """GoogLeNet's block: four branches concatenated, the last max-pooling its input (3x3, stride 1)."""
+
+    def __init__(self, cin: int, functional_pool: bool = False, pooled_kernel: int = 1) -> None:
+        super().__init__()
+        self.functional_pool = functional_pool
+        self.branch1 = _conv_bn_relu(cin, 5, 1)
+        self.branch2 = nn.Sequential(_conv_bn_relu(cin, 4, 1), _conv_bn_relu(4, 5, 3))
+        self.branch3 = _conv_bn_relu(cin, 4, 3)
+        self.pool = nn.MaxPool2d(3, 1, 1, ceil_mode=True)
+        self.branch4 = _conv_bn_relu(cin, 4, pooled_kernel)
+
+    def forward(self, x):
+        pooled = F.max_pool2d(x, 3, 1, 1) if self.functional_pool else self.pool(x)
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(pooled)], 1)
+
+
+class TinyGoogLeNet(nn.Module):
+    """Max-pool of a max-pool: the first block's last branch pools the stem's pooled map, the second's pools
+    a concatenation of pooled branches (paths are (first offset, second offset) pairs).
+
+    A 3x3 stride-1 max-pool repeats its winners at neighbouring positions, and a 1x1 convolution of them
+    gives equal PFVs: a later max-pool then has exact ties, which implementations may break differently
+    (both answers valid). Here the first block convolves its pooled branch 3x3 so the reference comparison
+    is tie-free; the second block's 1x1 after its pool is GoogLeNet's own pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 8, 3)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.block1 = Inception(8, pooled_kernel=3)
+        self.pool2 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.block2 = Inception(18, functional_pool=True)
+        self.fc = nn.Linear(18, 4)
+
+    def forward(self, x):
+        x = self.block1(self.pool1(self.stem(x)))
+        return self.fc(self.block2(self.pool2(x)).mean((2, 3)))
+
+
+class ChannelPicks(nn.Module):
+    """torchvision's ``transform_input`` (each input channel picked, unsqueezed back, rescaled, and the three
+    concatenated; here also reordered), and channel ranges of a PFV map feeding a convolution and the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(7, 4)
+
+    def forward(self, x):
+        picks = [torch.unsqueeze(x[:, k], 1) * s for k, s in ((2, 0.5), (0, 1.5), (-2, -0.7))]
+        h = self.act(self.conv1(torch.cat(picks, 1)))
+        a = self.act(self.bn(self.conv2(h[:, 1:5])))
+        return self.fc(torch.cat([a, h[:, -2:]], 1).mean((2, 3)))
+
+
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
@@ -211,6 +274,8 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
         "composed": (Composed(), (11, 9)),
         "linear": (LinearNet(), (7, 9)),
         "squeeze_excite": (SqueezeExcite(), (9, 11)),
+        "tiny_googlenet": (TinyGoogLeNet(), (12, 9)),
+        "channel_picks": (ChannelPicks(), (7, 8)),
     }
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
 
@@ -266,11 +331,12 @@ class _TupleOut(nn.Module):
 NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
     # a product of a map with itself: no operand is a gate computed from the other
     "squared": (_Functional(lambda a: a * a).eval(), "product of two feature maps that is not a gate"),
-    "pool_of_pool": (_Functional(lambda a: F.max_pool2d(F.max_pool2d(a, 2), 2)).eval(), "another pooling's output"),
+    "pool_of_bias": (_Functional(lambda a: F.max_pool2d(F.avg_pool2d(a, 2), 2)).eval(), "an average pooling's"),
     "layernorm": (_WithModule(nn.LayerNorm([4, 14, 14])).eval(), r"no SRD rule for LayerNorm at module 'block.0'"),
     "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block.0'"),
     "softmax": (_Functional(lambda a: torch.softmax(a, 1)).eval(), r"no SRD rule for function softmax"),
-    "slicing": (_Functional(lambda a: a[:, :2]).eval(), r"indexing a feature map"),
+    "slicing": (_Functional(lambda a: a[:, :, 1:]).eval(), r"indexing a feature map \(supported: a channel range"),
+    "channel_kept_3d": (_Functional(lambda a: a[:, 1] + a[:, 2]).eval(), r"removes the channel dimension"),
     "two_spreading": (_TwoSpreading().eval(), r"padded \(3, 3\) convolution directly after a \(3, 3\)"),
     "tuple_output": (_TupleOut().eval(), r"one logits tensor"),
 }

@@ -215,6 +215,22 @@ def test_max_pooling_a_channel_concatenation_is_decomposed() -> None:
     torch.testing.assert_close(erf.sum((2, 3)), torch.ones(1, 1), rtol=1e-4, atol=1e-5)
 
 
+def test_googlenet_max_pools_a_max_pool() -> None:
+    """torchvision's GoogLeNet as its ImageNet weights build it: each inception block's fourth branch
+    max-pools its input, which after maxpool2/3/4 is itself a max-pool's output (paths become pairs of
+    window offsets), and ``transform_input`` re-normalises the input one channel at a time."""
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(aux_logits=False, init_weights=True, transform_input=True)
+    model = randomise_bn(net).eval()
+    x = torch.randn(1, 3, 96, 96)
+    explainer = ierf.SRD(model)
+    dec = explainer.decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-5)
+    _conserves(dec, 7)
+    erf = dec.ierf("inception4a.branch4.1", torch.tensor([[1, 1], [2, 3]]))
+    torch.testing.assert_close(erf.sum((2, 3)), torch.ones(1, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_uneven_adaptive_pooling_read_through_dropout_then_linear() -> None:
     """AlexNet at 256x256: 7x7 -> 6x6 pooling, then flatten, eval-mode Dropout, Linear."""
     torch.manual_seed(0)

@@ -51,6 +51,9 @@ def test_saliency_matches_reference(name, layout, references, monkeypatch):
     if layout == "fused":  # stage statistics through the compiled fusion (IERF_FUSED=1)
         if not fused._compiler_available():
             pytest.skip("no C++ compiler for Inductor")
+        if name in ("tiny_googlenet", "channel_picks"):
+            # graph-rule nets: their stages are shapes the other nets already fuse (new arities compile ~70 s)
+            pytest.skip("covered by the other nets")
         monkeypatch.setenv(fused.ENV_SWITCH, "1")
     model, _ = NETS[name]
     x = _input(name)
@@ -142,10 +145,13 @@ def test_conservation_at_every_layer(name):
     dec = srd.decompose(_input(name, seed=2))
     logit = dec.logits[0, 1]
     start = dec._start(dec._targets(1), "identity", "exact")
+    before = {k: v.clone() for k, v in start.items()}
     for layer in srd.layers:
         # relevance on the frontier below `layer` (that map plus any maps skips reach) sums to the logit
         frontier = dec.frontier(start, srd.program.source_id(layer))
         torch.testing.assert_close(sum(r.sum() for r in frontier.values()), logit, atol=1e-9, rtol=1e-9)
+    for k, v in before.items():  # a head reading two maps (channel_picks) used to get its start map added to
+        torch.testing.assert_close(start[k], v, atol=0, rtol=0)
 
 
 def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x: torch.Tensor) -> torch.Tensor:

@@ -395,8 +395,9 @@ class Decomposition:
 
     def frontier(self, relevance: dict[int, torch.Tensor], stop: int = 0) -> dict[int, torch.Tensor]:
         """Relevance of every PFV map once map ``stop`` is complete. In residual networks part of it may
-        still sit on earlier maps reached by skip connections; the maps together conserve the total."""
-        relevance = dict(relevance)
+        still sit on earlier maps reached by skip connections; the maps together conserve the total.
+        The caller's tensors are left as they were (relevance is added into copies)."""
+        relevance = {k: v.clone() for k, v in relevance.items()}
         seeds = next(iter(relevance.values())).shape[1]
         for stage in reversed(self.stages):
             if stage.sink <= stop:

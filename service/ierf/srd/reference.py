@@ -191,7 +191,7 @@ class ReferenceSRD:
         walk(sink_input, [])
         return paths
 
-    def _run_path(self, path: list[fx.Node], order, source_value: torch.Tensor, values, offset) -> torch.Tensor:
+    def _run_path(self, path: list[fx.Node], order, source_value: torch.Tensor, values, offsets) -> torch.Tensor:
         """Evaluate the bias-free stage along one path only; other operands of adds/concats are zero."""
         on = set(path)
         local: dict[fx.Node, torch.Tensor] = dict(values)
@@ -205,7 +205,7 @@ class ReferenceSRD:
                     local[dep] = values[dep]  # frozen at this image's value (broadcasts over the batch)
                 elif dep not in on and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
                     local[dep] = torch.zeros(source_value.shape[0], *values[dep].shape[1:], dtype=torch.float64)
-            local[n] = self._eval(n, local, self.linear_model, pool_offset=offset)
+            local[n] = self._eval(n, local, self.linear_model, pool_offset=offsets.get(n))
         return local[path[-1]]
 
     def _bias_vector(self, node: fx.Node, order, sources, values) -> torch.Tensor:
@@ -223,13 +223,24 @@ class ReferenceSRD:
             local[n] = self._eval(n, local, only)
         return local[order[-1]]
 
-    def _pool_offsets(self, path: list[fx.Node]) -> list[tuple[int, int] | None]:
+    def _pool_kernel(self, n: fx.Node) -> tuple[int, int] | None:
+        if n.op == "call_module" and isinstance(self.modules[str(n.target)], nn.MaxPool2d):
+            k = self.modules[str(n.target)].kernel_size
+        elif n.op == "call_function" and n.target is F.max_pool2d:
+            k = n.args[1] if len(n.args) > 1 else n.kwargs["kernel_size"]
+        else:
+            return None
+        return (k, k) if isinstance(k, int) else tuple(k)
+
+    def _pool_offsets(self, path: list[fx.Node]) -> list[dict[fx.Node, tuple[int, int]]]:
+        """One path per combination of window offsets of the max-pools along it (a max-pool of a max-pool
+        gives (first offset, second offset) pairs)."""
+        combos: list[dict[fx.Node, tuple[int, int]]] = [{}]
         for n in path:
-            if n.op == "call_module" and isinstance(self.modules[str(n.target)], nn.MaxPool2d):
-                k = self.modules[str(n.target)].kernel_size
-                k = (k, k) if isinstance(k, int) else k
-                return [(i, j) for i in range(k[0]) for j in range(k[1])]
-        return [None]
+            k = self._pool_kernel(n)
+            if k is not None:
+                combos = [{**c, n: (i, j)} for c in combos for i in range(k[0]) for j in range(k[1])]
+        return combos
 
     def _contributions(self, sink_input: fx.Node, values):
         order, sources = self._stage_nodes(sink_input)
@@ -245,8 +256,8 @@ class ReferenceSRD:
             view = one_hot.view(n_pos, a.shape[0], -1)
             for p in range(n_pos):
                 view[p, :, p] = flat[:, p]
-            for offset in self._pool_offsets(path):
-                out = self._run_path(path, order, one_hot, values, offset)
+            for offsets in self._pool_offsets(path):
+                out = self._run_path(path, order, one_hot, values, offsets)
                 items.append((pi, path[0], out.reshape(n_pos, z.shape[0], -1)))
         biases = []
         for n in order:

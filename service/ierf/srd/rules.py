@@ -27,7 +27,7 @@ from torch import nn
 
 from ierf.errors import UnsupportedModelError
 from ierf.srd.derived import DERIVED
-from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_routes, replace
+from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_of_paths, max_pool_routes, replace
 
 
 @dataclass
@@ -265,6 +265,8 @@ def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return
         return cat_channels(
             [max_pool_routes(t.x, t.route, kernel, stride, _pair(padding), _pair(dilation), ceil_mode) for t in parts]
         )
+    elif _pooled_paths(x):
+        return max_pool_of_paths(x, kernel, stride, _pair(padding), _pair(dilation), ceil_mode)
     else:
         raise UnsupportedModelError(f"{where}: max pooling of {_describe_value(x)}")
     return max_pool_routes(tensor, route, kernel, stride, _pair(padding), _pair(dilation), ceil_mode)
@@ -276,7 +278,21 @@ def _describe_value(x: Any) -> str:
         return "a map plus a constant, such as a convolution's output (max pooling needs an activation first)"
     if isinstance(x, Affine) and len({t.route.source for t in x.terms}) > 1:
         return "a sum of several feature maps (max pooling needs an activation first)"
-    return "a value that is not a single PFV map, such as another pooling's output (its winners are already paths)"
+    return "a value that is not made of PFV maps as they are, such as an average pooling's or a convolution's output"
+
+
+def _pooled_paths(x: Any) -> bool:
+    """Whether ``x`` is an earlier max-pool's paths (masked copies of PFV maps, possibly side by side in a
+    channel concatenation): a sum of paths with no constant, which a pooling of its own only regroups."""
+    return (
+        isinstance(x, Affine)
+        and not x.biases
+        and x.pending_pool is None
+        and not x.is_vector
+        and x.flat_from is None
+        and len(x.terms) > 1
+        and all(isinstance(t, DenseTerm) for t in x.terms)
+    )
 
 
 def _channel_slices(x: Any) -> bool:
@@ -648,9 +664,65 @@ def _getattr_function(ctx, node, fn, x, attr) -> Any:
 
 @function_rule(operator.getitem)
 def _getitem_function(ctx, node, fn, x, index) -> Any:
-    if _is_map(x):
-        raise UnsupportedModelError(f"{ctx.where(node)}: indexing a feature map")
-    return x[index]
+    if not _is_map(x):
+        return x[index]
+    where = ctx.where(node)
+    bundle = as_affine(x, where)
+    c = bundle.channels
+    picked = _channel_index(index, c)
+    if picked is None or bundle.is_vector or bundle.flat_from is not None:
+        raise UnsupportedModelError(
+            f"{where}: indexing a feature map (supported: a channel range x[:, a:b], and one channel x[:, k] "
+            "put back with unsqueeze(1), as torchvision's transform_input does)"
+        )
+    lo, hi, drops_dim = picked
+    if drops_dim and not all(_unsqueezes_channel_dim(user) for user in node.users):
+        raise UnsupportedModelError(
+            f"{where}: x[:, {lo}] removes the channel dimension; only unsqueeze(1) may follow it"
+        )
+    return bundle.channel_slice(lo, hi, where)  # kept 4-D: the unsqueeze that follows restores nothing
+
+
+def _channel_index(index: Any, channels: int) -> tuple[int, int, bool] | None:
+    """(lo, hi, dimension dropped) for ``[:, k]`` and ``[:, a:b]`` (steps of 1), else None."""
+    if not isinstance(index, tuple) or len(index) != 2 or index[0] != slice(None):
+        return None
+    pick = index[1]
+    if isinstance(pick, int) and -channels <= pick < channels:
+        k = pick % channels
+        return k, k + 1, True
+    if isinstance(pick, slice) and pick.step in (None, 1):
+        lo, hi, _ = pick.indices(channels)
+        return (lo, hi, False) if lo < hi else None
+    return None
+
+
+def _unsqueezes_channel_dim(node: fx.Node) -> bool:
+    unsqueeze = (node.op == "call_function" and node.target is torch.unsqueeze) or (
+        node.op == "call_method" and node.target == "unsqueeze"
+    )
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return unsqueeze and dim == 1
+
+
+def _unsqueeze(ctx, node, x, dim) -> Any:
+    if not _is_map(x):
+        return torch.unsqueeze(x, dim)
+    source = node.args[0]
+    picked = isinstance(source, fx.Node) and source.op == "call_function" and source.target is operator.getitem
+    if not picked or dim != 1:
+        raise UnsupportedModelError(f"{ctx.where(node)}: unsqueeze({dim}) of a feature map")
+    return x  # the channel picked by x[:, k], already held as a one-channel map
+
+
+@function_rule(torch.unsqueeze)
+def _unsqueeze_function(ctx, node, fn, x, dim) -> Any:
+    return _unsqueeze(ctx, node, x, dim)
+
+
+@method_rule("unsqueeze")
+def _unsqueeze_method(ctx, node, name, x, dim) -> Any:
+    return _unsqueeze(ctx, node, x, dim)
 
 
 @function_rule(operator.floordiv, operator.sub)  # shape arithmetic only

@@ -282,6 +282,34 @@ class Affine:
             out.biases.append(BiasTerm(shift.view(1, -1, 1, 1), out.keys()))
         return out
 
+    def channel_slice(self, lo: int, hi: int, where: str) -> Affine:
+        """Channels [lo, hi) of a (B, C, H, W) value: each path keeps the part of its channels inside the
+        range (a convolution term its matching output filters), biases likewise. Paths left with no
+        channel drop out; the biases they shared go to the paths that remain."""
+        if self.is_vector or self.flat_from is not None or self.pending_pool is not None:
+            raise UnsupportedModelError(f"{where}: channel indexing of a flattened or pooled vector")
+        terms: list[Term] = []
+        for t in self.terms:
+            a, b = max(lo, t.c0), min(hi, t.c0 + t.channels)
+            if a >= b:
+                continue
+            part = slice(a - t.c0, b - t.c0)
+            if isinstance(t, DenseTerm):
+                terms.append(replace(t, x=t.x[:, part], c0=a - lo))
+            elif t.groups != 1:
+                raise UnsupportedModelError(f"{where}: channel indexing of a grouped convolution's output")
+            else:
+                scale = None if t.out_scale is None else t.out_scale[part]
+                terms.append(replace(t, weight=t.weight[part], out_scale=scale, c0=a - lo))
+        if not terms:
+            raise UnsupportedModelError(f"{where}: channels {lo}..{hi - 1} of the value carry no feature map")
+        biases = []
+        for bias in self.biases:
+            a, b = max(lo, bias.c0), min(hi, bias.c0 + bias.channels)
+            if a < b:
+                biases.append(replace(bias, value=bias.value[:, a - bias.c0 : b - bias.c0], c0=a - lo))
+        return Affine(terms, biases, self.batch, hi - lo, self.height, self.width)
+
     def add_constant(self, const: torch.Tensor, where: str) -> Affine:
         """``value + const`` with torch's broadcasting against the value's real shape ((B, C), (B, C*H*W)
         when flattened, or (B, C, H, W)), kept as a bias of shape (1|B, C, 1|H, 1|W) so that each channel
@@ -510,18 +538,8 @@ def max_pool_routes(
     # Channels-last: the next stage reads these terms with channels innermost (no per-term copy there).
     pooled = pooled.contiguous(memory_format=torch.channels_last)
     idx = idx.contiguous(memory_format=torch.channels_last)
-    width_in = x.shape[3]
+    offset, code = _window_offsets(idx, x.shape[3], kernel, stride, pad, dilation)
     (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
-    base_y = torch.arange(h, device=x.device).view(1, 1, h, 1) * sy - py
-    base_x = torch.arange(w, device=x.device).view(1, 1, 1, w) * sx - px
-    if (kw - 1) * dx < width_in:
-        # The winner's flat index less its window origin's is i*dy*W + j*dx, distinct for every offset
-        # while the window is narrower than the input: one subtraction, no integer division.
-        offset = idx - (base_y * width_in + base_x)
-        code = [[i * dy * width_in + j * dx for j in range(kw)] for i in range(kh)]
-    else:
-        offset = (idx // width_in - base_y) // dy * kw + (idx % width_in - base_x) // dx
-        code = [[i * kw + j for j in range(kw)] for i in range(kh)]
     terms: list[Term] = []
     zero = pooled.new_zeros(())
     for i in range(kh):
@@ -529,6 +547,63 @@ def max_pool_routes(
             mask = offset == code[i][j]
             terms.append(DenseTerm(torch.where(mask, pooled, zero), route.then(sy, sx, i * dy - py, j * dx - px)))
     return Affine(terms, [], b, c, h, w)
+
+
+def max_pool_of_paths(
+    x: Affine,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pad: tuple[int, int],
+    dilation: tuple[int, int],
+    ceil_mode: bool,
+) -> Affine:
+    """Max pooling of a value that is already a sum of paths (another max-pool's output, or such outputs
+    side by side in a channel concatenation, as in GoogLeNet's inception blocks).
+
+    Winners are taken on the value and frozen; each path is read at them and split by window offset, so a
+    path becomes an (earlier path, window offset) pair, as the (kernel tap, window offset) pairs of a
+    max-pool merged into a convolution are. With frozen winners the pooling is a gather, so the paths still
+    sum to the pooled value exactly.
+    """
+    total = x.total()
+    pooled, idx = F.max_pool2d(total, kernel, stride, pad, dilation, ceil_mode, return_indices=True)
+    b, c, h, w = pooled.shape
+    offset, code = _window_offsets(idx, total.shape[3], kernel, stride, pad, dilation)
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
+    terms: list[Term] = []
+    zero = pooled.new_zeros(())
+    for t in x.terms:
+        assert isinstance(t, DenseTerm)
+        winners = idx[:, t.c0 : t.c0 + t.channels].flatten(2)
+        read = t.x.expand(b, -1, -1, -1).flatten(2).gather(2, winners).view(b, t.channels, h, w)
+        read = read.contiguous(memory_format=torch.channels_last)
+        at = offset[:, t.c0 : t.c0 + t.channels]
+        for i in range(kh):
+            for j in range(kw):
+                route = t.route.then(sy, sx, i * dy - py, j * dx - px)
+                terms.append(DenseTerm(torch.where(at == code[i][j], read, zero), route, t.c0))
+    return Affine(terms, [], b, c, h, w)
+
+
+def _window_offsets(
+    idx: torch.Tensor,
+    width_in: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pad: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Each winner's window offset, as a code per output position, and the code of offset (i, j)."""
+    _, _, h, w = idx.shape
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
+    base_y = torch.arange(h, device=idx.device).view(1, 1, h, 1) * sy - py
+    base_x = torch.arange(w, device=idx.device).view(1, 1, 1, w) * sx - px
+    if (kw - 1) * dx < width_in:
+        # The winner's flat index less its window origin's is i*dy*W + j*dx, distinct for every offset
+        # while the window is narrower than the input: one subtraction, no integer division.
+        return idx - (base_y * width_in + base_x), [[i * dy * width_in + j * dx for j in range(kw)] for i in range(kh)]
+    offset = (idx // width_in - base_y) // dy * kw + (idx % width_in - base_x) // dx
+    return offset, [[i * kw + j for j in range(kw)] for i in range(kh)]
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
