@@ -26,7 +26,17 @@ from ierf.models import (
 )
 from PIL import Image
 
-TORCHVISION_ARCHS = ["resnet18", "resnet50", "resnet101", "vgg16", "vgg16_bn", "densenet121", "mobilenet_v2"]
+TORCHVISION_ARCHS = [
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "vgg16",
+    "vgg16_bn",
+    "densenet121",
+    "googlenet",
+    "inception_v3",
+    "mobilenet_v2",
+]
 WEIGHT_ENUMS = {
     "resnet18": torchvision.models.ResNet18_Weights,
     "resnet50": torchvision.models.ResNet50_Weights,
@@ -34,6 +44,8 @@ WEIGHT_ENUMS = {
     "vgg16": torchvision.models.VGG16_Weights,
     "vgg16_bn": torchvision.models.VGG16_BN_Weights,
     "densenet121": torchvision.models.DenseNet121_Weights,
+    "googlenet": torchvision.models.GoogLeNet_Weights,
+    "inception_v3": torchvision.models.Inception_V3_Weights,
     "mobilenet_v2": torchvision.models.MobileNet_V2_Weights,
 }
 
@@ -422,3 +434,33 @@ def test_lite0_keeps_static_same_padding_modules(lite0):
     stem = lite0.module._conv_stem
     assert isinstance(stem.static_padding, torch.nn.ZeroPad2d)
     assert stem.static_padding.padding == (0, 1, 0, 1)
+
+
+@pytest.mark.parametrize(("name", "aux"), [("googlenet", ("aux1.", "aux2.")), ("inception_v3", ("AuxLogits.",))])
+def test_inception_checkpoints_load_without_their_auxiliary_classifiers(name, aux):
+    """torchvision's ImageNet checkpoints for GoogLeNet and Inception-v3 hold the training-only auxiliary
+    classifiers; the served model (transform_input on, as torchvision sets it for those weights) has none."""
+    with torch.device("meta"):
+        full = getattr(torchvision.models, name)(weights=None, aux_logits=True, init_weights=False)
+        served = build_module(name)
+    assert served.transform_input and not served.aux_logits
+    keys = set(full.state_dict())
+    assert any(k.startswith(aux) for k in keys)
+    assert model_spec(name).fix_state_dict is not None
+    assert set(model_spec(name).fix_state_dict(dict.fromkeys(keys))) == set(served.state_dict())
+
+
+def test_a_googlenet_checkpoint_with_auxiliary_classifiers_is_served_and_explained(tmp_path):
+    import ierf
+
+    torch.manual_seed(0)
+    state = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).state_dict()
+    path = tmp_path / "googlenet-1378be20.pth"
+    torch.save(state, path)
+    model = load_model("googlenet", weights=path)
+    assert model.input_size == 224 and model.weights_source == str(path)
+    x = model.preprocess(demo_image("chelsea"))[None]
+    dec = ierf.SRD(model.module).decompose(x)
+    torch.testing.assert_close(dec.logits, model.module(x), rtol=1e-4, atol=1e-5)
+    total = dec.saliency(281).sum()
+    assert abs(float(total) - float(dec.logits[0, 281])) <= 1e-4 * float(dec.logits.abs().max())

@@ -93,3 +93,4 @@ IMAGENET = Preprocessing(
     std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
     tag="imagenet",
 )
+IMAGENET_299 = Preprocessing(resize=342, crop=299, mean=IMAGENET.mean, std=IMAGENET.std, tag="imagenet")

