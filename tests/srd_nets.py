@@ -263,6 +263,51 @@ class ChannelPicks(nn.Module):
         return self.fc(torch.cat([a, h[:, -2:]], 1).mean((2, 3)))
 
 
+def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNetV2 channel shuffle, op for op."""
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batch, channels, height, width)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's stride-1 unit: half the channels pass, the other half go through 1x1, depthwise 3x3 (no
+    activation after it) and 1x1; both halves are concatenated and shuffled."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            _conv_bn_relu(half, half, 1),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            _conv_bn_relu(half, half, 1),
+        )
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        return _channel_shuffle(torch.cat((x1, self.branch(x2)), 1), 2)
+
+
+class TinyShuffleNet(nn.Module):
+    """Channel chunks and shuffles: each path's channels move, its contribution must not. The last shuffle
+    acts on a convolution's output before its activation (kernel taps, folded batch norm and biases move)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 16, 3)
+        self.unit1 = ShuffleUnit(16)
+        self.unit2 = ShuffleUnit(16)
+        self.mix = nn.Conv2d(16, 12, 3, padding=1)
+        self.mix_bn = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        y = self.unit2(self.unit1(self.stem(x)))
+        return self.fc(torch.relu(_channel_shuffle(self.mix_bn(self.mix(y)), 4)).mean((2, 3)))
+
+
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
@@ -276,6 +321,7 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
         "squeeze_excite": (SqueezeExcite(), (9, 11)),
         "tiny_googlenet": (TinyGoogLeNet(), (12, 9)),
         "channel_picks": (ChannelPicks(), (7, 8)),
+        "tiny_shufflenet": (TinyShuffleNet(), (6, 7)),
     }
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
 

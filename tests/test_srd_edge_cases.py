@@ -231,6 +231,19 @@ def test_googlenet_max_pools_a_max_pool() -> None:
     torch.testing.assert_close(erf.sum((2, 3)), torch.ones(1, 2), rtol=1e-4, atol=1e-5)
 
 
+def test_shufflenet_chunks_and_shuffles_channels() -> None:
+    """torchvision's ShuffleNetV2: x.chunk(2, dim=1), concatenation, then a channel shuffle written as
+    view(B, g, C/g, H, W), transpose(1, 2), view(B, C, H, W)."""
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.shufflenet_v2_x0_5()).eval()
+    x = torch.randn(2, 3, 96, 96)
+    dec = ierf.SRD(model).decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-5)
+    _conserves(dec, 7)
+    erf = dec.ierf("stage3.2.branch2.7", torch.tensor([[1, 1]]))
+    torch.testing.assert_close(erf.sum((2, 3)), torch.ones(2, 1), rtol=1e-4, atol=1e-5)
+
+
 def test_uneven_adaptive_pooling_read_through_dropout_then_linear() -> None:
     """AlexNet at 256x256: 7x7 -> 6x6 pooling, then flatten, eval-mode Dropout, Linear."""
     torch.manual_seed(0)

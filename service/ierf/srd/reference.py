@@ -48,6 +48,17 @@ def _zero_biases(module: nn.Module) -> None:
             m.running_mean.zero_()
 
 
+def _is_shape(node: fx.Node) -> bool:
+    """A size or arithmetic on sizes (``b, c, h, w = x.size()``; ``c // groups``): no path runs through it."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    shape_ops = (operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub)
+    inputs = node.all_input_nodes
+    return node.op == "call_function" and node.target in shape_ops and bool(inputs) and all(map(_is_shape, inputs))
+
+
 class ReferenceSRD:
     """Brute-force SRD for one image (batch 1) of a small float model."""
 
@@ -185,7 +196,7 @@ class ReferenceSRD:
                 return
             gate = self._gate(node)
             for dep in dict.fromkeys(node.all_input_nodes):
-                if dep is not gate and (dep in inside or dep in sources):
+                if dep is not gate and not _is_shape(dep) and (dep in inside or dep in sources):
                     walk(dep, [*trail, node])
 
         walk(sink_input, [])
@@ -196,8 +207,13 @@ class ReferenceSRD:
         on = set(path)
         local: dict[fx.Node, torch.Tensor] = dict(values)
         local[path[0]] = source_value
+        resized: set[fx.Node] = set()
         for n in order:
             if n not in on:
+                if _is_shape(n) and any(d in on or d in resized for d in n.all_input_nodes):
+                    # shape arithmetic (x.size() and what is computed from it) sees this run's batch of inputs
+                    local[n] = self._eval(n, local, self.linear_model)
+                    resized.add(n)
                 continue
             gate = self._gate(n)
             for dep in n.all_input_nodes:

@@ -469,7 +469,7 @@ if _stochastic_depth_op is not None:
 
 @method_rule("contiguous", "clone")
 def _identity_method(ctx, node, name, x, *args, **kwargs) -> Any:
-    return x
+    return x  # maps, channel groups and constants alike
 
 
 def _zero_pad(ctx, node, x, pad, value=0.0) -> Affine:
@@ -633,18 +633,84 @@ def _flatten_method(ctx, node, name, x, start_dim=0, end_dim=-1) -> Affine:
     return _flatten(ctx, node, x, start_dim, end_dim)
 
 
+@dataclass
+class ChannelGroups:
+    """A (B, C, H, W) map viewed as (B, groups, C/groups, H, W), possibly with those two dimensions swapped:
+    the middle of a channel shuffle (ShuffleNet), held until it is viewed back as (B, C, H, W)."""
+
+    value: Affine
+    groups: int
+    swapped: bool = False
+
+    def order(self) -> list[int]:
+        """Old channel of each new channel once viewed back."""
+        c = self.value.channels
+        per = c // self.groups
+        if not self.swapped:
+            return list(range(c))
+        return [j * per + i for i in range(per) for j in range(self.groups)]
+
+
 @method_rule("view", "reshape")
 def _reshape_method(ctx, node, name, x, *shape) -> Any:
     where = ctx.where(node)
+    if len(shape) == 1 and isinstance(shape[0], tuple | list | torch.Size):
+        shape = tuple(shape[0])
+    if isinstance(x, ChannelGroups):
+        a = x.value
+        if tuple(shape) in ((a.batch, a.channels, a.height, a.width), (-1, a.channels, a.height, a.width)):
+            return a.permute_channels(x.order(), where)
+        raise UnsupportedModelError(f"{where}: {name}{tuple(shape)} of channel groups (only back to (B, C, H, W))")
     if not _is_map(x):
         return getattr(x, name)(*shape)
     a = as_affine(x, where)
-    if len(shape) == 1 and isinstance(shape[0], tuple | list | torch.Size):
-        shape = tuple(shape[0])
     numel = a.channels * a.height * a.width
     if len(shape) == 2 and shape[0] in (a.batch, -1) and shape[1] in (-1, numel):
         return a.flatten()
-    raise UnsupportedModelError(f"{where}: {name}{tuple(shape)} of a feature map (only flattening is supported)")
+    grouped = (
+        len(shape) == 5
+        and shape[0] in (a.batch, -1)
+        and tuple(shape[3:]) == (a.height, a.width)
+        and shape[1] > 0
+        and shape[1] * shape[2] == a.channels
+        and not (a.is_vector or a.flat_from is not None or a.pending_pool is not None)
+    )
+    if grouped:
+        return ChannelGroups(a, int(shape[1]))
+    raise UnsupportedModelError(
+        f"{where}: {name}{tuple(shape)} of a feature map (supported: flattening, and (B, groups, C/groups, H, W) "
+        "for a channel shuffle)"
+    )
+
+
+def _transpose(ctx, node, x, dim0, dim1) -> Any:
+    if isinstance(x, ChannelGroups) and {dim0 % 5, dim1 % 5} == {1, 2}:
+        return ChannelGroups(x.value, x.groups, not x.swapped)
+    if _is_map(x) or isinstance(x, ChannelGroups):
+        raise UnsupportedModelError(f"{ctx.where(node)}: transpose({dim0}, {dim1}) of a feature map")
+    return torch.transpose(x, dim0, dim1)
+
+
+@function_rule(torch.transpose)
+def _transpose_function(ctx, node, fn, x, dim0, dim1) -> Any:
+    return _transpose(ctx, node, x, dim0, dim1)
+
+
+@method_rule("transpose")
+def _transpose_method(ctx, node, name, x, dim0, dim1) -> Any:
+    return _transpose(ctx, node, x, dim0, dim1)
+
+
+@method_rule("chunk")
+def _chunk_method(ctx, node, name, x, chunks, dim=0) -> Any:
+    if not _is_map(x):
+        return x.chunk(chunks, dim)
+    where = ctx.where(node)
+    a = as_affine(x, where)
+    if dim % 4 != 1 or a.is_vector or a.flat_from is not None:
+        raise UnsupportedModelError(f"{where}: chunk along dim {dim} of a feature map (only channels)")
+    size = -(-a.channels // chunks)  # torch.chunk's rule: equal pieces, the last one smaller
+    return tuple(a.channel_slice(lo, min(lo + size, a.channels), where) for lo in range(0, a.channels, size))
 
 
 @method_rule("size")

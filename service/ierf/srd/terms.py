@@ -310,6 +310,38 @@ class Affine:
                 biases.append(replace(bias, value=bias.value[:, a - bias.c0 : b - bias.c0], c0=a - lo))
         return Affine(terms, biases, self.batch, hi - lo, self.height, self.width)
 
+    def permute_channels(self, order: list[int], where: str) -> Affine:
+        """Channel ``i`` of the result is channel ``order[i]`` of this value (a channel shuffle). Each path
+        keeps its own contribution, now spread over the whole channel range with zeros elsewhere (a
+        convolution term gets zero filters there), so its norms and dot products are unchanged."""
+        if self.is_vector or self.flat_from is not None or self.pending_pool is not None:
+            raise UnsupportedModelError(f"{where}: channel permutation of a flattened or pooled vector")
+        c = self.channels
+        new_of = torch.empty(c, dtype=torch.long)
+        new_of[torch.tensor(order, dtype=torch.long)] = torch.arange(c)  # old channel -> new channel
+
+        def spread(value: torch.Tensor, c0: int, fill: float = 0.0) -> torch.Tensor:
+            full = value.new_full((value.shape[0], c, *value.shape[2:]), fill)
+            full[:, new_of[c0 : c0 + value.shape[1]].to(value.device)] = value
+            return full
+
+        terms: list[Term] = []
+        for t in self.terms:
+            if isinstance(t, DenseTerm):
+                terms.append(replace(t, x=spread(t.x, t.c0), c0=0))
+            elif t.groups != 1:
+                raise UnsupportedModelError(f"{where}: channel permutation of a grouped convolution's output")
+            else:
+                scale = None if t.out_scale is None else spread(t.out_scale[None, :], t.c0, 1.0)[0]
+                weight = DERIVED.get(
+                    f"spread-{t.c0}-{c}-{hash(tuple(order))}",
+                    (t.weight,),
+                    lambda t=t: _spread_rows(t.weight, new_of, t.c0, c),
+                )
+                terms.append(replace(t, weight=weight, out_scale=scale, c0=0))
+        biases = [replace(b, value=spread(b.value, b.c0), c0=0) for b in self.biases]
+        return Affine(terms, biases, self.batch, c, self.height, self.width)
+
     def add_constant(self, const: torch.Tensor, where: str) -> Affine:
         """``value + const`` with torch's broadcasting against the value's real shape ((B, C), (B, C*H*W)
         when flattened, or (B, C, H, W)), kept as a bias of shape (1|B, C, 1|H, 1|W) so that each channel
@@ -607,6 +639,13 @@ def _window_offsets(
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+def _spread_rows(weight: torch.Tensor, new_of: torch.Tensor, c0: int, channels: int) -> torch.Tensor:
+    """A kernel's output filters placed at their new channels of ``channels``, zero filters elsewhere."""
+    full = weight.new_zeros(channels, *weight.shape[1:])
+    full[new_of[c0 : c0 + weight.shape[0]].to(weight.device)] = weight
+    return full
+
+
 def _out_size(h, w, kernel, stride, pad, dilation) -> tuple[int, int]:
     kh, kw = kernel
     t, b, l, r = pad
