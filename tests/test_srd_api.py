@@ -492,3 +492,29 @@ def test_uneven_adaptive_pooling_anywhere_else_fails_loudly():
     )
     with pytest.raises(UnsupportedModelError, match="uneven windows"):
         ierf.SRD(model).saliency(torch.randn(1, 3, 5, 5), 0)
+
+
+def test_composed_kernels_are_built_once_and_follow_the_weights(monkeypatch):
+    """A convolution folded into the one before it (no activation between) gets an effective kernel made
+    from weights alone: built on the first call, not on every one (ShuffleNet's 39 foldings took 0.18 s
+    of a 0.5 s decomposition), and rebuilt once a weight changes."""
+    import torch.nn.functional as F
+    from srd_nets import all_nets
+
+    model, hw = all_nets()["composed"]
+    x = torch.randn(1, 3, *hw, dtype=torch.float64)
+    built = []
+    real = F.conv_transpose2d
+    monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: built.append(1) or real(*a, **k))
+    explainer = ierf.SRD(model)
+    first = explainer.saliency(x, 1)
+    assert built, "the net folds no kernel: the test no longer tests anything"
+    count = len(built)
+    torch.testing.assert_close(explainer.saliency(x, 1), first, atol=0, rtol=0)
+    assert len(built) == count
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)  # in place: the version counter moves
+    again = explainer.saliency(x, 1)
+    assert len(built) == 2 * count
+    torch.testing.assert_close(again.sum().double(), model(x)[0, 1].detach(), rtol=1e-6, atol=1e-9)
