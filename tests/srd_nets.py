@@ -382,6 +382,10 @@ NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
     "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block.0'"),
     "softmax": (_Functional(lambda a: torch.softmax(a, 1)).eval(), r"no SRD rule for function softmax"),
     "slicing": (_Functional(lambda a: a[:, :, 1:]).eval(), r"indexing a feature map \(supported: a channel range"),
+    "channel_groups_scaled": (
+        _Functional(lambda a: a.view(a.shape[0], 2, 2, a.shape[2], a.shape[3]) * 2.0).eval(),
+        r"viewed as \(B, groups, C/groups, H, W\) is only transposed",
+    ),
     "channel_kept_3d": (_Functional(lambda a: a[:, 1] + a[:, 2]).eval(), r"removes the channel dimension"),
     "two_spreading": (_TwoSpreading().eval(), r"padded \(3, 3\) convolution directly after a \(3, 3\)"),
     "tuple_output": (_TupleOut().eval(), r"one logits tensor"),

@@ -82,6 +82,11 @@ def as_affine(value: Any, where: str) -> Affine:
         return value
     if isinstance(value, Source):
         return Affine.of_source(value.tensor, value.id)
+    if isinstance(value, ChannelGroups):
+        raise UnsupportedModelError(
+            f"{where}: a feature map viewed as (B, groups, C/groups, H, W) is only transposed (1, 2) and viewed "
+            "back to (B, C, H, W) (a channel shuffle)"
+        )
     raise UnsupportedModelError(f"{where}: expected a feature map, got {type(value).__name__}")
 
 
@@ -498,7 +503,7 @@ def _pad_function(ctx, node, fn, x, pad, mode="constant", value=None) -> Affine:
 
 
 def _is_map(v: Any) -> bool:
-    return isinstance(v, Source | Affine)
+    return isinstance(v, Source | Affine | ChannelGroups)
 
 
 def _add(ctx, node, a, b, alpha=1) -> Any:
@@ -801,6 +806,11 @@ def _shape_arith(ctx, node, fn, a, b) -> Any:
 def _shape_of(x: Any) -> torch.Size:
     if isinstance(x, Source):
         return x.tensor.shape
+    if isinstance(x, ChannelGroups):
+        a = x.value
+        per = a.channels // x.groups
+        middle = (per, x.groups) if x.swapped else (x.groups, per)
+        return torch.Size((a.batch, *middle, a.height, a.width))
     if isinstance(x, Affine):
         if x.is_vector:
             return torch.Size((x.batch, x.channels))
