@@ -386,6 +386,14 @@ NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
         _Functional(lambda a: a.view(a.shape[0], 2, 2, a.shape[2], a.shape[3]) * 2.0).eval(),
         r"viewed as \(B, groups, C/groups, H, W\) is only transposed",
     ),
+    "recombined_biased_slices": (
+        _Functional(lambda a: (lambda y: torch.cat([y[:, 2:], y[:, :2]], 1))(a + 1.0)).eval(),
+        r"channel slices of one convolution's output, with its bias",
+    ),
+    "unsqueezed_range": (
+        _Functional(lambda a: torch.cat([a[:, 0:2].unsqueeze(1).flatten(1, 2), a[:, 2:4]], 1)).eval(),
+        r"unsqueeze\(1\) of a feature map",
+    ),
     "channel_kept_3d": (_Functional(lambda a: a[:, 1] + a[:, 2]).eval(), r"removes the channel dimension"),
     "two_spreading": (_TwoSpreading().eval(), r"padded \(3, 3\) convolution directly after a \(3, 3\)"),
     "tuple_output": (_TupleOut().eval(), r"one logits tensor"),

@@ -11,6 +11,7 @@ import ierf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from ierf.errors import UnsupportedModelError
 from srd_nets import FCHead, TinyResNet, TinyVGG, randomise_bn
@@ -242,6 +243,64 @@ def test_shufflenet_chunks_and_shuffles_channels() -> None:
     _conserves(dec, 7)
     erf = dec.ierf("stage3.2.branch2.7", torch.tensor([[1, 1]]))
     torch.testing.assert_close(erf.sum((2, 3)), torch.ones(2, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_a_shuffled_average_pooling_matches_the_reference() -> None:
+    """A one-channel average pooling is a channel-uniform kernel; moved by a shuffle it gets zero filters
+    and is an ordinary convolution (it used to keep the uniform mark and fail in the next 1x1)."""
+    from ierf.srd.reference import ReferenceSRD
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 1, 3, padding=1)
+            self.b = nn.Conv2d(3, 1, 3, padding=1)
+            self.p = nn.Conv2d(2, 4, 1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = torch.cat([F.avg_pool2d(torch.relu(self.a(x)), 3, 1, 1), torch.relu(self.b(x))], 1)
+            b, c, h, w = y.size()
+            y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+            return self.fc(torch.relu(self.p(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    fast = ierf.SRD(model, head="exact").decompose(x).relevance(1)[0]
+    ref = ReferenceSRD(model)
+    dec = ref.decompose(x)
+    items = dec["head_items"]
+    seeds: dict[int, torch.Tensor] = {}
+    for _, src, c in items:
+        acc = seeds.setdefault(ref._sid(src), torch.zeros(c.shape[0], dtype=torch.float64))
+        acc += c[:, 1, 0] + dec["head_bias"][1] / sum(c.shape[0] for _, _, c in items)
+    slow = ref.propagate(dec, seeds)[0].view(fast.shape)
+    torch.testing.assert_close(fast, slow, atol=1e-9 * slow.abs().max(), rtol=0)
+
+
+def test_a_model_that_reads_some_input_channels_takes_the_full_input() -> None:
+    """The first convolution's in_channels is not the input's channel count once the input is indexed."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x[:, 1:2])).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    explainer = ierf.SRD(model)
+    _conserves(explainer.decompose(x), 2)
+    assert tuple(explainer.layer_shape("relu" if "relu" in explainer.layers else explainer.layers[0], (8, 8))) == (
+        4,
+        8,
+        8,
+    )
 
 
 def test_uneven_adaptive_pooling_read_through_dropout_then_linear() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -495,6 +496,16 @@ class StateLayout:
                 raise ValueError(f"decomposition state {key!r}: holds NaN or infinite values")
 
 
+def _selects_channels(node: torch.fx.Node) -> bool:
+    """Tensor indexing, chunks and concatenations: ops that can change the channel count before the first
+    convolution (``x[:, k]`` re-normalising GoogLeNet's input; a size lookup ``x.shape[0]`` is not one)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[1], tuple)
+    if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.chunk, torch.split):
+        return True
+    return node.op == "call_method" and node.target in ("chunk", "split")
+
+
 def _routes_tensor(routes: list[Route]) -> torch.Tensor:
     return torch.tensor([[r.source, r.sy, r.sx, r.oy, r.ox] for r in routes], dtype=torch.long).view(-1, 5)
 
@@ -579,6 +590,8 @@ class SRD:
     def _first_conv_channels(self) -> int | None:
         modules = dict(self.model.named_modules())
         for node in self.program.graph.nodes:
+            if _selects_channels(node):
+                return None  # the first convolution may read only some of the input's channels
             if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
                 return modules[str(node.target)].in_channels
             if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):

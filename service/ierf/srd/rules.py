@@ -780,7 +780,14 @@ def _unsqueeze(ctx, node, x, dim) -> Any:
     if not _is_map(x):
         return torch.unsqueeze(x, dim)
     source = node.args[0]
-    picked = isinstance(source, fx.Node) and source.op == "call_function" and source.target is operator.getitem
+    picked = (
+        isinstance(source, fx.Node)
+        and source.op == "call_function"
+        and source.target is operator.getitem
+        and isinstance(source.args[1], tuple)
+        and len(source.args[1]) == 2
+        and isinstance(source.args[1][1], int)  # x[:, k]: the channel dimension was dropped
+    )
     if not picked or dim != 1:
         raise UnsupportedModelError(f"{ctx.where(node)}: unsqueeze({dim}) of a feature map")
     return x  # the channel picked by x[:, k], already held as a one-channel map

@@ -18,6 +18,7 @@ so ratios can be scattered back without any index tensors.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -318,6 +319,7 @@ class Affine:
         if self.is_vector or self.flat_from is not None or self.pending_pool is not None:
             raise UnsupportedModelError(f"{where}: channel permutation of a flattened or pooled vector")
         c = self.channels
+        order_digest = hashlib.sha1(str(order).encode()).hexdigest()  # names the permutation in cache keys
         new_of = torch.empty(c, dtype=torch.long)
         new_of[torch.tensor(order, dtype=torch.long)] = torch.arange(c)  # old channel -> new channel
 
@@ -335,11 +337,12 @@ class Affine:
             else:
                 scale = None if t.out_scale is None else spread(t.out_scale[None, :], t.c0, 1.0)[0]
                 weight = DERIVED.get(
-                    f"spread-{t.c0}-{c}-{hash(tuple(order))}",
+                    f"spread-{t.c0}-{c}-{order_digest}",
                     (t.weight,),
                     lambda t=t: _spread_rows(t.weight, new_of, t.c0, c),
                 )
-                terms.append(replace(t, weight=weight, out_scale=scale, c0=0))
+                # zero filters break channel uniformity: the term is an ordinary convolution now
+                terms.append(replace(t, weight=weight, out_scale=scale, c0=0, uniform=False))
         biases = [replace(b, value=spread(b.value, b.c0), c0=0) for b in self.biases]
         return Affine(terms, biases, self.batch, c, self.height, self.width)
 
@@ -524,6 +527,7 @@ def add(a: Affine, b: Affine) -> Affine:
             f"add of shapes {(a.channels, a.height, a.width)} and {(b.channels, b.height, b.width)} (broadcasting "
             "adds are not supported)"
         )
+    _check_recombined([a, b], "add")
     a, b = a.rekeyed(), b.rekeyed()
     return Affine(
         a.terms + b.terms,
@@ -542,6 +546,7 @@ def cat_channels(parts: list[Affine]) -> Affine:
     biases: list[BiasTerm] = []
     offset = 0
     h, w = parts[0].height, parts[0].width
+    _check_recombined(parts, "torch.cat")
     for p in parts:
         if (p.height, p.width) != (h, w):
             raise UnsupportedModelError("torch.cat of maps with different spatial sizes")
@@ -550,6 +555,23 @@ def cat_channels(parts: list[Affine]) -> Affine:
         biases += [replace(b, c0=b.c0 + offset) for b in p.biases]
         offset += p.channels
     return Affine(terms, biases, parts[0].batch, offset, h, w)
+
+
+def _check_recombined(parts: list[Affine], op: str) -> None:
+    """Refuse pieces of one path meeting again before an activation (channel slices of a convolution's
+    output, concatenated or added) while a bias is shared by that path: each piece would become a path of
+    its own, holding only its slice of the bias, where the published rule shares the whole bias among all
+    paths through the layer by their norms. Pieces of a PFV map (no bias) recombine freely."""
+    seen: set[int] = set()
+    for part in parts:
+        keys = part.keys()
+        again = keys & seen
+        if again and any(b.owners & again for p in parts for b in p.biases):
+            raise UnsupportedModelError(
+                f"{op} of channel slices of one convolution's output, with its bias, before an activation "
+                "(each slice would take only its own part of the bias); put the activation first"
+            )
+        seen |= keys
 
 
 def max_pool_routes(
