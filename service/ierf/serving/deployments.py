@@ -33,7 +33,7 @@ from ierf.serving.errors import (
 )
 from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, CacheConfig, ModelConfig, ServiceConfig
 
-logger = logging.getLogger("ierf.serving")
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica log, with the request context
 
 SERVICE_NAME = "ierf.v1.ExplainService"
 TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # remaining client budget; Serve's proxy does not forward grpc-timeout
