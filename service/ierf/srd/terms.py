@@ -323,27 +323,22 @@ class Affine:
         new_of = torch.empty(c, dtype=torch.long)
         new_of[torch.tensor(order, dtype=torch.long)] = torch.arange(c)  # old channel -> new channel
 
-        def spread(value: torch.Tensor, c0: int, fill: float = 0.0) -> torch.Tensor:
-            full = value.new_full((value.shape[0], c, *value.shape[2:]), fill)
-            full[:, new_of[c0 : c0 + value.shape[1]].to(value.device)] = value
-            return full
-
         terms: list[Term] = []
         for t in self.terms:
             if isinstance(t, DenseTerm):
-                terms.append(replace(t, x=spread(t.x, t.c0), c0=0))
+                terms.append(replace(t, x=_placed(t.x, new_of, t.c0, c, dim=1), c0=0))
             elif t.groups != 1:
                 raise UnsupportedModelError(f"{where}: channel permutation of a grouped convolution's output")
             else:
-                scale = None if t.out_scale is None else spread(t.out_scale[None, :], t.c0, 1.0)[0]
+                scale = None if t.out_scale is None else _placed(t.out_scale, new_of, t.c0, c, dim=0, fill=1.0)
                 weight = DERIVED.get(
                     f"spread-{t.c0}-{c}-{order_digest}",
                     (t.weight,),
-                    lambda t=t: _spread_rows(t.weight, new_of, t.c0, c),
+                    lambda t=t: _placed(t.weight, new_of, t.c0, c, dim=0),
                 )
                 # zero filters break channel uniformity: the term is an ordinary convolution now
                 terms.append(replace(t, weight=weight, out_scale=scale, c0=0, uniform=False))
-        biases = [replace(b, value=spread(b.value, b.c0), c0=0) for b in self.biases]
+        biases = [replace(b, value=_placed(b.value, new_of, b.c0, c, dim=1), c0=0) for b in self.biases]
         return Affine(terms, biases, self.batch, c, self.height, self.width)
 
     def add_constant(self, const: torch.Tensor, where: str) -> Affine:
@@ -594,14 +589,7 @@ def max_pool_routes(
     pooled = pooled.contiguous(memory_format=torch.channels_last)
     idx = idx.contiguous(memory_format=torch.channels_last)
     offset, code = _window_offsets(idx, x.shape[3], kernel, stride, pad, dilation)
-    (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
-    terms: list[Term] = []
-    zero = pooled.new_zeros(())
-    for i in range(kh):
-        for j in range(kw):
-            mask = offset == code[i][j]
-            terms.append(DenseTerm(torch.where(mask, pooled, zero), route.then(sy, sx, i * dy - py, j * dx - px)))
-    return Affine(terms, [], b, c, h, w)
+    return Affine(_split_by_offset(pooled, offset, code, route, 0, kernel, stride, pad, dilation), [], b, c, h, w)
 
 
 def max_pool_of_paths(
@@ -624,20 +612,36 @@ def max_pool_of_paths(
     pooled, idx = F.max_pool2d(total, kernel, stride, pad, dilation, ceil_mode, return_indices=True)
     b, c, h, w = pooled.shape
     offset, code = _window_offsets(idx, total.shape[3], kernel, stride, pad, dilation)
-    (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
     terms: list[Term] = []
-    zero = pooled.new_zeros(())
     for t in x.terms:
         assert isinstance(t, DenseTerm)
         winners = idx[:, t.c0 : t.c0 + t.channels].flatten(2)
         read = t.x.expand(b, -1, -1, -1).flatten(2).gather(2, winners).view(b, t.channels, h, w)
         read = read.contiguous(memory_format=torch.channels_last)
         at = offset[:, t.c0 : t.c0 + t.channels]
-        for i in range(kh):
-            for j in range(kw):
-                route = t.route.then(sy, sx, i * dy - py, j * dx - px)
-                terms.append(DenseTerm(torch.where(at == code[i][j], read, zero), route, t.c0))
+        terms += _split_by_offset(read, at, code, t.route, t.c0, kernel, stride, pad, dilation)
     return Affine(terms, [], b, c, h, w)
+
+
+def _split_by_offset(
+    value: torch.Tensor,
+    offset: torch.Tensor,
+    code: list[list[int]],
+    route: Route,
+    c0: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pad: tuple[int, int],
+    dilation: tuple[int, int],
+) -> list[Term]:
+    """One term per window offset: the pooled ``value`` where that offset won, routed to its position."""
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = kernel, stride, dilation, pad
+    zero = value.new_zeros(())
+    return [
+        DenseTerm(torch.where(offset == code[i][j], value, zero), route.then(sy, sx, i * dy - py, j * dx - px), c0)
+        for i in range(kh)
+        for j in range(kw)
+    ]
 
 
 def _window_offsets(
@@ -670,10 +674,16 @@ def _uniform_kernel(channels: int, kh: int, kw: int, dtype: torch.dtype, device:
         return torch.full((channels, 1, kh, kw), 1.0 / (kh * kw), dtype=dtype, device=device)
 
 
-def _spread_rows(weight: torch.Tensor, new_of: torch.Tensor, c0: int, channels: int) -> torch.Tensor:
-    """A kernel's output filters placed at their new channels of ``channels``, zero filters elsewhere."""
-    full = weight.new_zeros(channels, *weight.shape[1:])
-    full[new_of[c0 : c0 + weight.shape[0]].to(weight.device)] = weight
+def _placed(
+    value: torch.Tensor, new_of: torch.Tensor, c0: int, channels: int, dim: int, fill: float = 0.0
+) -> torch.Tensor:
+    """``value``'s channels ``c0, c0+1, ...`` (along ``dim``) placed at their new indices ``new_of`` in a
+    tensor of ``channels`` along that dim, ``fill`` elsewhere (zero filters, or a scale of one)."""
+    shape = list(value.shape)
+    shape[dim] = channels
+    full = value.new_full(shape, fill)
+    index = new_of[c0 : c0 + value.shape[dim]].to(value.device)
+    full.index_copy_(dim, index, value)
     return full
 
 
