@@ -754,12 +754,17 @@ def _getitem_function(ctx, node, fn, x, index) -> Any:
     return bundle.channel_slice(lo, hi, where)  # kept 4-D: the unsqueeze that follows restores nothing
 
 
+def _picks_one_channel(index: Any) -> bool:
+    """``[:, k]``: one channel, its dimension dropped."""
+    return isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], int)
+
+
 def _channel_index(index: Any, channels: int) -> tuple[int, int, bool] | None:
     """(lo, hi, dimension dropped) for ``[:, k]`` and ``[:, a:b]`` (steps of 1), else None."""
     if not isinstance(index, tuple) or len(index) != 2 or index[0] != slice(None):
         return None
     pick = index[1]
-    if isinstance(pick, int) and -channels <= pick < channels:
+    if _picks_one_channel(index) and -channels <= pick < channels:
         k = pick % channels
         return k, k + 1, True
     if isinstance(pick, slice) and pick.step in (None, 1):
@@ -780,13 +785,11 @@ def _unsqueeze(ctx, node, x, dim) -> Any:
     if not _is_map(x):
         return torch.unsqueeze(x, dim)
     source = node.args[0]
-    picked = (
+    picked = (  # x[:, k]: the channel dimension was dropped
         isinstance(source, fx.Node)
         and source.op == "call_function"
         and source.target is operator.getitem
-        and isinstance(source.args[1], tuple)
-        and len(source.args[1]) == 2
-        and isinstance(source.args[1][1], int)  # x[:, k]: the channel dimension was dropped
+        and _picks_one_channel(source.args[1])
     )
     if not picked or dim != 1:
         raise UnsupportedModelError(f"{ctx.where(node)}: unsqueeze({dim}) of a feature map")
