@@ -240,8 +240,8 @@ def _check_deadline(deadline: float | None, before: str) -> None:
 # learns so that a request which cannot finish before its deadline is refused before it starts: the
 # worker computes on one thread, and a job nobody waits for would hold up every request behind it.
 DECOMPOSE = "decompose"  # SRD's forward pass + sharing ratios
-WARM_UP_PASSES = 2  # the first pays the one-off costs, the second gives the estimates
 FORWARD = "forward"  # the logits alone
+WARM_UP_PASSES = 2  # the first pays the one-off costs, the second gives the estimates
 
 
 def _explain_work(method: str) -> str:
