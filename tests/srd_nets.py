@@ -263,7 +263,7 @@ class ChannelPicks(nn.Module):
         return self.fc(torch.cat([a, h[:, -2:]], 1).mean((2, 3)))
 
 
-def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """torchvision's ShuffleNetV2 channel shuffle, op for op."""
     batch, channels, height, width = x.size()
     x = x.view(batch, groups, channels // groups, height, width)
@@ -287,7 +287,7 @@ class ShuffleUnit(nn.Module):
 
     def forward(self, x):
         x1, x2 = x.chunk(2, dim=1)
-        return _channel_shuffle(torch.cat((x1, self.branch(x2)), 1), 2)
+        return channel_shuffle(torch.cat((x1, self.branch(x2)), 1), 2)
 
 
 class TinyShuffleNet(nn.Module):
@@ -305,7 +305,7 @@ class TinyShuffleNet(nn.Module):
 
     def forward(self, x):
         y = self.unit2(self.unit1(self.stem(x)))
-        return self.fc(torch.relu(_channel_shuffle(self.mix_bn(self.mix(y)), 4)).mean((2, 3)))
+        return self.fc(torch.relu(channel_shuffle(self.mix_bn(self.mix(y)), 4)).mean((2, 3)))
 
 
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
@@ -398,3 +398,14 @@ NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
     "two_spreading": (_TwoSpreading().eval(), r"padded \(3, 3\) convolution directly after a \(3, 3\)"),
     "tuple_output": (_TupleOut().eval(), r"one logits tensor"),
 }
+
+
+def reference_relevance(ref, dec_ref: dict, target: int) -> torch.Tensor:
+    """The reference's pixel relevance for one class, started from its exact head decomposition."""
+    items = dec_ref["head_items"]
+    n_taps = sum(c.shape[0] for _, _, c in items)
+    seeds: dict[int, torch.Tensor] = {}
+    for _, src, c in items:
+        acc = seeds.setdefault(ref._sid(src), torch.zeros(c.shape[0], dtype=torch.float64))
+        acc += c[:, target, 0] + dec_ref["head_bias"][target] / n_taps
+    return ref.propagate(dec_ref, seeds)[0]

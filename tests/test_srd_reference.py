@@ -11,7 +11,7 @@ import torch
 import torchvision
 from ierf.srd import fused, ratios
 from ierf.srd.reference import ReferenceSRD
-from srd_nets import all_nets, randomise_bn
+from srd_nets import all_nets, randomise_bn, reference_relevance
 from torch import nn
 
 NETS = all_nets()
@@ -29,17 +29,6 @@ def references() -> dict[str, tuple[ReferenceSRD, dict]]:
         ref = ReferenceSRD(model)
         out[name] = (ref, ref.decompose(_input(name)))
     return out
-
-
-def _reference_relevance(ref: ReferenceSRD, dec_ref: dict, target: int) -> torch.Tensor:
-    """The reference's pixel relevance for one class, started from its exact head decomposition."""
-    items = dec_ref["head_items"]
-    n_taps = sum(c.shape[0] for _, _, c in items)
-    seeds: dict[int, torch.Tensor] = {}
-    for _, src, c in items:
-        acc = seeds.setdefault(ref._sid(src), torch.zeros(c.shape[0], dtype=torch.float64))
-        acc += c[:, target, 0] + dec_ref["head_bias"][target] / n_taps
-    return ref.propagate(dec_ref, seeds)[0]
 
 
 @pytest.mark.parametrize("name", list(NETS))
@@ -61,7 +50,7 @@ def test_saliency_matches_reference(name, layout, references, monkeypatch):
     dec = ierf.SRD(model, head="exact").decompose(x)
     for target in (0, 3):
         fast = dec.relevance(target)[0]
-        slow = _reference_relevance(ref, dec_ref, target).view(fast.shape)
+        slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
         scale = slow.abs().max()
         torch.testing.assert_close(fast, slow, atol=1e-5 * scale, rtol=0)
         # conservation: the pixel map sums to the target logit
@@ -113,7 +102,7 @@ def test_a_path_that_contributes_nothing_carries_no_bias():
     dec_ref = ref.decompose(x)
     for target in (0, 2):
         fast = dec.relevance(target)[0]
-        slow = _reference_relevance(ref, dec_ref, target).view(fast.shape)
+        slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
         torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max(), rtol=0)
 
 
