@@ -308,6 +308,29 @@ class TinyShuffleNet(nn.Module):
         return self.fc(torch.relu(channel_shuffle(self.mix_bn(self.mix(y)), 4)).mean((2, 3)))
 
 
+class BiasFork(nn.Module):
+    """A biased map without an activation read by a spreading convolution, a 1x1 convolution and a skip,
+    all added before the next activation: its bias reaches that stage as three images, one per branch,
+    which are one layer's bias shared among the paths of all three branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(5)
+        self.act0 = nn.ReLU()
+        self.mix = nn.Conv2d(5, 6, 1)
+        self.bn_mix = nn.BatchNorm2d(6)
+        self.spread = nn.Conv2d(6, 6, 3, padding=1)
+        self.point = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn_point = nn.BatchNorm2d(6)
+        self.act1 = nn.ReLU()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.bn_mix(self.mix(self.act0(self.bn0(self.stem(x)))))
+        return self.fc(self.act1(self.spread(y) + self.bn_point(self.point(y)) + y).mean((2, 3)))
+
+
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
@@ -322,6 +345,7 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
         "tiny_googlenet": (TinyGoogLeNet(), (12, 9)),
         "channel_picks": (ChannelPicks(), (7, 8)),
         "tiny_shufflenet": (TinyShuffleNet(), (6, 7)),
+        "bias_fork": (BiasFork(), (7, 9)),
     }
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
 

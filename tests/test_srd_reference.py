@@ -40,8 +40,9 @@ def test_saliency_matches_reference(name, layout, references, monkeypatch):
     if layout == "fused":  # stage statistics through the compiled fusion (IERF_FUSED=1)
         if not fused._compiler_available():
             pytest.skip("no C++ compiler for Inductor")
-        if name in ("tiny_googlenet", "channel_picks", "tiny_shufflenet"):
-            # graph-rule nets: their stages are shapes the other nets already fuse (new arities compile ~70 s)
+        if name in ("tiny_googlenet", "channel_picks", "tiny_shufflenet", "bias_fork"):
+            # graph-rule nets: their stages are shapes the other nets already fuse (new arities compile ~70 s);
+            # a bias that is a map (bias_fork's merged images) keeps its stage on the eager path
             pytest.skip("covered by the other nets")
         monkeypatch.setenv(fused.ENV_SWITCH, "1")
     model, _ = NETS[name]

@@ -205,6 +205,10 @@ class ReferenceSRD:
     def _run_path(self, path: list[fx.Node], order, source_value: torch.Tensor, values, offsets) -> torch.Tensor:
         """Evaluate the bias-free stage along one path only; other operands of adds/concats are zero."""
         on = set(path)
+        # Each op on the path reads only the previous node of the path; its other operands are zero, also
+        # one that lies earlier on the path (``a + conv(a)``: the path through the convolution must not
+        # also carry the skip, which is a path of its own).
+        live = dict(zip(path[1:], path[:-1], strict=True))
         local: dict[fx.Node, torch.Tensor] = dict(values)
         local[path[0]] = source_value
         resized: set[fx.Node] = set()
@@ -219,7 +223,7 @@ class ReferenceSRD:
             for dep in n.all_input_nodes:
                 if dep is gate:
                     local[dep] = values[dep]  # frozen at this image's value (broadcasts over the batch)
-                elif dep not in on and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
+                elif dep is not live.get(n) and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
                     local[dep] = torch.zeros(source_value.shape[0], *values[dep].shape[1:], dtype=torch.float64)
             local[n] = self._eval(n, local, self.linear_model, pool_offset=offsets.get(n))
         return local[path[-1]]

@@ -175,11 +175,17 @@ Term = DenseTerm | ConvTerm
 
 @dataclass
 class BiasTerm:
-    """Constant added to channels [c0, c0+C); ``owners`` are the path keys that share it by norm."""
+    """Constant added to channels [c0, c0+C); ``owners`` are the path keys that share it by norm.
+
+    ``origin`` names the layer bias this constant is an image of: a biased map without an activation that
+    feeds two branches gives one image per branch, and where the branches are added again the images are
+    one bias again, shared among the paths of both (as the bias of that layer is in the published rule).
+    """
 
     value: torch.Tensor  # broadcastable to (B, C, H, W)
     owners: frozenset[int]
     c0: int = 0
+    origin: int = field(default_factory=new_key)
 
     @property
     def channels(self) -> int:
@@ -395,12 +401,12 @@ class Affine:
             v = b.value
             if one_by_one and v.shape[2] == 1 and v.shape[3] == 1:
                 w = _dense_slice(weight, groups, b.c0, b.channels)
-                biases.append(BiasTerm(F.conv2d(v, w), b.owners))
+                biases.append(BiasTerm(F.conv2d(v, w), b.owners, origin=b.origin))
             else:
                 w = _dense_slice(weight, groups, b.c0, b.channels)
                 t_, b_, l_, r_ = pad
                 full = F.pad(src.bias_map(b), (l_, r_, t_, b_))
-                biases.append(BiasTerm(F.conv2d(full, w, None, stride, 0, dilation), b.owners))
+                biases.append(BiasTerm(F.conv2d(full, w, None, stride, 0, dilation), b.owners, origin=b.origin))
         out_h, out_w = _out_size(src.height, src.width, weight.shape[2:], stride, pad, dilation)
         keys = frozenset(t.key for t in terms)
         if bias is not None:
@@ -432,7 +438,7 @@ class Affine:
         biases = []
         for b in src.biases:
             full = F.pad(src.bias_map(b), (pad[2], pad[3], pad[0], pad[1]))
-            biases.append(BiasTerm(F.avg_pool2d(full, kernel, stride), b.owners, b.c0))
+            biases.append(BiasTerm(F.avg_pool2d(full, kernel, stride), b.owners, b.c0, b.origin))
         out_h, out_w = _out_size(src.height, src.width, kernel, stride, pad, (1, 1))
         return Affine(terms, biases, src.batch, src.channels, out_h, out_w)
 
@@ -445,7 +451,7 @@ class Affine:
             if isinstance(t, ConvTerm):
                 t = materialise(t)
             terms.append(DenseTerm(F.pad(t.x, (l_, r_, t_, b_)), t.route.then(1, 1, -t_, -l_), t.c0, t.key))
-        biases = [BiasTerm(F.pad(src.bias_map(b), (l_, r_, t_, b_)), b.owners, b.c0) for b in src.biases]
+        biases = [BiasTerm(F.pad(src.bias_map(b), (l_, r_, t_, b_)), b.owners, b.c0, b.origin) for b in src.biases]
         return Affine(terms, biases, src.batch, src.channels, src.height + t_ + b_, src.width + l_ + r_)
 
     def adaptive_avg_pool(self, out_h: int, out_w: int, where: str) -> Affine:
@@ -516,7 +522,8 @@ def _adaptive_matrix(size: int, out: int, ref: torch.Tensor) -> torch.Tensor:
 
 
 def add(a: Affine, b: Affine) -> Affine:
-    """Residual sum: union of paths; each branch keeps its own biases."""
+    """Residual sum: union of paths; each branch keeps its own biases, and the two images of one layer's
+    bias (a biased map that forked into both branches) become that bias again, owned by both."""
     if (a.channels, a.height, a.width) != (b.channels, b.height, b.width):
         raise UnsupportedModelError(
             f"add of shapes {(a.channels, a.height, a.width)} and {(b.channels, b.height, b.width)} (broadcasting "
@@ -526,13 +533,25 @@ def add(a: Affine, b: Affine) -> Affine:
     a, b = a.rekeyed(), b.rekeyed()
     return Affine(
         a.terms + b.terms,
-        a.biases + b.biases,
+        _merged_images(a.biases + b.biases),
         max(a.batch, b.batch),
         a.channels,
         a.height,
         a.width,
         is_vector=a.is_vector and b.is_vector,
     )
+
+
+def _merged_images(biases: list[BiasTerm]) -> list[BiasTerm]:
+    merged: dict[tuple[int, int, int], BiasTerm] = {}
+    for bias in biases:
+        key = (bias.origin, bias.c0, bias.channels)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = bias
+        else:
+            merged[key] = replace(seen, value=seen.value + bias.value, owners=seen.owners | bias.owners)
+    return list(merged.values())
 
 
 def cat_channels(parts: list[Affine]) -> Affine:
