@@ -310,8 +310,9 @@ class TinyShuffleNet(nn.Module):
 
 class BiasFork(nn.Module):
     """A biased map without an activation read by a spreading convolution, a 1x1 convolution and a skip,
-    all added before the next activation: its bias reaches that stage as three images, one per branch,
-    which are one layer's bias shared among the paths of all three branches."""
+    added, and by a side convolution concatenated to that sum, all before the next activation: its bias
+    reaches the stage as four images, one per branch, which are one layer's bias shared among the paths
+    of all four branches."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -323,12 +324,14 @@ class BiasFork(nn.Module):
         self.spread = nn.Conv2d(6, 6, 3, padding=1)
         self.point = nn.Conv2d(6, 6, 1, bias=False)
         self.bn_point = nn.BatchNorm2d(6)
+        self.side = nn.Conv2d(6, 2, (1, 3), padding=(0, 1))
         self.act1 = nn.ReLU()
-        self.fc = nn.Linear(6, 4)
+        self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
         y = self.bn_mix(self.mix(self.act0(self.bn0(self.stem(x)))))
-        return self.fc(self.act1(self.spread(y) + self.bn_point(self.point(y)) + y).mean((2, 3)))
+        added = self.spread(y) + self.bn_point(self.point(y)) + y
+        return self.fc(self.act1(torch.cat([added, self.side(y)], 1)).mean((2, 3)))
 
 
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:

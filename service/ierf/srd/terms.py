@@ -543,19 +543,29 @@ def add(a: Affine, b: Affine) -> Affine:
 
 
 def _merged_images(biases: list[BiasTerm]) -> list[BiasTerm]:
-    merged: dict[tuple[int, int, int], BiasTerm] = {}
+    """Images of one layer's bias (one per branch it forked into) summed back into that bias: over the same
+    channels (an add) or placed side by side (a concatenation; channels between them hold zero)."""
+    groups: dict[int, list[BiasTerm]] = {}
     for bias in biases:
-        key = (bias.origin, bias.c0, bias.channels)
-        seen = merged.get(key)
-        if seen is None:
-            merged[key] = bias
-        else:
-            merged[key] = replace(seen, value=seen.value + bias.value, owners=seen.owners | bias.owners)
-    return list(merged.values())
+        groups.setdefault(bias.origin, []).append(bias)
+    out: list[BiasTerm] = []
+    for images in groups.values():
+        if len(images) == 1:
+            out.extend(images)
+            continue
+        lo = min(b.c0 for b in images)
+        hi = max(b.c0 + b.channels for b in images)
+        shape = [max(b.value.shape[d] for b in images) for d in (0, 2, 3)]
+        value = images[0].value.new_zeros(shape[0], hi - lo, shape[1], shape[2])
+        for b in images:
+            value[:, b.c0 - lo : b.c0 - lo + b.channels] += b.value
+        out.append(replace(images[0], value=value, c0=lo, owners=frozenset().union(*(b.owners for b in images))))
+    return out
 
 
 def cat_channels(parts: list[Affine]) -> Affine:
-    """Channel concatenation (DenseNet): terms and biases move to their channel slice."""
+    """Channel concatenation (DenseNet): terms and biases move to their channel slice (images of one
+    layer's bias, from branches it forked into, are that bias again)."""
     terms: list[Term] = []
     biases: list[BiasTerm] = []
     offset = 0
@@ -568,7 +578,7 @@ def cat_channels(parts: list[Affine]) -> Affine:
         terms += [replace(t, c0=t.c0 + offset) for t in p.terms]
         biases += [replace(b, c0=b.c0 + offset) for b in p.biases]
         offset += p.channels
-    return Affine(terms, biases, parts[0].batch, offset, h, w)
+    return Affine(terms, _merged_images(biases), parts[0].batch, offset, h, w)
 
 
 def _check_recombined(parts: list[Affine], op: str) -> None:
