@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from ierf.errors import UnsupportedModelError
-from srd_nets import FCHead, TinyResNet, TinyVGG, channel_shuffle, randomise_bn, reference_relevance
+from ierf.srd.reference import ReferenceSRD
+from srd_nets import (
+    FCHead,
+    TinyResNet,
+    TinyVGG,
+    channel_shuffle,
+    randomise_bn,
+    reference_relevance,
+)
 from torch import nn
 
 
@@ -329,15 +337,82 @@ def test_stochastic_depth_is_the_identity_in_eval_mode() -> None:
     _conserves(dec, 2)
 
 
+@pytest.mark.parametrize("size", [64, 32], ids=["64", "32-last-maps-1x1"])
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
-def test_torchvision_squeeze_excitation_networks_decompose(name) -> None:
+def test_torchvision_squeeze_excitation_networks_decompose(name, size) -> None:
+    """At 32x32 (CIFAR-sized inputs) the last blocks' maps are 1x1, where a gate has the map's own shape."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, size, size)
     dec = ierf.SRD(model, head="exact").decompose(x)
     torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-12)
     total = dec.saliency(5).sum().double()
     assert abs(total - dec.logits[0, 5].double()) <= 1e-4 * dec.logits.abs().max() + 1e-12
+
+
+class _GatedOneByOne(nn.Module):
+    """A stem whose kernel covers the input, so every later map is 1x1, then a squeeze-excitation and a
+    spatial gate in a residual block (as the last blocks of MobileNetV3 or EfficientNet at 32x32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, (3, 4), bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.act0 = nn.SiLU()
+        self.expand = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn_e = nn.BatchNorm2d(6)
+        self.act_e = nn.Hardswish()
+        self.squeeze = nn.Conv2d(6, 3, 1)
+        self.act_s = nn.ReLU()
+        self.excite = nn.Conv2d(3, 6, 1)
+        self.gate = nn.Sigmoid()
+        self.spatial = nn.Conv2d(6, 1, 1)
+        self.gate_s = nn.Hardsigmoid()
+        self.proj = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.ReLU()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act0(self.bn0(self.stem(x)))
+        e = self.act_e(self.bn_e(self.expand(a)))
+        h = e * self.gate(self.excite(self.act_s(self.squeeze(F.adaptive_avg_pool2d(e, 1)))))
+        h = self.gate_s(self.spatial(h)) * h
+        return self.fc(self.act1(a + self.bn1(self.proj(h))).flatten(1))
+
+
+def test_gates_on_a_one_by_one_map_match_the_reference() -> None:
+    """On a 1x1 map a per-channel gate has the map's own shape, as the factor of x * sigmoid(x) has: the
+    squeeze (a pooling between map and gate) tells them apart. They used to be refused there."""
+    torch.manual_seed(0)
+    model = randomise_bn(_GatedOneByOne()).double().eval()
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    for i in range(2):
+        dec_ref = ref.decompose(x[i : i + 1])
+        for target in (0, 3):
+            fast = dec.relevance(target)[i]
+            slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
+            torch.testing.assert_close(fast, slow, atol=1e-6 * slow.abs().max(), rtol=0)
+    _conserves(dec, 3)
+
+
+def test_an_element_wise_product_on_a_one_by_one_map_is_not_taken_for_a_gate() -> None:
+    class SiLUAsProduct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.act(self.conv(x))
+            return self.fc((a * torch.sigmoid(a)).mean((2, 3)))
+
+    model = SiLUAsProduct().eval()
+    with pytest.raises(UnsupportedModelError, match="not a gate"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 3, 3), 1)  # the map is 1x1
 
 
 # -- review follow-ups ------------------------------------------------------------------------------------

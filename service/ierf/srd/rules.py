@@ -547,9 +547,45 @@ def _computed_from(node: Any, other: Any) -> bool:
 
 
 _GATE_OPERAND = "ierf_gate_operand"  # node.meta key: index of a product's operand computed from the other
+_GATE_REDUCES = "ierf_gate_reduces"  # node.meta key: whether that operand is computed through a reduction
+
+# Ops that pool positions or channels (torch.max/min reduce only with a dim, which gates always give).
+_REDUCING_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d)
+_REDUCING_NAMES = frozenset(
+    {"adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "lp_pool2d"}
+    | {"mean", "sum", "amax", "amin", "max", "min", "logsumexp"}
+)
 
 
-def _gated(node: fx.Node, a: Any, b: Any) -> Affine | None:
+def _reduces(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(str(node.target)), _REDUCING_MODULES)
+    if node.op == "call_method":
+        return node.target in _REDUCING_NAMES
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name in _REDUCING_NAMES or name.lstrip("_") in _REDUCING_NAMES
+    return False
+
+
+def _computed_through_reduction(gate: fx.Node, main: fx.Node, model: nn.Module) -> bool:
+    """Whether some op between ``main`` and ``gate`` pools positions or channels (the squeeze of a
+    squeeze-excitation, the channel mean of a spatial gate). An element-wise function of the map itself,
+    as in ``x * sigmoid(x)``, has none."""
+    seen: set[fx.Node] = set()
+    stack = [gate]
+    while stack:
+        n = stack.pop()
+        if n is main or n in seen:
+            continue
+        seen.add(n)
+        if _reduces(n, model) and _computed_from(n, main):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
     """``x * g`` where ``g`` is a PFV map of gates computed from ``x`` itself, one per channel
     (squeeze-excitation) or one per position (spatial attention). The gate is taken as this image's constant
     scale, as max-pool winners are: ``x * g`` is then linear in ``x``, so relevance flows exactly through
@@ -562,6 +598,9 @@ def _gated(node: fx.Node, a: Any, b: Any) -> Affine | None:
     if which is None:
         return None
     gate, main = (b, a) if which == 1 else (a, b)
+    if _GATE_REDUCES not in node.meta:
+        gate_node, main_node = node.args[which], node.args[1 - which]
+        node.meta[_GATE_REDUCES] = _computed_through_reduction(gate_node, main_node, ctx.program.model)
     if not isinstance(gate, Source):
         return None
     g = gate.tensor
@@ -570,7 +609,11 @@ def _gated(node: fx.Node, a: Any, b: Any) -> Affine | None:
         return None
     per_channel = g.shape[1] == m.channels and g.shape[2:] == (1, 1)
     per_position = g.shape[1] == 1 and g.shape[2:] == (m.height, m.width)
-    if g.shape[0] != m.batch or not (per_channel or per_position) or (m.height, m.width) == (1, 1):
+    if g.shape[0] != m.batch or not (per_channel or per_position):
+        return None
+    if (m.height, m.width) == (1, 1) and g.shape[1] == m.channels and not node.meta[_GATE_REDUCES]:
+        # On a 1x1 map a per-channel gate has the map's own shape, as the factor of x * sigmoid(x) does:
+        # only a squeeze (pooling) between the map and the gate shows it is one.
         return None
     if any(not isinstance(t, DenseTerm) for t in m.terms):
         return None
@@ -588,11 +631,12 @@ def _gated(node: fx.Node, a: Any, b: Any) -> Affine | None:
 def _mul_function(ctx, node, fn, a, b) -> Any:
     where = ctx.where(node)
     if _is_map(a) and _is_map(b):
-        gated = _gated(node, a, b)
+        gated = _gated(ctx, node, a, b)
         if gated is None:
             raise UnsupportedModelError(
                 f"{where}: product of two feature maps that is not a gate (a PFV map of one factor per channel "
-                "or per position, computed from the other operand, times a map of single-path terms); "
+                "or per position, computed from the other operand, through a pooling where the map is 1x1, "
+                "times a map of single-path terms); "
                 "for an activation written as a product, such as x * sigmoid(x), register its module "
                 "with ierf.srd.register_activation"
             )
