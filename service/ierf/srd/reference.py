@@ -103,8 +103,8 @@ class ReferenceSRD:
                     record,
                     pool_offset,
                 )
-            if isinstance(m, nn.ReLU) and m.inplace:
-                return F.relu(args[0])
+            if getattr(m, "inplace", False) is True:  # ReLU6, Hardswish, SiLU, ... must not overwrite z
+                return m(args[0].clone(), *args[1:], **kwargs)
             return m(*args, **kwargs)
         if node.op == "call_function":
             if node.target is F.max_pool2d:
@@ -115,11 +115,14 @@ class ReferenceSRD:
             if node.target in (operator.iadd,):
                 return args[0] + args[1]
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+            if getattr(node.target, "__name__", "").endswith("_") and args and isinstance(args[0], torch.Tensor):
+                args = (args[0].clone(), *args[1:])  # torch.relu_ and the like: on a copy
             return node.target(*args, **kwargs)
         if node.op == "call_method":
-            if node.target == "relu_":
-                return torch.relu(args[0])
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            name = str(node.target)
+            if name.endswith("_") and not name.startswith("_"):  # an in-place method: on a copy
+                return getattr(args[0].clone(), name)(*args[1:], **kwargs)
+            return getattr(args[0], name)(*args[1:], **kwargs)
         raise AssertionError(node.op)
 
     def _pool(self, node, x, k, s, p, d, ceil_mode, record, offset):
