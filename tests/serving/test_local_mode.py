@@ -331,3 +331,27 @@ def test_work_a_tier_keeps_is_a_miss() -> None:
     pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert host.predict(PredictJob(pixels, "e" * 64, top_k=1)).provenance.cache == [("logits", "miss")]
     assert host.predict(PredictJob(pixels, "e" * 64, top_k=1)).provenance.cache == [("logits", "l1")]
+
+
+def test_a_model_with_fully_connected_pfv_layers_is_served(monkeypatch) -> None:
+    """VGG16's classifier ReLUs are PFV layers holding a (4096,) vector: the worker failed to start on
+    them (its layer table wanted (C, H, W)). They are listed as 1x1 grids and take iERF requests at (0, 0)."""
+    import time
+
+    from ierf.serving import worker
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.settings import ServiceConfig
+
+    monkeypatch.setattr(worker, "WARM_UP_PASSES", 1)
+    config = ServiceConfig.from_args({"models": [{"id": "vgg16", "random_init": True}], "cache": {"redis_url": None}})
+    host = worker.ModelHost(config.models[0], config.cache)
+    layers = {layer.name: layer for layer in host.describe().layers}
+    fc = layers["classifier.1"]
+    assert (fc.channels, fc.height, fc.width) == (4096, 1, 1)
+    pixels = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    job = worker.IERFJob(pixels, "vgg-test", "classifier.1", np.array([[0, 0]]), deadline=time.time() + 600)
+    maps = host.ierf(job).maps
+    assert maps.shape == (1, 224, 224) and abs(float(maps.sum()) - 1.0) < 1e-4
+    outside = worker.IERFJob(pixels, "vgg-test", "classifier.1", np.array([[0, 1]]), deadline=time.time() + 600)
+    with pytest.raises(InvalidArgument, match="outside"):
+        host.ierf(outside)

@@ -79,6 +79,12 @@ class LayerShape:
     width: int
 
 
+def _layer_shape(name: str, shape: tuple[int, ...]) -> LayerShape:
+    """A PFV map (C, H, W), or a fully connected layer's vector (C,): one PFV, on a 1x1 grid (VGG's head)."""
+    channels, height, width = (*shape, 1, 1) if len(shape) == 1 else shape
+    return LayerShape(name, int(channels), int(height), int(width))
+
+
 @dataclass
 class Provenance:
     model_id: str
@@ -293,10 +299,7 @@ class ModelHost:
         self.methods = ierf.available_methods()  # names only: a method's code loads on its first request
         size = self.model.input_size
         self.input_hw = (size, size)
-        self.layers = {
-            name: LayerShape(name, *[int(v) for v in self.srd.layer_shape(name, self.input_hw)])
-            for name in self.srd.layers
-        }
+        self.layers = {name: _layer_shape(name, self.srd.layer_shape(name, self.input_hw)) for name in self.srd.layers}
         self._estimates: dict[str, float] = {}  # work (DECOMPOSE, FORWARD, explain:<method>) -> moving seconds
         self._layout = self._warm_up()
         self._record_stage = stage_observer or (lambda stage, model, seconds: None)
