@@ -184,3 +184,42 @@ def test_explain_torchvision_model_with_random_weights(coffee_png, tmp_path, cap
     assert main(["explain", str(coffee_png), "-o", str(out), "--model", "mobilenet_v2", "--random-init"]) == 0
     printed = capsys.readouterr().out
     assert "random_init(seed=0)" in printed and out.is_file()
+
+
+class _Recorder:
+    """A backend that records which model each command asked for (the CLI's plumbing, not a server)."""
+
+    def __init__(self) -> None:
+        self.models: list[str] = []
+
+    def model_names(self) -> list[str]:
+        return []
+
+    def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+        self.models.append(model)
+        return [f"layer{i}" for i in range(200)]
+
+    def explain(self, request):
+        raise AssertionError("not used")
+
+
+def test_without_model_a_server_uses_its_own_default(capsys):
+    """``--server`` without ``--model`` asked every server for efficientnet_lite0 (NOT_FOUND on a server
+    that does not host it); now it asks for the server's default, and in-process keeps efficientnet_lite0."""
+    recorder = _Recorder()
+    assert main(["--server", "127.0.0.1:1", "layers"], backend=recorder) == 0
+    assert main(["layers"], backend=recorder) == 0
+    assert main(["layers", "--model", "resnet18"], backend=recorder) == 0
+    assert recorder.models == ["", "efficientnet_lite0", "resnet18"]
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly(monkeypatch):
+    """``ierf layers | head -1``: the closed pipe used to end in a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the first flush fails with EPIPE
+    stdout = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert main(["layers"], backend=_Recorder()) == 0
+    finally:
+        stdout.close()

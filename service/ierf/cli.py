@@ -14,6 +14,7 @@ User errors print one line and exit with status 2; tracebacks are reserved for b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 EXIT_OK = 0
 EXIT_USAGE = 2
 DEFAULT_MODEL = "efficientnet_lite0"
+MODEL_HELP = f"model name (default: {DEFAULT_MODEL} in-process, the server's default with --server; see `ierf models`)"
 TOP_K = 5
 
 
@@ -180,9 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("image", help="image file (PNG, JPEG, WebP, …)")
     explain.add_argument("-o", "--output", required=True, help="PNG file to write")
-    explain.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}; see `ierf models`)"
-    )
+    explain.add_argument("--model", help=MODEL_HELP)
     weights = explain.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="state_dict file for torchvision models (.pth)")
     weights.add_argument("--random-init", action="store_true", help="explicitly random weights (seed 0)")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("models", parents=[remote], help="list the available models and where their weights are")
 
     layers = commands.add_parser("layers", parents=[remote], help="list the layers accepted by --layer")
-    layers.add_argument("--model", default=DEFAULT_MODEL)
+    layers.add_argument("--model", help=MODEL_HELP)
     layers.add_argument("--weights", help="state_dict file (only the graph matters; random weights otherwise)")
     return parser
 
@@ -332,6 +332,8 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
 
             backend = opened = RemoteBackend(args.server)
         backend = backend or InProcessBackend()
+        if getattr(args, "model", "") is None:  # a server picks its own default model ("")
+            args.model = "" if args.server else DEFAULT_MODEL
         if args.command == "explain":
             return _run_explain(args, backend)
         if args.command == "demo-image":
@@ -342,6 +344,9 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `ierf layers | head`: the reader has gone; no traceback, nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     finally:
         if opened is not None:
             opened.close()
