@@ -165,9 +165,10 @@ def test_an_ierf_response_that_could_pass_the_grpc_cap_is_refused_before_work(mo
     dropped by a 32 MiB proxy; the ingress says so up front, with how many positions fit."""
     from types import SimpleNamespace
 
-    from ierf.serving.deployments import GRPC_MAX_MESSAGE_ENV, _check_response_fits
     from ierf.serving.errors import ResourceExhausted
     from ierf.serving.local import GRPC_MAX_MESSAGE_ENV as LOCAL_ENV
+    from ierf.serving.worker import GRPC_MAX_MESSAGE_ENV
+    from ierf.serving.worker import check_response_fits as _check_response_fits
 
     assert GRPC_MAX_MESSAGE_ENV == LOCAL_ENV
     desc = SimpleNamespace(input_height=224, input_width=224)

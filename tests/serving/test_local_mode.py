@@ -355,3 +355,27 @@ def test_a_model_with_fully_connected_pfv_layers_is_served(monkeypatch) -> None:
     outside = worker.IERFJob(pixels, "vgg-test", "classifier.1", np.array([[0, 1]]), deadline=time.time() + 600)
     with pytest.raises(InvalidArgument, match="outside"):
         host.ierf(outside)
+
+
+def test_the_worker_refuses_an_ierf_response_over_the_grpc_cap_before_any_work(monkeypatch) -> None:
+    """The ingress checks the response size only once it holds the model's description, so the first
+    requests after it starts reached the worker unchecked, were computed, then dropped by the proxy."""
+    import time
+
+    from ierf.serving import worker
+    from ierf.serving.errors import ResourceExhausted
+    from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, ServiceConfig
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = worker.ModelHost(config.models[0], config.cache)
+    monkeypatch.setenv(GRPC_MAX_MESSAGE_ENV, str(8 * 2**20))
+    pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    positions = np.array([[r, c] for r in range(7) for c in range(7)])
+    big = worker.IERFJob(pixels, "cap-test", "layer4", positions, overlay=True, deadline=time.time() + 600)
+    decompose, decompositions = host._decomposition, []
+    monkeypatch.setattr(host, "_decomposition", lambda *a: decompositions.append(a) or decompose(*a))
+    with pytest.raises(ResourceExhausted, match=r"over the gRPC message cap of 8 MiB.*at most 20 positions"):
+        host.ierf(big)
+    assert decompositions == []  # refused before any work
+    small = worker.IERFJob(pixels, "cap-test", "layer4", positions[:20], overlay=False, map_itemsize=2)
+    assert host.ierf(small).maps.shape == (20, 224, 224) and len(decompositions) == 1

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,13 +24,12 @@ from ierf.serving.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     ServiceError,
     Unavailable,
     error_for,
     to_status,
 )
-from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, CacheConfig, ModelConfig, ServiceConfig
+from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica log, with the request context
 
@@ -49,25 +47,6 @@ HEALTH_PROBE_TIMEOUT_S = 2.0
 # an error (the replica died) reads NOT_SERVING at once. Flapping to NOT_SERVING under load would make a
 # load balancer drain capacity exactly when it is needed.
 HEALTH_BUSY_GRACE_S = 30.0
-
-
-def _check_response_fits(desc: Any, maps: int, itemsize: int, overlay: bool, return_input: bool) -> None:
-    """Refuse, before any work, a ComputeIERF whose response could pass the gRPC proxy's message cap (it
-    would be computed, then dropped by the proxy): P maps, P overlay PNGs (at most ~4 bytes per pixel),
-    the input crop."""
-    raw = os.environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
-    if not raw.isdigit():
-        return
-    cap = int(raw)
-    pixels = desc.input_height * desc.input_width
-    worst = maps * pixels * (itemsize + (4 if overlay else 0)) + (3 * pixels if return_input else 0) + (1 << 16)
-    if worst > cap:
-        fit = max(1, (cap - (3 * pixels if return_input else 0) - (1 << 16)) // (pixels * (itemsize + 4 * overlay)))
-        raise ResourceExhausted(
-            f"{maps} maps of {desc.input_height}x{desc.input_width}{' with overlays' if overlay else ''} could "
-            f"make a response of {worst / 2**20:.0f} MiB, over the gRPC message cap of {cap / 2**20:.0f} MiB "
-            f"({GRPC_MAX_MESSAGE_ENV}); ask for at most {fit} positions per call, float16 maps or no overlays"
-        )
 
 
 def _assigned_cpus() -> float:
@@ -358,7 +337,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.worker import IERFJob, check_ierf_args
+        from ierf.serving.worker import IERFJob, check_ierf_args, check_response_fits
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
@@ -374,7 +353,7 @@ class Ingress:
         desc = self._description_if_known(model_id)
         if desc is not None:
             check_ierf_args(desc, request.layer, positions)
-            _check_response_fits(desc, len(positions), np.dtype(dtype).itemsize, request.overlay, request.return_input)
+            check_response_fits(desc, len(positions), np.dtype(dtype).itemsize, request.overlay, request.return_input)
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings)
         job = IERFJob(
@@ -385,6 +364,7 @@ class Ingress:
             overlay=request.overlay,
             return_input=request.return_input,
             deadline=deadline,
+            map_itemsize=np.dtype(dtype).itemsize,
         )
         outcome = await self._call(model_id, worker.ierf, job, deadline)
         encode_start = time.perf_counter()

@@ -12,6 +12,7 @@ PFV are cheap reads of it. Its ``state_dict()`` is flat tensors, so it goes to R
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 
 from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
-from ierf.serving.errors import DeadlineExceeded, InvalidArgument
+from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from ierf.serving.images import ACCEPTED_FORMATS, TENSOR_DTYPES
-from ierf.serving.settings import CacheConfig, ModelConfig
+from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, CacheConfig, ModelConfig
 
 DEFAULT_METHOD = "srd"
 # The "method" of the plain forward pass in cache keys: the logits artifact is keyed
@@ -53,6 +54,7 @@ class IERFJob:
     overlay: bool = False
     return_input: bool = False
     deadline: float | None = None
+    map_itemsize: int = 4  # bytes per value of the maps the caller asked for (float32 4, float16 2)
 
 
 @dataclass
@@ -171,6 +173,26 @@ def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarr
                 f"{layer.name!r} (rows 0..{layer.height - 1}, cols 0..{layer.width - 1})"
             )
     return layer
+
+
+def check_response_fits(desc: Any, maps: int, itemsize: int, overlay: bool, return_input: bool) -> None:
+    """Refuse, before any work, a ComputeIERF whose response could pass the gRPC proxy's message cap (it
+    would be computed, then dropped by the proxy): P maps, P overlay PNGs (at most ~4 bytes per pixel),
+    the input crop. The ingress checks when it already holds the model's description, the worker always
+    (Ray's processes inherit the cap's environment variable from the process that started them)."""
+    raw = os.environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
+    if not raw.isdigit():
+        return
+    cap = int(raw)
+    pixels = desc.input_height * desc.input_width
+    worst = maps * pixels * (itemsize + (4 if overlay else 0)) + (3 * pixels if return_input else 0) + (1 << 16)
+    if worst > cap:
+        fit = max(1, (cap - (3 * pixels if return_input else 0) - (1 << 16)) // (pixels * (itemsize + 4 * overlay)))
+        raise ResourceExhausted(
+            f"{maps} maps of {desc.input_height}x{desc.input_width}{' with overlays' if overlay else ''} could "
+            f"make a response of {worst / 2**20:.0f} MiB, over the gRPC message cap of {cap / 2**20:.0f} MiB "
+            f"({GRPC_MAX_MESSAGE_ENV}); ask for at most {fit} positions per call, float16 maps or no overlays"
+        )
 
 
 def check_top_k(desc: ModelDescription, top_k: int) -> int:
@@ -585,6 +607,7 @@ class ModelHost:
         stages = _Stages(self._record_stage, self.config.id)
         positions = np.asarray(job.positions, dtype=np.int64).reshape(-1, 2)
         layer = check_ierf_args(self.description, job.layer, positions)
+        check_response_fits(self.description, len(positions), job.map_itemsize, job.overlay, job.return_input)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         decomposition = self._decomposition(inputs, prov, stages, job.deadline)
