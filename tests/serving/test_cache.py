@@ -222,7 +222,16 @@ def test_tiered_cache_l2_serves_a_new_process_and_fills_l1(redis_flushed) -> Non
     first = reader.get(KEY, _rebuild)
     assert first.tier == "l2" and torch.equal(first.value["logits"], tensors["logits"])
     assert reader.get(KEY, _rebuild).tier == "l1"
-    assert recorder.events == [("l1", "get", "miss"), ("l2", "get", "hit"), ("l1", "get", "hit")]
+    assert recorder.events == [
+        ("l1", "get", "miss"),
+        ("l2", "get", "hit"),
+        ("l1", "put", "stored"),
+        ("l1", "get", "hit"),
+    ]
+    small = TieredCache(16, None, recorder)  # an L1 too small for the value: counted as too_big
+    recorder.events.clear()
+    assert small.put(KEY, tensors, tensors_nbytes(tensors), None) == "disabled"
+    assert recorder.events == [("l1", "put", "too_big")]
 
 
 def test_garbage_under_a_key_is_a_miss_and_is_removed(redis_flushed) -> None:

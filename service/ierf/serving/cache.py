@@ -549,7 +549,7 @@ class TieredCache:
             self.l2.delete(key)
             return Lookup(None, "miss")
         self.observer("l2", "get", "hit", time.perf_counter() - start, len(data))
-        self.l1.put(key, obj, nbytes)
+        self._put_l1(key, obj, nbytes)
         return Lookup(obj, "l2")
 
     def can_keep(self, nbytes: int, encoded_nbytes: int) -> bool:
@@ -569,7 +569,7 @@ class TieredCache:
         """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance:
         "queued" when the write went behind (its own result then only reaches the observer), "dropped"
         when the write-behind queue was full."""
-        self.l1.put(key, obj, nbytes)
+        self._put_l1(key, obj, nbytes)
         if self.l2 is None or tensors is None:
             return "disabled"
         start = time.perf_counter()
@@ -590,6 +590,13 @@ class TieredCache:
             self.observer("l2", "put", "dropped", 0.0, len(data))
             return "dropped"
         return self._put_l2(key, data, start)
+
+    def _put_l1(self, key: str, obj: Any, nbytes: int) -> None:
+        if self.l1.capacity_bytes <= 0:  # L1 off: nothing to count
+            return
+        start = time.perf_counter()
+        stored = self.l1.put(key, obj, nbytes)
+        self.observer("l1", "put", "stored" if stored else "too_big", time.perf_counter() - start, nbytes)
 
     def _put_l2(self, key: str, data: bytes, start: float | None = None) -> str:
         """SET the encoded value; ``start`` is when the put began (encoding included), for the observer."""
