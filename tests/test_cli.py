@@ -223,3 +223,17 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly(monkeypatch):
         assert main(["layers"], backend=_Recorder()) == 0
     finally:
         stdout.close()
+
+
+def test_server_mode_uploads_the_files_own_bytes_when_the_server_reads_its_format(tmp_path):
+    """``--server`` re-encoded the decoded photo as PNG for each of its calls (a 12 MP JPEG: ~15 MB each)."""
+    from ierf.cli import ExplainRequest
+    from ierf.serving.remote_backend import _upload
+
+    pixels = demo_image("chelsea")
+    jpeg, bmp = tmp_path / "cat.jpg", tmp_path / "cat.bmp"
+    Image.fromarray(pixels).save(jpeg, quality=90)
+    Image.fromarray(pixels).save(bmp)
+    assert _upload(ExplainRequest(image=load_image(jpeg), path=str(jpeg))) == jpeg.read_bytes()
+    for request in (ExplainRequest(image=pixels, path=str(bmp)), ExplainRequest(image=pixels)):
+        assert _upload(request) is request.image  # a format the server does not take, or no file: the pixels

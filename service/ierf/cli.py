@@ -41,6 +41,7 @@ class ExplainRequest:
 
     image: np.ndarray  # uint8 (H, W, 3), the original picture (the backend resizes and crops)
     model: str = DEFAULT_MODEL
+    path: str | None = None  # the file it was read from: a server is sent its bytes, not re-encoded pixels
     weights: str | None = None
     random_init: bool = False
     target: str = "auto"  # "auto" (top-1) | class id | class name
@@ -234,6 +235,7 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
         raise UsageError(f"output must be a .png file, got {args.output!r}")
     request = ExplainRequest(
         image=load_image(args.image),
+        path=str(args.image),
         model=args.model,
         weights=args.weights,
         random_init=args.random_init,
