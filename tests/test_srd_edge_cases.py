@@ -526,3 +526,43 @@ def test_mean_contrast_of_a_one_position_start_map_is_refused() -> None:
     dec = ierf.SRD(model).decompose(torch.randn(2, 1, 4, 4))
     with pytest.raises(ValueError, match="one position"):
         dec.saliency(1, contrast="mean")
+
+
+def test_calls_outside_the_contract_get_value_or_type_errors_that_say_what_to_do() -> None:
+    """Found by review: a mean over every dimension escaped as a raw TypeError, an unchecked state without
+    its keys as KeyError, and a gradient head asked of a default decomposition did not say how to get it."""
+
+    class MeanAll(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x)).mean().reshape(1, 1) * torch.ones(1, 2)
+
+    with pytest.raises(UnsupportedModelError, match="mean over every dimension"):
+        ierf.SRD(MeanAll().eval()).saliency(torch.randn(1, 3, 6, 6), 0)
+
+    torch.manual_seed(0)
+    model = randomise_bn(TinyResNet()).eval()
+    srd = ierf.SRD(model)
+    with pytest.raises(ValueError, match=r"not a decomposition state: missing \['head.bias'"):
+        srd.load_decomposition({"schema": torch.tensor([1]), "shapes": torch.zeros(1, 4, dtype=torch.long)})
+    with pytest.raises(TypeError, match="dict of tensors"):
+        srd.load_decomposition([torch.zeros(1)])  # type: ignore[arg-type]
+    dec = srd.decompose(torch.randn(1, 3, 8, 10))
+    with pytest.raises(ValueError, match=r"decompose\(x, keep=\['"):
+        dec.saliency(1, head="gradcam")
+
+
+def test_a_map_that_overflows_float32_is_refused_not_returned_as_nan() -> None:
+    """A PFV norm above ~1.8e19 squares past float32's range: the ratios became NaN and so did the map,
+    with a finite logit (found by review). The float64 copy the message suggests gives the map."""
+    torch.manual_seed(0)
+    model = randomise_bn(TinyResNet()).eval()
+    x = torch.randn(1, 3, 8, 10) * 1e20
+    assert bool(torch.isfinite(model(x)).all())
+    with pytest.raises(ValueError, match=r"too large for torch.float32.*float64 copy"):
+        ierf.SRD(model).saliency(x, 1)
+    dec = ierf.SRD(model.double()).decompose(x.double())
+    _conserves(dec, 1, rtol=1e-6)

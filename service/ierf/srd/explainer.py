@@ -356,7 +356,11 @@ class Decomposition:
     def _gradient_start(self, target: torch.Tensor, contrast: Contrast, mode: str) -> dict[int, torch.Tensor]:
         sid = self.start_layer()
         if sid not in self.activations:
-            raise ValueError("this decomposition was made without the start activation; gradient heads need it")
+            name = self._program.names[sid]
+            raise ValueError(
+                f"this decomposition was made without the start activation ({name!r}) that gradient heads need: "
+                f"build ierf.SRD(model, head='gradcam' or 'grad_x_act'), or call decompose(x, keep=[{name!r}])"
+            )
         act = self.activations[sid]
         head = self._program.head_module(sid)
 
@@ -393,7 +397,14 @@ class Decomposition:
         """Push relevance down every stage (reverse topological order) until map ``stop`` is complete."""
         out = self.frontier(relevance, stop).get(stop)
         seeds = next(iter(relevance.values())).shape[1]
-        return out if out is not None else self._zeros(stop, seeds)
+        if out is None:
+            return self._zeros(stop, seeds)
+        if not bool(torch.isfinite(out).all()):  # one reduction over the map: never hand back NaN silently
+            raise ValueError(
+                f"the map is not finite: this input's feature vectors are too large for {out.dtype} (their squared "
+                "norms overflow); explain a float64 copy of the model and input, or rescale the input"
+            )
+        return out
 
     def frontier(self, relevance: dict[int, torch.Tensor], stop: int = 0) -> dict[int, torch.Tensor]:
         """Relevance of every PFV map once map ``stop`` is complete. In residual networks part of it may
@@ -444,6 +455,11 @@ class Decomposition:
     def from_state(
         cls, program: Program, state: dict[str, torch.Tensor], head_mode: HeadMode = "auto"
     ) -> Decomposition:
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError(f"a decomposition state is a dict of tensors, got {type(state).__name__}")
+        missing = sorted({"schema", "shapes", "logits", "head.contrib", "head.bias", "head.routes"} - state.keys())
+        if missing:
+            raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
         if int(state["schema"][0]) != SCHEMA_VERSION:
             raise ValueError(f"decomposition schema {int(state['schema'][0])} != {SCHEMA_VERSION}")
         shapes = {int(r[0]): _unpad3(r[1:].tolist()) for r in state["shapes"]}

@@ -414,6 +414,8 @@ def _adaptive_avg_function(ctx, node, fn, x, output_size) -> Affine:
 
 def _global_mean(ctx, node, x, dim, keepdim) -> Affine:
     where = ctx.where(node)
+    if dim is None:
+        raise UnsupportedModelError(f"{where}: mean over every dimension (only the spatial mean is supported)")
     dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
     if dims != {2, 3}:
         raise UnsupportedModelError(f"{where}: mean over dims {dim} (only the spatial mean is supported)")
