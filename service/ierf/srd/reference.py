@@ -28,6 +28,7 @@ from torch import nn
 from ierf.srd.program import Program
 
 _BIAS_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+_ADDITIVE_FUNCTIONS = (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub)
 
 
 @dataclass
@@ -70,6 +71,21 @@ class ReferenceSRD:
         _zero_biases(self.linear_model)
         self.modules = dict(self.model.named_modules())
         self.lin_modules = dict(self.linear_model.named_modules())
+        self.on_map: set[fx.Node] = set()  # nodes computed from the input (the rest are constants)
+        for node in self.graph.nodes:
+            if node.op == "placeholder" or any(d in self.on_map for d in node.all_input_nodes):
+                self.on_map.add(node)
+
+    def _constant_addend(self, node: fx.Node) -> int | None:
+        """For ``map + c`` or ``c + map`` (also ``-``) with c a constant (a number, a buffer, a tensor made in
+        forward): the index of c. Such a constant is a bias of its own: paths run without it, and it is
+        measured alone, like a layer's bias."""
+        additive = node.op == "call_function" and node.target in _ADDITIVE_FUNCTIONS
+        additive = additive or (node.op == "call_method" and node.target in ("add", "add_", "sub", "sub_"))
+        if not additive or _is_shape(node) or len(node.args) < 2:
+            return None
+        on_map = [isinstance(a, fx.Node) and a in self.on_map for a in node.args[:2]]
+        return on_map.index(False) if sum(on_map) == 1 else None
 
     # ---- plain forward with recorded routing ------------------------------------------------------------
     def _forward(self, x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
@@ -84,7 +100,23 @@ class ReferenceSRD:
                 values[node] = self._eval(node, values, self.model, record=True)
         return values
 
-    def _eval(self, node: fx.Node, values, model: nn.Module, record: bool = False, pool_offset=None):
+    def _eval(
+        self,
+        node: fx.Node,
+        values,
+        model: nn.Module,
+        record: bool = False,
+        pool_offset=None,
+        without_constants: bool = False,
+        keep_constant: fx.Node | None = None,
+    ):
+        if without_constants and node is not keep_constant and (k := self._constant_addend(node)) is not None:
+            operand = values[node.args[1 - k]]
+            subtract = getattr(node.target, "__name__", str(node.target)).lstrip("_").startswith(("sub", "isub"))
+            if k == 1:  # map + c, map - c
+                return operand
+            alpha = node.kwargs.get("alpha", 1)
+            return -alpha * operand if subtract else alpha * operand  # c + alpha * map, c - alpha * map
         args = fx.node.map_arg(node.args, lambda n: values[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
         if node.op == "get_attr":
@@ -228,22 +260,26 @@ class ReferenceSRD:
                     local[dep] = values[dep]  # frozen at this image's value (broadcasts over the batch)
                 elif dep is not live.get(n) and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
                     local[dep] = torch.zeros(source_value.shape[0], *values[dep].shape[1:], dtype=torch.float64)
-            local[n] = self._eval(n, local, self.linear_model, pool_offset=offsets.get(n))
+            local[n] = self._eval(n, local, self.linear_model, pool_offset=offsets.get(n), without_constants=True)
         return local[path[-1]]
 
     def _bias_vector(self, node: fx.Node, order, sources, values) -> torch.Tensor:
-        """The sink value with zero sources and only ``node``'s bias switched on."""
-        only = copy.deepcopy(self.linear_model)
-        src_mod = self.model.get_submodule(str(node.target))
-        dst_mod = only.get_submodule(str(node.target))
-        dst_mod.load_state_dict(src_mod.state_dict())
+        """The sink value with zero sources and only ``node``'s bias switched on: a layer's own bias, or the
+        constant that ``node`` adds."""
+        if node.op == "call_module":
+            only = copy.deepcopy(self.linear_model)
+            src_mod = self.model.get_submodule(str(node.target))
+            dst_mod = only.get_submodule(str(node.target))
+            dst_mod.load_state_dict(src_mod.state_dict())
+        else:
+            only = self.linear_model
         local = dict(values)
         gates = {self._gate(n) for n in order} - {None}
         for s in sources:
             if s not in gates:
                 local[s] = torch.zeros_like(values[s])
         for n in order:
-            local[n] = self._eval(n, local, only)
+            local[n] = self._eval(n, local, only, without_constants=True, keep_constant=node)
         return local[order[-1]]
 
     def _pool_kernel(self, n: fx.Node) -> tuple[int, int] | None:
@@ -284,7 +320,8 @@ class ReferenceSRD:
                 items.append((pi, path[0], out.reshape(n_pos, z.shape[0], -1)))
         biases = []
         for n in order:
-            if n.op == "call_module" and isinstance(self.modules[str(n.target)], _BIAS_MODULES):
+            constant = self._constant_addend(n) is not None
+            if constant or (n.op == "call_module" and isinstance(self.modules[str(n.target)], _BIAS_MODULES)):
                 beta = self._bias_vector(n, order, sources, values)[0]
                 owners = {pi for pi, p in enumerate(paths) if n in p}
                 biases.append((beta.reshape(z.shape[0], -1), owners))
