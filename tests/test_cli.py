@@ -237,3 +237,14 @@ def test_server_mode_uploads_the_files_own_bytes_when_the_server_reads_its_forma
     assert _upload(ExplainRequest(image=load_image(jpeg), path=str(jpeg))) == jpeg.read_bytes()
     for request in (ExplainRequest(image=pixels, path=str(bmp)), ExplainRequest(image=pixels)):
         assert _upload(request) is request.image  # a format the server does not take, or no file: the pixels
+
+
+def test_the_cli_and_the_package_import_without_torch():
+    """``import ierf`` is lazy (PEP 562): ``ierf --server`` only talks to a server and started in ~4.5 s,
+    almost all of it importing torch. The names still resolve on first use."""
+    code = (
+        "import sys, ierf.cli, ierf, ierf.models; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert ierf.SRD.__name__ == 'SRD' and callable(ierf.models.load_model) and ierf.srd.register_activation; "
+        "assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -12,9 +12,42 @@ Public entry points::
     erfs = explainer.ierf(x, "layer3.5", pos)     # (B, P, H, W), each sums to 1
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ierf.errors import UnsupportedModelError
-from ierf.methods import available_methods, create_explainer, method_version
-from ierf.srd import SRD, Decomposition, StateLayout
+
+if TYPE_CHECKING:
+    from ierf.methods import available_methods, create_explainer, method_version
+    from ierf.srd import SRD, Decomposition, StateLayout
+
+# Imported on first use (PEP 562): `import ierf` stays torch-free, so the CLI's --server mode (which only
+# talks to a server through the SDK) starts in a fraction of a second instead of ~4 s.
+_LAZY = {
+    "SRD": "ierf.srd",
+    "Decomposition": "ierf.srd",
+    "StateLayout": "ierf.srd",
+    "available_methods": "ierf.methods",
+    "create_explainer": "ierf.methods",
+    "method_version": "ierf.methods",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule not imported yet (`ierf.srd.register_activation` after `import ierf`)
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'ierf' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SRD",

@@ -283,8 +283,6 @@ def _run_demo_image(args: argparse.Namespace) -> int:
 
 
 def _run_models(backend: Backend) -> int:
-    from ierf.models import model_spec, resolve_weights
-
     header = f"{'model':<20} {'preprocessing':<24} weights"
     if hasattr(backend, "model_rows"):  # a server reports its own preprocessing and weights
         rows = backend.model_rows()  # before any output: a failed call prints only its error
@@ -292,6 +290,8 @@ def _run_models(backend: Backend) -> int:
         for name, preprocessing, where in rows:
             print(f"{name:<20} {preprocessing:<24} {where}")
         return EXIT_OK
+    from ierf.models import model_spec, resolve_weights
+
     print(header)
     for name in backend.model_names():
         try:
