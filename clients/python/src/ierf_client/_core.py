@@ -165,14 +165,32 @@ def call_metadata(token: str | None, remaining_s: float, application: str | None
 
 
 # ------------------------------------------------------------------------------------------ images
+# EXIF Orientation (tag 0x0112) -> the transpose that shows the image upright: the server's table
+# (ierf.images), applied to PIL images here because their PNG re-encoding carries no EXIF.
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")  # sent as they are; the server converts
+_SIXTEEN_BIT_MODES = ("I;16L", "I;16N")  # 16-bit greys PNG cannot name: re-labelled I;16, losslessly
+
+
 def image_message(image: ImageInput) -> pb.Image:
-    """Paths and bytes travel as the file's encoded bytes; arrays as raw tensors (or PNG when large)."""
+    """Paths and bytes travel as the file's encoded bytes; PIL images as PNG, upright as the server
+    would turn their file; arrays as raw tensors (large float ones rounded to uint8 first, large uint8
+    ones as lossless PNG), so the server sees the same canonical pixels however the image travels."""
     if isinstance(image, str | os.PathLike):
         return pb.Image(encoded=Path(image).read_bytes())
     if isinstance(image, bytes | bytearray | memoryview):
         return pb.Image(encoded=bytes(image))
     if isinstance(image, Image.Image):
-        return pb.Image(encoded=_png(image))
+        return pb.Image(encoded=_png(_png_ready(image)))
     if isinstance(image, np.ndarray):
         # The server takes (H, W, 3), (H, W, 1) or (H, W): checked here so that a wrong shape fails
         # the same way whatever the array's size (large ones travel as PNG), before any upload.
@@ -189,12 +207,67 @@ def image_message(image: ImageInput) -> pb.Image:
             raise TypeError(
                 f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float32/float16 in [0, 1]"
             )
+        if dtype != pb.UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
+            # The server rounds float pixels to uint8 anyway: doing it here first lets a large float
+            # image travel at a quarter (or half) of the size, and as PNG if still too large.
+            image, dtype = _float_to_uint8(image), pb.UINT8
         if dtype == pb.UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
             grey_or_rgb = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
             return pb.Image(encoded=_png(Image.fromarray(np.ascontiguousarray(grey_or_rgb))))  # lossless
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
         return pb.Image(tensor=pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(image.shape)))
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array")
+
+
+def _float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8, checked and rounded exactly as the server's ``decode_tensor``.
+
+    Same float32 arithmetic, same round-half-to-even, so the server's canonical pixels (and the
+    content hash every cache key hangs off) are those of the float tensor it would have decoded.
+    Values it would refuse with INVALID_ARGUMENT are refused here, with its words.
+    """
+    values = array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("float image array contains NaN or infinity")
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"float image array values must lie in [0, 1]; got [{lo:.4g}, {hi:.4g}]")
+    return np.rint(values * 255.0).astype(np.uint8)
+
+
+def _exif_orientation(picture: Image.Image) -> int:
+    """EXIF orientation 1..8 as the server reads it; 1 when absent, unknown or unreadable."""
+    try:
+        value = picture.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        return 1
+    return value if type(value) is int and value in _ORIENTATION_TRANSPOSE else 1
+
+
+def _png_ready(picture: Image.Image) -> Image.Image:
+    """``picture`` as the server would see it from its file, in a mode PNG can store.
+
+    The PNG carries no EXIF, so the orientation the server would apply to the original file is
+    applied here (by the server's rule, not ImageOps.exif_transpose, which may raise on bad tags).
+    Modes PNG cannot store are converted the way the server's ``to_rgb_array`` would: 16-bit greys
+    kept 16-bit (the server scales them), colour modes to RGB; 32-bit I/F are refused as it refuses them.
+    """
+    method = _ORIENTATION_TRANSPOSE.get(_exif_orientation(picture))
+    if method is not None:
+        picture = picture.transpose(method)
+    if picture.mode in _PNG_MODES:
+        return picture
+    if picture.mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray(np.asarray(picture).astype(np.uint16))
+    if picture.mode in ("I", "F"):
+        raise ValueError(
+            f"image cannot be converted to 8-bit RGB: image mode {picture.mode!r} (32-bit integer/float pixels) "
+            "has no defined 8-bit scale; convert it to 8-bit RGB or greyscale first"
+        )
+    try:
+        return picture.convert("RGB")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"image cannot be converted to 8-bit RGB: {exc}") from None
 
 
 def _png(picture: Image.Image) -> bytes:
