@@ -14,9 +14,9 @@ Public entry points::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ierf._lazy import lazy_getattr
 from ierf.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -33,20 +33,7 @@ _LAZY = {
     "create_explainer": "ierf.methods",
     "method_version": "ierf.methods",
 }
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:  # a submodule not imported yet (`ierf.srd.register_activation` after `import ierf`)
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module 'ierf' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

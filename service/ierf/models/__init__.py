@@ -8,9 +8,9 @@ and a weights digest. Nothing downloads; see :mod:`ierf.models.registry` for whe
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ierf._lazy import lazy_getattr
 from ierf.models.classes import class_index, imagenet_class_names
 
 if TYPE_CHECKING:
@@ -44,20 +44,7 @@ _LAZY = dict.fromkeys(("IMAGENET", "TF_LITE", "Preprocessing"), "ierf.models.pre
     ),
     "ierf.models.registry",
 )
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:  # a submodule not imported yet (`ierf.srd.register_activation` after `import ierf`)
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module 'ierf.models' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
