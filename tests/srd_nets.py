@@ -436,3 +436,12 @@ def reference_relevance(ref, dec_ref: dict, target: int) -> torch.Tensor:
         acc = seeds.setdefault(ref._sid(src), torch.zeros(c.shape[0], dtype=torch.float64))
         acc += c[:, target, 0] + dec_ref["head_bias"][target] / n_taps
     return ref.propagate(dec_ref, seeds)[0]
+
+
+def assert_matches_reference(dec, ref, dec_ref: dict, targets, rel_tol: float, image: int = 0) -> None:
+    """The fast pixel relevance of ``image`` for each target equals the reference's (``dec_ref`` decomposes
+    that image alone), to ``rel_tol`` of the reference map's largest value."""
+    for target in targets:
+        fast = dec.relevance(target)[image]
+        slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
+        torch.testing.assert_close(fast, slow, atol=rel_tol * slow.abs().max(), rtol=0)

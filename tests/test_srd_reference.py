@@ -11,7 +11,7 @@ import torch
 import torchvision
 from ierf.srd import fused, ratios
 from ierf.srd.reference import ReferenceSRD
-from srd_nets import all_nets, randomise_bn, reference_relevance
+from srd_nets import all_nets, assert_matches_reference, randomise_bn, reference_relevance
 from torch import nn
 
 NETS = all_nets()
@@ -100,11 +100,7 @@ def test_a_path_that_contributes_nothing_carries_no_bias():
     assert second.mu.shape[1] == 1
     assert bool((second.mu[0, 0][dead] == 0).all()) and bool((second.mu[0, 0][~dead] == 1).all())
     ref = ReferenceSRD(model)
-    dec_ref = ref.decompose(x)
-    for target in (0, 2):
-        fast = dec.relevance(target)[0]
-        slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
-        torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max(), rtol=0)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-5)
 
 
 @pytest.mark.parametrize("name", list(NETS))
@@ -319,11 +315,7 @@ def test_torchvision_architectures_match_the_reference(name):
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     dec = ierf.SRD(model, head="exact").decompose(x)
     ref = ReferenceSRD(model)
-    dec_ref = ref.decompose(x)
-    for target in (0, 3):
-        fast = dec.relevance(target)[0]
-        slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
-        torch.testing.assert_close(fast, slow, atol=1e-6 * slow.abs().max(), rtol=0)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 3), 1e-6)
 
 
 def test_the_reference_is_blind_to_in_place_activations():
