@@ -105,6 +105,7 @@ class InProcessBackend:
 
         import ierf
         from ierf.models import load_model
+        from ierf.srd import pfv_grid
 
         loaded = load_model(
             request.model, weights=request.weights, random_init=request.random_init, device=request.device
@@ -128,8 +129,7 @@ class InProcessBackend:
                 raise UsageError("--layer needs --position ROW,COL")
             positions = torch.tensor([request.position], dtype=torch.long, device=loaded.device)
             erf = decomposition.ierf(request.layer, positions)[0, 0]
-            shape = decomposition.layer_shape(request.layer)  # (C, h, w), or (C,) for a vector layer
-            feat_h, feat_w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+            feat_h, feat_w = pfv_grid(decomposition.layer_shape(request.layer))
             return Explanation(
                 kind="ierf",
                 model=loaded.name,

@@ -82,9 +82,11 @@ class LayerShape:
 
 
 def _layer_shape(name: str, shape: tuple[int, ...]) -> LayerShape:
-    """A PFV map (C, H, W), or a fully connected layer's vector (C,): one PFV, on a 1x1 grid (VGG's head)."""
-    channels, height, width = (*shape, 1, 1) if len(shape) == 1 else shape
-    return LayerShape(name, int(channels), int(height), int(width))
+    """A PFV map (C, H, W), or a fully connected layer's vector (C,) on a 1x1 grid (VGG's head)."""
+    from ierf.srd import pfv_grid
+
+    height, width = pfv_grid(shape)
+    return LayerShape(name, int(shape[0]), int(height), int(width))
 
 
 @dataclass

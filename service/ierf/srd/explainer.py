@@ -241,7 +241,7 @@ class Decomposition:
         shape = self.shapes.get(sid)
         if shape is None:
             raise ValueError(f"layer {layer!r} is not computed for this input")
-        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        h, w = pfv_grid(shape)
         pos = _check_positions(positions, h, w, layer)
         ref = self.logits
         seed = ref.new_zeros(self.batch, pos.shape[0], h, w)
@@ -285,7 +285,7 @@ class Decomposition:
 
     def _inside(self, route: Route) -> bool:
         shape = self.shapes[route.source]
-        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        h, w = pfv_grid(shape)
         return 0 <= route.oy < h and 0 <= route.ox < w
 
     def _is_spatial(self, sid: int) -> bool:
@@ -390,7 +390,7 @@ class Decomposition:
     # -- relevance flow ---------------------------------------------------------------------------------
     def _zeros(self, sid: int, seeds: int) -> torch.Tensor:
         shape = self.shapes[sid]
-        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        h, w = pfv_grid(shape)
         return self.logits.new_zeros(self.batch, seeds, h, w)
 
     def _propagate(self, relevance: dict[int, torch.Tensor], stop: int = 0) -> torch.Tensor:
@@ -520,6 +520,12 @@ class StateLayout:
     @functools.cached_property
     def _integer_bytes(self) -> dict[str, bytes]:
         return {key: values.numpy().tobytes() for key, (_, _, values) in self.entries.items() if values is not None}
+
+
+def pfv_grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a layer's PFV grid from its shape without the batch: H x W of a (C, H, W) map, and
+    one PFV, a 1x1 grid, for a fully connected layer's (C,) vector (VGG's classifier)."""
+    return (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
 
 
 def _selects_channels(node: torch.fx.Node) -> bool:
