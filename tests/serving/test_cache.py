@@ -295,10 +295,39 @@ def test_can_keep_says_whether_any_tier_fits_a_value() -> None:
     with_l2.close()
 
 
-def test_single_flight_lock_is_per_key() -> None:
+def test_single_flight_serialises_one_key_only_and_forgets_idle_keys() -> None:
+    """Before, locks were pruned past 4096 keys by "not locked", which also dropped a lock handed out
+    but not yet acquired: a second request for the image then got a new lock and computed it again."""
     cache = TieredCache(1000)
-    assert cache.key_lock("a") is cache.key_lock("a")
-    assert cache.key_lock("a") is not cache.key_lock("b")
+    inside = threading.Event()
+    release = threading.Event()
+    order: list[str] = []
+
+    def holder() -> None:
+        with cache.single_flight("a"):
+            inside.set()
+            release.wait(5)
+            order.append("first")
+
+    def same_key() -> None:
+        with cache.single_flight("a"):
+            order.append("second")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=same_key)
+    second.start()
+    for i in range(5000):  # many other images meanwhile: none of them waits, and "a" keeps its lock
+        with cache.single_flight(f"other{i}"):
+            pass
+    time.sleep(0.05)
+    assert order == []  # the second request for "a" still waits for the first
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert order == ["first", "second"]
+    assert cache._key_locks == {}  # nothing held, nothing kept
 
 
 class FakeRedis:
@@ -450,3 +479,111 @@ def test_synchronous_puts_stay_the_default(redis_flushed) -> None:
     tensors = _tensors()
     assert cache.put(KEY, tensors, 1, tensors) == "stored"  # background=False: written before returning
     assert TieredCache(0, RedisTier(RedisSettings(url=redis_flushed.url))).get(KEY, _rebuild).tier == "l2"
+
+
+def _slow_or_quick_server() -> tuple[socket.socket, str]:
+    """A server whose reply to a GET of "slow" trickles (a large value over a slow link) and to any other
+    GET comes after 0.1 s."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    request = conn.recv(65536)
+                    if not request:
+                        return
+                    if b"slow" in request:
+                        conn.sendall(b"$100000\r\n")
+                        for _ in range(100000):
+                            conn.sendall(b"x")
+                            time.sleep(0.1)
+                    elif b"GET" in request:
+                        time.sleep(0.1)
+                        conn.sendall(b"$2\r\nok\r\n")
+                    elif b"HELLO" in request:  # the RESP3 handshake: a map
+                        conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+                    else:
+                        conn.sendall(b"+OK\r\n" * request.count(b"*"))
+                except OSError:
+                    return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+
+
+def test_an_overrunning_command_drops_only_its_own_connection() -> None:
+    """The worker runs two Redis users at once: a request's GET and the write-behind thread's SET. Before,
+    the watchdog dropped the whole connection pool when one command overran, so the other, healthy one
+    failed too and counted as a second breaker failure."""
+    server, url = _slow_or_quick_server()
+    try:
+        tier = RedisTier(RedisSettings(url=url, timeout_s=0.5, failure_threshold=3))
+        assert tier.get("quick") == ("hit", b"ok")
+        results: dict[str, object] = {}
+        slow = threading.Thread(target=lambda: results.update(slow=tier.get("slow")))
+        slow.start()
+        time.sleep(tier.settings.operation_timeout_s - 0.05)  # the slow GET is abandoned during the next one
+        results["quick"] = tier.get("quick")
+        slow.join(5)
+        assert results == {"slow": ("error", None), "quick": ("hit", b"ok")}
+        assert tier.breaker._failures == 0  # the quick GET succeeded after the slow one failed
+        tier.close()
+    finally:
+        server.close()
+
+
+def test_a_value_of_another_type_under_a_key_is_a_miss_not_an_outage(redis_flushed) -> None:
+    """WRONGTYPE is the server answering: before, it counted as a failure, so three such keys opened the
+    breaker and every image missed Redis for 10 s; and the foreign key was never removed."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_flushed.url, socket_timeout=2)
+    tensors = _tensors()
+    recorder = Recorder()
+    tier = RedisTier(RedisSettings(url=redis_flushed.url, failure_threshold=2))
+    cache = TieredCache(0, tier, recorder)
+    assert cache.put(KEY + ":good", tensors, 1, tensors) == "stored"
+    for i in range(3):
+        raw.rpush(f"{KEY}:list{i}", "x")
+        assert cache.get(f"{KEY}:list{i}", _rebuild).tier == "miss"
+        assert not raw.exists(f"{KEY}:list{i}")  # removed: the next request recomputes and stores
+    assert tier.breaker.state == "closed"
+    assert cache.get(KEY + ":good", _rebuild).tier == "l2"
+    assert recorder.events.count(("l2", "get", "error")) == 3
+    tier.close()
+    raw.close()
+
+
+def test_a_corrupted_value_is_a_miss_not_a_wrong_map(redis_flushed) -> None:
+    """A flipped bit in a tensor's bytes keeps the value well-formed; before the CRC it was served as an
+    L2 hit with changed numbers."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_flushed.url, socket_timeout=2)
+    tensors = _tensors()
+    cache = TieredCache(0, RedisTier(RedisSettings(url=redis_flushed.url)))
+    assert cache.put(KEY, tensors, 1, tensors) == "stored"
+    data = bytearray(raw.get(KEY))
+    data[-3] ^= 0x10  # in the last tensor's data
+    raw.set(KEY, bytes(data))
+    assert cache.get(KEY, _rebuild).tier == "miss"
+    assert not raw.exists(KEY)
+    with pytest.raises(CodecError, match="CRC-32"):
+        decode_tensors(KEY, bytes(data))
+    raw.close()
+    cache.close()
+
+
+def test_with_l1_off_reads_count_no_l1_misses() -> None:
+    recorder = Recorder()
+    assert TieredCache(0, None, recorder).get(KEY, _rebuild).tier == "miss"
+    assert not [e for e in recorder.events if e[0] == "l1"]

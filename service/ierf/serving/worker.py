@@ -458,7 +458,7 @@ class ModelHost:
             state = {k: v.to(self.device) for k, v in state.items()}
             return self.srd.load_decomposition(state), tensors_nbytes(state)
 
-        with self.cache.key_lock(key):
+        with self.cache.single_flight(key):
             start = time.perf_counter()
             found = self.cache.get(key, rebuild)
             stages.add("cache_get", time.perf_counter() - start)
