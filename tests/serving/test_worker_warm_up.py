@@ -117,3 +117,56 @@ def test_cached_logits_of_the_wrong_shape_or_values_are_a_miss(redis_flushed, lo
     got = _host(cache).predict(PredictJob(PIXELS, HASH, top_k=3))
     assert got.provenance.cache == [("logits", "miss")]
     assert [s.index for s in got.top_classes] == [s.index for s in expected.top_classes]
+
+
+@pytest.mark.parametrize("l1_bytes", [0, 512 << 20], ids=["l2", "l1-after-l2"])
+def test_a_cached_decomposition_the_engine_fails_on_is_dropped_and_recomputed(redis_flushed, l1_bytes) -> None:
+    """Ratios of the right dtype and shape, finite but 1e5 times too large (overflowing the squared norms
+    in float32), pass the layout check. Before, every Explain and ComputeIERF on the image failed with
+    INVALID_ARGUMENT, blaming the caller's image, until the value's TTL ran out (6 h); with L1 on, the
+    bad value also stayed in the replica's memory. Now the request recomputes the image and succeeds."""
+    from ierf.serving.worker import ExplainJob, IERFJob
+
+    cache = {"redis_url": redis_flushed.url, "l1_bytes": 0}
+    writer = _host(cache)
+    expected = writer.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert writer.cache.flush(10.0)
+    key = writer._key("decomposition", "srd", HASH)
+
+    def inflate(state: dict[str, torch.Tensor]) -> None:
+        for name in [k for k in state if k.endswith(".mu")]:
+            state[name] = state[name] * 1e5
+
+    _tamper(redis_flushed.url, key, inflate)
+    reader = _host({"redis_url": redis_flushed.url, "l1_bytes": l1_bytes})
+    got = reader.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert got.provenance.cache == [("decomposition", "l2"), ("decomposition", "miss")]  # tried, then recomputed
+    np.testing.assert_allclose(got.maps, expected.maps, rtol=1e-5, atol=1e-6)
+    layer = reader.srd.layers[-3]
+    erf = reader.ierf(IERFJob(PIXELS, HASH, layer=layer, positions=np.array([[0, 0]])))
+    assert erf.provenance.cache == [("decomposition", "l1" if l1_bytes else "l2")]  # the good value now
+    np.testing.assert_allclose(erf.maps.sum(), 1.0, atol=1e-3)
+    assert reader.cache.flush(10.0)
+    again = _host(cache).explain(ExplainJob(PIXELS, HASH, target=3))  # Redis holds the good value again
+    assert again.provenance.cache == [("decomposition", "l2")]
+    np.testing.assert_allclose(again.maps, expected.maps, rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_on_a_fresh_decomposition_still_reaches_the_caller() -> None:
+    """Only a cached value is retried: an input whose own map cannot be computed fails once, as before."""
+    from ierf.serving.worker import ExplainJob
+
+    host = _host({"redis_url": None, "l1_bytes": 512 << 20})
+    calls = []
+    real = host.srd.decompose
+
+    def decompose(x):
+        calls.append(1)
+        d = real(x)
+        d.saliency = lambda *a, **k: (_ for _ in ()).throw(ValueError("the map is not finite"))
+        return d
+
+    host.srd.decompose = decompose
+    with pytest.raises(ValueError, match="not finite"):
+        host.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert len(calls) == 1

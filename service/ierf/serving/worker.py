@@ -12,24 +12,29 @@ PFV are cheap reads of it. Its ``state_dict()`` is flat tensors, so it goes to R
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
-from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
 from ierf.serving.images import ACCEPTED_FORMATS, TENSOR_DTYPES
 from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, CacheConfig, ModelConfig
+
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica log
 
 DEFAULT_METHOD = "srd"
 # The "method" of the plain forward pass in cache keys: the logits artifact is keyed
 # ``...:model@<architecture>+ierf-<version>:...`` (weights and preprocessing are key fields of their own).
 FORWARD_METHOD = "model"
+_R = TypeVar("_R")
 
 
 # --------------------------------------------------------------------------------------- messages
@@ -445,9 +450,16 @@ class ModelHost:
         return Score(index, self.model.class_names[index], float(probability), float(flat[index]))
 
     def _decomposition(
-        self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None, then: tuple[str, ...] = ()
-    ) -> Any:
-        """The SRD decomposition of this image: from L1, L2, or computed (single-flight per image).
+        self,
+        inputs: _ModelInput,
+        prov: Provenance,
+        stages: _Stages,
+        deadline: float | None,
+        then: tuple[str, ...] = (),
+        fresh: bool = False,
+    ) -> tuple[Any, bool]:
+        """The SRD decomposition of this image and whether it came from a cache: from L1, L2, or computed
+        (single-flight per image); ``fresh`` skips the cache and replaces what it holds.
 
         ``then``: the work that follows in this request, refused along with the decomposition when both
         cannot finish in time."""
@@ -459,12 +471,15 @@ class ModelHost:
             return self.srd.load_decomposition(state), tensors_nbytes(state)
 
         with self.cache.single_flight(key):
-            start = time.perf_counter()
-            found = self.cache.get(key, rebuild)
-            stages.add("cache_get", time.perf_counter() - start)
-            if found.value is not None:
-                prov.cache.append(("decomposition", found.tier))
-                return found.value
+            if fresh:
+                self.cache.discard(key)
+            else:
+                start = time.perf_counter()
+                found = self.cache.get(key, rebuild)
+                stages.add("cache_get", time.perf_counter() - start)
+                if found.value is not None:
+                    prov.cache.append(("decomposition", found.tier))
+                    return found.value, True
             self._check_time_for(deadline, "the forward pass", DECOMPOSE, *then)
             start = time.perf_counter()
             decomposition = self.srd.decompose(inputs.x)
@@ -478,7 +493,37 @@ class ModelHost:
             self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
             prov.cache.append(("decomposition", "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"))
-            return decomposition
+            return decomposition, False
+
+    def _with_decomposition(
+        self,
+        inputs: _ModelInput,
+        prov: Provenance,
+        stages: _Stages,
+        deadline: float | None,
+        use: Callable[[Any], _R],
+        then: tuple[str, ...] = (),
+    ) -> _R:
+        """``use(decomposition)`` on this image's decomposition. A cached one that ``use`` fails on (a value
+        of the right structure whose numbers this replica would never compute: overflowing ratios, say) is
+        dropped from both tiers and the image computed afresh: a bad cache value costs latency, never the
+        request. An error on a fresh decomposition is the input's own and reaches the caller."""
+        decomposition, cached = self._decomposition(inputs, prov, stages, deadline, then)
+        if not cached:
+            return use(decomposition)
+        try:
+            return use(decomposition)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "cached decomposition of %s failed (%s: %s); dropped and recomputed",
+                inputs.content_hash[:16],
+                type(exc).__name__,
+                exc,
+            )
+        decomposition, _ = self._decomposition(inputs, prov, stages, deadline, then, fresh=True)
+        return use(decomposition)
 
     def _check_time_for(self, deadline: float | None, before: str, *work: str) -> None:
         """Refuse ``work`` (about to start, and not interruptible once started) when it cannot finish in
@@ -573,12 +618,17 @@ class ModelHost:
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
         work = _explain_work(method)
         if method == DEFAULT_METHOD:
-            decomposition = self._decomposition(inputs, prov, stages, job.deadline, then=(work,))
-            logits = decomposition.logits
-            target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
-            self._check_time_for(job.deadline, "the explanation", work)
-            start = time.perf_counter()
-            saliency = decomposition.saliency(target, contrast=contrast)
+
+            def explain(decomposition: Any) -> tuple[torch.Tensor, int, float, torch.Tensor]:
+                logits = decomposition.logits
+                target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
+                self._check_time_for(job.deadline, "the explanation", work)
+                start = time.perf_counter()
+                return logits, target, start, decomposition.saliency(target, contrast=contrast)
+
+            logits, target, start, saliency = self._with_decomposition(
+                inputs, prov, stages, job.deadline, explain, then=(work,)
+            )
         else:
             logits = self._logits(inputs, prov, stages, job.deadline, then=(work,))
             target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
@@ -612,10 +662,13 @@ class ModelHost:
         check_response_fits(self.description, len(positions), job.map_itemsize, job.overlay, job.return_input)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
-        decomposition = self._decomposition(inputs, prov, stages, job.deadline)
-        _check_deadline(job.deadline, "the iERF computation")
-        with stages.timed("explain"):
-            maps = decomposition.ierf(layer.name, torch.from_numpy(positions).to(self.device))
+
+        def ierf(decomposition: Any) -> torch.Tensor:
+            _check_deadline(job.deadline, "the iERF computation")
+            with stages.timed("explain"):
+                return decomposition.ierf(layer.name, torch.from_numpy(positions).to(self.device))
+
+        maps = self._with_decomposition(inputs, prov, stages, job.deadline, ierf)
         maps_np = maps.detach().reshape(len(positions), *maps.shape[-2:]).to("cpu", torch.float32).numpy()
         outcome = Outcome(provenance=prov, maps=maps_np, layer=layer)
         if job.overlay:
