@@ -78,7 +78,7 @@ def worker(spec: dict) -> dict:
     model = _build(spec["model"], device)
     for p in model.parameters():
         p.requires_grad_(False)
-    x = torch.randn(spec["batch"], 3, 224, 224, device=device, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(spec["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     target = torch.arange(spec["batch"], device=device) + 1
     kind, repeats = spec["kind"], spec["repeats"]
 

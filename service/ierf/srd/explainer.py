@@ -21,6 +21,7 @@ from torch import nn
 from ierf.errors import InputSizeError
 from ierf.methods import check_input, register_method
 from ierf.srd.graph import check_model_state
+from ierf.srd.precision import full_float32
 from ierf.srd.program import Head, Program, Stage
 from ierf.srd.terms import Route
 
@@ -367,7 +368,7 @@ class Decomposition:
         def start_map(cls: torch.Tensor) -> torch.Tensor:
             # inference_mode(False): under torch.inference_mode() the cached activation is an inference
             # tensor, which autograd cannot differentiate; its clone outside inference mode can be.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), full_float32(act.device):
                 src = act.clone() if act.is_inference() else act
                 a = src if src.requires_grad else src.detach().requires_grad_(True)
                 logits = head(a)
@@ -661,7 +662,7 @@ class SRD:
         return dec
 
     def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:
-        with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()), full_float32(x.device):
             run = self._forward(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
         return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
 
