@@ -30,7 +30,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 			echo "$(PYTHON) -m venv failed: on Debian/Ubuntu install python3.11-venv"; exit 1; }; \
 	}
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
-	# torch and torchvision pinned first: an unpinned resolve pulls a multi-GB build.
+	# torch and torchvision pinned first, so the resolver never picks another build; on Linux PyPI's
+	# torch 2.14.1 is the CUDA build (~5.5 GB with its nvidia-* wheels; it runs on CPU too). For a
+	# CPU-only image use PyTorch's CPU index, as the Dockerfile's TORCH_INDEX does.
 	$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,serve]' -e clients/python
 	@rm -f $(VENV)/.installed-*
@@ -120,6 +122,7 @@ lint: venv
 
 test: venv redis-server
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 bench: venv
