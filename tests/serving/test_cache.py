@@ -587,3 +587,25 @@ def test_with_l1_off_reads_count_no_l1_misses() -> None:
     recorder = Recorder()
     assert TieredCache(0, None, recorder).get(KEY, _rebuild).tier == "miss"
     assert not [e for e in recorder.events if e[0] == "l1"]
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def test_a_half_open_trial_that_never_returns_normally_does_not_wedge_the_breaker() -> None:
+    """A BaseException (KeyboardInterrupt, a cancelled thread) in the half-open trial left it "in flight"
+    for good before: Redis was then skipped for the life of the replica."""
+    tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{_closed_port()}/0", failure_threshold=1, open_seconds=0.1))
+    assert tier.get("k") == ("error", None)
+    time.sleep(0.15)
+    assert tier.breaker.state == "half_open"
+
+    def interrupted(*_: object) -> None:
+        raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        tier._run(interrupted)
+    time.sleep(0.15)
+    assert tier.breaker.allow()  # a new trial is let through
+    tier.close()

@@ -120,3 +120,24 @@ def test_readme_lists_every_metric_with_its_labels() -> None:
         row = next((line for line in readme.splitlines() if line.startswith(f"| `ray_{name}` |")), None)
         assert row is not None, f"README has no row for ray_{name}"
         assert f"| {kind} | {', '.join(labels)} |" in row
+
+
+def test_the_cpu_worker_group_holds_every_replica_at_full_scale() -> None:
+    """Worker max_replicas x num_cpus plus the Ingress must fit the CPU group's nodes, replica by replica
+    (Ray places whole replicas on nodes): with 4 nodes of 8 CPUs only 7 of the 8 Workers fit, and Ray's
+    autoscaler would have started a GPU node for the 8th."""
+    service = _rayservice()
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    cluster = service["spec"]["rayClusterConfig"]
+    assert float(cluster["headGroupSpec"]["rayStartParams"].get("num-cpus", "1")) == 0  # nothing runs on the head
+    (cpu_group,) = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "cpu"]
+    node_cpus = float(cpu_group["rayStartParams"]["num-cpus"])
+    free = [node_cpus] * int(cpu_group["maxReplicas"])
+    replicas = []
+    for deployment in serve_config["applications"][0]["deployments"]:
+        count = deployment.get("autoscaling_config", {}).get("max_replicas", deployment.get("num_replicas", 1))
+        replicas += [float(deployment["ray_actor_options"]["num_cpus"])] * count
+    for need in sorted(replicas, reverse=True):  # first fit, largest first: a lower bound on what fits
+        slot = next((i for i, cpus in enumerate(free) if cpus >= need), None)
+        assert slot is not None, f"a replica needing {need} CPUs finds no CPU node with room at full scale"
+        free[slot] -= need
