@@ -187,3 +187,13 @@ def test_error_for_round_trips_the_code(code: grpc.StatusCode) -> None:
     from ierf.serving.errors import error_for
 
     assert to_status(error_for(code, "m")) == (code, "m")
+
+
+def test_a_write_behind_budget_below_the_value_cap_is_refused() -> None:
+    """Values between the two would be dropped from the queue on every write, so Redis would never see them."""
+    from ierf.serving.settings import CacheConfig
+
+    with pytest.raises(ValueError, match=r"write_behind_bytes .* must be 0 .* or at least max_value_bytes"):
+        CacheConfig(write_behind_bytes=1 << 20, max_value_bytes=64 << 20)
+    assert CacheConfig(write_behind_bytes=0, max_value_bytes=64 << 20).write_behind_bytes == 0
+    assert CacheConfig(write_behind_bytes=64 << 20, max_value_bytes=64 << 20).write_behind_bytes == 64 << 20

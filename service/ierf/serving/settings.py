@@ -138,6 +138,12 @@ class CacheConfig:
         _integer("failure_threshold", self.failure_threshold, 1)
         _seconds("open_seconds", self.open_seconds)
         _integer("write_behind_bytes", self.write_behind_bytes, 0, " (0: write before answering)")
+        if 0 < self.write_behind_bytes < self.max_value_bytes:
+            raise ValueError(
+                f"write_behind_bytes ({self.write_behind_bytes}) must be 0 (write before answering) or at least "
+                f"max_value_bytes ({self.max_value_bytes}): a value between the two could never be queued, so it "
+                "would be cached in no replica's Redis"
+            )
 
     def resolved_redis_url(self) -> str | None:
         if self.redis_url and self.redis_url.startswith("env:"):
