@@ -25,18 +25,16 @@ def full_float32(device: torch.device) -> Iterator[None]:
         return
     conv = getattr(torch.backends.cudnn, "conv", None)
     matmul = torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+    if hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
         # The per-operator API (torch >= 2.9): the legacy allow_tf32 flags must not be mixed with it.
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-        return
-    saved_legacy = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = False, False
+        wanted = [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:
+        wanted = [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in wanted]
+    for owner, name, value in wanted:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved_legacy
+        for owner, name, value in saved:
+            setattr(owner, name, value)
