@@ -187,9 +187,7 @@ class ByteLRU(Generic[T]):
         if nbytes > self.capacity_bytes:
             return False
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
+            self._discard_locked(key)
             self._items[key] = (value, nbytes)
             self._bytes += nbytes
             while self._bytes > self.capacity_bytes:
@@ -199,9 +197,12 @@ class ByteLRU(Generic[T]):
 
     def discard(self, key: str) -> None:
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
+            self._discard_locked(key)
+
+    def _discard_locked(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
 
     def clear(self) -> None:
         with self._lock:
@@ -537,6 +538,16 @@ class Lookup(Generic[T]):
     tier: str  # "l1" | "l2" | "miss"
 
 
+class _KeyLock:
+    """A single-flight lock and how many requests hold or await it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
 class TieredCache:
     """L1 (objects, bytes-bounded) in front of L2 (Redis, encoded tensors).
 
@@ -559,7 +570,7 @@ class TieredCache:
         self._behind: _WriteBehind | None = None
         if redis_tier is not None and write_behind_bytes > 0:
             self._behind = _WriteBehind(self._put_l2, write_behind_bytes)
-        self._key_locks: dict[str, list[Any]] = {}  # key -> [lock, holders and waiters]
+        self._key_locks: dict[str, _KeyLock] = {}
         self._locks_guard = threading.Lock()
 
     @contextlib.contextmanager
@@ -568,17 +579,15 @@ class TieredCache:
         someone holds or awaits it (counted), so memory stays bounded and no waiter is left on a lock
         that a later request no longer finds."""
         with self._locks_guard:
-            entry = self._key_locks.get(key)
-            if entry is None:
-                entry = self._key_locks[key] = [threading.Lock(), 0]
-            entry[1] += 1
+            entry = self._key_locks.setdefault(key, _KeyLock())
+            entry.users += 1
         try:
-            with entry[0]:
+            with entry.lock:
                 yield
         finally:
             with self._locks_guard:
-                entry[1] -= 1
-                if entry[1] == 0:
+                entry.users -= 1
+                if entry.users == 0:
                     del self._key_locks[key]
 
     def get(self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]]) -> Lookup[T]:
