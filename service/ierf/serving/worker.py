@@ -471,7 +471,7 @@ class ModelHost:
             return self.srd.load_decomposition(state), tensors_nbytes(state)
 
         with self.cache.single_flight(key):
-            if fresh:
+            if fresh:  # the put below overwrites both tiers, but a write-behind SET may be dropped
                 self.cache.discard(key)
             else:
                 start = time.perf_counter()
@@ -509,13 +509,13 @@ class ModelHost:
         dropped from both tiers and the image computed afresh: a bad cache value costs latency, never the
         request. An error on a fresh decomposition is the input's own and reaches the caller."""
         decomposition, cached = self._decomposition(inputs, prov, stages, deadline, then)
-        if not cached:
-            return use(decomposition)
         try:
             return use(decomposition)
         except ServiceError:
             raise
         except Exception as exc:
+            if not cached:
+                raise
             logger.warning(
                 "cached decomposition of %s failed (%s: %s); dropped and recomputed",
                 inputs.content_hash[:16],
