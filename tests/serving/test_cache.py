@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -331,20 +332,24 @@ def test_single_flight_serialises_one_key_only_and_forgets_idle_keys() -> None:
 
 
 class FakeRedis:
-    """A TCP server that answers every command with ``reply`` (sent ``chunk`` bytes per ``interval_s``)."""
+    """A TCP server that answers every command with ``reply`` (sent ``chunk`` bytes per ``interval_s``), or
+    hands each request to ``respond(server, conn, request)``."""
 
-    def __init__(self, reply: bytes, chunk: int | None = None, interval_s: float = 0.0) -> None:
-        import threading
-
-        self.reply, self.chunk, self.interval_s = reply, chunk or len(reply), interval_s
+    def __init__(
+        self,
+        reply: bytes = b"",
+        chunk: int | None = None,
+        interval_s: float = 0.0,
+        respond: Callable[[FakeRedis, socket.socket, bytes], None] | None = None,
+    ) -> None:
+        self.reply, self.chunk, self.interval_s = reply, chunk or len(reply) or 1, interval_s
+        self.respond = respond or FakeRedis._send_reply
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
         self.stopped = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import threading
-
         while not self.stopped.is_set():
             try:
                 conn, _ = self.server.accept()
@@ -355,12 +360,18 @@ class FakeRedis:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                while not self.stopped.is_set() and conn.recv(65536):
-                    for i in range(0, len(self.reply), self.chunk):
-                        conn.sendall(self.reply[i : i + self.chunk])
-                        if self.stopped.wait(self.interval_s):
-                            return
+                while not self.stopped.is_set():
+                    request = conn.recv(65536)
+                    if not request:
+                        return
+                    self.respond(self, conn, request)
             except OSError:
+                return
+
+    def _send_reply(self, conn: socket.socket, request: bytes) -> None:
+        for i in range(0, len(self.reply), self.chunk):
+            conn.sendall(self.reply[i : i + self.chunk])
+            if self.stopped.wait(self.interval_s):
                 return
 
     def close(self) -> None:
@@ -481,52 +492,30 @@ def test_synchronous_puts_stay_the_default(redis_flushed) -> None:
     assert TieredCache(0, RedisTier(RedisSettings(url=redis_flushed.url))).get(KEY, _rebuild).tier == "l2"
 
 
-def _slow_or_quick_server() -> tuple[socket.socket, str]:
-    """A server whose reply to a GET of "slow" trickles (a large value over a slow link) and to any other
-    GET comes after 0.1 s."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    request = conn.recv(65536)
-                    if not request:
-                        return
-                    if b"slow" in request:
-                        conn.sendall(b"$100000\r\n")
-                        for _ in range(100000):
-                            conn.sendall(b"x")
-                            time.sleep(0.1)
-                    elif b"GET" in request:
-                        time.sleep(0.1)
-                        conn.sendall(b"$2\r\nok\r\n")
-                    elif b"HELLO" in request:  # the RESP3 handshake: a map
-                        conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
-                    else:
-                        conn.sendall(b"+OK\r\n" * request.count(b"*"))
-                except OSError:
-                    return
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
+def _slow_or_quick(fake: FakeRedis, conn: socket.socket, request: bytes) -> None:
+    """A GET of "slow" trickles its reply (a large value over a slow link); any other GET answers after 0.1 s."""
+    if b"slow" in request:
+        conn.sendall(b"$100000\r\n")
+        for _ in range(100000):
+            conn.sendall(b"x")
+            if fake.stopped.wait(0.1):
                 return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server, f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    elif b"GET" in request:
+        time.sleep(0.1)
+        conn.sendall(b"$2\r\nok\r\n")
+    elif b"HELLO" in request:  # the RESP3 handshake: a map
+        conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+    else:
+        conn.sendall(b"+OK\r\n" * request.count(b"*"))
 
 
 def test_an_overrunning_command_drops_only_its_own_connection() -> None:
     """The worker runs two Redis users at once: a request's GET and the write-behind thread's SET. Before,
     the watchdog dropped the whole connection pool when one command overran, so the other, healthy one
     failed too and counted as a second breaker failure."""
-    server, url = _slow_or_quick_server()
+    fake = FakeRedis(respond=_slow_or_quick)
     try:
-        tier = RedisTier(RedisSettings(url=url, timeout_s=0.5, failure_threshold=3))
+        tier = RedisTier(RedisSettings(url=fake.url, timeout_s=0.5, failure_threshold=3))
         assert tier.get("quick") == ("hit", b"ok")
         results: dict[str, object] = {}
         slow = threading.Thread(target=lambda: results.update(slow=tier.get("slow")))
@@ -538,7 +527,7 @@ def test_an_overrunning_command_drops_only_its_own_connection() -> None:
         assert tier.breaker._failures == 0  # the quick GET succeeded after the slow one failed
         tier.close()
     finally:
-        server.close()
+        fake.close()
 
 
 def test_a_value_of_another_type_under_a_key_is_a_miss_not_an_outage(redis_flushed) -> None:
