@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ierf.srd import ratios
+from ierf.srd import gemm, ratios
 from ierf.srd.terms import ConvTerm, Route
 
 CASES = [
@@ -219,3 +219,92 @@ def test_one_by_one_total_is_the_convolution_either_way(rows_limit, monkeypatch)
         want = F.conv2d(x, weight * scale.view(-1, 1, 1, 1), stride=stride)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         assert got.is_contiguous(memory_format=torch.channels_last)  # SRD reads it channels-last
+
+
+# ------------------------------------------------------------------ the two libraries for float32 products
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", ["auto", "wide", "phase"])
+@pytest.mark.parametrize("shift_budget", [None, 1])  # all images in one product / one image at a time
+def test_float32_tap_products_through_onednn_equal_the_taps(case, layout, shift_budget, monkeypatch):
+    """With oneDNN chosen, stride-1 kernels form their taps by the shifted layout and the others by 1x1
+    convolutions; every result equals the literal taps (float64) to float32 precision, in the layout the
+    dot products read."""
+    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
+    monkeypatch.setattr(gemm, "_choice", "onednn")
+    if shift_budget is not None:
+        monkeypatch.setattr(ratios, "SHIFT_MAX_BYTES", shift_budget)
+    _force_layout(monkeypatch, layout)
+    shifted = []
+    real = ratios._shifted_tap_products
+    monkeypatch.setattr(ratios, "_shifted_tap_products", lambda *a: shifted.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c_in, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g)
+    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    want = _literal_taps(ConvTerm(x, Route(0), weight, stride, dilation, pad, groups, scale))
+    t = ConvTerm(x.float(), Route(0), weight.float(), stride, dilation, pad, groups, scale.float())
+    got = ratios.tap_products(t)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max(), rtol=0)
+    z = torch.randn(*got.shape[:3], c_out, generator=g)
+    expected = torch.einsum("bhwtc,bhwc->bhwt", want, z.double())
+    torch.testing.assert_close(ratios._tap_dots(got, z).double(), expected, atol=1e-5 * expected.abs().max(), rtol=0)
+    takes_shift = layout == "wide" and stride == (1, 1) and groups == 1 and shift_budget is None
+    if takes_shift:
+        assert shifted  # the shifted layout really ran (with a 1-byte budget it gives way to BLAS's wide one)
+    if shift_budget == 1:
+        assert not shifted
+
+
+def test_shifted_layout_matches_the_wide_one_image_by_image(monkeypatch):
+    """Same buffer layout and values as the BLAS wide products, also when the product is formed a few
+    images at a time and with dilation (the row shift of tap (i, j) is i*dy*Wp + j*dx)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 13, 15, 4, generator=g)  # (B, Hp, Wp, C_in), channels last
+    w = torch.randn(6, 4, 3, 2, generator=g)
+    ho, wo = 13 - 2 * 2, 15 - 1 * 3
+    wide = ratios._wide_tap_products(x, w, (3, 2), (2, 3), ho, wo)
+    per_tap = 6 * 3 * 2 * 4 * 13 * 15
+    for budget in (per_tap, 2 * per_tap, 10**9):
+        monkeypatch.setattr(ratios, "SHIFT_MAX_BYTES", budget)
+        shifted = ratios._shifted_tap_products(x, w, (3, 2), (2, 3), ho, wo)
+        assert shifted.stride() == wide.stride() and shifted.shape == wide.shape
+        torch.testing.assert_close(shifted, wide, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("library", gemm.BACKENDS)
+def test_rows_by_kernel_is_the_matrix_product_on_either_library(library, monkeypatch):
+    monkeypatch.setattr(gemm, "_choice", library)
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(37, 24, generator=g)
+    kernel = torch.randn(11, 24, generator=g)
+    want = rows.double() @ kernel.double().t()
+    for r in (rows, rows[:, :16], rows[::2]):  # contiguous, a channel slice, every other row
+        k = kernel[:, : r.shape[1]].contiguous()
+        got = gemm.rows_by_kernel(r, k)
+        assert got.is_contiguous() and got.shape == (r.shape[0], 11)
+        torch.testing.assert_close(got.double(), r.double() @ k.double().t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gemm.channels_by_kernel(rows.view(1, 37, 24), kernel)[0].double(), want, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_library_choice_comes_from_the_variable_or_a_measurement(monkeypatch):
+    monkeypatch.setattr(gemm, "_choice", None)
+    for value, expected in (("blas", "blas"), (" ONEDNN ", "onednn")):
+        monkeypatch.setenv(gemm.ENV, value)
+        gemm.reset()
+        assert gemm.backend() == expected
+    monkeypatch.setenv(gemm.ENV, "mkl")
+    gemm.reset()
+    with pytest.raises(ValueError, match=r"IERF_GEMM='mkl': expected one of auto, blas, onednn"):
+        gemm.backend()
+    monkeypatch.setenv(gemm.ENV, "auto")
+    gemm.reset()
+    assert gemm.backend() in gemm.BACKENDS  # measured
+    # only float32 CPU tensors ever take oneDNN
+    monkeypatch.setattr(gemm, "_choice", "onednn")
+    assert gemm.use_onednn(torch.zeros(1)) and not gemm.use_onednn(torch.zeros(1, dtype=torch.float64))
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not gemm.use_onednn(torch.zeros(1))
+    monkeypatch.setattr(gemm, "_choice", "blas")
+    assert not gemm.use_onednn(torch.zeros(1))

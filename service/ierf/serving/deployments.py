@@ -89,11 +89,14 @@ class ExplainerWorker:
             self._compute.shutdown(wait=False)
             raise
         self.metrics.model_info(model.id, self.host.model.weights_digest, str(self.host.device))
+        from ierf.srd import gemm
+
         logger.info(
-            "worker %s ready on %s with %d torch threads; warm-up times: %s",
+            "worker %s ready on %s with %d torch threads (float32 CPU products: %s); warm-up times: %s",
             model.id,
             self.host.device,
             threads,
+            gemm.chosen() or "none yet",
             ", ".join(f"{work} {seconds:.3f} s" for work, seconds in self.host._estimates.items()),
         )
 

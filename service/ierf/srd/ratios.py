@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ierf.srd import fused
+from ierf.srd import fused, gemm
 from ierf.srd.derived import DERIVED
 from ierf.srd.terms import Affine, BiasTerm, ConvTerm, DenseTerm, Route, Term, materialise, replace
 
@@ -56,11 +56,16 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
     if t.groups != 1:
         return _grouped_tap_products(t)
     wide = x.shape[2]
+    onednn = gemm.use_onednn(x)
     if (sy, sx) == (1, 1) and wide <= WIDE_MAX_WASTE * wo and ho * wide >= WIDE_MIN_ROWS and not _needs_grad(x, w):
+        if onednn and _shift_bytes_per_image(x, w.shape[0], t.kernel) <= SHIFT_MAX_BYTES:
+            return _shifted_tap_products(x, w, t.kernel, t.dilation, ho, wo)
         return _wide_tap_products(x, w, t.kernel, t.dilation, ho, wo)
     span_y = max((i * dy) // sy for i in range(kh)) + ho
     span_x = max((j * dx) // sx for j in range(kw)) + wo
-    if span_y * span_x > 1.3 * ho * wo:  # kernel large next to the output (small maps, FC-as-conv): im2col
+    # Kernel large next to the output (small maps, FC-as-conv): im2col, unless the 1x1-convolution products
+    # are fast enough to pay for the extra rows of the padded phases.
+    if span_y * span_x > (UNFOLD_ABOVE_ONEDNN if onednn else UNFOLD_ABOVE) * ho * wo:
         return _unfolded_tap_products(t)
     out = x.new_empty(b, ho, wo, kh * kw, c_out)
     for (py, px), taps in _stride_phases(t).items():
@@ -71,9 +76,10 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
         stacked = DERIVED.get(
             f"taps{[tap.index for tap in taps]}",
             (w,),
-            lambda taps=taps: torch.stack([w[:, :, tap.i, tap.j].t() for tap in taps], 1).reshape(c_in, -1),
-        )  # (C_in, T_p*C_out)
-        prod = (phase.reshape(-1, c_in) @ stacked).view(b, phase.shape[1], phase.shape[2], len(taps), c_out)
+            lambda taps=taps: torch.cat([w[:, :, tap.i, tap.j] for tap in taps], 0),
+        )  # (T_p*C_out, C_in)
+        prod = gemm.rows_by_kernel(phase.reshape(-1, c_in), stacked)
+        prod = prod.view(b, phase.shape[1], phase.shape[2], len(taps), c_out)
         for k, tap in enumerate(taps):
             out[:, :, :, tap.index] = prod[:, tap.oy : tap.oy + ho, tap.ox : tap.ox + wo, k]
     return out
@@ -83,6 +89,13 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
 # while one image gives the matrix products enough rows to run at speed.
 WIDE_MAX_WASTE = 1.3
 WIDE_MIN_ROWS = 128
+# Phase products cover the padded map; above this many times the output's positions, unfold the taps
+# instead (oneDNN's products run ~2x faster than the batched product where it is chosen: see gemm).
+UNFOLD_ABOVE = 1.3
+UNFOLD_ABOVE_ONEDNN = 2.0
+# Largest product of every input row with every tap formed at once for the shifted layout: beyond it (VGG's
+# 224^2 and 112^2 maps) the product and its copy cost more memory traffic than the faster library saves.
+SHIFT_MAX_BYTES = 16 * 2**20
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -120,6 +133,39 @@ def _wide_tap_products(
             if n < rows:
                 dst[n:, k].zero_()  # only columns x >= W: keep them finite for the wide dot products
     return out[:, :, :wo]
+
+
+def _shifted_tap_products(
+    x: torch.Tensor, w: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], ho: int, wo: int
+) -> torch.Tensor:
+    """The layout of :func:`_wide_tap_products` from one product of every input row with every tap's
+    kernel (a 1x1 convolution, for oneDNN), each tap then read at its row shift: tap (i, j) of wide output
+    row r is product row r + i*dy*Wp + j*dx, an affine function of (i, j), so one strided copy moves them
+    all. A few images at a time, so the product stays within :data:`SHIFT_MAX_BYTES`."""
+    b, hp, wp, c_in = x.shape
+    kh, kw = kernel
+    dy, dx = dilation
+    c_out = w.shape[0]
+    taps = kh * kw
+    tc = taps * c_out
+    all_taps = DERIVED.get("shift-w", (w,), lambda: w.permute(2, 3, 0, 1).reshape(tc, c_in).contiguous())
+    out = x.new_empty(b, ho, wp, taps, c_out)
+    step = max(1, SHIFT_MAX_BYTES // _shift_bytes_per_image(x, c_out, kernel))
+    for start in range(0, b, step):
+        n = min(step, b - start)
+        # The last image's last wide row reads (kw-1)*dx rows past the input (columns x >= W only): zeros.
+        flat = F.pad(x[start : start + n].reshape(-1, c_in), (0, 0, 0, (kw - 1) * dx))
+        prod = gemm.conv_rows(flat, all_taps)  # (n*Hp*Wp + pad, T*C_out)
+        strides = (hp * wp * tc, wp * tc, tc, kw * c_out + dy * wp * tc, c_out + dx * tc, 1)
+        out[start : start + n].view(n, ho, wp, kh, kw, c_out).copy_(
+            prod.as_strided((n, ho, wp, kh, kw, c_out), strides)
+        )
+    return out[:, :, :wo]
+
+
+def _shift_bytes_per_image(x: torch.Tensor, c_out: int, kernel: tuple[int, int]) -> int:
+    _, hp, wp, _ = x.shape
+    return hp * wp * kernel[0] * kernel[1] * c_out * x.element_size()
 
 
 class _PhaseTap(NamedTuple):
@@ -346,10 +392,16 @@ class _SharedKernel:
     def __init__(self, members: list[ConvTerm]) -> None:
         self.members = members
         first = members[0]
-        self.weight = first.scaled_weight()[:, :, 0, 0]  # (C_out, C_in)
+        self._kernel = first.scaled_weight()
+        self.weight = self._kernel[:, :, 0, 0]  # (C_out, C_in)
         self.stride = first.stride
         self.c0 = first.c0
         self.channels = first.channels
+
+    def transposed(self) -> torch.Tensor:
+        """W^T as a contiguous (C_in, C_out) kernel, kept between calls."""
+        k = self._kernel
+        return DERIVED.get("shared-wt", (k,), lambda: k[:, :, 0, 0].t().contiguous())
 
     def inputs(self) -> list[torch.Tensor]:
         sy, sx = self.stride
@@ -436,7 +488,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
             pooled = ins[0] + ins[1]
             for v in ins[2:]:
                 pooled.add_(v)
-            part = pooled @ t.weight.t()
+            part = gemm.channels_by_kernel(pooled, t.weight)
             parts[id(t)] = ins  # type: ignore[assignment]
         elif isinstance(t, ConvTerm) and not _use_gram(t):
             taps = taps_of.get(id(t))
@@ -489,10 +541,12 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
     for u in units:
         if not isinstance(u, _SharedKernel):
             continue
-        back = z[..., u.c0 : u.c0 + u.channels] @ u.weight  # W^T z, (B, H, W, C_in)
-        gram = u.weight.t() @ u.weight if any(m.key in shared_keys for m in u.members) else None
+        back = gemm.channels_by_kernel(z[..., u.c0 : u.c0 + u.channels], u.transposed())  # W^T z, (B, H, W, C_in)
+        gram = u.weight.t() @ u.weight if any(m.key in shared_keys for m in u.members) else None  # symmetric
         for m, x in zip(u.members, parts[id(u)], strict=True):
-            norms = None if gram is None else torch.linalg.vecdot(x, x @ gram).clamp_min(0).sqrt()[..., None]
+            norms = None
+            if gram is not None:
+                norms = torch.linalg.vecdot(x, gemm.channels_by_kernel(x, gram)).clamp_min(0).sqrt()[..., None]
             stats.append(_TermStats(m, norms, torch.linalg.vecdot(x, back)[..., None]))
     grouped = {id(m) for u in units if isinstance(u, _SharedKernel) for m in u.members}
     for t in terms:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ierf.errors import InputSizeError, UnsupportedModelError
+from ierf.srd import gemm
 from ierf.srd.derived import DERIVED
 
 _keys = itertools.count(1)
@@ -96,7 +97,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     it is one matrix product: the library convolution spends up to ~2x as long there (the 2048 -> 1000
     head at 7x7: 6.6 vs 3.0 ms)."""
     b, c_in, h, w = x.shape
-    if b * h * w > MM_MAX_ROWS:
+    if b * h * w > MM_MAX_ROWS or gemm.use_onednn(x):
         return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight)
     rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # a view when x is stored channels-last
     return (rows @ weight.reshape(weight.shape[0], c_in).t()).view(b, h, w, -1).permute(0, 3, 1, 2)
