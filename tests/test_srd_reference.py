@@ -9,7 +9,7 @@ import ierf
 import pytest
 import torch
 import torchvision
-from ierf.srd import fused, ratios
+from ierf.srd import fused, gemm, ratios
 from ierf.srd.reference import ReferenceSRD
 from srd_nets import all_nets, assert_matches_reference, randomise_bn, reference_relevance
 from torch import nn
@@ -149,7 +149,8 @@ def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x:
             if isinstance(child, nn.ReLU6 | nn.Hardswish | nn.Hardtanh):
                 setattr(m, child_name, nn.ReLU())  # no clamp or dip on positive values
             elif isinstance(child, nn.MaxPool2d):
-                setattr(m, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+                pool = nn.AvgPool2d(child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode)
+                setattr(m, child_name, pool)
         if isinstance(m, nn.Conv2d | nn.Linear):
             m.weight.data = m.weight.data.abs() + 0.01
             if m.bias is not None:
@@ -161,7 +162,8 @@ def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x:
     srd = ierf.SRD(pos_model)
     node = srd.program.node_of[srd.program.source_id(layer)]
     gm = torch.fx.GraphModule(pos_model, srd.program.graph)
-    x = torch.ones_like(x, requires_grad=True)  # positive input: no unit is switched off
+    # positive input: no unit is switched off; small, so no gate's sigmoid saturates to a zero gradient
+    x = torch.full_like(x, 1e-3, requires_grad=True)
     interp = torch.fx.Interpreter(gm)
     env_out = {}
 
@@ -178,20 +180,24 @@ def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x:
     return grad[0].abs().sum(0) > 0
 
 
-@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet", "mixed", "composed"])
+@pytest.mark.parametrize("name", list(NETS))
 def test_ierf_has_mass_one_and_stays_inside_the_receptive_field(name):
     model, _ = NETS[name]
     x = _input(name, seed=3)
     srd = ierf.SRD(model)
     dec = srd.decompose(x)
+    proper = 0  # (layer, position) pairs whose receptive field leaves part of the input out
     for layer in srd.layers:
         shape = dec.layer_shape(layer)
-        pos = (shape[1] // 2, shape[2] // 2)
-        erf = dec.ierf(layer, torch.tensor([pos])).double()[0, 0]
-        assert abs(float(erf.sum()) - 1) < 1e-5
-        rf = _receptive_field(model, layer, pos, x)
-        assert bool((erf[~rf] == 0).all()), f"{layer}: nonzero iERF outside the receptive field"
-        assert rf.sum() < rf.numel() or erf.abs().sum() > 0
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        for pos in sorted({(h // 2, w // 2), (0, 0), (h - 1, w - 1)}):
+            erf = dec.ierf(layer, torch.tensor([pos])).double()[0, 0]
+            assert abs(float(erf.sum()) - 1) < 1e-5
+            rf = _receptive_field(model, layer, pos, x)
+            assert bool((erf[~rf] == 0).all()), f"{layer} {pos}: nonzero iERF outside the receptive field"
+            proper += int(rf.sum() < rf.numel())
+    if name != "linear":  # a fully connected model: every PFV sees the whole input
+        assert proper > 0, "no PFV here has a receptive field smaller than the input: the check tests nothing"
 
 
 def test_linear_network_is_the_exact_additive_decomposition():
@@ -244,7 +250,8 @@ def test_parity_with_the_published_code():
     ):
         ours, theirs = dec.saliency(target, contrast)[0], data[key]
         rel = float((ours - theirs).abs().max() / theirs.abs().max())
-        assert rel < 1e-3, f"{key}: relative difference {rel:.2e}"
+        # the issue asks for 1e-3; the maps agree to ~5e-6 (float32), so a smaller rule change would show
+        assert rel < 5e-5, f"{key}: relative difference {rel:.2e}"
 
 
 def test_state_dict_round_trip_gives_identical_maps():
@@ -341,3 +348,21 @@ def test_the_reference_is_blind_to_in_place_activations():
     torch.testing.assert_close(maps[1], maps[0], rtol=0, atol=0)
     fast = ierf.SRD(in_place, head="exact").decompose(x).relevance(2)[0]
     torch.testing.assert_close(fast, maps[0].view(fast.shape), atol=1e-6 * maps[0].abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("library", gemm.BACKENDS)
+def test_float32_maps_match_reference_on_either_library(name, library, references, monkeypatch):
+    """In float32 the products run in BLAS or oneDNN, whichever is faster on the host (ierf.srd.gemm):
+    both give the reference's maps to float32 precision, with stride-1 kernels in the wide (BLAS) or
+    shifted (oneDNN) layout even on these small maps."""
+    monkeypatch.setattr(gemm, "_choice", library)
+    monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", float("inf"))
+    monkeypatch.setattr(ratios, "WIDE_MIN_ROWS", 0)
+    model, _ = NETS[name]
+    ref, dec_ref = references[name]
+    dec = ierf.SRD(copy.deepcopy(model).float(), head="exact").decompose(_input(name).float())
+    for target in (0, 3):
+        fast = dec.relevance(target)[0].double()
+        slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
+        torch.testing.assert_close(fast, slow, atol=2e-5 * slow.abs().max(), rtol=0)
