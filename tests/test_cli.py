@@ -75,7 +75,10 @@ def test_module_entry_point_works_as_in_make_run(tmp_path):
         (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "a,b"], "ROW,COL"),
         (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "-1,2"], "got '-1,2'"),
         (["explain", IMG, "-o", "out.png", "--weights", "{text}", "--model", "resnet18"], "not a readable PyTorch"),
-        (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "1,2", "--target", "3"], "target"),
+        (
+            ["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "1,2", "--target", "3"],
+            "an iERF (--layer/--position) has no target",
+        ),
         (["explain", IMG, "-o", "out.png", "--target", "zzzz"], "no class name contains 'zzzz'"),
         (["explain", IMG, "-o", "out.png", "--target", "cat"], "ambiguous"),
         (["explain", IMG, "-o", "out.png", "--target", "1000"], "out of range"),

@@ -267,6 +267,8 @@ def test_manipulation_attack_cannot_move_an_input_independent_map() -> None:
     )
     assert result.pearson_before_after.tolist() == pytest.approx([1.0, 1.0])
     assert result.topk_before_after.tolist() == [1.0, 1.0]
+    # the map's gradient is zero, so no step moves the input at all
+    assert torch.equal(result.x_adv, x) and result.linf.tolist() == [0.0, 0.0]
 
 
 def test_srd_is_attacked_on_the_smoothed_copy_of_a_relu6_network() -> None:

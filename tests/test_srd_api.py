@@ -41,6 +41,7 @@ ARCHS = {
     "resnet101": (64, 64),
     "densenet121": (64, 64),
     "mobilenet_v2": (64, 96),
+    "inception_v3": (96, 96),  # a served model; its smallest input is 75x75
 }
 
 
@@ -223,6 +224,7 @@ def test_per_image_targets_match_single_image_runs():
 
 def test_maps_are_differentiable_in_the_input_for_smooth_activations():
     """Manipulation attacks need d(map)/dx: run SRD on a softplus copy of the model."""
+    torch.manual_seed(0)
     model = randomise_bn(torchvision.models.resnet18(), seed=3)
     smooth = copy.deepcopy(model)
     for parent in smooth.modules():
@@ -235,6 +237,25 @@ def test_maps_are_differentiable_in_the_input_for_smooth_activations():
     loss = F.mse_loss(saliency, target_map)
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the gradient is the map's own derivative (ratios included, not detached): a directional derivative
+    # in float64 against a central difference. Without the max-pool, whose winner routing jumps when a
+    # winner changes, the map is smooth at the difference's step.
+    smooth64 = copy.deepcopy(smooth).double()
+    smooth64.maxpool = nn.Identity()
+    srd = ierf.SRD(smooth64)
+    x64 = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    direction = torch.randn(x64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def loss_at(inp: torch.Tensor) -> torch.Tensor:  # relevance keeps float64 (saliency returns float32)
+        return srd.decompose(inp).relevance(3).square().sum()
+
+    probe = x64.clone().requires_grad_(True)
+    (grad64,) = torch.autograd.grad(loss_at(probe), probe)
+    analytic = (grad64 * direction).sum().item()
+    eps = 1e-3
+    with torch.no_grad():
+        numeric = ((loss_at(x64 + eps * direction) - loss_at(x64 - eps * direction)) / (2 * eps)).item()
+    assert analytic == pytest.approx(numeric, rel=1e-4)
 
 
 def test_batch_larger_than_tap_budget_is_split(monkeypatch):

@@ -311,6 +311,7 @@ def test_uneven_adaptive_pooling_read_through_dropout_then_linear() -> None:
     x = torch.randn(1, 3, 256, 256)
     dec = ierf.SRD(model, head="exact").decompose(x)
     torch.testing.assert_close(dec.logits, model(x).detach(), rtol=1e-4, atol=1e-5)
+    _conserves(dec, 3)
 
 
 def test_stochastic_depth_is_the_identity_in_eval_mode() -> None:

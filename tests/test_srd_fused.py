@@ -29,6 +29,9 @@ def _decompose(model, x, monkeypatch, switch: str):
         return ierf.SRD(model, head="exact").decompose(x)
 
 
+NO_FUSED_STAGE = {"composed", "linear"}
+
+
 @needs_compiler
 @pytest.mark.parametrize("name", list(NETS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -48,9 +51,11 @@ def test_fused_stages_equal_the_eager_path(name, dtype, monkeypatch):
     assert not calls
     fast = _decompose(model, x, monkeypatch, "1")
     assert fused.disabled_reason() is None
-    if name in ("tiny_vgg", "tiny_resnet", "mixed"):  # stages of the shape fusion covers: it was taken
-        assert calls
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    # fusion covers stages with several paths; these nets have none (one path per stage or no bias)
+    assert bool(calls) == (name not in NO_FUSED_STAGE), calls
+    # float64 checks the fusion itself; in float32 both paths are off the float64 ratios by up to 1e-4 on
+    # squeeze_excite (ratios up to ~150 where contributions cancel), whichever library ran the products
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
     for a, b in zip(eager.stages, fast.stages, strict=True):
         assert a.routes == b.routes
         torch.testing.assert_close(b.mu, a.mu, atol=tol, rtol=tol)

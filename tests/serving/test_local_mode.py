@@ -100,7 +100,9 @@ def test_baselines_are_served_through_the_method_field(ingress, method: str) -> 
     got = np.frombuffer(served.map.data, np.float32).reshape(tuple(served.map.shape))
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
 
-    with pytest.raises(Exception, match="contrast is an SRD option"):
+    from ierf.serving.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="contrast is an SRD option"):
         ingress.Explain.remote(pb.ExplainRequest(image=_image(3), method=method, contrast="mean")).result()
 
 
@@ -162,7 +164,11 @@ def test_caller_mistakes_are_answered_without_waiting_for_a_busy_worker(ingress)
     bad = [
         ("Explain", pb.ExplainRequest(image=_image(9), target=1000), "out of range"),
         ("Explain", pb.ExplainRequest(image=_image(9), method="nope"), "unknown method"),
-        ("ComputeIERF", pb.ComputeIERFRequest(image=_image(9), layer="nope", positions=[pb.Position()]), "layer"),
+        (
+            "ComputeIERF",
+            pb.ComputeIERFRequest(image=_image(9), layer="nope", positions=[pb.Position()]),
+            "unknown layer 'nope'",
+        ),
         (
             "ComputeIERF",
             pb.ComputeIERFRequest(image=_image(9), layer="layer4.1", positions=[pb.Position(row=99, col=0)]),
