@@ -8,7 +8,9 @@ against the first.
 
 Targets (issue 2): SRD <= 0.75x input-gradient on ResNet50 at batch 1 and 8; 49 seeds <= 1.2x one seed;
 second target <= 0.1x the first. ResNet50 is also measured with the opt-in fused stage statistics
-(IERF_FUSED=1); every other row runs the default eager path.
+(IERF_FUSED=1); every other row runs the default eager path. On the CPU, SRD's float32 matrix products run
+in BLAS or as oneDNN 1x1 convolutions, whichever each process measured faster (ierf.srd.gemm): the header
+names the CPU and the choice, and ResNet50 is also measured with each library forced (IERF_GEMM).
 
     python benchmarks/srd_speed.py [--repeats 7] [--models resnet50,vgg16,efficientnet_lite0] [--device cpu]
 """
@@ -102,7 +104,9 @@ def worker(spec: dict) -> dict:
         for _ in range(repeats):
             t_grad.append(_timeit(grad_pass, device))
             t_srd.append(_timeit(srd_pass, device))
-        return {"grad": statistics.median(t_grad), "srd": statistics.median(t_srd)}
+        from ierf.srd import gemm
+
+        return {"grad": statistics.median(t_grad), "srd": statistics.median(t_srd), "gemm": gemm.backend()}
 
     if kind in ("mem_grad", "mem_srd"):
         if kind == "mem_grad":
@@ -154,8 +158,21 @@ def worker(spec: dict) -> dict:
     raise ValueError(kind)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = {line.split(":", 1)[1].strip() for line in f if line.startswith("model name")}
+        return ", ".join(sorted(names)) or "unknown"
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+
+
 def run_in_fresh_process(spec: dict) -> dict:
     env = {**os.environ, **MALLOC_ENV, "IERF_FUSED": "1" if spec.get("fused") else "0"}
+    if spec.get("gemm"):
+        env["IERF_GEMM"] = spec["gemm"]
     out = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True, text=True, check=False
     )
@@ -183,26 +200,40 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, threads {args.threads}, repeats {args.repeats}, "
         f"malloc tuned ({', '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())})"
     )
-    print(f"{'model':<20}{'batch':>6}{'SRD s':>10}{'grad s':>10}{'SRD/grad':>10}{'SRD MB':>10}{'grad MB':>10}")
+    print(f"CPU: {_cpu_name()}")
+    chosen: set[str] = set()
+    print(f"{'model':<26}{'batch':>6}{'SRD s':>10}{'grad s':>10}{'SRD/grad':>10}{'SRD MB':>10}{'grad MB':>10}")
     base = {"device": args.device, "threads": args.threads, "repeats": args.repeats}
     for model in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             spec = {**base, "model": model, "batch": batch}
             r = run_in_fresh_process({**spec, "kind": "ratio"})
+            chosen.add(r["gemm"])
             m_srd = run_in_fresh_process({**spec, "kind": "mem_srd"})["peak_mb"]
             m_grad = run_in_fresh_process({**spec, "kind": "mem_grad"})["peak_mb"]
             print(
-                f"{model:<20}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{r['srd'] / r['grad']:>10.2f}"
+                f"{model:<26}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{r['srd'] / r['grad']:>10.2f}"
                 f"{m_srd:>10.0f}{m_grad:>10.0f}",
                 flush=True,
             )
+
+    if args.device == "cpu":
+        print(f"float32 products ran in: {', '.join(sorted(chosen))} (each process measures; IERF_GEMM fixes it)")
+    if "resnet50" in args.models.split(",") and args.device == "cpu":
+        for library in ("blas", "onednn"):
+            for batch in (int(b) for b in args.batches.split(",")):
+                r = run_in_fresh_process(
+                    {**base, "model": "resnet50", "batch": batch, "kind": "ratio", "gemm": library}
+                )
+                label, ratio = f"resnet50 IERF_GEMM={library}", r["srd"] / r["grad"]
+                print(f"{label:<26}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{ratio:>10.2f}", flush=True)
 
     if "resnet50" in args.models.split(","):
         # Opt-in compiled stage statistics (ierf.srd.fused); the warm-up calls absorb the compilation.
         for batch in (int(b) for b in args.batches.split(",")):
             r = run_in_fresh_process({**base, "model": "resnet50", "batch": batch, "kind": "ratio", "fused": True})
             label, ratio = "resnet50 IERF_FUSED=1", r["srd"] / r["grad"]
-            print(f"{label:<20}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{ratio:>10.2f}", flush=True)
+            print(f"{label:<26}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{ratio:>10.2f}", flush=True)
 
     spec = {**base, "model": "resnet50", "batch": 1}
     for layer in ("layer4.2", "layer2.3"):

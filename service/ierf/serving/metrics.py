@@ -20,7 +20,7 @@ STAGE_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 GAUGE_REFRESH_S = 5.0
 VALUE_BUCKETS_BYTES = [1e3, 1e4, 1e5, 1e6, 4e6, 16e6, 64e6, 256e6]
 
-# name -> (kind, description, labels); the README's metric table is generated from this list.
+# name -> (kind, description, labels); tests/serving/test_deploy.py checks the README's metric table against it.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "explainer_request_duration_seconds": (
         "histogram",

@@ -58,7 +58,7 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
     wide = x.shape[2]
     onednn = gemm.use_onednn(x)
     if (sy, sx) == (1, 1) and wide <= WIDE_MAX_WASTE * wo and ho * wide >= WIDE_MIN_ROWS and not _needs_grad(x, w):
-        if onednn and _shift_bytes_per_image(x, w.shape[0], t.kernel) <= SHIFT_MAX_BYTES:
+        if onednn:
             return _shifted_tap_products(x, w, t.kernel, t.dilation, ho, wo)
         return _wide_tap_products(x, w, t.kernel, t.dilation, ho, wo)
     span_y = max((i * dy) // sy for i in range(kh)) + ho
@@ -141,7 +141,8 @@ def _shifted_tap_products(
     """The layout of :func:`_wide_tap_products` from one product of every input row with every tap's
     kernel (a 1x1 convolution, for oneDNN), each tap then read at its row shift: tap (i, j) of wide output
     row r is product row r + i*dy*Wp + j*dx, an affine function of (i, j), so one strided copy moves them
-    all. A few images at a time, so the product stays within :data:`SHIFT_MAX_BYTES`."""
+    all. The product is formed a few images, or for large maps a band of rows, at a time, so that it
+    stays within :data:`SHIFT_MAX_BYTES` (a small product is still in cache when it is copied)."""
     b, hp, wp, c_in = x.shape
     kh, kw = kernel
     dy, dx = dilation
@@ -150,22 +151,23 @@ def _shifted_tap_products(
     tc = taps * c_out
     all_taps = DERIVED.get("shift-w", (w,), lambda: w.permute(2, 3, 0, 1).reshape(tc, c_in).contiguous())
     out = x.new_empty(b, ho, wp, taps, c_out)
-    step = max(1, SHIFT_MAX_BYTES // _shift_bytes_per_image(x, c_out, kernel))
-    for start in range(0, b, step):
-        n = min(step, b - start)
-        # The last image's last wide row reads (kw-1)*dx rows past the input (columns x >= W only): zeros.
-        flat = F.pad(x[start : start + n].reshape(-1, c_in), (0, 0, 0, (kw - 1) * dx))
-        prod = gemm.conv_rows(flat, all_taps)  # (n*Hp*Wp + pad, T*C_out)
-        strides = (hp * wp * tc, wp * tc, tc, kw * c_out + dy * wp * tc, c_out + dx * tc, 1)
-        out[start : start + n].view(n, ho, wp, kh, kw, c_out).copy_(
-            prod.as_strided((n, ho, wp, kh, kw, c_out), strides)
-        )
+    strides = (wp * tc, tc, kw * c_out + dy * wp * tc, c_out + dx * tc, 1)  # (row, x, i, j, c) in the product
+    row_bytes = wp * tc * x.element_size()  # the product of one padded input row
+    halo = (kh - 1) * dy  # input rows a band of outputs reads below its last row
+    if hp * row_bytes <= SHIFT_MAX_BYTES:
+        step = max(1, SHIFT_MAX_BYTES // (hp * row_bytes))
+        chunks = [(start, min(step, b - start), 0, ho) for start in range(0, b, step)]
+    else:
+        band = max(1, SHIFT_MAX_BYTES // row_bytes - halo)
+        chunks = [(img, 1, r0, min(band, ho - r0)) for img in range(b) for r0 in range(0, ho, band)]
+    for first, images, r0, rows in chunks:
+        # input rows [r0, r0 + rows + halo) of each image; the last image's last output row reads (kw-1)*dx
+        # positions past them (columns x >= W only): zeros
+        part = x[first : first + images, r0 : r0 + rows + halo].reshape(-1, c_in)
+        prod = gemm.conv_rows(F.pad(part, (0, 0, 0, (kw - 1) * dx)), all_taps)
+        dst = out[first : first + images, r0 : r0 + rows].view(images, rows, wp, kh, kw, c_out)
+        dst.copy_(prod.as_strided(dst.shape, (hp * wp * tc, *strides)))
     return out[:, :, :wo]
-
-
-def _shift_bytes_per_image(x: torch.Tensor, c_out: int, kernel: tuple[int, int]) -> int:
-    _, hp, wp, _ = x.shape
-    return hp * wp * kernel[0] * kernel[1] * c_out * x.element_size()
 
 
 class _PhaseTap(NamedTuple):
