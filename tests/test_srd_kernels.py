@@ -307,3 +307,22 @@ def test_library_choice_comes_from_the_variable_or_a_measurement(monkeypatch):
         assert not gemm.use_onednn(torch.zeros(1))
     monkeypatch.setattr(gemm, "_choice", "blas")
     assert not gemm.use_onednn(torch.zeros(1))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] == c[0]])  # depthwise
+def test_depthwise_taps_carry_the_input_gradient(case):
+    """Depthwise taps are written with out= when no gradient is needed; with one, the same values come
+    from an autograd-recorded product, and the input gradient equals the literal taps'."""
+    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, c_in, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(c_out, 1, *kernel, dtype=torch.float64, generator=g)
+    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    grads = []
+    for form in (ratios.tap_products, _literal_taps):
+        xi = x.clone().requires_grad_(True)
+        taps = form(ConvTerm(xi, Route(0), weight, stride, dilation, pad, groups, scale))
+        r = torch.linspace(-1, 1, taps.numel(), dtype=torch.float64).view(taps.shape)
+        (grad,) = torch.autograd.grad((taps * r).sum(), xi)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)

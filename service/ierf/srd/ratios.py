@@ -47,12 +47,18 @@ def tap_products(t: ConvTerm) -> torch.Tensor:
             # The kernel covers the map (a global-average-pool head): tap (i, j) is input position (i, j).
             per_tap = w[:, 0].reshape(c_out, kh * kw).t()  # (T, C), a view
             return (x.reshape(b, kh * kw, c_in) * per_tap).view(b, 1, 1, kh * kw, c_out)
-        taps = [
-            x[:, i * dy : i * dy + sy * (ho - 1) + 1 : sy, j * dx : j * dx + sx * (wo - 1) + 1 : sx] * w[:, 0, i, j]
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        return torch.stack(taps, 3)
+        # Every tap at once: the input's windows as a strided view times the (kh, kw, C) kernel, written
+        # straight into the tap layout (3-4x faster than one product per tap stacked afterwards).
+        per_tap = DERIVED.get("depthwise-w", (w,), lambda: w[:, 0].permute(1, 2, 0).contiguous())
+        sb, sh, sw, sc = x.stride()
+        windows = x.as_strided(
+            (b, ho, wo, kh, kw, c_in), (sb, sy * sh, sx * sw, dy * sh, dx * sw, sc), x.storage_offset()
+        )
+        if _needs_grad(x, w):  # out= records no gradient
+            return (windows * per_tap).reshape(b, ho, wo, kh * kw, c_out)
+        out = x.new_empty(b, ho, wo, kh, kw, c_out)
+        torch.mul(windows, per_tap, out=out)
+        return out.view(b, ho, wo, kh * kw, c_out)
     if t.groups != 1:
         return _grouped_tap_products(t)
     wide = x.shape[2]
