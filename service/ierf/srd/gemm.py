@@ -8,7 +8,8 @@ convolutions all run in oneDNN. On the Intel hosts the engine was first tuned on
 few rows (the 2048 -> 1000 head at 7x7: 3.0 against 6.6 ms).
 
 So the choice is measured, once per process, on two of ResNet50's product shapes, and the faster library
-is used from then on; ``IERF_GEMM=blas`` or ``IERF_GEMM=onednn`` fixes it. Both compute the same float32
+is used from then on; ``IERF_GEMM=blas`` or ``IERF_GEMM=onednn`` fixes it. The choice is made at the first
+float32 CPU product while oneDNN is switched on (:func:`chosen` stays None until then). Both compute the same float32
 products (sums in another order, so results differ in the last bits).
 """
 
@@ -50,7 +51,8 @@ def conv_rows(rows: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     m, k = rows.shape
     n = kernel.shape[0]
     image = rows.contiguous().view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1) stored channels-last
-    return F.conv2d(image, kernel.view(n, k, 1, 1)).permute(0, 2, 3, 1).reshape(m, n)
+    # With K == 1 the image is also NCHW-contiguous and the convolution may answer in NCHW: then copy.
+    return F.conv2d(image, kernel.view(n, k, 1, 1)).permute(0, 2, 3, 1).contiguous().view(m, n)
 
 
 def use_onednn(t: torch.Tensor) -> bool:
@@ -93,7 +95,7 @@ CALIBRATION_SHAPES = ((3136, 64, 576), (196, 256, 1024))
 
 
 def _measure(repeats: int = 7) -> str:
-    """Best-of-``repeats`` time of both libraries on :data:`CALIBRATION_SHAPES` (~30 ms in all), after a
+    """Best-of-``repeats`` time of both libraries on :data:`CALIBRATION_SHAPES` (30-90 ms in all), after a
     warm-up of each (a process's first oneDNN call also builds its kernels) and interleaved, so that a
     burst of load elsewhere slows both alike."""
     if not torch.backends.mkldnn.is_available():
@@ -101,8 +103,9 @@ def _measure(repeats: int = 7) -> str:
     generator = torch.Generator().manual_seed(0)
     runs: dict[str, list] = {"blas": [], "onednn": []}
     for m, k, n in CALIBRATION_SHAPES:
-        rows = torch.randn(m, k, generator=generator)
-        kernel = torch.randn(n, k, generator=generator)
+        # float32 on the CPU whatever the caller's torch.set_default_dtype / set_default_device
+        rows = torch.randn(m, k, generator=generator, dtype=torch.float32, device="cpu")
+        kernel = torch.randn(n, k, generator=generator, dtype=torch.float32, device="cpu")
         runs["blas"].append(lambda rows=rows, kernel=kernel: rows @ kernel.t())
         runs["onednn"].append(lambda rows=rows, kernel=kernel: conv_rows(rows, kernel))
     best = {name: [float("inf")] * len(CALIBRATION_SHAPES) for name in runs}

@@ -30,10 +30,12 @@ TAP_BUDGET_BYTES = 256 * 2**20
 def tap_products(t: ConvTerm) -> torch.Tensor:
     """Per-tap contributions of a convolution term, channels last: (B, H_out, W_out, T, C_out).
 
-    Dense kernels with stride 1: one matrix product per tap, written straight into a "wide" result (see
-    :func:`_wide_tap_products`). Other dense kernels: one matrix product per stride phase over the padded
-    input (no im2col), the taps copied out of it as shifted views. Depthwise kernels: an element-wise
-    product per tap.
+    Dense kernels with stride 1 take a "wide" result (rows of the padded width): with BLAS one matrix
+    product per tap written straight into it (:func:`_wide_tap_products`), with oneDNN one product of
+    every input row with all taps, copied in at each tap's row shift (:func:`_shifted_tap_products`).
+    Other dense kernels: one matrix product per stride phase over the padded input (no im2col), the taps
+    copied out of it as shifted views, or one batched product over unfolded taps on small maps. Depthwise
+    kernels: one element-wise product of the input's windows (a strided view) with the kernel.
     """
     x = _channels_last(t.padded_input())  # (B, Hp, Wp, C_in)
     b, _, _, c_in = x.shape
@@ -99,8 +101,9 @@ WIDE_MIN_ROWS = 128
 # instead (oneDNN's products run ~2x faster than the batched product where it is chosen: see gemm).
 UNFOLD_ABOVE = 1.3
 UNFOLD_ABOVE_ONEDNN = 2.0
-# Largest product of every input row with every tap formed at once for the shifted layout: beyond it (VGG's
-# 224^2 and 112^2 maps) the product and its copy cost more memory traffic than the faster library saves.
+# Largest product of input rows with every tap formed at once for the shifted layout: larger maps (VGG's 224^2
+# and 112^2) are formed a band of rows at a time, so the product is still in cache when it is copied (whole,
+# their products and copies cost more memory traffic than the faster library saves).
 SHIFT_MAX_BYTES = 16 * 2**20
 
 
@@ -167,8 +170,8 @@ def _shifted_tap_products(
         band = max(1, SHIFT_MAX_BYTES // row_bytes - halo)
         chunks = [(img, 1, r0, min(band, ho - r0)) for img in range(b) for r0 in range(0, ho, band)]
     for first, images, r0, rows in chunks:
-        # input rows [r0, r0 + rows + halo) of each image; the last image's last output row reads (kw-1)*dx
-        # positions past them (columns x >= W only): zeros
+        # input rows [r0, r0 + rows + halo) of each image; the chunk's last output row reads (kw-1)*dx
+        # positions past them (for columns x >= W only, which are dropped): zeros
         part = x[first : first + images, r0 : r0 + rows + halo].reshape(-1, c_in)
         prod = gemm.conv_rows(F.pad(part, (0, 0, 0, (kw - 1) * dx)), all_taps)
         dst = out[first : first + images, r0 : r0 + rows].view(images, rows, wp, kh, kw, c_out)

@@ -88,14 +88,15 @@ class DenseTerm:
         return [self.route]
 
 
-# 1x1 convolutions over at most this many positions (batch x height x width) run as a matrix product.
+# With BLAS chosen (ierf.srd.gemm), 1x1 convolutions over at most this many positions (batch x height x
+# width) run as a matrix product; with oneDNN chosen they are always the library convolution.
 MM_MAX_ROWS = 4096
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A 1x1, stride-1 convolution, returned channels-last. Over few positions (late stages, the class head)
-    it is one matrix product: the library convolution spends up to ~2x as long there (the 2048 -> 1000
-    head at 7x7: 6.6 vs 3.0 ms)."""
+    and with BLAS chosen it is one matrix product: where BLAS was chosen, the library convolution spent up
+    to ~2x as long there (the 2048 -> 1000 head at 7x7: 6.6 vs 3.0 ms)."""
     b, c_in, h, w = x.shape
     if b * h * w > MM_MAX_ROWS or gemm.use_onednn(x):
         return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight)
