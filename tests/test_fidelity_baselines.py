@@ -13,7 +13,7 @@ from ierf.baselines import BASELINE_METHODS
 from ierf.baselines._common import model_guard
 from ierf.baselines.lrp import EfficientNetLiteCanonizer, canonizers_for
 from ierf.fidelity.tiny_resnet import random_tiny_resnet
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from zennit.attribution import Gradient as ZennitGradient
@@ -159,17 +159,35 @@ def test_differentiable_paths_equal_the_library_paths(model: nn.Module, x: torch
         torch.testing.assert_close(diff.detach(), explainer.saliency(x, torch.tensor([1, 7])), atol=1e-6, rtol=1e-4)
 
 
-def test_gradcam_matches_pytorch_grad_cam_up_to_its_normalisation(model: nn.Module) -> None:
+@pytest.mark.parametrize(
+    ("method", "library_cam", "layer"),
+    [
+        ("gradcam", GradCAM, None),
+        ("gradcam", GradCAM, "layer2"),
+        ("gradcam_plusplus", GradCAMPlusPlus, None),
+        ("layercam", LayerCAM, None),
+        ("hirescam", HiResCAM, None),
+    ],
+)
+def test_cams_match_pytorch_grad_cam_up_to_its_normalisation(model: nn.Module, method, library_cam, layer) -> None:
+    """pytorch-grad-cam applies a ReLU at the feature map's resolution to every CAM, then min-max scales:
+    HiResCAM, signed by definition, is compared with relu=True; the layer option picks the same map."""
     x = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(5))
-    with GradCAM(model=copy.deepcopy(model), target_layers=[]) as _:
+    with library_cam(model=copy.deepcopy(model), target_layers=[]) as _:
         pass
     reference_model = copy.deepcopy(model)
-    with GradCAM(model=reference_model, target_layers=[reference_model.layer4]) as cam:
+    target_layer = reference_model.get_submodule(layer or "layer4")
+    with library_cam(model=reference_model, target_layers=[target_layer]) as cam:
         library = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in (0, 4, 9)])
-    ours = ierf.create_explainer("gradcam", model).saliency(x, torch.tensor([0, 4, 9])).numpy()
+    options = {"relu": True} | ({"layer": layer} if layer else {})
+    ours = ierf.create_explainer(method, model, **options).saliency(x, torch.tensor([0, 4, 9])).numpy()
     for a, b in zip(library, ours, strict=True):
+        if not a.any():  # every position negative before the ReLU: nothing to correlate
+            assert not b.any()
+            continue
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
         assert np.unravel_index(a.argmax(), a.shape) == np.unravel_index(b.argmax(), b.shape)
+    assert sum(a.any() for a in library) >= 2  # most targets have a map to compare
 
 
 def test_cam_relu_follows_each_method_definition(model: nn.Module, x: torch.Tensor) -> None:
