@@ -36,6 +36,16 @@ def _literal_taps(t: ConvTerm) -> torch.Tensor:
     return torch.stack(out, 3)
 
 
+def _case_tensors(case: tuple, seed: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """Input, kernel and output scale (float64) for a CASES entry, and the generator for more draws."""
+    c_in, c_out, kernel, _, _, _, groups, h, w = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g)
+    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    return x, weight, scale, g
+
+
 def _force_layout(monkeypatch, layout: str) -> None:
     """Make the dispatcher take one way of forming taps wherever that way applies."""
     if layout == "wide":  # every stride-1 dense kernel
@@ -48,11 +58,8 @@ def _force_layout(monkeypatch, layout: str) -> None:
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("layout", ["auto", "unfold", "wide", "phase"])
 def test_tap_products_equal_one_convolution_per_tap(case, layout, monkeypatch):
-    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, c_in, h, w, dtype=torch.float64, generator=g)
-    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g)
-    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    _, c_out, _, stride, dilation, pad, groups, _, _ = case
+    x, weight, scale, g = _case_tensors(case, seed=0, batch=3)
     t = ConvTerm(x, Route(0), weight, stride, dilation, pad, groups, scale)
     # the dispatcher picks wide products, per-phase products or im2col by shape; check each on every case
     _force_layout(monkeypatch, layout)
@@ -230,7 +237,7 @@ def test_float32_tap_products_through_onednn_equal_the_taps(case, layout, shift_
     """With oneDNN chosen, stride-1 kernels form their taps by the shifted layout and the others by 1x1
     convolutions; every result equals the literal taps (float64) to float32 precision, in the layout the
     dot products read."""
-    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
+    _, c_out, _, stride, dilation, pad, groups, _, _ = case
     monkeypatch.setattr(gemm, "_choice", "onednn")
     if shift_budget is not None:
         monkeypatch.setattr(ratios, "SHIFT_MAX_BYTES", shift_budget)
@@ -238,10 +245,7 @@ def test_float32_tap_products_through_onednn_equal_the_taps(case, layout, shift_
     shifted = []
     real = ratios._shifted_tap_products
     monkeypatch.setattr(ratios, "_shifted_tap_products", lambda *a: shifted.append(1) or real(*a))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, c_in, h, w, dtype=torch.float64, generator=g)
-    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g)
-    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    x, weight, scale, g = _case_tensors(case, seed=0, batch=3)
     want = _literal_taps(ConvTerm(x, Route(0), weight, stride, dilation, pad, groups, scale))
     t = ConvTerm(x.float(), Route(0), weight.float(), stride, dilation, pad, groups, scale.float())
     got = ratios.tap_products(t)
@@ -314,11 +318,8 @@ def test_library_choice_comes_from_the_variable_or_a_measurement(monkeypatch):
 def test_depthwise_taps_carry_the_input_gradient(case):
     """Depthwise taps are written with out= when no gradient is needed; with one, the same values come
     from an autograd-recorded product, and the input gradient equals the literal taps'."""
-    c_in, c_out, kernel, stride, dilation, pad, groups, h, w = case
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, c_in, h, w, dtype=torch.float64, generator=g)
-    weight = torch.randn(c_out, 1, *kernel, dtype=torch.float64, generator=g)
-    scale = torch.rand(c_out, dtype=torch.float64, generator=g) + 0.5
+    _, _, _, stride, dilation, pad, groups, _, _ = case
+    x, weight, scale, _ = _case_tensors(case, seed=5, batch=2)
     grads = []
     for form in (ratios.tap_products, _literal_taps):
         xi = x.clone().requires_grad_(True)
