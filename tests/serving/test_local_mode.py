@@ -36,6 +36,8 @@ def test_second_target_layer_and_prediction_reuse_the_decomposition_from_l1(ingr
 
     first = ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=1)).result()
     assert [(c.artifact, c.tier) for c in first.provenance.cache] == [("decomposition", pb.MISS)]
+    first_stages = [t.stage for t in first.provenance.timings]  # the crop and the normalisation: one entry
+    assert first_stages.count("preprocess") == 1 and len(first_stages) == len(set(first_stages)), first_stages
     second = ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=2, contrast="mean")).result()
     assert [(c.artifact, c.tier) for c in second.provenance.cache] == [("decomposition", pb.L1)]
     stages = {t.stage for t in second.provenance.timings}

@@ -70,10 +70,19 @@ def provenance_message(
         preprocess_version=prov.preprocess_version,
         content_hash=prov.content_hash,
         cache=[pb.CacheLookup(artifact=a, tier=_CACHE_TIERS.get(t, pb.CACHE_TIER_UNSPECIFIED)) for a, t in prov.cache],
-        timings=[pb.StageTiming(stage=s, seconds=v) for s, v in [*prov.timings, *extra_timings]],
+        timings=[pb.StageTiming(stage=s, seconds=v) for s, v in _sum_by_stage([*prov.timings, *extra_timings])],
         server_version=server_version,
         request_id=request_id,
     )
+
+
+def _sum_by_stage(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """One entry per stage, in first-seen order: a caller reads timings as a mapping, and a stage can
+    run more than once in a request (the worker's "preprocess" times the crop and the normalisation)."""
+    totals: dict[str, float] = {}
+    for stage, seconds in timings:
+        totals[stage] = totals.get(stage, 0.0) + seconds
+    return list(totals.items())
 
 
 def layer_message(layer: LayerShape) -> pb.LayerInfo:
