@@ -12,6 +12,10 @@ measures, for one model:
 
 Targets (issue 3): overhead p50 <= 15 ms; warm <= 0.2 x cold for ResNet50 on CPU.
 
+The script re-runs itself under the service's process settings (``ierf.serving.settings.PROCESS_ENV``:
+malloc thresholds, OpenMP spin count), which the cluster it starts inherits, so the in-process reference
+computes with the same settings as the worker it is compared with.
+
     python benchmarks/service_latency.py                       # resnet50 (random weights), CPU
     python benchmarks/service_latency.py --model efficientnet_lite0 --cold 6 --warm 30
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -173,7 +178,18 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
     return out
 
 
+def run_with_service_environment() -> None:
+    """Re-exec under PROCESS_ENV (glibc and libgomp read theirs when a process starts); a value the
+    caller set is kept."""
+    from ierf.serving.settings import PROCESS_ENV
+
+    missing = {key: value for key, value in PROCESS_ENV.items() if key not in os.environ}
+    if missing:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+
+
 def main() -> None:
+    run_with_service_environment()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--weights", choices=("random", "real"), default=None, help="default: real if bundled")
@@ -191,6 +207,9 @@ def main() -> None:
     cold_images = images(args.cold, 0)
     warm_targets = [(17 * i + 3) % 1000 for i in range(args.warm)]
     print(f"model {args.model} ({'random' if random_init else 'real'} weights), torch threads {args.threads}")
+    from ierf.serving.settings import PROCESS_ENV
+
+    print("process settings (this process and the cluster): " + ", ".join(f"{k}={os.environ[k]}" for k in PROCESS_ENV))
     reference = InProcess(args.model, random_init, args.threads)
 
     model_args = {"id": args.model, "random_init": random_init, "num_threads": args.threads}

@@ -84,9 +84,23 @@ def test_grpc_message_cap_is_set_wherever_ray_runs_and_fits_the_image_cap() -> N
             env = {e["name"]: e["value"] for e in container["env"]}
             assert GRPC_MAX_MESSAGE_ENV in env  # Ray's default is 2 GiB
             caps.add(grpc_max_message_bytes(max_image, env))  # raises when below the image cap
-    (docker_cap,) = re.findall(rf"^\s*{GRPC_MAX_MESSAGE_ENV}=(\d+)\s*$", (ROOT / "Dockerfile").read_text(), re.M)
+    (docker_cap,) = re.findall(rf"^\s*{GRPC_MAX_MESSAGE_ENV}=(\d+)[\s\\]*$", (ROOT / "Dockerfile").read_text(), re.M)
     local_image = load_serve_config()["applications"][0]["args"]["ingress"]["max_image_bytes"]
     assert caps == {grpc_max_message_bytes(local_image, {GRPC_MAX_MESSAGE_ENV: docker_cap})} == {40 * 2**20}
+
+
+def test_process_settings_are_the_same_wherever_ray_runs() -> None:
+    from ierf.serving.settings import PROCESS_ENV
+
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert {key: env.get(key) for key in PROCESS_ENV} == PROCESS_ENV
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    docker = {key: re.findall(rf"^\s*{key}=(\d+)[\s\\]*$", dockerfile, re.M) for key in PROCESS_ENV}
+    assert docker == {key: [value] for key, value in PROCESS_ENV.items()}
 
 
 def test_dashboard_queries_use_exported_metric_names_and_labels() -> None:

@@ -95,6 +95,48 @@ def test_health_serving_and_reflection_lists_the_service(live_service, client) -
     assert {"ierf.v1.ExplainService", "grpc.health.v1.Health"} <= names
 
 
+def _descendants(root: int) -> list[int]:
+    """Processes started, directly or not, by ``root`` (from /proc: the raylet and the workers it forks)."""
+    import os
+
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:  # exited meanwhile
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_serve_proxy_and_replicas_run_with_the_process_settings(live_service) -> None:
+    import os
+
+    from ierf.serving.settings import PROCESS_ENV
+
+    expected = {key: os.environ.get(key, value) for key, value in PROCESS_ENV.items()}  # a caller's choice wins
+    checked = set()
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if title.startswith(("ray::ProxyActor", "ray::ServeReplica")):
+            got = {key: environ.get(key.encode(), b"").decode() for key in PROCESS_ENV}
+            assert got == expected, (title, got)
+            checked.add("proxy" if title.startswith("ray::ProxyActor") else title.split(":")[-1].split(".")[0])
+    assert {"proxy", "Ingress", f"Worker_{MODEL}"} <= checked, checked
+
+
 def test_models_describe_input_classes_and_layers(client, reference) -> None:
     model, srd = reference
     (info,) = client.models()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV
+from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, PROCESS_ENV
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "local.yaml"
 # Images (<= 4 MiB decoded) and maps then travel inline in the ingress->worker RPC instead of through
@@ -327,8 +327,10 @@ def start_service(
     owns_temp_dir = temp_dir is None
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ierf-ray-", dir="/tmp")  # short: Unix socket paths
     try:
-        # Ray's processes (raylet, then the Serve proxy it starts) inherit this process's environment.
-        with _environ({GRPC_MAX_MESSAGE_ENV: str(grpc_max_message)}):
+        # Ray's processes (raylet, then the Serve proxy and replicas it starts) inherit this process's
+        # environment; process settings the caller chose are kept.
+        process_env = {key: os.environ.get(key, value) for key, value in PROCESS_ENV.items()}
+        with _environ({GRPC_MAX_MESSAGE_ENV: str(grpc_max_message), **process_env}):
             node_ip = _init_ray(num_cpus, object_store_bytes, temp_dir, metrics_port, node_ip)
     except BaseException:
         import ray
