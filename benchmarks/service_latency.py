@@ -17,7 +17,7 @@ malloc thresholds, OpenMP spin count), which the cluster it starts inherits, so 
 computes with the same settings as the worker it is compared with.
 
     python benchmarks/service_latency.py                       # resnet50 (random weights), CPU
-    python benchmarks/service_latency.py --model efficientnet_lite0 --cold 6 --warm 30
+    python benchmarks/service_latency.py --model efficientnet_lite0 --cold 12 --warm 30
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
     out = {k: Series(k, []) for k in SERIES}
     tiers: set[str] = set()
     stages: dict[str, Series] = {}  # server-side stage timings of the warm gRPC calls (provenance)
+    cold_stages: dict[str, Series] = {}  # ... and of the cold ones
     with Client(address, timeout=600, application=APP_NAME) as client, grpc.insecure_channel(address) as channel:
         floor = health_pb2_grpc.HealthStub(channel)
 
@@ -158,6 +159,8 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
             result = client.explain(picture, overlay=False)
             out["grpc cold"].seconds.append(time.perf_counter() - start)
             assert result.provenance.cache.get("decomposition") == "miss", result.provenance.cache
+            for stage, seconds in result.provenance.timings.items():
+                cold_stages.setdefault(stage, Series(stage, [])).seconds.append(seconds)
         for target in warm_targets:  # the last cold image, other classes
             out["ref warm"].seconds.append(reference.warm(target))
             start = time.perf_counter()
@@ -175,6 +178,7 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
         series.name = f"{series.name} ({label})"
     out["tiers"] = Series(",".join(sorted(tiers)), [])
     out["stages"] = Series(", ".join(f"{k} {v.p50:.1f}" for k, v in stages.items()), [])
+    out["cold stages"] = Series(", ".join(f"{k} {v.p50:.1f}" for k, v in cold_stages.items()), [])
     return out
 
 
@@ -193,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--weights", choices=("random", "real"), default=None, help="default: real if bundled")
-    parser.add_argument("--cold", type=int, default=6, help="new images per series")
+    parser.add_argument("--cold", type=int, default=12, help="new images per series")
     parser.add_argument("--warm", type=int, default=30, help="second-target requests per series")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the worker")
     args = parser.parse_args()
@@ -267,9 +271,10 @@ def main() -> None:
             f"  {grpc_s.name:<24} two-hop floor {two.p50:5.1f} ms; overhead above it "
             f"{grpc_s.p50 - ref_s.p50 - two.p50:+6.1f} ms"
         )
-    print("where a warm gRPC call spends its time on the server, p50 ms (provenance; total = the ingress)")
+    print("where a gRPC call spends its time on the server, p50 ms (provenance; total = the ingress)")
     for phase, label in ((l1, "L1"), (l2, "L2 only")):
-        print(f"  {label:<8} {phase['stages'].name}")
+        print(f"  {'warm ' + label:<13} {phase['stages'].name}")
+        print(f"  {'cold ' + label:<13} {phase['cold stages'].name}")
     print("warm / cold through the service, p50 (target <= 0.2)")
     for phase, label in ((l1, "L1 hit"), (l2, "L2 hit")):
         ratio = phase["grpc warm"].p50 / phase["grpc cold"].p50
