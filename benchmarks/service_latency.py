@@ -189,7 +189,7 @@ def run_with_service_environment() -> None:
 
     missing = {key: value for key, value in PROCESS_ENV.items() if key not in os.environ}
     if missing:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **missing})  # flags, -m kept
 
 
 def main() -> None:

@@ -70,6 +70,17 @@ def test_grpc_services_select_only_pods_kuberay_marks_as_serving() -> None:
             assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
 
 
+def _dockerfile_env() -> dict[str, str]:
+    """KEY=VALUE pairs of the Dockerfile's ENV instructions, read as Docker does (comment lines dropped,
+    then continuations joined), so a broken continuation leaves its variables out."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    env: dict[str, str] = {}
+    for instruction in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines():
+        if instruction.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", instruction))
+    return env
+
+
 def test_grpc_message_cap_is_set_wherever_ray_runs_and_fits_the_image_cap() -> None:
     from ierf.serving.local import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes, load_serve_config
 
@@ -84,7 +95,7 @@ def test_grpc_message_cap_is_set_wherever_ray_runs_and_fits_the_image_cap() -> N
             env = {e["name"]: e["value"] for e in container["env"]}
             assert GRPC_MAX_MESSAGE_ENV in env  # Ray's default is 2 GiB
             caps.add(grpc_max_message_bytes(max_image, env))  # raises when below the image cap
-    (docker_cap,) = re.findall(rf"^\s*{GRPC_MAX_MESSAGE_ENV}=(\d+)[\s\\]*$", (ROOT / "Dockerfile").read_text(), re.M)
+    docker_cap = _dockerfile_env()[GRPC_MAX_MESSAGE_ENV]
     local_image = load_serve_config()["applications"][0]["args"]["ingress"]["max_image_bytes"]
     assert caps == {grpc_max_message_bytes(local_image, {GRPC_MAX_MESSAGE_ENV: docker_cap})} == {40 * 2**20}
 
@@ -98,9 +109,8 @@ def test_process_settings_are_the_same_wherever_ray_runs() -> None:
         for container in template["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in container["env"]}
             assert {key: env.get(key) for key in PROCESS_ENV} == PROCESS_ENV
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    docker = {key: re.findall(rf"^\s*{key}=(\d+)[\s\\]*$", dockerfile, re.M) for key in PROCESS_ENV}
-    assert docker == {key: [value] for key, value in PROCESS_ENV.items()}
+    docker = _dockerfile_env()
+    assert {key: docker.get(key) for key in PROCESS_ENV} == PROCESS_ENV
 
 
 def test_dashboard_queries_use_exported_metric_names_and_labels() -> None:
