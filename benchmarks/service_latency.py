@@ -34,6 +34,9 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DEMO_IMAGES = ("coffee", "chelsea", "rocket", "astronaut", "motorcycle")
+# Pause before each cold measurement: the worker writes a new decomposition to Redis ~50 ms after its
+# answer, and that work must not land in the next measurement (the in-process one in particular).
+SETTLE_S = 0.25
 
 
 @dataclass
@@ -154,7 +157,9 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
             probe("")
             probe("two-hops")
         for picture in cold_images:
+            time.sleep(SETTLE_S)
             out["ref cold"].seconds.append(reference.cold(picture))
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             result = client.explain(picture, overlay=False)
             out["grpc cold"].seconds.append(time.perf_counter() - start)

@@ -485,6 +485,51 @@ def test_a_key_still_being_written_behind_is_read_from_memory(redis_flushed) -> 
     assert cache.put(KEY + ":later", tensors, 1, tensors, background=True) == "dropped"  # closed
 
 
+def test_a_deferred_write_waits_unencoded_is_read_meanwhile_and_lands_when_written(redis_flushed) -> None:
+    """``deferred``: nothing is encoded or sent until write_deferred (the worker calls it once the answer
+    has left); meanwhile the same replica reads the object itself, and other replicas miss."""
+    tier = RedisTier(RedisSettings(url=redis_flushed.url))
+    recorder = Recorder()
+    cache = TieredCache(0, tier, recorder, write_behind_bytes=64 * 1024 * 1024)  # L1 off: reads go to L2
+    tensors = _tensors()
+    obj = object()
+    assert cache.put(KEY, obj, 1, tensors, background=True, deferred=True) == "queued"
+    assert cache.has_deferred() and not recorder.events  # nothing encoded, nothing sent
+    found = cache.get(KEY, _rebuild)
+    assert found.tier == "l2" and found.value is obj  # the object itself, no decoding
+    other = TieredCache(0, RedisTier(RedisSettings(url=redis_flushed.url)))  # another replica
+    assert other.get(KEY, _rebuild).tier == "miss"
+    assert cache.write_deferred() == 1 and not cache.has_deferred()
+    assert cache.flush(timeout_s=5)
+    assert ("l2", "put", "stored") in recorder.events
+    landed = other.get(KEY, _rebuild)
+    assert landed.tier == "l2" and torch.equal(landed.value["logits"], tensors["logits"])
+    # discarded before it was written: never sent; and close() writes what is still deferred
+    assert cache.put(KEY + ":gone", obj, 1, tensors, background=True, deferred=True) == "queued"
+    cache.discard(KEY + ":gone")
+    assert cache.put(KEY + ":late", obj, 1, tensors, background=True, deferred=True) == "queued"
+    cache.close(timeout_s=5)
+    assert other.get(KEY + ":gone", _rebuild).tier == "miss" and other.get(KEY + ":late", _rebuild).tier == "l2"
+
+
+def test_deferred_writes_are_bounded_like_the_write_behind_queue(redis_flushed) -> None:
+    """Past the pending-bytes bound a deferred put is encoded and queued at once instead of held."""
+    tensors = {"ratios": torch.rand(100_000)}  # 400 KB: the codec's header is negligible next to it
+    size = tensors_nbytes(tensors)
+    tier = RedisTier(RedisSettings(url=redis_flushed.url))
+    cache = TieredCache(0, tier, write_behind_bytes=size + size // 2)
+    assert cache.put(KEY, tensors, 1, tensors, background=True, deferred=True) == "queued"
+    assert cache.put(KEY + ":b", tensors, 1, tensors, background=True, deferred=True) == "queued"
+    deadline = time.monotonic() + 5
+    while tier.get(KEY + ":b")[0] != "hit" and time.monotonic() < deadline:  # sent without write_deferred
+        time.sleep(0.01)
+    assert tier.get(KEY + ":b")[0] == "hit" and tier.get(KEY)[0] == "miss"
+    assert cache.write_deferred() == 1  # only the first was held
+    assert cache.flush(timeout_s=5)
+    assert tier.get(KEY)[0] == "hit"
+    cache.close()
+
+
 def test_synchronous_puts_stay_the_default(redis_flushed) -> None:
     cache = TieredCache(10_000_000, RedisTier(RedisSettings(url=redis_flushed.url)), write_behind_bytes=1 << 20)
     tensors = _tensors()

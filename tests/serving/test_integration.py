@@ -290,6 +290,22 @@ def test_every_bad_input_gets_a_precise_code_and_the_service_keeps_answering(liv
         )
 
 
+def test_a_new_decomposition_reaches_redis_after_its_answer(redis_server, client) -> None:
+    """The worker defers a new decomposition's Redis copy until its answer has left; it still lands."""
+    import redis
+
+    result = client.explain(_noise(41), overlay=False)
+    assert result.provenance.cache["decomposition"] == "miss"
+    connection = redis.Redis.from_url(redis_server.url, socket_timeout=5)  # type: ignore[attr-defined]
+    pattern = f"*:decomposition:*{result.provenance.content_hash}*"
+    deadline = time.monotonic() + 10
+    while not connection.keys(pattern) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert connection.keys(pattern), pattern
+    again = client.explain(_noise(41), target=7, overlay=False)
+    assert again.provenance.cache["decomposition"] == "l2"  # this worker keeps no L1 here
+
+
 def test_redis_stopped_mid_run_changes_nothing_but_latency(live_service, redis_server, client, coffee) -> None:
     before = client.explain(coffee, target=282, overlay=False)
     assert before.provenance.cache["decomposition"] == "l2"

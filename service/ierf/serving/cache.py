@@ -12,7 +12,10 @@ Rules that keep the cache from ever failing a request:
   a miss (or a skipped write), counted for the metrics, never raised;
 - values over a size cap are not sent to Redis;
 - writes may go behind the request (``TieredCache(write_behind_bytes=...)``): a slow Redis then delays
-  no response by its writes, and a key still being written is read from the queued bytes.
+  no response by its writes, and a key still being written is read from the queued bytes;
+- a write may also wait, unencoded, until its caller says no answer is waiting (``put(..., deferred=True)``,
+  then :meth:`TieredCache.write_deferred`): encoding and sending a 3.6 MB decomposition while the
+  request that computed it was still explaining and answering made cold requests ~8 ms slower on 2 cores.
 """
 
 from __future__ import annotations
@@ -570,6 +573,11 @@ class TieredCache:
         self._behind: _WriteBehind | None = None
         if redis_tier is not None and write_behind_bytes > 0:
             self._behind = _WriteBehind(self._put_l2, write_behind_bytes)
+        # key -> (object, its L1 size, its tensors): L2 writes waiting for write_deferred, bounded like the
+        # write-behind queue (by the tensors' bytes) and readable meanwhile like it
+        self._deferred: OrderedDict[str, tuple[Any, int, dict[str, torch.Tensor]]] = OrderedDict()
+        self._deferred_bytes = 0
+        self._deferred_lock = threading.Lock()
         self._key_locks: dict[str, _KeyLock] = {}
         self._locks_guard = threading.Lock()
 
@@ -601,6 +609,13 @@ class TieredCache:
         if self.l2 is None:
             return Lookup(None, "miss")
         start = time.perf_counter()
+        with self._deferred_lock:
+            deferred = self._deferred.get(key)
+        if deferred is not None:  # on its way to Redis, still the object itself: no decoding
+            obj, nbytes, tensors = deferred
+            self.observer("l2", "get", "hit", time.perf_counter() - start, tensors_nbytes(tensors))
+            self._put_l1(key, obj, nbytes)
+            return Lookup(obj, "l2")
         queued = None if self._behind is None else self._behind.peek(key)
         # A value still on its way to Redis is read from memory: no round trip, no recompute.
         result, data = ("hit", queued) if queued is not None else self.l2.get(key)
@@ -621,6 +636,7 @@ class TieredCache:
         """Drop a value its user found unusable from both tiers (Redis best effort), so it is computed
         again once instead of served until its TTL."""
         self.l1.discard(key)
+        self._take_deferred(key)
         if self.l2 is not None:
             self.l2.delete(key)
 
@@ -637,18 +653,32 @@ class TieredCache:
         nbytes: int,
         tensors: dict[str, torch.Tensor] | None,
         background: bool = False,
+        deferred: bool = False,
     ) -> str:
         """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance:
         "queued" when the write went behind (its own result then only reaches the observer), "dropped"
-        when the write-behind queue was full."""
+        when the write-behind queue was full. ``deferred`` (with write-behind on) keeps the tensors,
+        unencoded, until :meth:`write_deferred`; without room for them the write goes behind at once."""
         self._put_l1(key, obj, nbytes)
         if self.l2 is None or tensors is None:
             return "disabled"
         start = time.perf_counter()
-        if tensors_nbytes(tensors) > self.l2.settings.max_value_bytes:
-            result = "too_big"
-            self.observer("l2", "put", result, time.perf_counter() - start, tensors_nbytes(tensors))
-            return result
+        size = tensors_nbytes(tensors)
+        if size > self.l2.settings.max_value_bytes:
+            self.observer("l2", "put", "too_big", time.perf_counter() - start, size)
+            return "too_big"
+        if deferred and background and self._behind is not None:
+            with self._deferred_lock:
+                previous = self._deferred.pop(key, None)
+                if previous is not None:
+                    self._deferred_bytes -= tensors_nbytes(previous[2])
+                if self._deferred_bytes + size <= self._behind.max_pending_bytes:
+                    self._deferred[key] = (obj, nbytes, tensors)
+                    self._deferred_bytes += size
+                    return "queued"
+        return self._encode_and_put(key, tensors, background, start)
+
+    def _encode_and_put(self, key: str, tensors: dict[str, torch.Tensor], background: bool, start: float) -> str:
         try:
             # Encoded here, on the caller's thread, even when written behind: encoding runs torch copies,
             # and a torch op on another thread would give OpenMP a second thread team to throttle.
@@ -662,6 +692,33 @@ class TieredCache:
             self.observer("l2", "put", "dropped", 0.0, len(data))
             return "dropped"
         return self._put_l2(key, data, start)
+
+    def has_deferred(self) -> bool:
+        with self._deferred_lock:
+            return bool(self._deferred)
+
+    def write_deferred(self) -> int:
+        """Encode the deferred values, oldest first, and hand them to the write-behind thread; returns how
+        many. Call it on the thread that runs the caller's torch work (see ``_encode_and_put``). A value
+        stays readable from memory until its bytes are queued (then :meth:`get` reads those)."""
+        written = 0
+        while True:
+            with self._deferred_lock:
+                if not self._deferred:
+                    return written
+                key, (_, _, tensors) = next(iter(self._deferred.items()))
+            self._encode_and_put(key, tensors, True, time.perf_counter())
+            with self._deferred_lock:
+                if self._deferred.get(key, (None, 0, None))[2] is tensors:  # not replaced or discarded meanwhile
+                    del self._deferred[key]
+                    self._deferred_bytes -= tensors_nbytes(tensors)
+            written += 1
+
+    def _take_deferred(self, key: str) -> None:
+        with self._deferred_lock:
+            previous = self._deferred.pop(key, None)
+            if previous is not None:
+                self._deferred_bytes -= tensors_nbytes(previous[2])
 
     def _put_l1(self, key: str, obj: Any, nbytes: int) -> None:
         if self.l1.capacity_bytes <= 0:  # L1 off: nothing to count
@@ -679,12 +736,15 @@ class TieredCache:
         return result
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait for background writes to finish (tests, shutdown); True when none is left."""
+        """Write what was deferred (on this thread), then wait for background writes to finish (tests,
+        shutdown); True when none is left."""
+        self.write_deferred()
         return True if self._behind is None else self._behind.flush(timeout_s)
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Give queued writes up to ``timeout_s``, then release the Redis client."""
+        """Write what was deferred, give queued writes up to ``timeout_s``, then release the Redis client."""
         if self._behind is not None:
+            self.write_deferred()
             self._behind.close(timeout_s)
         if self.l2 is not None:
             self.l2.close()

@@ -47,6 +47,10 @@ HEALTH_PROBE_TIMEOUT_S = 2.0
 # an error (the replica died) reads NOT_SERVING at once. Flapping to NOT_SERVING under load would make a
 # load balancer drain capacity exactly when it is needed.
 HEALTH_BUSY_GRACE_S = 30.0
+# A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
+# any job that arrived meanwhile, on the compute thread): by then the answer has crossed the ingress and
+# the proxy (~10 ms), which it would otherwise compete with for the cores.
+CACHE_WRITE_DELAY_S = 0.05
 
 
 def _assigned_cpus() -> float:
@@ -55,6 +59,12 @@ def _assigned_cpus() -> float:
     if not ray.is_initialized():  # local testing mode: no Ray runtime (and none must be started)
         return 1.0
     return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+
+
+def _log_failure(future: Any) -> None:
+    """A background job's exception, logged (a future nobody awaits would keep it silent)."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("writing deferred cache values failed", exc_info=future.exception())
 
 
 @serve.deployment(
@@ -106,7 +116,13 @@ class ExplainerWorker:
         from ierf.serving.worker import ModelHost
 
         torch.set_num_threads(threads)
-        return ModelHost(model, cache, stage_observer=self.metrics.stage, cache_observer=self.metrics.cache)
+        return ModelHost(
+            model,
+            cache,
+            stage_observer=self.metrics.stage,
+            cache_observer=self.metrics.cache,
+            defer_cache_writes=True,
+        )
 
     def __del__(self) -> None:  # Serve calls it when the replica shuts down
         compute = getattr(self, "_compute", None)
@@ -118,7 +134,20 @@ class ExplainerWorker:
                 host.cache.close(timeout_s=1.0)  # queued Redis writes get a moment to land
 
     async def _run(self, fn: Callable[[Any], Any], job: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, job)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._compute, fn, job)
+        finally:
+            loop.call_later(CACHE_WRITE_DELAY_S, self._write_deferred)
+
+    def _write_deferred(self) -> None:
+        """Queue the Redis copies the last jobs left for after their answers on the compute thread."""
+        if self.host.cache.has_deferred():
+            try:
+                future = self._compute.submit(self.host.cache.write_deferred)
+            except RuntimeError:  # the executor shut down: close() writes them instead
+                return
+            future.add_done_callback(_log_failure)
 
     async def describe(self) -> Any:
         return self.host.describe()

@@ -308,11 +308,15 @@ class ModelHost:
         *,
         stage_observer: Any = None,
         cache_observer: Any = None,
+        defer_cache_writes: bool = False,
     ) -> None:
+        """``defer_cache_writes``: a new decomposition's Redis copy waits, unencoded, until the owner calls
+        ``cache.write_deferred()`` on the compute thread once the answer has left (the Serve worker does)."""
         import ierf
         from ierf.models import load_model
 
         self.config = config
+        self.defer_cache_writes = defer_cache_writes
         self.device = resolve_device(config.device)
         self.model = load_model(
             config.name,
@@ -489,7 +493,7 @@ class ModelHost:
             start = time.perf_counter()
             state = decomposition.state_dict()
             nbytes = tensors_nbytes(state)
-            self.cache.put(key, decomposition, nbytes, state, background=True)
+            self.cache.put(key, decomposition, nbytes, state, background=True, deferred=self.defer_cache_writes)
             self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
             prov.cache.append(("decomposition", "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"))
