@@ -34,8 +34,8 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DEMO_IMAGES = ("coffee", "chelsea", "rocket", "astronaut", "motorcycle")
-# Pause before each cold measurement: the worker writes a new decomposition to Redis ~50 ms after its
-# answer, and that work must not land in the next measurement (the in-process one in particular).
+# Pause before each cold measurement and before the warm series: the worker writes a new decomposition
+# to Redis ~50 ms after its answer, and that work must not land in the next measurement.
 SETTLE_S = 0.25
 
 
@@ -166,6 +166,7 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
             assert result.provenance.cache.get("decomposition") == "miss", result.provenance.cache
             for stage, seconds in result.provenance.timings.items():
                 cold_stages.setdefault(stage, Series(stage, [])).seconds.append(seconds)
+        time.sleep(SETTLE_S)  # the last cold image's deferred cache write lands before the warm series
         for target in warm_targets:  # the last cold image, other classes
             out["ref warm"].seconds.append(reference.warm(target))
             start = time.perf_counter()

@@ -483,6 +483,16 @@ class _WriteBehind:
             self._cond.notify_all()
             return True
 
+    @property
+    def pending_bytes(self) -> int:
+        with self._cond:
+            return self._bytes
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
     def peek(self, key: str) -> bytes | None:
         """The value of a write of ``key`` not yet finished, if any."""
         with self._cond:
@@ -578,6 +588,7 @@ class TieredCache:
         self._deferred: OrderedDict[str, tuple[Any, int, dict[str, torch.Tensor]]] = OrderedDict()
         self._deferred_bytes = 0
         self._deferred_lock = threading.Lock()
+        self._writing_deferred = threading.Lock()  # one writer at a time (compute thread, or close())
         self._key_locks: dict[str, _KeyLock] = {}
         self._locks_guard = threading.Lock()
 
@@ -658,7 +669,8 @@ class TieredCache:
         """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance:
         "queued" when the write went behind (its own result then only reaches the observer), "dropped"
         when the write-behind queue was full. ``deferred`` (with write-behind on) keeps the tensors,
-        unencoded, until :meth:`write_deferred`; without room for them the write goes behind at once."""
+        unencoded, until :meth:`write_deferred`; deferred and queued values share the write-behind byte
+        budget, and without room the write goes behind at once (or is dropped, as without deferral)."""
         self._put_l1(key, obj, nbytes)
         if self.l2 is None or tensors is None:
             return "disabled"
@@ -667,12 +679,13 @@ class TieredCache:
         if size > self.l2.settings.max_value_bytes:
             self.observer("l2", "put", "too_big", time.perf_counter() - start, size)
             return "too_big"
-        if deferred and background and self._behind is not None:
+        if deferred and background and self._behind is not None and not self._behind.closed:
+            queued_bytes = self._behind.pending_bytes
             with self._deferred_lock:
                 previous = self._deferred.pop(key, None)
                 if previous is not None:
                     self._deferred_bytes -= tensors_nbytes(previous[2])
-                if self._deferred_bytes + size <= self._behind.max_pending_bytes:
+                if self._deferred_bytes + queued_bytes + size <= self._behind.max_pending_bytes:
                     self._deferred[key] = (obj, nbytes, tensors)
                     self._deferred_bytes += size
                     return "queued"
@@ -699,20 +712,24 @@ class TieredCache:
 
     def write_deferred(self) -> int:
         """Encode the deferred values, oldest first, and hand them to the write-behind thread; returns how
-        many. Call it on the thread that runs the caller's torch work (see ``_encode_and_put``). A value
-        stays readable from memory until its bytes are queued (then :meth:`get` reads those)."""
+        many were handed over. Call it on the thread that runs the caller's torch work (see
+        ``_encode_and_put``). A value stays readable from memory until its bytes are queued (then
+        :meth:`get` reads those); one whose encoding fails is dropped, never retried."""
         written = 0
-        while True:
-            with self._deferred_lock:
-                if not self._deferred:
-                    return written
-                key, (_, _, tensors) = next(iter(self._deferred.items()))
-            self._encode_and_put(key, tensors, True, time.perf_counter())
-            with self._deferred_lock:
-                if self._deferred.get(key, (None, 0, None))[2] is tensors:  # not replaced or discarded meanwhile
-                    del self._deferred[key]
-                    self._deferred_bytes -= tensors_nbytes(tensors)
-            written += 1
+        with self._writing_deferred:
+            while True:
+                with self._deferred_lock:
+                    if not self._deferred:
+                        return written
+                    key, (_, _, tensors) = next(iter(self._deferred.items()))
+                try:
+                    if self._encode_and_put(key, tensors, True, time.perf_counter()) == "queued":
+                        written += 1
+                finally:
+                    with self._deferred_lock:
+                        if self._deferred.get(key, (None, 0, None))[2] is tensors:  # not replaced meanwhile
+                            del self._deferred[key]
+                            self._deferred_bytes -= tensors_nbytes(tensors)
 
     def _take_deferred(self, key: str) -> None:
         with self._deferred_lock:
@@ -743,8 +760,12 @@ class TieredCache:
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Write what was deferred, give queued writes up to ``timeout_s``, then release the Redis client."""
-        if self._behind is not None:
-            self.write_deferred()
-            self._behind.close(timeout_s)
-        if self.l2 is not None:
-            self.l2.close()
+        try:
+            if self._behind is not None:
+                try:
+                    self.write_deferred()
+                finally:
+                    self._behind.close(timeout_s)
+        finally:
+            if self.l2 is not None:
+                self.l2.close()

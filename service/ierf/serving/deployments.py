@@ -141,13 +141,14 @@ class ExplainerWorker:
             loop.call_later(CACHE_WRITE_DELAY_S, self._write_deferred)
 
     def _write_deferred(self) -> None:
-        """Queue the Redis copies the last jobs left for after their answers on the compute thread."""
-        if self.host.cache.has_deferred():
-            try:
-                future = self._compute.submit(self.host.cache.write_deferred)
-            except RuntimeError:  # the executor shut down: close() writes them instead
-                return
-            future.add_done_callback(_log_failure)
+        """Queue the Redis copies the last jobs left for after their answers on the compute thread. Always
+        queued, even when nothing is deferred yet: a request cancelled by its deadline gets here while its
+        job still runs, and the write must follow that job (an empty call costs microseconds)."""
+        try:
+            future = self._compute.submit(self.host.cache.write_deferred)
+        except RuntimeError:  # the executor shut down: close() writes them instead
+            return
+        future.add_done_callback(_log_failure)
 
     async def describe(self) -> Any:
         return self.host.describe()
