@@ -150,6 +150,25 @@ def test_gradient_family_collapse_rule(model: nn.Module, x: torch.Tensor) -> Non
     torch.testing.assert_close(ig.sum((1, 2)), gap, atol=2e-3 * float(gap.abs().max()) + 1e-4, rtol=1e-2)
 
 
+def test_smoothgrad_is_the_mean_signed_gradient_over_noised_copies(model: nn.Module, x: torch.Tensor) -> None:
+    """Values, not only shapes: a linear model's gradient is the same at every noised copy, so the mean
+    (signed, not absolute, not summed) equals it exactly; on the ResNet a vanishing noise level gives the
+    plain gradient, the documented 15 % gives a different map, and the seed alone decides the noise."""
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 48 * 40, 10)).eval()
+    torch.nn.init.normal_(linear[1].weight, generator=torch.Generator().manual_seed(5))
+    expected = linear[1].weight[3].detach().reshape(3, 48, 40).sum(0).expand(2, 48, 40)
+    torch.testing.assert_close(ierf.create_explainer("smoothgrad", linear).saliency(x, 3), expected)
+
+    gradient = ierf.create_explainer("gradient", model).saliency(x, 3)
+    quiet = ierf.create_explainer("smoothgrad", model, noise_level=1e-7).saliency(x, 3)
+    torch.testing.assert_close(quiet, gradient, rtol=1e-3, atol=1e-3 * float(gradient.abs().max()))
+    noisy = ierf.create_explainer("smoothgrad", model).saliency(x, 3)
+    assert float((noisy - gradient).abs().max()) > 0.05 * float(gradient.abs().max())
+    torch.testing.assert_close(ierf.create_explainer("smoothgrad", model).saliency(x, 3), noisy, rtol=0, atol=0)
+    reseeded = ierf.create_explainer("smoothgrad", model, seed=1).saliency(x, 3)
+    assert not torch.equal(reseeded, noisy)
+
+
 def test_differentiable_paths_equal_the_library_paths(model: nn.Module, x: torch.Tensor) -> None:
     for method in ("gradient", "input_x_gradient", "gradcam", "lrp"):
         explainer = ierf.create_explainer(method, model)
