@@ -647,7 +647,8 @@ class TieredCache:
         """Drop a value its user found unusable from both tiers (Redis best effort), so it is computed
         again once instead of served until its TTL."""
         self.l1.discard(key)
-        self._take_deferred(key)
+        with self._deferred_lock:
+            self._pop_deferred(key)
         if self.l2 is not None:
             self.l2.delete(key)
 
@@ -682,9 +683,7 @@ class TieredCache:
         if deferred and background and self._behind is not None and not self._behind.closed:
             queued_bytes = self._behind.pending_bytes
             with self._deferred_lock:
-                previous = self._deferred.pop(key, None)
-                if previous is not None:
-                    self._deferred_bytes -= tensors_nbytes(previous[2])
+                self._pop_deferred(key)
                 if self._deferred_bytes + queued_bytes + size <= self._behind.max_pending_bytes:
                     self._deferred[key] = (obj, nbytes, tensors)
                     self._deferred_bytes += size
@@ -731,11 +730,11 @@ class TieredCache:
                             del self._deferred[key]
                             self._deferred_bytes -= tensors_nbytes(tensors)
 
-    def _take_deferred(self, key: str) -> None:
-        with self._deferred_lock:
-            previous = self._deferred.pop(key, None)
-            if previous is not None:
-                self._deferred_bytes -= tensors_nbytes(previous[2])
+    def _pop_deferred(self, key: str) -> None:
+        """Drop ``key``'s deferred value, if any; the caller holds ``_deferred_lock``."""
+        previous = self._deferred.pop(key, None)
+        if previous is not None:
+            self._deferred_bytes -= tensors_nbytes(previous[2])
 
     def _put_l1(self, key: str, obj: Any, nbytes: int) -> None:
         if self.l1.capacity_bytes <= 0:  # L1 off: nothing to count
