@@ -70,6 +70,13 @@ def test_grpc_services_select_only_pods_kuberay_marks_as_serving() -> None:
             assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
 
 
+def _ray_container_envs(service: dict) -> list[dict[str, str]]:
+    """The environment of every Ray container of the RayService (head and worker groups)."""
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [{e["name"]: e["value"] for e in c["env"]} for t in templates for c in t["spec"]["containers"]]
+
+
 def _dockerfile_env() -> dict[str, str]:
     """KEY=VALUE pairs of the Dockerfile's ENV instructions, read as Docker does (comment lines dropped,
     then continuations joined), so a broken continuation leaves its variables out."""
@@ -87,14 +94,10 @@ def test_grpc_message_cap_is_set_wherever_ray_runs_and_fits_the_image_cap() -> N
     service = _rayservice()
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     max_image = app["args"]["ingress"]["max_image_bytes"]
-    cluster = service["spec"]["rayClusterConfig"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     caps = set()
-    for template in templates:
-        for container in template["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in container["env"]}
-            assert GRPC_MAX_MESSAGE_ENV in env  # Ray's default is 2 GiB
-            caps.add(grpc_max_message_bytes(max_image, env))  # raises when below the image cap
+    for env in _ray_container_envs(service):
+        assert GRPC_MAX_MESSAGE_ENV in env  # Ray's default is 2 GiB
+        caps.add(grpc_max_message_bytes(max_image, env))  # raises when below the image cap
     docker_cap = _dockerfile_env()[GRPC_MAX_MESSAGE_ENV]
     local_image = load_serve_config()["applications"][0]["args"]["ingress"]["max_image_bytes"]
     assert caps == {grpc_max_message_bytes(local_image, {GRPC_MAX_MESSAGE_ENV: docker_cap})} == {40 * 2**20}
@@ -103,12 +106,8 @@ def test_grpc_message_cap_is_set_wherever_ray_runs_and_fits_the_image_cap() -> N
 def test_process_settings_are_the_same_wherever_ray_runs() -> None:
     from ierf.serving.settings import PROCESS_ENV
 
-    cluster = _rayservice()["spec"]["rayClusterConfig"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    for template in templates:
-        for container in template["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in container["env"]}
-            assert {key: env.get(key) for key in PROCESS_ENV} == PROCESS_ENV
+    for env in _ray_container_envs(_rayservice()):
+        assert {key: env.get(key) for key in PROCESS_ENV} == PROCESS_ENV
     docker = _dockerfile_env()
     assert {key: docker.get(key) for key in PROCESS_ENV} == PROCESS_ENV
 
