@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 
-# Steadier glibc malloc for large short-lived tensors (offline-material.md §2); set before torch loads.
+# Steadier glibc malloc for large short-lived tensors (temporaries stay mapped between runs instead of
+# being faulted in afresh, which made timings swing); set before torch loads.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "17179869184",

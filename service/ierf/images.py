@@ -167,7 +167,7 @@ def _sklearn(file_name: str) -> Callable[[], np.ndarray]:
 
 
 # Real photographs bundled inside installed wheels (nothing downloads). The EfficientNet-Lite0
-# top-1 classes in the comments were checked offline (see the offline-material spec, §1a).
+# top-1 classes in the comments were checked with the bundled weights.
 _DEMO_IMAGES: dict[str, Callable[[], np.ndarray]] = {
     "coffee": _skimage("coffee"),  # 967 espresso
     "chelsea": _skimage("chelsea"),  # 282 tiger cat / 285 Egyptian cat / 281 tabby
