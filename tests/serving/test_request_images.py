@@ -150,13 +150,25 @@ def test_bad_raw_tensors_are_invalid_argument(dtype: str, shape: list[int], size
 def test_float_tensor_out_of_range_or_nan_is_invalid() -> None:
     with pytest.raises(InvalidArgument, match=r"\[0, 1\]"):
         decode_tensor(np.full((2, 2, 3), 2.0, np.float32).tobytes(), "float32", [2, 2, 3], LIMITS)
+    # One value a float32 step above 1 is named as it is (not rounded to "1") and where it is.
+    values = np.full((4, 5, 3), 0.5, np.float32)
+    values[3, 4, 1] = np.nextafter(np.float32(1), np.float32(2))
+    with pytest.raises(InvalidArgument, match=r"from 0\.5 to 1\.0000001 \(first outside at \[3, 4, 1\]: 1\.0000001\)"):
+        decode_tensor(values.tobytes(), "float32", [4, 5, 3], LIMITS)
     with pytest.raises(InvalidArgument, match="NaN"):
         decode_tensor(np.full((2, 2, 3), np.nan, np.float32).tobytes(), "float32", [2, 2, 3], LIMITS)
 
 
 def test_tensor_over_pixel_cap_is_resource_exhausted_before_reading_data() -> None:
     with pytest.raises(ResourceExhausted, match="pixels"):
-        decode_tensor(b"", "uint8", [1001, 1000, 3], LIMITS)
+        decode_tensor(b"\x00" * 1001 * 1000, "uint8", [1001, 1000], LIMITS)
+
+
+@pytest.mark.parametrize("shape", [[2**40, 1, 3], [5000, 5000, 3], [2**63 - 1, 2, 1]])
+def test_tensor_whose_data_cannot_fill_its_shape_is_invalid_not_too_big(shape: list[int]) -> None:
+    """A shape over the caps with a few bytes of data is a malformed request, not an oversized image."""
+    with pytest.raises(InvalidArgument, match="tensor data is 3 bytes but shape"):
+        decode_tensor(b"abc", "uint8", shape, LIMITS)
 
 
 # --- structure bombs: refused by a linear walk before any decoding ---------------------------------
@@ -286,6 +298,26 @@ def test_png_made_of_tiny_text_chunks_is_refused_quickly() -> None:
         with pytest.raises(ResourceExhausted, match="decompression bomb: PNG has over 1000 ancillary chunks"):
             decode_encoded(bomb, LIMITS)
         assert time.perf_counter() - start < 0.2  # the walk stops at chunk 1001; decoding takes seconds
+
+
+@pytest.mark.parametrize(
+    ("tail", "message"),
+    [
+        (b"\x00" * 800_000, r"PNG chunk 1 at byte 8 has type b'\\x00\\x00\\x00\\x00', not four ASCII letters"),
+        (_chunk(b"IDAT", b"") * 10, "PNG starts with a b'IDAT' chunk, not IHDR"),
+        (None, r"PNG chunk 2 at byte 33 has type b'ID\\x00T'"),
+    ],
+)
+def test_png_with_a_malformed_chunk_is_corrupt_not_a_bomb(tail: bytes | None, message: str) -> None:
+    """A run of zero bytes is not 200,000 empty chunks: the first chunk that is not a chunk ends the walk."""
+    if tail is None:  # a valid header, then a damaged chunk type among zero padding
+        data = _encode(np.full((16, 16), 9, np.uint8), "PNG")
+        at = data.index(b"IDAT")
+        data = data[:at] + b"ID\x00T" + data[at + 4 :] + b"\x00" * 800_000
+    else:
+        data = b"\x89PNG\r\n\x1a\n" + tail
+    with pytest.raises(InvalidArgument, match="truncated or corrupt: " + message):
+        decode_encoded(data, LIMITS)
 
 
 def test_png_made_of_empty_idat_chunks_is_refused() -> None:

@@ -141,11 +141,20 @@ def _check_jpeg_structure(data: bytes) -> None:
 
 
 def _check_png_structure(data: bytes) -> None:
-    """Count chunks up to IEND by their length fields; stops early once a cap is passed."""
+    """Count chunks up to IEND by their length fields; stops early once a cap is passed. A chunk type
+    that is not four ASCII letters, or a first chunk other than IHDR, is corruption (Pillow refuses it
+    too): said so at once, so a run of zero bytes is not counted as chunks and taken for a bomb."""
     pos, size = len(_PNG_SIGNATURE), len(data)
     chunks = ancillary = 0
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
+        if not kind.isalpha():
+            raise InvalidArgument(
+                f"image bytes are truncated or corrupt: PNG chunk {chunks + 1} at byte {pos} has type {kind!r}, "
+                "not four ASCII letters"
+            )
+        if chunks == 0 and kind != b"IHDR":
+            raise InvalidArgument(f"image bytes are truncated or corrupt: PNG starts with a {kind!r} chunk, not IHDR")
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise _bomb(f"PNG has over {MAX_PNG_CHUNKS} chunks")
@@ -241,21 +250,31 @@ def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits
         raise InvalidArgument(f"tensor shape {shape} has a negative dimension")
     if len(data) > limits.max_bytes:
         raise ResourceExhausted(f"tensor is {len(data)} bytes, over the cap of {limits.max_bytes}")
-    if not data and shape[0] * shape[1] == 0:
-        raise InvalidArgument("image is empty: the tensor has no data")
-    _check_dimensions(shape[0], shape[1], limits, "tensor image")
+    if shape[0] * shape[1] == 0:
+        if not data:
+            raise InvalidArgument("image is empty: the tensor has no data")
+        raise InvalidArgument(f"tensor image has no pixels ({shape[0]}x{shape[1]})")
+    # Data that does not fill its shape is a malformed request, whatever the shape claims: said before
+    # the pixel caps, whose RESOURCE_EXHAUSTED would send the caller looking for a smaller image.
     np_dtype = np.dtype(dtype).newbyteorder("<")
     expected = shape[0] * shape[1] * shape[2] * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidArgument(f"tensor data is {len(data)} bytes but shape {shape} of {dtype} needs {expected} bytes")
+    _check_dimensions(shape[0], shape[1], limits, "tensor image")
     array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if dtype != "uint8":
         values = array.astype(np.float32)
         if not np.isfinite(values).all():
             raise InvalidArgument("float tensor contains NaN or infinity")
-        lo, hi = float(values.min()), float(values.max())
-        if lo < 0.0 or hi > 1.0:
-            raise InvalidArgument(f"float tensor values must lie in [0, 1]; got [{lo:.4g}, {hi:.4g}]")
+        outside = (values < 0.0) | (values > 1.0)
+        if outside.any():
+            first = np.unravel_index(int(np.argmax(outside)), values.shape)
+            where = ", ".join(str(int(i)) for i in first)
+            # str of a float32: the shortest digits that name the value (1.0000001, not 1)
+            raise InvalidArgument(
+                f"float tensor values must lie in [0, 1]; got values from {values.min()!s} to {values.max()!s} "
+                f"(first outside at [{where}]: {values[first]!s})"
+            )
         array = np.rint(values * 255.0).astype(np.uint8)
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
