@@ -179,3 +179,66 @@ def test_an_ierf_response_that_could_pass_the_grpc_cap_is_refused_before_work(mo
     _check_response_fits(desc, 200, 2, False, False)  # float16 maps without overlays: ~19 MiB
     monkeypatch.delenv(GRPC_MAX_MESSAGE_ENV)
     _check_response_fits(desc, 10_000, 4, True, True)  # no cap known: nothing to check
+
+
+def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure this replaced: a burst of 16 Mpx images held a 224² request for ~10 s on a FIFO pool.
+    Here large decodes are held open; the small request is admitted beside them, and an image that would
+    pass the waiting room is refused at once."""
+    import threading
+
+    import numpy as np
+    from ierf.serving import images
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.errors import ResourceExhausted
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import Outcome, Provenance, Score
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    gate_open = threading.Event()
+    real_pixels = images._tensor_pixels
+
+    def slow_when_large(data: bytes, dtype: str, np_dtype: Any, shape: list[int]) -> Any:
+        if shape[0] * shape[1] >= 1_000_000:
+            assert gate_open.wait(30)
+        return real_pixels(data, dtype, np_dtype, shape)
+
+    monkeypatch.setattr(images, "_tensor_pixels", slow_when_large)
+    outcome = Outcome(
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash"),
+        maps=np.zeros((8, 8), np.float32),
+        target=Score(1, "one", 0.5, 2.0),
+    )
+    budget = {"max_pixels": 1_000_000, "decode_pixels": 2_100_000, "decode_queue_pixels": 1_000_000}
+    config = ServiceConfig.from_args({"models": ["m"], "ingress": budget})
+    worker = _Worker(outcome=outcome)
+
+    async def no_description() -> None:  # requests are then checked by the (fake) worker alone
+        await asyncio.sleep(3600.0)
+
+    worker.describe = _Method(no_description)
+    ingress = Ingress.func_or_class({"m": worker}, config)
+
+    def request(side: int) -> Any:
+        pixels = np.zeros((side, side), np.uint8)
+        return pb.ExplainRequest(
+            image=pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[side, side]))
+        )
+
+    async def scenario() -> None:
+        large = [asyncio.create_task(ingress.Explain(request(1000))) for _ in range(3)]  # 2 decode, 1 waits
+        await asyncio.sleep(0.2)
+        assert ingress._decode_gate.active == 2_000_000 and ingress._decode_gate.queued == 1_000_000
+        start = time.perf_counter()
+        small = await ingress.Explain(request(224))
+        assert time.perf_counter() - start < 2.0 and small.map.shape == [8, 8]
+        with pytest.raises(ResourceExhausted, match="service overloaded, retry later: the ingress is decoding"):
+            await ingress.Explain(request(1000))  # the waiting room holds one large image
+        gate_open.set()
+        assert all(r.map.shape == [8, 8] for r in await asyncio.gather(*large))
+        assert ingress._decode_gate.active == ingress._decode_gate.queued == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate_open.set()

@@ -10,7 +10,7 @@ import numpy as np
 from ierf_proto.v1 import explainer_pb2 as pb
 
 from ierf.serving.errors import InvalidArgument
-from ierf.serving.images import CanonicalImage, ImageLimits, decode_encoded, decode_tensor
+from ierf.serving.images import CanonicalImage, ImageLimits, PendingImage, open_encoded, open_tensor
 from ierf.serving.worker import LayerShape, ModelDescription, Outcome, Provenance, Score
 
 _DTYPE_NAMES = {pb.UINT8: "uint8", pb.FLOAT16: "float16", pb.FLOAT32: "float32"}
@@ -20,17 +20,22 @@ _CACHE_TIERS = {"miss": pb.MISS, "l1": pb.L1, "l2": pb.L2, "disabled": pb.DISABL
 
 def decode_image(image: pb.Image, limits: ImageLimits) -> CanonicalImage:
     """Request image (encoded bytes or raw tensor) -> canonical uint8 RGB + content hash."""
+    return open_image(image, limits).decode()
+
+
+def open_image(image: pb.Image, limits: ImageLimits) -> PendingImage:
+    """Request image checked up to its header (caps, structure, dimensions); pixels decoded later."""
     source = image.WhichOneof("source")
     if source is None:
         raise InvalidArgument("image is empty: set image.encoded (PNG/JPEG/WebP bytes) or image.tensor")
     if source == "encoded":
-        return decode_encoded(image.encoded, limits)
+        return open_encoded(image.encoded, limits)
     tensor = image.tensor
     dtype = _DTYPE_NAMES.get(tensor.dtype)
     if dtype is None:
         name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else str(tensor.dtype)
         raise InvalidArgument(f"image.tensor.dtype {name} is not accepted; use UINT8, FLOAT16 or FLOAT32")
-    return decode_tensor(tensor.data, dtype, list(tensor.shape), limits)
+    return open_tensor(tensor.data, dtype, list(tensor.shape), limits)
 
 
 def map_dtype(value: int) -> type:

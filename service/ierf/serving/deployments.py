@@ -47,6 +47,10 @@ HEALTH_PROBE_TIMEOUT_S = 2.0
 # an error (the replica died) reads NOT_SERVING at once. Flapping to NOT_SERVING under load would make a
 # load balancer drain capacity exactly when it is needed.
 HEALTH_BUSY_GRACE_S = 30.0
+# Image decoding in the ingress (ierf.serving.admission): threads for admitted decodes, and the encoded
+# size above which the header check (a linear walk over the bytes) leaves the event loop.
+DECODE_THREADS = 4
+INLINE_OPEN_BYTES = 256 * 1024
 # A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
 # any job that arrived meanwhile, on the compute thread): by then the answer has crossed the ingress and
 # the proxy (~10 ms), which it would otherwise compete with for the cores.
@@ -178,12 +182,19 @@ class Ingress:
     """gRPC entry point: methods are named exactly like the RPCs (the Serve proxy routes by name)."""
 
     def __init__(self, workers: dict[str, Any], config: ServiceConfig) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         import ierf
+        from ierf.serving.admission import DecodeGate
         from ierf.serving.metrics import ServiceMetrics
 
         self.workers = workers
         self.config = config
         self.limits = config.ingress.limits
+        self._decode_gate = DecodeGate(*config.ingress.decode_budget)
+        # Its own threads: decodes never queue behind other thread work, nor it behind them. More threads
+        # than cores so that small images admitted beside large ones need not wait for a thread.
+        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="ierf-decode")
         self.metrics = ServiceMetrics()
         self.server_version = ierf.__version__
         self._descriptions: dict[str, Any] = {}
@@ -273,11 +284,18 @@ class Ingress:
             self.metrics.inflight(rpc, -1)
             self.metrics.request(rpc, labels["method"], labels["model"], code, time.perf_counter() - start)
 
-    async def _decode(self, image: Any, model: str, timings: list[tuple[str, float]]) -> Any:
-        from ierf.serving.convert import decode_image
+    async def _decode(self, image: Any, model: str, timings: list[tuple[str, float]], deadline: float) -> Any:
+        """Caps and header first (a raw tensor's or a small file's inline: microseconds), then the pixels,
+        admitted by their count (``DecodeGate``) onto the decode threads."""
+        from ierf.serving.convert import open_image
 
         start = time.perf_counter()
-        canonical = await asyncio.to_thread(decode_image, image, self.limits)
+        if image.WhichOneof("source") == "encoded" and len(image.encoded) > INLINE_OPEN_BYTES:
+            pending = await asyncio.to_thread(open_image, image, self.limits)  # a linear walk over the bytes
+        else:
+            pending = open_image(image, self.limits)
+        async with self._decode_gate.slot(pending.pixels, deadline):
+            canonical = await asyncio.get_running_loop().run_in_executor(self._decoder, pending.decode)
         self._stage(timings, "decode", model, time.perf_counter() - start)
         return canonical
 
@@ -330,7 +348,7 @@ class Ingress:
         if desc is not None:  # a caller's mistake answered now, not after the queue (the worker checks too)
             check_explain_args(desc, method, target, contrast)
         timings: list[tuple[str, float]] = []
-        image = await self._decode(request.image, model_id, timings)
+        image = await self._decode(request.image, model_id, timings, deadline)
         job = ExplainJob(
             pixels=image.pixels,
             content_hash=image.content_hash,
@@ -388,7 +406,7 @@ class Ingress:
             check_ierf_args(desc, request.layer, positions)
             check_response_fits(desc, len(positions), np.dtype(dtype).itemsize, request.overlay, request.return_input)
         timings: list[tuple[str, float]] = []
-        image = await self._decode(request.image, model_id, timings)
+        image = await self._decode(request.image, model_id, timings, deadline)
         job = IERFJob(
             pixels=image.pixels,
             content_hash=image.content_hash,
@@ -436,7 +454,7 @@ class Ingress:
         if desc is not None:
             check_top_k(desc, request.top_k)
         timings: list[tuple[str, float]] = []
-        image = await self._decode(request.image, model_id, timings)
+        image = await self._decode(request.image, model_id, timings, deadline)
         job = PredictJob(pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline)
         outcome = await self._call(model_id, worker.predict, job, deadline)
         response = pb.PredictResponse(top_classes=[convert.score_message(s) for s in outcome.top_classes])

@@ -9,12 +9,14 @@ over the image), then the header's dimensions (decompression bombs), then the de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import re
 import struct
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +73,20 @@ class CanonicalImage:
     @property
     def shape(self) -> tuple[int, int]:
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    """An image whose caps, structure and header are checked and whose pixels are not decoded yet.
+
+    Why two steps: the header is cheap and says how many pixels decoding will cost, so a server can
+    admit the expensive step by that cost (``ierf.serving.admission.DecodeGate``)."""
+
+    pixels: int  # height x width of the frame decoding will produce
+    _decode: Callable[[], CanonicalImage]
+
+    def decode(self) -> CanonicalImage:
+        return self._decode()
 
 
 def content_hash(pixels: np.ndarray) -> str:
@@ -189,25 +205,14 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         raise InvalidArgument(f"image cannot be converted to 8-bit RGB: {exc}") from None
 
 
-def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
-    """PNG / JPEG / WebP bytes -> canonical image. Raises InvalidArgument / ResourceExhausted."""
-    if not data:
-        raise InvalidArgument("image is empty: no encoded bytes and no tensor")
-    if len(data) > limits.max_bytes:
-        raise ResourceExhausted(f"encoded image is {len(data)} bytes, over the cap of {limits.max_bytes}")
-    _check_structure(data)  # before Image.open: Pillow's header parser is part of the cost
-    what = "image"
+@contextlib.contextmanager
+def _pillow_errors(data: bytes, limits: ImageLimits, what: list[str]) -> Iterator[None]:
+    """Pillow's ways of failing, as the caller's mistakes they are (``what[0]`` names the image)."""
     try:
         with warnings.catch_warnings():
-            # PIL warns (and past 2x raises) on huge images; our own cap below is stricter.
+            # PIL warns (and past 2x raises) on huge images; our own cap is stricter.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
-            what = f"{im.format} image"
-            # Header only so far: check the announced size before decoding any pixel.
-            width, height = im.size
-            _check_dimensions(height, width, limits, what)
-            im.load()
-            im = apply_exif_orientation(im)
+            yield
     except (ResourceExhausted, InvalidArgument):
         raise
     except UnidentifiedImageError:
@@ -224,13 +229,42 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
     except MemoryError:
         raise
     except Exception as exc:  # anything else out of Pillow (struct.error, TypeError, IndexError, ...)
-        logger.debug("decoding a %d-byte %s failed: %r", len(data), what, exc)
+        logger.debug("decoding a %d-byte %s failed: %r", len(data), what[0], exc)
         raise InvalidArgument(
-            f"image bytes are truncated or corrupt: the {what} could not be decoded ({len(data)} bytes)"
+            f"image bytes are truncated or corrupt: the {what[0]} could not be decoded ({len(data)} bytes)"
         ) from None
-    pixels = _to_rgb_array(im)
-    _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
-    return canonicalise(pixels)
+
+
+def open_encoded(data: bytes, limits: ImageLimits) -> PendingImage:
+    """PNG / JPEG / WebP bytes, checked up to the header. Raises InvalidArgument / ResourceExhausted."""
+    if not data:
+        raise InvalidArgument("image is empty: no encoded bytes and no tensor")
+    if len(data) > limits.max_bytes:
+        raise ResourceExhausted(f"encoded image is {len(data)} bytes, over the cap of {limits.max_bytes}")
+    _check_structure(data)  # before Image.open: Pillow's header parser is part of the cost
+    what = ["image"]
+    with _pillow_errors(data, limits, what):
+        im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+        what[0] = f"{im.format} image"
+        # Header only so far: check the announced size before decoding any pixel.
+        width, height = im.size
+        _check_dimensions(height, width, limits, what[0])
+
+    def decode() -> CanonicalImage:
+        nonlocal im
+        with _pillow_errors(data, limits, what):
+            im.load()
+            im = apply_exif_orientation(im)
+        pixels = _to_rgb_array(im)
+        _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
+        return canonicalise(pixels)
+
+    return PendingImage(height * width, decode)
+
+
+def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
+    """PNG / JPEG / WebP bytes -> canonical image. Raises InvalidArgument / ResourceExhausted."""
+    return open_encoded(data, limits).decode()
 
 
 def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits) -> CanonicalImage:
@@ -239,6 +273,11 @@ def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits
     Accepted: (H, W, 3) RGB or (H, W) / (H, W, 1) grey; uint8 0..255 or float16/float32 in [0, 1]
     (rounded to the nearest uint8 level), little-endian row-major.
     """
+    return open_tensor(data, dtype, shape, limits).decode()
+
+
+def open_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits) -> PendingImage:
+    """A raw tensor checked up to its shape and size (see :func:`decode_tensor`); values are read later."""
     if dtype not in TENSOR_DTYPES:
         raise InvalidArgument(f"tensor dtype {dtype!r} is not accepted; use one of {', '.join(TENSOR_DTYPES)}")
     shape = [int(s) for s in shape]
@@ -261,6 +300,10 @@ def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits
     if len(data) != expected:
         raise InvalidArgument(f"tensor data is {len(data)} bytes but shape {shape} of {dtype} needs {expected} bytes")
     _check_dimensions(shape[0], shape[1], limits, "tensor image")
+    return PendingImage(shape[0] * shape[1], lambda: _tensor_pixels(data, dtype, np_dtype, shape))
+
+
+def _tensor_pixels(data: bytes, dtype: str, np_dtype: np.dtype, shape: list[int]) -> CanonicalImage:
     array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if dtype != "uint8":
         values = array.astype(np.float32)

@@ -177,11 +177,22 @@ class IngressConfig:
     max_positions: int = 64
     max_top_k: int = 100
     request_timeout_s: float = 120.0  # upper bound when the caller sends no deadline
+    # Pixels being decoded at once per ingress replica, and pixels let wait for that (more: refused with
+    # RESOURCE_EXHAUSTED); 0: twice and four times max_pixels. See ierf.serving.admission.
+    decode_pixels: int = 0
+    decode_queue_pixels: int = 0
 
     def __post_init__(self) -> None:
         for key in ("max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k"):
             _integer(key, getattr(self, key), 1)
         _seconds("request_timeout_s", self.request_timeout_s)
+        _integer("decode_pixels", self.decode_pixels, 0, " (0: twice max_pixels)")
+        _integer("decode_queue_pixels", self.decode_queue_pixels, 0, " (0: four times max_pixels)")
+
+    @property
+    def decode_budget(self) -> tuple[int, int]:
+        """(pixels decoding at once, pixels waiting), the 0 defaults resolved."""
+        return self.decode_pixels or 2 * self.max_pixels, self.decode_queue_pixels or 4 * self.max_pixels
 
     @property
     def limits(self) -> ImageLimits:

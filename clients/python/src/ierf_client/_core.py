@@ -229,9 +229,14 @@ def _float_to_uint8(array: np.ndarray) -> np.ndarray:
     values = array.astype(np.float32)
     if not np.isfinite(values).all():
         raise ValueError("float image array contains NaN or infinity")
-    lo, hi = float(values.min()), float(values.max())
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"float image array values must lie in [0, 1]; got [{lo:.4g}, {hi:.4g}]")
+    outside = (values < 0.0) | (values > 1.0)
+    if outside.any():
+        first = np.unravel_index(int(np.argmax(outside)), values.shape)
+        where = ", ".join(str(int(i)) for i in first)
+        raise ValueError(
+            f"float image array values must lie in [0, 1]; got values from {values.min()!s} to {values.max()!s} "
+            f"(first outside at [{where}]: {values[first]!s})"
+        )
     return np.rint(values * 255.0).astype(np.uint8)
 
 

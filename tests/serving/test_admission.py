@@ -1,0 +1,125 @@
+"""Decode admission in the ingress: bounded pixels decoding and waiting, smallest first, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from ierf.serving.admission import DecodeGate
+from ierf.serving.errors import DeadlineExceeded, ResourceExhausted
+
+LATER = 3600.0
+
+
+def _deadline(seconds: float = LATER) -> float:
+    return time.time() + seconds
+
+
+async def _hold(gate: DecodeGate, pixels: int, release: asyncio.Event, order: list[int], deadline: float) -> None:
+    async with gate.slot(pixels, deadline):
+        order.append(pixels)
+        await release.wait()
+
+
+def test_images_decode_within_the_budget_and_the_smallest_waiting_goes_first() -> None:
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+        order: list[int] = []
+        first, rest = asyncio.Event(), asyncio.Event()
+        running = [asyncio.create_task(_hold(gate, p, first, order, _deadline())) for p in (60, 40)]
+        await asyncio.sleep(0)
+        assert order == [60, 40] and gate.active == 100 and gate.queued == 0
+        waiting = [asyncio.create_task(_hold(gate, p, rest, order, _deadline())) for p in (90, 30, 50)]
+        await asyncio.sleep(0)
+        assert order == [60, 40] and gate.queued == 170  # nothing fits beside 100 busy pixels
+        first.set()
+        await asyncio.gather(*running)
+        await asyncio.sleep(0)
+        assert order == [60, 40, 30, 50]  # smallest first, and as many as fit (30 + 50 <= 100)
+        assert gate.active == 80 and gate.queued == 90
+        rest.set()
+        await asyncio.gather(*waiting)
+        assert order[-1] == 90 and gate.active == 0 and gate.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_image_over_the_budget_runs_alone_rather_than_never() -> None:
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+        order: list[int] = []
+        go = asyncio.Event()
+        go.set()
+        await _hold(gate, 500, go, order, _deadline())
+        assert order == [500] and gate.active == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_full_waiting_room_is_resource_exhausted_at_once() -> None:
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=150)
+        order: list[int] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(_hold(gate, p, release, order, _deadline())) for p in (100, 100)]
+        await asyncio.sleep(0)
+        start = time.perf_counter()
+        with pytest.raises(ResourceExhausted, match=r"decoding 0\.0 Mpx .* 0\.0 Mpx waiting, and this 0\.0 Mpx image"):
+            await gate._admit(60, _deadline())  # 100 + 60 would pass the 150 let wait
+        assert time.perf_counter() - start < 0.1
+        assert gate.queued == 100
+        release.set()
+        await asyncio.gather(*tasks)
+        assert gate.active == gate.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_waiting_counts_against_the_deadline_and_gives_up_its_place() -> None:
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+        order: list[int] = []
+        release = asyncio.Event()
+        busy = asyncio.create_task(_hold(gate, 100, release, order, _deadline()))
+        await asyncio.sleep(0)
+        start = time.perf_counter()
+        with pytest.raises(DeadlineExceeded, match="waiting to decode the image"):
+            await _hold(gate, 10, release, order, _deadline(0.2))
+        assert 0.15 < time.perf_counter() - start < 1.0
+        assert gate.queued == 0
+        with pytest.raises(DeadlineExceeded, match="deadline passed before the image could be decoded"):
+            await gate._admit(10, time.time() - 1)
+        release.set()
+        await busy
+        assert order == [100] and gate.active == 0  # the request that gave up never ran
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_gives_back_its_place_or_its_pixels() -> None:
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+        order: list[int] = []
+        release = asyncio.Event()
+        busy = asyncio.create_task(_hold(gate, 100, release, order, _deadline()))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(_hold(gate, 30, release, order, _deadline()))
+        await asyncio.sleep(0)
+        assert gate.queued == 30
+        waiter.cancel()  # the caller went away while waiting
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert gate.queued == 0
+        admitted = asyncio.create_task(_hold(gate, 30, asyncio.Event(), order, _deadline()))
+        await asyncio.sleep(0)
+        release.set()
+        await busy
+        await asyncio.sleep(0)
+        assert order == [100, 30] and gate.active == 30
+        admitted.cancel()  # the caller went away while its image was decoding
+        with pytest.raises(asyncio.CancelledError):
+            await admitted
+        assert gate.active == 0 and gate.queued == 0
+
+    asyncio.run(scenario())
