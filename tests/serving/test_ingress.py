@@ -242,3 +242,60 @@ def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeyp
         asyncio.run(scenario())
     finally:
         gate_open.set()
+
+
+def test_undecodable_bodies_and_long_names_get_precise_codes_over_grpc() -> None:
+    """Registered as the Serve proxy registers them (``ierf.serving.protocol``), on a plain gRPC server:
+    a body that is not a valid message was UNKNOWN from grpcio with a Python class name in it, and a
+    10 KB model id echoed whole overflowed the caller's trailer limit (RESOURCE_EXHAUSTED from its own
+    transport instead of NOT_FOUND)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ierf.serving.protocol import add_explain_service, add_health_service
+    from ierf_proto.v1 import explainer_pb2 as pb
+    from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+    worker = _Worker()
+
+    async def no_description() -> None:
+        await asyncio.sleep(3600.0)
+
+    worker.describe = _Method(no_description)
+    ingress = _ingress({"m": worker})
+    corrupt = {
+        "/ierf.v1.ExplainService/Explain": [b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28", b"\x12\xff\xff\xff\x0f"],
+        "/ierf.v1.ExplainService/ListModels": [b"\xff\xff"],
+        "/grpc.health.v1.Health/Check": [b"\x0a\x01\xff"],
+    }
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        add_explain_service(ingress, server)
+        add_health_service(ingress, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for path, bodies in corrupt.items():
+                    call = channel.unary_unary(path)  # bytes in, bytes out
+                    message_type = "grpc.health.v1.HealthCheckRequest" if "Health" in path else "ierf.v1."
+                    for body in bodies:
+                        with pytest.raises(grpc.aio.AioRpcError) as info:
+                            await call(body, timeout=10)
+                        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, body, info.value.details())
+                        assert info.value.details().startswith(f"the request is not a valid {message_type}")
+                        assert "class" not in info.value.details()
+                stub = pb_grpc.ExplainServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetModel(pb.GetModelRequest(model_id="m" * 10_000), timeout=10)
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "… (10000 characters); served: m" in info.value.details()
+                assert len(info.value.details()) < 200
+                health = health_pb2_grpc.HealthStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await health.Check(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=10)
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())

@@ -256,6 +256,7 @@ def test_every_bad_input_gets_a_precise_code_and_the_service_keeps_answering(liv
         (*explain(image=raw(np.zeros((4, 4, 2), np.uint8), dtype=pb.UINT8)), INVALID, "shape"),
         (*explain(image=raw(np.full((4, 4, 3), 3.0, np.float32), dtype=pb.FLOAT32)), INVALID, r"\[0, 1\]"),
         (*explain_good(model_id="resnet9000"), NOT_FOUND, "unknown model 'resnet9000'"),
+        (*explain_good(model_id="m" * 10_000), NOT_FOUND, r"unknown model 'm+'… \(10000 characters\)"),
         ("GetModel", pb.GetModelRequest(model_id="resnet9000"), NOT_FOUND, "unknown model"),
         (*explain_good(target=1000), INVALID, "target 1000 is out of range"),
         (*explain_good(target=-1), INVALID, "out of range"),
@@ -283,6 +284,12 @@ def test_every_bad_input_gets_a_precise_code_and_the_service_keeps_answering(liv
             assert info.value.code() == code, (rpc, request.ListFields()[:1], info.value.details())
             assert re.search(message, info.value.details()), (message, info.value.details())
             assert len(info.value.details()) < 600
+        # A body that is not a message at all is answered by the ingress too (through Serve's proxy).
+        for body in (b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28"):
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/ierf.v1.ExplainService/Explain")(body, timeout=60)
+            assert info.value.code() == INVALID, info.value.details()
+            assert info.value.details().startswith("the request is not a valid ierf.v1.ExplainRequest message")
         # ...and the service is still fine.
         assert (
             stub.Predict(pb.PredictRequest(image=pb.Image(encoded=_png(coffee))), timeout=120).top_classes[0].index

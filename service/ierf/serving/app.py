@@ -15,8 +15,8 @@ from ierf.serving.settings import ServiceConfig
 
 # Import paths the Serve gRPC proxy loads; the generated modules must be importable in every Ray worker.
 GRPC_SERVICER_FUNCTIONS = [
-    "ierf_proto.v1.explainer_pb2_grpc.add_ExplainServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "ierf.serving.protocol.add_explain_service",
+    "ierf.serving.protocol.add_health_service",
 ]
 # Keys accepted in a config file's per-deployment overrides (Serve's own schema, minus the name).
 DEPLOYMENT_OPTION_KEYS = {

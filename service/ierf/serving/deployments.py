@@ -26,9 +26,12 @@ from ierf.serving.errors import (
     NotFound,
     ServiceError,
     Unavailable,
+    clip,
+    echo,
     error_for,
     to_status,
 )
+from ierf.serving.protocol import UnparsedRequest
 from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica log, with the request context
@@ -141,6 +144,11 @@ class ExplainerWorker:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._compute, fn, job)
+        except ServiceError as refusal:
+            # A refusal (a bad argument the ingress could not check, a deadline that cannot be met) is an
+            # answer, not a failure of the replica: returned, so Serve does not log "Request failed" with
+            # a traceback for each one. The ingress raises it (Ingress._call).
+            return refusal
         finally:
             loop.call_later(CACHE_WRITE_DELAY_S, self._write_deferred)
 
@@ -215,7 +223,7 @@ class Ingress:
                         millis = math.nan
                     if not math.isfinite(millis) or millis < 0:
                         raise InvalidArgument(
-                            f"metadata {TIMEOUT_METADATA_KEY} must be a number of milliseconds >= 0, got {value!r}"
+                            f"metadata {TIMEOUT_METADATA_KEY} must be a number of milliseconds >= 0, got {echo(value)}"
                         )
                     budget = min(budget, millis / 1000.0)
         return time.time() + budget
@@ -224,7 +232,7 @@ class Ingress:
         model_id = model_id or self.config.default_model
         handle = self.workers.get(model_id)
         if handle is None:
-            raise NotFound(f"unknown model {model_id!r}; served: {', '.join(sorted(self.workers))}")
+            raise NotFound(f"unknown model {echo(model_id)}; served: {', '.join(sorted(self.workers))}")
         return model_id, handle
 
     async def _call(self, model_id: str, method: Any, job: Any, deadline: float) -> Any:
@@ -243,6 +251,8 @@ class Ingress:
                 self._answered_at.pop(model_id, None)
             raise
         self._health[model_id] = self._answered(model_id)
+        if isinstance(outcome, ServiceError):  # the worker's refusal (ExplainerWorker._run)
+            raise outcome
         return outcome
 
     def _answered(self, model_id: str) -> tuple[float, bool]:
@@ -264,6 +274,8 @@ class Ingress:
         code = "OK"
         self.metrics.inflight(rpc, +1)
         try:
+            if isinstance(request, UnparsedRequest):  # see ierf.serving.protocol
+                raise InvalidArgument(request.describe())
             return await handler(request, grpc_context, labels)
         except asyncio.CancelledError:  # the caller went away (or its deadline passed at the proxy)
             code = "CANCELLED"
@@ -278,7 +290,7 @@ class Ingress:
                     raise
                 raise error_for(status, message) from exc
             grpc_context.set_code(status)
-            grpc_context.set_details(message)
+            grpc_context.set_details(clip(message))
             return empty()
         finally:
             self.metrics.inflight(rpc, -1)
@@ -521,7 +533,7 @@ class Ingress:
         from grpc_health.v1 import health_pb2
 
         if service not in ("", SERVICE_NAME):
-            raise NotFound(f"unknown service {service!r}; this server serves {SERVICE_NAME!r}")
+            raise NotFound(f"unknown service {echo(service)}; this server serves {SERVICE_NAME!r}")
         answered = await asyncio.gather(*(self._worker_answers(m) for m in sorted(self.workers)))
         return health_pb2.HealthCheckResponse.SERVING if all(answered) else health_pb2.HealthCheckResponse.NOT_SERVING
 

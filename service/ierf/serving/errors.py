@@ -9,6 +9,27 @@ from __future__ import annotations
 
 import grpc
 
+# A caller's string is echoed in an error message up to this many characters. The message travels in the
+# gRPC trailers, which clients cap at 8 KB by default: a 10 KB model id echoed whole turned NOT_FOUND
+# into a RESOURCE_EXHAUSTED from the caller's own transport ("metadata size exceeds soft limit").
+ECHO_CHARS = 64
+# Any message is cut to this length (Serve's proxy cuts its own at 4096).
+MAX_MESSAGE_CHARS = 2000
+
+
+def echo(value: str) -> str:
+    """``repr(value)``, cut to :data:`ECHO_CHARS` characters with the full length said."""
+    if len(value) <= ECHO_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_CHARS]!r}… ({len(value)} characters)"
+
+
+def clip(message: str) -> str:
+    """A status message short enough for any client's trailer limits."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 20] + f"… [{len(message)} chars]"
+
 
 class ServiceError(Exception):
     """An error the caller can act on; ``code`` is the gRPC status it maps to."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
-from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError, echo
 from ierf.serving.images import ACCEPTED_FORMATS, TENSOR_DTYPES
 from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, CacheConfig, ModelConfig
 
@@ -151,16 +151,16 @@ def check_class(index: int, num_classes: int, model_id: str, what: str = "target
 
 def check_explain_args(desc: ModelDescription, method: str, target: int | None, contrast: str | int) -> None:
     if method not in desc.methods:
-        raise InvalidArgument(f"unknown method {method!r}; available: {', '.join(desc.methods)}")
+        raise InvalidArgument(f"unknown method {echo(method)}; available: {', '.join(desc.methods)}")
     n = len(desc.class_names)
     if target is not None:
         check_class(target, n, desc.id)
     if isinstance(contrast, int):
         check_class(contrast, n, desc.id, "contrast class")
     elif contrast not in ("identity", "mean"):
-        raise InvalidArgument(f"contrast {contrast!r} is not 'identity', 'mean' or a class index")
+        raise InvalidArgument(f"contrast {echo(contrast)} is not 'identity', 'mean' or a class index")
     if method != DEFAULT_METHOD and contrast != "identity":
-        raise InvalidArgument(f"contrast is an SRD option; method {method!r} takes contrast 'identity' only")
+        raise InvalidArgument(f"contrast is an SRD option; method {echo(method)} takes contrast 'identity' only")
 
 
 def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarray) -> LayerShape:
@@ -170,7 +170,7 @@ def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarr
     if layer is None:
         names = [item.name for item in desc.layers]
         shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
-        raise InvalidArgument(f"unknown layer {layer_name!r} for {desc.id}; layers: {shown}")
+        raise InvalidArgument(f"unknown layer {echo(layer_name)} for {desc.id}; layers: {shown}")
     if len(positions) == 0:
         raise InvalidArgument("no positions given: send at least one (row, col) on the layer's PFV grid")
     for row, col in positions.tolist():
