@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -297,5 +298,69 @@ def test_undecodable_bodies_and_long_names_get_precise_codes_over_grpc() -> None
                 assert info.value.code() == grpc.StatusCode.NOT_FOUND
         finally:
             await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def _outcome() -> Any:
+    import numpy as np
+    from ierf.serving.worker import Outcome, Provenance, Score
+
+    return Outcome(
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash"),
+        maps=np.zeros((8, 8), np.float32),
+        target=Score(1, "one", 0.5, 2.0),
+    )
+
+
+def test_a_large_decode_that_would_outlast_the_deadline_is_refused_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 16 Mpx PNG with a 10 ms budget was decoded (0.2 s) and only then refused. Once the ingress has
+    timed a large decode of that kind, it refuses one that cannot finish in the time left, undecoded."""
+    import io
+
+    import numpy as np
+    from ierf.serving import images
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf_proto.v1 import explainer_pb2 as pb
+    from PIL import Image
+
+    decoded: list[tuple[int, int]] = []
+    real_canonicalise = images.canonicalise
+
+    def counting(pixels: np.ndarray) -> images.CanonicalImage:
+        decoded.append(pixels.shape[:2])
+        return real_canonicalise(pixels)
+
+    monkeypatch.setattr(images, "canonicalise", counting)
+    config = ServiceConfig.from_args({"models": ["m"], "ingress": {"request_timeout_s": 0.002}})
+    worker = _Worker(outcome=_outcome())
+
+    async def no_description() -> None:
+        await asyncio.sleep(3600.0)
+
+    worker.describe = _Method(no_description)
+    ingress = Ingress.func_or_class({"m": worker}, config)
+
+    def png(height: int, width: int) -> pb.ExplainRequest:
+        buffer = io.BytesIO()
+        noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+        Image.fromarray(noise).save(buffer, "PNG", compress_level=1)
+        return pb.ExplainRequest(image=pb.Image(encoded=buffer.getvalue()))
+
+    async def scenario() -> None:
+        large = png(1000, 1200)
+        with pytest.raises(DeadlineExceeded, match="before the request reached a worker"):
+            await ingress.Explain(large)  # no estimate yet: decoded (and timed), then out of time
+        assert decoded == [(1000, 1200)]
+        with pytest.raises(DeadlineExceeded, match=r"but decoding this 1\.2 Mpx PNG image needs about"):
+            await ingress.Explain(large)
+        assert decoded == [(1000, 1200)]  # refused undecoded
+        with contextlib.suppress(DeadlineExceeded):  # answered or out of time, as the machine goes
+            await ingress.Explain(png(100, 100))
+        assert decoded[-1] == (100, 100)  # small images are not estimated: decoded
 
     asyncio.run(scenario())

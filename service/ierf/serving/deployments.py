@@ -54,6 +54,10 @@ HEALTH_BUSY_GRACE_S = 30.0
 # size above which the header check (a linear walk over the bytes) leaves the event loop.
 DECODE_THREADS = 4
 INLINE_OPEN_BYTES = 256 * 1024
+# Decoding is refused before it starts when it would outlast the deadline, by a moving estimate of
+# seconds per pixel for each kind of image (PNG, JPEG, WEBP, tensor), taken from decodes of at least this
+# many pixels and applied to them (below it, fixed costs swamp the per-pixel rate and decoding is quick).
+DECODE_ESTIMATE_MIN_PIXELS = 1_000_000
 # A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
 # any job that arrived meanwhile, on the compute thread): by then the answer has crossed the ingress and
 # the proxy (~10 ms), which it would otherwise compete with for the cores.
@@ -200,6 +204,7 @@ class Ingress:
         self.config = config
         self.limits = config.ingress.limits
         self._decode_gate = DecodeGate(*config.ingress.decode_budget)
+        self._decode_rates: dict[str, float] = {}  # image kind -> seconds per pixel (moving average)
         # Its own threads: decodes never queue behind other thread work, nor it behind them. More threads
         # than cores so that small images admitted beside large ones need not wait for a thread.
         self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="ierf-decode")
@@ -307,7 +312,18 @@ class Ingress:
         else:
             pending = open_image(image, self.limits)
         async with self._decode_gate.slot(pending.pixels, deadline):
+            large = pending.pixels >= DECODE_ESTIMATE_MIN_PIXELS
+            rate = self._decode_rates.get(pending.kind) if large else None
+            if rate is not None and rate * pending.pixels > deadline - time.time():
+                raise DeadlineExceeded(
+                    f"{max(0.0, deadline - time.time()):.3f} s left before the deadline, but decoding this "
+                    f"{pending.pixels / 1e6:.1f} Mpx {pending.kind} image needs about {rate * pending.pixels:.3f} s"
+                )
+            decode_start = time.perf_counter()
             canonical = await asyncio.get_running_loop().run_in_executor(self._decoder, pending.decode)
+            if large:
+                measured = (time.perf_counter() - decode_start) / pending.pixels
+                self._decode_rates[pending.kind] = measured if rate is None else 0.7 * rate + 0.3 * measured
         self._stage(timings, "decode", model, time.perf_counter() - start)
         return canonical
 

@@ -84,6 +84,7 @@ class PendingImage:
 
     pixels: int  # height x width of the frame decoding will produce
     _decode: Callable[[], CanonicalImage]
+    kind: str = "image"  # "PNG", "JPEG", "WEBP" or "tensor": decoding costs differ by kind
 
     def decode(self) -> CanonicalImage:
         return self._decode()
@@ -259,7 +260,7 @@ def open_encoded(data: bytes, limits: ImageLimits) -> PendingImage:
         _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
         return canonicalise(pixels)
 
-    return PendingImage(height * width, decode)
+    return PendingImage(height * width, decode, str(im.format))
 
 
 def decode_encoded(data: bytes, limits: ImageLimits) -> CanonicalImage:
@@ -300,7 +301,7 @@ def open_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits) 
     if len(data) != expected:
         raise InvalidArgument(f"tensor data is {len(data)} bytes but shape {shape} of {dtype} needs {expected} bytes")
     _check_dimensions(shape[0], shape[1], limits, "tensor image")
-    return PendingImage(shape[0] * shape[1], lambda: _tensor_pixels(data, dtype, np_dtype, shape))
+    return PendingImage(shape[0] * shape[1], lambda: _tensor_pixels(data, dtype, np_dtype, shape), "tensor")
 
 
 def _tensor_pixels(data: bytes, dtype: str, np_dtype: np.dtype, shape: list[int]) -> CanonicalImage:
