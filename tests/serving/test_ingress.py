@@ -167,9 +167,9 @@ def test_an_ierf_response_that_could_pass_the_grpc_cap_is_refused_before_work(mo
     from types import SimpleNamespace
 
     from ierf.serving.errors import ResourceExhausted
+    from ierf.serving.jobs import GRPC_MAX_MESSAGE_ENV
+    from ierf.serving.jobs import check_response_fits as _check_response_fits
     from ierf.serving.local import GRPC_MAX_MESSAGE_ENV as LOCAL_ENV
-    from ierf.serving.worker import GRPC_MAX_MESSAGE_ENV
-    from ierf.serving.worker import check_response_fits as _check_response_fits
 
     assert GRPC_MAX_MESSAGE_ENV == LOCAL_ENV
     desc = SimpleNamespace(input_height=224, input_width=224)
@@ -364,3 +364,41 @@ def test_a_large_decode_that_would_outlast_the_deadline_is_refused_before_it_sta
         assert decoded[-1] == (100, 100)  # small images are not estimated: decoded
 
     asyncio.run(scenario())
+
+
+INGRESS_WITHOUT_TORCH = """
+import asyncio, sys
+import numpy as np
+from ierf.serving.deployments import Ingress
+from ierf.serving.jobs import Outcome, Provenance, Score
+from ierf.serving.settings import ServiceConfig
+from ierf_proto.v1 import explainer_pb2 as pb
+
+class Worker:
+    class explain:
+        @staticmethod
+        def remote(job):
+            async def answer():
+                return Outcome(Provenance("m", "d", "srd", "1", "v1", job.content_hash),
+                               maps=np.zeros((8, 8), np.float32), target=Score(1, "one", 0.5, 2.0))
+            return answer()
+    describe = explain
+
+ingress = Ingress.func_or_class({"m": Worker()}, ServiceConfig.from_args({"models": ["m"]}))
+pixels = np.zeros((32, 32, 3), np.uint8)
+image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[32, 32, 3]))
+response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
+assert list(response.map.shape) == [8, 8], response
+print(sorted(m for m in ("torch", "torchvision") if m in sys.modules))
+"""
+
+
+def test_the_ingress_serves_without_loading_torch() -> None:
+    """The ingress validates, decodes and forwards: it had imported torch through the worker module (~1 s
+    and ~450 MB per replica) for a few dataclasses and checks, now in ``ierf.serving.jobs``."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", INGRESS_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -11,7 +11,7 @@ from ierf_proto.v1 import explainer_pb2 as pb
 
 from ierf.serving.errors import InvalidArgument
 from ierf.serving.images import CanonicalImage, ImageLimits, PendingImage, open_encoded, open_tensor
-from ierf.serving.worker import LayerShape, ModelDescription, Outcome, Provenance, Score
+from ierf.serving.jobs import LayerShape, ModelDescription, Outcome, Provenance, Score
 
 _DTYPE_NAMES = {pb.UINT8: "uint8", pb.FLOAT16: "float16", pb.FLOAT32: "float32"}
 _MAP_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: np.float32, pb.FLOAT32: np.float32, pb.FLOAT16: np.float16}

@@ -357,7 +357,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.worker import DEFAULT_METHOD, ExplainJob, check_explain_args
+        from ierf.serving.jobs import DEFAULT_METHOD, ExplainJob, check_explain_args
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
@@ -416,7 +416,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.worker import IERFJob, check_ierf_args, check_response_fits
+        from ierf.serving.jobs import IERFJob, check_ierf_args, check_response_fits
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
@@ -470,7 +470,7 @@ class Ingress:
         from ierf_proto.v1 import explainer_pb2 as pb
 
         from ierf.serving import convert
-        from ierf.serving.worker import PredictJob, check_top_k
+        from ierf.serving.jobs import PredictJob, check_top_k
 
         start = time.perf_counter()
         deadline = self._deadline(grpc_context)
