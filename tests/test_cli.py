@@ -87,6 +87,15 @@ def test_module_entry_point_works_as_in_make_run(tmp_path):
         (["explain", IMG, "-o", "out.png", "--model", "resnet50"], "resnet50-0676ba61.pth"),
         (["explain", IMG, "-o", "out.png", "--weights", "{missing}"], "not found"),
         (["explain", "{text}", "-o", "out.png"], "not a recognised image format"),
+        (["explain", IMG, "-o", ".png"], "output must be a .png file name"),
+        (["explain", IMG, "-o", "{dir}.png"], "is a directory"),
+        (["explain", "{image}", "-o", "{image}"], "is the input image: it would be overwritten"),
+        (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "99999999999999999999,0"], "outside any"),
+        (["explain", IMG, "-o", "out.png", "--layer", "x", "--position", "\u00b2,3"], "ROW,COL"),
+        (["--server", "", "explain", IMG, "-o", "out.png"], "--server needs an ADDRESS"),
+        (["explain", IMG, "-o", "out.png", "--timeout", "5"], "--timeout applies with --server"),
+        (["--server", "127.0.0.1:1", "explain", IMG, "-o", "out.png", "--timeout", "0"], "positive number"),
+        (["--server", "127.0.0.1:1", "explain", IMG, "-o", "out.png", "--device", "cpu"], "--device does not apply"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, coffee_png, tmp_path, capsys, monkeypatch):
@@ -95,16 +104,26 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, coffee_png, tmp_path,
     monkeypatch.chdir(tmp_path)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    paths = {"image": str(coffee_png), "missing": str(tmp_path / "missing.png"), "text": str(text)}
-    assert main([arg.format(**paths) for arg in argv]) == 2
+    (tmp_path / "folder.png").mkdir()
+    image = tmp_path / "photo.png"
+    image.write_bytes(coffee_png.read_bytes())
+    paths = {"image": str(image), "missing": str(tmp_path / "missing.png"), "text": str(text)}
+    paths["dir"] = str(tmp_path / "folder")
+    argv = [arg.format(**paths).encode().decode("unicode_escape") for arg in argv]
+    assert main(argv) == 2
     line = _error(capsys)
-    assert line.startswith(f"ierf {argv[0]}: error: ") and message in line
+    command = next(arg for arg in argv if arg in ("explain", "demo-image"))
+    assert line.startswith(f"ierf {command}: error: ") and message in line, line
     assert not (tmp_path / "out.png").exists()
+    assert image.read_bytes() == coffee_png.read_bytes()  # the input is never touched
 
 
 def test_argparse_errors_exit_2(capsys):
     assert main(["explain"]) == 2  # no image, no -o
     assert "required" in capsys.readouterr().err
+    # a forgotten --position value is said as such (the option after it was taken for the value)
+    assert main(["explain", "x.png", "--layer", "l", "--position", "-o", "y.png"]) == 2
+    assert "--position: expected one argument" in capsys.readouterr().err
     assert main(["explain", "x.png", "-o", "y.png", "--device", "tpu"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert main(["explain", "x.png", "-o", "y.png", "--weights", "w.pth", "--random-init"]) == 2
@@ -226,6 +245,30 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly(monkeypatch):
         assert main(["layers"], backend=_Recorder()) == 0
     finally:
         stdout.close()
+
+
+def test_the_overlay_is_written_before_the_report_so_a_closed_pipe_cannot_cost_it(coffee_png, tmp_path, monkeypatch):
+    """``ierf explain … | head -1`` (or ``| true``) under PYTHONUNBUFFERED, as in the Docker image: the
+    top-5 went out first, the pipe broke, and the command ended as a success without writing the PNG."""
+    read, write = os.pipe()
+    os.close(read)
+    stdout = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = tmp_path / "srd.png"
+    try:
+        assert main(["explain", str(coffee_png), "-o", str(out)]) == 0
+    finally:
+        stdout.close()
+    assert load_image(out).shape[1:] == (224, 3)  # the overlay, captioned below the 224² crop
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(capsys):
+    class Interrupted(_Recorder):
+        def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+            raise KeyboardInterrupt
+
+    assert main(["layers"], backend=Interrupted()) == 130
+    assert _error(capsys) == "ierf layers: interrupted"
 
 
 def test_server_mode_uploads_the_files_own_bytes_when_the_server_reads_its_format(tmp_path):

@@ -24,10 +24,14 @@ from typing import Literal, Protocol
 import numpy as np
 
 EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 DEFAULT_MODEL = "efficientnet_lite0"
 MODEL_HELP = f"model name (default: {DEFAULT_MODEL} in-process, the server's default with --server; see `ierf models`)"
 TOP_K = 5
+SERVER_TIMEOUT_S = 300.0  # a call's whole budget with --server (the shipped server's own cap)
+MAX_POSITION = 2**31 - 1
 
 
 class UsageError(ValueError):
@@ -159,23 +163,41 @@ class InProcessBackend:
 
 
 def parse_position(text: str) -> tuple[int, int]:
-    """``"ROW,COL"`` -> (row, col) with non-negative ints."""
+    """``"ROW,COL"`` -> (row, col) with non-negative ints (ASCII digits: ``str.isdigit`` also takes "²")."""
     parts = [part.strip() for part in text.split(",")]
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+    if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
         raise UsageError(f"--position must be ROW,COL with non-negative integers (e.g. 3,4), got {text!r}")
-    return int(parts[0]), int(parts[1])
+    row, col = int(parts[0]), int(parts[1])
+    if max(row, col) > MAX_POSITION:
+        raise UsageError(f"--position {text!r} is outside any layer's grid")
+    return row, col
+
+
+def check_output(output: str, image: str | None = None) -> Path:
+    """The output path, checked before any work: a .png file name, not a directory, not the input."""
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"output must be a .png file name (e.g. out.png), got {output!r}")
+    if path.is_dir():
+        raise UsageError(f"output {output!r} is a directory")
+    if image is not None and path.exists() and Path(image).exists() and path.samefile(image):
+        raise UsageError(f"output {output!r} is the input image: it would be overwritten; choose another name")
+    return path
 
 
 SERVER_HELP = "compute on an ierf gRPC service (e.g. 127.0.0.1:9000) through the SDK instead of in-process"
+TIMEOUT_HELP = f"with --server: seconds one call may take, retries included (default {SERVER_TIMEOUT_S:g})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ierf", description="Explain what vision models see (SRD, iERF).")
     parser.add_argument("--server", metavar="ADDRESS", help=SERVER_HELP)
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, help=TIMEOUT_HELP)
     # --server also after the command (`ierf explain IMG --server ADDR`); SUPPRESS keeps the value given
     # before the command when the sub-command's own copy is absent.
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--server", metavar="ADDRESS", default=argparse.SUPPRESS, help=SERVER_HELP)
+    remote.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS, help=TIMEOUT_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     explain = commands.add_parser(
@@ -191,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--contrast", help="identity (default), mean, or a class id/name to subtract")
     explain.add_argument("--layer", help="layer whose PFV to explain as an iERF (see `ierf layers`)")
     explain.add_argument("--position", help="ROW,COL of the PFV in the layer's feature map (with --layer)")
-    explain.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    explain.add_argument("--device", choices=("cpu", "cuda"), help="in-process only (default cpu)")
 
     demo = commands.add_parser("demo-image", help="write a bundled real photograph as PNG")
     demo.add_argument("name", help="coffee, chelsea, rocket, astronaut, motorcycle, china, flower")
@@ -208,11 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _write_png(picture: object, output: str) -> Path:
     from PIL import Image
 
-    path = Path(output)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"output must be a .png file, got {output!r}")
-    if path.is_dir():
-        raise UsageError(f"output {output!r} is a directory")
+    path = check_output(output)
     if not isinstance(picture, Image.Image):
         picture = Image.fromarray(np.asarray(picture))
     try:
@@ -231,8 +249,7 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
         raise UsageError("--layer and --position go together (the iERF of one PFV)")
     if args.layer is not None and (args.target is not None or args.contrast is not None):
         raise UsageError("--target/--contrast apply to class saliency; an iERF (--layer/--position) has no target")
-    if not str(args.output).lower().endswith(".png"):
-        raise UsageError(f"output must be a .png file, got {args.output!r}")
+    check_output(args.output, args.image)
     request = ExplainRequest(
         image=load_image(args.image),
         path=str(args.image),
@@ -243,13 +260,9 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
         contrast=(args.contrast or "identity").strip(),
         layer=args.layer,
         position=parse_position(args.position) if args.position is not None else None,
-        device=args.device,
+        device=args.device or "cpu",
     )
     result = backend.explain(request)
-    print(f"model: {result.model}   weights: {result.weights}")
-    print(f"top-{len(result.top)} classes:")
-    for rank, score in enumerate(result.top, start=1):
-        print(f"  {rank}. {score.index:>4}  {score.name:<30} {score.probability:7.2%}")
     if result.kind == "ierf":
         assert result.position is not None and result.feature_hw is not None
         box = feature_cell_box(result.position, result.feature_hw, result.pixels.shape[:2])
@@ -268,7 +281,13 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
             f"SRD saliency for {target}, contrast {result.contrast}; "
             f"map sum {result.map.sum():.4g}, target logit {result.target_logit:.4g}"
         )
+    # The file first, then the report: a reader that closes the pipe early (`| head -1`) must not cost
+    # the PNG (a broken pipe ends the command as a success once the file is written).
     path = _write_png(picture, args.output)
+    print(f"model: {result.model}   weights: {result.weights}")
+    print(f"top-{len(result.top)} classes:")
+    for rank, score in enumerate(result.top, start=1):
+        print(f"  {rank}. {score.index:>4}  {score.name:<30} {score.probability:7.2%}")
     print(summary)
     print(f"wrote {path}")
     return EXIT_OK
@@ -310,14 +329,30 @@ def _run_layers(args: argparse.Namespace, backend: Backend) -> int:
 
 def _join_negative_positions(argv: Sequence[str]) -> list[str]:
     """argparse reads ``--position -1,2`` as a missing value followed by an unknown option; joined as
-    ``--position=-1,2`` the value reaches :func:`parse_position`, which says what is wrong with it."""
+    ``--position=-1,2`` the value reaches :func:`parse_position`, which says what is wrong with it. Only
+    a number is joined: ``--position -o out.png`` is a forgotten value, which argparse reports."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] == "--position" and arg.startswith("-"):
+        if out and out[-1] == "--position" and arg[:1] == "-" and arg[1:2].isdigit():
             out[-1] = f"--position={arg}"
         else:
             out.append(arg)
     return out
+
+
+def _check_remote_options(args: argparse.Namespace) -> None:
+    """Options that only mean something with (or without) a server, refused rather than ignored."""
+    server = getattr(args, "server", None)
+    if server is not None and not server.strip():
+        raise UsageError("--server needs an ADDRESS (host:port, e.g. 127.0.0.1:9000); it was empty")
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None:
+        if not server:
+            raise UsageError("--timeout applies with --server (an in-process run has no call budget)")
+        if not (timeout > 0 and timeout != float("inf")):
+            raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    if server and getattr(args, "device", None) is not None:
+        raise UsageError("--device does not apply with --server: the server decides its device")
 
 
 def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> int:
@@ -329,10 +364,11 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     opened = None  # a backend this call created and must close
     try:
+        _check_remote_options(args)
         if backend is None and args.server:
             from ierf.serving.remote_backend import RemoteBackend
 
-            backend = opened = RemoteBackend(args.server)
+            backend = opened = RemoteBackend(args.server, timeout=args.timeout or SERVER_TIMEOUT_S)
         backend = backend or InProcessBackend()
         if getattr(args, "model", "") is None:  # a server picks its own default model ("")
             args.model = "" if args.server else DEFAULT_MODEL
@@ -349,6 +385,12 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     except BrokenPipeError:  # `ierf layers | head`: the reader has gone; no traceback, nothing more to write
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:  # writing the report failed (a full disk under stdout, say)
+        print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"ierf {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if opened is not None:
             opened.close()

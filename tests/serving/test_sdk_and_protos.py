@@ -352,3 +352,62 @@ def test_an_async_client_made_outside_the_loop_works_inside_it() -> None:
             asyncio.run(after_close())
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:9000", "[::1]:9000", "::1", "localhost", "dns:///svc:9000", "unix:/tmp/s"]
+)
+def test_addresses_grpc_reads_are_accepted(address: str) -> None:
+    from ierf_client import AsyncClient, Client
+
+    Client(address).close()
+    assert AsyncClient(address).address == address
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("http://127.0.0.1:9000", r"URL scheme \(http://\)"),
+        ("grpc://svc:9000", r"URL scheme \(grpc://\)"),
+        ("localhost:abc", "no numeric port"),
+        ("127.0.0.1:", "no numeric port"),
+        ("", "must be 'host:port'"),
+        ("  ", "must be 'host:port'"),
+    ],
+)
+def test_addresses_that_can_never_connect_are_refused_at_once(address: str, message: str) -> None:
+    """They were retried as an unreachable server until the whole budget (60 s by default) was spent."""
+    from ierf_client import AsyncClient, Client
+
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=message):
+            cls(address)
+
+
+def test_targets_and_positions_are_integers_not_truncated_floats() -> None:
+    """3.7 explained class 3 and True class 1; (1.9, 2.2) became the PFV (1, 2)."""
+    pixels = np.zeros((4, 4, 3), np.uint8)
+
+    def explain(target: object) -> pb.ExplainRequest:
+        return _core.explain_request(pixels, target, "", "srd", "identity", "float32", False, False)
+
+    def ierf(positions: object) -> pb.ComputeIERFRequest:
+        return _core.ierf_request(pixels, "layer", positions, "", "float32", False, False)
+
+    assert explain(np.int64(967)).target == 967
+    for bad in (3.7, True, np.float32(3), "967"):
+        with pytest.raises(TypeError, match="target must be an integer"):
+            explain(bad)
+    requested = ierf(np.array([[1, 2], [3, 4]]))
+    assert [(p.row, p.col) for p in requested.positions] == [(1, 2), (3, 4)]
+    for bad, message in [
+        ([(1.9, 2.2)], "row must be an integer"),
+        ([(True, False)], "row must be an integer"),
+        ((3, 4), "one pair alone"),
+        ("3,4", "list of \\(row, col\\) integer pairs"),
+        (None, "list of \\(row, col\\) integer pairs"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            ierf(bad)
+    with pytest.raises(ValueError, match="of length 3"):
+        ierf([(1, 2, 3)])

@@ -120,6 +120,32 @@ class RetryPolicy:
         return code == grpc.StatusCode.UNAVAILABLE
 
 
+def check_address(address: object) -> str:
+    """A gRPC target as grpc reads it: ``host:port``, ``[v6]:port`` or a ``scheme:`` target (``dns:///…``,
+    ``unix:…``, ``ipv4:…``). Refused here: what can never connect, which grpc would otherwise retry as
+    an unreachable server until the call's whole budget is spent."""
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"address must be 'host:port' (e.g. '127.0.0.1:9000'), got {address!r}")
+    if address.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
+        scheme = address.split(":", 1)[0]
+        raise ValueError(f"address {address!r} has a URL scheme ({scheme}://): give 'host:port' as grpc reads it")
+    if not address.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")):
+        host, colon, port = address.rpartition(":")
+        if colon and host and not host.endswith("]") and ":" in host:  # a bare IPv6 address, no port
+            return address
+        if colon and not port.isdigit():
+            raise ValueError(f"address {address!r} has no numeric port: give 'host:port' (e.g. '127.0.0.1:9000')")
+    return address
+
+
+def check_index(value: object, what: str) -> int:
+    """An integer argument (Python or numpy int); floats and bools are refused, not truncated (3.7 would
+    explain class 3, True class 1)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def check_timeout(timeout: object, what: str = "timeout") -> float:
     """The call budget in seconds: a positive finite number (there is no unbounded call)."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
@@ -495,7 +521,7 @@ def explain_request(
         return_input=return_input,
     )
     if target is not None:
-        request.target = int(target)
+        request.target = check_index(target, "target")
     if isinstance(contrast, int | np.integer) and not isinstance(contrast, bool):
         request.contrast_class = int(contrast)
     else:
@@ -512,9 +538,7 @@ def ierf_request(
     overlay: bool,
     return_input: bool,
 ) -> pb.ComputeIERFRequest:
-    pairs = [tuple(int(v) for v in p) for p in positions]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"positions must be (row, col) pairs, got {pairs}")
+    pairs = _position_pairs(positions)
     return pb.ComputeIERFRequest(
         model_id=model,
         image=image_message(image),
@@ -524,6 +548,23 @@ def ierf_request(
         overlay=overlay,
         return_input=return_input,
     )
+
+
+def _position_pairs(positions: object) -> list[tuple[int, int]]:
+    """A list of (row, col) integer pairs (also an (N, 2) integer array); one pair alone, a string or
+    floats are refused with what was expected."""
+    expected = "positions must be a list of (row, col) integer pairs, e.g. [(3, 4)]"
+    if isinstance(positions, str | bytes) or not isinstance(positions, Iterable):
+        raise TypeError(f"{expected}; got {positions!r}")
+    pairs = []
+    for pair in positions:
+        if isinstance(pair, str | bytes) or not isinstance(pair, Iterable):
+            raise TypeError(f"{expected}; got an element {pair!r} (one pair alone? wrap it in a list)")
+        values = list(pair)
+        if len(values) != 2:
+            raise ValueError(f"{expected}; got an element {pair!r} of length {len(values)}")
+        pairs.append((check_index(values[0], "a position's row"), check_index(values[1], "a position's col")))
+    return pairs
 
 
 def predict_request(image: ImageInput, top_k: int, model: str) -> pb.PredictRequest:

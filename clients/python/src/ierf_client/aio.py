@@ -31,7 +31,7 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
         application: str | None = None,
     ) -> None:
-        self.address = address
+        self.address = _core.check_address(address)
         self.timeout = _core.check_timeout(timeout)
         self.token = token
         self.application = application

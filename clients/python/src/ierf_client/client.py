@@ -44,7 +44,7 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         application: str | None = None,
     ) -> None:
-        self.address = address
+        self.address = _core.check_address(address)
         self.timeout = _core.check_timeout(timeout)
         self.token = token
         self.application = application
