@@ -83,7 +83,7 @@ def test_an_array_reaches_the_same_pixels_whatever_its_size(monkeypatch: pytest.
     assert decode_image(raw, limits).content_hash == decode_image(png, limits).content_hash
 
 
-@pytest.mark.parametrize("shape", [(8, 8, 4), (8, 8, 2), (3, 8, 8, 3), (8,)])
+@pytest.mark.parametrize("shape", [(8, 8, 5), (8, 8, 2), (3, 8, 8, 3), (8,)])
 def test_an_array_of_the_wrong_shape_fails_before_upload_whatever_its_size(
     monkeypatch: pytest.MonkeyPatch, shape
 ) -> None:

@@ -8,6 +8,7 @@ orientation and modes PNG cannot store, handled as the server handles the origin
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -95,10 +96,36 @@ def test_a_large_float_array_the_server_would_refuse_fails_locally_with_its_word
     assert str(local.value) == server.value.message.replace("float tensor", "float image array")
 
 
-def test_float64_is_still_refused_by_dtype_whatever_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", 10)
-    with pytest.raises(TypeError, match="float32/float16"):
-        image_message(np.zeros((4, 4, 3)))
+@pytest.mark.parametrize("limit", [10, 10**9])
+def test_float64_and_rgba_arrays_reach_the_server_as_their_float32_and_rgb_pixels(
+    monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """skimage's img_as_float gives float64, and photos often carry alpha: both were refused, while the
+    in-process CLI took them. Whatever their size, they decode to the pixels of the float32/RGB array."""
+    monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", limit)
+    values = _float_pixels((6, 5, 3), np.float64)
+    assert (
+        _decoded(image_message(values)).content_hash == _decoded(image_message(values.astype(np.float32))).content_hash
+    )
+    rgba = np.random.default_rng(1).integers(0, 256, (6, 5, 4), np.uint8)
+    assert _decoded(image_message(rgba)).content_hash == _decoded(image_message(rgba[:, :, :3].copy())).content_hash
+    with pytest.raises(TypeError, match="float16/32/64"):
+        image_message(np.zeros((4, 4, 3), np.int64))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_files_the_server_does_not_read_travel_as_their_pixels(tmp_path: Any, fmt: str) -> None:
+    """The server reads PNG, JPEG and WebP; other files Pillow reads are sent as a lossless PNG of their
+    pixels (they were refused by the server, while the in-process CLI read them)."""
+    pixels = np.random.default_rng(2).integers(0, 256, (7, 9, 3), np.uint8)
+    picture = Image.fromarray(pixels).convert("P") if fmt == "GIF" else Image.fromarray(pixels)
+    path = tmp_path / f"x.{fmt.lower()}"
+    picture.save(path, fmt)
+    message = image_message(str(path))
+    assert message.encoded.startswith(b"\x89PNG")
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(_decoded(message).pixels, expected)
+    assert image_message(b"not an image").encoded == b"not an image"  # the server says what is wrong
 
 
 # ----------------------------------------------------------------------------------- PIL images

@@ -212,17 +212,22 @@ def image_message(image: ImageInput) -> pb.Image:
     would turn their file; arrays as raw tensors (large float ones rounded to uint8 first, large uint8
     ones as lossless PNG), so the server sees the same canonical pixels however the image travels."""
     if isinstance(image, str | os.PathLike):
-        return pb.Image(encoded=Path(image).read_bytes())
+        return _encoded_message(Path(image).read_bytes())
     if isinstance(image, bytes | bytearray | memoryview):
-        return pb.Image(encoded=bytes(image))
+        return _encoded_message(bytes(image))
     if isinstance(image, Image.Image):
         return pb.Image(encoded=_png(_png_ready(image)))
     if isinstance(image, np.ndarray):
         # The server takes (H, W, 3), (H, W, 1) or (H, W): checked here so that a wrong shape fails
-        # the same way whatever the array's size (large ones travel as PNG), before any upload.
+        # the same way whatever the array's size (large ones travel as PNG), before any upload. An alpha
+        # channel is dropped, as the server drops an RGBA file's.
+        if image.ndim == 3 and image.shape[2] == 4:
+            image = image[:, :, :3]
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
-            raise ValueError(f"image array shape {image.shape} is not (H, W, 3), (H, W, 1) or (H, W)")
+            raise ValueError(f"image array shape {image.shape} is not (H, W, 3), (H, W, 4), (H, W, 1) or (H, W)")
         native = image.dtype.newbyteorder("=") if image.dtype.byteorder in "<>" else image.dtype
+        if native == np.float64:  # what skimage's img_as_float gives; the server reads float32 pixels
+            image, native = image.astype(np.float32), np.dtype(np.float32)
         if native == np.uint8:
             dtype = pb.UINT8
         elif native == np.float32:
@@ -231,7 +236,7 @@ def image_message(image: ImageInput) -> pb.Image:
             dtype = pb.FLOAT16
         else:
             raise TypeError(
-                f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float32/float16 in [0, 1]"
+                f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float16/32/64 in [0, 1]"
             )
         if dtype != pb.UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
             # The server rounds float pixels to uint8 anyway: doing it here first lets a large float
@@ -243,6 +248,27 @@ def image_message(image: ImageInput) -> pb.Image:
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
         return pb.Image(tensor=pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(image.shape)))
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array")
+
+
+# Formats the server decodes itself (ierf.serving.images.ACCEPTED_FORMATS), by their leading bytes.
+def _server_reads(data: bytes) -> bool:
+    return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _encoded_message(data: bytes) -> pb.Image:
+    """A file's bytes as they are when the server reads the format (PNG, JPEG, WebP); another format
+    Pillow reads here (GIF, BMP, TIFF, …: the in-process CLI takes them too) travels as a lossless PNG of
+    its first frame, upright by its EXIF orientation. Bytes nobody reads go as they are: the server then
+    says what is wrong with them."""
+    if _server_reads(data):
+        return pb.Image(encoded=data)
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            picture.load()
+            ready = _png_ready(picture)
+    except (OSError, SyntaxError, Image.DecompressionBombError):  # how Pillow says it cannot read them
+        return pb.Image(encoded=data)
+    return pb.Image(encoded=_png(ready))
 
 
 def _float_to_uint8(array: np.ndarray) -> np.ndarray:
