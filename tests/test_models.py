@@ -130,6 +130,11 @@ def test_explicit_missing_weights_file_is_named(tmp_path):
         load_model("resnet18", weights=missing)
 
 
+def test_a_directory_given_as_weights_is_named_as_such(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory; give the weights file inside it"):
+        load_model("resnet18", weights=tmp_path)
+
+
 def test_weights_from_env_dir_load_exactly_and_digest_is_file_sha256(no_weight_dirs, resnet18_file):
     weights_dir, _ = no_weight_dirs
     path = _place(resnet18_file[0], weights_dir / "resnet18-f37072fd.pth")

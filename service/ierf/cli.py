@@ -173,6 +173,12 @@ def parse_position(text: str) -> tuple[int, int]:
     return row, col
 
 
+def _target(text: str | None) -> str:
+    """ "auto" in any case means the top-1 class (as --contrast takes MEAN); anything else as given."""
+    value = (text or "auto").strip()
+    return "auto" if value.lower() == "auto" else value
+
+
 def check_output(output: str, image: str | None = None) -> Path:
     """The output path, checked before any work: a .png file name, not a directory, not the input."""
     path = Path(output)
@@ -256,7 +262,7 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
         model=args.model,
         weights=args.weights,
         random_init=args.random_init,
-        target=(args.target or "auto").strip(),
+        target=_target(args.target),
         contrast=(args.contrast or "identity").strip(),
         layer=args.layer,
         position=parse_position(args.position) if args.position is not None else None,

@@ -411,3 +411,27 @@ def test_targets_and_positions_are_integers_not_truncated_floats() -> None:
             ierf(bad)
     with pytest.raises(ValueError, match="of length 3"):
         ierf([(1, 2, 3)])
+
+
+def test_an_ierf_overlay_index_out_of_range_is_an_index_error() -> None:
+    """It said "call with overlay=True" to a caller who had."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, "PNG")
+    result = _core.IERFResult(np.zeros((1, 2, 2), np.float32), None, None, overlay_pngs=[buffer.getvalue()])  # type: ignore[arg-type]
+    assert result.overlay(0).size == (2, 2) and result.overlay(-1).size == (2, 2)
+    with pytest.raises(IndexError, match="overlay index 5 is out of range: 1 overlays"):
+        result.overlay(5)
+    with pytest.raises(ValueError, match="call with overlay=True"):
+        _core.IERFResult(np.zeros((1, 2, 2), np.float32), None, None).overlay()  # type: ignore[arg-type]
+
+
+def test_a_reused_activation_is_named_by_its_runs_at_the_ingress_as_in_the_engine() -> None:
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.jobs import LayerShape, ModelDescription, check_ierf_args
+
+    layers = [LayerShape(f"layer1.0.relu:{i}", 64, 56, 56) for i in range(3)]
+    desc = ModelDescription("m", "d", 224, 224, "v1", ["a"], layers, ["srd"], "srd", "cpu")
+    with pytest.raises(InvalidArgument, match=r"runs 3 times .* name one run, layer1.0.relu:0, layer1.0.relu:1, "):
+        check_ierf_args(desc, "layer1.0.relu", np.array([[0, 0]]))
+    with pytest.raises(InvalidArgument, match="unknown layer 'layer9'"):
+        check_ierf_args(desc, "layer9", np.array([[0, 0]]))

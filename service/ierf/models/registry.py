@@ -223,6 +223,8 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None = None) ->
     spec = model_spec(name)
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise ValueError(f"weights for {name}: {path} is a directory; give the weights file inside it")
         if not path.is_file():
             raise FileNotFoundError(f"weights file for {name} not found: {path} (given explicitly)")
         return path
@@ -246,7 +248,7 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None = None) ->
     raise FileNotFoundError(
         f"no weights for {name}: looked for {files} in {' and in '.join(places)}. Nothing is downloaded; "
         f"copy the file there, pass weights=PATH (CLI: --weights PATH), or use random_init=True "
-        "for explicitly random weights"
+        "(CLI: --random-init) for explicitly random weights"
     )
 
 

@@ -145,6 +145,12 @@ def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarr
     layer = next((item for item in desc.layers if item.name == name), None)
     if layer is None:
         names = [item.name for item in desc.layers]
+        runs = [n for n in names if n.startswith(f"{layer_name}:") and n[len(layer_name) + 1 :].isdigit()]
+        if runs:  # a reused activation module: the engine's own hint, which the worker's check had lost
+            raise InvalidArgument(
+                f"layer {echo(layer_name)} runs {len(runs)} times in one forward (a reused activation module): "
+                f"name one run, {', '.join(runs)}"
+            )
         shown = ", ".join(names[:12]) + (f", … ({len(names)} in all; see GetModel)" if len(names) > 12 else "")
         raise InvalidArgument(f"unknown layer {echo(layer_name)} for {desc.id}; layers: {shown}")
     if len(positions) == 0:

@@ -144,9 +144,11 @@ class Program:
             kind = type(self.model.get_submodule(layer)).__name__
             raise ValueError(
                 f"layer {layer!r} ({kind}) is not a stage boundary: its output is not a post-activation PFV map. "
-                f"Valid layers: {sample} (see SRD.layers)"
+                f"Valid layers: {sample} (all: SRD.layers; `ierf layers` on the command line)"
             )
-        raise ValueError(f"unknown layer {layer!r}. Valid layers: {sample} (see SRD.layers)")
+        raise ValueError(
+            f"unknown layer {layer!r}. Valid layers: {sample} (all: SRD.layers; `ierf layers` on the command line)"
+        )
 
     # -- the forward ------------------------------------------------------------------------------------
     def run(self, x: torch.Tensor, keep: frozenset[int] = frozenset(), keep_last_spatial: bool = False) -> RunResult:

@@ -432,7 +432,10 @@ class IERFResult:
     model_input: np.ndarray | None = None
 
     def overlay(self, index: int = 0) -> Image.Image:
-        return _overlay_image(self.overlay_pngs[index] if index < len(self.overlay_pngs) else b"")
+        """The server-rendered overlay of position ``index`` (request them with ``overlay=True``)."""
+        if self.overlay_pngs and not -len(self.overlay_pngs) <= index < len(self.overlay_pngs):
+            raise IndexError(f"overlay index {index} is out of range: {len(self.overlay_pngs)} overlays")
+        return _overlay_image(self.overlay_pngs[index] if self.overlay_pngs else b"")
 
 
 @dataclass(frozen=True)
