@@ -109,7 +109,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, coffee_png, tmp_path,
     image.write_bytes(coffee_png.read_bytes())
     paths = {"image": str(image), "missing": str(tmp_path / "missing.png"), "text": str(text)}
     paths["dir"] = str(tmp_path / "folder")
-    argv = [arg.format(**paths).encode().decode("unicode_escape") for arg in argv]
+    argv = [arg.format(**paths) for arg in argv]
     assert main(argv) == 2
     line = _error(capsys)
     command = next(arg for arg in argv if arg in ("explain", "demo-image"))

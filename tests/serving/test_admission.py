@@ -12,14 +12,24 @@ from ierf.serving.errors import DeadlineExceeded, ResourceExhausted
 LATER = 3600.0
 
 
+async def _settle() -> None:
+    """Let every task that can run do so (a gated decode is a task started by another task)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 def _deadline(seconds: float = LATER) -> float:
     return time.time() + seconds
 
 
 async def _hold(gate: DecodeGate, pixels: int, release: asyncio.Event, order: list[int], deadline: float) -> None:
-    async with gate.slot(pixels, deadline):
+    """Decode ``pixels`` through the gate; the "decoding" runs until ``release`` is set."""
+
+    async def decoding() -> None:
         order.append(pixels)
         await release.wait()
+
+    await gate.run(pixels, deadline, lambda: asyncio.ensure_future(decoding()))
 
 
 def test_images_decode_within_the_budget_and_the_smallest_waiting_goes_first() -> None:
@@ -28,14 +38,14 @@ def test_images_decode_within_the_budget_and_the_smallest_waiting_goes_first() -
         order: list[int] = []
         first, rest = asyncio.Event(), asyncio.Event()
         running = [asyncio.create_task(_hold(gate, p, first, order, _deadline())) for p in (60, 40)]
-        await asyncio.sleep(0)
+        await _settle()
         assert order == [60, 40] and gate.active == 100 and gate.queued == 0
         waiting = [asyncio.create_task(_hold(gate, p, rest, order, _deadline())) for p in (90, 30, 50)]
-        await asyncio.sleep(0)
+        await _settle()
         assert order == [60, 40] and gate.queued == 170  # nothing fits beside 100 busy pixels
         first.set()
         await asyncio.gather(*running)
-        await asyncio.sleep(0)
+        await _settle()
         assert order == [60, 40, 30, 50]  # smallest first, and as many as fit (30 + 50 <= 100)
         assert gate.active == 80 and gate.queued == 90
         rest.set()
@@ -63,7 +73,7 @@ def test_a_full_waiting_room_is_resource_exhausted_at_once() -> None:
         order: list[int] = []
         release = asyncio.Event()
         tasks = [asyncio.create_task(_hold(gate, p, release, order, _deadline())) for p in (100, 100)]
-        await asyncio.sleep(0)
+        await _settle()
         start = time.perf_counter()
         with pytest.raises(ResourceExhausted, match=r"decoding 0\.0 Mpx .* 0\.0 Mpx waiting, and this 0\.0 Mpx image"):
             await gate._admit(60, _deadline())  # 100 + 60 would pass the 150 let wait
@@ -76,13 +86,34 @@ def test_a_full_waiting_room_is_resource_exhausted_at_once() -> None:
     asyncio.run(scenario())
 
 
+def test_a_request_cancelled_as_it_is_admitted_gives_its_pixels_back() -> None:
+    """Admission and cancellation in one loop turn: the cancellation must not be swallowed (as
+    asyncio.wait_for on Python 3.11 does), and the pixels just granted go to the next image."""
+
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+        order: list[int] = []
+        await gate._admit(100, _deadline())  # a decode in flight
+        waiter = asyncio.create_task(_hold(gate, 50, asyncio.Event(), order, _deadline()))
+        await _settle()
+        assert gate.queued == 50
+        gate._release(100)  # the decode ends and admits the waiter (its future resolved) ...
+        waiter.cancel()  # ... and its caller leaves in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):  # a swallowed cancellation would decode, and wait forever
+                await waiter
+        assert order == [] and gate.active == 0 and gate.queued == 0
+
+    asyncio.run(scenario())
+
+
 def test_waiting_counts_against_the_deadline_and_gives_up_its_place() -> None:
     async def scenario() -> None:
         gate = DecodeGate(active_pixels=100, queued_pixels=1000)
         order: list[int] = []
         release = asyncio.Event()
         busy = asyncio.create_task(_hold(gate, 100, release, order, _deadline()))
-        await asyncio.sleep(0)
+        await _settle()
         start = time.perf_counter()
         with pytest.raises(DeadlineExceeded, match="waiting to decode the image"):
             await _hold(gate, 10, release, order, _deadline(0.2))
@@ -97,29 +128,36 @@ def test_waiting_counts_against_the_deadline_and_gives_up_its_place() -> None:
     asyncio.run(scenario())
 
 
-def test_a_cancelled_request_gives_back_its_place_or_its_pixels() -> None:
+def test_a_cancelled_request_gives_back_its_place_at_once_and_its_pixels_when_its_decode_ends() -> None:
+    """A decoding thread cannot be stopped: a caller that leaves mid-decode must not hand its pixels to
+    the next image while the decode still holds its memory."""
+
     async def scenario() -> None:
         gate = DecodeGate(active_pixels=100, queued_pixels=1000)
         order: list[int] = []
         release = asyncio.Event()
         busy = asyncio.create_task(_hold(gate, 100, release, order, _deadline()))
-        await asyncio.sleep(0)
+        await _settle()
         waiter = asyncio.create_task(_hold(gate, 30, release, order, _deadline()))
-        await asyncio.sleep(0)
+        await _settle()
         assert gate.queued == 30
         waiter.cancel()  # the caller went away while waiting
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert gate.queued == 0
-        admitted = asyncio.create_task(_hold(gate, 30, asyncio.Event(), order, _deadline()))
-        await asyncio.sleep(0)
+        decode_ends = asyncio.Event()
+        admitted = asyncio.create_task(_hold(gate, 30, decode_ends, order, _deadline()))
+        await _settle()
         release.set()
         await busy
-        await asyncio.sleep(0)
+        await _settle()
         assert order == [100, 30] and gate.active == 30
         admitted.cancel()  # the caller went away while its image was decoding
         with pytest.raises(asyncio.CancelledError):
             await admitted
+        assert gate.active == 30  # still decoding
+        decode_ends.set()
+        await asyncio.sleep(0.01)
         assert gate.active == 0 and gate.queued == 0
 
     asyncio.run(scenario())

@@ -108,6 +108,8 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"cache": {"l1_bytes": "512MiB"}}, r"cache\.l1_bytes"),
         ({"cache": {"max_value_bytes": 0}}, r"cache\.max_value_bytes"),
         ({"cache": {"write_behind_bytes": -1}}, r"cache\.write_behind_bytes"),
+        ({"ingress": {"decode_pixels": -1}}, r"ingress\.decode_pixels must be an integer >= 0"),
+        ({"ingress": {"decode_queue_pixels": 100, "max_pixels": 1000}}, r"could otherwise never wait its turn"),
         ({"cache": {"failure_threshold": 0}}, r"cache\.failure_threshold"),
         ({"cache": {"timeout_s": 0}}, r"cache\.timeout_s must be a finite number of seconds > 0"),
         ({"cache": {"connect_timeout_s": float("nan")}}, r"cache\.connect_timeout_s"),

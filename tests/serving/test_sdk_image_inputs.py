@@ -126,6 +126,9 @@ def test_files_the_server_does_not_read_travel_as_their_pixels(tmp_path: Any, fm
     expected = np.asarray(Image.open(path).convert("RGB"))
     assert np.array_equal(_decoded(message).pixels, expected)
     assert image_message(b"not an image").encoded == b"not an image"  # the server says what is wrong
+    for cut in (20, 60, len(path.read_bytes()) // 2):  # damaged files Pillow fails on in its own ways
+        damaged = path.read_bytes()[:cut]
+        assert image_message(damaged).encoded == damaged
 
 
 # ----------------------------------------------------------------------------------- PIL images

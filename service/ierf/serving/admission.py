@@ -11,13 +11,15 @@ against the request's deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import TypeVar
 
 from ierf.serving.errors import DeadlineExceeded, ResourceExhausted
+
+T = TypeVar("T")
 
 
 def _mpx(pixels: int) -> str:
@@ -43,14 +45,24 @@ class DecodeGate:
     def _fits(self, pixels: int) -> bool:
         return self.active == 0 or self.active + pixels <= self.active_limit
 
-    @contextlib.asynccontextmanager
-    async def slot(self, pixels: int, deadline: float) -> AsyncIterator[None]:
-        """Hold ``pixels`` of decoding while the block runs; wait for them until ``deadline`` (time.time())."""
+    async def run(self, pixels: int, deadline: float, start: Callable[[], asyncio.Future[T]]) -> T:
+        """Wait for ``pixels`` of decoding until ``deadline`` (time.time()), then ``start()`` the work and
+        await it. The pixels are held until the work itself ends: a decoding thread cannot be stopped, so
+        a caller that leaves (cancelled, out of time) does not hand them to the next image early."""
         await self._admit(pixels, deadline)
         try:
-            yield
-        finally:
+            work = start()
+        except BaseException:
             self._release(pixels)
+            raise
+
+        def finished(done: asyncio.Future[T]) -> None:
+            self._release(pixels)
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller that left does not leave it unlogged-and-warned
+
+        work.add_done_callback(finished)
+        return await asyncio.shield(work)
 
     async def _admit(self, pixels: int, deadline: float) -> None:
         if self._fits(pixels):
@@ -70,7 +82,10 @@ class DecodeGate:
         self.queued += pixels
         start = time.time()
         try:
-            await asyncio.wait_for(admitted, timeout=remaining)
+            # Not asyncio.wait_for: on Python 3.11 it returns normally when the future is resolved in the
+            # same loop turn as the task is cancelled, swallowing the cancellation.
+            async with asyncio.timeout(remaining):
+                await admitted
         except BaseException as exc:
             if admitted.done() and not admitted.cancelled():
                 self._release(pixels)  # admitted as the wait ended: give the slot to the next image

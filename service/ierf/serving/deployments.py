@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import serve
@@ -34,6 +34,7 @@ from ierf.serving.errors import (
 from ierf.serving.protocol import UnparsedRequest
 from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 
+R = TypeVar("R")
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica log, with the request context
 
 SERVICE_NAME = "ierf.v1.ExplainService"
@@ -70,6 +71,13 @@ def _assigned_cpus() -> float:
     if not ray.is_initialized():  # local testing mode: no Ray runtime (and none must be started)
         return 1.0
     return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+
+
+def _timed(fn: Callable[[], R]) -> tuple[float, R]:
+    """``fn()`` and the seconds it ran."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def _log_failure(future: Any) -> None:
@@ -311,19 +319,21 @@ class Ingress:
             pending = await asyncio.to_thread(open_image, image, self.limits)  # a linear walk over the bytes
         else:
             pending = open_image(image, self.limits)
-        async with self._decode_gate.slot(pending.pixels, deadline):
-            large = pending.pixels >= DECODE_ESTIMATE_MIN_PIXELS
-            rate = self._decode_rates.get(pending.kind) if large else None
+        large = pending.pixels >= DECODE_ESTIMATE_MIN_PIXELS
+        rate = self._decode_rates.get(pending.kind) if large else None
+
+        def start_decoding() -> asyncio.Future[tuple[float, Any]]:
             if rate is not None and rate * pending.pixels > deadline - time.time():
                 raise DeadlineExceeded(
                     f"{max(0.0, deadline - time.time()):.3f} s left before the deadline, but decoding this "
                     f"{pending.pixels / 1e6:.1f} Mpx {pending.kind} image needs about {rate * pending.pixels:.3f} s"
                 )
-            decode_start = time.perf_counter()
-            canonical = await asyncio.get_running_loop().run_in_executor(self._decoder, pending.decode)
-            if large:
-                measured = (time.perf_counter() - decode_start) / pending.pixels
-                self._decode_rates[pending.kind] = measured if rate is None else 0.7 * rate + 0.3 * measured
+            return asyncio.get_running_loop().run_in_executor(self._decoder, _timed, pending.decode)
+
+        seconds, canonical = await self._decode_gate.run(pending.pixels, deadline, start_decoding)
+        if large:  # timed on its thread: waiting for a thread is not decoding
+            measured = seconds / pending.pixels
+            self._decode_rates[pending.kind] = measured if rate is None else 0.7 * rate + 0.3 * measured
         self._stage(timings, "decode", model, time.perf_counter() - start)
         return canonical
 

@@ -188,6 +188,11 @@ class IngressConfig:
         _seconds("request_timeout_s", self.request_timeout_s)
         _integer("decode_pixels", self.decode_pixels, 0, " (0: twice max_pixels)")
         _integer("decode_queue_pixels", self.decode_queue_pixels, 0, " (0: four times max_pixels)")
+        if 0 < self.decode_queue_pixels < self.max_pixels:
+            raise ValueError(
+                f"decode_queue_pixels ({self.decode_queue_pixels}) must be 0 or at least max_pixels "
+                f"({self.max_pixels}): a full-size image could otherwise never wait its turn"
+            )
 
     @property
     def decode_budget(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,10 +264,18 @@ def _encoded_message(data: bytes) -> pb.Image:
     if _server_reads(data):
         return pb.Image(encoded=data)
     try:
-        with Image.open(io.BytesIO(data)) as picture:
-            picture.load()
-            ready = _png_ready(picture)
-    except (OSError, SyntaxError, Image.DecompressionBombError):  # how Pillow says it cannot read them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's complaints about a damaged file: the outcome says it
+            with Image.open(io.BytesIO(data)) as picture:
+                picture.load()
+                ready = _png_ready(picture)
+    except MemoryError:
+        raise
+    except ValueError as exc:  # _png_ready's refusal of a mode (the server's words), or Pillow's
+        if "cannot be converted to 8-bit RGB" in str(exc):
+            raise
+        return pb.Image(encoded=data)
+    except Exception:  # Pillow cannot read them (OSError, SyntaxError, EOFError, struct.error, …)
         return pb.Image(encoded=data)
     return pb.Image(encoded=_png(ready))
 
