@@ -14,6 +14,7 @@ User errors print one line and exit with status 2; tracebacks are reserved for b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -355,7 +356,7 @@ def _check_remote_options(args: argparse.Namespace) -> None:
     if timeout is not None:
         if not server:
             raise UsageError("--timeout applies with --server (an in-process run has no call budget)")
-        if not (timeout > 0 and timeout != float("inf")):
+        if not (timeout > 0 and math.isfinite(timeout)):
             raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     if server and getattr(args, "device", None) is not None:
         raise UsageError("--device does not apply with --server: the server decides its device")

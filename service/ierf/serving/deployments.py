@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -105,8 +106,6 @@ class ExplainerWorker:
     """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from ierf.serving.metrics import ServiceMetrics
 
         threads = model.num_threads or max(1, math.ceil(_assigned_cpus()))
@@ -202,8 +201,6 @@ class Ingress:
     """gRPC entry point: methods are named exactly like the RPCs (the Serve proxy routes by name)."""
 
     def __init__(self, workers: dict[str, Any], config: ServiceConfig) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         import ierf
         from ierf.serving.admission import DecodeGate
         from ierf.serving.metrics import ServiceMetrics

@@ -207,8 +207,8 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _pillow_errors(data: bytes, limits: ImageLimits, what: list[str]) -> Iterator[None]:
-    """Pillow's ways of failing, as the caller's mistakes they are (``what[0]`` names the image)."""
+def _pillow_errors(data: bytes, limits: ImageLimits, what: str) -> Iterator[None]:
+    """Pillow's ways of failing, as the caller's mistakes they are (``what`` names the image)."""
     try:
         with warnings.catch_warnings():
             # PIL warns (and past 2x raises) on huge images; our own cap is stricter.
@@ -230,9 +230,9 @@ def _pillow_errors(data: bytes, limits: ImageLimits, what: list[str]) -> Iterato
     except MemoryError:
         raise
     except Exception as exc:  # anything else out of Pillow (struct.error, TypeError, IndexError, ...)
-        logger.debug("decoding a %d-byte %s failed: %r", len(data), what[0], exc)
+        logger.debug("decoding a %d-byte %s failed: %r", len(data), what, exc)
         raise InvalidArgument(
-            f"image bytes are truncated or corrupt: the {what[0]} could not be decoded ({len(data)} bytes)"
+            f"image bytes are truncated or corrupt: the {what} could not be decoded ({len(data)} bytes)"
         ) from None
 
 
@@ -243,20 +243,18 @@ def open_encoded(data: bytes, limits: ImageLimits) -> PendingImage:
     if len(data) > limits.max_bytes:
         raise ResourceExhausted(f"encoded image is {len(data)} bytes, over the cap of {limits.max_bytes}")
     _check_structure(data)  # before Image.open: Pillow's header parser is part of the cost
-    what = ["image"]
-    with _pillow_errors(data, limits, what):
+    with _pillow_errors(data, limits, "image"):
         im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
-        what[0] = f"{im.format} image"
-        # Header only so far: check the announced size before decoding any pixel.
-        width, height = im.size
-        _check_dimensions(height, width, limits, what[0])
+    what = f"{im.format} image"
+    # Header only so far: check the announced size before decoding any pixel.
+    width, height = im.size
+    _check_dimensions(height, width, limits, what)
 
     def decode() -> CanonicalImage:
-        nonlocal im
         with _pillow_errors(data, limits, what):
             im.load()
-            im = apply_exif_orientation(im)
-        pixels = _to_rgb_array(im)
+            upright = apply_exif_orientation(im)
+        pixels = _to_rgb_array(upright)
         _check_dimensions(pixels.shape[0], pixels.shape[1], limits, "decoded image")
         return canonicalise(pixels)
 

@@ -266,18 +266,13 @@ def _encoded_message(data: bytes) -> pb.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's complaints about a damaged file: the outcome says it
-            with Image.open(io.BytesIO(data)) as picture:
-                picture.load()
-                ready = _png_ready(picture)
+            picture = Image.open(io.BytesIO(data))
+            picture.load()
     except MemoryError:
         raise
-    except ValueError as exc:  # _png_ready's refusal of a mode (the server's words), or Pillow's
-        if "cannot be converted to 8-bit RGB" in str(exc):
-            raise
-        return pb.Image(encoded=data)
     except Exception:  # Pillow cannot read them (OSError, SyntaxError, EOFError, struct.error, …)
         return pb.Image(encoded=data)
-    return pb.Image(encoded=_png(ready))
+    return pb.Image(encoded=_png(_png_ready(picture)))
 
 
 def _float_to_uint8(array: np.ndarray) -> np.ndarray:
