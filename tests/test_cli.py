@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ierf.cli import main, parse_position
+from ierf.cli import LayerRow, main, parse_position
 from ierf.images import demo_image, load_image
 from ierf.models import available_models
 from PIL import Image
@@ -186,9 +186,31 @@ def test_explain_named_target_and_contrast(coffee_png, tmp_path, capsys):
     assert out.is_file()
 
 
+def _listed_layers(printed: str) -> dict[str, tuple[int, int, int]]:
+    """``ierf layers`` output -> {name: (channels, rows, cols)} (the first line is the header)."""
+    header, *lines = printed.splitlines()
+    assert header.split()[:2] == ["layer", "channels"]
+    table = {}
+    for line in lines:
+        name, channels, rows, x, cols = line.split()
+        assert x == "x"
+        table[name] = (int(channels), int(rows), int(cols))
+    return table
+
+
+def test_layers_lists_each_grid(capsys):
+    """The grid is what ``--position`` indexes: without it a user guessed positions from the names."""
+    assert main(["layers"]) == 0
+    table = _listed_layers(capsys.readouterr().out)
+    assert table["_swish:0"] == (32, 112, 112)  # the stem: stride 2 at 224²
+    assert list(table.values())[-1] == (1280, 7, 7)  # the head's last PFV map
+    assert main(["layers", "--model", "vgg16"]) == 0
+    assert _listed_layers(capsys.readouterr().out)["features.29"] == (512, 14, 14)
+
+
 def test_explain_ierf_and_layer_errors(coffee_png, tmp_path, capsys):
     assert main(["layers"]) == 0
-    layers = capsys.readouterr().out.split()
+    layers = list(_listed_layers(capsys.readouterr().out))
     assert layers, "the engine reported no layers for efficientnet_lite0"
     out = tmp_path / "ierf.png"
     explain = ["explain", str(coffee_png), "-o", str(out)]
@@ -217,9 +239,9 @@ class _Recorder:
     def model_names(self) -> list[str]:
         return []
 
-    def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+    def layers(self, model: str, weights: str | None = None) -> list[LayerRow]:
         self.models.append(model)
-        return [f"layer{i}" for i in range(200)]
+        return [LayerRow(f"layer{i}", 8, 4, 4) for i in range(200)]
 
     def explain(self, request):
         raise AssertionError("not used")
@@ -264,7 +286,7 @@ def test_the_overlay_is_written_before_the_report_so_a_closed_pipe_cannot_cost_i
 
 def test_ctrl_c_ends_with_one_line_and_status_130(capsys):
     class Interrupted(_Recorder):
-        def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+        def layers(self, model: str, weights: str | None = None) -> list[LayerRow]:
             raise KeyboardInterrupt
 
     assert main(["layers"], backend=Interrupted()) == 130

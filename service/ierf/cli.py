@@ -79,12 +79,23 @@ class Explanation:
     feature_hw: tuple[int, int] | None = None  # the layer's (h, w), to mark the PFV's cell
 
 
+@dataclass(frozen=True)
+class LayerRow:
+    """A layer accepted by ``--layer`` and its PFV grid at the model's input size (positions run
+    ``0..height-1``, ``0..width-1``)."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
 class Backend(Protocol):
     """Where explanations are computed: in this process, or (later) a server."""
 
     def model_names(self) -> list[str]: ...
 
-    def layer_names(self, model: str, weights: str | None = None) -> list[str]: ...
+    def layers(self, model: str, weights: str | None = None) -> list[LayerRow]: ...
 
     def explain(self, request: ExplainRequest) -> Explanation: ...
 
@@ -97,13 +108,20 @@ class InProcessBackend:
 
         return available_models()
 
-    def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+    def layers(self, model: str, weights: str | None = None) -> list[LayerRow]:
         import ierf
         from ierf.models import load_model
+        from ierf.srd import pfv_grid
 
-        # The layer list depends on the graph only, so explicit random weights do when none are given.
+        # Names and grids depend on the graph only, so explicit random weights do when none are given.
         loaded = load_model(model, weights=weights, random_init=weights is None)
-        return list(ierf.SRD(loaded.module).layers)
+        explainer = ierf.SRD(loaded.module)
+        size = (loaded.input_size, loaded.input_size)
+        rows = []
+        for name in explainer.layers:
+            shape = explainer.layer_shape(name, size)  # one zero-input forward, shared by every layer
+            rows.append(LayerRow(name, int(shape[0]), *pfv_grid(shape)))
+        return rows
 
     def explain(self, request: ExplainRequest) -> Explanation:
         import torch
@@ -329,8 +347,13 @@ def _run_models(backend: Backend) -> int:
 
 
 def _run_layers(args: argparse.Namespace, backend: Backend) -> int:
-    for layer in backend.layer_names(args.model, args.weights):
-        print(layer)
+    """One layer per line, its name first (``ierf layers | awk '{print $1}'`` lists the names), then its
+    channels and the PFV grid that ``--position ROW,COL`` indexes."""
+    rows = backend.layers(args.model, args.weights)  # before any output: a failed call prints only its error
+    width = max([len("layer"), *(len(row.name) for row in rows)])
+    print(f"{'layer':<{width}}  {'channels':>8}  grid (rows x cols)")
+    for row in rows:
+        print(f"{row.name:<{width}}  {row.channels:>8}  {row.height} x {row.width}")
     return EXIT_OK
 
 

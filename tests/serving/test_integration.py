@@ -373,8 +373,10 @@ def test_cli_server_mode_uses_the_service(live_service, tmp_path, capsys) -> Non
     served = re.escape(f"served by {live_service.grpc_address}")
     assert re.search(rf"efficientnet_lite0\s+v1-\S+\s+{served}", capsys.readouterr().out)
     assert main(["--server", live_service.grpc_address, "layers"]) == 0
-    layers = capsys.readouterr().out.split()
-    assert len(layers) > 10 and layers == [layer.name for layer in client_layers(live_service)]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    listed = [(name, int(channels), int(height), int(width)) for name, channels, height, _, width in rows]
+    served = [(x.name, x.channels, x.height, x.width) for x in client_layers(live_service)]
+    assert len(listed) > 10 and listed == served
 
 
 def client_layers(live_service) -> list:

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ierf.cli import ClassProbability, ExplainRequest, Explanation, UsageError
+from ierf.cli import ClassProbability, ExplainRequest, Explanation, LayerRow, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,10 +78,10 @@ class RemoteBackend:
         ]
 
     @_server_errors
-    def layer_names(self, model: str, weights: str | None = None) -> list[str]:
+    def layers(self, model: str, weights: str | None = None) -> list[LayerRow]:
         if weights is not None:
             raise UsageError("--weights does not apply with --server: the server decides its weights")
-        return [layer.name for layer in self.client.model(model).layers]
+        return [LayerRow(x.name, x.channels, x.height, x.width) for x in self.client.model(model).layers]
 
     @_server_errors
     def explain(self, request: ExplainRequest) -> Explanation:
