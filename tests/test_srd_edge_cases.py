@@ -139,6 +139,73 @@ def test_building_an_explainer_leaves_what_forward_writes_untouched() -> None:
     _conserves(explainer.decompose(x), 1)
 
 
+class _Collecting(nn.Module):
+    """Mutates what it already holds in forward: a feature list, a cache dict, a nested counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.feats: list = []
+        self.cache: dict = {}
+        self.stats = {"calls": 0, "shapes": []}
+        self.seen: set = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x) + torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 4, 1, 1))
+        self.feats.append(h)
+        self.cache["last"] = h
+        self.stats["calls"] += 1
+        self.stats["shapes"].append(h.shape)
+        self.seen.add("forward")
+        return self.fc(h.mean((2, 3)))
+
+
+def test_building_an_explainer_leaves_the_models_containers_and_namespace_as_they_were() -> None:
+    """Tracing left fx Proxies in lists and dicts the model already held (``self.feats.append(h)``), a
+    changed counter in ``self.stats``, and one ``_tensor_constant<k>`` attribute per build on the model
+    for each tensor its forward creates."""
+    model = _Collecting().eval()
+    before = set(vars(model))
+    for _ in range(3):
+        explainer = ierf.SRD(model)
+    assert set(vars(model)) == before
+    assert model.feats == [] and model.cache == {} and model.stats == {"calls": 0, "shapes": []}
+    assert model.seen == set()
+    x = torch.randn(2, 3, 8, 8)
+    dec = explainer.decompose(x)
+    torch.testing.assert_close(dec.logits, model(x).detach())  # the constant is still read, off the model
+    _conserves(dec, 1)
+    assert len(model.feats) == 1 and model.stats["calls"] == 1  # the model's own call, as always
+
+
+def test_a_tensor_made_in_the_head_reaches_the_gradient_start() -> None:
+    """The head of a gradient start map reads its constants from the program, not from the model."""
+
+    class ScaledHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x)).flatten(1)
+            return self.fc(h) + torch.tensor([0.0, 1.0, -1.0])
+
+    torch.manual_seed(0)
+    model = ScaledHead().eval()
+    x = torch.randn(1, 3, 4, 4)
+    explainer = ierf.SRD(model, head="grad_x_act")
+    assert not [k for k in vars(model) if k.startswith("_tensor_constant")]
+    a = explainer.decompose(x).activations
+    start = next(iter(a.values())).detach().requires_grad_(True)
+    logit = model.fc(start.flatten(1))[0, 1]
+    (grad,) = torch.autograd.grad(logit, start)
+    expected = (grad * start).sum(1)[0].detach()
+    got = explainer.decompose(x).layer_relevance(explainer.layers[-1], 1)[0]
+    torch.testing.assert_close(got, expected)
+
+
 # -- the first layer ------------------------------------------------------------------------------------------
 class _StemRegisteredLast(nn.Module):
     def __init__(self) -> None:
@@ -564,3 +631,82 @@ def test_a_map_that_overflows_float32_is_refused_not_returned_as_nan() -> None:
         ierf.SRD(model).saliency(x, 1)
     dec = ierf.SRD(model.double()).decompose(x.double())
     _conserves(dec, 1, rtol=1e-6)
+
+
+# -- engine review follow-ups (autocast, unchecked states, tensors without values, argument forms) -------------
+@pytest.fixture(scope="module")
+def resnet18_64():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    return model, ierf.SRD(model), torch.randn(2, 3, 64, 64)
+
+
+def test_autocast_around_a_call_changes_nothing(resnet18_64) -> None:
+    """Under a caller's ``torch.autocast`` the ratio products mixed bfloat16 and float32 and failed with
+    torch's "expected m1 and m2 to have the same dtype"."""
+    _, explainer, x = resnet18_64
+    expected = explainer.saliency(x, 3)
+    erf = explainer.ierf(x, "layer3", torch.tensor([[1, 2]]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(explainer.saliency(x, 3), expected)
+        torch.testing.assert_close(explainer.ierf(x, "layer3", torch.tensor([[1, 2]])), erf)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_state_that_is_not_this_models_is_refused_without_a_layout(resnet18_64) -> None:
+    """Without ``like=`` a state with a stage missing gave a map 1e-3 off, another ResNet's state was
+    accepted, and a route to a map that does not exist ended in a KeyError."""
+    _, explainer, x = resnet18_64
+    dec = explainer.decompose(x, keep=["layer3"])
+    state = dec.state_dict()
+    torch.testing.assert_close(explainer.load_decomposition(dict(state)).saliency(3), dec.saliency(3))
+    missing = {k: v for k, v in state.items() if not k.startswith("stage.3.")}
+    with pytest.raises(ValueError, match="17 stages"):
+        explainer.load_decomposition(missing)
+    other = ierf.SRD(torchvision.models.resnet34(weights=None).eval()).decompose(x[:1]).state_dict()
+    with pytest.raises(ValueError, match="PFV maps"):
+        explainer.load_decomposition(other)
+    routes = {k: v.clone() for k, v in state.items()}
+    routes["stage.2.routes"][0, 0] = 999
+    with pytest.raises(ValueError, match="path from map 999"):
+        explainer.load_decomposition(routes)
+    with pytest.raises(ValueError, match=r"'stage.0.mu' is \(2, "):
+        explainer.load_decomposition({**state, "logits": state["logits"][:1]})
+    with pytest.raises(ValueError, match="several dtypes"):
+        explainer.load_decomposition({**state, "stage.1.mu": state["stage.1.mu"].double()})
+    with pytest.raises(ValueError, match="names no PFV map"):
+        explainer.load_decomposition({**state, "activation.99": state["logits"]})
+
+
+def test_tensors_without_values_are_refused_by_name(resnet18_64) -> None:
+    _, explainer, x = resnet18_64
+    with pytest.raises(ValueError, match="meta device"):
+        explainer.saliency(x.to("meta"), 3)
+    with pytest.raises(TypeError, match="dense tensor"):
+        explainer.saliency(x.to_sparse(), 3)
+    with pytest.raises(ValueError, match="target is on the meta device"):
+        explainer.saliency(x, torch.tensor([3, 4], device="meta"))
+    with pytest.raises(ValueError, match="positions is on the meta device"):
+        explainer.ierf(x, "layer2", torch.tensor([[1, 1]], device="meta"))
+
+
+def test_argument_forms(resnet18_64) -> None:
+    model, explainer, x = resnet18_64
+    dec = explainer.decompose(x, keep="layer3")  # one name, not its letters ("unknown layer 'l'")
+    assert list(dec.activations) == [explainer.program.source_id("layer3")]
+    torch.testing.assert_close(dec.saliency(3, contrast=torch.tensor(7)), dec.saliency(3, contrast=7))
+    with pytest.raises(ValueError, match="head must be one of"):
+        dec.saliency(3, head="")  # was taken as the default head
+    assert explainer.layer_shape("layer3", (np.int64(64), np.int64(64))) == (256, 4, 4)
+    with pytest.raises(ValueError, match="two positive ints"):
+        explainer.layer_shape("layer3", 64)
+    with pytest.raises(ValueError, match="1x1 at this input size"):
+        explainer.saliency(torch.randn(1, 3, 32, 32), 3, contrast="mean")
+    with pytest.raises(UnsupportedModelError, match=r"\.module"):
+        ierf.SRD(nn.DataParallel(model))
+
+    class NoParameters(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x).mean((2, 3))
+
+    assert ierf.SRD(NoParameters().eval()).layer_shape("relu", (8, 8)) == (3, 8, 8)  # was StopIteration

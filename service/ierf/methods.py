@@ -38,6 +38,10 @@ def check_input(x: object, dtype: torch.dtype | None = None) -> torch.Tensor:
     precise error. Every method validates with this, so the same bad call gets the same message."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense tensor, got layout {x.layout} (convert it with .to_dense())")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device: it has a shape but no values to explain")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
     if not x.is_floating_point():

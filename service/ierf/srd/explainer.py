@@ -209,7 +209,7 @@ class Decomposition:
         self, target: int | torch.Tensor, contrast: Contrast = "identity", head: HeadMode | None = None
     ) -> torch.Tensor:
         """Like :meth:`saliency` but in the computation dtype (float64 models stay float64)."""
-        seeds = self._start(self._targets(target), contrast, head or self.head_mode)
+        seeds = self._start(self._targets(target), contrast, self.head_mode if head is None else head)
         return self._propagate(seeds)[:, 0]
 
     def layer_relevance(
@@ -221,12 +221,13 @@ class Decomposition:
     ) -> torch.Tensor:
         """Relevance R^t of every PFV of ``layer`` (B, h, w) for the target: the hidden-layer saliency."""
         sid = self._program.source_id(layer)
-        seeds = self._start(self._targets(target), contrast, head or self.head_mode)
+        head = self.head_mode if head is None else head
+        seeds = self._start(self._targets(target), contrast, head)
         start = max(seeds)
         if sid > start:  # relevance starts below this layer (a gradient head's start map): it never gets any
             raise ValueError(
                 f"layer {layer!r} lies above the start map {self._program.names[start]!r} of the "
-                f"{self._resolve_head(head or self.head_mode)!r} head; pick it or a layer below it"
+                f"{self._resolve_head(head)!r} head; pick it or a layer below it"
             )
         return self._propagate(seeds, stop=sid)[:, 0]
 
@@ -261,6 +262,7 @@ class Decomposition:
                 raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {target}")
             t = torch.full((self.batch,), target, dtype=torch.long, device=self.logits.device)
         else:
+            _check_values(target, "target")
             if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
                 raise TypeError(f"target tensor must hold integers, got dtype {target.dtype}")
             if target.dim() == 0:
@@ -310,6 +312,9 @@ class Decomposition:
 
     def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
         mode = self._resolve_head(head)
+        if isinstance(contrast, torch.Tensor) and contrast.dim() == 0 and _is_integer(contrast.dtype):
+            _check_values(contrast, "contrast")
+            contrast = int(contrast)  # a 0-dim integer tensor, as targets take
         if isinstance(contrast, numbers.Integral) and not isinstance(contrast, bool):
             contrast = int(contrast)  # numpy integers, like targets
         if not (contrast in ("identity", "mean") or (isinstance(contrast, int) and not isinstance(contrast, bool))):
@@ -347,7 +352,8 @@ class Decomposition:
             if positions == 1:
                 raise ValueError(
                     "contrast='mean' subtracts the start map's spatial mean, which leaves nothing of a start "
-                    "map with one position (a fully connected model); contrast with a class index instead"
+                    "map with one position (a fully connected model, or a last feature map of 1x1 at this "
+                    "input size); contrast with a class index instead"
                 )
             total = sum(m.sum((1, 2, 3)) for m in seeds.values())
             mean = (total / positions).view(-1, 1, 1, 1)
@@ -463,6 +469,7 @@ class Decomposition:
             raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
         if int(state["schema"][0]) != SCHEMA_VERSION:
             raise ValueError(f"decomposition schema {int(state['schema'][0])} != {SCHEMA_VERSION}")
+        _check_state_structure(program, state)
         shapes = {int(r[0]): _unpad3(r[1:].tolist()) for r in state["shapes"]}
         stages = []
         i = 0
@@ -478,6 +485,75 @@ class Decomposition:
         head = Head(state["head.contrib"], state["head.bias"], _routes_list(state["head.routes"]))
         acts = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("activation.")}
         return cls(program, state["logits"], stages, shapes, head, acts, head_mode)
+
+
+def _check_state_structure(program: Program, state: dict[str, torch.Tensor]) -> None:
+    """What a state must satisfy to be this program's at all, checked without a forward: one stage per
+    PFV map in forward order, routes from earlier maps, tensors whose shapes agree with each other and
+    with the maps they describe. A state of another model, with a stage missing or with routes to maps
+    that do not exist is refused here; :class:`StateLayout` checks the rest (exact routes and values)."""
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"decomposition state does not fit this model ({type(program.model).__name__}): {problem}")
+
+    floating = {k: v for k, v in state.items() if v.is_floating_point()}
+    integral = {k for k in state if k not in floating}
+    if {"logits", "head.contrib", "head.bias"} - floating.keys():
+        raise bad("logits and head tensors must be floating point")
+    if any(state[k].is_complex() for k in integral):
+        raise bad("a complex tensor")
+    logits = state["logits"]
+    if logits.dim() != 2 or logits.shape[0] < 1:
+        raise bad(f"logits must be (B, classes), got {tuple(logits.shape)}")
+    batch, classes = logits.shape
+    if {v.dtype for v in floating.values()} != {logits.dtype}:
+        raise bad(f"floating tensors of several dtypes: {sorted({str(v.dtype) for v in floating.values()})}")
+    table = state["shapes"]
+    sources = len(program.names)
+    if table.dim() != 2 or table.shape[1] != 4 or table[:, 0].tolist() != list(range(sources)):
+        raise bad(f"'shapes' must list the model's {sources} PFV maps (input included) in order")
+    if (table[:, 1:] == 0).any() or (table[:, 1:] < -1).any():
+        raise bad("'shapes' holds empty or negative sizes")
+    shapes = {int(r[0]): _unpad3(r[1:].tolist()) for r in table}
+
+    def routes_of(key: str, below: int) -> list[Route]:
+        t = state[key]
+        if t.dim() != 2 or t.shape[1] != 5 or t.shape[0] == 0:
+            raise bad(f"{key!r} must be (paths, 5), got {tuple(t.shape)}")
+        routes = _routes_list(t)
+        for r in routes:
+            if not 0 <= r.source < below or r.sy < 1 or r.sx < 1:
+                raise bad(f"{key!r} has a path from map {r.source} with strides ({r.sy}, {r.sx})")
+        return routes
+
+    stage_keys = sorted(int(k.split(".")[1]) for k in state if k.startswith("stage.") and k.endswith(".mu"))
+    if stage_keys != list(range(sources - 1)):
+        raise bad(f"the model has {sources - 1} stages (one per PFV map); the state has {len(stage_keys)}")
+    for i in stage_keys:
+        sink, mu = state.get(f"stage.{i}.sink"), state[f"stage.{i}.mu"]
+        if sink is None or f"stage.{i}.routes" not in state or sink.shape != (1,) or int(sink[0]) != i + 1:
+            raise bad(f"stage {i} must end at map {i + 1} and name its routes")
+        routes = routes_of(f"stage.{i}.routes", i + 1)
+        grid = pfv_grid(shapes[i + 1])
+        if tuple(mu.shape) != (batch, len(routes), *grid):
+            raise bad(f"'stage.{i}.mu' is {tuple(mu.shape)}, not {(batch, len(routes), *grid)}")
+    head_routes = routes_of("head.routes", sources)
+    if tuple(state["head.contrib"].shape) != (batch, classes, len(head_routes)):
+        raise bad(f"'head.contrib' is {tuple(state['head.contrib'].shape)}, not {(batch, classes, len(head_routes))}")
+    if tuple(state["head.bias"].shape) != (1, classes):
+        raise bad(f"'head.bias' is {tuple(state['head.bias'].shape)}, not {(1, classes)}")
+    for key in state:
+        if key.startswith("activation."):
+            sid = key.split(".")[1]
+            if not sid.isdigit() or not 0 <= int(sid) < sources:
+                raise bad(f"{key!r} names no PFV map")
+            if tuple(state[key].shape) != (batch, *shapes[int(sid)]):
+                raise bad(f"{key!r} is {tuple(state[key].shape)}, not {(batch, *shapes[int(sid)])}")
+        elif key not in _STATE_KEYS and not (key.startswith("stage.") and key.split(".")[1].isdigit()):
+            raise bad(f"unexpected entry {key!r}")
+
+
+_STATE_KEYS = frozenset({"schema", "logits", "head.contrib", "head.bias", "head.routes", "shapes"})
 
 
 @dataclass(frozen=True)
@@ -555,9 +631,26 @@ def _unpad3(values: list[int]) -> tuple[int, ...]:
     return tuple(v for v in values if v >= 0)
 
 
+def _is_size(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_values(t: torch.Tensor, what: str) -> None:
+    """A tensor argument whose values SRD reads: dense, and on a device that holds values."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense tensor, got layout {t.layout}")
+    if t.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device: it has no values")
+
+
 def _check_positions(positions: torch.Tensor, h: int, w: int, layer: str) -> torch.Tensor:
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be a LongTensor of shape (P, 2), got {type(positions).__name__}")
+    _check_values(positions, "positions")
     if positions.is_floating_point() or positions.dtype == torch.bool:
         raise TypeError(f"positions must hold integers, got dtype {positions.dtype}")
     if positions.dim() != 2 or positions.shape[1] != 2 or positions.shape[0] == 0:
@@ -602,13 +695,15 @@ class SRD:
     def layer_shape(self, layer: str, input_hw: tuple[int, int] = (224, 224)) -> tuple[int, ...]:
         """(C, h, w) of ``layer`` for an input of size ``input_hw`` (one forward, cached)."""
         sid = self.program.source_id(layer)
-        if len(input_hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_hw):
+        sizes = tuple(input_hw) if isinstance(input_hw, tuple | list) else ()
+        if len(sizes) != 2 or not all(_is_size(v) for v in sizes):
             raise ValueError(f"input_hw must be two positive ints (height, width), got {input_hw!r}")
-        input_hw = (int(input_hw[0]), int(input_hw[1]))
+        input_hw = (int(sizes[0]), int(sizes[1]))
         cache = self.__dict__.setdefault("_shape_cache", {})
         if input_hw not in cache:
-            p = next(self.model.parameters())
-            x = torch.zeros(1, self._input_channels() or 3, *input_hw, dtype=p.dtype, device=p.device)
+            p = next(self.model.parameters(), None)  # a model without parameters computes in the default dtype
+            dtype, device = (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), torch.device("cpu"))
+            x = torch.zeros(1, self._input_channels() or 3, *input_hw, dtype=dtype, device=device)
             with torch.no_grad():
                 cache[input_hw] = self._forward(x).shapes
         return cache[input_hw][sid]
@@ -631,7 +726,7 @@ class SRD:
                 weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
                 if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and isinstance(groups, int):
-                    value = functools.reduce(getattr, str(weight.target).split("."), self.model)
+                    value = self.program.attribute(str(weight.target))
                     return int(value.shape[1]) * groups
                 return None
         return None
@@ -649,6 +744,8 @@ class SRD:
         expected = self._input_channels()
         if expected is not None and x.shape[1] != expected:
             raise ValueError(f"x must have {expected} channels, got {x.shape[1]}")
+        if isinstance(keep, str):
+            keep = [keep]  # one name, not its letters
         keep_ids = {self.program.source_id(name) for name in keep or []}
         dec = self._run(x, keep_ids)
         gradient_head = self.head != "exact" and dec._resolve_head(self.head) != "exact"

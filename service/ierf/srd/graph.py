@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -59,6 +61,7 @@ _TRACE_LOCK = threading.Lock()
 class Traced:
     graph: fx.Graph
     module_outputs: dict[str, fx.Node]  # modules called exactly once -> the node their forward returned
+    constants: dict[str, torch.Tensor]  # tensors the forward creates (``torch.tensor(...)``), by get_attr name
 
 
 def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
@@ -67,6 +70,7 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
     tracer = _Tracer(known)
     with _TRACE_LOCK:
         saved = _attributes(model)
+        containers = _contents(model)
         graph = None
         try:
             graph = tracer.trace(model)
@@ -76,16 +80,24 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
                 "a model whose forward has no data-dependent control flow"
             ) from exc
         finally:
-            # What the graph reads back stays: tensors forward creates (fx stores them as
-            # ``_tensor_constant<k>``) and buffers it registers on its first call.
             read = set() if graph is None else {str(n.target) for n in graph.nodes if n.op == "get_attr"}
-            _restore_attributes(saved, read)
+            # Tensors the forward creates are set on the root by fx (``_tensor_constant<k>``): the graph
+            # keeps them itself, so the caller's module gains nothing. Buffers the forward registers on
+            # its first call (lazy modules) are the model's own and stay.
+            before = saved[0][2]
+            constants = {
+                name: value
+                for name, value in vars(model).items()
+                if name in read and name not in before and isinstance(value, torch.Tensor)
+            }
+            _restore_attributes(saved, read - constants.keys())
+            _restore_contents(containers)
     outputs = {
         path: values[0].node
         for path, values in tracer.module_outputs.items()
         if len(values) == 1 and isinstance(values[0], fx.Proxy)
     }
-    return Traced(graph, outputs)
+    return Traced(graph, outputs, constants)
 
 
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
@@ -126,6 +138,42 @@ def _restore_attributes(saved: list[tuple[str, nn.Module, dict, dict]], keep: se
 
 
 _MISSING = object()
+_CONTAINERS = (list, dict, set)
+
+
+def _contents(model: nn.Module) -> list[tuple[list | dict | set, list | dict | set]]:
+    """Each list, dict and set the modules hold (nested ones included) with a shallow copy of its items:
+    a traced forward that appends to ``self.features`` or counts calls in ``self.stats["calls"]`` changes
+    those objects in place, which putting attributes back cannot undo."""
+    found: list[tuple[list | dict | set, list | dict | set]] = []
+    seen: set[int] = set()
+    pending = [v for m in model.modules() for k, v in vars(m).items() if k not in _REGISTRIES]
+    while pending:
+        value = pending.pop()
+        if not isinstance(value, _CONTAINERS) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        found.append((value, value.copy()))
+        pending.extend(value.values() if isinstance(value, dict) else value)
+    return found
+
+
+def _restore_contents(saved: list[tuple[list | dict | set, list | dict | set]]) -> None:
+    """Put back the items of each container :func:`_contents` found, where the trace changed them
+    (compared by identity: items may be tensors, whose ``==`` is elementwise)."""
+    for container, items in saved:
+        if isinstance(container, dict):
+            assert isinstance(items, dict)
+            changed = list(container) != list(items) or any(container[k] is not v for k, v in items.items())
+            if changed:
+                container.clear()
+                container.update(items)
+        elif isinstance(container, list):
+            if len(container) != len(items) or any(a is not b for a, b in zip(container, items, strict=True)):
+                container[:] = items
+        elif {id(v) for v in container} != {id(v) for v in items}:
+            container.clear()
+            container.update(items)
 
 
 @dataclass
@@ -187,8 +235,11 @@ def _innermost_scope(node: fx.Node) -> str:
     return path
 
 
-def head_subgraph(graph: fx.Graph, start: fx.Node, owner: nn.Module) -> fx.GraphModule:
-    """A module computing the graph output from the value of ``start`` (for gradient-based start maps)."""
+def head_subgraph(
+    graph: fx.Graph, start: fx.Node, owner: nn.Module, attribute: Callable[[str], object]
+) -> fx.GraphModule:
+    """A module computing the graph output from the value of ``start`` (for gradient-based start maps);
+    ``attribute`` resolves what its get_attr nodes read. It shares the owner's submodules and tensors."""
     downstream: set[fx.Node] = {start}
     for node in graph.nodes:
         if any(a in downstream for a in node.all_input_nodes):
@@ -211,7 +262,12 @@ def head_subgraph(graph: fx.Graph, start: fx.Node, owner: nn.Module) -> fx.Graph
                         "head that depends on the last feature map only"
                     )
         env[node] = new.node_copy(node, lambda n: env[n])
-    return fx.GraphModule(owner, new)
+    parts = {
+        str(n.target): attribute(str(n.target)) if n.op == "get_attr" else owner.get_submodule(str(n.target))
+        for n in new.nodes
+        if n.op in ("get_attr", "call_module")
+    }
+    return fx.GraphModule(parts, new)
 
 
 def module_of(model: nn.Module, target: str) -> nn.Module:

@@ -5,7 +5,8 @@ default for cuDNN): SRD's ratios are exact quantities, and with TF32 a ResNet50 
 2.2 % off the CPU's (max-normalised), against 7e-7 in full float32. So SRD's own work on CUDA runs with
 TF32 off for convolutions and matrix products, and the caller's settings are put back afterwards.
 The settings are process-wide: another thread's CUDA work during the window also runs in full
-float32 (slower, never less exact).
+float32 (slower, never less exact). A caller's ``torch.autocast`` region (thread-local) is switched off
+for SRD's work on any device: its ratios need the model's own dtype throughout.
 """
 
 from __future__ import annotations
@@ -18,8 +19,17 @@ import torch
 
 @contextlib.contextmanager
 def full_float32(device: torch.device) -> Iterator[None]:
-    """TF32 off for cuDNN convolutions and CUDA matrix products while SRD runs on ``device``; nothing
-    changes on other devices."""
+    """Autocast off, and TF32 off for cuDNN convolutions and CUDA matrix products, while SRD runs on
+    ``device``."""
+    with contextlib.ExitStack() as stack:
+        if torch.amp.is_autocast_available(device.type):
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+        stack.enter_context(_no_tf32(device))
+        yield
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return

@@ -64,12 +64,18 @@ class Program:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} wraps the model for training on several devices: pass the model "
+                "itself (its .module) to SRD"
+            )
         self.model = model
         known = known_module_types()
         self.built_from = module_identities(model)
         check_model_state(model, self.built_from)  # hooks would also run, on fx proxies, while tracing
         traced = trace(model, known)
         self.graph = traced.graph
+        self.constants = traced.constants
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
         activations: list[fx.Node] = []
         placeholders = 0
@@ -168,10 +174,17 @@ class Program:
         head = _head(out)
         return RunResult(logits, interp.stages, interp.shapes, head, interp.kept)
 
+    def attribute(self, target: str) -> Any:
+        """What a ``get_attr`` node reads: a tensor the forward created (kept by the program, not on the
+        caller's module), or a parameter, buffer or attribute of the model."""
+        if target in self.constants:
+            return self.constants[target]
+        return functools.reduce(getattr, target.split("."), self.model)
+
     def head_module(self, source: int) -> fx.GraphModule:
         """The model's own head from PFV map ``source`` to logits (for gradient start maps)."""
         if source not in self._head_modules:
-            self._head_modules[source] = head_subgraph(self.graph, self.node_of[source], self.model)
+            self._head_modules[source] = head_subgraph(self.graph, self.node_of[source], self.model, self.attribute)
         return self._head_modules[source]
 
 
@@ -220,7 +233,6 @@ class _Interpreter:
 
     def execute(self, x: torch.Tensor) -> Any:
         env: dict[fx.Node, Any] = {}
-        model = self.program.model
         self.shapes[0] = tuple(x.shape[1:])
         if 0 in self.keep:
             self.kept[0] = x
@@ -229,7 +241,7 @@ class _Interpreter:
                 env[node] = Source(x, 0)
                 continue
             if node.op == "get_attr":
-                env[node] = functools.reduce(getattr, str(node.target).split("."), model)
+                env[node] = self.program.attribute(str(node.target))
                 continue
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])

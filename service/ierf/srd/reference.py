@@ -120,7 +120,10 @@ class ReferenceSRD:
         args = fx.node.map_arg(node.args, lambda n: values[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
         if node.op == "get_attr":
-            return functools.reduce(getattr, str(node.target).split("."), model)
+            target = str(node.target)
+            if target in self.program.constants:  # a tensor the forward creates: kept by the program
+                return self.program.constants[target]
+            return functools.reduce(getattr, target.split("."), model)
         if node.op == "call_module":
             m = model.get_submodule(str(node.target))
             if isinstance(m, nn.MaxPool2d):
