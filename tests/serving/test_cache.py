@@ -669,3 +669,126 @@ def test_a_half_open_trial_that_never_returns_normally_does_not_wedge_the_breake
     time.sleep(0.15)
     assert tier.breaker.allow()  # a new trial is let through
     tier.close()
+
+
+# -- cache review follow-ups: values past the cap, DNS, URLs, logging ---------------------------------------
+def test_a_value_past_the_cap_is_read_no_further_than_the_cap_and_removed(redis_flushed) -> None:
+    """Someone else's 400 MB value under a key was read whole on every lookup (+720 MB of memory each)
+    and stayed there."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_flushed.url, socket_timeout=2)
+    raw.set(KEY, b"x" * 200_000)
+    tier = RedisTier(RedisSettings(url=redis_flushed.url, max_value_bytes=1000))
+    sent_before = int(raw.info("stats")["total_net_output_bytes"])
+    assert tier.get(KEY) == ("error", None)
+    assert int(raw.info("stats")["total_net_output_bytes"]) - sent_before < 20_000  # not the 200 kB
+    assert not raw.exists(KEY)
+    assert tier.get(KEY) == ("miss", None) and tier.breaker.state == "closed"
+    assert tier.put(KEY, b"v" * 1000) == "stored" and tier.get(KEY) == ("hit", b"v" * 1000)  # exactly the cap
+    tier.close()
+    raw.close()
+
+
+def _dns(answers: dict[str, str], silent: set[str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A name service for this test: ``answers`` resolve to addresses, ``silent`` names never answer (as a
+    DNS server that drops queries: glibc waits 5 s per try); every other lookup is the real one."""
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host in silent:
+            asked.append(host)
+            time.sleep(5)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host in answers:
+            asked.append(host)
+            host = answers[host]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_a_dns_server_that_does_not_answer_costs_a_request_the_connect_timeout_not_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py resolves the host on every reconnect, in the request's thread: each command blocked 10 s
+    (20 s with a pod's search list) while the DNS did not answer, past the 2.2 s cap on a command."""
+    _dns({}, {"redis.silent.test"}, monkeypatch)
+    tier = RedisTier(RedisSettings(url="redis://redis.silent.test:6379/0", failure_threshold=2))
+    start = time.perf_counter()
+    assert tier.get("k") == ("error", None)
+    assert tier.put("k", b"v") == "error"
+    assert time.perf_counter() - start < 1.0  # two connect timeouts (0.2 s) at most, not 10 s
+    assert tier.breaker.state == "open"
+    tier.close()
+
+
+def test_a_host_name_is_looked_up_behind_the_requests_and_followed_when_it_moves(
+    redis_flushed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = int(redis_flushed.url.rsplit(":", 1)[1].split("/")[0])
+    answers = {"redis.moving.test": "127.0.0.1"}
+    asked = _dns(answers, set(), monkeypatch)
+    tier = RedisTier(RedisSettings(url=f"redis://redis.moving.test:{port}/0", failure_threshold=1, open_seconds=0.2))
+    assert tier.put("k", b"v") == "stored" and tier.get("k") == ("hit", b"v")
+    assert asked == ["redis.moving.test"]  # once, not per command
+    answers["redis.moving.test"] = "127.0.0.2"  # nothing listens there: Redis "moved" away
+    tier._resolver.refresh()
+    deadline = time.monotonic() + 5
+    while tier.get("k")[0] == "hit" and time.monotonic() < deadline:  # the new address arrives behind
+        time.sleep(0.05)
+    assert tier.breaker.state == "open"
+    answers["redis.moving.test"] = "127.0.0.1"  # and back: the failure asked for a fresh lookup
+    deadline = time.monotonic() + 5
+    while tier.get("k") != ("hit", b"v") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tier.get("k") == ("hit", b"v")
+    tier.close()
+
+
+def test_failures_are_logged_when_they_open_the_breaker_and_when_it_closes(
+    redis_flushed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Failures were only counted: a wrong password, a full server or a timeout looked the same."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_flushed.url, socket_timeout=2)
+    tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{_closed_port()}/0", failure_threshold=2, open_seconds=0.1))
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        for _ in range(4):
+            tier.get("k")
+    failing = [r.getMessage() for r in caplog.records if "is failing" in r.getMessage()]
+    assert len(failing) == 1 and "ConnectionError" in failing[0]
+    tier.close()
+
+    caplog.clear()
+    tier = RedisTier(RedisSettings(url=redis_flushed.url, failure_threshold=1, open_seconds=0.1))
+
+    def fails(client: object) -> None:
+        raise ConnectionError("dropped")
+
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        tier._run(fails)
+        time.sleep(0.15)
+        assert tier.get("k") == ("miss", None)  # the trial succeeds
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("is failing (ConnectionError: dropped)" in m for m in messages)
+    assert any("answers again" in m for m in messages)
+    tier.close()
+
+    caplog.clear()
+    tier = RedisTier(RedisSettings(url=redis_flushed.url))
+    raw.rpush("a-list", "x")
+    raw.config_set("maxmemory", "1")  # every write is refused: OOM
+    try:
+        with caplog.at_level("WARNING", logger="ray.serve"):
+            for _ in range(3):
+                assert tier.put("k", b"v") == "error"
+    finally:
+        raw.config_set("maxmemory", "128mb")
+    refused = [r.getMessage() for r in caplog.records if "refused SET" in r.getMessage()]
+    assert len(refused) == 1 and "OutOfMemoryError" in refused[0]  # once a minute, not per write
+    tier.close()
+    raw.close()

@@ -117,6 +117,11 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"cache": {"redis_url": "127.0.0.1:6379"}}, r"cache\.redis_url must be null, a redis://"),
         ({"cache": {"redis_url": 6379}}, r"cache\.redis_url"),
         ({"cache": {"redis_url": "env:"}}, r"cache\.redis_url"),
+        # URLs redis-py cannot read passed the scheme check, then failed every request with INVALID_ARGUMENT
+        ({"cache": {"redis_url": "redis://127.0.0.1:99999/0"}}, r"Port out of range"),
+        ({"cache": {"redis_url": "redis://h:port/0"}}, r"Port could not be cast"),
+        ({"cache": {"redis_url": "redis://h:6379/zero"}}, r"database after the last '/' must be a number"),
+        ({"cache": {"redis_url": "redis://user:s3cret@h:port/0"}}, r"'redis://user:\*\*\*@h:port/0'"),
         ({"cache": 5}, r"cache must be a mapping"),
         ({"ingress": ["max_pixels"]}, r"ingress must be a mapping"),
         ({"models": [{"id": "a", "seed": -1}]}, r"models\[0\]\.seed must be an integer >= 0"),
@@ -156,6 +161,9 @@ def test_redis_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.cache.resolved_redis_url() is None
     monkeypatch.setenv("IERF_TEST_REDIS", "redis://127.0.0.1:1/0")
     assert config.cache.resolved_redis_url() == "redis://127.0.0.1:1/0"
+    monkeypatch.setenv("IERF_TEST_REDIS", "ierf-redis:6379")  # no scheme: checked when the replica starts
+    with pytest.raises(ValueError, match=r"\$IERF_TEST_REDIS .* got 'ierf-redis:6379'"):
+        config.cache.resolved_redis_url()
 
 
 def test_deployment_overrides_are_checked() -> None:

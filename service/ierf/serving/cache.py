@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import json
+import logging
+import math
+import socket
 import struct
 import sys
 import threading
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
+
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log
 
 SCHEMA_VERSION = "v1"
 CODEC_FORMAT = "ierf-safetensors-2"  # -2: the metadata carries a CRC-32 of the tensor data
@@ -264,18 +270,24 @@ class CircuitBreaker:
                 return True
             return False
 
-    def record_success(self) -> None:
+    def record_success(self) -> bool:
+        """Count a success; True when it closes an open breaker."""
         with self._lock:
+            was_open = self._opened_at is not None
             self._failures = 0
             self._opened_at = None
             self._trial_in_flight = False
+            return was_open
 
-    def record_failure(self) -> None:
+    def record_failure(self) -> bool:
+        """Count a failure; True when it opens a closed breaker."""
         with self._lock:
+            was_open = self._opened_at is not None
             self._failures += 1
             self._trial_in_flight = False
-            if self._opened_at is not None or self._failures >= self.failure_threshold:
+            if was_open or self._failures >= self.failure_threshold:
                 self._opened_at = self._clock()
+            return not was_open and self._opened_at is not None
 
 
 # ---------------------------------------------------------------------------------------------- L2
@@ -348,6 +360,66 @@ class _Watchdog:
         self._stop.set()
 
 
+class _HostResolver:
+    """The Redis host's address, looked up on a thread of its own and refreshed in the background.
+
+    redis-py resolves the host name on every (re)connect, in the calling thread: with a DNS server that
+    does not answer, each command then blocked for the resolver's whole timeout (10 s with glibc's
+    defaults, 20 s with a pod's search list), past every Redis timeout and out of the watchdog's reach.
+    Requests connect to the last address found instead; a failure asks for a fresh lookup, which runs
+    behind them.
+    """
+
+    def __init__(self, host: str, port: int, refresh_s: float = 30.0, retry_s: float = 1.0) -> None:
+        self.host, self.port = host, port
+        self.refresh_s, self.retry_s = refresh_s, retry_s
+        self._address: str | None = None
+        self._next_at = 0.0
+        self._busy = False
+        self._found = threading.Event()
+        self._lock = threading.Lock()
+        self.address(wait_s=0.0)  # start the first lookup now
+
+    def address(self, wait_s: float) -> str | None:
+        """The host's last known address (waiting up to ``wait_s`` for a first one); starts a lookup in
+        the background when the address is due for a refresh."""
+        with self._lock:
+            start = not self._busy and time.monotonic() >= self._next_at
+            self._busy = self._busy or start
+            address = self._address
+        if start:
+            threading.Thread(target=self._lookup, name="ierf-redis-resolver", daemon=True).start()
+        if address is None and wait_s > 0 and self._found.wait(wait_s):
+            with self._lock:
+                address = self._address
+        return address
+
+    def refresh(self) -> None:
+        """Look the name up again (in the background) before the next connection: Redis may have moved."""
+        with self._lock:
+            self._next_at = 0.0
+
+    def _lookup(self) -> None:
+        address = None
+        with contextlib.suppress(OSError, IndexError, UnicodeError):  # no answer: keep the last address
+            address = str(socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][4][0])
+        with self._lock:
+            self._busy = False
+            self._next_at = time.monotonic() + (self.refresh_s if address else self.retry_s)
+            if address:
+                self._address = address
+        if address:
+            self._found.set()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class RedisTier:
     """Redis GET/SET that never raises: results are ("hit", bytes) / ("miss"|"error"|"skipped", None).
 
@@ -356,87 +428,143 @@ class RedisTier:
     SET on the write-behind thread never takes a request's GET down with it. Any exception counts as a
     failure, not only redis-py's own: a malformed reply surfaces as ValueError or AttributeError. An
     error reply from a server that answered (WRONGTYPE: another program's value under the key) is no
-    outage: a miss, and the breaker counts the server as up.
+    outage: a miss, and the breaker counts the server as up. A plain ``redis://`` host name is resolved
+    off the request path (:class:`_HostResolver`); ``rediss://`` keeps the name for its certificate check.
+    Failures are logged when they open the breaker (and when it closes again), error replies at most once
+    a minute per kind.
     """
 
     def __init__(self, settings: RedisSettings) -> None:
+        from redis.connection import parse_url
+
         self.settings = settings
+        self._options = parse_url(settings.url)  # ValueError for a URL redis-py cannot read: at start, not per call
+        host = self._options.get("host")
+        plain = "connection_class" not in self._options  # redis://, not TLS or a unix socket
+        self._resolver = (
+            _HostResolver(host, int(self._options.get("port", 6379)))
+            if plain and isinstance(host, str) and not _is_ip(host)
+            else None
+        )
+        self.where = self._options.get("path") or f"{host}:{self._options.get('port', 6379)}"  # no password
         self.breaker = CircuitBreaker(settings.failure_threshold, settings.open_seconds)
         self._local = threading.local()
         self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
         self._clients_lock = threading.Lock()
         self._watchdog = _Watchdog()
+        self._logged: dict[str, float] = {}  # error reply kind -> when last logged
 
     def _client(self) -> Any:
+        address = None
+        if self._resolver is not None:
+            address = self._resolver.address(wait_s=self.settings.connect_timeout_s)
+            if address is None:
+                raise ConnectionError(f"no address found for Redis host {self._resolver.host!r} (yet)")
         client = getattr(self._local, "client", None)
+        if client is not None and getattr(self._local, "address", None) != address:
+            with contextlib.suppress(Exception):
+                client.close()  # the name now resolves elsewhere
+            client = None
         if client is None:
             import redis
             from redis.backoff import NoBackoff
             from redis.retry import Retry
 
             # redis-py 8 defaults block ~4 s on a refused connection (retries with backoff): disable both.
-            client = self._local.client = redis.Redis.from_url(
-                self.settings.url,
-                socket_connect_timeout=self.settings.connect_timeout_s,
-                socket_timeout=self.settings.timeout_s,
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-                max_connections=4,  # one thread runs one command at a time
-            )
+            options = {
+                "socket_connect_timeout": self.settings.connect_timeout_s,
+                "socket_timeout": self.settings.timeout_s,
+                "retry": Retry(NoBackoff(), 0),
+                "retry_on_timeout": False,
+                "health_check_interval": 0,
+                "max_connections": 4,  # one thread runs one command at a time
+                **self._options,  # what the URL says wins, as in redis.Redis.from_url
+            }
+            if address is not None:
+                options["host"] = address
+            pool = redis.ConnectionPool(**options)
+            client = redis.Redis(connection_pool=pool)
+            client.auto_close_connection_pool = True
+            self._local.client, self._local.address = client, address
             with self._clients_lock:
                 self._clients.add(client)
         return client
 
-    def _run(self, command: Callable[[Any], T]) -> tuple[str, T | None]:
+    def _run(self, command: Callable[[Any], T], name: str = "command") -> tuple[str, T | None]:
         """("ok", result); ("skipped", None) while the breaker is open; ("error", None) after any error or
         past the operation deadline; ("reply_error", None) when the server answered with an error."""
         import redis
 
         if not self.breaker.allow():
             return "skipped", None
-        client = self._client()
-        token = self._watchdog.begin(self.settings.operation_timeout_s, client.connection_pool.disconnect)
-        outcome, result = "error", None
+        outcome, result, overran, problem = "error", None, False, ""
         try:
-            result = command(client)
-            outcome = "ok"
-        except redis.ResponseError:
+            client = self._client()
+            token = self._watchdog.begin(self.settings.operation_timeout_s, client.connection_pool.disconnect)
+            try:
+                result = command(client)
+                outcome = "ok"
+            finally:
+                overran = self._watchdog.end(token)  # finished, but only after its connection was dropped
+        except redis.ResponseError as exc:
             outcome = "reply_error"
-        except Exception:
-            pass
+            self._log_reply(name, exc)
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
         finally:
-            overran = self._watchdog.end(token)  # finished, but only after its connection was dropped
             if outcome == "error" or overran:
-                self.breaker.record_failure()  # in ``finally``: a half-open trial is never left in flight
-            else:
-                self.breaker.record_success()
+                # in ``finally``: a half-open trial is never left in flight
+                if self.breaker.record_failure():
+                    problem = problem or f"no reply within {self.settings.operation_timeout_s:g} s"
+                    logger.warning(
+                        "Redis %s is failing (%s): cache reads and writes skip it for %g s, then one trial",
+                        self.where,
+                        problem[:300],
+                        self.settings.open_seconds,
+                    )
+                if self._resolver is not None:
+                    self._resolver.refresh()
+            elif self.breaker.record_success():
+                logger.warning("Redis %s answers again: cache reads and writes resume", self.where)
         if overran:
             return "error", None
         return outcome, result
 
+    def _log_reply(self, command: str, exc: Exception) -> None:
+        """An error reply (a full or read-only server, missing permissions) changes no outcome, but
+        operators need its cause: once a minute per kind."""
+        kind = f"{type(exc).__name__}:{(str(exc).split() or ['?'])[0]}"  # redis-py drops "OOM" for its class
+        now = time.monotonic()
+        if now - self._logged.get(kind, -math.inf) >= 60.0:
+            self._logged[kind] = now
+            logger.warning("Redis %s refused %s (%s: %s)", self.where, command, type(exc).__name__, str(exc)[:300])
+
     def get(self, key: str) -> tuple[str, bytes | None]:
-        status, value = self._run(lambda client: client.get(key))
+        # At most one byte past the cap comes over the wire: a larger value (not something this cache
+        # wrote) was read whole on every lookup, 400 MB at a time, and never went away.
+        cap = self.settings.max_value_bytes
+        status, value = self._run(lambda client: client.getrange(key, 0, cap), "GETRANGE")
         if status == "reply_error":  # a value of another type under the key: not ours, and never readable
             self.delete(key)
             return "error", None
         if status != "ok":
             return status, None
-        if value is None:
+        if value == b"":  # no such key (or an empty value, which no codec writes)
             return "miss", None
-        if not isinstance(value, bytes) or len(value) > self.settings.max_value_bytes:
-            return "error", None  # not something this cache wrote
+        if not isinstance(value, bytes) or len(value) > cap:
+            self.delete(key)  # not something this cache wrote
+            return "error", None
         return "hit", value
 
     def put(self, key: str, value: bytes) -> str:
         if len(value) > self.settings.max_value_bytes:
             return "too_big"
-        status, _ = self._run(lambda client: client.set(key, value, ex=self.settings.ttl_s))
+        status, _ = self._run(lambda client: client.set(key, value, ex=self.settings.ttl_s), "SET")
         return {"ok": "stored", "reply_error": "error"}.get(status, status)
 
     def delete(self, key: str) -> None:
         """Best effort: drop a value that failed to decode so it is recomputed once, not forever."""
-        self._run(lambda client: client.delete(key))
+        self._run(lambda client: client.delete(key), "DEL")
 
     def close(self) -> None:
         self._watchdog.stop()

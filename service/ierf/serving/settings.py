@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ierf.serving.images import ImageLimits
 
@@ -145,10 +146,8 @@ class CacheConfig:
         url = self.redis_url
         if url is not None and url != "":  # None or "": L2 off
             env = isinstance(url, str) and url.startswith("env:") and len(url) > 4
-            if not env and not (isinstance(url, str) and url.startswith(_REDIS_SCHEMES)):
-                raise ValueError(
-                    f"redis_url must be null, a redis://, rediss:// or unix:// URL, or env:VARIABLE, got {url!r}"
-                )
+            if not env:
+                check_redis_url(url, "redis_url")
         _seconds("connect_timeout_s", self.connect_timeout_s)
         _seconds("timeout_s", self.timeout_s)
         _integer("ttl_s", self.ttl_s, 1, " (seconds)")
@@ -164,9 +163,43 @@ class CacheConfig:
             )
 
     def resolved_redis_url(self) -> str | None:
+        """The URL, read from the environment for ``env:VAR`` (checked here: a replica with a URL it
+        cannot use fails at start, saying why, instead of failing every request)."""
         if self.redis_url and self.redis_url.startswith("env:"):
-            return os.environ.get(self.redis_url[4:]) or None
+            url = os.environ.get(self.redis_url[4:]) or None
+            if url is not None:
+                check_redis_url(url, f"${self.redis_url[4:]} (redis_url {self.redis_url})")
+            return url
         return self.redis_url or None
+
+
+def check_redis_url(url: object, what: str) -> str:
+    """A Redis URL that redis-py reads as written: a scheme it knows, a port in range, a numeric db."""
+    if not (isinstance(url, str) and url.startswith(_REDIS_SCHEMES)):
+        shown = _redacted(url) if isinstance(url, str) else repr(url)
+        raise ValueError(f"{what} must be null, a redis://, rediss:// or unix:// URL, or env:VARIABLE, got {shown}")
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+        db = urlsplit(url).path.strip("/")
+    except ValueError as exc:
+        raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {exc}") from None
+    if not url.startswith("unix:") and db and not db.isdigit():
+        raise ValueError(f"{what} {_redacted(url)}: the database after the last '/' must be a number, got {db!r}")
+    return url
+
+
+def _redacted(url: str) -> str:
+    """``url`` for a message, its password replaced (the config may hold one)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return repr(url)
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return repr(parts._replace(netloc=netloc).geturl())
+    except ValueError:
+        return "(a URL that cannot be parsed)"
 
 
 @dataclass(frozen=True)
