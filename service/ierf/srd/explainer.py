@@ -469,7 +469,6 @@ class Decomposition:
             raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
         if int(state["schema"][0]) != SCHEMA_VERSION:
             raise ValueError(f"decomposition schema {int(state['schema'][0])} != {SCHEMA_VERSION}")
-        _check_state_structure(program, state)
         shapes = {int(r[0]): _unpad3(r[1:].tolist()) for r in state["shapes"]}
         stages = []
         i = 0
@@ -496,6 +495,9 @@ def _check_state_structure(program: Program, state: dict[str, torch.Tensor]) -> 
     def bad(problem: str) -> ValueError:
         return ValueError(f"decomposition state does not fit this model ({type(program.model).__name__}): {problem}")
 
+    missing = sorted(_STATE_KEYS - state.keys())
+    if missing:
+        raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
     floating = {k: v for k, v in state.items() if v.is_floating_point()}
     integral = {k for k in state if k not in floating}
     if {"logits", "head.contrib", "head.bias"} - floating.keys():
@@ -777,11 +779,14 @@ class SRD:
 
     def load_decomposition(self, state: dict[str, torch.Tensor], like: StateLayout | None = None) -> Decomposition:
         """A decomposition from :meth:`Decomposition.state_dict` tensors. ``like``: the layout the state
-        must have (:meth:`StateLayout.of` a decomposition of this model at the same input size); states
-        read back from a shared store should always be checked, since a mismatched one fails or gives
-        wrong maps only when queried."""
+        must have (:meth:`StateLayout.of` a decomposition of this model at the same input size), checked
+        exactly: routes, shapes, finite values. Without it the state is checked for structure only (another
+        model's state, a missing stage or a route to no map is refused); states read back from a shared
+        store should always be checked with ``like``."""
         if like is not None:
-            like.check(state)
+            like.check(state)  # exact: implies the structure
+        elif isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            _check_state_structure(self.program, state)
         return Decomposition.from_state(self.program, state, self.head)
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:
