@@ -3,7 +3,7 @@
 #
 #   docker build -t ierf:0.1.0 .                                   # CPU torch
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t ierf:0.1.0-gpu .
-#   docker run --rm -p 9000:9000 -p 8000:8000 -p 8080:8080 ierf:0.1.0 \
+#   docker run --rm --shm-size=1g -p 9000:9000 -p 8000:8000 -p 8080:8080 ierf:0.1.0 \
 #       python -m ierf.serving serve --http-host 0.0.0.0 --redis-url redis://redis-host:6379/0
 #
 # The same image runs under KubeRay (deploy/k8s/rayservice.yaml): KubeRay starts Ray itself and

@@ -14,6 +14,7 @@ from ierf.serving.settings import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_ADDED_LABELS = {"deployment", "replica", "application"}
+SCRAPE_LABELS = {"namespace", "pod"}  # added by the Prometheus Operator's PodMonitor scrape
 
 
 def _rayservice() -> dict:
@@ -122,13 +123,77 @@ def test_dashboard_queries_use_exported_metric_names_and_labels() -> None:
             name = match.group(1)
             assert name in METRICS, f"{name} is not defined in ierf.serving.metrics"
             seen.add(name)
-            labels = set(METRICS[name][2]) | RAY_ADDED_LABELS | {"le"}
+            labels = set(METRICS[name][2]) | RAY_ADDED_LABELS | SCRAPE_LABELS | {"le"}
             for group in re.findall(r"by \(([^)]*)\)", expr):
                 used = {label.strip() for label in group.split(",")}
                 assert used <= labels, f"{expr}: labels {used - labels} not on {name}"
             for label in re.findall(r"(\w+)=~?\"", expr):
                 assert label in labels, f"{expr}: label {label} not on {name}"
     assert seen == set(METRICS)  # every metric has a panel
+    # one namespace at a time (staging and production were summed) and only ierf's own Redis
+    assert all('namespace=~"$namespace"' in expr for expr in exprs), [e for e in exprs if "$namespace" not in e]
+
+
+def _k8s(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / name).read_text()) if d]
+
+
+def test_kustomization_applies_every_manifest() -> None:
+    (kustomization,) = _k8s("kustomization.yaml")
+    manifests = {p.name for p in (ROOT / "deploy" / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests
+
+
+def test_alert_rules_use_exported_metric_names_and_labels() -> None:
+    (rule,) = _k8s("alerts.yaml")
+    exprs = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert exprs
+    for expr in exprs:
+        for match in re.finditer(r"ray_(explainer_\w+?)(_bucket|_sum|_count)?\b", expr):
+            name = match.group(1)
+            assert name in METRICS, f"{name} is not defined in ierf.serving.metrics"
+            labels = set(METRICS[name][2]) | RAY_ADDED_LABELS | SCRAPE_LABELS | {"le"}
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                assert {label.strip() for label in group.split(",")} <= labels, expr
+            for label in re.findall(r"(\w+)=~?\"", expr):
+                assert label in labels, f"{expr}: label {label} not on {name}"
+
+
+def test_network_policies_let_the_ray_pods_reach_redis_and_callers_reach_grpc() -> None:
+    """A policy whose selectors miss the pods would cut the service off from its cache, or callers off
+    from the service, only on clusters that enforce policies: checked here against the pod templates."""
+    policies = {p["metadata"]["name"]: p["spec"] for p in _k8s("networkpolicy.yaml")}
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    redis_pod = next(d for d in _k8s("redis.yaml") if d["kind"] == "Deployment")["spec"]["template"]
+
+    def selects(selector: dict, template: dict) -> bool:
+        return selector["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+    redis = policies["ierf-redis"]
+    assert selects(redis["podSelector"], redis_pod)
+    (cache_rule,) = [r for r in redis["ingress"] if {p["port"] for p in r["ports"]} == {6379}]
+    assert all(selects(cache_rule["from"][0]["podSelector"], t) for t in templates)
+    ray = policies["ierf-ray"]
+    assert all(selects(ray["podSelector"], t) for t in templates)
+    open_ports = {p["port"] for r in ray["ingress"] if "from" not in r for p in r["ports"]}
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert {ports["serve-grpc"], ports["serve"], ports["metrics"]} <= open_ports
+        assert 8265 not in open_ports  # Ray's dashboard runs submitted jobs: the operator only
+
+
+def test_pods_run_as_the_images_unprivileged_user() -> None:
+    user = re.search(r"^USER (\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert user is not None
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] and pod["runAsUser"] == int(user.group(1))
+        for container in template["spec"]["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
 @pytest.mark.parametrize("pin", ["torch==2.14.1", "torchvision==0.29.1"])

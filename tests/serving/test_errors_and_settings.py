@@ -158,7 +158,11 @@ def test_values_at_the_edge_of_their_range_are_accepted() -> None:
 def test_redis_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     config = ServiceConfig.from_args({"cache": {"redis_url": "env:IERF_TEST_REDIS"}})
     monkeypatch.delenv("IERF_TEST_REDIS", raising=False)
-    assert config.cache.resolved_redis_url() is None
+    with pytest.raises(ValueError, match=r"\$IERF_TEST_REDIS is not set in this replica.*redis_url: null"):
+        config.cache.resolved_redis_url()  # it meant "no Redis", silently
+    monkeypatch.setenv("IERF_TEST_REDIS", "")
+    with pytest.raises(ValueError, match="is not set"):
+        config.cache.resolved_redis_url()
     monkeypatch.setenv("IERF_TEST_REDIS", "redis://127.0.0.1:1/0")
     assert config.cache.resolved_redis_url() == "redis://127.0.0.1:1/0"
     monkeypatch.setenv("IERF_TEST_REDIS", "ierf-redis:6379")  # no scheme: checked when the replica starts

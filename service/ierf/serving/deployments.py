@@ -119,12 +119,16 @@ class ExplainerWorker:
         self.metrics.model_info(model.id, self.host.model.weights_digest, str(self.host.device))
         from ierf.srd import gemm
 
+        l2 = self.host.cache.l2
         logger.info(
-            "worker %s ready on %s with %d torch threads (float32 CPU products: %s); warm-up times: %s",
+            "worker %s ready on %s with %d torch threads (float32 CPU products: %s); cache L1 %d MiB, L2 %s; "
+            "warm-up times: %s",
             model.id,
             self.host.device,
             threads,
             gemm.chosen() or "none yet",
+            self.host.cache.l1.capacity_bytes // 2**20,
+            f"Redis at {l2.where}" if l2 is not None else "off",
             ", ".join(f"{work} {seconds:.3f} s" for work, seconds in self.host._estimates.items()),
         )
 

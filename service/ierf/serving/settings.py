@@ -163,13 +163,19 @@ class CacheConfig:
             )
 
     def resolved_redis_url(self) -> str | None:
-        """The URL, read from the environment for ``env:VAR`` (checked here: a replica with a URL it
-        cannot use fails at start, saying why, instead of failing every request)."""
+        """The URL, read from the environment for ``env:VAR`` and checked there: a replica whose variable is
+        unset (an overlay that dropped it, a typo) or holds a URL it cannot use fails at start, saying why,
+        instead of running without Redis unnoticed or failing every request. ``redis_url: null`` is the
+        way to run without Redis."""
         if self.redis_url and self.redis_url.startswith("env:"):
-            url = os.environ.get(self.redis_url[4:]) or None
-            if url is not None:
-                check_redis_url(url, f"${self.redis_url[4:]} (redis_url {self.redis_url})")
-            return url
+            name = self.redis_url[4:]
+            url = os.environ.get(name)
+            if not url:
+                raise ValueError(
+                    f"redis_url is {self.redis_url} but ${name} is not set in this replica: set it to the Redis URL "
+                    "(redis://host:6379/0), or set redis_url: null to run without Redis"
+                )
+            return check_redis_url(url, f"${name} (redis_url {self.redis_url})")
         return self.redis_url or None
 
 
