@@ -52,6 +52,9 @@ def resolve_target(target: object, batch: int) -> torch.Tensor:
         raise TypeError(f"target must be an int or an integer tensor, got {type(target).__name__}")
     if (target < 0).any():
         raise ValueError(f"target class indices must be >= 0, got {target.tolist()}")
+    if target.is_inference():  # made under the caller's torch.inference_mode: autograd cannot save it
+        with torch.inference_mode(False):
+            target = target.clone()
     return target
 
 
@@ -106,8 +109,10 @@ def model_guard(model: nn.Module) -> Iterator[None]:
     are dropped). Parameters are frozen inside so no library writes parameter gradients.
     Guarded calls on the same model are serialised (one lock per model): otherwise two threads'
     snapshots would interleave and one could restore the other's temporary hooks or flags.
+    Gradients are on inside, whatever the caller's ``torch.no_grad()`` or ``torch.inference_mode()``:
+    these methods are defined by a backward pass.
     """
-    with _lock_for(model), _guarded(model):
+    with _lock_for(model), torch.inference_mode(False), torch.enable_grad(), _guarded(model):
         yield
 
 
