@@ -292,3 +292,76 @@ def test_srd_is_attacked_on_the_smoothed_copy_of_a_relu6_network() -> None:
         srd_factory, evaluate, model, x, target, torch.roll(before, 1, 0), epsilon=0.1, bounds=(-1, 1), steps=3
     )
     assert result.smoothed
+
+
+# -- metrics review follow-ups ---------------------------------------------------------------------------------
+def test_top_k_ties_count_at_chance_not_in_index_order() -> None:
+    """Tied pixels were taken in index order by both maps, so two all-zero maps overlapped fully and two
+    maps with disjoint positive pixels (zeros elsewhere) shared every tied zero they picked."""
+    zeros = torch.zeros(1, 10, 10)
+    assert top_k_intersection(zeros, zeros).item() == pytest.approx(0.1)  # k / N: chance
+    a, b = zeros.clone(), zeros.clone()
+    a[0, 0, :5], b[0, 5, :5] = 1.0, 1.0
+    # each top 10: its own 5 positives (certain) + 5 of the 95 tied zeros (5/95 each)
+    expected = (5 * (5 / 95) * 2 + 90 * (5 / 95) ** 2) / 10
+    assert top_k_intersection(a, b).item() == pytest.approx(expected, rel=1e-6)
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert top_k_intersection(x, x).tolist() == [1.0, 1.0]
+
+
+def test_ssim_does_not_see_a_negated_map_pearson_does() -> None:
+    """Documented: SSIM's luminance and structure terms flip together, so read it with Pearson."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = torch.exp(-((yy - 12) ** 2 + (xx - 20) ** 2) / 40)[None]  # a saliency-like positive blob
+    assert ssim(blob, -blob).item() > 0.5 and pearson(blob, -blob).item() == pytest.approx(-1.0)
+
+
+def test_manipulation_attack_leaves_a_training_model_untouched_and_checks_its_arguments() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(576, 3))
+    model.train()  # left in training mode: every forward would update the BN statistics
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    target = torch.tensor([0, 1])
+    maps = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(2))
+    evaluate = _gradient_explain(model)
+    manipulation_attack(_gradient_explain, evaluate, model, x, target, maps, epsilon=0.1, bounds=(-1, 1), steps=2)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    kwargs = {"epsilon": 0.1, "bounds": (-1, 1), "steps": 2}
+    with pytest.raises(ValueError, match="one class per image"):  # one target for two images scored "robust"
+        manipulation_attack(_gradient_explain, evaluate, model, x, target[:1], maps, **kwargs)
+    with pytest.raises(ValueError, match="outside bounds"):
+        manipulation_attack(_gradient_explain, evaluate, model, x * 3, target, maps, **kwargs)
+    with pytest.raises(ValueError, match="all-zero map"):
+        manipulation_attack(_gradient_explain, evaluate, model, x, target, maps * 0, **kwargs)
+    with pytest.raises(ValueError, match="low < high"):
+        manipulation_attack(_gradient_explain, evaluate, model, x, target, maps, epsilon=0.1, bounds=(1, -1))
+
+
+def test_metric_arguments_are_checked_not_cast() -> None:
+    model = _small_net()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    maps = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="negative class"):  # -1 scored the last class
+        insertion_deletion(model, x, -1, maps, n_steps=2)
+    with pytest.raises(TypeError, match="bool"):
+        insertion_deletion(model, x, True, maps, n_steps=2)
+    with pytest.raises(TypeError, match="integers"):
+        insertion_deletion(model, x, torch.tensor([0.0, 1.7]), maps, n_steps=2)
+    with pytest.raises(ValueError, match="repeats a class"):
+        insertion_deletion(model, x, 0, maps, n_steps=2, classes=torch.tensor([[0, 0], [0, 1]]))
+    with pytest.raises(ValueError, match="n_steps must be an integer"):
+        insertion_deletion(model, x, 0, maps, n_steps=2.0)
+    with pytest.raises(ValueError, match=r"maps must have shape \(2, 12, 12\)"):  # broadcast silently before
+        max_sensitivity(_gradient_explain(model), x, torch.tensor([0, 1]), maps=maps[:1])
+    with pytest.raises(ValueError, match="outside the 12x12 map"):  # every map scored 0
+        pointing_game(maps, torch.tensor([[20, 20, 30, 30], [0, 0, 4, 4]]))
+    with pytest.raises(ValueError, match="whole pixel coordinates"):  # NaN scored a hit
+        pointing_game(maps, torch.tensor([[float("nan"), 0, 4, 4], [0, 0, 4, 4]]))
+    torch.testing.assert_close(
+        pointing_game(maps, torch.tensor([[0.0, 0, 4, 4], [2, 2, 9, 9]])),
+        pointing_game(maps, torch.tensor([[0, 0, 4, 4], [2, 2, 9, 9]])),
+    )
+    empty = torch.zeros(2, 12, 12, dtype=torch.bool)
+    empty[0, 3, 3] = True
+    with pytest.raises(ValueError, match="mask 1 is empty"):
+        energy_in_box(maps, empty)

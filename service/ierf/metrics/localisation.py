@@ -16,9 +16,18 @@ def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (B, 4), got {tuple(boxes.shape)}")
     h, w = size
+    if boxes.dtype == torch.bool or boxes.is_complex():
+        raise TypeError(f"boxes must hold pixel coordinates, got dtype {boxes.dtype}")
+    # whole-number floats are pixel coordinates too; 3.7 or NaN is not
+    if boxes.is_floating_point() and not (bool(torch.isfinite(boxes).all()) and bool((boxes == boxes.round()).all())):
+        raise ValueError(f"boxes must be whole pixel coordinates, got {boxes.tolist()[:2]}")
     b = boxes.to(torch.long)
     if (b[:, 0] >= b[:, 2]).any() or (b[:, 1] >= b[:, 3]).any():
         raise ValueError("every box needs y0 < y1 and x0 < x1")
+    # A box wholly outside the image would score 0 for every map, as if the method had missed
+    outside = (b[:, 2] <= 0) | (b[:, 3] <= 0) | (b[:, 0] >= h) | (b[:, 1] >= w)
+    if bool(outside.any()):
+        raise ValueError(f"box {b[outside][0].tolist()} lies outside the {h}x{w} map")
     rows = torch.arange(h, device=b.device)[None, :, None]
     cols = torch.arange(w, device=b.device)[None, None, :]
     return (
@@ -38,11 +47,15 @@ def _regions(maps: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"masks must match maps {tuple(maps.shape)}, got {tuple(regions.shape)}")
     if regions.dtype != torch.bool:
         raise TypeError(f"masks must be bool, got {regions.dtype}")
+    empty = ~regions.flatten(1).any(1)
+    if bool(empty.any()):
+        raise ValueError(f"mask {int(empty.nonzero()[0])} is empty: there is no region to point at")
     return regions.to(maps.device)
 
 
 def pointing_game(maps: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """Per image: 1 if the map's maximum lies in the region, else 0 (Zhang et al. 2016, no tolerance).
+    """Per image: 1 if the map's maximum lies in the region, else 0 (Zhang et al. 2016, but with no
+    tolerance: they count a hit within 15 px of the region; callers average over images, not per class).
 
     The maximum of the *signed* map is used (the most positive evidence). When several pixels
     share the maximum (e.g. a constant or ReLU-flattened map), the score is the fraction of those

@@ -8,6 +8,9 @@ model's output:
 
 with h the map scaled to unit L2 norm per image, h_t the unit-norm target map, p the softmax
 output. Adam on delta, ``steps`` iterations, step size ``epsilon / 10``, projection after each step.
+Unlike the reference code of Dombrowski et al., which compares channel-summed *absolute* maps scaled to
+sum 1, h is the *signed* map (every method here returns a signed channel sum) scaled to unit L2 norm:
+the attack must also move the sign of the evidence, which makes it harder for methods with signed maps.
 
 ReLU networks have zero second derivatives, so gradient-based maps give the attack no signal. As in
 the paper, the attack runs on a *copy* of the model whose ReLUs are replaced by softplus with
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
-from ierf.metrics._checks import check_maps
+from ierf.metrics._checks import check_maps, eval_mode
 from ierf.metrics.similarity import pearson, ssim, top_k_intersection
 from ierf.srd.rules import register_activation
 
@@ -132,14 +135,50 @@ def manipulation_attack(
     output_weight: float = 10.0,
     beta: float = 5.0,
 ) -> ManipulationResult:
-    """Run the attack on ``x`` (B, C, H, W); see the module docstring. Deterministic (no noise)."""
-    if steps < 1 or epsilon <= 0:
-        raise ValueError("steps must be >= 1 and epsilon > 0")
+    """Run the attack on ``x`` (B, C, H, W); see the module docstring. Deterministic (no noise). The
+    model runs in eval mode (a model left in training mode would have had its BatchNorm statistics
+    updated by every step); its own flags are put back afterwards."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],) or target.is_floating_point():
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},), one class per image, got {got}")
     target = target.to(torch.long)
     target_maps = check_maps(target_maps, "target_maps")
     if target_maps.shape != (x.shape[0], *x.shape[-2:]):
         raise ValueError(f"target_maps must be {(x.shape[0], *x.shape[-2:])}, got {tuple(target_maps.shape)}")
+    if not bool(target_maps.flatten(1).abs().amax(1).gt(0).all()):
+        raise ValueError("target_maps has an all-zero map: there is nothing to steer toward")
     lo, hi = bounds
+    if not lo < hi:
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
+    slack = 1e-5 * (hi - lo)  # float rounding of a normalisation, not an input out of range
+    if bool((x < lo - slack).any() or (x > hi + slack).any()):
+        raise ValueError(f"x lies outside bounds {bounds}: the projection would move it past epsilon")
+    with eval_mode(model):
+        return _attack(
+            attack_explain, evaluate_explain, model, x, target, target_maps, epsilon, lo, hi, steps, output_weight, beta
+        )
+
+
+def _attack(
+    attack_explain: Callable[[nn.Module], DiffExplain],
+    evaluate_explain: DiffExplain,
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    target_maps: torch.Tensor,
+    epsilon: float,
+    lo: float,
+    hi: float,
+    steps: int,
+    output_weight: float,
+    beta: float,
+) -> ManipulationResult:
     smooth, replaced = smooth_activations_copy(model, beta)
     explain, smoothed = attack_explain(smooth), replaced > 0
     try:  # probe: an explainer may not accept the smoothed activations
@@ -155,7 +194,6 @@ def manipulation_attack(
         p_ref = smooth(x).softmax(1)
     delta = torch.zeros_like(x, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=epsilon / 10)
-    loss_value = float("nan")
     for _ in range(steps):
         x_adv = x + delta
         maps = explain(x_adv, target)
@@ -168,8 +206,11 @@ def manipulation_attack(
         with torch.no_grad():
             delta.clamp_(-epsilon, epsilon)
             delta.copy_((x + delta).clamp(lo, hi) - x)
-        loss_value = loss.item()
     x_adv = (x + delta).detach()
+    maps = explain(x_adv.clone().requires_grad_(True), target)  # the loss at the final perturbation
+    with torch.no_grad():
+        loss = ((_unit(maps) - goal) ** 2).flatten(1).sum(1)
+        loss_value = float((loss + output_weight * ((smooth(x_adv).softmax(1) - p_ref) ** 2).sum(1)).sum())
     maps_before = check_maps(evaluate_explain(x, target))
     maps_after = check_maps(evaluate_explain(x_adv, target))
     with torch.no_grad():

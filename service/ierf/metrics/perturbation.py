@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ierf.metrics._checks import check_maps, eval_mode
+from ierf.metrics._checks import check_classes, check_maps, check_positive_int, eval_mode
 
 FILLS = ("mean", "blur", "zero")
 
@@ -102,16 +102,22 @@ def insertion_deletion(
         raise ValueError(f"x {tuple(x.shape)} must be (B, C, H, W) matching maps {tuple(maps.shape)}")
     if deletion_fill not in FILLS:
         raise ValueError(f"deletion_fill must be one of {FILLS}, got {deletion_fill!r}")
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    check_positive_int(n_steps, "n_steps")
+    check_positive_int(batch_size, "batch_size")
+    if not blur_fraction > 0:
+        raise ValueError(f"blur_fraction must be > 0, got {blur_fraction!r}")
     b, _, h, w = x.shape
-    target = torch.full((b,), target, dtype=torch.long) if isinstance(target, int) else target.to(torch.long)
-    if target.shape != (b,):
-        raise ValueError(f"target must be an int or shape ({b},), got {tuple(target.shape)}")
+    target = check_classes(target, b)
     if classes is not None:
+        if not isinstance(classes, torch.Tensor) or classes.is_floating_point() or classes.dtype == torch.bool:
+            raise TypeError("classes must be an integer tensor (B, K)")
         classes = classes.to(torch.long)
         if classes.dim() != 2 or classes.shape[0] != b:
             raise ValueError(f"classes must have shape ({b}, K), got {tuple(classes.shape)}")
+        if bool((classes < 0).any()):
+            raise ValueError("classes holds a negative class index")
+        if any(len(set(row)) != len(row) for row in classes.tolist()):
+            raise ValueError("a row of classes repeats a class (it would count twice in the softmax)")
         if not (classes == target[:, None]).any(1).all():
             raise ValueError("every target must be one of its row of classes")
     sigma = blur_fraction * min(h, w)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ierf.metrics._checks import check_maps
+from ierf.metrics._checks import check_classes, check_maps, check_positive_int
 
 ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,17 +36,26 @@ def max_sensitivity(
     """
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got {tuple(x.shape)}")
-    if radius <= 0 or n_samples < 1:
-        raise ValueError("radius must be > 0 and n_samples >= 1")
-    target = target.to(torch.long)
-    base = check_maps(explain(x, target) if maps is None else maps).double()
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius!r}")
+    check_positive_int(n_samples, "n_samples")
+    target = check_classes(target, x.shape[0])
+    expected = (x.shape[0], *x.shape[-2:])
+
+    def checked(m: torch.Tensor, what: str) -> torch.Tensor:
+        m = check_maps(m, what)
+        if tuple(m.shape) != expected:  # a wrong batch broadcast silently against the others
+            raise ValueError(f"{what} must have shape {expected}, got {tuple(m.shape)}")
+        return m.double()
+
+    base = checked(explain(x, target) if maps is None else maps, "maps" if maps is not None else "the explainer's maps")
     base_norm = base.flatten(1).norm(dim=1)
     span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
     generator = torch.Generator().manual_seed(seed)
     worst = torch.zeros(x.shape[0], dtype=torch.float64)
     for _ in range(n_samples):
         noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device)
-        moved = check_maps(explain(x + noise * radius * span, target)).double()
+        moved = checked(explain(x + noise * radius * span, target), "the explainer's maps")
         change = (moved - base).flatten(1).norm(dim=1).cpu()
         worst = torch.maximum(worst, change)
     ratio = worst / base_norm.cpu()

@@ -26,7 +26,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """SSIM (scikit-image, 7x7 window) after scaling each map by its own max |value| into [-1, 1].
 
-    data_range = 2 (the span of [-1, 1]); an all-zero map stays zero.
+    data_range = 2 (the span of [-1, 1]); an all-zero map stays zero. SSIM's luminance and structure terms
+    both change sign when a map is negated, so their product does not: a map and its exact negation score
+    high (0.78 in a test) where Pearson says -1. Read it with :func:`pearson`, which sees the sign.
     """
     a, b = check_maps(a, "a"), check_maps(b, "b")
     check_same_shape(a, b)
@@ -42,7 +44,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     """Share of the k most positive pixels of ``a`` that are also among the k most positive of ``b``.
 
-    k = round(fraction x H x W). Signed: "most positive" = strongest evidence for the class.
+    k = round(fraction x H x W). Signed: "most positive" = strongest evidence for the class. Pixels tied
+    at a map's k-th value count fractionally (each is in its top k with the probability a random tie
+    break would give), as in the pointing game: picking tied pixels in index order put the same ones in
+    both sets, so two maps with disjoint positive pixels, or two all-zero maps, overlapped by chance.
     """
     a, b = check_maps(a, "a"), check_maps(b, "b")
     check_same_shape(a, b)
@@ -50,8 +55,15 @@ def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) 
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     n = a[0].numel()
     k = max(1, round(fraction * n))
-    top_a = torch.zeros(a.shape[0], n, dtype=torch.bool, device=a.device)
-    top_b = torch.zeros_like(top_a)
-    top_a.scatter_(1, a.flatten(1).topk(k, dim=1).indices, True)
-    top_b.scatter_(1, b.flatten(1).topk(k, dim=1).indices, True)
-    return (top_a & top_b).sum(1).float() / k
+    return (_top_k_weights(a, k) * _top_k_weights(b, k)).sum(1).float() / k
+
+
+def _top_k_weights(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) probability that each pixel is among the k largest under a uniformly random tie break."""
+    flat = maps.flatten(1).double()
+    kth = flat.topk(k, dim=1).values[:, -1:]  # the k-th largest value
+    above = flat > kth
+    tied = flat == kth
+    free = k - above.sum(1, keepdim=True)  # places left for the tied pixels
+    share = free / tied.sum(1, keepdim=True)
+    return above.double() + tied.double() * share
