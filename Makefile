@@ -60,13 +60,17 @@ run: venv redis-server start
 	@echo "metrics  http://127.0.0.1:$(METRICS_PORT)/metrics"
 	@echo "healthz  http://127.0.0.1:$(HTTP_PORT)/-/healthz"
 	@echo "redis    redis://127.0.0.1:$(REDIS_PORT)/0"
-	@echo "logs     $(RUN_DIR)/service.log, $(RUN_DIR)/redis.log    stop: make stop"
+	@echo "logs     $(RUN_DIR)/service.log, $(RUN_DIR)/redis.log; replicas: $$(sed -n 's/^replica logs //p' $(RUN_DIR)/service.log)"
+	@echo "stop     make stop"
 
 # Start Redis and the service in the background (no-ops for parts already running from here).
 start: venv redis-server
 	@mkdir -p $(RUN_DIR)
 	@if [ -f $(RUN_DIR)/redis.pid ] && kill -0 $$(cat $(RUN_DIR)/redis.pid) 2>/dev/null; then \
-		echo "redis already running (pid $$(cat $(RUN_DIR)/redis.pid))"; \
+		running=$$(cat $(RUN_DIR)/redis.port 2>/dev/null); \
+		if [ -n "$$running" ] && [ "$$running" != "$(REDIS_PORT)" ]; then \
+			echo "redis from an earlier make run is on port $$running (pid $$(cat $(RUN_DIR)/redis.pid)), not $(REDIS_PORT): make stop first"; exit 1; fi; \
+		echo "redis already running (pid $$(cat $(RUN_DIR)/redis.pid), port $(REDIS_PORT))"; \
 	else \
 		if (exec 3<>/dev/tcp/127.0.0.1/$(REDIS_PORT)) 2>/dev/null; then \
 			echo "port $(REDIS_PORT) is taken by another process; try REDIS_PORT=6380 make run"; exit 1; fi; \
@@ -74,20 +78,26 @@ start: venv redis-server
 			--save "" --appendonly no --maxmemory 512mb --maxmemory-policy allkeys-lru \
 			--dir $(RUN_DIR) --logfile $(RUN_DIR)/redis.log; \
 		for i in $$(seq 50); do [ -s $(RUN_DIR)/redis.pid ] && break; sleep 0.1; done; \
+		echo $(REDIS_PORT) > $(RUN_DIR)/redis.port; \
 		echo "redis started (pid $$(cat $(RUN_DIR)/redis.pid), port $(REDIS_PORT))"; \
 	fi
 	@if [ -f $(RUN_DIR)/service.pid ] && kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null; then \
-		echo "service already running (pid $$(cat $(RUN_DIR)/service.pid))"; \
+		running=$$(cat $(RUN_DIR)/service.port 2>/dev/null); \
+		if [ -n "$$running" ] && [ "$$running" != "$(GRPC_PORT)" ]; then \
+			echo "the service from an earlier make run is on gRPC port $$running (pid $$(cat $(RUN_DIR)/service.pid)), not $(GRPC_PORT): make stop first"; exit 1; fi; \
+		echo "service already running (pid $$(cat $(RUN_DIR)/service.pid), gRPC port $(GRPC_PORT))"; \
 	else \
 		rm -f $(RUN_DIR)/service.ready; \
 		RAY_USAGE_STATS_ENABLED=0 nohup $(BIN)/python -m ierf.serving serve \
 			--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 			--redis-url redis://127.0.0.1:$(REDIS_PORT)/0 --ready-file $(RUN_DIR)/service.ready \
-			> $(RUN_DIR)/service.log 2>&1 & echo $$! > $(RUN_DIR)/service.pid; \
+			--keep-logs $(RUN_DIR)/serve-logs \
+			> $(RUN_DIR)/service.log 2>&1 & echo $$! > $(RUN_DIR)/service.pid; echo $(GRPC_PORT) > $(RUN_DIR)/service.port; \
 		echo "starting the service (pid $$(cat $(RUN_DIR)/service.pid)); log: $(RUN_DIR)/service.log"; \
 		for i in $$(seq $(START_TIMEOUT)); do \
 			[ -f $(RUN_DIR)/service.ready ] && break; \
-			kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null || { tail -20 $(RUN_DIR)/service.log; rm -f $(RUN_DIR)/service.pid; exit 1; }; \
+			kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null || { tail -20 $(RUN_DIR)/service.log; rm -f $(RUN_DIR)/service.pid; \
+				echo "the service did not start; Redis stays up: make stop stops it"; exit 1; }; \
 			sleep 1; \
 		done; \
 		[ -f $(RUN_DIR)/service.ready ] || { echo "service not ready after $(START_TIMEOUT) s"; tail -20 $(RUN_DIR)/service.log; exit 1; }; \
@@ -104,7 +114,7 @@ stop:
 			kill -0 $$pid 2>/dev/null && { echo "service did not stop in 60 s; killing"; kill -KILL $$pid; }; \
 			echo "service stopped (pid $$pid)"; \
 		fi; \
-		rm -f $(RUN_DIR)/service.pid $(RUN_DIR)/service.ready; \
+		rm -f $(RUN_DIR)/service.pid $(RUN_DIR)/service.ready $(RUN_DIR)/service.port; \
 	fi
 	@if [ -f $(RUN_DIR)/redis.pid ]; then \
 		pid=$$(cat $(RUN_DIR)/redis.pid); \
@@ -113,7 +123,7 @@ stop:
 			for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
 			echo "redis stopped (pid $$pid)"; \
 		fi; \
-		rm -f $(RUN_DIR)/redis.pid; \
+		rm -f $(RUN_DIR)/redis.pid $(RUN_DIR)/redis.port; \
 	fi
 
 lint: venv

@@ -94,3 +94,22 @@ def test_loopback_start_sets_rays_switch_only_while_ray_starts(monkeypatch: pyte
     assert ray_constants.ENABLE_RAY_CLUSTER is before
     assert local._init_ray(1, 80 * 2**20, "/tmp/x", 9999, "192.0.2.7") == "192.0.2.7"
     assert (seen["env"], seen["constant"]) == (None, before)
+
+
+def test_stop_keeps_the_replicas_logs_before_removing_the_clusters_files(tmp_path) -> None:
+    """The worker's ready line, Redis warnings and access logs lived only in the private cluster's
+    directory, which stop() removes: `make stop` keeps a copy in run/serve-logs."""
+    from ierf.serving.local import RunningService
+
+    temp_dir = tmp_path / "ierf-ray-x"
+    serve_logs = temp_dir / "session_latest" / "logs" / "serve"
+    serve_logs.mkdir(parents=True)
+    (serve_logs / "replica_ierf_Worker.log").write_text("worker ready\n")
+    kept = tmp_path / "run" / "serve-logs"
+    kept.mkdir(parents=True)
+    (kept / "stale.log").write_text("from the run before\n")
+    service = RunningService(9000, 8000, 8080, str(temp_dir), owns_temp_dir=True, keep_logs_in=str(kept))
+    assert service.replica_logs == str(serve_logs)
+    service.stop()  # no Ray running here: serve and ray shut down as no-ops
+    assert (kept / "replica_ierf_Worker.log").read_text() == "worker ready\n"
+    assert not (kept / "stale.log").exists() and not temp_dir.exists()

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--redis-url", help="replaces cache.redis_url; '' turns the Redis tier off")
     serve.add_argument("--num-cpus", type=float, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ready-file", help="written with the gRPC address once the app is RUNNING")
+    serve.add_argument(
+        "--keep-logs", help="directory the replicas' logs are copied to at stop (the cluster's own files are removed)"
+    )
     args = parser.parse_args(argv)
     try:
         service = start_service(
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"gRPC      {service.grpc_address}  (ierf.v1.ExplainService, grpc.health.v1.Health, reflection)")
     print(f"metrics   {'  '.join(service.metrics_urls)}")
-    print(f"healthz   http://{args.http_host or '127.0.0.1'}:{service.http_port}/-/healthz", flush=True)
+    print(f"healthz   http://{args.http_host or '127.0.0.1'}:{service.http_port}/-/healthz")
+    service.keep_logs_in = args.keep_logs
+    kept = f" (copied to {args.keep_logs} at stop)" if args.keep_logs else ""
+    print(f"replica logs {service.replica_logs}{kept}", flush=True)
     serve_forever(service, args.ready_file)
     return 0
 

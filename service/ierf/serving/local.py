@@ -239,6 +239,12 @@ class RunningService:
     temp_dir: str
     owns_temp_dir: bool = True
     node_ip: str = LOOPBACK  # when not loopback, Ray's metrics exporter listens on every interface
+    keep_logs_in: str | None = None  # where stop() copies the replicas' logs before removing the cluster's files
+
+    @property
+    def replica_logs(self) -> str:
+        """Serve's logs (controller, proxy, each replica: ready lines, warnings, access logs)."""
+        return os.path.join(self.temp_dir, "session_latest", "logs", "serve")
 
     @property
     def grpc_address(self) -> str:
@@ -265,6 +271,10 @@ class RunningService:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        if self.keep_logs_in and os.path.isdir(self.replica_logs):
+            shutil.rmtree(self.keep_logs_in, ignore_errors=True)  # the last run's, replaced
+            with contextlib.suppress(OSError):
+                shutil.copytree(self.replica_logs, self.keep_logs_in)
         if self.owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
