@@ -365,3 +365,10 @@ def test_metric_arguments_are_checked_not_cast() -> None:
     empty[0, 3, 3] = True
     with pytest.raises(ValueError, match="mask 1 is empty"):
         energy_in_box(maps, empty)
+
+
+def test_energy_in_box_sums_in_float64() -> None:
+    """A float16 map whose positive mass passes 65504 gave NaN; a subnormal one a wrong share."""
+    box = torch.tensor([[0, 0, 32, 64]])
+    assert energy_in_box(torch.full((1, 64, 64), 60000.0, dtype=torch.float16), box).item() == 0.5
+    assert energy_in_box(torch.full((1, 64, 64), 1e-44), box).item() == 0.5

@@ -78,7 +78,7 @@ def energy_in_box(maps: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     """
     maps = check_maps(maps)
     masks = _regions(maps, regions)
-    positive = maps.clamp_min(0.0).flatten(1)
+    positive = maps.double().clamp_min(0.0).flatten(1)  # float64 sums: float16 maps overflowed to NaN
     total = positive.sum(1)
     inside = (positive * masks.flatten(1)).sum(1)
-    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(total))
+    return torch.where(total > 0, inside / total.clamp_min(1e-300), torch.zeros_like(total)).float()

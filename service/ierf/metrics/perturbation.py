@@ -3,7 +3,9 @@
 Schedule: pixels are ranked by the *signed* map value, most positive first (the pixels the method
 says speak most for the class); ties are broken by a fixed seeded random permutation, never by
 raster order. At step k = 0..n_steps the top round(k / n_steps * H * W) pixels (all channels) are
-changed, so the curve is sampled at fractions 0, 1/n_steps, ..., 1 (default 20 steps = 5 % each).
+changed, so the curve is sampled at fractions 0, 1/n_steps, ..., 1 (default 20 steps = 5 % each), each
+rounded to whole pixels (10 pixels in 4 steps: 0, 0.2, 0.5, 0.8, 1); ``fractions`` holds the real ones,
+and the AUC integrates over them.
 
 * **Deletion** starts from the image and replaces ranked pixels by the fill (default ``"mean"``:
   the image's own per-channel mean colour, which removes all local structure without introducing

@@ -5,8 +5,11 @@
 
 with the signed maps compared directly (relative Frobenius change, so the method's own scale drops
 out). Lower is more stable. Defaults: radius 2 % of the image's value range, 8 samples, noise from a
-private generator seeded with ``seed`` (the global RNG is untouched). A map that is identically
-zero at x gives NaN (its relative change is undefined); callers report how many.
+private generator seeded with ``seed`` (the global RNG is untouched), drawn for the whole batch at once:
+an image's noise, and so its score, depends on its place in the batch (one image: 0.0286 in a batch,
+0.0312 alone); compare methods on the same batches. A map that is identically zero at x gives NaN (its
+relative change is undefined); callers report how many. Yeh et al. take the absolute change; dividing
+by the map's own norm makes methods with maps of different scales comparable.
 """
 
 from __future__ import annotations
