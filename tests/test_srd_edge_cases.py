@@ -710,3 +710,84 @@ def test_argument_forms(resnet18_64) -> None:
             return torch.relu(x).mean((2, 3))
 
     assert ierf.SRD(NoParameters().eval()).layer_shape("relu", (8, 8)) == (3, 8, 8)  # was StopIteration
+
+
+# -- review of the tracing restore: what it must leave alone -----------------------------------------------
+def test_a_non_persistent_buffer_registered_on_the_first_call_stays_non_persistent() -> None:
+    """Restoring every set put the module's own ``_non_persistent_buffers_set`` back: the buffer then
+    showed up in state_dict and a fresh model could not load it."""
+
+    class LazyScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "scale"):
+                self.register_buffer("scale", torch.full((4, 1, 1), 2.0), persistent=False)
+            return self.fc(torch.relu(self.conv(x) + self.scale).mean((2, 3)))
+
+    model = LazyScale().eval()
+    explainer = ierf.SRD(model)
+    assert "scale" in model._non_persistent_buffers_set and "scale" not in model.state_dict()
+    LazyScale().load_state_dict(model.state_dict())
+    _conserves(explainer.decompose(torch.randn(1, 3, 8, 8)), 1)
+
+
+@pytest.mark.parametrize("kind", ["attribute", "non-persistent buffer"])
+def test_a_gradient_head_reading_a_tensor_under_a_submodule_leaves_that_submodule_alone(kind: str) -> None:
+    """The head module, built from a dict of the names it reads, installed ``fc.offset`` on the caller's
+    own ``fc``: a KeyError for a plain tensor attribute, a buffer in the caller's state_dict otherwise."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 4 * 4, 5)
+            if kind == "attribute":
+                self.fc.offset = torch.linspace(0, 1, 5)
+            else:
+                self.fc.register_buffer("offset", torch.linspace(0, 1, 5), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).flatten(1)) + self.fc.offset
+
+    model = Net().eval()
+    before = set(model.state_dict())
+    maps = ierf.SRD(model, head="gradcam").saliency(torch.randn(1, 3, 4, 4), 2)
+    assert maps.shape == (1, 4, 4) and set(model.state_dict()) == before
+    assert set(vars(model.fc)) == set(vars(Net().fc))
+
+
+def test_unusual_containers_on_the_model_trace_and_come_back_unchanged() -> None:
+    """An OrderedDict subclass whose constructor takes arguments made ``.copy()`` fail; a dict keyed by
+    tensors made the comparison raise ("Boolean value of Tensor ... is ambiguous")."""
+    from collections import OrderedDict
+
+    class Registry(OrderedDict):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+    key = torch.zeros(2)
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+            self.registry = Registry("features")
+            self.by_tensor = {key: "zero"}
+            self.pair = ([], 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x))
+            self.registry["h"] = h
+            self.pair[0].append(h)  # a list inside a tuple
+            return self.fc(h.mean((2, 3)))
+
+    model = Holder().eval()
+    ierf.SRD(model)
+    assert list(model.registry) == [] and model.registry.name == "features"
+    assert list(model.by_tensor) == [key] and model.pair[0] == []

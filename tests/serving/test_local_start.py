@@ -98,18 +98,20 @@ def test_loopback_start_sets_rays_switch_only_while_ray_starts(monkeypatch: pyte
 
 def test_stop_keeps_the_replicas_logs_before_removing_the_clusters_files(tmp_path) -> None:
     """The worker's ready line, Redis warnings and access logs lived only in the private cluster's
-    directory, which stop() removes: `make stop` keeps a copy in run/serve-logs."""
+    directory, which stop() removes: `make stop` keeps a copy in run/serve-logs/<session>, and nothing
+    already in that directory is removed (``--keep-logs .`` once emptied the working directory)."""
     from ierf.serving.local import RunningService
 
     temp_dir = tmp_path / "ierf-ray-x"
-    serve_logs = temp_dir / "session_latest" / "logs" / "serve"
-    serve_logs.mkdir(parents=True)
-    (serve_logs / "replica_ierf_Worker.log").write_text("worker ready\n")
+    session = temp_dir / "session_2026-11-27_07-00-00_1"
+    (session / "logs" / "serve").mkdir(parents=True)
+    (session / "logs" / "serve" / "replica_ierf_Worker.log").write_text("worker ready\n")
+    (temp_dir / "session_latest").symlink_to(session)
     kept = tmp_path / "run" / "serve-logs"
     kept.mkdir(parents=True)
-    (kept / "stale.log").write_text("from the run before\n")
+    (kept / "mine.txt").write_text("the user's\n")
     service = RunningService(9000, 8000, 8080, str(temp_dir), owns_temp_dir=True, keep_logs_in=str(kept))
-    assert service.replica_logs == str(serve_logs)
+    assert service.replica_logs == str(temp_dir / "session_latest" / "logs" / "serve")
     service.stop()  # no Ray running here: serve and ray shut down as no-ops
-    assert (kept / "replica_ierf_Worker.log").read_text() == "worker ready\n"
-    assert not (kept / "stale.log").exists() and not temp_dir.exists()
+    assert (kept / session.name / "replica_ierf_Worker.log").read_text() == "worker ready\n"
+    assert (kept / "mine.txt").read_text() == "the user's\n" and not temp_dir.exists()

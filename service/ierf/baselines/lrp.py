@@ -20,6 +20,7 @@ across images whatever the logit's sign. Zennit rewrites weights in place while 
 explainer works on a private deep copy of the model: the caller's model is never touched, even
 temporarily (safe when other threads use it concurrently). The copy follows the model: a call after
 the caller changed a parameter or buffer (in place, replaced, or moved to another device) copies again.
+Writes through ``.data`` bypass the version counter the check reads: after those, make a new explainer.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--num-cpus", type=float, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ready-file", help="written with the gRPC address once the app is RUNNING")
     serve.add_argument(
-        "--keep-logs", help="directory the replicas' logs are copied to at stop (the cluster's own files are removed)"
+        "--keep-logs",
+        help="directory the replicas' logs are copied into at stop, one folder per run (the cluster's own files are "
+        "removed; nothing in the directory is)",
     )
     args = parser.parse_args(argv)
     try:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metrics   {'  '.join(service.metrics_urls)}")
     print(f"healthz   http://{args.http_host or '127.0.0.1'}:{service.http_port}/-/healthz")
     service.keep_logs_in = args.keep_logs
-    kept = f" (copied to {args.keep_logs} at stop)" if args.keep_logs else ""
+    kept = f" (copied into {args.keep_logs}/ at stop)" if args.keep_logs else ""
     print(f"replica logs {service.replica_logs}{kept}", flush=True)
     serve_forever(service, args.ready_file)
     return 0

@@ -361,19 +361,21 @@ class _Watchdog:
 
 
 class _HostResolver:
-    """The Redis host's address, looked up on a thread of its own and refreshed in the background.
+    """The Redis host's addresses, looked up on a thread of its own and refreshed in the background.
 
     redis-py resolves the host name on every (re)connect, in the calling thread: with a DNS server that
     does not answer, each command then blocked for the resolver's whole timeout (10 s with glibc's
     defaults, 20 s with a pod's search list), past every Redis timeout and out of the watchdog's reach.
-    Requests connect to the last address found instead; a failure asks for a fresh lookup, which runs
-    behind them.
+    Requests connect to an address already found instead. A failure moves on to the name's next address
+    (an IPv6 address first where Redis listens on IPv4 only, a dead one among several), as a connect
+    through the name would have, and starts a fresh lookup at once: Redis may have moved.
     """
 
     def __init__(self, host: str, port: int, refresh_s: float = 30.0, retry_s: float = 1.0) -> None:
         self.host, self.port = host, port
         self.refresh_s, self.retry_s = refresh_s, retry_s
-        self._address: str | None = None
+        self._addresses: list[str] = []
+        self._current = 0
         self._next_at = 0.0
         self._busy = False
         self._found = threading.Event()
@@ -381,34 +383,44 @@ class _HostResolver:
         self.address(wait_s=0.0)  # start the first lookup now
 
     def address(self, wait_s: float) -> str | None:
-        """The host's last known address (waiting up to ``wait_s`` for a first one); starts a lookup in
-        the background when the address is due for a refresh."""
+        """The address to connect to (waiting up to ``wait_s`` for a first lookup); starts a lookup in
+        the background when the addresses are due for a refresh."""
+        self._start_lookup_if_due()
+        if not self._found.is_set() and wait_s > 0:
+            self._found.wait(wait_s)
+        with self._lock:
+            return self._addresses[self._current] if self._addresses else None
+
+    def failed(self) -> None:
+        """The last connection or command failed: use the next address, and look the name up again."""
+        with self._lock:
+            if self._addresses:
+                self._current = (self._current + 1) % len(self._addresses)
+            self._next_at = 0.0
+        self._start_lookup_if_due()
+
+    def _start_lookup_if_due(self) -> None:
         with self._lock:
             start = not self._busy and time.monotonic() >= self._next_at
             self._busy = self._busy or start
-            address = self._address
         if start:
             threading.Thread(target=self._lookup, name="ierf-redis-resolver", daemon=True).start()
-        if address is None and wait_s > 0 and self._found.wait(wait_s):
-            with self._lock:
-                address = self._address
-        return address
-
-    def refresh(self) -> None:
-        """Look the name up again (in the background) before the next connection: Redis may have moved."""
-        with self._lock:
-            self._next_at = 0.0
 
     def _lookup(self) -> None:
-        address = None
-        with contextlib.suppress(OSError, IndexError, UnicodeError):  # no answer: keep the last address
-            address = str(socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][4][0])
+        found: list[str] = []
+        with contextlib.suppress(OSError, UnicodeError):  # no answer: keep the addresses found before
+            for *_, sockaddr in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+                if str(sockaddr[0]) not in found:
+                    found.append(str(sockaddr[0]))
         with self._lock:
             self._busy = False
-            self._next_at = time.monotonic() + (self.refresh_s if address else self.retry_s)
-            if address:
-                self._address = address
-        if address:
+            self._next_at = time.monotonic() + (self.refresh_s if found else self.retry_s)
+            if found and found != self._addresses:
+                # keep the address in use when it is still among them (no reconnect for a reordering)
+                current = self._addresses[self._current] if self._addresses else None
+                self._addresses = found
+                self._current = found.index(current) if current in found else 0
+        if found:
             self._found.set()
 
 
@@ -453,6 +465,7 @@ class RedisTier:
         self._clients_lock = threading.Lock()
         self._watchdog = _Watchdog()
         self._logged: dict[str, float] = {}  # error reply kind -> when last logged
+        self._plain_get = False  # GETRANGE refused by this server: GET (whole values) instead
 
     def _client(self) -> Any:
         address = None
@@ -492,7 +505,7 @@ class RedisTier:
 
     def _run(self, command: Callable[[Any], T], name: str = "command") -> tuple[str, T | None]:
         """("ok", result); ("skipped", None) while the breaker is open; ("error", None) after any error or
-        past the operation deadline; ("reply_error", None) when the server answered with an error."""
+        past the operation deadline; ("reply_error", the error's text) when the server answered with one."""
         import redis
 
         if not self.breaker.allow():
@@ -507,7 +520,7 @@ class RedisTier:
             finally:
                 overran = self._watchdog.end(token)  # finished, but only after its connection was dropped
         except redis.ResponseError as exc:
-            outcome = "reply_error"
+            outcome, result = "reply_error", str(exc)
             self._log_reply(name, exc)
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -523,7 +536,7 @@ class RedisTier:
                         self.settings.open_seconds,
                     )
                 if self._resolver is not None:
-                    self._resolver.refresh()
+                    self._resolver.failed()
             elif self.breaker.record_success():
                 logger.warning("Redis %s answers again: cache reads and writes resume", self.where)
         if overran:
@@ -541,18 +554,26 @@ class RedisTier:
 
     def get(self, key: str) -> tuple[str, bytes | None]:
         # At most one byte past the cap comes over the wire: a larger value (not something this cache
-        # wrote) was read whole on every lookup, 400 MB at a time, and never went away.
+        # wrote, or a replica's with a larger cap) was read whole on every lookup, 400 MB at a time. It is
+        # a miss here and stays for whoever wrote it (its TTL, or LRU eviction, removes it).
         cap = self.settings.max_value_bytes
-        status, value = self._run(lambda client: client.getrange(key, 0, cap), "GETRANGE")
-        if status == "reply_error":  # a value of another type under the key: not ours, and never readable
-            self.delete(key)
+        if self._plain_get:
+            status, value = self._run(lambda client: client.get(key), "GET")
+        else:
+            status, value = self._run(lambda client: client.getrange(key, 0, cap), "GETRANGE")
+            if status == "reply_error" and not str(value).startswith("WRONGTYPE"):
+                # an ACL that allows GET but not GETRANGE (NOPERM), a proxy without it: read whole values
+                self._plain_get = True
+                return self.get(key)
+        if status == "reply_error":
+            if str(value).startswith("WRONGTYPE"):  # another program's value of another type: never readable
+                self.delete(key)
             return "error", None
         if status != "ok":
             return status, None
-        if value == b"":  # no such key (or an empty value, which no codec writes)
+        if value is None or value == b"":  # no such key (GETRANGE: b""; an empty value no codec writes)
             return "miss", None
         if not isinstance(value, bytes) or len(value) > cap:
-            self.delete(key)  # not something this cache wrote
             return "error", None
         return "hit", value
 

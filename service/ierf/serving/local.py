@@ -239,7 +239,7 @@ class RunningService:
     temp_dir: str
     owns_temp_dir: bool = True
     node_ip: str = LOOPBACK  # when not loopback, Ray's metrics exporter listens on every interface
-    keep_logs_in: str | None = None  # where stop() copies the replicas' logs before removing the cluster's files
+    keep_logs_in: str | None = None  # stop() copies the replicas' logs into <this>/<session> first
 
     @property
     def replica_logs(self) -> str:
@@ -272,9 +272,10 @@ class RunningService:
             serve.shutdown()
         ray.shutdown()
         if self.keep_logs_in and os.path.isdir(self.replica_logs):
-            shutil.rmtree(self.keep_logs_in, ignore_errors=True)  # the last run's, replaced
+            # one folder per run (session_<date>_<pid>), beside what the directory holds: nothing is removed
+            session = os.path.basename(os.path.realpath(os.path.join(self.temp_dir, "session_latest")))
             with contextlib.suppress(OSError):
-                shutil.copytree(self.replica_logs, self.keep_logs_in)
+                shutil.copytree(self.replica_logs, os.path.join(self.keep_logs_in, session), dirs_exist_ok=True)
         if self.owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 

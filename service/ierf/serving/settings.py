@@ -184,20 +184,23 @@ def check_redis_url(url: object, what: str) -> str:
     if not (isinstance(url, str) and url.startswith(_REDIS_SCHEMES)):
         shown = _redacted(url) if isinstance(url, str) else repr(url)
         raise ValueError(f"{what} must be null, a redis://, rediss:// or unix:// URL, or env:VARIABLE, got {shown}")
-    from redis.connection import parse_url
+    import redis
 
     try:
-        parse_url(url)
         db = urlsplit(url).path.strip("/")
-    except ValueError as exc:
-        raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {exc}") from None
+        pool = redis.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)  # unknown query options fail here, not per request
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {_redacted(str(exc))}") from None
     if not url.startswith("unix:") and db and not db.isdigit():
         raise ValueError(f"{what} {_redacted(url)}: the database after the last '/' must be a number, got {db!r}")
     return url
 
 
 def _redacted(url: str) -> str:
-    """``url`` for a message, its password replaced (the config may hold one)."""
+    """``url`` for a message, its password replaced (the config may hold one, after ``:`` or as
+    ``?password=``)."""
+    url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
     try:
         parts = urlsplit(url)
         if parts.password is None:

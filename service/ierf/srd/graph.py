@@ -139,32 +139,48 @@ def _restore_attributes(saved: list[tuple[str, nn.Module, dict, dict]], keep: se
 
 _MISSING = object()
 _CONTAINERS = (list, dict, set)
+# nn.Module's own bookkeeping (hook tables, the non-persistent buffer set, ...): the attribute and registry
+# restore handles those; a buffer the forward registers on its first call must stay as registered.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+# A container this large is not walked (a lookup table, a dataset index): a forward that changes one in
+# place while traced keeps the change. Walking a 2M-entry dict took ~4 s.
+_MAX_CONTAINER_ITEMS = 100_000
+
+_Saved = tuple[list | dict | set, list]
 
 
-def _contents(model: nn.Module) -> list[tuple[list | dict | set, list | dict | set]]:
-    """Each list, dict and set the modules hold (nested ones included) with a shallow copy of its items:
-    a traced forward that appends to ``self.features`` or counts calls in ``self.stats["calls"]`` changes
-    those objects in place, which putting attributes back cannot undo."""
-    found: list[tuple[list | dict | set, list | dict | set]] = []
+def _contents(model: nn.Module) -> list[_Saved]:
+    """Each list, dict and set the modules hold (nested ones, also inside tuples, included) with a
+    shallow copy of its items: a traced forward that appends to ``self.features`` or counts calls in
+    ``self.stats["calls"]`` changes those objects in place, which putting attributes back cannot undo."""
+    found: list[_Saved] = []
     seen: set[int] = set()
-    pending = [v for m in model.modules() for k, v in vars(m).items() if k not in _REGISTRIES]
+    pending = [v for m in model.modules() for k, v in vars(m).items() if k not in _MODULE_INTERNALS]
     while pending:
         value = pending.pop()
-        if not isinstance(value, _CONTAINERS) or id(value) in seen:
+        if not isinstance(value, (*_CONTAINERS, tuple)) or id(value) in seen or len(value) > _MAX_CONTAINER_ITEMS:
             continue
         seen.add(id(value))
-        found.append((value, value.copy()))
-        pending.extend(value.values() if isinstance(value, dict) else value)
+        items = list(value.items()) if isinstance(value, dict) else list(value)
+        if not isinstance(value, tuple):
+            found.append((value, items))
+        if isinstance(value, dict):
+            pending.extend(v for _, v in items)
+        else:
+            pending.extend(items)
     return found
 
 
-def _restore_contents(saved: list[tuple[list | dict | set, list | dict | set]]) -> None:
+def _restore_contents(saved: list[_Saved]) -> None:
     """Put back the items of each container :func:`_contents` found, where the trace changed them
-    (compared by identity: items may be tensors, whose ``==`` is elementwise)."""
+    (compared by identity: items and keys may be tensors, whose ``==`` is elementwise)."""
     for container, items in saved:
         if isinstance(container, dict):
-            assert isinstance(items, dict)
-            changed = list(container) != list(items) or any(container[k] is not v for k, v in items.items())
+            now = list(container.items())
+            changed = len(now) != len(items) or any(
+                (k1 is not k2 and not _same_key(k1, k2)) or v1 is not v2
+                for (k1, v1), (k2, v2) in zip(now, items, strict=True)
+            )
             if changed:
                 container.clear()
                 container.update(items)
@@ -174,6 +190,11 @@ def _restore_contents(saved: list[tuple[list | dict | set, list | dict | set]]) 
         elif {id(v) for v in container} != {id(v) for v in items}:
             container.clear()
             container.update(items)
+
+
+def _same_key(a: object, b: object) -> bool:
+    """Equal dict keys that are different objects (two equal strings, ints): never tensors."""
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
 
 
 @dataclass
@@ -262,11 +283,15 @@ def head_subgraph(
                         "head that depends on the last feature map only"
                     )
         env[node] = new.node_copy(node, lambda n: env[n])
-    parts = {
-        str(n.target): attribute(str(n.target)) if n.op == "get_attr" else owner.get_submodule(str(n.target))
-        for n in new.nodes
-        if n.op in ("get_attr", "call_module")
-    }
+    # Flat names of the module's own: nested ones ("fc.scale" beside "fc") made GraphModule install the
+    # attribute on the caller's own submodule.
+    parts: dict[str, object] = {}
+    for n in new.nodes:
+        if n.op in ("get_attr", "call_module"):
+            target = str(n.target)
+            flat = f"_{n.op}_{len(parts)}"
+            parts[flat] = attribute(target) if n.op == "get_attr" else owner.get_submodule(target)
+            n.target = flat
     return fx.GraphModule(parts, new)
 
 
