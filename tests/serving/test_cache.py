@@ -826,3 +826,20 @@ def test_failures_are_logged_when_they_open_the_breaker_and_when_it_closes(
     assert len(refused) == 1 and "OutOfMemoryError" in refused[0]  # once a minute, not per write
     tier.close()
     raw.close()
+
+
+def test_the_resolver_moves_once_per_unreachable_address_and_never_on_a_slow_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every failing request moved to the next address: two failing together on the bad one moved twice,
+    back onto it, and a timeout on the good one moved off it."""
+    from ierf.serving.cache import _HostResolver
+
+    _dns({"redis.pair.test": ["127.0.0.2", "127.0.0.1"]}, set(), monkeypatch)
+    resolver = _HostResolver("redis.pair.test", 6379)
+    assert resolver.address(wait_s=2.0) == "127.0.0.2"
+    resolver.failed("127.0.0.2")
+    resolver.failed("127.0.0.2")  # the second request that failed on it: already moved
+    assert resolver.address(wait_s=0) == "127.0.0.1"
+    resolver.failed(None)  # a timeout: the address answered, slowly
+    assert resolver.address(wait_s=0) == "127.0.0.1"

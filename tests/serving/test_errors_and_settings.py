@@ -123,6 +123,7 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"cache": {"redis_url": "redis://h:6379/zero"}}, r"database after the last '/' must be a number"),
         ({"cache": {"redis_url": "redis://user:s3cret@h:port/0"}}, r"'redis://user:\*\*\*@h:port/0'"),
         ({"cache": {"redis_url": "redis://h:1/0?foo=1"}}, r"unexpected keyword argument 'foo'"),  # failed per request
+        ({"cache": {"redis_url": "redis://h:1/0?protocol=4"}}, r"protocol must be either 2 or 3"),  # a raw RedisError
         ({"cache": {"redis_url": "redis://h:1/0?password=s3cret&foo=1"}}, r"\?password=\*\*\*&foo=1"),
         ({"cache": 5}, r"cache must be a mapping"),
         ({"ingress": ["max_pixels"]}, r"ingress must be a mapping"),

@@ -391,10 +391,12 @@ class _HostResolver:
         with self._lock:
             return self._addresses[self._current] if self._addresses else None
 
-    def failed(self) -> None:
-        """The last connection or command failed: use the next address, and look the name up again."""
+    def failed(self, unreachable: str | None = None) -> None:
+        """A command failed: look the name up again, and when ``unreachable`` (an address that refused or
+        dropped the connection) is still the one in use, move to the next. A timeout on a reachable
+        address moves nothing, and requests failing together on one address move once, not once each."""
         with self._lock:
-            if self._addresses:
+            if self._addresses and unreachable == self._addresses[self._current]:
                 self._current = (self._current + 1) % len(self._addresses)
             self._next_at = 0.0
         self._start_lookup_if_due()
@@ -505,12 +507,12 @@ class RedisTier:
 
     def _run(self, command: Callable[[Any], T], name: str = "command") -> tuple[str, T | None]:
         """("ok", result); ("skipped", None) while the breaker is open; ("error", None) after any error or
-        past the operation deadline; ("reply_error", the error's text) when the server answered with one."""
+        past the operation deadline; ("reply_error", the ResponseError) when the server answered with one."""
         import redis
 
         if not self.breaker.allow():
             return "skipped", None
-        outcome, result, overran, problem = "error", None, False, ""
+        outcome, result, overran, problem, unreachable = "error", None, False, "", None
         try:
             client = self._client()
             token = self._watchdog.begin(self.settings.operation_timeout_s, client.connection_pool.disconnect)
@@ -520,10 +522,12 @@ class RedisTier:
             finally:
                 overran = self._watchdog.end(token)  # finished, but only after its connection was dropped
         except redis.ResponseError as exc:
-            outcome, result = "reply_error", str(exc)
+            outcome, result = "reply_error", exc
             self._log_reply(name, exc)
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, redis.ConnectionError):  # refused or dropped, not a slow reply
+                unreachable = getattr(self._local, "address", None)
         finally:
             if outcome == "error" or overran:
                 # in ``finally``: a half-open trial is never left in flight
@@ -536,7 +540,7 @@ class RedisTier:
                         self.settings.open_seconds,
                     )
                 if self._resolver is not None:
-                    self._resolver.failed()
+                    self._resolver.failed(unreachable)
             elif self.breaker.record_success():
                 logger.warning("Redis %s answers again: cache reads and writes resume", self.where)
         if overran:
@@ -561,8 +565,12 @@ class RedisTier:
             status, value = self._run(lambda client: client.get(key), "GET")
         else:
             status, value = self._run(lambda client: client.getrange(key, 0, cap), "GETRANGE")
-            if status == "reply_error" and not str(value).startswith("WRONGTYPE"):
-                # an ACL that allows GET but not GETRANGE (NOPERM), a proxy without it: read whole values
+            from redis.exceptions import NoPermissionError
+
+            refused = isinstance(value, NoPermissionError) or "unknown command" in str(value).lower()
+            if status == "reply_error" and refused:
+                # an ACL that allows GET but not GETRANGE, a proxy without it: read whole values from now on
+                # (transient replies such as LOADING or OOM are a miss, and GETRANGE stays)
                 self._plain_get = True
                 return self.get(key)
         if status == "reply_error":

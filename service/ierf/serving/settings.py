@@ -190,7 +190,7 @@ def check_redis_url(url: object, what: str) -> str:
         db = urlsplit(url).path.strip("/")
         pool = redis.ConnectionPool.from_url(url)
         pool.connection_class(**pool.connection_kwargs)  # unknown query options fail here, not per request
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, redis.RedisError) as exc:  # redis: ?protocol=4, a bad ssl_cert_reqs
         raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {_redacted(str(exc))}") from None
     if not url.startswith("unix:") and db and not db.isdigit():
         raise ValueError(f"{what} {_redacted(url)}: the database after the last '/' must be a number, got {db!r}")
