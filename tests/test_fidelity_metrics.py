@@ -341,11 +341,11 @@ def test_metric_arguments_are_checked_not_cast() -> None:
     model = _small_net()
     x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
     maps = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(4))
-    with pytest.raises(ValueError, match="negative class"):  # -1 scored the last class
+    with pytest.raises(ValueError, match="must be >= 0"):  # -1 scored the last class
         insertion_deletion(model, x, -1, maps, n_steps=2)
     with pytest.raises(TypeError, match="bool"):
         insertion_deletion(model, x, True, maps, n_steps=2)
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(TypeError, match="integer dtype"):
         insertion_deletion(model, x, torch.tensor([0.0, 1.7]), maps, n_steps=2)
     with pytest.raises(ValueError, match="repeats a class"):
         insertion_deletion(model, x, 0, maps, n_steps=2, classes=torch.tensor([[0, 0], [0, 1]]))

@@ -57,6 +57,32 @@ def check_input(x: object, dtype: torch.dtype | None = None) -> torch.Tensor:
     return x
 
 
+def resolve_target(target: object, batch: int) -> torch.Tensor:
+    """int, 0-d or (B,) integer tensor -> LongTensor (B,) on the CPU, for baselines and metrics alike: bools
+    and floats are refused, not cast (True was class 1, 2.7 class 2), and -1 is not "the last class". Range
+    is checked against the logits later."""
+    if isinstance(target, bool):
+        raise TypeError("target must be an int or an integer tensor, got bool")
+    if isinstance(target, int):
+        target = torch.full((batch,), target, dtype=torch.long)
+    elif isinstance(target, torch.Tensor):
+        if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
+        if target.dim() == 0:
+            target = target.reshape(1).expand(batch)
+        elif target.shape != (batch,):
+            raise ValueError(f"target must be an int or a tensor of shape ({batch},), got {tuple(target.shape)}")
+        target = target.to(torch.long).cpu()
+    else:
+        raise TypeError(f"target must be an int or an integer tensor, got {type(target).__name__}")
+    if (target < 0).any():
+        raise ValueError(f"target class indices must be >= 0, got {target.tolist()}")
+    if target.is_inference():  # made under the caller's torch.inference_mode: autograd cannot save it
+        with torch.inference_mode(False):
+            target = target.clone()
+    return target
+
+
 def register_method(name: str) -> Callable[[ExplainerFactory], ExplainerFactory]:
     """Class/function decorator: make a method available to :func:`create_explainer`."""
 

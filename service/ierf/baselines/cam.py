@@ -30,8 +30,8 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
-from ierf.baselines._common import check_input, check_target_range, finish, model_guard, resolve_target
-from ierf.methods import register_method
+from ierf.baselines._common import check_input, check_target_range, finish, model_guard
+from ierf.methods import register_method, resolve_target
 
 
 def final_feature_module(model: nn.Module) -> tuple[str, nn.Module, bool]:

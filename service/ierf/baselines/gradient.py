@@ -18,9 +18,8 @@ from ierf.baselines._common import (
     collapse_channels,
     finish,
     model_guard,
-    resolve_target,
 )
-from ierf.methods import register_method
+from ierf.methods import register_method, resolve_target
 
 
 class _CaptumExplainer:

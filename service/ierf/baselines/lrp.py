@@ -48,10 +48,9 @@ from ierf.baselines._common import (
     collapse_channels,
     finish,
     model_guard,
-    resolve_target,
 )
 from ierf.errors import UnsupportedModelError
-from ierf.methods import register_method
+from ierf.methods import register_method, resolve_target
 
 
 def _is_mbconv(module: nn.Module) -> bool:

@@ -24,26 +24,6 @@ def check_maps(maps: object, name: str = "maps") -> torch.Tensor:
     return maps.detach()
 
 
-def check_classes(target: object, batch: int, name: str = "target") -> torch.Tensor:
-    """An int or an integer tensor of shape (B,) (0-d broadcast) of class indices >= 0 -> LongTensor (B,).
-    Bools and floats are refused, not cast (True was class 1, 2.7 class 2); -1 is not "the last class"."""
-    if isinstance(target, bool) or (isinstance(target, torch.Tensor) and target.dtype == torch.bool):
-        raise TypeError(f"{name} must be class indices, got a bool")
-    if isinstance(target, int):
-        target = torch.full((batch,), target, dtype=torch.long)
-    elif isinstance(target, torch.Tensor):
-        if target.is_floating_point() or target.is_complex():
-            raise TypeError(f"{name} must hold integers, got dtype {target.dtype}")
-        target = target.to(torch.long).expand(batch) if target.dim() == 0 else target.to(torch.long)
-    else:
-        raise TypeError(f"{name} must be an int or an integer tensor, got {type(target).__name__}")
-    if target.shape != (batch,):
-        raise ValueError(f"{name} must be an int or have shape ({batch},), got {tuple(target.shape)}")
-    if bool((target < 0).any()):
-        raise ValueError(f"{name} holds a negative class index: {target.tolist()}")
-    return target
-
-
 def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ierf.metrics._checks import check_classes, check_maps, check_positive_int, eval_mode
+from ierf.methods import resolve_target
+from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
 
 FILLS = ("mean", "blur", "zero")
 
@@ -109,11 +110,11 @@ def insertion_deletion(
     if not blur_fraction > 0:
         raise ValueError(f"blur_fraction must be > 0, got {blur_fraction!r}")
     b, _, h, w = x.shape
-    target = check_classes(target, b)
+    target = resolve_target(target, b)
     if classes is not None:
         if not isinstance(classes, torch.Tensor) or classes.is_floating_point() or classes.dtype == torch.bool:
             raise TypeError("classes must be an integer tensor (B, K)")
-        classes = classes.to(torch.long)
+        classes = classes.to(torch.long).cpu()  # beside the targets (CPU); moved to the logits where used
         if classes.dim() != 2 or classes.shape[0] != b:
             raise ValueError(f"classes must have shape ({b}, K), got {tuple(classes.shape)}")
         if bool((classes < 0).any()):

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from ierf.metrics._checks import check_classes, check_maps, check_positive_int
+from ierf.methods import resolve_target
+from ierf.metrics._checks import check_maps, check_positive_int
 
 ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,7 +43,7 @@ def max_sensitivity(
     if not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius!r}")
     check_positive_int(n_samples, "n_samples")
-    target = check_classes(target, x.shape[0])
+    target = resolve_target(target, x.shape[0])
     expected = (x.shape[0], *x.shape[-2:])
 
     def checked(m: torch.Tensor, what: str) -> torch.Tensor:
