@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
-from ierf.metrics._checks import check_maps, eval_mode
+from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
 from ierf.metrics.similarity import pearson, ssim, top_k_intersection
 from ierf.srd.rules import register_activation
 
@@ -138,83 +138,42 @@ def manipulation_attack(
     """Run the attack on ``x`` (B, C, H, W); see the module docstring. Deterministic (no noise). The
     model runs in eval mode (a model left in training mode would have had its BatchNorm statistics
     updated by every step); its own flags are put back afterwards."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],) or target.is_floating_point():
-        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},), one class per image, got {got}")
-    target = target.to(torch.long)
-    target_maps = check_maps(target_maps, "target_maps")
-    if target_maps.shape != (x.shape[0], *x.shape[-2:]):
-        raise ValueError(f"target_maps must be {(x.shape[0], *x.shape[-2:])}, got {tuple(target_maps.shape)}")
-    if not bool(target_maps.flatten(1).abs().amax(1).gt(0).all()):
-        raise ValueError("target_maps has an all-zero map: there is nothing to steer toward")
-    lo, hi = bounds
-    if not lo < hi:
-        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
-    slack = 1e-5 * (hi - lo)  # float rounding of a normalisation, not an input out of range
-    if bool((x < lo - slack).any() or (x > hi + slack).any()):
-        raise ValueError(f"x lies outside bounds {bounds}: the projection would move it past epsilon")
+    target, target_maps, (lo, hi) = _checked(x, target, target_maps, epsilon, bounds, steps)
     with eval_mode(model):
-        return _attack(
-            attack_explain, evaluate_explain, model, x, target, target_maps, epsilon, lo, hi, steps, output_weight, beta
-        )
-
-
-def _attack(
-    attack_explain: Callable[[nn.Module], DiffExplain],
-    evaluate_explain: DiffExplain,
-    model: nn.Module,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    target_maps: torch.Tensor,
-    epsilon: float,
-    lo: float,
-    hi: float,
-    steps: int,
-    output_weight: float,
-    beta: float,
-) -> ManipulationResult:
-    smooth, replaced = smooth_activations_copy(model, beta)
-    explain, smoothed = attack_explain(smooth), replaced > 0
-    try:  # probe: an explainer may not accept the smoothed activations
-        explain(x[:1].detach().clone().requires_grad_(True), target[:1])
-    except UnsupportedModelError:
-        smooth = copy.deepcopy(model).eval()
-        for p in smooth.parameters():
-            p.requires_grad_(False)
-        explain, smoothed = attack_explain(smooth), False
-    goal = _unit(target_maps.to(x.device))
-    x = x.detach()
-    with torch.no_grad():
-        p_ref = smooth(x).softmax(1)
-    delta = torch.zeros_like(x, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=epsilon / 10)
-    for _ in range(steps):
-        x_adv = x + delta
-        maps = explain(x_adv, target)
-        loss = ((_unit(maps) - goal) ** 2).flatten(1).sum(1)
-        loss = loss + output_weight * ((smooth(x_adv).softmax(1) - p_ref) ** 2).sum(1)
-        loss = loss.sum()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+        smooth, replaced = smooth_activations_copy(model, beta)
+        explain, smoothed = attack_explain(smooth), replaced > 0
+        try:  # probe: an explainer may not accept the smoothed activations
+            explain(x[:1].detach().clone().requires_grad_(True), target[:1])
+        except UnsupportedModelError:
+            smooth = copy.deepcopy(model).eval()
+            for p in smooth.parameters():
+                p.requires_grad_(False)
+            explain, smoothed = attack_explain(smooth), False
+        goal = _unit(target_maps.to(x.device))
+        x = x.detach()
         with torch.no_grad():
-            delta.clamp_(-epsilon, epsilon)
-            delta.copy_((x + delta).clamp(lo, hi) - x)
-    x_adv = (x + delta).detach()
-    maps = explain(x_adv.clone().requires_grad_(True), target)  # the loss at the final perturbation
-    with torch.no_grad():
-        loss = ((_unit(maps) - goal) ** 2).flatten(1).sum(1)
-        loss_value = float((loss + output_weight * ((smooth(x_adv).softmax(1) - p_ref) ** 2).sum(1)).sum())
-    maps_before = check_maps(evaluate_explain(x, target))
-    maps_after = check_maps(evaluate_explain(x_adv, target))
-    with torch.no_grad():
-        p_before, p_after = model(x).softmax(1), model(x_adv).softmax(1)
+            p_ref = smooth(x).softmax(1)
+
+        def loss_at(x_adv: torch.Tensor) -> torch.Tensor:
+            maps_loss = ((_unit(explain(x_adv, target)) - goal) ** 2).flatten(1).sum(1)
+            return (maps_loss + output_weight * ((smooth(x_adv).softmax(1) - p_ref) ** 2).sum(1)).sum()
+
+        delta = torch.zeros_like(x, requires_grad=True)
+        optimiser = torch.optim.Adam([delta], lr=epsilon / 10)
+        for _ in range(steps):
+            loss = loss_at(x + delta)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                delta.clamp_(-epsilon, epsilon)
+                delta.copy_((x + delta).clamp(lo, hi) - x)
+        x_adv = (x + delta).detach()
+        loss_value = float(loss_at(x_adv.clone().requires_grad_(True)).detach())  # at the final perturbation
+        maps_before = check_maps(evaluate_explain(x, target))
+        maps_after = check_maps(evaluate_explain(x_adv, target))
+        with torch.no_grad():
+            p_before, p_after = model(x).softmax(1), model(x_adv).softmax(1)
     rows = torch.arange(x.shape[0])
     return ManipulationResult(
         x_adv=x_adv,
@@ -231,3 +190,35 @@ def _attack(
         final_loss=loss_value,
         smoothed=smoothed,
     )
+
+
+def _checked(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    target_maps: torch.Tensor,
+    epsilon: float,
+    bounds: tuple[float, float],
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """The attack's arguments, or a precise error: one class per image (one target for two images had
+    scored the second "robust"), a target map to steer toward, ``x`` inside ``bounds``."""
+    check_positive_int(steps, "steps")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],) or target.is_floating_point():
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},), one class per image, got {got}")
+    target_maps = check_maps(target_maps, "target_maps")
+    if target_maps.shape != (x.shape[0], *x.shape[-2:]):
+        raise ValueError(f"target_maps must be {(x.shape[0], *x.shape[-2:])}, got {tuple(target_maps.shape)}")
+    if not bool(target_maps.flatten(1).abs().amax(1).gt(0).all()):
+        raise ValueError("target_maps has an all-zero map: there is nothing to steer toward")
+    lo, hi = bounds
+    if not lo < hi:
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
+    slack = 1e-5 * (hi - lo)  # float rounding of a normalisation, not an input out of range
+    if bool((x < lo - slack).any() or (x > hi + slack).any()):
+        raise ValueError(f"x lies outside bounds {bounds}: the projection would move it past epsilon")
+    return target.to(torch.long), target_maps, (lo, hi)
