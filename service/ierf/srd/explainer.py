@@ -464,7 +464,7 @@ class Decomposition:
     ) -> Decomposition:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise TypeError(f"a decomposition state is a dict of tensors, got {type(state).__name__}")
-        missing = sorted({"schema", "shapes", "logits", "head.contrib", "head.bias", "head.routes"} - state.keys())
+        missing = sorted(_STATE_KEYS - state.keys())
         if missing:
             raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
         if int(state["schema"][0]) != SCHEMA_VERSION:
