@@ -697,6 +697,8 @@ def test_argument_forms(resnet18_64) -> None:
     torch.testing.assert_close(dec.saliency(3, contrast=torch.tensor(7)), dec.saliency(3, contrast=7))
     with pytest.raises(ValueError, match="head must be one of"):
         dec.saliency(3, head="")  # was taken as the default head
+    with pytest.raises(ValueError, match="contrast class 3 is the target of image 0"):
+        dec.saliency(3, contrast=3)  # a map of zeros otherwise
     assert explainer.layer_shape("layer3", (np.int64(64), np.int64(64))) == (256, 4, 4)
     with pytest.raises(ValueError, match="two positive ints"):
         explainer.layer_shape("layer3", 64)

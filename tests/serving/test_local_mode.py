@@ -73,6 +73,11 @@ def test_errors_come_back_as_typed_service_errors(ingress) -> None:
         ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=1000)).result()
     with pytest.raises(InvalidArgument, match="either contrast"):
         ingress.Explain.remote(pb.ExplainRequest(image=_image(), contrast="mean", contrast_class=3)).result()
+    with pytest.raises(InvalidArgument, match="contrast_class 3 is the target"):  # a map of zeros otherwise
+        ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=3, contrast_class=3)).result()
+    top = ingress.Predict.remote(pb.PredictRequest(image=_image(), top_k=1)).result().top_classes[0].index
+    with pytest.raises(InvalidArgument, match=f"contrast_class {top} is the predicted class"):  # auto target
+        ingress.Explain.remote(pb.ExplainRequest(image=_image(), contrast_class=top)).result()
 
 
 def test_health_check_serves(ingress) -> None:

@@ -133,6 +133,11 @@ def check_explain_args(desc: ModelDescription, method: str, target: int | None, 
         check_class(target, n, desc.id)
     if isinstance(contrast, int):
         check_class(contrast, n, desc.id, "contrast class")
+        if contrast == target:
+            raise InvalidArgument(
+                f"contrast_class {contrast} is the target: target minus itself is zero everywhere; "
+                "contrast with another class"
+            )
     elif contrast not in ("identity", "mean"):
         raise InvalidArgument(f"contrast {echo(contrast)} is not 'identity', 'mean' or a class index")
     if method != DEFAULT_METHOD and contrast != "identity":

@@ -472,6 +472,11 @@ class ModelHost:
             def explain(decomposition: Any) -> tuple[torch.Tensor, int, float, torch.Tensor]:
                 logits = decomposition.logits
                 target = job.target if job.target is not None else int(logits.reshape(-1).argmax())
+                if contrast == target:  # the target chosen here (auto): the ingress checked a given one
+                    raise InvalidArgument(
+                        f"contrast_class {contrast} is the predicted class, which became the target: target "
+                        "minus itself is zero everywhere; contrast with another class or set the target"
+                    )
                 self._check_time_for(job.deadline, "the explanation", work)
                 start = time.perf_counter()
                 return logits, target, start, decomposition.saliency(target, contrast=contrast)

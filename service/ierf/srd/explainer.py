@@ -321,6 +321,12 @@ class Decomposition:
             raise ValueError(f"contrast must be 'identity', 'mean' or a class index, got {contrast!r}")
         if isinstance(contrast, int) and not 0 <= contrast < self.logits.shape[1]:
             raise ValueError(f"contrast class {contrast} out of range 0..{self.logits.shape[1] - 1}")
+        if isinstance(contrast, int) and bool((target == contrast).any()):
+            image = int((target == contrast).nonzero()[0, 0])
+            raise ValueError(
+                f"contrast class {contrast} is the target of image {image}: target minus itself is zero "
+                "everywhere; contrast with another class"
+            )
         if mode == "exact":
             return self._exact_start(target, contrast)
         return self._gradient_start(target, contrast, mode)
