@@ -127,6 +127,22 @@ def test_decompression_bomb_is_rejected_from_the_header() -> None:
         decode_encoded(bomb, LIMITS)
     with pytest.raises(ResourceExhausted, match="pixels"):
         decode_encoded(_png_claiming(2000, 1000), LIMITS)  # sides fine, area over 1e6
+    # Past twice Pillow's own limit, Image.open refuses it before our check: still said with our cap
+    with pytest.raises(
+        ResourceExhausted, match=r"decompression bomb: the image declares 10000000000 pixels, over the cap of 1000000$"
+    ):
+        decode_encoded(_png_claiming(100_000, 100_000), LIMITS)
+
+
+@pytest.mark.parametrize("kind,payload", [(b"zTXt", b"k\x00\x00"), (b"iCCP", b"icc\x00\x00")])
+def test_png_chunk_inflating_past_pillows_limit_is_a_bomb(kind: bytes, payload: bytes) -> None:
+    """A 50 KB text or colour-profile chunk that inflates to 50 MB: RESOURCE_EXHAUSTED, not "corrupt"."""
+    png = _encode(np.zeros((4, 4, 3), np.uint8), "PNG")
+    data = payload + zlib.compress(bytes(50 << 20), 9)
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    bomb = png[:33] + chunk + png[33:]  # after the 8-byte signature and the 25-byte IHDR chunk
+    with pytest.raises(ResourceExhausted, match=r"decompression bomb: a compressed chunk of the (PNG )?image inflates"):
+        decode_encoded(bomb, LIMITS)
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,11 @@ def _check_dimensions(height: int, width: int, limits: ImageLimits, what: str) -
         )
 
 
+# Pillow's words for the bombs it stops itself (PIL.Image._decompression_bomb_check, PngImagePlugin).
+_PILLOW_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
+_PILLOW_CHUNK_BOMB = re.compile(r"decompressed data too large", re.IGNORECASE)
+
+
 def _bomb(what: str) -> ResourceExhausted:
     return ResourceExhausted(f"image rejected as a decompression bomb: {what}")
 
@@ -221,11 +226,15 @@ def _pillow_errors(data: bytes, limits: ImageLimits, what: str) -> Iterator[None
             f"image bytes are not a readable {'/'.join(ACCEPTED_FORMATS)} file ({len(data)} bytes, "
             f"starting {data[:8]!r})"
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise ResourceExhausted(
-            f"image rejected as a decompression bomb (cap {limits.max_pixels} pixels): {exc}"
-        ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # how Pillow reports bad data
+    except Image.DecompressionBombError as exc:  # a header past twice Pillow's own limit, before ours runs
+        declared = _PILLOW_BOMB_PIXELS.search(str(exc))
+        size = f"{int(declared.group(1))} pixels" if declared else "more pixels than Pillow reads"
+        raise _bomb(f"the {what} declares {size}, over the cap of {limits.max_pixels}") from None
+    except ValueError as exc:
+        if _PILLOW_CHUNK_BOMB.search(str(exc)):  # a PNG text or ICC chunk that inflates past Pillow's limit
+            raise _bomb(f"a compressed chunk of the {what} inflates past Pillow's limit ({exc})") from None
+        raise InvalidArgument(f"image bytes are truncated or corrupt: {exc}") from None
+    except (OSError, SyntaxError, EOFError) as exc:  # how Pillow reports bad data
         raise InvalidArgument(f"image bytes are truncated or corrupt: {exc}") from None
     except MemoryError:
         raise
