@@ -121,16 +121,16 @@ def test_health_counts_requests_as_answers_and_a_replica_dying_under_one(monkeyp
     from ierf.serving import deployments
 
     monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 60.0, raising=False)
-    worker = _Worker(outcome="done")
+    worker = _Worker(outcome=_outcome())
     ingress = _ingress({"m": worker})
 
     async def scenario() -> None:
-        assert await ingress._call("m", worker.explain, object(), time.time() + 5) == "done"
+        assert await ingress._call("m", worker.explain, object(), time.time() + 5, []) is worker.outcome
         status = (await ingress.Check(health_pb2.HealthCheckRequest())).status
         assert status == health_pb2.HealthCheckResponse.SERVING and worker.describe.calls == 0
         worker.state = "dead"
         with pytest.raises(ActorDiedError):
-            await ingress._call("m", worker.explain, object(), time.time() + 5)
+            await ingress._call("m", worker.explain, object(), time.time() + 5, [])
         status = (await ingress.Check(health_pb2.HealthCheckRequest())).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING and worker.describe.calls == 0
 
@@ -141,15 +141,9 @@ def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
     """README lists decode and encode among ``explainer_stage_duration_seconds``'s stages: the ingress's
     own encode (packing the response) was only in provenance."""
     import numpy as np
-    from ierf.serving.worker import Outcome, Provenance, Score
     from ierf_proto.v1 import explainer_pb2 as pb
 
-    outcome = Outcome(
-        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
-        maps=np.zeros((8, 8), np.float32),
-        target=Score(1, "one", 0.5, 2.0),
-    )
-    worker = _Worker(outcome=outcome)
+    worker = _Worker(outcome=_outcome())
     ingress = _ingress({"m": worker})
     observed: list[tuple[str, str]] = []
     ingress.metrics.stage = lambda stage, model, seconds: observed.append((stage, model))
@@ -157,8 +151,9 @@ def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
     image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[4, 4, 3]))
 
     response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
-    assert [t.stage for t in response.provenance.timings] == ["explain", "decode", "encode", "total"]
-    assert observed == [("decode", "m"), ("encode", "m")]  # the worker's stages it observes itself
+    # in the order a request meets them; "dispatch" is the wait for the worker beyond its own stages
+    assert [t.stage for t in response.provenance.timings] == ["decode", "dispatch", "explain", "encode", "total"]
+    assert observed == [("decode", "m"), ("dispatch", "m"), ("encode", "m")]  # the worker observes its own
 
 
 def test_an_ierf_response_that_could_pass_the_grpc_cap_is_refused_before_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,10 +299,10 @@ def test_undecodable_bodies_and_long_names_get_precise_codes_over_grpc() -> None
 
 def _outcome() -> Any:
     import numpy as np
-    from ierf.serving.worker import Outcome, Provenance, Score
+    from ierf.serving.jobs import Outcome, Provenance, Score
 
     return Outcome(
-        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash"),
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
         maps=np.zeros((8, 8), np.float32),
         target=Score(1, "one", 0.5, 2.0),
     )

@@ -81,13 +81,20 @@ def provenance_message(
     )
 
 
+#: The order a request meets its stages in: the ingress decodes, hands the job over (dispatch), the job
+#: waits for the worker's compute thread (queue) and runs; the ingress encodes the response.
+STAGE_ORDER = ("decode", "dispatch", "queue", "cache_get", "preprocess", "forward", "cache_put", "explain", "encode")
+
+
 def _sum_by_stage(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """One entry per stage, in first-seen order: a caller reads timings as a mapping, and a stage can
-    run more than once in a request (the worker's "preprocess" times the crop and the normalisation)."""
+    """One entry per stage, in STAGE_ORDER (others after, then "total"): a caller reads timings as a
+    mapping, and a stage can run more than once in a request (the worker's "preprocess" times the crop
+    and the normalisation; "encode" is the overlay's and the response's)."""
     totals: dict[str, float] = {}
     for stage, seconds in timings:
         totals[stage] = totals.get(stage, 0.0) + seconds
-    return list(totals.items())
+    rank = {stage: i for i, stage in enumerate((*STAGE_ORDER, "total"))}
+    return sorted(totals.items(), key=lambda item: rank.get(item[0], len(STAGE_ORDER)))
 
 
 def layer_message(layer: LayerShape) -> pb.LayerInfo:

@@ -32,6 +32,7 @@ from ierf.serving.errors import (
     error_for,
     to_status,
 )
+from ierf.serving.jobs import Outcome
 from ierf.serving.protocol import UnparsedRequest
 from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 
@@ -155,10 +156,19 @@ class ExplainerWorker:
             with contextlib.suppress(Exception):
                 host.cache.close(timeout_s=1.0)  # queued Redis writes get a moment to land
 
-    async def _run(self, fn: Callable[[Any], Any], job: Any) -> Any:
+    async def _run(self, fn: Callable[[Any], Outcome], job: Any) -> Any:
         loop = asyncio.get_running_loop()
+        queued = time.perf_counter()
+
+        def run(job: Any) -> Outcome:
+            waited = time.perf_counter() - queued  # behind other jobs for the compute thread
+            outcome = fn(job)
+            outcome.provenance.timings.insert(0, ("queue", waited))
+            self.metrics.stage("queue", self.host.config.id, waited)
+            return outcome
+
         try:
-            return await loop.run_in_executor(self._compute, fn, job)
+            return await loop.run_in_executor(self._compute, run, job)
         except ServiceError as refusal:
             # A refusal (a bad argument the ingress could not check, a deadline that cannot be met) is an
             # answer, not a failure of the replica: returned, so Serve does not log "Request failed" with
@@ -249,10 +259,15 @@ class Ingress:
             raise NotFound(f"unknown model {echo(model_id)}; served: {', '.join(sorted(self.workers))}")
         return model_id, handle
 
-    async def _call(self, model_id: str, method: Any, job: Any, deadline: float) -> Any:
+    async def _call(
+        self, model_id: str, method: Any, job: Any, deadline: float, timings: list[tuple[str, float]]
+    ) -> Any:
+        """The worker's answer to ``job``; adds the "dispatch" stage: the wait not covered by the worker's
+        own stages (Serve's routing and queueing, the hop and the transfer both ways)."""
         remaining = deadline - time.time()
         if remaining <= 0:
             raise DeadlineExceeded("deadline passed before the request reached a worker")
+        start = time.perf_counter()
         response = method.remote(job)
         try:
             outcome = await asyncio.wait_for(response, timeout=remaining)
@@ -267,6 +282,8 @@ class Ingress:
         self._health[model_id] = self._answered(model_id)
         if isinstance(outcome, ServiceError):  # the worker's refusal (ExplainerWorker._run)
             raise outcome
+        worker_seconds = sum(seconds for _, seconds in outcome.provenance.timings)
+        self._stage(timings, "dispatch", model_id, max(0.0, time.perf_counter() - start - worker_seconds))
         return outcome
 
     def _answered(self, model_id: str) -> tuple[float, bool]:
@@ -398,7 +415,7 @@ class Ingress:
             return_input=request.return_input,
             deadline=deadline,
         )
-        outcome = await self._call(model_id, worker.explain, job, deadline)
+        outcome = await self._call(model_id, worker.explain, job, deadline, timings)
         encode_start = time.perf_counter()
         response = pb.ExplainResponse(
             map=convert.tensor_message(convert.outcome_maps(outcome), dtype),
@@ -456,7 +473,7 @@ class Ingress:
             deadline=deadline,
             map_itemsize=np.dtype(dtype).itemsize,
         )
-        outcome = await self._call(model_id, worker.ierf, job, deadline)
+        outcome = await self._call(model_id, worker.ierf, job, deadline, timings)
         encode_start = time.perf_counter()
         response = pb.ComputeIERFResponse(
             maps=convert.tensor_message(convert.outcome_maps(outcome), dtype),
@@ -495,7 +512,7 @@ class Ingress:
         timings: list[tuple[str, float]] = []
         image = await self._decode(request.image, model_id, timings, deadline)
         job = PredictJob(pixels=image.pixels, content_hash=image.content_hash, top_k=request.top_k, deadline=deadline)
-        outcome = await self._call(model_id, worker.predict, job, deadline)
+        outcome = await self._call(model_id, worker.predict, job, deadline, timings)
         response = pb.PredictResponse(top_classes=[convert.score_message(s) for s in outcome.top_classes])
         self._finish_timings(timings, start, model_id)
         response.provenance.CopyFrom(
