@@ -132,15 +132,16 @@ def test_argparse_errors_exit_2(capsys):
 
 def test_server_may_follow_the_command(coffee_png, capsys):
     """``ierf explain IMG --server ADDR`` reaches the SDK like ``ierf --server ADDR explain IMG`` (here an
-    address nobody listens on: a one-line UNAVAILABLE error after the CLI's few quick retries)."""
+    address nobody listens on: a one-line UNAVAILABLE error after the CLI's few quick retries, exit status
+    1: a server that cannot answer is not a usage error, which exits 2)."""
     from ierf.serving.local import free_port
 
     address = f"127.0.0.1:{free_port()}"
     for argv in (["--server", address, "models"], ["models", "--server", address]):
-        assert main(argv) == 2
+        assert main(argv) == 1
         line = _error(capsys)
         assert line.startswith(f"ierf models: error: server {address}: UNAVAILABLE"), line
-    assert main(["explain", str(coffee_png), "-o", "x.png", "--server", address]) == 2
+    assert main(["explain", str(coffee_png), "-o", "x.png", "--server", address]) == 1
     assert f"server {address}: UNAVAILABLE" in _error(capsys)
 
 

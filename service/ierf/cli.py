@@ -8,7 +8,9 @@
 
 The commands talk to a :class:`Backend`. :class:`InProcessBackend` runs the engine in this process;
 a remote backend (the gRPC SDK behind ``--server``) only has to implement the same three methods.
-User errors print one line and exit with status 2; tracebacks are reserved for bugs.
+User errors (the server's refusals of them included) print one line and exit with status 2; a server
+that cannot answer (unreachable, out of time, overloaded, failing) exits with status 1; tracebacks are
+reserved for bugs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ MAX_POSITION = 2**31 - 1
 
 class UsageError(ValueError):
     """A bad command line argument detected by the CLI itself."""
+
+
+class BackendFailure(RuntimeError):
+    """The backend could not answer: a server unreachable, out of time, overloaded or failing (exit
+    status 1, so a script can tell "retry later" from "fix the command", which exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +419,9 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BackendFailure as exc:
+        print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:  # `ierf layers | head`: the reader has gone; no traceback, nothing more to write
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

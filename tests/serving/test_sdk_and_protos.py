@@ -373,6 +373,9 @@ def test_addresses_grpc_reads_are_accepted(address: str) -> None:
         ("127.0.0.1:", "no numeric port"),
         ("", "must be 'host:port'"),
         ("  ", "must be 'host:port'"),
+        ("127.0.0.1:99999", "outside 1..65535"),  # grpc dialled 99999 modulo 65536
+        ("127.0.0.1:0", "outside 1..65535"),
+        (" 127.0.0.1:9000", "white space"),
     ],
 )
 def test_addresses_that_can_never_connect_are_refused_at_once(address: str, message: str) -> None:
@@ -411,6 +414,82 @@ def test_targets_and_positions_are_integers_not_truncated_floats() -> None:
             ierf(bad)
     with pytest.raises(ValueError, match="of length 3"):
         ierf([(1, 2, 3)])
+
+
+def test_arguments_are_checked_by_name_before_the_image_is_encoded() -> None:
+    """protobuf's own errors ("Value out of range: 2147483648", "bad argument type for built-in operation")
+    named no argument; a contrast class given as a string reached the server as a contrast mode."""
+    pixels = np.zeros((4, 4, 3), np.uint8)
+
+    def explain(**kwargs: object) -> pb.ExplainRequest:
+        args = {"target": None, "model": "", "method": "srd", "contrast": "identity"} | kwargs
+        return _core.explain_request(
+            pixels, args["target"], args["model"], args["method"], args["contrast"], "float32", False, False
+        )
+
+    with pytest.raises(ValueError, match="target 2147483648 is out of range"):
+        explain(target=2**31)
+    with pytest.raises(ValueError, match="a position's row 1099511627776 is out of range"):
+        _core.ierf_request(pixels, "layer", [(2**40, 0)], "", "float32", False, False)
+    with pytest.raises(TypeError, match="layer must be a string"):
+        _core.ierf_request(pixels, 5, [(0, 0)], "", "float32", False, False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model must be a string"):
+        explain(model=5)
+    for top_k, error, message in [(1.5, TypeError, "top_k must be an integer"), (0, ValueError, "top_k must be >= 1")]:
+        with pytest.raises(error, match=message):
+            _core.predict_request(pixels, top_k, "")  # type: ignore[arg-type]
+    assert explain(contrast="MEAN").contrast == "mean" and explain(contrast=np.int64(5)).contrast_class == 5
+    with pytest.raises(TypeError, match="as an integer, not a string"):
+        explain(contrast="5")
+    for bad in (None, "median", 2.0):
+        with pytest.raises(ValueError, match="contrast must be 'identity', 'mean' or a class index"):
+            explain(contrast=bad)
+    with pytest.raises(TypeError, match="contrast"):  # checked before the image: a bad image is not read
+        _core.explain_request(object(), None, "", "srd", "5", "float32", False, False)  # type: ignore[arg-type]
+
+
+def test_client_options_are_checked_in_the_constructor() -> None:
+    """retry=3 was accepted and failed with AttributeError at the first outage; a token with a newline
+    failed every call with INTERNAL "Invalid metadata"."""
+    from ierf_client import AsyncClient, Client
+
+    for cls in (Client, AsyncClient):
+        with pytest.raises(TypeError, match="retry must be a RetryPolicy"):
+            cls("127.0.0.1:1", retry=3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="printable ASCII"):
+            cls("127.0.0.1:1", token="abc\n")
+
+
+def test_a_closed_client_says_so() -> None:
+    from ierf_client import Client
+
+    client = Client("127.0.0.1:1")
+    client.close()
+    with pytest.raises(RuntimeError, match="this Client is closed"):
+        client.health()
+
+
+def test_errors_survive_pickling_so_they_cross_a_process_pool() -> None:
+    """They could not be unpickled: a server error in a ProcessPoolExecutor job broke the whole pool."""
+    import pickle
+
+    import grpc
+    from ierf_client import IerfError, InvalidArgumentError
+
+    for error in (
+        InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "target 5000 is out of range"),
+        IerfError(grpc.StatusCode.INTERNAL, "boom"),
+    ):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and copy.code == error.code and copy.details == error.details
+        assert str(copy) == str(error)
+
+
+def test_results_holding_arrays_compare_by_identity() -> None:
+    """== raised "truth value of an array is ambiguous" and hash() a TypeError."""
+    result = _core.IERFResult(np.zeros((1, 2, 2), np.float32), None, None)  # type: ignore[arg-type]
+    assert result == result and result != _core.IERFResult(result.maps, None, None)  # type: ignore[arg-type]
+    assert hash(result) == hash(result)
 
 
 def test_an_ierf_overlay_index_out_of_range_is_an_index_error() -> None:

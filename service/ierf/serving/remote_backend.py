@@ -10,24 +10,31 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ierf.cli import ClassProbability, ExplainRequest, Explanation, LayerRow, UsageError
+from ierf.cli import BackendFailure, ClassProbability, ExplainRequest, Explanation, LayerRow, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class ServerError(ValueError):
-    """The server refused or failed a call; the CLI prints it as one line (exit status 2)."""
+class ServerRefusal(ValueError):
+    """The server refused the request as the caller's mistake (INVALID_ARGUMENT, NOT_FOUND): exit status 2."""
+
+
+class ServerFailure(BackendFailure):
+    """The server could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, …): exit
+    status 1."""
 
 
 def _server_errors(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: RemoteBackend, *args: Any, **kwargs: Any) -> Any:
-        from ierf_client import IerfError
+        from ierf_client import IerfError, InvalidArgumentError, NotFoundError
 
         try:
             return method(self, *args, **kwargs)
         except IerfError as exc:
-            raise ServerError(f"server {self.address}: {exc.code.name}: {exc.details}") from None
+            refused = isinstance(exc, InvalidArgumentError | NotFoundError)
+            error = ServerRefusal if refused else ServerFailure
+            raise error(f"server {self.address}: {exc.code.name}: {exc.details}") from None
 
     return wrapper  # type: ignore[return-value]
 

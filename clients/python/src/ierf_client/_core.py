@@ -37,6 +37,10 @@ class IerfError(Exception):
         self.code = code
         self.details = details
 
+    def __reduce__(self) -> tuple[type, tuple[grpc.StatusCode, str]]:
+        # rebuilt from (code, details), not from the message: a process pool sends errors back pickled
+        return type(self), (self.code, self.details)
+
 
 class InvalidArgumentError(IerfError, ValueError):
     pass
@@ -127,6 +131,8 @@ def check_address(address: object) -> str:
     an unreachable server until the call's whole budget is spent."""
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"address must be 'host:port' (e.g. '127.0.0.1:9000'), got {address!r}")
+    if address != address.strip() or any(c.isspace() for c in address):
+        raise ValueError(f"address {address!r} contains white space")
     if address.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
         scheme = address.split(":", 1)[0]
         raise ValueError(f"address {address!r} has a URL scheme ({scheme}://): give 'host:port' as grpc reads it")
@@ -136,6 +142,8 @@ def check_address(address: object) -> str:
             return address
         if colon and not port.isdigit():
             raise ValueError(f"address {address!r} has no numeric port: give 'host:port' (e.g. '127.0.0.1:9000')")
+        if colon and not 1 <= int(port) <= 65535:  # grpc would dial the port modulo 65536
+            raise ValueError(f"address {address!r} has port {port}, outside 1..65535")
     return address
 
 
@@ -145,6 +153,59 @@ def check_index(value: object, what: str) -> int:
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_int32(value: object, what: str) -> int:
+    """An integer argument that travels as a protobuf int32: out-of-range values are named here, not by
+    protobuf's "Value out of range"."""
+    number = check_index(value, what)
+    if not -INT32_MAX - 1 <= number <= INT32_MAX:
+        raise ValueError(f"{what} {number} is out of range")
+    return number
+
+
+def check_name(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_contrast(contrast: object) -> str | int:
+    """ "identity" or "mean" (any case), or a class index as an integer."""
+    if isinstance(contrast, int | np.integer) and not isinstance(contrast, bool | np.bool_):
+        return check_int32(contrast, "contrast class")
+    if isinstance(contrast, str):
+        if contrast.strip().lower() in ("identity", "mean"):
+            return contrast.strip().lower()
+        if contrast.strip().lstrip("-").isdigit():
+            raise TypeError(f"contrast {contrast!r}: give a contrast class as an integer, not a string")
+    raise ValueError(f"contrast must be 'identity', 'mean' or a class index (an integer), got {contrast!r}")
+
+
+def check_retry(retry: object) -> RetryPolicy:
+    """None (the default policy) or a RetryPolicy; a number would fail only at the first outage."""
+    if retry is None:
+        return RetryPolicy()
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(
+            f"retry must be a RetryPolicy (e.g. RetryPolicy(max_attempts=3)) or None, got {retry!r} "
+            f"({type(retry).__name__})"
+        )
+    return retry
+
+
+def check_token(token: object) -> str | None:
+    """A bearer token travels as gRPC metadata: printable ASCII only."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a string, got {type(token).__name__}")
+    if not all(" " <= c <= "~" for c in token):
+        raise ValueError("token must be printable ASCII (it travels as gRPC metadata)")
+    return token
 
 
 def check_timeout(timeout: object, what: str = "timeout") -> float:
@@ -414,7 +475,7 @@ def _overlay_image(png: bytes) -> Image.Image:
     return picture
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: == would raise; compare .map yourself
 class Explanation:
     map: np.ndarray  # (H, W) signed saliency at the model's input resolution
     target: ClassScore
@@ -427,7 +488,7 @@ class Explanation:
         return _overlay_image(self.overlay_png)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays, as Explanation
 class IERFResult:
     maps: np.ndarray  # (P, H, W); each sums to 1
     layer: LayerInfo
@@ -545,21 +606,19 @@ def explain_request(
     overlay: bool,
     return_input: bool,
 ) -> pb.ExplainRequest:
-    request = pb.ExplainRequest(
-        model_id=model,
-        image=image_message(image),
-        method=method,
-        map_dtype=_map_dtype(map_dtype),
-        overlay=overlay,
-        return_input=return_input,
-    )
+    # the arguments first: encoding a large image is the expensive part
+    fields: dict[str, Any] = {
+        "model_id": check_name(model, "model"),
+        "method": check_name(method, "method"),
+        "map_dtype": _map_dtype(map_dtype),
+        "overlay": overlay,
+        "return_input": return_input,
+    }
     if target is not None:
-        request.target = check_index(target, "target")
-    if isinstance(contrast, int | np.integer) and not isinstance(contrast, bool):
-        request.contrast_class = int(contrast)
-    else:
-        request.contrast = str(contrast)
-    return request
+        fields["target"] = check_int32(target, "target")
+    checked = check_contrast(contrast)
+    fields["contrast_class" if isinstance(checked, int) else "contrast"] = checked
+    return pb.ExplainRequest(image=image_message(image), **fields)
 
 
 def ierf_request(
@@ -571,16 +630,15 @@ def ierf_request(
     overlay: bool,
     return_input: bool,
 ) -> pb.ComputeIERFRequest:
-    pairs = _position_pairs(positions)
-    return pb.ComputeIERFRequest(
-        model_id=model,
-        image=image_message(image),
-        layer=layer,
-        positions=[pb.Position(row=r, col=c) for r, c in pairs],
-        map_dtype=_map_dtype(map_dtype),
-        overlay=overlay,
-        return_input=return_input,
-    )
+    fields = {
+        "model_id": check_name(model, "model"),
+        "layer": check_name(layer, "layer"),
+        "positions": [pb.Position(row=r, col=c) for r, c in _position_pairs(positions)],
+        "map_dtype": _map_dtype(map_dtype),
+        "overlay": overlay,
+        "return_input": return_input,
+    }
+    return pb.ComputeIERFRequest(image=image_message(image), **fields)
 
 
 def _position_pairs(positions: object) -> list[tuple[int, int]]:
@@ -596,11 +654,15 @@ def _position_pairs(positions: object) -> list[tuple[int, int]]:
         values = list(pair)
         if len(values) != 2:
             raise ValueError(f"{expected}; got an element {pair!r} of length {len(values)}")
-        pairs.append((check_index(values[0], "a position's row"), check_index(values[1], "a position's col")))
+        pairs.append((check_int32(values[0], "a position's row"), check_int32(values[1], "a position's col")))
     return pairs
 
 
 def predict_request(image: ImageInput, top_k: int, model: str) -> pb.PredictRequest:
+    top_k = check_int32(top_k, "top_k")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    model = check_name(model, "model")
     return pb.PredictRequest(model_id=model, image=image_message(image), top_k=top_k)
 
 

@@ -33,9 +33,9 @@ class AsyncClient:
     ) -> None:
         self.address = _core.check_address(address)
         self.timeout = _core.check_timeout(timeout)
-        self.token = token
-        self.application = application
-        self.retry = retry or RetryPolicy()
+        self.token = _core.check_token(token)
+        self.application = None if application is None else _core.check_name(application, "application")
+        self.retry = _core.check_retry(retry)
         self._options = [*_core.channel_options(max_message_bytes), *options]
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
@@ -131,7 +131,8 @@ class AsyncClient:
         return [_core.parse_model(m) for m in response.models]
 
     async def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
-        return _core.parse_model(await self._call("GetModel", pb.GetModelRequest(model_id=model_id), timeout))
+        request = pb.GetModelRequest(model_id=_core.check_name(model_id, "model_id"))
+        return _core.parse_model(await self._call("GetModel", request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         return await self._call("health", service, timeout)

@@ -46,14 +46,15 @@ class Client:
     ) -> None:
         self.address = _core.check_address(address)
         self.timeout = _core.check_timeout(timeout)
-        self.token = token
-        self.application = application
-        self.retry = retry or RetryPolicy()
+        self.token = _core.check_token(token)
+        self.application = None if application is None else _core.check_name(application, "application")
+        self.retry = _core.check_retry(retry)
         all_options = [*_core.channel_options(max_message_bytes), *options]
         if credentials is not None:
             self._channel = grpc.secure_channel(address, credentials, options=all_options)
         else:
             self._channel = grpc.insecure_channel(address, options=all_options)
+        self._closed = False
         self._stub = pb_grpc.ExplainServiceStub(self._channel)
         self._health = self._channel.unary_unary(
             _core.HEALTH_CHECK,
@@ -63,6 +64,8 @@ class Client:
 
     # ------------------------------------------------------------------------------ plumbing
     def _call(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        if self._closed:
+            raise RuntimeError("this Client is closed")
         budget = self.timeout if timeout is None else _core.check_timeout(timeout)
         deadline = time.monotonic() + budget
         attempt = 0
@@ -127,7 +130,8 @@ class Client:
 
     def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
         """One model's input spec, classes and layers (``""``: the server's default model)."""
-        return _core.parse_model(self._call(self._stub.GetModel, pb.GetModelRequest(model_id=model_id), timeout))
+        request = pb.GetModelRequest(model_id=_core.check_name(model_id, "model_id"))
+        return _core.parse_model(self._call(self._stub.GetModel, request, timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", …"""
@@ -148,6 +152,7 @@ class Client:
         raise TimeoutError(f"{self.address} not SERVING after {timeout} s (last: {last})")
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
