@@ -148,7 +148,7 @@ def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
     observed: list[tuple[str, str]] = []
     ingress.metrics.stage = lambda stage, model, seconds: observed.append((stage, model))
     pixels = np.zeros((4, 4, 3), np.uint8)
-    image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[4, 4, 3]))
+    image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
 
     response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
     # in the order a request meets them; "dispatch" is the wait for the worker beyond its own stages
@@ -218,7 +218,7 @@ def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeyp
     def request(side: int) -> Any:
         pixels = np.zeros((side, side), np.uint8)
         return pb.ExplainRequest(
-            image=pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[side, side]))
+            image=pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[side, side]))
         )
 
     async def scenario() -> None:
@@ -381,7 +381,7 @@ class Worker:
 
 ingress = Ingress.func_or_class({"m": Worker()}, ServiceConfig.from_args({"models": ["m"]}))
 pixels = np.zeros((32, 32, 3), np.uint8)
-image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[32, 32, 3]))
+image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[32, 32, 3]))
 response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
 assert list(response.map.shape) == [8, 8], response
 print(sorted(m for m in ("torch", "torchvision") if m in sys.modules))

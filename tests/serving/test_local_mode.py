@@ -28,32 +28,39 @@ def _image(seed: int = 0) -> object:
     from ierf_proto.v1 import explainer_pb2 as pb
 
     pixels = np.random.default_rng(seed).integers(0, 256, (120, 150, 3), dtype=np.uint8)
-    return pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=[120, 150, 3]))
+    return pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[120, 150, 3]))
 
 
 def test_second_target_layer_and_prediction_reuse_the_decomposition_from_l1(ingress) -> None:
     from ierf_proto.v1 import explainer_pb2 as pb
 
     first = ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=1)).result()
-    assert [(c.artifact, c.tier) for c in first.provenance.cache] == [("decomposition", pb.MISS)]
+    assert [(c.artifact, c.tier) for c in first.provenance.cache] == [("decomposition", pb.CACHE_TIER_MISS)]
     first_stages = [t.stage for t in first.provenance.timings]  # the crop and the normalisation: one entry
     assert first_stages.count("preprocess") == 1 and len(first_stages) == len(set(first_stages)), first_stages
     assert first_stages[:3] == ["decode", "dispatch", "queue"] and first_stages[-1] == "total", first_stages
     seconds = {t.stage: t.seconds for t in first.provenance.timings}
     assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"] * 1.001  # parts of the whole
     second = ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=2, contrast="mean")).result()
-    assert [(c.artifact, c.tier) for c in second.provenance.cache] == [("decomposition", pb.L1)]
+    assert [(c.artifact, c.tier) for c in second.provenance.cache] == [("decomposition", pb.CACHE_TIER_L1)]
     stages = {t.stage for t in second.provenance.timings}
     assert "forward" not in stages and "preprocess" not in stages  # a hit skips the model entirely
     mean_map = np.frombuffer(second.map.data, np.float32)
     assert abs(float(mean_map.sum())) < 1e-3 * float(np.abs(mean_map).sum())  # "mean" contrast sums to 0
 
     info = ingress.GetModel.remote(pb.GetModelRequest(model_id="r18")).result()
+    limits = info.input  # what a request meets, found here rather than by hitting it (defaults)
+    assert (limits.max_side, limits.max_positions, limits.max_top_k) == (16384, 64, 100), limits
+    assert limits.max_deadline_s == 120.0 and list(limits.tensor_dtypes) == [
+        pb.DATA_TYPE_UINT8,
+        pb.DATA_TYPE_FLOAT16,
+        pb.DATA_TYPE_FLOAT32,
+    ]
     layer = info.layers[len(info.layers) // 2]
     erf = ingress.ComputeIERF.remote(
         pb.ComputeIERFRequest(image=_image(), layer=layer.name, positions=[pb.Position(row=1, col=1)])
     ).result()
-    assert erf.provenance.cache[0].tier == pb.L1
+    assert erf.provenance.cache[0].tier == pb.CACHE_TIER_L1
     assert abs(float(np.frombuffer(erf.maps.data, np.float32).sum()) - 1.0) < 1e-3
     # the engine's aliases work through the service too: "layer4" is the last block's output
     alias = ingress.ComputeIERF.remote(
@@ -62,7 +69,9 @@ def test_second_target_layer_and_prediction_reuse_the_decomposition_from_l1(ingr
     assert alias.layer.name == "layer4.1" and alias.layer.height == info.layers[-1].height
 
     prediction = ingress.Predict.remote(pb.PredictRequest(image=_image(), top_k=3)).result()
-    assert prediction.provenance.cache[0].artifact == "logits" and prediction.provenance.cache[0].tier == pb.L1
+    assert (
+        prediction.provenance.cache[0].artifact == "logits" and prediction.provenance.cache[0].tier == pb.CACHE_TIER_L1
+    )
     assert len(prediction.top_classes) == 3
 
 

@@ -51,8 +51,8 @@ def test_images_travel_as_file_bytes_raw_tensors_or_png(tmp_path: Path) -> None:
     assert image_message(str(path)).encoded == path.read_bytes()
     assert image_message(b"abc").encoded == b"abc"
     tensor = image_message(pixels).tensor
-    assert (tensor.dtype, list(tensor.shape), tensor.data) == (pb.UINT8, [5, 7, 3], pixels.tobytes())
-    assert image_message(pixels.astype(np.float32) / 255).tensor.dtype == pb.FLOAT32
+    assert (tensor.dtype, list(tensor.shape), tensor.data) == (pb.DATA_TYPE_UINT8, [5, 7, 3], pixels.tobytes())
+    assert image_message(pixels.astype(np.float32) / 255).tensor.dtype == pb.DATA_TYPE_FLOAT32
     png = image_message(Image.fromarray(pixels)).encoded
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
     with pytest.raises(TypeError, match="dtype"):
@@ -98,7 +98,7 @@ def test_an_array_of_the_wrong_shape_fails_before_upload_whatever_its_size(
 def test_big_endian_float_arrays_travel_little_endian() -> None:
     values = np.linspace(0, 1, 12, dtype=">f4").reshape(2, 2, 3)
     tensor = image_message(values).tensor
-    assert tensor.dtype == pb.FLOAT32
+    assert tensor.dtype == pb.DATA_TYPE_FLOAT32
     np.testing.assert_array_equal(np.frombuffer(tensor.data, "<f4").reshape(2, 2, 3), values)
 
 
@@ -149,7 +149,7 @@ def test_explain_request_carries_target_and_contrast() -> None:
     pixels = np.zeros((4, 4, 3), np.uint8)
     request = _core.explain_request(pixels, 7, "m", "srd", 3, "float16", False, True)
     assert request.HasField("target") and request.target == 7 and request.contrast_class == 3
-    assert request.map_dtype == pb.FLOAT16 and request.return_input
+    assert request.map_dtype == pb.DATA_TYPE_FLOAT16 and request.return_input
     request = _core.explain_request(pixels, None, "", "srd", "mean", "float32", True, False)
     assert not request.HasField("target") and request.contrast == "mean"
     with pytest.raises(ValueError, match="map_dtype"):
@@ -458,6 +458,13 @@ def test_client_options_are_checked_in_the_constructor() -> None:
             cls("127.0.0.1:1", retry=3)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="printable ASCII"):
             cls("127.0.0.1:1", token="abc\n")
+
+
+def test_model_info_parses_dtype_names_and_limits() -> None:
+    spec = pb.InputSpec(tensor_dtypes=[pb.DATA_TYPE_UINT8, pb.DATA_TYPE_FLOAT32], max_positions=64, max_deadline_s=120)
+    info = _core.parse_model(pb.ModelInfo(id="m", input=spec))
+    assert info.input.tensor_dtypes == ["uint8", "float32"]  # the names a caller passes, not the enum's
+    assert info.input.max_positions == 64 and info.input.max_deadline_s == 120.0
 
 
 def test_a_closed_client_says_so() -> None:

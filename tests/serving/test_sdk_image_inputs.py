@@ -52,12 +52,15 @@ def test_a_large_float_array_gives_the_pixels_the_server_gives_the_float_tensor(
     """Over the raw limit, floats become uint8 in the SDK (raw while that fits, PNG beyond)."""
     values = _float_pixels(shape, dtype)
     small = image_message(values)
-    assert small.tensor.dtype in (pb.FLOAT32, pb.FLOAT16)  # small float arrays still travel as they are
+    assert small.tensor.dtype in (
+        pb.DATA_TYPE_FLOAT32,
+        pb.DATA_TYPE_FLOAT16,
+    )  # small float arrays still travel as they are
     want = _decoded(small)
 
     monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", values.nbytes - 1)  # uint8 fits, floats do not
     as_uint8 = image_message(values)
-    assert as_uint8.WhichOneof("source") == "tensor" and as_uint8.tensor.dtype == pb.UINT8
+    assert as_uint8.WhichOneof("source") == "tensor" and as_uint8.tensor.dtype == pb.DATA_TYPE_UINT8
     _assert_same(_decoded(as_uint8), want)
 
     monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", 10)  # not even uint8 fits: lossless PNG
@@ -71,7 +74,7 @@ def test_a_full_hd_float32_photo_fits_under_the_server_cap() -> None:
     values = _float_pixels((1080, 1920, 3), np.float32, seed=1)
     message = image_message(values)
     assert message.ByteSize() < LIMITS.max_bytes
-    reference = pb.Image(tensor=pb.Tensor(data=values.tobytes(), dtype=pb.FLOAT32, shape=[1080, 1920, 3]))
+    reference = pb.Image(tensor=pb.Tensor(data=values.tobytes(), dtype=pb.DATA_TYPE_FLOAT32, shape=[1080, 1920, 3]))
     _assert_same(_decoded(message), _decoded(reference, ImageLimits(max_bytes=64 * 1024 * 1024)))
 
 

@@ -11,11 +11,17 @@ from ierf_proto.v1 import explainer_pb2 as pb
 
 from ierf.serving.errors import InvalidArgument
 from ierf.serving.images import CanonicalImage, ImageLimits, PendingImage, open_encoded, open_tensor
-from ierf.serving.jobs import LayerShape, ModelDescription, Outcome, Provenance, Score
+from ierf.serving.jobs import LayerShape, ModelDescription, Outcome, Provenance, Score, grpc_message_cap
+from ierf.serving.settings import IngressConfig
 
-_DTYPE_NAMES = {pb.UINT8: "uint8", pb.FLOAT16: "float16", pb.FLOAT32: "float32"}
-_MAP_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: np.float32, pb.FLOAT32: np.float32, pb.FLOAT16: np.float16}
-_CACHE_TIERS = {"miss": pb.MISS, "l1": pb.L1, "l2": pb.L2, "disabled": pb.DISABLED}
+_DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT16: "float16", pb.DATA_TYPE_FLOAT32: "float32"}
+_MAP_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: np.float32, pb.DATA_TYPE_FLOAT32: np.float32, pb.DATA_TYPE_FLOAT16: np.float16}
+_CACHE_TIERS = {
+    "miss": pb.CACHE_TIER_MISS,
+    "l1": pb.CACHE_TIER_L1,
+    "l2": pb.CACHE_TIER_L2,
+    "disabled": pb.CACHE_TIER_DISABLED,
+}
 
 
 def decode_image(image: pb.Image, limits: ImageLimits) -> CanonicalImage:
@@ -34,7 +40,9 @@ def open_image(image: pb.Image, limits: ImageLimits) -> PendingImage:
     dtype = _DTYPE_NAMES.get(tensor.dtype)
     if dtype is None:
         name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else str(tensor.dtype)
-        raise InvalidArgument(f"image.tensor.dtype {name} is not accepted; use UINT8, FLOAT16 or FLOAT32")
+        raise InvalidArgument(
+            f"image.tensor.dtype {name} is not accepted; use DATA_TYPE_UINT8, DATA_TYPE_FLOAT16 or DATA_TYPE_FLOAT32"
+        )
     return open_tensor(tensor.data, dtype, list(tensor.shape), limits)
 
 
@@ -43,21 +51,21 @@ def map_dtype(value: int) -> type:
         return _MAP_DTYPES[value]
     except KeyError:
         name = pb.DataType.Name(value) if value in pb.DataType.values() else str(value)
-        raise InvalidArgument(f"map_dtype {name} is not accepted; use FLOAT32 or FLOAT16") from None
+        raise InvalidArgument(f"map_dtype {name} is not accepted; use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT16") from None
 
 
 def tensor_message(array: np.ndarray, dtype: type) -> pb.Tensor:
     data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
     return pb.Tensor(
         data=data.tobytes(),
-        dtype=pb.FLOAT16 if dtype == np.float16 else pb.FLOAT32,
+        dtype=pb.DATA_TYPE_FLOAT16 if dtype == np.float16 else pb.DATA_TYPE_FLOAT32,
         shape=list(array.shape),
     )
 
 
 def input_message(view: np.ndarray) -> pb.Tensor:
     view = np.ascontiguousarray(view, dtype=np.uint8)
-    return pb.Tensor(data=view.tobytes(), dtype=pb.UINT8, shape=list(view.shape))
+    return pb.Tensor(data=view.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=list(view.shape))
 
 
 def score_message(score: Score) -> pb.ClassScore:
@@ -105,8 +113,10 @@ def positions_array(positions: list[pb.Position]) -> np.ndarray:
     return np.array([[p.row, p.col] for p in positions], dtype=np.int64).reshape(-1, 2)
 
 
-def model_message(desc: ModelDescription, limits: ImageLimits) -> pb.ModelInfo:
-    dtype_codes = {"uint8": pb.UINT8, "float16": pb.FLOAT16, "float32": pb.FLOAT32}
+def model_message(desc: ModelDescription, ingress: IngressConfig) -> pb.ModelInfo:
+    """A model's description with the limits a request to it meets (so a caller finds them here rather
+    than by hitting them)."""
+    dtype_codes = {"uint8": pb.DATA_TYPE_UINT8, "float16": pb.DATA_TYPE_FLOAT16, "float32": pb.DATA_TYPE_FLOAT32}
     return pb.ModelInfo(
         id=desc.id,
         weights_digest=desc.weights_digest,
@@ -118,8 +128,13 @@ def model_message(desc: ModelDescription, limits: ImageLimits) -> pb.ModelInfo:
             preprocess_version=desc.preprocess_version,
             encodings=list(desc.encodings),
             tensor_dtypes=[dtype_codes[d] for d in desc.tensor_dtypes],
-            max_image_bytes=limits.max_bytes,
-            max_pixels=limits.max_pixels,
+            max_image_bytes=ingress.max_image_bytes,
+            max_pixels=ingress.max_pixels,
+            max_side=ingress.max_side,
+            max_positions=ingress.max_positions,
+            max_top_k=ingress.max_top_k,
+            max_message_bytes=grpc_message_cap() or 0,
+            max_deadline_s=ingress.request_timeout_s,
         ),
         num_classes=len(desc.class_names),
         class_names=desc.class_names,

@@ -554,7 +554,7 @@ class Ingress:
 
             descs = await asyncio.gather(*(self._description(m) for m in sorted(self.workers)))
             return pb.ListModelsResponse(
-                models=[convert.model_message(d, self.limits) for d in descs],
+                models=[convert.model_message(d, self.config.ingress) for d in descs],
                 default_model_id=self.config.default_model,
             )
 
@@ -568,7 +568,7 @@ class Ingress:
 
             model_id, _ = self._worker(request.model_id)
             labels["model"] = model_id
-            return convert.model_message(await self._description(model_id), self.limits)
+            return convert.model_message(await self._description(model_id), self.config.ingress)
 
         return await self._serve("GetModel", request, grpc_context, handler, pb.ModelInfo)
 

@@ -169,15 +169,20 @@ def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarr
     return layer
 
 
+def grpc_message_cap() -> int | None:
+    """The Serve gRPC proxy's message cap in bytes, as this process's environment sets it (None: unset)."""
+    raw = os.environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
 def check_response_fits(desc: Any, maps: int, itemsize: int, overlay: bool, return_input: bool) -> None:
     """Refuse, before any work, a ComputeIERF whose response could pass the gRPC proxy's message cap (it
     would be computed, then dropped by the proxy): P maps, P overlay PNGs (at most ~4 bytes per pixel),
     the input crop. The ingress checks when it already holds the model's description, the worker always
     (Ray's processes inherit the cap's environment variable from the process that started them)."""
-    raw = os.environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
-    if not raw.isdigit():
+    cap = grpc_message_cap()
+    if cap is None:
         return
-    cap = int(raw)
     pixels = desc.input_height * desc.input_width
     worst = maps * pixels * (itemsize + (4 if overlay else 0)) + (3 * pixels if return_input else 0) + (1 << 16)
     if worst > cap:

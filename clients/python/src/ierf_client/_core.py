@@ -291,20 +291,20 @@ def image_message(image: ImageInput) -> pb.Image:
         if native == np.float64:  # what skimage's img_as_float gives; the server reads float32 pixels
             image, native = image.astype(np.float32), np.dtype(np.float32)
         if native == np.uint8:
-            dtype = pb.UINT8
+            dtype = pb.DATA_TYPE_UINT8
         elif native == np.float32:
-            dtype = pb.FLOAT32
+            dtype = pb.DATA_TYPE_FLOAT32
         elif native == np.float16:
-            dtype = pb.FLOAT16
+            dtype = pb.DATA_TYPE_FLOAT16
         else:
             raise TypeError(
                 f"image array dtype {image.dtype} is not sent as is: use uint8 (0..255) or float16/32/64 in [0, 1]"
             )
-        if dtype != pb.UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
+        if dtype != pb.DATA_TYPE_UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
             # The server rounds float pixels to uint8 anyway: doing it here first lets a large float
             # image travel at a quarter (or half) of the size, and as PNG if still too large.
-            image, dtype = _float_to_uint8(image), pb.UINT8
-        if dtype == pb.UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
+            image, dtype = _float_to_uint8(image), pb.DATA_TYPE_UINT8
+        if dtype == pb.DATA_TYPE_UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
             grey_or_rgb = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
             return pb.Image(encoded=_png(Image.fromarray(np.ascontiguousarray(grey_or_rgb))))  # lossless
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
@@ -399,7 +399,9 @@ def _png(picture: Image.Image) -> bytes:
 
 
 def tensor_array(tensor: pb.Tensor) -> np.ndarray:
-    dtype = {pb.UINT8: np.uint8, pb.FLOAT16: np.float16, pb.FLOAT32: np.float32}.get(tensor.dtype)
+    dtype = {pb.DATA_TYPE_UINT8: np.uint8, pb.DATA_TYPE_FLOAT16: np.float16, pb.DATA_TYPE_FLOAT32: np.float32}.get(
+        tensor.dtype
+    )
     if dtype is None:
         raise ValueError(f"response tensor has unknown dtype {tensor.dtype}")
     return np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(tensor.shape)).copy()
@@ -447,6 +449,11 @@ class InputSpec:
     tensor_dtypes: list[str]  # raw tensor dtypes the server accepts: "uint8", "float16", "float32"
     max_image_bytes: int
     max_pixels: int
+    max_side: int = 0  # pixels per side; 0: a server that does not say
+    max_positions: int = 0  # ierf positions per call
+    max_top_k: int = 0
+    max_message_bytes: int = 0  # the server's gRPC message cap
+    max_deadline_s: float = 0.0  # the longest budget a call gets there
 
 
 @dataclass(frozen=True)
@@ -509,7 +516,12 @@ class Prediction:
     provenance: Provenance
 
 
-_TIERS = {pb.MISS: "miss", pb.L1: "l1", pb.L2: "l2", pb.DISABLED: "disabled"}
+_TIERS = {
+    pb.CACHE_TIER_MISS: "miss",
+    pb.CACHE_TIER_L1: "l1",
+    pb.CACHE_TIER_L2: "l2",
+    pb.CACHE_TIER_DISABLED: "disabled",
+}
 
 
 def parse_provenance(p: pb.Provenance) -> Provenance:
@@ -549,9 +561,14 @@ def parse_model(m: pb.ModelInfo) -> ModelInfo:
             color_space=m.input.color_space,
             preprocess_version=m.input.preprocess_version,
             encodings=list(m.input.encodings),
-            tensor_dtypes=[pb.DataType.Name(d).lower() for d in m.input.tensor_dtypes],
+            tensor_dtypes=[pb.DataType.Name(d).removeprefix("DATA_TYPE_").lower() for d in m.input.tensor_dtypes],
             max_image_bytes=m.input.max_image_bytes,
             max_pixels=m.input.max_pixels,
+            max_side=m.input.max_side,
+            max_positions=m.input.max_positions,
+            max_top_k=m.input.max_top_k,
+            max_message_bytes=m.input.max_message_bytes,
+            max_deadline_s=m.input.max_deadline_s,
         ),
         num_classes=m.num_classes,
         class_names=list(m.class_names),
@@ -586,7 +603,7 @@ def parse_prediction(r: pb.PredictResponse) -> Prediction:
 
 
 # ---------------------------------------------------------------------------------------- requests
-_MAP_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
+_MAP_DTYPES = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16}
 
 
 def _map_dtype(name: str) -> int:

@@ -10,26 +10,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
-    UINT8: _ClassVar[DataType]
-    FLOAT16: _ClassVar[DataType]
-    FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_UINT8: _ClassVar[DataType]
+    DATA_TYPE_FLOAT16: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
 
 class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CACHE_TIER_UNSPECIFIED: _ClassVar[CacheTier]
-    MISS: _ClassVar[CacheTier]
-    L1: _ClassVar[CacheTier]
-    L2: _ClassVar[CacheTier]
-    DISABLED: _ClassVar[CacheTier]
+    CACHE_TIER_MISS: _ClassVar[CacheTier]
+    CACHE_TIER_L1: _ClassVar[CacheTier]
+    CACHE_TIER_L2: _ClassVar[CacheTier]
+    CACHE_TIER_DISABLED: _ClassVar[CacheTier]
 DATA_TYPE_UNSPECIFIED: DataType
-UINT8: DataType
-FLOAT16: DataType
-FLOAT32: DataType
+DATA_TYPE_UINT8: DataType
+DATA_TYPE_FLOAT16: DataType
+DATA_TYPE_FLOAT32: DataType
 CACHE_TIER_UNSPECIFIED: CacheTier
-MISS: CacheTier
-L1: CacheTier
-L2: CacheTier
-DISABLED: CacheTier
+CACHE_TIER_MISS: CacheTier
+CACHE_TIER_L1: CacheTier
+CACHE_TIER_L2: CacheTier
+CACHE_TIER_DISABLED: CacheTier
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -214,7 +214,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("height", "width", "channels", "color_space", "preprocess_version", "encodings", "tensor_dtypes", "max_image_bytes", "max_pixels")
+    __slots__ = ("height", "width", "channels", "color_space", "preprocess_version", "encodings", "tensor_dtypes", "max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k", "max_message_bytes", "max_deadline_s")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,11 @@ class InputSpec(_message.Message):
     TENSOR_DTYPES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     channels: int
@@ -233,7 +238,12 @@ class InputSpec(_message.Message):
     tensor_dtypes: _containers.RepeatedScalarFieldContainer[DataType]
     max_image_bytes: int
     max_pixels: int
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., color_space: _Optional[str] = ..., preprocess_version: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., tensor_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., max_image_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ...) -> None: ...
+    max_side: int
+    max_positions: int
+    max_top_k: int
+    max_message_bytes: int
+    max_deadline_s: float
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., color_space: _Optional[str] = ..., preprocess_version: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., tensor_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., max_image_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_side: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_deadline_s: _Optional[float] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "channels", "height", "width")
