@@ -397,3 +397,10 @@ def test_the_ingress_serves_without_loading_torch() -> None:
     result = subprocess.run([sys.executable, "-c", INGRESS_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_metrics_name_built_in_methods_before_the_model_description_arrives() -> None:
+    """The first baseline requests after an ingress start were labelled method="other"."""
+    ingress = _ingress({"m": _Worker()})
+    assert {"srd", "gradcam", "lrp", "integrated_gradients"} <= set(ingress._known_methods("m"))
+    assert "my_plugin" not in ingress._known_methods("m")  # unknown names stay "other": bounded labels

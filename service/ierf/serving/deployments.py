@@ -32,7 +32,7 @@ from ierf.serving.errors import (
     error_for,
     to_status,
 )
-from ierf.serving.jobs import Outcome
+from ierf.serving.jobs import DEFAULT_METHOD, Outcome
 from ierf.serving.protocol import UnparsedRequest
 from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 
@@ -432,8 +432,14 @@ class Ingress:
         return response
 
     def _known_methods(self, model_id: str) -> list[str]:
+        """The model's methods, for the metrics' method label; before its description has arrived, the
+        built-in ones (a name outside them is "other": labels stay bounded)."""
         desc = self._descriptions.get(model_id)
-        return desc.methods if desc is not None else ["srd"]
+        if desc is not None:
+            return desc.methods
+        from ierf.baselines import BASELINE_METHODS  # names only, torch-free
+
+        return [DEFAULT_METHOD, *BASELINE_METHODS]
 
     async def ComputeIERF(self, request: Any, grpc_context: Any = None) -> Any:
         from ierf_proto.v1 import explainer_pb2 as pb
