@@ -34,3 +34,33 @@ def test_unknown_method_names_the_available_ones() -> None:
         ierf.create_explainer("nope", None)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         ierf.method_version("nope")
+
+
+@pytest.mark.parametrize("method", ["srd", "integrated_gradients"])
+def test_an_interruptible_call_stops_at_a_checkpoint_and_leaves_the_model_as_it_was(method: str) -> None:
+    """A server stops work for a caller who has gone: SRD between graph nodes, IG between forwards."""
+    import torch
+    import torchvision
+    from ierf.interrupt import Interrupted, interruptible
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    explainer = ierf.create_explainer(method, model)
+    x = torch.randn(1, 3, 64, 64)
+    reference = explainer.saliency(x, 3)
+    checks = 0
+
+    def stop_after_two() -> str | None:
+        nonlocal checks
+        checks += 1
+        return "the caller went away" if checks > 2 else None
+
+    with interruptible(stop_after_two), pytest.raises(Interrupted, match="the caller went away"):
+        explainer.saliency(x, 3)
+    assert checks == 3  # stopped at the third checkpoint, not at the end
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    torch.testing.assert_close(explainer.saliency(x, 3), reference)  # outside the block: unaffected
+    with interruptible(lambda: None):  # a check that never asks to stop changes nothing
+        torch.testing.assert_close(explainer.saliency(x, 3), reference)

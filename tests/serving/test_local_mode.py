@@ -168,6 +168,56 @@ def test_worker_does_all_tensor_work_on_one_compute_thread(monkeypatch) -> None:
     assert threads[0][1] != threading.get_ident()  # and not on the caller's (event loop's) thread
 
 
+def test_a_job_whose_caller_went_away_or_whose_deadline_passed_stops_at_the_next_checkpoint(monkeypatch) -> None:
+    """A caller's own gRPC deadline (Serve does not forward it) or a cancel left the job running to its end
+    on the worker's one compute thread, ahead of everyone else's work."""
+    import asyncio
+    import time
+
+    from ierf.interrupt import checkpoint
+    from ierf.serving.deployments import ExplainerWorker
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    ran: list[float] = []
+
+    def slow_explain(self, job):  # an engine call with a checkpoint every 10 ms, 10 s in all
+        start = time.monotonic()
+        try:
+            for _ in range(1000):
+                checkpoint()
+                time.sleep(0.01)
+        finally:
+            ran.append(time.monotonic() - start)
+
+    monkeypatch.setattr(ModelHost, "explain", slow_explain)
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 2}], "cache": {}}
+    )
+    worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    pixels = np.zeros((8, 8, 3), np.uint8)
+
+    async def scenario() -> None:
+        refusal = await worker.explain(ExplainJob(pixels=pixels, content_hash="a", deadline=time.time() + 0.3))
+        assert isinstance(refusal, DeadlineExceeded) and "stopped part-way: the deadline passed" in refusal.message
+        task = asyncio.ensure_future(worker.explain(ExplainJob(pixels=pixels, content_hash="b")))  # no deadline
+        await asyncio.sleep(0.3)
+        task.cancel()  # what Serve does when the caller goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the thread notices at its next checkpoint
+            if len(ran) == 2:
+                break
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.__del__()
+    assert len(ran) == 2 and all(seconds < 1.5 for seconds in ran), ran
+
+
 def test_caller_mistakes_are_answered_without_waiting_for_a_busy_worker(ingress) -> None:
     """Once the ingress holds the model's description (fetched in the background on first use), a bad
     target, method, layer or position is refused at once, not after the job ahead of it on the worker."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf.interrupt import checkpoint
 from ierf.methods import check_input as shared_check_input
 
 # Hook dictionaries a library may add entries to; restored key by key after every call.
@@ -45,6 +46,7 @@ def checked_forward(model: nn.Module, target: torch.Tensor) -> Callable[[torch.T
     """The model's forward, validating the logits shape and target range on every call."""
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
+        checkpoint()  # before each forward (IG runs several): a server stops here for a caller who has gone
         logits = model(inputs)
         check_target_range(logits, target)
         return logits

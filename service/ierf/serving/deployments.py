@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -157,18 +158,39 @@ class ExplainerWorker:
                 host.cache.close(timeout_s=1.0)  # queued Redis writes get a moment to land
 
     async def _run(self, fn: Callable[[Any], Outcome], job: Any) -> Any:
+        """``fn(job)`` on the compute thread. A job whose caller has gone (the request was cancelled: the
+        caller's own gRPC deadline, which Serve does not forward, or a cancel) or whose deadline has
+        passed stops at the engine's next checkpoint (:mod:`ierf.interrupt`) instead of holding the
+        thread; one still queued never starts."""
+        from ierf.interrupt import Interrupted, interruptible
+
         loop = asyncio.get_running_loop()
         queued = time.perf_counter()
+        cancelled = threading.Event()
+
+        def why_stop() -> str | None:
+            if cancelled.is_set():
+                return "the caller went away"
+            if job.deadline is not None and time.time() > job.deadline:
+                return "the deadline passed"
+            return None
 
         def run(job: Any) -> Outcome:
             waited = time.perf_counter() - queued  # behind other jobs for the compute thread
-            outcome = fn(job)
+            try:
+                with interruptible(why_stop):
+                    outcome = fn(job)
+            except Interrupted as stopped:
+                raise DeadlineExceeded(f"stopped part-way: {stopped}; the work done for it was dropped") from None
             outcome.provenance.timings.insert(0, ("queue", waited))
             self.metrics.stage("queue", self.host.config.id, waited)
             return outcome
 
         try:
             return await loop.run_in_executor(self._compute, run, job)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
         except ServiceError as refusal:
             # A refusal (a bad argument the ingress could not check, a deadline that cannot be met) is an
             # answer, not a failure of the replica: returned, so Serve does not log "Request failed" with
@@ -274,6 +296,9 @@ class Ingress:
         except TimeoutError:
             response.cancel()
             raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker") from None
+        except asyncio.CancelledError:  # the caller went away (its gRPC deadline, a cancel): so does the job
+            response.cancel()
+            raise
         except Exception as exc:
             if to_status(exc)[0].name == "UNAVAILABLE":  # the replica died under the request: health says so
                 self._health[model_id] = (time.monotonic(), False)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from ierf.interrupt import Interrupted
 from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
 from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ServiceError
 from ierf.serving.jobs import (  # re-exported: the worker's protocol, defined torch-free for the ingress
@@ -361,7 +362,7 @@ class ModelHost:
         decomposition, cached = self._decomposition(inputs, prov, stages, deadline, then)
         try:
             return use(decomposition)
-        except ServiceError:
+        except (ServiceError, Interrupted):  # the caller's, not the cached value's
             raise
         except Exception as exc:
             if not cached:

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
+from ierf.interrupt import checkpoint
 from ierf.srd.graph import check_model_state, head_subgraph, module_identities, name_activations, rule_type, trace
 from ierf.srd.ratios import stage_ratios, tap_products
 from ierf.srd.rules import (
@@ -237,6 +238,7 @@ class _Interpreter:
         if 0 in self.keep:
             self.kept[0] = x
         for node, rule, module in self.program.steps:
+            checkpoint()  # between nodes: a server stops here for a caller who has gone
             if node.op == "placeholder":
                 env[node] = Source(x, 0)
                 continue
