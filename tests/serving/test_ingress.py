@@ -404,3 +404,59 @@ def test_metrics_name_built_in_methods_before_the_model_description_arrives() ->
     ingress = _ingress({"m": _Worker()})
     assert {"srd", "gradcam", "lrp", "integrated_gradients"} <= set(ingress._known_methods("m"))
     assert "my_plugin" not in ingress._known_methods("m")  # unknown names stay "other": bounded labels
+
+
+class _GrpcContext:
+    """What the ingress uses of Serve's gRPC context."""
+
+    def __init__(self) -> None:
+        self.code = self.details = None
+        self.trailers: list[tuple[str, str]] = []
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return []
+
+    def request_id(self) -> str:
+        return "r"
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, trailers: list[tuple[str, str]]) -> None:
+        self.trailers = trailers
+
+
+class BackPressureError(Exception):
+    """Named like Ray Serve's: a worker's queue is full."""
+
+
+def test_an_overload_refusal_says_when_to_retry_and_a_cap_does_not() -> None:
+    """RESOURCE_EXHAUSTED also means "over a cap": the trailer is what lets a client retry only overloads."""
+    import grpc
+    import numpy as np
+    from ierf.serving.errors import RETRY_AFTER_KEY
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Worker(outcome=_outcome())
+
+    async def overloaded(job: Any) -> Any:
+        raise BackPressureError("Request dropped due to backpressure")
+
+    worker.explain = _Method(overloaded)
+    ingress = _ingress({"m": worker})
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
+    context = _GrpcContext()
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=image), context))
+    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in context.details
+    assert (RETRY_AFTER_KEY, "250") in context.trailers
+
+    ingress = _ingress({"m": _Worker(outcome=_outcome())})
+    too_big = pb.Image(encoded=b"\x89PNG" + bytes(ingress.limits.max_bytes))
+    context = _GrpcContext()
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=too_big), context))
+    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "over the cap" in context.details
+    assert context.trailers == []

@@ -331,19 +331,23 @@ def test_redis_stopped_mid_run_changes_nothing_but_latency(live_service, redis_s
 
 
 def test_overload_gets_resource_exhausted_not_a_hang(live_service) -> None:
-    from ierf_client import AsyncClient, ResourceExhaustedError
+    """Refused at once, marked as an overload (a pause to wait in the trailers, which a cap has not), and
+    the SDK's default policy gets the same burst through by waiting it."""
+    from ierf_client import AsyncClient, ResourceExhaustedError, RetryPolicy
 
-    async def burst() -> list[object]:
-        async with AsyncClient(live_service.grpc_address, timeout=240) as aclient:
-            calls = [aclient.explain(_noise(100 + i), overlay=False) for i in range(6)]
+    async def burst(retry: RetryPolicy, offset: int) -> list[object]:
+        async with AsyncClient(live_service.grpc_address, timeout=240, retry=retry) as aclient:
+            calls = [aclient.explain(_noise(offset + i), overlay=False) for i in range(6)]
             return await asyncio.gather(*calls, return_exceptions=True)
 
-    results = asyncio.run(burst())
+    results = asyncio.run(burst(RetryPolicy(retry_overload=False), 100))
     rejected = [r for r in results if isinstance(r, ResourceExhaustedError)]
     served = [r for r in results if not isinstance(r, Exception)]
     assert rejected and served, results
-    assert all("overloaded" in r.details for r in rejected)
+    assert all("overloaded" in r.details and r.retry_after_s == 0.25 for r in rejected)
     assert len(rejected) + len(served) == len(results), [r for r in results if isinstance(r, Exception)]
+    retried = asyncio.run(burst(RetryPolicy(), 200))
+    assert not any(isinstance(r, Exception) for r in retried), retried
 
 
 def test_deadline_is_honoured(live_service, client) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -465,6 +466,36 @@ def test_model_info_parses_dtype_names_and_limits() -> None:
     info = _core.parse_model(pb.ModelInfo(id="m", input=spec))
     assert info.input.tensor_dtypes == ["uint8", "float32"]  # the names a caller passes, not the enum's
     assert info.input.max_positions == 64 and info.input.max_deadline_s == 120.0
+
+
+def test_an_overload_is_retried_after_the_servers_pause_and_a_cap_is_not() -> None:
+    """RESOURCE_EXHAUSTED means "too big" as well as "overloaded": only the server's trailer tells them apart."""
+
+    class Refusal(grpc.RpcError):
+        def __init__(self, trailers: list[tuple[str, str]]) -> None:
+            self.trailers = trailers
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return "service overloaded, retry later"
+
+        def trailing_metadata(self) -> list[tuple[str, str]]:
+            return self.trailers
+
+    overloaded = Refusal([("request_id", "x"), (_core.RETRY_AFTER_KEY, "250")])
+    assert _core.server_pause_s(overloaded) == 0.25
+    for bad in ([], [(_core.RETRY_AFTER_KEY, "-1")], [(_core.RETRY_AFTER_KEY, "soon")]):
+        assert _core.server_pause_s(Refusal(bad)) is None
+    exhausted, later = grpc.StatusCode.RESOURCE_EXHAUSTED, time.monotonic() + 10
+    policy = RetryPolicy(initial_backoff_s=0.0)
+    assert _core.retry_pause(policy, exhausted, 1, later, 0.25) == 0.25  # at least the server's pause
+    assert _core.retry_pause(policy, exhausted, 1, later, None) is None  # a cap: the same refusal again
+    assert _core.retry_pause(RetryPolicy(retry_overload=False), exhausted, 1, later, 0.25) is None
+    assert _core.retry_pause(policy, exhausted, 1, time.monotonic() + 0.2, 0.25) is None  # no time to wait it
+    error = _core.error_from_rpc(overloaded)
+    assert isinstance(error, _core.ResourceExhaustedError) and error.retry_after_s == 0.25
 
 
 def test_a_closed_client_says_so() -> None:

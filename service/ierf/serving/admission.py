@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ierf.serving.errors import DeadlineExceeded, ResourceExhausted
+from ierf.serving.errors import DeadlineExceeded, Overloaded
 
 T = TypeVar("T")
 
@@ -69,7 +69,7 @@ class DecodeGate:
             self.active += pixels
             return
         if self.queued + pixels > self.queued_limit:
-            raise ResourceExhausted(
+            raise Overloaded(
                 f"service overloaded, retry later: the ingress is decoding {_mpx(self.active)} of images with "
                 f"{_mpx(self.queued)} waiting, and this {_mpx(pixels)} image would pass the "
                 f"{_mpx(self.queued_limit)} it lets wait"

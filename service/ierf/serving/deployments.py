@@ -23,6 +23,7 @@ import numpy as np
 from ray import serve
 
 from ierf.serving.errors import (
+    RETRY_AFTER_KEY,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -31,6 +32,7 @@ from ierf.serving.errors import (
     clip,
     echo,
     error_for,
+    retry_after_ms,
     to_status,
 )
 from ierf.serving.jobs import DEFAULT_METHOD, Outcome
@@ -347,6 +349,9 @@ class Ingress:
                 raise error_for(status, message) from exc
             grpc_context.set_code(status)
             grpc_context.set_details(clip(message))
+            pause = retry_after_ms(exc)
+            if pause is not None:  # an overload, not a cap: the same request may pass after a pause
+                grpc_context.set_trailing_metadata([(RETRY_AFTER_KEY, str(pause))])
             return empty()
         finally:
             self.metrics.inflight(rpc, -1)

@@ -50,9 +50,28 @@ class NotFound(ServiceError):
 
 
 class ResourceExhausted(ServiceError):
-    """Over a size cap, or the service is overloaded (bounded queues are full)."""
+    """Over a size cap (the same request will always be refused), or, as :class:`Overloaded`, a full queue."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(ResourceExhausted):
+    """A bounded queue is full: the same request may pass after a pause. The ingress says so in the
+    trailing metadata :data:`RETRY_AFTER_KEY`, which RESOURCE_EXHAUSTED alone cannot (it also means "too
+    big, never retry")."""
+
+
+#: Trailing metadata on an overload refusal: milliseconds to wait before retrying (the SDK honours it).
+RETRY_AFTER_KEY = "ierf-retry-after-ms"
+RETRY_AFTER_MS = 250
+
+
+def retry_after_ms(exc: BaseException) -> int | None:
+    """The pause to suggest for ``exc`` (an overload: ours, or Ray's back-pressure), else None."""
+    exc = _unwrap(exc)
+    if isinstance(exc, Overloaded) or type(exc).__name__ == "BackPressureError":
+        return RETRY_AFTER_MS
+    return None
 
 
 class DeadlineExceeded(ServiceError):

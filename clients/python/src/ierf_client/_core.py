@@ -21,6 +21,7 @@ from PIL import Image
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's default is 4 MiB, too small for maps and photos
 RAW_TENSOR_LIMIT_BYTES = 16 * 1024 * 1024  # larger arrays are sent as lossless PNG instead
 TIMEOUT_METADATA_KEY = "ierf-timeout-ms"  # the server-side deadline (Serve does not forward grpc-timeout)
+RETRY_AFTER_KEY = "ierf-retry-after-ms"  # trailer of an overload refusal: the server's suggested pause
 SERVICE = "ierf.v1.ExplainService"
 MAX_RECONNECT_BACKOFF_MS = 2000  # longest wait of the channel between connection attempts
 MIN_ATTEMPT_S = 0.05  # an attempt with less budget than this left is not made
@@ -30,16 +31,18 @@ ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Ima
 
 # ----------------------------------------------------------------------------------------- errors
 class IerfError(Exception):
-    """A failed call: ``code`` is the gRPC status, ``details`` the server's readable message."""
+    """A failed call: ``code`` is the gRPC status, ``details`` the server's readable message, and
+    ``retry_after_s`` the pause an overload refusal suggested (None for anything else, caps included)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s
 
-    def __reduce__(self) -> tuple[type, tuple[grpc.StatusCode, str]]:
-        # rebuilt from (code, details), not from the message: a process pool sends errors back pickled
-        return type(self), (self.code, self.details)
+    def __reduce__(self) -> tuple[type, tuple[grpc.StatusCode, str, float | None]]:
+        # rebuilt from its fields, not from the message: a process pool sends errors back pickled
+        return type(self), (self.code, self.details, self.retry_after_s)
 
 
 class InvalidArgumentError(IerfError, ValueError):
@@ -79,13 +82,16 @@ _ERRORS = {
 def error_from_rpc(exc: grpc.RpcError) -> IerfError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or ""
-    return _ERRORS.get(code, IerfError)(code, details)
+    return _ERRORS.get(code, IerfError)(code, details, server_pause_s(exc))
 
 
 # ------------------------------------------------------------------------------------------ retry
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry UNAVAILABLE only (the request never reached a worker, or the server is restarting).
+    """Retry UNAVAILABLE (the request never reached a worker, or the server is restarting) and, with
+    ``retry_overload``, a RESOURCE_EXHAUSTED the server marks as an overload (full queues: trailing
+    metadata ``ierf-retry-after-ms``, whose pause is then waited at least; a RESOURCE_EXHAUSTED without
+    it is a cap, refused again whatever the wait).
 
     Anything else is either the caller's mistake or would repeat work the server may have done.
     Backoff: exponential with full jitter, capped, and never past the call's own deadline.
@@ -99,6 +105,7 @@ class RetryPolicy:
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
+    retry_overload: bool = True
 
     def __post_init__(self) -> None:
         if self.max_attempts is not None and (
@@ -111,6 +118,8 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.multiplier, int | float) or not math.isfinite(self.multiplier) or self.multiplier < 1:
             raise ValueError(f"multiplier must be a finite number >= 1, got {self.multiplier!r}")
+        if not isinstance(self.retry_overload, bool):
+            raise ValueError(f"retry_overload must be True or False, got {self.retry_overload!r}")
 
     def backoff(self, attempt: int) -> float:
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** min(attempt, 64))
@@ -120,9 +129,11 @@ class RetryPolicy:
         """True once ``attempts`` calls have been made and no further one is allowed."""
         return self.max_attempts is not None and attempts >= self.max_attempts
 
-    @staticmethod
-    def retryable(code: grpc.StatusCode) -> bool:
-        return code == grpc.StatusCode.UNAVAILABLE
+    def retryable(self, code: grpc.StatusCode, server_pause_s: float | None = None) -> bool:
+        """``server_pause_s``: the pause an overload refusal suggested (None: not an overload)."""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return self.retry_overload and code == grpc.StatusCode.RESOURCE_EXHAUSTED and server_pause_s is not None
 
 
 def check_address(address: object) -> str:
@@ -215,18 +226,38 @@ def check_timeout(timeout: object, what: str = "timeout") -> float:
     return float(timeout)
 
 
-def retry_pause(policy: RetryPolicy, code: grpc.StatusCode, attempts: int, deadline: float) -> float | None:
+def server_pause_s(exc: object) -> float | None:
+    """The pause an overload refusal suggests (its ``ierf-retry-after-ms`` trailer), else None."""
+    try:
+        metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # an error that never reached a server has none
+        return None
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            try:
+                millis = float(value)
+            except (TypeError, ValueError):
+                return None
+            return millis / 1000 if math.isfinite(millis) and millis >= 0 else None
+    return None
+
+
+def retry_pause(
+    policy: RetryPolicy, code: grpc.StatusCode, attempts: int, deadline: float, server_pause: float | None = None
+) -> float | None:
     """Seconds to wait before the next attempt after ``attempts`` failed ones, or None to give up.
 
     The last pause is cut short so that one more attempt still fits in the budget, rather than giving up
-    with time left (a server back a second before the deadline should still be reached).
+    with time left (a server back a second before the deadline should still be reached). An overload's
+    suggested pause is waited at least, and it must fit.
     """
-    if not policy.retryable(code) or policy.gives_up(attempts):
+    if not policy.retryable(code, server_pause) or policy.gives_up(attempts):
         return None
     left = deadline - time.monotonic() - MIN_ATTEMPT_S
-    if left <= 0:
+    wait = max(policy.backoff(attempts - 1), server_pause or 0.0)
+    if left <= 0 or (server_pause is not None and server_pause > left):
         return None
-    return min(policy.backoff(attempts - 1), left)
+    return min(wait, left)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:

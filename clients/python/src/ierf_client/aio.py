@@ -84,7 +84,7 @@ class AsyncClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
-                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline)
+                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline, _core.server_pause_s(exc))
                 if pause is None:
                     raise _core.error_from_rpc(exc) from None
                 await asyncio.sleep(pause)

@@ -79,7 +79,7 @@ class Client:
                 )
             except grpc.RpcError as exc:
                 attempt += 1
-                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline)
+                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline, _core.server_pause_s(exc))
                 if pause is None:
                     raise _core.error_from_rpc(exc) from None
                 time.sleep(pause)
