@@ -86,6 +86,27 @@ def test_a_full_waiting_room_is_resource_exhausted_at_once() -> None:
     asyncio.run(scenario())
 
 
+def test_a_small_image_waits_past_the_bound_and_goes_first() -> None:
+    """A 0.2 Mpx photo was refused behind a burst of 16 Mpx images, though it decodes in milliseconds."""
+
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=150, small_pixels=10)
+        order: list[int] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(_hold(gate, p, release, order, _deadline())) for p in (100, 100)]
+        await _settle()
+        with pytest.raises(ResourceExhausted):
+            await gate._admit(60, _deadline())  # a large one is still refused
+        tasks.append(asyncio.create_task(_hold(gate, 8, release, order, _deadline())))  # small: let wait
+        await _settle()
+        assert gate.queued == 108
+        release.set()
+        await asyncio.gather(*tasks)
+        assert order == [100, 8, 100] and gate.active == gate.queued == 0  # and first of those waiting
+
+    asyncio.run(scenario())
+
+
 def test_a_request_cancelled_as_it_is_admitted_gives_its_pixels_back() -> None:
     """Admission and cancellation in one loop turn: the cancellation must not be swallowed (as
     asyncio.wait_for on Python 3.11 does), and the pixels just granted go to the next image."""

@@ -30,13 +30,20 @@ class DecodeGate:
     """At most ``active_pixels`` being decoded and ``queued_pixels`` waiting; smallest first.
 
     An image larger than ``active_pixels`` still runs when nothing else does, so no image under the
-    pixel cap is refused for its size alone. Used from one event loop (the ingress replica's)."""
+    pixel cap is refused for its size alone. An image of at most ``small_pixels`` may wait past
+    ``queued_pixels``: it goes first and decodes in milliseconds, so a burst of large ones does not turn
+    away a 224² photo (the ingress's own request bound limits how many wait). Used from one event loop
+    (the ingress replica's)."""
 
-    def __init__(self, active_pixels: int, queued_pixels: int) -> None:
-        if active_pixels < 1 or queued_pixels < 0:
-            raise ValueError(f"active_pixels must be >= 1 and queued_pixels >= 0, got {active_pixels}, {queued_pixels}")
+    def __init__(self, active_pixels: int, queued_pixels: int, small_pixels: int = 0) -> None:
+        if active_pixels < 1 or queued_pixels < 0 or small_pixels < 0:
+            raise ValueError(
+                "active_pixels must be >= 1, queued_pixels and small_pixels >= 0, got "
+                f"{active_pixels}, {queued_pixels}, {small_pixels}"
+            )
         self.active_limit = active_pixels
         self.queued_limit = queued_pixels
+        self.small_limit = small_pixels
         self.active = 0  # pixels being decoded now
         self.queued = 0  # pixels waiting
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # heap: (pixels, arrival, admitted)
@@ -68,7 +75,7 @@ class DecodeGate:
         if self._fits(pixels):
             self.active += pixels
             return
-        if self.queued + pixels > self.queued_limit:
+        if self.queued + pixels > self.queued_limit and pixels > self.small_limit:
             raise Overloaded(
                 f"service overloaded, retry later: the ingress is decoding {_mpx(self.active)} of images with "
                 f"{_mpx(self.queued)} waiting, and this {_mpx(pixels)} image would pass the "

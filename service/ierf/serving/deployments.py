@@ -64,6 +64,9 @@ INLINE_OPEN_BYTES = 256 * 1024
 # seconds per pixel for each kind of image (PNG, JPEG, WEBP, tensor), taken from decodes of at least this
 # many pixels and applied to them (below it, fixed costs swamp the per-pixel rate and decoding is quick).
 DECODE_ESTIMATE_MIN_PIXELS = 1_000_000
+# Images up to this many pixels (a 12 MP photo's quarter, a 1000x1000 crop) may wait to decode past the
+# decoding queue's bound: they go first and take milliseconds (see DecodeGate).
+SMALL_IMAGE_PIXELS = 1_000_000
 # A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
 # any job that arrived meanwhile, on the compute thread): by then the answer has crossed the ingress and
 # the proxy (~10 ms), which it would otherwise compete with for the cores.
@@ -246,7 +249,7 @@ class Ingress:
         self.workers = workers
         self.config = config
         self.limits = config.ingress.limits
-        self._decode_gate = DecodeGate(*config.ingress.decode_budget)
+        self._decode_gate = DecodeGate(*config.ingress.decode_budget, small_pixels=SMALL_IMAGE_PIXELS)
         self._decode_rates: dict[str, float] = {}  # image kind -> seconds per pixel (moving average)
         # Its own threads: decodes never queue behind other thread work, nor it behind them. More threads
         # than cores so that small images admitted beside large ones need not wait for a thread.
