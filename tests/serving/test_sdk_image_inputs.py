@@ -195,3 +195,13 @@ def test_modes_the_server_refuses_fail_locally_with_its_words(mode: str) -> None
     with pytest.raises(ValueError) as local:
         image_message(picture)
     assert str(local.value) == server.value.message
+
+
+def test_a_file_too_large_for_pillow_to_convert_is_refused_by_what_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A readable GIF past Pillow's bomb limit was sent as raw bytes and refused as "not a readable
+    PNG/JPEG/WEBP file"."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).convert("P").save(buffer, "GIF")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px is past twice the limit
+    with pytest.raises(ValueError, match="too large to convert to PNG for the server"):
+        image_message(buffer.getvalue())

@@ -362,6 +362,8 @@ def _encoded_message(data: bytes) -> pb.Image:
             picture.load()
     except MemoryError:
         raise
+    except Image.DecompressionBombError as exc:  # readable, but too large to convert here (or to explain there)
+        raise ValueError(f"image file is too large to convert to PNG for the server: {exc}") from None
     except Exception:  # Pillow cannot read them (OSError, SyntaxError, EOFError, struct.error, …)
         return pb.Image(encoded=data)
     return pb.Image(encoded=_png(_png_ready(picture)))
