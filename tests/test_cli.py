@@ -317,3 +317,47 @@ def test_the_cli_and_the_package_import_without_torch():
         "assert 'torch' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_server_errors_exit_2_when_the_request_is_at_fault_and_1_when_the_server_cannot_answer() -> None:
+    """A cap's RESOURCE_EXHAUSTED is refused again on every retry (2, "fix the command"); an overload's,
+    marked with a pause to wait, is not (1, "retry later")."""
+    import grpc
+    from ierf.cli import BackendFailure
+    from ierf.serving.remote_backend import _server_errors
+    from ierf_client import IerfError, ResourceExhaustedError
+
+    class Backend:
+        address = "svc:9000"
+
+        def __init__(self, error: IerfError) -> None:
+            self.error = error
+
+        @_server_errors
+        def call(self) -> None:
+            raise self.error
+
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    cases = [
+        (ResourceExhaustedError(exhausted, "image is over the cap"), ValueError),
+        (ResourceExhaustedError(exhausted, "service overloaded", 0.25), BackendFailure),
+        (IerfError(grpc.StatusCode.UNAUTHENTICATED, "bad token"), ValueError),
+        (IerfError(grpc.StatusCode.INTERNAL, "boom"), BackendFailure),
+    ]
+    for error, expected in cases:
+        with pytest.raises(expected, match=f"server svc:9000: {error.code.name}"):
+            Backend(error).call()
+
+
+def test_python_dash_m_prints_one_line_for_a_server_that_cannot_answer() -> None:
+    """Run as ``python -m ierf.cli``, the module was imported twice and the failure escaped as a traceback."""
+    from ierf.serving.local import free_port
+
+    run = subprocess.run(
+        [sys.executable, "-m", "ierf.cli", "--server", f"127.0.0.1:{free_port()}", "models", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "UNAVAILABLE" in run.stderr.strip().splitlines()[-1]

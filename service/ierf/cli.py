@@ -437,4 +437,8 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m ierf.cli`` runs this file as __main__, while ierf.serving.remote_backend imports
+    # ierf.cli: take main from there, so both see one BackendFailure class (not a second copy of it)
+    from ierf.cli import main as package_main
+
+    sys.exit(package_main())

@@ -2,7 +2,9 @@
 
 A server thread running one caller's work may learn, mid-call, that nobody waits for the answer any
 more: the caller cancelled, or its deadline passed. torch cannot stop an op, but the engine's loops can
-stop between steps: SRD's forward between graph nodes, the baselines between model forwards. A caller
+stop between steps: SRD's forward between graph nodes; the gradient baselines (gradient, input x gradient,
+integrated gradients, SmoothGrad) before each model forward, so integrated gradients between its batches
+of path points. The CAM methods and LRP run one pass each and have no checkpoint. A caller
 that wants this wraps the call in :func:`interruptible`; ``check()`` returns why to stop, or None.
 
 Thread-local, so other threads' calls are unaffected; outside :func:`interruptible` a checkpoint costs
@@ -18,8 +20,9 @@ from contextlib import contextmanager
 _local = threading.local()
 
 
-class Interrupted(RuntimeError):
-    """Raised at a checkpoint when the check asked to stop; the call's partial work is discarded."""
+class Interrupted(Exception):
+    """Raised at a checkpoint when the check asked to stop; the call's partial work is discarded. Not a
+    ValueError or RuntimeError, so no handler of bad input or of torch's errors takes it for one."""
 
 
 @contextmanager

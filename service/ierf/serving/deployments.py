@@ -186,6 +186,7 @@ class ExplainerWorker:
                 with interruptible(why_stop):
                     outcome = fn(job)
             except Interrupted as stopped:
+                self.metrics.stopped(self.host.config.id, "cancelled" if cancelled.is_set() else "deadline")
                 raise DeadlineExceeded(f"stopped part-way: {stopped}; the work done for it was dropped") from None
             outcome.provenance.timings.insert(0, ("queue", waited))
             self.metrics.stage("queue", self.host.config.id, waited)

@@ -228,8 +228,10 @@ def _pillow_errors(data: bytes, limits: ImageLimits, what: str) -> Iterator[None
         ) from None
     except Image.DecompressionBombError as exc:  # a header past twice Pillow's own limit, before ours runs
         declared = _PILLOW_BOMB_PIXELS.search(str(exc))
-        size = f"{int(declared.group(1))} pixels" if declared else "more pixels than Pillow reads"
-        raise _bomb(f"the {what} declares {size}, over the cap of {limits.max_pixels}") from None
+        pixels = int(declared.group(1)) if declared else None
+        if pixels is not None and pixels > limits.max_pixels:
+            raise _bomb(f"the {what} declares {pixels} pixels, over the cap of {limits.max_pixels}") from None
+        raise _bomb(f"the {what} declares more pixels than the decoder reads ({exc})") from None  # a cap raised past it
     except ValueError as exc:
         if _PILLOW_CHUNK_BOMB.search(str(exc)):  # a PNG text or ICC chunk that inflates past Pillow's limit
             raise _bomb(f"a compressed chunk of the {what} inflates past Pillow's limit ({exc})") from None

@@ -41,6 +41,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("tier", "op", "result"),
     ),
     "explainer_cache_value_bytes": ("histogram", "Size of values read from or written to Redis.", ("op",)),
+    "explainer_jobs_stopped_total": (
+        "counter",
+        "Worker jobs stopped part-way at an engine checkpoint, by reason: cancelled (the caller went away: "
+        "a cancel, or its gRPC deadline at the proxy) or deadline (the budget ran out).",
+        ("model", "reason"),
+    ),
     "explainer_model_info": (
         "gauge",
         "1 per loaded model replica; labels carry the model id, weights digest and device.",
@@ -111,6 +117,9 @@ class ServiceMetrics:
         )
         if tier == "l2" and nbytes > 0:
             self._metrics["explainer_cache_value_bytes"].observe(nbytes, tags={"op": op})  # type: ignore[attr-defined]
+
+    def stopped(self, model: str, reason: str) -> None:
+        self._metrics["explainer_jobs_stopped_total"].inc(1, tags={"model": model, "reason": reason})  # type: ignore[attr-defined]
 
     def model_info(self, model: str, weights_digest: str, device: str) -> None:
         self._set_gauge("explainer_model_info", 1, {"model": model, "weights_digest": weights_digest, "device": device})

@@ -16,23 +16,32 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ServerRefusal(ValueError):
-    """The server refused the request as the caller's mistake (INVALID_ARGUMENT, NOT_FOUND): exit status 2."""
+    """The server refused the request as the caller's mistake (INVALID_ARGUMENT, NOT_FOUND, a cap's
+    RESOURCE_EXHAUSTED, a token refused): exit status 2."""
+
+
+_REFUSALS = {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED", "OUT_OF_RANGE"}
 
 
 class ServerFailure(BackendFailure):
-    """The server could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, …): exit
-    status 1."""
+    """The server could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, an overload's RESOURCE_EXHAUSTED,
+    INTERNAL, …): exit status 1."""
 
 
 def _server_errors(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: RemoteBackend, *args: Any, **kwargs: Any) -> Any:
-        from ierf_client import IerfError, InvalidArgumentError, NotFoundError
+        import grpc
+        from ierf_client import IerfError
 
         try:
             return method(self, *args, **kwargs)
         except IerfError as exc:
-            refused = isinstance(exc, InvalidArgumentError | NotFoundError)
+            # the request itself is the problem (a retry gets the same answer): a cap's RESOURCE_EXHAUSTED
+            # too, which an overload's (marked with a pause to wait) is not
+            refused = exc.code.name in _REFUSALS or (
+                exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_s is None
+            )
             error = ServerRefusal if refused else ServerFailure
             raise error(f"server {self.address}: {exc.code.name}: {exc.details}") from None
 

@@ -151,7 +151,7 @@ def check_address(address: object) -> str:
         host, colon, port = address.rpartition(":")
         if colon and host and not host.endswith("]") and ":" in host:  # a bare IPv6 address, no port
             return address
-        if colon and not port.isdigit():
+        if colon and not (port.isascii() and port.isdigit()):
             raise ValueError(f"address {address!r} has no numeric port: give 'host:port' (e.g. '127.0.0.1:9000')")
         if colon and not 1 <= int(port) <= 65535:  # grpc would dial the port modulo 65536
             raise ValueError(f"address {address!r} has port {port}, outside 1..65535")
