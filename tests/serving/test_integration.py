@@ -343,7 +343,9 @@ def test_overload_gets_resource_exhausted_not_a_hang(live_service) -> None:
     results = asyncio.run(burst(RetryPolicy(retry_overload=False), 100))
     rejected = [r for r in results if isinstance(r, ResourceExhaustedError)]
     served = [r for r in results if not isinstance(r, Exception)]
-    assert rejected, results  # (a busy machine may refuse all six: the burst's point is that none waits)
+    # all six may be refused: a fresh ingress's own calls for the model's description can fill the worker's
+    # one-deep queue (run alone, this test saw that); the point is that none waits
+    assert rejected, results
     assert all("overloaded" in r.details and r.retry_after_s == 0.25 for r in rejected)
     assert len(rejected) + len(served) == len(results), [r for r in results if isinstance(r, Exception)]
     retried = asyncio.run(burst(RetryPolicy(), 200))
