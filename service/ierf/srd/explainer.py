@@ -783,16 +783,24 @@ class SRD:
                 raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} {problem} this model: {first}") from None
             raise
 
-    def load_decomposition(self, state: dict[str, torch.Tensor], like: StateLayout | None = None) -> Decomposition:
+    def load_decomposition(
+        self,
+        state: dict[str, torch.Tensor],
+        like: StateLayout | None = None,
+        device: torch.device | str | None = None,
+    ) -> Decomposition:
         """A decomposition from :meth:`Decomposition.state_dict` tensors. ``like``: the layout the state
         must have (:meth:`StateLayout.of` a decomposition of this model at the same input size), checked
         exactly: routes, shapes, finite values. Without it the state is checked for structure only (another
         model's state, a missing stage or a route to no map is refused); states read back from a shared
-        store should always be checked with ``like``."""
+        store should always be checked with ``like``. ``device``: where the decomposition lives, the state
+        moved there after its check (a state read from a store is on the CPU, where checking is fastest)."""
         if like is not None:
             like.check(state)  # exact: implies the structure
         elif isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
             _check_state_structure(self.program, state)
+        if device is not None:
+            state = {key: value.to(device) for key, value in state.items()}
         return Decomposition.from_state(self.program, state, self.head)
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:
