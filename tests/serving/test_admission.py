@@ -99,10 +99,13 @@ def test_a_small_image_waits_past_the_bound_and_goes_first() -> None:
             await gate._admit(60, _deadline())  # a large one is still refused
         tasks.append(asyncio.create_task(_hold(gate, 8, release, order, _deadline())))  # small: let wait
         await _settle()
-        assert gate.queued == 108
+        assert gate.queued == 100  # outside the bound: it cannot push a later large image over it
+        tasks.append(asyncio.create_task(_hold(gate, 50, release, order, _deadline())))  # 100 + 50 fits the 150
+        await _settle()
+        assert gate.queued == 150
         release.set()
         await asyncio.gather(*tasks)
-        assert order == [100, 8, 100] and gate.active == gate.queued == 0  # and first of those waiting
+        assert order == [100, 8, 50, 100] and gate.active == gate.queued == 0  # smallest first
 
     asyncio.run(scenario())
 

@@ -46,7 +46,8 @@ class DecodeGate:
         self.small_limit = small_pixels
         self.active = 0  # pixels being decoded now
         self.queued = 0  # pixels waiting
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # heap: (pixels, arrival, admitted)
+        # heap: (pixels, arrival, admitted, pixels counted against queued_pixels: 0 for a small image)
+        self._waiting: list[tuple[int, int, asyncio.Future[None], int]] = []
         self._arrivals = itertools.count()
 
     def _fits(self, pixels: int) -> bool:
@@ -75,7 +76,8 @@ class DecodeGate:
         if self._fits(pixels):
             self.active += pixels
             return
-        if self.queued + pixels > self.queued_limit and pixels > self.small_limit:
+        counted = pixels if pixels > self.small_limit else 0  # a small image waits outside the bound
+        if counted and self.queued + counted > self.queued_limit:
             raise Overloaded(
                 f"service overloaded, retry later: the ingress is decoding {_mpx(self.active)} of images with "
                 f"{_mpx(self.queued)} waiting, and this {_mpx(pixels)} image would pass the "
@@ -85,8 +87,8 @@ class DecodeGate:
         if remaining <= 0:
             raise DeadlineExceeded("deadline passed before the image could be decoded")
         admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (pixels, next(self._arrivals), admitted))
-        self.queued += pixels
+        heapq.heappush(self._waiting, (pixels, next(self._arrivals), admitted, counted))
+        self.queued += counted
         start = time.time()
         try:
             # Not asyncio.wait_for: on Python 3.11 it returns normally when the future is resolved in the
@@ -98,7 +100,7 @@ class DecodeGate:
                 self._release(pixels)  # admitted as the wait ended: give the slot to the next image
             else:
                 admitted.cancel()  # left in the heap, skipped when reached
-                self.queued -= pixels
+                self.queued -= counted
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded(
                     f"deadline exceeded after {time.time() - start:.3f} s waiting to decode the image (the ingress "
@@ -109,13 +111,13 @@ class DecodeGate:
     def _release(self, pixels: int) -> None:
         self.active -= pixels
         while self._waiting:
-            size, _, admitted = self._waiting[0]
+            size, _, admitted, counted = self._waiting[0]
             if admitted.done():  # its request gave up waiting
                 heapq.heappop(self._waiting)
                 continue
             if not self._fits(size):
                 break
             heapq.heappop(self._waiting)
-            self.queued -= size
+            self.queued -= counted
             self.active += size
             admitted.set_result(None)
