@@ -205,7 +205,8 @@ def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeyp
         maps=np.zeros((8, 8), np.float32),
         target=Score(1, "one", 0.5, 2.0),
     )
-    budget = {"max_pixels": 1_000_000, "decode_pixels": 2_100_000, "decode_queue_pixels": 1_000_000}
+    # large images over 1 Mpx: up to that an image may wait past the bound (it decodes in milliseconds)
+    budget = {"max_pixels": 1_210_000, "decode_pixels": 2_500_000, "decode_queue_pixels": 1_210_000}
     config = ServiceConfig.from_args({"models": ["m"], "ingress": budget})
     worker = _Worker(outcome=outcome)
 
@@ -222,14 +223,14 @@ def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeyp
         )
 
     async def scenario() -> None:
-        large = [asyncio.create_task(ingress.Explain(request(1000))) for _ in range(3)]  # 2 decode, 1 waits
+        large = [asyncio.create_task(ingress.Explain(request(1100))) for _ in range(3)]  # 2 decode, 1 waits
         await asyncio.sleep(0.2)
-        assert ingress._decode_gate.active == 2_000_000 and ingress._decode_gate.queued == 1_000_000
+        assert ingress._decode_gate.active == 2_420_000 and ingress._decode_gate.queued == 1_210_000
         start = time.perf_counter()
         small = await ingress.Explain(request(224))
         assert time.perf_counter() - start < 2.0 and small.map.shape == [8, 8]
         with pytest.raises(ResourceExhausted, match="service overloaded, retry later: the ingress is decoding"):
-            await ingress.Explain(request(1000))  # the waiting room holds one large image
+            await ingress.Explain(request(1100))  # the waiting room holds one large image
         gate_open.set()
         assert all(r.map.shape == [8, 8] for r in await asyncio.gather(*large))
         assert ingress._decode_gate.active == ingress._decode_gate.queued == 0
