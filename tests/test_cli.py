@@ -341,6 +341,7 @@ def test_server_errors_exit_2_when_the_request_is_at_fault_and_1_when_the_server
     cases = [
         (ResourceExhaustedError(exhausted, "image is over the cap"), ValueError),
         (ResourceExhaustedError(exhausted, "service overloaded", 0.25), BackendFailure),
+        (ResourceExhaustedError(exhausted, "Request dropped due to backpressure", 0.0), BackendFailure),  # proxy
         (IerfError(grpc.StatusCode.UNAUTHENTICATED, "bad token"), ValueError),
         (IerfError(grpc.StatusCode.INTERNAL, "boom"), BackendFailure),
     ]

@@ -688,7 +688,19 @@ def test_a_state_is_checked_where_it_is_read_then_moved(resnet18_64, monkeypatch
     dec = explainer.decompose(x)
     layout = StateLayout.of(dec)
     monkeypatch.setattr(module, "_check_state_structure", lambda *args: pytest.fail("checked twice"))
+    moved_to: list[object] = []
+    real_to = torch.Tensor.to
+
+    def to(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        moved_to.append(args[0] if args else kwargs.get("device"))
+        return real_to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
     loaded = explainer.load_decomposition(dec.state_dict(), like=layout, device=x.device)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert len(moved_to) == len(dec.state_dict()) and set(moved_to) == {x.device}  # every entry, after the check
+    with pytest.raises(TypeError):  # device= on what is no state: from_state's own error, not an AttributeError
+        explainer.load_decomposition([torch.zeros(1)], device=x.device)  # type: ignore[arg-type]
     torch.testing.assert_close(loaded.saliency(3), dec.saliency(3))
     with pytest.raises(ValueError, match="holds NaN"):
         bad = {**dec.state_dict(), "logits": torch.full_like(dec.logits, float("nan"))}

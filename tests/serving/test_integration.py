@@ -363,29 +363,40 @@ def test_deadline_is_honoured(live_service, client) -> None:
     assert client.health() == "SERVING"
 
 
+def _scrape(live_service) -> str:
+    try:
+        with urllib.request.urlopen(live_service.metrics_url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def _stopped_jobs(text: str, reason: str) -> float:
+    """The value of ray_explainer_jobs_stopped_total for ``reason``, summed over its series."""
+    series = rf'^ray_explainer_jobs_stopped_total\{{[^}}]*reason="{reason}"[^}}]*\}} ([0-9.e+]+)$'
+    return sum(float(value) for value in re.findall(series, text, flags=re.MULTILINE))
+
+
 def test_a_plain_grpc_deadline_stops_the_work_on_the_worker(live_service, client) -> None:
     """Serve does not forward a gRPC deadline, but the proxy cancels the call when it passes: the cancel
-    reaches the worker, whose job stops at its next checkpoint instead of running on for nobody
-    (counted in ray_explainer_jobs_stopped_total)."""
+    reaches the worker, whose job stops at its next checkpoint instead of running on for nobody (counted
+    in ray_explainer_jobs_stopped_total: the count must go up by this call)."""
     from ierf_proto.v1 import explainer_pb2 as pb
     from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
 
+    time.sleep(12)  # Ray exports every ~10 s: earlier tests' stops are in the scrape before this call
+    before = _stopped_jobs(_scrape(live_service), "cancelled")
     pixels = _noise(4242)
     image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=list(pixels.shape)))
     request = pb.ExplainRequest(image=image, method="integrated_gradients")  # seconds of work, 4 forward passes
     with grpc.insecure_channel(live_service.grpc_address) as channel, pytest.raises(grpc.RpcError) as refused:
         pb_grpc.ExplainServiceStub(channel).Explain(request, timeout=0.5)  # no ierf-timeout-ms metadata
     assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    pattern = r'ray_explainer_jobs_stopped_total\{[^}]*reason="cancelled"'
-    deadline, text = time.monotonic() + 90, ""
-    while time.monotonic() < deadline and not re.search(pattern, text):
+    deadline, after = time.monotonic() + 90, before
+    while time.monotonic() < deadline and after <= before:
         time.sleep(2)
-        try:
-            with urllib.request.urlopen(live_service.metrics_url, timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            text = ""
-    assert re.search(pattern, text), "the abandoned job was not stopped (or not counted) within 90 s"
+        after = _stopped_jobs(_scrape(live_service), "cancelled")
+    assert after > before, f"the abandoned job was not stopped (or not counted) within 90 s: {before} -> {after}"
     assert client.health() == "SERVING"
 
 

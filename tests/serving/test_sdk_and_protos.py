@@ -472,14 +472,14 @@ def test_an_overload_is_retried_after_the_servers_pause_and_a_cap_is_not() -> No
     """RESOURCE_EXHAUSTED means "too big" as well as "overloaded": only the server's trailer tells them apart."""
 
     class Refusal(grpc.RpcError):
-        def __init__(self, trailers: list[tuple[str, str]]) -> None:
-            self.trailers = trailers
+        def __init__(self, trailers: list[tuple[str, str]], text: str = "service overloaded, retry later") -> None:
+            self.trailers, self.text = trailers, text
 
         def code(self) -> grpc.StatusCode:
             return grpc.StatusCode.RESOURCE_EXHAUSTED
 
         def details(self) -> str:
-            return "service overloaded, retry later"
+            return self.text
 
         def trailing_metadata(self) -> list[tuple[str, str]]:
             return self.trailers
@@ -496,6 +496,10 @@ def test_an_overload_is_retried_after_the_servers_pause_and_a_cap_is_not() -> No
     assert _core.retry_pause(policy, exhausted, 1, time.monotonic() + 0.2, 0.25) is None  # no time to wait it
     error = _core.error_from_rpc(overloaded)
     assert isinstance(error, _core.ResourceExhaustedError) and error.retry_after_s == 0.25
+    # Serve's proxy refuses for a full ingress queue itself, without the trailer: an overload all the same
+    proxy = Refusal([], "Request dropped due to backpressure (num_queued_requests=8, max_queued_requests=8).")
+    assert _core.server_pause_s(proxy) == 0.0 and _core.error_from_rpc(proxy).retry_after_s == 0.0
+    assert _core.retry_pause(RetryPolicy(initial_backoff_s=0.1), exhausted, 1, later, 0.0) is not None
 
 
 def test_a_closed_client_says_so() -> None:

@@ -67,6 +67,7 @@ DECODE_ESTIMATE_MIN_PIXELS = 1_000_000
 # Images up to this many pixels (a 12 MP photo's quarter, a 1000x1000 crop) may wait to decode past the
 # decoding queue's bound: they go first and take milliseconds (see DecodeGate).
 SMALL_IMAGE_PIXELS = 1_000_000
+CALLER_GONE = "the caller went away"  # why a job stopped when its request was cancelled
 # A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
 # any job that arrived meanwhile, on the compute thread): by then the answer has crossed the ingress and
 # the proxy (~10 ms), which it would otherwise compete with for the cores.
@@ -175,7 +176,7 @@ class ExplainerWorker:
 
         def why_stop() -> str | None:
             if cancelled.is_set():
-                return "the caller went away"
+                return CALLER_GONE
             if job.deadline is not None and time.time() > job.deadline:
                 return "the deadline passed"
             return None
@@ -186,7 +187,8 @@ class ExplainerWorker:
                 with interruptible(why_stop):
                     outcome = fn(job)
             except Interrupted as stopped:
-                self.metrics.stopped(self.host.config.id, "cancelled" if cancelled.is_set() else "deadline")
+                reason = "cancelled" if str(stopped) == CALLER_GONE else "deadline"  # the check's own answer
+                self.metrics.stopped(self.host.config.id, reason)
                 raise DeadlineExceeded(f"stopped part-way: {stopped}; the work done for it was dropped") from None
             outcome.provenance.timings.insert(0, ("queue", waited))
             self.metrics.stage("queue", self.host.config.id, waited)

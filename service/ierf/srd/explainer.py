@@ -799,8 +799,8 @@ class SRD:
             like.check(state)  # exact: implies the structure
         elif isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
             _check_state_structure(self.program, state)
-        if device is not None:
-            state = {key: value.to(device) for key, value in state.items()}
+        if device is not None and isinstance(state, dict):  # anything else: from_state says what is wrong
+            state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         return Decomposition.from_state(self.program, state, self.head)
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:

@@ -226,8 +226,14 @@ def check_timeout(timeout: object, what: str = "timeout") -> float:
     return float(timeout)
 
 
+# Serve's proxy answers for a full ingress queue itself, before any of the service's code runs, so without
+# the trailer; its message is the mark (ray/serve/_private/grpc_util.py).
+_PROXY_BACKPRESSURE = "dropped due to backpressure"
+
+
 def server_pause_s(exc: object) -> float | None:
-    """The pause an overload refusal suggests (its ``ierf-retry-after-ms`` trailer), else None."""
+    """The pause an overload refusal suggests (its ``ierf-retry-after-ms`` trailer; 0 for the back-pressure
+    Serve's proxy answers itself), else None: not an overload."""
     try:
         metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
     except Exception:  # an error that never reached a server has none
@@ -239,6 +245,12 @@ def server_pause_s(exc: object) -> float | None:
             except (TypeError, ValueError):
                 return None
             return millis / 1000 if math.isfinite(millis) and millis >= 0 else None
+    try:
+        code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _PROXY_BACKPRESSURE in details:
+        return 0.0
     return None
 
 
