@@ -296,6 +296,41 @@ def test_imagenet_preprocessing_matches_torchvision_transforms():
     assert (ours - reference).abs().gt(1e-5).float().mean() < 0.01
 
 
+def test_torchvisions_second_generation_files_get_their_own_preprocessing(tmp_path):
+    """IMAGENET1K_V2 files were trained and evaluated at resize 232, not 256: they were preprocessed as V1."""
+    torch.manual_seed(2)
+    state = torchvision.models.mobilenet_v2(weights=None).state_dict()
+    v1, v2 = tmp_path / "mobilenet_v2-b0353104.pth", tmp_path / "mobilenet_v2-7ebf99e0.pth"
+    torch.save(state, v1)
+    os.link(v1, v2)
+    first, second = load_model("mobilenet_v2", weights=v1), load_model("mobilenet_v2", weights=v2)
+    assert first.preprocessing.resize == 256 and second.preprocessing.resize == 232
+    assert first.preprocess_version != second.preprocess_version  # cache keys tell them apart
+    image = Image.fromarray(demo_image("chelsea"))
+    reference = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2.transforms()(image)
+    ours = second.preprocess(image)
+    assert (ours - reference).abs().max() <= 1.01 / (255 * 0.224)
+    assert (ours - reference).abs().gt(1e-5).float().mean() < 0.02
+
+
+def test_random_init_is_reproducible_from_threads_and_leaves_the_global_generator_alone():
+    """Four threads with seeds 0-3 drew from each other's seeds: wrong weights, and a wrong cached digest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(seed: int) -> str:
+        return load_model("resnet18", random_init=True, seed=seed).weights_digest
+
+    expected = [load(seed) for seed in range(4)]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    from ierf.models import registry
+
+    registry._random_init_digests.clear()  # computed afresh, concurrently
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(load, [0, 1, 2, 3] * 3)) == expected * 3
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_preprocess_accepts_pil_numpy_grey_and_rgba_alike(lite0):
     rgb = demo_image("coffee")
     from_numpy = lite0.preprocess(rgb)

@@ -94,3 +94,5 @@ IMAGENET = Preprocessing(
     tag="imagenet",
 )
 IMAGENET_299 = Preprocessing(resize=342, crop=299, mean=IMAGENET.mean, std=IMAGENET.std, tag="imagenet")
+# torchvision's second-generation ImageNet weights (IMAGENET1K_V2) were trained and evaluated at resize 232.
+IMAGENET_V2 = Preprocessing(resize=232, crop=224, mean=IMAGENET.mean, std=IMAGENET.std, tag="imagenet")

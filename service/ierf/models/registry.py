@@ -13,8 +13,9 @@ import hashlib
 import os
 import pickle
 import re
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from torch import nn
 from ierf.images import ImageLike
 from ierf.models.classes import class_index, imagenet_class_names
 from ierf.models.efficientnet_lite import build_efficientnet_lite0, bundled_weights_path
-from ierf.models.preprocessing import IMAGENET, IMAGENET_299, TF_LITE, Preprocessing
+from ierf.models.preprocessing import IMAGENET, IMAGENET_299, IMAGENET_V2, TF_LITE, Preprocessing
 
 WEIGHTS_DIR_ENV = "IERF_WEIGHTS_DIR"
 _DIGEST_CHARS = 16
@@ -41,6 +42,8 @@ class ModelSpec:
     preprocessing: Preprocessing
     bundled_weights: Callable[[], Path] | None = None
     fix_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # a weight file trained with other preprocessing than ``preprocessing`` (torchvision's V2 files)
+    file_preprocessing: dict[str, Preprocessing] = field(default_factory=dict, hash=False, compare=False)
 
 
 def _torchvision(arch: str, **options: object) -> Callable[[], nn.Module]:
@@ -92,12 +95,19 @@ _SPECS: dict[str, ModelSpec] = {
             bundled_weights=bundled_weights_path,
         ),
         ModelSpec("resnet18", _torchvision("resnet18"), ("resnet18-f37072fd.pth",), IMAGENET),
-        ModelSpec("resnet50", _torchvision("resnet50"), ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), IMAGENET),
+        ModelSpec(
+            "resnet50",
+            _torchvision("resnet50"),
+            ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+            IMAGENET,
+            file_preprocessing={"resnet50-11ad3fa6.pth": IMAGENET_V2},
+        ),
         ModelSpec(
             "resnet101",
             _torchvision("resnet101"),
             ("resnet101-63fe2227.pth", "resnet101-cd907fc2.pth"),
             IMAGENET,
+            file_preprocessing={"resnet101-cd907fc2.pth": IMAGENET_V2},
         ),
         ModelSpec("vgg16", _torchvision("vgg16"), ("vgg16-397923af.pth",), IMAGENET),
         ModelSpec("vgg16_bn", _torchvision("vgg16_bn"), ("vgg16_bn-6c64b313.pth",), IMAGENET),
@@ -127,6 +137,7 @@ _SPECS: dict[str, ModelSpec] = {
             _torchvision("mobilenet_v2"),
             ("mobilenet_v2-b0353104.pth", "mobilenet_v2-7ebf99e0.pth"),
             IMAGENET,
+            file_preprocessing={"mobilenet_v2-7ebf99e0.pth": IMAGENET_V2},
         ),
     )
 }
@@ -267,10 +278,11 @@ def load_model(
     """
     spec = model_spec(name)
     target_device = _check_device(device)
+    preprocessing = spec.preprocessing
     if random_init:
         if weights is not None:
             raise ValueError("pass either weights=PATH or random_init=True, not both")
-        with torch.random.fork_rng(devices=[]):
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the global generator: one thread at a time
             torch.manual_seed(seed)
             module = spec.build()
         if (name, seed) not in _random_init_digests:
@@ -293,6 +305,7 @@ def load_model(
             raise ValueError(f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}")
         digest = file_digest(path)
         source = str(path)
+        preprocessing = spec.file_preprocessing.get(path.name, spec.preprocessing)
     module = module.float().eval().requires_grad_(False).to(target_device)
     return LoadedModel(
         name=name,
@@ -300,7 +313,7 @@ def load_model(
         class_names=imagenet_class_names(),
         weights_digest=digest,
         weights_source=source,
-        preprocessing=spec.preprocessing,
+        preprocessing=preprocessing,
         device=target_device,
     )
 
@@ -364,6 +377,9 @@ def _state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str
 _file_digests: dict[tuple[str, int, int], str] = {}
 # Seeded random init is deterministic for a given torch build, so its digest is hashed once too.
 _random_init_digests: dict[tuple[str, int], str] = {}
+# random_init seeds torch's global generator (inside fork_rng): concurrent loads would draw from each
+# other's seeds and leave it changed, so they take turns.
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
