@@ -313,6 +313,18 @@ def test_torchvisions_second_generation_files_get_their_own_preprocessing(tmp_pa
     assert (ours - reference).abs().gt(1e-5).float().mean() < 0.02
 
 
+def test_a_canonical_file_whose_bytes_differ_from_its_name_is_reported(resnet18_file, tmp_path, caplog):
+    """torch's loader checks no sums: 64 zeroed bytes in a downloaded file loaded silently."""
+    source, _ = resnet18_file
+    canonical = _place(source, tmp_path / "resnet18-f37072fd.pth")  # random weights, not torchvision's file
+    with caplog.at_level("WARNING", logger="ierf.models.registry"):
+        load_model("resnet18", weights=canonical)
+        load_model("resnet18", weights=source)  # a name of your own: nothing to compare
+        load_model("efficientnet_lite0")  # the bundled file matches its name
+    reports = [r.getMessage() for r in caplog.records if "sha256" in r.getMessage()]
+    assert len(reports) == 1 and "resnet18-f37072fd.pth" in reports[0] and "not f37072fd" in reports[0], reports
+
+
 def test_random_init_is_reproducible_from_threads_and_leaves_the_global_generator_alone():
     """Four threads with seeds 0-3 drew from each other's seeds: wrong weights, and a wrong cached digest."""
     from concurrent.futures import ThreadPoolExecutor

