@@ -198,6 +198,15 @@ def test_weights_for_another_architecture_are_refused(resnet18_file):
         load_model("mobilenet_v2", weights=resnet18_file[0])
 
 
+def test_integer_weights_are_refused_in_one_line_naming_the_file(resnet18_file, tmp_path):
+    """They failed inside load_state_dict: a traceback per tensor, no file named."""
+    _, state = resnet18_file
+    path = tmp_path / "ints.pth"
+    torch.save({k: v.long() if v.is_floating_point() else v for k, v in state.items()}, path)
+    with pytest.raises(ValueError, match=rf"weights file {path} does not fit resnet18: floating-point .* torch\.int64"):
+        load_model("resnet18", weights=path)
+
+
 def test_corrupt_and_pickled_weight_files_are_refused(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")

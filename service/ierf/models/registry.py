@@ -183,7 +183,11 @@ class LoadedModel:
         return self.preprocessing.std
 
     def preprocess(self, image: ImageLike) -> torch.Tensor:
-        """PIL image or uint8 HxW[x1|3|4] array -> float32 (3, 224, 224) on the CPU."""
+        """PIL image or uint8 HxW[x1|3|4] array -> float32 (3, 224, 224) on the CPU.
+
+        Pixels are taken as stored: a PIL image's EXIF orientation is not applied (as in torchvision).
+        Read files with :func:`ierf.images.load_image`, which turns a phone photo the way it is shown.
+        """
         return self.preprocessing(image)
 
     def resize_crop(self, image: ImageLike) -> np.ndarray:
@@ -374,6 +378,13 @@ def _state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str
         problems.append(f"unexpected {listed(unexpected)}")
     if wrong_shape:
         problems.append(f"shape (file != model) {listed(wrong_shape)}")
+    wrong_kind = [  # integer weights, say: load_state_dict would fail deep inside with a traceback per tensor
+        f"{key} {state[key].dtype}"
+        for key, value in expected.items()
+        if isinstance(state.get(key), torch.Tensor) and state[key].is_floating_point() != value.is_floating_point()
+    ]
+    if wrong_kind:
+        problems.append(f"floating-point values expected where the model has them, got {listed(wrong_kind)}")
     return "; ".join(problems)
 
 
