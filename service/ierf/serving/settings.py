@@ -118,6 +118,10 @@ class ModelConfig:
         _text("weights", self.weights, optional=True)
         _boolean("random_init", self.random_init)
         _integer("seed", self.seed, 0)
+        if self.random_init and self.weights is not None:
+            raise ValueError(f"model {self.id}: set weights or random_init, not both")
+        if self.seed and not self.random_init:
+            raise ValueError(f"model {self.id}: seed applies to random_init weights only; drop it or set random_init")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         _integer("num_threads", self.num_threads, 0, " (0: from the replica's num_cpus)")
