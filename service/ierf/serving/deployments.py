@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 from ray import serve
 
+from ierf.baselines import BASELINE_METHODS  # names only: the package imports no method code (nor torch)
+from ierf.interrupt import Interrupted, interruptible
 from ierf.serving.errors import (
     RETRY_AFTER_KEY,
     DeadlineExceeded,
@@ -68,6 +70,7 @@ DECODE_ESTIMATE_MIN_PIXELS = 1_000_000
 # decoding queue's bound: they go first and take milliseconds (see DecodeGate).
 SMALL_IMAGE_PIXELS = 1_000_000
 CALLER_GONE = "the caller went away"  # why a job stopped when its request was cancelled
+BUILT_IN_METHODS = [DEFAULT_METHOD, *BASELINE_METHODS]
 # A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
 # any job that arrived meanwhile, on the compute thread): by then the answer has crossed the ingress and
 # the proxy (~10 ms), which it would otherwise compete with for the cores.
@@ -168,8 +171,6 @@ class ExplainerWorker:
         caller's own gRPC deadline, which Serve does not forward, or a cancel) or whose deadline has
         passed stops at the engine's next checkpoint (:mod:`ierf.interrupt`) instead of holding the
         thread; one still queued never starts."""
-        from ierf.interrupt import Interrupted, interruptible
-
         loop = asyncio.get_running_loop()
         queued = time.perf_counter()
         cancelled = threading.Event()
@@ -471,11 +472,7 @@ class Ingress:
         """The model's methods, for the metrics' method label; before its description has arrived, the
         built-in ones (a name outside them is "other": labels stay bounded)."""
         desc = self._descriptions.get(model_id)
-        if desc is not None:
-            return desc.methods
-        from ierf.baselines import BASELINE_METHODS  # names only, torch-free
-
-        return [DEFAULT_METHOD, *BASELINE_METHODS]
+        return desc.methods if desc is not None else BUILT_IN_METHODS
 
     async def ComputeIERF(self, request: Any, grpc_context: Any = None) -> Any:
         from ierf_proto.v1 import explainer_pb2 as pb
