@@ -321,8 +321,9 @@ class Decomposition:
             raise ValueError(f"contrast must be 'identity', 'mean' or a class index, got {contrast!r}")
         if isinstance(contrast, int) and not 0 <= contrast < self.logits.shape[1]:
             raise ValueError(f"contrast class {contrast} out of range 0..{self.logits.shape[1] - 1}")
-        if isinstance(contrast, int) and bool((target == contrast).any()):
-            image = int((target == contrast).nonzero()[0, 0])
+        same = (target == contrast).nonzero() if isinstance(contrast, int) else ()
+        if len(same):
+            image = int(same[0, 0])
             raise ValueError(
                 f"contrast class {contrast} is the target of image {image}: target minus itself is zero "
                 "everywhere; contrast with another class"
@@ -470,9 +471,7 @@ class Decomposition:
     ) -> Decomposition:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise TypeError(f"a decomposition state is a dict of tensors, got {type(state).__name__}")
-        missing = sorted(_STATE_KEYS - state.keys())
-        if missing:
-            raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
+        _require_state_keys(state)
         if int(state["schema"][0]) != SCHEMA_VERSION:
             raise ValueError(f"decomposition schema {int(state['schema'][0])} != {SCHEMA_VERSION}")
         shapes = {int(r[0]): _unpad3(r[1:].tolist()) for r in state["shapes"]}
@@ -501,9 +500,7 @@ def _check_state_structure(program: Program, state: dict[str, torch.Tensor]) -> 
     def bad(problem: str) -> ValueError:
         return ValueError(f"decomposition state does not fit this model ({type(program.model).__name__}): {problem}")
 
-    missing = sorted(_STATE_KEYS - state.keys())
-    if missing:
-        raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
+    _require_state_keys(state)
     floating = {k: v for k, v in state.items() if v.is_floating_point()}
     integral = {k for k in state if k not in floating}
     if {"logits", "head.contrib", "head.bias"} - floating.keys():
@@ -562,6 +559,12 @@ def _check_state_structure(program: Program, state: dict[str, torch.Tensor]) -> 
 
 
 _STATE_KEYS = frozenset({"schema", "logits", "head.contrib", "head.bias", "head.routes", "shapes"})
+
+
+def _require_state_keys(state: dict[str, torch.Tensor]) -> None:
+    missing = sorted(_STATE_KEYS - state.keys())
+    if missing:
+        raise ValueError(f"not a decomposition state: missing {missing} (see Decomposition.state_dict)")
 
 
 @dataclass(frozen=True)
