@@ -152,8 +152,14 @@ def test_ingress_stages_reach_the_stage_metric_as_well_as_provenance() -> None:
 
     response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=image)))
     # in the order a request meets them; "dispatch" is the wait for the worker beyond its own stages
-    assert [t.stage for t in response.provenance.timings] == ["decode", "dispatch", "explain", "encode", "total"]
-    assert observed == [("decode", "m"), ("dispatch", "m"), ("encode", "m")]  # the worker observes its own
+    stages = [t.stage for t in response.provenance.timings]
+    assert stages == ["admission", "decode", "dispatch", "explain", "encode", "total"]
+    assert observed == [
+        ("admission", "m"),
+        ("decode", "m"),
+        ("dispatch", "m"),
+        ("encode", "m"),
+    ]  # the worker observes its own
 
 
 def test_an_ierf_response_that_could_pass_the_grpc_cap_is_refused_before_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,8 +237,15 @@ def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeyp
         assert time.perf_counter() - start < 2.0 and small.map.shape == [8, 8]
         with pytest.raises(ResourceExhausted, match="service overloaded, retry later: the ingress is decoding"):
             await ingress.Explain(request(1100))  # the waiting room holds one large image
+        await asyncio.sleep(0.3)
         gate_open.set()
-        assert all(r.map.shape == [8, 8] for r in await asyncio.gather(*large))
+        answers = await asyncio.gather(*large)
+        assert all(r.map.shape == [8, 8] for r in answers)
+        # provenance tells the wait for the gate from the decoding: the first two decoded (held open) for
+        # the whole time, the third waited for their pixels and then decoded at once
+        stages = [{t.stage: t.seconds for t in r.provenance.timings} for r in answers]
+        assert all(s["decode"] > 0.4 and s["admission"] < 0.1 for s in stages[:2]), stages
+        assert stages[2]["admission"] > 0.4 and stages[2]["decode"] < 0.2, stages
         assert ingress._decode_gate.active == ingress._decode_gate.queued == 0
 
     try:

@@ -38,7 +38,9 @@ def test_second_target_layer_and_prediction_reuse_the_decomposition_from_l1(ingr
     assert [(c.artifact, c.tier) for c in first.provenance.cache] == [("decomposition", pb.CACHE_TIER_MISS)]
     first_stages = [t.stage for t in first.provenance.timings]  # the crop and the normalisation: one entry
     assert first_stages.count("preprocess") == 1 and len(first_stages) == len(set(first_stages)), first_stages
-    assert first_stages[:3] == ["decode", "dispatch", "queue"] and first_stages[-1] == "total", first_stages
+    assert first_stages[:4] == ["admission", "decode", "dispatch", "queue"] and first_stages[-1] == "total", (
+        first_stages
+    )
     seconds = {t.stage: t.seconds for t in first.provenance.timings}
     assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"] * 1.001  # parts of the whole
     second = ingress.Explain.remote(pb.ExplainRequest(image=_image(), target=2, contrast="mean")).result()

@@ -91,7 +91,18 @@ def provenance_message(
 
 #: The order a request meets its stages in: the ingress decodes, hands the job over (dispatch), the job
 #: waits for the worker's compute thread (queue) and runs; the ingress encodes the response.
-STAGE_ORDER = ("decode", "dispatch", "queue", "cache_get", "preprocess", "forward", "cache_put", "explain", "encode")
+STAGE_ORDER = (
+    "admission",
+    "decode",
+    "dispatch",
+    "queue",
+    "cache_get",
+    "preprocess",
+    "forward",
+    "cache_put",
+    "explain",
+    "encode",
+)
 
 
 def _sum_by_stage(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:

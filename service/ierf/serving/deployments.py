@@ -374,6 +374,7 @@ class Ingress:
             pending = await asyncio.to_thread(open_image, image, self.limits)  # a linear walk over the bytes
         else:
             pending = open_image(image, self.limits)
+        opened = time.perf_counter() - start
         large = pending.pixels >= DECODE_ESTIMATE_MIN_PIXELS
         rate = self._decode_rates.get(pending.kind) if large else None
 
@@ -389,7 +390,10 @@ class Ingress:
         if large:  # timed on its thread: waiting for a thread is not decoding
             measured = seconds / pending.pixels
             self._decode_rates[pending.kind] = measured if rate is None else 0.7 * rate + 0.3 * measured
-        self._stage(timings, "decode", model, time.perf_counter() - start)
+        # "admission": the wait for the decode gate and a thread; "decode": the header and the pixels.
+        waited = max(0.0, time.perf_counter() - start - opened - seconds)
+        self._stage(timings, "admission", model, waited)
+        self._stage(timings, "decode", model, opened + seconds)
         return canonical
 
     def _stage(self, timings: list[tuple[str, float]], stage: str, model: str, seconds: float) -> None:
