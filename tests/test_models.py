@@ -247,6 +247,24 @@ def test_bad_device_is_a_value_error():
             load_model("efficientnet_lite0", random_init=True, device="cuda")
 
 
+def test_weights_rewritten_in_place_with_their_mtime_restored_get_a_new_digest(tmp_path, resnet18_file):
+    """The digest keys the cache: it must describe the bytes loaded, also when a file is rewritten in place
+    with the same size and its mtime put back (the digest used to stay that of the first version)."""
+    path = tmp_path / "weights.pth"
+    state = {key: value.clone() for key, value in resnet18_file[1].items()}
+    torch.save(state, path)
+    first = load_model("resnet18", weights=path)
+    stat = path.stat()
+    state["fc.bias"] += 1.0
+    torch.save(state, path)
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = load_model("resnet18", weights=path)
+    assert second.weights_digest == hashlib.sha256(path.read_bytes()).hexdigest()[:16] != first.weights_digest
+    torch.testing.assert_close(second.module.fc.bias, state["fc.bias"], rtol=0, atol=0)
+    assert file_digest(path) == second.weights_digest
+
+
 def test_bundled_lite0_digest_is_stable_and_matches_its_file_name(lite0):
     path = Path(lite0.weights_source)
     assert path.name == "efficientnet-lite0-57934424.pth"

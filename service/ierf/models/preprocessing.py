@@ -42,9 +42,11 @@ class Preprocessing:
     def resize_crop(self, image: ImageLike) -> np.ndarray:
         """uint8 (crop, crop, 3): the image the model sees, before normalisation.
 
-        Equal to torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` on a PIL image (up to one
-        intensity level from float rounding), but only the cropped region is resampled, so extreme
-        aspect ratios cost no memory.
+        Close to torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` on a PIL image, but only the
+        cropped region is resampled, so extreme aspect ratios cost no memory. The box's float offsets round
+        differently: landscape photos differ by one intensity level on under 0.5 % of pixels, portrait ones
+        on up to ~20 %, small images upscaled for 299² inputs by up to two levels (logits move by far less
+        than the models' own float noise across devices).
         """
         rgb = to_rgb_array(image)
         height, width = rgb.shape[:2]

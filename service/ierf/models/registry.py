@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -297,7 +297,7 @@ def load_model(
         source = f"random_init(seed={seed})"
     else:
         path = resolve_weights(name, weights)
-        state = _read_state_dict(path)
+        digest, state = _read_weights(path)
         if spec.fix_state_dict is not None:
             state = spec.fix_state_dict(state)
         with torch.device("meta"):  # skip the (slow, discarded) random init: VGG16 takes seconds
@@ -309,7 +309,6 @@ def load_model(
         leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if leftover:
             raise ValueError(f"weights file {path} does not fit {name}: no values for {', '.join(leftover[:5])}")
-        digest = file_digest(path)
         source = str(path)
         preprocessing = spec.file_preprocessing.get(path.name, spec.preprocessing)
         _check_named_hash(path, spec, digest)
@@ -335,9 +334,19 @@ def _check_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The file's digest and its state_dict, both from one open file: a file replaced between two opens
+    (a deploy writing new weights) would give weights and a digest of different files, and the digest keys
+    the cache."""
+    with path.open("rb") as stream:
+        digest = _stream_digest(stream, path)
+        stream.seek(0)
+        return digest, _read_state_dict(stream, path)
+
+
+def _read_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, pickle refused by weights_only, truncated file, …
         # torch's own messages run to many lines (weights_only's is a page of advice): one line here.
         if isinstance(exc, pickle.UnpicklingError):
@@ -388,7 +397,7 @@ def _state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str
     return "; ".join(problems)
 
 
-_file_digests: dict[tuple[str, int, int], str] = {}
+_file_digests: dict[tuple[str, int, int, int, int, int], str] = {}
 # Seeded random init is deterministic for a given torch build, so its digest is hashed once too.
 _random_init_digests: dict[tuple[str, int], str] = {}
 # random_init seeds torch's global generator (inside fork_rng): concurrent loads would draw from each
@@ -417,13 +426,19 @@ def _check_named_hash(path: Path, spec: ModelSpec, digest: str) -> None:
 def file_digest(path: str | os.PathLike[str]) -> str:
     """sha256 of the file's bytes (first 16 hex chars), hashed once per process per file version."""
     resolved = Path(path).resolve()
-    stat = resolved.stat()
-    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    with resolved.open("rb") as stream:
+        return _stream_digest(stream, resolved)
+
+
+def _stream_digest(stream: BinaryIO, path: Path) -> str:
+    """Hashed once per file version: the key holds the inode and ctime, which a rewrite in place changes
+    even when it restores the size and mtime."""
+    stat = os.fstat(stream.fileno())
+    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _file_digests:
         hasher = hashlib.sha256()
-        with resolved.open("rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                hasher.update(chunk)
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            hasher.update(chunk)
         _file_digests[key] = hasher.hexdigest()[:_DIGEST_CHARS]
     return _file_digests[key]
 
