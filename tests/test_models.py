@@ -245,6 +245,16 @@ def test_bad_device_is_a_value_error():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             load_model("efficientnet_lite0", random_init=True, device="cuda")
+    else:
+        with pytest.raises(ValueError, match=r"this machine has \d+ CUDA device\(s\)"):
+            load_model("efficientnet_lite0", random_init=True, device=f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():  # torch's own error was a page of text about macOS builds
+        with pytest.raises(ValueError, match="MPS is not available on this machine"):
+            load_model("efficientnet_lite0", random_init=True, device="mps")
+    with pytest.raises(ValueError, match="unsupported device type 'hpu'; use cpu, cuda or mps"):
+        load_model("efficientnet_lite0", random_init=True, device="hpu")
+    with pytest.raises(ValueError, match="device 'meta' holds no values"):
+        load_model("efficientnet_lite0", random_init=True, device="meta")
 
 
 def test_weights_rewritten_in_place_with_their_mtime_restored_get_a_new_digest(tmp_path, resnet18_file):

@@ -329,8 +329,19 @@ def _check_device(device: str | torch.device) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"invalid device {device!r}: {exc}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "meta":
+        raise ValueError("device 'meta' holds no values: load onto a real device (build_module gives meta modules)")
+    backend = {"mps": torch.backends.mps}.get(resolved.type, getattr(torch, resolved.type, None))
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ValueError(f"device {device!r}: unsupported device type {resolved.type!r}; use cpu, cuda or mps")
+    kind = resolved.type.upper()  # CUDA, MPS, XPU
+    if not backend.is_available():
+        raise ValueError(f"device {device!r} requested but {kind} is not available on this machine")
+    count = getattr(backend, "device_count", None)
+    if resolved.index is not None and count is not None and resolved.index >= count():
+        raise ValueError(f"device {device!r} requested but this machine has {count()} {kind} device(s)")
     return resolved
 
 
