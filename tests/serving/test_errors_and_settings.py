@@ -186,6 +186,18 @@ def test_deployment_overrides_are_checked() -> None:
     build_application(config, {"Worker_efficientnet_lite0": {"max_queued_requests": 4}})
 
 
+def test_an_unknown_architecture_is_refused_where_the_application_is_built() -> None:
+    """It failed only in the worker replica's constructor, which Serve retries until it gives up."""
+    from ierf.serving.app import build_app
+
+    with pytest.raises(
+        ValueError, match=r"model 'r50' \(name 'resnet5'\): unknown architecture; available: .*resnet50"
+    ):
+        build_app({"models": [{"id": "r50", "name": "resnet5", "random_init": True}]})
+    with pytest.raises(ValueError, match=r"model 'resnet5': unknown architecture"):
+        build_app({"models": ["resnet5"]})
+
+
 def test_local_config_file_parses_and_matches_the_app() -> None:
     from ierf.serving.app import GRPC_SERVICER_FUNCTIONS
     from ierf.serving.local import DEFAULT_CONFIG, load_serve_config

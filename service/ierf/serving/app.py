@@ -40,6 +40,7 @@ def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]
     ``overrides`` maps a deployment name to Serve options; Serve applies a config file's ``deployments``
     itself when deploying, the local runner passes them here.
     """
+    _check_architectures(config)
     overrides = dict(overrides or {})
     names = {"Ingress"} | {m.deployment_name for m in config.models}
     unknown = sorted(set(overrides) - names)
@@ -56,6 +57,18 @@ def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]
         for model in config.models
     }
     return Ingress.options(**overrides.get("Ingress", {})).bind(workers, config)
+
+
+def _check_architectures(config: ServiceConfig) -> None:
+    """An architecture the registry lacks would fail only in each worker replica's constructor, which Serve
+    retries until the deployment is marked failed: refused here, where the application is built."""
+    from ierf.models import available_models  # the registry (and torch): only where an application is built
+
+    known = available_models()
+    for model in config.models:
+        if model.name not in known:
+            named = f"model {model.id!r}" + (f" (name {model.name!r})" if model.name != model.id else "")
+            raise ValueError(f"{named}: unknown architecture; available: {', '.join(known)}")
 
 
 def build_app(args: dict[str, Any]) -> Application:
