@@ -355,14 +355,27 @@ def test_an_async_client_made_outside_the_loop_works_inside_it() -> None:
         server.stop(None)
 
 
-@pytest.mark.parametrize(
-    "address", ["127.0.0.1:9000", "[::1]:9000", "::1", "localhost", "dns:///svc:9000", "unix:/tmp/s"]
-)
+@pytest.mark.parametrize("address", ["127.0.0.1:9000", "[::1]:9000", "dns:///svc:9000", "unix:/tmp/s"])
 def test_addresses_grpc_reads_are_accepted(address: str) -> None:
     from ierf_client import AsyncClient, Client
 
     Client(address).close()
     assert AsyncClient(address).address == address
+
+
+@pytest.mark.parametrize("address", ["localhost", "ierf.example.com", "::1"])
+def test_an_address_without_a_port_needs_credentials(address: str) -> None:
+    """grpc dials 443 without a port: right for TLS, never the plaintext service (9000), where it only
+    timed out."""
+    import grpc
+    from ierf_client import AsyncClient, Client
+
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=r"has no port: grpc would dial 443 \(TLS\) without credentials"):
+            cls(address)
+    credentials = grpc.ssl_channel_credentials()
+    Client(address, credentials=credentials).close()
+    assert AsyncClient(address, credentials=credentials).address == address
 
 
 @pytest.mark.parametrize(

@@ -136,10 +136,11 @@ class RetryPolicy:
         return self.retry_overload and code == grpc.StatusCode.RESOURCE_EXHAUSTED and server_pause_s is not None
 
 
-def check_address(address: object) -> str:
+def check_address(address: object, secure: bool = False) -> str:
     """A gRPC target as grpc reads it: ``host:port``, ``[v6]:port`` or a ``scheme:`` target (``dns:///…``,
     ``unix:…``, ``ipv4:…``). Refused here: what can never connect, which grpc would otherwise retry as
-    an unreachable server until the call's whole budget is spent."""
+    an unreachable server until the call's whole budget is spent, and a plaintext address without a port
+    (grpc dials 443, the TLS port: the service's plaintext port is 9000)."""
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"address must be 'host:port' (e.g. '127.0.0.1:9000'), got {address!r}")
     if address != address.strip() or any(c.isspace() for c in address):
@@ -149,7 +150,13 @@ def check_address(address: object) -> str:
         raise ValueError(f"address {address!r} has a URL scheme ({scheme}://): give 'host:port' as grpc reads it")
     if not address.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")):
         host, colon, port = address.rpartition(":")
-        if colon and host and not host.endswith("]") and ":" in host:  # a bare IPv6 address, no port
+        bare_ipv6 = colon and host and not host.endswith("]") and ":" in host
+        if not secure and (bare_ipv6 or not colon):
+            raise ValueError(
+                f"address {address!r} has no port: grpc would dial 443 (TLS) without credentials; give "
+                "'host:port' (the service listens on 9000 by default)"
+            )
+        if bare_ipv6:
             return address
         if colon and not (port.isascii() and port.isdigit()):
             raise ValueError(f"address {address!r} has no numeric port: give 'host:port' (e.g. '127.0.0.1:9000')")

@@ -31,7 +31,7 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
         application: str | None = None,
     ) -> None:
-        self.address = _core.check_address(address)
+        self.address = _core.check_address(address, secure=credentials is not None)
         self.timeout = _core.check_timeout(timeout)
         self.token = _core.check_token(token)
         self.application = None if application is None else _core.check_name(application, "application")
