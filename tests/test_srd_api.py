@@ -306,6 +306,39 @@ def test_full_float32_turns_tf32_off_on_cuda_only_and_puts_the_callers_settings_
     assert _tf32_settings() == before
 
 
+def test_overlapping_full_float32_windows_in_two_threads_keep_tf32_off_until_the_last_leaves():
+    """Each window saved and restored the process-wide flags on its own: the first to leave turned TF32 back
+    on under the second, and the second then put the first's "ieee" back as the caller's setting."""
+    import threading
+
+    from ierf.srd.precision import full_float32
+
+    before = _tf32_settings()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def first() -> None:
+        with full_float32(torch.device("cuda")):
+            first_in.set()
+            assert second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        assert first_in.wait(10)
+        with full_float32(torch.device("cuda")):
+            second_in.set()
+            assert first_out.wait(10)
+            seen["after the first left"] = _tf32_settings()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen["after the first left"] in (("ieee", "ieee"), (False, False))
+    assert _tf32_settings() == before
+
+
 # --- the model as it is now, not as it was: parameters, hooks, modules, threads --------------------------
 
 

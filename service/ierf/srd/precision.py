@@ -12,6 +12,7 @@ for SRD's work on any device: its ratios need the model's own dtype throughout.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -40,11 +41,27 @@ def _no_tf32(device: torch.device) -> Iterator[None]:
         wanted = [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
     else:
         wanted = [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in wanted]
-    for owner, name, value in wanted:
-        setattr(owner, name, value)
+    global _saved, _depth
+    with _tf32_lock:  # the first call in saves and sets the flags, the last one out puts them back
+        if _depth == 0:
+            _saved = [(owner, name, getattr(owner, name)) for owner, name, _ in wanted]
+            for owner, name, value in wanted:
+                setattr(owner, name, value)
+        _depth += 1
     try:
         yield
     finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        with _tf32_lock:
+            _depth -= 1
+            if _depth == 0:
+                for owner, name, value in _saved:
+                    setattr(owner, name, value)
+                _saved = []
+
+
+# The flags are process-wide: overlapping SRD calls in several threads share one window. Each call saving
+# and restoring on its own let the first to finish turn TF32 back on under the second, and the second put
+# the first's "ieee" back as the caller's setting.
+_tf32_lock = threading.Lock()
+_depth = 0
+_saved: list[tuple[object, str, object]] = []
