@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import ierf
 import pytest
@@ -447,6 +448,50 @@ def test_explainers_built_in_parallel_threads_all_work():
         maps = list(pool.map(lambda srd: srd.saliency(x, 5), explainers))
     for m in maps:
         torch.testing.assert_close(m, reference)
+
+
+def test_srd_and_a_cam_method_run_side_by_side_on_one_model_in_two_threads():
+    """CAM hooks the caller's model for the length of its call: SRD in another thread refused the model
+    for that hook ("remove them", thousands of times a second), and CAM's hook would also have seen
+    SRD's pass through the hooked module."""
+    import threading
+    import time
+
+    from ierf.methods import create_explainer
+
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.resnet18()).eval()
+    x = torch.randn(2, 3, 48, 48)
+    srd, cam = ierf.SRD(model), create_explainer("gradcam", model)
+    expected_srd, expected_cam = srd.saliency(x, 3), cam.saliency(x, 3)
+    errors: list[BaseException] = []
+    counts = {"srd": 0, "cam": 0}
+    stop = time.monotonic() + 1.5
+
+    def loop(name: str, explain: Any, expected: torch.Tensor) -> None:
+        try:
+            while time.monotonic() < stop or counts[name] < 3:
+                torch.testing.assert_close(explain(x, 3), expected, rtol=1e-5, atol=1e-6)
+                counts[name] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=loop, args=("srd", srd.saliency, expected_srd)),
+        threading.Thread(target=loop, args=("cam", cam.saliency, expected_cam)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="the model has forward hooks"):  # a caller's own hook still counts
+        handle = model.layer1.register_forward_hook(lambda *_: None)
+        try:
+            srd.saliency(x, 3)
+        finally:
+            handle.remove()
 
 
 def test_a_container_name_means_what_the_container_returns():

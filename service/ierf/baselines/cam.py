@@ -22,6 +22,7 @@ modules) contributes its last call.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +31,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
+from ierf._transient import transient_hook
 from ierf.baselines._common import check_input, check_target_range, finish, model_guard
 from ierf.methods import register_method, resolve_target
 
@@ -59,18 +61,25 @@ def final_feature_module(model: nn.Module) -> tuple[str, nn.Module, bool]:
 
 
 class _Capture:
-    """Activation and its gradient at one module (its output, or its input when ``use_input``)."""
+    """Activation and its gradient at one module (its output, or its input when ``use_input``), from the
+    forward of the thread that installed it: an SRD call on the same model in another thread runs the
+    hooked module too."""
 
     def __init__(self, module: nn.Module, use_input: bool) -> None:
         self.activation: torch.Tensor | None = None
+        self.thread = threading.get_ident()
         hook = self._pre_hook if use_input else self._hook
         self.handle = module.register_forward_pre_hook(hook) if use_input else module.register_forward_hook(hook)
 
+    @transient_hook
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self.activation = args[0]
+        if threading.get_ident() == self.thread:
+            self.activation = args[0]
 
+    @transient_hook
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.activation = output
+        if threading.get_ident() == self.thread:
+            self.activation = output
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ierf._transient import is_transient_hook
 from ierf.errors import UnsupportedModelError
 
 
@@ -318,7 +319,8 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int], ...])
         # self.training (it was traced in eval); stock activations and containers do not.
         if m.training and (isinstance(m, _MODE_DEPENDENT) or not type(m).__module__.startswith("torch.nn")):
             training.append(name or type(model).__name__)
-        if m._forward_hooks or m._forward_pre_hooks:
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        if any(not is_transient_hook(hook) for hook in hooks):  # ierf's own (CAM in another thread) pass
             hooked.append(name or type(model).__name__)
     if training:
         raise ValueError(
