@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import os
 from typing import Any
 
 import ierf
@@ -268,6 +270,50 @@ def test_batch_larger_than_tap_budget_is_split(monkeypatch):
     monkeypatch.setattr(ratios, "TAP_BUDGET_BYTES", 1)  # forces one image at a time
     split = ierf.SRD(model).saliency(x, 2)
     torch.testing.assert_close(split, full, atol=1e-5, rtol=1e-5)
+
+
+def test_many_ierf_seeds_go_in_passes_within_the_budget_and_give_the_same_maps(monkeypatch):
+    """All stem PFVs of one ResNet50 image took 7 GB of working maps beside the 2.4 GB answer."""
+    import ierf.srd.explainer as explainer
+
+    model = randomise_bn(torchvision.models.resnet18(), seed=5)
+    dec = ierf.SRD(model).decompose(torch.randn(2, 3, 40, 40))
+    positions = torch.tensor([[r, c] for r in range(10) for c in range(10)])  # the stem's whole 20x20 grid: 100
+    whole = dec.ierf("relu", positions)
+    passes = []
+    propagate = explainer.Decomposition._propagate
+
+    def counted(self: explainer.Decomposition, relevance: dict, stop: int = 0) -> torch.Tensor:
+        passes.append(next(iter(relevance.values())).shape[1])
+        return propagate(self, relevance, stop)
+
+    monkeypatch.setattr(explainer.Decomposition, "_propagate", counted)
+    per_seed = 3 * 2 * 40 * 40 * 4  # three input-sized maps for each of two images
+    monkeypatch.setattr(explainer, "SEED_BUDGET_BYTES", 30 * per_seed)
+    chunked = dec.ierf("relu", positions)
+    assert passes == [30, 30, 30, 10]
+    assert chunked.dtype == torch.float32 and chunked.shape == (2, 100, 40, 40)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    torch.testing.assert_close(chunked.sum((2, 3)), torch.ones(2, 100), rtol=1e-5, atol=1e-5)
+
+
+def test_ierf_maps_larger_than_the_memory_left_are_refused_before_they_are_allocated(monkeypatch):
+    import ierf.srd.explainer as explainer
+
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("needs Linux's /proc/meminfo")
+    dec = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=5)).decompose(torch.randn(1, 3, 40, 40))
+    monkeypatch.setattr(explainer, "SEED_BUDGET_BYTES", 1)  # several passes: the answer is allocated whole
+    real_open = open
+
+    def small_machine(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path == "/proc/meminfo":
+            return io.StringIO("MemTotal: 1000 kB\nMemAvailable: 5 kB\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", small_machine)
+    with pytest.raises(MemoryError, match=r"the iERF maps need 0\.0 GiB .* but the system has 0\.0 GiB available"):
+        dec.ierf("relu", torch.tensor([[0, 0], [1, 1]]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
