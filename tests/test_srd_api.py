@@ -496,6 +496,17 @@ def test_explainers_built_in_parallel_threads_all_work():
         torch.testing.assert_close(m, reference)
 
 
+def test_a_torch_compile_wrapper_is_refused_with_the_way_round_it():
+    """The error blamed data-dependent control flow."""
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(UnsupportedModelError, match=r"torch.compile wrapper .*\(its \._orig_mod\)"):
+        ierf.SRD(torch.compile(model))
+    compiled_in_place = copy.deepcopy(model)
+    compiled_in_place.compile()  # in place: the module itself stays, and traces
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(ierf.SRD(compiled_in_place).saliency(x, 1), ierf.SRD(model).saliency(x, 1))
+
+
 def test_srd_and_a_cam_method_run_side_by_side_on_one_model_in_two_threads():
     """CAM hooks the caller's model for the length of its call: SRD in another thread refused the model
     for that hook ("remove them", thousands of times a second), and CAM's hook would also have seen
