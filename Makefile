@@ -75,7 +75,7 @@ start: venv redis-server
 		if (exec 3<>/dev/tcp/127.0.0.1/$(REDIS_PORT)) 2>/dev/null; then \
 			echo "port $(REDIS_PORT) is taken by another process; try REDIS_PORT=6380 make run"; exit 1; fi; \
 		redis-server --daemonize yes --pidfile $(RUN_DIR)/redis.pid --bind 127.0.0.1 --port $(REDIS_PORT) \
-			--save "" --appendonly no --maxmemory 512mb --maxmemory-policy allkeys-lru \
+			--save "" --appendonly no --maxmemory 1536mb --maxmemory-policy allkeys-lru \
 			--dir $(RUN_DIR) --logfile $(RUN_DIR)/redis.log; \
 		for i in $$(seq 50); do [ -s $(RUN_DIR)/redis.pid ] && break; sleep 0.1; done; \
 		echo $(REDIS_PORT) > $(RUN_DIR)/redis.port; \

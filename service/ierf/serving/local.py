@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -276,8 +277,27 @@ class RunningService:
             session = os.path.basename(os.path.realpath(os.path.join(self.temp_dir, "session_latest")))
             with contextlib.suppress(OSError):
                 shutil.copytree(self.replica_logs, os.path.join(self.keep_logs_in, session), dirs_exist_ok=True)
+            prune_kept_sessions(self.keep_logs_in)
         if self.owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# Ray's session folders: session_<date>_<time>_<pid>; names sort by start time.
+_SESSION_DIR = re.compile(r"session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_?\d*")
+KEPT_SESSIONS = 10
+
+
+def prune_kept_sessions(directory: str, keep: int = KEPT_SESSIONS) -> None:
+    """Only the newest ``keep`` session copies stay (a busy service's logs run to ~10 MB an hour, and every
+    stop added a copy); nothing but Ray's session folders is touched."""
+    with contextlib.suppress(OSError):
+        sessions = sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.is_dir(follow_symlinks=False) and _SESSION_DIR.fullmatch(entry.name)
+        )
+        for name in sessions[: max(0, len(sessions) - keep)]:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def start_service(
