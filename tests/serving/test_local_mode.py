@@ -324,7 +324,7 @@ def test_a_baseline_that_cannot_finish_before_its_deadline_is_refused_before_it_
     # A new image (forward pass + saliency), then one whose logits are cached (saliency only).
     for content_hash, message in (
         ("new", "a forward pass and integrated_gradients saliency need about"),
-        ("seen", "integrated_gradients saliency need about"),
+        ("seen", "integrated_gradients saliency needs about"),
     ):
         start = time.perf_counter()
         with pytest.raises(DeadlineExceeded, match=message):

@@ -37,7 +37,7 @@ def test_a_fresh_replica_knows_its_times_and_refuses_a_first_request_that_cannot
     start = time.perf_counter()
     with pytest.raises(DeadlineExceeded, match="decomposing a new image and srd saliency need about"):
         host.explain(ExplainJob(PIXELS, HASH, target=1, deadline=time.time() + too_short))
-    with pytest.raises(DeadlineExceeded, match="a forward pass need about"):
+    with pytest.raises(DeadlineExceeded, match="a forward pass needs about"):
         host.predict(PredictJob(PIXELS, HASH, top_k=1, deadline=time.time() + 0.2 * host._estimates[FORWARD]))
     assert time.perf_counter() - start < host._estimates[DECOMPOSE], "refused only after the work"
     assert len(host.cache.l1._items) == 0  # nothing was computed for them
@@ -98,6 +98,19 @@ def test_a_cached_decomposition_unlike_the_models_own_is_a_miss_and_recomputed(r
     again = _host(cache).explain(ExplainJob(PIXELS, HASH, target=3))  # the recomputed value replaced it
     assert again.provenance.cache == [("decomposition", "l2")]
     np.testing.assert_allclose(again.maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(expected.maps).max())
+
+
+def test_predict_answers_the_same_logits_before_and_after_an_explain_of_the_image() -> None:
+    """The decomposition's logits differ from the plain forward's by float rounding: an Explain replaced
+    the cached logits, and the same Predict then answered ~1e-6 differently, still as an L1 hit."""
+    from ierf.serving.worker import ExplainJob, PredictJob
+
+    host = _host({"redis_url": None})
+    first = host.predict(PredictJob(PIXELS, HASH, top_k=5))
+    host.explain(ExplainJob(PIXELS, HASH, target=3))
+    again = host.predict(PredictJob(PIXELS, HASH, top_k=5))
+    assert again.provenance.cache == [("logits", "l1")]
+    assert [(s.index, s.logit) for s in again.top_classes] == [(s.index, s.logit) for s in first.top_classes]
 
 
 @pytest.mark.parametrize(

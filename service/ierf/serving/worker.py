@@ -345,7 +345,10 @@ class ModelHost:
             state = decomposition.state_dict()
             nbytes = tensors_nbytes(state)
             self.cache.put(key, decomposition, nbytes, state, background=True, deferred=self.defer_cache_writes)
-            self._put_logits(inputs.content_hash, decomposition.logits)
+            if self.cache.l1.get(self._key("logits", FORWARD_METHOD, inputs.content_hash)) is None:
+                # The decomposition's logits differ from the plain forward's by float rounding (~1e-6): a
+                # Predict answered before keeps its logits, so repeated Predicts agree to the last digit.
+                self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
             prov.cache.append(("decomposition", "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"))
             return decomposition, False
@@ -399,7 +402,8 @@ class ModelHost:
                 self._estimates[name] = 0.8 * estimate
             what = " and ".join(_work_name(name) for name in known)
             raise DeadlineExceeded(
-                f"{left:.2f} s left before the deadline, but {what} need about {needed:.2g} s on this replica; "
+                f"{left:.2f} s left before the deadline, but {what} {'needs' if len(known) == 1 else 'need'} about "
+                f"{needed:.2g} s on this replica; "
                 "send a longer deadline"
             )
 
