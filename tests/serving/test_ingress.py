@@ -451,7 +451,7 @@ def test_an_overload_refusal_says_when_to_retry_and_a_cap_does_not() -> None:
     """RESOURCE_EXHAUSTED also means "over a cap": the trailer is what lets a client retry only overloads."""
     import grpc
     import numpy as np
-    from ierf.serving.errors import RETRY_AFTER_KEY
+    from ierf.serving.errors import PUSHBACK_KEY, RETRY_AFTER_KEY
     from ierf_proto.v1 import explainer_pb2 as pb
 
     worker = _Worker(outcome=_outcome())
@@ -466,11 +466,44 @@ def test_an_overload_refusal_says_when_to_retry_and_a_cap_does_not() -> None:
     context = _GrpcContext()
     asyncio.run(ingress.Explain(pb.ExplainRequest(image=image), context))
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in context.details
-    assert (RETRY_AFTER_KEY, "250") in context.trailers
+    # ours for the SDK, and gRPC's standard pushback for other languages' built-in retry policies
+    assert context.trailers == [(RETRY_AFTER_KEY, "250"), (PUSHBACK_KEY, "250")]
 
     ingress = _ingress({"m": _Worker(outcome=_outcome())})
     too_big = pb.Image(encoded=b"\x89PNG" + bytes(ingress.limits.max_bytes))
     context = _GrpcContext()
     asyncio.run(ingress.Explain(pb.ExplainRequest(image=too_big), context))
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "over the cap" in context.details
-    assert context.trailers == []
+    assert context.trailers == [(PUSHBACK_KEY, "-1")]  # a cap: a retry policy must not retry it
+
+
+def test_contrast_names_are_read_in_any_case_and_a_class_in_the_string_is_pointed_to_contrast_class() -> None:
+    """The SDK lower-cases "MEAN"; callers of the stubs got INVALID_ARGUMENT for it. A class index in the
+    string field was answered "is not 'identity', 'mean' or a class index", which the field cannot carry."""
+    import numpy as np
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.jobs import ModelDescription, check_explain_args
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    jobs: list[Any] = []
+    worker = _Worker(outcome=_outcome())
+
+    async def explain(job: Any) -> Any:
+        jobs.append(job)
+        return _outcome()
+
+    async def no_description() -> None:  # requests are then checked by the (fake) worker alone
+        await asyncio.sleep(3600.0)
+
+    worker.explain, worker.describe = _Method(explain), _Method(no_description)
+    ingress = _ingress({"m": worker})
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    image = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=image, contrast="MEAN")))
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=image, contrast="Identity", contrast_class=3)))
+    assert [job.contrast for job in jobs] == ["mean", 3]
+    with pytest.raises(InvalidArgument, match="set either contrast"):
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=image, contrast="Mean", contrast_class=3)))
+    desc = ModelDescription("m", "d", 224, 224, "v1", ["c"] * 1000, [], ["srd"], "srd", "cpu")
+    with pytest.raises(InvalidArgument, match=r"contrast '281' is not 'identity' or 'mean'; .* set contrast_class"):
+        check_explain_args(desc, "srd", None, "281")

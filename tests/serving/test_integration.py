@@ -284,6 +284,8 @@ def test_every_bad_input_gets_a_precise_code_and_the_service_keeps_answering(liv
             assert info.value.code() == code, (rpc, request.ListFields()[:1], info.value.details())
             assert re.search(message, info.value.details()), (message, info.value.details())
             assert len(info.value.details()) < 600
+            # gRPC's "do not retry" pushback, through Serve's proxy: retry policies leave refusals alone
+            assert ("grpc-retry-pushback-ms", "-1") in info.value.trailing_metadata(), rpc
         # A body that is not a message at all is answered by the ingress too (through Serve's proxy).
         for body in (b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28"):
             with pytest.raises(grpc.RpcError) as info:

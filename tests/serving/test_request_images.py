@@ -81,7 +81,7 @@ def test_exif_orientation_is_applied() -> None:
     [
         (b"", "empty"),
         (b"not an image at all", "not a readable"),
-        (b"GIF89a" + b"\x00" * 40, "not a readable"),  # real format, but not accepted
+        (b"GIF89a" + b"\x00" * 40, r"not a readable .* starting 47 49 46 38 39 61 00 00\)"),  # hex, not Python's b'…'
     ],
 )
 def test_unreadable_bytes_are_invalid_argument(data: bytes, message: str) -> None:
@@ -173,6 +173,21 @@ def test_float_tensor_out_of_range_or_nan_is_invalid() -> None:
         decode_tensor(values.tobytes(), "float32", [4, 5, 3], LIMITS)
     with pytest.raises(InvalidArgument, match="NaN"):
         decode_tensor(np.full((2, 2, 3), np.nan, np.float32).tobytes(), "float32", [2, 2, 3], LIMITS)
+
+
+def test_a_big_endian_float_tensor_is_told_the_byte_order() -> None:
+    """Java's ByteBuffer writes big-endian by default: the values read as NaN or far outside [0, 1]."""
+    values = np.linspace(0.0, 1.0, 48, dtype=np.float32).reshape(4, 4, 3)  # (0.5 alone reads as a tiny float)
+    with pytest.raises(InvalidArgument, match=r"\(raw tensors are little-endian, row-major \(H, W, C\)\)"):
+        decode_tensor(values.astype(">f4").tobytes(), "float32", [4, 4, 3], LIMITS)
+
+
+def test_sizes_name_width_and_height() -> None:
+    """Said as HxW before, where image tools print WxH."""
+    with pytest.raises(ResourceExhausted, match=r"is 4001 wide x 10 high; each side must be at most 4000"):
+        decode_tensor(b"\x00" * 10 * 4001, "uint8", [10, 4001], LIMITS)
+    with pytest.raises(ResourceExhausted, match=r"is 1001 wide x 1000 high = 1001000 pixels, over the cap"):
+        decode_tensor(b"\x00" * 1001 * 1000, "uint8", [1000, 1001], LIMITS)
 
 
 def test_tensor_over_pixel_cap_is_resource_exhausted_before_reading_data() -> None:

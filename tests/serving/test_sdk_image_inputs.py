@@ -96,7 +96,10 @@ def test_a_large_float_array_the_server_would_refuse_fails_locally_with_its_word
     monkeypatch.setattr(_core, "RAW_TENSOR_LIMIT_BYTES", 10)
     with pytest.raises(ValueError) as local:
         image_message(values)
-    assert str(local.value) == server.value.message.replace("float tensor", "float image array")
+    # the server's words, less its byte-order hint: the SDK lays out an array's bytes itself
+    expected = server.value.message.replace("float tensor", "float image array")
+    assert expected.endswith(" (raw tensors are little-endian, row-major (H, W, C))")
+    assert str(local.value) == expected.removesuffix(" (raw tensors are little-endian, row-major (H, W, C))")
 
 
 @pytest.mark.parametrize("limit", [10, 10**9])

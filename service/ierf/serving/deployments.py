@@ -25,7 +25,6 @@ from ray import serve
 from ierf.baselines import BASELINE_METHODS  # names only: the package imports no method code (nor torch)
 from ierf.interrupt import Interrupted, interruptible
 from ierf.serving.errors import (
-    RETRY_AFTER_KEY,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -34,7 +33,7 @@ from ierf.serving.errors import (
     clip,
     echo,
     error_for,
-    retry_after_ms,
+    retry_trailers,
     to_status,
 )
 from ierf.serving.jobs import DEFAULT_METHOD, Outcome
@@ -356,9 +355,9 @@ class Ingress:
                 raise error_for(status, message) from exc
             grpc_context.set_code(status)
             grpc_context.set_details(clip(message))
-            pause = retry_after_ms(exc)
-            if pause is not None:  # an overload, not a cap: the same request may pass after a pause
-                grpc_context.set_trailing_metadata([(RETRY_AFTER_KEY, str(pause))])
+            trailers = retry_trailers(exc, status)  # an overload's pause, or "never retry" for a cap
+            if trailers:
+                grpc_context.set_trailing_metadata(trailers)
             return empty()
         finally:
             self.metrics.inflight(rpc, -1)
@@ -435,9 +434,9 @@ class Ingress:
         method = request.method or DEFAULT_METHOD
         labels["method"] = method if method in self._known_methods(model_id) else "other"
         dtype = convert.map_dtype(request.map_dtype)
-        contrast: str | int = request.contrast or "identity"
+        contrast: str | int = request.contrast.lower() or "identity"  # any case, as the SDK sends it
         if request.HasField("contrast_class"):
-            if request.contrast not in ("", "identity"):
+            if contrast != "identity":
                 raise InvalidArgument("set either contrast ('identity'/'mean') or contrast_class, not both")
             contrast = int(request.contrast_class)
         target = int(request.target) if request.HasField("target") else None

@@ -66,12 +66,40 @@ RETRY_AFTER_KEY = "ierf-retry-after-ms"
 RETRY_AFTER_MS = 250
 
 
+#: gRPC's own retry pushback (gRFC A6), read by the built-in retry policies of grpc-core (C++, Python,
+#: C#, Ruby, PHP), grpc-java, grpc-go and grpc-js: milliseconds before the next attempt, or negative for
+#: "do not retry". A policy that retries RESOURCE_EXHAUSTED then retries overloads only, after the pause.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Refusals of the request itself: the same request fails the same way, whatever a retry policy lists.
+_NEVER_RETRY = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
 def retry_after_ms(exc: BaseException) -> int | None:
     """The pause to suggest for ``exc`` (an overload: ours, or Ray's back-pressure), else None."""
     exc = _unwrap(exc)
     if isinstance(exc, Overloaded) or type(exc).__name__ == "BackPressureError":
         return RETRY_AFTER_MS
     return None
+
+
+def retry_trailers(exc: BaseException, status: grpc.StatusCode) -> list[tuple[str, str]]:
+    """Trailing metadata for a refusal: an overload's pause (ours and gRPC's standard key), or gRPC's "do not
+    retry" for a refusal of the request itself (a cap is RESOURCE_EXHAUSTED too)."""
+    pause = retry_after_ms(exc)
+    if pause is not None:
+        return [(RETRY_AFTER_KEY, str(pause)), (PUSHBACK_KEY, str(pause))]
+    if status in _NEVER_RETRY:
+        return [(PUSHBACK_KEY, "-1")]
+    return []
 
 
 class DeadlineExceeded(ServiceError):

@@ -103,14 +103,23 @@ def canonicalise(pixels: np.ndarray) -> CanonicalImage:
     return CanonicalImage(pixels=pixels, content_hash=content_hash(pixels))
 
 
+# Said with the float errors a wrong byte order or layout produces (a big-endian float32 reads as NaN or huge).
+_LAYOUT = "(raw tensors are little-endian, row-major (H, W, C))"
+
+
+def _size(height: int, width: int) -> str:
+    """Width x height, as image tools print sizes, with the axes named (tensors are (H, W, C))."""
+    return f"{width} wide x {height} high"
+
+
 def _check_dimensions(height: int, width: int, limits: ImageLimits, what: str) -> None:
     if height <= 0 or width <= 0:
-        raise InvalidArgument(f"{what} has no pixels ({height}x{width})")
+        raise InvalidArgument(f"{what} has no pixels ({_size(height, width)})")
     if height > limits.max_side or width > limits.max_side:
-        raise ResourceExhausted(f"{what} is {height}x{width}; each side must be at most {limits.max_side} pixels")
+        raise ResourceExhausted(f"{what} is {_size(height, width)}; each side must be at most {limits.max_side} pixels")
     if height * width > limits.max_pixels:
         raise ResourceExhausted(
-            f"{what} is {height}x{width} = {height * width} pixels, over the cap of {limits.max_pixels}"
+            f"{what} is {_size(height, width)} = {height * width} pixels, over the cap of {limits.max_pixels}"
         )
 
 
@@ -224,7 +233,7 @@ def _pillow_errors(data: bytes, limits: ImageLimits, what: str) -> Iterator[None
     except UnidentifiedImageError:
         raise InvalidArgument(
             f"image bytes are not a readable {'/'.join(ACCEPTED_FORMATS)} file ({len(data)} bytes, "
-            f"starting {data[:8]!r})"
+            f"starting {data[:8].hex(' ')})"
         ) from None
     except Image.DecompressionBombError as exc:  # a header past twice Pillow's own limit, before ours runs
         declared = _PILLOW_BOMB_PIXELS.search(str(exc))
@@ -302,7 +311,7 @@ def open_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits) 
     if shape[0] * shape[1] == 0:
         if not data:
             raise InvalidArgument("image is empty: the tensor has no data")
-        raise InvalidArgument(f"tensor image has no pixels ({shape[0]}x{shape[1]})")
+        raise InvalidArgument(f"tensor image has no pixels ({_size(shape[0], shape[1])})")
     # Data that does not fill its shape is a malformed request, whatever the shape claims: said before
     # the pixel caps, whose RESOURCE_EXHAUSTED would send the caller looking for a smaller image.
     np_dtype = np.dtype(dtype).newbyteorder("<")
@@ -318,7 +327,7 @@ def _tensor_pixels(data: bytes, dtype: str, np_dtype: np.dtype, shape: list[int]
     if dtype != "uint8":
         values = array.astype(np.float32)
         if not np.isfinite(values).all():
-            raise InvalidArgument("float tensor contains NaN or infinity")
+            raise InvalidArgument(f"float tensor contains NaN or infinity {_LAYOUT}")
         outside = (values < 0.0) | (values > 1.0)
         if outside.any():
             first = np.unravel_index(int(np.argmax(outside)), values.shape)
@@ -326,7 +335,7 @@ def _tensor_pixels(data: bytes, dtype: str, np_dtype: np.dtype, shape: list[int]
             # str of a float32: the shortest digits that name the value (1.0000001, not 1)
             raise InvalidArgument(
                 f"float tensor values must lie in [0, 1]; got values from {values.min()!s} to {values.max()!s} "
-                f"(first outside at [{where}]: {values[first]!s})"
+                f"(first outside at [{where}]: {values[first]!s}) {_LAYOUT}"
             )
         array = np.rint(values * 255.0).astype(np.uint8)
     if array.shape[2] == 1:

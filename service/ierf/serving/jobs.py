@@ -139,7 +139,9 @@ def check_explain_args(desc: ModelDescription, method: str, target: int | None, 
                 "contrast with another class"
             )
     elif contrast not in ("identity", "mean"):
-        raise InvalidArgument(f"contrast {echo(contrast)} is not 'identity', 'mean' or a class index")
+        raise InvalidArgument(
+            f"contrast {echo(contrast)} is not 'identity' or 'mean'; to subtract another class, set contrast_class"
+        )
     if method != DEFAULT_METHOD and contrast != "identity":
         raise InvalidArgument(f"contrast is an SRD option; method {echo(method)} takes contrast 'identity' only")
 
