@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 from typing import Any
 
 import ierf
@@ -297,23 +296,49 @@ def test_many_ierf_seeds_go_in_passes_within_the_budget_and_give_the_same_maps(m
     torch.testing.assert_close(chunked.sum((2, 3)), torch.ones(2, 100), rtol=1e-5, atol=1e-5)
 
 
-def test_ierf_maps_larger_than_the_memory_left_are_refused_before_they_are_allocated(monkeypatch):
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"/proc/meminfo": "MemTotal: 1000 kB\nMemAvailable: 5 kB\n"},
+        # a container: the host has plenty, the cgroup (v2, then v1) has 5 KiB left beside reclaimable cache
+        {
+            "/proc/meminfo": "MemAvailable: 16000000 kB\n",
+            "/sys/fs/cgroup/memory.max": "1048576\n",
+            "/sys/fs/cgroup/memory.current": "1044480\n",
+            "/sys/fs/cgroup/memory.stat": "anon 1000000\ninactive_file 1024\n",
+        },
+        {
+            "/proc/meminfo": "MemAvailable: 16000000 kB\n",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes": "1048576\n",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes": "1044480\n",
+        },
+    ],
+    ids=["system", "cgroup-v2", "cgroup-v1"],
+)
+def test_ierf_maps_larger_than_the_memory_left_are_refused_before_they_are_allocated(monkeypatch, files):
+    """Allocating succeeded (pages are lent lazily) and the OOM killer ended the process while the maps
+    were filled; in a container the host's figure is not the limit that kills."""
     import ierf.srd.explainer as explainer
 
-    if not os.path.exists("/proc/meminfo"):
-        pytest.skip("needs Linux's /proc/meminfo")
     dec = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=5)).decompose(torch.randn(1, 3, 40, 40))
     monkeypatch.setattr(explainer, "SEED_BUDGET_BYTES", 1)  # several passes: the answer is allocated whole
     real_open = open
 
-    def small_machine(path: Any, *args: Any, **kwargs: Any) -> Any:
-        if path == "/proc/meminfo":
-            return io.StringIO("MemTotal: 1000 kB\nMemAvailable: 5 kB\n")
+    def machine(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path in files:
+            return io.StringIO(files[path])
+        if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
+            raise FileNotFoundError(path)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", small_machine)
-    with pytest.raises(MemoryError, match=r"the iERF maps need 0\.0 GiB .* but the system has 0\.0 GiB available"):
+    monkeypatch.setattr("builtins.open", machine)
+    assert explainer.memory_available() <= 5 * 1024
+    with pytest.raises(MemoryError, match=r"the iERF maps need 0\.0 GiB .* but 0\.0 GiB of memory is available"):
         dec.ierf("relu", torch.tensor([[0, 0], [1, 1]]))
+    files["/proc/meminfo"] = "MemAvailable: 16000000 kB\n"
+    files.pop("/sys/fs/cgroup/memory.max", None)
+    files.pop("/sys/fs/cgroup/memory/memory.limit_in_bytes", None)
+    assert dec.ierf("relu", torch.tensor([[0, 0], [1, 1]])).shape == (1, 2, 40, 40)  # room enough
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -499,8 +524,12 @@ def test_explainers_built_in_parallel_threads_all_work():
 def test_a_torch_compile_wrapper_is_refused_with_the_way_round_it():
     """The error blamed data-dependent control flow."""
     model = torchvision.models.resnet18().eval()
-    with pytest.raises(UnsupportedModelError, match=r"torch.compile wrapper .*\(its \._orig_mod\)"):
+    with pytest.raises(UnsupportedModelError, match=r"the model is a torch.compile wrapper .*\(its \._orig_mod\)"):
         ierf.SRD(torch.compile(model))
+    inner = copy.deepcopy(model)
+    inner.layer2 = torch.compile(inner.layer2)
+    with pytest.raises(UnsupportedModelError, match=r"submodule 'layer2' is a torch.compile wrapper"):
+        ierf.SRD(inner)
     compiled_in_place = copy.deepcopy(model)
     compiled_in_place.compile()  # in place: the module itself stays, and traces
     x = torch.randn(1, 3, 32, 32)

@@ -198,6 +198,21 @@ def test_an_unknown_architecture_is_refused_where_the_application_is_built() -> 
         build_app({"models": ["resnet5"]})
 
 
+def test_building_the_application_loads_no_torch() -> None:
+    """The check above read the registry, which brought torch (~470 MB) into `make run`'s driver."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ierf.serving.app import build_app\n"
+        "build_app({'models': [{'id': 'r50', 'name': 'resnet50', 'random_init': True}]})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
 def test_local_config_file_parses_and_matches_the_app() -> None:
     from ierf.serving.app import GRPC_SERVICER_FUNCTIONS
     from ierf.serving.local import DEFAULT_CONFIG, load_serve_config

@@ -114,18 +114,22 @@ def test_stop_keeps_the_replicas_logs_before_removing_the_clusters_files(tmp_pat
     assert service.replica_logs == str(temp_dir / "session_latest" / "logs" / "serve")
     service.stop()  # no Ray running here: serve and ray shut down as no-ops
     assert (kept / session.name / "replica_ierf_Worker.log").read_text() == "worker ready\n"
+    assert (kept / session.name / ".ierf-kept-logs").is_file()  # what pruning looks for
     assert (kept / "mine.txt").read_text() == "the user's\n" and not temp_dir.exists()
 
 
 def test_only_the_newest_kept_sessions_stay(tmp_path) -> None:
     """Every stop added a copy and nothing pruned them; only Ray's session folders are ever removed."""
-    from ierf.serving.local import prune_kept_sessions
+    from ierf.serving.local import KEPT_MARK, prune_kept_sessions
 
     names = [f"session_2026-11-{day:02d}_07-00-00_123456_{100 + day}" for day in range(1, 14)]  # as Ray names them
     for name in names:
         (tmp_path / name).mkdir()
+        (tmp_path / name / KEPT_MARK).write_text("")
+    live = "session_2026-11-01_06-00-00_123456_99"  # a live Ray session (no mark): --keep-logs /tmp/ray
+    (tmp_path / live).mkdir()
     (tmp_path / "session_notes").mkdir()  # not Ray's: stays
     (tmp_path / "mine.txt").write_text("the user's\n")
     prune_kept_sessions(str(tmp_path), keep=10)
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted([*names[3:], "session_notes", "mine.txt"])
+    assert left == sorted([*names[3:], live, "session_notes", "mine.txt"])

@@ -113,6 +113,21 @@ def test_predict_answers_the_same_logits_before_and_after_an_explain_of_the_imag
     assert [(s.index, s.logit) for s in again.top_classes] == [(s.index, s.logit) for s in first.top_classes]
 
 
+def test_predict_logits_in_redis_are_kept_by_an_explain_on_another_replica(redis_flushed) -> None:
+    """Checking only the replica's own memory let an Explain elsewhere (or with L1 off) replace them."""
+    from ierf.serving.worker import ExplainJob, PredictJob
+
+    cache = {"redis_url": redis_flushed.url, "l1_bytes": 64 << 20}
+    predicting, explaining, reading = _host(cache), _host(cache), _host(cache)
+    first = predicting.predict(PredictJob(PIXELS, HASH, top_k=5))
+    assert predicting.cache.flush(10.0)
+    explaining.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert explaining.cache.flush(10.0)
+    again = reading.predict(PredictJob(PIXELS, HASH, top_k=5))
+    assert again.provenance.cache == [("logits", "l2")]
+    assert [(s.index, s.logit) for s in again.top_classes] == [(s.index, s.logit) for s in first.top_classes]
+
+
 @pytest.mark.parametrize(
     "logits",
     [torch.zeros(1, 999), torch.full((1, 1000), float("nan")), torch.zeros(1, 1000, dtype=torch.float64)],

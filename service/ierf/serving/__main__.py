@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--keep-logs",
         help="directory the replicas' logs are copied into at stop, one folder per run (the cluster's own files are "
-        "removed; nothing in the directory is)",
+        "removed; of the directory's contents only copies made this way beyond the newest 10 are)",
     )
     args = parser.parse_args(argv)
     try:

@@ -62,9 +62,9 @@ def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]
 def _check_architectures(config: ServiceConfig) -> None:
     """An architecture the registry lacks would fail only in each worker replica's constructor, which Serve
     retries until the deployment is marked failed: refused here, where the application is built."""
-    from ierf.models import available_models  # the registry (and torch): only where an application is built
+    from ierf.models.names import ARCHITECTURES  # torch-free: the driver of `make run` builds the app
 
-    known = available_models()
+    known = ARCHITECTURES
     for model in config.models:
         if model.name not in known:
             named = f"model {model.id!r}" + (f" (name {model.name!r})" if model.name != model.id else "")

@@ -434,7 +434,8 @@ class Ingress:
         method = request.method or DEFAULT_METHOD
         labels["method"] = method if method in self._known_methods(model_id) else "other"
         dtype = convert.map_dtype(request.map_dtype)
-        contrast: str | int = request.contrast.lower() or "identity"  # any case, as the SDK sends it
+        named = request.contrast.lower()  # the names in any case, as the SDK sends them; others echoed as sent
+        contrast: str | int = named if named in ("identity", "mean") else request.contrast or "identity"
         if request.HasField("contrast_class"):
             if contrast != "identity":
                 raise InvalidArgument("set either contrast ('identity'/'mean') or contrast_class, not both")

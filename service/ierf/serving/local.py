@@ -276,25 +276,32 @@ class RunningService:
             # one folder per run (session_<date>_<pid>), beside what the directory holds: nothing is removed
             session = os.path.basename(os.path.realpath(os.path.join(self.temp_dir, "session_latest")))
             with contextlib.suppress(OSError):
-                shutil.copytree(self.replica_logs, os.path.join(self.keep_logs_in, session), dirs_exist_ok=True)
+                copy = os.path.join(self.keep_logs_in, session)
+                shutil.copytree(self.replica_logs, copy, dirs_exist_ok=True)
+                with open(os.path.join(copy, KEPT_MARK), "w") as mark:
+                    mark.write("copied by ierf at stop; pruned beyond the newest copies\n")
             prune_kept_sessions(self.keep_logs_in)
         if self.owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-# Ray's session folders: session_<date>_<time>_<pid>; names sort by start time.
+# Copies of Ray's session folders (session_<date>_<time>_<pid>: names sort by start time) that stop()
+# made, each marked: a Ray temp dir given as the target holds live sessions of that name, never marked.
 _SESSION_DIR = re.compile(r"session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_?\d*")
+KEPT_MARK = ".ierf-kept-logs"
 KEPT_SESSIONS = 10
 
 
 def prune_kept_sessions(directory: str, keep: int = KEPT_SESSIONS) -> None:
-    """Only the newest ``keep`` session copies stay (a busy service's logs run to ~10 MB an hour, and every
-    stop added a copy); nothing but Ray's session folders is touched."""
+    """Only the newest ``keep`` log copies stay (a busy service's logs run to ~10 MB an hour, and every
+    stop added one); nothing but the copies stop() made and marked is touched."""
     with contextlib.suppress(OSError):
         sessions = sorted(
             entry.name
             for entry in os.scandir(directory)
-            if entry.is_dir(follow_symlinks=False) and _SESSION_DIR.fullmatch(entry.name)
+            if entry.is_dir(follow_symlinks=False)
+            and _SESSION_DIR.fullmatch(entry.name)
+            and os.path.isfile(os.path.join(entry.path, KEPT_MARK))
         )
         for name in sessions[: max(0, len(sessions) - keep)]:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)

@@ -345,9 +345,11 @@ class ModelHost:
             state = decomposition.state_dict()
             nbytes = tensors_nbytes(state)
             self.cache.put(key, decomposition, nbytes, state, background=True, deferred=self.defer_cache_writes)
-            if self.cache.l1.get(self._key("logits", FORWARD_METHOD, inputs.content_hash)) is None:
-                # The decomposition's logits differ from the plain forward's by float rounding (~1e-6): a
-                # Predict answered before keeps its logits, so repeated Predicts agree to the last digit.
+            logits_key = self._key("logits", FORWARD_METHOD, inputs.content_hash)
+            if self.cache.get(logits_key, self._cached_logits).value is None:
+                # The decomposition's logits differ from the plain forward's by float rounding (~1e-6): logits
+                # a Predict cached before (here, or in Redis by another replica) are kept, so repeated
+                # Predicts agree to the last digit.
                 self._put_logits(inputs.content_hash, decomposition.logits)
             stages.add("cache_put", time.perf_counter() - start)
             prov.cache.append(("decomposition", "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"))

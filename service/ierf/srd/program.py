@@ -70,11 +70,12 @@ class Program:
                 f"{type(model).__name__} wraps the model for training on several devices: pass the model "
                 "itself (its .module) to SRD"
             )
-        original = getattr(model, "_orig_mod", None)
-        if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        compiled = [name for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule"]
+        if compiled:
+            what = "the model is" if compiled[0] == "" else f"submodule {compiled[0]!r} is"
             raise UnsupportedModelError(
-                "the model is a torch.compile wrapper (OptimizedModule), which torch.fx cannot trace: pass the "
-                "model itself (its ._orig_mod) to SRD; model.compile() in place works too"
+                f"{what} a torch.compile wrapper (OptimizedModule), which torch.fx cannot trace: pass the "
+                "module itself (its ._orig_mod); module.compile() in place works too"
             )
         self.model = model
         known = known_module_types()
