@@ -24,19 +24,9 @@ from ierf.models import (
     model_spec,
     resolve_weights,
 )
+from ierf.models.names import ARCHITECTURES
 from PIL import Image
 
-TORCHVISION_ARCHS = [
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "vgg16",
-    "vgg16_bn",
-    "densenet121",
-    "googlenet",
-    "inception_v3",
-    "mobilenet_v2",
-]
 WEIGHT_ENUMS = {
     "resnet18": torchvision.models.ResNet18_Weights,
     "resnet50": torchvision.models.ResNet50_Weights,
@@ -48,6 +38,7 @@ WEIGHT_ENUMS = {
     "inception_v3": torchvision.models.Inception_V3_Weights,
     "mobilenet_v2": torchvision.models.MobileNet_V2_Weights,
 }
+TORCHVISION_ARCHS = list(WEIGHT_ENUMS)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +78,7 @@ def _place(source: Path, destination: Path) -> Path:
 def test_available_models_lists_every_supported_architecture():
     assert available_models()[0] == "efficientnet_lite0"
     assert set(available_models()) == {"efficientnet_lite0", *TORCHVISION_ARCHS}
+    assert tuple(available_models()) == ARCHITECTURES  # the torch-free list the service checks configs against
 
 
 def test_unknown_model_names_the_choices():
