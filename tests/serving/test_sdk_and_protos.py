@@ -355,7 +355,17 @@ def test_an_async_client_made_outside_the_loop_works_inside_it() -> None:
         server.stop(None)
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:9000", "[::1]:9000", "dns:///svc:9000", "unix:/tmp/s"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1:9000",
+        "[::1]:9000",
+        "dns:///svc:9000",
+        "dns://8.8.8.8:53/svc:9000",
+        "dns:///[::1]:9000",
+        "unix:/tmp/s",
+    ],
+)
 def test_addresses_grpc_reads_are_accepted(address: str) -> None:
     from ierf_client import AsyncClient, Client
 
@@ -363,7 +373,9 @@ def test_addresses_grpc_reads_are_accepted(address: str) -> None:
     assert AsyncClient(address).address == address
 
 
-@pytest.mark.parametrize("address", ["localhost", "ierf.example.com", "::1"])
+@pytest.mark.parametrize(
+    "address", ["localhost", "ierf.example.com", "::1", "dns:///svc", "dns://8.8.8.8:53/svc", "dns:///[::1]", "dns:svc"]
+)
 def test_an_address_without_a_port_needs_credentials(address: str) -> None:
     """grpc dials 443 without a port: right for TLS, never the plaintext service (9000), where it only
     timed out."""

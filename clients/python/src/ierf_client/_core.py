@@ -148,6 +148,15 @@ def check_address(address: object, secure: bool = False) -> str:
     if address.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
         scheme = address.split(":", 1)[0]
         raise ValueError(f"address {address!r} has a URL scheme ({scheme}://): give 'host:port' as grpc reads it")
+    if address.startswith("dns:") and not secure:
+        # dns:[//authority/]host[:port]: the same default port as a bare host
+        name = address[len("dns:") :].lstrip("/")
+        name = name.split("/", 1)[1] if address.startswith("dns://") and "/" in name else name
+        if ("]:" not in name) if name.startswith("[") else (":" not in name):
+            raise ValueError(
+                f"address {address!r} has no port: grpc would dial 443 (TLS) without credentials; give "
+                "'dns:///host:port' (the service listens on 9000 by default)"
+            )
     if not address.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")):
         host, colon, port = address.rpartition(":")
         bare_ipv6 = colon and host and not host.endswith("]") and ":" in host
