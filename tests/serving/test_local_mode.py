@@ -230,6 +230,7 @@ def test_caller_mistakes_are_answered_without_waiting_for_a_busy_worker(ingress)
 
     ingress.GetModel.remote(pb.GetModelRequest(model_id="r18")).result()
     ingress.Predict.remote(pb.PredictRequest(image=_image(7), top_k=1)).result()  # description now held
+    slow_start = time.perf_counter()
     slow = ingress.Explain.remote(pb.ExplainRequest(image=_image(8), target=5, method="integrated_gradients"))
     time.sleep(0.3)  # the slow job now occupies the worker's compute thread
     bad = [
@@ -247,12 +248,17 @@ def test_caller_mistakes_are_answered_without_waiting_for_a_busy_worker(ingress)
         ),
         ("Predict", pb.PredictRequest(image=_image(9), top_k=1001), "out of range"),
     ]
+    answered = []
     for rpc, request, message in bad:
         start = time.perf_counter()
         with pytest.raises(InvalidArgument, match=message):
             getattr(ingress, rpc).remote(request).result()
-        assert time.perf_counter() - start < 0.25, rpc
-    slow.result()
+        answered.append((rpc, time.perf_counter() - start, time.perf_counter()))
+    timings = {t.stage: t.seconds for t in slow.result().provenance.timings}
+    slow_done = slow_start + timings["total"]  # when the ingress had the slow job's answer
+    # at once: all of them before the slow job ended (a bound relative to it, so a loaded machine that
+    # slows both does not fail the test; waiting behind it would put them after)
+    assert all(at < slow_done for _, _, at in answered), (answered, slow_done)
 
 
 def test_malformed_timeout_metadata_is_a_precise_error() -> None:
