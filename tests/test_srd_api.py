@@ -319,6 +319,7 @@ def test_ierf_maps_larger_than_the_memory_left_are_refused_before_they_are_alloc
     """Allocating succeeded (pages are lent lazily) and the OOM killer ended the process while the maps
     were filled; in a container the host's figure is not the limit that kills."""
     import ierf.srd.explainer as explainer
+    from ierf._memory import memory_available
 
     dec = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=5)).decompose(torch.randn(1, 3, 40, 40))
     monkeypatch.setattr(explainer, "SEED_BUDGET_BYTES", 1)  # several passes: the answer is allocated whole
@@ -332,7 +333,7 @@ def test_ierf_maps_larger_than_the_memory_left_are_refused_before_they_are_alloc
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", machine)
-    assert explainer.memory_available() <= 5 * 1024
+    assert memory_available() <= 5 * 1024
     with pytest.raises(MemoryError, match=r"the iERF maps need 0\.0 GiB .* but 0\.0 GiB of memory is available"):
         dec.ierf("relu", torch.tensor([[0, 0], [1, 1]]))
     files["/proc/meminfo"] = "MemAvailable: 16000000 kB\n"
@@ -730,3 +731,25 @@ def test_composed_kernels_are_built_once_and_follow_the_weights(monkeypatch):
     again = explainer.saliency(x, 1)
     assert len(built) == 2 * count
     torch.testing.assert_close(again.sum().double(), model(x)[0, 1].detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_memory_figures_that_cannot_be_read_are_no_figure(monkeypatch):
+    """A malformed /proc or cgroup file must not fail an iERF call: the check is skipped instead."""
+    from ierf._memory import memory_available
+
+    files = {
+        "/proc/meminfo": "MemAvailable: lots\nMemTotal\n",
+        "/sys/fs/cgroup/memory.max": "max\n",
+        "/sys/fs/cgroup/memory.current": "123\n",
+    }
+    real_open = open
+
+    def machine(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path in files:
+            return io.StringIO(files[path])
+        if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", machine)
+    assert memory_available() is None

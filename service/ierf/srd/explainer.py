@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf._memory import memory_available
 from ierf.errors import InputSizeError
 from ierf.methods import check_input, register_method
 from ierf.srd.graph import check_model_state
@@ -49,53 +50,6 @@ def _check_fits_in_memory(nbytes: int, device: torch.device) -> None:
             f"the iERF maps need {nbytes / 2**30:.1f} GiB (batch x positions x height x width float32) but "
             f"{available / 2**30:.1f} GiB of memory is available: ask for fewer positions or images per call"
         )
-
-
-def memory_available() -> int | None:
-    """Bytes this process may still allocate: the system's MemAvailable, and in a container the cgroup's
-    limit less its usage (reclaimable page cache counted as free), whichever is less; None off Linux."""
-    figures = [_meminfo_available(), _cgroup_available()]
-    known = [f for f in figures if f is not None]
-    return min(known) if known else None
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as file:
-            return file.read()
-    except OSError:
-        return None
-
-
-def _meminfo_available() -> int | None:
-    text = _read("/proc/meminfo")
-    for line in (text or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-def _cgroup_available() -> int | None:
-    # cgroup v2, then v1 (a v1 limit near 2**63 means none); the namespace shows the container's own group
-    for limit_file, usage_file, stat_file, inactive in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-            "/sys/fs/cgroup/memory/memory.stat",
-            "total_inactive_file",
-        ),
-    ):
-        limit, usage = _read(limit_file), _read(usage_file)
-        if limit is None or usage is None:
-            continue
-        limit, usage = limit.strip(), usage.strip()
-        if not limit.isdigit() or not usage.isdigit() or int(limit) >= 2**60:
-            return None  # "max", or no limit
-        stats = dict(line.split()[:2] for line in (_read(stat_file) or "").splitlines() if len(line.split()) >= 2)
-        reclaimable = int(stats.get(inactive, "0")) if stats.get(inactive, "0").isdigit() else 0
-        return max(0, int(limit) - int(usage) + reclaimable)
-    return None
 
 
 def _scatter(dst: torch.Tensor, values: torch.Tensor, route: Route, factor: torch.Tensor | None = None) -> None:
@@ -317,7 +271,7 @@ class Decomposition:
         if count <= chunk:
             return self._propagate({sid: self._seeds(pos, h, w)}).float()
         # Seeds in chunks: the working maps of a pass are about twice its output, so all 12,544 stem PFVs
-        # of one ResNet50 image took 7 GB beside the 2.4 GB answer. The answer itself is B·P·H·W floats.
+        # of one ResNet50 image took 7 GB beside the 2.5 GB answer. The answer itself is B·P·H·W floats.
         height, width = pfv_grid(self.shapes[0])
         _check_fits_in_memory(self.batch * count * height * width * 4, self.logits.device)
         out = self.logits.new_empty(self.batch, count, height, width, dtype=torch.float32)
