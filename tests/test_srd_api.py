@@ -296,6 +296,21 @@ def test_many_ierf_seeds_go_in_passes_within_the_budget_and_give_the_same_maps(m
     torch.testing.assert_close(chunked.sum((2, 3)), torch.ones(2, 100), rtol=1e-5, atol=1e-5)
 
 
+def _fake_system_files(monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> None:
+    """/proc/meminfo and the cgroup files read as ``files`` says (absent when not named); the dict stays
+    live, so a test may change it between calls."""
+    real_open = open
+
+    def machine(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path in files:
+            return io.StringIO(files[path])
+        if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", machine)
+
+
 @pytest.mark.parametrize(
     "files",
     [
@@ -323,16 +338,7 @@ def test_ierf_maps_larger_than_the_memory_left_are_refused_before_they_are_alloc
 
     dec = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=5)).decompose(torch.randn(1, 3, 40, 40))
     monkeypatch.setattr(explainer, "SEED_BUDGET_BYTES", 1)  # several passes: the answer is allocated whole
-    real_open = open
-
-    def machine(path: Any, *args: Any, **kwargs: Any) -> Any:
-        if path in files:
-            return io.StringIO(files[path])
-        if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
-            raise FileNotFoundError(path)
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", machine)
+    _fake_system_files(monkeypatch, files)
     assert memory_available() <= 5 * 1024
     with pytest.raises(MemoryError, match=r"the iERF maps need 0\.0 GiB .* but 0\.0 GiB of memory is available"):
         dec.ierf("relu", torch.tensor([[0, 0], [1, 1]]))
@@ -742,14 +748,5 @@ def test_memory_figures_that_cannot_be_read_are_no_figure(monkeypatch):
         "/sys/fs/cgroup/memory.max": "max\n",
         "/sys/fs/cgroup/memory.current": "123\n",
     }
-    real_open = open
-
-    def machine(path: Any, *args: Any, **kwargs: Any) -> Any:
-        if path in files:
-            return io.StringIO(files[path])
-        if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
-            raise FileNotFoundError(path)
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", machine)
+    _fake_system_files(monkeypatch, files)
     assert memory_available() is None
