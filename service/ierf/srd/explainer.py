@@ -8,6 +8,7 @@ per-position scalars down the stages.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import operator
 from dataclasses import dataclass
@@ -33,10 +34,6 @@ SCHEMA_VERSION = 1
 # Working memory of one iERF relevance pass; more seeds than fit go in several passes (49 ResNet50 seeds
 # at 224² take one).
 SEED_BUDGET_BYTES = 256 * 2**20
-
-
-def _elements(grid: tuple[int, int]) -> int:
-    return grid[0] * grid[1]
 
 
 def _check_fits_in_memory(nbytes: int, device: torch.device) -> None:
@@ -287,7 +284,7 @@ class Decomposition:
     def _seeds_per_pass(self) -> int:
         """How many iERF seeds one relevance pass takes: its working maps (about three of the largest
         PFV map per seed and image) stay within SEED_BUDGET_BYTES."""
-        largest = max(_elements(pfv_grid(shape)) for shape in self.shapes.values())
+        largest = max(math.prod(pfv_grid(shape)) for shape in self.shapes.values())
         per_seed = 3 * self.batch * largest * self.logits.element_size()
         return max(1, SEED_BUDGET_BYTES // max(per_seed, 1))
 

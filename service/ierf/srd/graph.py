@@ -319,8 +319,9 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int], ...])
         # self.training (it was traced in eval); stock activations and containers do not.
         if m.training and (isinstance(m, _MODE_DEPENDENT) or not type(m).__module__.startswith("torch.nn")):
             training.append(name or type(model).__name__)
-        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-        if any(not is_transient_hook(hook) for hook in hooks):  # ierf's own (CAM in another thread) pass
+        if (m._forward_hooks or m._forward_pre_hooks) and not all(  # ierf's own (CAM in another thread) pass
+            map(is_transient_hook, [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
+        ):
             hooked.append(name or type(model).__name__)
     if training:
         raise ValueError(
