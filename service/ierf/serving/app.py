@@ -64,11 +64,10 @@ def _check_architectures(config: ServiceConfig) -> None:
     retries until the deployment is marked failed: refused here, where the application is built."""
     from ierf.models.names import ARCHITECTURES  # torch-free: the driver of `make run` builds the app
 
-    known = ARCHITECTURES
     for model in config.models:
-        if model.name not in known:
+        if model.name not in ARCHITECTURES:
             named = f"model {model.id!r}" + (f" (name {model.name!r})" if model.name != model.id else "")
-            raise ValueError(f"{named}: unknown architecture; available: {', '.join(known)}")
+            raise ValueError(f"{named}: unknown architecture; available: {', '.join(ARCHITECTURES)}")
 
 
 def build_app(args: dict[str, Any]) -> Application:

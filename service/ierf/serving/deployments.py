@@ -36,7 +36,7 @@ from ierf.serving.errors import (
     retry_trailers,
     to_status,
 )
-from ierf.serving.jobs import DEFAULT_METHOD, Outcome
+from ierf.serving.jobs import CONTRAST_NAMES, DEFAULT_METHOD, Outcome
 from ierf.serving.protocol import UnparsedRequest
 from ierf.serving.settings import CacheConfig, ModelConfig, ServiceConfig
 
@@ -435,7 +435,7 @@ class Ingress:
         labels["method"] = method if method in self._known_methods(model_id) else "other"
         dtype = convert.map_dtype(request.map_dtype)
         named = request.contrast.lower()  # the names in any case, as the SDK sends them; others echoed as sent
-        contrast: str | int = named if named in ("identity", "mean") else request.contrast or "identity"
+        contrast: str | int = named if named in CONTRAST_NAMES else request.contrast or "identity"
         if request.HasField("contrast_class"):
             if contrast != "identity":
                 raise InvalidArgument("set either contrast ('identity'/'mean') or contrast_class, not both")

@@ -125,6 +125,9 @@ def check_class(index: int, num_classes: int, model_id: str, what: str = "target
         )
 
 
+CONTRAST_NAMES = ("identity", "mean")  # SRD's contrasts by name; a class to subtract is contrast_class
+
+
 def check_explain_args(desc: ModelDescription, method: str, target: int | None, contrast: str | int) -> None:
     if method not in desc.methods:
         raise InvalidArgument(f"unknown method {echo(method)}; available: {', '.join(desc.methods)}")
@@ -138,7 +141,7 @@ def check_explain_args(desc: ModelDescription, method: str, target: int | None, 
                 f"contrast_class {contrast} is the target: target minus itself is zero everywhere; "
                 "contrast with another class"
             )
-    elif contrast not in ("identity", "mean"):
+    elif contrast not in CONTRAST_NAMES:
         raise InvalidArgument(
             f"contrast {echo(contrast)} is not 'identity' or 'mean'; to subtract another class, set contrast_class"
         )

@@ -273,7 +273,8 @@ class RunningService:
             serve.shutdown()
         ray.shutdown()
         if self.keep_logs_in and os.path.isdir(self.replica_logs):
-            # one folder per run (session_<date>_<pid>), beside what the directory holds: nothing is removed
+            # one folder per run (session_<date>_<pid>), beside what the directory holds; only older marked
+            # copies are pruned
             session = os.path.basename(os.path.realpath(os.path.join(self.temp_dir, "session_latest")))
             with contextlib.suppress(OSError):
                 copy = os.path.join(self.keep_logs_in, session)

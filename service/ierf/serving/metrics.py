@@ -31,7 +31,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "explainer_inflight_requests": ("gauge", "RPCs being served by this ingress replica.", ("rpc",)),
     "explainer_stage_duration_seconds": (
         "histogram",
-        "Time per stage: decode, dispatch, queue, preprocess, cache_get, forward, explain, encode, cache_put.",
+        "Time per stage: admission, decode, dispatch, queue, preprocess, cache_get, forward, explain, encode, "
+        "cache_put.",
         ("stage", "model"),
     ),
     "explainer_cache_requests_total": (
