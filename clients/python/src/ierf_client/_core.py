@@ -136,6 +136,13 @@ class RetryPolicy:
         return self.retry_overload and code == grpc.StatusCode.RESOURCE_EXHAUSTED and server_pause_s is not None
 
 
+def _no_port(address: str, form: str) -> ValueError:
+    return ValueError(
+        f"address {address!r} has no port: grpc would dial 443 (TLS) without credentials; give "
+        f"'{form}' (the service listens on 9000 by default)"
+    )
+
+
 def check_address(address: object, secure: bool = False) -> str:
     """A gRPC target as grpc reads it: ``host:port``, ``[v6]:port`` or a ``scheme:`` target (``dns:///…``,
     ``unix:…``, ``ipv4:…``). Refused here: what can never connect, which grpc would otherwise retry as
@@ -153,18 +160,12 @@ def check_address(address: object, secure: bool = False) -> str:
         name = address[len("dns:") :].lstrip("/")
         name = name.split("/", 1)[1] if address.startswith("dns://") and "/" in name else name
         if ("]:" not in name) if name.startswith("[") else (":" not in name):
-            raise ValueError(
-                f"address {address!r} has no port: grpc would dial 443 (TLS) without credentials; give "
-                "'dns:///host:port' (the service listens on 9000 by default)"
-            )
+            raise _no_port(address, "dns:///host:port")
     if not address.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")):
         host, colon, port = address.rpartition(":")
         bare_ipv6 = colon and host and not host.endswith("]") and ":" in host
         if not secure and (bare_ipv6 or not colon):
-            raise ValueError(
-                f"address {address!r} has no port: grpc would dial 443 (TLS) without credentials; give "
-                "'host:port' (the service listens on 9000 by default)"
-            )
+            raise _no_port(address, "host:port")
         if bare_ipv6:
             return address
         if colon and not (port.isascii() and port.isdigit()):
