@@ -243,3 +243,35 @@ def test_a_write_behind_budget_below_the_value_cap_is_refused() -> None:
         CacheConfig(write_behind_bytes=1 << 20, max_value_bytes=64 << 20)
     assert CacheConfig(write_behind_bytes=0, max_value_bytes=64 << 20).write_behind_bytes == 0
     assert CacheConfig(write_behind_bytes=64 << 20, max_value_bytes=64 << 20).write_behind_bytes == 64 << 20
+
+
+def test_decode_budget_defaults_to_twice_and_four_times_the_pixel_cap() -> None:
+    """0 in the config means the documented defaults: decode twice, queue four times max_pixels."""
+    from ierf.serving.settings import IngressConfig
+
+    assert IngressConfig(max_pixels=1000).decode_budget == (2000, 4000)
+    assert IngressConfig(max_pixels=1000, decode_pixels=1500, decode_queue_pixels=3000).decode_budget == (1500, 3000)
+
+
+def test_only_non_ok_requests_count_as_errors() -> None:
+    """explainer_errors_total feeds error-rate alerts: an OK request is timed but never counted there."""
+    from ierf.serving.metrics import ServiceMetrics
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, dict]] = []
+
+        def inc(self, value: float, tags: dict) -> None:
+            self.calls.append(("inc", tags))
+
+        def observe(self, value: float, tags: dict) -> None:
+            self.calls.append(("observe", tags))
+
+    metrics = ServiceMetrics()
+    errors, durations = Recorder(), Recorder()
+    metrics._metrics["explainer_errors_total"] = errors
+    metrics._metrics["explainer_request_duration_seconds"] = durations
+    metrics.request("Explain", "srd", "m", "OK", 0.1)
+    metrics.request("Explain", "srd", "m", "INVALID_ARGUMENT", 0.1)
+    assert errors.calls == [("inc", {"rpc": "Explain", "code": "INVALID_ARGUMENT"})]
+    assert len(durations.calls) == 2

@@ -507,3 +507,54 @@ def test_contrast_names_are_read_in_any_case_and_a_class_in_the_string_is_pointe
     desc = ModelDescription("m", "d", 224, 224, "v1", ["c"] * 1000, [], ["srd"], "srd", "cpu")
     with pytest.raises(InvalidArgument, match=r"contrast '281' is not 'identity' or 'mean'; .* set contrast_class"):
         check_explain_args(desc, "srd", None, "281")
+
+
+def _tiny_image() -> Any:
+    import numpy as np
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    return pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
+
+
+def test_a_callers_method_name_never_becomes_a_metric_label() -> None:
+    """Metric labels stay bounded: a method string the service does not know is counted as "other", so no
+    caller can grow the series without limit."""
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    seen: list[tuple[str, str, str, str]] = []
+    for method in ("x" * 300, "gradcam"):
+        ingress = _ingress({"m": _Worker(outcome=_outcome())})
+        ingress.metrics.request = lambda rpc, method, model, code, seconds: seen.append((rpc, method, model, code))
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), method=method), _GrpcContext()))
+    assert seen == [("Explain", "other", "m", "OK"), ("Explain", "gradcam", "m", "OK")]
+
+
+def test_stage_metric_observes_the_seconds_provenance_reports() -> None:
+    """The stage histogram's buckets are seconds: it must be fed the same seconds provenance reports."""
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    ingress = _ingress({"m": _Worker(outcome=_outcome())})
+    observed: dict[str, float] = {}
+    ingress.metrics.stage = lambda stage, model, seconds: observed.__setitem__(stage, seconds)
+    response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image())))
+    reported = {t.stage: t.seconds for t in response.provenance.timings}
+    assert observed
+    assert all(observed[stage] == pytest.approx(reported[stage], abs=1e-9) for stage in observed)
+    assert all(seconds <= reported["total"] for seconds in observed.values())
+
+
+def test_model_info_reports_the_configured_limits() -> None:
+    """Clients size their requests from ModelInfo: every cap it advertises is the ingress's own value."""
+    from ierf.serving.convert import model_message
+    from ierf.serving.jobs import LayerShape, ModelDescription
+    from ierf.serving.settings import IngressConfig
+
+    desc = ModelDescription("m", "d", 224, 224, "p", ["a", "b"], [LayerShape("l", 8, 7, 7)], ["srd"], "srd", "cpu")
+    limits = IngressConfig(
+        max_image_bytes=1234, max_pixels=5678, max_side=99, max_positions=3, max_top_k=2, request_timeout_s=7.5
+    )
+    spec = model_message(desc, limits).input
+    advertised = (spec.max_image_bytes, spec.max_pixels, spec.max_side, spec.max_positions, spec.max_top_k)
+    assert advertised == (1234, 5678, 99, 3, 2)
+    assert spec.max_deadline_s == pytest.approx(7.5)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -581,3 +582,95 @@ def test_a_reused_activation_is_named_by_its_runs_at_the_ingress_as_in_the_engin
         check_ierf_args(desc, "layer1.0.relu", np.array([[0, 0]]))
     with pytest.raises(InvalidArgument, match="unknown layer 'layer9'"):
         check_ierf_args(desc, "layer9", np.array([[0, 0]]))
+
+
+def test_only_unavailable_is_retried_by_code() -> None:
+    """A DEADLINE_EXCEEDED ("needs about N s") or any other refusal repeats identically: only UNAVAILABLE is
+    retried by its code (overloads are retried by their server-sent pause, tested above)."""
+    policy = RetryPolicy()
+    for code in grpc.StatusCode:
+        assert policy.retryable(code) == (code is grpc.StatusCode.UNAVAILABLE), code
+    assert _core.retry_pause(policy, grpc.StatusCode.DEADLINE_EXCEEDED, 1, time.monotonic() + 60) is None
+
+
+def test_backoff_grows_exponentially_up_to_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarting server is not hammered at the first pause: the jitter's ceiling doubles up to its cap."""
+    monkeypatch.setattr(_core.random, "uniform", lambda low, high: high)
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.5, multiplier=2.0)
+    assert [round(policy.backoff(attempt), 6) for attempt in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+
+
+def _explain_server(first_s: float = 0.0, map_bytes: int = 0) -> tuple[Any, str, list[float | None]]:
+    """A loopback server whose Explain answers a ``map_bytes`` float32 map, or else refuses its first call
+    with UNAVAILABLE after ``first_s`` and hangs on later ones. Returns the server, its address and, per
+    call, the time the server saw left before the caller's deadline."""
+    import threading
+    from concurrent import futures
+
+    from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+    remaining: list[float | None] = []
+
+    class Explainer(pb_grpc.ExplainServiceServicer):
+        def Explain(self, request, context):
+            remaining.append(context.time_remaining())
+            if map_bytes:
+                n = map_bytes // 4
+                return pb.ExplainResponse(map=pb.Tensor(data=bytes(4 * n), dtype=pb.DATA_TYPE_FLOAT32, shape=[1, n]))
+            if len(remaining) == 1:
+                time.sleep(first_s)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            threading.Event().wait(5)  # past every budget below: the caller's deadline ends the call
+            context.abort(grpc.StatusCode.INTERNAL, "should have been cancelled")
+
+    send_limit = [("grpc.max_send_message_length", 64 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=send_limit)
+    pb_grpc.add_ExplainServiceServicer_to_server(Explainer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}", remaining
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_retry_gets_only_the_budget_that_is_left(flavour: str) -> None:
+    """``timeout`` bounds the whole call: after an UNAVAILABLE at 0.7 s of 1 s, the retry gets the 0.3 s
+    left, not a fresh second."""
+    import asyncio
+
+    from ierf_client import AsyncClient, Client, DeadlineExceededError
+
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    server, address, remaining = _explain_server(first_s=0.7)
+    try:
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            if flavour == "sync":
+                with Client(address, timeout=1.0) as client:
+                    client.explain(pixels, overlay=False)
+            else:
+
+                async def call() -> None:
+                    async with AsyncClient(address, timeout=1.0) as client:
+                        await client.explain(pixels, overlay=False)
+
+                asyncio.run(call())
+        elapsed = time.monotonic() - start
+    finally:
+        server.stop(None)
+    assert len(remaining) == 2
+    assert remaining[1] is not None and remaining[1] < 0.5
+    assert elapsed < 1.5
+
+
+def test_responses_past_grpcs_4_mib_default_are_received() -> None:
+    """gRPC refuses messages over 4 MiB by default; a 64-position float32 ComputeIERF is 12 MiB, so the SDK
+    raises its receive limit."""
+    from ierf_client import Client
+
+    server, address, _ = _explain_server(map_bytes=6 << 20)
+    try:
+        with Client(address, timeout=10) as client:
+            result = client.explain(np.zeros((4, 4, 3), np.uint8), overlay=False)
+    finally:
+        server.stop(None)
+    assert result.map.nbytes == 6 << 20
