@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ierf.cli import LayerRow, main, parse_position
+from ierf.cli import ClassProbability, ExplainRequest, Explanation, InProcessBackend, LayerRow, main, parse_position
 from ierf.images import demo_image, load_image
 from ierf.models import available_models
 from PIL import Image
@@ -362,3 +362,70 @@ def test_python_dash_m_prints_one_line_for_a_server_that_cannot_answer() -> None
     )
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert "UNAVAILABLE" in run.stderr.strip().splitlines()[-1]
+
+
+class _EchoBackend:
+    """Records the request and answers with a fixed saliency (the CLI's plumbing, not the engine)."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExplainRequest] = []
+
+    def model_names(self) -> list[str]:
+        return []
+
+    def layers(self, model: str, weights: str | None = None) -> list:
+        return []
+
+    def explain(self, request: ExplainRequest) -> Explanation:
+        self.requests.append(request)
+        top = [ClassProbability(7, "cock", 0.9)]
+        return Explanation(
+            kind="saliency", model="fake", weights="none", pixels=np.zeros((8, 8, 3), np.uint8),
+            map=np.zeros((8, 8), np.float32), top=top, target=top[0], target_logit=1.0,
+        )  # fmt: skip
+
+
+def test_target_auto_is_case_insensitive(coffee_png: Path, tmp_path: Path) -> None:
+    """--help says "auto (top-1, default)": "AUTO" is that keyword in any case, not a class name."""
+    backend = _EchoBackend()
+    assert main(["explain", str(coffee_png), "-o", str(tmp_path / "o.png"), "--target", "AUTO"], backend=backend) == 0
+    assert backend.requests[0].target == "auto"
+
+
+def test_output_suffix_is_case_insensitive(tmp_path: Path, capsys) -> None:
+    """OUT.PNG is a PNG file name (cameras and Windows users write upper case)."""
+    out = tmp_path / "UPPER.PNG"
+    assert main(["demo-image", "coffee", "-o", str(out)]) == 0
+    assert Image.open(out).format == "PNG"
+
+
+def test_explicit_target_reports_its_own_probability(coffee_png: Path, tmp_path: Path, capsys) -> None:
+    """The "(p=...)" of a chosen target is that class's softmax probability, not the top-1's; and
+    --contrast is case-insensitive like --target AUTO (MEAN is the mean contrast, not a class name)."""
+    out = tmp_path / "cup.png"
+    assert main(["explain", str(coffee_png), "-o", str(out), "--target", "cup", "--contrast", "MEAN"]) == 0
+    printed = capsys.readouterr().out
+    ranks = {int(i): float(p) for i, p in re.findall(r"^\s+\d\.\s+(\d+)\s+.+?\s+([\d.]+)%$", printed, re.MULTILINE)}
+    assert 968 in ranks, "cup is expected among coffee's top-5"
+    reported = float(re.search(r"968 'cup' \(p=([\d.]+)\)", printed).group(1))
+    assert reported == pytest.approx(ranks[968] / 100, abs=6e-4)
+    assert "contrast mean" in printed
+
+
+def test_in_process_ierf_is_of_the_requested_row_and_col() -> None:
+    """--position ROW,COL: the in-process backend explains PFV (row, col), checked against the engine on a
+    non-square position (the other CLI tests read the position back from the summary line only)."""
+    import ierf
+    import torch
+    from ierf.models import load_model
+
+    image = demo_image("coffee")
+    backend = InProcessBackend()
+    layer = backend.layers("efficientnet_lite0")[-1].name
+    result = backend.explain(ExplainRequest(image=image, layer=layer, position=(2, 5)))
+    loaded = load_model("efficientnet_lite0")
+    x = loaded.normalize(torch.from_numpy(loaded.resize_crop(image)).permute(2, 0, 1)[None])
+    decomposition = ierf.SRD(loaded.module).decompose(x)
+    expected = decomposition.ierf(layer, torch.tensor([[2, 5]]))[0, 0].float().numpy()
+    np.testing.assert_allclose(result.map, expected, rtol=1e-5, atol=1e-7)
+    assert result.position == (2, 5)

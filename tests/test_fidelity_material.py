@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from ierf.errors import UnsupportedModelError
@@ -177,3 +178,22 @@ def test_apop_refuses_smooth_activations_and_leaves_model() -> None:
     before = copy.deepcopy(model.state_dict())
     APOP(model).record(torch.randn(1, 3, 32, 32))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _LogitsFromPixel(nn.Module):
+    """Logits = the first two values of the input: the test sets each photo's class scores directly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :2]
+
+
+def test_confident_images_keep_the_most_confident_photo_of_a_class() -> None:
+    """Among photos sharing a top-1 class the most confident one is kept (as documented), not the first one
+    seen, so each grid cell shows the model's clearest case."""
+    photos = {
+        "weak": np.array([1.0, 0.0]),  # class 0, p = 0.73
+        "strong": np.array([5.0, 0.0]),  # class 0, p = 0.99
+        "other": np.array([0.0, 3.0]),  # class 1
+    }
+    kept = grid.confident_images(_LogitsFromPixel(), lambda a: torch.tensor(a, dtype=torch.float32), photos)
+    assert {(image.name, image.label) for image in kept} == {("strong", 0), ("other", 1)}

@@ -372,3 +372,156 @@ def test_energy_in_box_sums_in_float64() -> None:
     box = torch.tensor([[0, 0, 32, 64]])
     assert energy_in_box(torch.full((1, 64, 64), 60000.0, dtype=torch.float16), box).item() == 0.5
     assert energy_in_box(torch.full((1, 64, 64), 1e-44), box).item() == 0.5
+
+
+class _PixelModel(nn.Module):
+    """Class 0 wins exactly when pixel (0, 0) of ``channel`` is bright: logit0 = 100 (x - 0.5)."""
+
+    def __init__(self, channel: int = 0) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = 100.0 * (x[:, self.channel, 0, 0] - 0.5)
+        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
+
+
+def _decisive_pixel(batch: int = 1, size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.zeros(batch, 3, size, size)
+    x[:, :, 0, 0] = 1.0
+    good = torch.zeros(batch, size, size)
+    good[:, 0, 0] = 1.0
+    return x, good
+
+
+def test_deletion_fill_replaces_every_channel() -> None:
+    """The schedule changes a pixel in all channels: a fill applied to one channel only would leave a model
+    that reads another channel untouched (deletion AUC ~1 for a perfect map)."""
+    x, good = _decisive_pixel()
+    for fill in ("mean", "blur", "zero"):
+        curves = insertion_deletion(_PixelModel(channel=2), x, 0, good, deletion_fill=fill)
+        assert curves.deletion_auc.item() == pytest.approx(0.025, abs=1e-3), fill
+
+
+def test_each_image_is_scored_on_its_own_target() -> None:
+    """Image i's curve is the probability of target[i], checked with two images and two targets (the other
+    tests use one image)."""
+    x, good = _decisive_pixel(batch=2)
+    curves = insertion_deletion(_PixelModel(), x, torch.tensor([0, 1]), good)
+    torch.testing.assert_close(curves.deletion[1], 1 - curves.deletion[0])
+    assert curves.deletion[1, 0].item() == pytest.approx(0.0, abs=1e-6)  # class 1 loses on the intact image
+
+
+def test_step_counts_are_rounded_as_documented() -> None:
+    """As documented: 10 pixels in 4 steps are changed 0, 2, 5, 8, 10 at a time (rounded, not floored)."""
+    x = torch.zeros(1, 3, 2, 5)
+    curves = insertion_deletion(_PixelModel(), x, 0, torch.zeros(1, 2, 5), n_steps=4, blur_fraction=0.5)
+    assert curves.fractions.tolist() == pytest.approx([0.0, 0.2, 0.5, 0.8, 1.0])
+
+
+def test_insertion_starts_from_the_blurred_image() -> None:
+    """Insertion's first point is the blurred copy (sigma = 4 % of the side), not the deletion fill: here
+    the blur keeps the decisive corner bright (p ~ 1) while the mean colour would give p = 0.5."""
+    x = torch.zeros(1, 3, 50, 50)
+    x[0, 0, :, :25] = 1.0  # left half bright: channel mean 0.5, corner stays bright under a 2 px blur
+    curves = insertion_deletion(_PixelModel(), x, 0, torch.zeros(1, 50, 50))
+    expected = _PixelModel()(gaussian_blur(x, 0.04 * 50)).softmax(1)[0, 0]
+    assert curves.insertion[0, 0].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert curves.insertion[0, 0].item() > 0.99
+
+
+def _first_channel(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return inp[:, 0]
+
+
+def test_max_sensitivity_noise_radius_is_per_image() -> None:
+    """r = radius x (max - min) *of that image*: a dim image next to a bright one must not get the bright
+    one's noise (a batch-wide range would make the dim image look 10x less stable)."""
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, ::2] = 1.0
+    x[1] *= 10.0  # value range 1 and 10
+    radius = 0.02
+    sens = max_sensitivity(_first_channel, x, torch.tensor([0, 1]), radius=radius, n_samples=4, seed=3)
+    expected = radius * math.sqrt(64 / 3) / math.sqrt(32)  # same relative noise for both images
+    assert ((sens > 0.7 * expected) & (sens < 1.5 * expected)).all()
+
+
+def test_max_sensitivity_is_the_maximum_over_the_seeded_draws() -> None:
+    """MS is a max over samples, not a mean: recompute it from the documented draws (private generator,
+    U[-r, r] noise for the whole batch per sample, relative Frobenius change)."""
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    radius, n_samples, seed = 0.05, 6, 7
+    sens = max_sensitivity(_first_channel, x, torch.tensor([0, 1]), radius=radius, n_samples=n_samples, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
+    changes = []
+    for _ in range(n_samples):
+        noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * radius * span
+        changes.append(noise[:, 0].double().flatten(1).norm(dim=1))
+    expected = torch.stack(changes).max(0).values / x[:, 0].double().flatten(1).norm(dim=1)
+    torch.testing.assert_close(sens, expected.float())
+
+
+def test_max_sensitivity_noise_is_two_sided() -> None:
+    """delta ~ U[-r, r]: a map that reacts only to darker pixels still moves (one-sided noise leaves it 0)."""
+    x = torch.full((1, 3, 8, 8), 0.5)
+    x[:, :, ::2] = 1.0
+
+    def darker_only(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 + (inp[:, 0] - x[:, 0]).clamp(max=0.0)
+
+    assert max_sensitivity(darker_only, x, torch.tensor([0])).item() > 0.0
+
+
+def test_ssim_scales_by_max_abs_so_joint_negation_is_symmetric() -> None:
+    """Each map is scaled by its own max |value| into [-1, 1], so negating both maps gives the same SSIM.
+    Scaling by the signed max would push a mostly negative map outside the data range."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 16, 16, generator=g) - 1.0  # mostly negative: max |a| is a negative pixel
+    b = a + 0.5 * torch.randn(2, 16, 16, generator=g)
+    torch.testing.assert_close(ssim(-a, -b), ssim(a, b), atol=1e-6, rtol=0)
+
+
+def test_prob_change_is_of_each_images_target_class() -> None:
+    """prob_change = |p_target(x_adv) - p_target(x)| on the real model, checked on a non-top target so the
+    top class's change cannot stand in for it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)
+    ).eval()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    target = model(x).argsort(1)[:, 0]  # the least likely class of each image
+
+    def gradient_explain(m: nn.Module):
+        def explain(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inp = inp if inp.requires_grad else inp.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(m(inp).gather(1, t[:, None]).sum(), inp, create_graph=True)
+            return grad.sum(1)
+
+        return explain
+
+    goal = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(2))
+    result = manipulation_attack(
+        gradient_explain, gradient_explain(model), model, x, target, goal, epsilon=0.3, bounds=(-1, 1), steps=10
+    )
+    with torch.no_grad():
+        before, after = model(x).softmax(1), model(result.x_adv).softmax(1)
+    rows = torch.arange(2)
+    torch.testing.assert_close(result.prob_change, (after[rows, target] - before[rows, target]).abs())
+
+
+def test_metrics_restore_each_modules_own_training_flag() -> None:
+    """eval_mode puts back every module's flag, not the root's: a model fine-tuned with frozen BatchNorm
+    (model.train(); bn.eval()) must come back with its BatchNorm still in eval mode."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.train()
+    model[1].eval()
+    x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    insertion_deletion(model, x, 0, torch.randn(1, 6, 6, generator=torch.Generator().manual_seed(1)), n_steps=2)
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+
+
+def test_infinite_maps_are_refused() -> None:
+    """check_maps promises finite maps: an infinite map is an error, not a NaN score."""
+    with pytest.raises(ValueError, match="infinite"):
+        gini(torch.full((1, 4, 4), float("inf")))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,49 @@ def test_feature_cell_box_bounds():
     assert feature_cell_box((0, 6), (7, 7), (224, 300)) == (0, 257, 32, 300)
     with pytest.raises(ValueError, match="outside the 7x7"):
         feature_cell_box((7, 0), (7, 7), (224, 224))
+
+
+def test_non_square_map_is_resized_to_height_by_width() -> None:
+    """PIL sizes are (width, height): a landscape map over a landscape image keeps its orientation."""
+    wide = demo_image("coffee")[:200, :300]
+    coarse = np.zeros((20, 30))
+    coarse[:, :15] = 1.0  # left half positive
+    assert resize_map(coarse, 200, 300).shape == (200, 300)
+    pixels = np.asarray(overlay_signed(wide, coarse, alpha=1.0, scale=1.0, colorbar=False))
+    assert pixels.shape == (200, 300, 3)
+    assert pixels[100, 10].tolist() == [103, 0, 31] and pixels[100, 290].tolist() == [255, 255, 255]
+
+
+def test_default_scale_is_taken_on_the_map_before_resizing(image: np.ndarray) -> None:
+    """As the module says: the scale comes from the original map; bilinear upsampling smooths peaks and
+    would lower the 99th percentile, saturating more of the picture than the colour bar says."""
+    coarse = np.random.default_rng(2).normal(size=(14, 14))
+    default = overlay_signed(image, coarse, colorbar=False)
+    explicit = overlay_signed(image, coarse, scale=symmetric_scale(coarse), colorbar=False)
+    assert np.array_equal(np.asarray(default), np.asarray(explicit))
+
+
+def test_render_ierf_scale_ignores_the_zero_pixels(image: np.ndarray) -> None:
+    """An iERF's default scale is the percentile of its *non-zero* pixels; over all pixels it differs as
+    soon as the support covers more than 1 % of the image with uneven values."""
+    erf = np.zeros((224, 224))
+    erf[:, :112] = np.linspace(0.1, 1.0, 112)[None, :]  # half the image, a ramp
+    support = symmetric_scale(erf, support_only=True)
+    assert support != symmetric_scale(erf)  # the case really tells the two rules apart
+    expected = overlay_signed(image, erf, alpha=0.75, scale=support, colorbar=False)
+    assert np.array_equal(np.asarray(render_ierf(image, erf, colorbar=False)), np.asarray(expected))
+
+
+def test_service_ierf_overlay_marks_the_row_col_cell() -> None:
+    """ierf_png outlines PFV (row, col): read back from the picture, not only its size."""
+    from ierf.serving.overlay import ierf_png
+
+    view = np.full((224, 224, 3), 128, np.uint8)
+    erf = np.zeros((224, 224), np.float32)
+    png = ierf_png(view, erf, (1, 5), (7, 7), "caption")
+    pixels = np.asarray(Image.open(io.BytesIO(png)))[:224]
+    top, left, _bottom, right = feature_cell_box((1, 5), (7, 7), (224, 224))
+    assert (top, left) == (32, 160)
+    assert pixels[top - 1, (left + right) // 2].tolist() == [0, 0, 0]  # outline above the (1, 5) cell
+    assert pixels[top, (left + right) // 2].tolist() == [255, 255, 0]  # its yellow inner line
+    assert pixels[5 * 32, 32 + 16].tolist() != [255, 255, 0]  # not the (5, 1) cell
