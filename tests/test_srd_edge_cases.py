@@ -822,3 +822,248 @@ def test_unusual_containers_on_the_model_trace_and_come_back_unchanged() -> None
     ierf.SRD(model)
     assert list(model.registry) == [] and model.registry.name == "features"
     assert list(model.by_tensor) == [key] and model.pair[0] == []
+
+
+def _x(shape, seed=0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- geometry of rarely used spellings: logits of the decomposition = the model's own, maps = reference ----
+class _SamePadEven(nn.Module):
+    """padding='same' with an even kernel: PyTorch puts the extra row/column at the bottom/right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 4, padding="same")
+        self.conv2 = nn.Conv2d(5, 4, (2, 3), padding="same", bias=False)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
+
+
+class _AsymmetricFPad(nn.Module):
+    """F.pad with four different sides: (left, right, top, bottom) in torch's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3)
+        self.conv2 = nn.Conv2d(5, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.act(self.conv1(F.pad(x, (1, 0, 2, 0))))
+        return self.fc(self.act(self.conv2(F.pad(a, (0, 2, 1, 0)))).mean((2, 3)))
+
+
+class _FunctionalAvgPool(nn.Module):
+    """F.avg_pool2d(x, 2) without a stride: the stride is the kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv2 = nn.Conv2d(5, 4, 3)  # unpadded: folded with the pooling into one kernel
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.act(self.conv1(x))
+        return self.fc(self.act(self.conv2(F.avg_pool2d(a, 2))).mean((2, 3)))
+
+
+GEOMETRY = {
+    "same_even": (_SamePadEven, (7, 9)),
+    "fpad": (_AsymmetricFPad, (7, 9)),
+    "avgpool": (_FunctionalAvgPool, (8, 10)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+@pytest.mark.parametrize("name", list(GEOMETRY))
+def test_rare_padding_and_pooling_spellings_match_the_model_and_the_reference(name):
+    """Spellings the torchvision zoo never uses still decompose the model's own function: the logits equal
+    the model's and the maps the reference's (an extra padding row on the wrong side shifts every map)."""
+    torch.manual_seed(0)
+    net, hw = GEOMETRY[name]
+    model = net().double().eval()
+    x = _x((1, 3, *hw), seed=1)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-12, rtol=1e-12)  # the decomposed value IS the model's
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
+
+
+# ---- gradient start maps (head="gradcam" / contrast="mean"), computed independently from the model ----------
+class _VGGish(nn.Module):
+    """Fully connected head after a max-pool: head='auto' starts from Grad-CAM on features.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(6 * 4 * 5, 8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _gradcam_by_hand(model: _VGGish, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, clamped) TorchRay Grad-CAM at the ReLU after features.0, from the model's own autograd."""
+    a = model.features[1](model.features[0](x)).detach().requires_grad_(True)
+    logits = model.classifier(torch.flatten(model.features[2](a), 1))
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+    raw = (grad.mean((2, 3), keepdim=True) * a).sum(1).detach()
+    return raw, raw.clamp_min(0)
+
+
+def test_gradcam_start_map_is_the_clamped_grad_cam_and_its_mean_contrast_is_spatial():
+    """The default start for fully connected heads is the published code's ReLU-clamped Grad-CAM: checked
+    against Grad-CAM computed here from the model's own autograd, not against the engine's helpers."""
+    torch.manual_seed(0)
+    model = _VGGish().double().eval()
+    x = _x((2, 3, 8, 10), seed=2)
+    target = torch.tensor([1, 3])
+    raw, expected = _gradcam_by_hand(model, x, target)
+    assert bool((raw < 0).any()) and bool((raw > 0).any()), "the clamp must matter for this check to bite"
+    dec = ierf.SRD(model).decompose(x)
+    assert dec._resolve_head("auto") == "gradcam"
+    start = dec.layer_relevance("features.1", target)
+    torch.testing.assert_close(start, expected, atol=1e-12, rtol=1e-10)
+    mean = dec.layer_relevance("features.1", target, contrast="mean")
+    torch.testing.assert_close(mean, expected - expected.mean((1, 2), keepdim=True), atol=1e-12, rtol=1e-10)
+    # the pixel map is the same start map pushed down: the mean contrast's pixel map sums to zero per image
+    assert dec.relevance(target, contrast="mean").sum((1, 2)).abs().max() < 1e-10
+
+
+# ---- all-zero pre-activations and paths that contribute nothing (spec §2.2, §9.2) ---------------------------
+class _DeadPatch(nn.Module):
+    """A strongly negative stem bias kills every channel around a zero input patch; the bias-free 1x1 and
+    3x3 convolutions after it then have pre-activations that are exactly zero there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 1, bias=False)
+        self.conv3 = nn.Conv2d(5, 4, 3, padding=1, bias=False)
+        self.act1, self.act2, self.act3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a1 = self.act1(self.conv1(x))
+        return self.fc(self.act3(self.conv3(self.act2(self.conv2(a1)))).mean((2, 3)))
+
+
+class _DeadShortcut(nn.Module):
+    """A residual block whose 1x1 shortcut (with its batch-norm shift) reads PFVs that are all zero where the
+    3x3 main branch still sees live neighbours: the shortcut contributes nothing there and cannot carry its
+    branch's bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.main = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn_main = nn.BatchNorm2d(6)
+        self.short = nn.Conv2d(4, 6, 1, bias=False)
+        self.bn_short = nn.BatchNorm2d(6)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a1 = self.act1(self.conv1(x))
+        return self.fc(self.act2(self.bn_main(self.main(a1)) + self.bn_short(self.short(a1))).mean((2, 3)))
+
+
+def _dead_input(net: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = randomise_bn(net()).double().eval()
+    with torch.no_grad():
+        model.conv1.bias.fill_(-1.0)
+    x = 3 * _x((1, 3, 11, 12), seed=4)
+    x[:, :, 2:9, 3:10] = 0
+    return model, x
+
+
+def test_all_zero_pre_activations_get_ratio_zero_in_maps_and_ierfs():
+    """Spec §2.4: ratio 0 onto an all-zero pre-activation, in single-path and kernel stages alike; a ratio
+    of 1 (or 1/n) would leak an iERF's mass into pixels that built nothing."""
+    model, x = _dead_input(_DeadPatch)
+    z2 = model.conv2(model.act1(model.conv1(x)))
+    z3 = model.conv3(model.act2(z2))
+    dead2, dead3 = (z2[0] == 0).all(0), (z3[0] == 0).all(0)
+    assert int(dead2.sum()) >= 4 and int(dead3.sum()) >= 1  # exact zeros in a single-path and a k x k stage
+    srd = ierf.SRD(model, head="exact")
+    dec = srd.decompose(x)
+    ref = ReferenceSRD(model)
+    dec_ref = ref.decompose(x)
+    assert_matches_reference(dec, ref, dec_ref, (0, 2), 1e-9)  # finite, and equal to the reference
+    positions = dead2.nonzero()
+    maps = dec.ierf("act2", positions).double()[0]
+    sid = srd.program.source_id("act2")
+    w = dead2.shape[1]
+    for i, (r, c) in enumerate(positions.tolist()):
+        seed = torch.zeros(dead2.numel(), dtype=torch.float64)
+        seed[r * w + c] = 1
+        slow = ref.propagate(dec_ref, {sid: seed})[0].view(maps.shape[1:])
+        torch.testing.assert_close(maps[i], slow, atol=1e-9, rtol=0)
+    # a PFV that is its (absent) bias alone has no contributor: its iERF carries nothing (ratio 0 onto z = 0)
+    assert bool((maps == 0).all())
+
+
+def test_a_shortcut_that_contributes_nothing_carries_none_of_its_bias():
+    """A branch's bias is shared by contribution norm, so a path with zero contribution gets none of it."""
+    model, x = _dead_input(_DeadShortcut)
+    a1 = model.act1(model.conv1(x))[0]
+    dead = (a1 == 0).all(0)
+    live_window = F.max_pool2d((~dead).double()[None, None], 3, 1, 1)[0, 0] > 0
+    assert bool((dead & live_window).any()), "no position where only the shortcut contributes nothing"
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
+
+
+# ---- argument validation --------------------------------------------------------------------------------------
+def test_negative_ierf_positions_are_refused_not_wrapped():
+    """Python indexing would read -1 as the last row: an iERF of another PFV, silently."""
+    torch.manual_seed(0)
+    dec = ierf.SRD(_VGGish().double().eval()).decompose(_x((1, 3, 8, 10)))
+    for bad in ([-1, 0], [0, -1], [-8, 2]):
+        with pytest.raises(ValueError, match=r"outside the 8x10 PFV grid"):
+            dec.ierf("features.1", torch.tensor([bad]))
+
+
+def test_a_failed_differentiable_cam_call_leaves_no_hook_on_the_model():
+    """differentiable_saliency runs outside model_guard (the attack owns the model state), so the capture's own
+    try/finally is all that removes its hook when the forward raises."""
+    from ierf.baselines.cam import GradCAMExplainer
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    cam = GradCAMExplainer(model)
+    with pytest.raises(RuntimeError):
+        cam.differentiable_saliency(torch.randn(1, 2, 8, 8), 1)  # two channels: the first conv raises
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ---- the reference's own coverage: a dilated max-pool merged into the next convolution ----------------------
+class _DilatedPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.pool = nn.MaxPool2d((2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 1))
+        self.conv2 = nn.Conv2d(5, 4, 3)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.pool(self.act1(self.conv1(x))))).mean((2, 3)))
+
+
+def test_a_dilated_max_pool_matches_the_reference():
+    """The reference's own coverage: a dilated, strided, padded max-pool merged into the next convolution."""
+    torch.manual_seed(0)
+    model = _DilatedPool().double().eval()
+    x = _x((1, 3, 9, 11), seed=5)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
