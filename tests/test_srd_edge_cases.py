@@ -1067,3 +1067,66 @@ def test_a_dilated_max_pool_matches_the_reference():
     dec = ierf.SRD(model, head="exact").decompose(x)
     ref = ReferenceSRD(model)
     assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
+
+
+class _TwoBranchStem(nn.Module):
+    """Two branches from the pixels into one pre-activation: a 3x3 convolution and a 1x1 convolution, each
+    with its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Conv2d(3, 4, 3, padding=1)
+        self.narrow = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.wide(x) + self.narrow(x)).mean((2, 3)))
+
+
+def _two_branch_map_by_hand(model: _TwoBranchStem, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Spec §2.2-2.4 written out tap by tap, sharing no code with the engine or ReferenceSRD: the CAM-plus-bias
+    head start, each branch's bias shared among that branch's own contributors by contribution norm, ratios
+    <C + b, z> / ||z||^2, padding contributing nothing."""
+    _, _, height, width = x.shape
+    z = (model.wide(x) + model.narrow(x))[0]
+    start = (model.fc.weight[target] @ model.act(z).flatten(1) + model.fc.bias[target]) / (height * width)
+    pixels = torch.zeros(height, width, dtype=x.dtype)
+    for row in range(height):
+        for col in range(width):
+            z_q = z[:, row, col]
+            if not z_q.any():
+                continue
+            taps = []  # (source pixel, contribution) of the 3x3 branch
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    r, c = row + dy, col + dx
+                    if 0 <= r < height and 0 <= c < width:
+                        taps.append(((r, c), model.wide.weight[:, :, dy + 1, dx + 1] @ x[0, :, r, c]))
+            norms = [contribution.norm() for _, contribution in taps]
+            shared = [
+                (source, contribution + model.wide.bias * norm / sum(norms))
+                for (source, contribution), norm in zip(taps, norms, strict=True)
+            ]
+            shared.append(((row, col), model.narrow.weight[:, :, 0, 0] @ x[0, :, row, col] + model.narrow.bias))
+            relevance = start[row * width + col]
+            for (r, c), contribution in shared:
+                pixels[r, c] += relevance * (contribution @ z_q) / (z_q @ z_q)
+    return pixels
+
+
+def test_each_branch_shares_its_own_bias_by_contribution_norm_as_written_by_hand() -> None:
+    """The bias rule changes maps by several per cent, and the reference could share a slip with the fast
+    path: this map is computed from the spec's formulas alone."""
+    torch.manual_seed(0)
+    model = _TwoBranchStem().double().eval()
+    with torch.no_grad():
+        model.wide.bias.normal_(0, 2.0)  # biases large enough that their sharing moves the map
+        model.narrow.bias.normal_(0, 2.0)
+    x = _x((1, 3, 5, 6), seed=3)
+    with torch.no_grad():
+        expected = _two_branch_map_by_hand(model, x, 2)
+        logit = float(model(x)[0, 2])
+    got = ierf.SRD(model, head="exact").saliency(x, 2)[0].double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert float(expected.sum()) == pytest.approx(logit, rel=1e-9)  # conservation, by hand too
