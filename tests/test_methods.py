@@ -64,3 +64,16 @@ def test_an_interruptible_call_stops_at_a_checkpoint_and_leaves_the_model_as_it_
     torch.testing.assert_close(explainer.saliency(x, 3), reference)  # outside the block: unaffected
     with interruptible(lambda: None):  # a check that never asks to stop changes nothing
         torch.testing.assert_close(explainer.saliency(x, 3), reference)
+
+
+def test_leaving_an_inner_interruptible_block_puts_the_outer_check_back() -> None:
+    """Blocks nest (a server's per-request check around a library's own): once the inner block ends, the
+    outer caller's check must apply again, or a caller who has gone is no longer noticed."""
+    from ierf.interrupt import Interrupted, checkpoint, interruptible
+
+    with interruptible(lambda: "the outer caller went away"):
+        with interruptible(lambda: None):
+            checkpoint()  # the innermost check applies: no reason to stop
+        with pytest.raises(Interrupted, match="the outer caller went away"):
+            checkpoint()
+    checkpoint()  # outside every block: nothing to stop for

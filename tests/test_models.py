@@ -562,3 +562,12 @@ def test_a_googlenet_checkpoint_with_auxiliary_classifiers_is_served_and_explain
     torch.testing.assert_close(dec.logits, model.module(x), rtol=1e-4, atol=1e-5)
     total = dec.saliency(281).sum()
     assert abs(float(total) - float(dec.logits[0, 281])) <= 1e-4 * float(dec.logits.abs().max())
+
+
+def test_a_cuda_index_at_the_device_count_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Devices count from 0: on a machine with one GPU, ``cuda:1`` does not exist and the refusal should
+    say how many there are, not surface as whatever error moving the model there raises."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:1' requested but this machine has 1 CUDA device\(s\)"):
+        load_model("efficientnet_lite0", random_init=True, device="cuda:1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from typing import Any
 
 import ierf
@@ -750,3 +751,170 @@ def test_memory_figures_that_cannot_be_read_are_no_figure(monkeypatch):
     }
     _fake_system_files(monkeypatch, files)
     assert memory_available() is None
+
+
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"/proc/meminfo": "MemTotal: 1000 kB\nMemAvailable: 5 kB\n"}, 5 * 1024),
+        (
+            {
+                "/proc/meminfo": "MemAvailable: 16000000 kB\n",
+                "/sys/fs/cgroup/memory.max": "1048576\n",
+                "/sys/fs/cgroup/memory.current": "1044480\n",
+                "/sys/fs/cgroup/memory.stat": "anon 1000000\ninactive_file 1024\n",
+            },
+            4096 + 1024,
+        ),
+        (
+            {
+                "/proc/meminfo": "MemAvailable: 16000000 kB\n",
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes": "1048576\n",
+                "/sys/fs/cgroup/memory/memory.usage_in_bytes": "1044480\n",
+                "/sys/fs/cgroup/memory/memory.stat": "total_inactive_file 2048\n",
+            },
+            4096 + 2048,
+        ),
+    ],
+    ids=["system", "cgroup-v2", "cgroup-v1"],
+)
+def test_memory_available_is_the_exact_figure_of_the_tightest_source(
+    monkeypatch: pytest.MonkeyPatch, files: dict[str, str], expected: int
+) -> None:
+    """The iERF size check refuses an answer against this figure: meminfo counts KiB (1024 bytes), and a
+    cgroup's reclaimable page cache is memory the process may still take. A figure off either way refuses
+    answers that fit, or lets through ones the OOM killer ends."""
+    from ierf._memory import memory_available
+
+    _fake_system_files(monkeypatch, files)
+    assert memory_available() == expected
+
+
+class _Inner(nn.Module):
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(a, 1)
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Inner()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.inner(a) + 0.0
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.block = _Outer()
+        self.features = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.LayerNorm([4, 14, 14]))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.act(self.conv(x))).mean((2, 3)))
+
+
+class _NestedModule(_Nested):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(self.act(self.conv(x))).mean((2, 3)))
+
+
+def test_an_unsupported_op_names_the_innermost_module_that_runs_it() -> None:
+    """The error is the user's only pointer into a large model: it must name the module whose code needs
+    a rule, by the exact path ``get_submodule`` takes, not an enclosing block or fx's node name."""
+    expected = "no SRD rule for function softmax in module 'block.inner' (_Inner)"
+    with pytest.raises(UnsupportedModelError, match=re.escape(expected)):
+        ierf.SRD(_Nested().eval())
+    with pytest.raises(UnsupportedModelError, match=re.escape("no SRD rule for LayerNorm at module 'features.2'")):
+        ierf.SRD(_NestedModule().eval())
+
+
+def test_a_target_tensor_at_the_class_count_is_refused_like_an_int() -> None:
+    """Classes run 0..K-1: a per-image target of K is out of range and must be refused with the same
+    precise error as the int K, not reach the start map's indexing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    dec = ierf.SRD(model).decompose(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"target out of range: the model has 3 classes \(0\.\.2\), got \[0, 3\]"):
+        dec.saliency(torch.tensor([0, 3]), "identity")
+    assert dec.saliency(torch.tensor([0, 2]), "identity").shape == (2, 8, 8)
+
+
+class _Recording(nn.Module):
+    """Stores its feature map on itself, then branches on its values: fx cannot trace that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.features = self.act(self.conv(x))
+        if self.features.sum() > 0:
+            return self.fc(self.features.mean((2, 3)))
+        return self.fc(-self.features.mean((2, 3)))
+
+
+def test_a_model_that_cannot_be_traced_is_left_as_it_was() -> None:
+    """Tracing runs the caller's forward on fx proxies: when it fails part-way, what the forward wrote on
+    the module (a proxy here) must still be undone, or the caller's model breaks after the error."""
+    model = _Recording().eval()
+    with pytest.raises(UnsupportedModelError, match=re.escape("could not trace _Recording with torch.fx")):
+        ierf.SRD(model)
+    assert "features" not in vars(model)
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 2)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x) + self.conv(y)).mean((2, 3)))
+
+
+def test_a_model_with_two_inputs_is_refused_when_built() -> None:
+    """SRD feeds its one image to every input of the traced graph: a two-input model would be explained as
+    f(x, x), a computation the caller never runs, so it must be refused up front."""
+    with pytest.raises(UnsupportedModelError, match="SRD needs a model with exactly one input; this one takes 2"):
+        ierf.SRD(_TwoInputs().eval())
+
+
+def test_an_empty_list_of_positions_is_refused() -> None:
+    """An iERF call with no positions is a caller's mistake (an empty selection upstream): answering it
+    with an empty (B, 0, H, W) tensor hides the mistake until something downstream indexes the maps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    srd = ierf.SRD(model)
+    with pytest.raises(ValueError, match=r"positions must have shape \(P, 2\) with P >= 1, got \(0, 2\)"):
+        srd.ierf(torch.randn(1, 3, 8, 8), "1", torch.empty(0, 2, dtype=torch.long))
+    assert srd.ierf(torch.randn(1, 3, 8, 8), "1", torch.tensor([[0, 0]])).shape == (1, 1, 8, 8)
+
+
+def test_a_bool_target_is_refused_rather_than_read_as_class_one() -> None:
+    """``True`` is an int to Python but never a class index a caller means (a flag passed in the wrong
+    place): SRD refuses it as the baselines do, instead of explaining class 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(TypeError, match="target must be an int or a LongTensor of shape \\(B,\\), got bool"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 8, 8), True)
+
+
+@pytest.mark.parametrize("method", ["srd", "gradient"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")], ids=["inf", "-inf"])
+def test_an_input_with_one_infinite_value_is_refused(method: str, bad: float) -> None:
+    """An infinite pixel (a division by a zero std upstream) turns the maps into NaN without an error:
+    every method refuses it up front, as it refuses NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    x[0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match="x contains NaN or infinite values"):
+        ierf.create_explainer(method, model).saliency(x, 0)

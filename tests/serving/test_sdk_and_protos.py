@@ -12,6 +12,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from ierf.serving.errors import InvalidArgument
+from ierf.serving.jobs import LayerShape, ModelDescription, check_ierf_args, check_top_k
 from ierf_client import _core
 from ierf_client._core import RetryPolicy, image_message
 from ierf_proto.v1 import explainer_pb2 as pb
@@ -674,3 +676,26 @@ def test_responses_past_grpcs_4_mib_default_are_received() -> None:
     finally:
         server.stop(None)
     assert result.map.nbytes == 6 << 20
+
+
+def _description(layers: list[LayerShape], classes: int = 3) -> ModelDescription:
+    return ModelDescription("m", "d", 224, 160, "v1", [f"c{i}" for i in range(classes)], layers, ["srd"], "srd", "cpu")
+
+
+def test_ierf_positions_are_checked_against_the_rows_and_columns_of_a_non_square_grid() -> None:
+    """A non-square input gives a non-square PFV grid: rows run to its height and columns to its width,
+    so a valid column past the height must pass and a column past the width must not."""
+    desc = _description([LayerShape("layer4", 512, 2, 5)])
+    assert check_ierf_args(desc, "layer4", np.array([[1, 4], [0, 2]])).name == "layer4"
+    with pytest.raises(InvalidArgument, match=r"position \(0, 5\) is outside the 2x5 PFV grid .* cols 0\.\.4"):
+        check_ierf_args(desc, "layer4", np.array([[0, 5]]))
+    with pytest.raises(InvalidArgument, match=r"position \(2, 0\) is outside the 2x5 PFV grid .*rows 0\.\.1"):
+        check_ierf_args(desc, "layer4", np.array([[2, 0]]))
+
+
+def test_top_k_may_ask_for_every_class() -> None:
+    """top_k runs 1..classes inclusive: asking for the whole ranking is a valid request."""
+    desc = _description([], classes=3)
+    assert check_top_k(desc, 3) == 3
+    with pytest.raises(InvalidArgument, match=r"top_k 4 is out of range: 1\.\.3"):
+        check_top_k(desc, 4)

@@ -198,3 +198,28 @@ def test_an_error_on_a_fresh_decomposition_still_reaches_the_caller() -> None:
     with pytest.raises(ValueError, match="not finite"):
         host.explain(ExplainJob(PIXELS, HASH, target=3))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_cached_logits_with_one_non_finite_value_are_a_miss(bad: float) -> None:
+    """One non-finite logit turns every softmax probability into NaN: a cached value holding one, however
+    it got there, must be treated as a miss and recomputed, not answered."""
+    host = _host()
+    logits = torch.zeros(1, len(host.model.class_names))
+    assert host._cached_logits({"logits": logits})[0] is logits
+    logits[0, 7] = bad
+    with pytest.raises(ValueError, match="cached logits hold NaN or infinite values"):
+        host._cached_logits({"logits": logits})
+
+
+def test_a_request_whose_deadline_has_already_passed_is_refused_as_such() -> None:
+    """A caller that has stopped waiting gets no work done for it, and is told the deadline passed (not
+    that the work needs more time than is left, which invites a retry with a longer deadline)."""
+    import time
+
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.worker import PredictJob
+
+    host = _host()
+    with pytest.raises(DeadlineExceeded, match=r"deadline passed [\d.]+ s ago, before the forward pass"):
+        host.predict(PredictJob(PIXELS, HASH, top_k=1, deadline=time.time() - 0.5))
