@@ -405,8 +405,8 @@ NETS_FOR_ERRORS: dict[str, tuple[nn.Module, str]] = {
     # a product of a map with itself: no operand is a gate computed from the other
     "squared": (_Functional(lambda a: a * a).eval(), "product of two feature maps that is not a gate"),
     "pool_of_bias": (_Functional(lambda a: F.max_pool2d(F.avg_pool2d(a, 2), 2)).eval(), "an average pooling's"),
-    "layernorm": (_WithModule(nn.LayerNorm([4, 14, 14])).eval(), r"no SRD rule for LayerNorm at module 'block.0'"),
-    "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block.0'"),
+    "layernorm": (_WithModule(nn.LayerNorm([4, 14, 14])).eval(), r"no SRD rule for LayerNorm at module 'block\.0'"),
+    "upsample": (_WithModule(nn.Upsample(scale_factor=2)).eval(), r"no SRD rule for Upsample at module 'block\.0'"),
     "softmax": (_Functional(lambda a: torch.softmax(a, 1)).eval(), r"no SRD rule for function softmax"),
     "slicing": (_Functional(lambda a: a[:, :, 1:]).eval(), r"indexing a feature map \(supported: a channel range"),
     "channel_groups_scaled": (
