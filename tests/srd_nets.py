@@ -389,13 +389,21 @@ class _TwoSpreading(nn.Module):
         return self.fc(self.act(self.conv2(self.conv1(x))).mean((2, 3)))
 
 
-class _TupleOut(nn.Module):
+class ConvHead(nn.Module):
+    """The smallest net with one PFV boundary: conv, ReLU, pooled linear head; tests subclass it to vary the
+    forward."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.act = nn.ReLU()
         self.fc = nn.Linear(4, 2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+class _TupleOut(ConvHead):
     def forward(self, x):
         a = self.act(self.conv(x)).mean((2, 3))
         return self.fc(a), a

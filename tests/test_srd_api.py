@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from ierf.errors import UnsupportedModelError
-from srd_nets import NETS_FOR_ERRORS, randomise_bn
+from srd_nets import NETS_FOR_ERRORS, ConvHead, randomise_bn
 from torch import nn
 
 
@@ -843,14 +843,8 @@ def test_a_target_tensor_at_the_class_count_is_refused_like_an_int() -> None:
     assert dec.saliency(torch.tensor([0, 2]), "identity").shape == (2, 8, 8)
 
 
-class _Recording(nn.Module):
+class _Recording(ConvHead):
     """Stores its feature map on itself, then branches on its values: fx cannot trace that."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.features = self.act(self.conv(x))
@@ -869,13 +863,7 @@ def test_a_model_that_cannot_be_traced_is_left_as_it_was() -> None:
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 2)
 
 
-class _TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(4, 2)
-
+class _TwoInputs(ConvHead):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.fc(self.act(self.conv(x) + self.conv(y)).mean((2, 3)))
 

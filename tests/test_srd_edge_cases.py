@@ -16,6 +16,7 @@ import torchvision
 from ierf.errors import UnsupportedModelError
 from ierf.srd.reference import ReferenceSRD
 from srd_nets import (
+    ConvHead,
     FCHead,
     TinyResNet,
     TinyVGG,
@@ -464,13 +465,7 @@ def test_gates_on_a_one_by_one_map_match_the_reference() -> None:
 
 
 def test_an_element_wise_product_on_a_one_by_one_map_is_not_taken_for_a_gate() -> None:
-    class SiLUAsProduct(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.act = nn.ReLU()
-            self.fc = nn.Linear(4, 2)
-
+    class SiLUAsProduct(ConvHead):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             a = self.act(self.conv(x))
             return self.fc((a * torch.sigmoid(a)).mean((2, 3)))
