@@ -558,3 +558,56 @@ def test_model_info_reports_the_configured_limits() -> None:
     advertised = (spec.max_image_bytes, spec.max_pixels, spec.max_side, spec.max_positions, spec.max_top_k)
     assert advertised == (1234, 5678, 99, 3, 2)
     assert spec.max_deadline_s == pytest.approx(7.5)
+
+
+class _TimedContext(_GrpcContext):
+    """A caller that sent its budget in ``ierf-timeout-ms``, as the SDK does."""
+
+    def __init__(self, millis: str | None) -> None:
+        super().__init__()
+        self.millis = millis
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [] if self.millis is None else [("ierf-timeout-ms", self.millis)]
+
+
+@pytest.mark.parametrize(
+    ("millis", "cancel_after_s", "expected"),
+    [
+        ("1000", 0.6, "DEADLINE_EXCEEDED"),  # the proxy's cancel as the caller's deadline expires (slack 0.5 s)
+        ("5000", 0.05, "CANCELLED"),  # the caller gave up long before its deadline
+        (None, 0.05, "CANCELLED"),  # no budget sent: a cancel is all the service knows
+        ("soon", 0.05, "INVALID_ARGUMENT"),  # a malformed budget is refused at once, never read as expired
+    ],
+)
+def test_a_cancel_at_the_callers_deadline_is_counted_as_deadline_exceeded(
+    millis: str | None, cancel_after_s: float, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve's proxy turns an expired gRPC deadline into a cancel: the metrics count it as the caller saw it
+    (DEADLINE_EXCEEDED) when the caller's budget has run out, so dashboards and alerts tell slow answers
+    from callers that hang up."""
+    from ierf.serving import deployments
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    # wide margins either side of the cancel, so a slow test machine cannot reorder it with the ingress's
+    # own deadline (1 s) or the slack's start (0.5 s)
+    monkeypatch.setattr(deployments, "DEADLINE_SLACK_S", 0.5)
+    worker = _Worker(outcome=_outcome())
+    worker.state = "hung"
+    ingress = _ingress({"m": worker})
+    seen: list[str] = []
+    ingress.metrics.request = lambda rpc, method, model, code, seconds: seen.append(code)
+    request = pb.ExplainRequest(image=_tiny_image())
+
+    async def scenario() -> None:
+        call = asyncio.ensure_future(ingress.Explain(request, _TimedContext(millis)))
+        await asyncio.sleep(cancel_after_s)
+        if millis == "soon":  # refused at once, before any cancel
+            assert call.done()
+            return
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(scenario())
+    assert seen == [expected]

@@ -235,6 +235,41 @@ class ExplainerWorker:
             raise RuntimeError("model not loaded")
 
 
+# A cancel this close to the end of the caller's ierf-timeout-ms budget is its deadline passing: the budget
+# was measured when the caller sent the request, a few milliseconds before the ingress started on it.
+DEADLINE_SLACK_S = 0.05
+
+
+def _caller_budget_s(grpc_context: Any) -> float | None:
+    """The caller's budget in seconds from the ``ierf-timeout-ms`` metadata; None when it sent none."""
+    if grpc_context is None:
+        return None
+    budget = None
+    for key, value in grpc_context.invocation_metadata():
+        if key == TIMEOUT_METADATA_KEY:
+            try:
+                millis = float(value)
+            except ValueError:
+                millis = math.nan
+            if not math.isfinite(millis) or millis < 0:
+                raise InvalidArgument(
+                    f"metadata {TIMEOUT_METADATA_KEY} must be a number of milliseconds >= 0, got {echo(value)}"
+                )
+            budget = millis / 1000.0 if budget is None else min(budget, millis / 1000.0)
+    return budget
+
+
+def _caller_deadline_passed(grpc_context: Any, start: float) -> bool:
+    """Whether a cancel of the call that began at ``start`` (perf_counter) came with its caller's deadline:
+    Serve's proxy turns an expired gRPC deadline into a cancel, which the metrics should count as
+    DEADLINE_EXCEEDED, as the caller sees it. Known only for callers that send ``ierf-timeout-ms``."""
+    try:
+        budget = _caller_budget_s(grpc_context)
+    except InvalidArgument:
+        return False
+    return budget is not None and time.perf_counter() - start >= budget - DEADLINE_SLACK_S
+
+
 @serve.deployment(
     name="Ingress",
     ray_actor_options={"num_cpus": 0.25},
@@ -268,19 +303,8 @@ class Ingress:
     # ------------------------------------------------------------------------------ plumbing
     def _deadline(self, grpc_context: Any) -> float:
         budget = self.config.ingress.request_timeout_s
-        if grpc_context is not None:
-            for key, value in grpc_context.invocation_metadata():
-                if key == TIMEOUT_METADATA_KEY:
-                    try:
-                        millis = float(value)
-                    except ValueError:
-                        millis = math.nan
-                    if not math.isfinite(millis) or millis < 0:
-                        raise InvalidArgument(
-                            f"metadata {TIMEOUT_METADATA_KEY} must be a number of milliseconds >= 0, got {echo(value)}"
-                        )
-                    budget = min(budget, millis / 1000.0)
-        return time.time() + budget
+        caller = _caller_budget_s(grpc_context)
+        return time.time() + (budget if caller is None else min(budget, caller))
 
     def _worker(self, model_id: str) -> tuple[str, Any]:
         model_id = model_id or self.config.default_model
@@ -341,8 +365,8 @@ class Ingress:
             if isinstance(request, UnparsedRequest):  # see ierf.serving.protocol
                 raise InvalidArgument(request.describe())
             return await handler(request, grpc_context, labels)
-        except asyncio.CancelledError:  # the caller went away (or its deadline passed at the proxy)
-            code = "CANCELLED"
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed at the proxy
+            code = "DEADLINE_EXCEEDED" if _caller_deadline_passed(grpc_context, start) else "CANCELLED"
             raise
         except Exception as exc:
             status, message = to_status(exc)
