@@ -344,6 +344,11 @@ def test_server_errors_exit_2_when_the_request_is_at_fault_and_1_when_the_server
         (ResourceExhaustedError(exhausted, "Request dropped due to backpressure", 0.0), BackendFailure),  # proxy
         (IerfError(grpc.StatusCode.UNAUTHENTICATED, "bad token"), ValueError),
         (IerfError(grpc.StatusCode.INTERNAL, "boom"), BackendFailure),
+        # an unknown model or layer is the command's fault (2); a server that is down or too slow is not (1)
+        (IerfError(grpc.StatusCode.NOT_FOUND, "no model 'r5'"), ValueError),
+        (IerfError(grpc.StatusCode.INVALID_ARGUMENT, "bad position"), ValueError),
+        (IerfError(grpc.StatusCode.UNAVAILABLE, "connection refused"), BackendFailure),
+        (IerfError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"), BackendFailure),
     ]
     for error, expected in cases:
         with pytest.raises(expected, match=f"server svc:9000: {error.code.name}"):

@@ -275,3 +275,64 @@ def test_only_non_ok_requests_count_as_errors() -> None:
     metrics.request("Explain", "srd", "m", "INVALID_ARGUMENT", 0.1)
     assert errors.calls == [("inc", {"rpc": "Explain", "code": "INVALID_ARGUMENT"})]
     assert len(durations.calls) == 2
+
+
+def test_model_ids_may_use_dots_dashes_and_underscores() -> None:
+    """The documented id alphabet is letters, digits and ``_ - .``: a versioned id such as ``resnet18-v1.2``
+    must be accepted, and anything else still refused."""
+    config = ServiceConfig.from_args({"models": [{"id": "resnet18-v1.2_b", "name": "resnet18", "random_init": True}]})
+    assert config.default_model == "resnet18-v1.2_b"
+    with pytest.raises(ValueError, match=r"models\[0\]\.id: model id 'a/b' must be non-empty"):
+        ServiceConfig.from_args({"models": ["a/b"]})
+
+
+def test_deployment_overrides_reach_the_ingress_and_the_workers() -> None:
+    """``make run`` passes the config file's per-deployment options here: the ingress's
+    ``max_queued_requests`` is the overload bound, so losing it changes when callers are refused."""
+    from ierf.serving.app import build_application
+
+    app = build_application(
+        ServiceConfig.from_args({}),
+        {"Ingress": {"max_queued_requests": 7}, "Worker_efficientnet_lite0": {"max_ongoing_requests": 3}},
+    )
+    ingress = app._bound_deployment
+    (worker,) = ingress.init_args[0].values()
+    assert (ingress.name, ingress.max_queued_requests) == ("Ingress", 7)
+    assert (worker._bound_deployment.name, worker._bound_deployment.max_ongoing_requests) == (
+        "Worker_efficientnet_lite0",
+        3,
+    )
+
+
+def test_only_redis_values_are_sized_in_the_value_histogram() -> None:
+    """explainer_cache_value_bytes is documented as the size of values read from or written to Redis:
+    L1 hits (in-process, no bytes moved) must not be counted there."""
+    from ierf.serving.metrics import ServiceMetrics
+
+    observed: list[tuple[float, dict]] = []
+
+    class Recorder:
+        def inc(self, value: float, tags: dict) -> None:
+            pass
+
+        def observe(self, value: float, tags: dict) -> None:
+            observed.append((value, tags))
+
+    metrics = ServiceMetrics()
+    metrics._metrics["explainer_cache_requests_total"] = Recorder()
+    metrics._metrics["explainer_cache_value_bytes"] = Recorder()
+    metrics.cache("l1", "get", "hit", 0.001, 5000)
+    metrics.cache("l2", "get", "miss", 0.001, 0)
+    metrics.cache("l2", "put", "stored", 0.001, 7000)
+    assert observed == [(7000, {"op": "put"})]
+
+
+def test_request_latency_buckets_reach_the_300_s_request_cap() -> None:
+    """With the stage buckets (up to 60 s) on the request histogram, every cold explanation between 60 and
+    300 s would fall in +Inf and a p99 could not be read."""
+    from ierf.serving.metrics import REQUEST_BUCKETS_S, STAGE_BUCKETS_S, ServiceMetrics
+
+    metrics = ServiceMetrics()
+    assert metrics._metrics["explainer_request_duration_seconds"].boundaries == REQUEST_BUCKETS_S
+    assert metrics._metrics["explainer_stage_duration_seconds"].boundaries == STAGE_BUCKETS_S
+    assert REQUEST_BUCKETS_S[-1] == 300

@@ -699,3 +699,117 @@ def test_top_k_may_ask_for_every_class() -> None:
     assert check_top_k(desc, 3) == 3
     with pytest.raises(InvalidArgument, match=r"top_k 4 is out of range: 1\.\.3"):
         check_top_k(desc, 4)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_wait_until_serving_gives_up_at_its_own_timeout_against_a_hung_server(flavour: str) -> None:
+    """Each health probe gets at most what is left of ``wait_until_serving``'s timeout: a fixed 5 s probe
+    made ``wait_until_serving(timeout=1)`` against a server that accepts calls but never answers take 5 s."""
+    import asyncio
+    import threading
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2_grpc
+    from ierf_client import AsyncClient, Client
+
+    release = threading.Event()
+
+    class Hung(health_pb2_grpc.HealthServicer):
+        def Check(self, request, context):
+            release.wait(30)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    health_pb2_grpc.add_HealthServicer_to_server(Hung(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"not SERVING after 1\.0 s"):
+            if flavour == "sync":
+                with Client(f"127.0.0.1:{port}", timeout=30) as client:
+                    client.wait_until_serving(timeout=1.0, interval_s=0.05)
+            else:
+
+                async def wait() -> None:
+                    async with AsyncClient(f"127.0.0.1:{port}", timeout=30) as client:
+                        await client.wait_until_serving(timeout=1.0, interval_s=0.05)
+
+                asyncio.run(wait())
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+        server.stop(None)
+    assert elapsed < 3.0
+
+
+def test_an_async_client_refuses_a_second_event_loop_by_name() -> None:
+    """A grpc.aio channel belongs to the loop that made it: used from another loop it fails obscurely (or
+    hangs), so the client says what to do instead."""
+    import asyncio
+
+    from ierf.serving.local import free_port
+    from ierf_client import AsyncClient
+
+    port = free_port()
+    server, timer = _health_server_after(port, 0.0)
+    client = AsyncClient(f"127.0.0.1:{port}", timeout=5)
+
+    async def probe() -> str:
+        return await client.health()
+
+    try:
+        timer.join()
+        assert asyncio.run(probe()) == "SERVING"
+        with pytest.raises(RuntimeError, match="use one AsyncClient per event loop"):
+            asyncio.run(probe())
+    finally:
+        server.stop(None)
+
+
+def test_timings_of_a_stage_met_twice_are_summed() -> None:
+    """The proto sends one entry per run of a stage (preprocess: crop then normalise; encode: worker then
+    ingress); the SDK documents their sum, and keeping only the last run under-reports the stage."""
+    provenance = pb.Provenance(
+        timings=[
+            pb.StageTiming(stage="preprocess", seconds=0.25),
+            pb.StageTiming(stage="forward", seconds=1.0),
+            pb.StageTiming(stage="preprocess", seconds=0.5),
+        ]
+    )
+    assert _core.parse_provenance(provenance).timings == {"preprocess": 0.75, "forward": 1.0}
+
+
+def test_result_maps_are_writable_arrays() -> None:
+    """Maps are parsed from the response's immutable bytes: without a copy, ``result.map[mask] = 0`` raised
+    "assignment destination is read-only" in the caller's code."""
+    from ierf.serving.convert import tensor_message
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    response = pb.ExplainResponse(map=tensor_message(values, np.float32))
+    result = _core.parse_explanation(response)
+    result.map[0, 0] = -1.0
+    assert result.map.flags.writeable and result.map[0, 0] == -1.0
+
+
+def test_health_asks_about_the_service_it_is_given() -> None:
+    """``health("ierf.v1.ExplainService")`` must ask about that service, not the server as a whole: a
+    service marked NOT_SERVING while the server is up read as SERVING."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from ierf_client import Client
+
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set(_core.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5) as client:
+            assert client.health() == "SERVING"
+            assert client.health(_core.SERVICE) == "NOT_SERVING"
+    finally:
+        server.stop(None)

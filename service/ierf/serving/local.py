@@ -265,13 +265,17 @@ class RunningService:
         return urls
 
     def stop(self) -> None:
-        """Shut Serve and the private Ray cluster down; bounded by Ray's own shutdown timeouts."""
+        """Shut Serve and the private Ray cluster down; bounded by Ray's own shutdown timeouts. Again, or
+        once Ray is down, only the files are handled: with no Ray in this process ``serve.shutdown()`` runs a
+        bare ``ray.init()``, which starts a throw-away cluster (~5 s) or attaches to one already running on
+        the host (``ray start``, ``RAY_ADDRESS``) and would shut down its Serve applications."""
         import ray
         from ray import serve
 
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
         if self.keep_logs_in and os.path.isdir(self.replica_logs):
             # one folder per run (session_<date>_<pid>), beside what the directory holds; only older marked
             # copies are pruned
