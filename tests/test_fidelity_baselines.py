@@ -353,3 +353,47 @@ def test_cam_finds_the_final_feature_map_of_functionally_pooled_models(method: s
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).eval()
     with pytest.raises(ValueError, match="cannot find the final feature map"):
         ierf.create_explainer(method, flat)
+
+
+def test_cam_default_layer_is_the_input_of_the_last_adaptive_pool() -> None:
+    """Squeeze-excitation blocks hold AdaptiveAvgPool2d modules of their own (registered before the head's):
+    the default CAM layer is the final feature map, the input of the last one, not the first SE squeeze."""
+    import torchvision
+    from ierf.baselines.cam import final_feature_module
+
+    net = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).eval()
+    assert sum(isinstance(m, nn.AdaptiveAvgPool2d) for m in net.modules()) > 1
+    name, module, use_input = final_feature_module(net)
+    assert (name, module, use_input) == ("avgpool", net.avgpool, True)
+
+
+def test_differentiable_gradcam_honours_relu_false(model: nn.Module, x: torch.Tensor) -> None:
+    """relu=False returns the signed pre-ReLU Grad-CAM; the differentiable path used by the manipulation
+    attack must return that same map, not the clamped default."""
+    explainer = ierf.create_explainer("gradcam", model, relu=False)
+    signed = explainer.saliency(x, torch.tensor([1, 7]))
+    assert bool((signed < 0).any())
+    diff = explainer.differentiable_saliency(x.clone().requires_grad_(True), torch.tensor([1, 7]))
+    torch.testing.assert_close(diff.detach(), signed, atol=1e-6, rtol=1e-4)
+
+
+def test_smoothgrad_leaves_the_global_rng_untouched(model: nn.Module, x: torch.Tensor) -> None:
+    """SmoothGrad seeds a private stream for its noise: the caller's global RNG state is as it was."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    ierf.create_explainer("smoothgrad", model, n_samples=2).saliency(x, 1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_lrp_follows_in_place_changes_to_the_callers_buffers(model: nn.Module, x: torch.Tensor) -> None:
+    """BN running statistics are buffers, not parameters: an in-place update of them (a train-mode forward,
+    load_state_dict) changes the model, so the explainer's private copy must be taken again."""
+    net, x = copy.deepcopy(model), x[:1, :, :32, :32]
+    explainer = ierf.create_explainer("lrp", net)
+    before = explainer.saliency(x, 1)
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_mean.add_(0.5)
+    after = explainer.saliency(x, 1)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ierf.create_explainer("lrp", net).saliency(x, 1))

@@ -906,3 +906,33 @@ def test_an_input_with_one_infinite_value_is_refused(method: str, bad: float) ->
     x[0, 1, 2, 3] = bad
     with pytest.raises(ValueError, match="x contains NaN or infinite values"):
         ierf.create_explainer(method, model).saliency(x, 0)
+
+
+def test_weights_swapped_through_data_are_seen_by_the_parameter_cache() -> None:
+    """``param.data = new`` keeps the Parameter object and its version counter but swaps the memory; the
+    module docstring of ierf.srd.derived promises such swaps are seen (folded batch norms are not reused)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    )
+    model = model.double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    srd = ierf.SRD(model, head="exact")
+    srd.decompose(x)
+    model[1].weight.data = model[1].weight.data * 3.0 + 0.5  # new memory, same Parameter, same version
+    with torch.no_grad():
+        torch.testing.assert_close(srd.decompose(x).logits, model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_the_parameter_cache_keeps_at_most_max_entries() -> None:
+    """The cache is bounded by entry count as well as by bytes (either bound evicts the oldest entry)."""
+    from ierf.srd.derived import DerivedCache
+
+    cache = DerivedCache(max_entries=2, max_bytes=1 << 30)
+    sources = [torch.ones(3) * i for i in range(3)]
+    for i, s in enumerate(sources):
+        cache.get(f"t{i}", (s,), lambda s=s: s * 2)
+    assert len(cache) == 2
+    built = []
+    cache.get("t0", (sources[0],), lambda: built.append(1) or sources[0] * 2)
+    assert built == [1]  # the oldest entry was the one evicted

@@ -1125,3 +1125,228 @@ def test_each_branch_shares_its_own_bias_by_contribution_norm_as_written_by_hand
     got = ierf.SRD(model, head="exact").saliency(x, 2)[0].double()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert float(expected.sum()) == pytest.approx(logit, rel=1e-9)  # conservation, by hand too
+
+
+# ---- round-5 mutation gaps: rules that silently change the model's function if slipped -----------------------
+class _WidthOnlyFPad(nn.Module):
+    """F.pad with a 2-tuple pads the last dimension (width) only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3)
+        self.conv2 = nn.Conv2d(5, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.act(self.conv1(F.pad(x, (1, 2))))
+        return self.fc(self.act(self.conv2(a)).mean((2, 3)))
+
+
+class _OddChunk(nn.Module):
+    """x.chunk(2, dim=1) of 5 channels: torch gives 3 + 2 channels (equal pieces, the last one smaller)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv_p = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        p, q = self.act(self.conv1(x)).chunk(2, dim=1)
+        y = torch.cat([self.act(self.conv_p(p)), q], 1)
+        return self.fc(self.act(self.conv2(y)).mean((2, 3)))
+
+
+class _AdaptiveNoneHeight(nn.Module):
+    """AdaptiveAvgPool2d((None, 1)) keeps the height (6) and pools the width (4) on a non-square map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((None, 1))
+        self.conv2 = nn.Conv2d(5, 4, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.pool(self.act(self.conv1(x))))).mean((2, 3)))
+
+
+class _GateOnBiasedMap(nn.Module):
+    """A squeeze-excitation gate multiplying a batch-normalised PFV map (BN after the activation): the BN
+    shift is a bias of the gated map, which the gate scales like the rest of the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.excite = nn.Conv2d(4, 4, 1)
+        self.gate = nn.Sigmoid()
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        m = self.bn(self.act(self.conv1(x)))
+        g = self.gate(self.excite(F.adaptive_avg_pool2d(m, 1)))
+        return self.fc(self.act(m * g).mean((2, 3)))
+
+
+class _DilatedAfterBiasedMap(nn.Module):
+    """BN after the activation, then a dilated convolution: the BN shift is a bias the dilated kernel reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.bn(self.act(self.conv1(x))))).mean((2, 3)))
+
+
+class _OneRowFlatten(nn.Module):
+    """A one-row (C, 1, W) map flattened into a Linear: C*W features, not a (B, C) vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 7, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.act(self.conv1(x)), 1))
+
+
+RULE_GAPS = {
+    "dilated_after_biased_map": (_DilatedAfterBiasedMap, (6, 7)),
+    "one_row_flatten": (_OneRowFlatten, (1, 7)),
+    "fpad_width_only": (_WidthOnlyFPad, (6, 7)),
+    "odd_chunk": (_OddChunk, (6, 7)),
+    "adaptive_none_height": (_AdaptiveNoneHeight, (6, 4)),
+    "gate_on_biased_map": (_GateOnBiasedMap, (6, 7)),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_GAPS))
+def test_rarely_used_rule_arguments_decompose_the_models_own_function(name: str) -> None:
+    """A 2-tuple F.pad (width only), an odd chunk (3 + 2 channels), AdaptiveAvgPool2d((None, 1)) (the height
+    kept), a gate on a biased map (its bias gated too), a dilated kernel reading a bias and a flattened
+    one-row map: a slip in any of these rules still runs or fails late on another function, so the logits
+    must be the model's and the maps the reference's."""
+    torch.manual_seed(0)
+    net, hw = RULE_GAPS[name]
+    model = randomise_bn(net()).double().eval()
+    x = _x((1, 3, *hw), seed=2)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-12, rtol=1e-12)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
+
+
+class _Spelled(nn.Module):
+    """conv -> ReLU -> ``op`` -> global mean -> linear, for spellings the rules must refuse."""
+
+    def __init__(self, op, conv: nn.Conv2d | None = None) -> None:
+        super().__init__()
+        self.conv = conv if conv is not None else nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.op = op
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.act(self.conv(x))
+        return self.fc(self.op(self, a))
+
+
+REFUSED = {
+    "avg_pool_excluding_row_padding": (
+        lambda m, a: F.avg_pool2d(a, 3, 1, (1, 0), count_include_pad=False).mean((2, 3)),
+        None,
+        r"padding excluded from the count",
+    ),
+    "add_with_alpha": (lambda m, a: torch.add(a, m.conv2(a), alpha=0.5).mean((2, 3)), None, r"alpha=0.5"),
+    "mean_over_the_width_only": (lambda m, a: a.mean(3).mean(2), None, r"only the spatial mean"),
+    "strided_channel_slices": (
+        lambda m, a: torch.cat([a[:, ::2], a[:, 1::2]], 1).mean((2, 3)),
+        None,
+        r"indexing a feature map",
+    ),
+    "reflect_padding": (
+        lambda m, a: a.mean((2, 3)),
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        r"padding_mode='reflect'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_spellings_that_change_the_arithmetic_are_refused(name: str) -> None:
+    """Average pooling that leaves padding out of the count along one axis only, torch.add(..., alpha=),
+    a mean over one spatial dimension, channel slices with a step and a reflect-padded convolution each
+    compute something the rules do not model: decomposing them as the plain op would explain another
+    function, so they are refused."""
+    op, conv, message = REFUSED[name]
+    torch.manual_seed(0)
+    model = _Spelled(op, conv).double().eval()
+    x = _x((1, 3, 6, 7), seed=3)
+    with pytest.raises(UnsupportedModelError, match=message):
+        ierf.SRD(model, head="exact").decompose(x)
+
+
+@pytest.mark.parametrize("spelling", ["module", "function"])
+def test_in_place_relus_keep_maps_differentiable(spelling: str) -> None:
+    """ReLU(inplace=True) and F.relu(..., inplace=True) applied to a pre-activation that is part of the
+    autograd graph (maps differentiated for a manipulation attack) must work on a copy: in place, they
+    overwrite a tensor the backward pass of the stage's ratios still needs."""
+    torch.manual_seed(0)
+    if spelling == "module":
+        model = _Spelled(lambda m, a: m.act(m.conv2(a)).mean((2, 3))).double().eval()
+        model.act = nn.ReLU(inplace=True)
+    else:
+        model = _Spelled(lambda m, a: F.relu(m.conv2(a), inplace=True).mean((2, 3))).double().eval()
+    x = _x((1, 3, 6, 7), seed=5).requires_grad_(True)
+    saliency = ierf.SRD(model, head="exact").saliency(x, 1)
+    (grad,) = torch.autograd.grad(saliency.square().sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_one_explainer_folds_uneven_pooling_for_each_input_size() -> None:
+    """The uneven adaptive pooling folded into the Linear weight depends on the map size: an explainer used
+    at two input sizes (same pooled size, 3x3) must not reuse the first size's folded kernel."""
+    torch.manual_seed(0)
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool2d(3)
+            self.fc = nn.Linear(36, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.act(self.conv(x))), 1))
+
+    model = Head().double().eval()
+    srd = ierf.SRD(model, head="exact")
+    for hw in ((5, 5), (4, 4)):
+        x = _x((1, 3, *hw), seed=6)
+        with torch.no_grad():
+            torch.testing.assert_close(srd.decompose(x).logits, model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_reference_ierf_seeds_the_row_major_position() -> None:
+    """ReferenceSRD.ierf is the audit oracle for iERFs: at (row, col) off the diagonal of a non-square map
+    it must agree with the fast path (a transposed seed index picks another position)."""
+    torch.manual_seed(0)
+    model = _Spelled(lambda m, a: m.act(m.conv2(a)).mean((2, 3))).double().eval()
+    x = _x((1, 3, 5, 7), seed=7)
+    fast = ierf.SRD(model, head="exact").decompose(x).ierf("act:0", torch.tensor([[1, 4]])).double()[0, 0]
+    slow = ReferenceSRD(model).ierf(x, "act:0", (1, 4))
+    torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max() + 1e-7, rtol=0)

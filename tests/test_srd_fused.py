@@ -107,3 +107,41 @@ def test_one_shape_variant_too_many_runs_that_stage_uncompiled_and_keeps_fusion(
     fast = _decompose(model, x, monkeypatch, "1")
     assert fused.disabled_reason() is None and fused.enabled(torch.device("cpu"))
     torch.testing.assert_close(fast.saliency(0), eager.saliency(0), atol=1e-12, rtol=1e-12)
+
+
+class _DeadOneByOne(torch.nn.Module):
+    """A strongly negative stem bias kills every channel around a zero input patch; the biased 1x1 convolution
+    after it is a one-path stage whose pre-activation there is its bias alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 5, 1)
+        self.act1, self.act2 = torch.nn.ReLU(), torch.nn.ReLU()
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
+
+
+@needs_compiler
+def test_fused_one_path_stage_gives_no_ratio_where_the_path_contributes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spec §2.4: where a one-path stage's z is its bias alone (the path contributes exactly 0), the bias has
+    nobody to be shared with and the ratio is 0; the fused statistics must agree with the eager path there
+    (a ratio of 1 would hand the dead path the bias's relevance)."""
+    torch.manual_seed(0)
+    model = _DeadOneByOne().double().eval()
+    with torch.no_grad():
+        model.conv1.bias.fill_(-1.0)
+        model.conv2.bias.uniform_(0.5, 1.0)  # z = bias > 0 where the path is dead
+    x = 3 * torch.randn(1, 3, 11, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x[:, :, 2:9, 3:10] = 0
+    assert bool((model.act1(model.conv1(x)) == 0).all(1).any())
+    eager = _decompose(model, x, monkeypatch, "0")
+    fast = _decompose(model, x, monkeypatch, "1")
+    assert fused.disabled_reason() is None
+    for a, b in zip(eager.stages, fast.stages, strict=True):
+        torch.testing.assert_close(b.mu, a.mu, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast.saliency(1), eager.saliency(1), atol=1e-10, rtol=1e-10)
