@@ -1128,15 +1128,8 @@ def test_each_branch_shares_its_own_bias_by_contribution_norm_as_written_by_hand
 
 
 # ---- round-5 mutation gaps: rules that silently change the model's function if slipped -----------------------
-class _WidthOnlyFPad(nn.Module):
+class _WidthOnlyFPad(_AsymmetricFPad):
     """F.pad with a 2-tuple pads the last dimension (width) only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 5, 3)
-        self.conv2 = nn.Conv2d(5, 4, 3)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
         a = self.act(self.conv1(F.pad(x, (1, 2))))
