@@ -185,3 +185,26 @@ def test_a_cancelled_request_gives_back_its_place_at_once_and_its_pixels_when_it
         assert gate.active == 0 and gate.queued == 0
 
     asyncio.run(scenario())
+
+
+def test_work_that_fails_to_start_gives_its_pixels_back() -> None:
+    """The ingress refuses a decode at its start when the decode-time estimate says it cannot finish in
+    time: the pixels it was admitted with must return to the budget, or each such refusal shrinks it for
+    good until no large image is ever admitted again."""
+
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+
+        def refuse() -> asyncio.Future[None]:
+            raise DeadlineExceeded("decoding this image needs about 9 s")
+
+        with pytest.raises(DeadlineExceeded, match="needs about 9 s"):
+            await gate.run(80, _deadline(), refuse)
+        assert gate.active == 0 and gate.queued == 0
+        order: list[int] = []
+        release = asyncio.Event()
+        release.set()
+        await asyncio.wait_for(_hold(gate, 60, release, order, _deadline(5.0)), timeout=5.0)
+        assert order == [60] and gate.active == 0
+
+    asyncio.run(scenario())

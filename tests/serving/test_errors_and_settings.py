@@ -227,7 +227,15 @@ def test_local_config_file_parses_and_matches_the_app() -> None:
 
 
 @pytest.mark.parametrize(
-    "code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL]
+    "code",
+    [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+    ],
 )
 def test_error_for_round_trips_the_code(code: grpc.StatusCode) -> None:
     from ierf.serving.errors import error_for
@@ -336,3 +344,28 @@ def test_request_latency_buckets_reach_the_300_s_request_cap() -> None:
     assert metrics._metrics["explainer_request_duration_seconds"].boundaries == REQUEST_BUCKETS_S
     assert metrics._metrics["explainer_stage_duration_seconds"].boundaries == STAGE_BUCKETS_S
     assert REQUEST_BUCKETS_S[-1] == 300
+
+
+def test_a_clipped_message_fits_the_limit_and_says_how_long_it_was() -> None:
+    """``clip`` exists so a status message fits any client's trailer limits: its own suffix must fit too."""
+    from ierf.serving.errors import MAX_MESSAGE_CHARS, clip
+
+    assert clip("x" * MAX_MESSAGE_CHARS) == "x" * MAX_MESSAGE_CHARS
+    clipped = clip("x" * 100_000)
+    assert len(clipped) <= MAX_MESSAGE_CHARS and clipped.endswith("… [100000 chars]")
+
+
+def test_an_overload_wrapped_by_ray_still_says_when_to_retry() -> None:
+    """Ray wraps a worker's exception (its ``cause``): the code is read through the wrapper, and so must
+    the overload's pause be, or an overload is told "never retry" (a RESOURCE_EXHAUSTED without a pause)."""
+    from ierf.serving.errors import PUSHBACK_KEY, RETRY_AFTER_KEY, Overloaded, retry_trailers
+
+    class Wrapper(Exception):
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("wrapped")
+            self.cause = cause
+
+    wrapped = Wrapper(Overloaded("queue full"))
+    code, _ = to_status(wrapped)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_trailers(wrapped, code) == [(RETRY_AFTER_KEY, "250"), (PUSHBACK_KEY, "250")]

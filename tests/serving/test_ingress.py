@@ -611,3 +611,234 @@ def test_a_cancel_at_the_callers_deadline_is_counted_as_deadline_exceeded(
 
     asyncio.run(scenario())
     assert seen == [expected]
+
+
+class _Capture:
+    """A worker handle that records the jobs it is sent and answers each with ``outcome``; it never
+    describes itself, so the ingress forwards requests with only its own checks."""
+
+    def __init__(self, outcome: Any) -> None:
+        self.jobs: list[Any] = []
+
+        async def answer(job: Any) -> Any:
+            self.jobs.append(job)
+            return outcome
+
+        async def never() -> None:
+            await asyncio.sleep(3600.0)
+
+        self.explain = self.ierf = self.predict = _Method(answer)
+        self.describe = _Method(never)
+
+
+def _full_outcome() -> Any:
+    import numpy as np
+    from ierf.serving.jobs import LayerShape, Outcome, Provenance, Score
+
+    return Outcome(
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
+        maps=np.zeros((1, 8, 8), np.float32),
+        target=Score(1, "one", 0.5, 2.0),
+        top_classes=[Score(1, "one", 0.5, 2.0)],
+        layer=LayerShape("l", 4, 8, 8),
+    )
+
+
+def test_target_class_0_reaches_the_worker_as_class_0_not_as_auto() -> None:
+    """``target`` is an optional field: a caller asking for class 0 set it, and must get class 0's map, not
+    the predicted class's (reading the value instead of its presence turns 0 into "auto")."""
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Capture(_full_outcome())
+    ingress = _ingress({"m": worker})
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), target=0)))
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image())))
+    assert [job.target for job in worker.jobs] == [0, None]
+
+
+def test_the_advertised_position_and_top_k_limits_are_inclusive() -> None:
+    """ModelInfo advertises max_positions and max_top_k as what a request may ask for: exactly the limit is
+    served, one more is refused."""
+    from ierf.serving.errors import InvalidArgument
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Capture(_full_outcome())
+    ingress = _ingress({"m": worker})
+    limits = ingress.config.ingress
+    for count in (limits.max_positions, limits.max_positions + 1):
+        request = pb.ComputeIERFRequest(image=_tiny_image(), layer="l", positions=[pb.Position()] * count)
+        if count > limits.max_positions:
+            with pytest.raises(InvalidArgument, match=f"{count} positions requested; at most {limits.max_positions}"):
+                asyncio.run(ingress.ComputeIERF(request))
+        else:
+            asyncio.run(ingress.ComputeIERF(request))
+    asyncio.run(ingress.Predict(pb.PredictRequest(image=_tiny_image(), top_k=limits.max_top_k)))
+    with pytest.raises(InvalidArgument, match="out of range"):
+        asyncio.run(ingress.Predict(pb.PredictRequest(image=_tiny_image(), top_k=limits.max_top_k + 1)))
+    assert len(worker.jobs) == 2 and len(worker.jobs[0].positions) == limits.max_positions
+    assert worker.jobs[1].top_k == limits.max_top_k
+
+
+def test_an_ierf_job_carries_the_size_of_the_map_values_the_caller_asked_for() -> None:
+    """The worker sizes a ComputeIERF response by the bytes per map value: float16 maps are half the size,
+    so a request that fits only as float16 must not be refused as if it asked for float32."""
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Capture(_full_outcome())
+    ingress = _ingress({"m": worker})
+    for dtype in (pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_UNSPECIFIED):
+        request = pb.ComputeIERFRequest(image=_tiny_image(), layer="l", positions=[pb.Position()], map_dtype=dtype)
+        asyncio.run(ingress.ComputeIERF(request))
+    assert [job.map_itemsize for job in worker.jobs] == [2, 4, 4]
+
+
+def test_a_budget_of_zero_ms_is_a_deadline_that_has_passed_not_a_malformed_one() -> None:
+    """``ierf-timeout-ms`` takes any number of milliseconds >= 0: a caller whose budget ran out sends 0 and
+    must hear DEADLINE_EXCEEDED (retry with more time), not INVALID_ARGUMENT (fix the request)."""
+    import grpc
+    from ierf.serving.deployments import _caller_budget_s
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    assert _caller_budget_s(_TimedContext("0")) == 0.0
+    ingress = _ingress({"m": _Worker(outcome=_outcome())})
+    context = _TimedContext("0")
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image()), context))
+    assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED, context.details
+
+
+def test_a_request_that_times_out_waiting_for_the_worker_cancels_the_workers_job() -> None:
+    """Serve does not forward the deadline: unless the ingress cancels the call, the job stays queued (or
+    running) on the worker's one compute thread for a caller that has already been answered."""
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Worker(outcome=_outcome())
+    worker.state = "hung"
+    responses: list[_Response] = []
+    remote = worker.explain.remote
+    worker.explain.remote = lambda job: responses.append(remote(job)) or responses[-1]
+    config = ServiceConfig.from_args({"models": ["m"], "ingress": {"request_timeout_s": 0.3}})
+    ingress = Ingress.func_or_class({"m": worker}, config)
+    with pytest.raises(DeadlineExceeded, match="waiting for the worker"):
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image())))
+    assert len(responses) == 1 and responses[0].cancelled
+
+
+def test_a_long_error_message_is_clipped_before_it_reaches_the_trailers() -> None:
+    """The status message travels in the trailers, which clients cap at 8 KB: a long engine message must be
+    cut (saying its length), or the caller gets a transport error instead of the real status."""
+    import grpc
+    from ierf.serving.errors import MAX_MESSAGE_CHARS, InvalidArgument
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Worker(outcome=_outcome())
+
+    async def refuse(job: Any) -> Any:
+        raise InvalidArgument("x" * 10_000)
+
+    worker.explain = _Method(refuse)
+    context = _GrpcContext()
+    asyncio.run(_ingress({"m": worker}).Explain(pb.ExplainRequest(image=_tiny_image()), context))
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(context.details) <= MAX_MESSAGE_CHARS and context.details.endswith("[10000 chars]")
+
+
+def test_a_handle_call_gets_a_typed_service_error_for_any_worker_failure() -> None:
+    """Without a gRPC context (local mode, tests) the ingress raises the error the caller would see: an
+    engine ValueError as InvalidArgument, anything else as an INTERNAL ServiceError that leaks nothing."""
+    import grpc
+    from ierf.serving.errors import InvalidArgument, ServiceError
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    for failure, expected, code in (
+        (ValueError("engine: bad layer"), InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+        (RuntimeError("secret path /etc/x"), ServiceError, grpc.StatusCode.INTERNAL),
+    ):
+        worker = _Worker(outcome=_outcome())
+
+        async def fail(job: Any, failure: Exception = failure) -> Any:
+            raise failure
+
+        worker.explain = _Method(fail)
+        with pytest.raises(expected) as info:
+            asyncio.run(_ingress({"m": worker}).Explain(pb.ExplainRequest(image=_tiny_image())))
+        assert info.value.code == code and "secret" not in info.value.message
+
+
+def test_the_decode_estimate_covers_images_from_exactly_one_megapixel_and_spares_smaller_ones() -> None:
+    """Decodes of at least DECODE_ESTIMATE_MIN_PIXELS teach the per-pixel rate and are refused by it; smaller
+    images (fixed costs dominate) are neither timed nor refused, however slow the large ones were."""
+    import numpy as np
+    from ierf.serving.deployments import DECODE_ESTIMATE_MIN_PIXELS
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    assert DECODE_ESTIMATE_MIN_PIXELS == 1000 * 1000
+    pixels = np.zeros((1000, 1000, 3), np.uint8)
+    large = pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[1000, 1000, 3]))
+    ingress = _ingress({"m": _Capture(_full_outcome())})
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=large)))
+    assert set(ingress._decode_rates) == {"tensor"}  # timed: exactly 1 Mpx is large
+    ingress._decode_rates["tensor"] = 1000.0  # seconds per pixel: no deadline fits even 16 pixels
+    with pytest.raises(DeadlineExceeded, match=r"decoding this 1\.0 Mpx tensor image needs about"):
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=large)))
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image())))  # small: decoded regardless
+
+
+def test_a_description_that_failed_to_arrive_is_fetched_again_by_the_next_request() -> None:
+    """The background fetch of a model's description may fail (a worker restarting): the next request must
+    try again, or the ingress never checks requests itself and every mistake waits behind the queue."""
+    worker = _Worker()
+    answers = iter([RuntimeError("replica restarting"), "description"])
+
+    async def describe() -> Any:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    worker.describe = _Method(describe)
+    ingress = _ingress({"m": worker})
+
+    async def scenario() -> None:
+        assert ingress._description_if_known("m") is None
+        await asyncio.sleep(0.05)  # the first fetch fails
+        assert ingress._description_if_known("m") is None
+        await asyncio.sleep(0.05)
+        assert ingress._description_if_known("m") == "description"
+
+    asyncio.run(scenario())
+    assert worker.describe.calls == 2
+
+
+def test_health_is_serving_only_when_every_models_worker_answers() -> None:
+    """One server, several models: a load balancer sending traffic for a model whose worker is gone would
+    see only failures, so one dead worker makes the whole server NOT_SERVING."""
+    from grpc_health.v1 import health_pb2
+
+    alive, dead = _Worker(), _Worker()
+    dead.state = "dead"
+    ingress = _ingress({"a": alive, "b": dead})
+    status = asyncio.run(ingress.Check(health_pb2.HealthCheckRequest())).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    dead.state = "ok"
+    assert asyncio.run(_ingress({"a": alive, "b": dead}).Check(health_pb2.HealthCheckRequest())).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+
+
+def test_provenance_sums_a_stage_met_twice_and_keeps_the_positions_order() -> None:
+    """Provenance timings are read as a mapping: a stage met twice (the overlay's and the response's
+    encode) reports the sum; positions travel as (row, col), the order the engine reads them in."""
+    from ierf.serving.convert import positions_array, provenance_message
+    from ierf.serving.jobs import Provenance
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    prov = Provenance("m", "d", "srd", "v", "p", "h", timings=[("encode", 0.25), ("explain", 1.0)])
+    message = provenance_message(prov, [("encode", 0.5), ("total", 2.0)], "r", "1.0")
+    assert [(t.stage, t.seconds) for t in message.timings] == [("explain", 1.0), ("encode", 0.75), ("total", 2.0)]
+    positions = positions_array([pb.Position(row=1, col=5), pb.Position(row=2, col=0)])
+    assert positions.tolist() == [[1, 5], [2, 0]] and positions.dtype.name == "int64"
+    assert positions_array([]).shape == (0, 2)

@@ -152,6 +152,15 @@ def test_worker_does_all_tensor_work_on_one_compute_thread(monkeypatch) -> None:
         {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 2}], "cache": {}}
     )
     worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    queue_seconds: list[float] = []  # the compute-thread wait reaches the stage metric, as provenance does
+    observe = worker.metrics.stage
+
+    def stage(name: str, model: str, seconds: float) -> None:
+        if name == "queue":
+            queue_seconds.append(seconds)
+        observe(name, model, seconds)
+
+    worker.metrics.stage = stage
     pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
     async def requests() -> list:
@@ -165,6 +174,8 @@ def test_worker_does_all_tensor_work_on_one_compute_thread(monkeypatch) -> None:
     finally:
         worker.__del__()
     assert len(outcomes) == 6
+    reported = sorted(dict(outcome.provenance.timings)["queue"] for outcome in outcomes)
+    assert sorted(queue_seconds) == reported
     assert [name for name, _ in threads].count("__init__") == 1 and len(threads) == 7
     assert len({ident for _, ident in threads}) == 1, threads
     assert threads[0][1] != threading.get_ident()  # and not on the caller's (event loop's) thread
@@ -198,6 +209,8 @@ def test_a_job_whose_caller_went_away_or_whose_deadline_passed_stops_at_the_next
         {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 2}], "cache": {}}
     )
     worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    reasons: list[str] = []  # explainer_jobs_stopped_total's reason label: a deadline, then a cancel
+    worker.metrics.stopped = lambda model, reason: reasons.append(reason)
     pixels = np.zeros((8, 8, 3), np.uint8)
 
     async def scenario() -> None:
@@ -218,6 +231,7 @@ def test_a_job_whose_caller_went_away_or_whose_deadline_passed_stops_at_the_next
     finally:
         worker.__del__()
     assert len(ran) == 2 and all(seconds < 1.5 for seconds in ran), ran
+    assert reasons == ["deadline", "cancelled"]
 
 
 def test_caller_mistakes_are_answered_without_waiting_for_a_busy_worker(ingress) -> None:
@@ -462,3 +476,41 @@ def test_the_worker_refuses_an_ierf_response_over_the_grpc_cap_before_any_work(m
     assert decompositions == []  # refused before any work
     small = worker.IERFJob(pixels, "cap-test", "layer4", positions[:20], overlay=False, map_itemsize=2)
     assert host.ierf(small).maps.shape == (20, 224, 224) and len(decompositions) == 1
+
+
+def test_the_worker_sends_a_new_decomposition_to_redis_after_answering(redis_flushed) -> None:
+    """The Serve worker defers a new decomposition's Redis copy until its answer has left, then must write
+    it without waiting for another request: other replicas (and this one after a restart) read it there."""
+    import asyncio
+    import time
+
+    import redis
+    from ierf.serving.deployments import ExplainerWorker
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob
+
+    config = ServiceConfig.from_args(
+        {
+            "models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 2}],
+            "cache": {"redis_url": redis_flushed.url},
+        }
+    )
+    worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    pixels = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    client = redis.Redis.from_url(redis_flushed.url, socket_timeout=5)
+    key = worker.host._key("decomposition", "srd", "w" * 64)
+
+    async def scenario() -> bool:
+        await worker.explain(ExplainJob(pixels=pixels, content_hash="w" * 64, target=1))
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:  # no other request comes
+            if client.exists(key):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    try:
+        assert asyncio.run(scenario()), "the decomposition never reached Redis"
+    finally:
+        client.close()
+        worker.__del__()

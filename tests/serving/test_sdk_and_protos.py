@@ -693,6 +693,30 @@ def test_ierf_positions_are_checked_against_the_rows_and_columns_of_a_non_square
         check_ierf_args(desc, "layer4", np.array([[2, 0]]))
 
 
+def test_top_k_0_asks_for_the_documented_five() -> None:
+    """PredictRequest.top_k 0 (unset) means 5 classes: a default of one class would silently answer less."""
+    assert check_top_k(_description([], classes=10), 0) == 5
+
+
+def test_an_ierf_request_without_positions_is_refused_before_any_work() -> None:
+    """An empty position list asks for nothing: refused by the checks the ingress and the worker run first,
+    not after a decomposition is computed for it."""
+    with pytest.raises(InvalidArgument, match="no positions given"):
+        check_ierf_args(_description([LayerShape("layer4", 512, 2, 5)]), "layer4", np.zeros((0, 2), np.int64))
+
+
+def test_a_baseline_refuses_a_contrast_class_it_would_ignore() -> None:
+    """Contrasts are an SRD option: a baseline asked to subtract a class would answer the plain map, which
+    the caller would take for the contrast it asked for."""
+    from ierf.serving.jobs import check_explain_args
+
+    desc = ModelDescription("m", "d", 224, 224, "v1", ["a", "b", "c"], [], ["srd", "gradcam"], "srd", "cpu")
+    check_explain_args(desc, "srd", 1, 2)
+    for contrast in (2, "mean"):
+        with pytest.raises(InvalidArgument, match="contrast is an SRD option; method 'gradcam'"):
+            check_explain_args(desc, "gradcam", 1, contrast)
+
+
 def test_top_k_may_ask_for_every_class() -> None:
     """top_k runs 1..classes inclusive: asking for the whole ranking is a valid request."""
     desc = _description([], classes=3)

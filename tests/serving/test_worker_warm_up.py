@@ -223,3 +223,67 @@ def test_a_request_whose_deadline_has_already_passed_is_refused_as_such() -> Non
     host = _host()
     with pytest.raises(DeadlineExceeded, match=r"deadline passed [\d.]+ s ago, before the forward pass"):
         host.predict(PredictJob(PIXELS, HASH, top_k=1, deadline=time.time() - 0.5))
+
+
+def test_an_explanation_of_class_0_scores_class_0_with_its_own_logit() -> None:
+    """``target`` 0 is a class like any other (not "auto"), and the score that comes with a map is the
+    target's own logit and probability, not the top class's: both went wrong silently for a non-top class."""
+    from ierf.serving.worker import ExplainJob, PredictJob
+
+    host = _host()
+    ranking = host.predict(PredictJob(PIXELS, HASH, top_k=len(host.model.class_names))).top_classes
+    own = next(score for score in ranking if score.index == 0)
+    assert ranking[0].index != 0  # class 0 is not the predicted class, so "auto" would differ
+    score = host.explain(ExplainJob(PIXELS, HASH, target=0)).target
+    assert (score.index, score.name) == (0, host.model.class_names[0])
+    assert score.logit == pytest.approx(own.logit, rel=1e-4, abs=1e-5)
+    assert score.probability == pytest.approx(own.probability, rel=1e-3)
+
+
+def test_work_whose_estimate_barely_exceeds_the_time_left_is_let_through() -> None:
+    """Estimates are moving averages of noisy runs: work is refused only when the time left is clearly
+    below its estimate (under 80 % of it), not whenever it is a little short."""
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.worker import FORWARD, PredictJob
+
+    host = _host()
+    host._estimates[FORWARD] = 100.0  # seconds; a real forward pass takes milliseconds
+    assert host.predict(PredictJob(PIXELS, "a" * 64, top_k=1, deadline=time.time() + 90.0)).top_classes
+    host._estimates[FORWARD] = 100.0
+    with pytest.raises(DeadlineExceeded, match="a forward pass needs about"):
+        host.predict(PredictJob(PIXELS, "b" * 64, top_k=1, deadline=time.time() + 70.0))
+
+
+def test_every_forward_pass_and_decomposition_updates_its_time_estimate() -> None:
+    """The deadline estimates follow the replica's real speed: an estimate left at one slow run (a busy
+    machine at warm-up) would refuse every short-deadline request for good."""
+    from ierf.serving.worker import DECOMPOSE, FORWARD, ExplainJob, PredictJob
+
+    host = _host()
+    host._estimates[FORWARD] = host._estimates[DECOMPOSE] = 100.0
+    host.predict(PredictJob(PIXELS, "c" * 64, top_k=1))
+    host.explain(ExplainJob(PIXELS, "d" * 64, target=1))
+    assert host._estimates[FORWARD] < 71.0 and host._estimates[DECOMPOSE] < 71.0
+
+
+def test_a_stop_while_using_a_cached_decomposition_keeps_the_cached_value() -> None:
+    """An Interrupted (the caller went away) raised while a cached decomposition is used is the caller's,
+    not the value's: it must stop the job, not drop a good cached value and start recomputing it."""
+    from ierf.interrupt import Interrupted
+    from ierf.serving.worker import ExplainJob, Provenance, _ModelInput, _Stages
+
+    host = _host({"redis_url": None, "l1_bytes": 512 << 20})
+    host.explain(ExplainJob(PIXELS, HASH, target=1))  # now in L1
+    calls: list[int] = []
+
+    def stopped(decomposition: object) -> None:
+        calls.append(1)
+        raise Interrupted("the caller went away")
+
+    stages = _Stages(lambda *_: None, "r18")
+    inputs = _ModelInput(host, PIXELS, HASH, stages)
+    with pytest.raises(Interrupted, match="the caller went away"):
+        host._with_decomposition(inputs, Provenance("r18", "d", "srd", "v", "p", HASH), stages, None, stopped)
+    assert calls == [1]
+    again = host.explain(ExplainJob(PIXELS, HASH, target=1))
+    assert again.provenance.cache == [("decomposition", "l1")]
