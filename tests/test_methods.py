@@ -77,3 +77,13 @@ def test_leaving_an_inner_interruptible_block_puts_the_outer_check_back() -> Non
         with pytest.raises(Interrupted, match="the outer caller went away"):
             checkpoint()
     checkpoint()  # outside every block: nothing to stop for
+
+
+def test_a_bool_target_tensor_is_refused_like_a_bool() -> None:
+    """Guards against letting a bool tensor through ``resolve_target``: ``tensor([True, False])`` would be
+    read as classes 1 and 0 by every baseline, as a bare True is refused for."""
+    import torch
+
+    with pytest.raises(TypeError, match="integer dtype"):
+        methods.resolve_target(torch.tensor([True, False]), 2)
+    assert methods.resolve_target(torch.tensor([1, 0]), 2).tolist() == [1, 0]

@@ -936,3 +936,66 @@ def test_the_parameter_cache_keeps_at_most_max_entries() -> None:
     built = []
     cache.get("t0", (sources[0],), lambda: built.append(1) or sources[0] * 2)
     assert built == [1]  # the oldest entry was the one evicted
+
+
+def test_a_user_hook_beside_one_of_ierfs_own_hooks_is_still_refused() -> None:
+    """Guards against passing a module whose hooks include *any* ierf transient hook: a caller's hook sharing
+    the module with a CAM capture hook (another thread) would be silently skipped by the traced forward."""
+    from ierf._transient import transient_hook
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    srd = ierf.SRD(model.eval())
+    x = torch.randn(1, 3, 8, 8)
+    own = model[1].register_forward_hook(transient_hook(lambda m, i, o: None))
+    try:
+        srd.saliency(x, 1)  # ierf's own hook alone passes
+        user = model[1].register_forward_hook(lambda m, i, o: o * 2)
+        with pytest.raises(ValueError, match=r"forward hooks \(on '1'\)"):
+            srd.saliency(x, 1)
+        user.remove()
+    finally:
+        own.remove()
+
+
+def test_a_global_forward_pre_hook_is_refused() -> None:
+    """Guards against checking only global forward hooks: a global *pre*-hook (it may rewrite every module's
+    input) is not run by the traced forward either, so the maps would explain another computation."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    srd = ierf.SRD(model.eval())
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, args: None)
+    try:
+        with pytest.raises(ValueError, match="registered globally"):
+            srd.saliency(torch.randn(1, 3, 8, 8), 1)
+    finally:
+        handle.remove()
+    srd.saliency(torch.randn(1, 3, 8, 8), 1)
+
+
+class _NestedFunctional(nn.Module):
+    """A functional ReLU inside a block inside a stage: it is named after the innermost module running it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.stage = nn.Sequential(_FunctionalBlock())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+class _FunctionalBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x))
+
+
+def test_a_functional_activation_is_named_after_its_innermost_module() -> None:
+    """Guards against naming a functional activation after the outermost module on the stack: ``stage.0.relu``
+    would become ``stage.relu``, a name the user never wrote (and two blocks of a stage would collide)."""
+    srd = ierf.SRD(_NestedFunctional().eval())
+    assert srd.layers == ["relu", "stage.0"]  # the block returns its ReLU: the block's name is canonical
+    assert srd.program.source_id("stage.0.relu") == srd.program.source_id("stage.0")

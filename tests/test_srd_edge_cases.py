@@ -1343,3 +1343,181 @@ def test_reference_ierf_seeds_the_row_major_position() -> None:
     fast = ierf.SRD(model, head="exact").decompose(x).ierf("act:0", torch.tensor([[1, 4]])).double()[0, 0]
     slow = ReferenceSRD(model).ierf(x, "act:0", (1, 4))
     torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max() + 1e-7, rtol=0)
+
+
+# ---- mutation round 6: the engine core (ratios, explainer) --------------------------------------------------
+class _BiasedShortcut(nn.Module):
+    """A residual block whose 1x1 shortcut has a conv bias and a batch norm: one single-tap path that owns two
+    biases (the scaled conv bias and the BN shift) in a stage with a 3x3 main branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.main = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn_main = nn.BatchNorm2d(6)
+        self.short = nn.Conv2d(4, 6, 1)
+        self.bn_short = nn.BatchNorm2d(6)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a1 = self.act1(self.conv1(x))
+        return self.fc(self.act2(self.bn_main(self.main(a1)) + self.bn_short(self.short(a1))).mean((2, 3)))
+
+
+def test_a_single_tap_path_that_owns_two_biases_carries_both() -> None:
+    """Guards against keeping only the last of a one-tap path's biases (a 1x1 conv bias then its BN shift):
+    the stage's ratios would no longer sum to 1 and the map would not conserve the logit."""
+    torch.manual_seed(0)
+    model = randomise_bn(_BiasedShortcut()).double().eval()
+    with torch.no_grad():
+        model.short.bias.uniform_(-1.0, 1.0)
+        model.conv1.bias.fill_(3.0)  # every first-layer PFV stays live: each path contributes everywhere
+    x = _x((1, 3, 7, 8), seed=1)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    total = dec.stages[1].mu.sum(1)
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-9, rtol=0)
+    _conserves(dec, 2, rtol=1e-9)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
+
+
+def test_a_float16_model_keeps_float16_ratios_and_reloads_its_own_state() -> None:
+    """Guards against handing back the float32 working ratios of a float16 stage: the decomposition would mix
+    dtypes and its own state_dict would be refused by load_decomposition ("several dtypes")."""
+    torch.manual_seed(0)
+    model = randomise_bn(TinyResNet()).half().eval()
+    x = torch.randn(1, 3, 16, 16).half()
+    srd = ierf.SRD(model)
+    dec = srd.decompose(x)
+    assert {stage.mu.dtype for stage in dec.stages} == {torch.float16}
+    again = srd.load_decomposition(dec.state_dict())
+    torch.testing.assert_close(again.saliency(1), dec.saliency(1), atol=0, rtol=0)
+
+
+class _SmoothFC(nn.Module):
+    """A smooth VGG-style net (SiLU, fully connected head): its gradient start map is differentiable in x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.fc1, self.act_fc, self.fc2 = nn.Linear(4 * 6 * 6, 7), nn.Softplus(), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act_fc(self.fc1(torch.flatten(self.act(self.conv(x)), 1))))
+
+
+def test_a_gradient_head_start_map_is_differentiated_through_its_gradient() -> None:
+    """Guards against taking the start map's gradient without create_graph: d(map)/dx would treat the head's
+    gradient as a constant and manipulation attacks would follow a wrong derivative."""
+    torch.manual_seed(0)
+    model = _SmoothFC().double().eval()
+    srd = ierf.SRD(model, head="grad_x_act")
+    x = _x((1, 3, 6, 6), seed=3)
+    direction = _x((1, 3, 6, 6), seed=4)
+
+    def loss_at(inp: torch.Tensor) -> torch.Tensor:
+        return srd.decompose(inp).relevance(1).square().sum()
+
+    probe = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_at(probe), probe)
+    analytic = (grad * direction).sum().item()
+    eps = 1e-4
+    with torch.no_grad():
+        numeric = ((loss_at(x + eps * direction) - loss_at(x - eps * direction)) / (2 * eps)).item()
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
+def test_a_reloaded_decomposition_keeps_the_explainers_head() -> None:
+    """Guards against from_state dropping the head mode: a state cached by SRD(model, head='grad_x_act') came
+    back as an 'auto' decomposition and gave the clamped Grad-CAM map instead."""
+    torch.manual_seed(0)
+    model = _VGGish().double().eval()
+    srd = ierf.SRD(model, head="grad_x_act")
+    dec = srd.decompose(_x((1, 3, 8, 10), seed=2))
+    again = srd.load_decomposition(dec.state_dict())
+    assert again.head_mode == "grad_x_act"
+    assert not torch.equal(dec.relevance(1), dec.relevance(1, head="gradcam")), "the heads must differ here"
+    torch.testing.assert_close(again.relevance(1), dec.relevance(1), atol=0, rtol=0)
+
+
+def test_a_state_whose_stage_reads_a_later_map_is_refused() -> None:
+    """Guards against checking stage routes against every map instead of the maps before the stage: relevance
+    sent to a later, already processed map is silently lost (the map stops conserving the logit)."""
+    torch.manual_seed(0)
+    srd = ierf.SRD(TinyVGG().double().eval())
+    state = srd.decompose(_x((1, 3, 16, 16))).state_dict()
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["stage.1.routes"][0, 0] = 3  # stage 1 ends at map 2: map 3 comes after it
+    with pytest.raises(ValueError, match="path from map 3"):
+        srd.load_decomposition(bad)
+
+
+def test_layer_shape_reads_the_input_size_as_height_then_width() -> None:
+    """Guards against (height, width) read the wrong way round: a non-square input's layer grid came back
+    transposed (the service sizes iERF position checks from it)."""
+    torch.manual_seed(0)
+    srd = ierf.SRD(TinyVGG().double().eval())
+    assert srd.layer_shape("features.4", (16, 32)) == (6, 8, 16)
+    assert srd.decompose(_x((1, 3, 16, 32))).layer_shape("features.4") == (6, 8, 16)
+
+
+class _GroupedFunctionalStem(nn.Module):
+    """The first convolution is F.conv2d with groups=2: it reads 2 x weight.shape[1] = 4 input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 2, 3, 3))
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(F.conv2d(x, self.w, None, 1, 1, 1, 2)).mean((2, 3)))
+
+
+def test_the_input_channels_of_a_grouped_functional_stem_count_every_group() -> None:
+    """Guards against reading a functional first convolution's in-channels from its weight alone: with
+    groups=2 a valid 4-channel input was refused ("x must have 2 channels")."""
+    torch.manual_seed(0)
+    model = _GroupedFunctionalStem().double().eval()
+    x = _x((1, 4, 6, 6))
+    saliency = ierf.SRD(model).saliency(x, 1)
+    assert saliency.shape == (1, 6, 6)
+    torch.testing.assert_close(saliency.sum().double(), model(x)[0, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_class_contrast_on_a_gradient_head_is_target_minus_that_class() -> None:
+    """Guards against the gradient start's class contrast taken the other way round (other minus target):
+    every pixel's sign flips, silently."""
+    torch.manual_seed(0)
+    model = _VGGish().double().eval()
+    dec = ierf.SRD(model, head="grad_x_act").decompose(_x((2, 3, 8, 10), seed=2))
+    target, other = torch.tensor([1, 3]), 4
+    contrast = dec.layer_relevance("features.1", target, contrast=other)
+    plain = dec.layer_relevance("features.1", target) - dec.layer_relevance("features.1", torch.tensor([4, 4]))
+    torch.testing.assert_close(contrast, plain, atol=1e-12, rtol=0)
+
+
+class _ConcatHead(nn.Module):
+    """Logits from two 1x1 convolution heads side by side (torch.cat, then the spatial mean): the second
+    head's terms and bias start at class 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head_a, self.head_b = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.act(self.conv(x))
+        return torch.cat([self.head_a(f), self.head_b(f)], 1).mean((2, 3))
+
+
+def test_a_head_of_concatenated_layers_conserves_every_logit() -> None:
+    """Guards against placing a head term's (or bias's) classes at 0 instead of its channel offset: the
+    classes of the second head would get the first head's contributions."""
+    torch.manual_seed(0)
+    dec = ierf.SRD(_ConcatHead().double().eval()).decompose(_x((1, 3, 6, 7)))
+    for target in range(5):
+        _conserves(dec, target, rtol=1e-9)

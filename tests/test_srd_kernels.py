@@ -20,6 +20,7 @@ CASES = [
     (6, 6, (4, 5), (1, 1), (1, 1), (0, 0, 0, 0), 6, 4, 5),  # depthwise over the whole map (GAP head)
     (6, 6, (3, 3), (1, 1), (1, 1), (1, 0, 1, 0), 6, 2, 2),  # depthwise to one position through padding
     (1, 2, (3, 1), (1, 1), (1, 1), (1, 1, 0, 0), 1, 16, 16),  # one input channel, one kernel column
+    (6, 6, (3, 3), (1, 2), (2, 3), (2, 2, 3, 3), 6, 13, 14),  # dilated depthwise (DeepLab-style MobileNets)
 ]
 
 

@@ -187,3 +187,11 @@ def test_service_ierf_overlay_marks_the_row_col_cell() -> None:
     assert pixels[top - 1, (left + right) // 2].tolist() == [0, 0, 0]  # outline above the (1, 5) cell
     assert pixels[top, (left + right) // 2].tolist() == [255, 255, 0]  # its yellow inner line
     assert pixels[5 * 32, 32 + 16].tolist() != [255, 255, 0]  # not the (5, 1) cell
+
+
+def test_feature_cell_box_is_never_empty_when_the_map_is_finer_than_the_image() -> None:
+    """Guards against dropping the one-pixel floor: a 14x14 cell drawn over a 7x7 thumbnail had top == bottom,
+    an empty box (no outline to see)."""
+    top, left, bottom, right = feature_cell_box((2, 4), (14, 14), (7, 7))
+    assert (top, left) == (1, 2)
+    assert bottom - top == 1 and right - left == 1
