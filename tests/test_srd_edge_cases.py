@@ -1521,3 +1521,54 @@ def test_a_head_of_concatenated_layers_conserves_every_logit() -> None:
     dec = ierf.SRD(_ConcatHead().double().eval()).decompose(_x((1, 3, 6, 7)))
     for target in range(5):
         _conserves(dec, target, rtol=1e-9)
+
+
+class _ConcatLinearHeads(_ConcatHead):
+    """The same two heads as nn.Linear layers on the pooled features, their (B, K) logits concatenated
+    (along dim -1 here, which for vectors is the class dimension)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_a, self.head_b = nn.Linear(4, 2), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.act(self.conv(x)).mean((2, 3))
+        return torch.cat([self.head_a(f), self.head_b(f)], -1)
+
+
+def test_logits_concatenated_from_linear_heads_are_explained_class_by_class() -> None:
+    """Concatenated (B, K) logits were refused as "(1, 5, 1, 1)" although the model returns (B, 5): a cat of
+    vectors is a vector. Each class's map must sum to its logit and match the reference."""
+    torch.manual_seed(0)
+    model = _ConcatLinearHeads().double().eval()
+    x = _x((1, 3, 6, 7), seed=1)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-12, rtol=1e-12)
+    for target in range(5):
+        _conserves(dec, target, rtol=1e-9)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 3), 1e-9)
+
+
+class _ConcatFlattened(_ConcatHead):
+    """Flattened maps concatenated: their features interleave channels and positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4 * 6 * 7 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.act(self.conv(x))
+        return self.fc(torch.cat([f.flatten(1), f.flatten(1)], 1))
+
+
+def test_a_concatenation_of_flattened_maps_is_refused_by_name() -> None:
+    """A cat of flattened maps was decomposed as a channel concatenation and then failed as "input 6x7 does
+    not fit this model" (a Linear expecting more features), blaming an input the model accepts."""
+    model = _ConcatFlattened().double().eval()
+    x = _x((1, 3, 6, 7))
+    with torch.no_grad():
+        assert model(x).shape == (1, 3)  # the model itself runs at this size
+    with pytest.raises(UnsupportedModelError, match=r"'cat'.*torch\.cat of flattened maps"):
+        ierf.SRD(model, head="exact").decompose(x)

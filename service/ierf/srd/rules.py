@@ -657,9 +657,13 @@ def _mul_function(ctx, node, fn, a, b) -> Any:
 def _cat_function(ctx, node, fn, tensors, dim=0) -> Affine:
     where = ctx.where(node)
     parts = [as_affine(t, where) for t in tensors]
-    if dim % 4 != 1:
+    ndim = 2 if all(p.is_vector for p in parts) else 4  # (B, C) vectors: dim -1 is the channel dim too
+    if dim % ndim != 1:
         raise UnsupportedModelError(f"{where}: torch.cat along dim {dim} (only channel concatenation)")
-    return cat_channels(parts)
+    try:
+        return cat_channels(parts)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{where}: {exc}") from None
 
 
 def _flatten(ctx, node, x, start_dim=1, end_dim=-1) -> Affine:

@@ -572,6 +572,16 @@ def cat_channels(parts: list[Affine]) -> Affine:
     biases: list[BiasTerm] = []
     offset = 0
     h, w = parts[0].height, parts[0].width
+    if any(p.flat_from is not None or p.pending_pool is not None for p in parts):
+        # a flattened map's features interleave channels and positions; an uneven pooling not yet applied
+        # is only folded into a flatten + Linear: neither is a channel slice of the result
+        raise UnsupportedModelError(
+            "torch.cat of flattened maps, or of maps under an uneven adaptive pooling: concatenate the maps "
+            "along channels first, then pool and flatten"
+        )
+    vectors = {p.is_vector for p in parts}
+    if len(vectors) > 1:
+        raise UnsupportedModelError("torch.cat of a (B, C) vector with a (B, C, H, W) feature map")
     _check_recombined(parts, "torch.cat")
     for p in parts:
         if (p.height, p.width) != (h, w):
@@ -580,7 +590,7 @@ def cat_channels(parts: list[Affine]) -> Affine:
         terms += [replace(t, c0=t.c0 + offset) for t in p.terms]
         biases += [replace(b, c0=b.c0 + offset) for b in p.biases]
         offset += p.channels
-    return Affine(terms, _merged_images(biases), parts[0].batch, offset, h, w)
+    return Affine(terms, _merged_images(biases), parts[0].batch, offset, h, w, is_vector=vectors == {True})
 
 
 def _check_recombined(parts: list[Affine], op: str) -> None:
