@@ -657,7 +657,7 @@ def _mul_function(ctx, node, fn, a, b) -> Any:
 def _cat_function(ctx, node, fn, tensors, dim=0) -> Affine:
     where = ctx.where(node)
     parts = [as_affine(t, where) for t in tensors]
-    ndim = 2 if all(p.is_vector for p in parts) else 4  # (B, C) vectors: dim -1 is the channel dim too
+    ndim = 2 if parts[0].is_vector else 4  # (B, C) vectors: dim -1 is the channel dim too
     if dim % ndim != 1:
         raise UnsupportedModelError(f"{where}: torch.cat along dim {dim} (only channel concatenation)")
     try:

@@ -579,9 +579,6 @@ def cat_channels(parts: list[Affine]) -> Affine:
             "torch.cat of flattened maps, or of maps under an uneven adaptive pooling: concatenate the maps "
             "along channels first, then pool and flatten"
         )
-    vectors = {p.is_vector for p in parts}
-    if len(vectors) > 1:
-        raise UnsupportedModelError("torch.cat of a (B, C) vector with a (B, C, H, W) feature map")
     _check_recombined(parts, "torch.cat")
     for p in parts:
         if (p.height, p.width) != (h, w):
@@ -590,7 +587,8 @@ def cat_channels(parts: list[Affine]) -> Affine:
         terms += [replace(t, c0=t.c0 + offset) for t in p.terms]
         biases += [replace(b, c0=b.c0 + offset) for b in p.biases]
         offset += p.channels
-    return Affine(terms, _merged_images(biases), parts[0].batch, offset, h, w, is_vector=vectors == {True})
+    # torch concatenates tensors of one rank only: all parts are (B, C) vectors, or all are maps
+    return Affine(terms, _merged_images(biases), parts[0].batch, offset, h, w, is_vector=parts[0].is_vector)
 
 
 def _check_recombined(parts: list[Affine], op: str) -> None:
