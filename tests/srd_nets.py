@@ -453,3 +453,12 @@ def assert_matches_reference(dec, ref, dec_ref: dict, targets, rel_tol: float, i
         fast = dec.relevance(target)[image].double()
         slow = reference_relevance(ref, dec_ref, target).view(fast.shape)
         torch.testing.assert_close(fast, slow, atol=rel_tol * slow.abs().max(), rtol=0)
+
+
+def directional_derivatives(loss_at, x: torch.Tensor, direction: torch.Tensor, eps: float) -> tuple[float, float]:
+    """d loss(x) / d x along ``direction`` twice: from autograd, and as a central difference of step ``eps``."""
+    probe = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_at(probe), probe)
+    with torch.no_grad():
+        numeric = (loss_at(x + eps * direction) - loss_at(x - eps * direction)) / (2 * eps)
+    return (grad * direction).sum().item(), numeric.item()

@@ -22,6 +22,7 @@ from srd_nets import (
     TinyVGG,
     assert_matches_reference,
     channel_shuffle,
+    directional_derivatives,
     randomise_bn,
     reference_relevance,
 )
@@ -1420,12 +1421,7 @@ def test_a_gradient_head_start_map_is_differentiated_through_its_gradient() -> N
     def loss_at(inp: torch.Tensor) -> torch.Tensor:
         return srd.decompose(inp).relevance(1).square().sum()
 
-    probe = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_at(probe), probe)
-    analytic = (grad * direction).sum().item()
-    eps = 1e-4
-    with torch.no_grad():
-        numeric = ((loss_at(x + eps * direction) - loss_at(x - eps * direction)) / (2 * eps)).item()
+    analytic, numeric = directional_derivatives(loss_at, x, direction, eps=1e-4)
     assert analytic == pytest.approx(numeric, rel=1e-5)
 
 

@@ -175,9 +175,7 @@ def test_application_and_token_travel_as_metadata() -> None:
     """Against a real loopback gRPC server: Serve's proxy routes by ``application`` when a cluster runs
     several apps; the bearer token goes with every call."""
     import asyncio
-    from concurrent import futures
 
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from ierf_client import AsyncClient, Client
 
@@ -188,10 +186,7 @@ def test_application_and_token_travel_as_metadata() -> None:
             seen.append(dict(context.invocation_metadata()))
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(Recorder(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = _started_health_server(Recorder())
     try:
         with Client(f"127.0.0.1:{port}", timeout=5, token="t0k", application="ierf-blue") as client:
             assert client.health() == "SERVING"
@@ -233,6 +228,19 @@ def _health_server_after(port: int, delay_s: float):
     timer = threading.Timer(delay_s, server.start)
     timer.start()
     return server, timer
+
+
+def _started_health_server(servicer: Any, workers: int = 2) -> tuple[Any, int]:
+    """A real loopback gRPC server running ``servicer`` as grpc.health.v1.Health; returns it and its port."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
 
 
 def test_the_default_policy_retries_through_a_server_restart() -> None:
@@ -731,7 +739,6 @@ def test_wait_until_serving_gives_up_at_its_own_timeout_against_a_hung_server(fl
     made ``wait_until_serving(timeout=1)`` against a server that accepts calls but never answers take 5 s."""
     import asyncio
     import threading
-    from concurrent import futures
 
     from grpc_health.v1 import health_pb2_grpc
     from ierf_client import AsyncClient, Client
@@ -743,10 +750,7 @@ def test_wait_until_serving_gives_up_at_its_own_timeout_against_a_hung_server(fl
             release.wait(30)
             context.abort(grpc.StatusCode.UNAVAILABLE, "released")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    health_pb2_grpc.add_HealthServicer_to_server(Hung(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = _started_health_server(Hung(), workers=8)
     try:
         start = time.monotonic()
         with pytest.raises(TimeoutError, match=r"not SERVING after 1\.0 s"):
@@ -819,18 +823,14 @@ def test_result_maps_are_writable_arrays() -> None:
 def test_health_asks_about_the_service_it_is_given() -> None:
     """``health("ierf.v1.ExplainService")`` must ask about that service, not the server as a whole: a
     service marked NOT_SERVING while the server is up read as SERVING."""
-    from concurrent import futures
 
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health, health_pb2
     from ierf_client import Client
 
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     servicer.set(_core.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = _started_health_server(servicer)
     try:
         with Client(f"127.0.0.1:{port}", timeout=5) as client:
             assert client.health() == "SERVING"
