@@ -255,6 +255,31 @@ def test_an_input_smaller_than_a_window_is_a_value_error() -> None:
     assert vgg.layer_shape("features.1", [32, 32]) == (64, 32, 32)  # any sequence of two ints
 
 
+class _BroadcastAdd(nn.Module):
+    """A map plus its own global average: a broadcasting add of two maps, refused by the term algebra."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        return self.fc(self.pool(self.act(y + self.pool(y))).flatten(1))
+
+
+def test_refusals_from_shared_term_code_name_the_operation() -> None:
+    """Adds, concatenations and windows are shared code that cannot know where it was called from: the
+    interpreter names the node, so a user knows which line of the model to change."""
+    with pytest.raises(UnsupportedModelError, match=r"^'add' in the model's top-level forward: add of shapes"):
+        ierf.SRD(_BroadcastAdd().eval()).saliency(torch.randn(1, 3, 6, 6), 0)
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(7), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError, match=r"too small for this model: module '2' \(AvgPool2d\): a 7x7 window"):
+        ierf.SRD(small).saliency(torch.randn(1, 3, 6, 6), 0)
+
+
 def test_layer_relevance_above_a_gradient_start_is_refused() -> None:
     """Relevance starts at the gradient head's start map: layers after it never receive any, and used to
     come back as silent zeros."""

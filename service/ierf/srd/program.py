@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ierf.errors import UnsupportedModelError
+from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.interrupt import checkpoint
 from ierf.srd.graph import check_model_state, head_subgraph, module_identities, name_activations, rule_type, trace
 from ierf.srd.ratios import stage_ratios, tap_products
@@ -257,10 +257,22 @@ class _Interpreter:
             if node.op == "output":
                 return args[0]
             first = module if node.op == "call_module" else node.target
-            env[node] = rule(self, node, first, *args, **kwargs)
+            try:
+                env[node] = rule(self, node, first, *args, **kwargs)
+            except (UnsupportedModelError, InputSizeError) as exc:
+                raise _located(exc, self.where(node)) from None
             for dead in _last_uses(self.program, node):
                 env.pop(dead, None)
         raise UnsupportedModelError("the traced graph has no output")
+
+
+def _located(exc: ValueError, where: _Where) -> ValueError:
+    """The refusal with the operation that raised it named: a rule names its node itself, but the shared
+    term algebra (adds, concatenations, windows) cannot know where it was called from."""
+    place = str(where)
+    if place in str(exc):
+        return exc
+    return type(exc)(f"{place}: {exc}")
 
 
 def _last_uses(program: Program, node: fx.Node) -> list[fx.Node]:

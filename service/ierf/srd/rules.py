@@ -660,10 +660,7 @@ def _cat_function(ctx, node, fn, tensors, dim=0) -> Affine:
     ndim = 2 if parts[0].is_vector else 4  # (B, C) vectors: dim -1 is the channel dim too
     if dim % ndim != 1:
         raise UnsupportedModelError(f"{where}: torch.cat along dim {dim} (only channel concatenation)")
-    try:
-        return cat_channels(parts)
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"{where}: {exc}") from None
+    return cat_channels(parts)
 
 
 def _flatten(ctx, node, x, start_dim=1, end_dim=-1) -> Affine:
