@@ -137,6 +137,16 @@ def test_byte_lru_evicts_least_recently_used_and_refuses_oversize() -> None:
     assert lru.put("a", "A2", 10) and lru.nbytes == 50 and lru.get("a") == "A2"
 
 
+def test_a_value_of_exactly_the_l1_capacity_is_kept() -> None:
+    """Guards against L1 refusing a value as big as its whole capacity (``>=`` for ``>``): can_keep says
+    such a value fits, so with Redis off the worker would compute it, find it unstored and recompute it
+    on every request for the image."""
+    cache = TieredCache(100)
+    assert cache.can_keep(100, 10**9)
+    cache.put("k", "V", 100, None)
+    assert cache.get("k", _rebuild).tier == "l1" and cache.l1.nbytes == 100
+
+
 def test_breaker_opens_after_threshold_then_half_opens_with_one_trial() -> None:
     now = [0.0]
     breaker = CircuitBreaker(failure_threshold=2, open_seconds=5, clock=lambda: now[0])
@@ -528,6 +538,67 @@ def test_deferred_writes_are_bounded_like_the_write_behind_queue(redis_flushed) 
     assert cache.flush(timeout_s=5)
     assert tier.get(KEY)[0] == "hit"
     cache.close()
+
+
+def test_a_deferred_put_counts_the_bytes_already_queued_behind(redis_flushed) -> None:
+    """Guards against the deferred bound ignoring the queued bytes: with a write already pending behind
+    a slow Redis, a deferred value that does not fit beside it must not be held as well, or the replica
+    keeps twice its write-behind budget of tensors in memory."""
+    tensors = {"ratios": torch.rand(100_000)}  # 400 KB: the codec's header is negligible next to it
+    size = tensors_nbytes(tensors)
+    tier = RedisTier(RedisSettings(url=redis_flushed.url))
+    release = threading.Event()
+    real_put = tier.put
+
+    def held_put(key: str, value: bytes) -> str:
+        release.wait(5)
+        return real_put(key, value)
+
+    tier.put = held_put  # type: ignore[method-assign]
+    cache = TieredCache(0, tier, write_behind_bytes=size + size // 2)
+    try:
+        assert cache.put(KEY, tensors, 1, tensors, background=True) == "queued"  # pending behind the held SET
+        assert cache.put(KEY + ":b", tensors, 1, tensors, background=True, deferred=True) == "dropped"
+        assert not cache.has_deferred()
+    finally:
+        release.set()
+    assert cache.flush(timeout_s=5)
+    cache.close()
+
+
+def test_a_key_written_behind_twice_stays_readable_until_its_last_write_lands() -> None:
+    """Guards against the write-behind queue counting one pending write per key: when the same key is
+    queued twice, the first write to finish must not forget the second (its value would no longer be
+    read from memory, and the writer thread would fail on the second and write nothing more)."""
+    from ierf.serving.cache import _WriteBehind
+
+    gate = threading.Semaphore(0)
+    written: list[tuple[str, bytes]] = []
+
+    def write(key: str, value: bytes) -> None:
+        assert gate.acquire(timeout=5)
+        written.append((key, value))
+
+    behind = _WriteBehind(write, 1000)
+    try:
+        assert behind.submit("k", b"old") and behind.submit("k", b"new!")
+        assert behind.peek("k") == b"new!"
+        gate.release()  # the first write lands
+        deadline = time.monotonic() + 5
+        while behind.pending_bytes != 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert behind.pending_bytes == 4
+        assert behind.peek("k") == b"new!"  # the second is still on its way: still read from memory
+        gate.release()
+        assert behind.flush(5) and behind.peek("k") is None
+        assert behind.submit("j", b"x")
+        gate.release()
+        assert behind.flush(5)
+        assert written == [("k", b"old"), ("k", b"new!"), ("j", b"x")]
+    finally:
+        for _ in range(3):
+            gate.release()
+        behind.close(1)
 
 
 def test_a_deferred_value_whose_encoding_fails_is_dropped_not_retried_forever(redis_flushed) -> None:

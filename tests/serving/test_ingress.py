@@ -311,6 +311,28 @@ def test_undecodable_bodies_and_long_names_get_precise_codes_over_grpc() -> None
     asyncio.run(scenario())
 
 
+def test_the_services_are_registered_where_serves_reflection_lists_them() -> None:
+    """Guards against registering the tolerant handlers by name only: Serve's proxy builds its server
+    reflection list (documented as on) from the generic handlers, so without them reflection would not
+    list ierf.v1.ExplainService, and grpcurl/Postman users could not discover the API. Uses Serve's own
+    proxy server class, without a cluster."""
+    from grpc_health.v1 import health_pb2_grpc
+    from ierf.serving.protocol import add_explain_service, add_health_service
+    from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+    from ray.serve._private.grpc_util import get_service_names, gRPCGenericServer
+
+    async def names() -> set[str]:
+        server = gRPCGenericServer(lambda **kwargs: None)
+        try:
+            add_explain_service(pb_grpc.ExplainServiceServicer(), server)
+            add_health_service(health_pb2_grpc.HealthServicer(), server)
+            return get_service_names(server.generic_rpc_handlers)
+        finally:
+            await server.stop(None)
+
+    assert {"ierf.v1.ExplainService", "grpc.health.v1.Health"} <= asyncio.run(names())
+
+
 def _outcome() -> Any:
     import numpy as np
     from ierf.serving.jobs import Outcome, Provenance, Score

@@ -50,6 +50,29 @@ def test_hash_depends_on_shape_not_only_bytes() -> None:
     assert a.content_hash != b.content_hash
 
 
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_hash_covers_every_pixel_of_every_channel(channel: int) -> None:
+    """Guards against a content hash over part of the pixels (one channel, a prefix): two images that
+    differ only there would share every cache key, and one would be served the other's decomposition."""
+    pixels = _rgb(8, 10)
+    base = decode_tensor(pixels.tobytes(), "uint8", [8, 10, 3], LIMITS).content_hash
+    for row, col in [(0, 0), (4, 5), (7, 9)]:
+        other = pixels.copy()
+        other[row, col, channel] ^= 1
+        changed = decode_tensor(other.tobytes(), "uint8", [8, 10, 3], LIMITS).content_hash
+        assert changed != base, (row, col, channel)
+
+
+def test_an_image_of_exactly_max_bytes_is_accepted() -> None:
+    """Guards against the byte cap refusing an image of exactly ``max_bytes`` (``>=`` for ``>``): the cap
+    is the largest size accepted, as ModelInfo.input.max_image_bytes tells callers to size uploads by."""
+    data = _encode(_rgb(16, 16), "PNG")
+    image = decode_encoded(data, ImageLimits(max_bytes=len(data), max_pixels=1_000_000, max_side=4000))
+    assert image.pixels.shape == (16, 16, 3)
+    with pytest.raises(ResourceExhausted, match="over the cap"):
+        decode_encoded(data, ImageLimits(max_bytes=len(data) - 1, max_pixels=1_000_000, max_side=4000))
+
+
 def test_float_tensor_rounds_to_uint8_levels_and_grey_expands() -> None:
     grey = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
     image = decode_tensor(grey.tobytes(), "float32", [3, 4], LIMITS)

@@ -672,6 +672,87 @@ def test_a_retry_gets_only_the_budget_that_is_left(flavour: str) -> None:
     assert elapsed < 1.5
 
 
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_retry_tells_the_server_only_the_budget_that_is_left(flavour: str) -> None:
+    """Guards against the ``ierf-timeout-ms`` metadata of a retry carrying the whole budget instead of what
+    is left: Serve does not forward grpc-timeout, so the server would keep computing for a caller that has
+    already given up. After an UNAVAILABLE at 0.6 s of 1.5 s, the retry must announce under 0.9 s."""
+    import asyncio
+    from concurrent import futures
+
+    from ierf_client import AsyncClient, Client
+    from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+    announced: list[int] = []
+
+    class Explainer(pb_grpc.ExplainServiceServicer):
+        def Explain(self, request, context):
+            announced.append(int(dict(context.invocation_metadata())[_core.TIMEOUT_METADATA_KEY]))
+            if len(announced) == 1:
+                time.sleep(0.6)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            return pb.ExplainResponse(map=pb.Tensor(data=bytes(4), dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 1]))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ExplainServiceServicer_to_server(Explainer(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    try:
+        if flavour == "sync":
+            with Client(address, timeout=1.5) as client:
+                result = client.explain(pixels, overlay=False)
+        else:
+
+            async def call() -> Any:
+                async with AsyncClient(address, timeout=1.5) as client:
+                    return await client.explain(pixels, overlay=False)
+
+            result = asyncio.run(call())
+    finally:
+        server.stop(None)
+    assert result.map.shape == (1, 1)
+    assert len(announced) == 2
+    assert 1200 < announced[0] <= 1500 and 0 < announced[1] < 900
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_max_attempts_is_the_number_of_calls_made(flavour: str) -> None:
+    """Guards against an off-by-one in ``RetryPolicy.gives_up``: ``max_attempts=3`` against a server that
+    always answers UNAVAILABLE makes exactly three calls, not four, well inside the call's budget."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2_grpc
+    from ierf_client import AsyncClient, Client, UnavailableError
+
+    calls: list[float] = []
+
+    class Down(health_pb2_grpc.HealthServicer):
+        def Check(self, request, context):
+            calls.append(time.monotonic())
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+    server, port = _started_health_server(Down())
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.01)
+    try:
+        with pytest.raises(UnavailableError):
+            if flavour == "sync":
+                with Client(f"127.0.0.1:{port}", timeout=10, retry=policy) as client:
+                    client.health()
+            else:
+
+                async def probe() -> None:
+                    async with AsyncClient(f"127.0.0.1:{port}", timeout=10, retry=policy) as client:
+                        await client.health()
+
+                asyncio.run(probe())
+    finally:
+        server.stop(None)
+    assert len(calls) == 3
+    assert _core.retry_pause(policy, grpc.StatusCode.UNAVAILABLE, 2, time.monotonic() + 10) is not None
+    assert _core.retry_pause(policy, grpc.StatusCode.UNAVAILABLE, 3, time.monotonic() + 10) is None
+
+
 def test_responses_past_grpcs_4_mib_default_are_received() -> None:
     """gRPC refuses messages over 4 MiB by default; a 64-position float32 ComputeIERF is 12 MiB, so the SDK
     raises its receive limit."""
