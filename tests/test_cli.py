@@ -434,3 +434,11 @@ def test_in_process_ierf_is_of_the_requested_row_and_col() -> None:
     expected = decomposition.ierf(layer, torch.tensor([[2, 5]]))[0, 0].float().numpy()
     np.testing.assert_allclose(result.map, expected, rtol=1e-5, atol=1e-7)
     assert result.position == (2, 5)
+
+
+def test_explicit_target_reports_its_own_logit() -> None:
+    """The reported target logit is the chosen class's, not the top-1's: with the identity contrast the SRD map
+    of the target sums to it (cup, 968, is not coffee's top-1)."""
+    result = InProcessBackend().explain(ExplainRequest(image=demo_image("coffee"), target="cup"))
+    assert result.target is not None and result.target.index == 968 != result.top[0].index
+    assert float(result.map.sum()) == pytest.approx(result.target_logit, rel=1e-3)

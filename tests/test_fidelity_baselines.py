@@ -397,3 +397,84 @@ def test_lrp_follows_in_place_changes_to_the_callers_buffers(model: nn.Module, x
     after = explainer.saliency(x, 1)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, ierf.create_explainer("lrp", net).saliency(x, 1))
+
+
+# -- mutation round 7 --------------------------------------------------------------------------------------------
+def test_integrated_gradients_uses_the_requested_number_of_steps(model: nn.Module, x: torch.Tensor) -> None:
+    """n_steps reaches Captum: the map equals Captum's IG from the zero baseline with that many steps (Captum's
+    own default of 50 differs from 5 by far more than float noise)."""
+    from captum.attr import IntegratedGradients
+
+    ours = ierf.create_explainer("integrated_gradients", model, n_steps=5).saliency(x, 3)
+    reference = IntegratedGradients(copy.deepcopy(model).eval()).attribute(
+        x, baselines=torch.zeros_like(x), target=3, n_steps=5
+    )
+    torch.testing.assert_close(ours, reference.sum(1).float(), rtol=1e-4, atol=1e-5 * float(ours.abs().max()))
+
+
+def test_smoothgrad_passes_its_sample_count_and_noise_to_captum(model: nn.Module, x: torch.Tensor) -> None:
+    """n_samples, the per-image noise std (noise_level x value range) and the seed reach Captum's NoiseTunnel:
+    the map equals the library's SmoothGrad drawn from the same seed (3 samples, not the default 16)."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    image = x[:1]
+    ours = ierf.create_explainer("smoothgrad", model, n_samples=3, noise_level=0.1, seed=4).saliency(image, 2)
+    reference_model = copy.deepcopy(model).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        reference = NoiseTunnel(Saliency(reference_model)).attribute(
+            image.clone().requires_grad_(True),
+            nt_type="smoothgrad",
+            nt_samples=3,
+            nt_samples_batch_size=3,
+            stdevs=float(0.1 * (image.max() - image.min())),
+            target=2,
+            abs=False,
+        )
+    torch.testing.assert_close(ours, reference.sum(1).detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_cam_on_a_module_called_twice_uses_its_last_call(model: nn.Module, x: torch.Tensor) -> None:
+    """Documented: a module called several times per forward contributes its last call. torchvision's BasicBlock
+    calls its ReLU twice; the second call's output is the block's output, so the two layer names give one map."""
+    shared = ierf.create_explainer("gradcam", model, layer="layer1.0.relu").saliency(x, 1)
+    block = ierf.create_explainer("gradcam", model, layer="layer1.0").saliency(x, 1)
+    torch.testing.assert_close(shared, block)
+
+
+def test_lrp_canonizes_bottleneck_resnets_too() -> None:
+    """ResNet-50/101 are built from Bottleneck blocks: they need the ResNet canonizer (residual sums through
+    the Norm rule), not the plain sequential BN merge."""
+    import torchvision
+    from ierf.baselines.lrp import ResNetCanonizer
+
+    with torch.device("meta"):
+        net = torchvision.models.resnet50(weights=None)
+    assert isinstance(canonizers_for(net)[0], ResNetCanonizer)
+
+
+def test_lrp_epsilon_reaches_the_composite(model: nn.Module, x: torch.Tensor) -> None:
+    """The epsilon option is Zennit's epsilon rule's (linear layers): a large one damps the map as Zennit's
+    does with the same epsilon, and differs from the default."""
+    reference = copy.deepcopy(model)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    target = torch.tensor([1, 7])
+    with ZennitGradient(reference, EpsilonPlusFlat(epsilon=5.0, canonizers=[ResNetCanonizer()])) as attributor:
+        _, relevance = attributor(x.clone().requires_grad_(True), torch.eye(10)[target])
+    damped = ierf.create_explainer("lrp", model, epsilon=5.0).saliency(x, target)
+    torch.testing.assert_close(damped, relevance.sum(1), rtol=1e-3, atol=1e-4 * float(damped.abs().max()))
+    default = ierf.create_explainer("lrp", model).saliency(x, target)
+    assert not torch.allclose(damped, default, rtol=1e-2, atol=1e-2 * float(default.abs().max()))
+
+
+def test_lrp_differentiable_path_follows_changes_to_the_callers_model(model: nn.Module, x: torch.Tensor) -> None:
+    """The manipulation attack's differentiable LRP must explain the model as it is now, like saliency()."""
+    net = copy.deepcopy(model)
+    explainer = ierf.create_explainer("lrp", net)
+    explainer.differentiable_saliency(x.clone().requires_grad_(True), torch.tensor([1, 7]))
+    with torch.no_grad():
+        net.fc.weight.mul_(-2.0)
+    diff = explainer.differentiable_saliency(x.clone().requires_grad_(True), torch.tensor([1, 7]))
+    fresh = ierf.create_explainer("lrp", net).saliency(x, torch.tensor([1, 7]))
+    torch.testing.assert_close(diff.detach(), fresh, atol=1e-6, rtol=1e-4)

@@ -525,3 +525,82 @@ def test_infinite_maps_are_refused() -> None:
     """check_maps promises finite maps: an infinite map is an error, not a NaN score."""
     with pytest.raises(ValueError, match="infinite"):
         gini(torch.full((1, 4, 4), float("inf")))
+
+
+# -- mutation round 7 --------------------------------------------------------------------------------------------
+def test_manipulation_result_fields_compare_the_documented_maps() -> None:
+    """pearson_after_target is the *manipulated* map against the target (the attack's success), and
+    prediction_kept compares the argmax after with the argmax before - not with the explained class, which
+    here is each image's least likely one."""
+    model = _small_net()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    target = model(x).argsort(1)[:, 0]  # the least likely class: never the argmax
+    evaluate = _gradient_explain(model)
+    goal = torch.roll(evaluate(x, model(x).argmax(1)).detach(), 1, 0)
+    result = manipulation_attack(
+        _gradient_explain, evaluate, model, x, target, goal, epsilon=0.1, bounds=(-1, 1), steps=20
+    )
+    torch.testing.assert_close(result.pearson_after_target, pearson(result.maps_after, goal))
+    assert not torch.allclose(result.pearson_after_target, pearson(result.maps_before, goal), atol=1e-3)
+    with torch.no_grad():
+        kept = model(result.x_adv).argmax(1) == model(x).argmax(1)
+    assert kept.all() and torch.equal(result.prediction_kept, kept)
+
+
+def test_manipulation_without_replaceable_activations_is_flagged_unsmoothed() -> None:
+    """``smoothed`` says whether the attack ran on a smoothed copy: a model with no nn.ReLU / nn.ReLU6 module
+    (here Tanh) has nothing to replace, so its row must be flagged like a refused copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0])
+    goal = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(2))
+    evaluate = _gradient_explain(model)
+    result = manipulation_attack(
+        _gradient_explain, evaluate, model, x, target, goal, epsilon=0.1, bounds=(0, 1), steps=1
+    )
+    assert result.smoothed is False
+
+
+def test_a_box_starting_at_the_map_edge_is_outside() -> None:
+    """Row y0 = H (or column x0 = W) is past the last pixel: such a box scores 0 for every map, so it is refused
+    like any other box outside the map."""
+    maps = torch.randn(1, 12, 12, generator=torch.Generator().manual_seed(0))
+    for box in ([12, 0, 13, 4], [0, 12, 4, 13]):
+        with pytest.raises(ValueError, match="outside the 12x12 map"):
+            pointing_game(maps, torch.tensor([box]))
+
+
+def test_max_sensitivity_uses_every_sample() -> None:
+    """n_samples draws are made and each counts: with one sample the score is that one draw's relative change."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    sens = max_sensitivity(_first_channel, x, torch.tensor([0]), radius=0.05, n_samples=1, seed=7)
+    span = x.max() - x.min()
+    noise = (torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) * 2 - 1) * 0.05 * span
+    expected = noise[:, 0].double().flatten(1).norm(dim=1) / x[:, 0].double().flatten(1).norm(dim=1)
+    torch.testing.assert_close(sens, expected.float())
+
+
+def test_gaussian_blur_kernel_reaches_three_sigma() -> None:
+    """Documented kernel radius 3 sigma: a spike blurred with sigma 1.5 spreads to 5 pixels (int(4.5 + 0.5)),
+    no further, with the normalised Gaussian weights (a 2 sigma kernel would stop at 3 pixels)."""
+    spike = torch.zeros(1, 1, 21, 21)
+    spike[0, 0, 10, 10] = 1.0
+    blurred = gaussian_blur(spike, 1.5)[0, 0]
+    offsets = torch.arange(-5.0, 6.0)
+    kernel = torch.exp(-0.5 * (offsets / 1.5) ** 2)
+    kernel = kernel / kernel.sum()
+    expected = torch.zeros(21, 21)
+    expected[5:16, 5:16] = kernel[:, None] * kernel[None, :]
+    torch.testing.assert_close(blurred, expected)
+
+
+def test_mean_fill_is_each_channels_own_mean() -> None:
+    """Deletion's default fill is the image's per-channel mean colour: a red image fully deleted stays red
+    (p ~ 1 for a model reading the red channel), where a grey mean over all channels would read 0.8 / 3."""
+    x = torch.zeros(1, 3, 10, 10)
+    x[:, 0] = 0.8
+    curves = insertion_deletion(_PixelModel(channel=0), x, 0, torch.zeros(1, 10, 10), n_steps=2)
+    assert curves.deletion[0, -1].item() > 0.99

@@ -571,3 +571,59 @@ def test_a_cuda_index_at_the_device_count_is_refused_by_name(monkeypatch: pytest
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"device 'cuda:1' requested but this machine has 1 CUDA device\(s\)"):
         load_model("efficientnet_lite0", random_init=True, device="cuda:1")
+
+
+# --- mutation round 7 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_every_weight_file_gets_the_preprocessing_torchvision_trained_it_with(arch: str) -> None:
+    """Each accepted file's resize, crop, mean and std are those of its torchvision weights entry (V1: resize
+    256, V2: 232, Inception-v3: 342 -> 299), so a wrong resize for one file cannot hide behind the others."""
+    spec = model_spec(arch)
+    by_file = {Path(weights.url).name: weights for weights in WEIGHT_ENUMS[arch]}
+    for file_name in spec.weight_files:
+        reference = by_file[file_name].transforms()
+        ours = spec.file_preprocessing.get(file_name, spec.preprocessing)
+        assert (ours.resize, ours.crop) == (reference.resize_size[0], reference.crop_size[0]), file_name
+        assert ours.mean == pytest.approx([m * 255 for m in reference.mean]), file_name
+        assert ours.std == pytest.approx([s * 255 for s in reference.std]), file_name
+
+
+def test_centre_crop_offset_rounds_like_torchvision() -> None:
+    """A 300x454 photo resizes to 256x387: the crop's left edge is round(81.5) = 82, as torchvision's CenterCrop
+    puts it; flooring it to 81 shifts the whole crop by one pixel."""
+    model = load_model("resnet18", random_init=True)
+    image = Image.fromarray(demo_image("chelsea")).resize((454, 300), Image.Resampling.BILINEAR)
+    reference = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )(image)
+    ours = model.preprocess(image)
+    assert (ours - reference).abs().max() <= 1.01 / (255 * 0.224)
+    assert (ours - reference).abs().gt(1e-5).float().mean() < 0.01
+
+
+def test_env_dir_is_searched_before_the_torch_hub_cache(no_weight_dirs, resnet18_file) -> None:
+    """Documented order: $IERF_WEIGHTS_DIR first, then the hub cache (a stale hub download must not win)."""
+    weights_dir, hub_dir = no_weight_dirs
+    hub_dir.mkdir(parents=True)
+    (hub_dir / "resnet18-f37072fd.pth").write_bytes(b"stale download")
+    chosen = _place(resnet18_file[0], weights_dir / "resnet18-f37072fd.pth")
+    assert resolve_weights("resnet18") == chosen
+
+
+def test_a_checkpoint_wrapping_weights_under_model_loads(tmp_path: Path) -> None:
+    """Training checkpoints store the weights under "state_dict" or "model"; both are unwrapped."""
+    torch.manual_seed(5)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "train_ckpt.pth"
+    torch.save({"model": state, "epoch": 3}, path)
+    loaded = load_model("resnet18", weights=path)
+    torch.testing.assert_close(loaded.module.fc.bias, state["fc.bias"], rtol=0, atol=0)
+
+
+def test_a_name_listed_twice_is_ambiguous_not_the_first() -> None:
+    """An exact match wins only when it is unique: a class list naming two classes alike (a custom head) must
+    not silently resolve to the first of them."""
+    with pytest.raises(ValueError, match=r"ambiguous; candidates: 1 'crane', 2 'crane'"):
+        class_index("crane", ["cat", "crane", "crane"])
