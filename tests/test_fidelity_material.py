@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -197,3 +199,157 @@ def test_confident_images_keep_the_most_confident_photo_of_a_class() -> None:
     }
     kept = grid.confident_images(_LogitsFromPixel(), lambda a: torch.tensor(a, dtype=torch.float32), photos)
     assert {(image.name, image.label) for image in kept} == {("strong", 0), ("other", 1)}
+
+
+# -- mutation round 7 --------------------------------------------------------------------------------------------
+class _PatternIsTheClass(nn.Module):
+    """logits = relu(x + 1): x = (+a, -b) is class 0, (-b, +a) class 1; with a zeros input the replay through
+    an image's own ReLU pattern gives exactly its on/off mask, i.e. that image's class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(2))
+            self.lin.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.lin(x))
+
+
+def test_apop_agreement_scores_are_fractions_of_all_images_and_shuffled_is_scored_on_the_other_image() -> None:
+    """Closed form on a net whose ReLU pattern *is* the class: own pattern + zeros agrees always; the other
+    image's pattern predicts the other image's class (shuffled_pattern_zeros = 1, shuffled_vs_own = 0); the
+    plain zeros input is class 0 = half the images. Scores are divided by the number of images, not the batch
+    size (two batches of two here), and the shuffled score is checked against the *other* image's prediction."""
+    x = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [3.0, -3.0], [-3.0, 3.0]])  # classes 0, 1, 0, 1
+    scores = apop_agreement(_PatternIsTheClass(), x, batch_size=2)
+    expected = {"pattern_zeros": 1.0, "plain_zeros": 0.5, "shuffled_pattern_zeros": 1.0, "shuffled_vs_own": 0.0}
+    assert {key: scores[key] for key in expected} == pytest.approx(expected)
+
+
+def test_apop_shuffled_scores_count_only_the_images_that_were_shuffled() -> None:
+    """A last batch of one image has no other image's pattern to take: the shuffled scores are fractions of
+    the images that were shuffled (dividing by all images read 4/5 for a perfect 1.0 here), NaN when none."""
+    x = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [3.0, -3.0], [-3.0, 3.0], [4.0, -4.0]])  # batches 2 + 2 + 1
+    scores = apop_agreement(_PatternIsTheClass(), x, batch_size=2)
+    assert scores["shuffled_pattern_zeros"] == 1.0 and scores["shuffled_vs_own"] == 0.0
+    assert scores["pattern_zeros"] == 1.0 and scores["plain_zeros"] == pytest.approx(3 / 5)
+    alone = apop_agreement(_PatternIsTheClass(), x[:1])
+    assert math.isnan(alone["shuffled_pattern_zeros"]) and alone["pattern_zeros"] == 1.0
+
+
+def test_grid_orders_are_distinct_cyclic_arrangements_named_row_major() -> None:
+    """Order k shifts the cells by k (two orders of one subset are different grids, so position is balanced),
+    and ``names`` lists the photos in cells 0..3 row-major: cell 1 is the top-right quarter."""
+    size = 8
+    cases = grid.build_grids(_fake_images(4, size), orders=2)
+    assert cases.names == [("img0", "img1", "img2", "img3"), ("img1", "img2", "img3", "img0")]
+    origins = [(0, 0), (0, size), (size, 0), (size, size)]  # row-major
+    for g, names in enumerate(cases.names):
+        for (y, x), name in zip(origins, names, strict=True):
+            assert torch.all(cases.grids[g, :, y : y + size, x : x + size] == float(name[3:])), (g, name)
+
+
+def test_glyph_split_holds_out_a_fifth_of_each_class() -> None:
+    """HELD_OUT_FRACTION = 20 % of each digit's glyphs is the test pool; swapped halves would hold out 80 % and
+    train on 20 %, and nothing else checks the sizes."""
+    _, labels = synthetic._digits()
+    split = synthetic.glyph_split()
+    for cls in range(10):
+        n_class = int((labels == cls).sum())
+        assert int((labels[split["test"]] == cls).sum()) == round(n_class * synthetic.HELD_OUT_FRACTION)
+
+
+def test_distractor_boxes_keep_their_gap_from_the_glyph() -> None:
+    """Distractors are placed away from the digit: a box within ``gap`` pixels of the glyph box counts as
+    overlapping (else a distractor could touch the glyph and share its pointing-game box)."""
+    glyph = (10, 10, 20, 20)
+    assert synthetic._boxes_overlap((21, 10, 30, 20), glyph, gap=2)  # one free row: too close
+    assert synthetic._boxes_overlap((10, 0, 20, 9), glyph, gap=2)
+    assert not synthetic._boxes_overlap((22, 10, 30, 20), glyph, gap=2)
+    assert not synthetic._boxes_overlap((10, 0, 20, 8), glyph, gap=2)
+
+
+def test_centre_point_hit_rate_uses_end_exclusive_boxes() -> None:
+    """Boxes are (y0, x0, y1, x1) with exclusive ends: a box ending at the centre row does not contain it."""
+    n = 2
+    data = synthetic.SyntheticSet(
+        images=torch.zeros(n, 3, 96, 96, dtype=torch.uint8),
+        labels=torch.zeros(n, dtype=torch.long),
+        boxes=torch.tensor([[0, 0, 48, 48], [48, 48, 60, 60]]),  # centre (48, 48): outside, inside
+        masks=torch.ones(n, 96, 96, dtype=torch.bool),
+        glyph_ids=torch.zeros(n, dtype=torch.long),
+        background_ids=torch.zeros(n, dtype=torch.long),
+        split="test",
+        seed=0,
+    )
+    assert synthetic.centre_point_hit_rate(data) == 0.5
+
+
+def test_train_refuses_a_curriculum_that_does_not_end_on_the_real_task() -> None:
+    """The last stage must be the 96 px task (the first one is deliberately smaller)."""
+    from ierf.fidelity.train import Stage, train
+
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    try:
+        with pytest.raises(ValueError, match="last stage must train on the 96 px task"):
+            train(stages=(Stage(96, 8, 1, 0), Stage(40, 8, 1, 0)), threads=1, seed=123, log=False)
+        # refused before it touches the process: thread count and global RNG are as they were
+        assert torch.get_num_threads() == threads
+        assert torch.equal(torch.random.get_rng_state(), rng)
+    finally:
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)
+
+
+def test_accuracy_compares_each_batch_with_its_own_labels(test_set: synthetic.SyntheticSet) -> None:
+    """accuracy() in batches equals the whole-set count, whatever the batch size."""
+    from ierf.fidelity.train import accuracy
+
+    model = load_tiny_resnet()
+    data = test_set.subset(slice(0, 24))
+    with torch.no_grad():
+        expected = (model(data.inputs()).argmax(1) == data.labels).float().mean().item()
+    assert accuracy(model, data, batch_size=5) == pytest.approx(expected)
+
+
+def test_confident_images_threshold_is_inclusive() -> None:
+    """Documented: top-1 probability >= min_prob is kept (a photo exactly at the threshold too)."""
+    kept = grid.confident_images(
+        _LogitsFromPixel(), lambda a: torch.tensor(a, dtype=torch.float32), {"even": np.array([0.0, 0.0])}, 0.5
+    )
+    assert [(image.name, image.prob) for image in kept] == [("even", 0.5)]
+
+
+def test_committed_record_describes_the_data_the_code_generates_now() -> None:
+    """The checkpoint was trained on (u8/255 - 0.5) / 0.25 inputs, this glyph split and this geometry: a drifted
+    constant still leaves the model above chance (the accuracy check above passes with std 0.5), so the record
+    written at training time is compared with the generator's constants instead."""
+    data = training_record()["data"]
+    assert data["input_normalisation"] == f"(u8/255 - {synthetic.INPUT_MEAN}) / {synthetic.INPUT_STD}"
+    assert data["held_out_glyphs"] == synthetic.glyph_split()["test"].size
+    assert data["config"] == json.loads(json.dumps(dataclasses.asdict(synthetic.SyntheticConfig())))
+    assert (data["train_seed"], data["test_seed"], data["glyph_split_seed"]) == (
+        synthetic.TRAIN_SEED,
+        synthetic.TEST_SEED,
+        synthetic.GLYPH_SPLIT_SEED,
+    )
+
+
+def test_training_history_averages_the_losses_of_its_own_window() -> None:
+    """A 3-step stage logs one point whose loss is the mean of those 3 steps (about ln 10 = 2.3 for an untrained
+    10-class net), not their sum over a fixed 250-step window."""
+    from ierf.fidelity.train import Stage, train
+
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()  # train() sets both
+    try:
+        model, record = train(stages=(Stage(96, 16, 3, 0),), n_test=8, batch_size=8, log=False)
+    finally:
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)
+    (point,) = record["training"]["history"]
+    assert (point["canvas"], point["step"]) == (96, 3)
+    assert 1.0 < point["train_loss"] < 5.0
+    assert not model.training and 0.0 <= record["test_accuracy"] <= 1.0

@@ -178,7 +178,9 @@ def apop_agreement(model: nn.Module, x: torch.Tensor, batch_size: int = 64, seed
     * ``plain_zeros`` / ``plain_noise``: control, the replacement input through the normal network;
     * ``shuffled_pattern_zeros``: another image's pattern with zeros input, scored against *that*
       image's prediction (does the pattern alone carry the other image's class?), and
-      ``shuffled_vs_own``: the same outputs scored against the own image's prediction.
+      ``shuffled_vs_own``: the same outputs scored against the own image's prediction. Both are over the
+      images that could be shuffled: a last batch of one image has no other pattern to take (NaN when no
+      batch had two images).
     """
     apop = APOP(model)
     totals = dict.fromkeys(
@@ -186,6 +188,7 @@ def apop_agreement(model: nn.Module, x: torch.Tensor, batch_size: int = 64, seed
         0,
     )
     n = x.shape[0]
+    shuffled = 0
     for start in range(0, n, batch_size):
         batch = x[start : start + batch_size]
         logits, pattern = apop.record(batch)
@@ -200,4 +203,11 @@ def apop_agreement(model: nn.Module, x: torch.Tensor, batch_size: int = 64, seed
             out = apop.replay(other, torch.zeros_like(batch)).argmax(1)
             totals["shuffled_pattern_zeros"] += int((out == pred[rolled]).sum())
             totals["shuffled_vs_own"] += int((out == pred).sum())
-    return {key: value / n for key, value in totals.items()}
+            shuffled += batch.shape[0]
+
+    def share(key: str, hits: int) -> float:
+        if not key.startswith("shuffled"):
+            return hits / n
+        return hits / shuffled if shuffled else float("nan")
+
+    return {key: share(key, hits) for key, hits in totals.items()}

@@ -102,12 +102,12 @@ def train(
     log: bool = True,
 ) -> tuple[TinyResNet, dict]:
     """Generate data, train through the curriculum, evaluate; returns the eval-mode model and its record."""
+    final = synthetic.SyntheticConfig()
+    if stages[-1].canvas != final.canvas:  # checked first: a refused call leaves the process as it was
+        raise ValueError(f"the last stage must train on the {final.canvas} px task")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    final = synthetic.SyntheticConfig()
-    if stages[-1].canvas != final.canvas:
-        raise ValueError(f"the last stage must train on the {final.canvas} px task")
     model = TinyResNet()
     history: list[dict] = []
     gen_seconds = train_seconds = 0.0
