@@ -87,3 +87,16 @@ def test_a_bool_target_tensor_is_refused_like_a_bool() -> None:
     with pytest.raises(TypeError, match="integer dtype"):
         methods.resolve_target(torch.tensor([True, False]), 2)
     assert methods.resolve_target(torch.tensor([1, 0]), 2).tolist() == [1, 0]
+
+
+def test_a_registered_method_is_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against listing only the built-in provider table: a method registered with ``register_method``
+    (a plugin) is accepted by ``create_explainer`` but the service offers only what ``available_methods``
+    lists, so it could never be requested."""
+
+    def factory(model: object) -> object:
+        return model
+
+    monkeypatch.setitem(methods._REGISTRY, "my_plugin", factory)
+    assert "my_plugin" in ierf.available_methods()
+    assert methods.create_explainer("my_plugin", "model") == "model"

@@ -369,3 +369,18 @@ def test_an_overload_wrapped_by_ray_still_says_when_to_retry() -> None:
     code, _ = to_status(wrapped)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert retry_trailers(wrapped, code) == [(RETRY_AFTER_KEY, "250"), (PUSHBACK_KEY, "250")]
+
+
+def test_an_index_error_from_the_engine_is_the_callers_mistake() -> None:
+    """Guards against IndexError falling through to INTERNAL: an index out of range (a class or position the
+    checks let through) is a bad argument the caller can fix, not a server bug to page someone about."""
+    code, message = to_status(IndexError("index 1000 is out of bounds for dimension 0 with size 1000"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "out of bounds" in message
+
+
+def test_a_password_after_another_query_option_is_redacted() -> None:
+    """Guards against redacting ``?password=`` only when it is the first query option: ``&password=`` would
+    reach the deploy error (and the logs that keep it) in clear text."""
+    with pytest.raises(ValueError, match=r"0\?foo=1&password=\*\*\*") as raised:
+        ServiceConfig.from_args({"cache": {"redis_url": "redis://h:1/0?foo=1&password=s3cret"}})
+    assert "s3cret" not in str(raised.value)

@@ -864,3 +864,129 @@ def test_provenance_sums_a_stage_met_twice_and_keeps_the_positions_order() -> No
     positions = positions_array([pb.Position(row=1, col=5), pb.Position(row=2, col=0)])
     assert positions.tolist() == [[1, 5], [2, 0]] and positions.dtype.name == "int64"
     assert positions_array([]).shape == (0, 2)
+
+
+class _Contexts(_GrpcContext):
+    """A caller whose metadata carries ``ierf-timeout-ms`` more than once (a proxy or interceptor adding its own)."""
+
+    def __init__(self, *millis: str) -> None:
+        super().__init__()
+        self.millis = millis
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [("ierf-timeout-ms", m) for m in self.millis]
+
+
+def test_the_shortest_of_several_timeout_budgets_is_the_one_that_counts() -> None:
+    """Guards against taking the longest of repeated ``ierf-timeout-ms`` entries: the caller stops waiting at
+    its shortest budget, so a longer one would keep the worker busy for an answer nobody reads."""
+    from ierf.serving.deployments import _caller_budget_s
+
+    assert _caller_budget_s(_Contexts("5000", "200")) == pytest.approx(0.2)
+    assert _caller_budget_s(_Contexts("200", "5000")) == pytest.approx(0.2)
+
+
+def test_a_replica_that_died_under_a_request_gets_no_busy_grace_from_its_earlier_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards against keeping a worker's last-answer time after its replica died under a request: once the 2 s
+    of NOT_SERVING have passed, a probe that only times out would read SERVING for the rest of the 30 s busy
+    grace on the strength of answers the dead replica gave, as a probe that fails does not."""
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.2)
+    monkeypatch.setattr(deployments, "HEALTH_PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(deployments, "HEALTH_BUSY_GRACE_S", 60.0)
+    worker = _Worker(outcome=_outcome())
+    ingress = _ingress({"m": worker})
+
+    async def scenario() -> int:
+        await ingress._call("m", worker.explain, object(), time.time() + 5, [])  # an answer: fresh evidence
+        worker.state = "dead"
+        with pytest.raises(ActorDiedError):
+            await ingress._call("m", worker.explain, object(), time.time() + 5, [])
+        worker.state = "hung"  # the replacement does not answer its probe
+        await asyncio.sleep(0.3)  # past HEALTH_CACHE_S: a fresh probe decides
+        return (await ingress.Check(health_pb2.HealthCheckRequest())).status
+
+    assert asyncio.run(scenario()) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_health_probe_that_times_out_is_cancelled_at_the_worker() -> None:
+    """Guards against leaving a timed-out ``describe`` probe queued: it waits in Serve's router behind a busy
+    worker's requests, and every later probe would add another to the same queue."""
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+
+    worker = _Worker()
+    worker.state = "hung"
+    responses: list[_Response] = []
+    remote = worker.describe.remote
+    worker.describe.remote = lambda: responses.append(remote()) or responses[-1]
+    ingress = _ingress({"m": worker})
+    saved = deployments.HEALTH_PROBE_TIMEOUT_S
+    deployments.HEALTH_PROBE_TIMEOUT_S = 0.1
+    try:
+        status = asyncio.run(ingress.Check(health_pb2.HealthCheckRequest())).status
+    finally:
+        deployments.HEALTH_PROBE_TIMEOUT_S = saved
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert len(responses) == 1 and responses[0].cancelled
+
+
+def test_the_inflight_gauge_returns_to_zero_after_refused_requests() -> None:
+    """Guards against the in-flight decrement running only on success: every refusal (over gRPC or through a
+    handle) would leave ``explainer_inflight_requests`` one higher for good, and the dashboard's load panel
+    would climb with the error count."""
+    from ierf.serving.errors import NotFound
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    ingress = _ingress({"m": _Worker(outcome=_outcome())})
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), model_id="nope"), _GrpcContext()))
+    with pytest.raises(NotFound):
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), model_id="nope")))
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image())))
+    gauges = ingress.metrics._gauges
+    assert gauges[("explainer_inflight_requests", (("rpc", "Explain"),))] == 0
+
+
+def test_an_unknown_model_is_marked_never_retry() -> None:
+    """Guards against NOT_FOUND losing ``grpc-retry-pushback-ms: -1``: the README lists it among the refusals
+    of the request itself, which a gRPC retry policy must not retry (the same model id fails every time)."""
+    import grpc
+    from ierf.serving.errors import PUSHBACK_KEY
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    ingress = _ingress({"m": _Worker(outcome=_outcome())})
+    context = _GrpcContext()
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), model_id="nope"), context))
+    assert context.code == grpc.StatusCode.NOT_FOUND
+    assert context.trailers == [(PUSHBACK_KEY, "-1")]
+
+
+def test_the_ingress_sizes_a_float16_ierf_response_as_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against the ingress's own response-size check assuming float32 maps: with the model's description
+    at hand, a ComputeIERF that fits the proxy's cap only as float16 would be refused with RESOURCE_EXHAUSTED
+    although the worker (which sizes by the job's itemsize) would serve it."""
+    from ierf.serving.errors import ResourceExhausted
+    from ierf.serving.jobs import GRPC_MAX_MESSAGE_ENV, LayerShape, ModelDescription
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    positions = 64
+    pixels = 224 * 224
+    monkeypatch.setenv(GRPC_MAX_MESSAGE_ENV, str(positions * pixels * 3 + (1 << 16)))  # 2 bytes fit, 4 do not
+    worker = _Capture(_full_outcome())
+    ingress = _ingress({"m": worker})
+    layer = LayerShape("l", 4, 8, 8)
+    ingress._descriptions["m"] = ModelDescription("m", "d", 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu")
+
+    def request(dtype: int) -> Any:
+        return pb.ComputeIERFRequest(
+            image=_tiny_image(), layer="l", positions=[pb.Position()] * positions, map_dtype=dtype
+        )
+
+    asyncio.run(ingress.ComputeIERF(request(pb.DATA_TYPE_FLOAT16)))
+    with pytest.raises(ResourceExhausted):
+        asyncio.run(ingress.ComputeIERF(request(pb.DATA_TYPE_FLOAT32)))
+    assert [job.map_itemsize for job in worker.jobs] == [2]
