@@ -1593,3 +1593,197 @@ def test_a_concatenation_of_flattened_maps_is_refused_by_name() -> None:
         assert model(x).shape == (1, 3)  # the model itself runs at this size
     with pytest.raises(UnsupportedModelError, match=r"'cat'.*torch\.cat of flattened maps"):
         ierf.SRD(model, head="exact").decompose(x)
+
+
+# ---- round-7 mutation gaps: rarer rules whose slips leave a plausible map ------------------------------------
+class _AdaptivePoolUnevenInWidthOnly(nn.Module):
+    """AdaptiveAvgPool2d(2) on a 4x5 map: even windows down the height, uneven ones ([0, 3), [2, 5)) across
+    the width, read by flatten + Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.act(self.conv(x))), 1))
+
+
+class _TwoMaps(nn.Module):
+    """Two PFV maps (3 and 4 channels) concatenated: the second one's paths sit at channel offset 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(5, 3)
+
+    def both(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.act(self.conv_a(x)), self.act(self.conv_b(x))], 1)
+
+
+class _GateOnConcatenation(_TwoMaps):
+    """A squeeze-excitation gate on a concatenation: the second map's channels take gates 3..6, not 0..3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.excite = nn.Conv2d(7, 7, 1)
+        self.gate = nn.Sigmoid()
+        self.conv = nn.Conv2d(7, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.both(x)
+        g = self.gate(self.excite(h.mean((2, 3), keepdim=True)))
+        return self.fc(self.act(self.conv(h * g)).mean((2, 3)))
+
+
+class _GroupedConvThenPointwise(nn.Module):
+    """A grouped (not depthwise) 3x3 convolution + BN read by a 1x1 convolution without an activation
+    between: folded into one kernel, in which group g's filters read input channels 4g..4g+3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 4, 3, padding=1, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.point = nn.Conv2d(4, 6, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv1(x))
+        return self.fc(self.act(self.point(self.bn(self.grouped(a)))).mean((2, 3)))
+
+
+class _SliceAcrossBiasedConcatenation(nn.Module):
+    """Channels 2..4 of a concatenation of two biased convolutions: the slice takes the second bias's
+    channels 0..1 (its own numbering), not the concatenation's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_a = nn.Conv2d(4, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 3, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.act(self.conv0(x))
+        y = torch.cat([self.conv_a(s), self.conv_b(s)], 1)
+        return self.fc(self.act(y[:, 2:5]).mean((2, 3)))
+
+
+class _FlattenedByView(nn.Module):
+    """x.view(batch, C*H*W) with the feature count spelled out (older torchvision heads), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 5 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv(x))
+        return self.fc(a.view(a.size(0), 4 * 5 * 6))
+
+
+class _FunctionalMaxPoolWithoutStride(nn.Module):
+    """F.max_pool2d(x, 2) without a stride: the stride is the kernel (torch's default), merged into the next
+    convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.max_pool2d(self.act(self.conv1(x)), 2)
+        return self.fc(self.act(self.conv2(a)).mean((2, 3)))
+
+
+RARE_RULES = {
+    "functional_max_pool_without_stride": (_FunctionalMaxPoolWithoutStride, (6, 8)),
+    "adaptive_uneven_in_width_only": (_AdaptivePoolUnevenInWidthOnly, (4, 5)),
+    "gate_on_concatenation": (_GateOnConcatenation, (5, 6)),
+    "grouped_conv_then_pointwise": (_GroupedConvThenPointwise, (5, 6)),
+    "slice_across_biased_concatenation": (_SliceAcrossBiasedConcatenation, (5, 6)),
+    "flattened_by_view": (_FlattenedByView, (5, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(RARE_RULES))
+def test_rarer_rule_paths_decompose_the_models_own_function(name: str) -> None:
+    """F.max_pool2d without a stride, an adaptive pooling uneven along one axis only, a gate on a
+    concatenation (the second map at its channel offset), a grouped kernel folded with a following 1x1,
+    a channel slice across two biases and a flatten spelled as view(B, C*H*W): a slip in any of these
+    gives a map that still conserves its (wrong) logit or refuses a valid model, so the logits must be
+    the model's and the maps the reference's."""
+    torch.manual_seed(0)
+    net, hw = RARE_RULES[name]
+    model = randomise_bn(net()).double().eval()
+    x = _x((1, 3, *hw), seed=4)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-12, rtol=1e-12)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-9)
+
+
+class _OneByOneBeforeTheHead(nn.Module):
+    """A 6x6 PFV map, then a convolution covering it whole: the last PFV map before the head is 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 5, 6)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.act2(self.conv2(self.act1(self.conv1(x)))), 1))
+
+
+def test_a_gradient_head_starts_on_the_last_map_with_more_than_one_position() -> None:
+    """A 1x1 map is no spatial start for Grad-CAM (its map would be one number): the gradient head starts on
+    the last map with several positions, and its map there is the clamped Grad-CAM of that map. Counting 1x1
+    maps as spatial moved the start to act2 and gave another, still conserving, map."""
+    torch.manual_seed(0)
+    model = _OneByOneBeforeTheHead().double().eval()
+    x = _x((2, 3, 6, 6), seed=5)
+    explainer = ierf.SRD(model, head="gradcam")
+    dec = explainer.decompose(x)
+    assert explainer.program.names[dec.start_layer()] == "act1"
+    a = model.act1(model.conv1(x)).detach().requires_grad_(True)
+    score = model.fc(torch.flatten(model.act2(model.conv2(a)), 1))[:, 2].sum()
+    (grad,) = torch.autograd.grad(score, a)
+    expected = torch.relu((grad.mean((2, 3), keepdim=True) * a).sum(1)).detach()
+    torch.testing.assert_close(dec.layer_relevance("act1", 2), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_a_state_with_a_zero_column_stride_or_an_activation_of_another_batch_is_refused(resnet18_64) -> None:
+    """Without ``like=`` the structure check reads every route's two strides (a zero column stride would
+    divide by zero in the scatter) and every kept activation's batch size."""
+    _, explainer, x = resnet18_64
+    state = explainer.decompose(x, keep=["layer3"]).state_dict()
+    routes = {k: v.clone() for k, v in state.items()}
+    routes["stage.2.routes"][0, 2] = 0
+    with pytest.raises(ValueError, match=r"strides \(1, 0\)"):
+        explainer.load_decomposition(routes)
+    key = next(k for k in state if k.startswith("activation."))
+    with pytest.raises(ValueError, match=rf"'{key}' is \(1, "):
+        explainer.load_decomposition({**state, key: state[key][:1]})
+
+
+def test_average_pooling_in_ceil_mode_is_refused() -> None:
+    """ceil_mode adds a last, partial window that torch averages over the cells inside the map only: the
+    rule's zero-padded windows of fixed size would explain another function, so it is refused by name."""
+    torch.manual_seed(0)
+    model = _Spelled(lambda m, a: F.avg_pool2d(a, 2, ceil_mode=True).mean((2, 3))).double().eval()
+    with pytest.raises(UnsupportedModelError, match=r"ceil_mode"):
+        ierf.SRD(model, head="exact").decompose(_x((1, 3, 5, 7), seed=3))

@@ -363,3 +363,17 @@ def test_float32_maps_match_reference_on_either_library(name, library, reference
     ref, dec_ref = references[name]
     dec = ierf.SRD(copy.deepcopy(model).float(), head="exact").decompose(_input(name).float())
     assert_matches_reference(dec, ref, dec_ref, (0, 3), 2e-5)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_a_batch_gives_each_image_its_own_map(name):
+    """Two images decomposed together, each with its own target, give the maps of each image decomposed
+    alone: ratios, max-pool winners, gates and the head's bias are per image (a slip reading image 0's
+    winners or its target's bias for the whole batch leaves maps that look right for the first image)."""
+    model, _ = NETS[name]
+    x = torch.cat([_input(name, seed=7), _input(name, seed=8)])
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    batch = dec.relevance(torch.tensor([0, 3]))
+    for i, target in enumerate((0, 3)):
+        alone = ierf.SRD(model, head="exact").decompose(x[i : i + 1]).relevance(target)[0]
+        torch.testing.assert_close(batch[i], alone, atol=1e-10 * float(alone.abs().max()), rtol=0)
