@@ -442,3 +442,94 @@ def test_explicit_target_reports_its_own_logit() -> None:
     result = InProcessBackend().explain(ExplainRequest(image=demo_image("coffee"), target="cup"))
     assert result.target is not None and result.target.index == 968 != result.top[0].index
     assert float(result.map.sum()) == pytest.approx(result.target_logit, rel=1e-3)
+
+
+def test_a_report_that_cannot_be_written_exits_1(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Guards against ending with status 0 when stdout fails for another reason than a closed pipe (a full
+    disk under ``ierf layers > list.txt``): the script would go on with a truncated listing as if it were whole."""
+    import errno
+    import io
+
+    class FullDisk(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["layers"], backend=_Recorder()) == 1
+    assert _error(capsys) == "ierf layers: error: [Errno 28] No space left on device"
+
+
+def test_a_contrast_given_by_id_is_reported_by_its_class_name() -> None:
+    """Guards against echoing the --contrast text instead of the class it resolved to: "minus '967'" says
+    nothing, and a misspelt-but-matching name would be printed as if it were the class subtracted."""
+    request = ExplainRequest(image=demo_image("coffee"), model="resnet18", random_init=True, contrast="967")
+    result = InProcessBackend().explain(request)
+    assert result.contrast == "minus 'espresso'"
+
+
+def test_contrast_with_an_ierf_is_refused_not_ignored(coffee_png: Path, tmp_path: Path, capsys) -> None:
+    """Guards against checking only --target: ``--layer L --position R,C --contrast mean`` would draw the plain iERF
+    (an iERF has no contrast) while the user believes the contrast was applied."""
+    backend = _EchoBackend()
+    argv = ["explain", str(coffee_png), "-o", str(tmp_path / "o.png"), "--layer", "x", "--position", "1,2"]
+    assert main([*argv, "--contrast", "mean"], backend=backend) == 2
+    assert "an iERF (--layer/--position) has no target" in _error(capsys)
+    assert backend.requests == [] and not (tmp_path / "o.png").exists()
+
+
+class _GridBackend(_EchoBackend):
+    """Answers with a non-square layer grid (2 rows x 4 cols): the shipped models' grids are all square."""
+
+    def layers(self, model: str, weights: str | None = None) -> list:
+        return [LayerRow("wide", 8, 2, 4)]
+
+    def explain(self, request: ExplainRequest) -> Explanation:
+        self.requests.append(request)
+        erf = np.zeros((8, 8), np.float32)
+        erf[2:4, 2:6] = 1 / 8
+        return Explanation(
+            kind="ierf", model="fake", weights="none", pixels=np.zeros((8, 8, 3), np.uint8), map=erf,
+            top=[ClassProbability(7, "cock", 0.9)], layer=request.layer, position=request.position, feature_hw=(2, 4),
+        )  # fmt: skip
+
+
+def test_grids_are_printed_rows_by_cols(coffee_png: Path, tmp_path: Path, capsys) -> None:
+    """Guards against printing a layer's grid as cols x rows: ``--position ROW,COL`` is read against that grid, so a
+    swapped report on a non-square layer sends the user to positions outside it."""
+    backend = _GridBackend()
+    assert main(["layers"], backend=backend) == 0
+    assert _listed_layers(capsys.readouterr().out) == {"wide": (8, 2, 4)}
+    out = tmp_path / "wide.png"
+    argv = ["explain", str(coffee_png), "-o", str(out), "--layer", "wide", "--position", "1,3"]
+    assert main(argv, backend=backend) == 0
+    assert "iERF of wide at (1, 3) (feature map 2x4); map sum 1" in capsys.readouterr().out
+
+
+class _ChosenTargetBackend(_EchoBackend):
+    """Answers a saliency of class 968 'cup' while 967 'espresso' is the top-1."""
+
+    def explain(self, request: ExplainRequest) -> Explanation:
+        self.requests.append(request)
+        top = [ClassProbability(967, "espresso", 0.9), ClassProbability(968, "cup", 0.05)]
+        saliency = np.linspace(-1, 1, 224 * 224, dtype=np.float32).reshape(224, 224)
+        return Explanation(
+            kind="saliency", model="fake", weights="none", pixels=np.full((224, 224, 3), 90, np.uint8),
+            map=saliency, top=top, target=top[1], target_logit=1.0,
+        )  # fmt: skip
+
+
+def test_the_overlay_caption_names_the_explained_class_not_the_top_1(coffee_png: Path, tmp_path: Path) -> None:
+    """Guards against captioning the picture with the top-1 class: an overlay of "cup" labelled "SRD 967 espresso"
+    is read, once the PNG is shared without the terminal output, as the espresso evidence."""
+    from ierf.viz import overlay_signed
+
+    out = tmp_path / "cup.png"
+    assert main(["explain", str(coffee_png), "-o", str(out), "--target", "cup"], backend=_ChosenTargetBackend()) == 0
+    result = _ChosenTargetBackend().explain(ExplainRequest(image=np.zeros((1, 1, 3), np.uint8)))
+    written = np.asarray(Image.open(out).convert("RGB"))
+
+    def drawn(caption: str) -> np.ndarray:
+        return np.asarray(overlay_signed(result.pixels, result.map, caption=caption))
+
+    assert np.array_equal(written, drawn("SRD 968 cup"))
+    assert not np.array_equal(written, drawn("SRD 967 espresso"))

@@ -195,3 +195,51 @@ def test_feature_cell_box_is_never_empty_when_the_map_is_finer_than_the_image() 
     top, left, bottom, right = feature_cell_box((2, 4), (14, 14), (7, 7))
     assert (top, left) == (1, 2)
     assert bottom - top == 1 and right - left == 1
+
+
+def test_feature_cell_box_scales_rows_and_cols_by_their_own_grid_sides() -> None:
+    """Guards against dividing the columns by the grid's height (or rows by its width): every test grid was
+    square, so an outline drawn at the wrong column on a non-square layer (e.g. a landscape input) went unseen."""
+    assert feature_cell_box((1, 3), (4, 8), (224, 224)) == (56, 84, 112, 112)
+    assert feature_cell_box((3, 1), (8, 4), (224, 224)) == (84, 56, 112, 112)
+
+
+def test_colorbar_labels_read_minus_scale_at_the_blue_end_and_plus_at_the_red_end(image: np.ndarray) -> None:
+    """Guards against swapped labels: the ramp is blue on the left, so the left label must be -scale and the right
+    +scale, or a reader takes every red region for a negative contribution."""
+    from PIL import ImageDraw, ImageFont
+
+    picture = overlay_signed(image, np.zeros((224, 224)), scale=0.5)
+    strip = picture.crop((0, 224, picture.width, picture.height))
+    font = ImageFont.load_default()
+    text_y = 4 + 12 + 2  # margin, bar, gap
+
+    def labelled(left: str, right: str) -> np.ndarray:
+        canvas = Image.new("RGB", strip.size, (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((4, text_y), left, fill=(0, 0, 0), font=font)
+        draw.text((strip.width - 4 - draw.textlength(right, font=font), text_y), right, fill=(0, 0, 0), font=font)
+        return np.asarray(canvas)[text_y:, list(range(0, 60)) + list(range(strip.width - 60, strip.width))]
+
+    drawn = np.asarray(strip)[text_y:, list(range(0, 60)) + list(range(strip.width - 60, strip.width))]
+    assert np.array_equal(drawn, labelled("-0.5", "+0.5"))
+    assert not np.array_equal(drawn, labelled("+0.5", "-0.5"))
+
+
+def test_an_ierf_straight_from_the_engine_batch_is_drawn(image: np.ndarray) -> None:
+    """Guards against unwrapping only one leading batch axis: ``decomposition.ierf(layer, positions)`` is
+    (N, P, H, W), and its (1, 1, H, W) result must draw as the (H, W) map, not be refused as 3-D."""
+    erf = torch.zeros(1, 1, 224, 224)
+    erf[0, 0, 100:120, 100:120] = 1 / 400
+    drawn = render_ierf(image, erf, colorbar=False)
+    assert np.array_equal(np.asarray(drawn), np.asarray(render_ierf(image, erf[0, 0].numpy(), colorbar=False)))
+
+
+def test_the_caption_gets_its_own_row_under_the_scale_labels(image: np.ndarray) -> None:
+    """Guards against not reserving the caption's row: the caption ("SRD 967 espresso", the class the map is of)
+    was drawn below the strip's bottom edge and cut off, leaving a picture that does not say what it shows."""
+    plain = overlay_signed(image, np.zeros((224, 224)), scale=1.0)
+    captioned = overlay_signed(image, np.zeros((224, 224)), scale=1.0, caption="SRD 967 espresso")
+    assert captioned.height == plain.height + 16
+    caption_row = np.asarray(captioned)[plain.height - 4 :, :120]  # below the labels, where the caption is written
+    assert caption_row.min() < 128  # dark text is there
