@@ -145,3 +145,41 @@ def test_fused_one_path_stage_gives_no_ratio_where_the_path_contributes_nothing(
     for a, b in zip(eager.stages, fast.stages, strict=True):
         torch.testing.assert_close(b.mu, a.mu, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(fast.saliency(1), eager.saliency(1), atol=1e-10, rtol=1e-10)
+
+
+def test_a_failing_compiled_call_restores_duck_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Independent sizes are set only around each compiled call and restored even when the call raises (then
+    the eager fallback runs): a leak would change how every later torch.compile in the process specialises."""
+    from torch.fx.experimental import _config as fx_config
+
+    monkeypatch.setattr(fx_config, "use_duck_shape", True)
+    seen: list[bool] = []
+
+    def probe(v: torch.Tensor) -> torch.Tensor:
+        return v + 1
+
+    def broken(*args: torch.Tensor) -> torch.Tensor:
+        seen.append(fx_config.use_duck_shape)
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(fused, "_compiled", {"probe": broken})
+    monkeypatch.setattr(fused, "_disabled_reason", None)
+    out = fused.run(probe, torch.zeros(3))
+    assert seen == [False]  # compiled with every size its own symbol
+    assert fx_config.use_duck_shape is True  # and restored although the compiled call raised
+    torch.testing.assert_close(out, torch.ones(3))  # the eager fallback's answer
+
+
+def test_first_compilation_raises_the_recompile_limit_and_never_lowers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each arity / flag / dtype combination of a stage is its own graph: Dynamo's default limit (8) would
+    leave later stages uncompiled, so the first compilation lifts it to RECOMPILE_LIMIT, and a higher limit
+    set by the application stays."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    for before, after in ((8, fused.RECOMPILE_LIMIT), (10 * fused.RECOMPILE_LIMIT, 10 * fused.RECOMPILE_LIMIT)):
+        monkeypatch.setattr(dynamo_config, name, before)
+        monkeypatch.setattr(fused, "_compiled", {})
+        monkeypatch.setattr(fused, "_disabled_reason", None)
+        fused.run(fused.single_path_stats, torch.ones(2, 3), [torch.zeros(3)])
+        assert getattr(dynamo_config, name) == after

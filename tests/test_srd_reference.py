@@ -377,3 +377,48 @@ def test_a_batch_gives_each_image_its_own_map(name):
     for i, target in enumerate((0, 3)):
         alone = ierf.SRD(model, head="exact").decompose(x[i : i + 1]).relevance(target)[0]
         torch.testing.assert_close(batch[i], alone, atol=1e-10 * float(alone.abs().max()), rtol=0)
+
+
+class _TiedConv(nn.Module):
+    """One convolution module applied to two maps of the same shape, each application with its own batch norm,
+    the two summed: same kernel, two output scales in one stage."""
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.stem_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.stem_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 6, kernel, padding=kernel // 2, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.relu(self.stem_a(x)), self.relu(self.stem_b(x))
+        y = self.relu(self.bn_a(self.conv(a)) + self.bn_b(self.conv(b)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kernel", [3, 1])  # joint tap products / the shared 1x1 kernel
+def test_a_kernel_shared_by_two_paths_keeps_each_path_s_output_scale(kernel: int) -> None:
+    """Two paths through one convolution module whose batch norms differ: taps formed jointly for a shared
+    kernel (3x3) or the shared-kernel statistics (1x1) must still scale each path by its own batch norm, not
+    the first path's, or the map is silently wrong."""
+    torch.manual_seed(0)
+    model = randomise_bn(_TiedConv(kernel), seed=2).double().eval()
+    x = torch.randn(1, 3, 8, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 2), 1e-6)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_stages_split_by_the_tap_budget_give_the_same_maps(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch over TAP_BUDGET_BYTES is decomposed a few images at a time: each slice must be a bundle of its
+    own batch size (stages assembled from channel slices, e.g. torch.cat, size z by it), and the maps equal
+    the unsplit batch's on every architecture, not only plain residual stages."""
+    model, hw = NETS[name]
+    x = torch.randn(3, 3, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    whole = ierf.SRD(model).saliency(x, 1)
+    monkeypatch.setattr(ratios, "TAP_BUDGET_BYTES", 1)  # one image at a time
+    split = ierf.SRD(model).saliency(x, 1)
+    torch.testing.assert_close(split, whole, atol=1e-10, rtol=1e-10)
