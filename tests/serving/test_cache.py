@@ -463,14 +463,9 @@ def test_writes_behind_a_hung_redis_return_at_once_and_are_bounded() -> None:
         cache.close()
 
 
-def test_a_key_still_being_written_behind_is_read_from_memory(redis_flushed) -> None:
-    """Read-after-write within a replica: with L1 off, the next request for the image is served from the
-    queued bytes while the SET is still on its way (here held back), neither missing nor waiting."""
-    settings = RedisSettings(url=redis_flushed.url)
-    tier = RedisTier(settings)
-    recorder = Recorder()
-    cache = TieredCache(0, tier, recorder, write_behind_bytes=64 * 1024 * 1024)  # L1 off: reads go to L2
-    tensors = _tensors()
+def _held_tier(url: str) -> tuple[RedisTier, threading.Event]:
+    """A Redis tier whose SETs wait for the returned event (5 s at most): a write held on its way."""
+    tier = RedisTier(RedisSettings(url=url))
     release = threading.Event()
     real_put = tier.put
 
@@ -479,6 +474,16 @@ def test_a_key_still_being_written_behind_is_read_from_memory(redis_flushed) -> 
         return real_put(key, value)
 
     tier.put = held_put  # type: ignore[method-assign]
+    return tier, release
+
+
+def test_a_key_still_being_written_behind_is_read_from_memory(redis_flushed) -> None:
+    """Read-after-write within a replica: with L1 off, the next request for the image is served from the
+    queued bytes while the SET is still on its way (here held back), neither missing nor waiting."""
+    tier, release = _held_tier(redis_flushed.url)
+    recorder = Recorder()
+    cache = TieredCache(0, tier, recorder, write_behind_bytes=64 * 1024 * 1024)  # L1 off: reads go to L2
+    tensors = _tensors()
     try:
         assert cache.put(KEY, tensors, tensors_nbytes(tensors), tensors, background=True) == "queued"
         start = time.perf_counter()
@@ -546,15 +551,7 @@ def test_a_deferred_put_counts_the_bytes_already_queued_behind(redis_flushed) ->
     keeps twice its write-behind budget of tensors in memory."""
     tensors = {"ratios": torch.rand(100_000)}  # 400 KB: the codec's header is negligible next to it
     size = tensors_nbytes(tensors)
-    tier = RedisTier(RedisSettings(url=redis_flushed.url))
-    release = threading.Event()
-    real_put = tier.put
-
-    def held_put(key: str, value: bytes) -> str:
-        release.wait(5)
-        return real_put(key, value)
-
-    tier.put = held_put  # type: ignore[method-assign]
+    tier, release = _held_tier(redis_flushed.url)
     cache = TieredCache(0, tier, write_behind_bytes=size + size // 2)
     try:
         assert cache.put(KEY, tensors, 1, tensors, background=True) == "queued"  # pending behind the held SET
