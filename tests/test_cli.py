@@ -533,3 +533,47 @@ def test_the_overlay_caption_names_the_explained_class_not_the_top_1(coffee_png:
 
     assert np.array_equal(written, drawn("SRD 968 cup"))
     assert not np.array_equal(written, drawn("SRD 967 espresso"))
+
+
+def test_server_mode_reports_a_contrast_given_by_id_by_its_class_name() -> None:
+    """``--server`` sends a contrast given by id as contrast_class and reports it by the served model's class
+    name, as the in-process backend does (echoing the text would print "minus '2'"). Against a loopback gRPC
+    server that answers with a three-class model's description."""
+    from concurrent import futures
+
+    import grpc
+    from ierf.serving.remote_backend import RemoteBackend
+    from ierf_proto.v1 import explainer_pb2 as pb
+    from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+    asked: list[tuple[int, int]] = []
+    score = pb.ClassScore(index=1, name="one", probability=0.6, logit=2.0)
+
+    class ThreeClasses(pb_grpc.ExplainServiceServicer):
+        def GetModel(self, request, context):
+            spec = pb.InputSpec(height=8, width=8, channels=3, color_space="RGB", max_image_bytes=1 << 20)
+            names = ["zero", "one", "two"]
+            return pb.ModelInfo(id="m", weights_digest="abc", input=spec, num_classes=3, class_names=names)
+
+        def Predict(self, request, context):
+            return pb.PredictResponse(top_classes=[score])
+
+        def Explain(self, request, context):
+            asked.append((request.target, request.contrast_class))
+            saliency = pb.Tensor(data=bytes(4 * 64), dtype=pb.DATA_TYPE_FLOAT32, shape=[8, 8])
+            view = pb.Tensor(data=bytes(8 * 8 * 3), dtype=pb.DATA_TYPE_UINT8, shape=[8, 8, 3])
+            return pb.ExplainResponse(map=saliency, target=score, model_input=view)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ExplainServiceServicer_to_server(ThreeClasses(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    backend = RemoteBackend(address, timeout=10)
+    try:
+        image = np.zeros((8, 8, 3), np.uint8)
+        result = backend.explain(ExplainRequest(image=image, model="m", target="1", contrast="2"))
+    finally:
+        backend.close()
+        server.stop(None)
+    assert asked == [(1, 2)]
+    assert result.contrast == "minus 'two'"
