@@ -167,13 +167,13 @@ def test_explain_round_trip_equals_the_in_process_map(client, reference, coffee,
     assert (prov.model_id, prov.weights_digest, prov.method) == (MODEL, model.weights_digest, "srd")
     assert prov.method_version and prov.preprocess_version == model.preprocess_version
     assert len(prov.content_hash) == 64 and prov.request_id
-    assert {"decode", "preprocess", "explain", "total"} <= set(prov.timings)
+    assert {"decode", "preprocess", "explain", "render", "encode", "total"} <= set(prov.timings)
 
     # Another class on the same image reuses the decomposition (here from Redis: the worker has no L1).
     other = client.explain(_png(coffee), target=3, map_dtype="float16", overlay=False)
     assert other.provenance.content_hash == prov.content_hash  # PNG bytes and raw pixels hash alike
     assert other.provenance.cache["decomposition"] == "l2"
-    assert "forward" not in other.provenance.timings
+    assert "forward" not in other.provenance.timings and "render" not in other.provenance.timings
     np.testing.assert_allclose(
         other.map.astype(np.float32),
         decomposition.saliency(3)[0].numpy(),

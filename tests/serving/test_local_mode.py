@@ -478,6 +478,23 @@ def test_the_worker_refuses_an_ierf_response_over_the_grpc_cap_before_any_work(m
     assert host.ierf(small).maps.shape == (20, 224, 224) and len(decompositions) == 1
 
 
+def test_the_worker_times_its_overlays_as_render_apart_from_the_ingress_encode() -> None:
+    """Overlay PNGs are the worker's work, the response message the ingress's: one stage name for both
+    put two different costs in one histogram (the dashboard's stage p95) and one provenance entry."""
+    from ierf.serving import worker
+    from ierf.serving.settings import ServiceConfig
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = worker.ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    stages = [
+        s for s, _ in host.ierf(worker.IERFJob(pixels, "render", "layer4", [[0, 0]], overlay=True)).provenance.timings
+    ]
+    assert "render" in stages and "encode" not in stages
+    plain = host.ierf(worker.IERFJob(pixels, "render", "layer4", [[0, 0]], overlay=False)).provenance.timings
+    assert "render" not in [s for s, _ in plain]
+
+
 def test_the_worker_sends_a_new_decomposition_to_redis_after_answering(redis_flushed) -> None:
     """The Serve worker defers a new decomposition's Redis copy until its answer has left, then must write
     it without waiting for another request: other replicas (and this one after a restart) read it there."""

@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 # Observer signature: (tier, op, result, seconds, nbytes). tier "l1"|"l2"; op "get"|"put"; result
 # "hit"|"miss"|"error"|"skipped"|"too_big"|"stored"|"dropped" — a bounded set, safe as metric labels.
+# nbytes: for l2, the bytes that went to or came from Redis (0 when none did: a value served from this
+# replica's own write-behind queue, or one refused or dropped before it was sent); for l1, the value's size.
 CacheObserver = Callable[[str, str, str, float, int], None]
 
 
@@ -786,23 +788,24 @@ class TieredCache:
         with self._deferred_lock:
             deferred = self._deferred.get(key)
         if deferred is not None:  # on its way to Redis, still the object itself: no decoding
-            obj, nbytes, tensors = deferred
-            self.observer("l2", "get", "hit", time.perf_counter() - start, tensors_nbytes(tensors))
+            obj, nbytes, _ = deferred
+            self.observer("l2", "get", "hit", time.perf_counter() - start, 0)  # 0: no bytes moved from Redis
             self._put_l1(key, obj, nbytes)
             return Lookup(obj, "l2")
         queued = None if self._behind is None else self._behind.peek(key)
         # A value still on its way to Redis is read from memory: no round trip, no recompute.
         result, data = ("hit", queued) if queued is not None else self.l2.get(key)
+        moved = 0 if queued is not None or data is None else len(data)  # value-size histogram: Redis bytes only
         if data is None:
             self.observer("l2", "get", result, time.perf_counter() - start, 0)
             return Lookup(None, "miss")
         try:
             obj, nbytes = from_tensors(decode_tensors(key, data))
         except Exception:  # garbage under the key, or tensors the engine rejects: a miss, never a failure
-            self.observer("l2", "get", "error", time.perf_counter() - start, len(data))
+            self.observer("l2", "get", "error", time.perf_counter() - start, moved)
             self.l2.delete(key)
             return Lookup(None, "miss")
-        self.observer("l2", "get", "hit", time.perf_counter() - start, len(data))
+        self.observer("l2", "get", "hit", time.perf_counter() - start, moved)
         self._put_l1(key, obj, nbytes)
         return Lookup(obj, "l2")
 
@@ -841,7 +844,7 @@ class TieredCache:
         start = time.perf_counter()
         size = tensors_nbytes(tensors)
         if size > self.l2.settings.max_value_bytes:
-            self.observer("l2", "put", "too_big", time.perf_counter() - start, size)
+            self.observer("l2", "put", "too_big", time.perf_counter() - start, 0)  # never sent
             return "too_big"
         if deferred and background and self._behind is not None and not self._behind.closed:
             queued_bytes = self._behind.pending_bytes
@@ -864,7 +867,7 @@ class TieredCache:
         if background and self._behind is not None:
             if self._behind.submit(key, data):
                 return "queued"
-            self.observer("l2", "put", "dropped", 0.0, len(data))
+            self.observer("l2", "put", "dropped", 0.0, 0)  # never sent
             return "dropped"
         return self._put_l2(key, data, start)
 
@@ -911,7 +914,8 @@ class TieredCache:
         assert self.l2 is not None
         start = time.perf_counter() if start is None else start
         result = self.l2.put(key, data)
-        self.observer("l2", "put", result, time.perf_counter() - start, len(data))
+        sent = len(data) if result in ("stored", "error") else 0  # skipped (breaker open), too_big: never sent
+        self.observer("l2", "put", result, time.perf_counter() - start, sent)
         return result
 
     def flush(self, timeout_s: float = 10.0) -> bool:

@@ -101,6 +101,7 @@ STAGE_ORDER = (
     "forward",
     "cache_put",
     "explain",
+    "render",
     "encode",
 )
 
@@ -108,7 +109,7 @@ STAGE_ORDER = (
 def _sum_by_stage(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """One entry per stage, in STAGE_ORDER (others after, then "total"): a caller reads timings as a
     mapping, and a stage can run more than once in a request (the worker's "preprocess" times the crop
-    and the normalisation; "encode" is the overlay's and the response's)."""
+    and the normalisation)."""
     totals: dict[str, float] = {}
     for stage, seconds in timings:
         totals[stage] = totals.get(stage, 0.0) + seconds

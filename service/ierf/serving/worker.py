@@ -516,7 +516,7 @@ class ModelHost:
 
             caption = f"{method.upper()} {target} {self.model.class_names[target]}"
             _check_deadline(job.deadline, "rendering the overlay")
-            with stages.timed("encode"):
+            with stages.timed("render"):
                 outcome.overlays.append(saliency_png(inputs.view, saliency_map, caption))
         if job.return_input:
             outcome.model_input = inputs.view
@@ -543,7 +543,7 @@ class ModelHost:
             from ierf.serving.overlay import ierf_png
 
             _check_deadline(job.deadline, "rendering the overlays")
-            with stages.timed("encode"):
+            with stages.timed("render"):
                 outcome.overlays = [
                     ierf_png(
                         inputs.view,
