@@ -121,6 +121,7 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"cache": {"redis_url": "redis://127.0.0.1:99999/0"}}, r"Port out of range"),
         ({"cache": {"redis_url": "redis://h:port/0"}}, r"Port could not be cast"),
         ({"cache": {"redis_url": "redis://h:6379/zero"}}, r"database after the last '/' must be a number"),
+        ({"cache": {"redis_url": "redis://h:0/0"}}, r"port 0 is not a port"),  # started, then missed every request
         ({"cache": {"redis_url": "redis://user:s3cret@h:port/0"}}, r"'redis://user:\*\*\*@h:port/0'"),
         ({"cache": {"redis_url": "redis://h:1/0?foo=1"}}, r"unexpected keyword argument 'foo'"),  # failed per request
         ({"cache": {"redis_url": "redis://h:1/0?protocol=4"}}, r"protocol must be either 2 or 3"),  # a raw RedisError
@@ -336,8 +337,8 @@ def test_only_redis_values_are_sized_in_the_value_histogram() -> None:
 
 
 def test_request_latency_buckets_reach_the_300_s_request_cap() -> None:
-    """With the stage buckets (up to 60 s) on the request histogram, every cold explanation between 60 and
-    300 s would fall in +Inf and a p99 could not be read."""
+    """With buckets ending at 60 s (as the stage buckets once did) on the request histogram, every cold
+    explanation between 60 and 300 s would fall in +Inf and a p99 could not be read."""
     from ierf.serving.metrics import REQUEST_BUCKETS_S, STAGE_BUCKETS_S, ServiceMetrics
 
     metrics = ServiceMetrics()

@@ -198,6 +198,8 @@ def check_redis_url(url: object, what: str) -> str:
         raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {_redacted(str(exc))}") from None
     if not url.startswith("unix:") and db and not db.isdigit():
         raise ValueError(f"{what} {_redacted(url)}: the database after the last '/' must be a number, got {db!r}")
+    if not url.startswith("unix:") and urlsplit(url).port == 0:  # parsed, but no server listens on port 0
+        raise ValueError(f"{what} {_redacted(url)}: port 0 is not a port a Redis server can listen on")
     return url
 
 
