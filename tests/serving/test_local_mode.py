@@ -531,3 +531,51 @@ def test_the_worker_sends_a_new_decomposition_to_redis_after_answering(redis_flu
     finally:
         client.close()
         worker.__del__()
+
+
+def test_a_job_stopped_because_its_budget_ran_out_is_counted_as_deadline_not_cancelled(monkeypatch) -> None:
+    """When a job's deadline passes, the ingress's own wait for the worker ends at the same moment and cancels
+    the call (Ingress._call: wait_for times out, then response.cancel()). The job then stops at its next
+    checkpoint with both conditions true; explainer_jobs_stopped_total must say "deadline" (the budget ran
+    out), as README's metric table defines it, not "cancelled" (the caller went away): the caller is still
+    waiting and is answered DEADLINE_EXCEEDED. Seen live: integrated_gradients with ierf-timeout-ms 600 and a
+    60 s gRPC deadline was counted reason="cancelled"."""
+    import asyncio
+    import time
+
+    from ierf.interrupt import checkpoint
+    from ierf.serving.deployments import ExplainerWorker
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    def slow_explain(self, job):  # an engine call with a checkpoint every 0.25 s (a batch of IG steps), 5 s in all
+        for _ in range(20):
+            checkpoint()
+            time.sleep(0.25)
+
+    monkeypatch.setattr(ModelHost, "explain", slow_explain)
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 2}], "cache": {}}
+    )
+    worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    reasons: list[str] = []
+    worker.metrics.stopped = lambda model, reason: reasons.append(reason)
+    pixels = np.zeros((8, 8, 3), np.uint8)
+
+    async def scenario() -> None:
+        deadline = time.time() + 0.3
+        task = asyncio.ensure_future(worker.explain(ExplainJob(pixels=pixels, content_hash="a", deadline=deadline)))
+        await asyncio.sleep(max(0.0, deadline - time.time()) + 0.01)  # the ingress's wait_for ends here ...
+        task.cancel()  # ... and cancels the call to the worker
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the thread notices at its next checkpoint
+            if reasons:
+                break
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.__del__()
+    assert reasons == ["deadline"], reasons

@@ -175,10 +175,12 @@ class ExplainerWorker:
         cancelled = threading.Event()
 
         def why_stop() -> str | None:
-            if cancelled.is_set():
-                return CALLER_GONE
+            # The deadline first: when it passes, the ingress's wait for this call ends too and cancels it,
+            # so both hold at the next checkpoint, and the caller (still waiting) was failed by the budget.
             if job.deadline is not None and time.time() > job.deadline:
                 return "the deadline passed"
+            if cancelled.is_set():
+                return CALLER_GONE
             return None
 
         def run(job: Any) -> Outcome:
