@@ -440,6 +440,7 @@ def test_metrics_are_exported_through_ray(live_service, client, coffee) -> None:
     wanted = [
         "ray_explainer_request_duration_seconds_bucket",
         "ray_explainer_stage_duration_seconds_bucket",
+        "ray_explainer_stage_seconds_total",
         "ray_explainer_cache_requests_total",
         "ray_explainer_errors_total",
         "ray_explainer_inflight_requests",

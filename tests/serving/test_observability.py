@@ -109,3 +109,34 @@ def test_a_value_read_back_from_the_write_behind_queue_is_not_sized_as_a_redis_v
         assert observed == [], f"sized as a Redis value though read from memory: {observed}"
     finally:
         cache.close()
+
+
+def test_stage_seconds_are_counted_exactly_beside_the_histogram() -> None:
+    """Ray 2.60 exports a histogram's ``_sum`` from bucket midpoints (a 0.3 s stage adds 0.375), so the
+    dashboard's busy-seconds panel reads an exact counter instead: every stage adds its own seconds."""
+    counted: list[tuple[float, dict]] = []
+
+    class Recorder:
+        def inc(self, value: float, tags: dict) -> None:
+            counted.append((value, tags))
+
+        def observe(self, value: float, tags: dict) -> None:
+            pass
+
+    metrics = ServiceMetrics()
+    metrics._metrics["explainer_stage_duration_seconds"] = Recorder()
+    metrics._metrics["explainer_stage_seconds_total"] = Recorder()
+    metrics.stage("forward", "m", 0.3)
+    metrics.stage("queue", "m", 0.0)  # nothing to add: a counter only goes up
+    assert counted == [(0.3, {"stage": "forward", "model": "m"})]
+
+
+def test_no_panel_or_alert_reads_a_histogram_sum() -> None:
+    """``rate(..._sum)`` of a Ray histogram is built from bucket midpoints (up to half a bucket off, ~40 % with
+    these buckets): means and busy time must come from counters, quantiles from ``_bucket``."""
+    texts = {
+        "dashboard": (ROOT / "deploy" / "grafana" / "ierf-service.json").read_text(),
+        "alerts": (ROOT / "deploy" / "k8s" / "alerts.yaml").read_text(),
+    }
+    for name, text in texts.items():
+        assert not re.search(r"ray_explainer_\w+_sum\b", text), f"{name} reads a Ray histogram's _sum"

@@ -36,6 +36,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "encode, cache_put.",
         ("stage", "model"),
     ),
+    "explainer_stage_seconds_total": (
+        "counter",
+        "Seconds spent per stage, summed exactly: Ray 2.60 exports a histogram's _sum from bucket midpoints, "
+        "so rate() of this counter, not of the stage histogram's _sum, gives busy seconds per second.",
+        ("stage", "model"),
+    ),
     "explainer_cache_requests_total": (
         "counter",
         "Cache operations by tier (l1, l2), op (get, put) and result "
@@ -109,9 +115,10 @@ class ServiceMetrics:
         self._set_gauge("explainer_inflight_requests", self._inflight[rpc], {"rpc": rpc})
 
     def stage(self, stage: str, model: str, seconds: float) -> None:
-        self._metrics["explainer_stage_duration_seconds"].observe(  # type: ignore[attr-defined]
-            seconds, tags={"stage": stage, "model": model}
-        )
+        tags = {"stage": stage, "model": model}
+        self._metrics["explainer_stage_duration_seconds"].observe(seconds, tags=tags)  # type: ignore[attr-defined]
+        if seconds > 0:  # a counter only goes up
+            self._metrics["explainer_stage_seconds_total"].inc(seconds, tags=tags)  # type: ignore[attr-defined]
 
     def cache(self, tier: str, op: str, result: str, seconds: float, nbytes: int) -> None:
         self._metrics["explainer_cache_requests_total"].inc(  # type: ignore[attr-defined]
