@@ -334,6 +334,28 @@ class BiasFork(nn.Module):
         return self.fc(self.act1(torch.cat([added, self.side(y)], 1)).mean((2, 3)))
 
 
+class SignedScaled(nn.Module):
+    """The linear arithmetic written with operators rather than modules: an input normalisation
+    ``(x - mean) / std``, a difference of two maps before an activation, a negated map, a learnt scale per
+    channel (``y * gamma``, a layer scale) and a division by a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.gamma = nn.Parameter(torch.linspace(-1.5, 2.0, 6).view(1, 6, 1, 1))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.stem((x - self.mean) / self.std))
+        y = torch.relu(self.a(y) - self.bn_b(self.b(y)) + y * self.gamma)
+        return self.fc((-y / 2).mean((2, 3)))
+
+
 def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """Name -> (float64 model in eval mode, input size (H, W)); sizes are non-square on purpose."""
     torch.manual_seed(0)
@@ -349,6 +371,7 @@ def all_nets() -> dict[str, tuple[nn.Module, tuple[int, int]]]:
         "channel_picks": (ChannelPicks(), (7, 8)),
         "tiny_shufflenet": (TinyShuffleNet(), (6, 7)),
         "bias_fork": (BiasFork(), (7, 9)),
+        "signed_scaled": (SignedScaled(), (8, 11)),
     }
     return {k: (randomise_bn(m).double(), hw) for k, (m, hw) in nets.items()}
 

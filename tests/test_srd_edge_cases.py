@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
 
 import ierf
 import numpy as np
@@ -1787,3 +1788,81 @@ def test_average_pooling_in_ceil_mode_is_refused() -> None:
     model = _Spelled(lambda m, a: F.avg_pool2d(a, 2, ceil_mode=True).mean((2, 3))).double().eval()
     with pytest.raises(UnsupportedModelError, match=r"ceil_mode"):
         ierf.SRD(model, head="exact").decompose(_x((1, 3, 5, 7), seed=3))
+
+
+_MEAN, _STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class _Normalise(nn.Module):
+    """Input normalisation as users put it in front of a torchvision model: ``(x - mean) / std``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(_MEAN, dtype=torch.float64).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(_STD, dtype=torch.float64).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@pytest.mark.parametrize(
+    "front",
+    [
+        pytest.param(_Normalise, id="functional"),
+        pytest.param(lambda: torchvision.transforms.Normalize(_MEAN, _STD), id="torchvision"),
+        pytest.param(lambda: torchvision.transforms.v2.Normalize(_MEAN, _STD), id="torchvision-v2"),
+    ],
+)
+def test_a_normalising_module_in_front_of_the_model_is_decomposed(front: Callable[[], nn.Module]) -> None:
+    """``nn.Sequential(Normalise(), model)`` is the usual way to feed raw [0, 1] pixels, and the README counts
+    "constants added with broadcasting (per channel, ...)" among the rules: ``x + c`` and ``x * 0.5`` were
+    decomposed, but ``x - mean`` was refused ("sub on a feature map") and so was ``/ std``; torchvision's
+    Normalize could not even be traced. The same function as a depthwise 1x1 convolution (weight 1/std,
+    bias -mean/std) is decomposed, and gives the map to expect."""
+    torch.manual_seed(0)
+    inner = randomise_bn(TinyResNet()).double().eval()
+    spelled = nn.Sequential(front(), inner).double().eval()
+    mean, std = torch.tensor(_MEAN, dtype=torch.float64), torch.tensor(_STD, dtype=torch.float64)
+    as_conv = nn.Conv2d(3, 3, 1, groups=3).double()
+    with torch.no_grad():
+        as_conv.weight.copy_((1 / std).view(3, 1, 1, 1))
+        as_conv.bias.copy_(-mean / std)
+    folded = nn.Sequential(as_conv, inner).eval()
+    x = _x((2, 3, 12, 14), seed=5).abs()
+    torch.testing.assert_close(spelled(x), folded(x))
+    expected = ierf.SRD(folded, head="exact").decompose(x).relevance(1)
+    got = ierf.SRD(spelled, head="exact").decompose(x).relevance(1)
+    torch.testing.assert_close(got, expected, atol=1e-9 * float(expected.abs().max()), rtol=0)
+
+
+class _Fronted(nn.Module):
+    """A TinyResNet behind one line of arithmetic on its input and a constant tensor ``k`` (a buffer)."""
+
+    def __init__(self, front: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: torch.Tensor) -> None:
+        super().__init__()
+        self.front = front
+        self.register_buffer("k", k)
+        self.inner = randomise_bn(TinyResNet())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.front(x, self.k))
+
+
+@pytest.mark.parametrize(
+    ("front", "k", "message"),
+    [
+        (lambda x, k: x * k, torch.ones(1, 1, 12, 14), r"by a tensor of shape \(1, 1, 12, 14\).*one factor per"),
+        (lambda x, k: x / k, torch.ones(2, 1, 1, 1), r"division of a feature map .* by a tensor of shape"),
+        (lambda x, k: k / (x + 3), torch.ones(1), r"division by a feature map"),
+        (lambda x, k: torch.div(x, 2, rounding_mode="floor"), torch.ones(1), r"rounding_mode='floor'"),
+        (lambda x, k: torch.sub(x, k, alpha=2), torch.ones(1), r"sub with alpha=2"),
+    ],
+)
+def test_arithmetic_that_is_no_channel_affine_map_is_refused_by_name(
+    front: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: torch.Tensor, message: str
+) -> None:
+    """Scales per position or per image, divisions by a map and rounding have no exact SRD term: each is
+    refused naming what it saw, never decomposed as if it were a per-channel scale."""
+    model = _Fronted(front, k).double().eval()
+    with pytest.raises(UnsupportedModelError, match=message):
+        ierf.SRD(model, head="exact").decompose(_x((2, 3, 12, 14), seed=4))

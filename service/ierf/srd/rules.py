@@ -474,6 +474,33 @@ if _stochastic_depth_op is not None:
         return x
 
 
+try:  # the input normalisation put in front of a torchvision model: nn.Sequential(Normalize(mean, std), model)
+    from torchvision.transforms import Normalize as _Normalize
+    from torchvision.transforms.v2 import Normalize as _NormalizeV2
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    _Normalize = _NormalizeV2 = None
+
+if _Normalize is not None:
+
+    @module_rule(_Normalize, _NormalizeV2)
+    def _normalize_module(ctx, node, m: nn.Module, x) -> Affine:
+        """``(x - mean) / std`` per channel: a channel affine map, folded into the stage like a batch norm
+        (its tensors-only forward cannot be traced through)."""
+        where = ctx.where(node)
+        bundle = as_affine(x, where)
+        ref = bundle._reference_tensor()
+        mean = torch.as_tensor(m.mean, dtype=ref.dtype, device=ref.device).reshape(-1)
+        std = torch.as_tensor(m.std, dtype=ref.dtype, device=ref.device).reshape(-1)
+        c = bundle.channels
+        if bundle.is_vector or bundle.flat_from is not None or {mean.numel(), std.numel()} - {1, c}:
+            raise UnsupportedModelError(
+                f"{where}: Normalize with {mean.numel()} means and {std.numel()} stds on a value of shape "
+                f"{tuple(_shape_of(bundle))} (one per channel of a (B, C, H, W) map, or one for all)"
+            )
+        mean, std = mean.expand(c), std.expand(c)
+        return bundle.scale_shift(1.0 / std, -mean / std)
+
+
 @method_rule("contiguous", "clone")
 def _identity_method(ctx, node, name, x, *args, **kwargs) -> Any:
     return x  # maps, channel groups and constants alike
@@ -645,12 +672,118 @@ def _mul_function(ctx, node, fn, a, b) -> Any:
         return gated
     if _is_map(a) or _is_map(b):
         m, c = (a, b) if _is_map(a) else (b, a)
-        if not isinstance(c, int | float):
-            raise UnsupportedModelError(f"{where}: multiplication of a feature map by a tensor")
         bundle = as_affine(m, where)
-        s = bundle.terms[0].x.new_full((bundle.channels,), float(c))
-        return bundle.scale_shift(s, None)
+        return bundle.scale_shift(_channel_factor(bundle, c, where, "multiplication"), None)
     return a * b
+
+
+@function_rule(operator.imul)
+def _imul_function(ctx, node, fn, a, b) -> Any:
+    return _mul_function(ctx, node, fn, a, b)
+
+
+@method_rule("mul", "mul_", "multiply")
+def _mul_method(ctx, node, name, a, b) -> Any:
+    return _mul_function(ctx, node, None, a, b)
+
+
+def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tensor:
+    """A constant factor of a feature map as one number per channel, (C,): a Python number, or a tensor that
+    broadcasts to the map without enlarging it and varies only along the channels ((C,), (1, C, 1, 1), ...;
+    the ``/ std`` of an input normalisation). A scale that varies by position or image is no channel
+    affine map (the terms SRD keeps cannot carry it): refused."""
+    ref = bundle._reference_tensor()
+    if isinstance(c, bool) or not isinstance(c, int | float | torch.Tensor):
+        raise UnsupportedModelError(f"{where}: {what} of a feature map by {type(c).__name__}")
+    if not isinstance(c, torch.Tensor) or c.numel() == 1:
+        return ref.new_full((bundle.channels,), float(c))
+    if bundle.pending_pool is not None or bundle.flat_from is not None:
+        raise UnsupportedModelError(
+            f"{where}: {what} of a flattened or pooled vector by a tensor of shape {tuple(c.shape)} "
+            "(only a number there)"
+        )
+    shape = (
+        (bundle.batch, bundle.channels)
+        if bundle.is_vector
+        else (bundle.batch, bundle.channels, bundle.height, bundle.width)
+    )
+    try:
+        fits = torch.broadcast_shapes(tuple(c.shape), shape) == shape
+    except RuntimeError:
+        fits = False
+    full = (1,) * (len(shape) - c.dim()) + tuple(c.shape)
+    if not fits or any(n != 1 for i, n in enumerate(full) if i != 1):
+        raise UnsupportedModelError(
+            f"{where}: {what} of a feature map of shape {shape} by a tensor of shape {tuple(c.shape)} "
+            "(only a number, or one factor per channel such as (C,) or (1, C, 1, 1))"
+        )
+    return c.detach().to(ref.dtype).reshape(-1).expand(bundle.channels).to(ref.device)
+
+
+def _negated(value: Any, where: str) -> Affine:
+    bundle = as_affine(value, where)
+    return bundle.scale_shift(bundle._reference_tensor().new_full((bundle.channels,), -1.0), None)
+
+
+def _sub(ctx, node, a, b, alpha=1) -> Any:
+    """``a - b`` as ``a + (-b)``: a difference of maps, or a constant taken off (an input normalisation's
+    ``x - mean``); numbers (shape arithmetic) are just subtracted."""
+    where = ctx.where(node)
+    if not (_is_map(a) or _is_map(b)):
+        return a - alpha * b if alpha != 1 else a - b
+    if alpha != 1:
+        raise UnsupportedModelError(f"{where}: sub with alpha={alpha}")
+    if _is_map(b):
+        return _add(ctx, node, a, _negated(b, where))
+    return _add(ctx, node, a, -b)
+
+
+@function_rule(operator.sub, operator.isub, torch.sub, torch.subtract)
+def _sub_function(ctx, node, fn, a, b, alpha=1) -> Any:
+    return _sub(ctx, node, a, b, alpha)
+
+
+@method_rule("sub", "sub_", "subtract")
+def _sub_method(ctx, node, name, a, b, alpha=1) -> Any:
+    return _sub(ctx, node, a, b, alpha)
+
+
+def _neg(ctx, node, x) -> Any:
+    return _negated(x, ctx.where(node)) if _is_map(x) else -x
+
+
+@function_rule(operator.neg, torch.neg, torch.negative)
+def _neg_function(ctx, node, fn, x) -> Any:
+    return _neg(ctx, node, x)
+
+
+@method_rule("neg", "neg_", "negative")
+def _neg_method(ctx, node, name, x) -> Any:
+    return _neg(ctx, node, x)
+
+
+def _div(ctx, node, a, b, rounding_mode=None) -> Any:
+    """A feature map divided by a constant (a number, or one per channel: ``/ std``) is scaled by its
+    reciprocal; a division by a feature map is not linear in it."""
+    if not (_is_map(a) or _is_map(b)):
+        return torch.div(a, b, rounding_mode=rounding_mode) if rounding_mode is not None else a / b
+    where = ctx.where(node)
+    if _is_map(b):
+        raise UnsupportedModelError(f"{where}: division by a feature map")
+    if rounding_mode is not None:
+        raise UnsupportedModelError(f"{where}: division of a feature map with rounding_mode={rounding_mode!r}")
+    bundle = as_affine(a, where)
+    return bundle.scale_shift(1.0 / _channel_factor(bundle, b, where, "division"), None)
+
+
+@function_rule(operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide)
+def _div_function(ctx, node, fn, a, b, rounding_mode=None) -> Any:
+    return _div(ctx, node, a, b, rounding_mode)
+
+
+@method_rule("div", "div_", "divide", "true_divide")
+def _div_method(ctx, node, name, a, b, rounding_mode=None) -> Any:
+    return _div(ctx, node, a, b, rounding_mode)
 
 
 @function_rule(torch.cat, torch.concat)
@@ -853,7 +986,7 @@ def _unsqueeze_method(ctx, node, name, x, dim) -> Any:
     return _unsqueeze(ctx, node, x, dim)
 
 
-@function_rule(operator.floordiv, operator.sub)  # shape arithmetic only
+@function_rule(operator.floordiv)  # shape arithmetic only
 def _shape_arith(ctx, node, fn, a, b) -> Any:
     if _is_map(a) or _is_map(b):
         raise UnsupportedModelError(f"{ctx.where(node)}: {fn.__name__} on a feature map")
