@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from ierf.errors import UnsupportedModelError
+from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.srd.reference import ReferenceSRD
 from srd_nets import (
     ConvHead,
@@ -1866,3 +1866,29 @@ def test_arithmetic_that_is_no_channel_affine_map_is_refused_by_name(
     model = _Fronted(front, k).double().eval()
     with pytest.raises(UnsupportedModelError, match=message):
         ierf.SRD(model, head="exact").decompose(_x((2, 3, 12, 14), seed=4))
+
+
+class _SizeChecked(nn.Module):
+    """A network that checks its input size itself, as torchvision's ViT does (``torch._assert(h == ...)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, _ = x.shape
+        torch._assert(h == 12, "Wrong image height!")
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_model_that_checks_its_input_size_is_decomposed_and_its_check_kept() -> None:
+    """The size comparison and ``torch._assert`` had no rule: such a model was refused whatever the input
+    ("no SRD rule for function eq"). The check is the model's, so an input that fails it is refused as the
+    input's fault, naming the model's message."""
+    model = _SizeChecked().double().eval()
+    x = _x((1, 3, 12, 9), seed=2)
+    maps = ierf.SRD(model, head="exact").saliency(x, 1)
+    torch.testing.assert_close(maps.sum().double(), model(x)[0, 1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputSizeError, match=r"own check of its input failed: Wrong image height!"):
+        ierf.SRD(model, head="exact").saliency(_x((1, 3, 10, 9), seed=2), 1)

@@ -821,7 +821,7 @@ class SRD:
             if isinstance(exc, InputSizeError) or any(p in message for p in _TOO_SMALL):
                 first = message.strip().splitlines()[0]
                 problem = "is too small for" if "too small" in first else "does not fit"
-                raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} {problem} this model: {first}") from None
+                raise InputSizeError(f"input {x.shape[-2]}x{x.shape[-1]} {problem} this model: {first}") from None
             raise
 
     def load_decomposition(

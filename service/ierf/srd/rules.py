@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ierf.errors import UnsupportedModelError
+from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.srd.derived import DERIVED
 from ierf.srd.terms import Affine, DenseTerm, add, cat_channels, max_pool_of_paths, max_pool_routes, replace
 
@@ -984,6 +984,24 @@ def _unsqueeze_function(ctx, node, fn, x, dim) -> Any:
 @method_rule("unsqueeze")
 def _unsqueeze_method(ctx, node, name, x, dim) -> Any:
     return _unsqueeze(ctx, node, x, dim)
+
+
+@function_rule(operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)
+def _compare(ctx, node, fn, a, b) -> Any:
+    """Comparisons of sizes (a ViT checks its input size with ``torch._assert(h == self.image_size)``)."""
+    if _is_map(a) or _is_map(b):
+        raise UnsupportedModelError(f"{ctx.where(node)}: comparison ({fn.__name__}) of a feature map")
+    return fn(a, b)
+
+
+@function_rule(torch._assert)
+def _assert_function(ctx, node, fn, condition, message="") -> None:
+    """The model's own check of its input (an image size): a failed one is the input's fault."""
+    if _is_map(condition):
+        raise UnsupportedModelError(f"{ctx.where(node)}: an assertion on a feature map")
+    if not condition:  # a message formatted while tracing shows proxies, not this input's values
+        said = f": {message}" if message and "Proxy(" not in str(message) else ""
+        raise InputSizeError(f"{ctx.where(node)}: the model's own check of its input failed{said}")
 
 
 @function_rule(operator.floordiv)  # shape arithmetic only
