@@ -1892,3 +1892,12 @@ def test_a_model_that_checks_its_input_size_is_decomposed_and_its_check_kept() -
     torch.testing.assert_close(maps.sum().double(), model(x)[0, 1], rtol=1e-5, atol=1e-6)
     with pytest.raises(InputSizeError, match=r"own check of its input failed: Wrong image height!"):
         ierf.SRD(model, head="exact").saliency(_x((1, 3, 10, 9), seed=2), 1)
+
+
+def test_an_input_the_model_cannot_take_is_an_input_size_error() -> None:
+    """Callers tell "this model is not supported" from "this image is the wrong size" by type: both are
+    ValueErrors, the second an ``ierf.InputSizeError``."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ierf.InputSizeError, match=r"input 3x3 is too small for this model"):
+        ierf.SRD(model.double().eval(), head="exact").saliency(_x((1, 3, 3, 3), seed=2), 1)
+    assert issubclass(ierf.InputSizeError, ValueError)

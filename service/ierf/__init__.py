@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ierf._lazy import lazy_getattr
-from ierf.errors import UnsupportedModelError
+from ierf.errors import InputSizeError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ierf.methods import available_methods, create_explainer, method_version
@@ -39,6 +39,7 @@ __getattr__ = lazy_getattr(__name__, _LAZY)
 __all__ = [
     "SRD",
     "Decomposition",
+    "InputSizeError",
     "StateLayout",
     "UnsupportedModelError",
     "available_methods",
