@@ -728,6 +728,19 @@ def test_a_budget_of_zero_ms_is_a_deadline_that_has_passed_not_a_malformed_one()
     assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED, context.details
 
 
+@pytest.mark.parametrize("value", [" 500 ", "1_000", "1e3", "inf", "-5", "0x10", "", "9" * 400])
+def test_a_budget_is_plain_digits_and_finite(value: str) -> None:
+    """Python's float() reads " 500 ", "1_000", "1e3" and "inf", which a Go or Java server refuses, and a
+    400-digit budget overflowed to inf and was refused as "not a number": each is refused as malformed, saying
+    what the header must hold."""
+    from ierf.serving.deployments import _caller_budget_s
+    from ierf.serving.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=r"finite number of milliseconds >= 0 \(digits"):
+        _caller_budget_s(_TimedContext(value))
+    assert _caller_budget_s(_TimedContext("1500.5")) == pytest.approx(1.5005)
+
+
 def test_a_request_that_times_out_waiting_for_the_worker_cancels_the_workers_job() -> None:
     """Serve does not forward the deadline: unless the ingress cancels the call, the job stays queued (or
     running) on the worker's one compute thread for a caller that has already been answered."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -242,6 +243,9 @@ class ExplainerWorker:
 DEADLINE_SLACK_S = 0.05
 
 
+_MILLIS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 def _caller_budget_s(grpc_context: Any) -> float | None:
     """The caller's budget in seconds from the ``ierf-timeout-ms`` metadata; None when it sent none."""
     if grpc_context is None:
@@ -249,13 +253,14 @@ def _caller_budget_s(grpc_context: Any) -> float | None:
     budget = None
     for key, value in grpc_context.invocation_metadata():
         if key == TIMEOUT_METADATA_KEY:
-            try:
-                millis = float(value)
-            except ValueError:
-                millis = math.nan
-            if not math.isfinite(millis) or millis < 0:
+            # ASCII digits with an optional fraction, as any gRPC stack would parse them (Python's float()
+            # also takes " 500 ", "1_000", "inf" and "1e3")
+            text = value if isinstance(value, str) else ""
+            millis = float(text) if _MILLIS.fullmatch(text) else math.nan
+            if not math.isfinite(millis):
                 raise InvalidArgument(
-                    f"metadata {TIMEOUT_METADATA_KEY} must be a number of milliseconds >= 0, got {echo(value)}"
+                    f"metadata {TIMEOUT_METADATA_KEY} must be a finite number of milliseconds >= 0 (digits, "
+                    f"optionally with a fraction), got {echo(value)}"
                 )
             budget = millis / 1000.0 if budget is None else min(budget, millis / 1000.0)
     return budget
