@@ -3,12 +3,14 @@ the promise that the caller's model is left exactly as found (also after excepti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import ierf
 import numpy as np
 import pytest
 import torch
+import torchvision
 from ierf.baselines import BASELINE_METHODS
 from ierf.baselines._common import model_guard
 from ierf.baselines.lrp import EfficientNetLiteCanonizer, canonizers_for
@@ -478,3 +480,140 @@ def test_lrp_differentiable_path_follows_changes_to_the_callers_model(model: nn.
     diff = explainer.differentiable_saliency(x.clone().requires_grad_(True), torch.tensor([1, 7]))
     fresh = ierf.create_explainer("lrp", net).saliency(x, torch.tensor([1, 7]))
     torch.testing.assert_close(diff.detach(), fresh, atol=1e-6, rtol=1e-4)
+
+
+def test_lrp_on_densenet_is_refused_up_front_or_explains_it() -> None:
+    """DenseNet (``ierf.models`` serves densenet121, whose GetModel lists every method) got the sequential
+    BN merge, which pairs each layer's last convolution with the *next* layer's ``norm1`` in registration
+    order: every call died inside Zennit with "The size of tensor a (32) must match the size of tensor b
+    (96)". An architecture LRP cannot canonise must be refused by name when the explainer is made."""
+    torch.manual_seed(0)
+    net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5)
+    net.eval()
+    try:
+        explainer = ierf.create_explainer("lrp", net)
+    except ierf.UnsupportedModelError:
+        return
+    maps = explainer.saliency(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), 1)
+    assert maps.shape == (1, 32, 32) and bool(torch.isfinite(maps).all())
+
+
+def test_lrp_explainer_made_under_inference_mode_works(model: nn.Module, x: torch.Tensor) -> None:
+    """A notebook cell under ``torch.inference_mode()`` that makes the explainer and calls it: the private
+    copy (``copy.deepcopy`` under inference mode) held inference tensors, and every call failed with
+    "Inference tensors do not track version counter", although the README says each explainer works under
+    a caller's inference_mode (the other eight methods do)."""
+    expected = ierf.create_explainer("lrp", model).saliency(x, 1)
+    with torch.inference_mode():
+        explainer = ierf.create_explainer("lrp", model)
+        inside = explainer.saliency(x, 1)
+    torch.testing.assert_close(inside, expected)
+    torch.testing.assert_close(explainer.saliency(x, 1), expected)
+
+
+@pytest.mark.parametrize("method", BASELINE_METHODS)
+def test_a_model_with_inference_tensors_is_refused_by_name_and_left_as_found(method: str) -> None:
+    """A model built under ``torch.inference_mode()`` has inference-tensor parameters, which autograd cannot
+    use, so the autograd-based methods failed; but the guard's restore then raised too ("Setting
+    requires_grad=True on inference tensor outside InferenceMode"), hiding the cause and leaving every
+    parameter with requires_grad=False. Now such a model is refused with a ValueError saying what to do
+    (a server turns that into "method not available"), and the model is left exactly as found."""
+    with torch.inference_mode():
+        net = random_tiny_resnet(seed=3).eval()
+    before = [p.requires_grad for p in net.parameters()]
+    assert all(before)
+    with pytest.raises(ValueError, match=r"inference_mode\(\).*outside torch.inference_mode\(\)"):
+        ierf.create_explainer(method, net).saliency(torch.randn(1, 3, 32, 32), 1)
+    assert [p.requires_grad for p in net.parameters()] == before
+
+
+def test_a_model_given_inference_tensors_after_the_explainer_was_made_is_refused_at_the_call() -> None:
+    """A layer replaced under ``torch.inference_mode()`` after the explainer was made: refused by name on
+    the next call (LRP's staleness stamp read the version counter inference tensors do not have)."""
+    for method in ("gradient", "gradcam", "lrp"):
+        net = random_tiny_resnet(seed=3).eval()
+        explainer = ierf.create_explainer(method, net)
+        with torch.inference_mode():
+            net.fc = nn.Linear(net.fc.in_features, net.fc.out_features)
+        with pytest.raises(ValueError, match=r"'fc\.weight' is an inference tensor"):
+            explainer.saliency(torch.randn(1, 3, 32, 32), 1)
+        assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_model_guard_restores_requires_grad_of_inference_parameters(fails: bool) -> None:
+    """The guard freezes and restores ``requires_grad``; PyTorch allows setting it back to True on an
+    inference tensor only inside inference mode, and the old restore loop stopped at the first parameter,
+    leaving the rest frozen and raising its own error over the body's."""
+    with torch.inference_mode():
+        net = random_tiny_resnet(seed=3).eval()
+    next(net.parameters()).requires_grad_(False)  # a mix, restored parameter by parameter
+    before = [p.requires_grad for p in net.parameters()]
+    with contextlib.ExitStack() as stack:
+        if fails:
+            stack.enter_context(pytest.raises(RuntimeError, match=r"^boom$"))
+        with model_guard(net):
+            assert not any(p.requires_grad for p in net.parameters())
+            if fails:
+                raise RuntimeError("boom")
+    assert [p.requires_grad for p in net.parameters()] == before
+
+
+def test_lrp_follows_a_replaced_module_without_parameters(model: nn.Module, x: torch.Tensor) -> None:
+    """The private copy is taken again when parameters or buffers change, but a swapped activation (no
+    tensors of its own) went unnoticed: LRP kept explaining the old network, silently, where SRD refuses a
+    model whose submodules were replaced."""
+    net = copy.deepcopy(model)
+    explainer = ierf.create_explainer("lrp", net)
+    before = explainer.saliency(x, 1)
+    net.layer1[0].relu = nn.LeakyReLU(0.5)
+    expected = ierf.create_explainer("lrp", net).saliency(x, 1)
+    assert not torch.allclose(before, expected)
+    torch.testing.assert_close(explainer.saliency(x, 1), expected)
+
+
+def test_lrp_follows_a_changed_batch_norm_eps(model: nn.Module, x: torch.Tensor) -> None:
+    """``eps`` is a plain float, not a tensor: the private copy kept the old one and explained the old network."""
+    net = copy.deepcopy(model)
+    explainer = ierf.create_explainer("lrp", net)
+    before = explainer.saliency(x, 1)
+    net.bn1.eps = 0.5
+    expected = ierf.create_explainer("lrp", net).saliency(x, 1)
+    assert not torch.allclose(before, expected)
+    torch.testing.assert_close(explainer.saliency(x, 1), expected)
+
+
+class _BatchNormAfterAFunctionalReLU(nn.Module):
+    """Registered conv, bn (the order the sequential merge pairs them in), but the forward normalises
+    ``relu(conv(x))``: folding the BN into the convolution's weights would change the function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_lrp_refuses_a_batch_norm_merge_the_graph_does_not_support() -> None:
+    """The sequential merge trusted registration order; with equal channel counts a wrong pair merged silently
+    (DenseNet's unequal ones crashed inside Zennit). The pair is checked against the traced graph and named."""
+    with pytest.raises(ierf.UnsupportedModelError, match=r"batch norm 'bn' follows 'conv' .* cannot be merged"):
+        ierf.create_explainer("lrp", _BatchNormAfterAFunctionalReLU().eval())
+    maps = ierf.create_explainer("lrp", _WithAnUnusedHead().eval()).saliency(torch.randn(1, 3, 8, 8), 1)
+    assert maps.shape == (1, 8, 8) and bool(torch.isfinite(maps).all())  # verified merges (and unused ones) run
+
+
+class _WithAnUnusedHead(nn.Module):
+    """conv -> bn -> relu as registered, and a conv-bn head that never runs (an auxiliary head in eval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.unused = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).mean((2, 3)))

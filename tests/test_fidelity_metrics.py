@@ -310,7 +310,8 @@ def test_top_k_ties_count_at_chance_not_in_index_order() -> None:
 
 
 def test_ssim_does_not_see_a_negated_map_pearson_does() -> None:
-    """Documented: SSIM's luminance and structure terms flip together, so read it with Pearson."""
+    """Documented: SSIM may score a negated map high (here a smooth blob, whose large local means flip the
+    luminance term with the structure term), so read it with Pearson."""
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     blob = torch.exp(-((yy - 12) ** 2 + (xx - 20) ** 2) / 40)[None]  # a saliency-like positive blob
     assert ssim(blob, -blob).item() > 0.5 and pearson(blob, -blob).item() == pytest.approx(-1.0)
@@ -604,3 +605,27 @@ def test_mean_fill_is_each_channels_own_mean() -> None:
     x[:, 0] = 0.8
     curves = insertion_deletion(_PixelModel(channel=0), x, 0, torch.zeros(1, 10, 10), n_steps=2)
     assert curves.deletion[0, -1].item() > 0.99
+
+
+class _CountingOnePixelModel(_OnePixelModel):
+    """Counts its forward passes."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_insertion_deletion_refuses_an_out_of_range_target_by_name() -> None:
+    """A class the model does not have surfaced as a bare IndexError from inside the scoring loop ("index 2
+    is out of bounds for dimension 1 with size 2"), after the first forward passes; max_sensitivity and every
+    explainer refuse it as a ValueError saying the model's number of classes. Refused at the first forward
+    (the model's class count is known only then), and so is a row of ``classes`` naming a class it lacks."""
+    x = torch.zeros(2, 3, 10, 10)
+    model = _CountingOnePixelModel()
+    with pytest.raises(ValueError, match=r"target 2 out of range for a model with 2 classes"):
+        insertion_deletion(model, x, torch.tensor([0, 2]), torch.rand(2, 10, 10), n_steps=2, batch_size=1)
+    assert model.calls == 1
+    with pytest.raises(ValueError, match=r"classes holds 5, out of range for a model with 2 classes"):
+        insertion_deletion(model, x, 0, torch.rand(2, 10, 10), n_steps=2, classes=torch.tensor([[0, 1], [0, 5]]))

@@ -994,3 +994,16 @@ def test_a_functional_activation_is_named_after_its_innermost_module() -> None:
     srd = ierf.SRD(_NestedFunctional().eval())
     assert srd.layers == ["relu", "stage.0"]  # the block returns its ReLU: the block's name is canonical
     assert srd.program.source_id("stage.0.relu") == srd.program.source_id("stage.0")
+
+
+def test_a_decomposition_cannot_be_loaded_onto_the_meta_device() -> None:
+    """``load_decomposition(state, device="meta")`` ended in "Tensor.item() cannot be called on meta tensors"
+    from deep inside; an input on meta is refused by name, and so is this device."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    srd = ierf.SRD(model)
+    state = srd.decompose(torch.randn(1, 3, 8, 8)).state_dict()
+    for device in ("meta", torch.device("meta")):
+        with pytest.raises(ValueError, match="meta device"):
+            srd.load_decomposition(state, device=device)
+    assert srd.load_decomposition(state, device="cpu").saliency(1).shape == (1, 8, 8)

@@ -35,6 +35,20 @@ def check_input(x: object) -> torch.Tensor:
     return x
 
 
+def check_ordinary_tensors(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers are inference tensors (made under ``torch.inference_mode()``).
+
+    Autograd can neither save them for backward nor make them require grad outside inference mode, so every
+    autograd-based method failed on such a model with a message about inference tensors deep in a library."""
+    found = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()), None)
+    if found is not None:
+        raise ValueError(
+            f"the model's tensors were made under torch.inference_mode() (e.g. {found!r} is an inference tensor), "
+            "which autograd-based methods cannot differentiate through: build or load the model outside "
+            "torch.inference_mode() (torch.no_grad() is fine), or explain it with 'srd'"
+        )
+
+
 def check_target_range(logits: torch.Tensor, target: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"model must return (B, num_classes) logits, got shape {tuple(logits.shape)}")
@@ -107,17 +121,42 @@ def _guarded(model: nn.Module) -> Iterator[None]:
         for p in params:
             p.requires_grad_(False)
         yield
-    finally:
-        for m, flag, saved in zip(modules, training, hooks, strict=True):
-            m.training = flag
-            for name, entries in saved.items():
-                current = getattr(m, name, None)
-                if current is not None and (current.keys() != entries.keys()):
-                    current.clear()
-                    current.update(entries)
-        for p, flag, grad in zip(params, requires_grad, grads, strict=True):
-            p.requires_grad_(flag)
+    except BaseException:
+        _restore(modules, training, hooks, params, requires_grad, grads)  # the body's error is the one to see
+        raise
+    failures = _restore(modules, training, hooks, params, requires_grad, grads)
+    if failures:
+        raise failures[0]
+
+
+def _restore(
+    modules: list[nn.Module],
+    training: list[bool],
+    hooks: list[dict[str, dict]],
+    params: list[nn.Parameter],
+    requires_grad: list[bool],
+    grads: list[torch.Tensor | None],
+) -> list[Exception]:
+    """Put back what ``_guarded`` saved, each item on its own: one that fails cannot leave the rest changed.
+
+    An inference tensor's ``requires_grad`` can be set back to True only inside inference mode (outside it
+    PyTorch refuses, and the old loop stopped there, leaving every later parameter frozen)."""
+    for m, flag, saved in zip(modules, training, hooks, strict=True):
+        m.training = flag
+        for name, entries in saved.items():
+            current = getattr(m, name, None)
+            if current is not None and (current.keys() != entries.keys()):
+                current.clear()
+                current.update(entries)
+    failures: list[Exception] = []
+    for p, flag, grad in zip(params, requires_grad, grads, strict=True):
+        try:
+            with torch.inference_mode(p.is_inference()):
+                p.requires_grad_(flag)
             p.grad = grad
+        except Exception as exc:  # each parameter is restored whatever the others do
+            failures.append(exc)
+    return failures
 
 
 def finish(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
 from ierf._transient import transient_hook
-from ierf.baselines._common import check_input, check_target_range, finish, model_guard
+from ierf.baselines._common import check_input, check_ordinary_tensors, check_target_range, finish, model_guard
 from ierf.methods import register_method, resolve_target
 
 
@@ -102,6 +102,7 @@ class _CAMExplainer:
     def __init__(self, model: nn.Module, layer: str | None = None, relu: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_ordinary_tensors(model)
         self.model = model
         if layer is None:
             self.layer, self.module, self.use_input = final_feature_module(model)
@@ -129,6 +130,7 @@ class _CAMExplainer:
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         x = check_input(x)
         target = resolve_target(target, x.shape[0])
+        check_ordinary_tensors(self.model)  # again: the caller may have loaded other weights since
         with model_guard(self.model):
             x_in = x.detach().requires_grad_(True)  # makes the feature map part of a graph
             activation, grad = self._activations_and_gradients(x_in, target, create_graph=False)
@@ -160,6 +162,7 @@ class GradCAMExplainer(_CAMExplainer):
         The same formula as the library path, in torch; the caller owns the model state.
         """
         target = resolve_target(target, x.shape[0])
+        check_ordinary_tensors(self.model)
         activation, grad = self._activations_and_gradients(x, target, create_graph=True)
         cam = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
         if self.relu:

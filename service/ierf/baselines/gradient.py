@@ -13,6 +13,7 @@ from torch import nn
 
 from ierf.baselines._common import (
     check_input,
+    check_ordinary_tensors,
     check_target_range,
     checked_forward,
     collapse_channels,
@@ -32,11 +33,13 @@ class _CaptumExplainer:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_ordinary_tensors(model)
         self.model = model
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         x = check_input(x)
         target = resolve_target(target, x.shape[0])
+        check_ordinary_tensors(self.model)  # again: the caller may have loaded other weights since
         with model_guard(self.model):
             attribution = self._attribute(x.detach().requires_grad_(True), target.to(x.device))
         return finish(collapse_channels(attribution), tuple(x.shape[-2:]))
@@ -145,6 +148,7 @@ class SmoothGrad(_CaptumExplainer):
 
 
 def _input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    check_ordinary_tensors(model)
     if not x.requires_grad:
         x = x.detach().requires_grad_(True)
     logits = model(x)

@@ -11,7 +11,12 @@ relevance over both branches). EfficientNet-Lite (lukemelas layout: ``_blocks.N.
 gets :class:`EfficientNetLiteCanonizer`, written here with Zennit's building blocks. Anything else
 gets the sequential BN merge only; residual additions written as ``a + b`` then receive the
 plain gradient split (each branch gets the full relevance), which is documented LRP behaviour for
-uncanonised graphs, not a bug here. Every BN merge here is exact: Zennit's leaves each merged BN
+uncanonised graphs, not a bug here. The sequential merge (ResNets' too) pairs each linear layer with
+the next BN in *registration* order, which is not always execution order (DenseNet: a layer's last
+convolution is followed by the next layer's ``norm1``, which normalises the whole concatenation): every
+pair is checked against the model's torch.fx graph (the BN's input must be that layer's output, used by
+nothing else), and a model with a pair that fails is refused (``UnsupportedModelError``) when the
+explainer is made. Every BN merge here is exact: Zennit's leaves each merged BN
 computing x / sqrt(1 + eps), which moved the logits being explained (ResNet18: ~1e-4; EfficientNet's
 eps = 1e-3 over 49 BNs: ~0.05), so maps differ from Zennit's own canonizers by that much.
 
@@ -19,15 +24,20 @@ Relevance starts as 1 at the target logit (Zennit's convention), so maps are com
 across images whatever the logit's sign. Zennit rewrites weights in place while registered, so the
 explainer works on a private deep copy of the model: the caller's model is never touched, even
 temporarily (safe when other threads use it concurrently). The copy follows the model: a call after
-the caller changed a parameter or buffer (in place, replaced, or moved to another device) copies again.
-Writes through ``.data`` bypass the version counter the check reads: after those, make a new explainer.
+the caller changed a parameter or buffer (in place, replaced, or moved to another device), replaced a
+submodule (an activation has no tensors of its own) or changed a normalisation's ``eps`` copies again.
+Writes through ``.data`` bypass the version counter the check reads, as do other edits of a module's
+attributes (a stride, a slope): after those, make a new explainer. A model whose tensors were made under
+``torch.inference_mode()`` is refused (ValueError), as by the other autograd-based methods.
 """
 
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from zennit.attribution import Gradient
@@ -39,11 +49,13 @@ from zennit.canonizers import (
     SequentialMergeBatchNorm,
 )
 from zennit.composites import EpsilonPlusFlat
+from zennit.core import collect_leaves
 from zennit.layer import Sum
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
 from ierf.baselines._common import (
     check_input,
+    check_ordinary_tensors,
     check_target_range,
     collapse_channels,
     finish,
@@ -51,6 +63,7 @@ from ierf.baselines._common import (
 )
 from ierf.errors import UnsupportedModelError
 from ierf.methods import register_method, resolve_target
+from ierf.srd.graph import _TRACE_LOCK  # fx patches nn.Module.__call__ process-wide: one trace at a time
 
 
 def _is_mbconv(module: nn.Module) -> bool:
@@ -144,10 +157,76 @@ class EfficientNetLiteCanonizer(CompositeCanonizer):
         super().__init__((_EfficientNetBatchNormMerge(), _MBConvSumCanonizer()))
 
 
+def _sequential_merge_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (linear, batch norm) leaves Zennit's ``SequentialMergeBatchNorm.apply`` would merge."""
+    pairs = []
+    last = None
+    for leaf in collect_leaves(model):
+        if isinstance(last, SequentialMergeBatchNorm.linear_type) and isinstance(
+            leaf, SequentialMergeBatchNorm.batch_norm_type
+        ):
+            pairs.append((last, leaf))
+        last = leaf
+    return pairs
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps every module Zennit merges as one ``call_module`` node, whatever its class."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        merged = (*SequentialMergeBatchNorm.linear_type, *SequentialMergeBatchNorm.batch_norm_type)
+        return isinstance(m, merged) or super().is_leaf_module(m, qualified_name)
+
+
+def _check_sequential_merges(model: nn.Module) -> None:
+    """Refuse a model whose registration-order BN merge would not be exact.
+
+    Merging folds the BN into the layer's weights, which is right only if the BN's input is exactly that
+    layer's output and nothing else reads it (DenseNet's registration order pairs a layer's ``conv2`` with
+    the next layer's ``norm1``: Zennit then failed deep inside with a size mismatch, and on a model whose
+    channel counts happened to agree it would have merged silently and wrongly)."""
+    pairs = _sequential_merge_pairs(model)
+    if not pairs:
+        return
+    names = {id(m): name for name, m in model.named_modules()}
+    try:
+        with _TRACE_LOCK:
+            graph = _LeafTracer().trace(model)
+    except Exception as exc:  # fx raises many types: what matters is that the merges cannot be checked
+        raise UnsupportedModelError(
+            f"LRP canonizer: could not trace {type(model).__name__} with torch.fx to check its batch-norm merges "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
+    for linear, batch_norm in pairs:
+        linear_name, bn_name = names.get(id(linear), "?"), names.get(id(batch_norm), "?")
+        linear_calls, bn_calls = calls.get(linear_name, []), calls.get(bn_name, [])
+        if not linear_calls and not bn_calls:
+            continue  # neither runs in eval (an auxiliary head): merging them changes nothing that runs
+        exact = (
+            len(linear_calls) == 1
+            and len(bn_calls) == 1
+            and bool(bn_calls[0].args)
+            and bn_calls[0].args[0] is linear_calls[0]
+            and set(linear_calls[0].users) == {bn_calls[0]}
+        )
+        if not exact:
+            raise UnsupportedModelError(
+                f"LRP canonizer: batch norm {bn_name!r} follows {linear_name!r} in registration order but does not "
+                f"normalise exactly that layer's output in the forward pass, so it cannot be merged into it "
+                f"({type(model).__name__} is not supported by lrp)"
+            )
+
+
 def canonizers_for(model: nn.Module) -> list[Canonizer]:
-    """Pick the canonizer matching the architecture (see the module docstring)."""
+    """Pick the canonizer matching the architecture (see the module docstring); raises
+    ``UnsupportedModelError`` for an architecture none of them canonises exactly."""
     modules = list(model.modules())
     if any(isinstance(m, BasicBlock | Bottleneck) for m in modules):
+        _check_sequential_merges(model)
         return [ResNetCanonizer()]
     blocks = [name for name, m in model.named_modules() if _is_mbconv(m)]
     if blocks:
@@ -155,16 +234,25 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
         if with_se:  # checked before any canonizer touches the model
             raise UnsupportedModelError(f"LRP canonizer: squeeze-excitation blocks are not supported: {with_se[:3]}")
         return [EfficientNetLiteCanonizer()]
+    _check_sequential_merges(model)
     return [_ExactSequentialMergeBatchNorm()]
 
 
 def _state_stamp(model: nn.Module) -> tuple:
     """Identity, storage and version counter of every parameter and buffer: any in-place update bumps
-    a version, a replaced or moved tensor changes identity or storage (~0.1 ms for ResNet50)."""
-    return tuple(
-        (name, id(t), t.data_ptr(), t._version, t.device)
+    a version, a replaced or moved tensor changes identity or storage (~0.5 ms for ResNet50). Every
+    submodule's identity too (a swapped activation has no tensors to notice it by), and each ``eps`` (a
+    BN's eps changes its output; momentum does not in eval). Inference tensors have no version counter:
+    their models are refused (``check_ordinary_tensors``), the stamp only must not fail on them."""
+    tensors = tuple(
+        (name, id(t), t.data_ptr(), None if t.is_inference() else t._version, t.device)
         for name, t in (*model.named_parameters(), *model.named_buffers())
     )
+    modules = tuple(
+        (name, id(m), eps if isinstance(eps := getattr(m, "eps", None), numbers.Real) else None)
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+    return tensors, modules
 
 
 @register_method("lrp")
@@ -179,14 +267,19 @@ class LRPExplainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.source = model
         self.epsilon = epsilon
-        self._copy_source()
-        canonizers_for(self.model)  # unsupported architectures fail here, not on the first call
+        self._copy_source()  # unsupported architectures fail here, not on the first call
 
     def _copy_source(self) -> None:
-        self.model = copy.deepcopy(self.source).eval()
-        for p in self.model.parameters():
+        """A private copy and its canonizers (checked once per copy: the check traces the model). The copy
+        is taken outside a caller's inference mode: inference tensors would be useless to autograd."""
+        check_ordinary_tensors(self.source)
+        stamp = _state_stamp(self.source)
+        with torch.inference_mode(False):
+            model = copy.deepcopy(self.source).eval()
+        for p in model.parameters():
             p.requires_grad_(False)
-        self._copied_from = _state_stamp(self.source)
+        canonizers = canonizers_for(model)
+        self.model, self._canonizers, self._copied_from = model, canonizers, stamp
         self._registered: tuple[nn.Module, EpsilonPlusFlat] | None = None
 
     def _current(self) -> None:
@@ -199,7 +292,7 @@ class LRPExplainer:
         x = check_input(x)
         target = resolve_target(target, x.shape[0])
         self._current()
-        composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=canonizers_for(self.model))
+        composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=self._canonizers)
         with model_guard(self.model):
             try:
                 composite.register(self.model)
@@ -224,8 +317,9 @@ class LRPExplainer:
         target = resolve_target(target, x.shape[0])
         self._current()
         if self._registered is None:
-            model = copy.deepcopy(self.model)
-            composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=canonizers_for(model))
+            with torch.inference_mode(False):
+                model = copy.deepcopy(self.model)
+            composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=self._canonizers)
             composite.register(model)
             self._registered = (model, composite)
         model = self._registered[0]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf.baselines._common import check_target_range
 from ierf.methods import resolve_target
 from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
 
@@ -84,6 +85,13 @@ def _fill(x: torch.Tensor, fill: str, blur_sigma: float) -> torch.Tensor:
     if fill == "blur":
         return gaussian_blur(x, blur_sigma)
     return torch.zeros_like(x)
+
+
+def _check_classes(logits: torch.Tensor, target: torch.Tensor, classes: torch.Tensor | None) -> None:
+    """Targets and ``classes`` the model has (as the explainers check them), not an IndexError mid-loop."""
+    check_target_range(logits, target)
+    if classes is not None and int(classes.max()) >= logits.shape[1]:
+        raise ValueError(f"classes holds {int(classes.max())}, out of range for a model with {logits.shape[1]} classes")
 
 
 @torch.no_grad()
@@ -141,6 +149,8 @@ def insertion_deletion(
                 probs = []
                 for start in range(0, batch.shape[0], batch_size):
                     logits = model(batch[start : start + batch_size])
+                    if i == 0 and start == 0:  # the first forward: a class the model lacks is refused by name
+                        _check_classes(logits, target, classes)
                     if classes is None:
                         probs.append(logits.softmax(1)[:, target[i]].float().cpu())
                     else:

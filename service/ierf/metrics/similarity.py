@@ -26,9 +26,11 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """SSIM (scikit-image, 7x7 window) after scaling each map by its own max |value| into [-1, 1].
 
-    data_range = 2 (the span of [-1, 1]); an all-zero map stays zero. SSIM's luminance and structure terms
-    both change sign when a map is negated, so their product does not: a map and its exact negation score
-    high (0.78 in a test) where Pearson says -1. Read it with :func:`pearson`, which sees the sign.
+    data_range = 2 (the span of [-1, 1]); an all-zero map stays zero. Negating a map flips SSIM's structure
+    term, but its luminance term flips too only where local means are large next to its constant
+    (0.01 x 2)^2: a map and its exact negation, where Pearson says -1, may score high (a smooth positive blob:
+    0.65 in a test) or near zero (real SRD maps, small means: -0.07 to 0.22). SSIM does not reliably see the
+    sign: read it with :func:`pearson`, which does.
     """
     a, b = check_maps(a, "a"), check_maps(b, "b")
     check_same_shape(a, b)

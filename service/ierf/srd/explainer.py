@@ -836,6 +836,8 @@ class SRD:
         model's state, a missing stage or a route to no map is refused); states read back from a shared
         store should always be checked with ``like``. ``device``: where the decomposition lives, the state
         moved there after its check (a state read from a store is on the CPU, where checking is fastest)."""
+        if device is not None and torch.device(device).type == "meta":  # ended in .item() on a meta tensor
+            raise ValueError("device is the meta device: a decomposition there would have no values")
         if like is not None:
             like.check(state)  # exact: implies the structure
         elif isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
