@@ -289,6 +289,22 @@ def retry_pause(
     return min(wait, left)
 
 
+# grpc's deadline arithmetic overflows from about 1e10 s (every call then failed at once with
+# DEADLINE_EXCEEDED): a longer budget is kept by the SDK's own clock, each attempt waits at most this long.
+MAX_ATTEMPT_TIMEOUT_S = 1e8
+
+
+def attempt_timeout(remaining_s: float) -> float:
+    return min(max(remaining_s, 0.001), MAX_ATTEMPT_TIMEOUT_S)
+
+
+def channel_options_with(max_message_bytes: int, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's channel options, then the SDK's defaults for keys the caller did not set (grpc keeps
+    the first value of a key: the defaults first silently overrode the caller's)."""
+    given = {key for key, _ in options}
+    return [*options, *((key, value) for key, value in channel_options(max_message_bytes) if key not in given)]
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -436,6 +452,12 @@ def _png_ready(picture: Image.Image) -> Image.Image:
     Modes PNG cannot store are converted the way the server's ``to_rgb_array`` would: 16-bit greys
     kept 16-bit (the server scales them), colour modes to RGB; 32-bit I/F are refused as it refuses them.
     """
+    try:
+        # Loaded before its orientation is read: Pillow turns a TIFF upright itself as it loads it (and
+        # drops the tag), so the orientation of an image still lazy from Image.open turned it twice.
+        picture.load()
+    except (OSError, ValueError) as exc:  # truncated or corrupt pixel data
+        raise ValueError(f"image cannot be read: {exc}") from None
     method = _ORIENTATION_TRANSPOSE.get(_exif_orientation(picture))
     if method is not None:
         picture = picture.transpose(method)

@@ -36,7 +36,7 @@ class AsyncClient:
         self.token = _core.check_token(token)
         self.application = None if application is None else _core.check_name(application, "application")
         self.retry = _core.check_retry(retry)
-        self._options = [*_core.channel_options(max_message_bytes), *options]
+        self._options = _core.channel_options_with(max_message_bytes, options)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -75,14 +75,30 @@ class AsyncClient:
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
+            if self._closed:  # closed while this call waited to retry
+                raise RuntimeError("this AsyncClient is closed")
             remaining = deadline - time.monotonic()
             try:
                 return await method(
                     request,
-                    timeout=max(remaining, 0.001),
+                    timeout=_core.attempt_timeout(remaining),
                     metadata=_core.call_metadata(self.token, remaining, self.application),
                 )
+            except asyncio.CancelledError:
+                # Closing the channel cancels its calls, which grpc.aio raises as CancelledError in the
+                # caller's task: a cancellation nobody asked for (gather and TaskGroup take it for theirs).
+                # Python 3.10 cannot tell it from a real one (no Task.cancelling): it stays a cancel there.
+                cancelling = getattr(asyncio.current_task(), "cancelling", None)
+                if self._closed and cancelling is not None and not cancelling():
+                    raise RuntimeError("this AsyncClient was closed during the call") from None
+                raise
+            except grpc.aio.UsageError:  # a call on a closed channel
+                if self._closed:
+                    raise RuntimeError("this AsyncClient is closed") from None
+                raise
             except grpc.aio.AioRpcError as exc:
+                if self._closed:
+                    raise RuntimeError("this AsyncClient was closed during the call") from None
                 attempt += 1
                 pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline, _core.server_pause_s(exc))
                 if pause is None:

@@ -49,7 +49,7 @@ class Client:
         self.token = _core.check_token(token)
         self.application = None if application is None else _core.check_name(application, "application")
         self.retry = _core.check_retry(retry)
-        all_options = [*_core.channel_options(max_message_bytes), *options]
+        all_options = _core.channel_options_with(max_message_bytes, options)
         if credentials is not None:
             self._channel = grpc.secure_channel(address, credentials, options=all_options)
         else:
@@ -70,14 +70,22 @@ class Client:
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
+            if self._closed:  # closed while this call waited to retry
+                raise RuntimeError("this Client is closed")
             remaining = deadline - time.monotonic()
             try:
                 return method(
                     request,
-                    timeout=max(remaining, 0.001),
+                    timeout=_core.attempt_timeout(remaining),
                     metadata=_core.call_metadata(self.token, remaining, self.application),
                 )
+            except ValueError:  # grpc's "Cannot invoke RPC on closed channel!": not a bad argument
+                if self._closed:
+                    raise RuntimeError("this Client is closed") from None
+                raise
             except grpc.RpcError as exc:
+                if self._closed:  # the channel closed under the call (grpc says CANCELLED)
+                    raise RuntimeError("this Client was closed during the call") from None
                 attempt += 1
                 pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline, _core.server_pause_s(exc))
                 if pause is None:
