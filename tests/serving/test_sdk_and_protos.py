@@ -411,6 +411,7 @@ def test_an_address_without_a_port_needs_credentials(address: str) -> None:
         ("", "must be 'host:port'"),
         ("  ", "must be 'host:port'"),
         ("127.0.0.1:99999", "outside 1..65535"),  # grpc dialled 99999 modulo 65536
+        (":9000", "has no host"),  # grpc retried an empty host until the timeout
         ("127.0.0.1:0", "outside 1..65535"),
         (" 127.0.0.1:9000", "white space"),
     ],

@@ -168,6 +168,8 @@ def check_address(address: object, secure: bool = False) -> str:
             raise _no_port(address, "host:port")
         if bare_ipv6:
             return address
+        if colon and not host:  # grpc resolves an empty host to nothing and retries until the budget is spent
+            raise ValueError(f"address {address!r} has no host: give 'host:port' (e.g. '127.0.0.1:9000')")
         if colon and not (port.isascii() and port.isdigit()):
             raise ValueError(f"address {address!r} has no numeric port: give 'host:port' (e.g. '127.0.0.1:9000')")
         if colon and not 1 <= int(port) <= 65535:  # grpc would dial the port modulo 65536
