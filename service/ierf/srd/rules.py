@@ -695,8 +695,8 @@ def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tens
     ref = bundle._reference_tensor()
     if isinstance(c, bool) or not isinstance(c, int | float | torch.Tensor):
         raise UnsupportedModelError(f"{where}: {what} of a feature map by {type(c).__name__}")
-    if not isinstance(c, torch.Tensor) or c.numel() == 1:
-        return ref.new_full((bundle.channels,), float(c))
+    if not isinstance(c, torch.Tensor) or c.numel() == 1:  # a learnt scalar (a Parameter) too
+        return ref.new_full((bundle.channels,), float(c.detach() if isinstance(c, torch.Tensor) else c))
     if bundle.pending_pool is not None or bundle.flat_from is not None:
         raise UnsupportedModelError(
             f"{where}: {what} of a flattened or pooled vector by a tensor of shape {tuple(c.shape)} "
