@@ -53,6 +53,28 @@ def test_stage_histogram_reaches_the_request_cap_of_every_shipped_config() -> No
         assert STAGE_BUCKETS_S[-1] >= cap, f"{name}: stages up to {cap} s, stage buckets end at {STAGE_BUCKETS_S[-1]} s"
 
 
+class _Recorder:
+    """Takes the place of one Ray metric object in a ServiceMetrics: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.counted: list[tuple[float, dict]] = []
+        self.observed: list[tuple[float, dict]] = []
+
+    def inc(self, value: float, tags: dict) -> None:
+        self.counted.append((value, tags))
+
+    def observe(self, value: float, tags: dict) -> None:
+        self.observed.append((value, tags))
+
+
+def _recorded(*names: str) -> tuple[ServiceMetrics, dict[str, _Recorder]]:
+    """A ServiceMetrics whose metrics ``names`` record instead of exporting."""
+    metrics = ServiceMetrics()
+    recorders = {name: _Recorder() for name in names}
+    metrics._metrics.update(recorders)
+    return metrics, recorders
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -63,18 +85,8 @@ def test_a_value_too_big_for_redis_is_not_sized_as_a_redis_value() -> None:
     """``explainer_cache_value_bytes`` is "Size of values read from or written to Redis" (the dashboard's
     "Redis value size p50 / p99"). A value over ``max_value_bytes`` is never sent (counted as ``too_big`` in
     explainer_cache_requests_total): sizing it there puts values Redis never saw into the p99."""
-    observed: list[tuple[float, dict]] = []
-
-    class Recorder:
-        def inc(self, value: float, tags: dict) -> None:
-            pass
-
-        def observe(self, value: float, tags: dict) -> None:
-            observed.append((value, tags))
-
-    metrics = ServiceMetrics()
-    metrics._metrics["explainer_cache_requests_total"] = Recorder()
-    metrics._metrics["explainer_cache_value_bytes"] = Recorder()
+    metrics, sizes = _recorded("explainer_cache_requests_total", "explainer_cache_value_bytes")
+    observed = sizes["explainer_cache_value_bytes"].observed
     tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{_closed_port()}/0", max_value_bytes=1000))
     cache = TieredCache(10_000_000, tier, metrics.cache)
     tensors = {"logits": torch.zeros(1, 1000)}  # 4000 bytes: over the 1000-byte cap
@@ -86,18 +98,8 @@ def test_a_value_too_big_for_redis_is_not_sized_as_a_redis_value() -> None:
 def test_a_value_read_back_from_the_write_behind_queue_is_not_sized_as_a_redis_value() -> None:
     """A value still waiting to be written (deferred) is served from the replica's memory: an L2 hit for
     the hit ratio, but no bytes came from Redis, so the value-size histogram must not count it."""
-    observed: list[tuple[float, dict]] = []
-
-    class Recorder:
-        def inc(self, value: float, tags: dict) -> None:
-            pass
-
-        def observe(self, value: float, tags: dict) -> None:
-            observed.append((value, tags))
-
-    metrics = ServiceMetrics()
-    metrics._metrics["explainer_cache_requests_total"] = Recorder()
-    metrics._metrics["explainer_cache_value_bytes"] = Recorder()
+    metrics, sizes = _recorded("explainer_cache_requests_total", "explainer_cache_value_bytes")
+    observed = sizes["explainer_cache_value_bytes"].observed
     tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{_closed_port()}/0"))
     cache = TieredCache(0, tier, metrics.cache, write_behind_bytes=1_000_000)  # L1 off: the get reaches L2
     try:
@@ -114,21 +116,11 @@ def test_a_value_read_back_from_the_write_behind_queue_is_not_sized_as_a_redis_v
 def test_stage_seconds_are_counted_exactly_beside_the_histogram() -> None:
     """Ray 2.60 exports a histogram's ``_sum`` from bucket midpoints (a 0.3 s stage adds 0.375), so the
     dashboard's busy-seconds panel reads an exact counter instead: every stage adds its own seconds."""
-    counted: list[tuple[float, dict]] = []
-
-    class Recorder:
-        def inc(self, value: float, tags: dict) -> None:
-            counted.append((value, tags))
-
-        def observe(self, value: float, tags: dict) -> None:
-            pass
-
-    metrics = ServiceMetrics()
-    metrics._metrics["explainer_stage_duration_seconds"] = Recorder()
-    metrics._metrics["explainer_stage_seconds_total"] = Recorder()
+    metrics, recorders = _recorded("explainer_stage_duration_seconds", "explainer_stage_seconds_total")
     metrics.stage("forward", "m", 0.3)
     metrics.stage("queue", "m", 0.0)  # nothing to add: a counter only goes up
-    assert counted == [(0.3, {"stage": "forward", "model": "m"})]
+    assert recorders["explainer_stage_seconds_total"].counted == [(0.3, {"stage": "forward", "model": "m"})]
+    assert len(recorders["explainer_stage_duration_seconds"].observed) == 2
 
 
 def test_no_panel_or_alert_reads_a_histogram_sum() -> None:
