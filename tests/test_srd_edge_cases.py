@@ -1901,3 +1901,228 @@ def test_an_input_the_model_cannot_take_is_an_input_size_error() -> None:
     with pytest.raises(ierf.InputSizeError, match=r"input 3x3 is too small for this model"):
         ierf.SRD(model.double().eval(), head="exact").saliency(_x((1, 3, 3, 3), seed=2), 1)
     assert issubclass(ierf.InputSizeError, ValueError)
+
+
+# ---- acceptance round 8: CNN idioms from users' own code ----------------------------------------------------
+class _AliasedInPlace(nn.Module):
+    """A value read again after an in-place op changed it. Eager PyTorch reads the changed values (the
+    pre-activation block's ``identity`` is ReLU'd too); the traced graph's later readers still name the node
+    from before the change, so rules that make in-place ops functional compute another function."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv0(x))
+        s = a + self.bn(self.conv1(a))
+        identity = s
+        if self.spelling == "module":
+            y = self.conv2(self.relu(s)) + identity
+        elif self.spelling == "function":
+            y = self.conv2(F.relu(s, inplace=True)) + identity
+        elif self.spelling == "iadd":
+            s += self.conv2(a)
+            y = identity
+        else:  # "mul_"
+            s.mul_(2.0)
+            y = self.conv2(a) + identity
+        return self.fc(self.act(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", ["module", "function", "iadd", "mul_"])
+def test_a_value_read_again_after_an_in_place_op_is_decomposed_as_changed_or_refused(spelling: str) -> None:
+    """nn.ReLU(inplace=True), F.relu(..., inplace=True), ``s += ...`` and ``s.mul_(...)`` on a tensor that
+    is also read later: the decomposition's logits came out as another function's (the one without the
+    in-place change), so its map silently explained a model that is not the user's. Exact or refused."""
+    torch.manual_seed(0)
+    model = randomise_bn(_AliasedInPlace(spelling)).double().eval()
+    x = _x((1, 3, 6, 7), seed=2)
+    with torch.no_grad():
+        expected = model(x.clone())
+    try:
+        dec = ierf.SRD(model, head="exact").decompose(x)
+    except UnsupportedModelError:
+        return  # a refusal naming the op is within the contract
+    torch.testing.assert_close(dec.logits, expected, atol=1e-12, rtol=1e-12)
+
+
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation written in ``_conv_forward`` (forward itself is nn.Conv2d's own)."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(input, weight - weight.mean((1, 2, 3), keepdim=True), bias)
+
+
+def _circular_conv_forward(self: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The seamless-tiling patch: a circular padding put into one conv instance's ``_conv_forward``."""
+    return F.conv2d(F.pad(input, (1, 1, 1, 1), mode="circular"), weight, bias, self.stride, 0, self.dilation)
+
+
+def _changed_conv(how: str) -> nn.Conv2d:
+    if how == "subclass_conv_forward":
+        return _StandardisedConv(3, 4, 3, padding=1)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    if how == "instance_conv_forward":
+        conv._conv_forward = _circular_conv_forward.__get__(conv)
+    else:  # "instance_forward"
+        stock = conv.forward
+        conv.forward = lambda inp: 2.0 * stock(inp)
+    return conv
+
+
+@pytest.mark.parametrize("how", ["subclass_conv_forward", "instance_conv_forward", "instance_forward"])
+def test_a_convolution_whose_arithmetic_is_changed_outside_its_class_forward_is_not_taken_for_a_stock_one(
+    how: str,
+) -> None:
+    """A leaf's rule is picked by its class's ``forward`` alone: a Conv2d subclass that overrides
+    ``_conv_forward`` (weight standardisation), or one instance patched (``_conv_forward`` for seamless
+    tiling, ``forward`` itself), was decomposed as a plain convolution of ``m.weight``: the logits and maps
+    of another model, silently. Exact or refused (a ValueError, as for hooks)."""
+    torch.manual_seed(0)
+    model = _Spelled(lambda m, a: m.act(m.conv2(a)).mean((2, 3)), _changed_conv(how)).double().eval()
+    x = _x((1, 3, 6, 7), seed=3)
+    with torch.no_grad():
+        expected = model(x)
+    try:
+        dec = ierf.SRD(model, head="exact").decompose(x)
+    except ValueError:
+        return
+    torch.testing.assert_close(dec.logits, expected, atol=1e-12, rtol=1e-12)
+
+
+class _ReferenceSpellings(nn.Module):
+    """A layer scale built from a parameter in forward (``gamma.view(1, -1, 1, 1)``) and a squeeze-excitation
+    gate applied with the ``.mul`` method: both decomposed exactly by the fast path (the same maps as
+    ``conv(a) * gamma4`` and ``a * g``), not by the reference."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+        self.squeeze = nn.Conv2d(4, 2, 1)
+        self.excite = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv1(x))
+        if self.spelling == "layer_scale_view":
+            h = a + self.conv2(a) * self.gamma.view(1, -1, 1, 1)
+        else:  # "gate_mul_method"
+            g = torch.sigmoid(self.excite(self.act(self.squeeze(a.mean((2, 3), keepdim=True)))))
+            h = self.conv2(a.mul(g))
+        return self.fc(self.act(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", ["layer_scale_view", "gate_mul_method"])
+def test_the_reference_decomposes_spellings_the_fast_path_supports(spelling: str) -> None:
+    """ReferenceSRD is the audit oracle: it zeroed a constant computed in forward from a parameter (it
+    treats every non-get_attr operand off the path as another path's map) and took ``a.mul(g)`` for a
+    product of two paths (its gate test knows only ``*`` and torch.mul). Its maps then did not even sum
+    to the logit."""
+    torch.manual_seed(0)
+    model = _ReferenceSpellings(spelling).double().eval()
+    with torch.no_grad():
+        model.conv1.bias.fill_(2.0)  # every PFV live: conservation is exact
+    x = _x((1, 3, 6, 7), seed=4)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    _conserves(dec, 2, rtol=1e-9)
+    ref = ReferenceSRD(model)
+    dec_ref = ref.decompose(x)
+    slow = reference_relevance(ref, dec_ref, 2)
+    torch.testing.assert_close(slow.sum(), dec.logits[0, 2], atol=1e-9, rtol=1e-9)
+    assert_matches_reference(dec, ref, dec_ref, (0, 2), 1e-9)
+
+
+def test_an_element_wise_product_on_a_one_channel_map_is_not_taken_for_a_gate() -> None:
+    """On a one-channel map the factor of x * sigmoid(x) has a spatial gate's shape (B, 1, H, W), as on a
+    1x1 map it has a channel gate's: README says such products are refused, but this one was frozen as a
+    gate (no channel reduction lies between the map and its factor)."""
+
+    class OneChannelSiLU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 1, 3, padding=1)
+            self.conv2 = nn.Conv2d(1, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.act(self.conv1(x))
+            return self.fc(self.act(self.conv2(a * torch.sigmoid(a))).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError, match="not a gate"):
+        ierf.SRD(OneChannelSiLU().eval(), head="exact").decompose(torch.randn(1, 3, 6, 7))
+
+
+class _SEBasic(nn.Module):
+    """SENet's placement: the squeeze-excitation gates conv2's batch-normed output, before the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.squeeze = nn.Conv2d(4, 2, 1)
+        self.excite = nn.Conv2d(2, 4, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv1(x))
+        y = self.bn2(self.conv2(a))
+        g = torch.sigmoid(self.excite(self.act(self.squeeze(y.mean((2, 3), keepdim=True)))))
+        return self.fc(self.act(y * g + a).mean((2, 3)))
+
+
+def test_a_gate_on_a_convolutions_own_output_is_refused_for_what_it_is() -> None:
+    """SE-ResNet's gate was refused as "a product of two feature maps that is not a gate ... register it as an
+    activation", advice that cannot help: it is a gate, on a convolution whose taps the stage keeps apart."""
+    model = randomise_bn(_SEBasic()).double().eval()
+    with pytest.raises(UnsupportedModelError, match=r"gate on a convolution's output inside its stage.*SE-ResNet"):
+        ierf.SRD(model, head="exact").decompose(_x((1, 3, 6, 7), seed=5))
+
+
+class _ChannelPieces(nn.Module):
+    """A map cut along its channels by ``torch.chunk``, ``torch.split`` (sizes or sections) or ``.split``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        if self.how == "torch.chunk":
+            first, second, third = torch.chunk(y, 3, dim=1)
+            p, q = first, torch.cat([second, third], 1)
+        elif self.how == "torch.split":
+            p, q = torch.split(y, [2, 4], dim=1)
+        else:
+            pieces = y.split(2, dim=1)
+            p, q = pieces[0], torch.cat(pieces[1:], 1)
+        return self.fc(torch.relu(torch.cat([self.a(p), self.b(q)], 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["torch.chunk", "torch.split", ".split"])
+def test_channel_pieces_by_chunk_and_split_match_the_reference(how: str) -> None:
+    """``x.chunk(n, dim=1)`` had a rule, but the function ``torch.chunk`` and both spellings of split were
+    refused: the same channel slices, exact against the reference."""
+    model = _ChannelPieces(how).double().eval()
+    x = _x((1, 3, 6, 7), seed=6)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 1), 1e-9)

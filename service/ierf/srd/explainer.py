@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf._memory import memory_available
-from ierf.errors import InputSizeError
+from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.methods import check_input, register_method
 from ierf.srd.graph import check_model_state
 from ierf.srd.precision import full_float32
@@ -810,7 +810,31 @@ class SRD:
     def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:
         with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()), full_float32(x.device):
             run = self._forward(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
+            if not self.__dict__.get("_reproduces"):
+                self._check_reproduces(x, run.logits)
         return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
+
+    def _check_reproduces(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Once per explainer, the first decomposition's logits against the model's own forward (one more
+        forward pass). torch.fx records ``x += t`` as a new value, so an alias of ``x`` read afterwards
+        holds the old one in the traced graph; that, and other Python the tracer cannot see, would make SRD
+        explain another function while its maps still sum to its own logits."""
+        with torch.no_grad():
+            eager = self.model(x.detach())
+        if not isinstance(eager, torch.Tensor) or eager.shape != logits.shape:
+            return  # the program already refuses outputs other than one logits tensor
+        eager = eager.to(torch.float64)
+        ours = logits.detach().to(torch.float64)
+        tolerance = max(1e-3, 50 * torch.finfo(logits.dtype).eps) * max(float(eager.abs().max()), 1e-30)
+        gap = float((ours - eager).abs().max())
+        if not gap <= tolerance:  # NaN counts as a gap
+            raise UnsupportedModelError(
+                f"the model's traced forward does not reproduce its output (logits differ by up to {gap:.3g}, "
+                f"{gap / max(float(eager.abs().max()), 1e-30):.2%} of the largest), so SRD would explain another "
+                "function. Usual cause: an in-place operation (x += t, x.mul_(c), inplace=True) on a value that is "
+                "read again afterwards, which torch.fx records as a new value; write it out of place"
+            )
+        self._reproduces = True
 
     def _forward(self, x: torch.Tensor, keep: frozenset[int] = frozenset(), keep_last_spatial: bool = False):
         """The program's forward, with an input that does not fit the model reported as a ValueError."""

@@ -20,12 +20,27 @@ from torch import nn
 from ierf._transient import is_transient_hook
 from ierf.errors import UnsupportedModelError
 
+# Methods a stock module's forward calls to do its arithmetic: a subclass or an instance that replaces one
+# (weight standardisation in Conv2d._conv_forward, a circular "seamless tiling" patch) computes something else.
+_ARITHMETIC_HELPERS = ("_conv_forward",)
+
+
+def patched_methods(module: nn.Module) -> tuple[str, ...]:
+    """The forward or arithmetic helpers set on this instance itself, shadowing its class's."""
+    own = vars(module)
+    return tuple(name for name in ("forward", *_ARITHMETIC_HELPERS) if name in own)
+
 
 def rule_type(module: nn.Module, known: tuple[type, ...]) -> type | None:
-    """The registered class whose arithmetic ``module`` performs, if any (exact forward match)."""
-    for cls in type(module).__mro__:
+    """The registered class whose arithmetic ``module`` performs, if any: the same forward and helpers as
+    that class, none of them replaced by a subclass or on the instance (its own code is traced then)."""
+    kind = type(module)
+    for cls in kind.__mro__:
         if cls in known:
-            return cls if type(module).forward is cls.forward else None
+            same = kind.forward is cls.forward and all(
+                getattr(kind, name, None) is getattr(cls, name, None) for name in _ARITHMETIC_HELPERS
+            )
+            return cls if same and not patched_methods(module) else None
     return None
 
 
@@ -38,6 +53,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         if rule_type(m, self.known) is not None:
             return True
+        if patched_methods(m):  # the instance's own forward or helper: traced as written
+            return False
         if type(m).forward is not nn.Module.forward and type(m).__module__.startswith("torch.nn"):
             # Stock torch.nn modules without a rule stay opaque so the error names them.
             return not isinstance(m, nn.Sequential | nn.ModuleList | nn.ModuleDict)
@@ -300,21 +317,23 @@ def module_of(model: nn.Module, target: str) -> nn.Module:
     return model.get_submodule(target)
 
 
-def module_identities(model: nn.Module) -> tuple[tuple[str, int], ...]:
-    """What the traced program was built from: every submodule's name and object identity."""
-    return tuple((name, id(m)) for name, m in model.named_modules())
+def module_identities(model: nn.Module) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    """What the traced program was built from: every submodule's name and object identity, and the methods
+    patched onto it (a forward replaced after the explainer was built changes what the model computes)."""
+    return tuple(
+        (name, id(m), tuple(id(vars(m)[attr]) for attr in patched_methods(m))) for name, m in model.named_modules()
+    )
 
 
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int], ...]) -> None:
+def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[int, ...]], ...]) -> None:
     """Refuse to explain a model that no longer computes what the traced program computes: in training
     mode (dropout, batch statistics, ``self.training`` branches were traced as in eval), with forward hooks
     (the traced graph does not run them), or with submodules replaced since the explainer was built."""
-    training, hooked, now = [], [], []
+    training, hooked = [], []
     for name, m in model.named_modules():
-        now.append((name, id(m)))
         # Batch norm and dropout change with the mode, and so may any code outside torch.nn that reads
         # self.training (it was traced in eval); stock activations and containers do not.
         if m.training and (isinstance(m, _MODE_DEPENDENT) or not type(m).__module__.startswith("torch.nn")):
@@ -336,8 +355,8 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int], ...])
             f"the model has forward hooks ({where}): SRD decomposes the model's traced forward, which does not "
             "run hooks, so the maps would not explain what the hooked model computes; remove them while explaining"
         )
-    if tuple(now) != built_from:
+    if module_identities(model) != built_from:
         raise ValueError(
             "the model's modules changed after this explainer was built (a submodule was replaced, added or "
-            "removed): build a new ierf.SRD(model)"
+            "removed, or a forward was patched): build a new ierf.SRD(model)"
         )

@@ -8,6 +8,8 @@ The result is target-independent: logits, per-stage ratios and what the head nee
 from __future__ import annotations
 
 import functools
+import inspect
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +116,7 @@ class Program:
             self.steps.append((node, rule, module))
         if placeholders != 1:
             raise UnsupportedModelError(f"SRD needs a model with exactly one input; this one takes {placeholders}")
+        self.read_after_change = _read_after_change(self.steps)
         names = name_activations(traced, activations)
         self.source_of: dict[fx.Node, int] = {node: i + 1 for i, node in enumerate(activations)}
         self.node_of: dict[int, fx.Node] = {i: n for n, i in self.source_of.items()}
@@ -257,6 +260,14 @@ class _Interpreter:
             if node.op == "output":
                 return args[0]
             first = module if node.op == "call_module" else node.target
+            later = self.program.read_after_change.get(node)
+            if later is not None and args and isinstance(args[0], Source | Affine):
+                raise UnsupportedModelError(
+                    f"{self.where(node)}: an in-place operation changes a feature map that "
+                    f"{self.program.describe(later)} reads afterwards, where the traced graph still holds it as "
+                    "it was before the change (SRD would explain another function): use the out-of-place "
+                    "form (inplace=False, y = x + t rather than x += t)"
+                )
             try:
                 env[node] = rule(self, node, first, *args, **kwargs)
             except (UnsupportedModelError, InputSizeError) as exc:
@@ -264,6 +275,47 @@ class _Interpreter:
             for dead in _last_uses(self.program, node):
                 env.pop(dead, None)
         raise UnsupportedModelError("the traced graph has no output")
+
+
+_IN_PLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _changes_first_operand(node: fx.Node, module: nn.Module | None) -> bool:
+    """An operation that writes into its first operand: ``x += t``, ``x.mul_(c)``, an activation module or
+    function with ``inplace=True`` (dropout excepted: in eval it writes nothing)."""
+    if node.op == "call_module":
+        return getattr(module, "inplace", False) is True and not isinstance(module, nn.modules.dropout._DropoutNd)
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
+    if node.op != "call_function":
+        return False
+    if node.target in _IN_PLACE_FUNCTIONS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if "dropout" in name:
+        return False
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature, or arguments it would refuse
+        return node.kwargs.get("inplace") is True
+    return bound.arguments.get("inplace") is True
+
+
+def _read_after_change(steps: list[tuple[fx.Node, Any, nn.Module | None]]) -> dict[fx.Node, fx.Node]:
+    """In-place operations whose operand is read again after them, with the first such reader. Eager
+    PyTorch reads the changed values there; the traced graph's later readers still name the node from
+    before the change, so applying the operation as a new value (as the rules do) would decompose another
+    function (a pre-activation block's ``identity`` after ``nn.ReLU(inplace=True)``)."""
+    order = {node: i for i, (node, _, _) in enumerate(steps)}
+    found: dict[fx.Node, fx.Node] = {}
+    for node, _, module in steps:
+        if not node.args or not isinstance(node.args[0], fx.Node) or not _changes_first_operand(node, module):
+            continue
+        later = [user for user in node.args[0].users if order.get(user, -1) > order[node]]
+        if later:
+            found[node] = min(later, key=order.__getitem__)
+    return found
 
 
 def _located(exc: ValueError, where: _Where) -> ValueError:

@@ -205,7 +205,10 @@ class ReferenceSRD:
         """For a product of two maps (squeeze-excitation), the operand that gates: a PFV map computed from
         the other operand. Gates are frozen at their value for this image: no path runs through them, and
         every path through the product keeps them as they are."""
-        if node.op != "call_function" or node.target not in (operator.mul, torch.mul):
+        products = (operator.mul, operator.imul, torch.mul, torch.multiply)
+        if not (node.op == "call_function" and node.target in products) and not (
+            node.op == "call_method" and node.target in ("mul", "mul_", "multiply")
+        ):
             return None
         a, b = node.args[:2]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
@@ -261,7 +264,8 @@ class ReferenceSRD:
             for dep in n.all_input_nodes:
                 if dep is gate:
                     local[dep] = values[dep]  # frozen at this image's value (broadcasts over the batch)
-                elif dep is not live.get(n) and dep.op != "get_attr" and isinstance(values.get(dep), torch.Tensor):
+                elif dep is not live.get(n) and dep in self.on_map and isinstance(values.get(dep), torch.Tensor):
+                    # another path's map: zero here (a constant computed in forward, gamma.view(...), stays)
                     local[dep] = torch.zeros(source_value.shape[0], *values[dep].shape[1:], dtype=torch.float64)
             local[n] = self._eval(n, local, self.linear_model, pool_offset=offsets.get(n), without_constants=True)
         return local[path[-1]]
@@ -285,21 +289,22 @@ class ReferenceSRD:
             local[n] = self._eval(n, local, only, without_constants=True, keep_constant=node)
         return local[order[-1]]
 
-    def _pool_kernel(self, n: fx.Node) -> tuple[int, int] | None:
+    def _pool_kernel(self, n: fx.Node, values) -> tuple[int, int] | None:
         if n.op == "call_module" and isinstance(self.modules[str(n.target)], nn.MaxPool2d):
             k = self.modules[str(n.target)].kernel_size
         elif n.op == "call_function" and n.target is F.max_pool2d:
             k = n.args[1] if len(n.args) > 1 else n.kwargs["kernel_size"]
+            k = fx.node.map_arg(k, lambda m: values[m])  # a size computed in forward (a global max-pool)
         else:
             return None
-        return (k, k) if isinstance(k, int) else tuple(k)
+        return (k, k) if isinstance(k, int) else tuple(int(v) for v in k)
 
-    def _pool_offsets(self, path: list[fx.Node]) -> list[dict[fx.Node, tuple[int, int]]]:
+    def _pool_offsets(self, path: list[fx.Node], values) -> list[dict[fx.Node, tuple[int, int]]]:
         """One path per combination of window offsets of the max-pools along it (a max-pool of a max-pool
         gives (first offset, second offset) pairs)."""
         combos: list[dict[fx.Node, tuple[int, int]]] = [{}]
         for n in path:
-            k = self._pool_kernel(n)
+            k = self._pool_kernel(n, values)
             if k is not None:
                 combos = [{**c, n: (i, j)} for c in combos for i in range(k[0]) for j in range(k[1])]
         return combos
@@ -318,7 +323,7 @@ class ReferenceSRD:
             view = one_hot.view(n_pos, a.shape[0], -1)
             for p in range(n_pos):
                 view[p, :, p] = flat[:, p]
-            for offsets in self._pool_offsets(path):
+            for offsets in self._pool_offsets(path, values):
                 out = self._run_path(path, order, one_hot, values, offsets)
                 items.append((pi, path[0], out.reshape(n_pos, z.shape[0], -1)))
         biases = []

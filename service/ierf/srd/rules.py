@@ -577,6 +577,7 @@ def _computed_from(node: Any, other: Any) -> bool:
 
 _GATE_OPERAND = "ierf_gate_operand"  # node.meta key: index of a product's operand computed from the other
 _GATE_REDUCES = "ierf_gate_reduces"  # node.meta key: whether that operand is computed through a reduction
+_GATE_MIXES = "ierf_gate_mixes"  # node.meta key: ... through a reduction or a convolution (one-channel maps)
 
 # Ops that pool positions or channels (torch.max/min reduce only with a dim, which gates always give).
 _REDUCING_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d)
@@ -597,10 +598,18 @@ def _reduces(node: fx.Node, model: nn.Module) -> bool:
     return False
 
 
-def _computed_through_reduction(gate: fx.Node, main: fx.Node, model: nn.Module) -> bool:
+def _convolves(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(str(node.target)), nn.Conv2d)
+    return node.op == "call_function" and node.target in (F.conv2d, torch.conv2d)
+
+
+def _computed_through_reduction(
+    gate: fx.Node, main: fx.Node, model: nn.Module, mixes: Callable[[fx.Node, nn.Module], bool] = _reduces
+) -> bool:
     """Whether some op between ``main`` and ``gate`` pools positions or channels (the squeeze of a
-    squeeze-excitation, the channel mean of a spatial gate). An element-wise function of the map itself,
-    as in ``x * sigmoid(x)``, has none."""
+    squeeze-excitation, the channel mean of a spatial gate), or whatever ``mixes`` says mixes them. An
+    element-wise function of the map itself, as in ``x * sigmoid(x)``, has none."""
     seen: set[fx.Node] = set()
     stack = [gate]
     while stack:
@@ -608,7 +617,7 @@ def _computed_through_reduction(gate: fx.Node, main: fx.Node, model: nn.Module) 
         if n is main or n in seen:
             continue
         seen.add(n)
-        if _reduces(n, model) and _computed_from(n, main):
+        if mixes(n, model) and _computed_from(n, main):
             return True
         stack.extend(n.all_input_nodes)
     return False
@@ -644,8 +653,23 @@ def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
         # On a 1x1 map a per-channel gate has the map's own shape, as the factor of x * sigmoid(x) does:
         # only a squeeze (pooling) between the map and the gate shows it is one.
         return None
+    if per_position and m.channels == 1:
+        # Likewise a spatial gate on a one-channel map: a pooling or a convolution between map and gate
+        # (a spatial attention's conv over its channel statistics) shows it is one, x * sigmoid(x) has none.
+        if _GATE_MIXES not in node.meta:
+            gate_node, main_node = node.args[which], node.args[1 - which]
+            node.meta[_GATE_MIXES] = _computed_through_reduction(
+                gate_node, main_node, ctx.program.model, lambda n, model: _reduces(n, model) or _convolves(n, model)
+            )
+        if not node.meta[_GATE_MIXES]:
+            return None
     if any(not isinstance(t, DenseTerm) for t in m.terms):
-        return None
+        raise UnsupportedModelError(
+            f"{ctx.where(node)}: a gate on a convolution's output inside its stage (a squeeze-excitation straight "
+            "after a convolution and its batch norm, as in SE-ResNet blocks): SRD keeps that convolution's taps "
+            "apart for the sharing ratios and cannot gate them; with an activation between the convolution and "
+            "the gate, the gate is supported"
+        )
 
     def gated(value: torch.Tensor, c0: int, channels: int) -> torch.Tensor:
         return value * (g if per_position else g[:, c0 : c0 + channels])
@@ -886,16 +910,66 @@ def _transpose_method(ctx, node, name, x, dim0, dim1) -> Any:
     return _transpose(ctx, node, x, dim0, dim1)
 
 
-@method_rule("chunk")
-def _chunk_method(ctx, node, name, x, chunks, dim=0) -> Any:
-    if not _is_map(x):
-        return x.chunk(chunks, dim)
+def _channel_pieces(ctx, node, x, sizes: Callable[[int], list[int]], dim: int, what: str) -> Any:
+    """A feature map cut along its channels into pieces of ``sizes(channels)``, each a channel slice."""
     where = ctx.where(node)
     a = as_affine(x, where)
     if dim % 4 != 1 or a.is_vector or a.flat_from is not None:
-        raise UnsupportedModelError(f"{where}: chunk along dim {dim} of a feature map (only channels)")
-    size = -(-a.channels // chunks)  # torch.chunk's rule: equal pieces, the last one smaller
-    return tuple(a.channel_slice(lo, min(lo + size, a.channels), where) for lo in range(0, a.channels, size))
+        raise UnsupportedModelError(f"{where}: {what} along dim {dim} of a feature map (only channels)")
+    pieces, lo = [], 0
+    for size in sizes(a.channels):
+        pieces.append(a.channel_slice(lo, lo + size, where))
+        lo += size
+    return tuple(pieces)
+
+
+def _chunk(ctx, node, x, chunks, dim=0) -> Any:
+    if not _is_map(x):
+        return torch.chunk(x, chunks, dim)
+
+    def sizes(channels: int) -> list[int]:  # torch.chunk's rule: equal pieces, the last one smaller
+        size = -(-channels // chunks)
+        return [min(size, channels - lo) for lo in range(0, channels, size)]
+
+    return _channel_pieces(ctx, node, x, sizes, dim, "chunk")
+
+
+@method_rule("chunk")
+def _chunk_method(ctx, node, name, x, chunks, dim=0) -> Any:
+    return _chunk(ctx, node, x, chunks, dim)
+
+
+@function_rule(torch.chunk)
+def _chunk_function(ctx, node, fn, x, chunks, dim=0) -> Any:
+    return _chunk(ctx, node, x, chunks, dim)
+
+
+def _split(ctx, node, x, split_size_or_sections, dim=0) -> Any:
+    if not _is_map(x):
+        return torch.split(x, split_size_or_sections, dim)
+
+    def sizes(channels: int) -> list[int]:  # torch.split's rule: pieces of one size (the last smaller), or given
+        if isinstance(split_size_or_sections, int):
+            step = split_size_or_sections
+            return [min(step, channels - lo) for lo in range(0, channels, step)]
+        given = [int(s) for s in split_size_or_sections]
+        if sum(given) != channels:
+            raise UnsupportedModelError(
+                f"{ctx.where(node)}: split sizes {given} do not add up to the map's {channels} channels"
+            )
+        return given
+
+    return _channel_pieces(ctx, node, x, sizes, dim, "split")
+
+
+@method_rule("split")
+def _split_method(ctx, node, name, x, split_size, dim=0) -> Any:
+    return _split(ctx, node, x, split_size, dim)
+
+
+@function_rule(torch.split)
+def _split_function(ctx, node, fn, x, split_size_or_sections, dim=0) -> Any:
+    return _split(ctx, node, x, split_size_or_sections, dim)
 
 
 @method_rule("size")
