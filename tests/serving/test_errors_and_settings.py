@@ -132,8 +132,12 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"models": [{"id": "a", "num_threads": 1.5}]}, r"models\[0\]\.num_threads"),
         ({"models": [{"id": "a", "random_init": "yes"}]}, r"models\[0\]\.random_init must be true or false"),
         ({"models": [{"id": "a", "random_init": 1}]}, r"models\[0\]\.random_init"),
-        ({"models": [{"id": "a", "random_init": True, "weights": "w.pth"}]}, r"model a: set weights or random_init"),
-        ({"models": [{"id": "a", "seed": 3}]}, r"model a: seed applies to random_init weights only"),
+        (
+            {"models": [{"id": "a", "random_init": True, "weights": "w.pth"}]},
+            r"^models\[0\]\.weights: set weights or random_init",
+        ),
+        ({"models": [{"id": "a", "seed": 3}]}, r"^models\[0\]\.seed applies to random_init weights only \(model a\)"),
+        ({"models": []}, r"models is empty"),  # silently served the bundled model
         ({"models": [{"id": "a", "device": "gpu"}]}, r"models\[0\]\.device must be 'auto'"),
         ({"models": [{"id": "a", "weights": ""}]}, r"models\[0\]\.weights must be a non-empty string or null"),
         ({"models": [{"id": "a", "name": None}]}, r"models\[0\]\.name must be a non-empty string"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -383,3 +386,310 @@ def test_stop_shuts_serve_down_only_while_this_process_runs_ray(
     RunningService(9000, 8000, 8080, str(temp_dir), owns_temp_dir=True).stop()
     assert no_cluster == (["serve.shutdown", "ray.shutdown"] if ray_running else [])
     assert not temp_dir.exists()
+
+
+def _failed_deploy_status(deployment: str, reason: str) -> object:
+    """What ``serve.status()`` holds after a worker's constructor failed: the reason (the constructor's
+    traceback) is in the deployment's message; the application's message only names the deployment."""
+    from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger
+    from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+
+    failed = DeploymentStatusOverview(
+        status=DeploymentStatus.DEPLOY_FAILED,
+        status_trigger=DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+        replica_states={},
+        message="The deployment failed to start 3 times in a row. This may be due to a problem with its "
+        "constructor or initial health check failing. See controller logs for details. Error:\nTraceback (most "
+        f'recent call last):\n  File "worker.py", line 169, in __init__\n{reason}',
+    )
+    return ServeStatus(
+        applications={
+            "ierf": ApplicationStatusOverview(
+                status=ApplicationStatus.DEPLOY_FAILED,
+                message=f"Failed to update the deployments ['{deployment}'].",
+                last_deployed_time_s=0.0,
+                deployments={deployment: failed},
+            )
+        }
+    )
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_cluster: list[str]
+) -> None:
+    """A weights file that is missing or corrupt, ``redis_url: env:VAR`` with the variable unset, ``device:
+    cuda`` without a GPU: each stops the worker replica "at start with the reason" (README), but
+    ``python -m ierf.serving`` printed only Serve's application message, "Deploying application ierf failed:
+    Failed to update the deployments ['Worker_r18']", and then removed the cluster's directory, the replica
+    log holding the reason with it (also under --keep-logs, which applies only once started). The reason is
+    in the deployment's status while the cluster is still up."""
+    import ray
+    from ierf.serving.local import free_port, load_serve_config, start_service
+    from ray import serve
+
+    reason = "ValueError: cannot load weights from /models/r18.pth: not a readable PyTorch state_dict file"
+    monkeypatch.setattr(local, "_init_ray", lambda *args, **kwargs: "127.0.0.1")
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+
+    def failed_run(*args: object, **kwargs: object) -> None:  # what serve.run raises (ray/serve/_private/client.py)
+        raise RuntimeError("Deploying application ierf failed: Failed to update the deployments ['Worker_r18'].")
+
+    monkeypatch.setattr(serve, "run", failed_run)
+    monkeypatch.setattr(serve, "status", lambda: _failed_deploy_status("Worker_r18", reason))
+    temp_dir = tmp_path / "ierf-ray-x"
+    temp_dir.mkdir()
+    with pytest.raises(RuntimeError) as info:
+        start_service(
+            load_serve_config(),
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            redis_url="",
+            num_cpus=8,
+            temp_dir=str(temp_dir),
+            args_overrides={
+                "models": [
+                    {"id": "efficientnet_lite0"},
+                    {"id": "r18", "name": "resnet18", "weights": "/models/r18.pth"},
+                ]
+            },
+        )
+    assert "Worker_r18" in str(info.value)
+    assert "cannot load weights from /models/r18.pth" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("models", "num_cpus"),
+    [
+        ([{"id": "efficientnet_lite0"}], 1.0),  # `--num-cpus 1`: the shipped config asks 0.25 + 1.5 CPUs
+        ([{"id": "efficientnet_lite0"}, {"id": "r18", "name": "resnet18", "random_init": True}], 2.0),
+    ],
+    ids=["num-cpus-1", "second-model-on-2-cpus"],
+)
+def test_replicas_that_cannot_fit_the_private_clusters_cpus_are_refused_before_ray_starts(
+    models: list[dict[str, object]], num_cpus: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local cluster has exactly ``num_cpus`` and never grows, yet Serve waits for resources forever:
+    `python -m ierf.serving serve --num-cpus 1`, or a second model in `models` (its Worker_<id> takes Serve's
+    default 1 CPU beside the shipped 0.25 + 1.5) on 2 cores, hung in serve.run with no output, the only hint
+    ("taken more than 30s to be scheduled") in the controller's log; `make run` then gave up after its start
+    timeout, leaving the process running."""
+    from ierf.serving.local import free_port, load_serve_config, start_service
+
+    def no_ray(*args: object, **kwargs: object) -> str:
+        raise AssertionError("Ray must not start for replicas that cannot be scheduled")
+
+    monkeypatch.setattr(local, "_init_ray", no_ray)
+    with pytest.raises((ValueError, RuntimeError), match=r"(?i)cpu"):
+        start_service(
+            load_serve_config(),
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            redis_url="",
+            num_cpus=num_cpus,
+            args_overrides={"models": models},
+        )
+
+
+def test_serve_forever_stops_the_service_when_its_ready_file_cannot_be_written(
+    tmp_path: Path, no_cluster: list[str]
+) -> None:
+    """`--ready-file run/x/ready` in a directory that does not exist: the file was written outside the
+    try/finally, so after a full start the command died with a FileNotFoundError traceback (exit 1) without
+    stopping the service: the cluster's directory stayed in /tmp and --keep-logs copied nothing."""
+    from ierf.serving.local import RunningService, serve_forever
+
+    temp_dir = tmp_path / "ierf-ray-x"
+    temp_dir.mkdir()
+    service = RunningService(9123, 8000, 8080, str(temp_dir), owns_temp_dir=True)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with contextlib.suppress(OSError):
+            serve_forever(service, str(tmp_path / "missing" / "ready"))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert no_cluster == ["serve.shutdown", "ray.shutdown"] and not temp_dir.exists()  # stop() ran
+
+
+def test_sigterm_while_the_service_starts_removes_the_clusters_directory(tmp_path: Path) -> None:
+    """`make stop` (SIGTERM) while `python -m ierf.serving serve` is still starting (a slow start, or one
+    waiting on resources): only serve_forever handled SIGTERM, so the process died by the signal and left its
+    /tmp/ierf-ray-* directory (and, for a while, the cluster's actors) behind. Ctrl-C during the start is
+    cleaned up (KeyboardInterrupt reaches start_service's handler); SIGTERM should be too."""
+    import subprocess
+    import sys
+
+    from ierf.serving.local import free_port
+
+    made = tmp_path / "made"
+    script = f"""
+import os, signal, sys, tempfile, time
+from ierf.serving import local
+from ierf.serving.__main__ import main
+real_mkdtemp = tempfile.mkdtemp
+def mkdtemp(*args, **kwargs):
+    path = real_mkdtemp(*args, **kwargs)
+    open({str(made)!r}, "w").write(path)
+    return path
+local.tempfile.mkdtemp = mkdtemp
+def slow_start(*args, **kwargs):  # Ray starting: `make stop` arrives now
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(20)
+    raise AssertionError("SIGTERM was not acted on")
+local._init_ray = slow_start
+sys.exit(main(["serve", "--grpc-port", "{free_port()}", "--http-port", "{free_port()}",
+               "--metrics-port", "{free_port()}", "--redis-url", ""]))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    temp_dir = made.read_text()
+    try:
+        assert "SIGTERM was not acted on" not in done.stderr
+        assert not os.path.exists(temp_dir), f"left behind: {temp_dir} (exit status {done.returncode})"
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ("applications:", "applications: [\n", "line"),  # a YAML syntax error: the position, no traceback
+        ("      - name: Ingress", "      - nme: Ingress", "name"),  # a deployments entry without its name
+        ("{num_cpus: 0.25}", '{num_cpus: "0.25"}', "Ingress"),  # Ray's TypeError, uncaught
+        ("num_replicas: 1", "num_replicas: 0", "Ingress"),  # "num_replicas is expected to larger than 0"
+        ("port: 9000", "port: nine", "grpc_options.port"),  # "invalid literal for int() with base 10: 'nine'"
+    ],
+    ids=["yaml-syntax", "deployment-without-name", "num-cpus-string", "num-replicas-0", "grpc-port-string"],
+)
+def test_python_dash_m_serving_names_the_mistake_in_a_config_file(
+    old: str, new: str, named: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mistakes in the Serve config file outside ``args`` ended in a Python traceback (exit 1) or in one line
+    naming neither the key nor the deployment; ``args`` mistakes name the key (README: Configuration)."""
+    from ierf.serving.__main__ import main
+    from ierf.serving.local import DEFAULT_CONFIG
+
+    def no_ray(*args: object, **kwargs: object) -> str:
+        raise AssertionError("Ray must not start on a bad config")
+
+    monkeypatch.setattr(local, "_init_ray", no_ray)
+    shipped = DEFAULT_CONFIG.read_text()
+    assert old in shipped
+    config = tmp_path / "serve.yaml"
+    config.write_text(shipped.replace(old, new, 1))
+    args = ["serve", "--config", str(config), "--http-port", str(local.free_port())]
+    args += ["--metrics-port", str(local.free_port()), "--redis-url", ""]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ierf.serving: error:") and named in err and "Traceback" not in err
+
+
+def test_a_malformed_grpc_message_size_variable_is_named() -> None:
+    """``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=40MiB`` stopped the start with "invalid literal for int() with base
+    10: '40MiB'", naming neither the variable nor what it should hold."""
+    with pytest.raises(ValueError, match=GRPC_MAX_MESSAGE_ENV):
+        grpc_max_message_bytes(32 * 2**20, {GRPC_MAX_MESSAGE_ENV: "40MiB"})
+
+
+def _deployments(overrides: dict[str, dict[str, object]], models: list[object] | None = None) -> dict[str, object]:
+    from ierf.serving.app import configured_deployments
+    from ierf.serving.settings import ServiceConfig
+
+    return configured_deployments(ServiceConfig.from_args({"models": models} if models else {}), overrides)
+
+
+def test_the_replica_check_counts_gpus_initial_replicas_and_one_node() -> None:
+    """What Serve waits on forever on one fixed node: GPUs the host lacks, autoscaling's initial replicas (not
+    only min_replicas), and more replicas than max_replicas_per_node lets one node hold."""
+    from ierf.serving.local import check_replicas_fit
+
+    worker = "Worker_efficientnet_lite0"
+    gpu = {worker: {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}}
+    with pytest.raises(ValueError, match=r"ask for 1 GPU \(Worker_efficientnet_lite0 1 x 1\) but Ray finds 0"):
+        check_replicas_fit(_deployments(gpu), num_cpus=4, num_gpus=0)
+    check_replicas_fit(_deployments(gpu), num_cpus=4, num_gpus=1)
+    scaled = {worker: {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 3, "max_replicas": 4}}}
+    with pytest.raises(ValueError, match=r"ask for 3.25 CPUs \(Ingress 1 x 0.25, Worker_efficientnet_lite0 3 x 1\)"):
+        check_replicas_fit(_deployments(scaled), num_cpus=3, num_gpus=0)
+    to_zero = {worker: {"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}}}
+    check_replicas_fit(_deployments(to_zero), num_cpus=0.25, num_gpus=0)  # starts without a worker replica
+    spread = {"Ingress": {"num_replicas": 2, "max_replicas_per_node": 1}}
+    with pytest.raises(ValueError, match=r"'Ingress' starts 2 replicas but max_replicas_per_node is 1"):
+        check_replicas_fit(_deployments(spread), num_cpus=8, num_gpus=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"http_options": {"port": "8000"}}, r"http_options.port must be a port number"),
+        ({"grpc_options": {"request_timeout_s": "300s"}}, r"^grpc_options: request_timeout_s: .*'300s'"),
+        ({"deployments": [{"name": "Ingress"}, {"name": "Ingress"}]}, r"'Ingress' is listed twice"),
+        ({"deployments": [{"name": "Ingress", "max_ongoing_requests": "x"}]}, r"^deployment 'Ingress': max_ongoing"),
+    ],
+    ids=["http-port-string", "grpc-timeout-string", "deployment-twice", "pydantic-error-in-one-line"],
+)
+def test_start_service_names_more_config_mistakes_before_ray_starts(
+    change: dict[str, object], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ierf.serving.local import free_port, load_serve_config, start_service
+
+    def no_ray(*args: object, **kwargs: object) -> str:
+        raise AssertionError("Ray must not start on a bad config")
+
+    monkeypatch.setattr(local, "_init_ray", no_ray)
+    config = load_serve_config()
+    if "deployments" in change:
+        config["applications"][0]["deployments"] = change["deployments"]
+    else:
+        config.update(change)
+    with pytest.raises(ValueError, match=named) as info:
+        start_service(config, metrics_port=free_port(), redis_url="")
+    assert "\n" not in str(info.value)
+
+
+def test_a_ready_file_that_cannot_be_written_is_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ierf.serving.__main__ import main
+
+    def no_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may start")
+
+    monkeypatch.setattr("ierf.serving.__main__.start_service", no_start)
+    missing = tmp_path / "run" / "ready"
+    assert main(["serve", "--ready-file", str(missing)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"ierf.serving: error: --ready-file {missing}: directory {missing.parent} does not exist\n"
+    )
+
+
+def test_a_sigterm_while_ray_starts_is_acted_on_once_ray_init_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init sets a SIGTERM handler that exits at once, also halfway through starting the node: ray.shutdown()
+    then did not know that node, and its dashboard agent stayed up on the metrics port. The signal now waits
+    until ray.init has returned, when the whole node can be shut down."""
+    import ray
+    import ray._private.utils
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM,)}
+    steps: list[str] = []
+
+    def fake_init(**kwargs: object) -> None:  # what ray.init does with signals, and no cluster
+        ray._private.utils.set_sigterm_handler(lambda signum, frame: steps.append("Ray's handler"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        steps.append("node started")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    try:
+        local.stop_on_sigterm()
+        with pytest.raises(local.Terminated):
+            local._init_ray(1, 80 * 2**20, "/tmp/x", 9999, "127.0.0.1")
+        assert steps == ["node started"]
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one, while the cleanup runs: ignored
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from ierf.serving.deployments import ExplainerWorker, Ingress
 from ierf.serving.settings import ServiceConfig
@@ -40,6 +40,17 @@ def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]
     ``overrides`` maps a deployment name to Serve options; Serve applies a config file's ``deployments``
     itself when deploying, the local runner passes them here.
     """
+    deployments = configured_deployments(config, overrides)
+    workers = {model.id: deployments[model.deployment_name].bind(model, config.cache) for model in config.models}
+    return deployments["Ingress"].bind(workers, config)
+
+
+def configured_deployments(
+    config: ServiceConfig, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Deployment]:
+    """``Ingress`` and each model's ``Worker_<id>`` with their options applied, unbound: what the local
+    runner checks against its cluster. Serve checks the options here, and its error is re-raised naming the
+    deployment (a ``num_cpus: "0.25"`` was a TypeError traceback, ``num_replicas: 0`` named no deployment)."""
     _check_architectures(config)
     overrides = dict(overrides or {})
     names = {"Ingress"} | {m.deployment_name for m in config.models}
@@ -47,16 +58,36 @@ def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]
     if unknown:
         raise ValueError(f"deployment override(s) for unknown deployment(s) {unknown}; deployments: {sorted(names)}")
     for name, options in overrides.items():
+        if not isinstance(options, dict):
+            raise ValueError(f"deployment {name!r}: options must be a mapping, got {options!r}")
         bad = sorted(set(options) - DEPLOYMENT_OPTION_KEYS)
         if bad:
             raise ValueError(f"unsupported option(s) {bad} for deployment {name!r}")
-    workers = {
-        model.id: ExplainerWorker.options(name=model.deployment_name, **overrides.get(model.deployment_name, {})).bind(
-            model, config.cache
-        )
-        for model in config.models
-    }
-    return Ingress.options(**overrides.get("Ingress", {})).bind(workers, config)
+    deployments = {"Ingress": _with_options(Ingress, "Ingress", overrides.get("Ingress", {}))}
+    for model in config.models:
+        name = model.deployment_name
+        deployments[name] = _with_options(ExplainerWorker, name, {"name": name, **overrides.get(name, {})})
+    return deployments
+
+
+def _with_options(deployment: Deployment, name: str, options: dict[str, Any]) -> Deployment:
+    try:
+        return deployment.options(**options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"deployment {name!r}: {first_error(exc)}") from None
+
+
+def first_error(exc: BaseException) -> str:
+    """One line: pydantic's multi-line ValidationError (Serve's option checks) cut to its first error."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            return f"{where}: {first['msg']} (got {first.get('input')!r})" if where else str(first["msg"])
+        except Exception:  # not pydantic's shape after all
+            pass
+    return " ".join(str(exc).split())
 
 
 def _check_architectures(config: ServiceConfig) -> None:

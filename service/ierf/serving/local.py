@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,11 +69,18 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def load_serve_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> dict[str, Any]:
-    """A Serve config file (the format ``serve deploy`` and KubeRay's serveConfigV2 take)."""
+    """A Serve config file (the format ``serve deploy`` and KubeRay's serveConfigV2 take). A YAML mistake
+    is a ValueError naming the file and the position, as other config mistakes are, not a parser traceback."""
     import yaml
 
     with open(path) as stream:
-        config = yaml.safe_load(stream)
+        try:
+            config = yaml.safe_load(stream)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
     if not isinstance(config, dict) or not config.get("applications"):
         raise ValueError(f"{path}: not a Serve config file (no 'applications')")
     return config
@@ -87,7 +95,13 @@ def grpc_max_message_bytes(max_image_bytes: int, environ: dict[str, str] | None 
     raw = environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
     if not raw:
         return max(GRPC_MAX_MESSAGE_BYTES, needed)
-    value = int(raw)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"{GRPC_MAX_MESSAGE_ENV}={raw!r} must be a whole number of bytes (digits only, at least {needed}); "
+            f"unset it for the default ({max(GRPC_MAX_MESSAGE_BYTES, needed)})"
+        ) from None
     if value < needed:
         raise ValueError(
             f"{GRPC_MAX_MESSAGE_ENV}={value} is below ingress.max_image_bytes ({max_image_bytes}) + "
@@ -241,6 +255,7 @@ class RunningService:
     owns_temp_dir: bool = True
     node_ip: str = LOOPBACK  # when not loopback, Ray's metrics exporter listens on every interface
     keep_logs_in: str | None = None  # stop() copies the replicas' logs into <this>/<session> first
+    kept_logs: str | None = field(default=None, init=False)  # where stop() copied them
 
     @property
     def replica_logs(self) -> str:
@@ -264,17 +279,20 @@ class RunningService:
             urls.append(f"http://{host}:{self.metrics_port}/metrics")
         return urls
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
         """Shut Serve and the private Ray cluster down; bounded by Ray's own shutdown timeouts. Again, or
         once Ray is down, only the files are handled: with no Ray in this process ``serve.shutdown()`` runs a
         bare ``ray.init()``, which starts a throw-away cluster (~5 s) or attaches to one already running on
-        the host (``ray start``, ``RAY_ADDRESS``) and would shut down its Serve applications."""
+        the host (``ray start``, ``RAY_ADDRESS``) and would shut down its Serve applications.
+        ``graceful=False`` skips Serve's shutdown, which waits up to 30 s for replicas still starting (a start
+        interrupted by SIGTERM took 40 s to stop): ``ray.shutdown()`` ends every process of the cluster anyway."""
         import ray
         from ray import serve
 
         if ray.is_initialized():
-            with contextlib.suppress(Exception):
-                serve.shutdown()
+            if graceful:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
             ray.shutdown()
         if self.keep_logs_in and os.path.isdir(self.replica_logs):
             # one folder per run (session_<date>_<pid>), beside what the directory holds; only older marked
@@ -285,6 +303,7 @@ class RunningService:
                 shutil.copytree(self.replica_logs, copy, dirs_exist_ok=True)
                 with open(os.path.join(copy, KEPT_MARK), "w") as mark:
                     mark.write("copied by ierf at stop; pruned beyond the newest copies\n")
+                self.kept_logs = copy
             prune_kept_sessions(self.keep_logs_in)
         if self.owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -325,25 +344,31 @@ def start_service(
     object_store_bytes: int = 300 * 1024 * 1024,
     temp_dir: str | None = None,
     node_ip: str | None = None,
+    keep_logs: str | None = None,
 ) -> RunningService:
     """Start a private Ray cluster, Serve with gRPC, and deploy the app; returns when it is RUNNING.
 
-    Ports default to the config file's (gRPC), 8000 (HTTP, for /-/healthz) and a free one (metrics);
-    the HTTP host to the config's (127.0.0.1). In a container pass ``http_host="0.0.0.0"``: the Ray
-    node then takes the container's routable address, so the metrics port is reachable from outside
-    (``choose_node_ip``; ``node_ip`` overrides it).
+    Ports default to the config file's (gRPC), 8000 (HTTP, for /-/healthz) and, for metrics, a free one
+    (``python -m ierf.serving`` passes 8080); the HTTP host to the config's (127.0.0.1). In a container
+    pass ``http_host="0.0.0.0"``: the Ray node then takes the container's routable address, so the metrics
+    port is reachable from outside (``choose_node_ip``; ``node_ip`` overrides it).
     ``redis_url`` replaces the config's ``cache.redis_url``; ``args_overrides`` is merged into the
-    application args (top-level keys replace, ``cache``/``ingress`` dicts merge).
+    application args (top-level keys replace, ``cache``/``ingress`` dicts merge). ``keep_logs``: the
+    directory stop() copies the replicas' logs into, also when the start fails.
+
+    Config mistakes, and replicas asking for more CPUs or GPUs than the cluster has (Serve would wait for
+    them forever), raise ValueError before anything starts; a deployment that fails to start raises
+    RuntimeError with each failed deployment's reason, and whatever started is stopped.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from ierf.serving.app import GRPC_SERVICER_FUNCTIONS, build_application
+    from ierf.serving.app import GRPC_SERVICER_FUNCTIONS, build_application, configured_deployments, first_error
     from ierf.serving.settings import ServiceConfig
 
     serve_config = serve_config or load_serve_config()
-    app_spec = serve_config["applications"][0]
+    app_spec = _first_application(serve_config)
     args = dict(app_spec.get("args") or {})
     for key, value in (args_overrides or {}).items():
         if key in ("cache", "ingress") and isinstance(value, dict):
@@ -353,50 +378,259 @@ def start_service(
     if redis_url is not None:
         args["cache"] = {**(args.get("cache") or {}), "redis_url": redis_url or None}
     config = ServiceConfig.from_args(args)  # fail on a bad config before starting anything
-    overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app_spec.get("deployments") or []}
+    overrides = _deployment_overrides(app_spec)
     application = build_application(config, overrides)
+    check_replicas_fit(configured_deployments(config, overrides), num_cpus)
 
-    grpc_cfg = serve_config.get("grpc_options") or {}
-    grpc_port = grpc_port or int(grpc_cfg.get("port", 9000))
-    http_cfg = serve_config.get("http_options") or {}
-    http_port = http_port or int(http_cfg.get("port", 8000))
+    grpc_cfg = _section(serve_config, "grpc_options")
+    grpc_port = _port(grpc_port, "grpc_port") if grpc_port else _port(grpc_cfg.get("port", 9000), "grpc_options.port")
+    http_cfg = _section(serve_config, "http_options")
+    http_port = _port(http_port, "http_port") if http_port else _port(http_cfg.get("port", 8000), "http_options.port")
     http_host = http_host or str(http_cfg.get("host", "127.0.0.1"))
-    metrics_port = metrics_port or free_port()
+    metrics_port = _port(metrics_port, "metrics_port") if metrics_port else free_port()
+    try:
+        grpc_options = gRPCOptions(
+            port=grpc_port,
+            grpc_servicer_functions=list(grpc_cfg.get("grpc_servicer_functions") or GRPC_SERVICER_FUNCTIONS),
+            request_timeout_s=grpc_cfg.get("request_timeout_s"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"grpc_options: {first_error(exc)}") from None
     node_ip = choose_node_ip(http_host, node_ip)
     grpc_max_message = grpc_max_message_bytes(config.ingress.max_image_bytes)
     for name, port in (("gRPC", grpc_port), ("HTTP", http_port), ("metrics", metrics_port)):
         if port_in_use(port):  # probe loopback: catches our own and other local listeners
             raise RuntimeError(f"{name} port {port} on 127.0.0.1 is already in use; choose another")
+    app_name = str(app_spec.get("name", APP_NAME))
     owns_temp_dir = temp_dir is None
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ierf-ray-", dir="/tmp")  # short: Unix socket paths
+    service = RunningService(grpc_port, http_port, metrics_port, temp_dir, owns_temp_dir, node_ip, keep_logs)
+    ray_started = False
+    # One guard from here on: Ctrl-C, SIGTERM (as turned into Terminated by stop_on_sigterm) or a failure at
+    # any step stops whatever part of the cluster did start and removes its directory.
     try:
         # Ray's processes (raylet, then the Serve proxy and replicas it starts) inherit this process's
         # environment; process settings the caller chose are kept.
         process_env = {key: os.environ.get(key, value) for key, value in PROCESS_ENV.items()}
         with _environ({GRPC_MAX_MESSAGE_ENV: str(grpc_max_message), **process_env}):
-            node_ip = _init_ray(num_cpus, object_store_bytes, temp_dir, metrics_port, node_ip)
-    except BaseException:
-        import ray
+            service.node_ip = _init_ray(num_cpus, object_store_bytes, temp_dir, metrics_port, node_ip)
+        ray_started = True
+        serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
+        serve.run(application, name=app_name, route_prefix=app_spec.get("route_prefix", "/"))
+    except BaseException as exc:
+        # read before stopping: Serve's error names the failed deployments only, and the replica logs with
+        # the reason go with the cluster's directory
+        failures = deployment_failures(app_name) if ray_started and isinstance(exc, Exception) else []
+        if ray_started:
+            service.stop(graceful=isinstance(exc, Exception))  # interrupted: nothing serves yet, stop fast
+        else:
+            import ray
 
-        ray.shutdown()  # whatever part of the cluster did start
-        if owns_temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
-    service = RunningService(grpc_port, http_port, metrics_port, temp_dir, owns_temp_dir, node_ip)
-    try:
-        serve.start(
-            http_options={"host": http_host, "port": http_port},
-            grpc_options=gRPCOptions(
-                port=grpc_port,
-                grpc_servicer_functions=list(grpc_cfg.get("grpc_servicer_functions") or GRPC_SERVICER_FUNCTIONS),
-                request_timeout_s=grpc_cfg.get("request_timeout_s"),
-            ),
-        )
-        serve.run(application, name=app_spec.get("name", APP_NAME), route_prefix=app_spec.get("route_prefix", "/"))
-    except BaseException:
-        service.stop()
+            ray.shutdown()  # whatever part of the cluster did start
+            if owns_temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+        if failures:
+            kept = f" (replica logs kept in {service.kept_logs})" if service.kept_logs else ""
+            raise RuntimeError(f"{exc} {'; '.join(failures)}{kept}") from exc
         raise
     return service
+
+
+def _first_application(serve_config: dict[str, Any]) -> dict[str, Any]:
+    """The config's first application (the one this runner deploys), checked to be a mapping."""
+    applications = serve_config.get("applications") if isinstance(serve_config, dict) else None
+    if not isinstance(applications, list) or not applications or not isinstance(applications[0], dict):
+        raise ValueError(f"applications must be a non-empty list of mappings, got {applications!r}")
+    return applications[0]
+
+
+def _section(serve_config: dict[str, Any], key: str) -> dict[str, Any]:
+    section = serve_config.get(key) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{key} must be a mapping, got {section!r}")
+    return section
+
+
+def _port(value: object, where: str) -> int:
+    """A TCP port number, refused by name otherwise (``port: nine`` gave "invalid literal for int()")."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{where} must be a port number (an integer 1-65535), got {value!r}")
+    return value
+
+
+def _deployment_overrides(app_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The application's ``deployments`` entries as {name: options}: each must be a mapping that names its
+    deployment, once (a missing name was a KeyError traceback, a repeated one silently lost the first)."""
+    entries = app_spec.get("deployments") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"applications[0].deployments must be a list of mappings, got {entries!r}")
+    overrides: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        where = f"applications[0].deployments[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping of deployment options, got {entry!r}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"{where} has no name (the deployment it tunes: Ingress or Worker_<model id>), got keys {sorted(entry)}"
+            )
+        if name in overrides:
+            raise ValueError(f"{where}: deployment {name!r} is listed twice")
+        overrides[name] = {key: value for key, value in entry.items() if key != "name"}
+    return overrides
+
+
+def check_replicas_fit(deployments: dict[str, Any], num_cpus: float | None, num_gpus: float | None = None) -> None:
+    """Refuse deployments whose replicas, at the count Serve starts them with, ask for more CPUs or GPUs than
+    the private cluster has (``num_cpus``: None for all of this host's cores, as ``_init_ray`` starts it;
+    ``num_gpus``: None for what Ray detects). The cluster never grows, and Serve would wait for them forever
+    with no word outside its controller log."""
+    demand = {name: replica_demand(deployment) for name, deployment in deployments.items()}
+    for resource, index in (("CPU", 1), ("GPU", 2)):
+        asked = {name: (each[0], each[index]) for name, each in demand.items() if each[0] and each[index]}
+        needed = sum(replicas * per_replica for replicas, per_replica in asked.values())
+        if needed <= 0:
+            continue
+        if resource == "CPU":
+            have = float(num_cpus if num_cpus is not None else os.cpu_count() or 1)
+            source = "--num-cpus" if num_cpus is not None else "all of this host's cores; --num-cpus sets it"
+            found, remedy = f"the local cluster has {have:g} ({source})", "or raise --num-cpus"
+        else:
+            have = local_gpus() if num_gpus is None else float(num_gpus)
+            found = f"Ray finds {have:g} on this host (CUDA_VISIBLE_DEVICES and the like limit what it sees)"
+            remedy = "or run where the GPUs are"
+        if needed > have + 1e-6:
+            parts = ", ".join(f"{name} {replicas} x {per_replica:g}" for name, (replicas, per_replica) in asked.items())
+            unit = resource if needed == 1 else f"{resource}s"
+            default = " (a model without a Worker_<id> entry takes 1 CPU, Serve's default)" if resource == "CPU" else ""
+            raise ValueError(
+                f"the deployments' replicas ask for {needed:g} {unit} ({parts}) but {found}: Serve would wait for "
+                f"them forever. Lower ray_actor_options.num_{resource.lower()}s, num_replicas or autoscaling_config."
+                f"min_replicas/initial_replicas in the config's deployments, {remedy}{default}"
+            )
+    for name, deployment in deployments.items():
+        replicas = demand[name][0]
+        per_node = getattr(getattr(deployment, "_replica_config", None), "max_replicas_per_node", None)
+        if per_node is not None and replicas > per_node:
+            raise ValueError(
+                f"deployment {name!r} starts {replicas} replicas but max_replicas_per_node is {per_node}, and the "
+                "local cluster is one node: Serve would wait for another node forever"
+            )
+
+
+def replica_demand(deployment: Any) -> tuple[int, float, float]:
+    """(replicas Serve starts, CPUs and GPUs each asks) for a deployment with its options applied: the
+    autoscaling config's initial (else minimum) replicas, or ``num_replicas``; Serve fills in ``num_cpus:
+    1`` where ray_actor_options leave it out (ray/serve/_private/config.py, ReplicaConfig)."""
+    autoscaling = getattr(getattr(deployment, "_deployment_config", None), "autoscaling_config", None)
+    if autoscaling is not None:
+        initial = autoscaling.initial_replicas
+        replicas = int(initial if initial is not None else autoscaling.min_replicas)
+    else:
+        replicas = int(deployment.num_replicas or 1)
+    options = deployment.ray_actor_options or {}
+    cpus = options.get("num_cpus")
+    return replicas, float(1 if cpus is None else cpus), float(options.get("num_gpus") or 0)
+
+
+def local_gpus() -> float:
+    """The GPUs a Ray node started here gets, found as Ray finds them (its accelerator manager, capped by
+    CUDA_VISIBLE_DEVICES and the like); 0 when none is found."""
+    try:
+        from ray._private import accelerators
+
+        manager = accelerators.get_accelerator_manager_for_resource("GPU")
+        count = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return float(min(count, len(visible)) if visible is not None else count)
+    except Exception:  # a Ray without this (private) API: let Serve decide
+        return float("inf")
+
+
+def deployment_failures(app_name: str = APP_NAME) -> list[str]:
+    """``<deployment>: <reason>`` for each deployment of ``app_name`` that Serve marks failed or unhealthy,
+    from ``serve.status()`` (the cluster must still be up). The reason is the last exception line of the
+    deployment's message, the constructor's traceback for a replica that could not start."""
+    from ray import serve
+
+    try:
+        application = serve.status().applications.get(app_name)
+    except Exception:
+        return []
+    if application is None:
+        return []
+    failures = []
+    for name, deployment in application.deployments.items():
+        status = getattr(deployment.status, "value", deployment.status)
+        if status in ("DEPLOY_FAILED", "UNHEALTHY") and deployment.message:
+            failures.append(f"{name}: {exception_line(deployment.message)}")
+    return failures
+
+
+def exception_line(message: str, limit: int = 1000) -> str:
+    """The exception a traceback ends with (what follows its last indented frame line), on one line."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line[:1].isspace()]
+    tail = lines[frames[-1] + 1 :] if frames else lines
+    text = " ".join(line.strip() for line in (tail or lines[-1:]))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while the service starts: unwinds the way Ctrl-C does, so whatever started is stopped."""
+
+
+@dataclass
+class _SigtermState:
+    deferred: bool = False  # while ray.init runs: a node half started could not be shut down
+    pending: bool = False
+    fired: bool = False
+
+
+_SIGTERM = _SigtermState()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if _SIGTERM.fired:  # once: the cleanup the first one started runs undisturbed
+        return
+    if _SIGTERM.deferred:
+        _SIGTERM.pending = True
+        return
+    _SIGTERM.fired = True
+    raise Terminated
+
+
+def stop_on_sigterm() -> None:
+    """From now on, SIGTERM raises Terminated in the main thread, once. ``make stop`` sends SIGTERM, also to a
+    service that is still starting, where the default action killed the process and left its cluster's
+    directory and actors; start_service's guard now stops them, as for Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        _SIGTERM.fired = _SIGTERM.pending = False
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def _sigterm_after_ray_init() -> Iterator[None]:
+    """Hold stop_on_sigterm's SIGTERM while ray.init runs and act on it once it returns. ray.init sets
+    Ray's own handlers: a Python one that exits, also midway through starting the node, which ray.shutdown()
+    then does not know of (its dashboard agent stayed up, holding the metrics port), and, once the driver
+    connects, a C++ one that kills the process at once. Ray is kept from setting the Python ones, and ours is
+    put back over the C++ one afterwards."""
+    import ray._private.utils
+
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SIGTERM.deferred = True
+    try:
+        with _attribute(ray._private.utils, "set_sigterm_handler", lambda handler: None):
+            yield
+    finally:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _SIGTERM.deferred = False
+    if _SIGTERM.pending and not _SIGTERM.fired:
+        _SIGTERM.fired = True
+        raise Terminated
 
 
 @contextlib.contextmanager
@@ -436,6 +670,7 @@ def _init_ray(
     from ray._private import ray_constants
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_after_ray_init())
         if is_loopback(node_ip):
             stack.enter_context(_environ(RAY_LOOPBACK_ENV))  # Ray's processes read it when they start
             # ... and this one read it when ray was first imported, maybe before the variable was set
@@ -464,9 +699,9 @@ def serve_forever(service: RunningService, ready_file: str | None = None) -> Non
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if ready_file:
-        Path(ready_file).write_text(f"{service.grpc_address}\n")
     try:
+        if ready_file:  # inside the guard: a file that cannot be written still stops the service
+            Path(ready_file).write_text(f"{service.grpc_address}\n")
         while not stopping:
             time.sleep(0.5)
     finally:

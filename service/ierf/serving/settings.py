@@ -119,9 +119,9 @@ class ModelConfig:
         _boolean("random_init", self.random_init)
         _integer("seed", self.seed, 0)
         if self.random_init and self.weights is not None:
-            raise ValueError(f"model {self.id}: set weights or random_init, not both")
+            raise ValueError(f"weights: set weights or random_init, not both (model {self.id})")
         if self.seed and not self.random_init:
-            raise ValueError(f"model {self.id}: seed applies to random_init weights only; drop it or set random_init")
+            raise ValueError(f"seed applies to random_init weights only (model {self.id}); drop it or set random_init")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         _integer("num_threads", self.num_threads, 0, " (0: from the replica's num_cpus)")
@@ -266,9 +266,13 @@ class ServiceConfig:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        raw_models = args.get("models") or [{"id": "efficientnet_lite0"}]
+        raw_models = args.get("models")
+        if raw_models is None:  # left out: the bundled model
+            raw_models = [{"id": "efficientnet_lite0"}]
         if not isinstance(raw_models, list | tuple):
             raise ValueError(f"models must be a list of model ids or mappings, got {raw_models!r}")
+        if not raw_models:  # an emptied list is a mistake more likely than a wish for the bundled model
+            raise ValueError("models is empty: list the models to serve (leave models out for efficientnet_lite0)")
         models = []
         for i, raw in enumerate(raw_models):
             if isinstance(raw, str):
