@@ -12,7 +12,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -808,19 +808,29 @@ class SRD:
         return dec
 
     def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:
-        with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()), full_float32(x.device):
-            run = self._forward(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
-            if not self.__dict__.get("_reproduces"):
-                self._check_reproduces(x, run.logits)
+        with full_float32(x.device):
+            # the model's own logits first, on their own: the peak memory stays that of the decomposition
+            eager = None if self.__dict__.get("_reproduces") else self._own_logits(x)
+            with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
+                run = self._forward(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
+        if eager is not None:
+            self._check_reproduces(eager, run.logits)
         return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
 
-    def _check_reproduces(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+    def _own_logits(self, x: torch.Tensor) -> Any:
+        """The model's own output for ``x``; None when it raises: an input the model cannot take is then
+        refused by the program's run, with the error SRD words (the check waits for a call that works)."""
+        try:
+            with torch.no_grad():
+                return self.model(x.detach())
+        except Exception:
+            return None
+
+    def _check_reproduces(self, eager: Any, logits: torch.Tensor) -> None:
         """Once per explainer, the first decomposition's logits against the model's own forward (one more
-        forward pass). torch.fx records ``x += t`` as a new value, so an alias of ``x`` read afterwards
-        holds the old one in the traced graph; that, and other Python the tracer cannot see, would make SRD
-        explain another function while its maps still sum to its own logits."""
-        with torch.no_grad():
-            eager = self.model(x.detach())
+        forward pass, run first). torch.fx records ``x += t`` as a new value, so an alias of ``x`` read
+        afterwards holds the old one in the traced graph; that, and other Python the tracer cannot see, would
+        make SRD explain another function while its maps still sum to its own logits."""
         if not isinstance(eager, torch.Tensor) or eager.shape != logits.shape:
             return  # the program already refuses outputs other than one logits tensor
         eager = eager.to(torch.float64)
