@@ -2130,3 +2130,175 @@ def test_channel_pieces_by_chunk_and_split_match_the_reference(how: str) -> None
     dec = ierf.SRD(model, head="exact").decompose(x)
     ref = ReferenceSRD(model)
     assert_matches_reference(dec, ref, ref.decompose(x), (0, 1), 1e-9)
+
+
+# ---- mutation round 8: gaps in the round's new rules, in-place refusal, trace check and patch detection ----
+def test_a_normalize_with_one_mean_and_std_for_all_channels_is_decomposed() -> None:
+    """``Normalize(0.5, 0.25)`` (one mean and std for every channel, as in the common ``Normalize((0.5,),
+    (0.5,))``) is the same channel affine map as the per-channel one: guards against refusing it (the rule
+    takes one value per channel, or one for all)."""
+    torch.manual_seed(0)
+    inner = randomise_bn(TinyResNet()).double().eval()
+    spelled = nn.Sequential(torchvision.transforms.Normalize(0.5, 0.25), inner).double().eval()
+    as_conv = nn.Conv2d(3, 3, 1, groups=3).double()
+    with torch.no_grad():
+        as_conv.weight.fill_(4.0)
+        as_conv.bias.fill_(-2.0)
+    folded = nn.Sequential(as_conv, inner).eval()
+    x = _x((1, 3, 12, 14), seed=5).abs()
+    torch.testing.assert_close(spelled(x), folded(x))
+    expected = ierf.SRD(folded, head="exact").decompose(x).relevance(1)
+    got = ierf.SRD(spelled, head="exact").decompose(x).relevance(1)
+    torch.testing.assert_close(got, expected, atol=1e-9 * float(expected.abs().max()), rtol=0)
+
+
+class _OneChannelSpatialGate(nn.Module):
+    """A spatial gate convolved from the one-channel map it gates: ``a * sigmoid(conv(a))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 1, 3, padding=1)
+        self.spatial = nn.Conv2d(1, 1, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv1(x))
+        return self.fc(self.act(self.conv2(a * torch.sigmoid(self.spatial(a)))).mean((2, 3)))
+
+
+def test_a_spatial_gate_convolved_from_a_one_channel_map_is_a_gate() -> None:
+    """On a one-channel map only a pooling or a convolution between map and factor tells a spatial gate from
+    ``x * sigmoid(x)``: guards against counting only poolings, which refused this gate as "not a gate"."""
+    torch.manual_seed(0)
+    model = _OneChannelSpatialGate().double().eval()
+    with torch.no_grad():
+        model.conv1.bias.fill_(1.0)
+    x = _x((1, 3, 6, 7), seed=3)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), (0, 1), 1e-9)
+
+
+def test_split_sections_that_do_not_cover_the_channels_are_refused() -> None:
+    """``torch.split(a, [1, 2], dim=1)`` of a 4-channel map raises in the model's own forward: guards against
+    decomposing it anyway (sections that fall short of the channels taken as two slices, one channel dropped),
+    which returned maps for a model that cannot run."""
+    model = _Spelled(lambda m, a: torch.cat(torch.split(a, [1, 2], dim=1), 1).mean((2, 3)))
+    model.fc = nn.Linear(3, 3)
+    model = model.double().eval()
+    with pytest.raises(UnsupportedModelError, match=r"split sizes \[1, 2\] do not add up to the map's 4 channels"):
+        ierf.SRD(model, head="exact").decompose(_x((1, 3, 6, 7), seed=1))
+
+
+class _ReluedAlias(nn.Module):
+    """``identity = s`` read again after an in-place ReLU of ``s``: a no-op for inputs where ``s >= 0``."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.conv0.weight.abs_()  # s >= 0 for inputs >= 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.conv0(x)
+        identity = s
+        r = self.relu(s) if self.spelling == "module" else F.relu(s, inplace=True)
+        y = self.conv2(r) + identity
+        return self.fc(self.act(y + identity).mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", ["module", "function"])
+def test_an_in_place_change_read_again_is_refused_even_when_the_first_input_does_not_show_it(spelling: str) -> None:
+    """The check against the model's own forward runs once per explainer, on the first input: an in-place ReLU
+    of a value that is all positive there changes nothing, so only the program's own refusal (which reads
+    the graph, not the values) keeps a later input with negative values from being explained as another
+    function. Guards against that refusal missing an in-place module or function; the refusal names the first
+    reader after the change."""
+    torch.manual_seed(0)
+    model = _ReluedAlias(spelling).double().eval()
+    explainer = ierf.SRD(model, head="exact")
+    with pytest.raises(UnsupportedModelError, match=r"in-place operation changes a feature map that 'add' in"):
+        explainer.decompose(_x((1, 3, 6, 7), seed=2).abs())
+
+
+class _ScaledHead(nn.Module):
+    """``x * self.scale`` with a Python number: the trace keeps the value it had when the explainer was built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean((2, 3)) * self.scale)
+
+
+def test_a_trace_that_no_longer_reproduces_the_model_by_a_few_percent_is_refused() -> None:
+    """A Python number changed after the explainer was built (no module replaced) makes the traced program
+    another function: logits 5 % off. Guards against a trace-check tolerance loose enough to pass that (the
+    check allows 1e-3 of the largest logit, enough for float32 rounding)."""
+    torch.manual_seed(0)
+    model = _ScaledHead().double().eval()
+    explainer = ierf.SRD(model, head="exact")
+    model.scale = 1.05
+    with pytest.raises(UnsupportedModelError, match=r"traced forward does not reproduce its output"):
+        explainer.decompose(_x((1, 3, 6, 7), seed=2))
+
+
+@pytest.mark.parametrize("attr", ["forward", "_conv_forward"])
+def test_a_method_patched_onto_a_module_after_the_first_call_is_refused(attr: str) -> None:
+    """The trace check runs on the first call only; a ``forward`` or ``_conv_forward`` patched onto a conv
+    instance afterwards must still be seen (as a replaced submodule is) or later maps explain the model as
+    it was. Guards against the module identities leaving patched methods out, or knowing only ``forward``."""
+    torch.manual_seed(0)
+    model = _Spelled(lambda m, a: m.act(m.conv2(a)).mean((2, 3))).double().eval()
+    x = _x((1, 3, 6, 7), seed=3)
+    explainer = ierf.SRD(model, head="exact")
+    explainer.decompose(x)
+    conv = model.conv2
+    if attr == "forward":
+        stock = conv.forward
+        conv.forward = lambda inp: 2.0 * stock(inp)
+    else:
+        conv._conv_forward = _circular_conv_forward.__get__(conv)
+    with pytest.raises(ValueError, match=r"modules changed .*or a forward was patched"):
+        explainer.decompose(x)
+
+
+def test_a_forward_patched_onto_one_conv_instance_is_traced_as_written() -> None:
+    """An instance's own ``forward`` (here ``2 * conv(x)``) is traced as written and decomposed exactly:
+    guards against taking the patched instance for a stock Conv2d, which the trace check then refuses."""
+    torch.manual_seed(0)
+    model = _Spelled(lambda m, a: m.act(m.conv2(a)).mean((2, 3)), _changed_conv("instance_forward")).double().eval()
+    x = _x((1, 3, 6, 7), seed=3)
+    with torch.no_grad():
+        expected = model(x)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    torch.testing.assert_close(dec.logits, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_an_odd_chunk_put_back_in_another_order_keeps_the_models_logits() -> None:
+    """``x.chunk(2, dim=1)`` of 5 channels is 3 + 2: guards against the last piece claiming the full 3
+    channels, which only shows when that smaller piece is concatenated in front of another one (its width
+    places the next piece)."""
+    torch.manual_seed(0)
+    model = _Spelled(lambda m, a: m.act(m.mix(torch.cat(a.chunk(2, dim=1)[::-1], 1))).mean((2, 3)))
+    model.conv = nn.Conv2d(3, 5, 3, padding=1)
+    model.mix = nn.Conv2d(5, 4, 3, padding=1)
+    model = model.double().eval()
+    with torch.no_grad():
+        model.conv.bias.fill_(1.0)
+    x = _x((1, 3, 6, 7), seed=4)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-12, rtol=1e-12)
+    _conserves(dec, 1, rtol=1e-9)

@@ -625,11 +625,12 @@ def test_the_replica_check_counts_gpus_initial_replicas_and_one_node() -> None:
     ("change", "named"),
     [
         ({"http_options": {"port": "8000"}}, r"http_options.port must be a port number"),
+        ({"http_options": {"port": True}}, r"http_options.port must be a port number"),
         ({"grpc_options": {"request_timeout_s": "300s"}}, r"^grpc_options: request_timeout_s: .*'300s'"),
         ({"deployments": [{"name": "Ingress"}, {"name": "Ingress"}]}, r"'Ingress' is listed twice"),
         ({"deployments": [{"name": "Ingress", "max_ongoing_requests": "x"}]}, r"^deployment 'Ingress': max_ongoing"),
     ],
-    ids=["http-port-string", "grpc-timeout-string", "deployment-twice", "pydantic-error-in-one-line"],
+    ids=["http-port-string", "http-port-bool", "grpc-timeout-string", "deployment-twice", "pydantic-error-in-one-line"],
 )
 def test_start_service_names_more_config_mistakes_before_ray_starts(
     change: dict[str, object], named: str, monkeypatch: pytest.MonkeyPatch
@@ -693,3 +694,26 @@ def test_a_sigterm_while_ray_starts_is_acted_on_once_ray_init_returns(monkeypatc
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def test_the_replica_check_takes_zero_cpus_and_a_full_node_as_they_are() -> None:
+    """Serve fills in one CPU only where ``ray_actor_options`` leave ``num_cpus`` out: a worker that asks for
+    0 CPUs asks for none (guards against ``num_cpus or 1``). ``max_replicas_per_node`` equal to the replica
+    count fits one node (guards against ``>=``). Both were refused before Ray started, on a config that runs."""
+    from ierf.serving.local import check_replicas_fit
+
+    worker = "Worker_efficientnet_lite0"
+    check_replicas_fit(_deployments({worker: {"ray_actor_options": {"num_cpus": 0}}}), num_cpus=0.25, num_gpus=0)
+    full_node = {"Ingress": {"num_replicas": 2, "max_replicas_per_node": 2}}
+    check_replicas_fit(_deployments(full_node), num_cpus=8, num_gpus=0)
+
+
+def test_a_yaml_mistake_names_the_file_line_and_column_counted_from_one(tmp_path: Path) -> None:
+    """An editor shows line and column from 1: guards against printing PyYAML's 0-based mark."""
+    from ierf.serving.local import load_serve_config
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - name: ierf\n    route_prefix: a: b\n")
+    with pytest.raises(ValueError) as info:
+        load_serve_config(config)
+    assert str(info.value) == f"{config}: not valid YAML: mapping values are not allowed here at line 3, column 20"

@@ -179,3 +179,43 @@ def test_the_stubs_package_is_marked_typed_so_its_shipped_pyi_is_used() -> None:
     import ierf_proto
 
     assert (Path(ierf_proto.__file__).parent / "py.typed").is_file()
+
+
+def test_a_callers_own_cancel_stays_a_cancel_when_the_async_client_closes_too() -> None:
+    """The caller cancels its task and then closes the client (an ``async with`` unwinding a cancelled
+    task): the call must raise CancelledError, the cancellation the caller asked for, not the RuntimeError
+    meant for a close nobody cancelled. Guards against ignoring ``Task.cancelling()`` in that handler."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    release = threading.Event()
+
+    class Hung(health_pb2_grpc.HealthServicer):
+        def Check(self, request: Any, context: Any) -> Any:
+            release.wait(10)
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(Hung(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    async def run() -> BaseException | None:
+        aclient = AsyncClient(f"127.0.0.1:{port}", timeout=10)
+        task = asyncio.ensure_future(aclient.health())
+        await asyncio.sleep(0.3)  # the call is in flight, held by the server
+        task.cancel()
+        await aclient.close()  # marks the client closed before the task sees its cancellation
+        try:
+            await asyncio.wait_for(task, 15)
+        except BaseException as exc:
+            return exc
+        return None
+
+    try:
+        exc = asyncio.run(run())
+    finally:
+        release.set()
+        server.stop(None)
+    assert isinstance(exc, asyncio.CancelledError), repr(exc)
