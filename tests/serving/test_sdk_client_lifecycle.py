@@ -97,10 +97,8 @@ def test_closing_a_client_while_a_call_retries_an_outage_says_it_is_closed(flavo
     assert "closed" in str(exc)
 
 
-def test_closing_an_async_client_under_a_call_does_not_cancel_the_callers_task() -> None:
-    """An AsyncClient closed while a call is in flight made that call raise asyncio.CancelledError in a task
-    nobody cancelled: ``except Exception`` misses it, gather() and TaskGroup take it for a cancellation of
-    their own. The blocking Client raises IerfError (CANCELLED) in the same situation."""
+def _hung_health_server() -> tuple[Any, int, threading.Event]:
+    """A real loopback gRPC server whose health Check answers only once ``release`` is set (10 s at most)."""
     from concurrent import futures
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -116,6 +114,14 @@ def test_closing_an_async_client_under_a_call_does_not_cancel_the_callers_task()
     health_pb2_grpc.add_HealthServicer_to_server(Hung(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port, release
+
+
+def test_closing_an_async_client_under_a_call_does_not_cancel_the_callers_task() -> None:
+    """An AsyncClient closed while a call is in flight made that call raise asyncio.CancelledError in a task
+    nobody cancelled: ``except Exception`` misses it, gather() and TaskGroup take it for a cancellation of
+    their own. The blocking Client raises IerfError (CANCELLED) in the same situation."""
+    server, port, release = _hung_health_server()
     try:
         exc = _call_then_close("asyncio", f"127.0.0.1:{port}", close_after_s=0.3)
     finally:
@@ -185,21 +191,7 @@ def test_a_callers_own_cancel_stays_a_cancel_when_the_async_client_closes_too() 
     """The caller cancels its task and then closes the client (an ``async with`` unwinding a cancelled
     task): the call must raise CancelledError, the cancellation the caller asked for, not the RuntimeError
     meant for a close nobody cancelled. Guards against ignoring ``Task.cancelling()`` in that handler."""
-    from concurrent import futures
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    release = threading.Event()
-
-    class Hung(health_pb2_grpc.HealthServicer):
-        def Check(self, request: Any, context: Any) -> Any:
-            release.wait(10)
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    health_pb2_grpc.add_HealthServicer_to_server(Hung(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port, release = _hung_health_server()
 
     async def run() -> BaseException | None:
         aclient = AsyncClient(f"127.0.0.1:{port}", timeout=10)
