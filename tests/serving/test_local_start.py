@@ -253,7 +253,7 @@ def test_args_overrides_merge_into_the_config_files_cache_and_ingress(monkeypatc
     class Built(Exception):
         pass
 
-    def record(config: object, overrides: object = None) -> None:
+    def record(config: object, overrides: object = None, deployments: object = None) -> None:
         built.append(config)
         raise Built  # stop before any port or cluster is touched
 

@@ -34,13 +34,18 @@ DEPLOYMENT_OPTION_KEYS = {
 }
 
 
-def build_application(config: ServiceConfig, overrides: dict[str, dict[str, Any]] | None = None) -> Application:
+def build_application(
+    config: ServiceConfig,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    deployments: dict[str, Deployment] | None = None,
+) -> Application:
     """Bind one worker deployment per model and the ingress over them.
 
     ``overrides`` maps a deployment name to Serve options; Serve applies a config file's ``deployments``
-    itself when deploying, the local runner passes them here.
+    itself when deploying, the local runner passes them here, with the ``deployments`` it already made
+    from them (``configured_deployments``) to check against its cluster.
     """
-    deployments = configured_deployments(config, overrides)
+    deployments = deployments if deployments is not None else configured_deployments(config, overrides)
     workers = {model.id: deployments[model.deployment_name].bind(model, config.cache) for model in config.models}
     return deployments["Ingress"].bind(workers, config)
 

@@ -379,8 +379,9 @@ def start_service(
         args["cache"] = {**(args.get("cache") or {}), "redis_url": redis_url or None}
     config = ServiceConfig.from_args(args)  # fail on a bad config before starting anything
     overrides = _deployment_overrides(app_spec)
-    application = build_application(config, overrides)
-    check_replicas_fit(configured_deployments(config, overrides), num_cpus)
+    deployments = configured_deployments(config, overrides)
+    application = build_application(config, overrides, deployments)
+    check_replicas_fit(deployments, num_cpus)
 
     grpc_cfg = _section(serve_config, "grpc_options")
     grpc_port = _port(grpc_port, "grpc_port") if grpc_port else _port(grpc_cfg.get("port", 9000), "grpc_options.port")
