@@ -63,7 +63,7 @@ from ierf.baselines._common import (
 )
 from ierf.errors import UnsupportedModelError
 from ierf.methods import register_method, resolve_target
-from ierf.srd.graph import _TRACE_LOCK  # fx patches nn.Module.__call__ process-wide: one trace at a time
+from ierf.srd.graph import TRACE_LOCK  # fx patches nn.Module.__call__ process-wide: one trace at a time
 
 
 def _is_mbconv(module: nn.Module) -> bool:
@@ -190,7 +190,7 @@ def _check_sequential_merges(model: nn.Module) -> None:
         return
     names = {id(m): name for name, m in model.named_modules()}
     try:
-        with _TRACE_LOCK:
+        with TRACE_LOCK:
             graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types: what matters is that the merges cannot be checked
         raise UnsupportedModelError(

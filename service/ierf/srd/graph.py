@@ -72,7 +72,7 @@ class _Tracer(fx.Tracer):
 
 
 # torch.fx patches nn.Module.__call__ process-wide while it traces: two traces at once corrupt each other.
-_TRACE_LOCK = threading.Lock()
+TRACE_LOCK = threading.Lock()  # also held by LRP (ierf.baselines.lrp), which traces with its own tracer
 
 
 @dataclass
@@ -86,7 +86,7 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
     """Trace ``model`` (one at a time). The patching is process-wide, so a model being run by another
     thread while an SRD is built may misbehave: build explainers before serving threads start."""
     tracer = _Tracer(known)
-    with _TRACE_LOCK:
+    with TRACE_LOCK:
         saved = _attributes(model)
         containers = _contents(model)
         graph = None
