@@ -680,8 +680,11 @@ def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
     return out
 
 
-@function_rule(operator.mul, torch.mul)
-def _mul_function(ctx, node, fn, a, b) -> Any:
+# Function and method rules are called alike, (ctx, node, the function or method name, *args): one rule
+# serves both spellings.
+@function_rule(operator.mul, operator.imul, torch.mul)
+@method_rule("mul", "mul_", "multiply")
+def _mul(ctx, node, _op, a, b) -> Any:
     where = ctx.where(node)
     if _is_map(a) and _is_map(b):
         gated = _gated(ctx, node, a, b)
@@ -699,16 +702,6 @@ def _mul_function(ctx, node, fn, a, b) -> Any:
         bundle = as_affine(m, where)
         return bundle.scale_shift(_channel_factor(bundle, c, where, "multiplication"), None)
     return a * b
-
-
-@function_rule(operator.imul)
-def _imul_function(ctx, node, fn, a, b) -> Any:
-    return _mul_function(ctx, node, fn, a, b)
-
-
-@method_rule("mul", "mul_", "multiply")
-def _mul_method(ctx, node, name, a, b) -> Any:
-    return _mul_function(ctx, node, None, a, b)
 
 
 def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tensor:
@@ -749,7 +742,9 @@ def _negated(value: Any, where: str) -> Affine:
     return bundle.scale_shift(bundle._reference_tensor().new_full((bundle.channels,), -1.0), None)
 
 
-def _sub(ctx, node, a, b, alpha=1) -> Any:
+@function_rule(operator.sub, operator.isub, torch.sub, torch.subtract)
+@method_rule("sub", "sub_", "subtract")
+def _sub(ctx, node, _op, a, b, alpha=1) -> Any:
     """``a - b`` as ``a + (-b)``: a difference of maps, or a constant taken off (an input normalisation's
     ``x - mean``); numbers (shape arithmetic) are just subtracted."""
     where = ctx.where(node)
@@ -762,31 +757,15 @@ def _sub(ctx, node, a, b, alpha=1) -> Any:
     return _add(ctx, node, a, -b)
 
 
-@function_rule(operator.sub, operator.isub, torch.sub, torch.subtract)
-def _sub_function(ctx, node, fn, a, b, alpha=1) -> Any:
-    return _sub(ctx, node, a, b, alpha)
-
-
-@method_rule("sub", "sub_", "subtract")
-def _sub_method(ctx, node, name, a, b, alpha=1) -> Any:
-    return _sub(ctx, node, a, b, alpha)
-
-
-def _neg(ctx, node, x) -> Any:
+@function_rule(operator.neg, torch.neg, torch.negative)
+@method_rule("neg", "neg_", "negative")
+def _neg(ctx, node, _op, x) -> Any:
     return _negated(x, ctx.where(node)) if _is_map(x) else -x
 
 
-@function_rule(operator.neg, torch.neg, torch.negative)
-def _neg_function(ctx, node, fn, x) -> Any:
-    return _neg(ctx, node, x)
-
-
-@method_rule("neg", "neg_", "negative")
-def _neg_method(ctx, node, name, x) -> Any:
-    return _neg(ctx, node, x)
-
-
-def _div(ctx, node, a, b, rounding_mode=None) -> Any:
+@function_rule(operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide)
+@method_rule("div", "div_", "divide", "true_divide")
+def _div(ctx, node, _op, a, b, rounding_mode=None) -> Any:
     """A feature map divided by a constant (a number, or one per channel: ``/ std``) is scaled by its
     reciprocal; a division by a feature map is not linear in it."""
     if not (_is_map(a) or _is_map(b)):
@@ -798,16 +777,6 @@ def _div(ctx, node, a, b, rounding_mode=None) -> Any:
         raise UnsupportedModelError(f"{where}: division of a feature map with rounding_mode={rounding_mode!r}")
     bundle = as_affine(a, where)
     return bundle.scale_shift(1.0 / _channel_factor(bundle, b, where, "division"), None)
-
-
-@function_rule(operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide)
-def _div_function(ctx, node, fn, a, b, rounding_mode=None) -> Any:
-    return _div(ctx, node, a, b, rounding_mode)
-
-
-@method_rule("div", "div_", "divide", "true_divide")
-def _div_method(ctx, node, name, a, b, rounding_mode=None) -> Any:
-    return _div(ctx, node, a, b, rounding_mode)
 
 
 @function_rule(torch.cat, torch.concat)
@@ -923,7 +892,9 @@ def _channel_pieces(ctx, node, x, sizes: Callable[[int], list[int]], dim: int, w
     return tuple(pieces)
 
 
-def _chunk(ctx, node, x, chunks, dim=0) -> Any:
+@function_rule(torch.chunk)
+@method_rule("chunk")
+def _chunk(ctx, node, _op, x, chunks, dim=0) -> Any:
     if not _is_map(x):
         return torch.chunk(x, chunks, dim)
 
@@ -934,17 +905,11 @@ def _chunk(ctx, node, x, chunks, dim=0) -> Any:
     return _channel_pieces(ctx, node, x, sizes, dim, "chunk")
 
 
-@method_rule("chunk")
-def _chunk_method(ctx, node, name, x, chunks, dim=0) -> Any:
-    return _chunk(ctx, node, x, chunks, dim)
-
-
-@function_rule(torch.chunk)
-def _chunk_function(ctx, node, fn, x, chunks, dim=0) -> Any:
-    return _chunk(ctx, node, x, chunks, dim)
-
-
-def _split(ctx, node, x, split_size_or_sections, dim=0) -> Any:
+@function_rule(torch.split)
+@method_rule("split")
+def _split(ctx, node, _op, x, split_size_or_sections=None, dim=0, split_size=None) -> Any:
+    if split_size_or_sections is None:  # Tensor.split names it split_size
+        split_size_or_sections = split_size
     if not _is_map(x):
         return torch.split(x, split_size_or_sections, dim)
 
@@ -960,16 +925,6 @@ def _split(ctx, node, x, split_size_or_sections, dim=0) -> Any:
         return given
 
     return _channel_pieces(ctx, node, x, sizes, dim, "split")
-
-
-@method_rule("split")
-def _split_method(ctx, node, name, x, split_size, dim=0) -> Any:
-    return _split(ctx, node, x, split_size, dim)
-
-
-@function_rule(torch.split)
-def _split_function(ctx, node, fn, x, split_size_or_sections, dim=0) -> Any:
-    return _split(ctx, node, x, split_size_or_sections, dim)
 
 
 @method_rule("size")
