@@ -167,8 +167,9 @@ def test_apop_relu6_three_states_and_controls() -> None:
         "pattern_noise",
         "plain_zeros",
         "plain_noise",
-        "shuffled_pattern_zeros",
         "shuffled_vs_own",
+        "swapped_follows_pattern",
+        "swapped_follows_input",
     }
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
@@ -218,14 +219,21 @@ class _PatternIsTheClass(nn.Module):
         return self.relu(self.lin(x))
 
 
-def test_apop_agreement_scores_are_fractions_of_all_images_and_shuffled_is_scored_on_the_other_image() -> None:
+def test_apop_agreement_scores_are_fractions_of_all_images_and_swapped_is_scored_on_both_images() -> None:
     """Closed form on a net whose ReLU pattern *is* the class: own pattern + zeros agrees always; the other
-    image's pattern predicts the other image's class (shuffled_pattern_zeros = 1, shuffled_vs_own = 0); the
-    plain zeros input is class 0 = half the images. Scores are divided by the number of images, not the batch
-    size (two batches of two here), and the shuffled score is checked against the *other* image's prediction."""
+    image's pattern with zeros never gives the own class (shuffled_vs_own = 0); the plain zeros input is class
+    0 = half the images. The own real input through the other image's pattern keeps the own class here
+    ((3, -1) masked by (0, 1) is (0, -1): class 0), so it follows the input, not the other image's prediction.
+    Scores are divided by the number of images, not the batch size (two batches of two here)."""
     x = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [3.0, -3.0], [-3.0, 3.0]])  # classes 0, 1, 0, 1
     scores = apop_agreement(_PatternIsTheClass(), x, batch_size=2)
-    expected = {"pattern_zeros": 1.0, "plain_zeros": 0.5, "shuffled_pattern_zeros": 1.0, "shuffled_vs_own": 0.0}
+    expected = {
+        "pattern_zeros": 1.0,
+        "plain_zeros": 0.5,
+        "shuffled_vs_own": 0.0,
+        "swapped_follows_pattern": 0.0,
+        "swapped_follows_input": 1.0,
+    }
     assert {key: scores[key] for key in expected} == pytest.approx(expected)
 
 
@@ -234,10 +242,20 @@ def test_apop_shuffled_scores_count_only_the_images_that_were_shuffled() -> None
     the images that were shuffled (dividing by all images read 4/5 for a perfect 1.0 here), NaN when none."""
     x = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [3.0, -3.0], [-3.0, 3.0], [4.0, -4.0]])  # batches 2 + 2 + 1
     scores = apop_agreement(_PatternIsTheClass(), x, batch_size=2)
-    assert scores["shuffled_pattern_zeros"] == 1.0 and scores["shuffled_vs_own"] == 0.0
+    assert scores["swapped_follows_input"] == 1.0 and scores["shuffled_vs_own"] == 0.0
     assert scores["pattern_zeros"] == 1.0 and scores["plain_zeros"] == pytest.approx(3 / 5)
     alone = apop_agreement(_PatternIsTheClass(), x[:1])
-    assert math.isnan(alone["shuffled_pattern_zeros"]) and alone["pattern_zeros"] == 1.0
+    assert math.isnan(alone["swapped_follows_input"]) and alone["pattern_zeros"] == 1.0
+
+
+def test_apop_noise_control_does_not_depend_on_the_batch_size() -> None:
+    """The noise input was drawn per batch (seed + batch start), so ``pattern_noise`` changed with
+    ``batch_size`` alone; one draw for all images makes the reported number a property of the model."""
+    signs = torch.tensor([1.0, -1.0]) * torch.tensor([1.0, -1.0] * 20)[:, None]  # classes 0, 1, 0, 1, ...
+    x = signs * torch.linspace(0.5, 3.0, 40)[:, None]
+    net = _PatternIsTheClass()  # with noise, the own pattern keeps the class where noise + 1 > 0 on its unit
+    one, many = apop_agreement(net, x, batch_size=40), apop_agreement(net, x, batch_size=3)
+    assert one["pattern_noise"] == many["pattern_noise"] and one["plain_noise"] == many["plain_noise"]
 
 
 def test_grid_orders_are_distinct_cyclic_arrangements_named_row_major() -> None:
@@ -353,3 +371,65 @@ def test_training_history_averages_the_losses_of_its_own_window() -> None:
     assert (point["canvas"], point["step"]) == (96, 3)
     assert 1.0 < point["train_loss"] < 5.0
     assert not model.training and 0.0 <= record["test_accuracy"] <= 1.0
+
+
+# -- acceptance round 9 (evaluation researcher) ------------------------------------------------------------------
+class _MyReLU(nn.ReLU):
+    """A user's ReLU subclass (e.g. one that logs or counts): still a ReLU with an on/off pattern."""
+
+
+def _gate_net(act: nn.Module) -> nn.Sequential:
+    """1 px, 1 channel: x -> ReLU(x) -> z = ReLU(x) - 1.5 -> act(z) -> (act, -act). Recorded at x = 2: the ReLU
+    is on and z = 0.5 (``act``'s identity piece); replayed with zeros: the frozen ReLU passes 0, z = -1.5, and a
+    frozen ``act`` must still be its identity piece, logits (-1.5, 1.5)."""
+    first, second, head = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Linear(1, 2)
+    with torch.no_grad():
+        first.weight.fill_(1.0)
+        first.bias.zero_()
+        second.weight.fill_(1.0)
+        second.bias.fill_(-1.5)
+        head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        head.bias.zero_()
+    return nn.Sequential(first, nn.ReLU(), second, act, nn.Flatten(), head)
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.LeakyReLU(0.01), nn.PReLU(), nn.Hardtanh(), _MyReLU()],
+    ids=["LeakyReLU", "PReLU", "Hardtanh", "ReLU-subclass"],
+)
+def test_apop_freezes_or_refuses_every_piecewise_linear_activation(act: nn.Module) -> None:
+    """APOP means *every* gate is frozen. A piecewise-linear activation next to the ReLUs was neither hooked nor
+    refused (``type(m) in (ReLU, ReLU6)``), so it re-gated on the uninformative input and the published agreement
+    mixed frozen and live gates without a word. Either refuse the model or freeze it."""
+    try:
+        apop = APOP(_gate_net(act))
+    except UnsupportedModelError:
+        return
+    _, pattern = apop.record(torch.full((1, 1, 1, 1), 2.0))
+    out = apop.replay(pattern, torch.zeros(1, 1, 1, 1))
+    torch.testing.assert_close(out, torch.tensor([[-1.5, 1.5]]))
+
+
+@pytest.mark.parametrize(
+    "act", [nn.SELU(), nn.CELU(), nn.LogSigmoid(), nn.Softsign()], ids=["SELU", "CELU", "LogSigmoid", "Softsign"]
+)
+def test_apop_refuses_every_smooth_activation(act: nn.Module) -> None:
+    """The module docstring: activations with no discrete pattern make APOP raise UnsupportedModelError. Only
+    the eight listed in ``_SMOOTH_ACTIVATIONS`` did; these ran live on the new input beside the frozen ReLUs."""
+    with pytest.raises(UnsupportedModelError):
+        APOP(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 3, 1), act))
+
+
+def test_apop_freezes_or_refuses_adaptive_max_pooling() -> None:
+    """Max-pool winners are part of the pattern (README: "freezes ... max-pool winners"). AdaptiveMaxPool2d
+    was neither hooked nor refused: the replay picked the new input's winner (3.0) instead of the recorded
+    one (pixel 0, which holds 1.0 in the new input)."""
+    net = nn.Sequential(nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    try:
+        apop = APOP(net)
+    except UnsupportedModelError:
+        return
+    _, pattern = apop.record(torch.tensor([[[[2.0, 1.0]]]]))
+    out = apop.replay(pattern, torch.tensor([[[[1.0, 3.0]]]]))
+    assert out.item() == 1.0

@@ -17,8 +17,11 @@ has a "bias scaling" option whose semantics could not be recovered; it is not us
 
 Implementation: forward hooks on a private deep copy of the model (the caller's model is never
 touched), removed in ``finally``. A module called several times per forward (EfficientNet reuses one
-ReLU6 module inside each block) is matched call by call. Other activation types (SiLU, GELU…) have no
-discrete pattern; models containing them raise UnsupportedModelError.
+ReLU6 module inside each block) is matched call by call. Every other activation module (SiLU, GELU,
+LeakyReLU…, a ReLU subclass with a forward of its own) and every other max-pool (adaptive, 1-d/3-d,
+fractional) would choose its state afresh on the replacement input, mixing live gates into the frozen
+pattern: models containing one raise UnsupportedModelError naming it. Activations called as functions
+inside a forward (``F.relu``) cannot be seen by module hooks at all.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from torch import nn
 
 from ierf.errors import UnsupportedModelError
 
-_SMOOTH_ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid)
+# The modules APOP freezes, each with the stock class whose forward it must run (a subclass that brings a
+# forward of its own computes something else). ReLU6's forward is Hardtanh's: plain Hardtanh is not frozen.
+_FROZEN = (nn.ReLU, nn.ReLU6, nn.MaxPool2d)
+_ACTIVATIONS_MODULE = nn.ReLU.__module__  # torch.nn.modules.activation: every activation module torch defines
 
 
 @dataclass
@@ -45,14 +51,31 @@ class ActivationPattern:
         return sum(t.numel() for calls in self.states.values() for t in calls)
 
 
+def _frozen_kind(module: nn.Module) -> type[nn.Module] | None:
+    """The stock class whose pattern ``module`` has, or None when APOP cannot freeze it."""
+    for kind in _FROZEN:
+        if isinstance(module, kind) and type(module).forward is kind.forward and "forward" not in vars(module):
+            return kind
+    return None
+
+
+def _is_gate(module: nn.Module) -> bool:
+    """An activation or max-pool module: something that decides a state per unit from its input."""
+    defined_in = {cls.__module__ for cls in type(module).__mro__}
+    return _ACTIVATIONS_MODULE in defined_in or any("MaxPool" in cls.__name__ for cls in type(module).__mro__)
+
+
 def _patterned_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, _SMOOTH_ACTIVATIONS):
-            raise UnsupportedModelError(f"APOP needs piecewise-linear activations; {name!r} is {type(module).__name__}")
-        if type(module) in (nn.ReLU, nn.ReLU6, nn.MaxPool2d):
+        if _frozen_kind(module) is not None:
             found[name] = module
-    if not any(type(m) in (nn.ReLU, nn.ReLU6) for m in found.values()):
+        elif _is_gate(module):
+            raise UnsupportedModelError(
+                f"APOP freezes only nn.ReLU, nn.ReLU6 and nn.MaxPool2d; {name!r} is {type(module).__name__}, which "
+                "would decide its state afresh on the replacement input"
+            )
+    if not any(_frozen_kind(m) in (nn.ReLU, nn.ReLU6) for m in found.values()):
         raise UnsupportedModelError("APOP found no nn.ReLU / nn.ReLU6 modules (functional activations are not hooked)")
     return found
 
@@ -174,40 +197,53 @@ def uninformative(x: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
 def apop_agreement(model: nn.Module, x: torch.Tensor, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
     """Top-1 agreement with the real prediction for the APOP forward and its controls.
 
-    * ``pattern_zeros`` / ``pattern_noise``: own pattern, input replaced by zeros / noise;
+    * ``pattern_zeros`` / ``pattern_noise``: own pattern, input replaced by zeros / noise (one N(0, 1)
+      draw for all of ``x``, so the numbers do not depend on ``batch_size``);
     * ``plain_zeros`` / ``plain_noise``: control, the replacement input through the normal network;
-    * ``shuffled_pattern_zeros``: another image's pattern with zeros input, scored against *that*
-      image's prediction (does the pattern alone carry the other image's class?), and
-      ``shuffled_vs_own``: the same outputs scored against the own image's prediction. Both are over the
-      images that could be shuffled: a last batch of one image has no other pattern to take (NaN when no
-      batch had two images).
+    * ``shuffled_vs_own``: chance control, another image's pattern with zeros input scored against the
+      own image's prediction;
+    * ``swapped_follows_pattern`` / ``swapped_follows_input``: the own *real* image run through another
+      image's pattern, scored against that other image's prediction / the own one (which of the two
+      decides the class when they disagree).
+
+    The shuffled and swapped scores are over the images that could be paired with another one in their
+    batch: a last batch of one image has none (NaN when no batch had two images).
     """
     apop = APOP(model)
     totals = dict.fromkeys(
-        ("pattern_zeros", "pattern_noise", "plain_zeros", "plain_noise", "shuffled_pattern_zeros", "shuffled_vs_own"),
+        (
+            "pattern_zeros",
+            "pattern_noise",
+            "plain_zeros",
+            "plain_noise",
+            "shuffled_vs_own",
+            "swapped_follows_pattern",
+            "swapped_follows_input",
+        ),
         0,
     )
     n = x.shape[0]
-    shuffled = 0
+    noise = uninformative(x, "noise", seed)
+    paired = 0
     for start in range(0, n, batch_size):
         batch = x[start : start + batch_size]
         logits, pattern = apop.record(batch)
         pred = logits.argmax(1)
-        for kind in ("zeros", "noise"):
-            fake = uninformative(batch, kind, seed + start)
+        for kind, fake in (("zeros", torch.zeros_like(batch)), ("noise", noise[start : start + batch_size])):
             totals[f"pattern_{kind}"] += int((apop.replay(pattern, fake).argmax(1) == pred).sum())
             totals[f"plain_{kind}"] += int((apop.model(fake).argmax(1) == pred).sum())
         if batch.shape[0] > 1:
             rolled = torch.roll(torch.arange(batch.shape[0]), 1)
             _, other = apop.record(batch[rolled])
-            out = apop.replay(other, torch.zeros_like(batch)).argmax(1)
-            totals["shuffled_pattern_zeros"] += int((out == pred[rolled]).sum())
-            totals["shuffled_vs_own"] += int((out == pred).sum())
-            shuffled += batch.shape[0]
+            totals["shuffled_vs_own"] += int((apop.replay(other, torch.zeros_like(batch)).argmax(1) == pred).sum())
+            swapped = apop.replay(other, batch).argmax(1)
+            totals["swapped_follows_pattern"] += int((swapped == pred[rolled]).sum())
+            totals["swapped_follows_input"] += int((swapped == pred).sum())
+            paired += batch.shape[0]
 
     def share(key: str, hits: int) -> float:
-        if not key.startswith("shuffled"):
+        if key.startswith(("pattern", "plain")):
             return hits / n
-        return hits / shuffled if shuffled else float("nan")
+        return hits / paired if paired else float("nan")
 
     return {key: share(key, hits) for key, hits in totals.items()}
