@@ -22,8 +22,9 @@ manipulated map and the target (low = robust), and the change of the target-clas
 
 An explainer that refuses the smoothed copy (``UnsupportedModelError``) is attacked on the unmodified
 model instead, and the result says so (``smoothed=False``); SRD takes both stand-ins (``SmoothReLU6`` is
-registered with it as an element-wise activation). Without smoothing the attack is weaker, so such rows
-are flagged.
+registered with it as an element-wise activation). A model with other kinked activations (LeakyReLU,
+Hardswish, a ReLU subclass with its own forward) is attacked partly unsmoothed and says so the same way.
+Without smoothing the attack is weaker, so such rows are flagged.
 
 The attack is generic: ``attack_explain(model) -> f(x, target)`` must return maps that are
 differentiable w.r.t. x (baselines expose ``differentiable_saliency``; SRD offers the same).
@@ -41,7 +42,7 @@ from torch import nn
 
 from ierf.errors import UnsupportedModelError
 from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
-from ierf.metrics.similarity import pearson, ssim, top_k_intersection
+from ierf.metrics.similarity import check_ssim_size, pearson, ssim, top_k_intersection
 from ierf.srd.rules import register_activation
 
 DiffExplain = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +65,27 @@ class SmoothReLU6(nn.Softplus):
 register_activation(SmoothReLU6)  # element-wise: a PFV boundary for SRD like the ReLU6 it replaces
 
 
+# Activations with a kink: a second derivative of zero almost everywhere, so a gradient map gives the attack
+# no signal through them. Only (stock) ReLU and ReLU6 have smooth stand-ins here.
+_KINKED = (
+    nn.ReLU,
+    nn.Hardtanh,  # ReLU6 too
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Threshold,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+)
+
+
+def _stock(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """``module`` computes what ``kind`` does: a subclass without a forward of its own counts, a patched one not."""
+    return isinstance(module, kind) and type(module).forward is kind.forward and "forward" not in vars(module)
+
+
 def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, int]:
     """A deep copy of ``model`` with every nn.ReLU -> Softplus(beta), nn.ReLU6 -> SmoothReLU6(beta).
 
@@ -76,16 +98,21 @@ def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, i
     replaced = 0
     for parent in list(smooth.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.ReLU:
+            if _stock(child, nn.ReLU):
                 setattr(parent, name, nn.Softplus(beta=beta))
                 replaced += 1
-            elif type(child) is nn.ReLU6:
+            elif _stock(child, nn.ReLU6):
                 setattr(parent, name, SmoothReLU6(beta))
                 replaced += 1
     smooth.eval()  # the new activation modules are created in training mode
     for p in smooth.parameters():
         p.requires_grad_(False)
     return smooth, replaced
+
+
+def _kinks_left(model: nn.Module) -> list[str]:
+    """Names of the activation modules still kinked (LeakyReLU, Hardswish, a ReLU with its own forward…)."""
+    return [name for name, module in model.named_modules() if isinstance(module, _KINKED)]
 
 
 def _unit(maps: torch.Tensor) -> torch.Tensor:
@@ -107,7 +134,9 @@ class ManipulationResult:
     prediction_kept: torch.Tensor  # argmax unchanged on the real model
     linf: torch.Tensor  # achieved ||delta||_inf per image
     final_loss: float
-    smoothed: bool  # False: the attack ran on the unmodified activations (explainer refused the smooth copy)
+    # False: the attack ran on the unmodified activations (the explainer refused the smooth copy), or on a
+    # copy that kept kinked activations without a smooth stand-in (LeakyReLU, Hardswish…)
+    smoothed: bool
 
     def summary(self) -> dict[str, float]:
         return {
@@ -141,7 +170,7 @@ def manipulation_attack(
     target, target_maps, (lo, hi) = _checked(x, target, target_maps, epsilon, bounds, steps)
     with eval_mode(model):
         smooth, replaced = smooth_activations_copy(model, beta)
-        explain, smoothed = attack_explain(smooth), replaced > 0
+        explain, smoothed = attack_explain(smooth), replaced > 0 and not _kinks_left(smooth)
         try:  # probe: an explainer may not accept the smoothed activations
             explain(x[:1].detach().clone().requires_grad_(True), target[:1])
         except UnsupportedModelError:
@@ -210,6 +239,7 @@ def _checked(
     if not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],) or target.is_floating_point():
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},), one class per image, got {got}")
+    check_ssim_size(x.shape[-2:])  # the maps are compared with SSIM after the attack: refuse before it runs
     target_maps = check_maps(target_maps, "target_maps")
     if target_maps.shape != (x.shape[0], *x.shape[-2:]):
         raise ValueError(f"target_maps must be {(x.shape[0], *x.shape[-2:])}, got {tuple(target_maps.shape)}")
