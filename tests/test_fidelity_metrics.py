@@ -629,3 +629,80 @@ def test_insertion_deletion_refuses_an_out_of_range_target_by_name() -> None:
     assert model.calls == 1
     with pytest.raises(ValueError, match=r"classes holds 5, out of range for a model with 2 classes"):
         insertion_deletion(model, x, 0, torch.rand(2, 10, 10), n_steps=2, classes=torch.tensor([[0, 1], [0, 5]]))
+
+
+# -- acceptance round 9 (evaluation researcher) ------------------------------------------------------------------
+class _CountingReLU(nn.ReLU):
+    """A user's ReLU subclass that only adds bookkeeping: still a ReLU, so it gets the smooth stand-in."""
+
+
+def test_smooth_copy_replaces_relu_subclasses_and_a_leaky_relu_marks_the_attack_unsmoothed() -> None:
+    """``smoothed`` promises the attack ran on smooth activations. A ReLU subclass was left kinked (exact type
+    checks), and a LeakyReLU beside the ReLUs still reported smoothed=True although the attack saw a kink there."""
+    subclassed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _CountingReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    smooth, replaced = smooth_activations_copy(subclassed, beta=5.0)
+    assert replaced == 1 and isinstance(smooth[1], nn.Softplus)
+    torch.manual_seed(0)
+    mixed = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    target = mixed(x).argmax(1)
+    maps = _gradient_explain(mixed)(x, target).detach()
+    result = manipulation_attack(
+        _gradient_explain,
+        _gradient_explain(mixed),
+        mixed,
+        x,
+        target,
+        maps.flip(1),
+        epsilon=0.1,
+        bounds=(-1, 1),
+        steps=2,
+    )
+    assert not result.smoothed
+
+
+def test_ssim_and_the_attack_refuse_maps_smaller_than_the_window_by_name() -> None:
+    """SSIM's 7x7 window: smaller maps got scikit-image's own error, the attack only after all its steps."""
+    with pytest.raises(ValueError, match="at least 7x7 pixels"):
+        ssim(torch.rand(1, 6, 9), torch.rand(1, 6, 9))
+    model = _small_net()
+    x = torch.rand(1, 3, 6, 6)
+    with pytest.raises(ValueError, match="at least 7x7 pixels"):
+        manipulation_attack(
+            _gradient_explain,
+            _gradient_explain(model),
+            model,
+            x,
+            torch.tensor([0]),
+            torch.rand(1, 6, 6),
+            epsilon=0.1,
+            bounds=(0, 1),
+            steps=1,
+        )
+
+
+def test_one_mask_for_a_batch_is_named_as_a_mask_and_lists_are_refused_as_types() -> None:
+    """A single (H, W) mask was reported as "boxes must have shape (B, 4)", a list as an AttributeError."""
+    maps = torch.rand(2, 5, 5)
+    with pytest.raises(ValueError, match=r"masks must be \(B, H, W\), one per map; got one \(5, 5\) mask"):
+        pointing_game(maps, torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="regions must be a torch.Tensor"):
+        pointing_game(maps, [[0, 0, 2, 2], [0, 0, 2, 2]])
+    assert pointing_game(maps, torch.ones(5, 5, dtype=torch.bool).expand(2, 5, 5)).tolist() == [1.0, 1.0]
+
+
+def test_fraction_arguments_refuse_bools() -> None:
+    """README: bad arguments are refused, not cast; True was read as a fraction of 1."""
+    with pytest.raises(TypeError, match="fraction must be a number, got bool"):
+        top_k_intersection(torch.rand(1, 4, 4), torch.rand(1, 4, 4), fraction=True)
+    model = _small_net()
+    with pytest.raises(TypeError, match="blur_fraction must be a number, got bool"):
+        insertion_deletion(model, torch.rand(1, 3, 8, 8), 0, torch.rand(1, 8, 8), blur_fraction=True)

@@ -30,6 +30,13 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def check_fraction(value: object, name: str) -> float:
+    """A real number (bools are refused, not read as 1); its range is the caller's to check."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")

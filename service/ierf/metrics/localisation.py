@@ -39,6 +39,19 @@ def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _regions(maps: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    if not isinstance(regions, torch.Tensor):
+        raise TypeError(
+            f"regions must be a torch.Tensor of (B, 4) boxes or (B, H, W) bool masks, got {type(regions).__name__}"
+        )
+    if (
+        regions.dim() == 2
+        and (regions.dtype == torch.bool or regions.shape == maps.shape[-2:])
+        and regions.shape[1] != 4
+    ):
+        raise ValueError(
+            f"masks must be (B, H, W), one per map; got one {tuple(regions.shape)} mask: give each of the "
+            f"{maps.shape[0]} maps its own (e.g. mask.expand({maps.shape[0]}, *mask.shape))"
+        )
     if regions.dim() == 2:
         if regions.shape != (maps.shape[0], 4):
             raise ValueError(f"boxes must have shape ({maps.shape[0]}, 4), got {tuple(regions.shape)}")

@@ -32,7 +32,7 @@ from torch import nn
 
 from ierf.baselines._common import check_target_range
 from ierf.methods import resolve_target
-from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
+from ierf.metrics._checks import check_fraction, check_maps, check_positive_int, eval_mode
 
 FILLS = ("mean", "blur", "zero")
 
@@ -115,7 +115,7 @@ def insertion_deletion(
         raise ValueError(f"deletion_fill must be one of {FILLS}, got {deletion_fill!r}")
     check_positive_int(n_steps, "n_steps")
     check_positive_int(batch_size, "batch_size")
-    if not blur_fraction > 0:
+    if not check_fraction(blur_fraction, "blur_fraction") > 0:
         raise ValueError(f"blur_fraction must be > 0, got {blur_fraction!r}")
     b, _, h, w = x.shape
     target = resolve_target(target, b)
@@ -142,13 +142,12 @@ def insertion_deletion(
     curves = {"deletion": torch.empty(b, n_steps + 1), "insertion": torch.empty(b, n_steps + 1)}
     with eval_mode(model):
         for i in range(b):
-            changed = torch.stack([(rank_of[i] < c).view(1, h, w) for c in counts])  # (K+1, 1, H, W)
-            deletion = torch.where(changed, deleted_base[i], x[i])
-            insertion = torch.where(changed, x[i], blurred[i])
-            for key, batch in (("deletion", deletion), ("insertion", insertion)):
+            for key, changed_from, unchanged in (("deletion", deleted_base[i], x[i]), ("insertion", x[i], blurred[i])):
                 probs = []
-                for start in range(0, batch.shape[0], batch_size):
-                    logits = model(batch[start : start + batch_size])
+                for start in range(0, len(counts), batch_size):  # built per batch: batch_size bounds the memory
+                    steps = counts[start : start + batch_size]
+                    changed = torch.stack([(rank_of[i] < c).view(1, h, w) for c in steps])  # (k, 1, H, W)
+                    logits = model(torch.where(changed, changed_from, unchanged))
                     if i == 0 and start == 0:  # the first forward: a class the model lacks is refused by name
                         _check_classes(logits, target, classes)
                     if classes is None:

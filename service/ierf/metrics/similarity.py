@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from ierf.metrics._checks import check_maps, check_same_shape
+from ierf.metrics._checks import check_fraction, check_maps, check_same_shape
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,17 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, (a * b).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom)).float()
 
 
+SSIM_WINDOW = 7  # scikit-image's default window side
+
+
+def check_ssim_size(size: tuple[int, ...] | torch.Size) -> None:
+    """SSIM needs maps at least as large as its window in both directions."""
+    if min(size) < SSIM_WINDOW:
+        raise ValueError(
+            f"SSIM needs maps of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels (its window), got {size[0]}x{size[1]}"
+        )
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """SSIM (scikit-image, 7x7 window) after scaling each map by its own max |value| into [-1, 1].
 
@@ -30,10 +41,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     term, but its luminance term flips too only where local means are large next to its constant
     (0.01 x 2)^2: a map and its exact negation, where Pearson says -1, may score high (a smooth positive blob:
     0.65 in a test) or near zero (real SRD maps, small means: -0.07 to 0.22). SSIM does not reliably see the
-    sign: read it with :func:`pearson`, which does.
+    sign: read it with :func:`pearson`, which does. Maps smaller than the window (7x7) are refused.
     """
     a, b = check_maps(a, "a"), check_maps(b, "b")
     check_same_shape(a, b)
+    check_ssim_size(a.shape[-2:])
 
     def unit(m: torch.Tensor) -> np.ndarray:
         peak = float(m.abs().max())
@@ -53,7 +65,7 @@ def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) 
     """
     a, b = check_maps(a, "a"), check_maps(b, "b")
     check_same_shape(a, b)
-    if not 0.0 < fraction <= 1.0:
+    if not 0.0 < check_fraction(fraction, "fraction") <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     n = a[0].numel()
     k = max(1, round(fraction * n))
