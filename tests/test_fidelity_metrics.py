@@ -694,7 +694,7 @@ def test_one_mask_for_a_batch_is_named_as_a_mask_and_lists_are_refused_as_types(
     maps = torch.rand(2, 5, 5)
     with pytest.raises(ValueError, match=r"masks must be \(B, H, W\), one per map; got one \(5, 5\) mask"):
         pointing_game(maps, torch.ones(5, 5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="regions must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"regions must be a torch\.Tensor"):
         pointing_game(maps, [[0, 0, 2, 2], [0, 0, 2, 2]])
     assert pointing_game(maps, torch.ones(5, 5, dtype=torch.bool).expand(2, 5, 5)).tolist() == [1.0, 1.0]
 

@@ -26,9 +26,10 @@ _HOOK_DICTS = (
 )
 
 
-def check_input(x: object) -> torch.Tensor:
+def check_input(x: object, model: nn.Module | None = None) -> torch.Tensor:
     """A (B, C, H, W) floating tensor (``ierf.methods.check_input``) that autograd can differentiate."""
-    x = shared_check_input(x)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+    x = shared_check_input(x, dtype)
     if x.is_inference():  # made under torch.inference_mode (servers do): autograd needs an ordinary copy
         with torch.inference_mode(False):
             x = x.clone()

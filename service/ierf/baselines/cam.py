@@ -72,14 +72,18 @@ class _Capture:
         self.handle = module.register_forward_pre_hook(hook) if use_input else module.register_forward_hook(hook)
 
     @transient_hook
-    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if threading.get_ident() == self.thread:
+    def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        if threading.get_ident() == self.thread and args and isinstance(args[0], torch.Tensor):
             self.activation = args[0]
+            return (args[0].clone(), *args[1:])  # an in-place module must not rewrite the captured input
+        return None
 
     @transient_hook
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if threading.get_ident() == self.thread:
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() == self.thread and isinstance(output, torch.Tensor):
             self.activation = output
+            return output.clone()  # later in-place ops (ReLU(inplace=True)) must not rewrite the captured map
+        return None
 
 
 @contextlib.contextmanager
@@ -95,7 +99,7 @@ class _CAMExplainer:
     """Capture -> library formula -> optional ReLU -> bilinear upsampling."""
 
     name = ""
-    version = "1-grad-cam-1.5.7"
+    version = "2-grad-cam-1.5.7"  # 2: a layer whose output is later changed in place is read before it
     library_class: type[BaseCAM]
     defines_relu = True
 
@@ -128,7 +132,7 @@ class _CAMExplainer:
         return activation, grad
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
-        x = check_input(x)
+        x = check_input(x, self.model)
         target = resolve_target(target, x.shape[0])
         check_ordinary_tensors(self.model)  # again: the caller may have loaded other weights since
         with model_guard(self.model):

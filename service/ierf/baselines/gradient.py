@@ -8,7 +8,7 @@ for the manipulation attack; it is plain autograd and is tested against the Capt
 from __future__ import annotations
 
 import torch
-from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
 from ierf.baselines._common import (
@@ -37,7 +37,7 @@ class _CaptumExplainer:
         self.model = model
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
-        x = check_input(x)
+        x = check_input(x, self.model)
         target = resolve_target(target, x.shape[0])
         check_ordinary_tensors(self.model)  # again: the caller may have loaded other weights since
         with model_guard(self.model):
@@ -110,10 +110,13 @@ class SmoothGrad(_CaptumExplainer):
 
     Noise std per image is ``noise_level`` x (max - min) of that image (the paper's 10-20 %).
     Noise is drawn from a private generator seeded with ``seed`` for every image, so a map does not
-    depend on batch composition or on global RNG state (and the global RNG is left untouched).
+    depend on batch composition or on global RNG state (and the global RNG is left untouched). Captum's
+    NoiseTunnel draws from the global generator, which other threads share (and reseeding it reseeds every
+    GPU's too), so the noise is drawn here and Captum's Saliency averaged over the noised copies.
     """
 
     name = "smoothgrad"
+    version = "2-captum-0.9.0"  # 2: noise from a private generator instead of the reseeded global one
 
     def __init__(self, model: nn.Module, n_samples: int = 16, noise_level: float = 0.15, seed: int = 0) -> None:
         super().__init__(model)
@@ -126,24 +129,16 @@ class SmoothGrad(_CaptumExplainer):
         self.seed = seed
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tunnel = NoiseTunnel(Saliency(checked_forward(self.model, target)))
+        saliency = Saliency(checked_forward(self.model, target))
         maps = []
         for i in range(x.shape[0]):
             image = x[i : i + 1]
             stdev = float(self.noise_level * (image.max() - image.min()).detach())
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                maps.append(
-                    tunnel.attribute(
-                        image,
-                        nt_type="smoothgrad",
-                        nt_samples=self.n_samples,
-                        nt_samples_batch_size=self.n_samples,
-                        stdevs=stdev if stdev > 0 else 1e-6,
-                        target=target[i : i + 1],
-                        abs=False,
-                    )
-                )
+            gen = torch.Generator(device=x.device).manual_seed(self.seed)
+            noise = torch.randn((self.n_samples, *image.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
+            noisy = (image.detach() + noise * (stdev if stdev > 0 else 1e-6)).requires_grad_(True)
+            grads = saliency.attribute(noisy, target=target[i : i + 1].expand(self.n_samples), abs=False)
+            maps.append(grads.mean(0, keepdim=True))
         return torch.cat(maps)
 
 

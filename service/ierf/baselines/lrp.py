@@ -289,7 +289,7 @@ class LRPExplainer:
             self._copy_source()
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
-        x = check_input(x)
+        x = check_input(x, self.source)
         target = resolve_target(target, x.shape[0])
         self._current()
         composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=self._canonizers)
