@@ -20,7 +20,7 @@ from ierf._lazy import lazy_getattr
 from ierf.errors import InputSizeError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from ierf.methods import available_methods, create_explainer, method_version
+    from ierf.methods import available_methods, create_explainer, method_version, why_unsupported
     from ierf.srd import SRD, Decomposition, StateLayout
 
 # Imported on first use (PEP 562): `import ierf` stays torch-free, so the CLI's --server mode (which only
@@ -32,6 +32,7 @@ _LAZY = {
     "available_methods": "ierf.methods",
     "create_explainer": "ierf.methods",
     "method_version": "ierf.methods",
+    "why_unsupported": "ierf.methods",
 }
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
@@ -45,5 +46,6 @@ __all__ = [
     "available_methods",
     "create_explainer",
     "method_version",
+    "why_unsupported",
 ]
 __version__ = "0.1.0"

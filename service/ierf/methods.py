@@ -33,6 +33,12 @@ _PROVIDERS: dict[str, str] = {
 }
 
 
+# Method name -> "module:function" saying why the method cannot explain a model (None: it can), checked
+# from the model's structure alone, without building the explainer (LRP's private copy) or importing the
+# libraries the other methods need. Methods without an entry take every model their checks at call time do.
+_REFUSALS: dict[str, str] = {"lrp": "ierf.baselines.lrp:why_unsupported"}
+
+
 def check_input(x: object, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The shared verb's input: a finite (B, C, H, W) floating tensor (of ``dtype`` when given), or a
     precise error. Every method validates with this, so the same bad call gets the same message."""
@@ -110,6 +116,16 @@ def available_methods() -> list[str]:
 def method_version(name: str) -> str | None:
     """The version a method declares (``version`` on its factory); part of cache keys and provenance."""
     return getattr(_factory(name), "version", None)
+
+
+def why_unsupported(name: str, model: nn.Module) -> str | None:
+    """Why method ``name`` cannot explain ``model``'s architecture (None when nothing refuses it up front), so
+    a server lists only the methods each model can run."""
+    _factory(name)  # an unknown name is refused here as everywhere
+    if name not in _REFUSALS:
+        return None
+    module, function = _REFUSALS[name].split(":")
+    return getattr(importlib.import_module(module), function)(model)
 
 
 def create_explainer(name: str, model: nn.Module, **options: Any) -> Explainer:

@@ -579,3 +579,30 @@ def test_a_job_stopped_because_its_budget_ran_out_is_counted_as_deadline_not_can
     finally:
         worker.__del__()
     assert reasons == ["deadline"], reasons
+
+
+def test_get_model_lists_only_methods_that_can_explain_the_model() -> None:
+    """GetModel.methods is where callers (README: ``method`` … — ``GetModel.methods``) learn what they may send.
+    LRP refuses DenseNet when its explainer is made (README, Methods), so every ``lrp`` request to a DenseNet
+    is INVALID_ARGUMENT: the list must not offer it."""
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    args = {"models": [{"id": "dn", "name": "densenet121", "random_init": True}], "cache": {"redis_url": None}}
+    config = ServiceConfig.from_args(args)
+    host = ModelHost(config.models[0], config.cache)
+    refused = []
+    for method in host.description.methods:
+        if method == "srd":
+            continue
+        try:
+            host._explainer(method)
+        except InvalidArgument:
+            refused.append(method)
+    assert refused == [], f"GetModel offers {refused}, which the worker refuses"
+    assert "lrp" not in host.description.methods and "gradcam" in host.description.methods
+    from ierf.serving.jobs import check_explain_args
+
+    with pytest.raises(InvalidArgument, match="method 'lrp' is not available for model dn: LRP canonizer"):
+        check_explain_args(host.description, "lrp", 1, "identity")  # the ingress's answer: why, not "unknown"

@@ -238,6 +238,16 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
     return [_ExactSequentialMergeBatchNorm()]
 
 
+def why_unsupported(model: nn.Module) -> str | None:
+    """Why LRP refuses ``model``'s architecture (its canonizers' check, on the model itself: it only traces
+    and reads), or None."""
+    try:
+        canonizers_for(model)
+    except UnsupportedModelError as exc:
+        return str(exc)
+    return None
+
+
 def _state_stamp(model: nn.Module) -> tuple:
     """Identity, storage and version counter of every parameter and buffer: any in-place update bumps
     a version, a replaced or moved tensor changes identity or storage (~0.5 ms for ResNet50). Every

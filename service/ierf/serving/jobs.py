@@ -111,6 +111,8 @@ class ModelDescription:
     tensor_dtypes: tuple[str, ...] = TENSOR_DTYPES
     # other names the engine accepts for a layer ("layer4" for "layer4.2", "layer4.2.relu:2"): alias -> name
     layer_aliases: dict[str, str] = field(default_factory=dict)
+    # methods this model's architecture cannot run (left out of ``methods``): name -> why
+    refused_methods: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -129,6 +131,8 @@ CONTRAST_NAMES = ("identity", "mean")  # SRD's contrasts by name; a class to sub
 
 
 def check_explain_args(desc: ModelDescription, method: str, target: int | None, contrast: str | int) -> None:
+    if method in desc.refused_methods:
+        raise InvalidArgument(desc.refused_methods[method])
     if method not in desc.methods:
         raise InvalidArgument(f"unknown method {echo(method)}; available: {', '.join(desc.methods)}")
     n = len(desc.class_names)

@@ -176,8 +176,14 @@ class ModelHost:
         self.srd = ierf.SRD(self.model.module)
         self._explainers: dict[str, Any] = {DEFAULT_METHOD: self.srd}
         self._explainers_lock = threading.Lock()
-        self._unavailable: dict[str, str] = {}  # method -> why it cannot explain this model
-        self.methods = ierf.available_methods()  # names only: a method's code loads on its first request
+        # method -> why it cannot explain this model: what the architecture refuses up front, then what a
+        # method's explainer refused when first built. The methods' code loads on their first request.
+        self._unavailable: dict[str, str] = {
+            method: f"method {method!r} is not available for model {config.id}: {reason}"
+            for method in ierf.available_methods()
+            if (reason := ierf.why_unsupported(method, self.model.module))
+        }
+        self.methods = [method for method in ierf.available_methods() if method not in self._unavailable]
         size = self.model.input_size
         self.input_hw = (size, size)
         self.layers = {name: _layer_shape(name, self.srd.layer_shape(name, self.input_hw)) for name in self.srd.layers}
@@ -259,6 +265,7 @@ class ModelHost:
             methods=list(self.methods),
             default_method=DEFAULT_METHOD,
             device=str(self.device),
+            refused_methods=dict(self._unavailable),
             layer_aliases={
                 alias: self.srd.program.names[sid]
                 for alias, sid in self.srd.program.lookup.items()
