@@ -992,7 +992,10 @@ def test_the_ingress_sizes_a_float16_ierf_response_as_float16(monkeypatch: pytes
     worker = _Capture(_full_outcome())
     ingress = _ingress({"m": worker})
     layer = LayerShape("l", 4, 8, 8)
-    ingress._descriptions["m"] = ModelDescription("m", "d", 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu")
+    # the digest the worker's answers carry: another one would make the ingress drop the description as stale
+    ingress._descriptions["m"] = ModelDescription(
+        "m", "digest", 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu"
+    )
 
     def request(dtype: int) -> Any:
         return pb.ComputeIERFRequest(
@@ -1003,3 +1006,34 @@ def test_the_ingress_sizes_a_float16_ierf_response_as_float16(monkeypatch: pytes
     with pytest.raises(ResourceExhausted):
         asyncio.run(ingress.ComputeIERF(request(pb.DATA_TYPE_FLOAT32)))
     assert [job.map_itemsize for job in worker.jobs] == [2]
+
+
+def test_get_model_reports_the_weights_a_restarted_worker_serves() -> None:
+    """Serve restarts a worker replica that died (or adds one when scaling), and the new replica reads its weights
+    file again: replaced meanwhile, the answers' provenance carries the new digest. GetModel/ListModels kept the
+    first description for good (the health probe's ``setdefault`` too), so they named weights no replica served."""
+    from ierf.serving.jobs import LayerShape, ModelDescription
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    served = {"digest": "old"}
+
+    async def describe() -> Any:
+        layer = LayerShape("l", 4, 8, 8)
+        return ModelDescription("m", served["digest"], 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu")
+
+    async def explain(job: Any) -> Any:
+        outcome = _full_outcome()
+        outcome.provenance.weights_digest = served["digest"]
+        return outcome
+
+    worker = _Worker()
+    worker.describe, worker.explain = _Method(describe), _Method(explain)
+    ingress = _ingress({"m": worker})
+    assert asyncio.run(ingress.GetModel(pb.GetModelRequest(model_id="m"))).weights_digest == "old"
+
+    served["digest"] = "new"  # the replica was restarted on a replaced weights file
+    answer = asyncio.run(ingress.Explain(pb.ExplainRequest(model_id="m", image=_tiny_image())))
+    assert answer.provenance.weights_digest == "new"
+    assert asyncio.run(ingress.GetModel(pb.GetModelRequest(model_id="m"))).weights_digest == "new"
+    listed = asyncio.run(ingress.ListModels(pb.ListModelsRequest()))
+    assert [m.weights_digest for m in listed.models] == ["new"]

@@ -346,9 +346,18 @@ class Ingress:
         self._health[model_id] = self._answered(model_id)
         if isinstance(outcome, ServiceError):  # the worker's refusal (ExplainerWorker._run)
             raise outcome
+        self._forget_stale_description(model_id, outcome)
         worker_seconds = sum(seconds for _, seconds in outcome.provenance.timings)
         self._stage(timings, "dispatch", model_id, max(0.0, time.perf_counter() - start - worker_seconds))
         return outcome
+
+    def _forget_stale_description(self, model_id: str, outcome: Any) -> None:
+        """A replica restarted on a replaced weights file serves other weights than the description says:
+        drop it, so GetModel/ListModels fetch the one the replicas serve now."""
+        digest = getattr(getattr(outcome, "provenance", None), "weights_digest", "")
+        known = getattr(self._descriptions.get(model_id), "weights_digest", None)
+        if digest and known is not None and known != digest:
+            self._descriptions.pop(model_id, None)
 
     def _answered(self, model_id: str) -> tuple[float, bool]:
         now = time.monotonic()
@@ -684,7 +693,7 @@ class Ingress:
             self._health[model_id] = (time.monotonic(), False)
             self._answered_at.pop(model_id, None)
             return False
-        self._descriptions.setdefault(model_id, desc)
+        self._descriptions[model_id] = desc  # the latest answer: a restarted replica may serve other weights
         self._health[model_id] = self._answered(model_id)
         return True
 
