@@ -185,6 +185,23 @@ def test_densenet_checkpoints_with_old_key_names_load(tmp_path):
     )
 
 
+def test_checkpoints_saved_before_batch_norm_counted_batches_load(tmp_path: Path) -> None:
+    """torchvision's 2017 files (``densenet121-a639ec97.pth``, ``vgg16_bn-6c64b313.pth``) predate PyTorch 0.4.1's
+    ``num_batches_tracked`` buffers, which only training reads; ``load_state_dict`` fills them in (no
+    ``_metadata`` version), so torchvision loads them, and the registry must not refuse them as "missing"."""
+    torch.manual_seed(4)
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    old_style = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in state.items()
+        if not k.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "densenet121-a639ec97.pth"
+    torch.save(old_style, path)
+    model = load_model("densenet121", weights=path)
+    torch.testing.assert_close(model.module.features.norm0.running_var, state["features.norm0.running_var"])
+
+
 def test_weights_for_another_architecture_are_refused(resnet18_file):
     with pytest.raises(ValueError, match=r"does not fit mobilenet_v2: missing features\.0\.0\.weight"):
         load_model("mobilenet_v2", weights=resnet18_file[0])

@@ -307,6 +307,7 @@ def load_model(
             state = spec.fix_state_dict(state)
         with torch.device("meta"):  # skip the (slow, discarded) random init: VGG16 takes seconds
             module = spec.build()
+        state = _with_batch_counts(module, state)
         mismatch = _state_mismatch(module, state)
         if mismatch:
             raise ValueError(f"weights file {path} does not fit {name}: {mismatch}")
@@ -389,6 +390,18 @@ def _read_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     if state and all(key.startswith("module.") for key in state):
         state = {key.removeprefix("module."): value for key, value in state.items()}
     return state
+
+
+def _with_batch_counts(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the batch norms' ``num_batches_tracked`` counters it lacks set to 0. Files saved before
+    PyTorch 0.4.1 (torchvision's densenet121 and vgg16_bn among them) have none; only training reads them,
+    and ``load_state_dict`` itself fills them in for such files."""
+    missing = {
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    } - set(state)
+    return {**state, **{key: torch.tensor(0, dtype=torch.long) for key in sorted(missing)}} if missing else state
 
 
 def _state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
