@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from collections.abc import Callable
 
 import ierf
@@ -2302,3 +2303,18 @@ def test_an_odd_chunk_put_back_in_another_order_keeps_the_models_logits() -> Non
     with torch.no_grad():
         torch.testing.assert_close(dec.logits, model(x), atol=1e-12, rtol=1e-12)
     _conserves(dec, 1, rtol=1e-9)
+
+
+def test_non_finite_weights_are_named_not_blamed_on_in_place_ops() -> None:
+    """A diverged fine-tune saves NaN weights; the service's warm-up then failed the replica with "Usual cause: an
+    in-place operation (x += t, …)", sending the team to look for code that is not there. Inputs are checked
+    ("x contains NaN or infinite values"); a model whose own output is not finite should be told the same way."""
+    torch.manual_seed(0)
+    model = randomise_bn(TinyResNet()).eval()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError) as refused:
+        ierf.SRD(model).saliency(torch.randn(1, 3, 32, 32), 0)
+    message = str(refused.value)
+    assert "in-place" not in message, message
+    assert re.search(r"NaN|non-finite|not finite", message), message

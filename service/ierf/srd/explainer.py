@@ -813,9 +813,28 @@ class SRD:
             eager = None if self.__dict__.get("_reproduces") else self._own_logits(x)
             with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
                 run = self._forward(x, frozenset(keep_ids), keep_last_spatial=self.head != "exact")
+        self._check_finite(run.logits)
         if eager is not None:
             self._check_reproduces(eager, run.logits)
         return Decomposition(self.program, run.logits, run.stages, run.shapes, run.head, run.activations, self.head)
+
+    def _check_finite(self, logits: torch.Tensor) -> None:
+        """A finite input (checked) that gives NaN or infinite logits: the model's own numbers are broken (a
+        diverged fine-tune's NaN weights, an overflow), and every map and ratio would be NaN."""
+        if bool(torch.isfinite(logits).all()):
+            return
+        broken = [
+            name
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        cause = (
+            f"non-finite values in {', '.join(broken[:4])}"
+            + (f", … ({len(broken)} tensors)" if len(broken) > 4 else "")
+            if broken
+            else "its parameters are finite: an overflow inside the forward"
+        )
+        raise ValueError(f"the model's output holds NaN or infinite values for this input ({cause})")
 
     def _own_logits(self, x: torch.Tensor) -> Any:
         """The model's own output for ``x``; None when it raises: an input the model cannot take is then
