@@ -145,6 +145,8 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"models": [{"name": "resnet18"}]}, r"models\[0\] lacks required setting\(s\): id"),
         ({"models": "resnet18"}, r"models must be a list"),
         ({"models": ["a"], "default_model": 1}, r"default_model must be a model id"),
+        ({"models": ["a"], "default_model": 0}, r"default_model must be a model id"),  # was "the first model"
+        ({"models": ["a"], "default_model": False}, r"default_model must be a model id"),
     ],
 )
 def test_bad_values_fail_at_build_time_with_the_key_named(args: dict, message: str) -> None:

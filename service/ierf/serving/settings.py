@@ -281,7 +281,8 @@ class ServiceConfig:
         ids = [m.id for m in models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
-        default = args.get("default_model") or ids[0]
+        default = args.get("default_model")
+        default = ids[0] if default is None or default == "" else default  # 0 or false is a mistake, not "unset"
         if not isinstance(default, str):
             raise ValueError(f"default_model must be a model id (a string), got {default!r}")
         if default not in ids:
