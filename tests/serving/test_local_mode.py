@@ -606,3 +606,60 @@ def test_get_model_lists_only_methods_that_can_explain_the_model() -> None:
 
     with pytest.raises(InvalidArgument, match="method 'lrp' is not available for model dn: LRP canonizer"):
         check_explain_args(host.description, "lrp", 1, "identity")  # the ingress's answer: why, not "unknown"
+
+
+def test_probes_stopped_by_their_deadline_do_not_keep_lowering_the_time_estimate() -> None:
+    """Each up-front refusal lowers the time estimate so that one probe gets through and re-measures; but a
+    probe stopped at its deadline (it could not finish, as the estimate said) learned nothing, so the lowered
+    estimate stayed, and every later request with the same too-short deadline was let through and held the
+    worker's one compute thread until its deadline. Seen live: integrated_gradients on EfficientNet-Lite0
+    (~1-3 s) sent with 1 s deadlines was refused 4 times, then about every other call ran ~1 s and was
+    stopped part-way (jobs_stopped_total rose by 5 in 14 calls), with the estimate falling further."""
+    import time
+
+    from ierf.interrupt import Interrupted, interruptible
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import DECOMPOSE, ExplainJob, ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    took = []
+    for i in range(2):  # what a decomposition takes here (the faster of two runs)
+        done = host.explain(ExplainJob(pixels, f"measure-{i}", target=1))
+        took.append(dict(done.provenance.timings)["forward"])
+    host._estimates[DECOMPOSE] = min(took)
+    let_through = 0
+    for i in range(14):  # a caller whose deadline is a fifth of what the decomposition needs
+        deadline = time.time() + 0.2 * min(took)
+
+        def why_stop(deadline: float = deadline) -> str | None:  # as ExplainerWorker._run checks it
+            return "the deadline passed" if time.time() > deadline else None
+
+        try:
+            with interruptible(why_stop):
+                host.explain(ExplainJob(pixels, f"short-{i}", target=1, deadline=deadline))
+        except DeadlineExceeded:
+            pass  # refused before any work
+        except Interrupted:
+            let_through += 1  # ran on the compute thread until its deadline
+    assert let_through <= 3, f"{let_through} of 14 requests that could not finish were run until their deadline"
+
+
+def test_the_logits_check_after_a_cold_decomposition_is_not_counted_as_a_request_lookup() -> None:
+    """The hit-ratio panel counts what requests found. A cold decomposition also looked up the image's logits
+    (to keep a Predict's), counted as a second miss: an image explained twice read 1 hit in 3 lookups, not 1
+    in 2 (README: cache requests by tier and result)."""
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    seen: list[tuple[str, str, str]] = []
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(
+        config.models[0], config.cache, cache_observer=lambda tier, op, result, *_: seen.append((tier, op, result))
+    )
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    host.explain(ExplainJob(pixels, "one-image", target=1))
+    host.explain(ExplainJob(pixels, "one-image", target=2))
+    assert [entry for entry in seen if entry[1] == "get"] == [("l1", "get", "miss"), ("l1", "get", "hit")]

@@ -774,12 +774,17 @@ class TieredCache:
                 if entry.users == 0:
                     del self._key_locks[key]
 
-    def get(self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]]) -> Lookup[T]:
-        """Look in L1, then L2. ``from_tensors`` rebuilds the object (and its byte size) from L2 tensors."""
+    def get(
+        self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]], counted: bool = True
+    ) -> Lookup[T]:
+        """Look in L1, then L2. ``from_tensors`` rebuilds the object (and its byte size) from L2 tensors.
+        ``counted=False``: a lookup the service makes for itself, not for a request (the hit-ratio metrics
+        count what requests found)."""
+        observe = self.observer if counted else _noop_observer
         if self.l1.capacity_bytes > 0:  # L1 off: nothing to look up or count
             start = time.perf_counter()
             value = self.l1.get(key)
-            self.observer("l1", "get", "hit" if value is not None else "miss", time.perf_counter() - start, 0)
+            observe("l1", "get", "hit" if value is not None else "miss", time.perf_counter() - start, 0)
             if value is not None:
                 return Lookup(value, "l1")
         if self.l2 is None:
@@ -789,7 +794,7 @@ class TieredCache:
             deferred = self._deferred.get(key)
         if deferred is not None:  # on its way to Redis, still the object itself: no decoding
             obj, nbytes, _ = deferred
-            self.observer("l2", "get", "hit", time.perf_counter() - start, 0)  # 0: no bytes moved from Redis
+            observe("l2", "get", "hit", time.perf_counter() - start, 0)  # 0: no bytes moved from Redis
             self._put_l1(key, obj, nbytes)
             return Lookup(obj, "l2")
         queued = None if self._behind is None else self._behind.peek(key)
@@ -797,15 +802,15 @@ class TieredCache:
         result, data = ("hit", queued) if queued is not None else self.l2.get(key)
         moved = 0 if queued is not None or data is None else len(data)  # value-size histogram: Redis bytes only
         if data is None:
-            self.observer("l2", "get", result, time.perf_counter() - start, 0)
+            observe("l2", "get", result, time.perf_counter() - start, 0)
             return Lookup(None, "miss")
         try:
             obj, nbytes = from_tensors(decode_tensors(key, data))
         except Exception:  # garbage under the key, or tensors the engine rejects: a miss, never a failure
-            self.observer("l2", "get", "error", time.perf_counter() - start, moved)
+            observe("l2", "get", "error", time.perf_counter() - start, moved)
             self.l2.delete(key)
             return Lookup(None, "miss")
-        self.observer("l2", "get", "hit", time.perf_counter() - start, moved)
+        observe("l2", "get", "hit", time.perf_counter() - start, moved)
         self._put_l1(key, obj, nbytes)
         return Lookup(obj, "l2")
 

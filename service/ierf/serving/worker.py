@@ -188,6 +188,9 @@ class ModelHost:
         self.input_hw = (size, size)
         self.layers = {name: _layer_shape(name, self.srd.layer_shape(name, self.input_hw)) for name in self.srd.layers}
         self._estimates: dict[str, float] = {}  # work (DECOMPOSE, FORWARD, explain:<method>) -> moving seconds
+        self._measured: dict[
+            str, float
+        ] = {}  # the same, as runs that finished measured it (refusals lower only the above)
         self._layout = self._warm_up()
         self._record_stage = stage_observer or (lambda stage, model, seconds: None)
         redis_url = cache_config.resolved_redis_url()
@@ -237,6 +240,7 @@ class ModelHost:
             self._estimates[_explain_work(DEFAULT_METHOD)] = explained - decomposed
             self._estimates[FORWARD] = time.perf_counter() - explained
             layout = layout or StateLayout.of(decomposition)
+        self._measured = dict(self._estimates)
         return layout
 
     # ------------------------------------------------------------------------------- description
@@ -353,7 +357,7 @@ class ModelHost:
             nbytes = tensors_nbytes(state)
             self.cache.put(key, decomposition, nbytes, state, background=True, deferred=self.defer_cache_writes)
             logits_key = self._key("logits", FORWARD_METHOD, inputs.content_hash)
-            if self.cache.get(logits_key, self._cached_logits).value is None:
+            if self.cache.get(logits_key, self._cached_logits, counted=False).value is None:
                 # The decomposition's logits differ from the plain forward's by float rounding (~1e-6): logits
                 # a Predict cached before (here, or in Redis by another replica) are kept, so repeated
                 # Predicts agree to the last digit.
@@ -415,10 +419,15 @@ class ModelHost:
                 f"{needed:.2g} s on this replica; "
                 "send a longer deadline"
             )
+        # Let through: when the refusals had lowered the estimates, this is the probe that re-measures. Until
+        # it finishes (and _learn blends in what it took) the measured values apply again; a probe stopped at
+        # its deadline teaches nothing, and the lowered estimates would let every later such caller run too.
+        for name in known:
+            self._estimates[name] = max(self._estimates[name], self._measured.get(name, 0.0))
 
     def _learn(self, work: str, seconds: float) -> None:
-        previous = self._estimates.get(work)
-        self._estimates[work] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        previous = self._measured.get(work)
+        self._estimates[work] = self._measured[work] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
 
     def _put_logits(self, content_hash: str, logits: torch.Tensor) -> str:
         """Cache the logits; their tier for provenance ("miss", or "disabled" when no tier can keep them)."""
