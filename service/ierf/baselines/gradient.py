@@ -104,6 +104,11 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
         )
 
 
+# Noisy copies run this many at a time: each batch is one forward, so a server can stop a SmoothGrad whose
+# caller has gone part-way (16 samples in one batch had a single checkpoint, before any work).
+SMOOTHGRAD_SAMPLE_BATCH = 4
+
+
 @register_method("smoothgrad")
 class SmoothGrad(_CaptumExplainer):
     """SmoothGrad (Smilkov et al. 2017): mean signed gradient over Gaussian-noised copies.
@@ -136,9 +141,14 @@ class SmoothGrad(_CaptumExplainer):
             stdev = float(self.noise_level * (image.max() - image.min()).detach())
             gen = torch.Generator(device=x.device).manual_seed(self.seed)
             noise = torch.randn((self.n_samples, *image.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
-            noisy = (image.detach() + noise * (stdev if stdev > 0 else 1e-6)).requires_grad_(True)
-            grads = saliency.attribute(noisy, target=target[i : i + 1].expand(self.n_samples), abs=False)
-            maps.append(grads.mean(0, keepdim=True))
+            noisy = image.detach() + noise * (stdev if stdev > 0 else 1e-6)
+            total = torch.zeros_like(image)
+            for chunk in noisy.split(SMOOTHGRAD_SAMPLE_BATCH):  # a forward (and a checkpoint) per chunk
+                grads = saliency.attribute(
+                    chunk.requires_grad_(True), target=target[i : i + 1].expand(len(chunk)), abs=False
+                )
+                total += grads.sum(0, keepdim=True)
+            maps.append(total / self.n_samples)
         return torch.cat(maps)
 
 
