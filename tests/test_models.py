@@ -376,6 +376,22 @@ def test_torchvisions_second_generation_files_get_their_own_preprocessing(tmp_pa
     assert (ours - reference).abs().gt(1e-5).float().mean() < 0.02
 
 
+def test_a_renamed_second_generation_file_gets_its_resize_from_the_caller(tmp_path: Path) -> None:
+    """Platforms rename weight files (``/models/mnv2/model.pth``): the registry, which knows V2 files by name,
+    then resized to 256. ``resize=`` states it; the version (cache keys) follows; below the crop is refused."""
+    torch.manual_seed(2)
+    path = tmp_path / "model.pth"
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
+    plain, stated = load_model("mobilenet_v2", weights=path), load_model("mobilenet_v2", weights=path, resize=232)
+    assert (plain.preprocessing.resize, stated.preprocessing.resize) == (256, 232)
+    assert plain.preprocess_version != stated.preprocess_version
+    image = Image.fromarray(demo_image("chelsea"))
+    reference = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2.transforms()(image)
+    assert (stated.preprocess(image) - reference).abs().gt(1e-5).float().mean() < 0.02
+    with pytest.raises(ValueError, match="resize must be an integer >= mobilenet_v2's centre crop 224, got 200"):
+        load_model("mobilenet_v2", weights=path, resize=200)
+
+
 def test_a_canonical_file_whose_bytes_differ_from_its_name_is_reported(resnet18_file, tmp_path, caplog):
     """torch's loader checks no sums: 64 zeroed bytes in a downloaded file loaded silently."""
     source, _ = resnet18_file

@@ -205,6 +205,19 @@ def test_an_unknown_architecture_is_refused_where_the_application_is_built() -> 
         build_app({"models": ["resnet5"]})
 
 
+def test_a_resize_below_the_models_crop_is_refused_where_the_application_is_built() -> None:
+    """``resize`` (a renamed second-generation file: 232) below the crop would fail in every replica."""
+    from ierf.serving.app import build_app
+
+    with pytest.raises(
+        ValueError, match=r"model 'v3' \(name 'inception_v3'\): resize 256 is below its centre crop 299"
+    ):
+        build_app({"models": [{"id": "v3", "name": "inception_v3", "random_init": True, "resize": 256}]})
+    with pytest.raises(ValueError, match=r"resize must be an integer >= 0"):
+        build_app({"models": [{"id": "r", "name": "resnet18", "random_init": True, "resize": "232"}]})
+    build_app({"models": [{"id": "r", "name": "resnet18", "random_init": True, "resize": 232}]})
+
+
 def test_building_the_application_loads_no_torch() -> None:
     """The check above read the registry, which brought torch (~470 MB) into `make run`'s driver."""
     import subprocess

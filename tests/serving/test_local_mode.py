@@ -663,3 +663,15 @@ def test_the_logits_check_after_a_cold_decomposition_is_not_counted_as_a_request
     host.explain(ExplainJob(pixels, "one-image", target=1))
     host.explain(ExplainJob(pixels, "one-image", target=2))
     assert [entry for entry in seen if entry[1] == "get"] == [("l1", "get", "miss"), ("l1", "get", "hit")]
+
+
+def test_a_configured_resize_reaches_the_replicas_preprocessing() -> None:
+    """``models[].resize`` (a renamed second-generation file) is what the worker preprocesses with, and its
+    preprocess version (a cache-key field) says so."""
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    args = {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "resize": 232}]}
+    config = ServiceConfig.from_args(args)
+    host = ModelHost(config.models[0], config.cache)
+    assert host.model.preprocessing.resize == 232 and "-r232-" in host.description.preprocess_version

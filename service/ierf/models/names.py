@@ -15,3 +15,6 @@ ARCHITECTURES: tuple[str, ...] = (
     "inception_v3",
     "mobilenet_v2",
 )
+
+# The centre crop each architecture's preprocessing ends with (what a configured ``resize`` must not undercut).
+CENTRE_CROPS: dict[str, int] = {name: 299 if name == "inception_v3" else 224 for name in ARCHITECTURES}

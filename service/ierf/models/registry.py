@@ -9,6 +9,7 @@ i.e. exactly where ``torchvision.models.resnet50(weights=...)`` would have cache
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ from torch import nn
 from ierf.images import ImageLike
 from ierf.models.classes import class_index, imagenet_class_names
 from ierf.models.efficientnet_lite import build_efficientnet_lite0, bundled_weights_path
-from ierf.models.names import ARCHITECTURES
+from ierf.models.names import ARCHITECTURES, CENTRE_CROPS
 from ierf.models.preprocessing import IMAGENET, IMAGENET_299, IMAGENET_V2, TF_LITE, Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ class LoadedModel:
 
 if tuple(_SPECS) != ARCHITECTURES:  # the torch-free list the service checks configs against
     raise RuntimeError(f"ierf.models.names.ARCHITECTURES {ARCHITECTURES} differs from the registry {tuple(_SPECS)}")
+if {name: spec.preprocessing.crop for name, spec in _SPECS.items()} != CENTRE_CROPS:
+    raise RuntimeError("ierf.models.names.CENTRE_CROPS differs from the registry's preprocessing")
 
 
 def available_models() -> list[str]:
@@ -281,14 +284,21 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     seed: int = 0,
+    resize: int | None = None,
 ) -> LoadedModel:
     """Build model ``name`` in eval mode with frozen parameters on ``device``.
 
     ``random_init=True`` gives explicitly random weights, reproducible from ``seed`` (so two processes
-    agree on the model and its digest) without touching the global RNG.
+    agree on the model and its digest) without touching the global RNG. ``resize`` sets the short side
+    images are resized to before the centre crop, for weights trained with another one than the registry
+    knows by the file's name (torchvision's second-generation files renamed: 232).
     """
     spec = model_spec(name)
     target_device = _check_device(device)
+    if resize is not None and (
+        isinstance(resize, bool) or not isinstance(resize, int) or resize < spec.preprocessing.crop
+    ):
+        raise ValueError(f"resize must be an integer >= {name}'s centre crop {spec.preprocessing.crop}, got {resize!r}")
     preprocessing = spec.preprocessing
     if random_init:
         if weights is not None:
@@ -318,6 +328,8 @@ def load_model(
         source = str(path)
         preprocessing = spec.file_preprocessing.get(path.name, spec.preprocessing)
         _check_named_hash(path, spec, digest)
+    if resize is not None:
+        preprocessing = dataclasses.replace(preprocessing, resize=resize)  # its version (cache keys) follows
     try:
         module = module.float().eval().requires_grad_(False).to(target_device)
     except (RuntimeError, ImportError, AssertionError) as exc:  # a backend torch was not built with, …

@@ -98,12 +98,17 @@ def first_error(exc: BaseException) -> str:
 def _check_architectures(config: ServiceConfig) -> None:
     """An architecture the registry lacks would fail only in each worker replica's constructor, which Serve
     retries until the deployment is marked failed: refused here, where the application is built."""
-    from ierf.models.names import ARCHITECTURES  # torch-free: the driver of `make run` builds the app
+    from ierf.models.names import ARCHITECTURES, CENTRE_CROPS  # torch-free: the driver of `make run` builds the app
 
     for model in config.models:
+        named = f"model {model.id!r}" + (f" (name {model.name!r})" if model.name != model.id else "")
         if model.name not in ARCHITECTURES:
-            named = f"model {model.id!r}" + (f" (name {model.name!r})" if model.name != model.id else "")
             raise ValueError(f"{named}: unknown architecture; available: {', '.join(ARCHITECTURES)}")
+        if model.resize and model.resize < CENTRE_CROPS[model.name]:
+            raise ValueError(
+                f"{named}: resize {model.resize} is below its centre crop {CENTRE_CROPS[model.name]} "
+                "(0 keeps the registry's)"
+            )
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -104,6 +104,7 @@ class ModelConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when the replica has a GPU, else CPU
     num_threads: int = 0  # torch intra-op threads; 0: from the replica's num_cpus (at least 1)
+    resize: int = 0  # the short side before the centre crop; 0: the registry's for the weights file
 
     def __post_init__(self) -> None:
         if (
@@ -125,6 +126,7 @@ class ModelConfig:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         _integer("num_threads", self.num_threads, 0, " (0: from the replica's num_cpus)")
+        _integer("resize", self.resize, 0, " (0: the registry's for the weights file)")
 
     @property
     def deployment_name(self) -> str:

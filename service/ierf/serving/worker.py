@@ -172,6 +172,7 @@ class ModelHost:
             random_init=config.random_init,
             device=self.device,
             **({"seed": config.seed} if config.random_init else {}),
+            **({"resize": config.resize} if config.resize else {}),
         )
         self.srd = ierf.SRD(self.model.module)
         self._explainers: dict[str, Any] = {DEFAULT_METHOD: self.srd}
