@@ -119,3 +119,22 @@ def test_malformed_exif_does_not_stop_orientation(photo):
     raw = raw.replace(make, tile_width, 1)  # Make -> TileWidth, still ASCII: re-saving this EXIF raises
     decoded = load_image(_encode(photo, "PNG", exif=raw))
     assert np.array_equal(decoded, np.rot90(photo, k=-1))  # 6: turn 90° clockwise to display
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "JPEG"])
+def test_a_pil_image_is_turned_upright_once_as_the_sdk_and_server_turn_it(photo, fmt):
+    """The SDK and the server turn a PIL image / file upright by its EXIF orientation; ``preprocess`` of the
+    same ``Image.open`` result did not, so a phone photo gave another map in-process (300x451 vs 451x300).
+    Turned once only: Pillow turns a TIFF itself as it loads it, and ierf's own upright copy keeps no tag."""
+    from ierf.images import apply_exif_orientation
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(photo, fmt, exif=exif)
+    expected = load_image(data)
+    assert expected.shape == (photo.shape[1], photo.shape[0], 3)
+    opened = Image.open(io.BytesIO(data))
+    assert np.array_equal(to_rgb_array(opened), expected)
+    upright = apply_exif_orientation(Image.open(io.BytesIO(data)))
+    assert np.array_equal(to_rgb_array(upright), expected)
+    assert np.array_equal(to_rgb_array(upright.copy()), expected)

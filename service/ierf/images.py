@@ -52,18 +52,26 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
     Unlike ImageOps.exif_transpose this never re-serialises the EXIF block, which raises on malformed
     tags (struct.error, TypeError) in files that otherwise decode fine.
     """
+    image.load()  # Pillow turns a TIFF upright as it loads it (and drops the tag): read the tag after
     method = _ORIENTATION_TRANSPOSE.get(exif_orientation(image))
-    return image if method is None else image.transpose(method)
+    if method is None:
+        return image
+    turned = image.transpose(method)
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):  # the copy is upright: no orientation to apply again
+        turned.info.pop(key, None)
+    return turned
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Return ``image`` as a C-contiguous uint8 array of shape (H, W, 3).
 
     Accepts PIL images of any 8- or 16-bit mode and uint8 numpy arrays shaped (H, W), (H, W, 1),
-    (H, W, 3) or (H, W, 4). Greyscale is replicated to three channels; alpha is dropped.
+    (H, W, 3) or (H, W, 4). Greyscale is replicated to three channels; alpha is dropped. A PIL image is
+    turned upright by its EXIF orientation, as the SDK and the server turn it, so a phone photo gives the
+    same map in-process and through the service.
     """
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        return _pil_to_rgb(apply_exif_orientation(image))
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise TypeError(f"expected a PIL.Image or a uint8 numpy array, got {type(image).__name__}")
