@@ -79,9 +79,26 @@ _ERRORS = {
 }
 
 
+# Serve's proxy answers NOT_FOUND with this while no application is routed through it: for a moment during
+# a restart (its port opens before the application is deployed), or for good on a cluster serving several
+# applications when the call names none (ray/serve/_private/proxy.py).
+_SERVE_NO_ROUTES = "Application metadata not set"
+# Attempts (of one call) that may meet it before it is taken as the lasting kind: ~6 s of backoff on average.
+SERVE_NO_ROUTES_ATTEMPTS = 12
+
+
+def _serve_has_no_routes(code: grpc.StatusCode, details: str) -> bool:
+    return code == grpc.StatusCode.NOT_FOUND and _SERVE_NO_ROUTES in details
+
+
 def error_from_rpc(exc: grpc.RpcError) -> IerfError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if _serve_has_no_routes(code, details):
+        details += (
+            " (ierf: Serve routes no application here: the service is still deploying, or the cluster runs "
+            "several applications and the client must name one with application=)"
+        )
     return _ERRORS.get(code, IerfError)(code, details, server_pause_s(exc))
 
 
@@ -271,6 +288,19 @@ def server_pause_s(exc: object) -> float | None:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _PROXY_BACKPRESSURE in details:
         return 0.0
     return None
+
+
+def retry_pause_after(policy: RetryPolicy, exc: grpc.RpcError, attempts: int, deadline: float) -> float | None:
+    """:func:`retry_pause` for a failed attempt: Serve's proxy saying it routes no application yet (a restart
+    between its port opening and the deployment) is retried like UNAVAILABLE for a while, since the service
+    is coming back; past ``SERVE_NO_ROUTES_ATTEMPTS`` attempts it is taken as final (no application named)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if _serve_has_no_routes(code, details):
+        if attempts >= SERVE_NO_ROUTES_ATTEMPTS:
+            return None
+        code = grpc.StatusCode.UNAVAILABLE
+    return retry_pause(policy, code, attempts, deadline, server_pause_s(exc))
 
 
 def retry_pause(
@@ -548,7 +578,7 @@ class ModelInfo:
     weights_digest: str
     input: InputSpec
     num_classes: int
-    class_names: list[str]
+    class_names: list[str] = field(repr=False)  # 1000 names: num_classes says how many
     layers: list[LayerInfo]
     methods: list[str]
     default_method: str
@@ -573,7 +603,7 @@ class Explanation:
     map: np.ndarray  # (H, W) signed saliency at the model's input resolution
     target: ClassScore
     provenance: Provenance
-    overlay_png: bytes = b""
+    overlay_png: bytes = field(default=b"", repr=False)  # a repr printed in a notebook must not spell out a PNG
     model_input: np.ndarray | None = None  # uint8 (H, W, 3) with return_input=True
 
     def overlay(self) -> Image.Image:
@@ -586,7 +616,7 @@ class IERFResult:
     maps: np.ndarray  # (P, H, W); each sums to 1
     layer: LayerInfo
     provenance: Provenance
-    overlay_pngs: list[bytes] = field(default_factory=list)
+    overlay_pngs: list[bytes] = field(default_factory=list, repr=False)  # as Explanation.overlay_png
     model_input: np.ndarray | None = None
 
     def overlay(self, index: int = 0) -> Image.Image:

@@ -100,7 +100,7 @@ class AsyncClient:
                 if self._closed:
                     raise RuntimeError("this AsyncClient was closed during the call") from None
                 attempt += 1
-                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline, _core.server_pause_s(exc))
+                pause = _core.retry_pause_after(self.retry, exc, attempt, deadline)
                 if pause is None:
                     raise _core.error_from_rpc(exc) from None
                 await asyncio.sleep(pause)

@@ -87,7 +87,7 @@ class Client:
                 if self._closed:  # the channel closed under the call (grpc says CANCELLED)
                     raise RuntimeError("this Client was closed during the call") from None
                 attempt += 1
-                pause = _core.retry_pause(self.retry, exc.code(), attempt, deadline, _core.server_pause_s(exc))
+                pause = _core.retry_pause_after(self.retry, exc, attempt, deadline)
                 if pause is None:
                     raise _core.error_from_rpc(exc) from None
                 time.sleep(pause)
