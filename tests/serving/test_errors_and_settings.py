@@ -146,6 +146,7 @@ def test_bad_settings_fail_with_the_key_named(args: dict, message: str) -> None:
         ({"models": "resnet18"}, r"models must be a list"),
         ({"models": ["a"], "default_model": 1}, r"default_model must be a model id"),
         ({"models": ["a"], "default_model": 0}, r"default_model must be a model id"),  # was "the first model"
+        ({"models": ["a"], "ingress": {"max_positions": 70_000}}, r"max_positions must be at most 65536"),
         ({"models": ["a"], "default_model": False}, r"default_model must be a model id"),
     ],
 )

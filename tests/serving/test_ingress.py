@@ -1037,3 +1037,63 @@ def test_get_model_reports_the_weights_a_restarted_worker_serves() -> None:
     assert asyncio.run(ingress.GetModel(pb.GetModelRequest(model_id="m"))).weights_digest == "new"
     listed = asyncio.run(ingress.ListModels(pb.ListModelsRequest()))
     assert [m.weights_digest for m in listed.models] == ["new"]
+
+
+def test_the_proxys_parser_does_not_build_millions_of_positions_for_the_ingress() -> None:
+    """A 36 MiB ComputeIERF body (under the 40 MiB message cap) of 19 M empty positions took the Serve
+    proxy from ~0.3 to 1.05 GB and the ingress to 1.05 GB for one call, only for the ingress to count them
+    and refuse (at most 64); three at once took the proxy to 2.7 GB (README sizes it at ~290 MB under load).
+    The proxy parses bodies with ``ierf.serving.protocol``'s deserializers, the one place that can refuse
+    such a body before it is expanded ~20x and shipped: it must not hand the ingress a million positions."""
+    from ierf.serving.protocol import UnparsedRequest, add_explain_service
+    from ierf_proto.v1 import explainer_pb2 as pb
+    from ierf_proto.v1 import explainer_pb2_grpc as pb_grpc
+
+    class Collect:
+        def __init__(self) -> None:
+            self.handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            self.handlers.update(handlers)
+
+    server = Collect()
+    add_explain_service(pb_grpc.ExplainServiceServicer(), server)
+    parse = server.handlers["ComputeIERF"].request_deserializer
+    header = pb.ComputeIERFRequest(layer="x", image=pb.Image(encoded=b"\x89PNG")).SerializeToString()
+    parsed = parse(header + b"\x22\x00" * 1_000_000)  # field 4 (positions), an empty Position, 1 M times
+    assert isinstance(parsed, UnparsedRequest) or len(parsed.positions) < 1_000_000
+
+
+def test_the_proxys_walk_refuses_unknown_field_floods_and_packed_shapes_and_passes_large_real_bodies() -> None:
+    """The walk before parsing counts fields of one message and entries of packed fields too (a Tensor.shape
+    of 2 M dims nested in Image, 5 M unknown fields), and leaves a large ordinary body to the parser."""
+    import os
+
+    from ierf.serving.protocol import MAX_FIELDS, MAX_REPEATED_ENTRIES, UnparsedRequest, oversized
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    def length_delimited(number: int, payload: bytes) -> bytes:
+        size, out = len(payload), bytearray()
+        while True:
+            byte, size = size & 0x7F, size >> 7
+            out.append(byte | (0x80 if size else 0))
+            if not size:
+                break
+        return bytes([number << 3 | 2]) + bytes(out) + payload
+
+    tensor = b"\x0a\x03abc\x10\x01" + length_delimited(3, b"\x07" * 2_000_000)
+    shape_flood = length_delimited(2, length_delimited(2, tensor))  # PredictRequest.image.tensor.shape
+    assert oversized(shape_flood, pb.PredictRequest.DESCRIPTOR) == (
+        f"ierf.v1.Tensor.shape holds over {MAX_REPEATED_ENTRIES} entries"
+    )
+    unknown_flood = b"\xf8\x07\x00" * (MAX_FIELDS + 10)  # field 127, varint 0: kept by the parser as unknown
+    assert oversized(unknown_flood, pb.ExplainRequest.DESCRIPTOR) == (
+        f"ierf.v1.ExplainRequest holds over {MAX_FIELDS} fields"
+    )
+    real = pb.ExplainRequest(image=pb.Image(encoded=os.urandom(3_000_000)), target=5).SerializeToString()
+    assert oversized(real, pb.ExplainRequest.DESCRIPTOR) is None
+    parsed = pb.ExplainRequest.FromString(real)
+    assert isinstance(parsed, pb.ExplainRequest) and not isinstance(parsed, UnparsedRequest)

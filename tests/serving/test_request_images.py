@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import struct
@@ -468,3 +469,85 @@ def test_other_decoder_failures_are_invalid_argument_without_internal_text(
     assert code.name == "INVALID_ARGUMENT"
     assert message.startswith("image bytes are truncated or corrupt: the JPEG image could not be decoded")
     assert str(error) not in message
+
+
+def test_a_tensor_shape_of_millions_of_dims_is_refused_at_the_cost_of_a_short_one() -> None:
+    """A 36 MB request whose ``Tensor.shape`` held 38 M dims kept the ingress's event loop busy 3-6 s (every
+    other call waited: a cached Predict took 11.5 s instead of 0.03 s) and took it to 1.9 GB: the shape was
+    copied into two Python lists, then every dim formatted into a 114 MB refusal, clipped to 2000 characters
+    only afterwards. Refusing a shape that is not (H, W[, C]) must not cost memory by its length."""
+    import tracemalloc
+
+    from ierf.serving.convert import open_image
+    from ierf.serving.errors import MAX_MESSAGE_CHARS
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    dims = 2_000_000
+    packed = b"\x07" * dims  # shape [7, 7, ...] as a packed repeated int64 on the wire
+    body = b"\x0a\x03abc" + b"\x10\x01" + b"\x1a" + _varint(len(packed)) + packed  # Tensor{data, dtype, shape}
+    image = pb.Image.FromString(b"\x12" + _varint(len(body)) + body)
+    assert len(image.tensor.shape) == dims
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument) as info:
+            open_image(image, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "is not (H, W, 3)" in info.value.message
+    assert len(info.value.message) <= MAX_MESSAGE_CHARS
+    assert peak < 1_000_000, f"refusing a {dims}-dim shape allocated {peak / 1e6:.1f} MB"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_MIB_OF_TEXT = zlib.compress(b"a" * ((1 << 20) - 1), 9)  # ~1 KB that inflates to just under Pillow's 1 MiB chunk limit
+
+
+def test_text_chunks_past_pillows_total_text_limit_are_a_bomb_not_corruption() -> None:
+    """65 zTXt chunks of ~1 KB each, each under Pillow's 1 MiB chunk limit, inflate to 65 MiB, past its
+    64 MiB total (MAX_TEXT_MEMORY): the README's "a PNG text ... chunk that inflates past Pillow's limit" is
+    RESOURCE_EXHAUSTED, but this one came back INVALID_ARGUMENT "truncated or corrupt: Too much memory used
+    in text chunks", sending the caller to look for a damaged file."""
+    extra = b"".join(_chunk(b"zTXt", b"k%d\x00\x00" % i + _MIB_OF_TEXT) for i in range(65))
+    with pytest.raises(ResourceExhausted, match="decompression bomb"):
+        decode_encoded(_png_with(extra), LIMITS)
+
+
+@pytest.mark.parametrize(
+    "kind,header,count",
+    [(b"zTXt", b"k%d\x00\x00", 63), (b"iTXt", b"k%d\x00\x01\x00\x00\x00", 63), (b"iCCP", b"p%d\x00\x00", 1000)],
+)
+def test_many_compressed_chunks_under_pillows_limits_are_not_all_inflated(
+    monkeypatch: pytest.MonkeyPatch, kind: bytes, header: bytes, count: int
+) -> None:
+    """A 66 KB PNG of 63 text chunks, each just under Pillow's 1 MiB limit, made the header read inflate
+    63 MiB of text and keep it with the image (the decode admission counts pixels only: 32 such requests
+    took the ingress to 2.2 GB), inline on the event loop for files up to 256 KiB: every other call waited
+    4.7-7 s. Colour profiles (iCCP) are not in Pillow's text budget at all: a 1 MB file of 1000 of them
+    cost 2.1 s of inflating 1 GiB. Either refuse such a file or inflate a bounded amount; the spy counts
+    what Pillow's PNG reader inflates (the file is 16x16 pixels)."""
+    from PIL import PngImagePlugin
+
+    inflated = [0]
+    real = PngImagePlugin._safe_zlib_decompress
+
+    def counting(data: bytes) -> bytes:
+        out = real(data)
+        inflated[0] += len(out)
+        return out
+
+    monkeypatch.setattr(PngImagePlugin, "_safe_zlib_decompress", counting)
+    extra = b"".join(_chunk(kind, header % i + _MIB_OF_TEXT) for i in range(count))
+    data = _png_with(extra)
+    assert len(data) < 1_100_000
+    with contextlib.suppress(ResourceExhausted):
+        decode_encoded(data, LIMITS)
+    assert inflated[0] <= 16 << 20, f"a {len(data)}-byte PNG had {inflated[0] / 2**20:.0f} MiB of chunks inflated"

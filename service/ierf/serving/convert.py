@@ -43,7 +43,7 @@ def open_image(image: pb.Image, limits: ImageLimits) -> PendingImage:
         raise InvalidArgument(
             f"image.tensor.dtype {name} is not accepted; use DATA_TYPE_UINT8, DATA_TYPE_FLOAT16 or DATA_TYPE_FLOAT32"
         )
-    return open_tensor(tensor.data, dtype, list(tensor.shape), limits)
+    return open_tensor(tensor.data, dtype, tensor.shape, limits)  # not list(): its length is checked first
 
 
 def map_dtype(value: int) -> type:

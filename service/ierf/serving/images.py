@@ -16,7 +16,7 @@ import logging
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,10 @@ MAX_JPEG_SEGMENTS = 4096
 MAX_JPEG_STRAY_BYTES = 65536
 MAX_PNG_ANCILLARY_CHUNKS = 1000
 MAX_PNG_CHUNKS = 65536
+# zTXt/iTXt/iCCP are inflated as the header is read (text up to 1 MiB a chunk, 64 MiB in all; a colour
+# profile without any limit), before a pixel is admitted: a 66 KB file of 63 of them cost 63 MiB.
+MAX_PNG_COMPRESSED_CHUNKS = 8
+_PNG_COMPRESSED_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The next JPEG marker as libjpeg finds it: 0xFF then a code that is not a stuffed zero (0x00), a fill
@@ -125,7 +129,7 @@ def _check_dimensions(height: int, width: int, limits: ImageLimits, what: str) -
 
 # Pillow's words for the bombs it stops itself (PIL.Image._decompression_bomb_check, PngImagePlugin).
 _PILLOW_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
-_PILLOW_CHUNK_BOMB = re.compile(r"decompressed data too large", re.IGNORECASE)
+_PILLOW_CHUNK_BOMB = re.compile(r"decompressed data too large|too much memory used in text chunks", re.IGNORECASE)
 
 
 def _bomb(what: str) -> ResourceExhausted:
@@ -176,7 +180,7 @@ def _check_png_structure(data: bytes) -> None:
     that is not four ASCII letters, or a first chunk other than IHDR, is corruption (Pillow refuses it
     too): said so at once, so a run of zero bytes is not counted as chunks and taken for a bomb."""
     pos, size = len(_PNG_SIGNATURE), len(data)
-    chunks = ancillary = 0
+    chunks = ancillary = compressed = 0
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         if not kind.isalpha():
@@ -189,6 +193,13 @@ def _check_png_structure(data: bytes) -> None:
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise _bomb(f"PNG has over {MAX_PNG_CHUNKS} chunks")
+        if kind in _PNG_COMPRESSED_CHUNKS:
+            compressed += 1
+            if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+                raise _bomb(
+                    f"PNG has over {MAX_PNG_COMPRESSED_CHUNKS} compressed text or colour-profile chunks, each "
+                    "inflated (up to 1 MiB, a profile without limit) as the header is read; an ordinary PNG has a few"
+                )
         if kind[0] & 0x20 and kind not in _APNG_FRAME_CHUNKS:  # lower-case first letter: ancillary
             ancillary += 1
             if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
@@ -295,15 +306,20 @@ def decode_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits
     return open_tensor(data, dtype, shape, limits).decode()
 
 
-def open_tensor(data: bytes, dtype: str, shape: list[int], limits: ImageLimits) -> PendingImage:
+def open_tensor(data: bytes, dtype: str, shape: Sequence[int], limits: ImageLimits) -> PendingImage:
     """A raw tensor checked up to its shape and size (see :func:`decode_tensor`); values are read later."""
     if dtype not in TENSOR_DTYPES:
         raise InvalidArgument(f"tensor dtype {dtype!r} is not accepted; use one of {', '.join(TENSOR_DTYPES)}")
+    if len(shape) not in (2, 3):  # said before anything is copied: a shape of millions of dims costs nothing
+        head = ", ".join(str(int(s)) for s in shape[:4]) + (", …" if len(shape) > 4 else "")
+        raise InvalidArgument(
+            f"tensor shape [{head}] has {len(shape)} dimensions: it is not (H, W, 3), (H, W, 1) or (H, W)"
+        )
     shape = [int(s) for s in shape]
     if len(shape) == 2:
         shape = [*shape, 1]
-    if len(shape) != 3 or shape[2] not in (1, 3):
-        raise InvalidArgument(f"tensor shape {list(shape)} is not (H, W, 3), (H, W, 1) or (H, W)")
+    if shape[2] not in (1, 3):
+        raise InvalidArgument(f"tensor shape {shape} is not (H, W, 3), (H, W, 1) or (H, W)")
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"tensor shape {shape} has a negative dimension")
     if len(data) > limits.max_bytes:

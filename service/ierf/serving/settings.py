@@ -236,6 +236,13 @@ class IngressConfig:
         for key in ("max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k"):
             _integer(key, getattr(self, key), 1)
         _seconds("request_timeout_s", self.request_timeout_s)
+        from ierf.serving.protocol import MAX_REPEATED_ENTRIES  # the proxy refuses longer lists unparsed
+
+        if self.max_positions > MAX_REPEATED_ENTRIES:
+            raise ValueError(
+                f"max_positions must be at most {MAX_REPEATED_ENTRIES} (what the proxy parses of one repeated "
+                f"field), got {self.max_positions}"
+            )
         _integer("decode_pixels", self.decode_pixels, 0, " (0: twice max_pixels)")
         _integer("decode_queue_pixels", self.decode_queue_pixels, 0, " (0: four times max_pixels)")
         if 0 < self.decode_queue_pixels < self.max_pixels:
