@@ -577,3 +577,21 @@ def test_server_mode_reports_a_contrast_given_by_id_by_its_class_name() -> None:
         server.stop(None)
     assert asked == [(1, 2)]
     assert result.contrast == "minus 'two'"
+
+
+# -- acceptance round 9 (CLI user) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("option", ["--target", "--contrast"])
+@pytest.mark.parametrize("value", ["²", "+²", "1²"])
+def test_a_superscript_digit_class_is_refused_as_a_class_not_as_a_python_int_error(
+    option: str, value: str, coffee_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``class_index`` takes ``str.isdigit`` as "an id", which is true of "²" too; ``int("²")`` then fails
+    and the user reads Python's "invalid literal for int() with base 10" instead of a class error
+    (parse_position already refuses such digits with its own message)."""
+    out = tmp_path / "out.png"
+    assert main(["explain", str(coffee_png), "-o", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "invalid literal for int()" not in err, err
+    assert "class" in err, err
+    assert not out.exists()

@@ -675,3 +675,28 @@ def test_a_configured_resize_reaches_the_replicas_preprocessing() -> None:
     config = ServiceConfig.from_args(args)
     host = ModelHost(config.models[0], config.cache)
     assert host.model.preprocessing.resize == 232 and "-r232-" in host.description.preprocess_version
+
+
+def test_a_reused_activation_hint_counts_and_lists_every_run_of_a_resnet_block() -> None:
+    """``ierf --server ADDR explain IMG --layer layer4.1.relu --position 3,4`` on a ResNet answered "runs 1
+    times ... name one run, layer4.1.relu:0", while in-process the same command says "runs 2 times ...
+    layer4.1.relu:0, layer4.1.relu:1" and the server itself accepts ``layer4.1.relu:1`` (an alias of the
+    block's canonical name ``layer4.1``): the hint looked only at canonical names, not at the aliases."""
+    import ierf
+    from ierf.serving.errors import InvalidArgument
+    from ierf.serving.jobs import check_ierf_args
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    desc = host.describe()
+    assert check_ierf_args(desc, "layer4.1.relu:1", np.array([[3, 4]])).name == "layer4.1"  # a run it accepts
+    with pytest.raises(ValueError) as engine:
+        ierf.SRD(host.model.module).program.source_id("layer4.1.relu")
+    assert "runs 2 times" in str(engine.value)
+    with pytest.raises(InvalidArgument) as server:
+        check_ierf_args(desc, "layer4.1.relu", np.array([[3, 4]]))
+    message = str(server.value)
+    assert "runs 2 times" in message, message
+    assert "layer4.1.relu:0" in message and "layer4.1.relu:1" in message, message

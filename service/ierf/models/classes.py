@@ -36,7 +36,8 @@ def class_index(name_or_id: int | str, class_names: Sequence[str] | None = None)
         raise TypeError("class must be an int id or a name, not a bool")
     if isinstance(name_or_id, str):
         text = name_or_id.strip()
-        if text.lstrip("+-").isdigit():
+        digits = text.lstrip("+-")
+        if digits.isascii() and digits.isdigit():  # "²" and other Unicode digits are not ids (int() refuses them)
             return _check_id(int(text), len(names))
         return _lookup_name(text, names)
     try:

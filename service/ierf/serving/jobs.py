@@ -159,7 +159,12 @@ def check_ierf_args(desc: ModelDescription, layer_name: str, positions: np.ndarr
     layer = next((item for item in desc.layers if item.name == name), None)
     if layer is None:
         names = [item.name for item in desc.layers]
-        runs = [n for n in names if n.startswith(f"{layer_name}:") and n[len(layer_name) + 1 :].isdigit()]
+        prefix = f"{layer_name}:"
+        # a run may be a layer's own name or an alias of one (a ResNet block's last ReLU run is the block)
+        runs = sorted(
+            {n for n in [*names, *desc.layer_aliases] if n.startswith(prefix) and n[len(prefix) :].isdigit()},
+            key=lambda n: int(n[len(prefix) :]),
+        )
         if runs:  # a reused activation module: the engine's own hint, which the worker's check had lost
             raise InvalidArgument(
                 f"layer {echo(layer_name)} runs {len(runs)} times in one forward (a reused activation module): "
