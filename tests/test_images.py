@@ -69,8 +69,14 @@ def test_unreadable_inputs_raise_clear_errors(photo, tmp_path):
 
 
 def test_decompression_bombs_are_refused(monkeypatch):
+    """A 108 Mpx phone photo read "could be decompression bomb DOS attack": the size and the way out are said."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ValueError, match="cannot read image"):
+    with pytest.raises(
+        ValueError, match=r"cannot read image .*: it is 0\.0 Mpx, over the 0\.0 Mpx that Pillow decodes"
+    ):
+        load_image(_encode(np.zeros((40, 40, 3), np.uint8), "PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    with pytest.raises(ValueError, match=r"downscale it first"):
         load_image(_encode(np.zeros((40, 40, 3), np.uint8), "PNG"))
 
 

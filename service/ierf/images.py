@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -145,7 +146,12 @@ def load_image(source: str | os.PathLike[str] | bytes) -> np.ndarray:
     except UnidentifiedImageError:
         raise ValueError(f"cannot read image {label}: not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"cannot read image {label}: {exc}") from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.1f} Mpx" if found else "too large"
+        raise ValueError(
+            f"cannot read image {label}: it is {size}, over the {Image.MAX_IMAGE_PIXELS / 1e6:.1f} Mpx that Pillow "
+            "decodes (its guard against decompression bombs); downscale it first"
+        ) from None
     except (OSError, SyntaxError, EOFError) as exc:  # PIL reports corrupt data with these
         raise ValueError(f"cannot read image {label}: {exc}") from None
 
