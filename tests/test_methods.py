@@ -124,3 +124,17 @@ def test_a_registered_method_is_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(methods._REGISTRY, "my_plugin", factory)
     assert "my_plugin" in ierf.available_methods()
     assert methods.create_explainer("my_plugin", "model") == "model"
+
+
+def test_asking_which_methods_refuse_a_model_imports_no_method_library() -> None:
+    """A server asks ``why_unsupported`` of every method at replica start: it must not pull in Captum or
+    pytorch-grad-cam (~1.5 s and ~150 MB per replica) that only a request for those methods needs."""
+    code = (
+        "import sys, torchvision, ierf\n"
+        "m = torchvision.models.resnet18()\n"
+        "reasons = {n: ierf.why_unsupported(n, m) for n in ierf.available_methods()}\n"
+        "assert not any(reasons.values()), reasons\n"
+        "print(sorted(k for k in ('captum', 'pytorch_grad_cam') if k in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

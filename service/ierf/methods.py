@@ -121,7 +121,8 @@ def method_version(name: str) -> str | None:
 def why_unsupported(name: str, model: nn.Module) -> str | None:
     """Why method ``name`` cannot explain ``model``'s architecture (None when nothing refuses it up front), so
     a server lists only the methods each model can run."""
-    _factory(name)  # an unknown name is refused here as everywhere
+    if name not in _PROVIDERS and name not in _REGISTRY:  # refused as everywhere, without importing a method
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     if name not in _REFUSALS:
         return None
     module, function = _REFUSALS[name].split(":")

@@ -189,9 +189,8 @@ class ModelHost:
         self.input_hw = (size, size)
         self.layers = {name: _layer_shape(name, self.srd.layer_shape(name, self.input_hw)) for name in self.srd.layers}
         self._estimates: dict[str, float] = {}  # work (DECOMPOSE, FORWARD, explain:<method>) -> moving seconds
-        self._measured: dict[
-            str, float
-        ] = {}  # the same, as runs that finished measured it (refusals lower only the above)
+        # the same, as runs that finished measured it (refusals lower only the estimates above)
+        self._measured: dict[str, float] = {}
         self._layout = self._warm_up()
         self._record_stage = stage_observer or (lambda stage, model, seconds: None)
         redis_url = cache_config.resolved_redis_url()
