@@ -595,3 +595,14 @@ def test_a_superscript_digit_class_is_refused_as_a_class_not_as_a_python_int_err
     assert "invalid literal for int()" not in err, err
     assert "class" in err, err
     assert not out.exists()
+
+
+def test_an_iERF_of_a_layer_alias_is_reported_under_the_canonical_name(
+    coffee_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--layer layer4`` on a ResNet explains ``layer4.1`` (the block's output); the report named the alias,
+    where the server's answer and ``ierf layers`` name the block."""
+    out = tmp_path / "alias.png"
+    args = ["explain", str(coffee_png), "-o", str(out), "--model", "resnet18", "--random-init"]
+    assert main([*args, "--layer", "layer4", "--position", "3,4"]) == 0
+    assert "iERF of layer4.1 at (3, 4)" in capsys.readouterr().out

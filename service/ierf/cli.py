@@ -148,8 +148,9 @@ class InProcessBackend:
         pixels = loaded.resize_crop(request.image)
         x = loaded.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(loaded.device)
         explainer = ierf.SRD(loaded.module)
-        if request.layer is not None:
-            explainer.program.source_id(request.layer)  # a bad layer name fails before the forward
+        layer = None
+        if request.layer is not None:  # a bad layer name fails before the forward; an alias is named canonically
+            layer = explainer.program.names[explainer.program.source_id(request.layer)]
         decomposition = explainer.decompose(x)
         logits = decomposition.logits[0].detach().float().cpu()
         top = [ClassProbability(*score) for score in loaded.top_k(logits, TOP_K)]
@@ -167,7 +168,7 @@ class InProcessBackend:
                 pixels=pixels,
                 map=erf.detach().float().cpu().numpy(),
                 top=top,
-                layer=request.layer,
+                layer=layer,
                 position=request.position,
                 feature_hw=(int(feat_h), int(feat_w)),
             )

@@ -123,7 +123,7 @@ class RemoteBackend:
                 pixels=result.model_input,
                 map=result.maps[0],
                 top=top,
-                layer=request.layer,
+                layer=result.layer.name,  # the canonical name the server answered for an alias ("layer4")
                 position=request.position,
                 feature_hw=(result.layer.height, result.layer.width),
             )
