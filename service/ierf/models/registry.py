@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import textwrap
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -390,7 +391,8 @@ def _read_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(exc, pickle.UnpicklingError):
             why = "torch.load(weights_only=True) refused it: not a tensor file, or it holds arbitrary objects"
         else:
-            why = f"{type(exc).__name__}: " + next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:200]
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+            why = f"{type(exc).__name__}: " + textwrap.shorten(first, 200, placeholder=" …")  # not cut mid-word
         raise ValueError(f"cannot load weights from {path}: not a readable PyTorch state_dict file ({why})") from None
     # Training checkpoints often wrap the weights; DataParallel prefixes every key with "module.".
     for wrapper in ("state_dict", "model"):
