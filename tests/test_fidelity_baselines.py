@@ -610,3 +610,36 @@ class _WithAnUnusedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_lrp_follows_a_fused_optimiser_step(model: nn.Module, x: torch.Tensor) -> None:
+    """A fused optimiser (``fused=True``) writes the parameters without bumping their version counters, so
+    the explainer kept explaining its private copy of the weights from before the step, silently. README:
+    LRP's copy is taken again when the model's parameters change."""
+    net = copy.deepcopy(model)
+    explainer = ierf.create_explainer("lrp", net)
+    before = explainer.saliency(x, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, fused=True)
+    net(x)[:, 1].sum().backward()
+    opt.step()
+    after = explainer.saliency(x, 1)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ierf.create_explainer("lrp", net).saliency(x, 1))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_plusplus", "layercam", "hirescam"])
+def test_cams_explain_a_bfloat16_model_and_a_bfloat16_autocast_region(
+    method: str, model: nn.Module, x: torch.Tensor
+) -> None:
+    """The CAMs handed the captured activation and gradient to the library as ``.numpy()``, which has no
+    bfloat16: a bfloat16 model, or a float32 one inside a caller's ``torch.autocast(dtype=torch.bfloat16)``
+    (an evaluation loop's usual setting), ended in "TypeError: Got unsupported ScalarType BFloat16" while
+    every other method (and float16) explains it."""
+    reference = ierf.create_explainer(method, model).saliency(x, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = ierf.create_explainer(method, model).saliency(x, 1)
+    net = copy.deepcopy(model).to(torch.bfloat16)
+    in_bfloat16 = ierf.create_explainer(method, net).saliency(x.to(torch.bfloat16), 1)
+    for maps in (in_autocast, in_bfloat16):
+        assert maps.dtype == torch.float32 and maps.shape == reference.shape
+        assert torch.corrcoef(torch.stack([maps.flatten(), reference.flatten()]))[0, 1] > 0.9

@@ -1007,3 +1007,43 @@ def test_a_decomposition_cannot_be_loaded_onto_the_meta_device() -> None:
         with pytest.raises(ValueError, match="meta device"):
             srd.load_decomposition(state, device=device)
     assert srd.load_decomposition(state, device="cpu").saliency(1).shape == (1, 8, 8)
+
+
+# --- acceptance round 9: a training/evaluation loop that explains between steps ---------------------------
+
+
+@pytest.mark.parametrize("optimiser", [torch.optim.SGD, torch.optim.Adam])
+def test_maps_follow_a_fused_optimiser_step(optimiser: type[torch.optim.Optimizer]) -> None:
+    """PyTorch's fused optimisers (``fused=True``) write parameters without bumping their version counter,
+    so the parameter-derived cache kept the folded kernels from before the step: an explainer reused across
+    steps explained the old weights silently (its maps no longer summed to the new logits), and a fresh one
+    failed its trace check blaming an in-place operation. README: the cache follows optimiser steps."""
+    model, x = _bn_net(), torch.randn(2, 3, 12, 12)
+    explainer = ierf.SRD(model)
+    explainer.saliency(x, 2)
+    opt = optimiser(model.parameters(), lr=0.1, fused=True)
+    model(x)[:, 2].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(explainer.saliency(x, 2).sum((1, 2)), logits[:, 2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ierf.SRD(model).saliency(x, 2).sum((1, 2)), logits[:, 2], rtol=1e-4, atol=1e-5)
+
+
+def test_a_torchscript_module_is_refused_with_the_way_round_it() -> None:
+    """``ierf.SRD(torch.jit.script(model))`` ended in "AttributeError: 'OrderedDictWrapper' object has no
+    attribute 'clear'" (the trace's clean-up treats a ScriptModule's parameter registry as a dict), hiding
+    the refusal; a scripted submodule too. It should be an UnsupportedModelError naming TorchScript."""
+    model = _bn_net()
+    with pytest.raises(UnsupportedModelError, match=r"(?i)torchscript|jit"):
+        ierf.SRD(torch.jit.script(model))
+    wrapped = nn.Sequential(nn.Identity(), torch.jit.script(_bn_net()))
+    with pytest.raises(UnsupportedModelError, match=r"(?i)torchscript|jit"):
+        ierf.SRD(wrapped)
+
+
+def test_a_data_parallel_wrapper_inside_the_model_is_named_with_the_way_round_it() -> None:
+    """The top-level check said "pass its .module"; a DataParallel one level down lost that hint."""
+    wrapped = nn.Sequential(nn.Identity(), nn.DataParallel(_bn_net()))
+    with pytest.raises(UnsupportedModelError, match=r"submodule '1' is a DataParallel.*its \.module"):
+        ierf.SRD(wrapped)

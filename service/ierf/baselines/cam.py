@@ -143,8 +143,8 @@ class _CAMExplainer:
                 x_in,
                 self.module,
                 None,
-                activation.detach().cpu().numpy(),
-                grad.detach().cpu().numpy(),
+                activation.detach().cpu().float().numpy(),  # numpy has no bfloat16 (a model or autocast in it)
+                grad.detach().cpu().float().numpy(),
                 eigen_smooth=False,
             )
         maps = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))

@@ -53,6 +53,7 @@ from zennit.core import collect_leaves
 from zennit.layer import Sum
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
+from ierf._fused_steps import watch_fused_optimizers
 from ierf.baselines._common import (
     check_input,
     check_ordinary_tensors,
@@ -64,6 +65,8 @@ from ierf.baselines._common import (
 from ierf.errors import UnsupportedModelError
 from ierf.methods import register_method, resolve_target
 from ierf.srd.graph import TRACE_LOCK  # fx patches nn.Module.__call__ process-wide: one trace at a time
+
+watch_fused_optimizers()  # the stamp reads version counters, which fused optimiser steps leave alone
 
 
 def _is_mbconv(module: nn.Module) -> bool:

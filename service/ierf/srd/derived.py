@@ -4,8 +4,9 @@ calls: they depend on the model, not the image, and recomputing them costs a pas
 An entry is reused only while each source is the very same tensor object, at the same version (in-place
 updates through the tensor, such as optimiser steps and ``load_state_dict``, bump it), over the same
 memory with the same dtype, device and layout (``model.double()``, ``.to()`` and ``param.data = ...``
-swap the memory of the same Parameter object). Writes through ``param.data`` bypass the version counter
-and cannot be seen: call :func:`clear_derived_cache` after such an edit.
+swap the memory of the same Parameter object). Fused optimiser steps bump no counter themselves; a hook
+(``ierf._fused_steps``) does it for them. Writes through ``param.data`` bypass the version counter and
+cannot be seen: call :func:`clear_derived_cache` after such an edit.
 
 Sources are held by weak reference: a model that is deleted takes its entries with it.
 """
@@ -20,6 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ierf._fused_steps import watch_fused_optimizers
+
+watch_fused_optimizers()  # fused optimiser steps bump no version counter on their own
 
 
 def _fingerprint(source: torch.Tensor) -> tuple:

@@ -67,10 +67,23 @@ class Program:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        parallel = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.DataParallel | nn.parallel.DistributedDataParallel)
+        ]
+        if parallel:
+            what = "the model" if parallel[0] == "" else f"submodule {parallel[0]!r}"
             raise UnsupportedModelError(
-                f"{type(model).__name__} wraps the model for training on several devices: pass the model "
-                "itself (its .module) to SRD"
+                f"{what} is a {type(model.get_submodule(parallel[0])).__name__}, which wraps a model for training "
+                "on several devices: pass the model itself (its .module) to SRD"
+            )
+        scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            what = "the model is" if scripted[0] == "" else f"submodule {scripted[0]!r} is"
+            raise UnsupportedModelError(
+                f"{what} TorchScript (torch.jit.script or torch.jit.trace), whose graph torch.fx cannot trace: "
+                "pass the eager nn.Module it was made from"
             )
         compiled = [name for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule"]
         if compiled:
