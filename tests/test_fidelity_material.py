@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -433,3 +434,61 @@ def test_apop_freezes_or_refuses_adaptive_max_pooling() -> None:
     _, pattern = apop.record(torch.tensor([[[[2.0, 1.0]]]]))
     out = apop.replay(pattern, torch.tensor([[[[1.0, 3.0]]]]))
     assert out.item() == 1.0
+
+
+# -- mutation round 9 --------------------------------------------------------------------------------------------
+class _ClampingReLU(nn.ReLU):
+    """A ReLU subclass with a forward of its own: a ReLU1 (clamp to [0, 1]), three states, not a ReLU's two."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+def _patched_relu() -> nn.ReLU:
+    """A stock nn.ReLU whose forward was replaced on the instance (as a library patching a model does)."""
+    relu = nn.ReLU()
+    relu.forward = lambda x: x.clamp(0.0, 1.0)
+    return relu
+
+
+@pytest.mark.parametrize("make", [_ClampingReLU, _patched_relu], ids=["subclass-with-forward", "patched-instance"])
+def test_apop_does_not_freeze_a_relu_that_computes_something_else_as_a_relu(make: Callable[[], nn.Module]) -> None:
+    """Guards ``_frozen_kind``'s forward checks and ``_is_gate``'s look at the whole class hierarchy: an nn.ReLU
+    whose forward is its own (a subclass's, or one patched on the instance) is not a ReLU. Frozen as one, its
+    recorded saturated state (1) was replayed as "on" (-1.5 passed through); left live, it re-gated on the new
+    input (0). Either is a silently wrong APOP number: it must be refused, or replay its own recorded output 1.
+    ``_gate_net`` records at x = 3 (z = 1.5, clamped to 1) and replays zeros (z = -1.5)."""
+    try:
+        apop = APOP(_gate_net(make()))
+    except UnsupportedModelError:
+        return
+    _, pattern = apop.record(torch.full((1, 1, 1, 1), 3.0))
+    out = apop.replay(pattern, torch.zeros(1, 1, 1, 1))
+    torch.testing.assert_close(out, torch.tensor([[1.0, -1.0]]))
+
+
+class _PatternDecides(nn.Module):
+    """logits = |relu(x + 1)|: the plain forward is relu(x + 1) (|.| changes nothing there), but through a frozen
+    pattern a passed unit may be negative, and |.| makes the class the unit that is on, whatever the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(2))
+            self.lin.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.lin(x)).abs()
+
+
+def test_apop_swap_runs_the_real_image_through_the_other_images_pattern() -> None:
+    """Guards the swap control (README: "the real image through another image's pattern"). Run through its
+    *own* pattern instead, the swap is the real forward: it always follows the input (1.0) and never the
+    pattern (0.0), which is what the closed-form net of the round-7 test gives either way. Here the pattern
+    decides: (2, -2) through the pattern of (-2, 2) gives |(0, -1)| = (0, 1), the other image's class."""
+    x = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [3.0, -3.0], [-3.0, 3.0]])  # classes 0, 1, 0, 1
+    scores = apop_agreement(_PatternDecides(), x, batch_size=2)
+    assert scores["swapped_follows_pattern"] == 1.0 and scores["swapped_follows_input"] == 0.0
+    assert scores["pattern_zeros"] == 1.0

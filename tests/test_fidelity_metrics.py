@@ -706,3 +706,59 @@ def test_fraction_arguments_refuse_bools() -> None:
     model = _small_net()
     with pytest.raises(TypeError, match="blur_fraction must be a number, got bool"):
         insertion_deletion(model, torch.rand(1, 3, 8, 8), 0, torch.rand(1, 8, 8), blur_fraction=True)
+
+
+# -- mutation round 9 --------------------------------------------------------------------------------------------
+class _ClampingReLU(nn.ReLU):
+    """A ReLU subclass with a forward of its own (a ReLU1): not a ReLU, so Softplus is no stand-in for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+def test_smooth_copy_keeps_a_relu_subclass_with_a_forward_of_its_own() -> None:
+    """Guards ``_stock``'s forward check. Module docstring: "a ReLU subclass with its own forward" is attacked
+    unsmoothed and says so. Replaced by Softplus like a stock ReLU, the attack would optimise against another
+    function than the model's (softplus is unbounded where the ReLU1 is capped at 1)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ClampingReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    smooth, replaced = smooth_activations_copy(model, beta=5.0)
+    assert replaced == 0 and type(smooth[1]) is _ClampingReLU
+
+
+def test_the_attack_refuses_maps_under_the_ssim_window_before_running() -> None:
+    """Guards the size check in ``_checked``: maps under SSIM's 7x7 window must be refused before the attack
+    runs (its ``steps`` explainer calls take minutes on a real model), not by ``ssim`` once it has finished."""
+    model = _small_net()
+    made: list[nn.Module] = []
+
+    def attack_explain(smooth: nn.Module):
+        made.append(smooth)
+        return _gradient_explain(smooth)
+
+    with pytest.raises(ValueError, match="at least 7x7 pixels"):
+        manipulation_attack(
+            attack_explain,
+            _gradient_explain(model),
+            model,
+            torch.rand(1, 3, 6, 6),
+            torch.tensor([0]),
+            torch.rand(1, 6, 6),
+            epsilon=0.1,
+            bounds=(0, 1),
+            steps=10,
+        )
+    assert made == [], "the attack was built (and run) before the refusal"
+
+
+def test_insertion_deletion_curves_do_not_depend_on_the_batch_size() -> None:
+    """Guards the per-batch construction of the perturbed images: each batch must take *its own* steps
+    (counts[start : start + batch_size]). With the default batch_size (32) and n_steps (20) everything is one
+    batch, so a batch that restarted at step 0 went unseen; batch_size only bounds memory, never the curve."""
+    model = _small_net()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(3))
+    whole = insertion_deletion(model, x, torch.tensor([0, 2]), maps, n_steps=6)
+    pieces = insertion_deletion(model, x, torch.tensor([0, 2]), maps, n_steps=6, batch_size=3)
+    torch.testing.assert_close(pieces.deletion, whole.deletion)
+    torch.testing.assert_close(pieces.insertion, whole.insertion)
+    assert not torch.allclose(whole.deletion[:, 0], whole.deletion[:, -1])  # the curve moves: a real check

@@ -144,3 +144,26 @@ def test_a_pil_image_is_turned_upright_once_as_the_sdk_and_server_turn_it(photo,
     upright = apply_exif_orientation(Image.open(io.BytesIO(data)))
     assert np.array_equal(to_rgb_array(upright), expected)
     assert np.array_equal(to_rgb_array(upright.copy()), expected)
+
+
+# -- mutation round 9 --------------------------------------------------------------------------------------------
+_XMP_ROTATE_90_CW = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def test_an_upright_copy_of_an_xmp_oriented_image_is_not_turned_again(photo: np.ndarray) -> None:
+    """Guards the XMP keys dropped from the upright copy: Pillow reads the orientation from XMP too (no EXIF
+    block here, as some editors save it), so a copy that kept its XMP was turned a second time by
+    ``to_rgb_array``/``preprocess`` (the docstring: "ierf's own upright copy keeps no tag")."""
+    from ierf.images import apply_exif_orientation
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", _XMP_ROTATE_90_CW)
+    data = _encode(photo, "PNG", pnginfo=info)
+    expected = np.rot90(photo, k=-1)  # 6: turn 90° clockwise to display
+    assert np.array_equal(load_image(data), expected)
+    upright = apply_exif_orientation(Image.open(io.BytesIO(data)))
+    assert np.array_equal(to_rgb_array(upright), expected)

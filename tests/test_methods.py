@@ -138,3 +138,12 @@ def test_asking_which_methods_refuse_a_model_imports_no_method_library() -> None
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_asking_why_an_unknown_method_is_unsupported_names_the_available_ones() -> None:
+    """Guards ``why_unsupported``'s name check: like ``create_explainer`` and ``method_version`` it refuses an
+    unknown name, listing the methods. Returning None instead says "nothing refuses this model" for a method
+    that does not exist (a typo such as 'gradcm' would pass as runnable)."""
+    with pytest.raises(ValueError, match=r"unknown method 'gradcm'; available: .*gradcam.*srd"):
+        ierf.why_unsupported("gradcm", None)
+    assert ierf.why_unsupported("gradcam", None) is None  # known, and no up-front check: nothing refuses it

@@ -660,3 +660,12 @@ def test_a_name_listed_twice_is_ambiguous_not_the_first() -> None:
     not silently resolve to the first of them."""
     with pytest.raises(ValueError, match=r"ambiguous; candidates: 1 'crane', 2 'crane'"):
         class_index("crane", ["cat", "crane", "crane"])
+
+
+def test_a_resize_equal_to_the_centre_crop_is_accepted() -> None:
+    """Guards ``resize < crop`` in ``load_model``: its error says "an integer >= the centre crop", so weights
+    evaluated as Resize(224) + CenterCrop(224) load with resize=224; only below the crop is refused."""
+    loaded = load_model("resnet18", random_init=True, resize=224)
+    assert (loaded.preprocessing.resize, loaded.preprocessing.crop) == (224, 224)
+    with pytest.raises(ValueError, match="resize must be an integer >= resnet18's centre crop 224, got 223"):
+        load_model("resnet18", random_init=True, resize=223)

@@ -2318,3 +2318,15 @@ def test_non_finite_weights_are_named_not_blamed_on_in_place_ops() -> None:
     message = str(refused.value)
     assert "in-place" not in message, message
     assert re.search(r"NaN|non-finite|not finite", message), message
+
+
+def test_a_non_finite_batch_norm_statistic_is_named_among_the_models_broken_tensors() -> None:
+    """Guards ``_check_finite`` looking at buffers as well as parameters: a diverged fine-tune as often leaves
+    NaN running statistics (``running_var``) as NaN weights. Looking at parameters only, the refusal read "its
+    parameters are finite: an overflow inside the forward", pointing away from the broken tensor."""
+    torch.manual_seed(0)
+    model = randomise_bn(TinyResNet()).eval()
+    with torch.no_grad():
+        model.layer2.bn1.running_var[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values in layer2\.bn1\.running_var"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 32, 32), 0)

@@ -932,3 +932,22 @@ def test_the_resolver_moves_once_per_unreachable_address_and_never_on_a_slow_rep
     assert resolver.address(wait_s=0) == "127.0.0.1"
     resolver.failed(None)  # a timeout: the address answered, slowly
     assert resolver.address(wait_s=0) == "127.0.0.1"
+
+
+def test_an_uncounted_lookup_is_not_observed_in_any_tier_or_outcome(redis_flushed: object) -> None:
+    """Guards ``get(counted=False)`` in every branch: the worker's own logits check after a cold decomposition
+    must not reach the hit-ratio metrics (README: cache requests by tier and result count what requests
+    found). With L1 off a Predict's logits may still be deferred (or in Redis); such a lookup counted there
+    read as a request's L2 hit."""
+    tier = RedisTier(RedisSettings(url=redis_flushed.url))  # type: ignore[attr-defined]
+    recorder = Recorder()
+    cache = TieredCache(0, tier, recorder, write_behind_bytes=64 * 1024 * 1024)  # L1 off: reads go to L2
+    tensors = _tensors()
+    assert cache.put(KEY, object(), 1, tensors, background=True, deferred=True) == "queued"
+    assert cache.get(KEY, _rebuild, counted=False).tier == "l2"  # the deferred object itself
+    assert cache.get(KEY + ":absent", _rebuild, counted=False).tier == "miss"
+    assert cache.write_deferred() == 1 and cache.flush(timeout_s=5)
+    fresh = TieredCache(0, tier, recorder)  # another replica: decoded from Redis
+    assert fresh.get(KEY, _rebuild, counted=False).tier == "l2"
+    assert [event for event in recorder.events if event[1] == "get"] == []
+    assert fresh.get(KEY, _rebuild).tier == "l2" and ("l2", "get", "hit") in recorder.events  # counted by default

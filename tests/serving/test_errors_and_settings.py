@@ -405,3 +405,25 @@ def test_a_password_after_another_query_option_is_redacted() -> None:
     with pytest.raises(ValueError, match=r"0\?foo=1&password=\*\*\*") as raised:
         ServiceConfig.from_args({"cache": {"redis_url": "redis://h:1/0?foo=1&password=s3cret"}})
     assert "s3cret" not in str(raised.value)
+
+
+# -- mutation round 9 --------------------------------------------------------------------------------------------
+def test_max_positions_may_be_exactly_what_the_proxy_parses() -> None:
+    """Guards ``max_positions > MAX_REPEATED_ENTRIES``: the error says "at most 65536", so 65536 itself is a valid
+    setting (the proxy's walk lets exactly that many through)."""
+    from ierf.serving.protocol import MAX_REPEATED_ENTRIES
+
+    config = ServiceConfig.from_args({"models": ["a"], "ingress": {"max_positions": MAX_REPEATED_ENTRIES}})
+    assert config.ingress.max_positions == MAX_REPEATED_ENTRIES
+    with pytest.raises(ValueError, match=rf"max_positions must be at most {MAX_REPEATED_ENTRIES}"):
+        ServiceConfig.from_args({"models": ["a"], "ingress": {"max_positions": MAX_REPEATED_ENTRIES + 1}})
+
+
+def test_a_resize_equal_to_the_centre_crop_is_accepted_where_the_application_is_built() -> None:
+    """Guards ``resize < crop`` in the build check: "below its centre crop" is refused, the crop itself is not
+    (weights evaluated as Resize(224) + CenterCrop(224) exist; load_model takes them, so must the config)."""
+    from ierf.serving.app import build_app
+
+    build_app({"models": [{"id": "r", "name": "resnet18", "random_init": True, "resize": 224}]})
+    with pytest.raises(ValueError, match=r"model 'r' \(name 'resnet18'\): resize 223 is below its centre crop 224"):
+        build_app({"models": [{"id": "r", "name": "resnet18", "random_init": True, "resize": 223}]})

@@ -1097,3 +1097,47 @@ def test_the_proxys_walk_refuses_unknown_field_floods_and_packed_shapes_and_pass
     assert oversized(real, pb.ExplainRequest.DESCRIPTOR) is None
     parsed = pb.ExplainRequest.FromString(real)
     assert isinstance(parsed, pb.ExplainRequest) and not isinstance(parsed, UnparsedRequest)
+
+
+def test_a_health_probe_stores_the_replicas_latest_description(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the health probe storing what the worker answers now (not ``setdefault``): with no Explain to
+    carry the new digest, a replica restarted on a replaced weights file is seen only by the probe, and
+    GetModel/ListModels kept naming the first weights for good."""
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+    from ierf.serving.jobs import LayerShape, ModelDescription
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.0, raising=False)  # every Check probes
+    served = {"digest": "old"}
+
+    async def describe() -> Any:
+        layer = LayerShape("l", 4, 8, 8)
+        return ModelDescription("m", served["digest"], 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu")
+
+    worker = _Worker()
+    worker.describe = _Method(describe)
+    ingress = _ingress({"m": worker})
+
+    async def scenario() -> None:
+        assert (await ingress.GetModel(pb.GetModelRequest(model_id="m"))).weights_digest == "old"
+        served["digest"] = "new"  # the replica was restarted on a replaced weights file
+        status = (await ingress.Check(health_pb2.HealthCheckRequest())).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert (await ingress.GetModel(pb.GetModelRequest(model_id="m"))).weights_digest == "new"
+
+    asyncio.run(scenario())
+
+
+def test_the_proxys_walk_lets_exactly_the_cap_of_positions_through() -> None:
+    """Guards the walk's ``> MAX_REPEATED_ENTRIES``: settings accept ``max_positions`` up to that cap ("at most
+    65536"), so a request with exactly that many positions must reach the ingress, and one more is refused."""
+    from ierf.serving.protocol import MAX_REPEATED_ENTRIES, oversized
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    header = pb.ComputeIERFRequest(layer="x", image=pb.Image(encoded=b"\x89PNG")).SerializeToString()
+    at_cap = header + b"\x22\x00" * MAX_REPEATED_ENTRIES  # field 4 (positions), an empty Position
+    assert oversized(at_cap, pb.ComputeIERFRequest.DESCRIPTOR) is None
+    assert oversized(at_cap + b"\x22\x00", pb.ComputeIERFRequest.DESCRIPTOR) == (
+        f"ierf.v1.ComputeIERFRequest.positions holds over {MAX_REPEATED_ENTRIES} entries"
+    )

@@ -700,3 +700,26 @@ def test_a_reused_activation_hint_counts_and_lists_every_run_of_a_resnet_block()
     message = str(server.value)
     assert "runs 2 times" in message, message
     assert "layer4.1.relu:0" in message and "layer4.1.relu:1" in message, message
+
+
+def test_a_run_after_refusals_is_blended_with_what_was_measured_not_with_the_lowered_estimate() -> None:
+    """Guards ``_learn`` reading the *measured* value: refusals lower only the estimates (so that a probe gets
+    through), and a run that finishes must be blended with what runs measured. A run without a deadline skips
+    the probe's restore, so blending it with the lowered estimate kept most of the lowering (0.7 x 10.7 + 0.3 x
+    t instead of 0.7 x 100 + 0.3 x t): every later too-short caller was let through to run until its deadline."""
+    import time
+
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import DECOMPOSE, ExplainJob, ModelHost
+
+    config = ServiceConfig.from_args({"models": [{"id": "r18", "name": "resnet18", "random_init": True}]})
+    host = ModelHost(config.models[0], config.cache)
+    host._measured[DECOMPOSE] = host._estimates[DECOMPOSE] = 100.0  # as if a decomposition had taken 100 s here
+    pixels = np.random.default_rng(11).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for i in range(10):
+        with pytest.raises(DeadlineExceeded):
+            host.explain(ExplainJob(pixels, f"short-{i}", target=1, deadline=time.time() + 1.0))
+    assert host._estimates[DECOMPOSE] < 11.0  # lowered by each refusal: 0.8 ** 10 x 100
+    host.explain(ExplainJob(pixels, "no-deadline", target=1))  # finishes: its time is what teaches
+    assert host._estimates[DECOMPOSE] >= 70.0

@@ -551,3 +551,40 @@ def test_many_compressed_chunks_under_pillows_limits_are_not_all_inflated(
     with contextlib.suppress(ResourceExhausted):
         decode_encoded(data, LIMITS)
     assert inflated[0] <= 16 << 20, f"a {len(data)}-byte PNG had {inflated[0] / 2**20:.0f} MiB of chunks inflated"
+
+
+# -- mutation round 9 --------------------------------------------------------------------------------------------
+def test_a_png_with_exactly_the_cap_of_compressed_chunks_decodes() -> None:
+    """Guards ``compressed > MAX_PNG_COMPRESSED_CHUNKS`` (release notes: "over 8 compressed PNG text/ICC chunks is
+    a bomb"): a PNG with exactly 8 (a few text tags and a profile, as photo tools write) is an ordinary image,
+    and the ninth makes it a bomb."""
+    from ierf.serving.images import MAX_PNG_COMPRESSED_CHUNKS
+
+    def tags(n: int) -> bytes:
+        return b"".join(_chunk(b"zTXt", b"k%d\x00\x00" % i + zlib.compress(b"text")) for i in range(n))
+
+    decoded = decode_encoded(_png_with(tags(MAX_PNG_COMPRESSED_CHUNKS)), LIMITS)
+    assert decoded.pixels.shape == (16, 16, 3)
+    with pytest.raises(ResourceExhausted, match=f"over {MAX_PNG_COMPRESSED_CHUNKS} compressed"):
+        decode_encoded(_png_with(tags(MAX_PNG_COMPRESSED_CHUNKS + 1)), LIMITS)
+
+
+def test_pillows_total_text_memory_refusal_is_a_bomb_not_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the "too much memory used in text chunks" branch of ``_PILLOW_CHUNK_BOMB``. The round-8 test of it
+    (65 zTXt chunks) is now stopped earlier by the compressed-chunk cap, so it no longer reaches Pillow. Plain
+    tEXt chunks count too: with a configured max_image_bytes over Pillow's 64 MiB (MAX_TEXT_MEMORY, made small
+    here) the refusal must stay RESOURCE_EXHAUSTED, not "truncated or corrupt"."""
+    from PIL import PngImagePlugin
+
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_MEMORY", 1000)
+    extra = b"".join(_chunk(b"tEXt", b"k%d\x00" % i + b"a" * 600) for i in range(2))
+    with pytest.raises(ResourceExhausted, match="decompression bomb"):
+        decode_encoded(_png_with(extra), LIMITS)
+
+
+@pytest.mark.parametrize("shape", [[], [12]], ids=["no-dims", "one-dim"])
+def test_a_tensor_shape_of_fewer_than_two_dimensions_is_invalid_argument(shape: list[int]) -> None:
+    """Guards ``len(shape) not in (2, 3)``: a shape of 0 or 1 dimensions is the caller's mistake. Checked only
+    for "more than 3", it reached ``shape[2]`` and failed as an IndexError (INTERNAL, a server bug)."""
+    with pytest.raises(InvalidArgument, match=r"has \d dimensions: it is not \(H, W, 3\)"):
+        decode_tensor(b"\x00" * 12, "uint8", shape, LIMITS)

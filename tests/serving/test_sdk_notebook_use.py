@@ -143,3 +143,57 @@ def test_printed_model_info_leaves_out_the_class_names() -> None:
     spec = InputSpec(224, 224, 3, "RGB", "v1", ["png"], ["uint8"], 1 << 20, 1 << 24)
     info = ModelInfo("m", "d", spec, 1000, [f"class {i}" for i in range(1000)], [LayerInfo("l", 4, 7, 7)], [], "srd")
     assert len(repr(info)) < 1000 and "num_classes=1000" in repr(info)
+
+
+# -- mutation round 9 --------------------------------------------------------------------------------------------
+def test_the_async_client_also_retries_through_serves_no_routes_window() -> None:
+    """Guards ``AsyncClient._call`` using ``retry_pause_after`` like the sync client: with the plain retry rule it
+    raised NotFoundError at once during a restart's no-routes window (the README's promise that a call gets
+    through a server restart is made for both clients)."""
+    import asyncio
+
+    from ierf_client import AsyncClient
+
+    server, port, answered = _server_deploying_for(1.0)
+
+    async def call() -> str:
+        async with AsyncClient(f"127.0.0.1:{port}", timeout=20) as client:
+            return await client.health()
+
+    try:
+        assert asyncio.run(call()) == "SERVING"
+    finally:
+        server.stop(None)
+    assert answered[0] == grpc.StatusCode.NOT_FOUND and answered[-1] == grpc.StatusCode.OK
+
+
+def test_another_not_found_is_raised_at_once_without_the_no_routes_hint() -> None:
+    """Guards ``_serve_has_no_routes`` needing both NOT_FOUND *and* Serve's words: any other NOT_FOUND (an
+    unknown model or service, the caller's mistake) is final. Taken for Serve's, it was retried 12 times (~6 s)
+    and its message told the caller to look at ``application=``."""
+    from grpc_health.v1 import health_pb2_grpc
+    from ierf_client import NotFoundError, RetryPolicy
+
+    answered: list[grpc.StatusCode] = []
+
+    class Unknown(health_pb2_grpc.HealthServicer):
+        def Check(self, request: Any, context: Any) -> Any:
+            answered.append(grpc.StatusCode.NOT_FOUND)
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service 'ierf.v1.Nope'")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(Unknown(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    quick = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.002)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=20, retry=quick) as client:
+            try:
+                client.health("ierf.v1.Nope")
+            except NotFoundError as exc:
+                assert "unknown service" in str(exc) and "application=" not in str(exc)
+            else:
+                raise AssertionError("a NOT_FOUND was taken for SERVING")
+    finally:
+        server.stop(None)
+    assert answered == [grpc.StatusCode.NOT_FOUND]
