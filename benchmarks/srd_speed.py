@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Steadier glibc malloc for large short-lived tensors (temporaries stay mapped between runs instead of
 # being faulted in afresh, which made timings swing); set before torch loads.
@@ -88,10 +89,14 @@ def worker(spec: dict) -> dict:
     if kind == "ratio":
         srd = ierf.SRD(model)
 
+        from ierf.srd.precision import full_float32
+
         def grad_pass():
-            xi = x.clone().requires_grad_(True)
-            out = model(xi)
-            (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xi)
+            # in full float32, as SRD runs: on CUDA PyTorch's default TF32 convolutions would flatter the gradient
+            with full_float32(x.device):
+                xi = x.clone().requires_grad_(True)
+                out = model(xi)
+                (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xi)
             return g
 
         def srd_pass():
@@ -182,6 +187,28 @@ def run_in_fresh_process(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _code_and_load() -> str:
+    """Which code ran (a results file must name it) and how busy the machine was (a loaded VM moves the ratios)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    try:
+        load = Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        load = "?"
+    return f"code {commit or 'unknown'}{' (modified)' if dirty else ''}, load average {load}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet50,vgg16,efficientnet_lite0")
@@ -201,7 +228,7 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, threads {args.threads}, repeats {args.repeats}, "
         f"malloc tuned ({', '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())})"
     )
-    print(f"CPU: {_cpu_name()}")
+    print(f"CPU: {_cpu_name()}; {_code_and_load()}; MB columns: whole-process peak RSS (CUDA: peak allocated)")
     chosen: set[str] = set()
     print(f"{'model':<26}{'batch':>6}{'SRD s':>10}{'grad s':>10}{'SRD/grad':>10}{'SRD MB':>10}{'grad MB':>10}")
     base = {"device": args.device, "threads": args.threads, "repeats": args.repeats}
@@ -229,8 +256,8 @@ def main() -> None:
                 label, ratio = f"resnet50 IERF_GEMM={library}", r["srd"] / r["grad"]
                 print(f"{label:<26}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{ratio:>10.2f}", flush=True)
 
-    if "resnet50" in args.models.split(","):
-        # Opt-in compiled stage statistics (ierf.srd.fused); the warm-up calls absorb the compilation.
+    if "resnet50" in args.models.split(",") and args.device == "cpu":
+        # Opt-in compiled stage statistics (ierf.srd.fused, CPU only); the warm-up calls absorb the compilation.
         for batch in (int(b) for b in args.batches.split(",")):
             r = run_in_fresh_process({**base, "model": "resnet50", "batch": batch, "kind": "ratio", "fused": True})
             label, ratio = "resnet50 IERF_FUSED=1", r["srd"] / r["grad"]
