@@ -467,17 +467,9 @@ def test_apop_does_not_freeze_a_relu_that_computes_something_else_as_a_relu(make
     torch.testing.assert_close(out, torch.tensor([[1.0, -1.0]]))
 
 
-class _PatternDecides(nn.Module):
+class _PatternDecides(_PatternIsTheClass):
     """logits = |relu(x + 1)|: the plain forward is relu(x + 1) (|.| changes nothing there), but through a frozen
     pattern a passed unit may be negative, and |.| makes the class the unit that is on, whatever the input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 2)
-        self.relu = nn.ReLU()
-        with torch.no_grad():
-            self.lin.weight.copy_(torch.eye(2))
-            self.lin.bias.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.lin(x)).abs()
