@@ -1030,6 +1030,7 @@ def test_maps_follow_a_fused_optimiser_step(optimiser: type[torch.optim.Optimize
     torch.testing.assert_close(ierf.SRD(model).saliency(x, 2).sum((1, 2)), logits[:, 2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; users still have such modules
 def test_a_torchscript_module_is_refused_with_the_way_round_it() -> None:
     """``ierf.SRD(torch.jit.script(model))`` ended in "AttributeError: 'OrderedDictWrapper' object has no
     attribute 'clear'" (the trace's clean-up treats a ScriptModule's parameter registry as a dict), hiding
