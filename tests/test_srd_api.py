@@ -1048,3 +1048,22 @@ def test_a_data_parallel_wrapper_inside_the_model_is_named_with_the_way_round_it
     wrapped = nn.Sequential(nn.Identity(), nn.DataParallel(_bn_net()))
     with pytest.raises(UnsupportedModelError, match=r"submodule '1' is a DataParallel.*its \.module"):
         ierf.SRD(wrapped)
+
+
+def test_a_certainly_wrong_target_is_refused_before_the_decomposition() -> None:
+    """A bad target was refused only after the whole decomposition (~5 s for 64 images at 128²): a negative
+    class, a bool, or one past the class count an earlier call saw is now refused before any work."""
+    model, x = _bn_net(), torch.randn(2, 3, 12, 12)
+    explainer = ierf.SRD(model)
+    decomposed: list[int] = []
+    real = explainer.decompose
+    explainer.decompose = lambda *a, **k: decomposed.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="target out of range"):
+        explainer.saliency(x, -1)
+    with pytest.raises(TypeError, match="target must be an int"):
+        explainer.saliency(x, True)
+    assert decomposed == []
+    classes = explainer.saliency(x, 1) is not None and int(model(x).shape[1])
+    with pytest.raises(ValueError, match=rf"target out of range: the model has {classes} classes"):
+        explainer.saliency(x, torch.tensor([0, classes]))
+    assert decomposed == [1]

@@ -28,6 +28,8 @@ from ierf.srd.program import Head, Program, Stage
 from ierf.srd.terms import Route
 
 HeadMode = Literal["auto", "exact", "gradcam", "grad_x_act"]
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 HEAD_MODES = ("auto", "exact", "gradcam", "grad_x_act")
 Contrast = str | int
 SCHEMA_VERSION = 1
@@ -301,7 +303,7 @@ class Decomposition:
             t = torch.full((self.batch,), target, dtype=torch.long, device=self.logits.device)
         else:
             _check_values(target, "target")
-            if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            if target.dtype not in _INTEGER_DTYPES:
                 raise TypeError(f"target tensor must hold integers, got dtype {target.dtype}")
             if target.dim() == 0:
                 target = target.expand(self.batch)
@@ -901,7 +903,28 @@ class SRD:
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:
         """Signed (B, H, W) float32 class saliency at input resolution."""
-        return self.decompose(x).saliency(target, contrast)
+        self._check_target_early(target)
+        decomposition = self.decompose(x)
+        self._classes = int(decomposition.logits.shape[1])
+        return decomposition.saliency(target, contrast)
+
+    def _check_target_early(self, target: object) -> None:
+        """A target that is certainly wrong, refused before the decomposition (seconds on a large batch) with
+        the message the decomposition would give: a bool or other non-integer, a negative class, or one past
+        the class count an earlier call saw. Everything else is checked by the decomposition itself."""
+        if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+            values = [int(target)]
+        elif isinstance(target, torch.Tensor) and target.dtype in _INTEGER_DTYPES and target.device.type != "meta":
+            values = [int(target.min()), int(target.max())] if target.numel() else []
+        elif isinstance(target, bool) or not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be an int or a LongTensor of shape (B,), got {type(target).__name__}")
+        else:
+            return
+        k = self.__dict__.get("_classes")
+        if any(v < 0 or (k is not None and v >= k) for v in values):
+            span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
+            shown = values[0] if isinstance(target, numbers.Integral) else target.tolist()
+            raise ValueError(f"target out of range: the model has {span}, got {shown}")
 
     def ierf(self, x: torch.Tensor, layer: str, positions: torch.Tensor) -> torch.Tensor:
         """(B, P, H, W) float32 iERFs of PFVs at ``positions`` of ``layer``; each sums to 1."""
