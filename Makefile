@@ -83,8 +83,8 @@ start: venv redis-server
 	fi
 	@if [ -f $(RUN_DIR)/service.pid ] && kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null; then \
 		running=$$(cat $(RUN_DIR)/service.port 2>/dev/null); \
-		if [ -n "$$running" ] && [ "$$running" != "$(GRPC_PORT)" ]; then \
-			echo "the service from an earlier make run is on gRPC port $$running (pid $$(cat $(RUN_DIR)/service.pid)), not $(GRPC_PORT): make stop first"; exit 1; fi; \
+		if [ -n "$$running" ] && [ "$$running" != "$(GRPC_PORT) $(METRICS_PORT) $(HTTP_PORT)" ]; then \
+			echo "the service from an earlier make run has gRPC, metrics and HTTP ports $$running (pid $$(cat $(RUN_DIR)/service.pid)), not $(GRPC_PORT) $(METRICS_PORT) $(HTTP_PORT): make stop first"; exit 1; fi; \
 		echo "service already running (pid $$(cat $(RUN_DIR)/service.pid), gRPC port $(GRPC_PORT))"; \
 	else \
 		rm -f $(RUN_DIR)/service.ready; \
@@ -92,7 +92,7 @@ start: venv redis-server
 			--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 			--redis-url redis://127.0.0.1:$(REDIS_PORT)/0 --ready-file $(RUN_DIR)/service.ready \
 			--keep-logs $(RUN_DIR)/serve-logs \
-			> $(RUN_DIR)/service.log 2>&1 & echo $$! > $(RUN_DIR)/service.pid; echo $(GRPC_PORT) > $(RUN_DIR)/service.port; \
+			> $(RUN_DIR)/service.log 2>&1 & echo $$! > $(RUN_DIR)/service.pid; echo "$(GRPC_PORT) $(METRICS_PORT) $(HTTP_PORT)" > $(RUN_DIR)/service.port; \
 		echo "starting the service (pid $$(cat $(RUN_DIR)/service.pid)); log: $(RUN_DIR)/service.log"; \
 		for i in $$(seq $(START_TIMEOUT)); do \
 			[ -f $(RUN_DIR)/service.ready ] && break; \

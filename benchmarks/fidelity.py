@@ -22,8 +22,8 @@ its defaults (exact head, identity contrast); nothing here is tuned toward any m
         # recompute some rows, take every other row from an earlier run with the same settings
 
 Writes ``results.json`` (every number, seeds, settings, versions, runtimes), ``table.md`` and PNG
-figures to ``--out`` (default ``out/fidelity/``); ``--publish DIR`` also copies the table and the
-main figures there under stable names.
+figures to ``--out`` (default ``out/fidelity/``); ``--publish DIR`` also copies the table, the results
+(as ``fidelity_results.json``) and the main figures there under stable names.
 """
 
 from __future__ import annotations
@@ -623,7 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-synthetic", action="store_true", help="EfficientNet-Lite0 only")
     parser.add_argument("--no-variants", action="store_true", help="leave out the documented extra rows")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--publish", type=Path, help="also copy table.md and the main figures here")
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        help="also copy table.md, results.json (as fidelity_results.json) and the main figures here",
+    )
     parser.add_argument(
         "--merge",
         type=Path,

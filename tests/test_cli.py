@@ -606,3 +606,32 @@ def test_an_iERF_of_a_layer_alias_is_reported_under_the_canonical_name(
     args = ["explain", str(coffee_png), "-o", str(out), "--model", "resnet18", "--random-init"]
     assert main([*args, "--layer", "layer4", "--position", "3,4"]) == 0
     assert "iERF of layer4.1 at (3, 4)" in capsys.readouterr().out
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` (no pixel data: its size is all a reader checks first)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_server_mode_leaves_the_pixel_limit_to_the_server(tmp_path: Path, capsys) -> None:
+    """README (Command line): "In-process, images of up to Pillow's 89.5 Mpx decode ...; a server takes up to
+    its ``max_pixels``". With ``--server`` the CLI still decoded the whole file locally before uploading its
+    bytes, so an image over Pillow's 89.5 Mpx was refused by the client (exit 2, "that Pillow decodes") and
+    never reached a server configured for more. Here the server is unreachable: the answer must come from
+    there (UNAVAILABLE, exit 1), not from a local decode."""
+    from ierf.serving.local import free_port
+
+    big = _png_header_only(tmp_path / "big.png", 9500, 9500)  # 90.25 Mpx, a PNG the server reads as it is
+    address = f"127.0.0.1:{free_port()}"
+    status = main(["--server", address, "--timeout", "2", "explain", str(big), "-o", str(tmp_path / "out.png")])
+    line = _error(capsys)
+    assert "Pillow" not in line, line
+    assert status == 1 and f"server {address}: UNAVAILABLE" in line, line

@@ -425,3 +425,17 @@ def test_stages_split_by_the_tap_budget_give_the_same_maps(name: str, monkeypatc
     monkeypatch.setattr(ratios, "TAP_BUDGET_BYTES", 1)  # one image at a time
     split = ierf.SRD(model).saliency(x, 1)
     torch.testing.assert_close(split, whole, atol=1e-10, rtol=1e-10)
+
+
+def test_readme_counts_the_small_networks_compared_with_the_reference() -> None:
+    """README (Correctness) says the fast path is compared with the reference "on eleven small networks
+    covering every rule"; ``all_nets()`` holds twelve since ``signed_scaled`` joined. A reader counting the
+    guarantee should get the number the suite runs."""
+    import re
+
+    words = {"ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"compare the fast path with it on (\w+) small networks", readme)
+    assert found, "README no longer states how many small networks are compared with the reference"
+    stated = words.get(found.group(1)) or int(found.group(1))
+    assert stated == len(NETS), f"README says {found.group(1)}, all_nets() has {len(NETS)}: {sorted(NETS)}"

@@ -51,7 +51,8 @@ class ExplainRequest:
     """What to explain; ``target``/``contrast`` stay strings so the backend resolves class names
     against the model it actually serves."""
 
-    image: np.ndarray  # uint8 (H, W, 3), the original picture (the backend resizes and crops)
+    image: np.ndarray | None  # uint8 (H, W, 3), the original picture (the backend resizes and crops); None:
+    # not decoded here (a server is sent the file and decodes it, up to its own limits)
     model: str = DEFAULT_MODEL
     path: str | None = None  # the file it was read from: a server is sent its bytes, not re-encoded pixels
     weights: str | None = None
@@ -145,6 +146,7 @@ class InProcessBackend:
         contrast: str | int = request.contrast.lower()
         if contrast not in ("identity", "mean"):
             contrast = loaded.class_index(request.contrast)
+        assert request.image is not None, "the in-process backend is given decoded pixels"
         pixels = loaded.resize_crop(request.image)
         x = loaded.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(loaded.device)
         explainer = ierf.SRD(loaded.module)
@@ -283,8 +285,14 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
     if args.layer is not None and (args.target is not None or args.contrast is not None):
         raise UsageError("--target/--contrast apply to class saliency; an iERF (--layer/--position) has no target")
     check_output(args.output, args.image)
+    if getattr(backend, "sends_files", False):  # the server decodes the file: only check that it is one here
+        source = Path(args.image)
+        if not source.exists():
+            raise FileNotFoundError(f"image file {str(source)!r} does not exist")
+        if source.is_dir():
+            raise ValueError(f"image path {str(source)!r} is a directory, not an image file")
     request = ExplainRequest(
-        image=load_image(args.image),
+        image=None if getattr(backend, "sends_files", False) else load_image(args.image),
         path=str(args.image),
         model=args.model,
         weights=args.weights,

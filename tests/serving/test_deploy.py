@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -229,3 +232,42 @@ def test_the_cpu_worker_group_holds_every_replica_at_full_scale() -> None:
         slot = next((i for i, cpus in enumerate(free) if cpus >= need), None)
         assert slot is not None, f"a replica needing {need} CPUs finds no CPU node with room at full scale"
         free[slot] -= need
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+@pytest.mark.parametrize(
+    "other,refused",
+    [([], False), (["METRICS_PORT=18081"], True), (["HTTP_PORT=18001"], True)],
+    ids=["same", "metrics", "http"],
+)
+def test_make_start_on_other_ports_while_one_runs_is_refused(tmp_path: Path, other: list[str], refused: bool) -> None:
+    """README (Service): "a `make run` on other ports while one runs is refused: `make stop` first". Only the
+    gRPC and Redis ports were compared with the running ones: `make run METRICS_PORT=…` (or HTTP_PORT) found
+    the service "already running", exited 0 and printed a metrics/healthz address nothing listens on. The
+    running service and Redis are stood in for by a live process whose pid is in the run directory."""
+    stamp = (
+        ".venv/.installed-"
+        + hashlib.md5(
+            (ROOT / "pyproject.toml").read_bytes() + (ROOT / "clients" / "python" / "pyproject.toml").read_bytes()
+        ).hexdigest()[:12]
+    )
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        for name, port in (("redis", "16379"), ("service", "19000 8080 8000")):  # as make start records them
+            (tmp_path / f"{name}.pid").write_text(f"{alive.pid}\n")
+            (tmp_path / f"{name}.port").write_text(f"{port}\n")
+        ports = ["GRPC_PORT=19000", "REDIS_PORT=16379", f"RUN_DIR={tmp_path}"]
+        done = subprocess.run(
+            ["make", "-s", "-C", str(ROOT), "-o", stamp, "start", *ports, *other],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        alive.kill()
+        alive.wait()
+    if refused:
+        assert done.returncode != 0, done.stdout + done.stderr
+        assert "make stop first" in done.stdout + done.stderr
+    else:  # the same ports: the running service is taken as it is
+        assert done.returncode == 0 and "service already running" in done.stdout, done.stdout + done.stderr

@@ -64,11 +64,17 @@ def _upload(request: ExplainRequest) -> Any:
         if accepted:
             with open(request.path, "rb") as f:
                 return f.read()
+        if request.image is None:  # a format the server does not read: decoded here, sent as pixels
+            from ierf.images import load_image
+
+            return load_image(request.path)
     return request.image
 
 
 class RemoteBackend:
     """Implements the CLI's Backend protocol with :class:`ierf_client.Client`."""
+
+    sends_files = True  # the CLI leaves the image undecoded: the file goes as it is, the server decodes it
 
     def __init__(self, address: str, timeout: float = 600.0) -> None:
         from ierf_client import Client, RetryPolicy
