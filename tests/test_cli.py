@@ -96,6 +96,10 @@ def test_module_entry_point_works_as_in_make_run(tmp_path):
         (["explain", IMG, "-o", "out.png", "--timeout", "5"], "--timeout applies with --server"),
         (["--server", "127.0.0.1:1", "explain", IMG, "-o", "out.png", "--timeout", "0"], "positive number"),
         (["--server", "127.0.0.1:1", "explain", IMG, "-o", "out.png", "--device", "cpu"], "--device does not apply"),
+        # --server leaves the image undecoded; a missing file or a directory is still the command's fault (2),
+        # said before any call to the (here unreachable) server
+        (["--server", "127.0.0.1:1", "--timeout", "5", "explain", "{missing}", "-o", "out.png"], "does not exist"),
+        (["--server", "127.0.0.1:1", "--timeout", "5", "explain", "{dir}.png", "-o", "out.png"], "is a directory"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, coffee_png, tmp_path, capsys, monkeypatch):
@@ -306,6 +310,19 @@ def test_server_mode_uploads_the_files_own_bytes_when_the_server_reads_its_forma
     assert _upload(ExplainRequest(image=load_image(jpeg), path=str(jpeg))) == jpeg.read_bytes()
     for request in (ExplainRequest(image=pixels, path=str(bmp)), ExplainRequest(image=pixels)):
         assert _upload(request) is request.image  # a format the server does not take, or no file: the pixels
+
+
+def test_server_mode_decodes_a_file_the_server_does_not_read_before_uploading(tmp_path: Path) -> None:
+    """``--server`` leaves the image undecoded (``image=None``), so for a format the server does not read
+    (BMP) ``_upload`` must decode the file itself: returning ``request.image`` sent None, not the pixels."""
+    from ierf.serving.remote_backend import _upload
+
+    pixels = demo_image("chelsea")
+    bmp = tmp_path / "cat.bmp"
+    Image.fromarray(pixels).save(bmp)
+    sent = _upload(ExplainRequest(image=None, path=str(bmp)))
+    assert isinstance(sent, np.ndarray)
+    np.testing.assert_array_equal(sent, load_image(bmp))
 
 
 def test_the_cli_and_the_package_import_without_torch():

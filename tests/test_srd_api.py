@@ -1030,6 +1030,23 @@ def test_maps_follow_a_fused_optimiser_step(optimiser: type[torch.optim.Optimize
     torch.testing.assert_close(ierf.SRD(model).saliency(x, 2).sum((1, 2)), logits[:, 2], rtol=1e-4, atol=1e-5)
 
 
+def test_maps_follow_a_fused_optimiser_step_on_every_parameter_group() -> None:
+    """The fused-step hook must bump the parameters of every fused group, not only the first: with the head in
+    a group of its own (a usual fine-tuning set-up), a step that moves only the other group left the cached
+    folded kernels from before it, and the maps silently stopped summing to the new logits."""
+    model, x = _bn_net(), torch.randn(2, 3, 12, 12)
+    explainer = ierf.SRD(model)
+    explainer.saliency(x, 2)
+    head = list(model[5].parameters())
+    body = [p for p in model.parameters() if all(p is not q for q in head)]
+    opt = torch.optim.SGD([{"params": head, "lr": 0.0}, {"params": body, "lr": 0.5}], fused=True)
+    model(x)[:, 2].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(explainer.saliency(x, 2).sum((1, 2)), logits[:, 2], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; users still have such modules
 def test_a_torchscript_module_is_refused_with_the_way_round_it() -> None:
     """``ierf.SRD(torch.jit.script(model))`` ended in "AttributeError: 'OrderedDictWrapper' object has no
@@ -1040,6 +1057,15 @@ def test_a_torchscript_module_is_refused_with_the_way_round_it() -> None:
         ierf.SRD(torch.jit.script(model))
     wrapped = nn.Sequential(nn.Identity(), torch.jit.script(_bn_net()))
     with pytest.raises(UnsupportedModelError, match=r"(?i)torchscript|jit"):
+        ierf.SRD(wrapped)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; users still have such modules
+def test_a_scripted_submodule_is_named_by_its_outermost_scripted_module() -> None:
+    """Like the DataParallel refusal, the TorchScript one names the submodule to replace: the outermost scripted
+    one (``'1'``), not one of the scripted modules inside it, which cannot be swapped for an eager one alone."""
+    wrapped = nn.Sequential(nn.Identity(), torch.jit.script(_bn_net()))
+    with pytest.raises(UnsupportedModelError, match=r"submodule '1' is TorchScript"):
         ierf.SRD(wrapped)
 
 
@@ -1067,3 +1093,32 @@ def test_a_certainly_wrong_target_is_refused_before_the_decomposition() -> None:
     with pytest.raises(ValueError, match=rf"target out of range: the model has {classes} classes"):
         explainer.saliency(x, torch.tensor([0, classes]))
     assert decomposed == [1]
+
+
+def test_a_non_integer_target_is_refused_before_the_decomposition() -> None:
+    """``_check_target_early``: "a bool or other non-integer" is refused before the decomposition. A float or a
+    string target that slipped past the early check was still refused, but only after the whole decomposition."""
+    model, x = _bn_net(), torch.randn(2, 3, 12, 12)
+    explainer = ierf.SRD(model)
+    decomposed: list[int] = []
+    real = explainer.decompose
+    explainer.decompose = lambda *a, **k: decomposed.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    for target in (1.0, "1", None):
+        with pytest.raises(TypeError, match="target must be an int"):
+            explainer.saliency(x, target)  # type: ignore[arg-type]
+    assert decomposed == []
+
+
+def test_the_early_target_refusal_gives_the_decompositions_own_message() -> None:
+    """The early refusal promises the message the decomposition would give, which lists the whole target
+    tensor (which image asked for what); a message listing only its smallest and largest values does not."""
+    model, x = _bn_net(), torch.randn(3, 3, 12, 12)
+    explainer = ierf.SRD(model)
+    explainer.saliency(x, 1)  # the explainer now knows the class count
+    target = torch.tensor([2, 0, 7])
+    with pytest.raises(ValueError) as late:
+        explainer.decompose(x).saliency(target)
+    with pytest.raises(ValueError) as early:
+        explainer.saliency(x, target)
+    assert str(early.value) == str(late.value)
+    assert "[2, 0, 7]" in str(early.value)

@@ -271,3 +271,48 @@ def test_make_start_on_other_ports_while_one_runs_is_refused(tmp_path: Path, oth
         assert "make stop first" in done.stdout + done.stderr
     else:  # the same ports: the running service is taken as it is
         assert done.returncode == 0 and "service already running" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_start_records_the_ports_it_compares_a_later_start_with(tmp_path: Path) -> None:
+    """`make start` writes run/service.port and a later `make start` compares its own ports with it: the two
+    must agree. Had the writer kept recording the gRPC port alone, a second `make run` on the very same ports
+    would be refused ("make stop first") and one on other metrics/HTTP ports still taken as "already running".
+    The service is stood in for by a script in place of the venv's python that only marks itself ready; Redis
+    by a live process whose pid is in the run directory."""
+    stamp = (
+        ".venv/.installed-"
+        + hashlib.md5(
+            (ROOT / "pyproject.toml").read_bytes() + (ROOT / "clients" / "python" / "pyproject.toml").read_bytes()
+        ).hexdigest()[:12]
+    )
+    bin_dir, run = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    run.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(
+        '#!/bin/bash\nwhile [ $# -gt 0 ]; do [ "$1" = --ready-file ] && touch "$2"; shift; done\nexec sleep 60\n'
+    )
+    fake.chmod(0o755)
+    redis = subprocess.Popen(["sleep", "60"])
+    (run / "redis.pid").write_text(f"{redis.pid}\n")
+    (run / "redis.port").write_text("16379\n")
+    ports = ["GRPC_PORT=19000", "METRICS_PORT=18080", "HTTP_PORT=18000", "REDIS_PORT=16379"]
+
+    def start(*other: str) -> subprocess.CompletedProcess[str]:
+        command = ["make", "-s", "-C", str(ROOT), "-o", stamp, "start", f"RUN_DIR={run}", f"BIN={bin_dir}"]
+        return subprocess.run([*command, *ports, *other], capture_output=True, text=True, timeout=60)
+
+    try:
+        first = start()
+        assert first.returncode == 0 and "service ready" in first.stdout, first.stdout + first.stderr
+        again = start()
+        assert again.returncode == 0 and "service already running" in again.stdout, again.stdout + again.stderr
+        other = start("METRICS_PORT=18081")
+        assert other.returncode != 0 and "make stop first" in other.stdout + other.stderr, other.stdout
+    finally:
+        redis.kill()
+        redis.wait()
+        pid = (run / "service.pid").read_text().strip() if (run / "service.pid").exists() else ""
+        if pid:
+            subprocess.run(["kill", pid], check=False)
