@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
+from ierf.srd.graph import rule_type
 
 # The modules APOP freezes, each with the stock class whose forward it must run (a subclass that brings a
 # forward of its own computes something else). ReLU6's forward is Hardtanh's: plain Hardtanh is not frozen.
@@ -52,11 +53,9 @@ class ActivationPattern:
 
 
 def _frozen_kind(module: nn.Module) -> type[nn.Module] | None:
-    """The stock class whose pattern ``module`` has, or None when APOP cannot freeze it."""
-    for kind in _FROZEN:
-        if isinstance(module, kind) and type(module).forward is kind.forward and "forward" not in vars(module):
-            return kind
-    return None
+    """The stock class whose pattern ``module`` has, or None when APOP cannot freeze it (the test SRD uses to
+    tell a stock module from one with a forward of its own)."""
+    return rule_type(module, _FROZEN)
 
 
 def _is_gate(module: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from torch import nn
 from ierf.errors import UnsupportedModelError
 from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
 from ierf.metrics.similarity import check_ssim_size, pearson, ssim, top_k_intersection
+from ierf.srd.graph import rule_type
 from ierf.srd.rules import register_activation
 
 DiffExplain = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,11 +82,6 @@ _KINKED = (
 )
 
 
-def _stock(module: nn.Module, kind: type[nn.Module]) -> bool:
-    """``module`` computes what ``kind`` does: a subclass without a forward of its own counts, a patched one not."""
-    return isinstance(module, kind) and type(module).forward is kind.forward and "forward" not in vars(module)
-
-
 def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, int]:
     """A deep copy of ``model`` with every nn.ReLU -> Softplus(beta), nn.ReLU6 -> SmoothReLU6(beta).
 
@@ -98,11 +94,10 @@ def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, i
     replaced = 0
     for parent in list(smooth.modules()):
         for name, child in list(parent.named_children()):
-            if _stock(child, nn.ReLU):
-                setattr(parent, name, nn.Softplus(beta=beta))
-                replaced += 1
-            elif _stock(child, nn.ReLU6):
-                setattr(parent, name, SmoothReLU6(beta))
+            # a subclass without a forward of its own counts, a patched one not (SRD's test of a stock module)
+            kind = rule_type(child, (nn.ReLU, nn.ReLU6))
+            if kind is not None:
+                setattr(parent, name, nn.Softplus(beta=beta) if kind is nn.ReLU else SmoothReLU6(beta))
                 replaced += 1
     smooth.eval()  # the new activation modules are created in training mode
     for p in smooth.parameters():
