@@ -378,15 +378,30 @@ _SIXTEEN_BIT_MODES = ("I;16L", "I;16N")  # 16-bit greys PNG cannot name: re-labe
 
 
 def image_message(image: ImageInput) -> pb.Image:
-    """Paths and bytes travel as the file's encoded bytes; PIL images as PNG, upright as the server
+    """The image as a message of its own (see :func:`fill_image`)."""
+    message = pb.Image()
+    fill_image(message, image)
+    return message
+
+
+def fill_image(message: pb.Image, image: ImageInput) -> None:
+    """Write ``image`` into ``message`` (a request's ``image`` field), in place.
+
+    Paths and bytes travel as the file's encoded bytes; PIL images as PNG, upright as the server
     would turn their file; arrays as raw tensors (large float ones rounded to uint8 first, large uint8
-    ones as lossless PNG), so the server sees the same canonical pixels however the image travels."""
+    ones as lossless PNG), so the server sees the same canonical pixels however the image travels.
+    In place because protobuf (upb) deep-copies a message handed to a constructor: with glibc's default
+    malloc, each copy of a 720 KB image mapped fresh pages, and building a request as
+    ``ExplainRequest(image=Image(tensor=Tensor(data=...)))`` cost 3.4 ms against 0.07 ms."""
     if isinstance(image, str | os.PathLike):
-        return _encoded_message(Path(image).read_bytes())
+        _fill_encoded(message, Path(image).read_bytes())
+        return
     if isinstance(image, bytes | bytearray | memoryview):
-        return _encoded_message(bytes(image))
+        _fill_encoded(message, bytes(image))
+        return
     if isinstance(image, Image.Image):
-        return pb.Image(encoded=_png(_png_ready(image)))
+        message.encoded = _png(_png_ready(image))
+        return
     if isinstance(image, np.ndarray):
         # The server takes (H, W, 3), (H, W, 1) or (H, W): checked here so that a wrong shape fails
         # the same way whatever the array's size (large ones travel as PNG), before any upload. An alpha
@@ -414,9 +429,13 @@ def image_message(image: ImageInput) -> pb.Image:
             image, dtype = _float_to_uint8(image), pb.DATA_TYPE_UINT8
         if dtype == pb.DATA_TYPE_UINT8 and image.nbytes > RAW_TENSOR_LIMIT_BYTES:
             grey_or_rgb = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-            return pb.Image(encoded=_png(Image.fromarray(np.ascontiguousarray(grey_or_rgb))))  # lossless
+            message.encoded = _png(Image.fromarray(np.ascontiguousarray(grey_or_rgb)))  # lossless
+            return
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
-        return pb.Image(tensor=pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(image.shape)))
+        message.tensor.data = data.tobytes()
+        message.tensor.dtype = dtype
+        message.tensor.shape.extend(image.shape)
+        return
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or numpy array")
 
 
@@ -425,13 +444,14 @@ def _server_reads(data: bytes) -> bool:
     return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def _encoded_message(data: bytes) -> pb.Image:
+def _fill_encoded(message: pb.Image, data: bytes) -> None:
     """A file's bytes as they are when the server reads the format (PNG, JPEG, WebP); another format
     Pillow reads here (GIF, BMP, TIFF, …: the in-process CLI takes them too) travels as a lossless PNG of
     its first frame, upright by its EXIF orientation. Bytes nobody reads go as they are: the server then
     says what is wrong with them."""
     if _server_reads(data):
-        return pb.Image(encoded=data)
+        message.encoded = data
+        return
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's complaints about a damaged file: the outcome says it
@@ -442,8 +462,9 @@ def _encoded_message(data: bytes) -> pb.Image:
     except Image.DecompressionBombError as exc:  # readable, but too large to convert here (or to explain there)
         raise ValueError(f"image file is too large to convert to PNG for the server: {exc}") from None
     except Exception:  # Pillow cannot read them (OSError, SyntaxError, EOFError, struct.error, …)
-        return pb.Image(encoded=data)
-    return pb.Image(encoded=_png(_png_ready(picture)))
+        message.encoded = data
+        return
+    message.encoded = _png(_png_ready(picture))
 
 
 def _float_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -751,7 +772,9 @@ def explain_request(
         fields["target"] = check_int32(target, "target")
     checked = check_contrast(contrast)
     fields["contrast_class" if isinstance(checked, int) else "contrast"] = checked
-    return pb.ExplainRequest(image=image_message(image), **fields)
+    request = pb.ExplainRequest(**fields)
+    fill_image(request.image, image)
+    return request
 
 
 def ierf_request(
@@ -771,7 +794,9 @@ def ierf_request(
         "overlay": overlay,
         "return_input": return_input,
     }
-    return pb.ComputeIERFRequest(image=image_message(image), **fields)
+    request = pb.ComputeIERFRequest(**fields)
+    fill_image(request.image, image)
+    return request
 
 
 def _position_pairs(positions: object) -> list[tuple[int, int]]:
@@ -796,7 +821,9 @@ def predict_request(image: ImageInput, top_k: int, model: str) -> pb.PredictRequ
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     model = check_name(model, "model")
-    return pb.PredictRequest(model_id=model, image=image_message(image), top_k=top_k)
+    request = pb.PredictRequest(model_id=model, top_k=top_k)
+    fill_image(request.image, image)
+    return request
 
 
 # ------------------------------------------------------------------------------------------ health
