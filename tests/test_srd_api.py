@@ -1122,3 +1122,18 @@ def test_the_early_target_refusal_gives_the_decompositions_own_message() -> None
         explainer.saliency(x, target)
     assert str(early.value) == str(late.value)
     assert "[2, 0, 7]" in str(early.value)
+
+
+def test_a_decomposition_s_nbytes_is_what_its_state_holds() -> None:
+    """The serving cache sizes a decomposition by ``nbytes`` and builds its state only later: the two must
+    agree, or L1's byte bound and the Redis size cap count something else than what is stored."""
+    from srd_nets import all_nets
+
+    def tensors_nbytes(state: dict[str, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in state.values())
+
+    for name, (model, hw) in all_nets().items():
+        dec = ierf.SRD(model).decompose(torch.randn(2, 3, *hw, dtype=torch.float64))
+        assert dec.nbytes == tensors_nbytes(dec.state_dict()), name
+    dec = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=1)).decompose(torch.randn(1, 3, 48, 40))
+    assert dec.nbytes == tensors_nbytes(dec.state_dict())

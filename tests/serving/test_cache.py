@@ -528,6 +528,34 @@ def test_a_deferred_write_waits_unencoded_is_read_meanwhile_and_lands_when_writt
     assert cache.put(KEY + ":closed", obj, 1, tensors, background=True, deferred=True) == "dropped"  # not held
 
 
+def test_a_deferred_write_makes_its_tensors_only_when_written(redis_flushed) -> None:
+    """The worker hands the decomposition's ``state_dict`` itself (assembling a ResNet50's took ~1 ms of
+    each new image's answer): a deferred put must not call it, write_deferred calls it once, and an
+    undeferred put at once; its declared size bounds the queue like the tensors' own."""
+    tensors = {"ratios": torch.rand(100_000)}
+    size = tensors_nbytes(tensors)
+    calls: list[int] = []
+
+    def make() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return tensors
+
+    tier = RedisTier(RedisSettings(url=redis_flushed.url))
+    cache = TieredCache(0, tier, write_behind_bytes=size + size // 2)
+    with pytest.raises(ValueError, match="tensors_size"):
+        cache.put(KEY, object(), 1, make, background=True, deferred=True)
+    assert cache.put(KEY, object(), 1, make, background=True, deferred=True, tensors_size=size) == "queued"
+    assert not calls and cache._deferred_bytes == size
+    # no room beside it: made and queued at once
+    assert cache.put(KEY + ":b", object(), 1, make, background=True, deferred=True, tensors_size=size) == "queued"
+    assert len(calls) == 1
+    assert cache._behind is not None and cache._behind.flush(5)  # sent: room again for the held one
+    assert cache.write_deferred() == 1 and len(calls) == 2 and cache._deferred_bytes == 0
+    assert cache.flush(timeout_s=5)
+    assert tier.get(KEY)[0] == "hit" and tier.get(KEY + ":b")[0] == "hit"
+    cache.close()
+
+
 def test_deferred_writes_are_bounded_like_the_write_behind_queue(redis_flushed) -> None:
     """Deferred and queued values share the write-behind budget: past it a deferred put is encoded and
     queued at once instead of held."""

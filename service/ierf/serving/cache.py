@@ -171,6 +171,9 @@ def decode_tensors(key: str, data: bytes) -> dict[str, torch.Tensor]:
         raise CodecError(f"payload does not parse: {exc}") from None
 
 
+_Tensors = dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]]
+
+
 def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -748,9 +751,10 @@ class TieredCache:
         self._behind: _WriteBehind | None = None
         if redis_tier is not None and write_behind_bytes > 0:
             self._behind = _WriteBehind(self._put_l2, write_behind_bytes)
-        # key -> (object, its L1 size, its tensors): L2 writes waiting for write_deferred, bounded like the
-        # write-behind queue (by the tensors' bytes) and readable meanwhile like it
-        self._deferred: OrderedDict[str, tuple[Any, int, dict[str, torch.Tensor]]] = OrderedDict()
+        # key -> (object, its L1 size, its tensors or the function that makes them, their bytes): L2 writes
+        # waiting for write_deferred, bounded like the write-behind queue (by the tensors' bytes) and
+        # readable meanwhile like it
+        self._deferred: OrderedDict[str, tuple[Any, int, _Tensors, int]] = OrderedDict()
         self._deferred_bytes = 0
         self._deferred_lock = threading.Lock()
         self._writing_deferred = threading.Lock()  # one writer at a time (compute thread, or close())
@@ -793,7 +797,7 @@ class TieredCache:
         with self._deferred_lock:
             deferred = self._deferred.get(key)
         if deferred is not None:  # on its way to Redis, still the object itself: no decoding
-            obj, nbytes, _ = deferred
+            obj, nbytes, _, _ = deferred
             observe("l2", "get", "hit", time.perf_counter() - start, 0)  # 0: no bytes moved from Redis
             self._put_l1(key, obj, nbytes)
             return Lookup(obj, "l2")
@@ -834,20 +838,25 @@ class TieredCache:
         key: str,
         obj: Any,
         nbytes: int,
-        tensors: dict[str, torch.Tensor] | None,
+        tensors: _Tensors | None,
         background: bool = False,
         deferred: bool = False,
+        tensors_size: int | None = None,
     ) -> str:
         """Store in L1, and in L2 when ``tensors`` is given. Returns the L2 result for provenance:
         "queued" when the write went behind (its own result then only reaches the observer), "dropped"
         when the write-behind queue was full. ``deferred`` (with write-behind on) keeps the tensors,
         unencoded, until :meth:`write_deferred`; deferred and queued values share the write-behind byte
-        budget, and without room the write goes behind at once (or is dropped, as without deferral)."""
+        budget, and without room the write goes behind at once (or is dropped, as without deferral).
+        ``tensors`` may be a function that makes them, with ``tensors_size`` their bytes: a deferred write
+        then makes them only when it is written, after the caller has its answer."""
         self._put_l1(key, obj, nbytes)
         if self.l2 is None or tensors is None:
             return "disabled"
         start = time.perf_counter()
-        size = tensors_nbytes(tensors)
+        if callable(tensors) and tensors_size is None:
+            raise ValueError("tensors given as a function need their tensors_size")
+        size = tensors_size if tensors_size is not None else tensors_nbytes(tensors)
         if size > self.l2.settings.max_value_bytes:
             self.observer("l2", "put", "too_big", time.perf_counter() - start, 0)  # never sent
             return "too_big"
@@ -856,10 +865,10 @@ class TieredCache:
             with self._deferred_lock:
                 self._pop_deferred(key)
                 if self._deferred_bytes + queued_bytes + size <= self._behind.max_pending_bytes:
-                    self._deferred[key] = (obj, nbytes, tensors)
+                    self._deferred[key] = (obj, nbytes, tensors, size)
                     self._deferred_bytes += size
                     return "queued"
-        return self._encode_and_put(key, tensors, background, start)
+        return self._encode_and_put(key, tensors() if callable(tensors) else tensors, background, start)
 
     def _encode_and_put(self, key: str, tensors: dict[str, torch.Tensor], background: bool, start: float) -> str:
         try:
@@ -891,21 +900,22 @@ class TieredCache:
                 with self._deferred_lock:
                     if not self._deferred:
                         return written
-                    key, (_, _, tensors) = next(iter(self._deferred.items()))
+                    key, (_, _, tensors, size) = next(iter(self._deferred.items()))
                 try:
-                    if self._encode_and_put(key, tensors, True, time.perf_counter()) == "queued":
+                    made = tensors() if callable(tensors) else tensors
+                    if self._encode_and_put(key, made, True, time.perf_counter()) == "queued":
                         written += 1
                 finally:
                     with self._deferred_lock:
-                        if self._deferred.get(key, (None, 0, None))[2] is tensors:  # not replaced meanwhile
+                        if self._deferred.get(key, (None, 0, None, 0))[2] is tensors:  # not replaced meanwhile
                             del self._deferred[key]
-                            self._deferred_bytes -= tensors_nbytes(tensors)
+                            self._deferred_bytes -= size
 
     def _pop_deferred(self, key: str) -> None:
         """Drop ``key``'s deferred value, if any; the caller holds ``_deferred_lock``."""
         previous = self._deferred.pop(key, None)
         if previous is not None:
-            self._deferred_bytes -= tensors_nbytes(previous[2])
+            self._deferred_bytes -= previous[3]
 
     def _put_l1(self, key: str, obj: Any, nbytes: int) -> None:
         if self.l1.capacity_bytes <= 0:  # L1 off: nothing to count

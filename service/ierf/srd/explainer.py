@@ -487,6 +487,18 @@ class Decomposition:
         return grids
 
     # -- persistence ------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """What :meth:`state_dict`'s tensors hold (numel x element size, summed), without building them: a
+        ResNet50's state takes ~1 ms to assemble, which a cache can then spend after its caller has the
+        answer."""
+        index = torch.empty((), dtype=torch.long).element_size()
+        total = index * (1 + 5 * len(self.head.routes) + 4 * len(self.shapes))  # schema, head.routes, shapes
+        total += sum(t.numel() * t.element_size() for t in (self.logits, self.head.contrib, self.head.bias))
+        for st in self.stages:
+            total += st.mu.numel() * st.mu.element_size() + index * (5 * len(st.routes) + 1)  # mu, routes, sink
+        return total + sum(a.numel() * a.element_size() for a in self.activations.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors only, so caches can store raw bytes (never pickle)."""
         state: dict[str, torch.Tensor] = {
