@@ -218,3 +218,29 @@ def demo_image(name: str) -> np.ndarray:
         hint = " (china and flower need scikit-learn)" if name in _SKLEARN_IMAGES else ""
         raise ValueError(f"unknown demo image {name!r}{hint}; available: {', '.join(demo_images())}")
     return to_rgb_array(np.asarray(loader()))
+
+
+def resize_crop(image: ImageLike, resize: int, crop: int) -> np.ndarray:
+    """uint8 (crop, crop, 3): short side resized to ``resize`` (PIL bilinear, antialiased), then the
+    centre ``crop``² (see :meth:`ierf.models.Preprocessing.resize_crop`). Torch-free, so the serving
+    ingress computes the very pixels a worker would. Any change to the arithmetic here must bump
+    ``ierf.models.preprocessing.PIPELINE_VERSION`` (cached activations are keyed by it)."""
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    if height <= width:
+        new_h, new_w = resize, int(resize * width / height)
+    else:
+        new_h, new_w = int(resize * height / width), resize
+    if min(new_h, new_w) < crop:
+        raise ValueError(f"resize {resize} is smaller than crop {crop}")
+    top = round((new_h - crop) / 2)
+    left = round((new_w - crop) / 2)
+    scale_y, scale_x = height / new_h, width / new_w
+    box = (
+        left * scale_x,
+        top * scale_y,
+        (left + crop) * scale_x,
+        (top + crop) * scale_y,
+    )
+    resampled = Image.fromarray(rgb).resize((crop, crop), Image.Resampling.BILINEAR, box=box)
+    return np.array(resampled, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one

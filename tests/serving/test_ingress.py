@@ -1141,3 +1141,80 @@ def test_the_proxys_walk_lets_exactly_the_cap_of_positions_through() -> None:
     assert oversized(at_cap + b"\x22\x00", pb.ComputeIERFRequest.DESCRIPTOR) == (
         f"ierf.v1.ComputeIERFRequest.positions holds over {MAX_REPEATED_ENTRIES} entries"
     )
+
+
+def _described(ingress: Any, resize: int = 36, crop: int = 32) -> None:
+    from ierf.serving.jobs import LayerShape, ModelDescription
+
+    ingress._descriptions["m"] = ModelDescription(
+        id="m",
+        weights_digest="digest",
+        input_height=crop,
+        input_width=crop,
+        preprocess_version="v1-r36-c32",
+        class_names=[str(i) for i in range(10)],
+        layers=[LayerShape("l", 4, 8, 8)],
+        methods=["srd"],
+        default_method="srd",
+        device="cpu",
+        resize=resize,
+    )
+
+
+def _pixels_message(pixels: Any) -> Any:
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    return pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=list(pixels.shape)))
+
+
+def test_a_large_image_travels_to_the_worker_as_the_models_view_and_a_small_one_whole() -> None:
+    """The hop to the worker costs by the byte: a decoded photo is cut to the model's view here (the very
+    pixels the worker's preprocessing makes) once the model's description is known; a small image, or
+    one sent before the description arrived, travels whole."""
+    import numpy as np
+    from ierf.images import resize_crop
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Capture(_full_outcome())
+    ingress = _ingress({"m": worker})
+    photo = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))  # no description yet
+    _described(ingress)
+    response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))
+    asyncio.run(ingress.Predict(pb.PredictRequest(image=_pixels_message(photo))))
+    asyncio.run(
+        ingress.ComputeIERF(pb.ComputeIERFRequest(image=_pixels_message(photo), layer="l", positions=[pb.Position()]))
+    )
+    small = photo[:40, :40].copy()  # 4800 bytes: under twice the view's 3072
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(small))))
+    whole, *viewed, last = worker.jobs
+    assert whole.view_version == "" and whole.pixels.shape == photo.shape
+    for job in viewed:
+        assert job.view_version == "v1-r36-c32" and np.array_equal(job.pixels, resize_crop(photo, 36, 32))
+        assert job.content_hash == whole.content_hash  # the key names the decoded image, not the view
+    assert last.view_version == "" and last.pixels.shape == small.shape
+    assert "preprocess" in {t.stage for t in response.provenance.timings}
+
+
+def test_a_view_the_worker_refuses_as_stale_is_sent_again_whole_and_the_description_dropped() -> None:
+    """After a redeploy with other preprocessing, a replica refuses a view cut by the old description: the
+    caller still gets its answer, from the decoded image, and the ingress stops cutting by that description."""
+    import numpy as np
+    from ierf.serving.errors import StaleView
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    jobs: list[Any] = []
+
+    async def answer(job: Any) -> Any:
+        jobs.append(job)
+        return StaleView("view made by preprocessing v1-r36-c32") if job.view_version else _full_outcome()
+
+    worker = _Capture(_full_outcome())
+    worker.explain = _Method(answer)
+    ingress = _ingress({"m": worker})
+    _described(ingress)
+    photo = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))
+    assert response.map.shape == [1, 8, 8]
+    assert [job.view_version for job in jobs] == ["v1-r36-c32", ""] and jobs[1].pixels.shape == photo.shape
+    assert "m" not in ingress._descriptions

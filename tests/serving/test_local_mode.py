@@ -723,3 +723,37 @@ def test_a_run_after_refusals_is_blended_with_what_was_measured_not_with_the_low
     assert host._estimates[DECOMPOSE] < 11.0  # lowered by each refusal: 0.8 ** 10 x 100
     host.explain(ExplainJob(pixels, "no-deadline", target=1))  # finishes: its time is what teaches
     assert host._estimates[DECOMPOSE] >= 70.0
+
+
+def test_a_view_cut_by_the_ingress_gives_the_maps_of_the_whole_image_and_a_stale_one_is_refused() -> None:
+    """The ingress sends large images as the model's view (ierf.images.resize_crop, the worker's own
+    arithmetic): the answers must be those of the decoded image, and a view cut by other preprocessing (a
+    description from before a redeploy) is refused, never explained."""
+    from ierf.images import resize_crop
+    from ierf.serving.errors import StaleView
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, IERFJob, ModelHost, PredictJob
+
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "resize": 240}], "cache": {"redis_url": None}}
+    )
+    host = ModelHost(config.models[0], config.cache)
+    photo = np.random.default_rng(3).integers(0, 256, (90, 140, 3), dtype=np.uint8)
+    version = host.description.preprocess_version
+    assert host.description.resize == 240
+    view = resize_crop(photo, host.description.resize, host.description.input_height)
+    whole = host.explain(ExplainJob(photo, "whole", target=5, return_input=True))
+    cut = host.explain(ExplainJob(view, "cut", target=5, return_input=True, view_version=version))
+    np.testing.assert_array_equal(cut.maps, whole.maps)
+    np.testing.assert_array_equal(cut.model_input, whole.model_input)
+    positions = np.array([[0, 0], [1, 1]], dtype=np.int64)
+    np.testing.assert_array_equal(
+        host.ierf(IERFJob(view, "cut", "layer2.1", positions, view_version=version)).maps,
+        host.ierf(IERFJob(photo, "whole", "layer2.1", positions)).maps,
+    )
+    assert host.predict(PredictJob(view, "cut2", view_version=version)).top_classes == (
+        host.predict(PredictJob(photo, "whole2")).top_classes
+    )
+    for pixels, stated in ((view, "v0-r256-c224-imagenet"), (photo, version)):
+        with pytest.raises(StaleView, match="this replica uses"):
+            host.explain(ExplainJob(pixels, "stale", target=5, view_version=stated))

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ierf.images import ImageLike, to_rgb_array
+from ierf.images import ImageLike, resize_crop
 
 # Bump on any change to resize/crop/normalise arithmetic: cached activations keyed by the old
 # value must not be reused.
@@ -48,25 +47,7 @@ class Preprocessing:
         on up to ~20 %, small images upscaled for 299² inputs by up to two levels (logits move by far less
         than the models' own float noise across devices).
         """
-        rgb = to_rgb_array(image)
-        height, width = rgb.shape[:2]
-        if height <= width:
-            new_h, new_w = self.resize, int(self.resize * width / height)
-        else:
-            new_h, new_w = int(self.resize * height / width), self.resize
-        if min(new_h, new_w) < self.crop:
-            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
-        top = round((new_h - self.crop) / 2)
-        left = round((new_w - self.crop) / 2)
-        scale_y, scale_x = height / new_h, width / new_w
-        box = (
-            left * scale_x,
-            top * scale_y,
-            (left + self.crop) * scale_x,
-            (top + self.crop) * scale_y,
-        )
-        resampled = Image.fromarray(rgb).resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=box)
-        return np.array(resampled, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+        return resize_crop(image, self.resize, self.crop)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) or (3, H, W) -> float32 model input on the same device; no resize/crop."""

@@ -61,6 +61,14 @@ class Overloaded(ResourceExhausted):
     big, never retry")."""
 
 
+class StaleView(ServiceError):
+    """The ingress resized an image by a description the worker no longer matches (another preprocessing
+    after a redeploy): the ingress forgets the description and sends the decoded image instead. Never
+    reaches a caller."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 #: Trailing metadata on an overload refusal: milliseconds to wait before retrying (the SDK honours it).
 RETRY_AFTER_KEY = "ierf-retry-after-ms"
 RETRY_AFTER_MS = 250

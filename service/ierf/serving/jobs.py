@@ -24,14 +24,17 @@ DEFAULT_METHOD = "srd"
 # --------------------------------------------------------------------------------------- messages
 @dataclass
 class ExplainJob:
-    pixels: np.ndarray  # canonical uint8 (H, W, 3)
-    content_hash: str
+    pixels: np.ndarray  # canonical uint8 (H, W, 3), or the model's view of it (view_version)
+    content_hash: str  # of the canonical pixels, also when a view travels
     method: str = DEFAULT_METHOD
     target: int | None = None
     contrast: str | int = "identity"
     overlay: bool = False
     return_input: bool = False
     deadline: float | None = None  # time.time() after which the caller no longer waits
+    # set: ``pixels`` are already the model's view (resize + centre crop), made by the ingress with this
+    # preprocessing version; a decoded photo is mostly pixels the model never sees, and travels at its size
+    view_version: str = ""
 
 
 @dataclass
@@ -44,6 +47,7 @@ class IERFJob:
     return_input: bool = False
     deadline: float | None = None
     map_itemsize: int = 4  # bytes per value of the maps the caller asked for (float32 4, float16 2)
+    view_version: str = ""  # as ExplainJob's
 
 
 @dataclass
@@ -52,6 +56,7 @@ class PredictJob:
     content_hash: str
     top_k: int = 5
     deadline: float | None = None
+    view_version: str = ""  # as ExplainJob's
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,9 @@ class ModelDescription:
     layer_aliases: dict[str, str] = field(default_factory=dict)
     # methods this model's architecture cannot run (left out of ``methods``): name -> why
     refused_methods: dict[str, str] = field(default_factory=dict)
+    # the short side's size before the centre crop (input_height x input_width); 0: not said, so the
+    # ingress sends decoded images whole
+    resize: int = 0
 
 
 # ------------------------------------------------------------------------------------ validation

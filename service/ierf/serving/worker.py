@@ -23,7 +23,7 @@ import torch
 
 from ierf.interrupt import Interrupted
 from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
-from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ServiceError
+from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ServiceError, StaleView
 from ierf.serving.jobs import (  # re-exported: the worker's protocol, defined torch-free for the ingress
     DEFAULT_METHOD,
     ExplainJob,
@@ -87,11 +87,21 @@ class _Timer:
 class _ModelInput:
     """The model's view of the image, computed only when needed: a cache hit skips preprocessing."""
 
-    def __init__(self, host: ModelHost, pixels: np.ndarray, content_hash: str, stages: _Stages) -> None:
+    def __init__(
+        self, host: ModelHost, pixels: np.ndarray, content_hash: str, stages: _Stages, view_version: str = ""
+    ) -> None:
         self._host, self._pixels, self._stages = host, pixels, stages
         self.content_hash = content_hash
         self._view: np.ndarray | None = None
         self._x: torch.Tensor | None = None
+        if view_version:  # the ingress made the view; by this replica's preprocessing, or not at all
+            expected = (*host.input_hw, 3)
+            if view_version != host.model.preprocess_version or pixels.shape != expected:
+                raise StaleView(
+                    f"view made by preprocessing {view_version} at {pixels.shape}; this replica uses "
+                    f"{host.model.preprocess_version} at {expected}"
+                )
+            self._view = pixels
 
     @property
     def view(self) -> np.ndarray:
@@ -264,6 +274,7 @@ class ModelHost:
             input_height=self.input_hw[0],
             input_width=self.input_hw[1],
             preprocess_version=self.model.preprocess_version,
+            resize=self.model.preprocessing.resize,
             class_names=list(self.model.class_names),
             layers=list(self.layers.values()),
             methods=list(self.methods),
@@ -502,7 +513,7 @@ class ModelHost:
         check_explain_args(self.description, method, job.target, contrast)
         explainer = self._explainer(method)
         prov = self._provenance(method, job.content_hash)
-        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
         work = _explain_work(method)
         if method == DEFAULT_METHOD:
 
@@ -553,7 +564,7 @@ class ModelHost:
         layer = check_ierf_args(self.description, job.layer, positions)
         check_response_fits(self.description, len(positions), job.map_itemsize, job.overlay, job.return_input)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
-        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
 
         def ierf(decomposition: Any) -> torch.Tensor:
             _check_deadline(job.deadline, "the iERF computation")
@@ -587,7 +598,7 @@ class ModelHost:
         stages = _Stages(self._record_stage, self.config.id)
         top_k = check_top_k(self.description, job.top_k)
         prov = self._provenance("", job.content_hash)
-        inputs = _ModelInput(self, job.pixels, job.content_hash, stages)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
         logits = self._logits(inputs, prov, stages, job.deadline).reshape(-1)
         probabilities = torch.softmax(logits.to(torch.float64), dim=0)
         values, indices = probabilities.topk(top_k)
