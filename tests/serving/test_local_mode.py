@@ -735,7 +735,10 @@ def test_a_view_cut_by_the_ingress_gives_the_maps_of_the_whole_image_and_a_stale
     from ierf.serving.worker import ExplainJob, IERFJob, ModelHost, PredictJob
 
     config = ServiceConfig.from_args(
-        {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "resize": 240}], "cache": {"redis_url": None}}
+        {
+            "models": [{"id": "r18", "name": "resnet18", "random_init": True, "resize": 240}],
+            "cache": {"redis_url": None},
+        }
     )
     host = ModelHost(config.models[0], config.cache)
     photo = np.random.default_rng(3).integers(0, 256, (90, 140, 3), dtype=np.uint8)

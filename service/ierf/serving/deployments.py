@@ -75,6 +75,7 @@ SMALL_IMAGE_PIXELS = 1_000_000
 # A decoded image over this many times the model's view (its input, uint8 RGB) travels to the worker as that
 # view, made here; a smaller one travels whole (see Ingress._send).
 VIEW_MIN_FACTOR = 2
+DEADLINE_CAP_LABEL = "deadline_cap_s"  # in a request's labels (not a metric label): the cap that bound its deadline
 CALLER_GONE = "the caller went away"  # why a job stopped when its request was cancelled
 BUILT_IN_METHODS = [DEFAULT_METHOD, *BASELINE_METHODS]
 # A new decomposition's Redis copy is encoded and sent this long after its request was answered (behind
@@ -314,9 +315,14 @@ class Ingress:
         self._answered_at: dict[str, float] = {}  # model id -> time.monotonic() of its last answer
 
     # ------------------------------------------------------------------------------ plumbing
-    def _deadline(self, grpc_context: Any) -> float:
+    def _deadline(self, grpc_context: Any, labels: dict[str, Any] | None = None) -> float:
+        """The request's deadline: the caller's budget, capped at ``request_timeout_s``. When the cap is what
+        binds, ``labels`` notes it, so a refusal for too little time names the cap (which the caller cannot
+        raise) rather than asking for a longer deadline."""
         budget = self.config.ingress.request_timeout_s
         caller = _caller_budget_s(grpc_context)
+        if labels is not None and (caller is None or caller > budget):
+            labels[DEADLINE_CAP_LABEL] = budget
         return time.time() + (budget if caller is None else min(budget, caller))
 
     def _worker(self, model_id: str) -> tuple[str, Any]:
@@ -422,7 +428,7 @@ class Ingress:
     ) -> Any:
         """Run one RPC: metrics and error mapping. ``labels`` is filled by the handler (model, method)."""
         start = time.perf_counter()
-        labels = {"model": "none", "method": "none"}
+        labels: dict[str, Any] = {"model": "none", "method": "none"}
         code = "OK"
         self.metrics.inflight(rpc, +1)
         try:
@@ -433,13 +439,19 @@ class Ingress:
             code = "DEADLINE_EXCEEDED" if _caller_deadline_passed(grpc_context, start) else "CANCELLED"
             raise
         except Exception as exc:
+            cap = labels.get(DEADLINE_CAP_LABEL)
+            if isinstance(exc, DeadlineExceeded) and cap is not None:
+                exc = DeadlineExceeded(
+                    f"{exc.message} (this server caps every call at request_timeout_s = {cap:g} s, whatever "
+                    "deadline the caller sends: ask its operator, or send less work)"
+                )
             status, message = to_status(exc)
             code = status.name
             if status.name == "INTERNAL":
                 logger.exception("%s failed", rpc)
             if grpc_context is None:  # handle call (tests, local mode): raise the precise error
                 if isinstance(exc, ServiceError):
-                    raise
+                    raise exc from None
                 raise error_for(status, message) from exc
             grpc_context.set_code(status)
             grpc_context.set_details(clip(message))
@@ -516,7 +528,7 @@ class Ingress:
         from ierf.serving.jobs import DEFAULT_METHOD, ExplainJob, check_explain_args
 
         start = time.perf_counter()
-        deadline = self._deadline(grpc_context)
+        deadline = self._deadline(grpc_context, labels)
         model_id, worker = self._worker(request.model_id)
         labels["model"] = model_id
         method = request.method or DEFAULT_METHOD
@@ -578,7 +590,7 @@ class Ingress:
         from ierf.serving.jobs import IERFJob, check_ierf_args, check_response_fits
 
         start = time.perf_counter()
-        deadline = self._deadline(grpc_context)
+        deadline = self._deadline(grpc_context, labels)
         model_id, worker = self._worker(request.model_id)
         labels["model"], labels["method"] = model_id, "srd"
         dtype = convert.map_dtype(request.map_dtype)
@@ -632,7 +644,7 @@ class Ingress:
         from ierf.serving.jobs import PredictJob, check_top_k
 
         start = time.perf_counter()
-        deadline = self._deadline(grpc_context)
+        deadline = self._deadline(grpc_context, labels)
         model_id, worker = self._worker(request.model_id)
         labels["model"] = model_id
         if not 0 <= request.top_k <= self.config.ingress.max_top_k:
@@ -728,15 +740,17 @@ class Ingress:
         response = worker.describe.remote()
         try:
             desc = await asyncio.wait_for(response, timeout=HEALTH_PROBE_TIMEOUT_S)
-        except TimeoutError:
-            response.cancel()
-            last = self._answered_at.get(model_id)
-            busy = last is not None and time.monotonic() - last < HEALTH_BUSY_GRACE_S
-            if not busy:
-                logger.warning("health check: worker %s has not answered for %.0f s", model_id, HEALTH_BUSY_GRACE_S)
-            self._health[model_id] = (time.monotonic(), busy)
-            return busy
         except Exception as exc:
+            # No answer in time, or the probe not even queued (Serve's router refuses it with back-pressure
+            # when the worker's queue is full, matched by name as in errors.py): a busy worker, not a gone one.
+            if isinstance(exc, TimeoutError) or type(exc).__name__ == "BackPressureError":
+                response.cancel()
+                last = self._answered_at.get(model_id)
+                busy = last is not None and time.monotonic() - last < HEALTH_BUSY_GRACE_S
+                if not busy:
+                    logger.warning("health check: worker %s has not answered for %.0f s", model_id, HEALTH_BUSY_GRACE_S)
+                self._health[model_id] = (time.monotonic(), busy)
+                return busy
             logger.warning("health check: worker %s does not answer: %s", model_id, exc)
             self._health[model_id] = (time.monotonic(), False)
             self._answered_at.pop(model_id, None)

@@ -102,6 +102,34 @@ def error_from_rpc(exc: grpc.RpcError) -> IerfError:
     return _ERRORS.get(code, IerfError)(code, details, server_pause_s(exc))
 
 
+class Attempts:
+    """What a call's attempts met: the last overload refusal, so that a call whose retries ran into its
+    deadline says it was refused for overload (a capacity problem), not only "Deadline Exceeded"."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.overloads = 0
+        self.last_overload: grpc.RpcError | None = None
+
+    def failed(self, exc: grpc.RpcError) -> None:
+        self.count += 1
+        if server_pause_s(exc) is not None:
+            self.overloads += 1
+            self.last_overload = exc
+
+    def error(self, exc: grpc.RpcError) -> IerfError:
+        """The error to raise for the final failed attempt ``exc``."""
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        if self.last_overload is None or code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return error_from_rpc(exc)
+        overload = error_from_rpc(self.last_overload)
+        details = (
+            f"{overload.details} (refused as overloaded on {self.overloads} of {self.count} attempts, "
+            "retried until the call's deadline ran out)"
+        )
+        return type(overload)(overload.code, details, overload.retry_after_s)
+
+
 # ------------------------------------------------------------------------------------------ retry
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -375,6 +403,21 @@ _ORIENTATION_TRANSPOSE = {
 }
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")  # sent as they are; the server converts
 _SIXTEEN_BIT_MODES = ("I;16L", "I;16N")  # 16-bit greys PNG cannot name: re-labelled I;16, losslessly
+
+
+# An array up to this size is written into a request on the caller's thread; see building_may_block.
+INLINE_ARRAY_BYTES = 1024 * 1024
+
+
+def building_may_block(image: object) -> bool:
+    """Whether writing ``image`` into a request can take long enough to stall an event loop: a file to read,
+    a PNG to encode (a PIL image, a file in a format the server does not read, an array over
+    RAW_TENSOR_LIMIT_BYTES: a 12 Mpx photo took 2.2 s on two cores) or a large array to copy."""
+    if isinstance(image, np.ndarray):
+        return image.nbytes > INLINE_ARRAY_BYTES
+    if isinstance(image, bytes | bytearray | memoryview):
+        return not _server_reads(bytes(image[:12]))
+    return True  # a path (read from disk) or a PIL image (encoded), or a type refused at once anyway
 
 
 def image_message(image: ImageInput) -> pb.Image:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -73,7 +73,7 @@ class AsyncClient:
         method = health if rpc == "health" else getattr(stub, rpc)
         budget = self.timeout if timeout is None else _core.check_timeout(timeout)
         deadline = time.monotonic() + budget
-        attempt = 0
+        attempts = _core.Attempts()
         while True:
             if self._closed:  # closed while this call waited to retry
                 raise RuntimeError("this AsyncClient is closed")
@@ -99,10 +99,10 @@ class AsyncClient:
             except grpc.aio.AioRpcError as exc:
                 if self._closed:
                     raise RuntimeError("this AsyncClient was closed during the call") from None
-                attempt += 1
-                pause = _core.retry_pause_after(self.retry, exc, attempt, deadline)
+                attempts.failed(exc)
+                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline)
                 if pause is None:
-                    raise _core.error_from_rpc(exc) from None
+                    raise attempts.error(exc) from None
                 await asyncio.sleep(pause)
 
     async def explain(
@@ -118,7 +118,9 @@ class AsyncClient:
         return_input: bool = False,
         timeout: float | None = None,
     ) -> Explanation:
-        request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
+        request = await _built(
+            _core.explain_request, image, target, model, method, contrast, map_dtype, overlay, return_input
+        )
         return _core.parse_explanation(await self._call("Explain", request, timeout))
 
     async def ierf(
@@ -133,13 +135,13 @@ class AsyncClient:
         return_input: bool = False,
         timeout: float | None = None,
     ) -> IERFResult:
-        request = _core.ierf_request(image, layer, positions, model, map_dtype, overlay, return_input)
+        request = await _built(_core.ierf_request, image, layer, positions, model, map_dtype, overlay, return_input)
         return _core.parse_ierf(await self._call("ComputeIERF", request, timeout))
 
     async def predict(
         self, image: ImageInput, top_k: int = 5, *, model: str = "", timeout: float | None = None
     ) -> Prediction:
-        request = _core.predict_request(image, top_k, model)
+        request = await _built(_core.predict_request, image, top_k, model)
         return _core.parse_prediction(await self._call("Predict", request, timeout))
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -177,3 +179,11 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _built(build: Callable[..., Any], image: ImageInput, *args: Any) -> Any:
+    """``build(image, *args)``, off the event loop when it may take long (reading a file, encoding a PNG,
+    copying a large array): the caller's other tasks keep running meanwhile."""
+    if _core.building_may_block(image):
+        return await asyncio.to_thread(build, image, *args)
+    return build(image, *args)

@@ -68,7 +68,7 @@ class Client:
             raise RuntimeError("this Client is closed")
         budget = self.timeout if timeout is None else _core.check_timeout(timeout)
         deadline = time.monotonic() + budget
-        attempt = 0
+        attempts = _core.Attempts()
         while True:
             if self._closed:  # closed while this call waited to retry
                 raise RuntimeError("this Client is closed")
@@ -86,10 +86,10 @@ class Client:
             except grpc.RpcError as exc:
                 if self._closed:  # the channel closed under the call (grpc says CANCELLED)
                     raise RuntimeError("this Client was closed during the call") from None
-                attempt += 1
-                pause = _core.retry_pause_after(self.retry, exc, attempt, deadline)
+                attempts.failed(exc)
+                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline)
                 if pause is None:
-                    raise _core.error_from_rpc(exc) from None
+                    raise attempts.error(exc) from None
                 time.sleep(pause)
 
     # ---------------------------------------------------------------------------------- API

@@ -1,0 +1,84 @@
+"""Health under overload: a full worker queue is a busy worker, not a dead one (acceptance finding)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+
+class BackPressureError(Exception):
+    """Named like ray.serve.exceptions.BackPressureError: what a handle call raises when the deployment's
+    ``max_queued_requests`` is reached (the ingress matches Ray's errors by name)."""
+
+
+class _Response:
+    def __init__(self, coroutine: Any) -> None:
+        self._coroutine = coroutine
+
+    def __await__(self):
+        return self._coroutine.__await__()
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self.calls = 0
+
+    def remote(self, *args: Any) -> _Response:
+        self.calls += 1
+        return _Response(self._fn(*args))
+
+
+class _BusyWorker:
+    """A live worker whose router queue is full: every further call, the health probe's ``describe``
+    included, is refused at once with back-pressure, as Serve's router does."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+        async def describe() -> Any:
+            if self.full:
+                raise BackPressureError(
+                    "Request dropped due to backpressure (num_queued_requests=4, max_queued_requests=4)."
+                )
+            return "description"
+
+        self.describe = _Method(describe)
+
+
+def test_a_health_probe_refused_by_a_full_worker_queue_does_not_read_not_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README: a probe that queues behind a busy worker is not taken for an outage, "a load balancer must
+    not drain capacity under load". Against the live service (resnet18, one worker replica with
+    max_queued_requests 4, 200 concurrent Explains from one AsyncClient), Health.Check answered NOT_SERVING:
+    the probe's ``describe`` went through the same full queue, was refused with BackPressureError, and
+    ``_probe`` counts any exception as a worker that does not answer (the ingress log: "health check: worker
+    resnet18 does not answer: Request dropped due to backpressure"), also dropping the busy grace. A
+    refusal for a full queue says the worker is busy; health must stay SERVING while it answered recently."""
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.1, raising=False)
+    worker = _BusyWorker()
+    ingress = Ingress.func_or_class({"m": worker}, ServiceConfig.from_args({"models": ["m"]}))
+
+    async def check() -> int:
+        return (await ingress.Check(health_pb2.HealthCheckRequest())).status
+
+    async def scenario() -> list[int]:
+        assert await check() == health_pb2.HealthCheckResponse.SERVING  # answered just now
+        worker.full = True  # load arrives: the worker's queue fills up
+        await asyncio.sleep(0.15)  # past the cache of the last answer: the next check probes
+        return [await check(), await check()]
+
+    statuses = asyncio.run(scenario())
+    assert worker.describe.calls >= 2
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2, statuses
