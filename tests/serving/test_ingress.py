@@ -547,7 +547,9 @@ def test_a_callers_method_name_never_becomes_a_metric_label() -> None:
     seen: list[tuple[str, str, str, str]] = []
     for method in ("x" * 300, "gradcam"):
         ingress = _ingress({"m": _Worker(outcome=_outcome())})
-        ingress.metrics.request = lambda rpc, method, model, code, seconds: seen.append((rpc, method, model, code))
+        ingress.metrics.request = lambda rpc, method, model, code, seconds, reason="none": seen.append(
+            (rpc, method, model, code)
+        )
         asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), method=method), _GrpcContext()))
     assert seen == [("Explain", "other", "m", "OK"), ("Explain", "gradcam", "m", "OK")]
 
@@ -618,7 +620,7 @@ def test_a_cancel_at_the_callers_deadline_is_counted_as_deadline_exceeded(
     worker.state = "hung"
     ingress = _ingress({"m": worker})
     seen: list[str] = []
-    ingress.metrics.request = lambda rpc, method, model, code, seconds: seen.append(code)
+    ingress.metrics.request = lambda rpc, method, model, code, seconds, reason="none": seen.append(code)
     request = pb.ExplainRequest(image=_tiny_image())
 
     async def scenario() -> None:

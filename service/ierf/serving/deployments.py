@@ -37,6 +37,7 @@ from ierf.serving.errors import (
     clip,
     echo,
     error_for,
+    retry_after_ms,
     retry_trailers,
     to_status,
 )
@@ -429,7 +430,7 @@ class Ingress:
         """Run one RPC: metrics and error mapping. ``labels`` is filled by the handler (model, method)."""
         start = time.perf_counter()
         labels: dict[str, Any] = {"model": "none", "method": "none"}
-        code = "OK"
+        code, reason = "OK", "none"
         self.metrics.inflight(rpc, +1)
         try:
             if isinstance(request, UnparsedRequest):  # see ierf.serving.protocol
@@ -447,6 +448,8 @@ class Ingress:
                 )
             status, message = to_status(exc)
             code = status.name
+            if status.name == "RESOURCE_EXHAUSTED":  # a full queue (retry later) or a cap (never)
+                reason = "overload" if retry_after_ms(exc) is not None else "cap"
             if status.name == "INTERNAL":
                 logger.exception("%s failed", rpc)
             if grpc_context is None:  # handle call (tests, local mode): raise the precise error
@@ -461,7 +464,7 @@ class Ingress:
             return empty()
         finally:
             self.metrics.inflight(rpc, -1)
-            self.metrics.request(rpc, labels["method"], labels["model"], code, time.perf_counter() - start)
+            self.metrics.request(rpc, labels["method"], labels["model"], code, time.perf_counter() - start, reason)
 
     async def _decode(self, image: Any, model: str, timings: list[tuple[str, float]], deadline: float) -> Any:
         """Caps and header first (a raw tensor's or a small file's inline: microseconds), then the pixels,

@@ -28,7 +28,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "End-to-end time of one RPC inside the ingress, by RPC, explanation method, model and gRPC code.",
         ("rpc", "method", "model", "code"),
     ),
-    "explainer_errors_total": ("counter", "RPCs that ended with a non-OK gRPC code.", ("rpc", "code")),
+    "explainer_errors_total": (
+        "counter",
+        "RPCs that ended with a non-OK gRPC code; reason tells RESOURCE_EXHAUSTED's full queue (overload) "
+        "from a request over a cap (cap), else none.",
+        ("rpc", "code", "reason"),
+    ),
     "explainer_inflight_requests": ("gauge", "RPCs being served by this ingress replica.", ("rpc",)),
     "explainer_stage_duration_seconds": (
         "histogram",
@@ -104,11 +109,12 @@ class ServiceMetrics:
             for (name, tags), value in items:
                 self._metrics[name].set(value, tags=dict(tags))  # type: ignore[attr-defined]
 
-    def request(self, rpc: str, method: str, model: str, code: str, seconds: float) -> None:
+    def request(self, rpc: str, method: str, model: str, code: str, seconds: float, reason: str = "none") -> None:
         tags = {"rpc": rpc, "method": method or "none", "model": model or "none", "code": code}
         self._metrics["explainer_request_duration_seconds"].observe(seconds, tags=tags)  # type: ignore[attr-defined]
         if code != "OK":
-            self._metrics["explainer_errors_total"].inc(1, tags={"rpc": rpc, "code": code})  # type: ignore[attr-defined]
+            errors = self._metrics["explainer_errors_total"]
+            errors.inc(1, tags={"rpc": rpc, "code": code, "reason": reason})  # type: ignore[attr-defined]
 
     def inflight(self, rpc: str, delta: int) -> None:
         self._inflight[rpc] = self._inflight.get(rpc, 0) + delta
