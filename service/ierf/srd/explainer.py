@@ -675,7 +675,12 @@ def _selects_channels(node: torch.fx.Node) -> bool:
         return isinstance(node.args[1], tuple)
     if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.chunk, torch.split):
         return True
+    if node.op in ("call_function", "call_method") and getattr(node.target, "__name__", node.target) in _REDUCTIONS:
+        return True  # x.mean(1, keepdim=True): a grey stem on an RGB input
     return node.op == "call_method" and node.target in ("chunk", "split")
+
+
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "logsumexp", "norm")
 
 
 def _routes_tensor(routes: list[Route]) -> torch.Tensor:

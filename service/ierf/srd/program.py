@@ -102,12 +102,23 @@ class Program:
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
         activations: list[fx.Node] = []
         placeholders = 0
+        lacking = _lacking_rules(model)
+        try:
+            self._build_steps(model, known, activations)
+        except UnsupportedModelError as exc:
+            if lacking and lacking not in str(exc):
+                raise UnsupportedModelError(f"{exc} ({lacking})") from None
+            raise
+        placeholders = sum(node.op == "placeholder" for node in self.graph.nodes)
+        if placeholders != 1:
+            raise UnsupportedModelError(f"SRD needs a model with exactly one input; this one takes {placeholders}")
+        self._finish(traced, activations)
+
+    def _build_steps(self, model: nn.Module, known: Any, activations: list[fx.Node]) -> None:
         for node in self.graph.nodes:
             module = None
             rule: Callable[..., Any] | None = None
-            if node.op == "placeholder":
-                placeholders += 1
-            elif node.op == "call_module":
+            if node.op == "call_module":
                 module = model.get_submodule(str(node.target))
                 cls = rule_type(module, known)
                 if cls is None:
@@ -127,15 +138,15 @@ class Program:
             if is_activation(node, module):
                 activations.append(node)
             self.steps.append((node, rule, module))
-        if placeholders != 1:
-            raise UnsupportedModelError(f"SRD needs a model with exactly one input; this one takes {placeholders}")
+
+    def _finish(self, traced: Any, activations: list[fx.Node]) -> None:
         self.read_after_change = _read_after_change(self.steps)
         names = name_activations(traced, activations)
         self.source_of: dict[fx.Node, int] = {node: i + 1 for i, node in enumerate(activations)}
         self.node_of: dict[int, fx.Node] = {i: n for n, i in self.source_of.items()}
         self.names: list[str] = ["input"] + [names.canonical[n] for n in activations]
         self.lookup: dict[str, int] = {name: self.source_of[n] for name, n in names.lookup.items()}
-        self.module_names = {name for name, _ in model.named_modules() if name}
+        self.module_names = {name for name, _ in self.model.named_modules() if name}
         self._head_modules: dict[int, fx.GraphModule] = {}
 
     # -- naming ---------------------------------------------------------------------------------------
@@ -190,6 +201,11 @@ class Program:
             interp.kept.setdefault(sid, tensor)
         if isinstance(out, Source):
             out = as_affine(out, "model output")
+        if isinstance(out, dict):
+            raise UnsupportedModelError(
+                f"the model must return one logits tensor, but returns a dict with keys {sorted(map(str, out))}: "
+                "wrap it in a module whose forward returns the logits (e.g. model(x)['logits'])"
+            )
         if not isinstance(out, Affine):
             raise UnsupportedModelError(f"the model must return one logits tensor, got {type(out).__name__}")
         logits = out.value()
@@ -281,13 +297,42 @@ class _Interpreter:
                     "it was before the change (SRD would explain another function): use the out-of-place "
                     "form (inplace=False, y = x + t rather than x += t)"
                 )
+            if "out" in kwargs:
+                raise UnsupportedModelError(f"{self.where(node)}: out= writes into a tensor; use the returned value")
             try:
                 env[node] = rule(self, node, first, *args, **kwargs)
             except (UnsupportedModelError, InputSizeError) as exc:
                 raise _located(exc, self.where(node)) from None
+            except TypeError as exc:
+                if not kwargs:
+                    raise
+                # the rules take the common arguments positionally (torch.add(input=y, other=a) reached one as
+                # keywords it does not name): a refusal naming the op, not an internal TypeError
+                raise UnsupportedModelError(
+                    f"{self.where(node)}: called with keyword arguments {sorted(kwargs)} that SRD's rule does not "
+                    f"take ({exc}); pass them positionally"
+                ) from None
             for dead in _last_uses(self.program, node):
                 env.pop(dead, None)
         raise UnsupportedModelError("the traced graph has no output")
+
+
+def _lacking_rules(model: nn.Module) -> str:
+    """What a refusal adds for a model with layers SRD has no rules for at all (attention, LayerNorm), so a
+    ViT is not sent to rewrite the first op the trace met (its patch embedding's permute)."""
+    found = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, nn.LayerNorm | nn.MultiheadAttention) or type(m).__name__ == "LayerNorm2d"
+        }
+    )
+    if not found:
+        return ""
+    return (
+        f"the model also has {', '.join(found)}, which SRD has no rules for yet: attention and LayerNorm "
+        "(ViT, Swin, ConvNeXt) come later"
+    )
 
 
 _IN_PLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)

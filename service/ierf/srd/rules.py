@@ -732,7 +732,12 @@ def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tens
     if not fits or any(n != 1 for i, n in enumerate(full) if i != 1):
         raise UnsupportedModelError(
             f"{where}: {what} of a feature map of shape {shape} by a tensor of shape {tuple(c.shape)} "
-            "(only a number, or one factor per channel such as (C,) or (1, C, 1, 1))"
+            + (
+                "(only a number, or one factor per feature: (C,) or (1, C))"
+                if bundle.is_vector
+                else "(only a number, or one factor per channel: (C, 1, 1) or (1, C, 1, 1), e.g. "
+                "gamma.view(1, -1, 1, 1); a 1-D tensor broadcasts along the width)"
+            )
         )
     return c.detach().to(ref.dtype).reshape(-1).expand(bundle.channels).to(ref.device)
 
