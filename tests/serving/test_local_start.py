@@ -717,3 +717,18 @@ def test_a_yaml_mistake_names_the_file_line_and_column_counted_from_one(tmp_path
     with pytest.raises(ValueError) as info:
         load_serve_config(config)
     assert str(info.value) == f"{config}: not valid YAML: mapping values are not allowed here at line 3, column 20"
+
+
+def test_without_num_cpus_the_replica_check_counts_the_containers_cpus_not_the_hosts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``os.cpu_count()`` is the host's: under ``docker run --cpus=1.5`` on a many-core host the local cluster was
+    told it had every core, and took configs its container could not run. Ray's own count reads the cgroup."""
+    import ray._private.utils as ray_utils
+    from ierf.serving.local import check_replicas_fit, host_cpus
+
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda **_: 1.5)
+    assert host_cpus() == 1.5
+    worker = "Worker_efficientnet_lite0"
+    with pytest.raises(ValueError, match=r"the local cluster has 1.5 \(this container's CPUs"):
+        check_replicas_fit(_deployments({worker: {"num_replicas": 2}}), num_cpus=None)

@@ -481,9 +481,21 @@ def _deployment_overrides(app_spec: dict[str, Any]) -> dict[str, dict[str, Any]]
     return overrides
 
 
+def host_cpus() -> float:
+    """The CPUs this container may use, by Ray's own count (a cgroup quota such as ``docker run --cpus=2``, a
+    cpuset): ``os.cpu_count()`` is the host's, and a local cluster given that took configs its container
+    could not run."""
+    try:
+        from ray._private.utils import get_num_cpus  # no public accessor in Ray 2.60
+
+        return float(get_num_cpus(override_docker_cpu_warning=True))
+    except Exception:  # another Ray: the affinity mask at least
+        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def check_replicas_fit(deployments: dict[str, Any], num_cpus: float | None, num_gpus: float | None = None) -> None:
     """Refuse deployments whose replicas, at the count Serve starts them with, ask for more CPUs or GPUs than
-    the private cluster has (``num_cpus``: None for all of this host's cores, as ``_init_ray`` starts it;
+    the private cluster has (``num_cpus``: None for this container's CPUs, as ``_init_ray`` starts it;
     ``num_gpus``: None for what Ray detects). The cluster never grows, and Serve would wait for them forever
     with no word outside its controller log."""
     demand = {name: replica_demand(deployment) for name, deployment in deployments.items()}
@@ -493,8 +505,8 @@ def check_replicas_fit(deployments: dict[str, Any], num_cpus: float | None, num_
         if needed <= 0:
             continue
         if resource == "CPU":
-            have = float(num_cpus if num_cpus is not None else os.cpu_count() or 1)
-            source = "--num-cpus" if num_cpus is not None else "all of this host's cores; --num-cpus sets it"
+            have = float(num_cpus if num_cpus is not None else host_cpus())
+            source = "--num-cpus" if num_cpus is not None else "this container's CPUs; --num-cpus sets it"
             found, remedy = f"the local cluster has {have:g} ({source})", "or raise --num-cpus"
         else:
             have = local_gpus() if num_gpus is None else float(num_gpus)
@@ -678,7 +690,7 @@ def _init_ray(
             stack.enter_context(_attribute(ray_constants, "ENABLE_RAY_CLUSTER", False))
         ray.init(
             address="local",
-            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+            num_cpus=num_cpus if num_cpus is not None else host_cpus(),
             include_dashboard=False,
             object_store_memory=object_store_bytes,
             _temp_dir=temp_dir,
