@@ -302,7 +302,7 @@ def test_only_non_ok_requests_count_as_errors() -> None:
     metrics._metrics["explainer_request_duration_seconds"] = durations
     metrics.request("Explain", "srd", "m", "OK", 0.1)
     metrics.request("Explain", "srd", "m", "INVALID_ARGUMENT", 0.1)
-    assert errors.calls == [("inc", {"rpc": "Explain", "code": "INVALID_ARGUMENT"})]
+    assert errors.calls == [("inc", {"rpc": "Explain", "code": "INVALID_ARGUMENT", "reason": "none"})]
     assert len(durations.calls) == 2
 
 
