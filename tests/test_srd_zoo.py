@@ -68,12 +68,6 @@ class _Spelled(nn.Module):
         "reshape_by_the_input_batch",
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (acceptance round 10): the float64 reference measures a module's bias once per module "
-    "and reads functional conv/linear/batch_norm/max_pool arguments only partly; the fast path's maps on these "
-    "spellings equal those of the same model written with separate modules, which the reference does cover",
-)
 def test_the_reference_decomposes_functional_and_reused_layers_the_fast_path_supports(spelling: str) -> None:
     """ReferenceSRD is the audit oracle, but it measures biases only on modules (F.conv2d/F.linear/F.batch_norm
     biases ride along in its 'linear' copy), switches a reused module's bias on in every call while counting it

@@ -28,6 +28,14 @@ from torch import nn
 from ierf.srd.program import Program
 
 _BIAS_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+# Functional layers whose shift (bias; batch norm's -mean * scale too) comes in as arguments: name ->
+# the positions and keywords of those arguments, replaced by None (no bias) or zeros (no mean) on the paths.
+_FUNCTIONAL_SHIFTS: dict[object, tuple[tuple[int, str, str], ...]] = {
+    F.conv2d: ((2, "bias", "none"),),
+    torch.conv2d: ((2, "bias", "none"),),
+    F.linear: ((2, "bias", "none"),),
+    F.batch_norm: ((1, "running_mean", "zeros"), (4, "bias", "none")),
+}
 _ADDITIVE_FUNCTIONS = (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub)
 
 
@@ -75,6 +83,29 @@ class ReferenceSRD:
         for node in self.graph.nodes:
             if node.op == "placeholder" or any(d in self.on_map for d in node.all_input_nodes):
                 self.on_map.add(node)
+
+    @staticmethod
+    def _functional_shift(node: fx.Node) -> bool:
+        """A functional layer called with a bias (or batch norm's running mean): a bias of its own."""
+        if node.op != "call_function" or node.target not in _FUNCTIONAL_SHIFTS:
+            return False
+        for index, name, _ in _FUNCTIONAL_SHIFTS[node.target]:
+            value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+            if value is not None:
+                return True
+        return False
+
+    @staticmethod
+    def _without_shift(node: fx.Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``args``/``kwargs`` of a functional layer with its bias (and running mean) taken out."""
+        args, kwargs = list(args), dict(kwargs)
+        for index, name, fill in _FUNCTIONAL_SHIFTS[node.target]:
+            if len(args) > index:
+                value = args[index]
+                args[index] = None if fill == "none" or value is None else torch.zeros_like(value)
+            elif kwargs.get(name) is not None:
+                kwargs[name] = None if fill == "none" else torch.zeros_like(kwargs[name])
+        return tuple(args), kwargs
 
     def _constant_addend(self, node: fx.Node) -> int | None:
         """For ``map + c`` or ``c + map`` (also ``-``) with c a constant (a number, a buffer, a tensor made in
@@ -142,11 +173,16 @@ class ReferenceSRD:
                 return m(args[0].clone(), *args[1:], **kwargs)
             return m(*args, **kwargs)
         if node.op == "call_function":
+            if without_constants and node is not keep_constant and self._functional_shift(node):
+                args, kwargs = self._without_shift(node, args, kwargs)
             if node.target is F.max_pool2d:
-                x, k = args[0], args[1]
-                s = args[2] if len(args) > 2 else kwargs.get("stride", k)
+                x, k = args[0], args[1] if len(args) > 1 else kwargs["kernel_size"]
+                s = args[2] if len(args) > 2 else kwargs.get("stride")
+                s = k if s is None or s == [] or s == () else s
                 p = args[3] if len(args) > 3 else kwargs.get("padding", 0)
-                return self._pool(node, x, k, s, p, 1, False, record, pool_offset)
+                d = args[4] if len(args) > 4 else kwargs.get("dilation", 1)
+                ceil_mode = args[5] if len(args) > 5 else kwargs.get("ceil_mode", False)
+                return self._pool(node, x, k, s, p, d, ceil_mode, record, pool_offset)
             if node.target in (operator.iadd,):
                 return args[0] + args[1]
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
@@ -253,6 +289,10 @@ class ReferenceSRD:
         local: dict[fx.Node, torch.Tensor] = dict(values)
         local[path[0]] = source_value
         resized: set[fx.Node] = set()
+        for node in self.graph.nodes:  # x.shape[0] read off the model's input: this run's batch
+            if node.op == "placeholder" and node is not path[0]:
+                local[node] = values[node].expand(source_value.shape[0], *values[node].shape[1:])
+                resized.add(node)
         for n in order:
             if n not in on:
                 if _is_shape(n) and any(d in on or d in resized for d in n.all_input_nodes):
@@ -273,20 +313,16 @@ class ReferenceSRD:
     def _bias_vector(self, node: fx.Node, order, sources, values) -> torch.Tensor:
         """The sink value with zero sources and only ``node``'s bias switched on: a layer's own bias, or the
         constant that ``node`` adds."""
-        if node.op == "call_module":
-            only = copy.deepcopy(self.linear_model)
-            src_mod = self.model.get_submodule(str(node.target))
-            dst_mod = only.get_submodule(str(node.target))
-            dst_mod.load_state_dict(src_mod.state_dict())
-        else:
-            only = self.linear_model
+        # Only this node runs with its shift: a module called twice (one conv on two maps) has two biases,
+        # one per call, and switching the module's bias on would switch on both.
         local = dict(values)
         gates = {self._gate(n) for n in order} - {None}
         for s in sources:
             if s not in gates:
                 local[s] = torch.zeros_like(values[s])
         for n in order:
-            local[n] = self._eval(n, local, only, without_constants=True, keep_constant=node)
+            model = self.model if n is node and n.op == "call_module" else self.linear_model
+            local[n] = self._eval(n, local, model, without_constants=True, keep_constant=node)
         return local[order[-1]]
 
     def _pool_kernel(self, n: fx.Node, values) -> tuple[int, int] | None:
@@ -328,7 +364,7 @@ class ReferenceSRD:
                 items.append((pi, path[0], out.reshape(n_pos, z.shape[0], -1)))
         biases = []
         for n in order:
-            constant = self._constant_addend(n) is not None
+            constant = self._constant_addend(n) is not None or self._functional_shift(n)
             if constant or (n.op == "call_module" and isinstance(self.modules[str(n.target)], _BIAS_MODULES)):
                 beta = self._bias_vector(n, order, sources, values)[0]
                 owners = {pi for pi, p in enumerate(paths) if n in p}
