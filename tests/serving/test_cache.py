@@ -546,30 +546,29 @@ def test_a_deferred_write_makes_its_tensors_only_when_written(redis_flushed) -> 
         cache.put(KEY, object(), 1, make, background=True, deferred=True)
     assert cache.put(KEY, object(), 1, make, background=True, deferred=True, tensors_size=size) == "queued"
     assert not calls and cache._deferred_bytes == size
-    # no room beside it: made and queued at once
-    assert cache.put(KEY + ":b", object(), 1, make, background=True, deferred=True, tensors_size=size) == "queued"
-    assert len(calls) == 1
-    assert cache._behind is not None and cache._behind.flush(5)  # sent: room again for the held one
-    assert cache.write_deferred() == 1 and len(calls) == 2 and cache._deferred_bytes == 0
+    # no room beside it: neither held nor queued, nor even made
+    assert cache.put(KEY + ":b", object(), 1, make, background=True, deferred=True, tensors_size=size) == "dropped"
+    assert not calls
+    assert cache.write_deferred() == 1 and len(calls) == 1 and cache._deferred_bytes == 0
     assert cache.flush(timeout_s=5)
-    assert tier.get(KEY)[0] == "hit" and tier.get(KEY + ":b")[0] == "hit"
+    assert tier.get(KEY)[0] == "hit" and tier.get(KEY + ":b")[0] == "miss"
     cache.close()
 
 
 def test_deferred_writes_are_bounded_like_the_write_behind_queue(redis_flushed) -> None:
-    """Deferred and queued values share the write-behind budget: past it a deferred put is encoded and
-    queued at once instead of held."""
+    """Deferred and queued values share the write-behind budget: past it a put is neither held nor queued
+    (dropped: the value stays in L1), and what was held is written once write_deferred runs."""
     tensors = {"ratios": torch.rand(100_000)}  # 400 KB: the codec's header is negligible next to it
     size = tensors_nbytes(tensors)
     tier = RedisTier(RedisSettings(url=redis_flushed.url))
     cache = TieredCache(0, tier, write_behind_bytes=size + size // 2)
     assert cache.put(KEY, tensors, 1, tensors, background=True, deferred=True) == "queued"
-    assert cache.put(KEY + ":b", tensors, 1, tensors, background=True, deferred=True) == "queued"
-    assert cache._behind is not None and cache._behind.flush(5)  # sent without write_deferred
-    assert tier.get(KEY + ":b")[0] == "hit" and tier.get(KEY)[0] == "miss"
-    assert cache.write_deferred() == 1  # only the first was held
+    assert cache.put(KEY + ":b", tensors, 1, tensors, background=True, deferred=True) == "dropped"
+    assert cache.put(KEY + ":c", tensors, 1, tensors, background=True) == "dropped"  # the queue counts it too
+    assert cache._behind is not None and cache._behind.pending_bytes == 0
+    assert cache.write_deferred() == 1  # the first, held
     assert cache.flush(timeout_s=5)
-    assert tier.get(KEY)[0] == "hit"
+    assert tier.get(KEY)[0] == "hit" and tier.get(KEY + ":b")[0] == "miss"
     cache.close()
 
 

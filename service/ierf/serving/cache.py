@@ -635,11 +635,11 @@ class _WriteBehind:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, key: str, value: bytes) -> bool:
-        """Queue ``write(key, value)``; False (nothing queued) when closed or when the pending bytes would
-        pass the bound."""
+    def submit(self, key: str, value: bytes, reserved: int = 0) -> bool:
+        """Queue ``write(key, value)``; False (nothing queued) when closed or when the pending bytes, with
+        ``reserved`` more held elsewhere against the same budget (the deferred values), would pass the bound."""
         with self._cond:
-            if self._closed or self._bytes + len(value) > self.max_pending_bytes:
+            if self._closed or reserved + self._bytes + len(value) > self.max_pending_bytes:
                 return False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drain, name="ierf-cache-write-behind", daemon=True)
@@ -868,9 +868,18 @@ class TieredCache:
                     self._deferred[key] = (obj, nbytes, tensors, size)
                     self._deferred_bytes += size
                     return "queued"
-        return self._encode_and_put(key, tensors() if callable(tensors) else tensors, background, start)
+        with self._deferred_lock:
+            reserved = self._deferred_bytes
+        behind = self._behind
+        if background and behind is not None and reserved + behind.pending_bytes + size > behind.max_pending_bytes:
+            self.observer("l2", "put", "dropped", 0.0, 0)  # no room: not even encoded
+            return "dropped"
+        return self._encode_and_put(key, tensors() if callable(tensors) else tensors, background, start, reserved)
 
-    def _encode_and_put(self, key: str, tensors: dict[str, torch.Tensor], background: bool, start: float) -> str:
+    def _encode_and_put(
+        self, key: str, tensors: dict[str, torch.Tensor], background: bool, start: float, reserved: int = 0
+    ) -> str:
+        """``reserved``: bytes of deferred values (other than this one), which share the write-behind budget."""
         try:
             # Encoded here, on the caller's thread, even when written behind: encoding runs torch copies,
             # and a torch op on another thread would give OpenMP a second thread team to throttle.
@@ -879,7 +888,7 @@ class TieredCache:
             self.observer("l2", "put", "error", time.perf_counter() - start, 0)
             return "error"
         if background and self._behind is not None:
-            if self._behind.submit(key, data):
+            if self._behind.submit(key, data, reserved):
                 return "queued"
             self.observer("l2", "put", "dropped", 0.0, 0)  # never sent
             return "dropped"
@@ -903,7 +912,9 @@ class TieredCache:
                     key, (_, _, tensors, size) = next(iter(self._deferred.items()))
                 try:
                     made = tensors() if callable(tensors) else tensors
-                    if self._encode_and_put(key, made, True, time.perf_counter()) == "queued":
+                    with self._deferred_lock:
+                        others = self._deferred_bytes - size  # this value leaves the deferred ones as it queues
+                    if self._encode_and_put(key, made, True, time.perf_counter(), others) == "queued":
                         written += 1
                 finally:
                     with self._deferred_lock:

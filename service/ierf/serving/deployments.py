@@ -172,7 +172,7 @@ class ExplainerWorker:
         host = getattr(self, "host", None)
         if host is not None:
             with contextlib.suppress(Exception):
-                host.cache.close(timeout_s=1.0)  # queued Redis writes get a moment to land
+                host.close(timeout_s=1.0)  # queued Redis writes get a moment to land
 
     async def _run(self, fn: Callable[[Any], Outcome], job: Any) -> Any:
         """``fn(job)`` on the compute thread. A job whose caller has gone (the request was cancelled: the

@@ -156,6 +156,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------- host
+@functools.cache  # a handful of names; on the name alone, so no host is kept alive by the cache
+def _method_version(name: str) -> str:
+    """The method's own version when it declares one (SRD does), plus the package version."""
+    import ierf
+    from ierf.methods import method_version
+
+    declared = method_version(name)
+    return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
+
+
 class ModelHost:
     """Loads one model once; answers describe / explain / ierf / predict in-process."""
 
@@ -254,14 +264,13 @@ class ModelHost:
         return layout
 
     # ------------------------------------------------------------------------------- description
-    @functools.cache  # noqa: B019 - one ModelHost per replica, a handful of names
     def _method_version(self, name: str) -> str:
-        """The method's own version when it declares one (SRD does), plus the package version."""
-        import ierf
-        from ierf.methods import method_version
+        return _method_version(name)
 
-        declared = method_version(name)
-        return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Write what waits for Redis (up to ``timeout_s`` for queued writes) and release the connection; a host
+        with Redis write-behind is otherwise kept alive by its writer thread."""
+        self.cache.close(timeout_s=timeout_s)
 
     def describe(self) -> ModelDescription:
         return self.description
