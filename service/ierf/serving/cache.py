@@ -880,6 +880,10 @@ class TieredCache:
         self, key: str, tensors: dict[str, torch.Tensor], background: bool, start: float, reserved: int = 0
     ) -> str:
         """``reserved``: bytes of deferred values (other than this one), which share the write-behind budget."""
+        assert self.l2 is not None
+        if self.l2.breaker.state == "open":  # Redis is known down: the write would be skipped, so skip encoding
+            self.observer("l2", "put", "skipped", time.perf_counter() - start, 0)
+            return "skipped"
         try:
             # Encoded here, on the caller's thread, even when written behind: encoding runs torch copies,
             # and a torch op on another thread would give OpenMP a second thread team to throttle.
