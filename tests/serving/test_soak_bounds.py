@@ -55,3 +55,20 @@ def test_deferred_and_queued_redis_writes_share_one_byte_budget() -> None:
     finally:
         release.set()
         cache.close(timeout_s=2.0)
+
+
+def test_cached_logits_count_their_entry_overhead_against_the_l1_bound(monkeypatch) -> None:
+    """A soak filled L1 with Predict logits: each 4,000-byte entry cost 0.9-1.3 kB more than it declared, so
+    an L1 of logits held 22-33 % more than ``l1_bytes``. Each entry counts its overhead too."""
+    from ierf.serving import worker
+    from ierf.serving.settings import ServiceConfig
+
+    monkeypatch.setattr(worker, "WARM_UP_PASSES", 1)
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"redis_url": None}}
+    )
+    host = worker.ModelHost(config.models[0], config.cache)
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    host.predict(worker.PredictJob(pixels, "e" * 64))
+    assert host.cache.l1.nbytes == 1000 * 4 + worker.L1_ENTRY_OVERHEAD_BYTES
+    host.close()

@@ -156,6 +156,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------- host
+# What an L1 entry costs beside its tensor data (the tensor object, its storage, the key, the LRU's node): ~1 kB,
+# which for a model's 4 kB of logits was a quarter more than L1's byte bound counted.
+L1_ENTRY_OVERHEAD_BYTES = 1024
+
+
+def _logits_nbytes(logits: torch.Tensor) -> int:
+    return logits.numel() * logits.element_size() + L1_ENTRY_OVERHEAD_BYTES
+
+
 @functools.cache  # a handful of names; on the name alone, so no host is kept alive by the cache
 def _method_version(name: str) -> str:
     """The method's own version when it declares one (SRD does), plus the package version."""
@@ -461,9 +470,9 @@ class ModelHost:
         """Cache the logits; their tier for provenance ("miss", or "disabled" when no tier can keep them)."""
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
         key = self._key("logits", FORWARD_METHOD, content_hash)
-        nbytes = value.numel() * 4
-        self.cache.put(key, value, nbytes, {"logits": value}, background=True)
-        return "miss" if self.cache.can_keep(nbytes, nbytes) else "disabled"
+        nbytes = _logits_nbytes(value)
+        self.cache.put(key, value, nbytes, {"logits": value}, background=True, tensors_size=value.numel() * 4)
+        return "miss" if self.cache.can_keep(nbytes, value.numel() * 4) else "disabled"
 
     def _logits(
         self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None, then: tuple[str, ...] = ()
@@ -495,7 +504,7 @@ class ModelHost:
             raise ValueError(f"cached logits are not a (1, {classes}) float32 tensor")
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("cached logits hold NaN or infinite values")
-        return logits, logits.numel() * 4
+        return logits, _logits_nbytes(logits)
 
     def _explainer(self, method: str) -> Any:
         """The explainer for a method already checked against ``self.methods`` (check_explain_args)."""
