@@ -1137,3 +1137,16 @@ def test_a_decomposition_s_nbytes_is_what_its_state_holds() -> None:
         assert dec.nbytes == tensors_nbytes(dec.state_dict()), name
     dec = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=1)).decompose(torch.randn(1, 3, 48, 40))
     assert dec.nbytes == tensors_nbytes(dec.state_dict())
+
+
+def test_layer_shapes_are_kept_for_a_bounded_number_of_input_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``layer_shape`` memoises one shape table per input size: a caller sweeping sizes must not grow it
+    without bound; the oldest size goes, and is computed again when asked."""
+    from ierf.srd import explainer
+
+    monkeypatch.setattr(explainer, "SHAPE_CACHE_SIZES", 3)
+    srd = ierf.SRD(randomise_bn(torchvision.models.resnet18(), seed=2))
+    for side in (32, 40, 48, 56, 64):
+        assert srd.layer_shape("layer4", (side, side))[0] == 512
+    assert list(srd._shape_cache) == [(48, 48), (56, 56), (64, 64)]
+    assert srd.layer_shape("relu", (32, 32)) == (64, 16, 16)

@@ -179,6 +179,9 @@ def _scatter_by_phase(dst: torch.Tensor, grid: _Grid, r: torch.Tensor, mu: torch
             lattice[..., a0:a1, c0:c1].add_(buf[..., a0 - uy0 : a1 - uy0, c0 - ux0 : c1 - ux0])
 
 
+SHAPE_CACHE_SIZES = 64  # input sizes whose layer shapes SRD.layer_shape keeps
+
+
 class Decomposition:
     """Everything SRD knows about one batch of images that does not depend on the target."""
 
@@ -773,7 +776,10 @@ class SRD:
             dtype, device = (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), torch.device("cpu"))
             x = torch.zeros(1, self._input_channels() or 3, *input_hw, dtype=dtype, device=device)
             with torch.no_grad():
-                cache[input_hw] = self._forward(x).shapes
+                shapes = self._forward(x).shapes
+            if len(cache) >= SHAPE_CACHE_SIZES:  # a caller sweeping sizes: the oldest goes (small dicts each)
+                cache.pop(next(iter(cache)))
+            cache[input_hw] = shapes
         return cache[input_hw][sid]
 
     def _input_channels(self) -> int | None:
