@@ -238,10 +238,13 @@ def test_lrp_equals_zennit_used_directly(model: nn.Module, x: torch.Tensor) -> N
 
 @pytest.mark.parametrize("architecture", ["tiny_resnet", "vgg11_bn"])
 def test_lrp_bn_merge_keeps_the_models_function_exactly(architecture: str, model: nn.Module) -> None:
-    """Zennit's merge left each BN computing x / sqrt(1 + eps): ResNet18's logits moved by ~1e-4."""
+    """Zennit's merge left each BN computing x / sqrt(1 + eps): ResNet18's logits moved by ~1e-4. Checked to
+    1e-5 of the largest logit: the merged float32 convolution rounds in another order (a vgg11_bn drew 1.3e-6
+    off on a 0.18 logit, past an absolute 1e-6, with some initial weights)."""
     import torchvision
     from zennit.core import collect_leaves  # noqa: F401  (Zennit present: the canonizers below use it)
 
+    torch.manual_seed(0)  # the vgg's initial weights: the same whatever ran before
     net = copy.deepcopy(model) if architecture == "tiny_resnet" else torchvision.models.vgg11_bn(num_classes=10)
     net.eval()
     with torch.no_grad():
@@ -255,7 +258,7 @@ def test_lrp_bn_merge_keeps_the_models_function_exactly(architecture: str, model
     instances = [i for c in canonizers_for(net) for i in c.apply(net)]
     try:
         with torch.no_grad():
-            torch.testing.assert_close(net(xin), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(net(xin), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     finally:
         for instance in instances:
             instance.remove()
