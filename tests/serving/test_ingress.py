@@ -1153,7 +1153,7 @@ def _described(ingress: Any, resize: int = 36, crop: int = 32) -> None:
         weights_digest="digest",
         input_height=crop,
         input_width=crop,
-        preprocess_version="v1-r36-c32",
+        preprocess_version="v1",  # as _full_outcome's provenance says
         class_names=[str(i) for i in range(10)],
         layers=[LayerShape("l", 4, 8, 8)],
         methods=["srd"],
@@ -1192,7 +1192,7 @@ def test_a_large_image_travels_to_the_worker_as_the_models_view_and_a_small_one_
     whole, *viewed, last = worker.jobs
     assert whole.view_version == "" and whole.pixels.shape == photo.shape
     for job in viewed:
-        assert job.view_version == "v1-r36-c32" and np.array_equal(job.pixels, resize_crop(photo, 36, 32))
+        assert job.view_version == "v1" and np.array_equal(job.pixels, resize_crop(photo, 36, 32))
         assert job.content_hash == whole.content_hash  # the key names the decoded image, not the view
     assert last.view_version == "" and last.pixels.shape == small.shape
     assert "preprocess" in {t.stage for t in response.provenance.timings}
@@ -1209,7 +1209,7 @@ def test_a_view_the_worker_refuses_as_stale_is_sent_again_whole_and_the_descript
 
     async def answer(job: Any) -> Any:
         jobs.append(job)
-        return StaleView("view made by preprocessing v1-r36-c32") if job.view_version else _full_outcome()
+        return StaleView("view made by preprocessing v1") if job.view_version else _full_outcome()
 
     worker = _Capture(_full_outcome())
     worker.explain = _Method(answer)
@@ -1218,5 +1218,43 @@ def test_a_view_the_worker_refuses_as_stale_is_sent_again_whole_and_the_descript
     photo = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))
     assert response.map.shape == [1, 8, 8]
-    assert [job.view_version for job in jobs] == ["v1-r36-c32", ""] and jobs[1].pixels.shape == photo.shape
+    assert [job.view_version for job in jobs] == ["v1", ""] and jobs[1].pixels.shape == photo.shape
     assert "m" not in ingress._descriptions
+
+
+def _answers_with(preprocess_version: str) -> Any:
+    import dataclasses
+
+    outcome = _full_outcome()
+    outcome.provenance = dataclasses.replace(
+        outcome.provenance, weights_digest="digest", preprocess_version=preprocess_version
+    )
+    return outcome
+
+
+def test_an_answer_made_with_other_preprocessing_than_the_description_refreshes_getmodel() -> None:
+    """A redeploy that changes only a model's resize (same weights): the new ingress replica comes up first
+    and describes an old worker replica still serving, then the new replicas take over. Their answers carry
+    the new preprocess_version, but the ingress dropped its description only on another weights digest (or
+    a StaleView, which small images never meet), so GetModel/ListModels kept reporting the old resize while
+    every answer was made with the new one. Seen live: serve.run redeploy of resnet18 resize 256 -> 320 under
+    a stream of small-image requests; GetModel said v1-r256 for the whole run, provenance v1-r320."""
+    import dataclasses
+
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Capture(_answers_with("v1-r40-c32"))
+    ingress = _ingress({"m": worker})
+    _described(ingress)  # fetched from an old replica: v1-r36-c32, resize 36
+    new = dataclasses.replace(ingress._descriptions["m"], preprocess_version="v1-r40-c32", resize=40)
+
+    async def describe() -> Any:
+        return new
+
+    worker.describe = _Method(describe)
+    answer = asyncio.run(ingress.Predict(pb.PredictRequest(image=_tiny_image())))  # small: travels whole
+    assert answer.provenance.preprocess_version == "v1-r40-c32"
+    info = asyncio.run(ingress.GetModel(pb.GetModelRequest(model_id="m")))
+    assert info.input.preprocess_version == answer.provenance.preprocess_version
+    listed = asyncio.run(ingress.ListModels(pb.ListModelsRequest()))
+    assert [m.input.preprocess_version for m in listed.models] == ["v1-r40-c32"]

@@ -760,3 +760,53 @@ def test_a_view_cut_by_the_ingress_gives_the_maps_of_the_whole_image_and_a_stale
     for pixels, stated in ((view, "v0-r256-c224-imagenet"), (photo, version)):
         with pytest.raises(StaleView, match="this replica uses"):
             host.explain(ExplainJob(pixels, "stale", target=5, view_version=stated))
+
+
+def test_a_stale_view_is_refused_without_waiting_for_the_compute_thread(monkeypatch) -> None:
+    """During a redeploy that changes a model's resize, every large image the ingress cuts by the old
+    description is refused by a new replica (StaleView) and sent again whole. The refusal is a comparison of
+    two strings and a shape, but it was made inside ModelHost on the compute thread, so the stale attempt
+    first waited behind every queued job (and held a queue slot): each large request paid the worker's
+    queue twice during the rollout, enough to push a caller with a normal deadline into DEADLINE_EXCEEDED or
+    a full queue into RESOURCE_EXHAUSTED."""
+    import asyncio
+    import time
+
+    from ierf.serving.deployments import ExplainerWorker
+    from ierf.serving.errors import StaleView
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    original = ModelHost.explain
+
+    def explain(self, job):  # a long cold decomposition ahead in the queue
+        if job.content_hash == "busy":
+            time.sleep(2.0)
+        return original(self, job)
+
+    monkeypatch.setattr(ModelHost, "explain", explain)
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 1, "resize": 288}],
+         "cache": {}}
+    )  # fmt: skip
+    worker = ExplainerWorker.func_or_class(config.models[0], config.cache)
+    old_view = np.zeros((224, 224, 3), np.uint8)  # cut by the description from before the redeploy (resize 256)
+    pixels = np.zeros((8, 8, 3), np.uint8)
+
+    async def scenario() -> float:
+        busy = asyncio.ensure_future(worker.explain(ExplainJob(pixels=pixels, content_hash="busy", target=1)))
+        await asyncio.sleep(0.1)
+        start = time.perf_counter()
+        refusal = await worker.explain(
+            ExplainJob(pixels=old_view, content_hash="photo", target=1, view_version="v1-r256-c224-imagenet")
+        )
+        waited = time.perf_counter() - start
+        assert isinstance(refusal, StaleView)
+        await busy
+        return waited
+
+    try:
+        waited = asyncio.run(scenario())
+    finally:
+        worker.__del__()
+    assert waited < 0.5, f"the stale view was refused only after {waited:.2f} s behind the queued job"

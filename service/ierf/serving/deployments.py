@@ -73,7 +73,7 @@ DECODE_ESTIMATE_MIN_PIXELS = 1_000_000
 # Images up to this many pixels (a 12 MP photo's quarter, a 1000x1000 crop) may wait to decode past the
 # decoding queue's bound: they go first and take milliseconds (see DecodeGate).
 SMALL_IMAGE_PIXELS = 1_000_000
-# A decoded image over this many times the model's view (its input, uint8 RGB) travels to the worker as that
+# A decoded image of at least this many times the model's view (its input, uint8 RGB) travels to the worker as that
 # view, made here; a smaller one travels whole (see Ingress._send).
 VIEW_MIN_FACTOR = 2
 DEADLINE_CAP_LABEL = "deadline_cap_s"  # in a request's labels (not a metric label): the cap that bound its deadline
@@ -232,13 +232,18 @@ class ExplainerWorker:
         return self.host.describe()
 
     async def explain(self, job: Any) -> Any:
-        return await self._run(self.host.explain, job)
+        return self._stale(job) or await self._run(self.host.explain, job)
 
     async def ierf(self, job: Any) -> Any:
-        return await self._run(self.host.ierf, job)
+        return self._stale(job) or await self._run(self.host.ierf, job)
 
     async def predict(self, job: Any) -> Any:
-        return await self._run(self.host.predict, job)
+        return self._stale(job) or await self._run(self.host.predict, job)
+
+    def _stale(self, job: Any) -> Any:
+        """A view cut by other preprocessing is refused at once, not after waiting for the compute thread
+        (during a rollout every large image would otherwise queue twice)."""
+        return self.host.stale_view(job.pixels, job.view_version)
 
     def check_health(self) -> None:
         # The model lives in this process; a cache outage must not restart replicas, so nothing else here.
@@ -344,7 +349,7 @@ class Ingress:
         timings: list[tuple[str, float]],
     ) -> Any:
         """:meth:`_call`, with the image as the model's view (resize + centre crop, made here by the model's
-        description) when the decoded image is over :data:`VIEW_MIN_FACTOR` times the view's size: a
+        description) when the decoded image is at least :data:`VIEW_MIN_FACTOR` times the view's size: a
         photo is mostly pixels the model never sees, and the hop to the worker costs by the byte (a
         512x512 image's dispatch took ~2 ms more than a 224x224 one's). The worker refuses a view made by
         another preprocessing than its own (a redeploy): the description is dropped and the decoded
@@ -407,12 +412,18 @@ class Ingress:
         return outcome
 
     def _forget_stale_description(self, model_id: str, outcome: Any) -> None:
-        """A replica restarted on a replaced weights file serves other weights than the description says:
-        drop it, so GetModel/ListModels fetch the one the replicas serve now."""
-        digest = getattr(getattr(outcome, "provenance", None), "weights_digest", "")
-        known = getattr(self._descriptions.get(model_id), "weights_digest", None)
-        if digest and known is not None and known != digest:
-            self._descriptions.pop(model_id, None)
+        """A replica restarted on a replaced weights file, or redeployed with another resize, serves other than
+        the description says: drop it, so GetModel/ListModels fetch what the replicas serve now (and the
+        ingress stops cutting views by it)."""
+        provenance = getattr(outcome, "provenance", None)
+        desc = self._descriptions.get(model_id)
+        if desc is None or provenance is None:
+            return
+        for field in ("weights_digest", "preprocess_version"):  # other weights, or other resize (a redeploy)
+            answered = getattr(provenance, field, "")
+            if answered and answered != getattr(desc, field, answered):
+                self._descriptions.pop(model_id, None)
+                return
 
     def _answered(self, model_id: str) -> tuple[float, bool]:
         now = time.monotonic()

@@ -95,12 +95,9 @@ class _ModelInput:
         self._view: np.ndarray | None = None
         self._x: torch.Tensor | None = None
         if view_version:  # the ingress made the view; by this replica's preprocessing, or not at all
-            expected = (*host.input_hw, 3)
-            if view_version != host.model.preprocess_version or pixels.shape != expected:
-                raise StaleView(
-                    f"view made by preprocessing {view_version} at {pixels.shape}; this replica uses "
-                    f"{host.model.preprocess_version} at {expected}"
-                )
+            stale = host.stale_view(pixels, view_version)
+            if stale is not None:
+                raise stale
             self._view = pixels
 
     @property
@@ -275,6 +272,17 @@ class ModelHost:
     # ------------------------------------------------------------------------------- description
     def _method_version(self, name: str) -> str:
         return _method_version(name)
+
+    def stale_view(self, pixels: np.ndarray, view_version: str) -> StaleView | None:
+        """The refusal of a view (``view_version`` set) cut by other preprocessing than this replica's, else
+        None; cheap, so the Serve worker checks it before a job queues for the compute thread."""
+        expected = (*self.input_hw, 3)
+        if not view_version or (view_version == self.model.preprocess_version and pixels.shape == expected):
+            return None
+        return StaleView(
+            f"view made by preprocessing {view_version} at {pixels.shape}; this replica uses "
+            f"{self.model.preprocess_version} at {expected}"
+        )
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Write what waits for Redis (up to ``timeout_s`` for queued writes) and release the connection; a host
