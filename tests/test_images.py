@@ -167,3 +167,29 @@ def test_an_upright_copy_of_an_xmp_oriented_image_is_not_turned_again(photo: np.
     assert np.array_equal(load_image(data), expected)
     upright = apply_exif_orientation(Image.open(io.BytesIO(data)))
     assert np.array_equal(to_rgb_array(upright), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "resize", "crop"),
+    [((107, 100), 100, 100), ((100, 107), 100, 100), ((90, 140), 240, 224), ((300, 451), 256, 224)],
+)
+def test_resize_crop_is_the_resized_images_centre_rounded_as_torchvision_rounds(shape, resize, crop) -> None:
+    """``resize_crop`` (the worker's preprocessing, and the ingress's view) is the short side resized to
+    ``resize`` then the centre ``crop``², its offset rounded (torchvision's CenterCrop: a 7-pixel margin puts
+    4 above, 3 below). Cached activations are keyed by PIPELINE_VERSION, so the arithmetic is pinned here:
+    resampling only the crop's box gives the whole resize's pixels (to 1 level of rounding)."""
+    from ierf.images import resize_crop
+
+    height, width = shape
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if height <= width:
+        new_h, new_w = resize, int(resize * width / height)
+    else:
+        new_h, new_w = int(resize * height / width), resize
+    whole = np.array(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.int16)
+    top, left = round((new_h - crop) / 2.0), round((new_w - crop) / 2.0)
+    expected = whole[top : top + crop, left : left + crop]
+    cut = resize_crop(image, resize, crop)
+    assert cut.shape == (crop, crop, 3) and cut.dtype == np.uint8
+    difference = np.abs(cut.astype(np.int16) - expected)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01

@@ -242,3 +242,34 @@ def test_refusing_a_c_shaped_factor_on_a_map_does_not_recommend_that_same_shape(
     msg = str(info.value)
     assert "(6,)" in msg, msg
     assert "(C,)" not in msg, f"the refused shape is offered as the supported form: {msg}"
+
+
+class _LayerNormBehindPermute(nn.Module):
+    """ConvNeXt's spelling: channels-last LayerNorm between two permutes (the first refused op is the permute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(F.relu(y).mean((2, 3)))
+
+
+def test_a_cnn_with_layer_norm_is_told_what_it_lacks_beside_the_op_refused_first() -> None:
+    """Without attention too: a LayerNorm alone (ConvNeXt's blocks) is a layer SRD has no rule for, and the
+    refusal of the permute in front of it says so."""
+    with pytest.raises(UnsupportedModelError) as info:
+        ierf.SRD(_LayerNormBehindPermute().eval()).decompose(torch.randn(1, 3, 8, 8))
+    msg = str(info.value)
+    assert "permute" in msg and "the model also has LayerNorm" in msg, msg
+
+
+def test_out_is_refused_as_a_write_into_a_tensor_not_as_an_argument_to_pass_positionally() -> None:
+    """torch.add(y, a, out=y) cannot be passed positionally: the refusal says to use the returned value."""
+    with pytest.raises(UnsupportedModelError) as info:
+        ierf.SRD(_Keyword("add_out").double().eval()).decompose(torch.randn(1, 3, 8, 9, dtype=torch.float64))
+    msg = str(info.value)
+    assert "out=" in msg and "returned value" in msg and "positionally" not in msg, msg

@@ -82,3 +82,45 @@ def test_a_health_probe_refused_by_a_full_worker_queue_does_not_read_not_serving
     statuses = asyncio.run(scenario())
     assert worker.describe.calls >= 2
     assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2, statuses
+
+
+def test_a_worker_whose_queue_stays_full_past_the_busy_grace_reads_not_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Back-pressure is a busy worker only while it answered recently: one that has refused every probe for
+    longer than the busy grace (a wedged replica whose queue never drains), or never answered at all, is
+    NOT_SERVING, or a load balancer keeps sending to a replica that will not answer."""
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.2, raising=False)
+    monkeypatch.setattr(deployments, "HEALTH_BUSY_GRACE_S", 0.6)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def scenario(worker: _BusyWorker) -> list[int]:
+        ingress = Ingress.func_or_class({"m": worker}, ServiceConfig.from_args({"models": ["m"]}))
+
+        async def check() -> int:
+            return (await ingress.Check(health_pb2.HealthCheckRequest())).status
+
+        async def run() -> list[int]:
+            statuses = []
+            if not worker.full:
+                statuses.append(await check())  # answers, then its queue fills for good
+                worker.full = True
+                await asyncio.sleep(0.25)
+                statuses.append(await check())  # within the grace: busy
+                await asyncio.sleep(0.7)
+            statuses.append(await check())  # past the grace (or never answered): not serving
+            statuses.append(await check())  # and so it stays while that answer is cached
+            return statuses
+
+        return asyncio.run(run())
+
+    assert scenario(_BusyWorker()) == [serving, serving, not_serving, not_serving]
+    never = _BusyWorker()
+    never.full = True
+    assert scenario(never) == [not_serving, not_serving]
+    assert never.describe.calls == 1  # the second answer was the cached one

@@ -1258,3 +1258,46 @@ def test_an_answer_made_with_other_preprocessing_than_the_description_refreshes_
     assert info.input.preprocess_version == answer.provenance.preprocess_version
     listed = asyncio.run(ingress.ListModels(pb.ListModelsRequest()))
     assert [m.input.preprocess_version for m in listed.models] == ["v1-r40-c32"]
+
+
+def test_a_model_with_a_non_square_input_gets_the_decoded_image_not_a_square_cut() -> None:
+    """resize_crop cuts a square (crop x crop): a model whose input is not square cannot be given it, and the
+    worker would refuse it as stale (the ingress then drops the description and cuts no more). Such a model's
+    images travel whole, with the description kept."""
+    import dataclasses
+
+    import numpy as np
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Capture(_full_outcome())
+    ingress = _ingress({"m": worker})
+    _described(ingress)
+    ingress._descriptions["m"] = dataclasses.replace(ingress._descriptions["m"], input_width=40)
+    photo = np.random.default_rng(2).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))
+    (job,) = worker.jobs
+    assert job.view_version == "" and job.pixels.shape == photo.shape
+    assert "m" in ingress._descriptions
+
+
+def test_only_a_deadline_the_servers_cap_bound_names_the_cap_when_time_runs_out() -> None:
+    """A refusal for time names ``request_timeout_s`` only when the server's cap bound the deadline (no caller
+    budget, or one above the cap): a caller whose own shorter budget ran out is told about its deadline, which
+    it can raise, not sent to the operator."""
+    import grpc
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    def refusal(context: Any) -> str:
+        worker = _Worker(outcome=_outcome())
+        worker.state = "hung"
+        config = ServiceConfig.from_args({"models": ["m"], "ingress": {"request_timeout_s": 0.2}})
+        ingress = Ingress.func_or_class({"m": worker}, config)
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image()), context))
+        assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED, context.details
+        return context.details
+
+    assert "request_timeout_s = 0.2 s" in refusal(_GrpcContext())  # no budget sent: the cap is the deadline
+    assert "request_timeout_s = 0.2 s" in refusal(_TimedContext("5000"))  # a budget over the cap, cut to it
+    assert "request_timeout_s" not in refusal(_TimedContext("100"))  # the caller's own shorter budget

@@ -732,3 +732,22 @@ def test_without_num_cpus_the_replica_check_counts_the_containers_cpus_not_the_h
     worker = "Worker_efficientnet_lite0"
     with pytest.raises(ValueError, match=r"the local cluster has 1.5 \(this container's CPUs"):
         check_replicas_fit(_deployments({worker: {"num_replicas": 2}}), num_cpus=None)
+
+
+def test_without_num_cpus_the_private_cluster_starts_with_the_containers_cpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The replica check and the cluster itself must count the same CPUs: ``ray.init`` given the host's
+    ``os.cpu_count()`` would let Serve place replicas the container's quota cannot run."""
+    import ray
+    import ray._private.utils as ray_utils
+    from ierf.serving import local
+
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda **_: 1.5)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    local._init_ray(None, 100_000_000, str(tmp_path), 0)
+    assert seen["num_cpus"] == 1.5
+    local._init_ray(3, 100_000_000, str(tmp_path), 0)
+    assert seen["num_cpus"] == 3

@@ -128,3 +128,70 @@ def test_work_refused_by_the_servers_deadline_cap_does_not_ask_for_a_longer_dead
         ingress.Explain.remote(pb.ExplainRequest(image=image, target=1)).result()
     message = str(info.value)
     assert "request_timeout_s" in message or "cap" in message, message
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple = ()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailers
+
+
+def test_only_a_deadline_after_overload_refusals_is_reported_as_overload() -> None:
+    """``Attempts`` turns the final DEADLINE_EXCEEDED of a call refused as overloaded into the overload error
+    (its pause kept, the refusals counted); a deadline after other failures (UNAVAILABLE), or a final error
+    that is not a deadline, is reported as itself."""
+    from ierf_client import _core
+
+    overloaded = _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "service overloaded", ((_core.RETRY_AFTER_KEY, "250"),))
+    deadline = _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    unavailable = _Failure(grpc.StatusCode.UNAVAILABLE, "connection refused")
+
+    attempts = _core.Attempts()
+    for failure in (overloaded, unavailable, overloaded, deadline):
+        attempts.failed(failure)
+    error = attempts.error(deadline)
+    assert isinstance(error, _core.ResourceExhaustedError) and error.retry_after_s == 0.25
+    assert "refused as overloaded on 2 of 4 attempts" in error.details
+
+    attempts = _core.Attempts()
+    for failure in (unavailable, unavailable, deadline):
+        attempts.failed(failure)
+    assert attempts.overloads == 0 and attempts.last_overload is None
+    assert isinstance(attempts.error(deadline), _core.DeadlineExceededError)
+
+    attempts = _core.Attempts()
+    final = _Failure(grpc.StatusCode.INVALID_ARGUMENT, "image too large")
+    for failure in (overloaded, final):
+        attempts.failed(failure)
+    error = attempts.error(final)
+    assert isinstance(error, _core.InvalidArgumentError) and "overloaded" not in error.details
+
+
+def test_only_building_that_may_block_the_loop_leaves_it() -> None:
+    """AsyncClient builds a request off the event loop when that can take long: a file to read, a PNG to
+    encode (a PIL image, bytes in a format the server does not read), a large array to copy; small arrays
+    and bytes the server reads as they are stay on the loop (a thread hop costs more than they do)."""
+    import io
+
+    from ierf_client import _core
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    bmp = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(bmp, "BMP")
+    assert not _core.building_may_block(np.zeros((8, 8, 3), np.uint8))
+    assert not _core.building_may_block(png.getvalue())
+    assert not _core.building_may_block(bytearray(png.getvalue()))
+    assert _core.building_may_block(np.zeros(_core.INLINE_ARRAY_BYTES + 1, np.uint8))
+    assert _core.building_may_block(bmp.getvalue())  # re-encoded as PNG
+    assert _core.building_may_block(Image.new("RGB", (4, 4)))
+    assert _core.building_may_block("photo.jpg")

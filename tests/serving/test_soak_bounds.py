@@ -72,3 +72,59 @@ def test_cached_logits_count_their_entry_overhead_against_the_l1_bound(monkeypat
     host.predict(worker.PredictJob(pixels, "e" * 64))
     assert host.cache.l1.nbytes == 1000 * 4 + worker.L1_ENTRY_OVERHEAD_BYTES
     host.close()
+
+
+def test_a_replaced_deferred_value_gives_its_bytes_back_to_the_budget() -> None:
+    """A key put again while its first value still waits for write_deferred replaces it: the budget must count
+    the value once, or each re-put leaks its bytes until no deferred write fits any more."""
+    from ierf.serving.cache import RedisSettings, RedisTier, TieredCache, tensors_nbytes
+
+    tensors = {"x": torch.zeros(100_000)}
+    size = tensors_nbytes(tensors)
+    tier = RedisTier(RedisSettings(url="redis://127.0.0.1:1/0"))
+    cache = TieredCache(0, tier, write_behind_bytes=size + size // 2)
+    release = threading.Event()
+    cache._behind._write = lambda key, value: release.wait(10)
+    try:
+        for _ in range(3):
+            assert cache.put("a", object(), 1, dict(tensors), background=True, deferred=True) == "queued"
+        assert cache._deferred_bytes == size
+        assert cache.write_deferred() == 1 and cache._deferred_bytes == 0
+    finally:
+        release.set()
+        cache.close(timeout_s=2.0)
+
+
+def test_the_shared_budget_holds_to_the_byte_with_the_codecs_header() -> None:
+    """The pre-check counts a value's tensor bytes; what is queued is the encoded value, a header longer. A
+    value that fits only without its header, beside a deferred one, is dropped: the queue itself counts the
+    deferred bytes, so deferred + queued never pass ``write_behind_bytes``."""
+    from ierf.serving.cache import RedisSettings, RedisTier, TieredCache, tensors_nbytes
+
+    tensors = {"x": torch.zeros(100_000)}
+    size = tensors_nbytes(tensors)
+    budget = 2 * size
+    tier = RedisTier(RedisSettings(url="redis://127.0.0.1:1/0"))
+    cache = TieredCache(0, tier, write_behind_bytes=budget)
+    release = threading.Event()
+    cache._behind._write = lambda key, value: release.wait(10)
+    try:
+        assert cache.put("a", object(), 1, dict(tensors), background=True, deferred=True) == "queued"
+        assert cache.put("b", object(), 1, dict(tensors), background=True) == "dropped"
+        assert cache._deferred_bytes + cache._behind.pending_bytes <= budget
+    finally:
+        release.set()
+        cache.close(timeout_s=2.0)
+
+
+def test_logits_read_back_from_redis_count_their_entry_overhead_too() -> None:
+    """Logits a worker reads back from Redis go into L1 as well: sized like the ones it computed (tensor bytes
+    plus the entry's overhead), or an L1 refilled from Redis after a restart holds more than ``l1_bytes``."""
+    from types import SimpleNamespace
+
+    from ierf.serving import worker
+
+    host = SimpleNamespace(model=SimpleNamespace(class_names=[str(i) for i in range(1000)]))
+    logits, nbytes = worker.ModelHost._cached_logits(host, {"logits": torch.zeros(1, 1000)})
+    assert logits.shape == (1, 1000)
+    assert nbytes == 1000 * 4 + worker.L1_ENTRY_OVERHEAD_BYTES
