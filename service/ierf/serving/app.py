@@ -18,7 +18,6 @@ GRPC_SERVICER_FUNCTIONS = [
     "ierf.serving.protocol.add_explain_service",
     "ierf.serving.protocol.add_health_service",
 ]
-WORKER_GRACE_MARGIN_S = 10.0
 # Keys accepted in a config file's per-deployment overrides (Serve's own schema, minus the name).
 DEPLOYMENT_OPTION_KEYS = {
     "num_replicas",
@@ -72,11 +71,7 @@ def configured_deployments(
     deployments = {"Ingress": _with_options(Ingress, "Ingress", overrides.get("Ingress", {}))}
     for model in config.models:
         name = model.deployment_name
-        # A replica being stopped (a downscale, a redeploy) finishes its jobs first: the longest one a request
-        # may run (the deadline cap) and a margin, unless the config says otherwise (Serve's default 20 s,
-        # 30 s here before, killed longer jobs, which callers then saw as UNAVAILABLE).
-        grace = {"graceful_shutdown_timeout_s": config.ingress.request_timeout_s + WORKER_GRACE_MARGIN_S}
-        deployments[name] = _with_options(ExplainerWorker, name, {"name": name, **grace, **overrides.get(name, {})})
+        deployments[name] = _with_options(ExplainerWorker, name, {"name": name, **overrides.get(name, {})})
     return deployments
 
 
