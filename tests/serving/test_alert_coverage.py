@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from serving.fakes import BackPressureError, GrpcContext, Method
+
 ROOT = Path(__file__).resolve().parents[2]
 # Prometheus's own labels plus the PodMonitor's; Ray's always-present ones as a live scrape showed them
 SCRAPE = {"namespace": "prod", "pod": "ierf-raycluster-abc-worker-cpu-xyz", "application": "ierf"}
@@ -87,34 +89,11 @@ def test_no_healthy_worker_alert_sees_a_deployment_whose_replica_series_are_gone
 # -------------------------------------------------------------------------------------------- IerfOverloaded
 
 
-class _Response:
-    def __init__(self, coroutine: Any) -> None:
-        self._coroutine = coroutine
-
-    def __await__(self):
-        return self._coroutine.__await__()
-
-    def cancel(self) -> None:
-        pass
-
-
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def remote(self, *args: Any) -> _Response:
-        return _Response(self._fn(*args))
-
-
-class BackPressureError(Exception):
-    """Named like Ray Serve's: the worker deployment's queue is full."""
-
-
 class _Worker:
     def __init__(self, overloaded: bool) -> None:
         self.overloaded = overloaded
-        self.describe = _Method(self._describe)
-        self.explain = _Method(self._explain)
+        self.describe = Method(self._describe)
+        self.explain = Method(self._explain)
 
     async def _describe(self) -> Any:
         return "description"
@@ -123,26 +102,6 @@ class _Worker:
         if self.overloaded:
             raise BackPressureError("Request dropped due to backpressure")
         raise AssertionError("a refused request must not reach the worker")
-
-
-class _Context:
-    def __init__(self) -> None:
-        self.code = None
-
-    def invocation_metadata(self) -> list:
-        return []
-
-    def request_id(self) -> str:
-        return "r"
-
-    def set_code(self, code: Any) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        pass
-
-    def set_trailing_metadata(self, trailers: list) -> None:
-        pass
 
 
 def _error_tags(overloaded: bool, image: Any) -> list[dict[str, str]]:
@@ -160,7 +119,7 @@ def _error_tags(overloaded: bool, image: Any) -> list[dict[str, str]]:
             counted.append(tags)
 
     ingress.metrics._metrics["explainer_errors_total"] = Recorder()
-    context = _Context()
+    context = GrpcContext()
     asyncio.run(ingress.Explain(pb.ExplainRequest(image=image(ingress)), context))
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     return counted

@@ -7,31 +7,7 @@ from typing import Any
 
 import pytest
 
-
-class BackPressureError(Exception):
-    """Named like ray.serve.exceptions.BackPressureError: what a handle call raises when the deployment's
-    ``max_queued_requests`` is reached (the ingress matches Ray's errors by name)."""
-
-
-class _Response:
-    def __init__(self, coroutine: Any) -> None:
-        self._coroutine = coroutine
-
-    def __await__(self):
-        return self._coroutine.__await__()
-
-    def cancel(self) -> None:
-        pass
-
-
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-        self.calls = 0
-
-    def remote(self, *args: Any) -> _Response:
-        self.calls += 1
-        return _Response(self._fn(*args))
+from serving.fakes import BackPressureError, Method
 
 
 class _BusyWorker:
@@ -48,7 +24,7 @@ class _BusyWorker:
                 )
             return "description"
 
-        self.describe = _Method(describe)
+        self.describe = Method(describe)
 
 
 def test_a_health_probe_refused_by_a_full_worker_queue_does_not_read_not_serving(

@@ -9,29 +9,10 @@ from typing import Any
 
 import pytest
 
-
-class _Response:
-    """Stands in for a Serve DeploymentResponse: awaitable, cancellable."""
-
-    def __init__(self, coroutine: Any) -> None:
-        self._coroutine = coroutine
-        self.cancelled = False
-
-    def __await__(self):
-        return self._coroutine.__await__()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-        self.calls = 0
-
-    def remote(self, *args: Any) -> _Response:
-        self.calls += 1
-        return _Response(self._fn(*args))
+from serving.fakes import BackPressureError
+from serving.fakes import GrpcContext as _GrpcContext
+from serving.fakes import Method as _Method
+from serving.fakes import Response as _Response
 
 
 class ActorDiedError(Exception):
@@ -440,33 +421,6 @@ def test_metrics_name_built_in_methods_before_the_model_description_arrives() ->
     ingress = _ingress({"m": _Worker()})
     assert {"srd", "gradcam", "lrp", "integrated_gradients"} <= set(ingress._known_methods("m"))
     assert "my_plugin" not in ingress._known_methods("m")  # unknown names stay "other": bounded labels
-
-
-class _GrpcContext:
-    """What the ingress uses of Serve's gRPC context."""
-
-    def __init__(self) -> None:
-        self.code = self.details = None
-        self.trailers: list[tuple[str, str]] = []
-
-    def invocation_metadata(self) -> list[tuple[str, str]]:
-        return []
-
-    def request_id(self) -> str:
-        return "r"
-
-    def set_code(self, code: Any) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def set_trailing_metadata(self, trailers: list[tuple[str, str]]) -> None:
-        self.trailers = trailers
-
-
-class BackPressureError(Exception):
-    """Named like Ray Serve's: a worker's queue is full."""
 
 
 def test_an_overload_refusal_says_when_to_retry_and_a_cap_does_not() -> None:
