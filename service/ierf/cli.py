@@ -285,14 +285,15 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
     if args.layer is not None and (args.target is not None or args.contrast is not None):
         raise UsageError("--target/--contrast apply to class saliency; an iERF (--layer/--position) has no target")
     check_output(args.output, args.image)
-    if getattr(backend, "sends_files", False):  # the server decodes the file: only check that it is one here
+    sends_file = getattr(backend, "sends_files", False)
+    if sends_file:  # the server decodes the file: only check that it is one here
         source = Path(args.image)
         if not source.exists():
             raise FileNotFoundError(f"image file {str(source)!r} does not exist")
         if source.is_dir():
             raise ValueError(f"image path {str(source)!r} is a directory, not an image file")
     request = ExplainRequest(
-        image=None if getattr(backend, "sends_files", False) else load_image(args.image),
+        image=None if sends_file else load_image(args.image),
         path=str(args.image),
         model=args.model,
         weights=args.weights,

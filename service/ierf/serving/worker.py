@@ -270,9 +270,6 @@ class ModelHost:
         return layout
 
     # ------------------------------------------------------------------------------- description
-    def _method_version(self, name: str) -> str:
-        return _method_version(name)
-
     def stale_view(self, pixels: np.ndarray, view_version: str) -> StaleView | None:
         """The refusal of a view (``view_version`` set) cut by other preprocessing than this replica's, else
         None; cheap, so the Serve worker checks it before a job queues for the compute thread."""
@@ -320,7 +317,7 @@ class ModelHost:
             model_id=self.config.id,
             weights_digest=self.model.weights_digest,
             method=method,
-            method_version=self._method_version(method) if method in self.methods else "",
+            method_version=_method_version(method) if method in self.methods else "",
             preprocess_version=self.model.preprocess_version,
             content_hash=content_hash,
         )
@@ -332,7 +329,7 @@ class ModelHost:
             weights_digest=self.model.weights_digest,
             preprocess_version=self.model.preprocess_version,
             method=method,
-            method_version=self._forward_version if method == FORWARD_METHOD else self._method_version(method),
+            method_version=self._forward_version if method == FORWARD_METHOD else _method_version(method),
             content_hash=content_hash,
         ).redis_key()
 
@@ -478,9 +475,10 @@ class ModelHost:
         """Cache the logits; their tier for provenance ("miss", or "disabled" when no tier can keep them)."""
         value = logits.detach().reshape(1, -1).to("cpu", torch.float32).contiguous()
         key = self._key("logits", FORWARD_METHOD, content_hash)
-        nbytes = _logits_nbytes(value)
-        self.cache.put(key, value, nbytes, {"logits": value}, background=True, tensors_size=value.numel() * 4)
-        return "miss" if self.cache.can_keep(nbytes, value.numel() * 4) else "disabled"
+        data_bytes = value.numel() * value.element_size()
+        nbytes = data_bytes + L1_ENTRY_OVERHEAD_BYTES
+        self.cache.put(key, value, nbytes, {"logits": value}, background=True, tensors_size=data_bytes)
+        return "miss" if self.cache.can_keep(nbytes, data_bytes) else "disabled"
 
     def _logits(
         self, inputs: _ModelInput, prov: Provenance, stages: _Stages, deadline: float | None, then: tuple[str, ...] = ()

@@ -101,11 +101,10 @@ class Program:
         self.constants = traced.constants
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
         activations: list[fx.Node] = []
-        placeholders = 0
-        lacking = _lacking_rules(model)
         try:
             self._build_steps(model, known, activations)
         except UnsupportedModelError as exc:
+            lacking = _lacking_rules(model)  # only for a refusal: a walk over every module
             if lacking and lacking not in str(exc):
                 raise UnsupportedModelError(f"{exc} ({lacking})") from None
             raise
