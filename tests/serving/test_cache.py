@@ -997,3 +997,36 @@ def test_a_value_is_not_encoded_for_a_redis_the_breaker_knows_is_down(monkeypatc
     assert cache.put(KEY + ":c", object(), 1, tensors, background=True, deferred=True) == "queued"
     assert cache.write_deferred() == 0 and not encoded
     cache.close()
+
+
+def test_a_password_protected_redis_serves_the_url_with_its_password_and_refuses_others_as_misses(
+    redis_flushed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """deploy/k8s runs Redis with requirepass and hands the password in IERF_REDIS_URL
+    (redis://:PASSWORD@host): that form must authenticate, and a wrong or missing password must be a
+    miss that never names the password, not a failed request."""
+    import redis
+
+    password = "3f9c2a7e1b"
+    raw = redis.Redis.from_url(redis_flushed.url, socket_timeout=2)
+    raw.config_set("requirepass", password)
+    try:
+        authed = redis.Redis.from_url(f"redis://:{password}@127.0.0.1:{redis_flushed.port}/0", socket_timeout=2)
+        host = f"127.0.0.1:{redis_flushed.port}/0"
+        tier = RedisTier(RedisSettings(url=f"redis://:{password}@{host}"))
+        assert tier.put("k", b"v") == "stored" and tier.get("k") == ("hit", b"v")
+        assert password not in tier.where
+        tier.close()
+        for url in (f"redis://:wrong@{host}", f"redis://{host}"):
+            tier = RedisTier(RedisSettings(url=url, failure_threshold=1))
+            with caplog.at_level("WARNING", logger="ray.serve"):
+                assert tier.get("k") == ("error", None)
+                assert tier.put("k", b"other") == "skipped"
+            tier.close()
+        assert authed.get("k") == b"v"
+        assert any("is failing" in r.getMessage() for r in caplog.records)
+        assert not any(password in r.getMessage() for r in caplog.records)
+    finally:
+        authed.config_set("requirepass", "")
+        authed.close()
+        raw.close()

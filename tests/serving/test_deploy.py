@@ -49,10 +49,40 @@ def test_every_ray_container_gets_the_redis_url_the_config_reads() -> None:
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
         for container in template["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in container["env"]}
-            assert env[redis_ref[4:]].startswith("redis://ierf-redis:6379/")
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+            assert env[redis_ref[4:]].startswith("redis://:$(IERF_REDIS_PASSWORD)@ierf-redis:6379/")
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert ports["serve-grpc"] == 9000 and ports["metrics"] == 8080 and ports["serve"] == 8000
+
+
+REDIS_SECRET = {"secretKeyRef": {"name": "ierf-redis", "key": "password"}}
+
+
+def _secret_env(container: dict) -> dict[str, int]:
+    """Each variable taken from Redis's Secret, with its place in the container's env list."""
+    return {e["name"]: i for i, e in enumerate(container.get("env", [])) if e.get("valueFrom") == REDIS_SECRET}
+
+
+def test_redis_requires_the_secrets_password_and_everything_that_talks_to_it_sends_it() -> None:
+    """Whoever can write to Redis changes the maps served: the NetworkPolicy alone kept it private.
+    Redis, its probe and its exporter, and every Ray container read one Secret; the URL expands the
+    password from a variable listed before it (Kubernetes expands $(VAR) only then)."""
+    redis_pod = next(d for d in _k8s("redis.yaml") if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in redis_pod["containers"]}
+    server = containers["redis"]
+    assert server["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert {"REDIS_PASSWORD", "REDISCLI_AUTH"} <= set(_secret_env(server))  # redis-cli ping needs auth
+    assert server["readinessProbe"]["exec"]["command"][0] == "redis-cli"
+    assert "REDIS_PASSWORD" in _secret_env(containers["exporter"])  # redis_exporter's variable
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            secrets = _secret_env(container)
+            names = [e["name"] for e in container["env"]]
+            url = container["env"][names.index("IERF_REDIS_URL")]["value"]
+            (variable,) = re.findall(r"\$\((\w+)\)", url)
+            assert variable in secrets and secrets[variable] < names.index("IERF_REDIS_URL")
 
 
 def test_grpc_services_select_only_pods_kuberay_marks_as_serving() -> None:
@@ -75,10 +105,13 @@ def test_grpc_services_select_only_pods_kuberay_marks_as_serving() -> None:
 
 
 def _ray_container_envs(service: dict) -> list[dict[str, str]]:
-    """The environment of every Ray container of the RayService (head and worker groups)."""
+    """The literal environment of every Ray container of the RayService (head and worker groups);
+    variables taken from a Secret are left out."""
     cluster = service["spec"]["rayClusterConfig"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    return [{e["name"]: e["value"] for e in c["env"]} for t in templates for c in t["spec"]["containers"]]
+    return [
+        {e["name"]: e["value"] for e in c["env"] if "value" in e} for t in templates for c in t["spec"]["containers"]
+    ]
 
 
 def _dockerfile_env() -> dict[str, str]:
