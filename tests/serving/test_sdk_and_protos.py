@@ -166,8 +166,10 @@ def test_tensor_round_trip_little_endian() -> None:
     from ierf.serving.convert import tensor_message
 
     values = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
-    np.testing.assert_array_equal(_core.tensor_array(tensor_message(values, np.float32)), values)
-    half = _core.tensor_array(tensor_message(values, np.float16))
+    np.testing.assert_array_equal(
+        _core.tensor_array(tensor_message(values, np.float32), "map", _core.MAP_DTYPES, 2), values
+    )
+    half = _core.tensor_array(tensor_message(values, np.float16), "map", _core.MAP_DTYPES, 2)
     assert half.dtype == np.float16 and np.allclose(half, values, atol=1e-3)
 
 

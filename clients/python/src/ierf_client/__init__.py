@@ -9,6 +9,7 @@ Needs only grpcio, protobuf, numpy and pillow; the generated stubs ship as ``ier
 
 from ierf_client._core import (
     ClassScore,
+    DataLossError,
     DeadlineExceededError,
     Explanation,
     IerfError,
@@ -18,6 +19,7 @@ from ierf_client._core import (
     LayerInfo,
     ModelInfo,
     NotFoundError,
+    PlaintextTokenWarning,
     Prediction,
     Provenance,
     ResourceExhaustedError,
@@ -32,6 +34,7 @@ __all__ = [
     "AsyncClient",
     "ClassScore",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "Explanation",
     "IERFResult",
@@ -41,6 +44,7 @@ __all__ = [
     "LayerInfo",
     "ModelInfo",
     "NotFoundError",
+    "PlaintextTokenWarning",
     "Prediction",
     "Provenance",
     "ResourceExhaustedError",

@@ -69,6 +69,19 @@ class UnauthenticatedError(IerfError, PermissionError):
     pass
 
 
+class DataLossError(IerfError):
+    """A response that does not hold what the protocol says (bytes that do not fill a map's shape, an
+    overlay that is not a PNG of about the map's size): the server is broken or not ierf, and the call is
+    not the caller's mistake, so this is no ValueError. Also the class of a server's own DATA_LOSS."""
+
+    def __init__(
+        self, code_or_details: grpc.StatusCode | str, details: str = "", retry_after_s: float | None = None
+    ) -> None:
+        if isinstance(code_or_details, str):
+            code_or_details, details = grpc.StatusCode.DATA_LOSS, code_or_details
+        super().__init__(code_or_details, details, retry_after_s)
+
+
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -76,6 +89,7 @@ _ERRORS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
 }
 
 
@@ -272,15 +286,37 @@ def check_retry(retry: object) -> RetryPolicy:
     return retry
 
 
-def check_token(token: object) -> str | None:
-    """A bearer token travels as gRPC metadata: printable ASCII only."""
+class PlaintextTokenWarning(UserWarning):
+    """A bearer token set on a client without TLS to a host other than this machine."""
+
+
+def check_token(token: object, address: str = "", secure: bool = True) -> str | None:
+    """A bearer token travels as gRPC metadata: printable ASCII only. Without ``credentials`` it travels
+    in clear text (the SDK writes the metadata itself, so gRPC's own refusal of call credentials on an
+    insecure channel does not apply): to anything but this machine that is said, once per client."""
     if token is None:
         return None
     if not isinstance(token, str):
         raise TypeError(f"token must be a string, got {type(token).__name__}")
     if not all(" " <= c <= "~" for c in token):
         raise ValueError("token must be printable ASCII (it travels as gRPC metadata)")
+    if not secure and not _is_this_machine(address):
+        warnings.warn(
+            f"token= will travel in clear text to {address}: pass credentials=grpc.ssl_channel_credentials() "
+            "for TLS (where a service mesh encrypts the hop, filter ierf_client.PlaintextTokenWarning)",
+            PlaintextTokenWarning,
+            stacklevel=3,
+        )
     return token
+
+
+def _is_this_machine(address: str) -> bool:
+    """A loopback or local-socket target, where clear text never leaves the machine."""
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return True
+    target = address.removeprefix("ipv4:").removeprefix("ipv6:").removeprefix("dns:").lstrip("/")
+    host = target.rpartition(":")[0] if not target.startswith("[") else target[1 : target.find("]")]
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def check_timeout(timeout: object, what: str = "timeout") -> float:
@@ -578,13 +614,33 @@ def _png(picture: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def tensor_array(tensor: pb.Tensor) -> np.ndarray:
-    dtype = {pb.DATA_TYPE_UINT8: np.uint8, pb.DATA_TYPE_FLOAT16: np.float16, pb.DATA_TYPE_FLOAT32: np.float32}.get(
-        tensor.dtype
-    )
+_ARRAY_DTYPES = {pb.DATA_TYPE_UINT8: np.uint8, pb.DATA_TYPE_FLOAT16: np.float16, pb.DATA_TYPE_FLOAT32: np.float32}
+MAP_DTYPES = (pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_FLOAT32)
+
+
+def tensor_array(
+    tensor: pb.Tensor, field: str, dtypes: tuple[int, ...], ndim: int, channels: int | None = None
+) -> np.ndarray:
+    """The response's tensor ``field`` as an array, checked against what the protocol says it holds:
+    nothing a server sends is trusted, and a broken one must not pass as a result or as the caller's error."""
+    dtype = _ARRAY_DTYPES.get(tensor.dtype) if tensor.dtype in dtypes else None
     if dtype is None:
-        raise ValueError(f"response tensor has unknown dtype {tensor.dtype}")
-    return np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(tensor.shape)).copy()
+        raise DataLossError(
+            f"response field {field} has dtype {tensor.dtype}; the protocol sends {_dtype_names(dtypes)}"
+        )
+    shape = tuple(tensor.shape)
+    if len(shape) != ndim or any(d <= 0 for d in shape) or (channels is not None and shape[-1] != channels):
+        raise DataLossError(f"response field {field} has shape {list(shape)}; the protocol sends {ndim} positive sizes")
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(tensor.data) != expected:
+        raise DataLossError(
+            f"response field {field} holds {len(tensor.data)} bytes, not the {expected} its shape {list(shape)} needs"
+        )
+    return np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).copy()
+
+
+def _dtype_names(dtypes: tuple[int, ...]) -> str:
+    return " or ".join(np.dtype(_ARRAY_DTYPES[d]).name for d in dtypes)
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -654,11 +710,30 @@ class ModelInfo:
         raise KeyError(f"model {self.id} has no layer {name!r}")
 
 
-def _overlay_image(png: bytes) -> Image.Image:
+# An overlay is the map's picture plus a caption and colour bar: its sides stay within twice the map's plus
+# this margin. The header is read first, so a small PNG declaring a huge canvas is refused undecoded.
+OVERLAY_MARGIN_PX = 512
+
+
+def _overlay_image(png: bytes, map_size: tuple[int, int]) -> Image.Image:
+    """The server's overlay, decoded as PNG only (``Image.open`` would also run EPS through Ghostscript,
+    or any other format Pillow knows, on bytes the server chose) and only at about the map's size."""
     if not png:
         raise ValueError("no overlay in this result: call with overlay=True")
-    picture = Image.open(io.BytesIO(png))
-    picture.load()
+    try:
+        picture = Image.open(io.BytesIO(png), formats=["PNG"])
+    except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataLossError(f"the server's overlay is not a PNG this SDK reads ({exc})") from None
+    height, width = map_size
+    if picture.width > 2 * width + OVERLAY_MARGIN_PX or picture.height > 2 * height + OVERLAY_MARGIN_PX:
+        raise DataLossError(
+            f"the server's overlay is {picture.width}x{picture.height} pixels for a {width}x{height} map: "
+            "refused undecoded"
+        )
+    try:
+        picture.load()
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt PNG data
+        raise DataLossError(f"the server's overlay PNG does not decode ({type(exc).__name__}: {exc})") from None
     return picture
 
 
@@ -672,7 +747,7 @@ class Explanation:
 
     def overlay(self) -> Image.Image:
         """The server-rendered overlay (request it with ``overlay=True``)."""
-        return _overlay_image(self.overlay_png)
+        return _overlay_image(self.overlay_png, self.map.shape[-2:])
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays, as Explanation
@@ -687,7 +762,7 @@ class IERFResult:
         """The server-rendered overlay of position ``index`` (request them with ``overlay=True``)."""
         if self.overlay_pngs and not -len(self.overlay_pngs) <= index < len(self.overlay_pngs):
             raise IndexError(f"overlay index {index} is out of range: {len(self.overlay_pngs)} overlays")
-        return _overlay_image(self.overlay_pngs[index] if self.overlay_pngs else b"")
+        return _overlay_image(self.overlay_pngs[index] if self.overlay_pngs else b"", self.maps.shape[-2:])
 
 
 @dataclass(frozen=True)
@@ -730,6 +805,15 @@ def parse_layer(layer: pb.LayerInfo) -> LayerInfo:
     return LayerInfo(name=layer.name, channels=layer.channels, height=layer.height, width=layer.width)
 
 
+def _dtype_name(value: int) -> str:
+    """``float32`` for DATA_TYPE_FLOAT32; a value this SDK's stubs lack (proto3 enums are open: a newer
+    server may accept another dtype) reads ``unknown(N)`` rather than failing the whole description."""
+    try:
+        return pb.DataType.Name(value).removeprefix("DATA_TYPE_").lower()
+    except ValueError:
+        return f"unknown({value})"
+
+
 def parse_model(m: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(
         id=m.id,
@@ -741,7 +825,7 @@ def parse_model(m: pb.ModelInfo) -> ModelInfo:
             color_space=m.input.color_space,
             preprocess_version=m.input.preprocess_version,
             encodings=list(m.input.encodings),
-            tensor_dtypes=[pb.DataType.Name(d).removeprefix("DATA_TYPE_").lower() for d in m.input.tensor_dtypes],
+            tensor_dtypes=[_dtype_name(d) for d in m.input.tensor_dtypes],
             max_image_bytes=m.input.max_image_bytes,
             max_pixels=m.input.max_pixels,
             max_side=m.input.max_side,
@@ -760,22 +844,28 @@ def parse_model(m: pb.ModelInfo) -> ModelInfo:
 
 def parse_explanation(r: pb.ExplainResponse) -> Explanation:
     return Explanation(
-        map=tensor_array(r.map),
+        map=tensor_array(r.map, "map", MAP_DTYPES, 2),
         target=parse_score(r.target),
         provenance=parse_provenance(r.provenance),
         overlay_png=r.overlay_png,
-        model_input=tensor_array(r.model_input) if r.HasField("model_input") else None,
+        model_input=_model_input(r),
     )
 
 
 def parse_ierf(r: pb.ComputeIERFResponse) -> IERFResult:
     return IERFResult(
-        maps=tensor_array(r.maps),
+        maps=tensor_array(r.maps, "maps", MAP_DTYPES, 3),
         layer=parse_layer(r.layer),
         provenance=parse_provenance(r.provenance),
         overlay_pngs=list(r.overlay_png),
-        model_input=tensor_array(r.model_input) if r.HasField("model_input") else None,
+        model_input=_model_input(r),
     )
+
+
+def _model_input(r: pb.ExplainResponse | pb.ComputeIERFResponse) -> np.ndarray | None:
+    if not r.HasField("model_input"):
+        return None
+    return tensor_array(r.model_input, "model_input", (pb.DATA_TYPE_UINT8,), 3, channels=3)
 
 
 def parse_prediction(r: pb.PredictResponse) -> Prediction:

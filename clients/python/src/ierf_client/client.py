@@ -46,7 +46,7 @@ class Client:
     ) -> None:
         self.address = _core.check_address(address, secure=credentials is not None)
         self.timeout = _core.check_timeout(timeout)
-        self.token = _core.check_token(token)
+        self.token = _core.check_token(token, self.address, secure=credentials is not None)
         self.application = None if application is None else _core.check_name(application, "application")
         self.retry = _core.check_retry(retry)
         all_options = _core.channel_options_with(max_message_bytes, options)
