@@ -96,6 +96,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# Bounds on a value's header. The largest decomposition measured (EfficientNet-B7) lists 660 tensors in
+# 51 KB; past these a value is not one this codec wrote, and reading it on (safetensors builds every
+# listed tensor: 100,000 empty ones held the compute thread 2-4 s) would let whoever can write to Redis
+# stall a replica per planted key. The writer keeps to the same bounds (larger values stay in L1).
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 8192
+
+
 def encode_tensors(key: str, tensors: dict[str, torch.Tensor]) -> bytes:
     """Flat tensors -> safetensors bytes whose metadata records the codec format, the key and a CRC-32
     of the tensor data (a flipped bit in memory or on the wire is a miss, not a silently wrong map;
@@ -108,6 +116,8 @@ def encode_tensors(key: str, tensors: dict[str, torch.Tensor]) -> bytes:
     """
     if sys.byteorder != "little":  # the format is little-endian; this writer copies memory as is
         raise CodecError("the safetensors writer needs a little-endian host")
+    if len(tensors) > MAX_TENSORS:
+        raise CodecError(f"{len(tensors)} tensors: the cache stores at most {MAX_TENSORS} per value")
     arrays = []
     for name, tensor in tensors.items():
         if tensor.dtype not in _SAFETENSORS_DTYPES:
@@ -133,6 +143,8 @@ def encode_tensors(key: str, tensors: dict[str, torch.Tensor]) -> bytes:
     metadata["crc32"] = f"{crc:08x}"
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data then starts 8-byte aligned, as the format recommends
+    if len(text) > MAX_HEADER_BYTES:
+        raise CodecError(f"a {len(text)}-byte header: the cache stores headers of at most {MAX_HEADER_BYTES} bytes")
     return b"".join([struct.pack("<Q", len(text)), text, *chunks])
 
 
@@ -141,14 +153,18 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
     if len(data) < 8:
         raise CodecError(f"value is {len(data)} bytes, too short for a header")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8 or header_len > 100 * 1024 * 1024:
+    if header_len > len(data) - 8:
         raise CodecError("header length points past the value")
+    if header_len > MAX_HEADER_BYTES:
+        raise CodecError(f"a {header_len}-byte header is past the {MAX_HEADER_BYTES} this codec writes")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CodecError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise CodecError("header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:  # and __metadata__
+        raise CodecError(f"the header lists {len(header) - 1} tensors, past the {MAX_TENSORS} this codec writes")
     return header, 8 + header_len
 
 

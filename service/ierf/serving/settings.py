@@ -197,7 +197,13 @@ def check_redis_url(url: object, what: str) -> str:
         pool = redis.ConnectionPool.from_url(url)
         pool.connection_class(**pool.connection_kwargs)  # unknown query options fail here, not per request
     except (ValueError, TypeError, redis.RedisError) as exc:  # redis: ?protocol=4, a bad ssl_cert_reqs
-        raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {_redacted(str(exc))}") from None
+        # redis-py's reason may quote part of a password that broke the parse ("... as 'Zm9v'"): not shown then
+        reason = (
+            "it does not parse with the user information it holds (percent-encode / ? # @ : and % in a password)"
+            if _userinfo_end(url) >= 0
+            else _redacted(str(exc))
+        )
+        raise ValueError(f"{what} {_redacted(url)} is not a Redis URL: {reason}") from None
     if not url.startswith("unix:") and db and not db.isdigit():
         raise ValueError(f"{what} {_redacted(url)}: the database after the last '/' must be a number, got {db!r}")
     if not url.startswith("unix:") and urlsplit(url).port == 0:  # parsed, but no server listens on port 0
@@ -207,16 +213,22 @@ def check_redis_url(url: object, what: str) -> str:
 
 def _redacted(url: str) -> str:
     """``url`` for a message, its password replaced (the config may hold one, after ``:`` or as
-    ``?password=``)."""
+    ``?password=``). The user information is cut up to the last ``@`` after the scheme, not where a URL
+    parser ends it: an unencoded ``/``, ``?`` or ``#`` in a password ends the parser's netloc early, and
+    the password would be shown whole."""
     url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return repr(url)
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return repr(parts._replace(netloc=netloc).geturl())
-    except ValueError:
-        return "(a URL that cannot be parsed)"
+    end = _userinfo_end(url)
+    if end >= 0:
+        start = url.index("://") + 3
+        user = url[start:end].split(":", 1)[0] if ":" in url[start:end] else ""
+        url = f"{url[:start]}{user}:***{url[end:]}"
+    return repr(url)
+
+
+def _userinfo_end(url: str) -> int:
+    """Index of the ``@`` that ends a URL's user information, or -1 when it has none."""
+    start = url.find("://")
+    return -1 if start < 0 else url.rfind("@", start + 3)
 
 
 @dataclass(frozen=True)
