@@ -297,3 +297,26 @@ def test_a_prediction_names_no_explanation_method_in_its_provenance() -> None:
 
     provenance = _host().predict(PredictJob(PIXELS, "f" * 64, top_k=1)).provenance
     assert (provenance.method, provenance.method_version) == ("", "")
+
+
+def test_rendering_many_ierf_overlays_stops_at_a_checkpoint_once_the_caller_is_gone() -> None:
+    """A ComputeIERF with overlays renders one PNG per position (~25 ms each, up to max_positions) after
+    the maps: one deadline check before them let a cancelled caller's overlays all render on the
+    replica's one compute thread. Each overlay is now an engine checkpoint."""
+    from ierf.interrupt import Interrupted, interruptible
+    from ierf.serving.worker import IERFJob
+
+    host = _host()
+    layer = host.description.layers[-1]
+    positions = np.array([[r % layer.height, r % layer.width] for r in range(6)])
+    checks: list[int] = []
+
+    def why_stop() -> str | None:
+        checks.append(1)
+        return "the caller went away" if len(checks) > 2 else None
+
+    rendered = host.ierf(IERFJob(PIXELS, HASH, layer=layer.name, positions=positions, overlay=True))
+    assert len(rendered.overlays) == 6
+    with interruptible(why_stop), pytest.raises(Interrupted, match="went away"):
+        host.ierf(IERFJob(PIXELS, HASH, layer=layer.name, positions=positions, overlay=True))
+    assert len(checks) == 3  # the maps came from L1 (no engine checkpoint), then two overlays, then the stop

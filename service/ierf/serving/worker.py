@@ -599,20 +599,18 @@ class ModelHost:
         maps_np = maps.detach().reshape(len(positions), *maps.shape[-2:]).to("cpu", torch.float32).numpy()
         outcome = Outcome(provenance=prov, maps=maps_np, layer=layer)
         if job.overlay:
+            from ierf.interrupt import checkpoint
             from ierf.serving.overlay import ierf_png
 
             _check_deadline(job.deadline, "rendering the overlays")
             with stages.timed("render"):
-                outcome.overlays = [
-                    ierf_png(
-                        inputs.view,
-                        m,
-                        (int(r), int(c)),
-                        (layer.height, layer.width),
-                        f"iERF {layer.name} @ {r},{c}",
-                    )
-                    for m, (r, c) in zip(maps_np, positions.tolist(), strict=True)
-                ]
+                for m, (r, c) in zip(maps_np, positions.tolist(), strict=True):
+                    # ~25 ms each, up to max_positions of them: a caller gone or out of time stops the rest
+                    checkpoint()
+                    _check_deadline(job.deadline, "rendering the overlays")
+                    box = (int(r), int(c))
+                    caption = f"iERF {layer.name} @ {r},{c}"
+                    outcome.overlays.append(ierf_png(inputs.view, m, box, (layer.height, layer.width), caption))
         if job.return_input:
             outcome.model_input = inputs.view
         prov.timings = stages.items
