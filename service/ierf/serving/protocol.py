@@ -135,8 +135,48 @@ class _Registrations:
         self.services.append((service, handlers))
 
 
+def _trailers_only(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Serve's proxy handler factory, its unary handlers ending an error with ``context.abort``.
+
+    Why: Serve's proxy sets the replica's status on the context and then returns the (empty) response,
+    so every refusal went out as response headers, a zero-length message and the status. A gRPC retry
+    policy (gRFC A6: grpc-java, grpc-go, grpc-js, grpc-core) commits a call once response headers
+    arrive, so it never retried an overload whatever its ``grpc-retry-pushback-ms`` said. An abort sends
+    the status alone (Trailers-Only), keeping the trailers already set. Applies to Serve's own refusals
+    (its back-pressure) as well.
+    """
+    if getattr(factory, "ierf_trailers_only", False):
+        return factory
+
+    def factory_with_abort(service_method: str, streaming_type: Any) -> Any:
+        handler = factory(service_method=service_method, streaming_type=streaming_type)
+        if getattr(streaming_type, "name", "") != "UNARY_UNARY":
+            return handler
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            response = await handler(request, context)
+            code = _status_code(context.code())
+            if code is not None and code != grpc.StatusCode.OK:
+                await context.abort(code, context.details() or "")
+            return response
+
+        return unary_unary
+
+    factory_with_abort.ierf_trailers_only = True  # type: ignore[attr-defined]
+    return factory_with_abort
+
+
+def _status_code(code: Any) -> grpc.StatusCode | None:
+    """``context.code()`` as a StatusCode (grpc.aio may hold it as the enum or as its integer)."""
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
 def _tolerant(add_to_server: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def add(servicer: Any, server: Any) -> None:
+        if hasattr(server, "service_handler_factory"):  # Serve's gRPCGenericServer (the proxy)
+            server.service_handler_factory = _trailers_only(server.service_handler_factory)
         collected = _Registrations()
         add_to_server(servicer, collected)
         if not collected.services:
