@@ -47,7 +47,9 @@ CODEC_FORMAT = "ierf-safetensors-2"  # -2: the metadata carries a CRC-32 of the 
 T = TypeVar("T")
 
 # Observer signature: (tier, op, result, seconds, nbytes). tier "l1"|"l2"; op "get"|"put"; result
-# "hit"|"miss"|"error"|"skipped"|"too_big"|"stored"|"dropped" — a bounded set, safe as metric labels.
+# "hit"|"miss"|"error"|"corrupt"|"skipped"|"too_big"|"stored"|"dropped" — a bounded set, safe as metric
+# labels. "corrupt": Redis answered, but the value under the key failed its checks (format, key, CRC, the
+# engine's layout): corruption, or someone else writing to this Redis, which an outage must not hide.
 # nbytes: for l2, the bytes that went to or came from Redis (0 when none did: a value served from this
 # replica's own write-behind queue, or one refused or dropped before it was sent); for l1, the value's size.
 CacheObserver = Callable[[str, str, str, float, int], None]
@@ -827,7 +829,7 @@ class TieredCache:
         try:
             obj, nbytes = from_tensors(decode_tensors(key, data))
         except Exception:  # garbage under the key, or tensors the engine rejects: a miss, never a failure
-            observe("l2", "get", "error", time.perf_counter() - start, moved)
+            observe("l2", "get", "corrupt", time.perf_counter() - start, moved)
             self.l2.delete(key)
             return Lookup(None, "miss")
         observe("l2", "get", "hit", time.perf_counter() - start, moved)
