@@ -188,8 +188,8 @@ class LoadedModel:
     def preprocess(self, image: ImageLike) -> torch.Tensor:
         """PIL image or uint8 HxW[x1|3|4] array -> float32 (3, 224, 224) on the CPU.
 
-        Pixels are taken as stored: a PIL image's EXIF orientation is not applied (as in torchvision).
-        Read files with :func:`ierf.images.load_image`, which turns a phone photo the way it is shown.
+        A PIL image is turned upright by its EXIF orientation first, as the SDK and the server turn it
+        (torchvision would not); read files with :func:`ierf.images.load_image`.
         """
         return self.preprocessing(image)
 

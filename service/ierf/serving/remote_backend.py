@@ -51,16 +51,14 @@ def _server_errors(method: F) -> F:
 def _upload(request: ExplainRequest) -> Any:
     """The file's own bytes when the server decodes its format (a 12 MP JPEG travels as ~2 MB instead of
     being re-encoded as a ~15 MB PNG for every call), else the decoded pixels."""
-    from PIL import Image
-
-    from ierf.serving.images import ACCEPTED_FORMATS
+    from ierf_client._core import server_reads
 
     if request.path is not None:
-        try:
-            with Image.open(request.path) as picture:
-                accepted = picture.format in ACCEPTED_FORMATS
-        except OSError:
-            accepted = False
+        # told from the magic bytes, as the SDK does: Image.open here raised DecompressionBombError (a
+        # traceback) for a file whose header declares more pixels than Pillow opens, which is the server's
+        # to refuse by its own caps
+        with open(request.path, "rb") as f:
+            accepted = server_reads(f.read(12))
         if accepted:
             with open(request.path, "rb") as f:
                 return f.read()

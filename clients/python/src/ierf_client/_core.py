@@ -452,7 +452,7 @@ def building_may_block(image: object) -> bool:
     if isinstance(image, np.ndarray):
         return image.nbytes > INLINE_ARRAY_BYTES
     if isinstance(image, bytes | bytearray | memoryview):
-        return not _server_reads(bytes(image[:12]))
+        return not server_reads(bytes(image[:12]))
     return True  # a path (read from disk) or a PIL image (encoded), or a type refused at once anyway
 
 
@@ -519,7 +519,8 @@ def fill_image(message: pb.Image, image: ImageInput) -> None:
 
 
 # Formats the server decodes itself (ierf.serving.images.ACCEPTED_FORMATS), by their leading bytes.
-def _server_reads(data: bytes) -> bool:
+def server_reads(data: bytes) -> bool:
+    """Whether the server decodes this file's format (PNG, JPEG, WebP), told from its first 12 bytes."""
     return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
@@ -528,7 +529,7 @@ def _fill_encoded(message: pb.Image, data: bytes) -> None:
     Pillow reads here (GIF, BMP, TIFF, …: the in-process CLI takes them too) travels as a lossless PNG of
     its first frame, upright by its EXIF orientation. Bytes nobody reads go as they are: the server then
     says what is wrong with them."""
-    if _server_reads(data):
+    if server_reads(data):
         message.encoded = data
         return
     try:
