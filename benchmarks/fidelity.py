@@ -60,7 +60,9 @@ METHODS = ("srd", *BASELINE_METHODS)
 #: the 448² grid affordable on 2 cores.
 METHOD_OPTIONS: dict[str, dict] = {"integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 10}}
 #: Methods with a differentiable map path (the attack needs d map / d input).
-ATTACKABLE = ("srd", "gradient", "input_x_gradient", "gradcam", "lrp")
+# LRP is not attackable: its differentiable_saliency is refused (Zennit's hooks do not carry the map's
+# derivative, so an attack would meet gradient masking); its cells read "—".
+ATTACKABLE = ("srd", "gradient", "input_x_gradient", "gradcam")
 #: Extra documented variants (rows of their own; the main rows use every method's defaults).
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "gradcam@layer2": (

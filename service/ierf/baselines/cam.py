@@ -167,6 +167,8 @@ class GradCAMExplainer(_CAMExplainer):
         """
         target = resolve_target(target, x.shape[0])
         check_ordinary_tensors(self.model)
+        if not x.requires_grad:  # as the gradient family: with frozen parameters nothing else starts a graph
+            x = x.detach().requires_grad_(True)
         activation, grad = self._activations_and_gradients(x, target, create_graph=True)
         cam = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
         if self.relu:

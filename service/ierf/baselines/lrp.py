@@ -293,7 +293,6 @@ class LRPExplainer:
             p.requires_grad_(False)
         canonizers = canonizers_for(model)
         self.model, self._canonizers, self._copied_from = model, canonizers, stamp
-        self._registered: tuple[nn.Module, EpsilonPlusFlat] | None = None
 
     def _current(self) -> None:
         """Copy the caller's model again if it changed since the copy (a fine-tuning step, new weights
@@ -321,27 +320,16 @@ class LRPExplainer:
         return finish(collapse_channels(relevance), tuple(x.shape[-2:]))
 
     def differentiable_saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
-        """The same map kept in the autograd graph (for the manipulation attack).
+        """Refused: no map derivative is offered for LRP.
 
-        The canonizer rewrites weights through ``.data``, which autograd does not version, so the
-        graph must never outlive a merge: this path uses a second private copy on which the composite
-        stays registered for the explainer's lifetime.
+        Zennit's rules run inside autograd hooks that build a graph only when the output relevance itself
+        requires grad; from a constant one-hot they leave a stray remainder (0.00049 where finite
+        differences give 180 on TinyResNet, the wrong sign on a small net), and a relevance made to
+        require grad gave a derivative of exactly 0. An attack on such a path meets gradient masking and
+        reads as robustness, so it is not offered until a path passes a finite-difference check.
         """
-        target = resolve_target(target, x.shape[0])
-        self._current()
-        if self._registered is None:
-            with torch.inference_mode(False):
-                model = copy.deepcopy(self.model)
-            composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=self._canonizers)
-            composite.register(model)
-            self._registered = (model, composite)
-        model = self._registered[0]
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-
-        def output_relevance(logits: torch.Tensor) -> torch.Tensor:
-            check_target_range(logits, target)
-            return torch.nn.functional.one_hot(target.to(logits.device), logits.shape[1]).to(logits.dtype)
-
-        _, relevance = Gradient(model, create_graph=True)(x, output_relevance)
-        return collapse_channels(relevance)
+        raise NotImplementedError(
+            "LRP offers no differentiable map: Zennit's rule hooks do not carry the map's derivative "
+            "(checked against finite differences), so a gradient-based attack on it would measure gradient "
+            "masking; use saliency() for the map"
+        )

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
-from ierf.metrics._checks import check_maps, check_positive_int, eval_mode
+from ierf.methods import check_input
+from ierf.metrics._checks import check_fraction, check_maps, check_positive_int, eval_mode
 from ierf.metrics.similarity import check_ssim_size, pearson, ssim, top_k_intersection
 from ierf.srd.graph import rule_type
 from ierf.srd.rules import register_activation
@@ -88,8 +89,8 @@ def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, i
     Returns the copy (eval mode) and the number of modules replaced. Functional ``F.relu`` calls
     inside a forward cannot be replaced this way; the count tells whether anything was.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 < check_fraction(beta, "beta") < float("inf"):  # nan passed "beta <= 0" and zeroed every map
+        raise ValueError(f"beta must be finite and > 0, got {beta}")
     smooth = copy.deepcopy(model).eval()
     replaced = 0
     for parent in list(smooth.modules()):
@@ -227,10 +228,9 @@ def _checked(
     """The attack's arguments, or a precise error: one class per image (one target for two images had
     scored the second "robust"), a target map to steer toward, ``x`` inside ``bounds``."""
     check_positive_int(steps, "steps")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not 0 < check_fraction(epsilon, "epsilon") < float("inf"):
+        raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
+    x = check_input(x)  # finite: a NaN pixel passed the bounds check below (every comparison is False)
     if not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],) or target.is_floating_point():
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},), one class per image, got {got}")

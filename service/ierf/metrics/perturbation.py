@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.baselines._common import check_target_range
-from ierf.methods import resolve_target
+from ierf.methods import check_input, resolve_target
 from ierf.metrics._checks import check_fraction, check_maps, check_positive_int, eval_mode
 
 FILLS = ("mean", "blur", "zero")
@@ -108,6 +108,7 @@ def insertion_deletion(
     classes: torch.Tensor | None = None,
 ) -> PerturbationCurves:
     """Deletion and insertion curves for each image; see the module docstring for the protocol."""
+    x = check_input(x)  # a NaN pixel made a NaN AUC, which a table prints like "not applicable"
     maps = check_maps(maps)
     if x.dim() != 4 or x.shape[0] != maps.shape[0] or x.shape[-2:] != maps.shape[-2:]:
         raise ValueError(f"x {tuple(x.shape)} must be (B, C, H, W) matching maps {tuple(maps.shape)}")

@@ -15,8 +15,9 @@ from ierf.metrics._checks import check_fraction, check_maps, check_same_shape
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of the signed pixel values; 0 where either map is constant."""
-    a, b = check_maps(a, "a").flatten(1).double(), check_maps(b, "b").flatten(1).double()
-    check_same_shape(a, b)
+    a, b = check_maps(a, "a"), check_maps(b, "b")
+    check_same_shape(a, b)  # before flattening: a transposed map has the same pixel count, not the same pixels
+    a, b = a.flatten(1).double(), b.flatten(1).double()
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
     denom = a.norm(dim=1) * b.norm(dim=1)
