@@ -100,3 +100,43 @@ def test_a_worker_whose_queue_stays_full_past_the_busy_grace_reads_not_serving(
     never.full = True
     assert scenario(never) == [not_serving, not_serving]
     assert never.describe.calls == 1  # the second answer was the cached one
+
+
+@pytest.mark.parametrize(("running", "expected"), [(0, "NOT_SERVING"), (1, "SERVING"), (None, "SERVING")])
+def test_a_probe_refused_while_serve_counts_no_running_replica_reads_not_serving(
+    monkeypatch: pytest.MonkeyPatch, running: int | None, expected: str
+) -> None:
+    """Chaos drill: with the only worker replica SIGKILLed, Serve re-queues the probes for its replacement
+    instead of failing them, so no error says the worker is gone and the busy grace read SERVING for the
+    whole outage. A refused probe now asks Serve's controller: no replica RUNNING is not busy; one
+    running, or no answer from the controller, keeps the busy reading."""
+    from types import SimpleNamespace
+
+    from grpc_health.v1 import health_pb2
+    from ierf.serving import deployments
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+
+    monkeypatch.setattr(deployments, "HEALTH_CACHE_S", 0.1, raising=False)
+    asked: list[str] = []
+
+    def status() -> Any:
+        asked.append("status")
+        if running is None:
+            raise TimeoutError("the controller does not answer")
+        overview = SimpleNamespace(replica_states={"RUNNING": running} if running else {"STARTING": 1})
+        return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_m": overview})})
+
+    monkeypatch.setattr(deployments.serve, "status", status)
+    worker = _BusyWorker()
+    worker.app_name, worker.deployment_name = "ierf", "Worker_m"
+    ingress = Ingress.func_or_class({"m": worker}, ServiceConfig.from_args({"models": ["m"]}))
+
+    async def scenario() -> int:
+        await ingress.Check(health_pb2.HealthCheckRequest())  # answered just now: within the busy grace
+        worker.full = True
+        await asyncio.sleep(0.15)
+        return (await ingress.Check(health_pb2.HealthCheckRequest())).status
+
+    assert health_pb2.HealthCheckResponse.ServingStatus.Name(asyncio.run(scenario())) == expected
+    assert asked == ["status"]

@@ -111,7 +111,9 @@ def _log_failure(future: Any) -> None:
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=2,
     max_queued_requests=8,
-    health_check_period_s=10,
+    # Serve learns of a dead replica (SIGKILL, OOM kill) only from a failed check: at 10 s a health probe
+    # read SERVING for ~10 s with no worker. check_health is a field read, so every 2 s costs nothing.
+    health_check_period_s=2,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
 )
@@ -277,6 +279,21 @@ def _caller_budget_s(grpc_context: Any) -> float | None:
                 )
             budget = millis / 1000.0 if budget is None else min(budget, millis / 1000.0)
     return budget
+
+
+async def _running_replicas(handle: Any) -> int | None:
+    """Replicas of ``handle``'s deployment that Serve's controller counts as RUNNING, or None where it
+    cannot say (local testing mode, a handle without names, the controller slow or unreachable). Asked
+    only when a health probe went unanswered, so its few milliseconds cost nothing in the common case."""
+    app, deployment = getattr(handle, "app_name", None), getattr(handle, "deployment_name", None)
+    if not app or not deployment:
+        return None
+    try:
+        status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=HEALTH_PROBE_TIMEOUT_S)
+        overview = status.applications[app].deployments[deployment]
+    except Exception:  # no answer is no evidence either way
+        return None
+    return sum(n for state, n in overview.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 
 def _caller_deadline_passed(grpc_context: Any, start: float) -> bool:
@@ -761,7 +778,14 @@ class Ingress:
                 response.cancel()
                 last = self._answered_at.get(model_id)
                 busy = last is not None and time.monotonic() - last < HEALTH_BUSY_GRACE_S
-                if not busy:
+                if busy and await _running_replicas(worker) == 0:
+                    # Serve re-queues calls (and probes) for the replacement of a replica that died rather
+                    # than failing them, so no error ever says so: a worker with no replica running is not
+                    # busy, whatever it answered shortly before (SIGKILL: SERVING for 14-19 s otherwise)
+                    logger.warning("health check: worker %s has no replica running", model_id)
+                    busy = False
+                    self._answered_at.pop(model_id, None)
+                elif not busy:
                     logger.warning("health check: worker %s has not answered for %.0f s", model_id, HEALTH_BUSY_GRACE_S)
                 self._health[model_id] = (time.monotonic(), busy)
                 return busy
