@@ -128,6 +128,7 @@ def test_a_probe_refused_while_serve_counts_no_running_replica_reads_not_serving
         return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_m": overview})})
 
     monkeypatch.setattr(deployments.serve, "status", status)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)  # as in a replica (else Serve is never asked)
     worker = _BusyWorker()
     worker.app_name, worker.deployment_name = "ierf", "Worker_m"
     ingress = Ingress.func_or_class({"m": worker}, ServiceConfig.from_args({"models": ["m"]}))
@@ -140,3 +141,16 @@ def test_a_probe_refused_while_serve_counts_no_running_replica_reads_not_serving
 
     assert health_pb2.HealthCheckResponse.ServingStatus.Name(asyncio.run(scenario())) == expected
     assert asked == ["status"]
+
+
+def test_outside_a_ray_cluster_serve_is_never_asked_so_none_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve.status() runs ray.init() when Ray is not running: an ingress in Serve's local testing mode (or
+    any test double) whose probe went unanswered would have started a whole local cluster (~13 s, 1.3 GB)."""
+    from types import SimpleNamespace
+
+    from ierf.serving import deployments
+
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    monkeypatch.setattr(deployments.serve, "status", lambda: pytest.fail("serve.status() was called"))
+    handle = SimpleNamespace(app_name="ierf", deployment_name="Worker_m")
+    assert asyncio.run(deployments._running_replicas(handle)) is None

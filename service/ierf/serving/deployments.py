@@ -285,8 +285,10 @@ async def _running_replicas(handle: Any) -> int | None:
     """Replicas of ``handle``'s deployment that Serve's controller counts as RUNNING, or None where it
     cannot say (local testing mode, a handle without names, the controller slow or unreachable). Asked
     only when a health probe went unanswered, so its few milliseconds cost nothing in the common case."""
+    import ray
+
     app, deployment = getattr(handle, "app_name", None), getattr(handle, "deployment_name", None)
-    if not app or not deployment:
+    if not app or not deployment or not ray.is_initialized():  # serve.status() would start a Ray cluster
         return None
     try:
         status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=HEALTH_PROBE_TIMEOUT_S)
