@@ -37,6 +37,14 @@ def check_fraction(value: object, name: str) -> float:
     return float(value)
 
 
+def check_positive_finite(value: object, name: str) -> float:
+    """A real number in (0, inf): bools are refused, not read as 1, and NaN or inf never pass."""
+    number = check_fraction(value, name)
+    if not 0 < number < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return number
+
+
 def check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -42,7 +42,7 @@ from torch import nn
 
 from ierf.errors import UnsupportedModelError
 from ierf.methods import check_input
-from ierf.metrics._checks import check_fraction, check_maps, check_positive_int, eval_mode
+from ierf.metrics._checks import check_maps, check_positive_finite, check_positive_int, eval_mode
 from ierf.metrics.similarity import check_ssim_size, pearson, ssim, top_k_intersection
 from ierf.srd.graph import rule_type
 from ierf.srd.rules import register_activation
@@ -89,8 +89,7 @@ def smooth_activations_copy(model: nn.Module, beta: float) -> tuple[nn.Module, i
     Returns the copy (eval mode) and the number of modules replaced. Functional ``F.relu`` calls
     inside a forward cannot be replaced this way; the count tells whether anything was.
     """
-    if not 0 < check_fraction(beta, "beta") < float("inf"):  # nan passed "beta <= 0" and zeroed every map
-        raise ValueError(f"beta must be finite and > 0, got {beta}")
+    check_positive_finite(beta, "beta")  # nan passed "beta <= 0" and zeroed every map
     smooth = copy.deepcopy(model).eval()
     replaced = 0
     for parent in list(smooth.modules()):
@@ -228,8 +227,7 @@ def _checked(
     """The attack's arguments, or a precise error: one class per image (one target for two images had
     scored the second "robust"), a target map to steer toward, ``x`` inside ``bounds``."""
     check_positive_int(steps, "steps")
-    if not 0 < check_fraction(epsilon, "epsilon") < float("inf"):
-        raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
+    check_positive_finite(epsilon, "epsilon")
     x = check_input(x)  # finite: a NaN pixel passed the bounds check below (every comparison is False)
     if not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],) or target.is_floating_point():
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__

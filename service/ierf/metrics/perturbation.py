@@ -110,7 +110,7 @@ def insertion_deletion(
     """Deletion and insertion curves for each image; see the module docstring for the protocol."""
     x = check_input(x)  # a NaN pixel made a NaN AUC, which a table prints like "not applicable"
     maps = check_maps(maps)
-    if x.dim() != 4 or x.shape[0] != maps.shape[0] or x.shape[-2:] != maps.shape[-2:]:
+    if x.shape[0] != maps.shape[0] or x.shape[-2:] != maps.shape[-2:]:
         raise ValueError(f"x {tuple(x.shape)} must be (B, C, H, W) matching maps {tuple(maps.shape)}")
     if deletion_fill not in FILLS:
         raise ValueError(f"deletion_fill must be one of {FILLS}, got {deletion_fill!r}")

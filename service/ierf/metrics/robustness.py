@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ierf.methods import resolve_target
-from ierf.metrics._checks import check_fraction, check_maps, check_positive_int
+from ierf.metrics._checks import check_maps, check_positive_finite, check_positive_int
 
 ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,8 +40,7 @@ def max_sensitivity(
     """
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got {tuple(x.shape)}")
-    if not 0 < check_fraction(radius, "radius") < float("inf"):
-        raise ValueError(f"radius must be finite and > 0, got {radius!r}")
+    check_positive_finite(radius, "radius")
     check_positive_int(n_samples, "n_samples")
     target = resolve_target(target, x.shape[0])
     expected = (x.shape[0], *x.shape[-2:])

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
+import ray
 from ray import serve
 
 from ierf.baselines import BASELINE_METHODS  # names only: the package imports no method code (nor torch)
@@ -86,8 +87,6 @@ CACHE_WRITE_DELAY_S = 0.05
 
 
 def _assigned_cpus() -> float:
-    import ray
-
     if not ray.is_initialized():  # local testing mode: no Ray runtime (and none must be started)
         return 1.0
     return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
@@ -285,8 +284,6 @@ async def _running_replicas(handle: Any) -> int | None:
     """Replicas of ``handle``'s deployment that Serve's controller counts as RUNNING, or None where it
     cannot say (local testing mode, a handle without names, the controller slow or unreachable). Asked
     only when a health probe went unanswered, so its few milliseconds cost nothing in the common case."""
-    import ray
-
     app, deployment = getattr(handle, "app_name", None), getattr(handle, "deployment_name", None)
     if not app or not deployment or not ray.is_initialized():  # serve.status() would start a Ray cluster
         return None

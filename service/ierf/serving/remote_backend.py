@@ -58,10 +58,9 @@ def _upload(request: ExplainRequest) -> Any:
         # traceback) for a file whose header declares more pixels than Pillow opens, which is the server's
         # to refuse by its own caps
         with open(request.path, "rb") as f:
-            accepted = server_reads(f.read(12))
-        if accepted:
-            with open(request.path, "rb") as f:
-                return f.read()
+            data = f.read()
+        if server_reads(data[:12]):
+            return data
         if request.image is None:  # a format the server does not read: decoded here, sent as pixels
             from ierf.images import load_image
 

@@ -602,7 +602,6 @@ class ModelHost:
             from ierf.interrupt import checkpoint
             from ierf.serving.overlay import ierf_png
 
-            _check_deadline(job.deadline, "rendering the overlays")
             with stages.timed("render"):
                 for m, (r, c) in zip(maps_np, positions.tolist(), strict=True):
                     # ~25 ms each, up to max_positions of them: a caller gone or out of time stops the rest

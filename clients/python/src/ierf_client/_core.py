@@ -74,12 +74,10 @@ class DataLossError(IerfError):
     overlay that is not a PNG of about the map's size): the server is broken or not ierf, and the call is
     not the caller's mistake, so this is no ValueError. Also the class of a server's own DATA_LOSS."""
 
-    def __init__(
-        self, code_or_details: grpc.StatusCode | str, details: str = "", retry_after_s: float | None = None
-    ) -> None:
-        if isinstance(code_or_details, str):
-            code_or_details, details = grpc.StatusCode.DATA_LOSS, code_or_details
-        super().__init__(code_or_details, details, retry_after_s)
+
+def _data_loss(details: str) -> DataLossError:
+    """The SDK's own refusal of a response, with the status a server would give it."""
+    return DataLossError(grpc.StatusCode.DATA_LOSS, details)
 
 
 _ERRORS = {
@@ -626,15 +624,13 @@ def tensor_array(
     nothing a server sends is trusted, and a broken one must not pass as a result or as the caller's error."""
     dtype = _ARRAY_DTYPES.get(tensor.dtype) if tensor.dtype in dtypes else None
     if dtype is None:
-        raise DataLossError(
-            f"response field {field} has dtype {tensor.dtype}; the protocol sends {_dtype_names(dtypes)}"
-        )
+        raise _data_loss(f"response field {field} has dtype {tensor.dtype}; the protocol sends {_dtype_names(dtypes)}")
     shape = tuple(tensor.shape)
     if len(shape) != ndim or any(d <= 0 for d in shape) or (channels is not None and shape[-1] != channels):
-        raise DataLossError(f"response field {field} has shape {list(shape)}; the protocol sends {ndim} positive sizes")
+        raise _data_loss(f"response field {field} has shape {list(shape)}; the protocol sends {ndim} positive sizes")
     expected = math.prod(shape) * np.dtype(dtype).itemsize
     if len(tensor.data) != expected:
-        raise DataLossError(
+        raise _data_loss(
             f"response field {field} holds {len(tensor.data)} bytes, not the {expected} its shape {list(shape)} needs"
         )
     return np.frombuffer(tensor.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).copy()
@@ -724,17 +720,17 @@ def _overlay_image(png: bytes, map_size: tuple[int, int]) -> Image.Image:
     try:
         picture = Image.open(io.BytesIO(png), formats=["PNG"])
     except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise DataLossError(f"the server's overlay is not a PNG this SDK reads ({exc})") from None
+        raise _data_loss(f"the server's overlay is not a PNG this SDK reads ({exc})") from None
     height, width = map_size
     if picture.width > 2 * width + OVERLAY_MARGIN_PX or picture.height > 2 * height + OVERLAY_MARGIN_PX:
-        raise DataLossError(
+        raise _data_loss(
             f"the server's overlay is {picture.width}x{picture.height} pixels for a {width}x{height} map: "
             "refused undecoded"
         )
     try:
         picture.load()
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt PNG data
-        raise DataLossError(f"the server's overlay PNG does not decode ({type(exc).__name__}: {exc})") from None
+        raise _data_loss(f"the server's overlay PNG does not decode ({type(exc).__name__}: {exc})") from None
     return picture
 
 
