@@ -636,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         help="results.json of an earlier run with the same settings: its rows fill in what this run skips",
     )
     args = parser.parse_args(argv)
+    if args.fast and args.publish:  # a smoke run's numbers would replace the committed full-run results
+        parser.error("--publish copies over the committed results: use it with a full run, not --fast")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = set(ierf.available_methods())
     unknown = [m for m in methods if m not in known]

@@ -4,7 +4,10 @@ the text a reader trusts is compared with the files it cites."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -29,3 +32,19 @@ def test_readme_serve_floor_ranges_cover_the_committed_floor_probes() -> None:
     assert one and two, "service_latency.txt has no floor rows"
     assert all(one_lo <= v <= one_hi for v in one), f"one-hop floor p50s {one} outside README's {one_lo}–{one_hi} ms"
     assert all(two_lo <= v <= two_hi for v in two), f"two-hop floor p50s {two} outside README's {two_lo}–{two_hi} ms"
+
+
+def test_fidelity_benchmark_refuses_publishing_a_fast_run(tmp_path, capsys, monkeypatch):
+    """``--fast --publish`` replaced the committed full-run table and figures with a smoke run's: refused
+    from the arguments, before any work, and nothing is written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity_bench", REPO / "benchmarks" / "fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--fast", "--publish", str(tmp_path / "pub"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "--publish" in capsys.readouterr().err
+    assert not (tmp_path / "pub").exists() and not (tmp_path / "out").exists()
