@@ -1297,7 +1297,7 @@ REFUSED = {
         r"padding excluded from the count",
     ),
     "add_with_alpha": (lambda m, a: torch.add(a, m.conv2(a), alpha=0.5).mean((2, 3)), None, r"alpha=0.5"),
-    "mean_over_the_width_only": (lambda m, a: a.mean(3).mean(2), None, r"only the spatial mean"),
+    "mean_over_the_width_only": (lambda m, a: a.mean(3).mean(2), None, r"mean over one spatial dim .*both spatial dims at once"),
     "strided_channel_slices": (
         lambda m, a: torch.cat([a[:, ::2], a[:, 1::2]], 1).mean((2, 3)),
         None,

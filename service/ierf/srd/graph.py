@@ -11,7 +11,7 @@ import itertools
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -80,6 +80,8 @@ class Traced:
     graph: fx.Graph
     module_outputs: dict[str, fx.Node]  # modules called exactly once -> the node their forward returned
     constants: dict[str, torch.Tensor]  # tensors the forward creates (``torch.tensor(...)``), by get_attr name
+    # modules called more than once -> the node each call returned (None: a value made elsewhere)
+    repeated_outputs: dict[str, list[fx.Node | None]] = field(default_factory=dict)
 
 
 def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
@@ -115,7 +117,12 @@ def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
         for path, values in tracer.module_outputs.items()
         if len(values) == 1 and isinstance(values[0], fx.Proxy)
     }
-    return Traced(graph, outputs, constants)
+    repeated = {
+        path: [v.node if isinstance(v, fx.Proxy) else None for v in values]
+        for path, values in tracer.module_outputs.items()
+        if len(values) > 1
+    }
+    return Traced(graph, outputs, constants, repeated)
 
 
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
@@ -221,16 +228,26 @@ class LayerNames:
 
     canonical: dict[fx.Node, str]
     lookup: dict[str, fx.Node]
+    # a block called several times, each call ending in an activation -> the names of those activations
+    repeated: dict[str, list[str]] = field(default_factory=dict)
 
 
-def name_activations(traced: Traced, activations: list[fx.Node]) -> LayerNames:
+def name_activations(
+    traced: Traced,
+    activations: list[fx.Node],
+    passes: frozenset[fx.Node] = frozenset(),
+    modules: frozenset[str] = frozenset(),
+) -> LayerNames:
     """Name each activation output.
 
     * an activation module called once: its qualified name (``features.29``, ``relu``);
     * a module called several times (ResNet blocks reuse ``relu``): ``name:k``, k = call order from 0;
-    * a functional activation: ``<enclosing module>.<function>`` (``:k`` when repeated there);
+    * a functional activation: ``<enclosing module>.<function>`` (``:k`` when repeated there), with ``()``
+      appended when that is the path of one of the ``modules`` (a top-level ``F.relu`` beside a block
+      registered as ``relu``: ``relu()``), so a module's path always means that module;
     * a container whose forward returns this activation (``layer1.0``, ``layer4``) is an alias, and is the
-      canonical name when one exists (the deepest such container).
+      canonical name when one exists (the deepest such container). Nodes in ``passes`` (eval-mode dropout,
+      ``nn.Identity``) hand their input on, so a block ending in one still returns its activation.
     """
     base: dict[fx.Node, str] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -242,6 +259,8 @@ def name_activations(traced: Traced, activations: list[fx.Node]) -> LayerNames:
             scope = _innermost_scope(node)
             fname = getattr(node.target, "__name__", str(node.target)).strip("_")
             key = f"{scope}.{fname}" if scope else fname
+            if key in modules and not _is_module_call_of(activations, key):
+                key += "()"
         keys[node] = key
         counts[key] += 1
     seen: dict[str, int] = defaultdict(int)
@@ -250,20 +269,38 @@ def name_activations(traced: Traced, activations: list[fx.Node]) -> LayerNames:
         base[node] = key if counts[key] == 1 else f"{key}:{seen[key]}"
         seen[key] += 1
 
-    aliases: dict[fx.Node, list[str]] = defaultdict(list)
     act_set = set(activations)
+
+    def returned(out: fx.Node | None) -> fx.Node | None:
+        while out is not None and out in passes and out.args and isinstance(out.args[0], fx.Node):
+            out = out.args[0]
+        return out if out in act_set else None
+
+    aliases: dict[fx.Node, list[str]] = defaultdict(list)
     for path, out in traced.module_outputs.items():
-        if out in act_set and path != base[out] and path:
-            aliases[out].append(path)
+        node = returned(out)
+        if node is not None and path != base[node] and path:
+            aliases[node].append(path)
+    repeated: dict[str, list[str]] = {}
+    for path, outs in traced.repeated_outputs.items():
+        nodes = [returned(out) for out in outs]
+        if path and all(n is not None for n in nodes) and path not in keys.values():
+            repeated[path] = [base[n] for n in nodes]  # type: ignore[index]
     canonical: dict[fx.Node, str] = {}
     lookup: dict[str, fx.Node] = {}
     for node in activations:
-        names = [base[node], *aliases[node]]
-        for name in names:
-            lookup[name] = node
+        for name in [base[node], *aliases[node]]:
+            if lookup.setdefault(name, node) is not node:  # not reachable by the rules above: never silently
+                raise UnsupportedModelError(f"two feature maps would both be named {name!r}")
         containers = sorted(aliases[node], key=lambda p: p.count("."), reverse=True)
         canonical[node] = containers[0] if containers else base[node]
-    return LayerNames(canonical, lookup)
+    return LayerNames(canonical, lookup, repeated)
+
+
+def _is_module_call_of(activations: list[fx.Node], path: str) -> bool:
+    """Whether an activation module at ``path`` runs in the graph (its calls and this functional then share
+    the counted name ``path:k``, in call order)."""
+    return any(n.op == "call_module" and str(n.target) == path for n in activations)
 
 
 def _innermost_scope(node: fx.Node) -> str:

@@ -140,12 +140,14 @@ class Program:
 
     def _finish(self, traced: Any, activations: list[fx.Node]) -> None:
         self.read_after_change = _read_after_change(self.steps)
-        names = name_activations(traced, activations)
+        passes = frozenset(node for node, rule, _ in self.steps if getattr(rule, "pending_pool_role", None) == "pass")
+        self.module_names = {name for name, _ in self.model.named_modules() if name}
+        names = name_activations(traced, activations, passes, frozenset(self.module_names))
+        self.repeated_blocks = names.repeated
         self.source_of: dict[fx.Node, int] = {node: i + 1 for i, node in enumerate(activations)}
         self.node_of: dict[int, fx.Node] = {i: n for n, i in self.source_of.items()}
         self.names: list[str] = ["input"] + [names.canonical[n] for n in activations]
         self.lookup: dict[str, int] = {name: self.source_of[n] for name, n in names.lookup.items()}
-        self.module_names = {name for name, _ in self.model.named_modules() if name}
         self._head_modules: dict[int, fx.GraphModule] = {}
 
     # -- naming ---------------------------------------------------------------------------------------
@@ -179,6 +181,12 @@ class Program:
             raise ValueError(
                 f"layer {layer!r} runs {len(runs)} times in one forward (a reused activation module): name one "
                 f"run, {', '.join(sorted(runs, key=lambda n: int(n.rsplit(':', 1)[1])))}"
+            )
+        if layer in self.repeated_blocks:
+            calls = self.repeated_blocks[layer]
+            raise ValueError(
+                f"layer {layer!r} runs {len(calls)} times in one forward (a block called more than once): name "
+                f"one run, {', '.join(calls)}"
             )
         if layer in self.module_names:
             kind = type(self.model.get_submodule(layer)).__name__

@@ -418,7 +418,10 @@ def _global_mean(ctx, node, x, dim, keepdim) -> Affine:
         raise UnsupportedModelError(f"{where}: mean over every dimension (only the spatial mean is supported)")
     dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
     if dims != {2, 3}:
-        raise UnsupportedModelError(f"{where}: mean over dims {dim} (only the spatial mean is supported)")
+        what = "one spatial dim" if dims in ({2}, {3}) else f"dims {dim}"
+        raise UnsupportedModelError(
+            f"{where}: mean over {what} (only the mean over both spatial dims at once is supported: x.mean((2, 3)))"
+        )
     a = as_affine(x, where)
     pooled = a.avg_pool((a.height, a.width), (a.height, a.width), (0, 0, 0, 0), where)
     return pooled if keepdim else pooled.flatten()
@@ -814,6 +817,58 @@ def _flatten_function(ctx, node, fn, x, start_dim=0, end_dim=-1) -> Affine:
 @method_rule("flatten")
 def _flatten_method(ctx, node, name, x, start_dim=0, end_dim=-1) -> Affine:
     return _flatten(ctx, node, x, start_dim, end_dim)
+
+
+def _is_squeeze(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target == "squeeze")
+        or (node.op == "call_function" and node.target is torch.squeeze)
+    )
+
+
+def _squeeze_dim(node: fx.Node) -> Any:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+def _pairs_with_next_squeeze(node: fx.Node) -> bool:
+    """``node`` squeezes one dim and its only reader squeezes the last of the three left: together they
+    are ``squeeze(-1).squeeze(-1)`` (or ``squeeze(2)``), the hand-written flatten of a pooled 1x1 map."""
+    users = list(node.users)
+    if len(users) != 1 or not _is_squeeze(users[0]) or users[0].args[0] is not node:
+        return False
+    second = _squeeze_dim(users[0])
+    return isinstance(_squeeze_dim(node), int) and isinstance(second, int) and second % 3 == 2
+
+
+def _squeeze(ctx, node, x, dim=None) -> Any:
+    """Squeezing the spatial dims of a 1x1 map is a flatten (a pooled map before the classifier), in one
+    call or in two; anything else would leave a value SRD does not track."""
+    if not _is_map(x):
+        return torch.squeeze(x) if dim is None else torch.squeeze(x, dim)
+    where = ctx.where(node)
+    a = as_affine(x, where)
+    first = node.args[0] if node.args else None
+    if a.is_vector and _is_squeeze(first) and _pairs_with_next_squeeze(first):
+        return a  # the second squeeze of the pair: the first already flattened the map
+    one_by_one = not a.is_vector and a.flat_from is None and a.pending_pool is None and a.height == a.width == 1
+    dims = None if dim is None else {d % 4 for d in (tuple(dim) if isinstance(dim, tuple | list) else (dim,))}
+    if one_by_one and (dims == {2, 3} or (dims in ({2}, {3}) and _pairs_with_next_squeeze(node))):
+        return a.flatten()
+    shape = "x".join(str(v) for v in (a.batch, a.channels, a.height, a.width))
+    raise UnsupportedModelError(
+        f"{where}: squeeze({'' if dim is None else dim}) of a {shape} map (only squeezing both spatial dims of "
+        "a 1x1 map: squeeze((2, 3)), or squeeze(-1).squeeze(-1); squeeze() would also drop a batch of one)"
+    )
+
+
+@method_rule("squeeze")
+def _squeeze_method(ctx, node, name, x, dim=None) -> Any:
+    return _squeeze(ctx, node, x, dim)
+
+
+@function_rule(torch.squeeze)
+def _squeeze_function(ctx, node, fn, x, dim=None) -> Any:
+    return _squeeze(ctx, node, x, dim)
 
 
 @dataclass

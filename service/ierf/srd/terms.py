@@ -492,6 +492,9 @@ class Affine:
             out = unflat.conv(kernel, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, where)
             out.is_vector = True
             return out
+        spatial = self.flat_from is None and not self.is_vector and (self.height, self.width) != (1, 1)
+        if spatial:  # before the feature count: over the last dim of a map that count is the width, not C
+            raise UnsupportedModelError(f"{where}: nn.Linear applied to a spatial map (use Conv2d 1x1)")
         features = self.channels * self.height * self.width if self.flat_from is not None else self.channels
         if weight.shape[1] != features:
             raise InputSizeError(
@@ -503,10 +506,8 @@ class Affine:
             kernel = DERIVED.get(
                 f"flat-kernel{self.flat_from}", (weight,), lambda: weight.view(weight.shape[0], c, h, w)
             )
-        elif self.is_vector or (self.height == 1 and self.width == 1):
+        else:  # a vector, or a 1x1 map
             kernel = DERIVED.get("linear-kernel", (weight,), lambda: weight[:, :, None, None])
-        else:
-            raise UnsupportedModelError(f"{where}: nn.Linear applied to a spatial map (use Conv2d 1x1)")
         unflat = replace(self, flat_from=None, is_vector=False)
         out = unflat.conv(kernel, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, where)
         out.is_vector = True
