@@ -247,3 +247,12 @@ def test_other_squeezes_of_a_map_are_refused_naming_the_call(spelling, shown) ->
 def test_a_mean_over_one_spatial_dim_says_both_at_once() -> None:
     with pytest.raises(UnsupportedModelError, match=r"mean over one spatial dim .*both spatial dims at once"):
         ierf.SRD(_MeanWidthThenHeight().eval()).saliency(torch.randn(1, 3, 32, 32), 0)
+
+
+def test_an_identity_module_after_an_activation_is_not_a_name_of_its_map() -> None:
+    """VGG's classifier runs Linear, ReLU, Dropout: the ReLU keeps its own name (the dropout hands the map on
+    but is not a block that returns it), and the dropout's name stays refused as no stage boundary."""
+    explainer = ierf.SRD(_BlocksWithTrailingIdentities().eval())
+    assert explainer.layers == ["block1", "block2"]
+    with pytest.raises(ValueError, match="not a stage boundary"):
+        explainer.program.source_id("block1.3")

@@ -6,6 +6,7 @@ Methods register a factory under a short name; serving and benchmarks pick them 
 from __future__ import annotations
 
 import importlib
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -69,8 +70,8 @@ def resolve_target(target: object, batch: int) -> torch.Tensor:
     is checked against the logits later."""
     if isinstance(target, bool):
         raise TypeError("target must be an int or an integer tensor, got bool")
-    if isinstance(target, int):
-        target = torch.full((batch,), target, dtype=torch.long)
+    if isinstance(target, numbers.Integral):  # numpy's integers too (labels read from arrays)
+        target = torch.full((batch,), int(target), dtype=torch.long)
     elif isinstance(target, torch.Tensor):
         if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64, torch.complex128):
             raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")

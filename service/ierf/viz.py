@@ -172,9 +172,9 @@ def feature_cell_box(
 
 def _with_colorbar(picture: Image.Image, scale: float, caption: str | None) -> Image.Image:
     width, height = picture.size
-    margin = 4
+    margin = min(4, (width - 1) // 2)  # narrower pictures (a 1-pixel column) keep a bar of at least a pixel
     rows = 2 if caption else 1
-    strip = Image.new("RGB", (width, _BAR_HEIGHT + rows * _TEXT_HEIGHT + 2 * margin), (255, 255, 255))
+    strip = Image.new("RGB", (width, _BAR_HEIGHT + rows * _TEXT_HEIGHT + 8), (255, 255, 255))
     ramp = diverging_colours(np.linspace(-1.0, 1.0, max(width - 2 * margin, 2)))
     strip.paste(Image.fromarray(np.repeat(ramp[None], _BAR_HEIGHT, axis=0)), (margin, margin))
     draw = ImageDraw.Draw(strip)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ierf.errors import InputSizeError
 from ierf.interrupt import checkpoint
 from ierf.methods import check_input as shared_check_input
 
@@ -106,7 +108,37 @@ def model_guard(model: nn.Module) -> Iterator[None]:
     these methods are defined by a backward pass.
     """
     with _lock_for(model), torch.inference_mode(False), torch.enable_grad(), _guarded(model):
-        yield
+        try:
+            yield
+        except RuntimeError as exc:
+            refusal = input_refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from None
+
+
+# torch's words for an input the model's layers cannot take (what SRD refuses as InputSizeError)
+_TOO_SMALL = (
+    "too small",
+    "Kernel size can't be greater than actual input size",
+    "Calculated padded input size",
+    "mat1 and mat2 shapes cannot be multiplied",
+)
+_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+
+
+def input_refusal(exc: RuntimeError) -> ValueError | None:
+    """The ValueError an input the model cannot take deserves (SRD's words), for torch's RuntimeError from
+    inside the model; None for any other failure. Named from torch's message, whose batch may be a
+    method's own (integrated gradients' and SmoothGrad's batches of copies), not the caller's."""
+    message = str(exc)
+    channels = _CHANNELS.search(message)
+    if channels:
+        return ValueError(f"x must have {channels.group(1)} channels, got {channels.group(2)}")
+    if any(p in message for p in _TOO_SMALL):
+        first = message.strip().splitlines()[0]
+        return InputSizeError(f"the input's height and width do not fit this model: {first}")
+    return None
 
 
 @contextlib.contextmanager

@@ -718,7 +718,35 @@ def _check_values(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} is on the meta device: it has no values")
 
 
+def _check_magnitude(x: torch.Tensor) -> None:
+    """Refuse inputs whose values sit so far from 1 that squared norms of the feature vectors they make leave
+    the float range: sharing ratios and bias shares then lose relevance silently (a norm's squares underflow
+    to 0, or overflow to inf) while the map stays finite. The cube root of the range leaves room for the
+    weights and the squares; a forward's stages also flag what still leaves it (see ratios.RANGE_FLAGS)."""
+    if x.numel() == 0 or x.device.type == "meta":
+        return
+    kind = torch.finfo(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    low, high = kind.tiny ** (1 / 3), kind.max ** (1 / 3)
+    largest = float(x.detach().abs().amax())
+    if largest != 0 and not low <= largest <= high:
+        raise ValueError(
+            f"x's largest magnitude is {largest:.3g}: SRD computes in {kind.dtype} for inputs between ~{low:.1e} and "
+            f"~{high:.1e} in magnitude (beyond, squared norms of the feature vectors leave the float range and "
+            "relevance would be lost silently); rescale the input, or explain a float64 copy of the model and input"
+        )
+
+
 def _check_positions(positions: torch.Tensor, h: int, w: int, layer: str) -> torch.Tensor:
+    pos = _position_rows(positions)
+    bad = (pos[:, 0] < 0) | (pos[:, 0] >= h) | (pos[:, 1] < 0) | (pos[:, 1] >= w)
+    if bad.any():
+        first = pos[bad][0].tolist()
+        raise ValueError(f"position {tuple(first)} is outside the {h}x{w} PFV grid of layer {layer!r}")
+    return pos
+
+
+def _position_rows(positions: torch.Tensor) -> torch.Tensor:
+    """Positions as a (P, 2) LongTensor on the CPU, checked for everything but the grid's bounds."""
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be a LongTensor of shape (P, 2), got {type(positions).__name__}")
     _check_values(positions, "positions")
@@ -726,12 +754,7 @@ def _check_positions(positions: torch.Tensor, h: int, w: int, layer: str) -> tor
         raise TypeError(f"positions must hold integers, got dtype {positions.dtype}")
     if positions.dim() != 2 or positions.shape[1] != 2 or positions.shape[0] == 0:
         raise ValueError(f"positions must have shape (P, 2) with P >= 1, got {tuple(positions.shape)}")
-    pos = positions.long().cpu()
-    bad = (pos[:, 0] < 0) | (pos[:, 0] >= h) | (pos[:, 1] < 0) | (pos[:, 1] >= w)
-    if bad.any():
-        first = pos[bad][0].tolist()
-        raise ValueError(f"position {tuple(first)} is outside the {h}x{w} PFV grid of layer {layer!r}")
-    return pos
+    return positions.long().cpu()
 
 
 # PyTorch's messages when a kernel or pooling window no longer fits the feature map it is applied to.
@@ -818,6 +841,7 @@ class SRD:
         expected = self._input_channels()
         if expected is not None and x.shape[1] != expected:
             raise ValueError(f"x must have {expected} channels, got {x.shape[1]}")
+        _check_magnitude(x)
         if isinstance(keep, str):
             keep = [keep]  # one name, not its letters
         keep_ids = {self.program.source_id(name) for name in keep or []}
@@ -952,4 +976,19 @@ class SRD:
     def ierf(self, x: torch.Tensor, layer: str, positions: torch.Tensor) -> torch.Tensor:
         """(B, P, H, W) float32 iERFs of PFVs at ``positions`` of ``layer``; each sums to 1."""
         self.program.source_id(layer)  # fail fast on a bad name before the forward
+        self._check_positions_early(x, layer, positions)
         return self.decompose(x).ierf(layer, positions)
+
+    def _check_positions_early(self, x: object, layer: str, positions: object) -> None:
+        """Positions refused before the decomposition of a batch (seconds for a large one): their type and
+        shape always; the grid's bounds where knowing the grid costs less than the batch (its size's grid
+        is cached, or the batch holds more than one image: the grid takes one forward of one image)."""
+        _position_rows(positions)  # type: ignore[arg-type]
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.device.type != "meta"):
+            return  # the decomposition says what is wrong with x
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        if x.shape[0] < 2 and hw not in self.__dict__.get("_shape_cache", {}):
+            return
+        shape = self.layer_shape(layer, hw)
+        if len(shape) == 3:
+            _check_positions(positions, shape[1], shape[2], layer)  # type: ignore[arg-type]

@@ -278,6 +278,8 @@ def name_activations(
 
     aliases: dict[fx.Node, list[str]] = defaultdict(list)
     for path, out in traced.module_outputs.items():
+        if out in passes and out.op == "call_module" and str(out.target) == path:
+            continue  # an identity module (eval dropout after a ReLU) is not a name of the map it hands on
         node = returned(out)
         if node is not None and path != base[node] and path:
             aliases[node].append(path)

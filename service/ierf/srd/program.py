@@ -21,7 +21,7 @@ from torch import nn
 from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.interrupt import checkpoint
 from ierf.srd.graph import check_model_state, head_subgraph, module_identities, name_activations, rule_type, trace
-from ierf.srd.ratios import stage_ratios, tap_products
+from ierf.srd.ratios import RANGE_FLAGS, stage_ratios, tap_products
 from ierf.srd.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
@@ -202,7 +202,20 @@ class Program:
     def run(self, x: torch.Tensor, keep: frozenset[int] = frozenset(), keep_last_spatial: bool = False) -> RunResult:
         """``keep_last_spatial`` retains the last spatial PFV map: the start layer of gradient heads."""
         interp = _Interpreter(self, keep)
-        out = interp.execute(x)
+        flags: list[torch.Tensor] = []
+        token = RANGE_FLAGS.set(flags)
+        try:
+            out = interp.execute(x)
+        finally:
+            RANGE_FLAGS.reset(token)
+        if flags and bool(torch.stack(flags).any()):
+            kind = torch.finfo(torch.float32 if x.dtype == torch.float16 else x.dtype)  # float16 stages: float32
+            raise ValueError(
+                f"this input's pre-activation vectors leave the range of {kind.dtype} for their squared norms "
+                f"(above ~{kind.max**0.5:.1e} or below ~{kind.tiny**0.5:.1e}), where "
+                "sharing ratios would silently lose relevance: rescale the input, or explain a float64 copy of "
+                "the model and input"
+            )
         if keep_last_spatial and interp.last_spatial is not None:
             sid, tensor = interp.last_spatial
             interp.kept.setdefault(sid, tensor)

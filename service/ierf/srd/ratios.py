@@ -13,6 +13,7 @@ a per-tap Gram matrix when the input has few channels (the RGB stem).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import NamedTuple
 
@@ -109,6 +110,20 @@ SHIFT_MAX_BYTES = 16 * 2**20
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(v.requires_grad for v in tensors)
+
+
+#: Set by a decomposition's forward (``Program.run``): one 0-d flag per stage, true where a squared norm
+#: ||z||^2 left the float range (inf, or a subnormal that has lost its precision). Ratios there would lose
+#: relevance while staying finite, so the forward refuses the input instead. Flags are checked once, after
+#: every stage, so a GPU is not made to wait at each stage.
+RANGE_FLAGS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar("range_flags", default=None)
+
+
+def _note_range(zz: torch.Tensor) -> None:
+    flags = RANGE_FLAGS.get()
+    if flags is not None:
+        tiny = torch.finfo(zz.dtype).tiny
+        flags.append((torch.isinf(zz) | ((zz > 0) & (zz < tiny))).any())
 
 
 def _wide_tap_products(
@@ -537,6 +552,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         z = z.clone()  # the activation may run in place on z
 
     zz = torch.linalg.vector_norm(z, dim=-1).square()  # (B, H, W): one reduction pass, no product tensor
+    _note_range(zz)
     z_out = z.permute(0, 3, 1, 2)  # (B, C, H, W) stored channels-last
     routes = [r for t in terms for r in t.tap_routes()]
     if len(terms) == 1 and terms[0].taps == 1:
@@ -700,4 +716,5 @@ def _fused_stage_ratios(
         by_id[id(u)] = _TermStats(u, None if n is None else per_position(n), per_position(d))
     stats = [by_id[id(u)] for u in units]
     e = [v.view(b, h, w) for v in bias_dots]
+    _note_range(zz)
     return _assemble(bundle, z.view(b, h, w, c), zz.view(b, h, w), stats, e)
