@@ -63,10 +63,21 @@ run: venv redis-server start
 	@echo "logs     $(RUN_DIR)/service.log, $(RUN_DIR)/redis.log; replicas: $$(sed -n 's/^replica logs //p' $(RUN_DIR)/service.log)"
 	@echo "stop     make stop"
 
+# A pid file names our process only while that pid runs what we started: after a reboot, a crash or an
+# OOM kill the number may belong to someone else, who must neither be stopped nor taken for the service.
+# (A zombie, a dead process nobody has reaped yet, counts as gone.)
+LIVE = { kill -0 $$pid 2>/dev/null && ! ps -o stat= -p $$pid 2>/dev/null | grep -q Z; }
+OURS = $(LIVE) && ps -o args= -p $$pid 2>/dev/null | grep -q
+SERVICE_ARGS = 'ierf[.]serving serve'
+REDIS_ARGS = 'redis-server'
+
 # Start Redis and the service in the background (no-ops for parts already running from here).
 start: venv redis-server
 	@mkdir -p $(RUN_DIR)
-	@if [ -f $(RUN_DIR)/redis.pid ] && kill -0 $$(cat $(RUN_DIR)/redis.pid) 2>/dev/null; then \
+	@pid=$$(cat $(RUN_DIR)/redis.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && ! { $(OURS) $(REDIS_ARGS); }; then \
+		echo "removing a stale redis pid file (pid $$pid is not the redis this Makefile started)"; rm -f $(RUN_DIR)/redis.pid $(RUN_DIR)/redis.port; fi
+	@if [ -f $(RUN_DIR)/redis.pid ]; then \
 		running=$$(cat $(RUN_DIR)/redis.port 2>/dev/null); \
 		if [ -n "$$running" ] && [ "$$running" != "$(REDIS_PORT)" ]; then \
 			echo "redis from an earlier make run is on port $$running (pid $$(cat $(RUN_DIR)/redis.pid)), not $(REDIS_PORT): make stop first"; exit 1; fi; \
@@ -81,14 +92,18 @@ start: venv redis-server
 		echo $(REDIS_PORT) > $(RUN_DIR)/redis.port; \
 		echo "redis started (pid $$(cat $(RUN_DIR)/redis.pid), port $(REDIS_PORT))"; \
 	fi
-	@if [ -f $(RUN_DIR)/service.pid ] && kill -0 $$(cat $(RUN_DIR)/service.pid) 2>/dev/null; then \
+	@pid=$$(cat $(RUN_DIR)/service.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && ! { $(OURS) $(SERVICE_ARGS); }; then \
+		echo "removing a stale service pid file (pid $$pid is not the service this Makefile started)"; \
+		rm -f $(RUN_DIR)/service.pid $(RUN_DIR)/service.ready $(RUN_DIR)/service.port; fi
+	@if [ -f $(RUN_DIR)/service.pid ]; then \
 		running=$$(cat $(RUN_DIR)/service.port 2>/dev/null); \
 		if [ -n "$$running" ] && [ "$$running" != "$(GRPC_PORT) $(METRICS_PORT) $(HTTP_PORT)" ]; then \
 			echo "the service from an earlier make run has gRPC, metrics and HTTP ports $$running (pid $$(cat $(RUN_DIR)/service.pid)), not $(GRPC_PORT) $(METRICS_PORT) $(HTTP_PORT): make stop first"; exit 1; fi; \
 		echo "service already running (pid $$(cat $(RUN_DIR)/service.pid), gRPC port $(GRPC_PORT))"; \
 	else \
 		rm -f $(RUN_DIR)/service.ready; \
-		RAY_USAGE_STATS_ENABLED=0 nohup $(BIN)/python -m ierf.serving serve \
+		RAY_USAGE_STATS_ENABLED=0 nohup setsid $(BIN)/python -m ierf.serving serve \
 			--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 			--redis-url redis://127.0.0.1:$(REDIS_PORT)/0 --ready-file $(RUN_DIR)/service.ready \
 			--keep-logs $(RUN_DIR)/serve-logs \
@@ -105,20 +120,29 @@ start: venv redis-server
 	fi
 
 # Stop what start/run started, by PID (never `ray stop`: that would kill every Ray on the host).
+# The service runs in its own session (setsid): its process group, numbered by its pid, holds what it started,
+# and what is left of the group once it is gone (Ray's agents outlive a killed launcher) goes too, but only
+# while that pid is unused (else the number, and so maybe the group, is someone else's).
 stop:
 	@if [ -f $(RUN_DIR)/service.pid ]; then \
 		pid=$$(cat $(RUN_DIR)/service.pid); \
-		if kill -0 $$pid 2>/dev/null; then \
+		if $(OURS) $(SERVICE_ARGS); then \
 			kill -TERM $$pid; \
-			for i in $$(seq 120); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
-			kill -0 $$pid 2>/dev/null && { echo "service did not stop in 60 s; killing"; kill -KILL $$pid; }; \
+			for i in $$(seq 120); do $(LIVE) || break; sleep 0.5; done; \
+			$(LIVE) && { echo "service did not stop in 60 s; killing"; kill -KILL $$pid; sleep 0.2; }; \
 			echo "service stopped (pid $$pid)"; \
+		elif $(LIVE); then \
+			echo "left pid $$pid alone: it is not the service this Makefile started (a stale pid file)"; \
+		fi; \
+		if ! $(LIVE) && [ -n "$$(ps -o pid=,stat= -g $$pid 2>/dev/null | grep -v Z)" ]; then \
+			kill -TERM -- -$$pid 2>/dev/null; sleep 1; kill -KILL -- -$$pid 2>/dev/null; \
+			echo "stopped what the service had left running (process group $$pid)"; \
 		fi; \
 		rm -f $(RUN_DIR)/service.pid $(RUN_DIR)/service.ready $(RUN_DIR)/service.port; \
 	fi
 	@if [ -f $(RUN_DIR)/redis.pid ]; then \
 		pid=$$(cat $(RUN_DIR)/redis.pid); \
-		if kill -0 $$pid 2>/dev/null; then \
+		if $(OURS) $(REDIS_ARGS); then \
 			kill -TERM $$pid; \
 			for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
 			echo "redis stopped (pid $$pid)"; \

@@ -288,7 +288,8 @@ def test_make_start_on_other_ports_while_one_runs_is_refused(tmp_path: Path, oth
             (ROOT / "pyproject.toml").read_bytes() + (ROOT / "clients" / "python" / "pyproject.toml").read_bytes()
         ).hexdigest()[:12]
     )
-    alive = subprocess.Popen(["sleep", "60"])
+    # named as both (make checks a pid file's process by its command line: a reused pid is not the service)
+    alive = subprocess.Popen(["bash", "-c", 'exec -a "redis-server ierf.serving serve" sleep 60'])
     try:
         for name, port in (("redis", "16379"), ("service", "19000 8080 8000")):  # as make start records them
             (tmp_path / f"{name}.pid").write_text(f"{alive.pid}\n")
@@ -328,10 +329,11 @@ def test_make_start_records_the_ports_it_compares_a_later_start_with(tmp_path: P
     run.mkdir()
     fake = bin_dir / "python"
     fake.write_text(
-        '#!/bin/bash\nwhile [ $# -gt 0 ]; do [ "$1" = --ready-file ] && touch "$2"; shift; done\nexec sleep 60\n'
+        '#!/bin/bash\nargs="$*"\nwhile [ $# -gt 0 ]; do [ "$1" = --ready-file ] && touch "$2"; shift; done\n'
+        'exec -a "python $args" sleep 60\n'  # keeps the launcher's command line, by which make knows it
     )
     fake.chmod(0o755)
-    redis = subprocess.Popen(["sleep", "60"])
+    redis = subprocess.Popen(["bash", "-c", "exec -a redis-server sleep 60"])
     (run / "redis.pid").write_text(f"{redis.pid}\n")
     (run / "redis.port").write_text("16379\n")
     ports = ["GRPC_PORT=19000", "METRICS_PORT=18080", "HTTP_PORT=18000", "REDIS_PORT=16379"]

@@ -280,19 +280,51 @@ def _caller_budget_s(grpc_context: Any) -> float | None:
     return budget
 
 
-async def _running_replicas(handle: Any) -> int | None:
-    """Replicas of ``handle``'s deployment that Serve's controller counts as RUNNING, or None where it
-    cannot say (local testing mode, a handle without names, the controller slow or unreachable). Asked
-    only when a health probe went unanswered, so its few milliseconds cost nothing in the common case."""
+async def _deployment_overview(handle: Any) -> Any:
+    """Serve's controller's view of ``handle``'s deployment, or None where it cannot say (local testing mode,
+    a handle without names, the controller slow or unreachable)."""
     app, deployment = getattr(handle, "app_name", None), getattr(handle, "deployment_name", None)
     if not app or not deployment or not ray.is_initialized():  # serve.status() would start a Ray cluster
         return None
     try:
         status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=HEALTH_PROBE_TIMEOUT_S)
-        overview = status.applications[app].deployments[deployment]
+        return status.applications[app].deployments[deployment]
     except Exception:  # no answer is no evidence either way
         return None
+
+
+async def _running_replicas(handle: Any) -> int | None:
+    """Replicas of ``handle``'s deployment that Serve's controller counts as RUNNING, or None where it
+    cannot say (local testing mode, a handle without names, the controller slow or unreachable). Asked
+    only when a health probe went unanswered, so its few milliseconds cost nothing in the common case."""
+    overview = await _deployment_overview(handle)
+    if overview is None:
+        return None
     return sum(n for state, n in overview.replica_states.items() if getattr(state, "value", state) == "RUNNING")
+
+
+#: A worker call unanswered this long asks Serve's controller whether its deployment has any replica
+#: RUNNING: a model whose replicas cannot start (a replaced weights file) answered no call, and each waited
+#: its whole deadline (300 s without one) to end DEADLINE_EXCEEDED with no cause.
+NO_REPLICA_CHECK_S = 1.5
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+async def _deployment_down(handle: Any) -> str | None:
+    """Serve's reason when ``handle``'s deployment has no RUNNING replica and is failing (UNHEALTHY or
+    DEPLOY_FAILED); None while it runs, is starting or scaling, or the controller cannot say."""
+    overview = await _deployment_overview(handle)
+    if overview is None:
+        return None
+    states = {getattr(state, "value", state): n for state, n in overview.replica_states.items()}
+    health = getattr(overview.status, "value", overview.status)
+    if states.get("RUNNING", 0) or health not in ("UNHEALTHY", "DEPLOY_FAILED"):
+        return None
+    message = str(overview.message or "").strip()
+    return clip(message.splitlines()[-1] if message else f"the deployment is {health}")  # a traceback's last line
 
 
 def _caller_deadline_passed(grpc_context: Any, start: float) -> bool:
@@ -406,19 +438,29 @@ class Ingress:
             raise DeadlineExceeded("deadline passed before the request reached a worker")
         start = time.perf_counter()
         response = method.remote(job)
+        answer = asyncio.ensure_future(_awaited(response))
         try:
-            outcome = await asyncio.wait_for(response, timeout=remaining)
-        except TimeoutError:
-            response.cancel()
-            raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker") from None
-        except asyncio.CancelledError:  # the caller went away (its gRPC deadline, a cancel): so does the job
-            response.cancel()
-            raise
+            pause = NO_REPLICA_CHECK_S
+            while True:  # unanswered for a while: is there a replica to answer at all? (asked less and less)
+                done, _ = await asyncio.wait({answer}, timeout=max(min(deadline - time.time(), pause), 0.0))
+                if done:
+                    break
+                if time.time() >= deadline:
+                    raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker")
+                down = await _deployment_down(self.workers.get(model_id))
+                if down is not None:
+                    raise Unavailable(f"model {model_id!r} has no running replica: {down}")
+                pause *= 2
+            outcome = answer.result()
         except Exception as exc:
             if to_status(exc)[0].name == "UNAVAILABLE":  # the replica died under the request: health says so
                 self._health[model_id] = (time.monotonic(), False)
                 self._answered_at.pop(model_id, None)
             raise
+        finally:
+            if not answer.done():  # the caller went away (its gRPC deadline, a cancel), or gets no answer
+                response.cancel()
+                answer.cancel()
         self._health[model_id] = self._answered(model_id)
         if isinstance(outcome, ServiceError):  # the worker's refusal (ExplainerWorker._run)
             raise outcome

@@ -399,9 +399,8 @@ def start_service(
         raise ValueError(f"grpc_options: {first_error(exc)}") from None
     node_ip = choose_node_ip(http_host, node_ip)
     grpc_max_message = grpc_max_message_bytes(config.ingress.max_image_bytes)
-    for name, port in (("gRPC", grpc_port), ("HTTP", http_port), ("metrics", metrics_port)):
-        if port_in_use(port):  # probe loopback: catches our own and other local listeners
-            raise RuntimeError(f"{name} port {port} on 127.0.0.1 is already in use; choose another")
+    _check_ports({"gRPC": grpc_port, "HTTP": http_port, "metrics": metrics_port})
+    _check_weights_files(config)
     app_name = str(app_spec.get("name", APP_NAME))
     owns_temp_dir = temp_dir is None
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ierf-ray-", dir="/tmp")  # short: Unix socket paths
@@ -438,18 +437,84 @@ def start_service(
 
 
 def _first_application(serve_config: dict[str, Any]) -> dict[str, Any]:
-    """The config's first application (the one this runner deploys), checked to be a mapping."""
+    """The config's one application (this runner deploys one), checked to be a mapping."""
     applications = serve_config.get("applications") if isinstance(serve_config, dict) else None
     if not isinstance(applications, list) or not applications or not isinstance(applications[0], dict):
         raise ValueError(f"applications must be a non-empty list of mappings, got {applications!r}")
+    if len(applications) > 1:
+        names = [a.get("name", "?") if isinstance(a, dict) else a for a in applications[1:]]
+        raise ValueError(
+            f"applications: this runner deploys one application, and would drop {names} silently; list every "
+            "model under the first application's args.models (one worker deployment each), or deploy the file "
+            "with `serve deploy` on a cluster"
+        )
     return applications[0]
+
+
+# What this runner reads from Serve's sections (anything else there would be ignored without a word).
+_SECTION_KEYS = {
+    "grpc_options": {"port", "request_timeout_s", "grpc_servicer_functions"},
+    "http_options": {"host", "port"},
+}
 
 
 def _section(serve_config: dict[str, Any], key: str) -> dict[str, Any]:
     section = serve_config.get(key) or {}
     if not isinstance(section, dict):
         raise ValueError(f"{key} must be a mapping, got {section!r}")
+    unknown = sorted(map(str, set(section) - _SECTION_KEYS.get(key, set(section))))
+    if unknown:
+        raise ValueError(
+            f"{key}: unknown key(s) {unknown}; this runner reads {sorted(_SECTION_KEYS[key])} (a typo would "
+            "otherwise start the service on its defaults)"
+        )
     return section
+
+
+def _check_weights_files(config: Any) -> None:
+    """Weights files named in the config exist on this machine, where the local runner's replicas read them:
+    checked before the cluster starts (a missing one cost a full start and crashing replicas), all at once."""
+    missing = [
+        f"{m.id}: {m.weights}"
+        for m in config.models
+        if m.weights is not None and not Path(m.weights).expanduser().is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"weights file(s) not found on this machine: {'; '.join(missing)}")
+
+
+def _check_ports(ports: dict[str, int]) -> None:
+    """Three distinct ports, each free: on loopback, and for gRPC on every address (Serve's gRPC server
+    binds [::]:PORT, so a port held on another local address failed the start ~20 s later)."""
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if port in seen:
+            raise ValueError(
+                f"{seen[port]} and {name} are both port {port}: the gRPC, HTTP and metrics listeners need one "
+                "port each (on one port, gRPC calls on 127.0.0.1 reached the HTTP server)"
+            )
+        seen[port] = name
+    for name, port in ports.items():
+        if port_in_use(port) or (name == "gRPC" and not _bindable_everywhere(port)):
+            where = "127.0.0.1" if name != "gRPC" else "this machine"
+            raise RuntimeError(f"{name} port {port} on {where} is already in use; choose another")
+
+
+def _bindable_everywhere(port: int) -> bool:
+    """Whether a listener could bind ``port`` on every address (IPv6 and IPv4, as gRPC's [::] does)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        host = "::"
+    except OSError:  # a kernel without IPv6: gRPC binds 0.0.0.0 there
+        sock, host = socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _port(value: object, where: str) -> int:
