@@ -124,6 +124,7 @@ start: venv redis-server
 # and what is left of the group once it is gone (Ray's agents outlive a killed launcher) goes too, but only
 # while that pid is unused (else the number, and so maybe the group, is someone else's).
 stop:
+	@[ -f $(RUN_DIR)/service.pid ] || [ -f $(RUN_DIR)/redis.pid ] || echo "nothing to stop (no pid files in $(RUN_DIR))"
 	@if [ -f $(RUN_DIR)/service.pid ]; then \
 		pid=$$(cat $(RUN_DIR)/service.pid); \
 		if $(OURS) $(SERVICE_ARGS); then \

@@ -113,3 +113,17 @@ def test_srd_ierf_refuses_bad_positions_before_decomposing(positions: torch.Tens
     explainer.decompose = no_decomposition  # type: ignore[method-assign]
     with pytest.raises((TypeError, ValueError), match="position"):
         explainer.ierf(torch.randn(2, 3, 16, 16), explainer.layers[0], positions)
+
+
+def test_maps_attached_to_autograd_are_drawn(small_model: nn.Module) -> None:
+    """SRD's maps of an input that requires grad come back attached to autograd (for attacks): the viz helpers
+    failed on them with "Can't call numpy() on Tensor that requires grad"."""
+    import ierf
+
+    explainer = ierf.SRD(small_model)
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    signed = explainer.saliency(x, 1)
+    assert signed.requires_grad
+    image = np.full((16, 16, 3), 128, np.uint8)
+    assert overlay_signed(image, signed[0]).size[0] == 16
+    assert render_ierf(image, signed[0].abs()).size[0] == 16

@@ -62,6 +62,8 @@ def symmetric_scale(values: np.ndarray, percentile: float = 99.0, support_only: 
 
 
 def _as_map(signed_map: Any) -> np.ndarray:
+    if hasattr(signed_map, "detach"):  # a tensor, also one SRD returns attached to autograd (x.requires_grad)
+        signed_map = signed_map.detach().cpu()
     values = np.asarray(signed_map, dtype=np.float64)
     while values.ndim > 2 and values.shape[0] == 1:  # (1, H, W) or (1, 1, H, W) from a batch
         values = values[0]

@@ -264,3 +264,16 @@ def test_a_call_to_a_model_with_no_replica_running_fails_fast(monkeypatch: pytes
     assert context.code is not None and context.code.name == "UNAVAILABLE", (context.code, context.details, took)
     assert "r18" in (context.details or "")
     assert took < 4, f"the call waited {took:.1f} s of its 6 s budget"
+
+
+@pytest.mark.parametrize("setting", ["grpc_port", "http_port"])
+def test_port_zero_is_refused_not_read_as_unset(no_ray: None, setting: str) -> None:
+    """`--grpc-port 0` fell back to the config's 9000 (0 was taken for "not given"): refused by name."""
+    with pytest.raises(ValueError, match=rf"{setting} must be a port number .*got 0"):
+        _start(**{setting: 0})
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_stop_with_nothing_running_says_so(tmp_path: Path) -> None:
+    done = _make("stop", f"RUN_DIR={tmp_path}")
+    assert done.returncode == 0 and "nothing to stop" in done.stdout, done.stdout + done.stderr

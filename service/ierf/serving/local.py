@@ -384,9 +384,17 @@ def start_service(
     check_replicas_fit(deployments, num_cpus)
 
     grpc_cfg = _section(serve_config, "grpc_options")
-    grpc_port = _port(grpc_port, "grpc_port") if grpc_port else _port(grpc_cfg.get("port", 9000), "grpc_options.port")
+    grpc_port = (
+        _port(grpc_port, "grpc_port")
+        if grpc_port is not None
+        else _port(grpc_cfg.get("port", 9000), "grpc_options.port")
+    )
     http_cfg = _section(serve_config, "http_options")
-    http_port = _port(http_port, "http_port") if http_port else _port(http_cfg.get("port", 8000), "http_options.port")
+    http_port = (
+        _port(http_port, "http_port")
+        if http_port is not None
+        else _port(http_cfg.get("port", 8000), "http_options.port")
+    )
     http_host = http_host or str(http_cfg.get("host", "127.0.0.1"))
     metrics_port = _port(metrics_port, "metrics_port") if metrics_port else free_port()
     try:
