@@ -439,6 +439,8 @@ def test_a_worker_that_cannot_start_is_reported_with_its_reason(
     monkeypatch.setattr(serve, "status", lambda: _failed_deploy_status("Worker_r18", reason))
     temp_dir = tmp_path / "ierf-ray-x"
     temp_dir.mkdir()
+    weights = tmp_path / "r18.pth"  # present (a missing file is refused before the cluster starts), unreadable
+    weights.write_bytes(b"not a state dict")
     with pytest.raises(RuntimeError) as info:
         start_service(
             load_serve_config(),
@@ -451,7 +453,7 @@ def test_a_worker_that_cannot_start_is_reported_with_its_reason(
             args_overrides={
                 "models": [
                     {"id": "efficientnet_lite0"},
-                    {"id": "r18", "name": "resnet18", "weights": "/models/r18.pth"},
+                    {"id": "r18", "name": "resnet18", "weights": str(weights)},
                 ]
             },
         )

@@ -503,9 +503,12 @@ def _check_ports(ports: dict[str, int]) -> None:
             )
         seen[port] = name
     for name, port in ports.items():
-        if port_in_use(port) or (name == "gRPC" and not _bindable_everywhere(port)):
-            where = "127.0.0.1" if name != "gRPC" else "this machine"
-            raise RuntimeError(f"{name} port {port} on {where} is already in use; choose another")
+        if port_in_use(port):  # probe loopback: catches our own and other local listeners
+            raise RuntimeError(f"{name} port {port} on 127.0.0.1 is already in use; choose another")
+        if name == "gRPC" and not _bindable_everywhere(port):
+            raise RuntimeError(
+                f"gRPC port {port} is already in use on another local address (Serve binds it on all); choose another"
+            )
 
 
 def _bindable_everywhere(port: int) -> bool:
