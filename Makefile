@@ -145,7 +145,7 @@ stop:
 		pid=$$(cat $(RUN_DIR)/redis.pid); \
 		if $(OURS) $(REDIS_ARGS); then \
 			kill -TERM $$pid; \
-			for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+			for i in $$(seq 100); do $(LIVE) || break; sleep 0.1; done; \
 			echo "redis stopped (pid $$pid)"; \
 		fi; \
 		rm -f $(RUN_DIR)/redis.pid $(RUN_DIR)/redis.port; \

@@ -11,3 +11,8 @@ class UnsupportedModelError(ValueError):
 class InputSizeError(ValueError):
     """The input's height and width do not fit the model (a window larger than the map it reaches, or a
     fully connected layer that expects another number of features)."""
+
+
+# PyTorch's messages when a kernel or pooling window no longer fits the feature map it is applied to (SRD and
+# the baselines both turn them into InputSizeError).
+TOO_SMALL_MESSAGES = ("too small", "Kernel size can't be greater than actual input size")

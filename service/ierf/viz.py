@@ -32,6 +32,7 @@ _POSITIVE_VALUES = np.linspace(0.0, 1.0, len(_POSITIVE_COLOURS))
 _ASPECT_TOLERANCE = 0.02
 _BAR_HEIGHT = 12
 _TEXT_HEIGHT = 16
+_BAR_MARGIN = 4
 
 
 def diverging_colours(normalised: np.ndarray) -> np.ndarray:
@@ -174,9 +175,9 @@ def feature_cell_box(
 
 def _with_colorbar(picture: Image.Image, scale: float, caption: str | None) -> Image.Image:
     width, height = picture.size
-    margin = min(4, (width - 1) // 2)  # narrower pictures (a 1-pixel column) keep a bar of at least a pixel
+    margin = min(_BAR_MARGIN, (width - 1) // 2)  # narrower pictures (a 1-pixel column) keep a bar of a pixel
     rows = 2 if caption else 1
-    strip = Image.new("RGB", (width, _BAR_HEIGHT + rows * _TEXT_HEIGHT + 8), (255, 255, 255))
+    strip = Image.new("RGB", (width, _BAR_HEIGHT + rows * _TEXT_HEIGHT + 2 * _BAR_MARGIN), (255, 255, 255))
     ramp = diverging_colours(np.linspace(-1.0, 1.0, max(width - 2 * margin, 2)))
     strip.paste(Image.fromarray(np.repeat(ramp[None], _BAR_HEIGHT, axis=0)), (margin, margin))
     draw = ImageDraw.Draw(strip)

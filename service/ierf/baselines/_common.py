@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ierf.errors import InputSizeError
+from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError
 from ierf.interrupt import checkpoint
 from ierf.methods import check_input as shared_check_input
 
@@ -117,13 +117,9 @@ def model_guard(model: nn.Module) -> Iterator[None]:
             raise refusal from None
 
 
-# torch's words for an input the model's layers cannot take (what SRD refuses as InputSizeError)
-_TOO_SMALL = (
-    "too small",
-    "Kernel size can't be greater than actual input size",
-    "Calculated padded input size",
-    "mat1 and mat2 shapes cannot be multiplied",
-)
+# torch's words for an input the model's layers cannot take (what SRD refuses as InputSizeError): a window
+# past the map, or a classifier reading another number of features than the map gives
+_TOO_SMALL = (*TOO_SMALL_MESSAGES, "mat1 and mat2 shapes cannot be multiplied")
 _CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
 
 

@@ -309,10 +309,6 @@ async def _running_replicas(handle: Any) -> int | None:
 NO_REPLICA_CHECK_S = 1.5
 
 
-async def _awaited(response: Any) -> Any:
-    return await response
-
-
 async def _deployment_down(handle: Any) -> str | None:
     """Serve's reason when ``handle``'s deployment has no RUNNING replica and is failing (UNHEALTHY or
     DEPLOY_FAILED); None while it runs, is starting or scaling, or the controller cannot say."""
@@ -438,7 +434,7 @@ class Ingress:
             raise DeadlineExceeded("deadline passed before the request reached a worker")
         start = time.perf_counter()
         response = method.remote(job)
-        answer = asyncio.ensure_future(_awaited(response))
+        answer = asyncio.ensure_future(response)  # any awaitable: a Serve response, a local-mode coroutine
         try:
             pause = NO_REPLICA_CHECK_S
             while True:  # unanswered for a while: is there a replica to answer at all? (asked less and less)

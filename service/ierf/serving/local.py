@@ -470,7 +470,7 @@ def _section(serve_config: dict[str, Any], key: str) -> dict[str, Any]:
     section = serve_config.get(key) or {}
     if not isinstance(section, dict):
         raise ValueError(f"{key} must be a mapping, got {section!r}")
-    unknown = sorted(map(str, set(section) - _SECTION_KEYS.get(key, set(section))))
+    unknown = sorted(map(str, set(section) - _SECTION_KEYS[key]))
     if unknown:
         raise ValueError(
             f"{key}: unknown key(s) {unknown}; this runner reads {sorted(_SECTION_KEYS[key])} (a typo would "

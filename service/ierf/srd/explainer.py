@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf._memory import memory_available
-from ierf.errors import InputSizeError, UnsupportedModelError
+from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError, UnsupportedModelError
 from ierf.methods import check_input, register_method
 from ierf.srd.graph import check_model_state
 from ierf.srd.precision import full_float32
@@ -757,10 +757,6 @@ def _position_rows(positions: torch.Tensor) -> torch.Tensor:
     return positions.long().cpu()
 
 
-# PyTorch's messages when a kernel or pooling window no longer fits the feature map it is applied to.
-_TOO_SMALL = ("too small", "Kernel size can't be greater than actual input size")
-
-
 @register_method("srd")
 class SRD:
     """Sharing Ratio Decomposition over any supported model graph.
@@ -920,7 +916,7 @@ class SRD:
             return self.program.run(x, keep, keep_last_spatial=keep_last_spatial)
         except (RuntimeError, InputSizeError) as exc:  # a window larger than the map it reaches, a wrong size
             message = str(exc)
-            if isinstance(exc, InputSizeError) or any(p in message for p in _TOO_SMALL):
+            if isinstance(exc, InputSizeError) or any(p in message for p in TOO_SMALL_MESSAGES):
                 first = message.strip().splitlines()[0]
                 problem = "is too small for" if "too small" in first else "does not fit"
                 raise InputSizeError(f"input {x.shape[-2]}x{x.shape[-1]} {problem} this model: {first}") from None

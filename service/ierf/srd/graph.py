@@ -252,6 +252,8 @@ def name_activations(
     base: dict[fx.Node, str] = {}
     counts: dict[str, int] = defaultdict(int)
     keys: dict[fx.Node, str] = {}
+    # a functional named like an activation module that runs shares its counted name (path:k, call order)
+    activation_modules = {str(n.target) for n in activations if n.op == "call_module"}
     for node in activations:
         if node.op == "call_module":
             key = str(node.target)
@@ -259,7 +261,7 @@ def name_activations(
             scope = _innermost_scope(node)
             fname = getattr(node.target, "__name__", str(node.target)).strip("_")
             key = f"{scope}.{fname}" if scope else fname
-            if key in modules and not _is_module_call_of(activations, key):
+            if key in modules and key not in activation_modules:
                 key += "()"
         keys[node] = key
         counts[key] += 1
@@ -297,12 +299,6 @@ def name_activations(
         containers = sorted(aliases[node], key=lambda p: p.count("."), reverse=True)
         canonical[node] = containers[0] if containers else base[node]
     return LayerNames(canonical, lookup, repeated)
-
-
-def _is_module_call_of(activations: list[fx.Node], path: str) -> bool:
-    """Whether an activation module at ``path`` runs in the graph (its calls and this functional then share
-    the counted name ``path:k``, in call order)."""
-    return any(n.op == "call_module" and str(n.target) == path for n in activations)
 
 
 def _innermost_scope(node: fx.Node) -> str:
