@@ -342,7 +342,8 @@ def test_metric_arguments_are_checked_not_cast() -> None:
     model = _small_net()
     x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
     maps = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(4))
-    with pytest.raises(ValueError, match="must be >= 0"):  # -1 scored the last class
+    # -1 scored the last class
+    with pytest.raises(ValueError, match=r"target out of range: the model has classes 0 and up, got -1"):
         insertion_deletion(model, x, -1, maps, n_steps=2)
     with pytest.raises(TypeError, match="bool"):
         insertion_deletion(model, x, True, maps, n_steps=2)
@@ -624,7 +625,7 @@ def test_insertion_deletion_refuses_an_out_of_range_target_by_name() -> None:
     (the model's class count is known only then), and so is a row of ``classes`` naming a class it lacks."""
     x = torch.zeros(2, 3, 10, 10)
     model = _CountingOnePixelModel()
-    with pytest.raises(ValueError, match=r"target 2 out of range for a model with 2 classes"):
+    with pytest.raises(ValueError, match=r"target out of range: the model has 2 classes \(0\.\.1\), got \[0, 2\]"):
         insertion_deletion(model, x, torch.tensor([0, 2]), torch.rand(2, 10, 10), n_steps=2, batch_size=1)
     assert model.calls == 1
     with pytest.raises(ValueError, match=r"classes holds 5, out of range for a model with 2 classes"):

@@ -71,6 +71,8 @@ def resolve_target(target: object, batch: int) -> torch.Tensor:
     if isinstance(target, bool):
         raise TypeError("target must be an int or an integer tensor, got bool")
     if isinstance(target, numbers.Integral):  # numpy's integers too (labels read from arrays)
+        if target < 0:
+            raise ValueError(f"target out of range: the model has classes 0 and up, got {int(target)}")
         target = torch.full((batch,), int(target), dtype=torch.long)
     elif isinstance(target, torch.Tensor):
         if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64, torch.complex128):
@@ -83,7 +85,7 @@ def resolve_target(target: object, batch: int) -> torch.Tensor:
     else:
         raise TypeError(f"target must be an int or an integer tensor, got {type(target).__name__}")
     if (target < 0).any():
-        raise ValueError(f"target class indices must be >= 0, got {target.tolist()}")
+        raise ValueError(f"target out of range: the model has classes 0 and up, got {target.tolist()}")
     if target.is_inference():  # made under the caller's torch.inference_mode: autograd cannot save it
         with torch.inference_mode(False):
             target = target.clone()

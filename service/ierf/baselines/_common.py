@@ -55,8 +55,9 @@ def check_ordinary_tensors(model: nn.Module) -> None:
 def check_target_range(logits: torch.Tensor, target: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"model must return (B, num_classes) logits, got shape {tuple(logits.shape)}")
-    if int(target.max()) >= logits.shape[1]:
-        raise ValueError(f"target {int(target.max())} out of range for a model with {logits.shape[1]} classes")
+    k = logits.shape[1]
+    if int(target.max()) >= k:  # the wording SRD uses, so every method refuses a class the same way
+        raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {target.tolist()}")
 
 
 def checked_forward(model: nn.Module, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
