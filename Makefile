@@ -14,6 +14,7 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 8080
 REDIS_PORT ?= 6379
 START_TIMEOUT ?= 600
+CONFIG ?=
 
 .PHONY: venv run start stop test lint bench bench-service protos redis-server clean
 
@@ -102,8 +103,9 @@ start: venv redis-server
 			echo "the service from an earlier make run has gRPC, metrics and HTTP ports $$running (pid $$(cat $(RUN_DIR)/service.pid)), not $(GRPC_PORT) $(METRICS_PORT) $(HTTP_PORT): make stop first"; exit 1; fi; \
 		echo "service already running (pid $$(cat $(RUN_DIR)/service.pid), gRPC port $(GRPC_PORT))"; \
 	else \
+		if [ -n "$(CONFIG)" ] && [ ! -r "$(CONFIG)" ]; then echo "CONFIG=$(CONFIG): no readable file there"; exit 1; fi; \
 		rm -f $(RUN_DIR)/service.ready; \
-		RAY_USAGE_STATS_ENABLED=0 nohup setsid $(BIN)/python -m ierf.serving serve \
+		RAY_USAGE_STATS_ENABLED=0 nohup setsid $(BIN)/python -m ierf.serving serve $(if $(CONFIG),--config "$(abspath $(CONFIG))") \
 			--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 			--redis-url redis://127.0.0.1:$(REDIS_PORT)/0 --ready-file $(RUN_DIR)/service.ready \
 			--keep-logs $(RUN_DIR)/serve-logs \

@@ -277,3 +277,40 @@ def test_port_zero_is_refused_not_read_as_unset(no_ray: None, setting: str) -> N
 def test_make_stop_with_nothing_running_says_so(tmp_path: Path) -> None:
     done = _make("stop", f"RUN_DIR={tmp_path}")
     assert done.returncode == 0 and "nothing to stop" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_run_serves_another_config_by_name(tmp_path: Path) -> None:
+    """`make run` always served the bundled config: an operator trying another one (a second model, more
+    replicas) had to leave make, and with it the pid bookkeeping `make stop` relies on. CONFIG=FILE reaches
+    the launcher as an absolute --config; a CONFIG that names no file is refused before anything starts."""
+    bin_dir, run = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    run.mkdir()
+    args_file = tmp_path / "args"
+    fake = bin_dir / "python"  # stands in for the launcher: records its arguments, says ready, then waits
+    fake.write_text(
+        "#!/bin/bash\n"
+        'echo "$@" > "$IERF_TEST_ARGS"\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --ready-file ] && touch "$2"; shift; done\n'
+        "exec sleep 300\n"
+    )
+    fake.chmod(0o755)
+    config = tmp_path / "two-models.yaml"
+    config.write_text("applications: []\n")
+    redis = _detached(name="redis-server")
+    (run / "redis.pid").write_text(f"{redis}\n")
+    (run / "redis.port").write_text("16379\n")
+    ports = ["GRPC_PORT=19000", "METRICS_PORT=18080", "HTTP_PORT=18000", "REDIS_PORT=16379"]
+    env = {"IERF_TEST_ARGS": str(args_file)}
+    try:
+        missing = _make("start", f"RUN_DIR={run}", f"BIN={bin_dir}", "CONFIG=nowhere.yaml", *ports, env=env)
+        assert missing.returncode != 0 and "CONFIG=nowhere.yaml: no readable file" in missing.stdout + missing.stderr
+        assert not args_file.exists() and not (run / "service.pid").exists()
+        started = _make("start", f"RUN_DIR={run}", f"BIN={bin_dir}", f"CONFIG={config}", *ports, env=env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"serve --config {config} --grpc-port 19000" in args_file.read_text()
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            _end(int((run / "service.pid").read_text()))
+        _end(redis)
