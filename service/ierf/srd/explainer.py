@@ -31,7 +31,7 @@ HeadMode = Literal["auto", "exact", "gradcam", "grad_x_act"]
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 HEAD_MODES = ("auto", "exact", "gradcam", "grad_x_act")
-Contrast = str | int
+Contrast = str | int | torch.Tensor  # a rule, one class for every image, or (B,) classes, one per image
 SCHEMA_VERSION = 1
 # Working memory of one iERF relevance pass; more seeds than fit go in several passes (49 ResNet50 seeds
 # at 224² take one).
@@ -224,7 +224,7 @@ class Decomposition:
 
         With the identity contrast and an exact head, each map sums to the target logit (conservation).
         ``contrast``: "identity", "mean" (subtract the start map's spatial mean: sums to 0) or another class
-        index (target minus that class).
+        (target minus that class): an int for every image, or a (B,) integer tensor, one per image.
         """
         return self.relevance(target, contrast, head).float()
 
@@ -353,29 +353,50 @@ class Decomposition:
             raise ValueError("the head reads no spatial feature map")
         return max(spatial)
 
-    def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
-        mode = self._resolve_head(head)
-        if isinstance(contrast, torch.Tensor) and contrast.dim() == 0 and _is_integer(contrast.dtype):
-            _check_values(contrast, "contrast")
-            contrast = int(contrast)  # a 0-dim integer tensor, as targets take
+    def _contrast(self, contrast: object, target: torch.Tensor) -> str | torch.Tensor:
+        """ "identity", "mean", or a (B,) LongTensor of classes, one per image (an int applies to all)."""
+        k = self.logits.shape[1]
+        if isinstance(contrast, str) and contrast in ("identity", "mean"):
+            return contrast
+        if isinstance(contrast, np.ndarray) and _is_integer_array(contrast):
+            contrast = torch.from_numpy(contrast)  # classes picked with numpy (argsort's runner-up)
         if isinstance(contrast, numbers.Integral) and not isinstance(contrast, bool):
-            contrast = int(contrast)  # numpy integers, like targets
-        if not (contrast in ("identity", "mean") or (isinstance(contrast, int) and not isinstance(contrast, bool))):
-            raise ValueError(f"contrast must be 'identity', 'mean' or a class index, got {contrast!r}")
-        if isinstance(contrast, int) and not 0 <= contrast < self.logits.shape[1]:
-            raise ValueError(f"contrast class {contrast} out of range 0..{self.logits.shape[1] - 1}")
-        same = (target == contrast).nonzero() if isinstance(contrast, int) else ()
+            if not 0 <= contrast < k:  # before torch.full, which overflows past int64
+                raise ValueError(f"contrast class out of range: the model has {k} classes (0..{k - 1}), got {contrast}")
+            classes = torch.full((self.batch,), int(contrast), dtype=torch.long, device=self.logits.device)
+        elif isinstance(contrast, torch.Tensor) and _is_integer(contrast.dtype):
+            _check_values(contrast, "contrast")
+            if contrast.dim() == 0:
+                contrast = contrast.expand(self.batch)
+            if contrast.shape != (self.batch,):
+                raise ValueError(f"contrast classes must have shape ({self.batch},), got {tuple(contrast.shape)}")
+            classes = contrast.to(device=self.logits.device, dtype=torch.long)
+            if (classes < 0).any() or (classes >= k).any():
+                raise ValueError(
+                    f"contrast class out of range: the model has {k} classes (0..{k - 1}), got {classes.tolist()}"
+                )
+        else:
+            raise ValueError(
+                "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one per "
+                f"image), got {contrast!r}"
+            )
+        same = (classes == target).nonzero()
         if len(same):
             image = int(same[0, 0])
             raise ValueError(
-                f"contrast class {contrast} is the target of image {image}: target minus itself is zero "
+                f"contrast class {int(classes[image])} is the target of image {image}: target minus itself is zero "
                 "everywhere; contrast with another class"
             )
-        if mode == "exact":
-            return self._exact_start(target, contrast)
-        return self._gradient_start(target, contrast, mode)
+        return classes
 
-    def _exact_start(self, target: torch.Tensor, contrast: Contrast) -> dict[int, torch.Tensor]:
+    def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
+        mode = self._resolve_head(head)
+        rule = self._contrast(contrast, target)
+        if mode == "exact":
+            return self._exact_start(target, rule)
+        return self._gradient_start(target, rule, mode)
+
+    def _exact_start(self, target: torch.Tensor, contrast: str | torch.Tensor) -> dict[int, torch.Tensor]:
         # The head's bias is shared equally among the paths that land on a real PFV (not on padding).
         inside = torch.tensor([self._inside(r) for r in self.head.routes], device=self.logits.device)
         n = int(inside.sum())
@@ -387,8 +408,8 @@ class Decomposition:
             return c + b / n * inside
 
         values = per_path(target)
-        if isinstance(contrast, int):
-            values = values - per_path(torch.full_like(target, contrast))
+        if isinstance(contrast, torch.Tensor):
+            values = values - per_path(contrast)
         seeds: dict[int, torch.Tensor] = {}
         one = values.new_ones(self.batch, 1, 1, 1)
         for grid in self._route_grids(-1, self.head.routes):
@@ -410,7 +431,7 @@ class Decomposition:
             seeds = {sid: m - mean for sid, m in seeds.items()}
         return seeds
 
-    def _gradient_start(self, target: torch.Tensor, contrast: Contrast, mode: str) -> dict[int, torch.Tensor]:
+    def _gradient_start(self, target: torch.Tensor, contrast: str | torch.Tensor, mode: str) -> dict[int, torch.Tensor]:
         sid = self.start_layer()
         if sid not in self.activations:
             name = self._program.names[sid]
@@ -440,8 +461,8 @@ class Decomposition:
         values = start_map(target)
         if contrast == "mean":
             values = values - values.mean((1, 2), keepdim=True)
-        elif isinstance(contrast, int):
-            values = values - start_map(torch.full_like(target, contrast))
+        elif isinstance(contrast, torch.Tensor):
+            values = values - start_map(contrast)
         return {sid: values[:, None]}
 
     # -- relevance flow ---------------------------------------------------------------------------------
@@ -710,6 +731,10 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
+def _is_integer_array(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.integer)
+
+
 def _check_values(t: torch.Tensor, what: str) -> None:
     """A tensor argument whose values SRD reads: dense, and on a device that holds values."""
     if t.layout != torch.strided:
@@ -947,6 +972,7 @@ class SRD:
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:
         """Signed (B, H, W) float32 class saliency at input resolution."""
         self._check_target_early(target)
+        self._check_contrast_early(contrast, target)
         decomposition = self.decompose(x)
         self._classes = int(decomposition.logits.shape[1])
         return decomposition.saliency(target, contrast)
@@ -968,6 +994,28 @@ class SRD:
             span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
             shown = values[0] if isinstance(target, numbers.Integral) else target.tolist()
             raise ValueError(f"target out of range: the model has {span}, got {shown}")
+
+    def _check_contrast_early(self, contrast: object, target: object) -> None:
+        """A contrast that is certainly wrong, refused before the decomposition as a wrong target is: an
+        unknown rule or a non-integer, a class out of the range an earlier call saw, or one int class equal to
+        one int target. Everything else is checked by the decomposition itself, with the same messages."""
+        if isinstance(contrast, str | bool | float) or contrast is None:
+            if contrast not in ("identity", "mean"):
+                raise ValueError(
+                    "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one "
+                    f"per image), got {contrast!r}"
+                )
+            return
+        if isinstance(contrast, numbers.Integral):
+            k = self.__dict__.get("_classes")
+            if contrast < 0 or (k is not None and contrast >= k):
+                span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
+                raise ValueError(f"contrast class out of range: the model has {span}, got {int(contrast)}")
+            if isinstance(target, numbers.Integral) and int(target) == int(contrast):
+                raise ValueError(
+                    f"contrast class {int(contrast)} is the target of image 0: target minus itself is zero "
+                    "everywhere; contrast with another class"
+                )
 
     def ierf(self, x: torch.Tensor, layer: str, positions: torch.Tensor) -> torch.Tensor:
         """(B, P, H, W) float32 iERFs of PFVs at ``positions`` of ``layer``; each sums to 1."""
