@@ -6,12 +6,13 @@ Deployment names are fixed so a config file can tune them: ``Ingress`` and ``Wor
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application, Deployment
 
 from ierf.serving.deployments import ExplainerWorker, Ingress
-from ierf.serving.settings import ServiceConfig
+from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, ServiceConfig, grpc_max_message_bytes
 
 # Import paths the Serve gRPC proxy loads; the generated modules must be importable in every Ray worker.
 GRPC_SERVICER_FUNCTIONS = [
@@ -112,5 +113,13 @@ def _check_architectures(config: ServiceConfig) -> None:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve application builder: ``args`` are the ``applications[].args`` of the config file."""
-    return build_application(ServiceConfig.from_args(args))
+    """Serve application builder: ``args`` are the ``applications[].args`` of the config file.
+
+    On a cluster (KubeRay, ``serve deploy``) this is the only code that sees the config before it serves, so
+    it refuses an image cap that the proxy's message cap (the containers' environment) would not carry:
+    images between the two would be refused inside Serve's proxy, never by the ingress or in its metrics.
+    """
+    config = ServiceConfig.from_args(args)
+    if os.environ.get(GRPC_MAX_MESSAGE_ENV, "").strip():  # unset: the proxy takes up to 2 GiB
+        grpc_max_message_bytes(config.ingress.max_image_bytes)
+    return build_application(config)

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, PROCESS_ENV
+from ierf.serving.settings import (  # re-exported: the runner's callers and tests read them here
+    GRPC_MAX_MESSAGE_ENV,
+    PROCESS_ENV,
+    grpc_max_message_bytes,
+)
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "local.yaml"
 # Images (<= 4 MiB decoded) and maps then travel inline in the ingress->worker RPC instead of through
@@ -44,15 +48,6 @@ LOOPBACK = "127.0.0.1"
 # switch that keeps macOS/Windows nodes on 127.0.0.1. On the routable address the GCS, raylet, agent,
 # workers and the metrics exporter listen on every interface, so the loopback start sets it to 0.
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# Serve's gRPC proxy takes messages up to 2 GiB unless told otherwise, so an oversize request is read
-# whole and shipped to the ingress before the ingress refuses it. The proxy reads GRPC_MAX_MESSAGE_ENV when
-# it starts (ray/serve/_private/constants.py) and applies it to what it receives *and* what it sends.
-# Requests are one image plus a few hundred bytes of fields; the largest response (ComputeIERF with
-# 64 positions: 64 float32 224x224 maps, 12.25 MiB, plus 64 overlay PNGs and the input crop) came to
-# 17.2 MiB on a noise image, whose overlays compress worst. Clusters set the same variable (Dockerfile
-# ENV, the RayService's container env).
-GRPC_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
-GRPC_REQUEST_OVERHEAD_BYTES = 1024 * 1024  # what a request carries besides its image, with room to spare
 
 
 def free_port() -> int:
@@ -84,30 +79,6 @@ def load_serve_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> dict[str
     if not isinstance(config, dict) or not config.get("applications"):
         raise ValueError(f"{path}: not a Serve config file (no 'applications')")
     return config
-
-
-def grpc_max_message_bytes(max_image_bytes: int, environ: dict[str, str] | None = None) -> int:
-    """The message cap for Serve's gRPC proxy: ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` when set, else 40 MiB
-    (or more, when the ingress's image cap needs it). Refuses a set value that would stop images the
-    ingress accepts."""
-    environ = os.environ if environ is None else environ
-    needed = max_image_bytes + GRPC_REQUEST_OVERHEAD_BYTES
-    raw = environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
-    if not raw:
-        return max(GRPC_MAX_MESSAGE_BYTES, needed)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(
-            f"{GRPC_MAX_MESSAGE_ENV}={raw!r} must be a whole number of bytes (digits only, at least {needed}); "
-            f"unset it for the default ({max(GRPC_MAX_MESSAGE_BYTES, needed)})"
-        ) from None
-    if value < needed:
-        raise ValueError(
-            f"{GRPC_MAX_MESSAGE_ENV}={value} is below ingress.max_image_bytes ({max_image_bytes}) + "
-            f"{GRPC_REQUEST_OVERHEAD_BYTES}: the gRPC proxy would refuse images the ingress accepts"
-        )
-    return value
 
 
 def is_loopback(address: str) -> bool:

@@ -50,7 +50,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "explainer_cache_requests_total": (
         "counter",
         "Cache operations by tier (l1, l2), op (get, put) and result "
-        "(hit, miss, error, skipped, too_big, stored, dropped).",
+        "(hit, miss, error, corrupt, skipped, too_big, stored, dropped).",
         ("tier", "op", "result"),
     ),
     "explainer_cache_value_bytes": ("histogram", "Size of values read from or written to Redis.", ("op",)),

@@ -22,6 +22,40 @@ from ierf.serving.images import ImageLimits
 # local starts (local.py), the Dockerfile and the RayService; the ingress reads it to refuse responses
 # that could not pass.
 GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+# Serve's gRPC proxy takes messages up to 2 GiB unless told otherwise, so an oversize request is read
+# whole and shipped to the ingress before the ingress refuses it. The proxy reads GRPC_MAX_MESSAGE_ENV when
+# it starts (ray/serve/_private/constants.py) and applies it to what it receives *and* what it sends.
+# Requests are one image plus a few hundred bytes of fields; the largest response (ComputeIERF with
+# 64 positions: 64 float32 224x224 maps, 12.25 MiB, plus 64 overlay PNGs and the input crop) came to
+# 17.2 MiB on a noise image, whose overlays compress worst. Clusters set the same variable (Dockerfile
+# ENV, the RayService's container env).
+GRPC_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+GRPC_REQUEST_OVERHEAD_BYTES = 1024 * 1024  # what a request carries besides its image, with room to spare
+
+
+def grpc_max_message_bytes(max_image_bytes: int, environ: dict[str, str] | None = None) -> int:
+    """The message cap for Serve's gRPC proxy: ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` when set, else 40 MiB
+    (or more, when the ingress's image cap needs it). Refuses a set value that would stop images the
+    ingress accepts."""
+    environ = os.environ if environ is None else environ
+    needed = max_image_bytes + GRPC_REQUEST_OVERHEAD_BYTES
+    raw = environ.get(GRPC_MAX_MESSAGE_ENV, "").strip()
+    if not raw:
+        return max(GRPC_MAX_MESSAGE_BYTES, needed)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"{GRPC_MAX_MESSAGE_ENV}={raw!r} must be a whole number of bytes (digits only, at least {needed}); "
+            f"unset it for the default ({max(GRPC_MAX_MESSAGE_BYTES, needed)})"
+        ) from None
+    if value < needed:
+        raise ValueError(
+            f"{GRPC_MAX_MESSAGE_ENV}={value} is below ingress.max_image_bytes ({max_image_bytes}) + "
+            f"{GRPC_REQUEST_OVERHEAD_BYTES}: the gRPC proxy would refuse images the ingress accepts"
+        )
+    return value
+
 
 # Environment for every Ray process of the service (local starts, the Dockerfile and the RayService set
 # it; values a caller already set are kept). Measured on a warm Explain of a 600x400 photo (a 720 KB raw
