@@ -120,11 +120,15 @@ class Attempts:
 
     def __init__(self) -> None:
         self.count = 0
+        self.no_routes = 0  # Serve's "no application here" answers (a restart's last phase, or for good)
         self.overloads = 0
         self.last_overload: grpc.RpcError | None = None
 
     def failed(self, exc: grpc.RpcError) -> None:
         self.count += 1
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        if _serve_has_no_routes(code, (exc.details() if hasattr(exc, "details") else "") or ""):
+            self.no_routes += 1
         if server_pause_s(exc) is not None:
             self.overloads += 1
             self.last_overload = exc
@@ -319,9 +323,27 @@ def _is_this_machine(address: str) -> bool:
 
 def check_timeout(timeout: object, what: str = "timeout") -> float:
     """The call budget in seconds: a positive finite number (there is no unbounded call)."""
+    if isinstance(timeout, np.integer | np.floating):  # a budget computed with numpy
+        timeout = timeout.item()
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"{what} must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
+
+
+# grpc takes its message limits as C ints: past 2**31 - 1 bytes it raises OverflowError, and a float or a
+# string is dropped without a word (its 4 MiB default stays).
+_GRPC_MAX_INT = 2**31 - 1
+
+
+def check_max_message_bytes(value: object) -> int:
+    """The channel's message limit both ways: a whole number of bytes, 1 MiB to 2 GiB - 1."""
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_message_bytes must be an int (bytes), got {value!r} ({type(value).__name__})")
+    if not 2**20 <= value <= _GRPC_MAX_INT:
+        raise ValueError(f"max_message_bytes must be between {2**20} (1 MiB) and {_GRPC_MAX_INT}, got {value}")
+    return value
 
 
 # Serve's proxy answers for a full ingress queue itself, before any of the service's code runs, so without
@@ -352,14 +374,17 @@ def server_pause_s(exc: object) -> float | None:
     return None
 
 
-def retry_pause_after(policy: RetryPolicy, exc: grpc.RpcError, attempts: int, deadline: float) -> float | None:
+def retry_pause_after(
+    policy: RetryPolicy, exc: grpc.RpcError, attempts: int, deadline: float, no_routes: int | None = None
+) -> float | None:
     """:func:`retry_pause` for a failed attempt: Serve's proxy saying it routes no application yet (a restart
     between its port opening and the deployment) is retried like UNAVAILABLE for a while, since the service
-    is coming back; past ``SERVE_NO_ROUTES_ATTEMPTS`` attempts it is taken as final (no application named)."""
+    is coming back; past ``SERVE_NO_ROUTES_ATTEMPTS`` such answers (``no_routes``, the call's count of them;
+    the UNAVAILABLE attempts of the outage before do not count) it is taken as final (no application named)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or ""
     if _serve_has_no_routes(code, details):
-        if attempts >= SERVE_NO_ROUTES_ATTEMPTS:
+        if (attempts if no_routes is None else no_routes) >= SERVE_NO_ROUTES_ATTEMPTS:
             return None
         code = grpc.StatusCode.UNAVAILABLE
     return retry_pause(policy, code, attempts, deadline, server_pause_s(exc))

@@ -36,7 +36,7 @@ class AsyncClient:
         self.token = _core.check_token(token, self.address, secure=credentials is not None)
         self.application = None if application is None else _core.check_name(application, "application")
         self.retry = _core.check_retry(retry)
-        self._options = _core.channel_options_with(max_message_bytes, options)
+        self._options = _core.channel_options_with(_core.check_max_message_bytes(max_message_bytes), options)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -100,7 +100,7 @@ class AsyncClient:
                 if self._closed:
                     raise RuntimeError("this AsyncClient was closed during the call") from None
                 attempts.failed(exc)
-                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline)
+                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline, attempts.no_routes)
                 if pause is None:
                     raise attempts.error(exc) from None
                 await asyncio.sleep(pause)
@@ -153,7 +153,7 @@ class AsyncClient:
         return _core.parse_model(await self._call("GetModel", request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        return await self._call("health", service, timeout)
+        return await self._call("health", _core.check_name(service, "service"), timeout)
 
     async def wait_until_serving(self, timeout: float = 120.0, interval_s: float = 0.5) -> None:
         """Poll health until SERVING (e.g. right after start-up); TimeoutError past ``timeout``."""

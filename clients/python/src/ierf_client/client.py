@@ -49,7 +49,7 @@ class Client:
         self.token = _core.check_token(token, self.address, secure=credentials is not None)
         self.application = None if application is None else _core.check_name(application, "application")
         self.retry = _core.check_retry(retry)
-        all_options = _core.channel_options_with(max_message_bytes, options)
+        all_options = _core.channel_options_with(_core.check_max_message_bytes(max_message_bytes), options)
         if credentials is not None:
             self._channel = grpc.secure_channel(address, credentials, options=all_options)
         else:
@@ -87,7 +87,7 @@ class Client:
                 if self._closed:  # the channel closed under the call (grpc says CANCELLED)
                     raise RuntimeError("this Client was closed during the call") from None
                 attempts.failed(exc)
-                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline)
+                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline, attempts.no_routes)
                 if pause is None:
                     raise attempts.error(exc) from None
                 time.sleep(pause)
@@ -143,7 +143,7 @@ class Client:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", …"""
-        return self._call(self._health, service, timeout)
+        return self._call(self._health, _core.check_name(service, "service"), timeout)
 
     def wait_until_serving(self, timeout: float = 120.0, interval_s: float = 0.5) -> None:
         """Poll health until SERVING (e.g. right after start-up); TimeoutError past ``timeout``."""
