@@ -278,7 +278,7 @@ def _write_png(picture: object, output: str) -> Path:
 
 def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
     from ierf.images import load_image
-    from ierf.viz import feature_cell_box, overlay_signed, render_ierf
+    from ierf.viz import feature_cell_box, overlay_signed, render_ierf, saliency_caption
 
     if (args.layer is None) != (args.position is None):
         raise UsageError("--layer and --position go together (the iERF of one PFV)")
@@ -316,7 +316,7 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
         )
     else:
         assert result.target is not None
-        caption = f"SRD {result.target.index} {result.target.name}"
+        caption = saliency_caption("srd", result.target.index, result.target.name, result.contrast)
         picture = overlay_signed(result.pixels, result.map, caption=caption)
         target = f"{result.target.index} {result.target.name!r} (p={result.target.probability:.3f})"
         summary = (

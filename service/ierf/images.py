@@ -235,6 +235,12 @@ def resize_crop(image: ImageLike, resize: int, crop: int) -> np.ndarray:
         raise ValueError(f"resize {resize} is smaller than crop {crop}")
     top = round((new_h - crop) / 2)
     left = round((new_w - crop) / 2)
+    if height > width:
+        # A box of rows: Pillow places the vertical filter from the box's float offset, whose rounding
+        # moved a third to a half of a portrait photo's pixels by one level against torchvision's whole
+        # resize. Resizing the whole image (~1.5 ms more for a phone photo) gives its pixels exactly.
+        whole = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR)
+        return np.array(whole.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
     scale_y, scale_x = height / new_h, width / new_w
     box = (
         left * scale_x,

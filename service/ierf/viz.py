@@ -157,6 +157,16 @@ def render_ierf(
     return _with_colorbar(picture, scale, caption) if colorbar else picture
 
 
+def saliency_caption(method: str, target: int, name: str, contrast: str = "identity") -> str:
+    """The caption under a class map: a contrastive map is another quantity (it sums to a logit gap, not to
+    the logit), and the picture is read without the request beside it. ``contrast``: "identity", "mean", or
+    what was subtracted (e.g. "minus 968 'cup'")."""
+    caption = f"{method.upper()} {target} {name}"
+    if contrast == "identity":
+        return caption
+    return f"{caption} minus its mean" if contrast == "mean" else f"{caption} {contrast}"
+
+
 def feature_cell_box(
     position: tuple[int, int], feature_hw: tuple[int, int], image_hw: tuple[int, int]
 ) -> tuple[int, int, int, int]:

@@ -111,7 +111,10 @@ def test_baselines_are_served_through_the_method_field(ingress, method: str) -> 
 
     served = ingress.Explain.remote(pb.ExplainRequest(image=_image(3), target=5, method=method)).result()
     assert served.provenance.method == method
-    assert served.provenance.method_version == f"{method}-{ierf.method_version(method)}+ierf-{ierf.__version__}"
+    from ierf.serving.worker import engine_code_digest
+
+    declared = f"{method}-{ierf.method_version(method)}+ierf-{ierf.__version__}.{engine_code_digest()}"
+    assert served.provenance.method_version == declared
     assert [c.artifact for c in served.provenance.cache] == ["logits"]  # no decomposition for a baseline
 
     model = load_model("resnet18", random_init=True)
@@ -389,7 +392,10 @@ def test_the_logits_cache_key_names_the_architecture_and_package_version(monkeyp
     host.predict(PredictJob(pixels=pixels, content_hash="c" * 64, top_k=1))
     (key,) = list(host.cache.l1._items)
     digest, preprocess = host.model.weights_digest, host.model.preprocess_version
-    assert key == f"ierf:v1:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7:" + "c" * 64
+    from ierf.serving.worker import engine_code_digest
+
+    code = engine_code_digest()
+    assert key == f"ierf:v1:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7.{code}:" + "c" * 64
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from ierf.images import ImageLike, resize_crop
 
 # Bump on any change to resize/crop/normalise arithmetic: cached activations keyed by the old
 # value must not be reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: portrait images resized whole (torchvision's pixels exactly)
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ class Preprocessing:
     def resize_crop(self, image: ImageLike) -> np.ndarray:
         """uint8 (crop, crop, 3): the image the model sees, before normalisation.
 
-        Close to torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` on a PIL image, but only the
-        cropped region is resampled, so extreme aspect ratios cost no memory. The box's float offsets round
-        differently: landscape photos differ by one intensity level on under 0.5 % of pixels, portrait ones
-        on up to ~20 %, small images upscaled for 299² inputs by up to two levels (logits move by far less
-        than the models' own float noise across devices).
+        torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` on a PIL image. Portrait images are
+        resized whole and then cropped: exactly torchvision's pixels. For landscape ones only the cropped
+        columns are resampled (wide panoramas cost no memory), whose box's float offset rounds differently
+        on under 0.5 % of pixels, by one intensity level; small images upscaled for 299² inputs by up to two
+        levels (logits move by far less than the models' own float noise across devices).
         """
         return resize_crop(image, self.resize, self.crop)
 

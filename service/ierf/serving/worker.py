@@ -12,10 +12,12 @@ PFV are cheap reads of it. Its ``state_dict()`` is flat tensors, so it goes to R
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -162,14 +164,34 @@ def _logits_nbytes(logits: torch.Tensor) -> int:
     return logits.numel() * logits.element_size() + L1_ENTRY_OVERHEAD_BYTES
 
 
+@functools.cache
+def engine_code_digest() -> str:
+    """sha256 (12 hex) of the engine's source: every ``ierf`` module outside ``ierf.serving`` (methods,
+    models, preprocessing). Cached values are keyed by the code that made them, and a version number kept
+    by hand stayed "1.0" through engine changes that moved maps: a shared Redis would have served the old
+    code's values to the new one (and in a rolling upgrade each would delete the other's as corrupt)."""
+    import ierf
+
+    root = Path(ierf.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith("serving/"):
+            continue
+        digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 @functools.cache  # a handful of names; on the name alone, so no host is kept alive by the cache
 def _method_version(name: str) -> str:
-    """The method's own version when it declares one (SRD does), plus the package version."""
+    """The method's own version when it declares one (SRD does), the package version and the engine code's
+    digest (see :func:`engine_code_digest`)."""
     import ierf
     from ierf.methods import method_version
 
     declared = method_version(name)
-    return f"{name}-{declared}+ierf-{ierf.__version__}" if declared else f"{name}+ierf-{ierf.__version__}"
+    named = f"{name}-{declared}" if declared else name
+    return f"{named}+ierf-{ierf.__version__}.{engine_code_digest()}"
 
 
 class ModelHost:
@@ -336,10 +358,11 @@ class ModelHost:
     @functools.cached_property
     def _forward_version(self) -> str:
         """What the logits depend on besides the weights and preprocessing (key fields of their own): the
-        architecture's code, which ships with the package (the model registry, bundled models)."""
+        architecture's code, which ships with the package (the model registry, bundled models), and so is
+        in the engine code's digest."""
         import ierf
 
-        return f"{self.model.name}+ierf-{ierf.__version__}"
+        return f"{self.model.name}+ierf-{ierf.__version__}.{engine_code_digest()}"
 
     def _score(self, logits: torch.Tensor, index: int) -> Score:
         flat = logits.detach().reshape(-1).to(torch.float64)
@@ -572,8 +595,11 @@ class ModelHost:
         outcome = Outcome(provenance=prov, maps=saliency_map, target=self._score(logits, target))
         if job.overlay:
             from ierf.serving.overlay import saliency_png
+            from ierf.viz import saliency_caption
 
-            caption = f"{method.upper()} {target} {self.model.class_names[target]}"
+            names = self.model.class_names
+            subtracted = contrast if isinstance(contrast, str) else f"minus {contrast} {names[contrast]!r}"
+            caption = saliency_caption(method, target, names[target], subtracted)
             _check_deadline(job.deadline, "rendering the overlay")
             with stages.timed("render"):
                 outcome.overlays.append(saliency_png(inputs.view, saliency_map, caption))
