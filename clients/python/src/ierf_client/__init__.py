@@ -18,7 +18,9 @@ from ierf_client._core import (
     InvalidArgumentError,
     LayerInfo,
     ModelInfo,
+    ModelList,
     NotFoundError,
+    PermissionDeniedError,
     PlaintextTokenWarning,
     Prediction,
     Provenance,
@@ -26,6 +28,7 @@ from ierf_client._core import (
     RetryPolicy,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
 )
 from ierf_client.aio import AsyncClient
 from ierf_client.client import Client
@@ -43,7 +46,9 @@ __all__ = [
     "InvalidArgumentError",
     "LayerInfo",
     "ModelInfo",
+    "ModelList",
     "NotFoundError",
+    "PermissionDeniedError",
     "PlaintextTokenWarning",
     "Prediction",
     "Provenance",
@@ -51,5 +56,6 @@ __all__ = [
     "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
 ]
 __version__ = "0.1.0"

@@ -69,6 +69,15 @@ class UnauthenticatedError(IerfError, PermissionError):
     pass
 
 
+class PermissionDeniedError(IerfError, PermissionError):
+    """A gateway in front of the service refused this caller's rights (the token is valid, the call is not
+    allowed)."""
+
+
+class UnimplementedError(IerfError, NotImplementedError):
+    """The server has no such RPC: an older server, or not ierf at that address."""
+
+
 class DataLossError(IerfError):
     """A response that does not hold what the protocol says (bytes that do not fill a map's shape, an
     overlay that is not a PNG of about the map's size): the server is broken or not ierf, and the call is
@@ -87,6 +96,8 @@ _ERRORS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.DATA_LOSS: DataLossError,
 }
 
@@ -256,6 +267,13 @@ def check_int32(value: object, what: str) -> int:
     if not -INT32_MAX - 1 <= number <= INT32_MAX:
         raise ValueError(f"{what} {number} is out of range")
     return number
+
+
+def check_flag(value: object, what: str) -> bool:
+    """A yes/no option: True or False (numpy's too), not a string ("no" is truthy) or None."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise TypeError(f"{what} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def check_name(value: object, what: str) -> str:
@@ -732,6 +750,14 @@ class ModelInfo:
         raise KeyError(f"model {self.id} has no layer {name!r}")
 
 
+class ModelList(list[ModelInfo]):
+    """``ListModels``'s models, in the server's order, with the id a call naming no model is served by."""
+
+    def __init__(self, models: Iterable[ModelInfo], default_model_id: str) -> None:
+        super().__init__(models)
+        self.default_model_id = default_model_id
+
+
 # An overlay is the map's picture plus a caption and colour bar: its sides stay within twice the map's plus
 # this margin. The header is read first, so a small PNG declaring a huge canvas is refused undecoded.
 OVERLAY_MARGIN_PX = 512
@@ -920,8 +946,8 @@ def explain_request(
         "model_id": check_name(model, "model"),
         "method": check_name(method, "method"),
         "map_dtype": _map_dtype(map_dtype),
-        "overlay": overlay,
-        "return_input": return_input,
+        "overlay": check_flag(overlay, "overlay"),
+        "return_input": check_flag(return_input, "return_input"),
     }
     if target is not None:
         fields["target"] = check_int32(target, "target")
@@ -946,8 +972,8 @@ def ierf_request(
         "layer": check_name(layer, "layer"),
         "positions": [pb.Position(row=r, col=c) for r, c in _position_pairs(positions)],
         "map_dtype": _map_dtype(map_dtype),
-        "overlay": overlay,
-        "return_input": return_input,
+        "overlay": check_flag(overlay, "overlay"),
+        "return_input": check_flag(return_input, "return_input"),
     }
     request = pb.ComputeIERFRequest(**fields)
     fill_image(request.image, image)

@@ -144,9 +144,9 @@ class AsyncClient:
         request = await _built(_core.predict_request, image, top_k, model)
         return _core.parse_prediction(await self._call("Predict", request, timeout))
 
-    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+    async def models(self, *, timeout: float | None = None) -> _core.ModelList:
         response = await self._call("ListModels", pb.ListModelsRequest(), timeout)
-        return [_core.parse_model(m) for m in response.models]
+        return _core.ModelList((_core.parse_model(m) for m in response.models), response.default_model_id)
 
     async def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
         request = pb.GetModelRequest(model_id=_core.check_name(model_id, "model_id"))

@@ -132,9 +132,10 @@ class Client:
         request = _core.predict_request(image, top_k, model)
         return _core.parse_prediction(self._call(self._stub.Predict, request, timeout))
 
-    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+    def models(self, *, timeout: float | None = None) -> _core.ModelList:
+        """Every model served (a list), with ``.default_model_id``: the one a call naming no model gets."""
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [_core.parse_model(m) for m in response.models]
+        return _core.ModelList((_core.parse_model(m) for m in response.models), response.default_model_id)
 
     def model(self, model_id: str = "", *, timeout: float | None = None) -> ModelInfo:
         """One model's input spec, classes and layers (``""``: the server's default model)."""
