@@ -242,7 +242,8 @@ class Decomposition:
         contrast: Contrast = "identity",
         head: HeadMode | None = None,
     ) -> torch.Tensor:
-        """Relevance R^t of every PFV of ``layer`` (B, h, w) for the target: the hidden-layer saliency."""
+        """Relevance R^t of every PFV of ``layer`` (B, h, w) for the target: the hidden-layer saliency, in the
+        computation dtype as :meth:`relevance` (float64 models stay float64)."""
         sid = self._program.source_id(layer)
         head = self.head_mode if head is None else head
         seeds = self._start(self._targets(target), contrast, head)
