@@ -296,27 +296,32 @@ class Decomposition:
 
     # -- start maps -------------------------------------------------------------------------------------
     def _targets(self, target: int | torch.Tensor) -> torch.Tensor:
-        k = self.logits.shape[1]
         if isinstance(target, numbers.Integral) and not isinstance(target, bool):
             target = int(target)  # also numpy integers
         if isinstance(target, bool) or not isinstance(target, int | torch.Tensor):
             raise TypeError(f"target must be an int or a LongTensor of shape (B,), got {type(target).__name__}")
-        if isinstance(target, int):
-            if not 0 <= target < k:  # before torch.full, which overflows past int64
-                raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {target}")
-            t = torch.full((self.batch,), target, dtype=torch.long, device=self.logits.device)
-        else:
+        if isinstance(target, torch.Tensor):
             _check_values(target, "target")
             if target.dtype not in _INTEGER_DTYPES:
                 raise TypeError(f"target tensor must hold integers, got dtype {target.dtype}")
-            if target.dim() == 0:
-                target = target.expand(self.batch)
-            if target.shape != (self.batch,):
-                raise ValueError(f"target must have shape ({self.batch},), got {tuple(target.shape)}")
-            t = target.to(device=self.logits.device, dtype=torch.long)
-        if (t < 0).any() or (t >= k).any():
-            raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {t.tolist()}")
-        return t
+        return self._classes_per_image(target, "target", "target")
+
+    def _classes_per_image(self, value: int | torch.Tensor, what: str, plural: str) -> torch.Tensor:
+        """An int class for every image, or a 0-d / (B,) integer tensor: a (B,) LongTensor on the logits'
+        device, every class in range (targets and contrast classes alike)."""
+        k = self.logits.shape[1]
+        if isinstance(value, int):
+            if not 0 <= value < k:  # before torch.full, which overflows past int64
+                raise ValueError(f"{what} out of range: the model has {k} classes (0..{k - 1}), got {value}")
+            return torch.full((self.batch,), value, dtype=torch.long, device=self.logits.device)
+        if value.dim() == 0:
+            value = value.expand(self.batch)
+        if value.shape != (self.batch,):
+            raise ValueError(f"{plural} must have shape ({self.batch},), got {tuple(value.shape)}")
+        classes = value.to(device=self.logits.device, dtype=torch.long)
+        if (classes < 0).any() or (classes >= k).any():
+            raise ValueError(f"{what} out of range: the model has {k} classes (0..{k - 1}), got {classes.tolist()}")
+        return classes
 
     def _resolve_head(self, mode: str) -> str:
         if mode not in HEAD_MODES:
@@ -356,26 +361,15 @@ class Decomposition:
 
     def _contrast(self, contrast: object, target: torch.Tensor) -> str | torch.Tensor:
         """ "identity", "mean", or a (B,) LongTensor of classes, one per image (an int applies to all)."""
-        k = self.logits.shape[1]
         if isinstance(contrast, str) and contrast in ("identity", "mean"):
             return contrast
         if isinstance(contrast, np.ndarray) and _is_integer_array(contrast):
             contrast = torch.from_numpy(contrast)  # classes picked with numpy (argsort's runner-up)
         if isinstance(contrast, numbers.Integral) and not isinstance(contrast, bool):
-            if not 0 <= contrast < k:  # before torch.full, which overflows past int64
-                raise ValueError(f"contrast class out of range: the model has {k} classes (0..{k - 1}), got {contrast}")
-            classes = torch.full((self.batch,), int(contrast), dtype=torch.long, device=self.logits.device)
+            classes = self._classes_per_image(int(contrast), "contrast class", "contrast classes")
         elif isinstance(contrast, torch.Tensor) and _is_integer(contrast.dtype):
             _check_values(contrast, "contrast")
-            if contrast.dim() == 0:
-                contrast = contrast.expand(self.batch)
-            if contrast.shape != (self.batch,):
-                raise ValueError(f"contrast classes must have shape ({self.batch},), got {tuple(contrast.shape)}")
-            classes = contrast.to(device=self.logits.device, dtype=torch.long)
-            if (classes < 0).any() or (classes >= k).any():
-                raise ValueError(
-                    f"contrast class out of range: the model has {k} classes (0..{k - 1}), got {classes.tolist()}"
-                )
+            classes = self._classes_per_image(contrast, "contrast class", "contrast classes")
         else:
             raise ValueError(
                 "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one per "
