@@ -347,9 +347,10 @@ def _run_models(backend: Backend) -> int:
     header = f"{'model':<20} {'preprocessing':<24} weights"
     if hasattr(backend, "model_rows"):  # a server reports its own preprocessing and weights
         rows = backend.model_rows()  # before any output: a failed call prints only its error
-        print(header)
+        width = max([20, *(len(name) + 1 for name, _, _ in rows)])  # "<id> (default)" may be longer
+        print(f"{'model':<{width}} {'preprocessing':<24} weights")
         for name, preprocessing, where in rows:
-            print(f"{name:<20} {preprocessing:<24} {where}")
+            print(f"{name:<{width}} {preprocessing:<24} {where}")
         return EXIT_OK
     from ierf.models import model_spec, resolve_weights
 

@@ -67,3 +67,12 @@ def test_flags_must_be_booleans(flag: str, value: object) -> None:
             client.explain(pixels, **{flag: value})
         with pytest.raises(TypeError, match=rf"{flag} must be True or False"):
             client.ierf(pixels, "layer1", [(0, 0)], **{flag: value})
+
+
+def test_the_cli_marks_the_servers_default_model(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ierf --server ADDR models` listed the models with nothing saying which one a call naming none gets."""
+    from ierf.cli import main
+
+    assert main(["--server", address, "models"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["a", "b"] and rows[1][1] == "(default)" and rows[0][1] != "(default)"

@@ -90,10 +90,16 @@ class RemoteBackend:
 
     @_server_errors
     def model_rows(self) -> list[tuple[str, str, str]]:
-        """(id, preprocessing version, weights) per served model, for ``ierf models``."""
+        """(id, preprocessing version, weights) per served model, for ``ierf models``; the server's default
+        model (what a call naming none gets) is marked."""
+        models = self.client.models()
         return [
-            (m.id, m.input.preprocess_version, f"served by {self.address} (sha256 {m.weights_digest})")
-            for m in self.client.models()
+            (
+                f"{m.id} (default)" if m.id == models.default_model_id else m.id,
+                m.input.preprocess_version,
+                f"served by {self.address} (sha256 {m.weights_digest})",
+            )
+            for m in models
         ]
 
     @_server_errors
