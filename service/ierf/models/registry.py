@@ -34,6 +34,8 @@ from ierf.models.preprocessing import IMAGENET, IMAGENET_299, IMAGENET_V2, TF_LI
 
 logger = logging.getLogger(__name__)
 WEIGHTS_DIR_ENV = "IERF_WEIGHTS_DIR"
+# Keys under which training checkpoints keep the weights, unwrapped in this order.
+WEIGHT_WRAPPERS = ("state_dict", "model", "model_state_dict")
 _DIGEST_CHARS = 16
 
 
@@ -261,7 +263,12 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None = None) ->
     env_dir = os.environ.get(WEIGHTS_DIR_ENV)
     if env_dir:
         directories.append(Path(env_dir).expanduser())
-        places.append(f"${WEIGHTS_DIR_ENV} ({directories[-1]})")
+        state = (
+            ""
+            if directories[-1].is_dir()
+            else (", which is not a directory" if directories[-1].exists() else ", which does not exist")
+        )
+        places.append(f"${WEIGHTS_DIR_ENV} ({directories[-1]}{state})")
     else:
         places.append(f"${WEIGHTS_DIR_ENV} (not set)")
     directories.append(Path(torch.hub.get_dir()) / "checkpoints")
@@ -271,8 +278,13 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None = None) ->
             if (directory / file_name).is_file():
                 return directory / file_name
     files = " or ".join(spec.weight_files)
+    # Another file of this architecture there (an older torchvision's name, a fine-tune's) is not taken
+    # unasked, but named: the caller can pass it as weights=PATH.
+    stem = spec.weight_files[0].rsplit("-", 1)[0] if spec.weight_files else name
+    others = sorted({str(f) for d in directories if d.is_dir() for f in d.glob(f"{stem}-*.pth")})
+    found = f" Found {', '.join(others[:3])}: pass it as weights=PATH if it holds {name}'s weights." if others else ""
     raise FileNotFoundError(
-        f"no weights for {name}: looked for {files} in {' and in '.join(places)}. Nothing is downloaded; "
+        f"no weights for {name}: looked for {files} in {' and in '.join(places)}.{found} Nothing is downloaded; "
         f"copy the file there, pass weights=PATH (CLI: --weights PATH), or use random_init=True "
         "(CLI: --random-init) for explicitly random weights"
     )
@@ -389,20 +401,35 @@ def _read_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # corrupt zip, pickle refused by weights_only, truncated file, …
         # torch's own messages run to many lines (weights_only's is a page of advice): one line here.
         if isinstance(exc, pickle.UnpicklingError):
-            why = "torch.load(weights_only=True) refused it: not a tensor file, or it holds arbitrary objects"
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # what the file holds besides tensors
+            held = f" (it holds a {found.group(1)}, e.g. a training checkpoint's args)" if found else ""
+            why = (
+                "torch.load(weights_only=True) refused it: not a tensor file, or it holds arbitrary objects"
+                f"{held}; save the weights alone, torch.save(checkpoint['model'], path)"
+            )
         else:
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
             why = f"{type(exc).__name__}: " + textwrap.shorten(first, 200, placeholder=" …")  # not cut mid-word
         raise ValueError(f"cannot load weights from {path}: not a readable PyTorch state_dict file ({why})") from None
-    # Training checkpoints often wrap the weights; DataParallel prefixes every key with "module.".
-    for wrapper in ("state_dict", "model"):
+    # Training checkpoints often wrap the weights (PyTorch's tutorial: "model_state_dict"); DataParallel
+    # prefixes every key with "module.", torch.compile with "_orig_mod.".
+    outer = loaded
+    for wrapper in WEIGHT_WRAPPERS:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
             loaded = loaded[wrapper]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
+        keys = ""
+        if isinstance(outer, Mapping):
+            keys = f"; its top-level keys: {', '.join(map(repr, list(outer)[:12]))}"
+            keys += " …" if len(outer) > 12 else ""
+        raise ValueError(
+            f"weights file {path} does not hold a state_dict (a mapping of names to tensors), neither whole nor "
+            f"under {' or '.join(map(repr, WEIGHT_WRAPPERS))}{keys}: save the model's state_dict alone"
+        )
     state = dict(loaded)
-    if state and all(key.startswith("module.") for key in state):
-        state = {key.removeprefix("module."): value for key, value in state.items()}
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key.removeprefix(prefix): value for key, value in state.items()}
     return state
 
 

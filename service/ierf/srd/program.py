@@ -219,6 +219,17 @@ class Program:
         if keep_last_spatial and interp.last_spatial is not None:
             sid, tensor = interp.last_spatial
             interp.kept.setdefault(sid, tensor)
+        if isinstance(out, Source) and out.id != 0 and out.tensor.dim() == 2:
+            # An output activation (a multi-label model's Sigmoid) is a PFV boundary like any other: the logits
+            # below it would become a one-position stage, and every class the same map up to a scale.
+            name = self.names[out.id]
+            module = dict(self.model.named_modules()).get(name.split(":")[0])
+            kind = f", {type(module).__name__}" if module is not None else ""
+            raise UnsupportedModelError(
+                f"the model's output is an activation's ({name!r}{kind}): SRD decomposes logits, the "
+                "values before an output activation (Sigmoid, Tanh, …); explain the model without it (for "
+                "nn.Sequential(net, nn.Sigmoid()): net), whose maps then sum to each class's logit"
+            )
         if isinstance(out, Source):
             out = as_affine(out, "model output")
         if isinstance(out, dict):
