@@ -225,7 +225,10 @@ TIMEOUT_HELP = f"with --server: seconds one call may take, retries included (def
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ierf import __version__
+
     parser = argparse.ArgumentParser(prog="ierf", description="Explain what vision models see (SRD, iERF).")
+    parser.add_argument("--version", action="version", version=f"ierf {__version__}")
     parser.add_argument("--server", metavar="ADDRESS", help=SERVER_HELP)
     parser.add_argument("--timeout", metavar="SECONDS", type=float, help=TIMEOUT_HELP)
     # --server also after the command (`ierf explain IMG --server ADDR`); SUPPRESS keeps the value given
@@ -414,6 +417,13 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     try:
         _check_remote_options(args)
         if backend is None and args.server:
+            try:
+                import ierf_client  # noqa: F401  (the SDK, a separate package: clients/python)
+            except ImportError:
+                raise UsageError(
+                    "--server needs the Python SDK (package ierf-client): pip install ./clients/python from the "
+                    "ierf repository, or ierf[serve] installed beside it"
+                ) from None
             from ierf.serving.remote_backend import RemoteBackend
 
             backend = opened = RemoteBackend(args.server, timeout=args.timeout or SERVER_TIMEOUT_S)

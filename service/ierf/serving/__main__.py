@@ -17,7 +17,10 @@ from ierf.serving.local import (
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ierf import __version__
+
     parser = argparse.ArgumentParser(prog="python -m ierf.serving", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ierf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start Ray + Serve (gRPC) locally and block until SIGTERM")
     serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (YAML)")
