@@ -65,6 +65,8 @@ def symmetric_scale(values: np.ndarray, percentile: float = 99.0, support_only: 
 def _as_map(signed_map: Any) -> np.ndarray:
     if hasattr(signed_map, "detach"):  # a tensor, also one SRD returns attached to autograd (x.requires_grad)
         signed_map = signed_map.detach().cpu()
+        if signed_map.is_floating_point() and signed_map.element_size() < 4:  # numpy has no bfloat16
+            signed_map = signed_map.float()
     values = np.asarray(signed_map, dtype=np.float64)
     while values.ndim > 2 and values.shape[0] == 1:  # (1, H, W) or (1, 1, H, W) from a batch
         values = values[0]
@@ -119,6 +121,7 @@ def overlay_signed(
         raise ValueError(f"dim must be in [0, 1], got {dim}")
     rgb = to_rgb_array(image)
     values = _as_map(signed_map)
+    all_zero = scale is None and not values.any()  # no scale to state: the strip says the map is zero
     if scale is None:
         scale = symmetric_scale(values, percentile)
     elif not (np.isfinite(scale) and scale > 0):
@@ -127,7 +130,7 @@ def overlay_signed(
     colours = diverging_colours(values / scale).astype(np.float64)
     blended = (1.0 - alpha) * _background(rgb, dim) + alpha * colours
     picture = Image.fromarray(np.rint(blended).clip(0, 255).astype(np.uint8))
-    return _with_colorbar(picture, scale, caption) if colorbar else picture
+    return _with_colorbar(picture, scale, caption, all_zero) if colorbar else picture
 
 
 def render_ierf(
@@ -146,6 +149,7 @@ def render_ierf(
     an iERF is often zero on most of the image. ``mark`` = (top, left, bottom, right) outlines the
     PFV's own cell in image pixels (see :func:`feature_cell_box`)."""
     values = _as_map(ierf_map)
+    all_zero = scale is None and not values.any()
     if scale is None:
         scale = symmetric_scale(values, percentile, support_only=True)
     picture = overlay_signed(image, values, alpha, scale=scale, colorbar=False)
@@ -154,7 +158,7 @@ def render_ierf(
         draw = ImageDraw.Draw(picture)
         draw.rectangle((left - 1, top - 1, right, bottom), outline=(0, 0, 0), width=2)
         draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 0), width=1)
-    return _with_colorbar(picture, scale, caption) if colorbar else picture
+    return _with_colorbar(picture, scale, caption, all_zero) if colorbar else picture
 
 
 def saliency_caption(method: str, target: int, name: str, contrast: str = "identity") -> str:
@@ -183,23 +187,64 @@ def feature_cell_box(
     )
 
 
-def _with_colorbar(picture: Image.Image, scale: float, caption: str | None) -> Image.Image:
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width``: broken at spaces, a word wider than a line at characters."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for char in word:
+            if line and draw.textlength(line + char, font=font) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _with_colorbar(picture: Image.Image, scale: float, caption: str | None, all_zero: bool = False) -> Image.Image:
+    """The picture above a strip: the colour ramp, its scale (-scale, 0, +scale: side by side where they fit,
+    else one per line) and the caption wrapped to the width. Text grows with wide pictures, so a large
+    overlay shown at figure size keeps a legible scale; ``all_zero`` says the map is zero instead of
+    stating a scale it does not have."""
     width, height = picture.size
-    margin = min(_BAR_MARGIN, (width - 1) // 2)  # narrower pictures (a 1-pixel column) keep a bar of a pixel
-    rows = 2 if caption else 1
-    strip = Image.new("RGB", (width, _BAR_HEIGHT + rows * _TEXT_HEIGHT + 2 * _BAR_MARGIN), (255, 255, 255))
+    grow = max(1.0, width / 640)  # 10-px text up to 640 px wide, then ~1.6 % of the width (digits ~1.2 %)
+    font = ImageFont.load_default(size=round(10 * grow))
+    line_height = round(_TEXT_HEIGHT * grow)
+    bar_height = round(_BAR_HEIGHT * grow)
+    margin = min(round(_BAR_MARGIN * grow), (width - 1) // 2)  # a 1-pixel column keeps a bar of a pixel
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    usable = max(width - 2 * margin, 1)
+    if all_zero:
+        labels = [("the map is 0 everywhere", "centre")]
+    else:
+        labels = [(f"-{scale:.3g}", "left"), ("0", "centre"), (f"+{scale:.3g}", "right")]
+    side_by_side = sum(probe.textlength(t, font=font) for t, _ in labels) + 2 * probe.textlength(" ", font=font)
+    label_rows = [labels] if side_by_side <= usable else [[label] for label in labels]
+    caption_lines = _wrap(caption, probe, font, usable) if caption else []
+    text_rows = len(label_rows) + len(caption_lines)
+    strip = Image.new("RGB", (width, bar_height + text_rows * line_height + 2 * margin), (255, 255, 255))
     ramp = diverging_colours(np.linspace(-1.0, 1.0, max(width - 2 * margin, 2)))
-    strip.paste(Image.fromarray(np.repeat(ramp[None], _BAR_HEIGHT, axis=0)), (margin, margin))
+    strip.paste(Image.fromarray(np.repeat(ramp[None], bar_height, axis=0)), (margin, margin))
     draw = ImageDraw.Draw(strip)
-    draw.rectangle((margin - 1, margin - 1, width - margin, margin + _BAR_HEIGHT), outline=(128, 128, 128))
-    font = ImageFont.load_default()
-    text_y = margin + _BAR_HEIGHT + 2
-    low, high = f"-{scale:.3g}", f"+{scale:.3g}"
-    draw.text((margin, text_y), low, fill=(0, 0, 0), font=font)
-    draw.text(((width - draw.textlength("0", font=font)) / 2, text_y), "0", fill=(0, 0, 0), font=font)
-    draw.text((width - margin - draw.textlength(high, font=font), text_y), high, fill=(0, 0, 0), font=font)
-    if caption:
-        draw.text((margin, text_y + _TEXT_HEIGHT), caption, fill=(0, 0, 0), font=font)
+    draw.rectangle((margin - 1, margin - 1, width - margin, margin + bar_height), outline=(128, 128, 128))
+    y = margin + bar_height + 2
+    for row in label_rows:
+        for text, where in row:
+            length = draw.textlength(text, font=font)
+            x = {"left": margin, "centre": (width - length) / 2, "right": width - margin - length}[where]
+            draw.text((max(x, 0), y), text, fill=(0, 0, 0), font=font)
+        y += line_height
+    for line in caption_lines:
+        draw.text((margin, y), line, fill=(0, 0, 0), font=font)
+        y += line_height
     out = Image.new("RGB", (width, height + strip.height), (255, 255, 255))
     out.paste(picture, (0, 0))
     out.paste(strip, (0, height))
