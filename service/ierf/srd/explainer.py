@@ -371,17 +371,11 @@ class Decomposition:
             _check_values(contrast, "contrast")
             classes = self._classes_per_image(contrast, "contrast class", "contrast classes")
         else:
-            raise ValueError(
-                "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one per "
-                f"image), got {contrast!r}"
-            )
+            raise ValueError(f"{_CONTRAST_FORMS}, got {contrast!r}")
         same = (classes == target).nonzero()
         if len(same):
             image = int(same[0, 0])
-            raise ValueError(
-                f"contrast class {int(classes[image])} is the target of image {image}: target minus itself is zero "
-                "everywhere; contrast with another class"
-            )
+            raise ValueError(_contrast_is_target(int(classes[image]), image))
         return classes
 
     def _start(self, target: torch.Tensor, contrast: Contrast, head: str) -> dict[int, torch.Tensor]:
@@ -722,6 +716,16 @@ def _is_size(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
 
 
+_CONTRAST_FORMS = "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one per image)"
+
+
+def _contrast_is_target(contrast: int, image: int) -> str:
+    return (
+        f"contrast class {contrast} is the target of image {image}: target minus itself is zero everywhere; "
+        "contrast with another class"
+    )
+
+
 def _is_integer(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
@@ -984,11 +988,16 @@ class SRD:
             raise TypeError(f"target must be an int or a LongTensor of shape (B,), got {type(target).__name__}")
         else:
             return
+        self._refuse_out_of_range(values, "target", values[0] if isinstance(target, numbers.Integral) else target)
+
+    def _refuse_out_of_range(self, values: list[int], what: str, shown: object) -> None:
+        """The decomposition's out-of-range message, before it: a negative class, or one past the class count
+        an earlier call saw."""
         k = self.__dict__.get("_classes")
         if any(v < 0 or (k is not None and v >= k) for v in values):
             span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
-            shown = values[0] if isinstance(target, numbers.Integral) else target.tolist()
-            raise ValueError(f"target out of range: the model has {span}, got {shown}")
+            shown = shown.tolist() if isinstance(shown, torch.Tensor) else shown
+            raise ValueError(f"{what} out of range: the model has {span}, got {shown}")
 
     def _check_contrast_early(self, contrast: object, target: object) -> None:
         """A contrast that is certainly wrong, refused before the decomposition as a wrong target is: an
@@ -996,21 +1005,12 @@ class SRD:
         one int target. Everything else is checked by the decomposition itself, with the same messages."""
         if isinstance(contrast, str | bool | float) or contrast is None:
             if contrast not in ("identity", "mean"):
-                raise ValueError(
-                    "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one "
-                    f"per image), got {contrast!r}"
-                )
+                raise ValueError(f"{_CONTRAST_FORMS}, got {contrast!r}")
             return
         if isinstance(contrast, numbers.Integral):
-            k = self.__dict__.get("_classes")
-            if contrast < 0 or (k is not None and contrast >= k):
-                span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
-                raise ValueError(f"contrast class out of range: the model has {span}, got {int(contrast)}")
+            self._refuse_out_of_range([int(contrast)], "contrast class", int(contrast))
             if isinstance(target, numbers.Integral) and int(target) == int(contrast):
-                raise ValueError(
-                    f"contrast class {int(contrast)} is the target of image 0: target minus itself is zero "
-                    "everywhere; contrast with another class"
-                )
+                raise ValueError(_contrast_is_target(int(contrast), 0))
 
     def ierf(self, x: torch.Tensor, layer: str, positions: torch.Tensor) -> torch.Tensor:
         """(B, P, H, W) float32 iERFs of PFVs at ``positions`` of ``layer``; each sums to 1."""
