@@ -392,20 +392,18 @@ def server_pause_s(exc: object) -> float | None:
     return None
 
 
-def retry_pause_after(
-    policy: RetryPolicy, exc: grpc.RpcError, attempts: int, deadline: float, no_routes: int | None = None
-) -> float | None:
-    """:func:`retry_pause` for a failed attempt: Serve's proxy saying it routes no application yet (a restart
-    between its port opening and the deployment) is retried like UNAVAILABLE for a while, since the service
-    is coming back; past ``SERVE_NO_ROUTES_ATTEMPTS`` such answers (``no_routes``, the call's count of them;
-    the UNAVAILABLE attempts of the outage before do not count) it is taken as final (no application named)."""
+def retry_pause_after(policy: RetryPolicy, exc: grpc.RpcError, attempts: Attempts, deadline: float) -> float | None:
+    """:func:`retry_pause` for a failed attempt (``attempts`` has counted it): Serve's proxy saying it routes
+    no application yet (a restart between its port opening and the deployment) is retried like UNAVAILABLE
+    for a while, since the service is coming back; past ``SERVE_NO_ROUTES_ATTEMPTS`` such answers (the
+    UNAVAILABLE attempts of the outage before do not count) it is taken as final (no application named)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or ""
     if _serve_has_no_routes(code, details):
-        if (attempts if no_routes is None else no_routes) >= SERVE_NO_ROUTES_ATTEMPTS:
+        if attempts.no_routes >= SERVE_NO_ROUTES_ATTEMPTS:
             return None
         code = grpc.StatusCode.UNAVAILABLE
-    return retry_pause(policy, code, attempts, deadline, server_pause_s(exc))
+    return retry_pause(policy, code, attempts.count, deadline, server_pause_s(exc))
 
 
 def retry_pause(

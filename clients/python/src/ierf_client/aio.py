@@ -100,7 +100,7 @@ class AsyncClient:
                 if self._closed:
                     raise RuntimeError("this AsyncClient was closed during the call") from None
                 attempts.failed(exc)
-                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline, attempts.no_routes)
+                pause = _core.retry_pause_after(self.retry, exc, attempts, deadline)
                 if pause is None:
                     raise attempts.error(exc) from None
                 await asyncio.sleep(pause)

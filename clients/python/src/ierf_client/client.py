@@ -87,7 +87,7 @@ class Client:
                 if self._closed:  # the channel closed under the call (grpc says CANCELLED)
                     raise RuntimeError("this Client was closed during the call") from None
                 attempts.failed(exc)
-                pause = _core.retry_pause_after(self.retry, exc, attempts.count, deadline, attempts.no_routes)
+                pause = _core.retry_pause_after(self.retry, exc, attempts, deadline)
                 if pause is None:
                     raise attempts.error(exc) from None
                 time.sleep(pause)
