@@ -334,12 +334,16 @@ def _tap_dots(taps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class _TermStats:
-    """Norms and dot products of one term's taps with z, as (B, T, H, W)."""
+    """Norms and dot products of one term's taps with z, as (B, H, W, T); ``carries`` marks where the path
+    contributes anything (by default: where its dot product is not zero)."""
 
-    def __init__(self, term: Term, norms: torch.Tensor | None, dots: torch.Tensor) -> None:
+    def __init__(
+        self, term: Term, norms: torch.Tensor | None, dots: torch.Tensor, carries: torch.Tensor | None = None
+    ) -> None:
         self.term = term
         self.norms = norms
         self.dots = dots
+        self.carries = carries
 
 
 def _bias_dot(value: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -507,6 +511,10 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
     taps_of: dict[int, torch.Tensor] = {}
     parts: dict[int, torch.Tensor] = {}
     source_ids = {id(t) for t in bundle.terms if isinstance(t, DenseTerm)}  # tensors others may still read
+    rest = _complement_path(bundle, units, terms, source_ids, shared_keys)
+    if rest is not None:
+        units = [rest, *(u for u in units if u is not rest)]  # z starts as its tensor, written in place
+    carries: torch.Tensor | None = None
     taps_of.update(_joint_tap_products(units))
     for t in units:
         if isinstance(t, _SharedKernel):
@@ -525,6 +533,13 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
             part = _channels_last(t.total())
         if isinstance(t, DenseTerm):
             parts[id(t)] = part
+        if t is rest:
+            # Its dot product comes from the others' (below), so z may start as its own tensor; where it
+            # contributes nothing, its bias has nobody to go to (published rule), as for a zero dot product.
+            if any(rest.key in owners for _, owners in _ownership(bundle)[2]):
+                carries = torch.linalg.vector_norm(part, ord=float("inf"), dim=-1)[..., None] > 0
+            z, writable = part, True
+            continue
         full = t.c0 == 0 and t.channels == c
         if z is None and full:
             # A materialised path is read again for its dot product (or is an upstream PFV map that others
@@ -577,7 +592,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
             stats.append(_TermStats(m, norms, torch.linalg.vecdot(x, back)[..., None]))
     grouped = {id(m) for u in units if isinstance(u, _SharedKernel) for m in u.members}
     for t in terms:
-        if id(t) in grouped:
+        if id(t) in grouped or t is rest:
             continue
         zc = z[..., t.c0 : t.c0 + t.channels]
         want_norm = t.key in shared_keys
@@ -595,8 +610,34 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         else:
             norms, dots = _gram_norms_dots(t, zc)
         stats.append(_TermStats(t, norms, dots))
+    if rest is None:
+        return _assemble(bundle, z, zz, stats, None)
+    # The paths and biases sum to z, so their dot products with z sum to ||z||^2: the remaining path's is
+    # what the others leave (one pass over per-position scalars instead of one over its channels).
+    bias_dots = [_bias_dot(bias.value, z) for bias, _ in _ownership(bundle)[2]]
+    left = zz - sum(st.dots.sum(-1) for st in stats) - sum(bias_dots)
+    stats.append(_TermStats(rest, None, left[..., None], carries))
+    return _assemble(bundle, z, zz, stats, bias_dots)
 
-    return _assemble(bundle, z, zz, stats, None)
+
+def _complement_path(
+    bundle: Affine, units: list, terms: list[Term], source_ids: set[int], shared_keys: set[int]
+) -> DenseTerm | None:
+    """A path whose dot product with z can be taken from the others': a materialised 1x1 convolution (a
+    residual block's last convolution) that needs no norm, in a stage where every path and bias spans all
+    channels (so all of them sum to z) and there is at least one other path. Not under autograd, whose
+    differentiated maps keep the direct form."""
+    if len(terms) < 2 or any(t.c0 != 0 or t.channels != bundle.channels for t in terms):
+        return None
+    if any(b.c0 != 0 or b.channels != bundle.channels for b in bundle.biases):
+        return None
+    params = [v for t in terms if isinstance(t, ConvTerm) for v in (t.weight, t.out_scale) if v is not None]
+    if _needs_grad(*(t.x for t in terms), *(b.value for b in bundle.biases), *params):
+        return None
+    for u in units:
+        if isinstance(u, DenseTerm) and id(u) not in source_ids and u.key not in shared_keys:
+            return u
+    return None
 
 
 def _assemble(
@@ -634,7 +675,8 @@ def _assemble(
         if st.norms is not None and st.term.key in share:
             num = torch.addcmul(num, st.norms, share[st.term.key][..., None])
         if st.term.key in solo:
-            num = num + torch.where(st.dots != 0, solo[st.term.key][..., None], 0)
+            carries = st.dots != 0 if st.carries is None else st.carries
+            num = num + torch.where(carries, solo[st.term.key][..., None], 0)
         dst = mu[:, k0 : k0 + taps].permute(0, 2, 3, 1)
         if _needs_grad(num, inv_zz):
             dst.copy_(num * inv_zz)  # out= has no autograd (maps differentiated in the input)
