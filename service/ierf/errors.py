@@ -8,6 +8,11 @@ class UnsupportedModelError(ValueError):
     """
 
 
+class BrokenModelError(ValueError):
+    """The model's own parameters or buffers hold NaN or infinite values (a diverged fine-tune): no input can
+    be explained. A ValueError for in-process callers; a server reports it as its own fault, not the caller's."""
+
+
 class InputSizeError(ValueError):
     """The input's height and width do not fit the model (a window larger than the map it reaches, or a
     fully connected layer that expects another number of features)."""

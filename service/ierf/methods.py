@@ -22,6 +22,47 @@ class Explainer(Protocol):
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor: ...
 
 
+def check_model_finite(model: nn.Module, what: str) -> None:
+    """Called once ``what`` (a method's output) came out NaN or infinite for a finite input: a model whose own
+    parameters or buffers are not finite (a diverged fine-tune) raises BrokenModelError naming them, the
+    server's fault rather than the caller's; otherwise a ValueError (an overflow for this input)."""
+    from ierf.errors import BrokenModelError
+
+    broken = [
+        name
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if broken:
+        listed = ", ".join(broken[:4]) + (f", … ({len(broken)} tensors)" if len(broken) > 4 else "")
+        raise BrokenModelError(f"{what} holds NaN or infinite values for this input (non-finite values in {listed})")
+    raise ValueError(f"{what} holds NaN or infinite values for this input (its parameters are finite: an overflow)")
+
+
+def refuse_wrapped(model: nn.Module, method: str) -> None:
+    """Methods that trace the model (SRD, LRP's canonizers) cannot see through a multi-device wrapper,
+    TorchScript or a torch.compile wrapper: refused with the module to pass instead."""
+    from ierf.errors import UnsupportedModelError
+
+    for name, m in model.named_modules():
+        what = "the model" if name == "" else f"submodule {name!r}"
+        if isinstance(m, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            raise UnsupportedModelError(
+                f"{what} is a {type(m).__name__}, which wraps a model for training on several devices: pass the "
+                f"model itself (its .module) to {method}"
+            )
+        if isinstance(m, torch.jit.ScriptModule):
+            raise UnsupportedModelError(
+                f"{what} is TorchScript (torch.jit.script or torch.jit.trace), whose graph torch.fx cannot trace: "
+                "pass the eager nn.Module it was made from"
+            )
+        if type(m).__name__ == "OptimizedModule":
+            raise UnsupportedModelError(
+                f"{what} is a torch.compile wrapper (OptimizedModule), which torch.fx cannot trace: pass the "
+                "module itself (its ._orig_mod); module.compile() in place works too"
+            )
+
+
 ExplainerFactory = Callable[..., Explainer]
 _REGISTRY: dict[str, ExplainerFactory] = {}
 # Method name -> the module whose import registers it, imported on first use of that method only: the

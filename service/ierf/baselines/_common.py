@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError
+from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError, UnsupportedModelError
 from ierf.interrupt import checkpoint
 from ierf.methods import check_input as shared_check_input
+from ierf.methods import check_model_finite
 
 # Hook dictionaries a library may add entries to; restored key by key after every call.
 _HOOK_DICTS = (
@@ -52,7 +53,12 @@ def check_ordinary_tensors(model: nn.Module) -> None:
         )
 
 
-def check_target_range(logits: torch.Tensor, target: torch.Tensor) -> None:
+def check_target_range(logits: object, target: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):  # SRD's wording for the same model
+        raise UnsupportedModelError(
+            f"the model must return one logits tensor, got {type(logits).__name__}: wrap it in a module whose "
+            "forward returns the logits (e.g. model(x)[0])"
+        )
     if logits.dim() != 2:
         raise ValueError(f"model must return (B, num_classes) logits, got shape {tuple(logits.shape)}")
     k = logits.shape[1]
@@ -189,6 +195,8 @@ def _restore(
     return failures
 
 
-def finish(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Detached float32 (B, H, W) at input resolution."""
+def finish(maps: torch.Tensor, size: tuple[int, int], model: nn.Module) -> torch.Tensor:
+    """Detached float32 (B, H, W) at input resolution; a NaN map (NaN weights) is refused, never returned."""
+    if not bool(torch.isfinite(maps).all()):
+        check_model_finite(model, "the map")
     return to_input_resolution(maps.detach().float(), size).contiguous()

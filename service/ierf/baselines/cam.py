@@ -150,7 +150,7 @@ class _CAMExplainer:
         maps = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))
         if self.relu:
             maps = maps.clamp_min(0.0)
-        return finish(maps.to(x.device), tuple(x.shape[-2:]))
+        return finish(maps.to(x.device), tuple(x.shape[-2:]), self.model)
 
 
 @register_method("gradcam")

@@ -42,7 +42,7 @@ class _CaptumExplainer:
         check_ordinary_tensors(self.model)  # again: the caller may have loaded other weights since
         with model_guard(self.model):
             attribution = self._attribute(x.detach().requires_grad_(True), target.to(x.device))
-        return finish(collapse_channels(attribution), tuple(x.shape[-2:]))
+        return finish(collapse_channels(attribution), tuple(x.shape[-2:]), self.model)
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -140,7 +140,10 @@ class SmoothGrad(_CaptumExplainer):
             image = x[i : i + 1]
             stdev = float(self.noise_level * (image.max() - image.min()).detach())
             gen = torch.Generator(device=x.device).manual_seed(self.seed)
-            noise = torch.randn((self.n_samples, *image.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
+            # drawn in float32 whatever the input's dtype: a float64 copy of the model sees the same samples
+            noise = torch.randn(
+                (self.n_samples, *image.shape[1:]), generator=gen, device=x.device, dtype=torch.float32
+            ).to(x.dtype)
             noisy = image.detach() + noise * (stdev if stdev > 0 else 1e-6)
             total = torch.zeros_like(image)
             for chunk in noisy.split(SMOOTHGRAD_SAMPLE_BATCH):  # a forward (and a checkpoint) per chunk

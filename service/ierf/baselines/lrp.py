@@ -63,7 +63,7 @@ from ierf.baselines._common import (
     model_guard,
 )
 from ierf.errors import UnsupportedModelError
-from ierf.methods import register_method, resolve_target
+from ierf.methods import refuse_wrapped, register_method, resolve_target
 from ierf.srd.graph import TRACE_LOCK  # fx patches nn.Module.__call__ process-wide: one trace at a time
 
 watch_fused_optimizers()  # the stamp reads version counters, which fused optimiser steps leave alone
@@ -278,6 +278,7 @@ class LRPExplainer:
     def __init__(self, model: nn.Module, epsilon: float = 1e-6) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        refuse_wrapped(model, "LRP")  # its canonizers trace the model, as SRD does
         self.source = model
         self.epsilon = epsilon
         self._copy_source()  # unsupported architectures fail here, not on the first call
@@ -317,7 +318,7 @@ class LRPExplainer:
                 _, relevance = Gradient(self.model)(x_in, output_relevance)
             finally:
                 composite.remove()
-        return finish(collapse_channels(relevance), tuple(x.shape[-2:]))
+        return finish(collapse_channels(relevance), tuple(x.shape[-2:]), self.source)
 
     def differentiable_saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         """Refused: no map derivative is offered for LRP.

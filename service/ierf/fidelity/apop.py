@@ -155,6 +155,9 @@ class APOP:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        for m in self.model.modules():  # the copy keeps the caller's hooks: they must not see its replays
+            for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
+                hooks.clear()
         self.modules = _patterned_modules(self.model)
 
     @torch.no_grad()

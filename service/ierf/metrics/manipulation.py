@@ -163,7 +163,9 @@ def manipulation_attack(
     model runs in eval mode (a model left in training mode would have had its BatchNorm statistics
     updated by every step); its own flags are put back afterwards."""
     target, target_maps, (lo, hi) = _checked(x, target, target_maps, epsilon, bounds, steps)
-    with eval_mode(model):
+    # An attack is gradient descent on the input: it runs (its model copy made) with gradients on, also
+    # inside a caller's no_grad() or inference_mode() (an evaluation cell's)
+    with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
         smooth, replaced = smooth_activations_copy(model, beta)
         explain, smoothed = attack_explain(smooth), replaced > 0 and not _kinks_left(smooth)
         try:  # probe: an explainer may not accept the smoothed activations

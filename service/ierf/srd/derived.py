@@ -76,6 +76,13 @@ class DerivedCache:
                 self._pop(next(iter(self._entries)))
         return value
 
+    def forget(self, sources: list[torch.Tensor]) -> None:
+        """Drop every entry built from any of ``sources`` (changed in a way their version does not show)."""
+        ids = {id(s) for s in sources}
+        with self._lock:
+            for key in [k for k in self._entries if not ids.isdisjoint(k[1:])]:
+                self._pop(key)
+
     def _pop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -128,6 +135,30 @@ def _nbytes(value: Any, sources: tuple[torch.Tensor, ...]) -> int:
 
 
 DERIVED = DerivedCache()
+
+# model -> its floating buffers' values when last explained (see follow_running_statistics)
+_STATISTICS_SEEN: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def follow_running_statistics(model: torch.nn.Module) -> None:
+    """Batch norm's kernel updates ``running_mean``/``running_var`` in place without bumping their version
+    counters (a train-mode forward: a frozen backbone left in train(), SWA's update_bn, recalibration), so
+    folds keyed on versions would go stale, silently. Once per call: the buffers' values against those of
+    the last call on this model (one concatenation and one comparison), and their entries dropped when they
+    moved."""
+    buffers = [b for b in model.buffers() if b.is_floating_point() and not b.is_inference()]
+    if not buffers:
+        return
+    with torch.no_grad():
+        try:
+            now = torch.cat([b.detach().reshape(-1) for b in buffers])
+        except RuntimeError:  # buffers on several devices: compared one by one
+            now = torch.cat([b.detach().reshape(-1).cpu() for b in buffers])
+        seen = _STATISTICS_SEEN.get(model)
+        if seen is not None and seen.shape == now.shape and seen.device == now.device and torch.equal(seen, now):
+            return
+    DERIVED.forget(buffers)  # also on a first call: another explainer of this model may have left folds
+    _STATISTICS_SEEN[model] = now
 
 
 def clear_derived_cache() -> None:

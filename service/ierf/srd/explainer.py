@@ -21,7 +21,8 @@ from torch import nn
 
 from ierf._memory import memory_available
 from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError, UnsupportedModelError
-from ierf.methods import check_input, register_method
+from ierf.methods import check_input, check_model_finite, register_method
+from ierf.srd.derived import follow_running_statistics
 from ierf.srd.graph import check_model_state
 from ierf.srd.precision import full_float32
 from ierf.srd.program import Head, Program, Stage
@@ -854,6 +855,7 @@ class SRD:
         Differentiable with respect to ``x`` when ``x.requires_grad`` (explanation-manipulation attacks).
         """
         check_model_state(self.model, self.program.built_from)
+        follow_running_statistics(self.model)
         p = next(self.model.parameters(), None)
         check_input(x, p.dtype if p is not None else x.dtype)
         if p is not None and p.device != x.device:
@@ -890,20 +892,8 @@ class SRD:
     def _check_finite(self, logits: torch.Tensor) -> None:
         """A finite input (checked) that gives NaN or infinite logits: the model's own numbers are broken (a
         diverged fine-tune's NaN weights, an overflow), and every map and ratio would be NaN."""
-        if bool(torch.isfinite(logits).all()):
-            return
-        broken = [
-            name
-            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())
-        ]
-        cause = (
-            f"non-finite values in {', '.join(broken[:4])}"
-            + (f", … ({len(broken)} tensors)" if len(broken) > 4 else "")
-            if broken
-            else "its parameters are finite: an overflow inside the forward"
-        )
-        raise ValueError(f"the model's output holds NaN or infinite values for this input ({cause})")
+        if not bool(torch.isfinite(logits).all()):
+            check_model_finite(self.model, "the model's output")
 
     def _own_logits(self, x: torch.Tensor) -> Any:
         """The model's own output for ``x``; None when it raises: an input the model cannot take is then
@@ -973,8 +963,13 @@ class SRD:
         self._check_target_early(target)
         self._check_contrast_early(contrast, target)
         decomposition = self.decompose(x)
-        self._classes = int(decomposition.logits.shape[1])
+        self._classes = (int(decomposition.logits.shape[1]), self._parameter_stamp())
         return decomposition.saliency(target, contrast)
+
+    def _parameter_stamp(self) -> tuple:
+        """The parameters as objects and shapes: a head grown by new Parameters (class-incremental surgery,
+        no module replaced) changes the class count without any module changing."""
+        return tuple((id(p), tuple(p.shape)) for p in self.model.parameters())
 
     def _check_target_early(self, target: object) -> None:
         """A target that is certainly wrong, refused before the decomposition (seconds on a large batch) with
@@ -993,7 +988,8 @@ class SRD:
     def _refuse_out_of_range(self, values: list[int], what: str, shown: object) -> None:
         """The decomposition's out-of-range message, before it: a negative class, or one past the class count
         an earlier call saw."""
-        k = self.__dict__.get("_classes")
+        seen = self.__dict__.get("_classes")
+        k = seen[0] if seen is not None and seen[1] == self._parameter_stamp() else None
         if any(v < 0 or (k is not None and v >= k) for v in values):
             span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
             shown = shown.tolist() if isinstance(shown, torch.Tensor) else shown

@@ -20,6 +20,7 @@ from torch import nn
 
 from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.interrupt import checkpoint
+from ierf.methods import refuse_wrapped
 from ierf.srd.graph import check_model_state, head_subgraph, module_identities, name_activations, rule_type, trace
 from ierf.srd.ratios import RANGE_FLAGS, stage_ratios, tap_products
 from ierf.srd.rules import (
@@ -67,31 +68,7 @@ class Program:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        parallel = [
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, nn.DataParallel | nn.parallel.DistributedDataParallel)
-        ]
-        if parallel:
-            what = "the model" if parallel[0] == "" else f"submodule {parallel[0]!r}"
-            raise UnsupportedModelError(
-                f"{what} is a {type(model.get_submodule(parallel[0])).__name__}, which wraps a model for training "
-                "on several devices: pass the model itself (its .module) to SRD"
-            )
-        scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
-        if scripted:
-            what = "the model is" if scripted[0] == "" else f"submodule {scripted[0]!r} is"
-            raise UnsupportedModelError(
-                f"{what} TorchScript (torch.jit.script or torch.jit.trace), whose graph torch.fx cannot trace: "
-                "pass the eager nn.Module it was made from"
-            )
-        compiled = [name for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule"]
-        if compiled:
-            what = "the model is" if compiled[0] == "" else f"submodule {compiled[0]!r} is"
-            raise UnsupportedModelError(
-                f"{what} a torch.compile wrapper (OptimizedModule), which torch.fx cannot trace: pass the "
-                "module itself (its ._orig_mod); module.compile() in place works too"
-            )
+        refuse_wrapped(model, "SRD")
         self.model = model
         known = known_module_types()
         self.built_from = module_identities(model)
