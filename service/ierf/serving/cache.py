@@ -610,8 +610,10 @@ class RedisTier:
             return status, None
         if value is None or value == b"":  # no such key (GETRANGE: b""; an empty value no codec writes)
             return "miss", None
-        if not isinstance(value, bytes) or len(value) > cap:
+        if not isinstance(value, bytes):
             return "error", None
+        if len(value) > cap:  # Redis answered normally: a miss here, not an outage (no alert counts it)
+            return "too_big", None
         return "hit", value
 
     def put(self, key: str, value: bytes) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from ierf.errors import BrokenModelError
+
 # A caller's string is echoed in an error message up to this many characters. The message travels in the
 # gRPC trailers, which clients cap at 8 KB by default: a 10 KB model id echoed whole turned NOT_FOUND
 # into a RESOURCE_EXHAUSTED from the caller's own transport ("metadata size exceeds soft limit").
@@ -145,7 +147,8 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map any exception raised while serving a request to (code, readable message).
 
     ServiceError keeps its code. Ray's back-pressure means a full queue -> RESOURCE_EXHAUSTED.
-    Engine ValueError/TypeError are bad calls -> INVALID_ARGUMENT. Anything else is a server bug:
+    Engine ValueError/TypeError are bad calls -> INVALID_ARGUMENT, except a model whose own weights are not
+    finite (BrokenModelError): INTERNAL, which the server-error alert counts. Anything else is a server bug:
     INTERNAL with a short message (the traceback goes to the log, not to the caller).
     """
     exc = _unwrap(exc)
@@ -158,6 +161,8 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, f"worker unavailable, retry later: {type(exc).__name__}"
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    if isinstance(exc, BrokenModelError):  # the served model's fault, whatever the caller sent
+        return grpc.StatusCode.INTERNAL, f"the served model is broken: {exc}"
     if isinstance(exc, ValueError | TypeError | IndexError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"

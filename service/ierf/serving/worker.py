@@ -535,8 +535,10 @@ class ModelHost:
             raise ValueError("cached logits hold NaN or infinite values")
         return logits, _logits_nbytes(logits)
 
-    def _explainer(self, method: str) -> Any:
-        """The explainer for a method already checked against ``self.methods`` (check_explain_args)."""
+    def _explainer(self, method: str, stages: _Stages) -> Any:
+        """The explainer for a method already checked against ``self.methods`` (check_explain_args). Building
+        it (a method's first call on this replica: seconds for a baseline's imports) is worker time, booked
+        as ``explain``; untimed, the ingress would book it as ``dispatch``, Serve's routing."""
         with self._explainers_lock:
             explainer = self._explainers.get(method)
             if explainer is None:
@@ -545,7 +547,8 @@ class ModelHost:
                 import ierf
 
                 try:
-                    explainer = self._explainers[method] = ierf.create_explainer(method, self.model.module)
+                    with stages.timed("explain"):
+                        explainer = self._explainers[method] = ierf.create_explainer(method, self.model.module)
                 except (ValueError, TypeError) as exc:  # the method cannot handle this architecture
                     reason = f"method {method!r} is not available for model {self.config.id}: {exc}"
                     self._unavailable[method] = reason  # remembered: not rebuilt (and refused) per request
@@ -558,7 +561,7 @@ class ModelHost:
         method = job.method or DEFAULT_METHOD
         contrast = job.contrast
         check_explain_args(self.description, method, job.target, contrast)
-        explainer = self._explainer(method)
+        explainer = self._explainer(method, stages)
         prov = self._provenance(method, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
         work = _explain_work(method)
