@@ -39,7 +39,7 @@ def test_models_lists_every_model_and_where_weights_are(capsys):
     for name in available_models():
         assert re.search(rf"^{name}\s", out, re.MULTILINE)
     assert "efficientnet-lite0-57934424.pth" in out
-    assert "v2-r256-c224-tf127" in out
+    assert "v3-r256-c224-tf127" in out
 
 
 def test_demo_image_writes_the_bundled_photo(tmp_path, capsys):

@@ -220,6 +220,11 @@ def demo_image(name: str) -> np.ndarray:
     return to_rgb_array(np.asarray(loader()))
 
 
+# Largest whole resize of a portrait image (resize x its resized height): 16 times a 256^2 view, so any photo's
+# aspect ratio (a 1:4 panorama is 256 x 1024) keeps torchvision's exact pixels.
+WHOLE_RESIZE_MAX_PIXELS = 16 * 256 * 256
+
+
 def resize_crop(image: ImageLike, resize: int, crop: int) -> np.ndarray:
     """uint8 (crop, crop, 3): short side resized to ``resize`` (PIL bilinear, antialiased), then the
     centre ``crop``² (see :meth:`ierf.models.Preprocessing.resize_crop`). Torch-free, so the serving
@@ -235,10 +240,12 @@ def resize_crop(image: ImageLike, resize: int, crop: int) -> np.ndarray:
         raise ValueError(f"resize {resize} is smaller than crop {crop}")
     top = round((new_h - crop) / 2)
     left = round((new_w - crop) / 2)
-    if height > width:
+    if height > width and new_h * new_w <= WHOLE_RESIZE_MAX_PIXELS:
         # A box of rows: Pillow places the vertical filter from the box's float offset, whose rounding
         # moved a third to a half of a portrait photo's pixels by one level against torchvision's whole
-        # resize. Resizing the whole image (~1.5 ms more for a phone photo) gives its pixels exactly.
+        # resize. Resizing the whole image (~1.5 ms more for a phone photo) gives its pixels exactly. Not
+        # for a strip far taller than wide: a 16384x1 image would become 256 x 4,194,304 pixels (24 s, 4 GB)
+        # for one 224x224 crop, so past the cap its rows are a box like a panorama's columns.
         whole = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR)
         return np.array(whole.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
     scale_y, scale_x = height / new_h, width / new_w

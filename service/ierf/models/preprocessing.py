@@ -15,7 +15,7 @@ from ierf.images import ImageLike, resize_crop
 
 # Bump on any change to resize/crop/normalise arithmetic: cached activations keyed by the old
 # value must not be reused.
-PIPELINE_VERSION = 2  # 2: portrait images resized whole (torchvision's pixels exactly)
+PIPELINE_VERSION = 3  # 2: portrait images resized whole (torchvision's pixels exactly); 3: not strips over 16:1
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import logging
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -212,6 +213,55 @@ def _check_png_structure(data: bytes) -> None:
         pos += 12 + length  # length, type, data, CRC
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey+alpha, RGBA
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_data_bytes(width: int, height: int, depth: int, colour: int, interlace: int) -> int:
+    """Bytes of filtered scanlines (a filter byte per row) that a PNG's header declares."""
+    bits = _PNG_CHANNELS.get(colour, 4) * depth
+    if not interlace:
+        return height * (1 + (width * bits + 7) // 8)
+    total = 0
+    for x0, y0, dx, dy in _ADAM7:
+        cols, rows = max(0, (width - x0 + dx - 1) // dx), max(0, (height - y0 + dy - 1) // dy)
+        if cols and rows:
+            total += rows * (1 + (cols * bits + 7) // 8)
+    return total
+
+
+def _check_png_rows(data: bytes) -> None:
+    """A PNG whose compressed pixel data ends (a complete zlib stream, then IEND) before the rows its header
+    declares: Pillow fills the missing rows with black and says nothing, so the image the caller never sent
+    would be explained (and cached). The data is inflated once more, counted in 1 MiB pieces (called after
+    the pixel caps, so at most their size), and only up to the declared length."""
+    pos = len(_PNG_SIGNATURE)
+    inflate = zlib.decompressobj()
+    expected = got = 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR" and len(body) >= 13:
+            expected = _png_data_bytes(*struct.unpack_from(">IIBB", body), body[12])
+        elif kind == b"IDAT":
+            try:
+                while body and got < expected and not inflate.eof:
+                    got += len(inflate.decompress(body, 1 << 20))
+                    body = inflate.unconsumed_tail
+            except zlib.error:
+                return  # corrupt data: Pillow's own decoder says so, in its words
+        elif kind == b"IEND":
+            break
+        if got >= expected > 0:
+            return
+        pos += 12 + length
+    if expected and got < expected:
+        raise InvalidArgument(
+            f"image bytes are truncated or corrupt: the PNG's pixel data ends after {got} of the {expected} bytes "
+            "its header declares (rows missing)"
+        )
+
+
 def _check_structure(data: bytes) -> None:
     """Refuse JPEG/PNG files whose structure would make decoding cost far more than their size."""
     if data[:3] == b"\xff\xd8\xff":  # what Pillow accepts as JPEG
@@ -283,6 +333,8 @@ def open_encoded(data: bytes, limits: ImageLimits) -> PendingImage:
 
     def decode() -> CanonicalImage:
         with _pillow_errors(data, limits, what):
+            if im.format == "PNG":
+                _check_png_rows(data)
             im.load()
             upright = apply_exif_orientation(im)
         pixels = _to_rgb_array(upright)
