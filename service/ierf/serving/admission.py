@@ -30,8 +30,9 @@ class DecodeGate:
     """At most ``active_pixels`` being decoded and ``queued_pixels`` waiting; smallest first.
 
     An image larger than ``active_pixels`` still runs when nothing else does, so no image under the
-    pixel cap is refused for its size alone. An image of at most ``small_pixels`` may wait past
-    ``queued_pixels``: it goes first and decodes in milliseconds, so a burst of large ones does not turn
+    pixel cap is refused for its size alone. An image of at most ``small_pixels`` may decode in a headroom
+    of ``small_pixels`` past ``active_pixels``, and wait past ``queued_pixels``: it goes first and decodes
+    in milliseconds, so a burst of large ones does not turn
     away a 224² photo (the ingress's own request bound limits how many wait). Used from one event loop
     (the ingress replica's)."""
 
@@ -51,7 +52,11 @@ class DecodeGate:
         self._arrivals = itertools.count()
 
     def _fits(self, pixels: int) -> bool:
-        return self.active == 0 or self.active + pixels <= self.active_limit
+        if self.active == 0 or self.active + pixels <= self.active_limit:
+            return True
+        # Small images also decode in a headroom of ``small_pixels`` past the budget: with the default budget
+        # (twice the pixel cap) two max-size images filled it, and a 128² image waited a second behind them.
+        return pixels <= self.small_limit and self.active + pixels <= self.active_limit + self.small_limit
 
     async def run(self, pixels: int, deadline: float, start: Callable[[], asyncio.Future[T]]) -> T:
         """Wait for ``pixels`` of decoding until ``deadline`` (time.time()), then ``start()`` the work and

@@ -29,9 +29,11 @@ from ierf.baselines import BASELINE_METHODS  # names only: the package imports n
 from ierf.images import resize_crop
 from ierf.interrupt import Interrupted, interruptible
 from ierf.serving.errors import (
+    RETRY_AFTER_MS,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
+    Overloaded,
     ServiceError,
     StaleView,
     Unavailable,
@@ -363,6 +365,7 @@ class Ingress:
         self._health: dict[str, tuple[float, bool]] = {}  # model id -> (time.monotonic(), the worker answered)
         self._probes: dict[str, asyncio.Task] = {}  # model id -> the health probe in flight
         self._answered_at: dict[str, float] = {}  # model id -> time.monotonic() of its last answer
+        self._refused_at: dict[str, float] = {}  # model id -> time.monotonic() its worker's queue last refused a job
 
     # ------------------------------------------------------------------------------ plumbing
     def _deadline(self, grpc_context: Any, labels: dict[str, Any] | None = None) -> float:
@@ -449,15 +452,19 @@ class Ingress:
                 pause *= 2
             outcome = answer.result()
         except Exception as exc:
+            if type(exc).__name__ == "BackPressureError":  # matched by name, as in errors.py
+                self._refused_at[model_id] = time.monotonic()
             if to_status(exc)[0].name == "UNAVAILABLE":  # the replica died under the request: health says so
                 self._health[model_id] = (time.monotonic(), False)
                 self._answered_at.pop(model_id, None)
             raise
         finally:
             if not answer.done():  # the caller went away (its gRPC deadline, a cancel), or gets no answer
-                response.cancel()
+                with contextlib.suppress(Exception):  # Ray's cancel() can raise a refusal again
+                    response.cancel()
                 answer.cancel()
         self._health[model_id] = self._answered(model_id)
+        self._refused_at.pop(model_id, None)  # a job went through: its queue has room again
         if isinstance(outcome, ServiceError):  # the worker's refusal (ExplainerWorker._run)
             raise outcome
         self._forget_stale_description(model_id, outcome)
@@ -542,6 +549,15 @@ class Ingress:
         else:
             pending = open_image(image, self.limits)
         opened = time.perf_counter() - start
+        refused = self._refused_at.get(model)
+        if refused is not None and time.monotonic() - refused < RETRY_AFTER_MS / 1000:
+            # Shed before the expensive part: within the pause its last refusal asked for, the worker's queue
+            # is taken as still full (a 16 Mpx PNG took 1.3-2.2 s to decode only to be refused, and the
+            # retries the refusals invited kept the cores from the worker).
+            raise Overloaded(
+                f"service overloaded, retry later: the worker for model {model!r} refused a job "
+                f"{(time.monotonic() - refused) * 1000:.0f} ms ago with its queue full"
+            )
         large = pending.pixels >= DECODE_ESTIMATE_MIN_PIXELS
         rate = self._decode_rates.get(pending.kind) if large else None
 
@@ -812,7 +828,10 @@ class Ingress:
             # No answer in time, or the probe not even queued (Serve's router refuses it with back-pressure
             # when the worker's queue is full, matched by name as in errors.py): a busy worker, not a gone one.
             if isinstance(exc, TimeoutError) or type(exc).__name__ == "BackPressureError":
-                response.cancel()
+                # Ray 2.60's cancel() of a call its router refused raises that refusal again: a probe
+                # answered RESOURCE_EXHAUSTED exactly under load, when a load balancer must not drain
+                with contextlib.suppress(Exception):
+                    response.cancel()
                 last = self._answered_at.get(model_id)
                 busy = last is not None and time.monotonic() - last < HEALTH_BUSY_GRACE_S
                 if busy and await _running_replicas(worker) == 0:
