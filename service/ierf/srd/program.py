@@ -22,7 +22,7 @@ from ierf.errors import InputSizeError, UnsupportedModelError
 from ierf.interrupt import checkpoint
 from ierf.methods import refuse_wrapped
 from ierf.srd.graph import check_model_state, head_subgraph, module_identities, name_activations, rule_type, trace
-from ierf.srd.ratios import RANGE_FLAGS, stage_ratios, tap_products
+from ierf.srd.ratios import RANGE_FLAGS, out_of_range, stage_ratios, tap_products
 from ierf.srd.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
@@ -179,13 +179,13 @@ class Program:
     def run(self, x: torch.Tensor, keep: frozenset[int] = frozenset(), keep_last_spatial: bool = False) -> RunResult:
         """``keep_last_spatial`` retains the last spatial PFV map: the start layer of gradient heads."""
         interp = _Interpreter(self, keep)
-        flags: list[torch.Tensor] = []
-        token = RANGE_FLAGS.set(flags)
+        squared_norms: list[torch.Tensor] = []
+        token = RANGE_FLAGS.set(squared_norms)
         try:
             out = interp.execute(x)
         finally:
             RANGE_FLAGS.reset(token)
-        if flags and bool(torch.stack(flags).any()):
+        if out_of_range(squared_norms):
             kind = torch.finfo(torch.float32 if x.dtype == torch.float16 else x.dtype)  # float16 stages: float32
             raise ValueError(
                 f"this input's pre-activation vectors leave the range of {kind.dtype} for their squared norms "

@@ -112,18 +112,31 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(v.requires_grad for v in tensors)
 
 
-#: Set by a decomposition's forward (``Program.run``): one 0-d flag per stage, true where a squared norm
-#: ||z||^2 left the float range (inf, or a subnormal that has lost its precision). Ratios there would lose
-#: relevance while staying finite, so the forward refuses the input instead. Flags are checked once, after
-#: every stage, so a GPU is not made to wait at each stage.
+#: Set by a decomposition's forward (``Program.run``): every stage's squared norms ||z||^2, checked by
+#: :func:`out_of_range` once after the last stage (a handful of ops for the whole forward, not five per
+#: stage, and a GPU is not made to wait at each stage). Where one left the float range (inf, or a subnormal
+#: that has lost its precision), ratios would lose relevance while staying finite, so the forward refuses
+#: the input instead.
 RANGE_FLAGS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar("range_flags", default=None)
 
 
 def _note_range(zz: torch.Tensor) -> None:
-    flags = RANGE_FLAGS.get()
-    if flags is not None:
-        tiny = torch.finfo(zz.dtype).tiny
-        flags.append((torch.isinf(zz) | ((zz > 0) & (zz < tiny))).any())
+    kept = RANGE_FLAGS.get()
+    if kept is not None:
+        kept.append(zz.detach().reshape(-1))
+
+
+def out_of_range(kept: list[torch.Tensor]) -> bool:
+    """Whether any squared norm noted by the stages is inf or a subnormal (per dtype: float16 stages take
+    theirs in float32)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for v in kept:
+        by_dtype.setdefault(v.dtype, []).append(v)
+    flags = []
+    for dtype, values in by_dtype.items():
+        zz = torch.cat(values) if len(values) > 1 else values[0]
+        flags.append((torch.isinf(zz) | ((zz > 0) & (zz < torch.finfo(dtype).tiny))).any())
+    return bool(torch.stack(flags).any()) if flags else False
 
 
 def _wide_tap_products(
