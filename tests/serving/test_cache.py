@@ -37,7 +37,7 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 def test_key_names_every_dependency() -> None:
     key = CacheKey("decomposition", "resnet50", "0123abcd", "v1-r256", "srd", "srd-0.1.0", "f" * 64).redis_key()
-    assert key == "ierf:v1:decomposition:resnet50:0123abcd:v1-r256:srd@srd-0.1.0:" + "f" * 64
+    assert key == "ierf:v1:safetensors-2:decomposition:resnet50:0123abcd:v1-r256:srd@srd-0.1.0:" + "f" * 64
 
 
 def test_codec_round_trip_keeps_dtypes_shapes_and_values() -> None:
@@ -778,7 +778,7 @@ def test_a_value_past_the_cap_is_read_no_further_than_the_cap(redis_flushed) -> 
     tier = RedisTier(RedisSettings(url=redis_flushed.url, max_value_bytes=1000))
     for _ in range(2):
         sent_before = int(raw.info("stats")["total_net_output_bytes"])
-        assert tier.get(KEY) == ("error", None)
+        assert tier.get(KEY) == ("too_big", None)  # a miss, not an outage
         assert int(raw.info("stats")["total_net_output_bytes"]) - sent_before < 20_000  # not the 200 kB
     assert raw.strlen(KEY) == 200_000 and tier.breaker.state == "closed"
     assert tier.put(KEY, b"v" * 1000) == "stored" and tier.get(KEY) == ("hit", b"v" * 1000)  # exactly the cap

@@ -416,7 +416,9 @@ def test_cli_server_mode_uses_the_service(live_service, tmp_path, capsys) -> Non
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["--server", live_service.grpc_address, "models"]) == 0
     served = re.escape(f"served by {live_service.grpc_address}")
-    assert re.search(rf"efficientnet_lite0 \(default\)\s+v2-\S+\s+{served}", capsys.readouterr().out)
+    from ierf.models.preprocessing import PIPELINE_VERSION
+
+    assert re.search(rf"efficientnet_lite0 \(default\)\s+v{PIPELINE_VERSION}-\S+\s+{served}", capsys.readouterr().out)
     assert main(["--server", live_service.grpc_address, "layers"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     listed = [(name, int(channels), int(height), int(width)) for name, channels, height, _, width in rows]

@@ -11,6 +11,7 @@ PFV are cheap reads of it. Its ``state_dict()`` is flat tensors, so it goes to R
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -535,7 +536,7 @@ class ModelHost:
             raise ValueError("cached logits hold NaN or infinite values")
         return logits, _logits_nbytes(logits)
 
-    def _explainer(self, method: str, stages: _Stages) -> Any:
+    def _explainer(self, method: str, stages: _Stages | None = None) -> Any:
         """The explainer for a method already checked against ``self.methods`` (check_explain_args). Building
         it (a method's first call on this replica: seconds for a baseline's imports) is worker time, booked
         as ``explain``; untimed, the ingress would book it as ``dispatch``, Serve's routing."""
@@ -547,7 +548,7 @@ class ModelHost:
                 import ierf
 
                 try:
-                    with stages.timed("explain"):
+                    with contextlib.nullcontext() if stages is None else stages.timed("explain"):
                         explainer = self._explainers[method] = ierf.create_explainer(method, self.model.module)
                 except (ValueError, TypeError) as exc:  # the method cannot handle this architecture
                     reason = f"method {method!r} is not available for model {self.config.id}: {exc}"

@@ -145,8 +145,15 @@ def follow_running_statistics(model: torch.nn.Module) -> None:
     counters (a train-mode forward: a frozen backbone left in train(), SWA's update_bn, recalibration), so
     folds keyed on versions would go stale, silently. Once per call: the buffers' values against those of
     the last call on this model (one concatenation and one comparison), and their entries dropped when they
-    moved."""
-    buffers = [b for b in model.buffers() if b.is_floating_point() and not b.is_inference()]
+    moved. Only batch norms' statistics: other buffers (anchor tables, embeddings) can be large, and nothing
+    updates them behind their version counters."""
+    buffers = [
+        b
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+        for b in (m.running_mean, m.running_var)
+        if b is not None and b.is_floating_point() and not b.is_inference()
+    ]
     if not buffers:
         return
     with torch.no_grad():
