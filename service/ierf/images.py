@@ -220,6 +220,10 @@ def demo_image(name: str) -> np.ndarray:
     return to_rgb_array(np.asarray(loader()))
 
 
+# Bump on any change to resize/crop/normalise arithmetic (here or in ierf.models.preprocessing): cached activations
+# keyed by the old value must not be reused, and an ingress cuts a worker's view only under its own version.
+PIPELINE_VERSION = 3  # 2: portrait images resized whole (torchvision's pixels exactly); 3: not strips over 16:1
+
 # Largest whole resize of a portrait image (resize x its resized height): 16 times a 256^2 view, so any photo's
 # aspect ratio (a 1:4 panorama is 256 x 1024) keeps torchvision's exact pixels.
 WHOLE_RESIZE_MAX_PIXELS = 16 * 256 * 256
@@ -229,7 +233,7 @@ def resize_crop(image: ImageLike, resize: int, crop: int) -> np.ndarray:
     """uint8 (crop, crop, 3): short side resized to ``resize`` (PIL bilinear, antialiased), then the
     centre ``crop``² (see :meth:`ierf.models.Preprocessing.resize_crop`). Torch-free, so the serving
     ingress computes the very pixels a worker would. Any change to the arithmetic here must bump
-    ``ierf.models.preprocessing.PIPELINE_VERSION`` (cached activations are keyed by it)."""
+    :data:`PIPELINE_VERSION` (cached activations are keyed by it)."""
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
     if height <= width:

@@ -12,9 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ierf.images import PIPELINE_VERSION
 
 from serving.fakes import Method as _Method
 from serving.test_ingress import _Capture, _full_outcome, _ingress
+
+# a preprocessing version of this build (the ingress cuts views only for its own pipeline version)
+PREP = f"v{PIPELINE_VERSION}-test"
 
 # What the ingress's default cap lets an image decode to (16 Mpx): no step of preprocessing should ask for more.
 _MAX_PIXELS = 4096 * 4096
@@ -49,7 +53,7 @@ def _described_like_a_224_model(ingress: Any) -> None:
         weights_digest="digest",
         input_height=224,
         input_width=224,
-        preprocess_version="v1",
+        preprocess_version=PREP,
         class_names=[str(i) for i in range(10)],
         layers=[LayerShape("l", 4, 7, 7)],
         methods=["srd"],

@@ -8,11 +8,15 @@ import time
 from typing import Any
 
 import pytest
+from ierf.images import PIPELINE_VERSION
 
 from serving.fakes import BackPressureError
 from serving.fakes import GrpcContext as _GrpcContext
 from serving.fakes import Method as _Method
 from serving.fakes import Response as _Response
+
+# a preprocessing version of this build (the ingress cuts views only for its own pipeline version)
+PREP = f"v{PIPELINE_VERSION}-test"
 
 
 class ActorDiedError(Exception):
@@ -188,7 +192,7 @@ def test_ingress_answers_a_small_image_while_large_ones_fill_the_decoder(monkeyp
 
     monkeypatch.setattr(images, "_tensor_pixels", slow_when_large)
     outcome = Outcome(
-        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash"),
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", PREP, "hash"),
         maps=np.zeros((8, 8), np.float32),
         target=Score(1, "one", 0.5, 2.0),
     )
@@ -319,7 +323,7 @@ def _outcome() -> Any:
     from ierf.serving.jobs import Outcome, Provenance, Score
 
     return Outcome(
-        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", PREP, "hash", timings=[("explain", 0.01)]),
         maps=np.zeros((8, 8), np.float32),
         target=Score(1, "one", 0.5, 2.0),
     )
@@ -480,7 +484,7 @@ def test_contrast_names_are_read_in_any_case_and_a_class_in_the_string_is_pointe
     assert [job.contrast for job in jobs] == ["mean", 3]
     with pytest.raises(InvalidArgument, match="set either contrast"):
         asyncio.run(ingress.Explain(pb.ExplainRequest(image=image, contrast="Mean", contrast_class=3)))
-    desc = ModelDescription("m", "d", 224, 224, "v1", ["c"] * 1000, [], ["srd"], "srd", "cpu")
+    desc = ModelDescription("m", "d", 224, 224, PREP, ["c"] * 1000, [], ["srd"], "srd", "cpu")
     with pytest.raises(InvalidArgument, match=r"contrast '281' is not 'identity' or 'mean'; .* set contrast_class"):
         check_explain_args(desc, "srd", None, "281")
 
@@ -614,7 +618,7 @@ def _full_outcome() -> Any:
     from ierf.serving.jobs import LayerShape, Outcome, Provenance, Score
 
     return Outcome(
-        provenance=Provenance("m", "digest", "srd", "srd-1.0", "v1", "hash", timings=[("explain", 0.01)]),
+        provenance=Provenance("m", "digest", "srd", "srd-1.0", PREP, "hash", timings=[("explain", 0.01)]),
         maps=np.zeros((1, 8, 8), np.float32),
         target=Score(1, "one", 0.5, 2.0),
         top_classes=[Score(1, "one", 0.5, 2.0)],
@@ -950,7 +954,7 @@ def test_the_ingress_sizes_a_float16_ierf_response_as_float16(monkeypatch: pytes
     layer = LayerShape("l", 4, 8, 8)
     # the digest the worker's answers carry: another one would make the ingress drop the description as stale
     ingress._descriptions["m"] = ModelDescription(
-        "m", "digest", 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu"
+        "m", "digest", 224, 224, PREP, ["c"] * 10, [layer], ["srd"], "srd", "cpu"
     )
 
     def request(dtype: int) -> Any:
@@ -975,7 +979,7 @@ def test_get_model_reports_the_weights_a_restarted_worker_serves() -> None:
 
     async def describe() -> Any:
         layer = LayerShape("l", 4, 8, 8)
-        return ModelDescription("m", served["digest"], 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu")
+        return ModelDescription("m", served["digest"], 224, 224, PREP, ["c"] * 10, [layer], ["srd"], "srd", "cpu")
 
     async def explain(job: Any) -> Any:
         outcome = _full_outcome()
@@ -1069,7 +1073,7 @@ def test_a_health_probe_stores_the_replicas_latest_description(monkeypatch: pyte
 
     async def describe() -> Any:
         layer = LayerShape("l", 4, 8, 8)
-        return ModelDescription("m", served["digest"], 224, 224, "v1", ["c"] * 10, [layer], ["srd"], "srd", "cpu")
+        return ModelDescription("m", served["digest"], 224, 224, PREP, ["c"] * 10, [layer], ["srd"], "srd", "cpu")
 
     worker = _Worker()
     worker.describe = _Method(describe)
@@ -1107,7 +1111,7 @@ def _described(ingress: Any, resize: int = 36, crop: int = 32) -> None:
         weights_digest="digest",
         input_height=crop,
         input_width=crop,
-        preprocess_version="v1",  # as _full_outcome's provenance says
+        preprocess_version=PREP,  # as _full_outcome's provenance says
         class_names=[str(i) for i in range(10)],
         layers=[LayerShape("l", 4, 8, 8)],
         methods=["srd"],
@@ -1146,7 +1150,7 @@ def test_a_large_image_travels_to_the_worker_as_the_models_view_and_a_small_one_
     whole, *viewed, last = worker.jobs
     assert whole.view_version == "" and whole.pixels.shape == photo.shape
     for job in viewed:
-        assert job.view_version == "v1" and np.array_equal(job.pixels, resize_crop(photo, 36, 32))
+        assert job.view_version == PREP and np.array_equal(job.pixels, resize_crop(photo, 36, 32))
         assert job.content_hash == whole.content_hash  # the key names the decoded image, not the view
     assert last.view_version == "" and last.pixels.shape == small.shape
     assert "preprocess" in {t.stage for t in response.provenance.timings}
@@ -1172,7 +1176,7 @@ def test_a_view_the_worker_refuses_as_stale_is_sent_again_whole_and_the_descript
     photo = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     response = asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))
     assert response.map.shape == [1, 8, 8]
-    assert [job.view_version for job in jobs] == ["v1", ""] and jobs[1].pixels.shape == photo.shape
+    assert [job.view_version for job in jobs] == [PREP, ""] and jobs[1].pixels.shape == photo.shape
     assert "m" not in ingress._descriptions
 
 
@@ -1197,21 +1201,21 @@ def test_an_answer_made_with_other_preprocessing_than_the_description_refreshes_
 
     from ierf_proto.v1 import explainer_pb2 as pb
 
-    worker = _Capture(_answers_with("v1-r40-c32"))
+    worker = _Capture(_answers_with(f"v{PIPELINE_VERSION}-r40-c32"))
     ingress = _ingress({"m": worker})
     _described(ingress)  # fetched from an old replica: v1-r36-c32, resize 36
-    new = dataclasses.replace(ingress._descriptions["m"], preprocess_version="v1-r40-c32", resize=40)
+    new = dataclasses.replace(ingress._descriptions["m"], preprocess_version=f"v{PIPELINE_VERSION}-r40-c32", resize=40)
 
     async def describe() -> Any:
         return new
 
     worker.describe = _Method(describe)
     answer = asyncio.run(ingress.Predict(pb.PredictRequest(image=_tiny_image())))  # small: travels whole
-    assert answer.provenance.preprocess_version == "v1-r40-c32"
+    assert answer.provenance.preprocess_version == f"v{PIPELINE_VERSION}-r40-c32"
     info = asyncio.run(ingress.GetModel(pb.GetModelRequest(model_id="m")))
     assert info.input.preprocess_version == answer.provenance.preprocess_version
     listed = asyncio.run(ingress.ListModels(pb.ListModelsRequest()))
-    assert [m.input.preprocess_version for m in listed.models] == ["v1-r40-c32"]
+    assert [m.input.preprocess_version for m in listed.models] == [f"v{PIPELINE_VERSION}-r40-c32"]
 
 
 def test_a_model_with_a_non_square_input_gets_the_decoded_image_not_a_square_cut() -> None:

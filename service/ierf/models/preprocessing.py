@@ -11,11 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ierf.images import ImageLike, resize_crop
-
-# Bump on any change to resize/crop/normalise arithmetic: cached activations keyed by the old
-# value must not be reused.
-PIPELINE_VERSION = 3  # 2: portrait images resized whole (torchvision's pixels exactly); 3: not strips over 16:1
+from ierf.images import PIPELINE_VERSION, ImageLike, resize_crop  # the version: beside the arithmetic it names
 
 
 @dataclass(frozen=True)

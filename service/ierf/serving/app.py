@@ -69,11 +69,17 @@ def configured_deployments(
         bad = sorted(set(options) - DEPLOYMENT_OPTION_KEYS)
         if bad:
             raise ValueError(f"unsupported option(s) {bad} for deployment {name!r}")
-    deployments = {"Ingress": _with_options(Ingress, "Ingress", overrides.get("Ingress", {}))}
+    workers = {}
     for model in config.models:
         name = model.deployment_name
-        deployments[name] = _with_options(ExplainerWorker, name, {"name": name, **overrides.get(name, {})})
-    return deployments
+        workers[name] = _with_options(ExplainerWorker, name, {"name": name, **overrides.get(name, {})})
+    ingress_options = dict(overrides.get("Ingress", {}))
+    if "graceful_shutdown_timeout_s" not in ingress_options:
+        # the ingress outlives the longest worker shutdown, so a redeploy never kills the calls it waits on
+        longest = max((w._deployment_config.graceful_shutdown_timeout_s for w in workers.values()), default=0)
+        if longest > Ingress._deployment_config.graceful_shutdown_timeout_s:
+            ingress_options["graceful_shutdown_timeout_s"] = longest
+    return {"Ingress": _with_options(Ingress, "Ingress", ingress_options), **workers}
 
 
 def _with_options(deployment: Deployment, name: str, options: dict[str, Any]) -> Deployment:

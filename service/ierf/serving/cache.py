@@ -72,8 +72,9 @@ class CacheKey:
     content_hash: str
 
     def redis_key(self) -> str:
+        codec = CODEC_FORMAT.removeprefix("ierf-")  # another build's format is its value, not corruption here
         return (
-            f"ierf:{SCHEMA_VERSION}:{self.artifact}:{self.model_id}:{self.weights_digest}:"
+            f"ierf:{SCHEMA_VERSION}:{codec}:{self.artifact}:{self.model_id}:{self.weights_digest}:"
             f"{self.preprocess_version}:{self.method}@{self.method_version}:{self.content_hash}"
         )
 

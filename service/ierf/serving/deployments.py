@@ -26,7 +26,7 @@ import ray
 from ray import serve
 
 from ierf.baselines import BASELINE_METHODS  # names only: the package imports no method code (nor torch)
-from ierf.images import resize_crop
+from ierf.images import PIPELINE_VERSION, resize_crop
 from ierf.interrupt import Interrupted, interruptible
 from ierf.serving.errors import (
     RETRY_AFTER_MS,
@@ -341,6 +341,9 @@ def _caller_deadline_passed(grpc_context: Any, start: float) -> bool:
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=64,
     max_queued_requests=128,
+    # At least the worker's: the ingress is replaced on any change of the app's args, and its calls wait on
+    # a worker that may still take that long (Serve's default 20 s killed calls a worker would have finished)
+    graceful_shutdown_timeout_s=30,
 )
 class Ingress:
     """gRPC entry point: methods are named exactly like the RPCs (the Serve proxy routes by name)."""
@@ -414,6 +417,10 @@ class Ingress:
         self, pixels: np.ndarray, desc: Any, model_id: str, timings: list[tuple[str, float]]
     ) -> np.ndarray | None:
         if desc is None or desc.resize <= 0 or desc.input_height != desc.input_width:
+            return None
+        if not desc.preprocess_version.startswith(f"v{PIPELINE_VERSION}-"):
+            # A worker of another build (a rolling upgrade that changed the pipeline): this replica's
+            # resize_crop is not its arithmetic, and the view would carry the worker's version all the same
             return None
         if pixels.nbytes < VIEW_MIN_FACTOR * desc.input_height * desc.input_width * 3:
             return None  # sending it costs less than resizing it here

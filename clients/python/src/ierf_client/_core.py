@@ -403,7 +403,20 @@ def retry_pause_after(policy: RetryPolicy, exc: grpc.RpcError, attempts: Attempt
         if attempts.no_routes >= SERVE_NO_ROUTES_ATTEMPTS:
             return None
         code = grpc.StatusCode.UNAVAILABLE
+    elif _serve_replica_died(code, details):
+        code = grpc.StatusCode.UNAVAILABLE
     return retry_pause(policy, code, attempts.count, deadline, server_pause_s(exc))
+
+
+def _serve_replica_died(code: grpc.StatusCode, details: str) -> bool:
+    """Serve's proxy answering for a replica killed under the call (a redeploy or downscale past its graceful
+    timeout, an OOM kill): INTERNAL, but nothing was answered, every RPC is a read, and the next attempt
+    reaches a live replica; the service's own INTERNAL replies never read like this."""
+    return (
+        code == grpc.StatusCode.INTERNAL
+        and details.startswith("The actor died unexpectedly")
+        and "ServeReplica:" in details
+    )
 
 
 def retry_pause(
