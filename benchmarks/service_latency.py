@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -123,7 +125,9 @@ def deploy_floor() -> None:
     serve.run(FloorIngress.bind(FloorWorker.bind()), name=FLOOR_APP, route_prefix="/serve-floor")
 
 
-def measure(reference: InProcess, address: str, cold_images, warm_targets, label: str) -> dict[str, Series]:
+def measure(
+    reference: InProcess, address: str, cold_images, warm_targets, label: str, warmup_offset: int = 10_000
+) -> dict[str, Series]:
     """Alternate in-process calls, gRPC calls and the floor probes so all see the same machine load
     (other jobs share the cores). Two Serve apps run, so every call names its application."""
     import grpc
@@ -147,7 +151,7 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
 
         client.wait_until_serving(timeout=300)
         # Warm-up, both paths, until steady state (a fresh cluster's own processes are still busy at first).
-        for picture in images(3, 10_000):
+        for picture in images(3, warmup_offset):  # new to this phase: a replaced worker warms up on misses
             reference.cold(picture)
             client.explain(picture, overlay=False)
         for target in range(10):
@@ -188,12 +192,35 @@ def measure(reference: InProcess, address: str, cold_images, warm_targets, label
     return out
 
 
+def _code_and_load() -> str:
+    """Which code ran (a results file must name it) and how busy the machine was, as srd_speed.py prints."""
+    here = Path(__file__).resolve().parent
+    git = ["git", "-C", str(here)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        code = f"code {commit.stdout.strip() or 'unknown'}{' (modified)' if dirty.stdout.strip() else ''}"
+    except (OSError, subprocess.SubprocessError):
+        code = "code unknown"
+    try:
+        load = Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        load = "?"
+    return f"{code}, load average {load}"
+
+
 def run_with_service_environment() -> None:
     """Re-exec under PROCESS_ENV (glibc and libgomp read theirs when a process starts); a value the
     caller set is kept."""
     from ierf.serving.settings import PROCESS_ENV
 
     missing = {key: value for key, value in PROCESS_ENV.items() if key not in os.environ}
+    if "IERF_GEMM" not in os.environ:
+        # SRD picks BLAS or oneDNN per process by timing both (ierf.srd.gemm); the two differ by ~30 % on
+        # ResNet50, more than the overhead measured here: the reference and the worker must use one library
+        from ierf.srd import gemm
+
+        missing["IERF_GEMM"] = gemm.backend()
     if missing:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **missing})  # flags, -m kept
 
@@ -217,6 +244,7 @@ def main() -> None:
     cold_images = images(args.cold, 0)
     warm_targets = [(17 * i + 3) % 1000 for i in range(args.warm)]
     print(f"model {args.model} ({'random' if random_init else 'real'} weights), torch threads {args.threads}")
+    print(f"{_code_and_load()}; float32 products in {os.environ.get('IERF_GEMM', '?')} (reference and worker alike)")
     from ierf.serving.settings import PROCESS_ENV
 
     print("process settings (this process and the cluster): " + ", ".join(f"{k}={os.environ[k]}" for k in PROCESS_ENV))
@@ -252,7 +280,7 @@ def main() -> None:
         no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
         serve.run(build_application(no_l1, overrides), name="ierf", route_prefix="/")
         print("phase 2: worker with L2 only ...", flush=True)
-        l2 = measure(reference, service.grpc_address, images(args.cold, 500), warm_targets, "L2 only")
+        l2 = measure(reference, service.grpc_address, images(args.cold, 500), warm_targets, "L2 only", 20_000)
     finally:
         if service is not None:
             service.stop()

@@ -230,7 +230,10 @@ def main() -> None:
     )
     print(f"CPU: {_cpu_name()}; {_code_and_load()}; MB columns: whole-process peak RSS (CUDA: peak allocated)")
     chosen: set[str] = set()
-    print(f"{'model':<26}{'batch':>6}{'SRD s':>10}{'grad s':>10}{'SRD/grad':>10}{'SRD MB':>10}{'grad MB':>10}")
+    print(
+        f"{'model':<26}{'batch':>6}{'SRD s':>10}{'grad s':>10}{'SRD/grad':>10}{'SRD MB':>10}{'grad MB':>10}"
+        f"{'products':>10}"
+    )
     base = {"device": args.device, "threads": args.threads, "repeats": args.repeats}
     for model in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -241,12 +244,15 @@ def main() -> None:
             m_grad = run_in_fresh_process({**spec, "kind": "mem_grad"})["peak_mb"]
             print(
                 f"{model:<26}{batch:>6}{r['srd']:>10.3f}{r['grad']:>10.3f}{r['srd'] / r['grad']:>10.2f}"
-                f"{m_srd:>10.0f}{m_grad:>10.0f}",
+                f"{m_srd:>10.0f}{m_grad:>10.0f}{r['gemm'] if args.device == 'cpu' else '':>10}",
                 flush=True,
             )
 
     if args.device == "cpu":
-        print(f"float32 products ran in: {', '.join(sorted(chosen))} (each process measures; IERF_GEMM fixes it)")
+        print(
+            f"float32 products ran in: {', '.join(sorted(chosen))} (each row's process measured its own: the "
+            "products column; IERF_GEMM fixes it)"
+        )
     if "resnet50" in args.models.split(",") and args.device == "cpu":
         for library in ("blas", "onednn"):
             for batch in (int(b) for b in args.batches.split(",")):
