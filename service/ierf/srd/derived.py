@@ -158,9 +158,9 @@ def follow_running_statistics(model: torch.nn.Module) -> None:
         return
     with torch.no_grad():
         try:
-            now = torch.cat([b.detach().reshape(-1) for b in buffers])
-        except RuntimeError:  # buffers on several devices: compared one by one
-            now = torch.cat([b.detach().reshape(-1).cpu() for b in buffers])
+            now = torch.cat(buffers)  # 1-d statistics: one op, not a view per buffer
+        except RuntimeError:  # other shapes, or buffers on several devices
+            now = torch.cat([b.reshape(-1).cpu() for b in buffers])
         seen = _STATISTICS_SEEN.get(model)
         if seen is not None and seen.shape == now.shape and seen.device == now.device and torch.equal(seen, now):
             return

@@ -123,7 +123,7 @@ RANGE_FLAGS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.Con
 def _note_range(zz: torch.Tensor) -> None:
     kept = RANGE_FLAGS.get()
     if kept is not None:
-        kept.append(zz.detach().reshape(-1))
+        kept.append(zz.view(-1))
 
 
 def out_of_range(kept: list[torch.Tensor]) -> bool:
