@@ -16,9 +16,12 @@ reserved for bugs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,18 +206,36 @@ def parse_position(text: str) -> tuple[int, int]:
 
 
 def _target(text: str | None) -> str:
-    """ "auto" in any case means the top-1 class (as --contrast takes MEAN); anything else as given."""
-    value = (text or "auto").strip()
+    """ "auto" in any case means the top-1 class (as --contrast takes MEAN); anything else as given. Only a
+    missing option is the default: an empty one (``--target "$CLASS"`` with CLASS unset) is refused."""
+    if text is None:
+        return "auto"
+    value = _non_empty(text, "--target")
     return "auto" if value.lower() == "auto" else value
 
 
+def _non_empty(text: str, option: str) -> str:
+    value = text.strip()
+    if not value:
+        raise UsageError(f"{option} is empty; omit it for the default, or give a class id or name")
+    return value
+
+
 def check_output(output: str, image: str | None = None) -> Path:
-    """The output path, checked before any work: a .png file name, not a directory, not the input."""
+    """The output path, checked before any work: a .png file name, not a directory, not the input, under
+    a folder that is one (or can be made: its nearest existing ancestor is a writable directory)."""
     path = Path(output)
     if path.suffix.lower() != ".png":
         raise UsageError(f"output must be a .png file name (e.g. out.png), got {output!r}")
     if path.is_dir():
         raise UsageError(f"output {output!r} is a directory")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {output!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {output!r}: the folder {str(parent)!r} is not writable")
     if image is not None and path.exists() and Path(image).exists() and path.samefile(image):
         raise UsageError(f"output {output!r} is the input image: it would be overwritten; choose another name")
     return path
@@ -273,10 +294,39 @@ def _write_png(picture: object, output: str) -> Path:
         picture = Image.fromarray(np.asarray(picture))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path, format="PNG")
     except OSError as exc:
         raise UsageError(f"cannot write {output!r}: {exc.strerror or exc}") from None
+    # Written beside it and renamed onto it: a failure half-way (a full disk, Ctrl-C) leaves no truncated
+    # PNG, and an earlier one of that name whole.
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            picture.save(stream, format="PNG")
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make the output private
+        os.replace(temporary, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(exc, OSError) and exc.errno in _USAGE_ERRNOS:
+            raise UsageError(f"cannot write {output!r}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):  # a full disk, a file-size limit, an I/O error: the machine's, not the command's
+            raise OutputFailure(f"cannot write {output!r}: {exc.strerror or exc}") from None
+        raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class OutputFailure(Exception):
+    """The output could not be written for a reason of the machine's (a full disk): exit 1, not 2."""
+
+
+# Write errors that a different command line would avoid (exit 2); others (ENOSPC, EFBIG, EIO) exit 1.
+_USAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
 
 
 def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
@@ -302,7 +352,7 @@ def _run_explain(args: argparse.Namespace, backend: Backend) -> int:
         weights=args.weights,
         random_init=args.random_init,
         target=_target(args.target),
-        contrast=(args.contrast or "identity").strip(),
+        contrast="identity" if args.contrast is None else _non_empty(args.contrast, "--contrast"),
         layer=args.layer,
         position=parse_position(args.position) if args.position is not None else None,
         device=args.device or "cpu",
@@ -440,7 +490,7 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except BackendFailure as exc:
+    except (BackendFailure, OutputFailure) as exc:
         print(f"ierf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except BrokenPipeError:  # `ierf layers | head`: the reader has gone; no traceback, nothing more to write

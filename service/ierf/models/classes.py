@@ -59,6 +59,8 @@ def _lookup_name(text: str, names: Sequence[str]) -> int:
     query = text.casefold()
     folded = [name.casefold() for name in names]
     exact = [i for i, name in enumerate(folded) if name == query]
+    if len(exact) > 1:  # names that differ only in case (ImageNet's 264 'Cardigan' and 474 'cardigan')
+        exact = [i for i in exact if names[i] == text] or exact
     if len(exact) == 1:
         return exact[0]
     matches = exact or [i for i, name in enumerate(folded) if query in name]
