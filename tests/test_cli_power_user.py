@@ -8,29 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ierf.cli import ClassProbability, ExplainRequest, Explanation, main
+from ierf.cli import main
 from PIL import Image
+from test_cli import _EchoBackend
 
-
-class _Backend:
-    """Records requests and answers a fixed 8x8 saliency (the CLI's plumbing, not the engine)."""
-
-    def __init__(self) -> None:
-        self.requests: list[ExplainRequest] = []
-
-    def model_names(self) -> list[str]:
-        return []
-
-    def layers(self, model: str, weights: str | None = None) -> list:
-        return []
-
-    def explain(self, request: ExplainRequest) -> Explanation:
-        self.requests.append(request)
-        top = [ClassProbability(7, "cock", 0.9)]
-        return Explanation(
-            kind="saliency", model="fake", weights="none", pixels=np.zeros((8, 8, 3), np.uint8),
-            map=np.zeros((8, 8), np.float32), top=top, target=top[0], target_logit=1.0,
-        )  # fmt: skip
+_Backend = _EchoBackend  # records requests, answers a fixed 8x8 saliency
 
 
 @pytest.fixture()
