@@ -1,5 +1,7 @@
-"""A model whose own weights are NaN (a diverged fine-tune) is refused by every method with BrokenModelError
-naming the tensors: never a NaN map, and not blamed on the caller's input (a server answers INTERNAL)."""
+"""A model whose own weights are NaN (a diverged fine-tune) is refused with BrokenModelError naming the tensors
+wherever its map would be NaN (SRD: whenever the logits are; a gradient method: whenever the NaN reaches the
+input gradient, which a NaN in the last layer's bias does not): never a NaN map, and not blamed on the
+caller's input (a server answers INTERNAL)."""
 
 from __future__ import annotations
 
