@@ -10,6 +10,7 @@ import zlib
 from typing import Any
 
 import pytest
+
 from serving.test_load_findings import _request, _Worker
 
 
