@@ -136,7 +136,7 @@ def _nbytes(value: Any, sources: tuple[torch.Tensor, ...]) -> int:
 
 DERIVED = DerivedCache()
 
-# model -> its floating buffers' values when last explained (see follow_running_statistics)
+# model -> its batch norms' running statistics when last explained (see follow_running_statistics)
 _STATISTICS_SEEN: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
