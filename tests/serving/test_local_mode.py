@@ -395,7 +395,7 @@ def test_the_logits_cache_key_names_the_architecture_and_package_version(monkeyp
     from ierf.serving.worker import engine_code_digest
 
     code = engine_code_digest()
-    assert key == f"ierf:v1:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7.{code}:" + "c" * 64
+    assert key == f"ierf:v1:safetensors-2:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7.{code}:" + "c" * 64
 
 
 @pytest.mark.parametrize(
