@@ -720,6 +720,15 @@ def _is_size(v: object) -> bool:
 _CONTRAST_FORMS = "contrast must be 'identity', 'mean' or a class index (an int, or an integer tensor of one per image)"
 
 
+def _refuse_out_of_range(values: list[int], k: int | None, what: str, shown: object) -> None:
+    """The decomposition's out-of-range message, before it: a negative class, or one past the class count
+    ``k`` an earlier call saw (None: not known for the model's parameters as they are now)."""
+    if any(v < 0 or (k is not None and v >= k) for v in values):
+        span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
+        shown = shown.tolist() if isinstance(shown, torch.Tensor) else shown
+        raise ValueError(f"{what} out of range: the model has {span}, got {shown}")
+
+
 def _contrast_is_target(contrast: int, image: int) -> str:
     return (
         f"contrast class {contrast} is the target of image {image}: target minus itself is zero everywhere; "
@@ -960,10 +969,13 @@ class SRD:
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor, contrast: Contrast = "identity") -> torch.Tensor:
         """Signed (B, H, W) float32 class saliency at input resolution."""
-        self._check_target_early(target)
-        self._check_contrast_early(contrast, target)
+        stamp = self._parameter_stamp()
+        seen = self.__dict__.get("_classes")
+        classes = seen[0] if seen is not None and seen[1] == stamp else None  # known from an earlier call
+        self._check_target_early(target, classes)
+        self._check_contrast_early(contrast, target, classes)
         decomposition = self.decompose(x)
-        self._classes = (int(decomposition.logits.shape[1]), self._parameter_stamp())
+        self._classes = (int(decomposition.logits.shape[1]), stamp)
         return decomposition.saliency(target, contrast)
 
     def _parameter_stamp(self) -> tuple:
@@ -971,7 +983,7 @@ class SRD:
         no module replaced) changes the class count without any module changing."""
         return tuple((id(p), tuple(p.shape)) for p in self.model.parameters())
 
-    def _check_target_early(self, target: object) -> None:
+    def _check_target_early(self, target: object, classes: int | None) -> None:
         """A target that is certainly wrong, refused before the decomposition (seconds on a large batch) with
         the message the decomposition would give: a bool or other non-integer, a negative class, or one past
         the class count an earlier call saw. Everything else is checked by the decomposition itself."""
@@ -983,19 +995,9 @@ class SRD:
             raise TypeError(f"target must be an int or a LongTensor of shape (B,), got {type(target).__name__}")
         else:
             return
-        self._refuse_out_of_range(values, "target", values[0] if isinstance(target, numbers.Integral) else target)
+        _refuse_out_of_range(values, classes, "target", values[0] if isinstance(target, numbers.Integral) else target)
 
-    def _refuse_out_of_range(self, values: list[int], what: str, shown: object) -> None:
-        """The decomposition's out-of-range message, before it: a negative class, or one past the class count
-        an earlier call saw."""
-        seen = self.__dict__.get("_classes")
-        k = seen[0] if seen is not None and seen[1] == self._parameter_stamp() else None
-        if any(v < 0 or (k is not None and v >= k) for v in values):
-            span = f"{k} classes (0..{k - 1})" if k is not None else "classes 0 and up"
-            shown = shown.tolist() if isinstance(shown, torch.Tensor) else shown
-            raise ValueError(f"{what} out of range: the model has {span}, got {shown}")
-
-    def _check_contrast_early(self, contrast: object, target: object) -> None:
+    def _check_contrast_early(self, contrast: object, target: object, classes: int | None) -> None:
         """A contrast that is certainly wrong, refused before the decomposition as a wrong target is: an
         unknown rule or a non-integer, a class out of the range an earlier call saw, or one int class equal to
         one int target. Everything else is checked by the decomposition itself, with the same messages."""
@@ -1004,7 +1006,7 @@ class SRD:
                 raise ValueError(f"{_CONTRAST_FORMS}, got {contrast!r}")
             return
         if isinstance(contrast, numbers.Integral):
-            self._refuse_out_of_range([int(contrast)], "contrast class", int(contrast))
+            _refuse_out_of_range([int(contrast)], classes, "contrast class", int(contrast))
             if isinstance(target, numbers.Integral) and int(target) == int(contrast):
                 raise ValueError(_contrast_is_target(int(contrast), 0))
 
