@@ -549,7 +549,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         if t is rest:
             # Its dot product comes from the others' (below), so z may start as its own tensor; where it
             # contributes nothing, its bias has nobody to go to (published rule), as for a zero dot product.
-            if any(rest.key in owners for _, owners in _ownership(bundle)[2]):
+            if any(rest.key in owners for _, owners in owned):
                 carries = torch.linalg.vector_norm(part, ord=float("inf"), dim=-1)[..., None] > 0
             z, writable = part, True
             continue
@@ -627,7 +627,7 @@ def _stage_ratios(bundle: Affine) -> tuple[torch.Tensor, torch.Tensor, list[Rout
         return _assemble(bundle, z, zz, stats, None)
     # The paths and biases sum to z, so their dot products with z sum to ||z||^2: the remaining path's is
     # what the others leave (one pass over per-position scalars instead of one over its channels).
-    bias_dots = [_bias_dot(bias.value, z) for bias, _ in _ownership(bundle)[2]]
+    bias_dots = [_bias_dot(bias.value, z) for bias, _ in owned]
     left = zz - sum(st.dots.sum(-1) for st in stats) - sum(bias_dots)
     stats.append(_TermStats(rest, None, left[..., None], carries))
     return _assemble(bundle, z, zz, stats, bias_dots)
