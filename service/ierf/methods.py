@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ierf.errors import BrokenModelError, UnsupportedModelError
+
 
 class Explainer(Protocol):
     """What a saliency method offers: signed maps at input resolution."""
@@ -26,8 +28,6 @@ def check_model_finite(model: nn.Module, what: str) -> None:
     """Called once ``what`` (a method's output) came out NaN or infinite for a finite input: a model whose own
     parameters or buffers are not finite (a diverged fine-tune) raises BrokenModelError naming them, the
     server's fault rather than the caller's; otherwise a ValueError (an overflow for this input)."""
-    from ierf.errors import BrokenModelError
-
     broken = [
         name
         for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -42,8 +42,6 @@ def check_model_finite(model: nn.Module, what: str) -> None:
 def refuse_wrapped(model: nn.Module, method: str) -> None:
     """Methods that trace the model (SRD, LRP's canonizers) cannot see through a multi-device wrapper,
     TorchScript or a torch.compile wrapper: refused with the module to pass instead."""
-    from ierf.errors import UnsupportedModelError
-
     for name, m in model.named_modules():
         what = "the model" if name == "" else f"submodule {name!r}"
         if isinstance(m, nn.DataParallel | nn.parallel.DistributedDataParallel):
