@@ -86,3 +86,19 @@ def test_the_complement_equals_the_direct_dot_products_on_a_resnet_in_float32(mo
     monkeypatch.setattr(ratios, "_complement_path", lambda *a, **k: None)
     direct = ierf.SRD(model).saliency(x, torch.tensor([1, 4]))
     torch.testing.assert_close(fast, direct, atol=1e-5 * float(direct.abs().max()), rtol=0)
+
+
+def test_a_residual_branch_contributing_only_negative_values_still_carries_its_bias():
+    """'Contributes nothing' means every channel is zero, not that none is positive: a live branch whose
+    contribution is negative in every channel keeps its share of the bias."""
+    model = randomise_bn(HalfDeadBranch()).double().eval()
+    with torch.no_grad():
+        model.conv3.weight.copy_(-model.conv3.weight.abs() - 0.05)
+    x = _image()
+    part = model.bn3(model.conv3(model.relu_a(model.conv_a(model.relu0(model.conv0(x))))))
+    shift = model.bn3.bias - model.bn3.running_mean * model.bn3.weight / (model.bn3.running_var + model.bn3.eps).sqrt()
+    live = part[..., 4:] - shift[:, None, None]
+    assert (live < 0).all(), "the branch's contribution is negative in every channel on the right half"
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    ref = ReferenceSRD(model)
+    assert_matches_reference(dec, ref, ref.decompose(x), targets=(0, 3), rel_tol=1e-9)
