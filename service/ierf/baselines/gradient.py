@@ -21,6 +21,7 @@ from ierf.baselines._common import (
     model_guard,
 )
 from ierf.methods import register_method, resolve_target
+from ierf.metrics._checks import check_fraction, check_positive_int
 
 
 class _CaptumExplainer:
@@ -88,10 +89,9 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
 
     def __init__(self, model: nn.Module, n_steps: int = 32, internal_batch_size: int = 8) -> None:
         super().__init__(model)
-        if n_steps < 1 or internal_batch_size < 1:
-            raise ValueError("n_steps and internal_batch_size must be >= 1")
-        self.n_steps = n_steps
-        self.internal_batch_size = internal_batch_size
+        # checked here, not at the first call: 2.5 steps or True would otherwise fail deep inside Captum
+        self.n_steps = check_positive_int(n_steps, "n_steps")
+        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ig = IntegratedGradients(checked_forward(self.model, target))
@@ -125,12 +125,12 @@ class SmoothGrad(_CaptumExplainer):
 
     def __init__(self, model: nn.Module, n_samples: int = 16, noise_level: float = 0.15, seed: int = 0) -> None:
         super().__init__(model)
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if not 0.0 < noise_level < 1.0:
-            raise ValueError(f"noise_level must be in (0, 1), got {noise_level}")
-        self.n_samples = n_samples
-        self.noise_level = noise_level
+        self.n_samples = check_positive_int(n_samples, "n_samples")
+        self.noise_level = check_fraction(noise_level, "noise_level")
+        if not 0.0 < self.noise_level < 1.0:  # NaN fails this too
+            raise ValueError(f"noise_level must be in (0, 1), got {noise_level!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:  # torch's range
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
         self.seed = seed
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
