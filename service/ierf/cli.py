@@ -20,8 +20,8 @@ import contextlib
 import errno
 import math
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,11 +298,10 @@ def _write_png(picture: object, output: str) -> Path:
         raise UsageError(f"cannot write {output!r}: {exc.strerror or exc}") from None
     # Written beside it and renamed onto it: a failure half-way (a full disk, Ctrl-C) leaves no truncated
     # PNG, and an earlier one of that name whole.
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, temporary = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as stream:
             picture.save(stream, format="PNG")
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make the output private
         os.replace(temporary, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -315,10 +314,18 @@ def _write_png(picture: object, output: str) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new, uniquely named file in ``path``'s folder, created 0666 so the kernel applies the umask as for
+    any output (mkstemp's 0600 would make it private; reading the umask means setting it, process-wide,
+    which another thread's file could catch at 0)."""
+    while True:
+        temporary = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.part")
+        try:
+            return os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            ), temporary
+        except FileExistsError:
+            continue
 
 
 class OutputFailure(Exception):
