@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 
 import ierf
 import pytest
@@ -181,5 +182,6 @@ def test_first_compilation_raises_the_recompile_limit_and_never_lowers_it(monkey
         monkeypatch.setattr(dynamo_config, name, before)
         monkeypatch.setattr(fused, "_compiled", {})
         monkeypatch.setattr(fused, "_disabled_reason", None)
+        monkeypatch.setattr(fused, "_per_thread", threading.local())  # a thread that has not run fused yet
         fused.run(fused.single_path_stats, torch.ones(2, 3), [torch.zeros(3)])
         assert getattr(dynamo_config, name) == after

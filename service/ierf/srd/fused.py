@@ -35,6 +35,7 @@ RECOMPILE_LIMIT = 64  # each arity / flag combination of a stage is its own comp
 
 _lock = threading.Lock()
 _compiled: dict[str, Callable[..., Any]] = {}
+_per_thread = threading.local()  # Dynamo's config values set at run time are per thread (torch 2.14)
 _disabled_reason: str | None = None
 
 
@@ -104,10 +105,12 @@ def run(fn: Callable[..., Any], *args: Any) -> Any:
     contributions already formed are not recomputed); after an error other than one shape variant too
     many, fusion is off for the rest of the process."""
     global _disabled_reason
+    if not getattr(_per_thread, "limit_raised", False):
+        _raise_recompile_limit(RECOMPILE_LIMIT)
+        _per_thread.limit_raised = True
     compiled = _compiled.get(fn.__name__)
     if compiled is None:
         with _lock:
-            _raise_recompile_limit(RECOMPILE_LIMIT)
             compiled = _compiled.setdefault(fn.__name__, torch.compile(fn, dynamic=True, fullgraph=True))
     try:
         with _independent_sizes():
@@ -122,8 +125,9 @@ def run(fn: Callable[..., Any], *args: Any) -> Any:
 
 def _raise_recompile_limit(limit: int) -> None:
     """Dynamo's per-function recompilation limit (default 8) counts every arity, dtype and batch-of-one
-    specialisation of a stage; past it the function would run uncompiled. Raised once, process-wide
-    (a per-call ``config.patch`` costs ~0.1 ms, as much as a small fused call)."""
+    specialisation of a stage; past it the function would run uncompiled. Raised once in each thread that
+    runs fused statistics, since the setting is thread-local (a per-call ``config.patch`` costs ~0.1 ms, as
+    much as a small fused call)."""
     import torch._dynamo.config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
