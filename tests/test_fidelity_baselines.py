@@ -135,9 +135,21 @@ def test_model_guard_restores_after_an_exception_mid_call(model: nn.Module) -> N
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"), model_guard(model):
         model.layer2.register_forward_hook(lambda *a: None)  # a library forgetting its hook
-        model.fc.weight.grad = torch.ones_like(model.fc.weight)
+        model.train()
         raise RuntimeError("boom")
     assert_untouched(model, before)
+
+
+def test_model_guard_keeps_gradients_written_meanwhile(model: nn.Module) -> None:
+    """Parameters are not the guard's: a training step that another thread's backward writes during an
+    explanation stays (the methods' own gradients never reach ``.grad``: the per-method tests above)."""
+    with model_guard(model):
+        assert all(p.requires_grad for p in model.parameters())
+        model.fc.weight.grad = torch.ones_like(model.fc.weight)
+    try:
+        assert model.fc.weight.grad is not None and bool((model.fc.weight.grad == 1).all())
+    finally:
+        model.fc.weight.grad = None
 
 
 def test_gradient_family_collapse_rule(model: nn.Module, x: torch.Tensor) -> None:
@@ -525,19 +537,19 @@ def test_a_model_given_inference_tensors_after_the_explainer_was_made_is_refused
 
 
 @pytest.mark.parametrize("fails", [True, False])
-def test_model_guard_restores_requires_grad_of_inference_parameters(fails: bool) -> None:
-    """The guard freezes and restores ``requires_grad``; PyTorch allows setting it back to True on an
-    inference tensor only inside inference mode, and the old restore loop stopped at the first parameter,
-    leaving the rest frozen and raising its own error over the body's."""
+def test_model_guard_leaves_requires_grad_of_inference_parameters_alone(fails: bool) -> None:
+    """The guard does not touch ``requires_grad`` (it once froze and restored it: PyTorch allows setting it
+    back to True on an inference tensor only inside inference mode, and a restore loop that stopped at the
+    first parameter left the rest frozen), whether the body returns or raises."""
     with torch.inference_mode():
         net = random_tiny_resnet(seed=3).eval()
-    next(net.parameters()).requires_grad_(False)  # a mix, restored parameter by parameter
+    next(net.parameters()).requires_grad_(False)  # a mix
     before = [p.requires_grad for p in net.parameters()]
     with contextlib.ExitStack() as stack:
         if fails:
             stack.enter_context(pytest.raises(RuntimeError, match=r"^boom$"))
         with model_guard(net):
-            assert not any(p.requires_grad for p in net.parameters())
+            assert [p.requires_grad for p in net.parameters()] == before
             if fails:
                 raise RuntimeError("boom")
     assert [p.requires_grad for p in net.parameters()] == before

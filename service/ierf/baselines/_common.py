@@ -104,13 +104,15 @@ def _lock_for(model: nn.Module) -> threading.RLock:
 
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode with frozen parameters and leave the model exactly as found.
+    """Run in eval mode and leave the model exactly as found.
 
-    Restores, even when the body raises: every module's ``training`` flag, every parameter's
-    ``requires_grad`` and ``.grad``, and every hook dictionary (entries a library forgot to remove
-    are dropped). Parameters are frozen inside so no library writes parameter gradients.
-    Guarded calls on the same model are serialised (one lock per model): otherwise two threads'
-    snapshots would interleave and one could restore the other's temporary hooks or flags.
+    Restores, even when the body raises: every module's ``training`` flag and every hook dictionary
+    (entries a library forgot to remove are dropped). Parameters are left alone: every method takes its
+    gradients with ``torch.autograd.grad`` towards inputs or activations, which never writes a parameter's
+    ``.grad``, and freezing them (then putting ``.grad`` back) silently erased the gradients of a training
+    step that another thread ran on the same model meanwhile. Guarded calls on the same model are
+    serialised (one lock per model): otherwise two threads' snapshots would interleave and one could
+    restore the other's temporary hooks or flags.
     Gradients are on inside, whatever the caller's ``torch.no_grad()`` or ``torch.inference_mode()``:
     these methods are defined by a backward pass.
     """
@@ -149,34 +151,15 @@ def _guarded(model: nn.Module) -> Iterator[None]:
     modules = list(model.modules())
     training = [m.training for m in modules]
     hooks = [{name: dict(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]
-    params = list(model.parameters())
-    requires_grad = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
     try:
         model.eval()
-        for p in params:
-            p.requires_grad_(False)
         yield
-    except BaseException:
-        _restore(modules, training, hooks, params, requires_grad, grads)  # the body's error is the one to see
-        raise
-    failures = _restore(modules, training, hooks, params, requires_grad, grads)
-    if failures:
-        raise failures[0]
+    finally:
+        _restore(modules, training, hooks)
 
 
-def _restore(
-    modules: list[nn.Module],
-    training: list[bool],
-    hooks: list[dict[str, dict]],
-    params: list[nn.Parameter],
-    requires_grad: list[bool],
-    grads: list[torch.Tensor | None],
-) -> list[Exception]:
-    """Put back what ``_guarded`` saved, each item on its own: one that fails cannot leave the rest changed.
-
-    An inference tensor's ``requires_grad`` can be set back to True only inside inference mode (outside it
-    PyTorch refuses, and the old loop stopped there, leaving every later parameter frozen)."""
+def _restore(modules: list[nn.Module], training: list[bool], hooks: list[dict[str, dict]]) -> None:
+    """Put back what ``_guarded`` saved: training flags, and hook dictionaries where entries were added."""
     for m, flag, saved in zip(modules, training, hooks, strict=True):
         m.training = flag
         for name, entries in saved.items():
@@ -184,15 +167,6 @@ def _restore(
             if current is not None and (current.keys() != entries.keys()):
                 current.clear()
                 current.update(entries)
-    failures: list[Exception] = []
-    for p, flag, grad in zip(params, requires_grad, grads, strict=True):
-        try:
-            with torch.inference_mode(p.is_inference()):
-                p.requires_grad_(flag)
-            p.grad = grad
-        except Exception as exc:  # each parameter is restored whatever the others do
-            failures.append(exc)
-    return failures
 
 
 def finish(maps: torch.Tensor, size: tuple[int, int], model: nn.Module) -> torch.Tensor:
