@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ierf._lazy import lazy_getattr
-from ierf.errors import InputSizeError, UnsupportedModelError
+from ierf.errors import InputSizeError, ModelChangedError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ierf.methods import available_methods, create_explainer, method_version, why_unsupported
@@ -41,6 +41,7 @@ __all__ = [
     "SRD",
     "Decomposition",
     "InputSizeError",
+    "ModelChangedError",
     "StateLayout",
     "UnsupportedModelError",
     "available_methods",

@@ -13,6 +13,12 @@ class BrokenModelError(ValueError):
     be explained. A ValueError for in-process callers; a server reports it as its own fault, not the caller's."""
 
 
+class ModelChangedError(RuntimeError):
+    """The model's parameters were written while an explanation ran (another thread loaded weights or stepped
+    an optimiser): the stages read before and after the write would mix two models, so nothing is returned.
+    Not the input's fault: calling again explains the new weights."""
+
+
 class InputSizeError(ValueError):
     """The input's height and width do not fit the model (a window larger than the map it reaches, or a
     fully connected layer that expects another number of features)."""

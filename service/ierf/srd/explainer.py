@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf._memory import memory_available
-from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError, UnsupportedModelError
+from ierf.errors import TOO_SMALL_MESSAGES, InputSizeError, ModelChangedError, UnsupportedModelError
 from ierf.methods import check_input, check_model_finite, register_method
 from ierf.srd.derived import follow_running_statistics
 from ierf.srd.graph import check_model_state
@@ -863,7 +863,7 @@ class SRD:
 
         Differentiable with respect to ``x`` when ``x.requires_grad`` (explanation-manipulation attacks).
         """
-        check_model_state(self.model, self.program.built_from)
+        parameters = [p for p in check_model_state(self.model, self.program.built_from) if not p.is_inference()]
         follow_running_statistics(self.model)
         p = next(self.model.parameters(), None)
         check_input(x, p.dtype if p is not None else x.dtype)
@@ -876,6 +876,7 @@ class SRD:
         if isinstance(keep, str):
             keep = [keep]  # one name, not its letters
         keep_ids = {self.program.source_id(name) for name in keep or []}
+        versions = [p._version for p in parameters]
         dec = self._run(x, keep_ids)
         gradient_head = self.head != "exact" and dec._resolve_head(self.head) != "exact"
         if gradient_head and dec.start_layer() not in dec.activations:
@@ -885,6 +886,11 @@ class SRD:
         if not gradient_head:
             # "auto" resolved to the exact head: the gradient start map's activation is not needed
             dec.activations = {sid: a for sid, a in dec.activations.items() if sid in keep_ids}
+        if [p._version for p in parameters] != versions:
+            raise ModelChangedError(
+                "the model's parameters were written while SRD explained it (another thread loading weights or "
+                "stepping an optimiser?): its stages would mix the old and the new weights; call again"
+            )
         return dec
 
     def _run(self, x: torch.Tensor, keep_ids: set[int]) -> Decomposition:

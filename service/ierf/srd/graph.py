@@ -363,12 +363,14 @@ def module_identities(model: nn.Module) -> tuple[tuple[str, int, tuple[int, ...]
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[int, ...]], ...]) -> None:
+def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[int, ...]], ...]) -> list[torch.Tensor]:
     """Refuse to explain a model that no longer computes what the traced program computes: in training
     mode (dropout, batch statistics, ``self.training`` branches were traced as in eval), with forward hooks
-    (the traced graph does not run them), or with submodules replaced since the explainer was built."""
-    training, hooked = [], []
+    (the traced graph does not run them), or with submodules replaced since the explainer was built.
+    Returns the model's parameters (gathered in the same pass), whose versions tell a write during the call."""
+    training, hooked, parameters = [], [], []
     for name, m in model.named_modules():
+        parameters += [p for p in m._parameters.values() if p is not None]
         # Batch norm and dropout change with the mode, and so may any code outside torch.nn that reads
         # self.training (it was traced in eval); stock activations and containers do not.
         if m.training and (isinstance(m, _MODE_DEPENDENT) or not type(m).__module__.startswith("torch.nn")):
@@ -395,3 +397,4 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[
             "the model's modules changed after this explainer was built (a submodule was replaced, added or "
             "removed, or a forward was patched): build a new ierf.SRD(model)"
         )
+    return parameters
