@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import threading
 
 import torch
 import torch.fx as fx
@@ -281,41 +282,49 @@ class LRPExplainer:
         refuse_wrapped(model, "LRP")  # its canonizers trace the model, as SRD does
         self.source = model
         self.epsilon = epsilon
-        self._copy_source()  # unsupported architectures fail here, not on the first call
+        self._lock = threading.Lock()  # one thread at a time decides whether to copy again
+        self._copy_source(_state_stamp(model), None)  # unsupported architectures fail here, not on the first call
 
-    def _copy_source(self) -> None:
-        """A private copy and its canonizers (checked once per copy: the check traces the model). The copy
-        is taken outside a caller's inference mode: inference tensors would be useless to autograd."""
+    def _copy_source(self, stamp: tuple, canonizers: list[Canonizer] | None) -> None:
+        """A private copy, and its canonizers unless the architecture's are given (choosing them traces the
+        model with torch.fx, which patches ``nn.Module.__call__`` process-wide: done when the explainer is
+        built, never again during calls while only tensors changed). The copy is taken outside a caller's
+        inference mode: inference tensors would be useless to autograd."""
         check_ordinary_tensors(self.source)
-        stamp = _state_stamp(self.source)
         with torch.inference_mode(False):
             model = copy.deepcopy(self.source).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        canonizers = canonizers_for(model)
+        if canonizers is None:
+            canonizers = canonizers_for(model)
         self.model, self._canonizers, self._copied_from = model, canonizers, stamp
 
-    def _current(self) -> None:
-        """Copy the caller's model again if it changed since the copy (a fine-tuning step, new weights
-        loaded, a move to the GPU): the map must explain the model as it is now."""
-        if _state_stamp(self.source) != self._copied_from:
-            self._copy_source()
+    def _current(self) -> tuple[nn.Module, list[Canonizer]]:
+        """The copy (and canonizers) this call uses, taken again if the caller's model changed since (a
+        fine-tuning step, new weights loaded, a move to the GPU): the map must explain the model as it is now.
+        A call keeps the copy it got even if another call replaces it meanwhile."""
+        with self._lock:
+            stamp = _state_stamp(self.source)
+            if stamp != self._copied_from:
+                same_modules = stamp[1] == self._copied_from[1]  # only tensors changed: same architecture
+                self._copy_source(stamp, self._canonizers if same_modules else None)
+            return self.model, self._canonizers
 
     def saliency(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         x = check_input(x, self.source)
         target = resolve_target(target, x.shape[0])
-        self._current()
-        composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=self._canonizers)
-        with model_guard(self.model):
+        model, canonizers = self._current()
+        composite = EpsilonPlusFlat(epsilon=self.epsilon, canonizers=canonizers)
+        with model_guard(model):
             try:
-                composite.register(self.model)
+                composite.register(model)
                 x_in = x.detach().clone().requires_grad_(True)
 
                 def output_relevance(logits: torch.Tensor) -> torch.Tensor:
                     check_target_range(logits, target)
                     return torch.nn.functional.one_hot(target.to(logits.device), logits.shape[1]).to(logits.dtype)
 
-                _, relevance = Gradient(self.model)(x_in, output_relevance)
+                _, relevance = Gradient(model)(x_in, output_relevance)
             finally:
                 composite.remove()
         return finish(collapse_channels(relevance), tuple(x.shape[-2:]), self.source)
