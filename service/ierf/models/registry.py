@@ -319,9 +319,17 @@ def load_model(
         with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the global generator: one thread at a time
             torch.manual_seed(seed)
             module = spec.build()
-        if (name, seed) not in _random_init_digests:
-            _random_init_digests[(name, seed)] = _state_digest(module)
-        digest = _random_init_digests[(name, seed)]
+        # Another thread drawing from the global generator meanwhile (a training loop, dropout) takes numbers
+        # out of the seeded stream, and the weights are then not the seed's: the digest must name the
+        # weights built, so the cached one is used only when their fingerprint is that of the seed's.
+        fingerprint = _state_fingerprint(module)
+        known = _random_init_digests.get((name, seed))
+        if known is not None and known[0] == fingerprint:
+            digest = known[1]
+        else:
+            digest = _state_digest(module)
+            if known is None:
+                _random_init_digests[(name, seed)] = (fingerprint, digest)
         source = f"random_init(seed={seed})"
     else:
         path = resolve_weights(name, weights)
@@ -477,8 +485,9 @@ def _state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str
 
 
 _file_digests: dict[tuple[str, int, int, int, int, int], str] = {}
-# Seeded random init is deterministic for a given torch build, so its digest is hashed once too.
-_random_init_digests: dict[tuple[str, int], str] = {}
+# Seeded random init is deterministic for a given torch build, so its digest is hashed once too (with the
+# weights' fingerprint, which tells a build whose draws another thread disturbed).
+_random_init_digests: dict[tuple[str, int], tuple[tuple[float, ...], str]] = {}
 # random_init seeds torch's global generator (inside fork_rng): concurrent loads would draw from each
 # other's seeds and leave it changed, so they take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
@@ -520,6 +529,12 @@ def _stream_digest(stream: BinaryIO, path: Path) -> str:
             hasher.update(chunk)
         _file_digests[key] = hasher.hexdigest()[:_DIGEST_CHARS]
     return _file_digests[key]
+
+
+def _state_fingerprint(module: nn.Module) -> tuple[float, ...]:
+    """Each state tensor's sum in float64 (a few ms for ResNet50): any other random draw changes them."""
+    with torch.no_grad():
+        return tuple(float(t.detach().double().sum()) for t in module.state_dict().values() if t.is_floating_point())
 
 
 def _state_digest(module: nn.Module) -> str:
