@@ -376,6 +376,15 @@ def start_service(
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"grpc_options: {first_error(exc)}") from None
+    proxy_cap = grpc_options.request_timeout_s
+    if proxy_cap is not None and proxy_cap < config.ingress.request_timeout_s:
+        # GetModel advertises the ingress's cap as max_deadline_s and the ingress plans work for it, but the
+        # proxy would cut every call at its own
+        raise ValueError(
+            f"grpc_options.request_timeout_s ({proxy_cap:g} s) is below ingress.request_timeout_s "
+            f"({config.ingress.request_timeout_s:g} s): Serve's proxy would end every call at {proxy_cap:g} s while "
+            "the service promises callers the longer deadline; raise the first or lower the second"
+        )
     node_ip = choose_node_ip(http_host, node_ip)
     grpc_max_message = grpc_max_message_bytes(config.ingress.max_image_bytes)
     _check_ports({"gRPC": grpc_port, "HTTP": http_port, "metrics": metrics_port})

@@ -282,6 +282,14 @@ class IngressConfig:
         for key in ("max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k"):
             _integer(key, getattr(self, key), 1)
         _seconds("request_timeout_s", self.request_timeout_s)
+        from PIL import Image
+
+        decodable = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+        if decodable and self.max_pixels > decodable:
+            raise ValueError(
+                f"max_pixels must be at most {decodable} (twice Pillow's MAX_IMAGE_PIXELS: past it the decoder "
+                f"refuses an encoded image from its header, whatever this cap says), got {self.max_pixels}"
+            )
         from ierf.serving.protocol import MAX_REPEATED_ENTRIES  # the proxy refuses longer lists unparsed
 
         if self.max_positions > MAX_REPEATED_ENTRIES:

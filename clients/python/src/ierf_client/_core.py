@@ -147,13 +147,16 @@ class Attempts:
     def error(self, exc: grpc.RpcError) -> IerfError:
         """The error to raise for the final failed attempt ``exc``."""
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        if self.last_overload is None or code != grpc.StatusCode.DEADLINE_EXCEEDED:
+        if self.last_overload is None:
+            return error_from_rpc(exc)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = "retried until the call's deadline ran out"
+        elif exc is self.last_overload and self.count > 1:  # retried, and the next pause no longer fitted
+            why = "retried until no further attempt fitted the call's deadline or retry policy"
+        else:
             return error_from_rpc(exc)
         overload = error_from_rpc(self.last_overload)
-        details = (
-            f"{overload.details} (refused as overloaded on {self.overloads} of {self.count} attempts, "
-            "retried until the call's deadline ran out)"
-        )
+        details = f"{overload.details} (refused as overloaded on {self.overloads} of {self.count} attempts, {why})"
         return type(overload)(overload.code, details, overload.retry_after_s)
 
 
