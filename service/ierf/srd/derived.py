@@ -42,8 +42,7 @@ class DerivedCache:
         # key -> (weak refs to the sources, their fingerprints, value, bytes)
         self._entries: OrderedDict[tuple, tuple[tuple[weakref.ref, ...], tuple, Any, int]] = OrderedDict()
         self._lock = threading.Lock()
-        # Keys whose source died. Weak-reference callbacks run inside whatever allocation triggered the
-        # collection, possibly while this thread holds the lock: they only append here (atomic).
+        # Keys whose source died and whose entry is still to drop (their callback found the lock taken).
         self._dead: collections.deque[tuple] = collections.deque()
 
     def get(self, tag: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
@@ -67,7 +66,7 @@ class DerivedCache:
         size = _nbytes(value, sources)
         if size > self.max_bytes:
             return value
-        refs = tuple(weakref.ref(s, lambda _, key=key: self._dead.append(key)) for s in sources)
+        refs = tuple(weakref.ref(s, lambda _, key=key: self._source_died(key)) for s in sources)
         with self._lock:
             self._pop(key)
             self._entries[key] = (refs, prints, value, size)
@@ -88,6 +87,19 @@ class DerivedCache:
         if entry is not None:
             self._bytes -= entry[3]
 
+    def _source_died(self, key: tuple) -> None:
+        """Weak-reference callback: the entry is dropped now when the lock is free, so deleting a model frees
+        its entries at once (not at the next call). It may run inside whatever allocation triggered the
+        collection, with the lock held by this very thread: then the key only waits in the queue."""
+        self._dead.append(key)
+        # Values dropped by a purge may be sources of other entries: their callbacks, finding the lock
+        # taken, queue their keys, and the loop takes them after the release.
+        while self._dead and self._lock.acquire(blocking=False):
+            try:
+                self._purge_dead()
+            finally:
+                self._lock.release()
+
     def _purge_dead(self) -> None:
         """Drop entries whose source was freed: they can never match again and must not pin their values."""
         while self._dead:
@@ -95,6 +107,7 @@ class DerivedCache:
             entry = self._entries.get(key)
             if entry is not None and any(ref() is None for ref in entry[0]):
                 self._pop(key)
+            entry = None  # its value freed now, inside the loop: keys it was the source of are taken too
 
     def clear(self) -> None:
         with self._lock:

@@ -709,9 +709,11 @@ def _window_offsets(
 @functools.lru_cache(maxsize=256)
 def _uniform_kernel(channels: int, kh: int, kw: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The depthwise kernel of an average pooling: one object per shape, so kernels folded from it are kept
-    between calls (never written to; an ordinary tensor even when first made under inference mode)."""
+    between calls (never written to; an ordinary tensor even when first made under inference mode). One
+    value expanded, not materialised: a global average pool's kernel is as large as the last feature map,
+    and one per input size, kept process-wide, held hundreds of MB for images of varied sizes."""
     with torch.inference_mode(False):
-        return torch.full((channels, 1, kh, kw), 1.0 / (kh * kw), dtype=dtype, device=device)
+        return torch.full((1, 1, 1, 1), 1.0 / (kh * kw), dtype=dtype, device=device).expand(channels, 1, kh, kw)
 
 
 def _placed(
