@@ -960,9 +960,11 @@ class SRD:
         """A decomposition from :meth:`Decomposition.state_dict` tensors. ``like``: the layout the state
         must have (:meth:`StateLayout.of` a decomposition of this model at the same input size), checked
         exactly: routes, shapes, finite values. Without it the state is checked for structure only (another
-        model's state, a missing stage or a route to no map is refused); states read back from a shared
-        store should always be checked with ``like``. ``device``: where the decomposition lives, the state
-        moved there after its check (a state read from a store is on the CPU, where checking is fastest)."""
+        architecture's state, a missing stage or a route to no map is refused); states read back from a shared
+        store should always be checked with ``like``. A state holds no weights fingerprint: one made with other
+        weights of this architecture is not told apart, so stores key states by the weights too. ``device``:
+        where the decomposition lives, the state moved there after its check (a state read from a store is on
+        the CPU, where checking is fastest)."""
         if device is not None and torch.device(device).type == "meta":  # ended in .item() on a meta tensor
             raise ValueError("device is the meta device: a decomposition there would have no values")
         if like is not None:

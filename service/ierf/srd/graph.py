@@ -360,7 +360,7 @@ def module_identities(model: nn.Module) -> tuple[tuple[str, int, tuple[int, ...]
     )
 
 
-_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU)
 
 
 def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[int, ...]], ...]) -> list[torch.Tensor]:

@@ -98,7 +98,10 @@ class Program:
                 module = model.get_submodule(str(node.target))
                 cls = rule_type(module, known)
                 if cls is None:
-                    raise UnsupportedModelError(f"no SRD rule for {type(module).__name__} at module '{node.target}'")
+                    raise UnsupportedModelError(
+                        f"no SRD rule for {type(module).__name__} at module '{node.target}' (if it is an element-wise "
+                        f"activation, declare it: ierf.srd.register_activation({type(module).__name__}))"
+                    )
                 rule = MODULE_RULES[cls]
             elif node.op == "call_function":
                 rule = FUNCTION_RULES.get(node.target)

@@ -113,6 +113,13 @@ ACTIVATION_MODULES: tuple[type, ...] = (
     nn.Sigmoid,
     nn.Hardsigmoid,
     nn.PReLU,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.RReLU,  # in eval mode a fixed leaky ReLU (a model in training mode is refused: graph.check_model_state)
+    nn.Softshrink,
+    nn.Hardshrink,
 )
 ACTIVATION_FUNCTIONS: tuple[Any, ...] = (
     F.relu,
@@ -133,6 +140,14 @@ ACTIVATION_FUNCTIONS: tuple[Any, ...] = (
     torch.tanh,
     torch.sigmoid,
     F.hardsigmoid,
+    F.softsign,
+    F.logsigmoid,
+    F.tanhshrink,
+    F.threshold,
+    F.rrelu,
+    F.softshrink,
+    F.hardshrink,
+    torch.special.expit,
 )
 ACTIVATION_METHODS: tuple[str, ...] = ("relu", "relu_", "sigmoid", "tanh")
 
@@ -152,6 +167,13 @@ def _activation_function(ctx: Interpreter, node: fx.Node, fn: Any, x: Any, *args
     kwargs.pop("inplace", None)
     if fn in (F.relu_, torch.relu_):
         fn = torch.relu
+    if fn is F.rrelu:
+        training = kwargs.pop("training", args[2] if len(args) > 2 else False)
+        if training:
+            raise UnsupportedModelError(
+                f"{ctx.where(node)}: rrelu with training=True draws a random slope per element at every call"
+            )
+        args = args[:2]  # lower, upper (an inplace flag after training is dropped as for every activation)
     return ctx.activation(node, x, lambda z: fn(z, *args, **kwargs))
 
 

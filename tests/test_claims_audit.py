@@ -1,0 +1,136 @@
+"""README claims about the engine, checked against what it does (documentation audit).
+
+Each test quotes the claim it pins. Small random-weight networks, CPU, a second or two each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ierf
+import pytest
+import torch
+import torchvision
+from ierf.errors import UnsupportedModelError
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _TwoStages(nn.Module):
+    """conv -> act -> conv -> act -> global mean -> linear: the smallest net with two PFV boundaries."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.c2(self.act(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [
+        nn.Softsign(),
+        nn.LogSigmoid(),
+        nn.Tanhshrink(),
+        nn.Threshold(0.1, 0.0),
+        nn.RReLU(),
+        nn.Softshrink(),
+        nn.Hardshrink(),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+def test_every_stock_elementwise_activation_is_a_pfv_boundary_or_refused_with_the_way_round(activation) -> None:
+    """README (Generic over architectures): "any element-wise activation as the PFV boundary (ReLU, ReLU6,
+    GELU, …)". These stock torch.nn activations are element-wise (RReLU in eval mode is a fixed leaky ReLU),
+    yet each raised "no SRD rule for Softsign at module 'act'" — a message that does not point at
+    ierf.srd.register_activation, with which the same model decomposes exactly. Either the registry knows
+    them (the map sums to the logit), or the refusal names the way round and the README stops saying "any"."""
+    torch.manual_seed(0)
+    model = _TwoStages(activation).eval()
+    x = torch.randn(1, 3, 16, 16)
+    try:
+        saliency = ierf.SRD(model).saliency(x, 1)
+    except UnsupportedModelError as exc:
+        readme = (ROOT / "README.md").read_text()
+        assert "register_activation" in str(exc), f"refused without naming the way round: {exc}"
+        assert "any element-wise activation" not in readme, "README still promises any element-wise activation"
+        return
+    torch.testing.assert_close(saliency.sum(), model(x)[0, 1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_decomposition_state_of_other_weights_is_not_taken_for_this_models() -> None:
+    """README: "without like=, a state is checked for structure only (...): another model's state is refused;
+    like= also pins routes and refuses NaN/inf". A state_dict of resnet18 with *other weights* (the same model
+    before fine-tuning, a cache kept across a weights update) is accepted with and without like=, and its
+    saliency then sums to the other model's logit, not this one's: a silently stale map. The service keys its
+    cache by the weights digest, but the README offers state_dict() to Python callers as "cacheable"."""
+    torch.manual_seed(0)
+    before = torchvision.models.resnet18().eval()
+    after = torchvision.models.resnet18().eval()  # other weights, same architecture
+    x = torch.randn(1, 3, 64, 64)
+    state = ierf.SRD(before).decompose(x).state_dict()
+    explainer = ierf.SRD(after)
+    like = ierf.StateLayout.of(explainer.decompose(x))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    if "another model's state is refused" not in readme:
+        return  # the README no longer promises it (then say that a state carries no weights fingerprint)
+    for kwargs in ({}, {"like": like}):
+        with pytest.raises(ValueError):
+            explainer.load_decomposition(state, **kwargs)
+
+
+class _Functional(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fn(self.c2(self.fn(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        torch.nn.functional.softsign,
+        torch.nn.functional.logsigmoid,
+        torch.nn.functional.tanhshrink,
+        lambda z: torch.nn.functional.threshold(z, 0.1, 0.0),
+        lambda z: torch.nn.functional.rrelu(z, 0.1, 0.3, False),
+        torch.nn.functional.softshrink,
+        torch.nn.functional.hardshrink,
+        torch.special.expit,
+    ],
+    ids=["softsign", "logsigmoid", "tanhshrink", "threshold", "rrelu", "softshrink", "hardshrink", "expit"],
+)
+def test_functional_forms_of_the_stock_activations_are_pfv_boundaries(fn) -> None:
+    """The same activations called as functions: their maps sum to the logit (conservation)."""
+    torch.manual_seed(0)
+    model = _Functional(fn).eval()
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(ierf.SRD(model).saliency(x, 1).sum(), model(x)[0, 1], rtol=1e-4, atol=1e-5)
+
+
+def test_rrelu_in_training_mode_is_refused_not_explained_with_a_random_slope() -> None:
+    torch.manual_seed(0)
+    model = _TwoStages(nn.RReLU()).eval()
+    model.act.train()
+    with pytest.raises(ValueError, match="modules in training mode: act"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 16, 16), 1)
+    functional = _Functional(lambda z: torch.nn.functional.rrelu(z, 0.1, 0.3, True)).eval()
+    with pytest.raises(UnsupportedModelError, match="rrelu with training=True"):
+        ierf.SRD(functional).saliency(torch.randn(1, 3, 16, 16), 1)
+
+
+def test_a_module_without_a_rule_is_refused_with_the_way_to_declare_an_activation() -> None:
+    torch.manual_seed(0)
+    model = _TwoStages(nn.Softmax2d()).eval()
+    with pytest.raises(UnsupportedModelError, match=r"ierf\.srd\.register_activation\(Softmax2d\)"):
+        ierf.SRD(model)
