@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class _TwoStages(nn.Module):
     """conv -> act -> conv -> act -> global mean -> linear: the smallest net with two PFV boundaries."""
 
-    def __init__(self, act: nn.Module) -> None:
+    def __init__(self, act) -> None:  # a module, or a function (traced as a call)
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
@@ -84,18 +84,6 @@ def test_a_decomposition_state_of_other_weights_is_not_taken_for_this_models() -
             explainer.load_decomposition(state, **kwargs)
 
 
-class _Functional(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.fn(self.c2(self.fn(self.c1(x)))).mean((2, 3)))
-
-
 @pytest.mark.parametrize(
     "fn",
     [
@@ -113,7 +101,7 @@ class _Functional(nn.Module):
 def test_functional_forms_of_the_stock_activations_are_pfv_boundaries(fn) -> None:
     """The same activations called as functions: their maps sum to the logit (conservation)."""
     torch.manual_seed(0)
-    model = _Functional(fn).eval()
+    model = _TwoStages(fn).eval()
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(ierf.SRD(model).saliency(x, 1).sum(), model(x)[0, 1], rtol=1e-4, atol=1e-5)
 
@@ -124,7 +112,7 @@ def test_rrelu_in_training_mode_is_refused_not_explained_with_a_random_slope() -
     model.act.train()
     with pytest.raises(ValueError, match="modules in training mode: act"):
         ierf.SRD(model).saliency(torch.randn(1, 3, 16, 16), 1)
-    functional = _Functional(lambda z: torch.nn.functional.rrelu(z, 0.1, 0.3, True)).eval()
+    functional = _TwoStages(lambda z: torch.nn.functional.rrelu(z, 0.1, 0.3, True)).eval()
     with pytest.raises(UnsupportedModelError, match="rrelu with training=True"):
         ierf.SRD(functional).saliency(torch.randn(1, 3, 16, 16), 1)
 
