@@ -178,10 +178,16 @@ def test_first_compilation_raises_the_recompile_limit_and_never_lowers_it(monkey
     import torch._dynamo.config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    for before, after in ((8, fused.RECOMPILE_LIMIT), (10 * fused.RECOMPILE_LIMIT, 10 * fused.RECOMPILE_LIMIT)):
-        monkeypatch.setattr(dynamo_config, name, before)
-        monkeypatch.setattr(fused, "_compiled", {})
-        monkeypatch.setattr(fused, "_disabled_reason", None)
-        monkeypatch.setattr(fused, "_per_thread", threading.local())  # a thread that has not run fused yet
-        fused.run(fused.single_path_stats, torch.ones(2, 3), [torch.zeros(3)])
-        assert getattr(dynamo_config, name) == after
+    # set and put back by hand: monkeypatch's undo deletes the entry from torch's config module (every later
+    # read of it, in any thread, then raised AttributeError)
+    saved = getattr(dynamo_config, name)
+    try:
+        for before, after in ((8, fused.RECOMPILE_LIMIT), (10 * fused.RECOMPILE_LIMIT, 10 * fused.RECOMPILE_LIMIT)):
+            setattr(dynamo_config, name, before)
+            monkeypatch.setattr(fused, "_compiled", {})
+            monkeypatch.setattr(fused, "_disabled_reason", None)
+            monkeypatch.setattr(fused, "_per_thread", threading.local())  # a thread that has not run fused yet
+            fused.run(fused.single_path_stats, torch.ones(2, 3), [torch.zeros(3)])
+            assert getattr(dynamo_config, name) == after
+    finally:
+        setattr(dynamo_config, name, saved)
