@@ -153,7 +153,8 @@ def test_a_failing_compiled_call_restores_duck_sizing(monkeypatch: pytest.Monkey
     the eager fallback runs): a leak would change how every later torch.compile in the process specialises."""
     from torch.fx.experimental import _config as fx_config
 
-    monkeypatch.setattr(fx_config, "use_duck_shape", True)
+    saved = fx_config.use_duck_shape  # set and put back by hand: monkeypatch's undo deletes a torch config entry
+    fx_config.use_duck_shape = True
     seen: list[bool] = []
 
     def probe(v: torch.Tensor) -> torch.Tensor:
@@ -165,9 +166,12 @@ def test_a_failing_compiled_call_restores_duck_sizing(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(fused, "_compiled", {"probe": broken})
     monkeypatch.setattr(fused, "_disabled_reason", None)
-    out = fused.run(probe, torch.zeros(3))
-    assert seen == [False]  # compiled with every size its own symbol
-    assert fx_config.use_duck_shape is True  # and restored although the compiled call raised
+    try:
+        out = fused.run(probe, torch.zeros(3))
+        assert seen == [False]  # compiled with every size its own symbol
+        assert fx_config.use_duck_shape is True  # and restored although the compiled call raised
+    finally:
+        fx_config.use_duck_shape = saved
     torch.testing.assert_close(out, torch.ones(3))  # the eager fallback's answer
 
 
