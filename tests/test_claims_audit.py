@@ -122,3 +122,17 @@ def test_a_module_without_a_rule_is_refused_with_the_way_to_declare_an_activatio
     model = _TwoStages(nn.Softmax2d()).eval()
     with pytest.raises(UnsupportedModelError, match=r"ierf\.srd\.register_activation\(Softmax2d\)"):
         ierf.SRD(model)
+
+
+def test_the_old_weight_norm_is_refused_with_the_parametrization_that_works() -> None:
+    """torch.nn.utils.weight_norm recomputes the weight in a forward pre-hook; the refusal said only "has forward
+    hooks", where parametrizations.weight_norm (which SRD follows) is the way round."""
+    torch.manual_seed(0)
+    model = _TwoStages(nn.ReLU()).eval()
+    torch.nn.utils.weight_norm(model.c2)
+    with pytest.raises(ValueError, match=r"parametrizations\.weight_norm"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 16, 16), 1)
+    fixed = _TwoStages(nn.ReLU()).eval()
+    torch.nn.utils.parametrizations.weight_norm(fixed.c2)
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(ierf.SRD(fixed).saliency(x, 1).sum(), fixed(x)[0, 1], rtol=1e-4, atol=1e-5)

@@ -388,9 +388,20 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[
     )
     if hooked or global_hooks:
         where = f"on {', '.join(repr(n) for n in hooked[:5])}" if hooked else "registered globally"
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        old_weight_norm = any(
+            isinstance(h, WeightNorm) for _, m in model.named_modules() for h in m._forward_pre_hooks.values()
+        )
+        way_out = (
+            "the old torch.nn.utils.weight_norm works by such a hook: use "
+            "torch.nn.utils.parametrizations.weight_norm, which SRD follows"
+            if old_weight_norm
+            else "remove them while explaining"
+        )
         raise ValueError(
             f"the model has forward hooks ({where}): SRD decomposes the model's traced forward, which does not "
-            "run hooks, so the maps would not explain what the hooked model computes; remove them while explaining"
+            f"run hooks, so the maps would not explain what the hooked model computes; {way_out}"
         )
     if module_identities(model) != built_from:
         raise ValueError(
