@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import ierf
 import torch
 from torch import nn
@@ -54,3 +57,64 @@ def test_a_disturbed_random_init_build_does_not_evict_the_seeds_cached_digest(mo
     assert len(hashed) == 2, "the disturbed build replaced the seed's cached digest"
     assert again.weights_digest == clean.weights_digest
     registry._random_init_digests.pop(key, None)
+
+
+def test_lrp_after_an_architecture_change_chooses_its_canonizers_again() -> None:
+    """The canonizers chosen at build are reused only while the modules are the same (only tensors changed).
+    A block swapped in afterwards (here a residual block into a plain net) needs the residual canonizer: kept
+    stale, the map misses the block's sum rule (85 % off a fresh explainer's)."""
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+    x = torch.randn(1, 3, 16, 16)
+    explainer = ierf.create_explainer("lrp", model)
+    explainer.saliency(x, 1)
+    model[3] = BasicBlock(8, 8).eval()
+    expected = ierf.create_explainer("lrp", model).saliency(x, 1)
+    torch.testing.assert_close(explainer.saliency(x, 1), expected)
+
+
+def test_lrp_calls_racing_after_a_weight_change_copy_the_model_once() -> None:
+    """Calls that find the caller's model changed decide under one lock whether to copy it again: the second
+    caller finds the first's copy current. Without the lock both copy (a deep copy of the model each), and
+    the later copy replaces the earlier one under the first caller."""
+    from ierf.baselines import lrp as lrp_module
+
+    model = _model()
+    explainer = ierf.create_explainer("lrp", model)
+    with torch.no_grad():
+        model[6].bias.add_(0.5)
+    copies: list[str] = []
+    first_copying, second_started = threading.Event(), threading.Event()
+    original = lrp_module.LRPExplainer._copy_source
+
+    def slow_copy(self, stamp, canonizers) -> None:
+        copies.append(threading.current_thread().name)
+        if threading.current_thread().name == "first":
+            first_copying.set()
+            second_started.wait(10)
+            time.sleep(0.3)  # the second caller reaches the stamp check meanwhile (without the lock)
+        original(self, stamp, canonizers)
+
+    def second() -> None:
+        first_copying.wait(10)  # the first caller holds the lock (it is copying)
+        second_started.set()
+        explainer._current()
+
+    explainer._copy_source = slow_copy.__get__(explainer)
+    first = threading.Thread(target=explainer._current, name="first")
+    other = threading.Thread(target=second, name="second")
+    first.start()
+    other.start()
+    first.join(20)
+    other.join(20)
+    assert copies == ["first"], copies
