@@ -118,3 +118,56 @@ def test_lrp_calls_racing_after_a_weight_change_copy_the_model_once() -> None:
     first.join(20)
     other.join(20)
     assert copies == ["first"], copies
+
+
+def _chain(cache) -> tuple[list[torch.Tensor], list]:
+    """weight -> derived -> derived-of-derived, each entry's value the next one's source."""
+    weight = torch.randn(64, 64)
+    first = cache.get("first", (weight,), lambda: weight * 2)
+    second = cache.get("second", (first,), lambda: first + 1)
+    import weakref
+
+    return [weight, first, second], [weakref.ref(first), weakref.ref(second)]
+
+
+def test_a_purge_inside_a_lookup_also_takes_the_entries_whose_sources_it_freed() -> None:
+    """A model deleted while the cache's lock is taken only queues its keys; the next lookup purges them. The
+    value each purged entry held is freed inside that purge, so entries derived from it are purged in the same
+    pass, not left pinning their tensors until some later call."""
+    import gc
+
+    from ierf.srd.derived import DerivedCache
+
+    cache = DerivedCache()
+    tensors, refs = _chain(cache)
+    with cache._lock:  # as when the collection runs inside another lookup
+        del tensors[:]
+        gc.collect()
+    assert len(cache._dead) == 1  # the weight's entry, queued: the lock was taken
+    other = torch.randn(4)
+    cache.get("other", (other,), lambda: other * 3)
+    assert [r() for r in refs] == [None, None], "an entry derived from a purged value outlived the lookup"
+    assert list(cache._entries) == [("other", id(other))]
+
+
+def test_keys_queued_while_a_callback_purges_are_taken_before_it_returns() -> None:
+    """A source that dies in another thread while one callback purges (its callback finds the lock taken and
+    only queues its key) is purged by the callback holding the lock, after its pass and before it returns."""
+    from ierf.srd.derived import DerivedCache
+
+    cache = DerivedCache()
+    first_weight, late_weight = torch.randn(8, 8), torch.randn(8, 8)
+    for tag, source in (("first", first_weight), ("late", late_weight)):
+        cache.get(tag, (source,), source.mul(2).clone)
+    del source
+    late = [late_weight]
+    del late_weight
+    purge = cache._purge_dead
+
+    def purge_then_a_late_death() -> None:
+        purge()
+        late.clear()  # the other thread's source dies now: its callback queues and returns
+
+    cache._purge_dead = purge_then_a_late_death
+    del first_weight  # the callback purges, meets the late death, and takes it too
+    assert len(cache._entries) == 0 and not cache._dead
