@@ -7,20 +7,8 @@ import time
 
 import ierf
 import torch
+from test_round16_mutants import _model
 from torch import nn
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    ).eval()
 
 
 def test_a_model_built_under_inference_mode_is_explained_like_its_ordinary_twin() -> None:
