@@ -208,3 +208,40 @@ def test_work_that_fails_to_start_gives_its_pixels_back() -> None:
         assert order == [60] and gate.active == 0
 
     asyncio.run(scenario())
+
+
+def test_a_small_image_that_must_wait_is_not_refused_by_a_full_bound() -> None:
+    """The decode budget and the small-image headroom both full, the waiting bound full of large images:
+    a small image still waits (outside the bound, which it never counts against) and goes first. (Mutation
+    round 17: counting small images against the bound went unseen, since the other test's small image
+    decoded in the headroom at once.)"""
+
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=100, small_pixels=10)
+        order: list[int] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(_hold(gate, p, release, order, _deadline())) for p in (100, 10, 100)]
+        await _settle()
+        assert (gate.active, gate.queued) == (110, 100)  # budget and headroom in use, the bound full
+        tasks.append(asyncio.create_task(_hold(gate, 8, release, order, _deadline())))
+        await _settle()
+        assert gate.queued == 100 and order == [100, 10]  # waiting, not refused, and not counted
+        release.set()
+        await asyncio.gather(*tasks)
+        assert order == [100, 10, 8, 100] and gate.active == gate.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_deadline_has_passed_is_refused_before_it_waits() -> None:
+    """A deadline already past (a request that spent its budget upstream) is refused as such at once, not
+    queued and timed out as if it had waited."""
+
+    async def scenario() -> None:
+        gate = DecodeGate(active_pixels=100, queued_pixels=1000)
+        await gate._admit(100, _deadline())  # a decode in flight: the next image would have to wait
+        with pytest.raises(DeadlineExceeded, match="deadline passed before the image could be decoded"):
+            await gate._admit(50, time.time() - 0.5)
+        assert gate.queued == 0 and not gate._waiting
+
+    asyncio.run(scenario())

@@ -542,6 +542,21 @@ def test_model_info_reports_the_configured_limits() -> None:
     assert spec.max_deadline_s == pytest.approx(7.5)
 
 
+def test_model_info_reports_the_proxys_message_cap(monkeypatch) -> None:
+    """A client sizes a ComputeIERF response (P maps at input resolution) from max_message_bytes: it is the
+    Serve proxy's cap from this process's environment, and 0 where none is set. (Mutation round 17: the
+    field could be dropped from ModelInfo unseen.)"""
+    from ierf.serving.convert import model_message
+    from ierf.serving.jobs import LayerShape, ModelDescription
+    from ierf.serving.settings import GRPC_MAX_MESSAGE_ENV, IngressConfig
+
+    desc = ModelDescription("m", "d", 224, 224, "p", ["a", "b"], [LayerShape("l", 8, 7, 7)], ["srd"], "srd", "cpu")
+    monkeypatch.setenv(GRPC_MAX_MESSAGE_ENV, str(48 * 2**20))
+    assert model_message(desc, IngressConfig()).input.max_message_bytes == 48 * 2**20
+    monkeypatch.delenv(GRPC_MAX_MESSAGE_ENV)
+    assert model_message(desc, IngressConfig()).input.max_message_bytes == 0
+
+
 class _TimedContext(_GrpcContext):
     """A caller that sent its budget in ``ierf-timeout-ms``, as the SDK does."""
 
