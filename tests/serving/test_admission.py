@@ -97,9 +97,9 @@ def test_a_small_image_waits_past_the_bound_and_goes_first() -> None:
         await _settle()
         with pytest.raises(ResourceExhausted):
             await gate._admit(60, _deadline())  # a large one is still refused
-        tasks.append(asyncio.create_task(_hold(gate, 8, release, order, _deadline())))  # small: let wait
+        tasks.append(asyncio.create_task(_hold(gate, 8, release, order, _deadline())))  # small: in the headroom
         await _settle()
-        assert gate.queued == 100  # outside the bound: it cannot push a later large image over it
+        assert gate.queued == 100  # never counted against the bound (a waiting one: the test below)
         tasks.append(asyncio.create_task(_hold(gate, 50, release, order, _deadline())))  # 100 + 50 fits the 150
         await _settle()
         assert gate.queued == 150
