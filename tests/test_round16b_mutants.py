@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import ierf
 import torch
@@ -29,8 +30,7 @@ def test_a_disturbed_random_init_build_does_not_evict_the_seeds_cached_digest(mo
     would hash the weights again (~0.2 s for a ResNet18, once per model per replica)."""
     from ierf.models import registry
 
-    key = ("resnet18", 11)
-    registry._random_init_digests.pop(key, None)
+    monkeypatch.delitem(registry._random_init_digests, ("resnet18", 11), raising=False)  # restored afterwards
     hashed = []
     digest = registry._state_digest
     monkeypatch.setattr(registry, "_state_digest", lambda module: hashed.append(1) or digest(module))
@@ -44,7 +44,6 @@ def test_a_disturbed_random_init_build_does_not_evict_the_seeds_cached_digest(mo
     again = registry.load_model("resnet18", random_init=True, seed=11)
     assert len(hashed) == 2, "the disturbed build replaced the seed's cached digest"
     assert again.weights_digest == clean.weights_digest
-    registry._random_init_digests.pop(key, None)
 
 
 def test_lrp_after_an_architecture_change_chooses_its_canonizers_again() -> None:
@@ -113,8 +112,6 @@ def _chain(cache) -> tuple[list[torch.Tensor], list]:
     weight = torch.randn(64, 64)
     first = cache.get("first", (weight,), lambda: weight * 2)
     second = cache.get("second", (first,), lambda: first + 1)
-    import weakref
-
     return [weight, first, second], [weakref.ref(first), weakref.ref(second)]
 
 

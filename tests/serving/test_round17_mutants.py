@@ -10,6 +10,8 @@ import pytest
 from ierf.serving.errors import InvalidArgument, ResourceExhausted
 from ierf.serving.images import ImageLimits, decode_encoded, decode_tensor
 
+from serving.test_request_images import _chunk
+
 WIDE = ImageLimits(max_bytes=1 << 24, max_pixels=1 << 24, max_side=4096)
 
 
@@ -47,10 +49,6 @@ def test_a_float_tensor_a_hair_below_zero_is_refused() -> None:
     values[0, 0, 0] = -1e-4
     with pytest.raises(InvalidArgument):
         decode_tensor(values.tobytes(), "float32", [2, 2, 3], WIDE)
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def test_a_png_one_byte_short_of_its_rows_is_refused() -> None:
