@@ -115,6 +115,8 @@ class _CAMExplainer:
             if layer not in modules:
                 raise ValueError(f"model has no module named {layer!r}")
             self.layer, self.module, self.use_input = layer, modules[layer], False
+        if relu is not None and not isinstance(relu, bool):  # relu="false" is truthy: it turned the ReLU on
+            raise TypeError(f"relu must be True, False or None, got {relu!r}")
         self.relu = self.defines_relu if relu is None else relu
 
     def _activations_and_gradients(

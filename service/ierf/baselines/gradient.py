@@ -21,7 +21,7 @@ from ierf.baselines._common import (
     model_guard,
 )
 from ierf.methods import register_method, resolve_target
-from ierf.metrics._checks import check_fraction, check_positive_int
+from ierf.metrics._checks import check_fraction, check_positive_int, check_seed
 
 
 class _CaptumExplainer:
@@ -129,9 +129,7 @@ class SmoothGrad(_CaptumExplainer):
         self.noise_level = check_fraction(noise_level, "noise_level")
         if not 0.0 < self.noise_level < 1.0:  # NaN fails this too
             raise ValueError(f"noise_level must be in (0, 1), got {noise_level!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:  # torch's range
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         saliency = Saliency(checked_forward(self.model, target))

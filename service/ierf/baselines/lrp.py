@@ -65,6 +65,7 @@ from ierf.baselines._common import (
 )
 from ierf.errors import UnsupportedModelError
 from ierf.methods import refuse_wrapped, register_method, resolve_target
+from ierf.metrics._checks import check_positive_finite
 from ierf.srd.graph import TRACE_LOCK  # fx patches nn.Module.__call__ process-wide: one trace at a time
 
 watch_fused_optimizers()  # the stamp reads version counters, which fused optimiser steps leave alone
@@ -281,7 +282,7 @@ class LRPExplainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         refuse_wrapped(model, "LRP")  # its canonizers trace the model, as SRD does
         self.source = model
-        self.epsilon = epsilon
+        self.epsilon = check_positive_finite(epsilon, "epsilon")  # NaN was blamed on the input at the first map
         self._lock = threading.Lock()  # one thread at a time decides whether to copy again
         self._copy_source(_state_stamp(model), None)  # unsupported architectures fail here, not on the first call
 

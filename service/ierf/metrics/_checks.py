@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -24,10 +25,22 @@ def check_maps(maps: object, name: str = "maps") -> torch.Tensor:
     return maps.detach()
 
 
+def _is_integer(value: object) -> bool:
+    """Python's and numpy's integers (settings read from arrays or config sweeps); bools are not counts."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_integer(value) or value < 1:  # type: ignore[operator]
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return int(value)  # type: ignore[call-overload]
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """An integer torch.Generator.manual_seed takes; anything else named here, not failing inside torch."""
+    if not _is_integer(value) or not -(2**63) <= value < 2**64:  # type: ignore[operator]
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64), got {value!r}")
+    return int(value)  # type: ignore[call-overload]
 
 
 def check_fraction(value: object, name: str) -> float:

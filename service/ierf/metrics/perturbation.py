@@ -32,7 +32,14 @@ from torch import nn
 
 from ierf.baselines._common import check_target_range
 from ierf.methods import check_input, resolve_target
-from ierf.metrics._checks import check_fraction, check_maps, check_positive_int, eval_mode
+from ierf.metrics._checks import (
+    check_fraction,
+    check_maps,
+    check_positive_finite,
+    check_positive_int,
+    check_seed,
+    eval_mode,
+)
 
 FILLS = ("mean", "blur", "zero")
 
@@ -55,8 +62,14 @@ class PerturbationCurves:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W), reflect padding, kernel radius 3 sigma."""
-    if sigma <= 0:
+    """Separable Gaussian blur of (B, C, H, W), reflect padding, kernel radius 3 sigma; sigma 0 copies."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating (B, C, H, W) tensor, got {got}")
+    sigma = check_fraction(sigma, "sigma")
+    if not 0 <= sigma < float("inf"):  # NaN or inf failed in int() with "cannot convert float NaN to integer"
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
+    if sigma == 0:
         return x.clone()
     radius = max(1, int(3.0 * sigma + 0.5))
     radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
@@ -72,8 +85,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def pixel_ranking(maps: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """(B, H*W) pixel indices, most positive map value first; ties in a seeded random order."""
-    flat = maps.flatten(1)
-    generator = torch.Generator().manual_seed(seed)
+    flat = check_maps(maps).flatten(1)  # a NaN pixel was silently ranked last
+    generator = torch.Generator().manual_seed(check_seed(seed))
     shuffle = torch.randperm(flat.shape[1], generator=generator).to(flat.device)
     order = torch.argsort(-flat[:, shuffle], dim=1, stable=True)
     return shuffle[order]
@@ -114,10 +127,10 @@ def insertion_deletion(
         raise ValueError(f"x {tuple(x.shape)} must be (B, C, H, W) matching maps {tuple(maps.shape)}")
     if deletion_fill not in FILLS:
         raise ValueError(f"deletion_fill must be one of {FILLS}, got {deletion_fill!r}")
-    check_positive_int(n_steps, "n_steps")
-    check_positive_int(batch_size, "batch_size")
-    if not check_fraction(blur_fraction, "blur_fraction") > 0:
-        raise ValueError(f"blur_fraction must be > 0, got {blur_fraction!r}")
+    n_steps = check_positive_int(n_steps, "n_steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    blur_fraction = check_positive_finite(blur_fraction, "blur_fraction")  # inf overflowed in the blur
+    seed = check_seed(seed)  # named here: torch's manual_seed refused 1.5 without naming the argument
     b, _, h, w = x.shape
     target = resolve_target(target, b)
     if classes is not None:

@@ -5,9 +5,9 @@
 
 with the signed maps compared directly (relative Frobenius change, so the method's own scale drops
 out). Lower is more stable. Defaults: radius 2 % of the image's value range, 8 samples, noise from a
-private generator seeded with ``seed`` (the global RNG is untouched), drawn for the whole batch at once:
-an image's noise, and so its score, depends on its place in the batch (one image: 0.0286 in a batch,
-0.0312 alone); compare methods on the same batches. A map that is identically zero at x gives NaN (its
+private generator per image, each seeded with ``seed`` (the global RNG is untouched, as in SmoothGrad):
+an image's noise, and so its score, is the same alone or in any batch, so a subset of a benchmark scores
+its images as the full run does. A map that is identically zero at x gives NaN (its
 relative change is undefined); callers report how many. Yeh et al. take the absolute change; dividing
 by the map's own norm makes methods with maps of different scales comparable.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ierf.methods import resolve_target
-from ierf.metrics._checks import check_maps, check_positive_finite, check_positive_int
+from ierf.metrics._checks import check_maps, check_positive_finite, check_positive_int, check_seed
 
 ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,7 +41,8 @@ def max_sensitivity(
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got {tuple(x.shape)}")
     check_positive_finite(radius, "radius")
-    check_positive_int(n_samples, "n_samples")
+    n_samples = check_positive_int(n_samples, "n_samples")
+    seed = check_seed(seed)  # named here: torch's manual_seed refused 1.5 without naming the argument
     target = resolve_target(target, x.shape[0])
     expected = (x.shape[0], *x.shape[-2:])
 
@@ -54,10 +55,12 @@ def max_sensitivity(
     base = checked(explain(x, target) if maps is None else maps, "maps" if maps is not None else "the explainer's maps")
     base_norm = base.flatten(1).norm(dim=1)
     span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(seed) for _ in range(x.shape[0])]
     worst = torch.zeros(x.shape[0], dtype=torch.float64)
     for _ in range(n_samples):
-        noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device)
+        # drawn in float32 on the CPU whatever the input's dtype and device: the same samples everywhere
+        noise = torch.stack([torch.rand(x.shape[1:], generator=g) for g in generators]) * 2 - 1
+        noise = noise.to(device=x.device, dtype=x.dtype)
         moved = checked(explain(x + noise * radius * span, target), "the explainer's maps")
         change = (moved - base).flatten(1).norm(dim=1).cpu()
         worst = torch.maximum(worst, change)
