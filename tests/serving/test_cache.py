@@ -468,13 +468,13 @@ def _held_tier(url: str) -> tuple[RedisTier, threading.Event]:
     """A Redis tier whose SETs wait for the returned event (5 s at most): a write held on its way."""
     tier = RedisTier(RedisSettings(url=url))
     release = threading.Event()
-    real_put = tier.put
+    real_write = tier.write
 
-    def held_put(key: str, value: bytes) -> str:
+    def held_write(key: str, value: bytes) -> tuple[str, bool]:
         release.wait(5)
-        return real_put(key, value)
+        return real_write(key, value)
 
-    tier.put = held_put  # type: ignore[method-assign]
+    tier.write = held_write  # type: ignore[method-assign]
     return tier, release
 
 

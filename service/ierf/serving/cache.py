@@ -51,7 +51,8 @@ T = TypeVar("T")
 # labels. "corrupt": Redis answered, but the value under the key failed its checks (format, key, CRC, the
 # engine's layout): corruption, or someone else writing to this Redis, which an outage must not hide.
 # nbytes: for l2, the bytes that went to or came from Redis (0 when none did: a value served from this
-# replica's own write-behind queue, or one refused or dropped before it was sent); for l1, the value's size.
+# replica's own write-behind queue, one refused or dropped before it was sent, or a SET Redis never answered
+# (refused connection, timeout)); for l1, the value's size.
 CacheObserver = Callable[[str, str, str, float, int], None]
 
 
@@ -618,10 +619,15 @@ class RedisTier:
         return "hit", value
 
     def put(self, key: str, value: bytes) -> str:
+        return self.write(key, value)[0]
+
+    def write(self, key: str, value: bytes) -> tuple[str, bool]:
+        """SET: (result, whether Redis answered). An error reply (a full or read-only server) had the value;
+        a refused connection or a timeout may not have, so the byte count the observer gets follows this."""
         if len(value) > self.settings.max_value_bytes:
-            return "too_big"
+            return "too_big", False
         status, _ = self._run(lambda client: client.set(key, value, ex=self.settings.ttl_s), "SET")
-        return {"ok": "stored", "reply_error": "error"}.get(status, status)
+        return {"ok": "stored", "reply_error": "error"}.get(status, status), status in ("ok", "reply_error")
 
     def delete(self, key: str) -> None:
         """Best effort: drop a value that failed to decode so it is recomputed once, not forever."""
@@ -964,8 +970,8 @@ class TieredCache:
         """SET the encoded value; ``start`` is when the put began (encoding included), for the observer."""
         assert self.l2 is not None
         start = time.perf_counter() if start is None else start
-        result = self.l2.put(key, data)
-        sent = len(data) if result in ("stored", "error") else 0  # skipped (breaker open), too_big: never sent
+        result, answered = self.l2.write(key, data)
+        sent = len(data) if answered else 0  # skipped (breaker open), too_big, unreachable: not counted as sent
         self.observer("l2", "put", result, time.perf_counter() - start, sent)
         return result
 
