@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -448,16 +449,22 @@ def test_max_sensitivity_noise_radius_is_per_image() -> None:
     assert ((sens > 0.7 * expected) & (sens < 1.5 * expected)).all()
 
 
+def _documented_generator(image: torch.Tensor, seed: int) -> torch.Generator:
+    """Max-sensitivity's noise source for one image: seeded with a BLAKE2b of its bytes keyed with ``seed``."""
+    digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8, key=seed.to_bytes(9, "little", signed=True))
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
 def test_max_sensitivity_is_the_maximum_over_the_seeded_draws() -> None:
     """MS is a max over samples, not a mean: recompute it from the documented draws (private generator,
-    U[-r, r] noise per sample from each image's own generator seeded with ``seed``, relative Frobenius
-    change)."""
+    U[-r, r] noise per sample from each image's own generator, seeded with a keyed BLAKE2b of the image's
+    bytes (key: ``seed``), relative Frobenius change)."""
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     radius, n_samples, seed = 0.05, 6, 7
     sens = max_sensitivity(_first_channel, x, torch.tensor([0, 1]), radius=radius, n_samples=n_samples, seed=seed)
     expected = []
     for image in x:
-        generator = torch.Generator().manual_seed(seed)
+        generator = _documented_generator(image, seed)
         span = image.max() - image.min()
         changes = []
         for _ in range(n_samples):
@@ -583,7 +590,7 @@ def test_max_sensitivity_uses_every_sample() -> None:
     x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     sens = max_sensitivity(_first_channel, x, torch.tensor([0]), radius=0.05, n_samples=1, seed=7)
     span = x.max() - x.min()
-    noise = (torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) * 2 - 1) * 0.05 * span
+    noise = (torch.rand(x.shape, generator=_documented_generator(x[0], 7)) * 2 - 1) * 0.05 * span
     expected = noise[:, 0].double().flatten(1).norm(dim=1) / x[:, 0].double().flatten(1).norm(dim=1)
     torch.testing.assert_close(sens, expected.float())
 
@@ -766,3 +773,28 @@ def test_insertion_deletion_curves_do_not_depend_on_the_batch_size() -> None:
     torch.testing.assert_close(pieces.deletion, whole.deletion)
     torch.testing.assert_close(pieces.insertion, whole.insertion)
     assert not torch.allclose(whole.deletion[:, 0], whole.deletion[:, -1])  # the curve moves: a real check
+
+
+def test_max_sensitivity_noise_is_the_images_own_and_independent_across_images() -> None:
+    """Each image's noise depends on the image and the seed only: the same alone as at any place in a batch,
+    and different for different images (one draw shared by every image made a benchmark's mean hang on a few
+    draws), and another seed draws anew."""
+    seen: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return x.sum(1) + 1.0
+
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 0, 0])
+
+    def deltas(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        seen.clear()
+        max_sensitivity(recording, images, t[: len(images)], n_samples=2, seed=seed)
+        return torch.stack([s - images for s in seen[1:]], 1)  # (B, samples, C, H, W); seen[0] is x itself
+
+    batch = deltas(x)
+    torch.testing.assert_close(deltas(x[2:3])[0], batch[2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(deltas(x[[2, 0]])[0], batch[2], rtol=0, atol=1e-6)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+    assert not torch.allclose(deltas(x, seed=1), batch, atol=1e-3)
