@@ -90,7 +90,7 @@ def test_insertion_deletion_refuses_infinite_blur_fraction() -> None:
         insertion_deletion(_tiny(), x, 0, maps, n_steps=2, blur_fraction=float("inf"))
 
 
-@pytest.mark.parametrize("relu", ["no", "false"])
+@pytest.mark.parametrize("relu", ["no", "false", 1, 0])
 def test_cam_relu_flag_must_be_a_bool(resnet, relu) -> None:
     """relu="no" or "false" is truthy and silently turns the ReLU on; the flag should be a bool (or None)."""
     with pytest.raises(TypeError, match="relu"):
@@ -155,3 +155,34 @@ def test_pixel_ranking_refuses_nan_maps_and_bad_seeds() -> None:
 def test_cam_relu_flag_takes_bools_and_none(resnet, relu) -> None:
     explainer = create_explainer("gradcam", resnet, relu=relu)
     assert explainer.relu is (True if relu is None else relu)
+
+
+def test_integer_settings_are_kept_as_python_ints(resnet) -> None:
+    """A numpy count is stored as a plain int: settings are read back, printed and serialised (json refuses
+    np.int64)."""
+    explainer = create_explainer("integrated_gradients", resnet, n_steps=np.int64(4), internal_batch_size=np.int32(8))
+    assert type(explainer.n_steps) is int and type(explainer.internal_batch_size) is int
+    assert type(create_explainer("smoothgrad", resnet, seed=np.int64(3)).seed) is int
+
+
+def test_seeds_take_torchs_whole_range() -> None:
+    """torch.Generator.manual_seed takes [-2**63, 2**64): both ends work, one past either is refused."""
+    x = torch.randn(1, 3, 8, 8)
+    for seed in (-(2**63), 2**64 - 1):
+        assert torch.isfinite(max_sensitivity(_explain, x, 0, n_samples=1, seed=seed)).all()
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            max_sensitivity(_explain, x, 0, n_samples=1, seed=seed)
+
+
+def test_max_sensitivity_perturbs_in_the_inputs_dtype() -> None:
+    """The noise is drawn in float32 and added in the input's own dtype: a float16 input stays float16 (a
+    float32 sum would hand a half model an input of another dtype, which every explainer refuses)."""
+    dtypes: list[torch.dtype] = []
+
+    def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dtypes.append(x.dtype)
+        return x.float().sum(1) + 1.0
+
+    max_sensitivity(explain, torch.rand(2, 3, 8, 8).half(), torch.tensor([0, 0]), n_samples=2)
+    assert dtypes == [torch.float16] * 3

@@ -455,11 +455,12 @@ def _documented_generator(image: torch.Tensor, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
 
-def test_max_sensitivity_is_the_maximum_over_the_seeded_draws() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_sensitivity_is_the_maximum_over_the_seeded_draws(dtype: torch.dtype) -> None:
     """MS is a max over samples, not a mean: recompute it from the documented draws (private generator,
     U[-r, r] noise per sample from each image's own generator, seeded with a keyed BLAKE2b of the image's
-    bytes (key: ``seed``), relative Frobenius change)."""
-    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    bytes in its own dtype (key: ``seed``), relative Frobenius change)."""
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)).to(dtype)
     radius, n_samples, seed = 0.05, 6, 7
     sens = max_sensitivity(_first_channel, x, torch.tensor([0, 1]), radius=radius, n_samples=n_samples, seed=seed)
     expected = []

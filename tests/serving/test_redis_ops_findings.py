@@ -63,3 +63,12 @@ def test_a_write_redis_refused_with_an_error_reply_counts_its_bytes(redis_flushe
         raw.close()
         cache.close()
     assert len(events) == 1 and events[0][:3] == ("l2", "put", "error") and events[0][3] > 4000, events
+
+
+def test_a_value_over_the_cap_is_reported_unsent() -> None:
+    """RedisTier.write refuses a value over max_value_bytes before any connection: not answered, 0 bytes."""
+    tier = RedisTier(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", max_value_bytes=10))
+    try:
+        assert tier.write("ierf:k", b"x" * 11) == ("too_big", False)
+    finally:
+        tier.close()
