@@ -43,7 +43,8 @@ def max_sensitivity(
     seed: int = 0,
     maps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per image max relative change of the map over ``n_samples`` noisy copies. Returns float (B,).
+    """Per image max relative change of the map over ``n_samples`` noisy copies. Returns float (B,), NaN for
+    an image whose map at ``x`` is all zero (its relative change is undefined).
 
     ``explain(x, target) -> (B, H, W)`` is any explainer's ``saliency``; ``maps`` may pass the
     already computed maps at ``x`` to save one call.
