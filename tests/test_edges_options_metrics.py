@@ -127,6 +127,7 @@ def test_a_numpy_seed_gives_the_same_draws_as_the_python_one() -> None:
         (torch.rand(1, 3, 8, 8), "2", TypeError, "sigma must be a number"),
         (torch.rand(3, 8, 8), 1.0, ValueError, r"x must be a floating \(B, C, H, W\) tensor, got \(3, 8, 8\)"),
         (torch.ones(1, 3, 8, 8, dtype=torch.uint8), 1.0, ValueError, "x must be a floating"),
+        ([[0.0]], 1.0, TypeError, "x must be a torch.Tensor, got list"),
     ],
 )
 def test_gaussian_blur_refuses_bad_arguments_by_name(x, sigma, error, match) -> None:

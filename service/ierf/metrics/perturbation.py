@@ -63,9 +63,10 @@ class PerturbationCurves:
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W), reflect padding, kernel radius 3 sigma; sigma 0 copies."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a floating (B, C, H, W) tensor, got {got}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (B, C, H, W) tensor, got {tuple(x.shape)} {x.dtype}")
     sigma = check_fraction(sigma, "sigma")
     if not 0 <= sigma < float("inf"):  # NaN or inf failed in int() with "cannot convert float NaN to integer"
         raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")

@@ -9,9 +9,9 @@ private generator per image, seeded with ``seed`` and a hash of the image's own 
 untouched): an image's noise, and so its score, is the same alone or in any batch, so a subset of a
 benchmark scores its images as the full run does, and different images get independent noise (one shared
 draw for every image made a benchmark's mean hang on a few draws: LRP on TinyResNet 0.50 with one seed,
-0.29 with the next). A map that is identically zero at x gives NaN (its
-relative change is undefined); callers report how many. Yeh et al. take the absolute change; dividing
-by the map's own norm makes methods with maps of different scales comparable.
+0.29 with the next). A map that is identically zero at x gives NaN (its relative change is undefined);
+callers report how many. Yeh et al. take the absolute change; dividing by the map's own norm makes
+methods with maps of different scales comparable.
 """
 
 from __future__ import annotations
