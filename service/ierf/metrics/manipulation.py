@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ierf.errors import UnsupportedModelError
-from ierf.methods import check_input
+from ierf.methods import check_input, resolve_target
 from ierf.metrics._checks import check_maps, check_positive_finite, check_positive_int, eval_mode
 from ierf.metrics.similarity import check_ssim_size, pearson, ssim, top_k_intersection
 from ierf.srd.graph import rule_type
@@ -246,4 +246,4 @@ def _checked(
     slack = 1e-5 * (hi - lo)  # float rounding of a normalisation, not an input out of range
     if bool((x < lo - slack).any() or (x > hi + slack).any()):
         raise ValueError(f"x lies outside bounds {bounds}: the projection would move it past epsilon")
-    return target.to(torch.long), target_maps, (lo, hi)
+    return resolve_target(target, x.shape[0]).to(target.device), target_maps, (lo, hi)  # bool, negative: refused
