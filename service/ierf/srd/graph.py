@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ierf._transient import is_transient_hook
 from ierf.errors import UnsupportedModelError
@@ -386,6 +387,16 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[
     global_hooks = getattr(nn.modules.module, "_global_forward_hooks", {}) or getattr(
         nn.modules.module, "_global_forward_pre_hooks", {}
     )
+    lazy = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:  # their initialisation pre-hooks would otherwise be reported as the caller's hooks
+        raise ValueError(
+            f"the model has uninitialised lazy modules ({', '.join(repr(n) for n in lazy[:5])}): run one forward "
+            "pass first, so that their shapes are known"
+        )
     if hooked or global_hooks:
         where = f"on {', '.join(repr(n) for n in hooked[:5])}" if hooked else "registered globally"
         from torch.nn.utils.weight_norm import WeightNorm

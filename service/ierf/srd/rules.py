@@ -438,6 +438,11 @@ def _global_mean(ctx, node, x, dim, keepdim) -> Affine:
     where = ctx.where(node)
     if dim is None:
         raise UnsupportedModelError(f"{where}: mean over every dimension (only the spatial mean is supported)")
+    if isinstance(x, ChannelGroups):  # a (B, G, C/G, H, W) view: its dims are not a map's
+        raise UnsupportedModelError(
+            f"{where}: mean over dims {dim} of a grouped channel view (B, G, C/G, H, W): a mean within channel "
+            "groups has no rule (a (B, C, H, W) map's mean over its height and width has)"
+        )
     dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
     if dims != {2, 3}:
         what = "one spatial dim" if dims in ({2}, {3}) else f"dims {dim}"
@@ -541,7 +546,7 @@ def _zero_pad(ctx, node, x, pad, value=0.0) -> Affine:
     if len(pad) != 4 or min(pad) < 0:
         raise UnsupportedModelError(f"{where}: padding {pad} (non-negative 2-D padding only)")
     left, right, top, bottom = pad
-    return as_affine(x, where).zero_pad((top, bottom, left, right))
+    return as_affine(x, where).zero_pad((top, bottom, left, right), where)
 
 
 @module_rule(nn.ZeroPad2d, nn.ConstantPad2d)

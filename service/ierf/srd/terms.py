@@ -444,13 +444,19 @@ class Affine:
         out_h, out_w = _out_size(src.height, src.width, kernel, stride, pad, (1, 1))
         return Affine(terms, biases, src.batch, src.channels, out_h, out_w)
 
-    def zero_pad(self, pad: tuple[int, int, int, int]) -> Affine:
+    def zero_pad(self, pad: tuple[int, int, int, int], where: str) -> Affine:
         """Constant-zero padding (TF "same" padding): padded positions hold no contribution."""
         src = self.rekeyed()
         t_, b_, l_, r_ = pad
         terms: list[Term] = []
         for t in src.terms:
             if isinstance(t, ConvTerm):
+                if t.taps > 1:  # materialising would merge the k x k taps into one path: a wrong map
+                    raise UnsupportedModelError(
+                        f"{where}: zero padding of a {t.kernel[0]}x{t.kernel[1]} convolution's or pooling's output "
+                        "before its activation is not supported; pad its input instead (its own padding=, or F.pad "
+                        "before it)"
+                    )
                 t = materialise(t)
             terms.append(DenseTerm(F.pad(t.x, (l_, r_, t_, b_)), t.route.then(1, 1, -t_, -l_), t.c0, t.key))
         biases = [BiasTerm(F.pad(src.bias_map(b), (l_, r_, t_, b_)), b.owners, b.c0, b.origin) for b in src.biases]
@@ -532,6 +538,8 @@ def add(a: Affine, b: Affine) -> Affine:
             f"add of shapes {(a.channels, a.height, a.width)} and {(b.channels, b.height, b.width)} (broadcasting "
             "adds are not supported)"
         )
+    if a is b:  # y + y is 2 * y: the same paths and bias, doubled (not two paths each with half the bias)
+        return a.scale_shift(a._reference_tensor().new_full((a.channels,), 2.0), None)
     _check_recombined([a, b], "add")
     a, b = a.rekeyed(), b.rekeyed()
     return Affine(
@@ -787,7 +795,8 @@ def _conv_term(
             t = materialise(t)
         elif one_by_one and t.uniform:
             # Averaging commutes with channel mixing: mix first, average after (cheap GAP+linear heads).
-            mixed = pointwise_conv(t.x, w if t.out_scale is None else w * t.out_scale.view(1, -1, 1, 1))
+            dense = _dense_slice(w, term_groups, 0, w.shape[1] * term_groups)  # pointwise_conv mixes densely
+            mixed = pointwise_conv(t.x, dense if t.out_scale is None else dense * t.out_scale.view(1, -1, 1, 1))
             uniform = mixed.new_full((mixed.shape[1], 1, *t.kernel), float(t.weight.flatten()[0]))
             return ConvTerm(mixed, t.route, uniform, t.stride, t.dilation, t.pad, mixed.shape[1], None, True, 0, t.key)
         elif pad == (0, 0, 0, 0):
