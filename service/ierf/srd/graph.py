@@ -369,9 +369,11 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[
     mode (dropout, batch statistics, ``self.training`` branches were traced as in eval), with forward hooks
     (the traced graph does not run them), or with submodules replaced since the explainer was built.
     Returns the model's parameters (gathered in the same pass), whose versions tell a write during the call."""
-    training, hooked, parameters = [], [], []
+    training, hooked, parameters, lazy = [], [], [], []
     for name, m in model.named_modules():
         parameters += [p for p in m._parameters.values() if p is not None]
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            lazy.append(name or type(model).__name__)
         # Batch norm and dropout change with the mode, and so may any code outside torch.nn that reads
         # self.training (it was traced in eval); stock activations and containers do not.
         if m.training and (isinstance(m, _MODE_DEPENDENT) or not type(m).__module__.startswith("torch.nn")):
@@ -387,11 +389,6 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[
     global_hooks = getattr(nn.modules.module, "_global_forward_hooks", {}) or getattr(
         nn.modules.module, "_global_forward_pre_hooks", {}
     )
-    lazy = [
-        name or type(model).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
-    ]
     if lazy:  # their initialisation pre-hooks would otherwise be reported as the caller's hooks
         raise ValueError(
             f"the model has uninitialised lazy modules ({', '.join(repr(n) for n in lazy[:5])}): run one forward "
