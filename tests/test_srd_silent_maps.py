@@ -260,3 +260,47 @@ def test_uninitialised_lazy_modules_are_refused_for_what_they_are():
         ierf.SRD(_Lazy().eval()).saliency(torch.randn(1, 3, 8, 8), 0)
     message = str(info.value).lower()
     assert "lazy" in message or "uninitiali" in message, str(info.value)
+
+
+class _SqueezeExcitation(nn.Module):
+    """A squeeze-excitation gate, written as torchvision's (1x1 convolutions on a keepdim mean) or as the
+    original SENet's (Linear layers on the (B, C) mean, reshaped into a gate)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.lin1, self.lin2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.c(x))
+        if self.form == "conv":
+            gate = torch.sigmoid(self.conv2(F.relu(self.conv1(h.mean((2, 3), keepdim=True)))))
+        else:
+            y = torch.sigmoid(self.lin2(F.relu(self.lin1(h.mean((2, 3))))))
+            b, c = y.shape
+            gate = {
+                "view": lambda: y.view(b, c, 1, 1),
+                "unsqueeze": lambda: y.unsqueeze(-1).unsqueeze(-1),
+                "expand_as": lambda: y.view(b, c, 1, 1).expand_as(h),
+                "getitem": lambda: y[:, :, None, None],
+            }[self.form]()
+        return self.fc(F.relu(h * gate).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["view", "unsqueeze", "expand_as", "getitem"])
+def test_a_linear_squeeze_excitation_gate_is_refused_naming_the_reshape(form) -> None:
+    """README: SRD reads torchvision's squeeze-excitation form; a gate reshaped from a Linear's (B, C) output
+    is refused with the reshape named, never decomposed silently."""
+    with pytest.raises(ierf.UnsupportedModelError, match=form):
+        ierf.SRD(_SqueezeExcitation(form).eval()).saliency(torch.randn(1, 3, 8, 8), 0)
+
+
+def test_a_convolutional_squeeze_excitation_gate_conserves() -> None:
+    torch.manual_seed(0)
+    model = _SqueezeExcitation("conv").double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    maps = ierf.SRD(model).saliency(x, 0)
+    torch.testing.assert_close(maps.double().sum((1, 2)), model(x)[:, 0].detach(), atol=1e-5, rtol=1e-5)
