@@ -20,20 +20,8 @@ from ierf.metrics import (
     top_k_intersection,
 )
 from ierf.metrics.perturbation import PerturbationCurves
+from test_fidelity_metrics import _small_net
 from torch import nn
-
-
-def _small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 3),
-    ).eval()
 
 
 def _gradient_explain(model: nn.Module):
