@@ -378,14 +378,15 @@ def test_energy_in_box_sums_in_float64() -> None:
 
 
 class _PixelModel(nn.Module):
-    """Class 0 wins exactly when pixel (0, 0) of ``channel`` is bright: logit0 = 100 (x - 0.5)."""
+    """Class 0 wins exactly when pixel (0, 0) of ``channel`` is bright: logit0 = gain (x - 0.5); a small gain
+    makes the probability follow the pixel's value smoothly."""
 
-    def __init__(self, channel: int = 0) -> None:
+    def __init__(self, channel: int = 0, gain: float = 100.0) -> None:
         super().__init__()
-        self.channel = channel
+        self.channel, self.gain = channel, gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = 100.0 * (x[:, self.channel, 0, 0] - 0.5)
+        logit = self.gain * (x[:, self.channel, 0, 0] - 0.5)
         return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 

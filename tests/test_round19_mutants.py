@@ -20,27 +20,8 @@ from ierf.metrics import (
     top_k_intersection,
 )
 from ierf.metrics.perturbation import PerturbationCurves
-from test_fidelity_metrics import _small_net
+from test_fidelity_metrics import _gradient_explain, _PixelModel, _small_net
 from torch import nn
-
-
-def _gradient_explain(model: nn.Module):
-    def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        score = model(x).gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, x, create_graph=True)
-        return grad.sum(1)
-
-    return explain
-
-
-class _PixelModel(nn.Module):
-    """Class 0 wins exactly when pixel (0, 0) of channel 0 is bright: logit0 = 100 (x - 0.5)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = 100.0 * (x[:, 0, 0, 0] - 0.5)
-        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 
 # -- checks shared by the metrics ---------------------------------------------------------------------------------
@@ -304,22 +285,15 @@ def test_gaussian_blur_pads_by_reflection_in_both_directions() -> None:
     assert gaussian_blur(x.transpose(-1, -2), 1.0)[0, 0, 0, 5].item() == pytest.approx(centre, abs=1e-6)
 
 
-class _SoftPixelModel(nn.Module):
-    """Logit 0 = 4 (x - 0.5) at pixel (0, 0) of channel 0: the probability follows the pixel's blurred value."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = 4.0 * (x[:, 0, 0, 0] - 0.5)
-        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
-
-
 def test_insertion_blur_sigma_is_a_fraction_of_the_shorter_side() -> None:
     """(P11) On a non-square image the insertion start is blurred with sigma = blur_fraction x min(H, W)."""
     x = torch.zeros(1, 3, 20, 60)
     x[0, 0, :, :3] = 1.0  # a bright strip at the left edge: how much of it reaches (0, 0) depends on sigma
     x[0, 0, 0, 0] = 0.0
-    curves = insertion_deletion(_SoftPixelModel(), x, 0, torch.zeros(1, 20, 60), blur_fraction=0.1)
-    expected = _SoftPixelModel()(gaussian_blur(x, 0.1 * 20)).softmax(1)[0, 0]
-    wrong = _SoftPixelModel()(gaussian_blur(x, 0.1 * 60)).softmax(1)[0, 0]
+    soft = _PixelModel(gain=4.0)  # the probability follows the pixel's blurred value
+    curves = insertion_deletion(soft, x, 0, torch.zeros(1, 20, 60), blur_fraction=0.1)
+    expected = soft(gaussian_blur(x, 0.1 * 20)).softmax(1)[0, 0]
+    wrong = soft(gaussian_blur(x, 0.1 * 60)).softmax(1)[0, 0]
     assert abs(expected.item() - wrong.item()) > 1e-3
     assert curves.insertion[0, 0].item() == pytest.approx(expected.item(), abs=1e-6)
 
