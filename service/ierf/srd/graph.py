@@ -386,14 +386,14 @@ def check_model_state(model: nn.Module, built_from: tuple[tuple[str, int, tuple[
         raise ValueError(
             f"model must be in eval mode (call model.eval()); modules in training mode: {', '.join(training[:5])}"
         )
-    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", {}) or getattr(
-        nn.modules.module, "_global_forward_pre_hooks", {}
-    )
     if lazy:  # their initialisation pre-hooks would otherwise be reported as the caller's hooks
         raise ValueError(
             f"the model has uninitialised lazy modules ({', '.join(repr(n) for n in lazy[:5])}): run one forward "
             "pass first, so that their shapes are known"
         )
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", {}) or getattr(
+        nn.modules.module, "_global_forward_pre_hooks", {}
+    )
     if hooked or global_hooks:
         where = f"on {', '.join(repr(n) for n in hooked[:5])}" if hooked else "registered globally"
         from torch.nn.utils.weight_norm import WeightNorm
