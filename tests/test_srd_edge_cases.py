@@ -2094,12 +2094,14 @@ class _SEBasic(nn.Module):
         return self.fc(self.act(y * g + a).mean((2, 3)))
 
 
-def test_a_gate_on_a_convolutions_own_output_is_refused_for_what_it_is() -> None:
-    """SE-ResNet's gate was refused as "a product of two feature maps that is not a gate ... register it as an
-    activation", advice that cannot help: it is a gate, on a convolution whose taps the stage keeps apart."""
+def test_a_gate_on_a_convolutions_own_output_matches_the_reference() -> None:
+    """SE-ResNet's gate was first refused as "not a gate", then as a gate on a convolution whose taps the
+    stage keeps apart; each tap is now a path of its own, scaled by the gate (tests/test_srd_gates.py)."""
     model = randomise_bn(_SEBasic()).double().eval()
-    with pytest.raises(UnsupportedModelError, match=r"gate on a convolution's output inside its stage.*SE-ResNet"):
-        ierf.SRD(model, head="exact").decompose(_x((1, 3, 6, 7), seed=5))
+    x = _x((1, 3, 6, 7), seed=5)
+    fast = ierf.SRD(model, head="exact").saliency(x, 1)[0].double()
+    slow = ReferenceSRD(model).saliency(x, 1).view(fast.shape)
+    torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max(), rtol=0)
 
 
 class _ChannelPieces(nn.Module):

@@ -291,11 +291,15 @@ class _SqueezeExcitation(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["view", "unsqueeze", "expand_as", "getitem"])
-def test_a_linear_squeeze_excitation_gate_is_refused_naming_the_reshape(form) -> None:
-    """README: SRD reads torchvision's squeeze-excitation form; a gate reshaped from a Linear's (B, C) output
-    is refused with the reshape named, never decomposed silently."""
-    with pytest.raises(ierf.UnsupportedModelError, match=form):
-        ierf.SRD(_SqueezeExcitation(form).eval()).saliency(torch.randn(1, 3, 8, 8), 0)
+def test_a_linear_squeeze_excitation_gate_matches_the_reference(form) -> None:
+    """A gate reshaped from a Linear's (B, C) output was refused naming the reshape; it is now read as the
+    1x1 map it is and must give the reference's map (tests/test_srd_gates.py has the other spellings)."""
+    torch.manual_seed(0)
+    model = _SqueezeExcitation(form).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    fast = ierf.SRD(model, head="exact").saliency(x, 0)[0].double()
+    slow = ReferenceSRD(model).saliency(x, 0).view(fast.shape)
+    torch.testing.assert_close(fast, slow, atol=1e-5 * slow.abs().max(), rtol=0)
 
 
 def test_a_convolutional_squeeze_excitation_gate_conserves() -> None:

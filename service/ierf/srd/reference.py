@@ -68,6 +68,25 @@ def _is_shape(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in shape_ops and bool(inputs) and all(map(_is_shape, inputs))
 
 
+def _before_reshapes(node: fx.Node | None) -> fx.Node | None:
+    """The node a gate is read from before it is reshaped for its product (``y.view(b, c, 1, 1)``,
+    ``y.unsqueeze(-1)``, ``y[:, :, None, None]``, ``y.expand_as(x)``)."""
+    while isinstance(node, fx.Node) and node.args:
+        methods = node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "expand", "expand_as")
+        functions = node.op == "call_function" and (
+            node.target in (torch.unsqueeze, torch.reshape)
+            or (
+                node.target is operator.getitem
+                and isinstance(node.args[1], tuple)
+                and any(i is None for i in node.args[1])
+            )
+        )
+        if not (methods or functions):
+            break
+        node = node.args[0]
+    return node
+
+
 class ReferenceSRD:
     """Brute-force SRD for one image (batch 1) of a small float model."""
 
@@ -260,8 +279,9 @@ class ReferenceSRD:
                     stack.extend(m.all_input_nodes)
             return seen
 
-        gate = b if a in ancestors(b) else a if b in ancestors(a) else None
-        return gate if gate in self.program.source_of else None
+        a_from, b_from = _before_reshapes(a), _before_reshapes(b)
+        gate = b if a_from in ancestors(b_from) else a if b_from in ancestors(a_from) else None
+        return gate if gate is not None and _before_reshapes(gate) in self.program.source_of else None
 
     def _paths(self, order: list[fx.Node], sources: list[fx.Node], sink_input: fx.Node) -> list[list[fx.Node]]:
         inside = set(order)
@@ -316,7 +336,7 @@ class ReferenceSRD:
         # Only this node runs with its shift: a module called twice (one conv on two maps) has two biases,
         # one per call, and switching the module's bias on would switch on both.
         local = dict(values)
-        gates = {self._gate(n) for n in order} - {None}
+        gates = {_before_reshapes(self._gate(n)) for n in order} - {None}
         for s in sources:
             if s not in gates:
                 local[s] = torch.zeros_like(values[s])

@@ -87,6 +87,13 @@ def as_affine(value: Any, where: str) -> Affine:
             f"{where}: a feature map viewed as (B, groups, C/groups, H, W) is only transposed (1, 2) and viewed "
             "back to (B, C, H, W) (a channel shuffle)"
         )
+    if isinstance(value, Broadcast):
+        raise UnsupportedModelError(
+            f"{where}: a (B, C, 1, 1) map expanded to (B, C, {value.height}, {value.width}) is only the gate of a "
+            "product (x * y.expand_as(x), a squeeze-excitation)"
+        )
+    if isinstance(value, VectorColumn):
+        raise UnsupportedModelError(f"{where}: a (B, C) vector unsqueezed to (B, C, 1) is only unsqueezed again")
     raise UnsupportedModelError(f"{where}: expected a feature map, got {type(value).__name__}")
 
 
@@ -562,7 +569,7 @@ def _pad_function(ctx, node, fn, x, pad, mode="constant", value=None) -> Affine:
 
 
 def _is_map(v: Any) -> bool:
-    return isinstance(v, Source | Affine | ChannelGroups)
+    return isinstance(v, Source | Affine | ChannelGroups | VectorColumn | Broadcast)
 
 
 def _add(ctx, node, a, b, alpha=1) -> Any:
@@ -660,14 +667,14 @@ def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
     the gated map and none through the gate's own branch. None for any other product (two full maps, as in
     GLU-style gating or ``x * sigmoid(x)``, whose factors have no such roles)."""
     if _GATE_OPERAND not in node.meta:  # the graph is fixed: walk it once, not on every forward
-        first, second = node.args[:2]
+        first, second = (_before_reshapes(n) for n in node.args[:2])
         node.meta[_GATE_OPERAND] = 1 if _computed_from(second, first) else 0 if _computed_from(first, second) else None
     which = node.meta[_GATE_OPERAND]
     if which is None:
         return None
     gate, main = (b, a) if which == 1 else (a, b)
     if _GATE_REDUCES not in node.meta:
-        gate_node, main_node = node.args[which], node.args[1 - which]
+        gate_node, main_node = _before_reshapes(node.args[which]), _before_reshapes(node.args[1 - which])
         node.meta[_GATE_REDUCES] = _computed_through_reduction(gate_node, main_node, ctx.program.model)
     if not isinstance(gate, Source):
         return None
@@ -687,19 +694,16 @@ def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
         # Likewise a spatial gate on a one-channel map: a pooling or a convolution between map and gate
         # (a spatial attention's conv over its channel statistics) shows it is one, x * sigmoid(x) has none.
         if _GATE_MIXES not in node.meta:
-            gate_node, main_node = node.args[which], node.args[1 - which]
+            gate_node, main_node = _before_reshapes(node.args[which]), _before_reshapes(node.args[1 - which])
             node.meta[_GATE_MIXES] = _computed_through_reduction(
                 gate_node, main_node, ctx.program.model, lambda n, model: _reduces(n, model) or _convolves(n, model)
             )
         if not node.meta[_GATE_MIXES]:
             return None
-    if any(not isinstance(t, DenseTerm) for t in m.terms):
-        raise UnsupportedModelError(
-            f"{ctx.where(node)}: a gate on a convolution's output inside its stage (a squeeze-excitation straight "
-            "after a convolution and its batch norm, as in SE-ResNet blocks): SRD keeps that convolution's taps "
-            "apart for the sharing ratios and cannot gate them; with an activation between the convolution and "
-            "the gate, the gate is supported"
-        )
+    # A gate straight after a convolution and its batch norm (SE-ResNet blocks): each kernel tap is a path of
+    # its own for the sharing ratios, and the gate scales every tap's contribution, so the taps are formed
+    # here (a tap tensor per path; a convolution kept whole shares one kernel across the batch).
+    m = m.taps_split()
 
     def gated(value: torch.Tensor, c0: int, channels: int) -> torch.Tensor:
         return value * (g if per_position else g[:, c0 : c0 + channels])
@@ -712,10 +716,68 @@ def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
 
 # Function and method rules are called alike, (ctx, node, the function or method name, *args): one rule
 # serves both spellings.
+def _expanded(ctx, node, x: Any, size: tuple[int, ...]) -> Any:
+    """A 1x1 map expanded over a (B, C, H, W) map's positions (only a gate's factor may be), or, where H and W
+    are 1, the map itself."""
+    where = ctx.where(node)
+    if not _is_one_by_one_map(x):
+        raise UnsupportedModelError(
+            f"{where}: expand to {tuple(size)} of a feature map (only a (B, C, 1, 1) gate, as in x * y.expand_as(x))"
+        )
+    b, c = _shape_of(x)[:2]
+    size = tuple(int(s) for s in size)
+    if len(size) != 4 or size[0] not in (b, -1) or size[1] not in (c, -1) or min(size[2:]) < 1:
+        raise UnsupportedModelError(f"{where}: expand of a (B, C, 1, 1) map to {size} (only over positions)")
+    return x if size[2:] == (1, 1) else Broadcast(x, size[2], size[3])
+
+
+@method_rule("expand_as")
+def _expand_as_method(ctx, node, name, x, other) -> Any:
+    if not _is_map(x):
+        return x.expand(_shape_of(other)) if _is_map(other) else x.expand_as(other)
+    return _expanded(ctx, node, x, tuple(_shape_of(other)))
+
+
+@method_rule("expand")
+def _expand_method(ctx, node, name, x, *size) -> Any:
+    if len(size) == 1 and isinstance(size[0], tuple | list | torch.Size):
+        size = tuple(size[0])
+    if not _is_map(x):
+        return x.expand(*size)
+    return _expanded(ctx, node, x, size)
+
+
+# Ops that only reshape a gate on its way to a product (y.view(B, C, 1, 1).expand_as(x)): the gate's role is
+# read off the node they start from.
+_RESHAPING_METHODS = frozenset({"view", "reshape", "unsqueeze", "expand", "expand_as"})
+
+
+def _before_reshapes(n: Any) -> Any:
+    while isinstance(n, fx.Node) and n.args:
+        reshapes = (n.op == "call_method" and n.target in _RESHAPING_METHODS) or (
+            n.op == "call_function"
+            and (
+                n.target in (torch.unsqueeze, torch.reshape)
+                or (n.target is operator.getitem and _adds_two_trailing_axes(n.args[1]))
+            )
+        )
+        if not reshapes:
+            break
+        n = n.args[0]
+    return n
+
+
 @function_rule(operator.mul, operator.imul, torch.mul)
 @method_rule("mul", "mul_", "multiply")
 def _mul(ctx, node, _op, a, b) -> Any:
     where = ctx.where(node)
+    if isinstance(a, Broadcast) or isinstance(b, Broadcast):
+        broadcast, other = (a, b) if isinstance(a, Broadcast) else (b, a)
+        if not _is_map(other) or isinstance(other, Broadcast) or _shape_of(other)[2:] != _shape_of(broadcast)[2:]:
+            raise UnsupportedModelError(
+                f"{where}: product of an expanded (B, C, 1, 1) map with anything but the map it was expanded to"
+            )
+        a, b = (broadcast.value, other) if a is broadcast else (other, broadcast.value)
     if _is_map(a) and _is_map(b):
         gated = _gated(ctx, node, a, b)
         if gated is None:
@@ -916,6 +978,53 @@ class ChannelGroups:
         return [j * per + i for i in range(per) for j in range(self.groups)]
 
 
+@dataclass
+class VectorColumn:
+    """A (B, C) vector unsqueezed once, (B, C, 1): held until a second unsqueeze makes it a 1x1 map."""
+
+    value: Source | Affine
+
+
+@dataclass
+class Broadcast:
+    """A (B, C, 1, 1) map expanded to (B, C, H, W) with ``expand_as``/``expand`` (a squeeze-excitation's gate
+    written ``x * y.expand_as(x)``): the same factor as the 1x1 map itself in a product, and nothing else."""
+
+    value: Source | Affine
+    height: int
+    width: int
+
+
+# A squeeze-excitation written with Linear layers: the gate, a (B, C) vector, becomes a 1x1 map with
+# view/reshape(B, C, 1, 1), unsqueeze twice, [:, :, None, None] or [..., None, None].
+def _as_vector(x: Any) -> Source | Affine | None:
+    """``x`` if it is a (B, C) vector of PFVs or of an affine map of them (not a flattened map), else None."""
+    if isinstance(x, Source) and x.tensor.dim() == 2:
+        return x
+    if isinstance(x, Affine) and x.is_vector and x.flat_from is None and x.pending_pool is None:
+        return x
+    return None
+
+
+def _vector_to_map(v: Source | Affine) -> Source | Affine:
+    """The (B, C) vector as the (B, C, 1, 1) map it already is to SRD (a vector is a 1x1 map of PFVs)."""
+    if isinstance(v, Source):
+        return Source(v.tensor[:, :, None, None], v.id)
+    return replace(v.rekeyed(), is_vector=False)
+
+
+def _is_one_by_one_map(x: Any) -> bool:
+    if isinstance(x, Source):
+        return x.tensor.dim() == 4 and x.tensor.shape[2:] == (1, 1)
+    return (
+        isinstance(x, Affine)
+        and not x.is_vector
+        and x.flat_from is None
+        and x.pending_pool is None
+        and (x.height, x.width) == (1, 1)
+    )
+
+
 @method_rule("view", "reshape")
 def _reshape_method(ctx, node, name, x, *shape) -> Any:
     where = ctx.where(node)
@@ -928,6 +1037,11 @@ def _reshape_method(ctx, node, name, x, *shape) -> Any:
         raise UnsupportedModelError(f"{where}: {name}{tuple(shape)} of channel groups (only back to (B, C, H, W))")
     if not _is_map(x):
         return getattr(x, name)(*shape)
+    vector = _as_vector(x)
+    if vector is not None and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
+        b, c = _shape_of(vector)
+        if shape[0] in (b, -1) and shape[1] in (c, -1) and (shape[0], shape[1]) != (-1, -1):
+            return _vector_to_map(vector)
     a = as_affine(x, where)
     numel = a.channels * a.height * a.width
     if len(shape) == 2 and shape[0] in (a.batch, -1) and shape[1] in (-1, numel):
@@ -943,8 +1057,8 @@ def _reshape_method(ctx, node, name, x, *shape) -> Any:
     if grouped:
         return ChannelGroups(a, int(shape[1]))
     raise UnsupportedModelError(
-        f"{where}: {name}{tuple(shape)} of a feature map (supported: flattening, and (B, groups, C/groups, H, W) "
-        "for a channel shuffle)"
+        f"{where}: {name}{tuple(shape)} of a feature map (supported: flattening, (B, groups, C/groups, H, W) "
+        "for a channel shuffle, and a (B, C) vector to (B, C, 1, 1))"
     )
 
 
@@ -1034,6 +1148,8 @@ def _getitem_function(ctx, node, fn, x, index) -> Any:
     if not _is_map(x):
         return x[index]
     where = ctx.where(node)
+    if _as_vector(x) is not None and _adds_two_trailing_axes(index):
+        return _vector_to_map(_as_vector(x))  # y[:, :, None, None]
     bundle = as_affine(x, where)
     c = bundle.channels
     picked = _channel_index(index, c)
@@ -1048,6 +1164,16 @@ def _getitem_function(ctx, node, fn, x, index) -> Any:
             f"{where}: x[:, {lo}] removes the channel dimension; only unsqueeze(1) may follow it"
         )
     return bundle.channel_slice(lo, hi, where)  # kept 4-D: the unsqueeze that follows restores nothing
+
+
+def _adds_two_trailing_axes(index: Any) -> bool:
+    """``[:, :, None, None]`` or ``[..., None, None]``."""
+    if not isinstance(index, tuple) or len(index) not in (3, 4) or any(i is not None for i in index[-2:]):
+        return False
+    head = index[:-2]
+    if len(head) == 1:
+        return head[0] is Ellipsis
+    return all(isinstance(i, slice) and i == slice(None) for i in head)
 
 
 def _picks_one_channel(index: Any) -> bool:
@@ -1080,6 +1206,10 @@ def _unsqueezes_channel_dim(node: fx.Node) -> bool:
 def _unsqueeze(ctx, node, x, dim) -> Any:
     if not _is_map(x):
         return torch.unsqueeze(x, dim)
+    if isinstance(x, VectorColumn) and dim in (2, 3, -1, -2):  # (B, C, 1) -> (B, C, 1, 1)
+        return _vector_to_map(x.value)
+    if _as_vector(x) is not None and dim in (2, -1):  # (B, C) -> (B, C, 1)
+        return VectorColumn(_as_vector(x))
     source = node.args[0]
     picked = (  # x[:, k]: the channel dimension was dropped
         isinstance(source, fx.Node)
@@ -1130,6 +1260,11 @@ def _shape_arith(ctx, node, fn, a, b) -> Any:
 def _shape_of(x: Any) -> torch.Size:
     if isinstance(x, Source):
         return x.tensor.shape
+    if isinstance(x, VectorColumn):
+        return torch.Size((*_shape_of(x.value), 1))
+    if isinstance(x, Broadcast):
+        b, c = _shape_of(x.value)[:2]
+        return torch.Size((b, c, x.height, x.width))
     if isinstance(x, ChannelGroups):
         a = x.value
         per = a.channels // x.groups

@@ -239,6 +239,23 @@ class Affine:
         biases = [replace(b, owners=frozenset(mapping.get(k, k) for k in b.owners)) for b in self.biases]
         return replace(self, terms=terms, biases=biases)
 
+    def taps_split(self) -> Affine:
+        """Same value with every convolution term split into one single-path term per kernel tap; a bias
+        owned by a convolution is owned by all of its taps (shared by norm among them, as before)."""
+        if all(isinstance(t, DenseTerm) for t in self.terms):
+            return self
+        terms: list[Term] = []
+        keys_of: dict[int, list[int]] = {}
+        for t in self.terms:
+            pieces = split_taps(t) if isinstance(t, ConvTerm) else [t]
+            keys_of[t.key] = [p.key for p in pieces]
+            terms += pieces
+        biases = [
+            replace(b, owners=frozenset(k for owner in b.owners for k in keys_of.get(owner, [owner])))
+            for b in self.biases
+        ]
+        return replace(self, terms=terms, biases=biases)
+
     def keys(self) -> frozenset[int]:
         return frozenset(t.key for t in self.terms)
 
@@ -754,6 +771,26 @@ def materialise(t: ConvTerm) -> DenseTerm:
     sy, sx = t.stride
     top, _, left, _ = t.pad
     return DenseTerm(t.total(), t.route.then(sy, sx, -top, -left), t.c0, t.key)
+
+
+def split_taps(t: ConvTerm) -> list[DenseTerm]:
+    """A convolution's kernel taps as single-path terms, one per tap, each with a fresh key (their route is
+    the tap's). Costs the tap tensors of the whole map: only for what must scale each tap's contribution
+    per image, as a gate on the convolution's output does."""
+    if t.taps == 1:
+        return [replace(materialise(t), key=new_key())]
+    xp = t.padded_input()
+    w = t.scaled_weight()
+    (kh, kw), (sy, sx), (dy, dx) = t.kernel, t.stride, t.dilation
+    ho, wo = t.spatial()
+    routes = t.tap_routes()
+    out = []
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, :, i * dy : i * dy + sy * (ho - 1) + 1, j * dx : j * dx + sx * (wo - 1) + 1]
+            y = F.conv2d(window, w[:, :, i : i + 1, j : j + 1], None, t.stride, 0, 1, t.groups)
+            out.append(DenseTerm(y, routes[i * kw + j], t.c0))
+    return out
 
 
 def _dense_slice(weight: torch.Tensor, groups: int, c0: int, channels: int) -> torch.Tensor:

@@ -1,0 +1,269 @@
+"""Gates on a convolution's own output and squeeze-excitations written with Linear layers.
+
+SE-ResNet blocks gate a convolution's batch-normed output before the residual add, so the gate scales each
+kernel tap's contribution inside the stage; senet.pytorch's ``SELayer`` computes its gate with ``nn.Linear``
+on the (B, C) mean and reshapes it (``view``, ``unsqueeze``, ``[:, :, None, None]``, ``expand_as``). Both are
+checked against the float64 brute-force reference, which holds the gate at this image's value and runs
+every upstream PFV through the stage on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ierf
+import pytest
+import torch
+import torch.nn.functional as F
+from ierf import UnsupportedModelError
+from ierf.srd.reference import ReferenceSRD
+from srd_nets import randomise_bn
+from torch import nn
+
+
+class _ConvSE(nn.Module):
+    """torchvision's form: 1x1 convolutions on the pooled map."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.squeeze, self.excite = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class _LinearSE(nn.Module):
+    """senet.pytorch's SELayer: Linear layers on the (B, C) mean, the gate viewed back and expanded."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(c, c // 2, bias=False), nn.ReLU(), nn.Linear(c // 2, c), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, _, _ = x.size()
+        y = self.fc(self.pool(x).view(b, c)).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+class _SpatialGate(nn.Module):
+    """A spatial attention in CBAM's place: one gate per position from two learnt channel statistics through
+    a 3x3 conv (CBAM's channel mean and max have no rule: a mean over channels alone, a max over channels)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(c, 2, 1)
+        self.conv = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = F.relu(self.reduce(x))
+        return x * torch.sigmoid(self.conv(stats))
+
+
+class _Bottleneck(nn.Module):
+    """SE-ResNet50's block: the gate on conv3's (1x1) batch-normed output, before the residual add."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, gate: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.gate = gate(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.gate(self.bn3(self.conv3(out))) + self.down(x))
+
+
+class _Basic(nn.Module):
+    """SE-ResNet18's block: the gate on conv2's (3x3) batch-normed output, so every kernel tap is gated."""
+
+    def __init__(self, cin: int, cout: int, stride: int, gate: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout)
+        self.gate = gate(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.gate(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.relu(out + (x if self.down is None else self.down(x)))
+
+
+class _SENet(nn.Module):
+    def __init__(self, block: str, gate: type[nn.Module]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        if block == "bottleneck":
+            self.layer1 = _Bottleneck(8, 4, 8, 1, gate)
+            self.layer2 = _Bottleneck(8, 4, 8, 2, gate)
+        else:
+            self.layer1 = _Basic(8, 8, 1, gate)
+            self.layer2 = _Basic(8, 8, 2, gate)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.relu(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _x(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_saliency_matches_reference(model: nn.Module, x: torch.Tensor, target: int = 1) -> None:
+    fast = ierf.SRD(model, head="exact").saliency(x, target).double()
+    for i in range(x.shape[0]):
+        slow = ReferenceSRD(model).saliency(x[i : i + 1], target)
+        torch.testing.assert_close(fast[i], slow.view(fast[i].shape), atol=1e-5 * slow.abs().max(), rtol=0)
+    torch.testing.assert_close(fast.sum((1, 2)), model(x)[:, target].detach(), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("block", ["bottleneck", "basic"])
+@pytest.mark.parametrize("gate", [_ConvSE, _LinearSE, _SpatialGate], ids=["conv_se", "linear_se", "spatial"])
+def test_a_gate_on_a_convolutions_output_matches_the_reference(block: str, gate: type[nn.Module]) -> None:
+    """The gate was refused there ("SRD keeps that convolution's taps apart ... cannot gate them"); each tap
+    is now a path of its own, scaled by the gate, in a non-square batch of two."""
+    torch.manual_seed(0)
+    model = randomise_bn(_SENet(block, gate)).double().eval()
+    _assert_saliency_matches_reference(model, _x((2, 3, 9, 10)))
+
+
+def test_ierf_through_a_gated_three_by_three_convolution_matches_the_reference() -> None:
+    """A PFV after SE-ResNet18's gated block: its iERF equals the reference's, sums to one and stays inside
+    the receptive field of the two 3x3 convolutions and the stem (radius 3 around the position)."""
+    torch.manual_seed(0)
+    model = randomise_bn(_SENet("basic", _ConvSE)).double().eval()
+    x = _x((1, 3, 11, 12), seed=3)
+    erf = ierf.SRD(model).ierf(x, "layer1", torch.tensor([[5, 4]]))[0, 0].double()
+    slow = ReferenceSRD(model).ierf(x, "layer1", (5, 4)).view(erf.shape)
+    torch.testing.assert_close(erf, slow, atol=1e-5 * slow.abs().max(), rtol=0)
+    assert abs(erf.sum().item() - 1) < 1e-6  # float32
+    outside = torch.ones_like(erf, dtype=torch.bool)
+    outside[2:9, 1:8] = False
+    assert erf[outside].abs().max() == 0
+
+
+class _GatedDepthwise(nn.Module):
+    """A squeeze-excitation between a strided, dilated depthwise convolution's batch norm and its activation
+    (some MobileNetV3 ports place it there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 6, 1)
+        self.dw = nn.Conv2d(6, 6, 3, stride=2, padding=2, dilation=2, groups=6)
+        self.bn = nn.BatchNorm2d(6)
+        self.se = _LinearSE(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.hardswish(self.expand(x))
+        return self.fc(F.hardswish(self.se(self.bn(self.dw(h)))).mean((2, 3)))
+
+
+def test_a_gate_on_a_strided_dilated_depthwise_convolution_matches_the_reference() -> None:
+    torch.manual_seed(0)
+    model = randomise_bn(_GatedDepthwise()).double().eval()
+    _assert_saliency_matches_reference(model, _x((2, 3, 11, 9), seed=2), target=2)
+
+
+_RESHAPES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "view": lambda y, h: y.view(y.shape[0], y.shape[1], 1, 1),
+    "reshape_minus_one": lambda y, h: y.reshape(-1, y.shape[1], 1, 1),
+    "unsqueeze_twice": lambda y, h: y.unsqueeze(-1).unsqueeze(-1),
+    "torch_unsqueeze": lambda y, h: torch.unsqueeze(torch.unsqueeze(y, 2), 3),
+    "getitem": lambda y, h: y[:, :, None, None],
+    "ellipsis": lambda y, h: y[..., None, None],
+    "expand_as": lambda y, h: y.view(y.shape[0], y.shape[1], 1, 1).expand_as(h),
+    "expand": lambda y, h: y[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3]),
+    "gate_first": lambda y, h: y.view(y.shape[0], y.shape[1], 1, 1),
+}
+
+
+class _ReshapedGate(nn.Module):
+    """A squeeze-excitation after an activation whose gate is a Linear's (B, C) output, reshaped as named."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.lin1, self.lin2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        y = torch.sigmoid(self.lin2(F.relu(self.lin1(h.mean((2, 3))))))
+        gate = _RESHAPES[self.how](y, h)
+        gated = gate * h if self.how == "gate_first" else h * gate
+        return self.fc(F.relu(gated).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", list(_RESHAPES))
+def test_a_reshaped_linear_gate_matches_the_reference(how: str) -> None:
+    torch.manual_seed(0)
+    model = _ReshapedGate(how).double().eval()
+    _assert_saliency_matches_reference(model, _x((2, 3, 7, 8)), target=0)
+
+
+class _Misused(nn.Module):
+    """Reshapes SRD reads only on a gate's way to its product, used otherwise."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.other = nn.Conv2d(3, 8, 3, padding=1)
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        y = torch.sigmoid(self.lin(h.mean((2, 3))))
+        if self.how == "expanded_added":  # an expanded 1x1 map is added, not a gate's factor
+            out = h + y[:, :, None, None].expand_as(h)
+        elif self.how == "full_map_expanded":  # expand of a map that is not 1x1
+            out = h * h[:, :, :1].expand_as(h)
+        elif self.how == "unrelated_gate":  # the factor is not computed from the map it multiplies
+            g = torch.sigmoid(self.lin(F.relu(self.other(x)).mean((2, 3))))
+            out = h * g.view(g.shape[0], g.shape[1], 1, 1).expand_as(h)
+        elif self.how == "left_three_d":  # (B, C, 1) used as it is
+            out = h + y.unsqueeze(-1)
+        else:  # a flattened spatial map viewed as a 1x1 map
+            out = h + h.flatten(1).view(h.shape[0], -1, 1, 1)[:, :8]
+        return self.fc(F.relu(out).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("expanded_added", r"expanded to \(B, C, 7, 8\) is only the gate of a product"),
+        ("full_map_expanded", r"indexing a feature map"),
+        ("unrelated_gate", r"not a gate"),
+        ("left_three_d", r"unsqueezed to \(B, C, 1\) is only unsqueezed again"),
+        ("flattened_map", r"view\(2, -1, 1, 1\) of a feature map"),
+    ],
+)
+def test_reshapes_outside_a_gate_are_refused_by_name(how: str, message: str) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match=message):
+        ierf.SRD(_Misused(how).eval()).saliency(torch.randn(2, 3, 7, 8), 0)
+
+
+def test_expand_of_a_spatial_map_is_refused_by_name() -> None:
+    class Expanded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.c(x))
+            return self.fc(F.relu(h.expand(2, 4, 7, 8) * h).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError, match=r"expand to \(2, 4, 7, 8\) of a feature map"):
+        ierf.SRD(Expanded().eval()).saliency(torch.randn(2, 3, 7, 8), 0)
