@@ -27,8 +27,10 @@ from ierf.srd.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
     MODULE_RULES,
+    GateBranches,
     Source,
     as_affine,
+    gate_branches,
     is_activation,
     known_module_types,
 )
@@ -78,6 +80,7 @@ class Program:
         self.constants = traced.constants
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []
         activations: list[fx.Node] = []
+        self.gate_branches: GateBranches = gate_branches(self.graph, model)
         try:
             self._build_steps(model, known, activations)
         except UnsupportedModelError as exc:
@@ -94,6 +97,10 @@ class Program:
         for node in self.graph.nodes:
             module = None
             rule: Callable[..., Any] | None = None
+            if node in self.gate_branches.native:
+                module = model.get_submodule(str(node.target)) if node.op == "call_module" else None
+                self.steps.append((node, _run_native, module))
+                continue
             if node.op == "call_module":
                 module = model.get_submodule(str(node.target))
                 cls = rule_type(module, known)
@@ -167,6 +174,14 @@ class Program:
             raise ValueError(
                 f"layer {layer!r} runs {len(calls)} times in one forward (a block called more than once): name "
                 f"one run, {', '.join(calls)}"
+            )
+        called = {str(n.target): n in self.gate_branches.native for n in self.graph.nodes if n.op == "call_module"}
+        inside = [gated for name, gated in called.items() if name == layer or name.startswith(f"{layer}.")]
+        if inside and all(inside):  # every module called at or under `layer` computes a gate
+            raise ValueError(
+                f"layer {layer!r} lies in a gate's branch (a squeeze-excitation or attention computing a product's "
+                "factor from the map it scales): SRD holds a gate at its value, so no PFV map is decomposed there. "
+                f"Valid layers: {sample} (all: SRD.layers; `ierf layers` on the command line)"
             )
         if layer in self.module_names:
             kind = type(self.model.get_submodule(layer)).__name__
@@ -326,6 +341,30 @@ class _Interpreter:
             for dead in _last_uses(self.program, node):
                 env.pop(dead, None)
         raise UnsupportedModelError("the traced graph has no output")
+
+
+def _run_native(ctx: _Interpreter, node: fx.Node, first: Any, *args: Any, **kwargs: Any) -> Any:
+    """A node of a gate's branch, run as the model runs it on plain tensors (feature maps read as their
+    values): the gate is held at this value, so nothing needs its decomposition."""
+    where = ctx.where(node)
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Source):
+            return v.tensor
+        if isinstance(v, Affine):
+            return v.value()
+        if isinstance(v, torch.Tensor) or not hasattr(v, "__dataclass_fields__"):
+            return v
+        raise UnsupportedModelError(f"{where}: a gate's branch reads a {type(v).__name__}")
+
+    changes_input = _changes_first_operand(node, first if node.op == "call_module" else None)
+    if changes_input and args and isinstance(args[0], Source):
+        args = (args[0].tensor.clone(), *args[1:])  # the PFV map itself stays as it is
+    args = fx.node.map_aggregate(args, plain)
+    kwargs = fx.node.map_aggregate(kwargs, plain)
+    if node.op == "call_method":
+        return getattr(args[0], str(first))(*args[1:], **kwargs)
+    return first(*args, **kwargs)
 
 
 def _lacking_rules(model: nn.Module) -> str:

@@ -260,6 +260,9 @@ class ReferenceSRD:
         """For a product of two maps (squeeze-excitation), the operand that gates: a PFV map computed from
         the other operand. Gates are frozen at their value for this image: no path runs through them, and
         every path through the product keeps them as they are."""
+        native = self.program.gate_branches.gates.get(node)
+        if native is not None:  # a gate the fast path computes as the model does: the same product, found once
+            return node.args[native]
         products = (operator.mul, operator.imul, torch.mul, torch.multiply)
         if not (node.op == "call_function" and node.target in products) and not (
             node.op == "call_method" and node.target in ("mul", "mul_", "multiply")
@@ -341,6 +344,9 @@ class ReferenceSRD:
             if s not in gates:
                 local[s] = torch.zeros_like(values[s])
         for n in order:
+            if n in self.program.gate_branches.native:
+                local[n] = values[n]  # a gate's branch: held at this image's value, as on every path
+                continue
             model = self.model if n is node and n.op == "call_module" else self.linear_model
             local[n] = self._eval(n, local, model, without_constants=True, keep_constant=node)
         return local[order[-1]]

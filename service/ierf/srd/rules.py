@@ -673,15 +673,23 @@ def _gated(ctx, node: fx.Node, a: Any, b: Any) -> Affine | None:
     if which is None:
         return None
     gate, main = (b, a) if which == 1 else (a, b)
+    if not isinstance(gate, Source):
+        return None
+    return _scaled_by_gate(ctx, node, as_affine(main, ""), gate.tensor, which)
+
+
+def _scaled_by_gate(ctx, node: fx.Node, m: Affine, g: torch.Tensor, which: int) -> Affine | None:
+    """``m * g`` with ``g`` held at its value, one factor per channel or per position (an expanded view of
+    either is read as what it is); None where ``g`` has no gate's shape."""
     if _GATE_REDUCES not in node.meta:
         gate_node, main_node = _before_reshapes(node.args[which]), _before_reshapes(node.args[1 - which])
         node.meta[_GATE_REDUCES] = _computed_through_reduction(gate_node, main_node, ctx.program.model)
-    if not isinstance(gate, Source):
-        return None
-    g = gate.tensor
-    m = as_affine(main, "")
     if g.dim() != 4 or m.is_vector or m.flat_from is not None or m.pending_pool is not None:
         return None
+    if g.shape[2:] != (1, 1) and g.stride()[2:] == (0, 0):  # y.expand_as(x): one factor per channel
+        g = g[:, :, :1, :1]
+    if g.shape[1] != 1 and g.stride(1) == 0:  # expanded over the channels: one factor per position
+        g = g[:, :1]
     per_channel = g.shape[1] == m.channels and g.shape[2:] == (1, 1)
     per_position = g.shape[1] == 1 and g.shape[2:] == (m.height, m.width)
     if g.shape[0] != m.batch or not (per_channel or per_position):
@@ -771,6 +779,20 @@ def _before_reshapes(n: Any) -> Any:
 @method_rule("mul", "mul_", "multiply")
 def _mul(ctx, node, _op, a, b) -> Any:
     where = ctx.where(node)
+    gates = ctx.program.gate_branches.gates
+    if node in gates:  # the gate was computed as the model computes it (GateBranches)
+        which = gates[node]
+        main, g = (a, b) if which == 1 else (b, a)
+        out = None
+        if _is_map(main) and isinstance(g, torch.Tensor) and not isinstance(main, VectorColumn | Broadcast):
+            out = _scaled_by_gate(ctx, node, as_affine(main, where), g, which)
+        if out is None:
+            raise UnsupportedModelError(
+                f"{where}: product of two feature maps that is not a gate: the factor computed from the map has "
+                f"shape {tuple(_shape_of(g))}, neither one gate per channel (B, C, 1, 1) nor one per position "
+                "(B, 1, H, W) of that map"
+            )
+        return out
     if isinstance(a, Broadcast) or isinstance(b, Broadcast):
         broadcast, other = (a, b) if isinstance(a, Broadcast) else (b, a)
         if not _is_map(other) or isinstance(other, Broadcast) or _shape_of(other)[2:] != _shape_of(broadcast)[2:]:
@@ -1294,6 +1316,133 @@ def register_activation(*types: type[nn.Module]) -> None:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise TypeError(f"register_activation takes nn.Module subclasses, got {t!r}")
         MODULE_RULES[t] = _activation_module
+
+
+@dataclass(frozen=True)
+class GateBranches:
+    """Products whose one factor is a gate computed from the other (squeeze-excitation, spatial or split
+    attention) through a branch that feeds nothing else: ``gates`` maps each product to its gate operand's
+    index, ``native`` holds the branch's nodes. No relevance flows through a gate, so its branch is run as
+    the model runs it, on plain tensors: any op may sit there (channel max, softmax, conv1d, ...), and its
+    activations are no PFV maps of the decomposition."""
+
+    gates: dict[fx.Node, int]
+    native: frozenset[fx.Node]
+
+
+_PRODUCT_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+_PRODUCT_METHODS = ("mul", "mul_", "multiply")
+_SOFTMAX = (F.softmax, torch.softmax, nn.Softmax)
+
+
+def _is_shape_node(n: fx.Node) -> bool:
+    """A size, or arithmetic on sizes: ints, computed by the rules (no map flows through them)."""
+    if n.op == "call_method" and n.target in ("size", "dim"):
+        return True
+    if n.op == "call_function" and n.target is getattr and n.args[1:] == ("shape",):
+        return True
+    arithmetic = (operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub)
+    inputs = n.all_input_nodes
+    return n.op == "call_function" and n.target in arithmetic and bool(inputs) and all(map(_is_shape_node, inputs))
+
+
+def _mixes(n: fx.Node, model: nn.Module) -> bool:
+    """Pools positions or channels, or mixes channels (a convolution or a Linear layer)."""
+    if _reduces(n, model) or _convolves(n, model):
+        return True
+    if n.op == "call_module":
+        return isinstance(model.get_submodule(str(n.target)), nn.Linear | nn.Conv1d)
+    return n.op == "call_function" and n.target in (F.linear, F.conv1d, torch.conv1d)
+
+
+# Ops that move or pick a gate's values without computing new ones.
+_REARRANGING_METHODS = _RESHAPING_METHODS | {"transpose", "permute", "flatten", "squeeze", "contiguous"}
+_REARRANGING_METHODS |= {"split", "chunk"}
+_REARRANGING_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze)
+_REARRANGING_FUNCTIONS += (torch.split, torch.chunk, operator.getitem)
+
+
+def _is_gate_root(n: fx.Node, model: nn.Module) -> bool:
+    """A PFV map of gates: an activation's output (sigmoid, hard sigmoid, ...) or a softmax (split attention),
+    possibly rearranged (reshaped, transposed, split, indexed) on its way to the product."""
+    while (
+        n.args
+        and isinstance(n.args[0], fx.Node)
+        and (
+            (n.op == "call_method" and n.target in _REARRANGING_METHODS)
+            or (n.op == "call_function" and n.target in _REARRANGING_FUNCTIONS)
+        )
+    ):
+        n = n.args[0]
+    module = model.get_submodule(str(n.target)) if n.op == "call_module" else None
+    if is_activation(n, module):
+        return True
+    if module is not None:
+        return isinstance(module, nn.Softmax)
+    return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
+
+
+def gate_branches(graph: fx.Graph, model: nn.Module) -> GateBranches:
+    """Find every product ``x * g`` whose gate ``g`` is a PFV map computed from ``x`` through a pooling or a
+    channel mixing, by a branch whose nodes (shape arithmetic aside) feed only that gate."""
+    descendants: dict[fx.Node, set[fx.Node]] = {}
+
+    def computed_from(n: fx.Node, main: fx.Node) -> bool:
+        if main not in descendants:
+            seen: set[fx.Node] = set()
+            stack = list(main.users)
+            while stack:
+                u = stack.pop()
+                if u not in seen:
+                    seen.add(u)
+                    stack.extend(u.users)
+            descendants[main] = seen
+        return n in descendants[main]
+
+    candidates: dict[fx.Node, tuple[int, set[fx.Node]]] = {}  # product -> (gate operand index, branch)
+    for node in graph.nodes:
+        products = (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _PRODUCT_METHODS
+        )
+        if not products or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+            continue
+        if _is_shape_node(a) or _is_shape_node(b):
+            continue
+        for which, main, gate in ((1, a, b), (0, b, a)):
+            branch: set[fx.Node] = set()
+            stack = [gate]
+            while stack:
+                n = stack.pop()
+                if n is main or n in branch or _is_shape_node(n) or not computed_from(n, main):
+                    continue
+                branch.add(n)
+                stack.extend(n.all_input_nodes)
+            mixed = any(_mixes(n, model) for n in branch)
+            if gate in branch and mixed and _is_gate_root(gate, model):
+                candidates[node] = (which, branch)
+                break
+    # Branches may share nodes (split attention: one softmax gates every split): keep the products whose
+    # branch nodes feed only branches and gate operands, dropping the others until that holds.
+    while True:
+        native = set().union(*(branch for _, branch in candidates.values()))
+        operands: dict[fx.Node, set[fx.Node]] = {}
+        for node, (which, _) in candidates.items():
+            operands.setdefault(node.args[which], set()).add(node)
+        failing = [
+            node
+            for node, (which, branch) in candidates.items()
+            if node in native
+            or node.args[1 - which] in native
+            or any(u not in native and u not in operands.get(n, ()) for n in branch for u in n.users)
+        ]
+        if not failing:
+            break
+        for node in failing:
+            del candidates[node]
+    return GateBranches({node: which for node, (which, _) in candidates.items()}, frozenset(native))
 
 
 def is_activation(node: fx.Node, module: nn.Module | None) -> bool:
