@@ -367,3 +367,29 @@ def test_a_layer_inside_a_gates_branch_is_not_listed_and_is_refused_for_what_it_
         explainer.ierf(torch.randn(1, 3, 64, 64), "features.1.block.1.fc1", torch.tensor([[0, 0]]))
     with pytest.raises(ValueError, match=r"'features\.1\.block\.1' lies in a gate's branch"):
         explainer.ierf(torch.randn(1, 3, 64, 64), "features.1.block.1", torch.tensor([[0, 0]]))
+
+
+class _HardSigmoidSE(nn.Module):
+    """A MobileNetV3 port's squeeze-excitation (d-li14/mobilenetv3.pytorch): Linear layers and a hard sigmoid
+    written as ReLU6(x + 3) / 6, between the depthwise convolution's batch norm and its activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Sequential(nn.Linear(8, 4), nn.ReLU(inplace=True), nn.Linear(4, 8))
+        self.relu6 = nn.ReLU6(inplace=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.dw(F.hardswish(self.expand(x))))
+        b, c, _, _ = h.size()
+        y = self.relu6(self.fc(F.adaptive_avg_pool2d(h, 1).view(b, c)) + 3) / 6
+        return self.head(F.hardswish(h * y.view(b, c, 1, 1)).mean((2, 3)))
+
+
+def test_a_hard_sigmoid_written_as_relu6_gates_like_any_activation() -> None:
+    torch.manual_seed(0)
+    model = randomise_bn(_HardSigmoidSE()).double().eval()
+    _assert_saliency_matches_reference(model, _x((2, 3, 8, 7)), target=2)

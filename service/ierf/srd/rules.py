@@ -1362,17 +1362,20 @@ _REARRANGING_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.transpose, torch
 _REARRANGING_FUNCTIONS += (torch.split, torch.chunk, operator.getitem)
 
 
+_SCALINGS = (operator.truediv, operator.mul, operator.add, operator.sub)
+
+
 def _is_gate_root(n: fx.Node, model: nn.Module) -> bool:
     """A PFV map of gates: an activation's output (sigmoid, hard sigmoid, ...) or a softmax (split attention),
-    possibly rearranged (reshaped, transposed, split, indexed) on its way to the product."""
-    while (
-        n.args
-        and isinstance(n.args[0], fx.Node)
-        and (
-            (n.op == "call_method" and n.target in _REARRANGING_METHODS)
-            or (n.op == "call_function" and n.target in _REARRANGING_FUNCTIONS)
+    possibly rearranged (reshaped, transposed, split, indexed) on its way to the product, or scaled or shifted
+    by a number (the hard sigmoid of MobileNetV3 ports, ``F.relu6(x + 3) / 6``)."""
+    while n.args and isinstance(n.args[0], fx.Node):
+        rearranged = (n.op == "call_method" and n.target in _REARRANGING_METHODS) or (
+            n.op == "call_function" and n.target in _REARRANGING_FUNCTIONS
         )
-    ):
+        scaled = n.op == "call_function" and n.target in _SCALINGS and isinstance(n.args[1], int | float)
+        if not (rearranged or scaled):
+            break
         n = n.args[0]
     module = model.get_submodule(str(n.target)) if n.op == "call_module" else None
     if is_activation(n, module):
