@@ -393,3 +393,49 @@ def test_a_hard_sigmoid_written_as_relu6_gates_like_any_activation() -> None:
     torch.manual_seed(0)
     model = randomise_bn(_HardSigmoidSE()).double().eval()
     _assert_saliency_matches_reference(model, _x((2, 3, 8, 7)), target=2)
+
+
+class _PooledTwice(nn.Module):
+    """A squeeze-excitation whose pooled vector also feeds the classifier: its branch feeds more than the
+    gate, so it is decomposed by the rules (the pooled PFVs carry relevance into the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        pooled = F.adaptive_avg_pool2d(h, 1)
+        g = torch.sigmoid(self.excite(F.relu(self.squeeze(pooled))))
+        gated = F.relu(h * g).mean((2, 3))
+        return self.fc(torch.cat([gated, pooled.flatten(1)], 1))
+
+
+def test_a_gate_branch_that_feeds_more_than_its_gate_is_decomposed_by_the_rules() -> None:
+    torch.manual_seed(0)
+    model = _PooledTwice().double().eval()
+    assert not ierf.SRD(model).program.gate_branches.gates
+    # Image 1 has one all-zero PFV, whose share of the head's bias stops there (spec: ratio 0 onto an all-zero
+    # pre-activation), in both maps alike; image 0 has none and conserves.
+    _assert_saliency_matches_reference(model, _x((2, 3, 6, 7))[:1], target=1)
+    _assert_saliency_matches_reference(model, _x((2, 3, 6, 7)), target=1, conserves=False)
+
+
+class _SelfScaled(nn.Module):
+    """Products of a map with a factor that is no PFV map of gates: its own channel means (no activation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        return self.fc(F.relu(h * h.mean((2, 3), keepdim=True)).mean((2, 3)))
+
+
+def test_a_factor_that_is_not_an_activations_output_is_no_gate() -> None:
+    with pytest.raises(UnsupportedModelError, match="not a gate"):
+        ierf.SRD(_SelfScaled().eval()).saliency(torch.randn(1, 3, 6, 7), 0)
