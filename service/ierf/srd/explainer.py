@@ -824,16 +824,25 @@ class SRD:
             raise ValueError(f"input_hw must be two positive ints (height, width), got {input_hw!r}")
         input_hw = (int(sizes[0]), int(sizes[1]))
         cache = self.__dict__.setdefault("_shape_cache", {})
-        if input_hw not in cache:
+        stamp = self._settings_stamp()
+        if input_hw not in cache or cache[input_hw][0] != stamp:
             p = next(self.model.parameters(), None)  # a model without parameters computes in the default dtype
             dtype, device = (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), torch.device("cpu"))
             x = torch.zeros(1, self._input_channels() or 3, *input_hw, dtype=dtype, device=device)
             with torch.no_grad():
                 shapes = self._forward(x).shapes
+            cache.pop(input_hw, None)
             if len(cache) >= SHAPE_CACHE_SIZES:  # a caller sweeping sizes: the oldest goes (small dicts each)
                 cache.pop(next(iter(cache)))
-            cache[input_hw] = shapes
-        return cache[input_hw][sid]
+            cache[input_hw] = (stamp, shapes)
+        return cache[input_hw][1][sid]
+
+    def _settings_stamp(self) -> tuple:
+        """What map shapes depend on besides the input size and the traced graph: the settings of torch.nn's
+        modules, which the forward reads when it runs (a stride, padding or pooling window set in place after
+        the explainer was built: decompositions follow it, so the shapes must too), and the parameters' shapes."""
+        settings = tuple(m.extra_repr() for m in self.model.modules() if type(m).__module__.startswith("torch.nn"))
+        return settings, self._parameter_stamp()
 
     def _input_channels(self) -> int | None:
         """In-channels of the first convolution the forward runs (registration order may differ); None
