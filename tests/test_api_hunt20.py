@@ -369,3 +369,21 @@ def test_errors_after_a_good_call_leave_the_model_as_it_was(resnet) -> None:
             call()
     _assert_untouched(model, before)
     torch.testing.assert_close(srd.saliency(x, 1).sum((1, 2)), model(x)[:, 1].detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_grayscale_adaptation_of_the_first_convolution_is_followed() -> None:
+    """A common adaptation replaces conv1's weight by its sum over RGB and leaves ``in_channels`` at 3 (the
+    convolution reads the weight's shape). Both an explainer built before and a fresh one were refusing the
+    one-channel input ("x must have 3 channels"): the channel count was cached from ``in_channels``."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    before = ierf.SRD(model)
+    before.saliency(torch.randn(1, 3, 32, 32), 1)
+    with torch.no_grad():
+        model.conv1.weight = nn.Parameter(model.conv1.weight.sum(1, keepdim=True))
+    x = torch.randn(2, 1, 32, 32)
+    for explainer in (before, ierf.SRD(model)):
+        maps = explainer.saliency(x, 1)
+        torch.testing.assert_close(maps.sum((1, 2)), model(x)[:, 1].detach(), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="x must have 1 channels, got 3"):
+        before.saliency(torch.randn(1, 3, 32, 32), 1)

@@ -845,25 +845,31 @@ class SRD:
         return settings, self._parameter_stamp()
 
     def _input_channels(self) -> int | None:
-        """In-channels of the first convolution the forward runs (registration order may differ); None
-        when the graph starts otherwise (a fully connected model), where the forward itself checks."""
-        if "_in_channels" not in self.__dict__:  # the graph is fixed; replaced submodules are refused
-            self._in_channels = self._first_conv_channels()
-        return self._in_channels
+        """In-channels of the first convolution the forward runs (registration order may differ), read off its
+        weight as the convolution itself does (a grayscale adaptation may replace the weight in place and
+        leave ``in_channels`` as it was); None when the graph starts otherwise (a fully connected model),
+        where the forward itself checks."""
+        if "_first_conv" not in self.__dict__:  # the graph is fixed; replaced submodules are refused
+            self._first_conv = self._find_first_conv()
+        if self._first_conv is None:
+            return None
+        weight, groups = self._first_conv
+        value = self.model.get_submodule(weight).weight if groups is None else self.program.attribute(weight)
+        return int(value.shape[1]) * (self.model.get_submodule(weight).groups if groups is None else groups)
 
-    def _first_conv_channels(self) -> int | None:
+    def _find_first_conv(self) -> tuple[str, int | None] | None:
+        """(module path, None) for an ``nn.Conv2d``, (weight attribute, groups) for ``F.conv2d``."""
         modules = dict(self.model.named_modules())
         for node in self.program.graph.nodes:
             if _selects_channels(node):
                 return None  # the first convolution may read only some of the input's channels
             if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
-                return modules[str(node.target)].in_channels
+                return str(node.target), None
             if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
                 weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
                 if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and isinstance(groups, int):
-                    value = self.program.attribute(str(weight.target))
-                    return int(value.shape[1]) * groups
+                    return str(weight.target), groups
                 return None
         return None
 
