@@ -439,3 +439,24 @@ class _SelfScaled(nn.Module):
 def test_a_factor_that_is_not_an_activations_output_is_no_gate() -> None:
     with pytest.raises(UnsupportedModelError, match="not a gate"):
         ierf.SRD(_SelfScaled().eval()).saliency(torch.randn(1, 3, 6, 7), 0)
+
+
+class _ExpandedSpatialGate(nn.Module):
+    """A spatial gate (B, 1, H, W) expanded over the channels before its product (a stride-0 view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 16, 3, padding=1)  # wide enough that no PFV of this input is all zero
+        self.reduce = nn.Conv2d(16, 1, 3, padding=1)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        g = torch.sigmoid(self.reduce(h)).expand_as(h)
+        return self.fc(F.relu(h * g).mean((2, 3)))
+
+
+def test_a_spatial_gate_expanded_over_the_channels_is_one_gate_per_position() -> None:
+    torch.manual_seed(0)
+    model = _ExpandedSpatialGate().double().eval()
+    _assert_saliency_matches_reference(model, _x((2, 3, 6, 5)), target=0)
