@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -485,3 +487,29 @@ def directional_derivatives(loss_at, x: torch.Tensor, direction: torch.Tensor, e
     with torch.no_grad():
         numeric = (loss_at(x + eps * direction) - loss_at(x - eps * direction)) / (2 * eps)
     return (grad * direction).sum().item(), numeric.item()
+
+
+def positive_copy(model: nn.Module, swaps: dict[type | tuple[type, ...], type[nn.Module]]) -> nn.Module:
+    """A float64 copy on which no path can cancel or switch off (for a theoretical receptive field): positive
+    weights, zero biases and batch-norm means, average- instead of max-pooling, and each module of a type in
+    ``swaps`` replaced by a new module of the mapped type."""
+    pos_model = copy.deepcopy(model).double()
+    for m in list(pos_model.modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.MaxPool2d):
+                pool = nn.AvgPool2d(child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode)
+                setattr(m, child_name, pool)
+                continue
+            for kinds, new in swaps.items():
+                if isinstance(child, kinds):
+                    setattr(m, child_name, new())
+                    break
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            m.weight.data = m.weight.data.abs() + 0.01
+            if m.bias is not None:
+                m.bias.data.zero_()
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.zero_()
+            m.weight.data = m.weight.data.abs() + 0.01
+            m.bias.data.zero_()
+    return pos_model

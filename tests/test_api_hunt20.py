@@ -15,7 +15,7 @@ import torch
 import torchvision
 from ierf.srd.reference import ReferenceSRD
 from ierf.srd.rules import is_activation
-from srd_nets import randomise_bn, reference_relevance
+from srd_nets import positive_copy, randomise_bn, reference_relevance
 from test_srd_api import _assert_untouched, _snapshot
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -37,22 +37,7 @@ def _receptive_fields(model: nn.Module, srd: ierf.SRD, cells: dict[str, list[tup
     over channels) on a float64 copy with positive weights, zero biases, average- instead of max-pooling and
     every activation but the gates' sigmoids skipped, so no path can cancel or switch off (an independent
     check of the iERF's support). A gate whose sigmoid saturates gives an empty field (skipped by callers)."""
-    pos_model = copy.deepcopy(model).double()
-    for m in list(pos_model.modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, nn.MaxPool2d):
-                pool = nn.AvgPool2d(child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode)
-                setattr(m, child_name, pool)
-            elif isinstance(child, nn.Hardsigmoid):
-                setattr(m, child_name, nn.Sigmoid())
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            m.weight.data = m.weight.data.abs() + 0.01
-            if m.bias is not None:
-                m.bias.data.zero_()
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.zero_()
-            m.weight.data = m.weight.data.abs() + 0.01
-            m.bias.data.zero_()
+    pos_model = positive_copy(model, {nn.Hardsigmoid: nn.Sigmoid})
     pairs = [(layer, r, c) for layer, positions in cells.items() for r, c in positions]
     gm = torch.fx.GraphModule(pos_model, srd.program.graph)
     # one image per (layer, position) pair: one backward gives every pair's gradient in its own row

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ierf import UnsupportedModelError
 from ierf.srd.reference import ReferenceSRD
-from srd_nets import randomise_bn
+from srd_nets import ConvHead, randomise_bn
 from torch import nn
 
 
@@ -258,17 +258,12 @@ def test_reshapes_outside_a_gate_are_refused_by_name(how: str, message: str) -> 
 
 
 def test_expand_of_a_spatial_map_is_refused_by_name() -> None:
-    class Expanded(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.c = nn.Conv2d(3, 4, 3, padding=1)
-            self.fc = nn.Linear(4, 2)
-
+    class Expanded(ConvHead):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = F.relu(self.c(x))
-            return self.fc(F.relu(h.expand(2, 4, 7, 8) * h).mean((2, 3)))
+            h = self.act(self.conv(x))
+            return self.fc(self.act(h.expand(2, 4, 5, 6) * h).mean((2, 3)))
 
-    with pytest.raises(UnsupportedModelError, match=r"expand to \(2, 4, 7, 8\) of a feature map"):
+    with pytest.raises(UnsupportedModelError, match=r"expand to \(2, 4, 5, 6\) of a feature map"):
         ierf.SRD(Expanded().eval()).saliency(torch.randn(2, 3, 7, 8), 0)
 
 
@@ -423,17 +418,12 @@ def test_a_gate_branch_that_feeds_more_than_its_gate_is_decomposed_by_the_rules(
     _assert_saliency_matches_reference(model, _x((2, 3, 6, 7)), target=1, conserves=False)
 
 
-class _SelfScaled(nn.Module):
+class _SelfScaled(ConvHead):
     """Products of a map with a factor that is no PFV map of gates: its own channel means (no activation)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.c = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.c(x))
-        return self.fc(F.relu(h * h.mean((2, 3), keepdim=True)).mean((2, 3)))
+        h = self.act(self.conv(x))
+        return self.fc(self.act(h * h.mean((2, 3), keepdim=True)).mean((2, 3)))
 
 
 def test_a_factor_that_is_not_an_activations_output_is_no_gate() -> None:

@@ -12,7 +12,7 @@ import torchvision
 from ierf.srd import fused, gemm, ratios
 from ierf.srd.reference import ReferenceSRD
 from ierf.srd.rules import is_activation
-from srd_nets import all_nets, assert_matches_reference, randomise_bn, reference_relevance
+from srd_nets import all_nets, assert_matches_reference, positive_copy, randomise_bn, reference_relevance
 from torch import nn
 
 NETS = all_nets()
@@ -145,22 +145,8 @@ def _receptive_field(model: nn.Module, layer: str, position: tuple[int, int], x:
     """Theoretical receptive field: gradient support of the PFV on a copy with positive weights, identity
     activations (also after a subtraction, which can turn a positive map negative) and average- instead of
     max-pooling (so no path can cancel or switch off)."""
-    pos_model = copy.deepcopy(model).double()
-    for m in list(pos_model.modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, nn.ReLU6 | nn.Hardswish | nn.Hardtanh):
-                setattr(m, child_name, nn.ReLU())  # no clamp or dip on positive values
-            elif isinstance(child, nn.MaxPool2d):
-                pool = nn.AvgPool2d(child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode)
-                setattr(m, child_name, pool)
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            m.weight.data = m.weight.data.abs() + 0.01
-            if m.bias is not None:
-                m.bias.data.zero_()
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.zero_()
-            m.weight.data = m.weight.data.abs() + 0.01
-            m.bias.data.zero_()
+    # no clamp or dip on positive values
+    pos_model = positive_copy(model, {(nn.ReLU6, nn.Hardswish, nn.Hardtanh): nn.ReLU})
     srd = ierf.SRD(pos_model)
     node = srd.program.node_of[srd.program.source_id(layer)]
     gm = torch.fx.GraphModule(pos_model, srd.program.graph)
