@@ -930,7 +930,9 @@ class SRD:
         refused by the program's run, with the error SRD words (the check waits for a call that works)."""
         try:
             with torch.no_grad():
-                return self.model(x.detach())
+                # on a copy: a model whose first op is in place (nn.SiLU(inplace=True)) writes its input, and
+                # the decomposition that follows must read the caller's image, which must stay as it was
+                return self.model(x.detach().clone())
         except Exception:
             return None
 
