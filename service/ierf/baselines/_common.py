@@ -67,11 +67,13 @@ def check_target_range(logits: object, target: torch.Tensor) -> None:
 
 
 def checked_forward(model: nn.Module, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's forward, validating the logits shape and target range on every call."""
+    """The model's forward, validating the logits shape and target range on every call. The model reads a
+    copy of the inputs: a first op in place (``nn.SiLU(inplace=True)``) would otherwise write into the very
+    tensor autograd differentiates (refused as a leaf, or a view made without grad) or into the caller's."""
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         checkpoint()  # before each forward (IG runs several): a server stops here for a caller who has gone
-        logits = model(inputs)
+        logits = model(inputs.clone())
         check_target_range(logits, target)
         return logits
 

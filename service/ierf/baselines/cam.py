@@ -123,7 +123,7 @@ class _CAMExplainer:
         self, x: torch.Tensor, target: torch.Tensor, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with _captured(self.module, self.use_input) as capture:
-            logits = self.model(x)
+            logits = self.model(x.clone())  # a first op in place must not write into the differentiated input
         check_target_range(logits, target)
         activation = capture.activation
         if activation is None or activation.dim() != 4:

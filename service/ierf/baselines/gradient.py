@@ -157,7 +157,7 @@ def _input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> 
     check_ordinary_tensors(model)
     if not x.requires_grad:
         x = x.detach().requires_grad_(True)
-    logits = model(x)
+    logits = model(x.clone())  # a first op in place must not write into the differentiated input
     check_target_range(logits, target)
     selected = logits.gather(1, target.to(logits.device)[:, None]).sum()
     (grad,) = torch.autograd.grad(selected, x, create_graph=True)
