@@ -2,7 +2,9 @@
 with ``inplace=False``, and the caller's image stays as it was.
 
 The gradient and CAM methods crashed with autograd's "a leaf Variable that requires grad is being used in an
-in-place operation" (SmoothGrad: "a view created in no_grad mode ... modified inplace"); SRD's check of the
+in-place operation" (SmoothGrad: "a view created in no_grad mode ... modified inplace"); Integrated Gradients
+answered a wrong map without a word (Captum's scaled inputs are no leaves: the activation overwrote them, and
+the gradient was taken with respect to the activated values, every pixel off); SRD's check of the
 model's own output ran the model on the caller's tensor, which the activation then overwrote, and with a SiLU
 applied twice the model was refused as one whose traced forward does not reproduce its output.
 """
