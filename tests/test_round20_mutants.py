@@ -93,6 +93,36 @@ def test_a_batch_split_to_the_tap_budget_keeps_each_images_own_biases(monkeypatc
     assert_matches_reference(split, ref, ref.decompose(x[2:3]), (1,), 1e-9, image=2)
 
 
+class _ConcatenatedKernels(nn.Module):
+    """Two 3x3 convolutions concatenated before their activation: the stage's z starts as a zero map of the
+    part's batch size, which the first convolution fills at its own channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv(x))
+        return self.fc(self.act(torch.cat([self.c1(a), self.c2(a)], 1)).mean((2, 3)))
+
+
+def test_a_batch_split_into_uneven_parts_ends_at_the_last_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(R24) Three images, two per part: the last part holds one image and must say so (a part reaching past
+    the batch claimed two, and its zero-started z took a second, phantom image)."""
+    torch.manual_seed(0)
+    model = _ConcatenatedKernels().double().eval()
+    x = _x((3, 3, 8, 11), seed=4)
+    whole = ierf.SRD(model, head="exact").decompose(x)
+    per_image = 9 * 8 * 8 * 11 * 8  # the concatenated stage's float64 taps: 9 taps x 8 channels on 8x11
+    monkeypatch.setattr(ratios, "TAP_BUDGET_BYTES", 2 * per_image + per_image // 2)
+    split = ierf.SRD(model, head="exact").decompose(x)
+    for target in (0, 2):
+        torch.testing.assert_close(split.relevance(target), whole.relevance(target), atol=1e-12, rtol=1e-9)
+
+
 def test_a_per_image_bias_of_a_pointwise_stage_is_dotted_image_by_image() -> None:
     """(R22) After a 1x1 convolution the gated bias is one vector per image, (B, C, 1, 1): its <beta, z> takes
     each image's own vector. The one-product shortcut for a single per-channel constant took it for one."""
