@@ -450,3 +450,26 @@ def test_a_spatial_gate_expanded_over_the_channels_is_one_gate_per_position() ->
     torch.manual_seed(0)
     model = _ExpandedSpatialGate().double().eval()
     _assert_saliency_matches_reference(model, _x((2, 3, 6, 5)), target=0)
+
+
+class _ShrinkingGate(ConvHead):
+    """A gate whose branch convolves a 4x-pooled map without padding: inputs under 12 pixels leave the
+    branch's kernel larger than its map, so the model's own forward fails there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv(x))
+        g = torch.sigmoid(F.adaptive_avg_pool2d(self.branch(F.avg_pool2d(h, 4)), 1))
+        return self.fc(self.act(h * g).mean((2, 3)))
+
+
+def test_an_input_too_small_for_a_gates_branch_is_refused_as_the_input_size() -> None:
+    """The branch runs as the model runs it, so the model's own failure there (torch's RuntimeError about the
+    kernel size) is the input's fault, raised as InputSizeError naming the node; larger inputs work."""
+    model = _ShrinkingGate().eval()
+    ierf.SRD(model).saliency(torch.randn(1, 3, 16, 16), 0)
+    with pytest.raises(ierf.InputSizeError, match=r"the model's own forward fails here on this input.*[Kk]ernel"):
+        ierf.SRD(model).saliency(torch.randn(1, 3, 10, 10), 0)

@@ -362,9 +362,12 @@ def _run_native(ctx: _Interpreter, node: fx.Node, first: Any, *args: Any, **kwar
         args = (args[0].tensor.clone(), *args[1:])  # the PFV map itself stays as it is
     args = fx.node.map_aggregate(args, plain)
     kwargs = fx.node.map_aggregate(kwargs, plain)
-    if node.op == "call_method":
-        return getattr(args[0], str(first))(*args[1:], **kwargs)
-    return first(*args, **kwargs)
+    try:
+        if node.op == "call_method":
+            return getattr(args[0], str(first))(*args[1:], **kwargs)
+        return first(*args, **kwargs)
+    except RuntimeError as exc:  # the model's own op fails on this input (a kernel larger than its map)
+        raise InputSizeError(f"{where}: the model's own forward fails here on this input: {exc}") from None
 
 
 def _lacking_rules(model: nn.Module) -> str:
