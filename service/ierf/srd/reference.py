@@ -100,7 +100,9 @@ class ReferenceSRD:
         self.lin_modules = dict(self.linear_model.named_modules())
         self.on_map: set[fx.Node] = set()  # nodes computed from the input (the rest are constants)
         for node in self.graph.nodes:
-            if node.op == "placeholder" or any(d in self.on_map for d in node.all_input_nodes):
+            # expand_as reads its second operand's shape only: a constant expanded as a map stays a constant
+            read = node.all_input_nodes if node.target != "expand_as" else node.args[:1]
+            if node.op == "placeholder" or any(d in self.on_map for d in read if isinstance(d, fx.Node)):
                 self.on_map.add(node)
 
     @staticmethod

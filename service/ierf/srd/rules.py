@@ -833,6 +833,9 @@ def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tens
             f"{where}: {what} of a flattened or pooled vector by a tensor of shape {tuple(c.shape)} "
             "(only a number there)"
         )
+    if any(step == 0 and n > 1 for step, n in zip(c.stride(), c.shape, strict=True)):
+        # an expanded view (scale.expand_as(x)) holds one value along each stride-0 dim: the factor it came from
+        c = c[tuple(slice(0, 1) if step == 0 else slice(None) for step in c.stride())]
     shape = (
         (bundle.batch, bundle.channels)
         if bundle.is_vector
