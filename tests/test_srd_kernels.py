@@ -52,8 +52,10 @@ def _force_layout(monkeypatch, layout: str) -> None:
     if layout == "wide":  # every stride-1 dense kernel
         monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", float("inf"))
         monkeypatch.setattr(ratios, "WIDE_MIN_ROWS", 0)
-    elif layout == "phase":  # never the wide layout
+    elif layout == "phase":  # never the wide layout, and never im2col: one product per stride phase
         monkeypatch.setattr(ratios, "WIDE_MAX_WASTE", 0.0)
+        monkeypatch.setattr(ratios, "UNFOLD_ABOVE", float("inf"))
+        monkeypatch.setattr(ratios, "UNFOLD_ABOVE_ONEDNN", float("inf"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -64,6 +66,8 @@ def test_tap_products_equal_one_convolution_per_tap(case, layout, monkeypatch):
     t = ConvTerm(x, Route(0), weight, stride, dilation, pad, groups, scale)
     # the dispatcher picks wide products, per-phase products or im2col by shape; check each on every case
     _force_layout(monkeypatch, layout)
+    if layout == "phase":  # the phase products must really run (small maps used to fall back to im2col)
+        monkeypatch.setattr(ratios, "_unfolded_tap_products", lambda t: pytest.fail("im2col taken"))
     got = ratios._unfolded_tap_products(t) if layout == "unfold" and groups == 1 else ratios.tap_products(t)
     torch.testing.assert_close(got, _literal_taps(t), atol=1e-10, rtol=1e-10)
     # the taps' sum is the convolution itself, and their routes point at the right input PFVs
