@@ -853,9 +853,11 @@ class SRD:
             self._first_conv = self._find_first_conv()
         if self._first_conv is None:
             return None
-        weight, groups = self._first_conv
-        value = self.model.get_submodule(weight).weight if groups is None else self.program.attribute(weight)
-        return int(value.shape[1]) * (self.model.get_submodule(weight).groups if groups is None else groups)
+        path, groups = self._first_conv
+        if groups is None:
+            conv = self.model.get_submodule(path)
+            return int(conv.weight.shape[1]) * conv.groups
+        return int(self.program.attribute(path).shape[1]) * groups
 
     def _find_first_conv(self) -> tuple[str, int | None] | None:
         """(module path, None) for an ``nn.Conv2d``, (weight attribute, groups) for ``F.conv2d``."""

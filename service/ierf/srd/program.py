@@ -27,8 +27,11 @@ from ierf.srd.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
     MODULE_RULES,
+    Broadcast,
+    ChannelGroups,
     GateBranches,
     Source,
+    VectorColumn,
     as_affine,
     gate_branches,
     is_activation,
@@ -353,9 +356,9 @@ def _run_native(ctx: _Interpreter, node: fx.Node, first: Any, *args: Any, **kwar
             return v.tensor
         if isinstance(v, Affine):
             return v.value()
-        if isinstance(v, torch.Tensor) or not hasattr(v, "__dataclass_fields__"):
-            return v
-        raise UnsupportedModelError(f"{where}: a gate's branch reads a {type(v).__name__}")
+        if isinstance(v, ChannelGroups | VectorColumn | Broadcast):  # views only the rules' own ops read
+            raise UnsupportedModelError(f"{where}: a gate's branch reads a {type(v).__name__}")
+        return v
 
     changes_input = _changes_first_operand(node, first if node.op == "call_module" else None)
     if changes_input and args and isinstance(args[0], Source):

@@ -775,8 +775,12 @@ def _before_reshapes(n: Any) -> Any:
     return n
 
 
-@function_rule(operator.mul, operator.imul, torch.mul)
-@method_rule("mul", "mul_", "multiply")
+_PRODUCT_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+_PRODUCT_METHODS = ("mul", "mul_", "multiply")
+
+
+@function_rule(*_PRODUCT_FUNCTIONS)
+@method_rule(*_PRODUCT_METHODS)
 def _mul(ctx, node, _op, a, b) -> Any:
     where = ctx.where(node)
     gates = ctx.program.gate_branches.gates
@@ -1333,8 +1337,6 @@ class GateBranches:
     native: frozenset[fx.Node]
 
 
-_PRODUCT_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
-_PRODUCT_METHODS = ("mul", "mul_", "multiply")
 _SOFTMAX = (F.softmax, torch.softmax, nn.Softmax)
 
 
@@ -1359,10 +1361,20 @@ def _mixes(n: fx.Node, model: nn.Module) -> bool:
 
 
 # Ops that move or pick a gate's values without computing new ones.
-_REARRANGING_METHODS = _RESHAPING_METHODS | {"transpose", "permute", "flatten", "squeeze", "contiguous"}
-_REARRANGING_METHODS |= {"split", "chunk"}
-_REARRANGING_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze)
-_REARRANGING_FUNCTIONS += (torch.split, torch.chunk, operator.getitem)
+_REARRANGING_METHODS = _RESHAPING_METHODS | frozenset(
+    {"transpose", "permute", "flatten", "squeeze", "contiguous", "split", "chunk"}
+)
+_REARRANGING_FUNCTIONS = (
+    torch.unsqueeze,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.flatten,
+    torch.squeeze,
+    torch.split,
+    torch.chunk,
+    operator.getitem,
+)
 
 
 _SCALINGS = (operator.truediv, operator.mul, operator.add, operator.sub)
