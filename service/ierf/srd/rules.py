@@ -686,10 +686,7 @@ def _scaled_by_gate(ctx, node: fx.Node, m: Affine, g: torch.Tensor, which: int) 
         node.meta[_GATE_REDUCES] = _computed_through_reduction(gate_node, main_node, ctx.program.model)
     if g.dim() != 4 or m.is_vector or m.flat_from is not None or m.pending_pool is not None:
         return None
-    if g.shape[2:] != (1, 1) and g.stride()[2:] == (0, 0):  # y.expand_as(x): one factor per channel
-        g = g[:, :, :1, :1]
-    if g.shape[1] != 1 and g.stride(1) == 0:  # expanded over the channels: one factor per position
-        g = g[:, :1]
+    g = _unexpanded(g, skip_batch=True)  # y.expand_as(x): one factor per channel (or per position)
     per_channel = g.shape[1] == m.channels and g.shape[2:] == (1, 1)
     per_position = g.shape[1] == 1 and g.shape[2:] == (m.height, m.width)
     if g.shape[0] != m.batch or not (per_channel or per_position):
@@ -722,8 +719,6 @@ def _scaled_by_gate(ctx, node: fx.Node, m: Affine, g: torch.Tensor, which: int) 
     return out
 
 
-# Function and method rules are called alike, (ctx, node, the function or method name, *args): one rule
-# serves both spellings.
 def _expanded(ctx, node, x: Any, size: tuple[int, ...]) -> Any:
     """A 1x1 map expanded over a (B, C, H, W) map's positions (only a gate's factor may be), or, where H and W
     are 1, the map itself."""
@@ -779,6 +774,8 @@ _PRODUCT_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
 _PRODUCT_METHODS = ("mul", "mul_", "multiply")
 
 
+# Function and method rules are called alike, (ctx, node, the function or method name, *args): one rule
+# serves both spellings.
 @function_rule(*_PRODUCT_FUNCTIONS)
 @method_rule(*_PRODUCT_METHODS)
 def _mul(ctx, node, _op, a, b) -> Any:
@@ -822,6 +819,17 @@ def _mul(ctx, node, _op, a, b) -> Any:
     return a * b
 
 
+def _unexpanded(t: torch.Tensor, skip_batch: bool = False) -> torch.Tensor:
+    """An expanded view (``y.expand_as(x)``) cut back to what it was expanded from: a stride-0 dim holds one
+    value, so one index of it is the whole factor along that dim."""
+    return t[
+        tuple(
+            slice(0, 1) if step == 0 and not (skip_batch and d == 0) else slice(None)
+            for d, step in enumerate(t.stride())
+        )
+    ]
+
+
 def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tensor:
     """A constant factor of a feature map as one number per channel, (C,): a Python number, or a tensor that
     broadcasts to the map without enlarging it and varies only along the channels ((C,), (1, C, 1, 1), ...;
@@ -837,9 +845,7 @@ def _channel_factor(bundle: Affine, c: Any, where: str, what: str) -> torch.Tens
             f"{where}: {what} of a flattened or pooled vector by a tensor of shape {tuple(c.shape)} "
             "(only a number there)"
         )
-    if any(step == 0 and n > 1 for step, n in zip(c.stride(), c.shape, strict=True)):
-        # an expanded view (scale.expand_as(x)) holds one value along each stride-0 dim: the factor it came from
-        c = c[tuple(slice(0, 1) if step == 0 else slice(None) for step in c.stride())]
+    c = _unexpanded(c)  # scale.expand_as(x): the per-channel factor it was expanded from
     shape = (
         (bundle.batch, bundle.channels)
         if bundle.is_vector
