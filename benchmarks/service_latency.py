@@ -12,6 +12,11 @@ measures, for one model:
 
 Targets (issue 3): overhead p50 <= 15 ms; warm <= 0.2 x cold for ResNet50 on CPU.
 
+Ray Serve feature flags set in the environment reach the cluster it starts (Ray's processes inherit this
+one's environment). With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` each ingress replica also serves gRPC on a
+port of its own (40000-41000) beside the proxy, and the calls and floor probes go straight there: what the
+proxy hop costs.
+
 The script re-runs itself under the service's process settings (``ierf.serving.settings.PROCESS_ENV``:
 malloc thresholds, OpenMP spin count), which the cluster it starts inherits, so the in-process reference
 computes with the same settings as the worker it is compared with.
@@ -125,8 +130,34 @@ def deploy_floor() -> None:
     serve.run(FloorIngress.bind(FloorWorker.bind()), name=FLOOR_APP, route_prefix="/serve-floor")
 
 
+def direct_ingress_address(app_name: str, timeout_s: float = 60.0) -> str | None:
+    """The gRPC address of ``app_name``'s ingress replica when the cluster runs with direct ingress, found
+    through Serve's controller (its port changes when the replica is replaced); None otherwise."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return None
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for group in ray.get(controller.get_target_groups.remote(app_name)):
+            if group.protocol == RequestProtocol.GRPC and group.app_name == app_name and group.targets:
+                target = group.targets[0]
+                return f"{target.ip}:{target.port}"
+        time.sleep(0.5)
+    raise TimeoutError(f"no direct-ingress gRPC target for {app_name} within {timeout_s} s")
+
+
 def measure(
-    reference: InProcess, address: str, cold_images, warm_targets, label: str, warmup_offset: int = 10_000
+    reference: InProcess,
+    address: str,
+    cold_images,
+    warm_targets,
+    label: str,
+    warmup_offset: int = 10_000,
+    floor_address: str | None = None,
 ) -> dict[str, Series]:
     """Alternate in-process calls, gRPC calls and the floor probes so all see the same machine load
     (other jobs share the cores). Two Serve apps run, so every call names its application."""
@@ -139,7 +170,10 @@ def measure(
     tiers: set[str] = set()
     stages: dict[str, Series] = {}  # server-side stage timings of the warm gRPC calls (provenance)
     cold_stages: dict[str, Series] = {}  # ... and of the cold ones
-    with Client(address, timeout=600, application=APP_NAME) as client, grpc.insecure_channel(address) as channel:
+    with (
+        Client(address, timeout=600, application=APP_NAME) as client,
+        grpc.insecure_channel(floor_address or address) as channel,
+    ):
         floor = health_pb2_grpc.HealthStub(channel)
 
         def probe(service: str) -> float:
@@ -274,13 +308,22 @@ def main() -> None:
         )
         deploy_floor()
         print("phase 1: worker with L1 + L2 ...", flush=True)
-        l1 = measure(reference, service.grpc_address, cold_images, warm_targets, "L1")
+        from ierf.serving.local import APP_NAME
+
+        floor_direct = direct_ingress_address(FLOOR_APP)
+        address = direct_ingress_address(APP_NAME) or service.grpc_address
+        print(f"Explain calls to {address}, floor probes to {floor_direct or service.grpc_address}", flush=True)
+        l1 = measure(reference, address, cold_images, warm_targets, "L1", floor_address=floor_direct)
         # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
         overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
         no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
         serve.run(build_application(no_l1, overrides), name="ierf", route_prefix="/")
         print("phase 2: worker with L2 only ...", flush=True)
-        l2 = measure(reference, service.grpc_address, images(args.cold, 500), warm_targets, "L2 only", 20_000)
+        address = direct_ingress_address(APP_NAME) or service.grpc_address
+        print(f"Explain calls to {address}", flush=True)
+        l2 = measure(
+            reference, address, images(args.cold, 500), warm_targets, "L2 only", 20_000, floor_address=floor_direct
+        )
     finally:
         if service is not None:
             service.stop()
