@@ -30,7 +30,7 @@ from ierf.fidelity.tiny_resnet import random_tiny_resnet
 from ierf.models import registry
 from ierf.models.classes import imagenet_class_names
 from ierf.models.preprocessing import IMAGENET, IMAGENET_299
-from torch import nn
+from test_fidelity_baselines import _BatchNormAfterAFunctionalReLU
 
 
 # ---- inference tensors among the buffers only ------------------------------------------------------------
@@ -398,15 +398,10 @@ def test_cam_refuses_a_layer_whose_output_is_not_a_spatial_map() -> None:
         explainer.saliency(torch.randn(1, 3, 8, 8), 1)
 
 
-class _ConvReadTwice(nn.Module):
-    """conv -> bn as registered and in the forward, but the convolution's output is also read by the skip:
-    folding the BN into the convolution's weights would change what the skip adds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
+class _ConvReadTwice(_BatchNormAfterAFunctionalReLU):
+    """conv -> bn (test_fidelity_baselines' layers) as registered and in the forward, but the convolution's
+    output is also read by the skip: folding the BN into the convolution's weights would change what the skip
+    adds."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -424,15 +419,9 @@ def test_lrp_refuses_a_merge_into_a_layer_whose_output_is_also_read_elsewhere() 
         ierf.create_explainer("lrp", net)
 
 
-class _BatchNormNeverRun(nn.Module):
+class _BatchNormNeverRun(_BatchNormAfterAFunctionalReLU):
     """conv, bn registered in that order, but the forward never calls the batch norm: merging it into the
     convolution would explain a network that normalises where this one does not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
