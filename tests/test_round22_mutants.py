@@ -52,14 +52,25 @@ def test_route_grids_stand_for_exactly_the_routes_they_split() -> None:
 
 
 # ---- a head that reads two maps -----------------------------------------------------------------------------
-class _TwoScaleHead(nn.Module):
-    """A linear head on the pooled features of two maps (a multi-scale head): the start map is two maps."""
+class _TwoConvs(nn.Module):
+    """Two convolution stages and a linear head on the last map's pooled channels."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.act1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
         self.conv2, self.act2 = nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.ReLU()
-        self.fc = nn.Linear(9, 3)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
+
+
+class _TwoScaleHead(_TwoConvs):
+    """A linear head on the pooled features of two maps (a multi-scale head): the start map is two maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(9, 3)  # both maps' pooled channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a1 = self.act1(self.conv1(x))
@@ -278,17 +289,6 @@ def test_channels_pruned_through_data_slices_are_seen_by_the_parameter_cache() -
     conv1.out_channels = conv2.in_channels = 5
     fresh = ierf.SRD(copy.deepcopy(model)).saliency(x, 1)
     torch.testing.assert_close(srd.saliency(x, 1), fresh, atol=0, rtol=0)
-
-
-class _TwoConvs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.act1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
-        self.conv2, self.act2 = nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.ReLU()
-        self.fc = nn.Linear(5, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
 
 
 def test_layer_shapes_follow_a_layer_widened_by_new_parameters() -> None:
