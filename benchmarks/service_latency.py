@@ -317,7 +317,7 @@ def main() -> None:
         # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
         overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
         no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
-        serve.run(build_application(no_l1, overrides), name="ierf", route_prefix="/")
+        serve.run(build_application(no_l1, overrides), name=APP_NAME, route_prefix="/")
         print("phase 2: worker with L2 only ...", flush=True)
         address = direct_ingress_address(APP_NAME) or service.grpc_address
         print(f"Explain calls to {address}", flush=True)
