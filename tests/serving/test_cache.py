@@ -183,7 +183,9 @@ def test_redis_down_fails_fast_and_trips_the_breaker() -> None:
     start = time.perf_counter()
     assert tier.get("k") == ("skipped", None)
     assert tier.put("k", b"v") == "skipped"
-    assert time.perf_counter() - start < 0.01
+    # An open breaker answers without a socket; the bound leaves room for a loaded 2-core CI host's scheduler
+    # (a closed port refuses in microseconds, so "skipped" above is what tells the two apart).
+    assert time.perf_counter() - start < 0.1
 
 
 def test_black_holed_redis_times_out_quickly() -> None:
