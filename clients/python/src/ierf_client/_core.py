@@ -334,10 +334,16 @@ def check_token(token: object, address: str = "", secure: bool = True) -> str | 
 
 
 def _is_this_machine(address: str) -> bool:
-    """A loopback or local-socket target, where clear text never leaves the machine."""
+    """A loopback or local-socket target, where clear text never leaves the machine. An ``ipv4:``/``ipv6:``
+    target may list several addresses (``ipv4:127.0.0.1:9000,10.0.0.7:9000``): grpc dials any of them, so
+    every one must be local."""
     if address.startswith(("unix:", "unix-abstract:", "vsock:")):
         return True
     target = address.removeprefix("ipv4:").removeprefix("ipv6:").removeprefix("dns:").lstrip("/")
+    return all(_is_loopback(part) for part in target.split(","))
+
+
+def _is_loopback(target: str) -> bool:
     host = target.rpartition(":")[0] if not target.startswith("[") else target[1 : target.find("]")]
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
