@@ -113,7 +113,7 @@ def _sum_by_stage(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:
     totals: dict[str, float] = {}
     for stage, seconds in timings:
         totals[stage] = totals.get(stage, 0.0) + seconds
-    rank = {stage: i for i, stage in enumerate((*STAGE_ORDER, "total"))}
+    rank = {stage: i for i, stage in enumerate(STAGE_ORDER)} | {"total": len(STAGE_ORDER) + 1}  # others between
     return sorted(totals.items(), key=lambda item: rank.get(item[0], len(STAGE_ORDER)))
 
 
