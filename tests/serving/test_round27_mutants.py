@@ -42,10 +42,10 @@ PIXELS = np.zeros((8, 8, 3), np.uint8)
 
 
 @contextlib.contextmanager
-def _serving(servicer: pb_grpc.ExplainServiceServicer, options: list[tuple[str, Any]] | None = None) -> Iterator[str]:
-    """A real loopback gRPC server running ``servicer`` as ierf.v1.ExplainService; yields its address."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-    pb_grpc.add_ExplainServiceServicer_to_server(servicer, server)
+def _loopback(add: Any, workers: int = 4, options: list[tuple[str, Any]] | None = None) -> Iterator[str]:
+    """A real loopback gRPC server with the servicer that ``add(server)`` registers; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    add(server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -54,19 +54,16 @@ def _serving(servicer: pb_grpc.ExplainServiceServicer, options: list[tuple[str, 
         server.stop(None)
 
 
-@contextlib.contextmanager
-def _health_serving(servicer: Any) -> Iterator[str]:
-    """A real loopback gRPC server running ``servicer`` as grpc.health.v1.Health; yields its address."""
+def _serving(servicer: pb_grpc.ExplainServiceServicer, options: list[tuple[str, Any]] | None = None) -> Any:
+    """``servicer`` as ierf.v1.ExplainService on loopback (a context manager yielding the address)."""
+    return _loopback(lambda server: pb_grpc.add_ExplainServiceServicer_to_server(servicer, server), 4, options)
+
+
+def _health_serving(servicer: Any) -> Any:
+    """``servicer`` as grpc.health.v1.Health on loopback (a context manager yielding the address)."""
     from grpc_health.v1 import health_pb2_grpc
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+    return _loopback(lambda server: health_pb2_grpc.add_HealthServicer_to_server(servicer, server), 2)
 
 
 def _call(flavour: str, address: str, use: str, *args: Any, client_kwargs: dict | None = None, **kwargs: Any) -> Any:
