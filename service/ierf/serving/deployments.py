@@ -534,6 +534,8 @@ class Ingress:
             if grpc_context is None:  # handle call (tests, local mode): raise the precise error
                 if isinstance(exc, ServiceError):
                     raise exc from None
+                if retry_after_ms(exc) is not None:  # Serve's back-pressure: a full queue, as the trailers say
+                    raise Overloaded(message) from exc
                 raise error_for(status, message) from exc
             grpc_context.set_code(status)
             grpc_context.set_details(clip(message))
