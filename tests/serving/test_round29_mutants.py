@@ -56,6 +56,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import DeploymentUnavailableError
 
+from serving.test_request_images import _varint
+
 
 def _registered_parsers() -> dict[str, object]:
     """The request parsers ``add_explain_service`` registers on the Serve proxy, collected by name."""
@@ -180,15 +182,6 @@ def test_an_engine_error_without_a_message_is_named_by_its_type() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ protocol
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _field(number: int, wire: int, payload: bytes) -> bytes:
     return _varint(number << 3 | wire) + payload
 
