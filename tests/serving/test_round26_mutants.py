@@ -478,3 +478,32 @@ def test_an_image_of_exactly_small_pixels_waits_outside_the_bound_and_leaves_it_
         assert order == [100, 10, 100] and gate.active == gate.queued == 0
 
     asyncio.run(scenario())
+
+
+def test_the_l1_counts_each_logits_entry_beside_its_data(host: Any) -> None:
+    """Kills W06: a model's 4 kB of logits costs L1 more than its data (the tensor object, the key, the LRU's
+    node); counted as data alone, many small entries held more memory than the byte bound says. The count per
+    entry must cover at least the Python objects an entry adds (traced here; the tensor's malloc header and
+    the storage object, which tracemalloc does not see, come on top)."""
+    import tracemalloc
+
+    logits = torch.randn(1, len(host.model.class_names))
+    hashes = [f"l1-overhead-{i:052d}" for i in range(300)]
+    l1 = host.cache.l1
+    host._put_logits("l1-overhead-warm", logits)  # first-use allocations outside the measurement
+    counted_before = l1.nbytes
+    tracemalloc.start()
+    try:
+        traced_before = tracemalloc.get_traced_memory()[0]
+        for content_hash in hashes:
+            host._put_logits(content_hash, logits)
+        traced = (tracemalloc.get_traced_memory()[0] - traced_before) / len(hashes)
+    finally:
+        tracemalloc.stop()
+    counted = (l1.nbytes - counted_before) / len(hashes)
+    try:
+        data = logits.numel() * logits.element_size()
+        assert counted - data >= traced > 0, (counted, data, traced)
+    finally:
+        for content_hash in ["l1-overhead-warm", *hashes]:
+            host.cache.l1.discard(host._key("logits", "model", content_hash))
