@@ -402,24 +402,11 @@ def test_a_full_worker_queue_is_an_overload_for_a_handle_caller_too() -> None:
     from ierf.serving.deployments import Ingress
     from ierf.serving.errors import Overloaded, ResourceExhausted, retry_after_ms
     from ierf.serving.settings import ServiceConfig
-    from ray.serve.exceptions import BackPressureError
 
-    from serving.fakes import Method
-    from serving.test_load_findings import _request
-
-    class _FullWorker:
-        def __init__(self) -> None:
-            self.describe = Method(self._describe)
-            self.explain = Method(self._explain)
-
-        async def _describe(self) -> None:
-            await asyncio.sleep(3600.0)  # no description: the (full) worker alone checks requests
-
-        async def _explain(self, job: object) -> None:
-            raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+    from serving.test_load_findings import _request, _Worker
 
     config = ServiceConfig.from_args({"models": ["m"], "ingress": {"max_pixels": 4096}})
-    ingress = Ingress.func_or_class({"m": _FullWorker()}, config)
+    ingress = Ingress.func_or_class({"m": _Worker(full=True)}, config)  # refuses with back-pressure
 
     async def scenario() -> None:
         with pytest.raises(Overloaded, match="overloaded, retry later: Request dropped due to backpressure") as info:
