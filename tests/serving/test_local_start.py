@@ -270,9 +270,12 @@ def test_args_overrides_merge_into_the_config_files_cache_and_ingress(monkeypatc
     assert no_redis.cache.redis_url is None and no_redis.cache.ttl_s == file_args["cache"]["ttl_s"]
 
 
-def test_serve_forever_removes_its_ready_file_and_stops_on_sigterm(tmp_path: Path, no_cluster: list[str]) -> None:
+def test_serve_forever_removes_its_ready_file_and_stops_on_sigterm(
+    tmp_path: Path, no_cluster: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`make run` waits for the ready file and `make stop` sends SIGTERM: a ready file left behind would
-    make the next `make run` report a dead service as ready."""
+    make the next `make run` report a dead service as ready. The file comes by a rename, whole (CI once
+    read it empty between a plain write's open and its write)."""
     import signal
     import threading
     import time
@@ -284,6 +287,14 @@ def test_serve_forever_removes_its_ready_file_and_stops_on_sigterm(tmp_path: Pat
     ready = tmp_path / "ready"
     service = RunningService(9123, 8000, 8080, str(temp_dir), owns_temp_dir=True)
     seen: list[str] = []
+    renamed_to: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(source: str, destination: str) -> None:
+        renamed_to.append(destination)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(local.os, "replace", recording_replace)
 
     def stop_when_ready() -> None:
         deadline = time.monotonic() + 30
@@ -301,9 +312,36 @@ def test_serve_forever_removes_its_ready_file_and_stops_on_sigterm(tmp_path: Pat
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     thread.join(5)
-    assert seen == ["127.0.0.1:9123\n"]
+    assert seen == ["127.0.0.1:9123\n"] and renamed_to == [str(ready)]
     assert not ready.exists()
     assert no_cluster == ["serve.shutdown", "ray.shutdown"] and not temp_dir.exists()  # stop() ran
+
+
+def test_the_ready_file_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI once read the ready file in the moment between its creation and its write and got "": the file
+    must come into being with its content (a rename), and a failed write leaves neither it nor a staging file."""
+    ready = tmp_path / "ready"
+    real_replace = os.replace
+    renames: list[tuple[bool, str]] = []
+
+    def watching_replace(source: str, destination: str) -> None:
+        renames.append((Path(destination).exists(), Path(source).read_text()))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(local.os, "replace", watching_replace)
+    local.write_file_atomically(str(ready), "127.0.0.1:9000\n")
+    assert renames == [(False, "127.0.0.1:9000\n")]
+    assert ready.read_text() == "127.0.0.1:9000\n" and list(tmp_path.iterdir()) == [ready]
+    assert ready.stat().st_mode & 0o777 == 0o644  # readable as a plain write_text left it
+
+    def failing_replace(source: str, destination: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    ready.unlink()
+    monkeypatch.setattr(local.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        local.write_file_atomically(str(ready), "127.0.0.1:9000\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fewer_kept_sessions_than_the_limit_are_all_kept(tmp_path: Path) -> None:

@@ -758,6 +758,22 @@ def _init_ray(
     return str(ray.util.get_node_ip_address())
 
 
+def write_file_atomically(path: str, text: str) -> None:
+    """Write ``text`` so that readers see the whole file or none: ``make run`` (and a test) polls for the
+    ready file and reads it the moment it exists; a plain write leaves an empty file for a moment."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, staging = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the address from a reader of another user
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
 def serve_forever(service: RunningService, ready_file: str | None = None) -> None:
     """Block until SIGTERM/SIGINT, then stop the service (``make stop`` sends SIGTERM by PID)."""
     stopping = False
@@ -770,7 +786,7 @@ def serve_forever(service: RunningService, ready_file: str | None = None) -> Non
     signal.signal(signal.SIGINT, on_signal)
     try:
         if ready_file:  # inside the guard: a file that cannot be written still stops the service
-            Path(ready_file).write_text(f"{service.grpc_address}\n")
+            write_file_atomically(ready_file, f"{service.grpc_address}\n")
         while not stopping:
             time.sleep(0.5)
     finally:
