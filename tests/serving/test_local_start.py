@@ -194,6 +194,25 @@ def test_a_redis_that_never_answers_is_stopped_when_start_gives_up(tmp_path: Pat
         server.stop()
 
 
+def test_redis_cleanup_removes_only_the_folder_it_made(tmp_path: Path) -> None:
+    """cleanup() removed ``workdir`` whoever made it: a caller's own folder passed as Redis' working directory
+    went with everything in it (the ownership slip ``owns_temp_dir`` fixed for the Ray temp dir)."""
+    from ierf.serving.local import RedisProcess
+
+    keep = tmp_path / "callers"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    given = RedisProcess(workdir=keep).start()
+    made = RedisProcess().start()
+    made_dir = made.workdir
+    assert made_dir is not None and made_dir.is_dir()
+    given.cleanup()
+    made.cleanup()
+    assert (keep / "notes.txt").read_text() == "mine"
+    assert not made_dir.exists() and made.workdir is None
+    made.cleanup()  # a second cleanup is harmless
+
+
 def test_stop_leaves_a_temp_dir_the_caller_owns(tmp_path: Path, no_cluster: list[str]) -> None:
     """``start_service(temp_dir=...)``: the directory is the caller's (a shared Ray temp dir, say), so stop()
     removes only the ones it created itself."""

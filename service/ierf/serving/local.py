@@ -143,8 +143,9 @@ class RedisProcess:
     port: int = 0
     maxmemory: str = "256mb"
     executable: str = "redis-server"
-    workdir: Path | None = None
+    workdir: Path | None = None  # a folder given here is the caller's: cleanup() leaves it
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _owns_workdir: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -164,6 +165,7 @@ class RedisProcess:
             self.port = free_port()
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="ierf-redis-"))
+            self._owns_workdir = True
         self.process = subprocess.Popen(
             [
                 binary,
@@ -211,9 +213,11 @@ class RedisProcess:
         self.process = None
 
     def cleanup(self) -> None:
+        """Stop the server and remove the folder ``start()`` made for it (never one the caller passed in)."""
         self.stop()
-        if self.workdir is not None:
+        if self.workdir is not None and self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir, self._owns_workdir = None, False
 
 
 # ---------------------------------------------------------------------------------- Ray + Serve
