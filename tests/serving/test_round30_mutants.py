@@ -101,6 +101,53 @@ def test_start_passes_the_http_host_application_name_route_and_servicers_it_was_
     assert not os.path.exists(service.temp_dir)
 
 
+def test_the_healthz_address_is_where_the_config_files_http_host_listens(
+    recorded_start: dict[str, Any], tmp_path: Path
+) -> None:
+    """Noticed in round 30: `python -m ierf.serving serve` printed ``http://127.0.0.1:…/-/healthz`` for a config
+    file whose ``http_options.host`` names one address (nothing listens on loopback then), and an IPv6
+    ``--http-host`` without brackets. The address is the one Serve was given; a wildcard is reached on loopback."""
+    config = load_serve_config()
+    config.setdefault("http_options", {})["host"] = "192.0.2.7"
+    service = start_service(config, redis_url="", num_cpus=8, **_ports())
+    try:
+        assert recorded_start["start"]["http_options"]["host"] == "192.0.2.7"
+        assert service.healthz_url == f"http://192.0.2.7:{service.http_port}/-/healthz"
+    finally:
+        service.stop()
+    expected = {
+        "127.0.0.1": "127.0.0.1",
+        "0.0.0.0": "127.0.0.1",
+        "::": "127.0.0.1",
+        "[::]": "127.0.0.1",
+        "": "127.0.0.1",
+        "::1": "[::1]",
+        "[::1]": "[::1]",
+        "2001:db8::5": "[2001:db8::5]",
+        "localhost": "localhost",
+    }
+    for bound, shown in expected.items():
+        probe = RunningService(9000, 8123, 8080, str(tmp_path), owns_temp_dir=False, http_host=bound)
+        assert probe.healthz_url == f"http://{shown}:8123/-/healthz", bound
+
+
+def test_the_printed_healthz_line_is_the_services_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The banner's healthz line comes from the running service, not from the ``--http-host`` flag alone."""
+    from ierf.serving import __main__ as entry
+
+    service = RunningService(9000, 8123, 8080, str(tmp_path), owns_temp_dir=False, http_host="2001:db8::5")
+    monkeypatch.setattr(entry, "start_service", lambda config, **kwargs: service)
+    monkeypatch.setattr(entry, "serve_forever", lambda running, ready_file: None)
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        assert entry.main(["serve"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert "healthz   http://[2001:db8::5]:8123/-/healthz\n" in capsys.readouterr().out
+
+
 def test_without_ports_in_the_config_grpc_takes_9000_and_http_8000(monkeypatch: pytest.MonkeyPatch) -> None:
     """L46, L47: README's defaults, for a config file that names no ports (the ports are recorded at the
     port check, before anything binds them, so ports in use on this machine do not matter)."""

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"gRPC      {service.grpc_address}  (ierf.v1.ExplainService, grpc.health.v1.Health, reflection)")
         print(f"metrics   {'  '.join(service.metrics_urls)}")
-        print(f"healthz   http://{args.http_host or '127.0.0.1'}:{service.http_port}/-/healthz")
+        print(f"healthz   {service.healthz_url}")
         kept = f" (copied into {args.keep_logs}/ at stop)" if args.keep_logs else ""
         print(f"replica logs {service.replica_logs}{kept}", flush=True)
         serve_forever(service, args.ready_file)  # takes SIGTERM/SIGINT over

@@ -231,6 +231,7 @@ class RunningService:
     node_ip: str = LOOPBACK  # when not loopback, Ray's metrics exporter listens on every interface
     keep_logs_in: str | None = None  # stop() copies the replicas' logs into <this>/<session> first
     kept_logs: str | None = field(default=None, init=False)  # where stop() copied them
+    http_host: str = LOOPBACK  # what Serve's HTTP proxy binds (the flag's, else the config file's)
 
     @property
     def replica_logs(self) -> str:
@@ -244,6 +245,19 @@ class RunningService:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def healthz_url(self) -> str:
+        """Serve's HTTP health route where this host reaches it: a wildcard bind is reached on loopback, a
+        specific address (the config file may name one) on that address, an IPv6 one in brackets."""
+        host = self.http_host.strip().strip("[]")
+        try:
+            wildcard = not host or ipaddress.ip_address(host).is_unspecified
+        except ValueError:  # a host name
+            wildcard = False
+        if wildcard:
+            host = LOOPBACK
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}/-/healthz"
 
     @property
     def metrics_urls(self) -> list[str]:
@@ -396,7 +410,9 @@ def start_service(
     app_name = str(app_spec.get("name", APP_NAME))
     owns_temp_dir = temp_dir is None
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ierf-ray-", dir="/tmp")  # short: Unix socket paths
-    service = RunningService(grpc_port, http_port, metrics_port, temp_dir, owns_temp_dir, node_ip, keep_logs)
+    service = RunningService(
+        grpc_port, http_port, metrics_port, temp_dir, owns_temp_dir, node_ip, keep_logs, http_host=http_host
+    )
     ray_started = False
     # One guard from here on: Ctrl-C, SIGTERM (as turned into Terminated by stop_on_sigterm) or a failure at
     # any step stops whatever part of the cluster did start and removes its directory.
