@@ -153,7 +153,7 @@ def test_without_ports_in_the_config_grpc_takes_9000_and_http_8000(monkeypatch: 
     port check, before anything binds them, so ports in use on this machine do not matter)."""
     checked: list[dict[str, int]] = []
 
-    def record(ports: dict[str, int]) -> None:
+    def record(ports: dict[str, int], bound_everywhere: set[str]) -> None:
         checked.append(dict(ports))
         raise _Recorded
 
@@ -375,6 +375,37 @@ def test_an_http_port_held_on_another_loopback_address_is_not_refused(monkeypatc
                 redis_url="",
                 num_cpus=8,
             )
+
+
+@pytest.mark.parametrize(
+    ("listener", "options"),
+    [("metrics", {"node_ip": "192.0.2.7"}), ("HTTP", {"http_host": "0.0.0.0", "node_ip": "127.0.0.1"})],
+    ids=["metrics-on-a-routable-node", "http-on-a-wildcard-host"],
+)
+def test_a_port_held_on_another_local_address_is_refused_for_a_listener_that_binds_them_all(
+    monkeypatch: pytest.MonkeyPatch, listener: str, options: dict[str, str]
+) -> None:
+    """Noticed in round 30: Ray's metrics exporter binds every interface on a non-loopback node, and Serve's
+    HTTP proxy does for a wildcard host; a port held on 127.0.0.2 passed the loopback probe and the start failed
+    later, inside Ray or Serve. It is refused up front by name, as gRPC's is."""
+
+    def ray_would_start(*args: object, **kwargs: object) -> str:
+        raise _Recorded
+
+    monkeypatch.setattr(local, "_init_ray", ray_would_start)
+    port = free_port()
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.2", port))
+    except OSError:
+        holder.close()
+        pytest.skip("127.0.0.2 is not bindable here")
+    ports = _ports()
+    ports["metrics_port" if listener == "metrics" else "http_port"] = port
+    with holder:
+        holder.listen()
+        with pytest.raises(RuntimeError, match=f"{listener} port {port} is already in use on another local address"):
+            start_service(load_serve_config(), redis_url="", num_cpus=8, **ports, **options)
 
 
 def test_a_port_left_in_time_wait_counts_as_free_for_grpc() -> None:

@@ -102,6 +102,15 @@ def routable_ip() -> str | None:
     return None
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether binding ``host`` listens on every interface ("", 0.0.0.0, ``::``, ``[::]``)."""
+    host = host.strip().strip("[]")
+    try:
+        return not host or ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False
+
+
 def choose_node_ip(http_host: str, node_ip: str | None = None) -> str:
     """The Ray node's IP address for a service whose HTTP proxy binds ``http_host``.
 
@@ -250,13 +259,7 @@ class RunningService:
     def healthz_url(self) -> str:
         """Serve's HTTP health route where this host reaches it: a wildcard bind is reached on loopback, a
         specific address (the config file may name one) on that address, an IPv6 one in brackets."""
-        host = self.http_host.strip().strip("[]")
-        try:
-            wildcard = not host or ipaddress.ip_address(host).is_unspecified
-        except ValueError:  # a host name
-            wildcard = False
-        if wildcard:
-            host = LOOPBACK
+        host = LOOPBACK if is_wildcard(self.http_host) else self.http_host.strip().strip("[]")
         return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}/-/healthz"
 
     @property
@@ -405,7 +408,12 @@ def start_service(
         )
     node_ip = choose_node_ip(http_host, node_ip)
     grpc_max_message = grpc_max_message_bytes(config.ingress.max_image_bytes)
-    _check_ports({"gRPC": grpc_port, "HTTP": http_port, "metrics": metrics_port})
+    bound_everywhere = {"gRPC"}  # Serve's gRPC server binds [::]
+    if not is_loopback(node_ip):
+        bound_everywhere.add("metrics")  # Ray's exporter binds every interface then (see choose_node_ip)
+    if is_wildcard(http_host):
+        bound_everywhere.add("HTTP")
+    _check_ports({"gRPC": grpc_port, "HTTP": http_port, "metrics": metrics_port}, bound_everywhere)
     _check_weights_files(config)
     app_name = str(app_spec.get("name", APP_NAME))
     owns_temp_dir = temp_dir is None
@@ -491,9 +499,10 @@ def _check_weights_files(config: Any) -> None:
         raise FileNotFoundError(f"weights file(s) not found on this machine: {'; '.join(missing)}")
 
 
-def _check_ports(ports: dict[str, int]) -> None:
-    """Three distinct ports, each free: on loopback, and for gRPC on every address (Serve's gRPC server
-    binds [::]:PORT, so a port held on another local address failed the start ~20 s later)."""
+def _check_ports(ports: dict[str, int], bound_everywhere: set[str]) -> None:
+    """Three distinct ports, each free: on loopback, and on every address for the listeners that bind them all
+    (``bound_everywhere``: Serve's gRPC server binds [::]:PORT, so a port held on another local address failed
+    the start ~20 s later; the same for Ray's metrics exporter on a non-loopback node and a wildcard HTTP host)."""
     seen: dict[int, str] = {}
     for name, port in ports.items():
         if port in seen:
@@ -505,9 +514,9 @@ def _check_ports(ports: dict[str, int]) -> None:
     for name, port in ports.items():
         if port_in_use(port):  # probe loopback: catches our own and other local listeners
             raise RuntimeError(f"{name} port {port} on 127.0.0.1 is already in use; choose another")
-        if name == "gRPC" and not _bindable_everywhere(port):
+        if name in bound_everywhere and not _bindable_everywhere(port):
             raise RuntimeError(
-                f"gRPC port {port} is already in use on another local address (Serve binds it on all); choose another"
+                f"{name} port {port} is already in use on another local address (it is bound on all); choose another"
             )
 
 
