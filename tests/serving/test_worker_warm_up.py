@@ -33,6 +33,8 @@ def test_a_fresh_replica_knows_its_times_and_refuses_a_first_request_that_cannot
     host = _host()
     assert {DECOMPOSE, FORWARD, "explain:srd"} <= host._estimates.keys()
     assert all(0 < seconds < 30 for seconds in host._estimates.values())
+    warm_up = dict(host._estimates)
+    assert host._measured == warm_up  # what the refusals below fall back to (round 26's W15)
     too_short = 0.2 * host._estimates[DECOMPOSE]
     start = time.perf_counter()
     with pytest.raises(DeadlineExceeded, match="decomposing a new image and srd saliency need about"):
@@ -41,6 +43,19 @@ def test_a_fresh_replica_knows_its_times_and_refuses_a_first_request_that_cannot
         host.predict(PredictJob(PIXELS, HASH, top_k=1, deadline=time.time() + 0.2 * host._estimates[FORWARD]))
     assert time.perf_counter() - start < host._estimates[DECOMPOSE], "refused only after the work"
     assert len(host.cache.l1._items) == 0  # nothing was computed for them
+
+    # A caller with time enough is let through: the refusals' lowered estimate gives way to the warm-up's
+    # measurement, which this run's time then blends into (without it, one run's time replaced it outright).
+    learned: dict[str, float] = {}
+    learn = host._learn
+
+    def record(work: str, seconds: float) -> None:
+        learned[work] = seconds
+        learn(work, seconds)
+
+    host._learn = record
+    host.explain(ExplainJob(PIXELS, HASH, target=1, deadline=time.time() + 600))
+    assert host._estimates[DECOMPOSE] == pytest.approx(0.7 * warm_up[DECOMPOSE] + 0.3 * learned[DECOMPOSE])
 
 
 def _tamper(url: str, key: str, change) -> None:
