@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,14 +350,9 @@ def test_a_weights_path_under_home_is_found_and_a_directory_is_refused(
         _check_weights_files(config("~/models"))
 
 
-def test_an_http_port_held_on_another_loopback_address_is_not_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """L70: only Serve's gRPC server binds every address; the HTTP proxy binds its host (127.0.0.1), so a
-    port someone holds on 127.0.0.2 does not stop it (only gRPC is checked on every address)."""
-
-    def ray_would_start(*args: object, **kwargs: object) -> str:
-        raise _Recorded
-
-    monkeypatch.setattr(local, "_init_ray", ray_would_start)
+@contextlib.contextmanager
+def _held_on_another_loopback_address() -> Iterator[int]:
+    """A free port with a listener on 127.0.0.2 (not on 127.0.0.1); skips where that address cannot be bound."""
     port = free_port()
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -366,15 +362,19 @@ def test_an_http_port_held_on_another_loopback_address_is_not_refused(monkeypatc
         pytest.skip("127.0.0.2 is not bindable here")
     with holder:
         holder.listen()
-        with pytest.raises(_Recorded):
-            start_service(
-                load_serve_config(),
-                grpc_port=free_port(),
-                http_port=port,
-                metrics_port=free_port(),
-                redis_url="",
-                num_cpus=8,
-            )
+        yield port
+
+
+def test_an_http_port_held_on_another_loopback_address_is_not_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """L70: only Serve's gRPC server binds every address; the HTTP proxy binds its host (127.0.0.1), so a
+    port someone holds on 127.0.0.2 does not stop it (only gRPC is checked on every address)."""
+
+    def ray_would_start(*args: object, **kwargs: object) -> str:
+        raise _Recorded
+
+    monkeypatch.setattr(local, "_init_ray", ray_would_start)
+    with _held_on_another_loopback_address() as port, pytest.raises(_Recorded):
+        start_service(load_serve_config(), redis_url="", num_cpus=8, **{**_ports(), "http_port": port})
 
 
 @pytest.mark.parametrize(
@@ -393,17 +393,8 @@ def test_a_port_held_on_another_local_address_is_refused_for_a_listener_that_bin
         raise _Recorded
 
     monkeypatch.setattr(local, "_init_ray", ray_would_start)
-    port = free_port()
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        holder.bind(("127.0.0.2", port))
-    except OSError:
-        holder.close()
-        pytest.skip("127.0.0.2 is not bindable here")
-    ports = _ports()
-    ports["metrics_port" if listener == "metrics" else "http_port"] = port
-    with holder:
-        holder.listen()
+    with _held_on_another_loopback_address() as port:
+        ports = {**_ports(), ("metrics_port" if listener == "metrics" else "http_port"): port}
         with pytest.raises(RuntimeError, match=f"{listener} port {port} is already in use on another local address"):
             start_service(load_serve_config(), redis_url="", num_cpus=8, **ports, **options)
 
