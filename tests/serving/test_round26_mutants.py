@@ -261,6 +261,26 @@ def test_the_probe_let_through_after_refusals_runs_under_the_measured_estimate(
     assert seen == [10.0]
 
 
+def test_building_a_methods_explainer_is_timed_as_explain(host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kills W55: a method's first request on a replica builds its explainer (a baseline finds its layers and
+    hooks); that time is the request's "explain" too, or provenance and the stage metric miss it."""
+    import ierf
+    from ierf.serving.worker import ExplainJob
+
+    build = ierf.create_explainer
+
+    def slow_build(method: str, module: torch.nn.Module) -> Any:  # the real one, made to take 0.5 s more
+        time.sleep(0.5)
+        return build(method, module)
+
+    monkeypatch.setattr(ierf, "create_explainer", slow_build)
+    monkeypatch.setattr(host, "_explainers", {})  # built afresh; the replica's own come back after the test
+    outcome = host.explain(ExplainJob(PIXELS, "d" * 64, method="gradient", target=1))
+    # booked as it happens: the build first, then the saliency (whose first run may take seconds too)
+    explain = [seconds for stage, seconds in outcome.provenance.timings if stage == "explain"]
+    assert len(explain) == 2 and explain[0] >= 0.5, outcome.provenance.timings
+
+
 def test_a_baseline_explains_class_0_and_is_refused_before_a_forward_pass_it_cannot_follow(
     host: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
