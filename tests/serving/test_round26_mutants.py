@@ -281,6 +281,26 @@ def test_building_a_methods_explainer_is_timed_as_explain(host: Any, monkeypatch
     assert len(explain) == 2 and explain[0] >= 0.5, outcome.provenance.timings
 
 
+def test_a_contrastive_overlays_caption_names_the_class_subtracted(host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kills W63: the picture is read without the request beside it, so its caption says which class was
+    subtracted by number and name, as the CLI's does ("minus 2 'name'"), not by a bare number."""
+    import ierf.viz
+    from ierf.serving.worker import ExplainJob
+
+    captions: list[tuple[Any, ...]] = []
+    caption = ierf.viz.saliency_caption
+
+    def recorded(*args: Any) -> str:  # the real caption, noting what it was given
+        captions.append(args)
+        return caption(*args)
+
+    monkeypatch.setattr(ierf.viz, "saliency_caption", recorded)
+    outcome = host.explain(ExplainJob(PIXELS, HASH, target=1, contrast=2, overlay=True))
+    names = host.model.class_names
+    assert len(outcome.overlays) == 1
+    assert captions == [("srd", 1, names[1], f"minus 2 {names[2]!r}")]
+
+
 def test_a_baseline_explains_class_0_and_is_refused_before_a_forward_pass_it_cannot_follow(
     host: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
