@@ -321,3 +321,35 @@ def test_in_place_relu_functions_keep_maps_differentiable(relu: Callable[[torch.
     saliency = ierf.SRD(model, head="exact").saliency(x, 1)
     (grad,) = torch.autograd.grad(saliency.square().sum(), x)
     assert bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)
+
+
+class _Normalized(nn.Module):
+    """torchvision's Normalize inside the model: on the input (a wrapped model's own preprocessing) and on a map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.transforms import Normalize
+
+        self.norm = Normalize((0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.norm2 = Normalize((0.1, -0.2, 0.3, 0.0), (0.5, 1.5, 2.0, 0.7))
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.act(self.conv(self.norm(x)))
+        return self.fc(self.act(self.conv2(self.norm2(z))).mean((2, 3)))
+
+
+def test_normalize_inside_the_model_is_its_own_function() -> None:
+    """U62: Normalize is ``(x - mean) / std``; a shift of ``-mean`` alone (not divided by std) decomposes
+    another function, so the decomposed logits would not be the model's."""
+    torch.manual_seed(0)
+    model = _Normalized().double().eval()
+    x = _x((2, 3, 7, 9), 3)
+    dec = ierf.SRD(model, head="exact").decompose(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.logits, model(x), atol=1e-10, rtol=1e-10)
+    maps = dec.saliency(1)
+    torch.testing.assert_close(maps.double().sum((1, 2)), model(x)[:, 1], atol=1e-5, rtol=1e-5)  # conservation
