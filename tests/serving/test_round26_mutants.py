@@ -202,6 +202,32 @@ def test_a_deadline_that_passes_while_the_map_is_made_stops_before_the_overlay(
         host.explain(job)
 
 
+def test_a_deadline_that_passes_while_iERF_overlays_are_drawn_stops_the_rest(
+    host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills W68: iERF overlays are ~25 ms of PNG each, up to max_positions of them; a caller whose time ran
+    out after the first is not served the rest (the deadline is checked before each)."""
+    from ierf.serving import overlay
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.worker import IERFJob
+
+    layer = host.description.layers[-1]
+    positions = [(0, 0), (0, layer.width - 1), (layer.height - 1, 0)]
+    job = IERFJob(PIXELS, HASH, layer.name, np.array(positions), overlay=True, deadline=time.time() + 600.0)
+    drawn: list[tuple[int, int]] = []
+    draw = overlay.ierf_png
+
+    def ierf_png(*args: Any, **kwargs: Any) -> bytes:  # the real picture; the caller's time runs out after it
+        drawn.append(args[2])
+        job.deadline = time.time() - 1.0
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(overlay, "ierf_png", ierf_png)
+    with pytest.raises(DeadlineExceeded, match="before rendering the overlays"):
+        host.ierf(job)
+    assert drawn == [(0, 0)]
+
+
 def test_an_explanation_teaches_its_own_time_estimate(host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kills W62: the saliency's estimate follows its runs like the forward pass's; left at one slow run
     (a busy machine at warm-up) it refused every short-deadline Explain of a cached image for good."""
