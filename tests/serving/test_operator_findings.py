@@ -10,7 +10,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -63,21 +62,10 @@ def test_start_refuses_a_grpc_port_taken_on_another_local_address(no_ray: None) 
     address). A port held on another address (the host's own IP, 127.0.0.2, ::) passed the check and the
     start failed ~20 s later with the proxy's multi-line traceback ("Failed to bind to address [::]:PORT")
     instead of README's one line naming the taken port."""
-    from ierf.serving.local import free_port
+    from serving.test_round30_mutants import _held_on_another_loopback_address
 
-    port = free_port()
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        holder.bind(("127.0.0.2", port))
-    except OSError:
-        holder.close()
-        pytest.skip("127.0.0.2 is not bindable here")
-    holder.listen()
-    try:
-        with pytest.raises(RuntimeError, match=rf"gRPC port {port}\b.*in use"):
-            _start(grpc_port=port)
-    finally:
-        holder.close()
+    with _held_on_another_loopback_address() as port, pytest.raises(RuntimeError, match=rf"gRPC port {port}\b.*in use"):
+        _start(grpc_port=port)
 
 
 @pytest.mark.parametrize(
