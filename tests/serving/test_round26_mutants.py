@@ -327,6 +327,24 @@ def test_a_contrastive_overlays_caption_names_the_class_subtracted(host: Any, mo
     assert captions == [("srd", 1, names[1], f"minus 2 {names[2]!r}")]
 
 
+def test_a_decompositions_redis_write_never_holds_the_request(configured: Any, redis_server: Any) -> None:
+    """Kills W78: the decomposition (megabytes) goes to Redis on the write-behind thread. Written in the
+    request's thread, a Redis that stalls writes (here: CLIENT PAUSE WRITE, as during a failover) held every
+    fresh image's answer for the whole socket timeout (1.5 s in this replica's settings)."""
+    import redis
+    from ierf.serving.worker import ExplainJob
+
+    admin = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    try:
+        outcome = configured.explain(ExplainJob(PIXELS, "5" * 64, target=2))
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    put = sum(seconds for stage, seconds in outcome.provenance.timings if stage == "cache_put")
+    assert put < 0.75, outcome.provenance.timings  # queued, not written: milliseconds
+
+
 def test_a_baseline_explains_class_0_and_is_refused_before_a_forward_pass_it_cannot_follow(
     host: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
