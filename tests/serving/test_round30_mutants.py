@@ -549,13 +549,25 @@ def test_a_sigterm_held_during_ray_init_is_acted_on_once(monkeypatch: pytest.Mon
 
 def test_ray_init_gets_no_dashboard_no_driver_logs_and_the_system_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """L98, L99, L100: the private cluster starts without the dashboard (its port and processes), without
-    echoing every replica's log to `make run`'s terminal, and with inline arguments up to 4 MiB."""
+    echoing every replica's log to `make run`'s terminal, and with inline arguments up to 4 MiB. Ray's init
+    adds the session's spilling directory to the system config it is given (the full suite showed it: a real
+    start earlier in the process had changed the module's dict), so each start is given a fresh copy."""
     import ray
 
     seen: dict[str, object] = {}
-    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    given: list[dict[str, object]] = []
+
+    def init(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        given.append(dict(kwargs["_system_config"]))
+        kwargs["_system_config"]["object_spilling_config"] = '{"type": "filesystem"}'  # as Ray 2.60 does
+
+    monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
-    local._init_ray(2, 80 * 2**20, "/tmp/x", 9999, "127.0.0.1")
+    for _ in range(2):
+        local._init_ray(2, 80 * 2**20, "/tmp/x", 9999, "127.0.0.1")
+    assert given == [{"max_direct_call_object_size": 4 * 1024 * 1024}] * 2  # no stale spilling path the 2nd time
+    del seen["_system_config"]
     assert seen == {
         "address": "local",
         "num_cpus": 2,
@@ -565,7 +577,6 @@ def test_ray_init_gets_no_dashboard_no_driver_logs_and_the_system_config(monkeyp
         "_metrics_export_port": 9999,
         "_node_ip_address": "127.0.0.1",
         "log_to_driver": False,
-        "_system_config": {"max_direct_call_object_size": 4 * 1024 * 1024},
     }
 
 

@@ -782,7 +782,9 @@ def _init_ray(
             _metrics_export_port=metrics_port,
             _node_ip_address=node_ip,
             log_to_driver=False,
-            _system_config=RAY_SYSTEM_CONFIG,
+            # a copy: ray.init adds this session's spilling directory to the dict it is given, which a later
+            # start in this process (tests, a notebook) would pass on, pointing at a removed directory
+            _system_config=dict(RAY_SYSTEM_CONFIG),
         )
     return str(ray.util.get_node_ip_address())
 
