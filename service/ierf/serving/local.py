@@ -111,6 +111,11 @@ def is_wildcard(host: str) -> bool:
         return False
 
 
+def _url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def choose_node_ip(http_host: str, node_ip: str | None = None) -> str:
     """The Ray node's IP address for a service whose HTTP proxy binds ``http_host``.
 
@@ -125,7 +130,7 @@ def choose_node_ip(http_host: str, node_ip: str | None = None) -> str:
     host = http_host.strip().strip("[]")
     if is_loopback(host):
         return LOOPBACK
-    if not host:  # an empty host binds every interface
+    if is_wildcard(host):
         return routable_ip() or LOOPBACK
     try:
         address = ipaddress.ip_address(host)
@@ -260,15 +265,14 @@ class RunningService:
         """Serve's HTTP health route where this host reaches it: a wildcard bind is reached on loopback, a
         specific address (the config file may name one) on that address, an IPv6 one in brackets."""
         host = LOOPBACK if is_wildcard(self.http_host) else self.http_host.strip().strip("[]")
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}/-/healthz"
+        return f"http://{_url_host(host)}:{self.http_port}/-/healthz"
 
     @property
     def metrics_urls(self) -> list[str]:
         """Where Prometheus can scrape: loopback, and the node's address when it is not loopback."""
         urls = [self.metrics_url]
         if not is_loopback(self.node_ip):
-            host = f"[{self.node_ip}]" if ":" in self.node_ip else self.node_ip
-            urls.append(f"http://{host}:{self.metrics_port}/metrics")
+            urls.append(f"http://{_url_host(self.node_ip)}:{self.metrics_port}/metrics")
         return urls
 
     def stop(self, graceful: bool = True) -> None:
