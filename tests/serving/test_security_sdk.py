@@ -134,3 +134,28 @@ def test_a_bearer_token_is_not_sent_in_clear_text_to_a_remote_host_without_a_wor
     assert refused or any("token" in str(w.message).lower() for w in caught), (
         "a bearer token goes to a remote host in clear text without a warning"
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [
+        ("dns://8.8.8.8/localhost:9000", True),  # the authority names the resolver, not the destination
+        ("dns://8.8.8.8:53/127.0.0.1:9000", True),
+        ("dns:///localhost:9000", True),
+        ("dns:localhost:9000", True),
+        ("localhost", True),  # no port: grpc's default
+        ("::1", True),  # a bare IPv6 address
+        ("dns://127.0.0.1/10.20.30.40:9000", False),  # a local resolver does not make the host local
+        ("dns:///10.20.30.40:9000", False),
+        ("10.20.30.40", False),
+        ("2001:db8::1", False),
+    ],
+)
+def test_the_clear_text_warning_reads_the_host_the_call_goes_to(address: str, local: bool) -> None:
+    """A ``dns://resolver/host:port`` target goes to ``host``: a loopback host is not warned about whatever
+    resolver is named, and a remote one is warned about even with a loopback resolver."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _core.check_token("s3cret", address, secure=False) == "s3cret"
+    said = [w for w in caught if issubclass(w.category, _core.PlaintextTokenWarning)]
+    assert (not said) is local, f"{address}: {[str(w.message) for w in said]}"

@@ -339,12 +339,22 @@ def _is_this_machine(address: str) -> bool:
     every one must be local."""
     if address.startswith(("unix:", "unix-abstract:", "vsock:")):
         return True
-    target = address.removeprefix("ipv4:").removeprefix("ipv6:").removeprefix("dns:").lstrip("/")
-    return all(_is_loopback(part) for part in target.split(","))
+    target = address.removeprefix("ipv4:").removeprefix("ipv6:")
+    if target.startswith("dns:"):
+        # dns:[//resolver/]host[:port]: the resolver named in the authority is not where the call goes
+        target = target.removeprefix("dns:")
+        if target.startswith("//"):
+            target = target[2:].partition("/")[2]
+    return all(_is_loopback(part) for part in target.lstrip("/").split(","))
 
 
 def _is_loopback(target: str) -> bool:
-    host = target.rpartition(":")[0] if not target.startswith("[") else target[1 : target.find("]")]
+    if target.startswith("["):
+        host = target[1 : target.find("]")]
+    elif target.count(":") == 1:
+        host = target.partition(":")[0]
+    else:  # no port (grpc's default 443 then), or a bare IPv6 address
+        host = target
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
