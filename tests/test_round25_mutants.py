@@ -306,10 +306,11 @@ def test_the_cell_mark_is_yellow_inside_a_black_frame_on_every_side() -> None:
 
 
 # ---- the colour bar ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("width", [2, 4, 6, 8])
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8, 9, 11, 17])
 def test_a_narrow_pictures_bar_still_shows_both_ends_of_the_ramp(width: int) -> None:
-    """Guards V34: the bar's margin leaves at least one ramp column inside its grey frame; a margin of
-    width // 2 on an even width puts the frame over the whole ramp."""
+    """Guards V34: the bar's margin leaves at least two ramp columns inside its grey frame; a margin of
+    width // 2 on an even width puts the frame over the whole ramp, and (width - 1) // 2 on an odd width
+    leaves one column, the blue end."""
     from ierf.viz import diverging_colours, overlay_signed
 
     picture = np.asarray(overlay_signed(np.zeros((3, width, 3), np.uint8), np.zeros((3, width)), colorbar=True))

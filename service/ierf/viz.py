@@ -219,7 +219,8 @@ def _with_colorbar(picture: Image.Image, scale: float, caption: str | None, all_
     font = ImageFont.load_default(size=round(10 * grow))
     line_height = round(_TEXT_HEIGHT * grow)
     bar_height = round(_BAR_HEIGHT * grow)
-    margin = min(round(_BAR_MARGIN * grow), (width - 1) // 2)  # a 1-pixel column keeps a bar of a pixel
+    # at least two ramp columns inside the frame (its -1 and +1 ends), one for a 1-pixel-wide picture
+    margin = max(min(round(_BAR_MARGIN * grow), (width - 2) // 2), 0)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     usable = max(width - 2 * margin, 1)
     if all_zero:
