@@ -247,12 +247,12 @@ REFUSED: dict[str, tuple[Op, type[Exception], str]] = {
     "stochastic_depth_training": (
         lambda m, a: _stochastic_depth(a, 0.5, "row", True),
         ValueError,
-        r"stochastic depth in training mode",
+        r"stochastic depth called with training=True",
     ),
     "stochastic_depth_default_training": (
         lambda m, a: _stochastic_depth(a, 0.5, "row"),
         ValueError,
-        r"stochastic depth in training mode",
+        r"stochastic depth called with training=True",
     ),
     # U64 U70
     "constant_pad_module": (lambda m, a: m.pad(a), UnsupportedModelError, r"padding with the constant 0.5"),

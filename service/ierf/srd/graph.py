@@ -8,7 +8,9 @@ its own "same" padding) is traced through, so its real arithmetic is what gets d
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
+import types
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,9 +48,15 @@ def rule_type(module: nn.Module, known: tuple[type, ...]) -> type | None:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, known: tuple[type, ...]) -> None:
-        super().__init__()
+    def __init__(self, known: tuple[type, ...], opaque_functions: tuple[Callable[..., object], ...] = ()) -> None:
+        super().__init__(autowrap_functions=opaque_functions)
         self.known = known
+        # fx keeps such a function opaque only where it is called by a global name; a call through its
+        # package (``torchvision.ops.stochastic_depth(...)``) would be traced into, and the error would
+        # then name whatever the function does inside (``torch.empty``) instead of the function itself.
+        search = getattr(self, "_autowrap_search", None)
+        if isinstance(search, list):
+            search.extend(_packages_exporting(opaque_functions))
         self.module_outputs: dict[str, list[object]] = defaultdict(list)  # path -> value of each call
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
@@ -72,6 +80,18 @@ class _Tracer(fx.Tracer):
         return out
 
 
+def _packages_exporting(functions: tuple[Callable[..., object], ...]) -> list[types.ModuleType]:
+    """The module of each function and its parent packages that export it under its own name."""
+    found: list[types.ModuleType] = []
+    for fn in functions:
+        parts = getattr(fn, "__module__", "").split(".")
+        for depth in range(len(parts), 0, -1):
+            module = sys.modules.get(".".join(parts[:depth]))
+            if module is not None and vars(module).get(fn.__name__) is fn and module not in found:
+                found.append(module)
+    return found
+
+
 # torch.fx patches nn.Module.__call__ process-wide while it traces: two traces at once corrupt each other.
 TRACE_LOCK = threading.Lock()  # also held by LRP (ierf.baselines.lrp), which traces with its own tracer
 
@@ -85,10 +105,13 @@ class Traced:
     repeated_outputs: dict[str, list[fx.Node | None]] = field(default_factory=dict)
 
 
-def trace(model: nn.Module, known: tuple[type, ...]) -> Traced:
+def trace(
+    model: nn.Module, known: tuple[type, ...], opaque_functions: tuple[Callable[..., object], ...] = ()
+) -> Traced:
     """Trace ``model`` (one at a time). The patching is process-wide, so a model being run by another
-    thread while an SRD is built may misbehave: build explainers before serving threads start."""
-    tracer = _Tracer(known)
+    thread while an SRD is built may misbehave: build explainers before serving threads start.
+    ``opaque_functions`` (plain Python functions with a rule) become single nodes, not their insides."""
+    tracer = _Tracer(known, opaque_functions)
     with TRACE_LOCK:
         saved = _attributes(model)
         containers = _contents(model)

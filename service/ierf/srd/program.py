@@ -27,6 +27,7 @@ from ierf.srd.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
     MODULE_RULES,
+    OPAQUE_FUNCTIONS,
     Broadcast,
     ChannelGroups,
     GateBranches,
@@ -78,7 +79,7 @@ class Program:
         known = known_module_types()
         self.built_from = module_identities(model)
         check_model_state(model, self.built_from)  # hooks would also run, on fx proxies, while tracing
-        traced = trace(model, known)
+        traced = trace(model, known, tuple(OPAQUE_FUNCTIONS))
         self.graph = traced.graph
         self.constants = traced.constants
         self.steps: list[tuple[fx.Node, Callable[..., Any] | None, nn.Module | None]] = []

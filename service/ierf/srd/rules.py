@@ -47,6 +47,9 @@ class Interpreter(Protocol):
 Rule = Callable[..., Any]
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Any, Rule] = {}
+# Plain Python functions with a rule that torch.fx would trace into (no ``__torch_function__`` dispatch):
+# the tracer keeps them as single nodes so their rule sees the call.
+OPAQUE_FUNCTIONS: list[Callable[..., Any]] = []
 METHOD_RULES: dict[str, Rule] = {}
 
 
@@ -285,7 +288,10 @@ def _bn_function(
 def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return_indices) -> Affine:
     where = ctx.where(node)
     if return_indices:
-        raise UnsupportedModelError(f"{where}: max pooling with return_indices")
+        raise UnsupportedModelError(
+            f"{where}: max pooling with return_indices has no SRD rule (the indices would feed an unpooling "
+            "or gather that relevance cannot follow); pool without them"
+        )
     kernel = _pair(kernel)
     stride = kernel if stride is None or stride == [] else _pair(stride)
     if isinstance(x, Source):
@@ -349,6 +355,11 @@ def _max_pool_function(
     ctx, node, fn, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
 ) -> Affine:
     return _max_pool(ctx, node, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+@function_rule(F.max_pool2d_with_indices)  # what fx records for F.max_pool2d(..., return_indices=True)
+def _max_pool_with_indices_function(ctx, node, fn, x, *args, **kwargs) -> Affine:
+    return _max_pool(ctx, node, x, None, None, 0, 1, False, True)
 
 
 def _avg_pool(ctx, node, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> Affine:
@@ -503,11 +514,15 @@ except ImportError:  # pragma: no cover - torchvision is a dependency
     _stochastic_depth_op = None
 
 if _stochastic_depth_op is not None:
+    OPAQUE_FUNCTIONS.append(_stochastic_depth_op)  # plain Python: fx would trace into its random mask
 
     @function_rule(_stochastic_depth_op)
     def _stochastic_depth(ctx, node, fn, x, p=0.0, mode="row", training=True) -> Any:
         if training and p > 0:
-            raise ValueError(f"{ctx.where(node)}: stochastic depth in training mode; call model.eval()")
+            raise ValueError(
+                f"{ctx.where(node)}: stochastic depth called with training=True drops rows at random; "
+                "pass training=self.training (torchvision's StochasticDepth does) and call model.eval()"
+            )
         return x
 
 
