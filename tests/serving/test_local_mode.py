@@ -174,8 +174,10 @@ def test_worker_does_all_tensor_work_on_one_compute_thread(monkeypatch) -> None:
 
     try:
         outcomes = asyncio.run(requests())
+        healthy = worker.check_health()  # what Serve calls every 2 s: a loaded replica is healthy (D71)
     finally:
         worker.__del__()
+    assert healthy is None
     assert len(outcomes) == 6
     reported = sorted(dict(outcome.provenance.timings)["queue"] for outcome in outcomes)
     assert sorted(queue_seconds) == reported
