@@ -664,3 +664,60 @@ def test_the_server_backend_keeps_to_the_timeout_it_was_given() -> None:
         release.set()
         backend.close()
         server.stop(None)
+
+
+# ---- the decode stages and the decode-rate estimate (D35 D36 D37) ---------------------------------------------
+def test_decode_stages_split_the_time_and_the_rate_is_a_moving_average(monkeypatch: pytest.MonkeyPatch) -> None:
+    """D35 D36 D37: "decode" is the header's time plus the pixels' (timed on their thread), "admission" the
+    rest, so the two add up to no more than the whole call; the seconds-per-pixel estimate of a kind of
+    image moves 30 % of the way to each new large decode. The header and the pixels are slowed by a
+    recording wrapper around the real calls, so each part is known to take at least 0.3 s."""
+    import dataclasses
+
+    from ierf.serving import convert, deployments
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+
+    opened: list[float] = []
+    decoded: list[float] = []
+    real_open, real_timed = convert.open_image, deployments._timed
+
+    def slow_open(image: Any, limits: Any) -> Any:
+        start = time.perf_counter()
+        time.sleep(0.3)
+        pending = real_open(image, limits)
+        real_decode = pending.decode
+
+        def slow_decode() -> Any:
+            time.sleep(0.3 * (len(decoded) + 1))  # the second decode is slower: the average must move
+            return real_decode()
+
+        opened.append(time.perf_counter() - start)
+        return dataclasses.replace(pending, _decode=slow_decode)
+
+    def recorded_timed(fn: Any) -> Any:
+        seconds, result = real_timed(fn)
+        decoded.append(seconds)
+        return seconds, result
+
+    monkeypatch.setattr(convert, "open_image", slow_open)
+    monkeypatch.setattr(deployments, "_timed", recorded_timed)
+    config = ServiceConfig.from_args({"models": ["m"], "ingress": {"max_pixels": 1_210_000}})
+    ingress = Ingress.func_or_class({"m": Method(lambda: None)}, config)
+    side = 1100  # 1.21 Mpx: at least DECODE_ESTIMATE_MIN_PIXELS, so the rate is learnt
+    image = pb.Image(tensor=pb.Tensor(data=bytes(side * side), dtype=pb.DATA_TYPE_UINT8, shape=[side, side]))
+
+    async def decode_once() -> tuple[dict[str, float], float]:
+        timings: list[tuple[str, float]] = []
+        start = time.perf_counter()
+        await ingress._decode(image, "m", timings, time.time() + 60)
+        return dict(timings), time.perf_counter() - start
+
+    first, whole = asyncio.run(decode_once())
+    assert first["decode"] >= opened[0] + decoded[0]
+    assert first["admission"] + first["decode"] <= whole
+    kind = next(iter(ingress._decode_rates))
+    assert ingress._decode_rates[kind] == pytest.approx(decoded[0] / side**2, rel=1e-12)
+    asyncio.run(decode_once())
+    expected = 0.7 * decoded[0] / side**2 + 0.3 * decoded[1] / side**2
+    assert ingress._decode_rates[kind] == pytest.approx(expected, rel=1e-12)
