@@ -397,6 +397,24 @@ def test_the_inflight_gauge_sums_each_rpcs_calls_separately(recorded) -> None:
     ]
 
 
+def test_the_gauge_refresh_sets_every_remembered_gauge_again(recorded) -> None:
+    """R13: Ray drops a gauge series ~20 s after its last set(), so the refresh loop sets each remembered
+    gauge again with its value and labels (run here on its own thread with a 10 ms period)."""
+    import threading
+
+    metrics, r = recorded
+    metrics.inflight("Explain", 1)
+    metrics.model_info("m", "digest", "cpu")
+    threading.Thread(target=metrics._refresh_gauges, args=(0.01,), daemon=True).start()
+    inflight, info = r["explainer_inflight_requests"].set_to, r["explainer_model_info"].set_to
+    for _ in range(1000):
+        if len(inflight) >= 3 and len(info) >= 3:
+            break
+        time.sleep(0.01)
+    assert inflight[:3] == [(1, {"rpc": "Explain"})] * 3
+    assert info[:3] == [(1, {"model": "m", "weights_digest": "digest", "device": "cpu"})] * 3
+
+
 def test_a_zero_second_stage_is_observed_but_not_counted_because_rays_counter_refuses_it() -> None:
     """R09: an ingress stage may last 0.0 s (admission with nothing to wait for); Ray's Counter.inc raises on a
     value that is not > 0, which would fail the request that timed it. With Ray's real metric objects."""
