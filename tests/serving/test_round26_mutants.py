@@ -639,3 +639,28 @@ def test_the_l1_counts_each_logits_entry_beside_its_data(host: Any) -> None:
     finally:
         for content_hash in ["l1-overhead-warm", *hashes]:
             host.cache.l1.discard(host._key("logits", "model", content_hash))
+
+
+def test_a_deferring_replica_holds_the_decomposition_unencoded_until_the_answer_has_left(redis_flushed: Any) -> None:
+    """Kills W37: the Serve worker builds its host with ``defer_cache_writes=True`` so that the ~3.6 MB
+    decomposition is assembled and encoded for Redis after the answer is sent, not before it; dropped, the
+    decomposition's put was queued at once and every cold Explain paid for the encoding. The deferred value
+    still reaches Redis once it is written."""
+    import redis
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ExplainJob, ModelHost
+
+    config = ServiceConfig.from_args(
+        {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"redis_url": redis_flushed.url}}
+    )
+    deferring = ModelHost(config.models[0], config.cache, defer_cache_writes=True)
+    try:
+        deferring.explain(ExplainJob(PIXELS, "7" * 64, target=3))
+        assert deferring.cache.has_deferred()
+        client = redis.Redis.from_url(redis_flushed.url, socket_timeout=2)
+        assert deferring.cache.flush(timeout_s=10) and not deferring.cache.has_deferred()
+        keys = list(client.scan_iter())
+        assert any(b"decomposition" in key for key in keys), keys
+        client.close()
+    finally:
+        deferring.close()
