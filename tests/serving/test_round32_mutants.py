@@ -739,3 +739,43 @@ def test_decode_stages_split_the_time_and_the_rate_is_a_moving_average(monkeypat
     asyncio.run(decode_once())
     expected = 0.7 * decoded[0] / side**2 + 0.3 * decoded[1] / side**2
     assert ingress._decode_rates[kind] == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_internal_error_is_logged_with_its_traceback_and_a_callers_mistake_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """D26: the caller of an INTERNAL answer sees only the exception's type ("see server logs"), so the
+    server's log must hold the traceback; a caller's own mistake (INVALID_ARGUMENT) is not logged as a
+    failure (a client's bad requests would flood the log)."""
+    import logging
+
+    worker = _Capture(_full_outcome())
+
+    async def broken(job: Any) -> Any:
+        raise RuntimeError("a bug in the worker")
+
+    worker.explain = Method(broken)
+    ingress = _ingress({"m": worker})
+    serve_log = logging.getLogger("ray.serve")  # Ray's logger does not propagate to the root's handlers
+    serve_log.addHandler(caplog.handler)
+    try:
+        _check_the_log(ingress, caplog)
+    finally:
+        serve_log.removeHandler(caplog.handler)
+
+
+def _check_the_log(ingress: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        context = GrpcContext()
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image()), context))
+        assert context.code == grpc.StatusCode.INTERNAL
+        failed = [r for r in caplog.records if r.getMessage() == "Explain failed"]
+        assert len(failed) == 1 and failed[0].exc_info is not None
+        assert "a bug in the worker" in caplog.text
+        caplog.clear()
+        context = GrpcContext()
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_tiny_image(), model_id="nope"), context))
+        assert context.code == grpc.StatusCode.NOT_FOUND
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
