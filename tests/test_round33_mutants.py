@@ -141,17 +141,32 @@ ACCEPTED: dict[str, tuple[Op, int]] = {
     "max_pool_module_dilated_ceil": (lambda m, a: m.act(m.conv1(m.maxpool(a))), 4),
     # U94: chunk of 4 channels into 3 pieces is 2 + 2
     "chunk_three": (lambda m, a: torch.cat(m.act(m.conv2(a)).chunk(3, 1)[::-1], 1), 4),
+    # U35: an empty stride is the kernel (torch's own default for torch.max_pool2d)
+    "max_pool_empty_stride": (lambda m, a: m.act(m.conv1(F.max_pool2d(a, 2, []))), 4),
+    # torch.max_pool2d, the aten spelling the rule also registers (the float64 reference took it for a plain
+    # function, with no winner routing, until round 33b)
+    "max_pool_aten_spelling": (lambda m, a: m.act(m.conv1(torch.max_pool2d(a, (2, 3), (2, 1), 1))), 4),
+    # U73: a difference of constants with alpha (shape or parameter arithmetic) is torch's a - alpha * b
+    "constant_difference_alpha": (
+        lambda m, a: m.act(m.conv2(a) + torch.sub(m.conv2.bias, m.conv1.bias, alpha=2).view(1, -1, 1, 1)),
+        4,
+    ),
+    # U56: torch.mean over (2, 3) without keepdim gives (B, C) vectors (cat along -1 is their channel dim)
+    "cat_mean_function_vectors": (
+        lambda m, a: torch.cat([torch.mean(m.conv2(a), (2, 3)), torch.mean(a, (2, 3))], -1),
+        8,
+    ),
 }
 
 
-FLAT = {"mean_keepdim", "mean_flat", "cat_vectors", "functional_linear"}
+FLAT = {"mean_keepdim", "mean_flat", "cat_vectors", "functional_linear", "cat_mean_function_vectors"}
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
 @pytest.mark.parametrize("name", list(ACCEPTED))
 def test_accepted_spellings_are_the_models_function_and_match_the_reference(name: str) -> None:
-    """U01 U02 U11 U12 U13 U14 U15 U16 U18 U19 U20 U22 U24 U37 U38 U40 U41 U43 U44 U46 U48 U49 U51 U55
-    U74 U75 U76 U77 U78 U79 U82 U83 U94: every rule's arithmetic read off its arguments (pairs, defaults,
+    """U01 U02 U11 U12 U13 U14 U15 U16 U18 U19 U20 U22 U24 U35 U37 U38 U40 U41 U43 U44 U46 U48 U49 U51 U55
+    U56 U73 U74 U75 U76 U77 U78 U79 U82 U83 U94: every rule's arithmetic read off its arguments (pairs, defaults,
     paddings, dilations, divisors, signs, dims) as torch reads them; a slip changes the logits or the maps."""
     op, features = ACCEPTED[name]
     _assert_exact(_model(op, features, flat=name in FLAT), (6, 8) if name == "adaptive_non_square" else (7, 9))
@@ -281,6 +296,33 @@ REFUSED: dict[str, tuple[Op, type[Exception], str]] = {
     ),
     # U96
     "chunk_of_rows": (lambda m, a: torch.cat(a.chunk(2, 2)[::-1], 2), UnsupportedModelError, r"chunk along dim 2"),
+    # U17: a padding string torch does not know (torch refuses to run it; SRD must not explain it unpadded)
+    "unknown_padding_string": (
+        lambda m, a: m.act(F.conv2d(a, m.conv2.weight, None, 1, "SAME")),
+        UnsupportedModelError,
+        r"unknown padding 'SAME'",
+    ),
+    # U53: an uneven adaptive pooling read by a flatten and a Linear, and also by a mean
+    "uneven_adaptive_read_twice": (
+        lambda m, a: (lambda p: m.lin(torch.flatten(p, 1)) + p.mean((2, 3)))(F.adaptive_avg_pool2d(a, (2, 2))),
+        UnsupportedModelError,
+        r"from 7x9 to 2x2 has uneven windows",
+    ),
+    # U63: Normalize with one mean per channel but a wrong number of stds
+    "normalize_std_count": (lambda m, a: m.norm(a), UnsupportedModelError, r"Normalize with 4 means and 2 stds"),
+    # U90: squeezing (2, 3) of a 1xW map removes the height only
+    "squeeze_row_map": (
+        lambda m, a: F.avg_pool2d(a, (7, 1)).squeeze((2, 3)).mean(-1),
+        UnsupportedModelError,
+        r"squeeze\(\(2, 3\)\) of a 1x4x1x9 map",
+    ),
+    # U97 U98: an empty channel range, and a range of a flattened map's features, are not channel slices
+    "empty_channel_range": (lambda m, a: a[:, 3:1], UnsupportedModelError, r"indexing a feature map \(supported"),
+    "flattened_features_range": (
+        lambda m, a: a.flatten(1)[:, :4],
+        UnsupportedModelError,
+        r"indexing a feature map \(supported",
+    ),
 }
 
 FLAT_REFUSED = {
@@ -290,20 +332,28 @@ FLAT_REFUSED = {
     "flatten_method_default",
     "flatten_two_dims",
     "squeeze_then_channel_squeeze",
+    "uneven_adaptive_read_twice",
+    "flattened_features_range",
 }
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_spellings_the_rules_do_not_model_are_refused_by_name(name: str) -> None:
-    """U08 U31 U33 U34 U42 U43 U47 U50 U52 U57 U59 U60 U61 U64 U67 U68 U69 U70 U80 U84 U85 U86 U87 U88 U96: random or
-    training-mode ops, pools with another divisor, uneven adaptive windows, non-zero and negative padding,
-    division by a map, flattening the batch and squeezes or chunks of other dims are refused, naming what
-    (decomposing them as the plain op would explain another function)."""
+    """U08 U17 U31 U33 U34 U42 U43 U47 U50 U52 U53 U57 U59 U60 U61 U63 U64 U67 U68 U69 U70 U80
+    U84 U85 U86 U87 U88 U90 U96 U97 U98: random or training-mode ops, unknown padding strings, pools with
+    another divisor, uneven adaptive windows read by more than a flatten and a Linear, Normalize with a wrong
+    count of stds, non-zero and negative padding, division by a map, flattening the batch, and squeezes,
+    chunks and indexes of other dims are refused, naming what (decomposing them as the plain op would explain
+    another function)."""
     op, error, message = REFUSED[name]
     model = _model(op, flat=name in FLAT_REFUSED, bn=_bn())
     model.pad, model.pool = nn.ConstantPad2d(1, 0.5), nn.AvgPool2d(2, ceil_mode=True)
     model.nostats = nn.BatchNorm2d(4, track_running_stats=False).double().eval()
     model.max_with_indices = nn.MaxPool2d(2, return_indices=True)
+    from torchvision.transforms import Normalize
+
+    model.norm = Normalize((0.1, 0.2, 0.3, 0.4), (0.5, 0.6)).eval()  # 4 means, 2 stds
+    model.lin = nn.Linear(16, 4).double()
     with pytest.raises(error, match=message):
         ierf.SRD(model, head="exact").decompose(_x((1, 3, 7, 9), 1))
 
@@ -353,3 +403,12 @@ def test_normalize_inside_the_model_is_its_own_function() -> None:
         torch.testing.assert_close(dec.logits, model(x), atol=1e-10, rtol=1e-10)
     maps = dec.saliency(1)
     torch.testing.assert_close(maps.double().sum((1, 2)), model(x)[:, 1], atol=1e-5, rtol=1e-5)  # conservation
+
+
+@pytest.mark.parametrize("shape", [(2, -1), (-1, 126)], ids=["two_rows", "rows_of_half"])
+def test_views_that_move_features_into_the_batch_are_refused(shape: tuple[int, int]) -> None:
+    """U92 U93: a 2-D view is a flatten only when it keeps the batch and every feature of an image in one
+    row; (2, -1) or (-1, C*H*W/2) of one image makes two rows (two logit rows), which SRD must not read as one."""
+    model = _model(lambda m, a: a.view(*shape), 126, flat=True)
+    with pytest.raises(UnsupportedModelError, match=rf"view\({shape[0]}, {shape[1]}\) of a feature map"):
+        ierf.SRD(model, head="exact").decompose(_x((1, 3, 7, 9), 1))

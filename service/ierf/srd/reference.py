@@ -196,7 +196,7 @@ class ReferenceSRD:
         if node.op == "call_function":
             if without_constants and node is not keep_constant and self._functional_shift(node):
                 args, kwargs = self._without_shift(node, args, kwargs)
-            if node.target is F.max_pool2d:
+            if node.target in (F.max_pool2d, torch.max_pool2d):
                 x, k = args[0], args[1] if len(args) > 1 else kwargs["kernel_size"]
                 s = args[2] if len(args) > 2 else kwargs.get("stride")
                 s = k if s is None or s == [] or s == () else s
@@ -356,7 +356,7 @@ class ReferenceSRD:
     def _pool_kernel(self, n: fx.Node, values) -> tuple[int, int] | None:
         if n.op == "call_module" and isinstance(self.modules[str(n.target)], nn.MaxPool2d):
             k = self.modules[str(n.target)].kernel_size
-        elif n.op == "call_function" and n.target is F.max_pool2d:
+        elif n.op == "call_function" and n.target in (F.max_pool2d, torch.max_pool2d):
             k = n.args[1] if len(n.args) > 1 else n.kwargs["kernel_size"]
             k = fx.node.map_arg(k, lambda m: values[m])  # a size computed in forward (a global max-pool)
         else:
