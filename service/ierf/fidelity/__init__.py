@@ -4,7 +4,8 @@
 * :mod:`ierf.fidelity.tiny_resnet` - the small ResNet trained on it (checkpoint in ``assets/``);
 * :mod:`ierf.fidelity.grid` - 2x2 grids of real photos for the grid pointing game (EfficientNet-Lite0);
 * :mod:`ierf.fidelity.apop` - activation-pattern-only prediction;
-* :mod:`ierf.fidelity.attack` - targeted explanation manipulation (Dombrowski et al. 2019).
+* targeted explanation manipulation (Dombrowski et al. 2019) lives with the other metrics, in
+  :mod:`ierf.metrics.manipulation`.
 
 Heavy submodules are imported on use; nothing here imports :mod:`ierf.serving`.
 """
