@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.test_worker_warm_up import HASH, PIXELS, _host
+from serving.test_worker_warm_up import HASH, PIXELS, _host, _tamper
 
 
 @pytest.fixture(scope="module")
@@ -664,3 +664,41 @@ def test_a_deferring_replica_holds_the_decomposition_unencoded_until_the_answer_
         client.close()
     finally:
         deferring.close()
+
+
+def test_a_bad_cached_decomposition_leaves_redis_even_when_the_fresh_value_cannot_be_written(
+    redis_flushed: Any,
+) -> None:
+    """Kills W33: the image is recomputed when its cached decomposition fails the engine, and the bad value
+    is deleted from Redis before the fresh one is written: were the write lost (here Redis refuses writes
+    with OOM while it still allows deletes), the bad value would stay for its TTL and every replica
+    reading it would decompose the image twice."""
+    import redis
+    from ierf.serving.worker import ExplainJob
+
+    cache = {"redis_url": redis_flushed.url, "l1_bytes": 0}
+    writer = _host(cache)
+    writer.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert writer.cache.flush(10.0)
+    key = writer._key("decomposition", "srd", HASH)
+    writer.close()
+
+    def inflate(state: dict[str, torch.Tensor]) -> None:
+        for name in [k for k in state if k.endswith(".mu")]:
+            state[name] = state[name] * 1e5
+
+    _tamper(redis_flushed.url, key, inflate)
+    reader = _host({**cache, "write_behind_bytes": 0})  # writes before answering: no queue to wait for
+    client = redis.Redis.from_url(redis_flushed.url, socket_timeout=5)
+    policy, limit = client.config_get("maxmemory-policy"), client.config_get("maxmemory")
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # every SET now fails with OOM; DEL still works
+        got = reader.explain(ExplainJob(PIXELS, HASH, target=3))
+        assert got.provenance.cache == [("decomposition", "l2"), ("decomposition", "miss")]
+    finally:
+        client.config_set("maxmemory", limit["maxmemory"])
+        client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+        reader.close()
+    assert client.exists(key) == 0
+    client.close()
