@@ -24,10 +24,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import Normalize
+from torchvision.transforms.v2 import Normalize as NormalizeV2
 
 from ierf.srd.program import Program
 
-_BIAS_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+# Modules whose shift is a bias of its own: measured alone, and zeroed on the paths. An input normalisation
+# ``(x - mean) / std`` (torchvision's Normalize in front of a model) shifts by ``-mean / std``.
+_NORMALIZE = (Normalize, NormalizeV2)
+_BIAS_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, *_NORMALIZE)
 # Functional layers whose shift (bias; batch norm's -mean * scale too) comes in as arguments: name ->
 # the positions and keywords of those arguments, replaced by None (no bias) or zeros (no mean) on the paths.
 _FUNCTIONAL_SHIFTS: dict[object, tuple[tuple[int, str, str], ...]] = {
@@ -36,7 +41,7 @@ _FUNCTIONAL_SHIFTS: dict[object, tuple[tuple[int, str, str], ...]] = {
     F.linear: ((2, "bias", "none"),),
     F.batch_norm: ((1, "running_mean", "zeros"), (4, "bias", "none")),
 }
-_ADDITIVE_FUNCTIONS = (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub)
+_ADDITIVE_FUNCTIONS = (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, torch.subtract)
 
 
 @dataclass
@@ -55,6 +60,8 @@ def _zero_biases(module: nn.Module) -> None:
             if m.bias is not None:
                 m.bias.data.zero_()
             m.running_mean.zero_()
+        if isinstance(m, _NORMALIZE):
+            m.mean = [0.0] * torch.as_tensor(m.mean).numel()
 
 
 def _is_shape(node: fx.Node) -> bool:
@@ -133,7 +140,7 @@ class ReferenceSRD:
         forward): the index of c. Such a constant is a bias of its own: paths run without it, and it is
         measured alone, like a layer's bias."""
         additive = node.op == "call_function" and node.target in _ADDITIVE_FUNCTIONS
-        additive = additive or (node.op == "call_method" and node.target in ("add", "add_", "sub", "sub_"))
+        additive = additive or (node.op == "call_method" and node.target in ("add", "add_", "sub", "sub_", "subtract"))
         if not additive or _is_shape(node) or len(node.args) < 2:
             return None
         on_map = [isinstance(a, fx.Node) and a in self.on_map for a in node.args[:2]]

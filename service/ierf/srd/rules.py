@@ -293,7 +293,7 @@ def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return
             "or gather that relevance cannot follow); pool without them"
         )
     kernel = _pair(kernel)
-    stride = kernel if stride is None or stride == [] else _pair(stride)
+    stride = kernel if stride is None or (isinstance(stride, list | tuple) and not stride) else _pair(stride)
     if isinstance(x, Source):
         tensor, route = x.tensor, Affine.of_source(x.tensor, x.id).terms[0].route
     elif isinstance(x, Affine) and len(x.terms) == 1 and not x.biases and isinstance(x.terms[0], DenseTerm):
@@ -365,7 +365,7 @@ def _max_pool_with_indices_function(ctx, node, fn, x, *args, **kwargs) -> Affine
 def _avg_pool(ctx, node, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> Affine:
     where = ctx.where(node)
     kernel = _pair(kernel)
-    stride = kernel if stride is None or stride == [] else _pair(stride)
+    stride = kernel if stride is None or (isinstance(stride, list | tuple) and not stride) else _pair(stride)
     py, px = _pair(padding)
     if ceil_mode or divisor_override is not None or ((py or px) and not count_include_pad):
         raise UnsupportedModelError(
