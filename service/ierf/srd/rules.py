@@ -285,6 +285,11 @@ def _bn_function(
 
 # --------------------------------------------------------------------------------------------------------
 # Pooling.
+def _stride(stride: Any, kernel: tuple[int, int]) -> tuple[int, int]:
+    """A pool's stride; torch takes None or an empty list or tuple as "the kernel's"."""
+    return kernel if stride is None or (isinstance(stride, list | tuple) and not stride) else _pair(stride)
+
+
 def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return_indices) -> Affine:
     where = ctx.where(node)
     if return_indices:
@@ -293,7 +298,7 @@ def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return
             "or gather that relevance cannot follow); pool without them"
         )
     kernel = _pair(kernel)
-    stride = kernel if stride is None or (isinstance(stride, list | tuple) and not stride) else _pair(stride)
+    stride = _stride(stride, kernel)
     if isinstance(x, Source):
         tensor, route = x.tensor, Affine.of_source(x.tensor, x.id).terms[0].route
     elif isinstance(x, Affine) and len(x.terms) == 1 and not x.biases and isinstance(x.terms[0], DenseTerm):
@@ -365,7 +370,7 @@ def _max_pool_with_indices_function(ctx, node, fn, x, *args, **kwargs) -> Affine
 def _avg_pool(ctx, node, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> Affine:
     where = ctx.where(node)
     kernel = _pair(kernel)
-    stride = kernel if stride is None or (isinstance(stride, list | tuple) and not stride) else _pair(stride)
+    stride = _stride(stride, kernel)
     py, px = _pair(padding)
     if ceil_mode or divisor_override is not None or ((py or px) and not count_include_pad):
         raise UnsupportedModelError(
