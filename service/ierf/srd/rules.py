@@ -290,13 +290,17 @@ def _stride(stride: Any, kernel: tuple[int, int]) -> tuple[int, int]:
     return kernel if stride is None or (isinstance(stride, list | tuple) and not stride) else _pair(stride)
 
 
+def _refuse_return_indices(where: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{where}: max pooling with return_indices has no SRD rule (the indices would feed an unpooling "
+        "or gather that relevance cannot follow); pool without them"
+    )
+
+
 def _max_pool(ctx, node, x, kernel, stride, padding, dilation, ceil_mode, return_indices) -> Affine:
     where = ctx.where(node)
     if return_indices:
-        raise UnsupportedModelError(
-            f"{where}: max pooling with return_indices has no SRD rule (the indices would feed an unpooling "
-            "or gather that relevance cannot follow); pool without them"
-        )
+        raise _refuse_return_indices(where)
     kernel = _pair(kernel)
     stride = _stride(stride, kernel)
     if isinstance(x, Source):
@@ -364,7 +368,7 @@ def _max_pool_function(
 
 @function_rule(F.max_pool2d_with_indices)  # what fx records for F.max_pool2d(..., return_indices=True)
 def _max_pool_with_indices_function(ctx, node, fn, x, *args, **kwargs) -> Affine:
-    return _max_pool(ctx, node, x, None, None, 0, 1, False, True)
+    raise _refuse_return_indices(ctx.where(node))
 
 
 def _avg_pool(ctx, node, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> Affine:
