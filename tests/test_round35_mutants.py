@@ -305,3 +305,41 @@ def test_an_ambiguous_name_lists_its_first_twelve_candidates_and_counts_the_rest
     assert str(caught.value) == (
         f"class name 'terrier' is ambiguous; candidates: {shown}, … and {len(matches) - 12} more"
     )
+
+
+# -- round 35 leftovers ----------------------------------------------------------------------------------------------
+class _RectifyingPool(nn.AdaptiveAvgPool2d):
+    """A global pool that rectifies its input in place first (``x.relu_()``): the module CAM reads the input of
+    by default writes into that very tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.relu_())
+
+
+class _ConvRectifyingPoolHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = _RectifyingPool(1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+def test_cam_reads_the_pool_input_before_a_pool_that_changes_it_in_place() -> None:
+    """Kills B50 (the pre-hook hands the captured tensor itself to the pool): the default CAM layer is the input
+    of the last adaptive pool, and a pool that rectifies it in place turned the captured map into the rectified
+    one, with its gradient taken after the ReLU. Compared with pre-ReLU Grad-CAM written out in torch on the
+    convolution's output: sum_k mean(dy/dA^k) A^k (no upsampling: the map has the input's size)."""
+    model = _ConvRectifyingPoolHead().eval()
+    x = _x((2, 3, 8, 8), seed=4)
+    activation = model.conv(x)
+    assert bool((activation < 0).any()) and bool((activation > 0).any())  # the in-place ReLU changes the map
+    logits = model.fc(activation.relu().mean((2, 3)))
+    (grad,) = torch.autograd.grad(logits[:, 2].sum(), activation)
+    expected = (grad.mean((2, 3), keepdim=True) * activation).sum(1).detach()
+    explainer = ierf.create_explainer("gradcam", model, relu=False)
+    assert (explainer.layer, explainer.use_input) == ("pool", True)
+    torch.testing.assert_close(explainer.saliency(x, 2), expected, rtol=1e-5, atol=1e-7)
