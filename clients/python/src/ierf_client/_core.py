@@ -285,6 +285,15 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
+def check_application(value: object) -> str:
+    """The Serve application a call names: it travels as gRPC metadata, so printable ASCII only (gRPC
+    would refuse anything else on every call, as INTERNAL "Invalid metadata")."""
+    name = check_name(value, "application")
+    if not all(" " <= c <= "~" for c in name):
+        raise ValueError(f"application must be printable ASCII (it travels as gRPC metadata), got {name!r}")
+    return name
+
+
 def check_contrast(contrast: object) -> str | int:
     """ "identity" or "mean" (any case), or a class index as an integer."""
     if isinstance(contrast, int | np.integer) and not isinstance(contrast, bool | np.bool_):
@@ -1051,7 +1060,12 @@ def encode_health_request(service: str) -> bytes:
     return b"\x0a" + _varint(len(data)) + data
 
 
+# Bytes a field of a fixed-size wire type takes: 1 is fixed64, 5 fixed32.
+_FIXED_WIRE_BYTES = {1: 8, 5: 4}
+
+
 def decode_health_response(data: bytes) -> str:
+    """The status; fields of a newer schema are skipped, whatever their wire type, as protobuf skips them."""
     status, i = 0, 0
     while i < len(data):
         tag, i = _read_varint(data, i)
@@ -1062,8 +1076,12 @@ def decode_health_response(data: bytes) -> str:
         elif tag & 7 == 2:
             length, i = _read_varint(data, i)
             i += length
+        elif tag & 7 in _FIXED_WIRE_BYTES:
+            i += _FIXED_WIRE_BYTES[tag & 7]
         else:
             raise ValueError("unexpected wire type in HealthCheckResponse")
+        if i > len(data):  # a field cut short: protobuf refuses the message, so does this
+            raise ValueError("truncated field in HealthCheckResponse")
     return HEALTH_STATUSES.get(status, f"UNKNOWN({status})")
 
 

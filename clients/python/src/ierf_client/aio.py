@@ -34,7 +34,7 @@ class AsyncClient:
         self.address = _core.check_address(address, secure=credentials is not None)
         self.timeout = _core.check_timeout(timeout)
         self.token = _core.check_token(token, self.address, secure=credentials is not None)
-        self.application = None if application is None else _core.check_name(application, "application")
+        self.application = None if application is None else _core.check_application(application)
         self.retry = _core.check_retry(retry)
         self._options = _core.channel_options_with(_core.check_max_message_bytes(max_message_bytes), options)
         self._credentials = credentials
