@@ -16,7 +16,7 @@ REDIS_PORT ?= 6379
 START_TIMEOUT ?= 600
 CONFIG ?=
 
-.PHONY: venv run start stop test lint bench bench-service protos redis-server clean
+.PHONY: venv run start stop test lint bench bench-service protos redis-server prometheus-tools clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,27 @@ redis-server:
 			$$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true; fi; \
 	}
 	@command -v redis-server >/dev/null || { echo "redis-server is missing and could not be installed"; exit 1; }
+
+# promtool and prometheus, taken out of Debian's prometheus .deb (apt-get download + dpkg-deb -x) into
+# $(VENV)/tools without installing the package: no service, no system user, nothing left running. The deploy
+# tests (tests/serving/test_deploy_tools.py) check the alert rules and the dashboard's queries with them;
+# under CI=1 they fail when the binaries are missing instead of skipping.
+TOOLS := $(VENV)/tools
+prometheus-tools: $(TOOLS)/promtool
+
+$(TOOLS)/promtool: | $(STAMP)
+	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || { \
+		echo "no apt-get/dpkg-deb here: install promtool and prometheus into $(TOOLS) yourself;" \
+			"the deploy tests skip without them (and fail under CI)"; exit 0; }; \
+	set -e; tools=$(abspath $(TOOLS)); cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; cd "$$cache"; \
+	echo "fetching Debian's prometheus package for promtool and prometheus (apt-get download)"; \
+	if ! apt-get download -qq prometheus >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -qq || true; apt-get download -qq prometheus >/dev/null 2>&1 || { \
+			echo "apt-get download prometheus failed (no Debian/Ubuntu package source?)"; exit 1; }; fi; \
+	dpkg-deb -x prometheus_*.deb root; mkdir -p "$$tools"; \
+	install -m 755 root/usr/bin/promtool root/usr/bin/prometheus "$$tools"/; \
+	"$$tools"/promtool --version 2>&1 | head -1
 
 run: venv redis-server start
 	@mkdir -p $(OUT)
@@ -157,7 +178,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: venv redis-server
+test: venv redis-server prometheus-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
