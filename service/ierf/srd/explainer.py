@@ -11,6 +11,7 @@ import functools
 import math
 import numbers
 import operator
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -423,6 +424,11 @@ class Decomposition:
 
     def _gradient_start(self, target: torch.Tensor, contrast: str | torch.Tensor, mode: str) -> dict[int, torch.Tensor]:
         sid = self.start_layer()
+        if sid == 0:  # no map with more than one position: the start would be the input, no PFV map
+            raise ValueError(
+                f"head {mode!r} starts on the last feature map with more than one position, and this model has "
+                "none (a fully connected model, or maps of one position only): use head='exact'"
+            )
         if sid not in self.activations:
             name = self._program.names[sid]
             raise ValueError(
@@ -928,23 +934,41 @@ class SRD:
             check_model_finite(self.model, "the model's output")
 
     def _own_logits(self, x: torch.Tensor) -> Any:
-        """The model's own output for ``x``; None when it raises: an input the model cannot take is then
-        refused by the program's run, with the error SRD words (the check waits for a call that works)."""
+        """The model's own output for ``x``, or the exception it raises: an input the model cannot take is
+        then refused by the program's run, with the error SRD words; if the program runs all the same, the
+        model itself is broken (see :meth:`_check_reproduces`). Running out of memory says nothing about the
+        model: None, and the check waits for a call that works."""
         try:
             with torch.no_grad():
                 # on a copy: a model whose first op is in place (nn.SiLU(inplace=True)) writes its input, and
                 # the decomposition that follows must read the caller's image, which must stay as it was
                 return self.model(x.detach().clone())
-        except Exception:
+        except (MemoryError, torch.OutOfMemoryError):
             return None
+        except Exception as exc:
+            return exc
 
     def _check_reproduces(self, eager: Any, logits: torch.Tensor) -> None:
         """Once per explainer, the first decomposition's logits against the model's own forward (one more
         forward pass, run first). torch.fx records ``x += t`` as a new value, so an alias of ``x`` read
         afterwards holds the old one in the traced graph; that, and other Python the tracer cannot see, would
         make SRD explain another function while its maps still sum to its own logits."""
-        if not isinstance(eager, torch.Tensor) or eager.shape != logits.shape:
+        if isinstance(eager, Exception):
+            first = (str(eager).strip().splitlines() or [""])[0]
+            raise UnsupportedModelError(
+                f"the model's own forward raises {type(eager).__name__} ({textwrap.shorten(first, 200)}) on this "
+                "input, while SRD's replay of its traced graph does not meet the failure (a .view of a transposed "
+                "map without .contiguous(), say): SRD would explain what the model cannot compute; fix the model "
+                "so that it runs"
+            ) from eager
+        if not isinstance(eager, torch.Tensor):
             return  # the program already refuses outputs other than one logits tensor
+        if eager.shape != logits.shape:
+            raise UnsupportedModelError(
+                f"the model's traced forward does not reproduce its output (logits of shape {tuple(logits.shape)}, "
+                f"the model's own {tuple(eager.shape)}), so SRD would explain another function: Python the tracer "
+                "cannot see (a flag read in forward, set after the explainer was built?) changed what it returns"
+            )
         eager = eager.to(torch.float64)
         ours = logits.detach().to(torch.float64)
         tolerance = max(1e-3, 50 * torch.finfo(logits.dtype).eps) * max(float(eager.abs().max()), 1e-30)

@@ -212,7 +212,13 @@ def _conv(ctx, node, x, weight, bias, stride, padding, dilation, groups) -> Affi
     where = ctx.where(node)
     dilation = _pair(dilation)
     pad = _conv_padding(padding, weight, dilation, where)
-    return as_affine(x, where).conv(weight, bias, _pair(stride), pad, dilation, groups, where)
+    a = as_affine(x, where)
+    if weight.shape[1] * groups != a.channels:  # its terms would read a slice of the weight silently
+        raise ValueError(
+            f"{where}: the convolution takes {weight.shape[1] * groups} input channels (weight "
+            f"{tuple(weight.shape)}, groups={groups}) but its input has {a.channels}"
+        )
+    return a.conv(weight, bias, _pair(stride), pad, dilation, groups, where)
 
 
 @module_rule(nn.Conv2d)
