@@ -350,15 +350,12 @@ def head_subgraph(
         if node.op == "output":
             new.output(env[node.args[0]])
             break
-        for dep in node.all_input_nodes:
+        for dep in node.all_input_nodes:  # get_attr nodes were copied above: they precede their users
             if dep not in env:
-                if dep.op == "get_attr":
-                    env[dep] = new.node_copy(dep, lambda n: env[n])
-                else:
-                    raise UnsupportedModelError(
-                        f"the head after '{start.name}' also reads '{dep.name}'; a gradient start map needs a "
-                        "head that depends on the last feature map only"
-                    )
+                raise UnsupportedModelError(
+                    f"the head after '{start.name}' also reads '{dep.name}'; a gradient start map needs a "
+                    "head that depends on the last feature map only"
+                )
         env[node] = new.node_copy(node, lambda n: env[n])
     # Flat names of the module's own: nested ones ("fc.scale" beside "fc") made GraphModule install the
     # attribute on the caller's own submodule.
@@ -370,10 +367,6 @@ def head_subgraph(
             parts[flat] = attribute(target) if n.op == "get_attr" else owner.get_submodule(target)
             n.target = flat
     return fx.GraphModule(parts, new)
-
-
-def module_of(model: nn.Module, target: str) -> nn.Module:
-    return model.get_submodule(target)
 
 
 def module_identities(model: nn.Module) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
