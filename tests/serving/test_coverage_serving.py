@@ -323,7 +323,8 @@ def test_the_async_clients_model_returns_what_the_sync_client_returns(local_ingr
 def test_a_worker_whose_model_cannot_load_fails_and_leaves_no_compute_thread() -> None:
     """The constructor's load fails (a weights file that is not there): the error reaches Serve as raised,
     and the compute thread is shut down rather than left behind in a replica that never started. With
-    ``num_threads`` 0 outside a Ray runtime (local testing mode), the replica counts one CPU."""
+    ``num_threads`` 0 in local testing mode the replica counts one CPU, whether or not this process is also a
+    Ray driver (the integration session's, when the suite runs whole)."""
     import torch
     from ierf.serving.deployments import ExplainerWorker, _assigned_cpus
     from ierf.serving.settings import CacheConfig, ModelConfig
@@ -556,9 +557,10 @@ def test_a_malformed_serve_config_is_refused_before_anything_starts(change: dict
     from ierf.serving.local import start_service
 
     config = {**_shipped_config(), **change}
+    ray_was_up = ray.is_initialized()  # the integration session's cluster may be up already
     with pytest.raises(ValueError, match=message):
         start_service(config, num_cpus=64, redis_url="")
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up
 
 
 def test_gpus_the_host_lacks_are_found_by_asking_ray() -> None:
@@ -613,10 +615,11 @@ def test_a_ready_file_in_a_directory_that_cannot_be_written_is_refused_before_an
     from ierf.serving.__main__ import main
 
     ready = os.path.join(unwritable_directory, "ierf-ready")
+    ray_was_up = ray.is_initialized()  # the integration session's cluster may be up already
     assert main(["serve", "--ready-file", ready]) == 2
     err = capsys.readouterr().err
     assert err == f"ierf.serving: error: --ready-file {ready}: directory {unwritable_directory} is not writable\n"
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up
 
 
 def test_the_module_entry_point_exits_with_mains_status(tmp_path: Any) -> None:
@@ -653,3 +656,15 @@ def test_an_application_name_grpc_cannot_send_is_refused_when_the_client_is_made
     with pytest.raises(ValueError, match=r"^application must be printable ASCII \(it travels as gRPC metadata\)"):
         cls("127.0.0.1:1", application=application)
     cls("127.0.0.1:1", application="ierf-v2 (blue)")  # printable ASCII, spaces included: gRPC sends it
+
+
+@pytest.mark.integration
+def test_a_local_testing_replica_in_a_ray_driver_counts_one_cpu(live_service: object) -> None:
+    """Serve's local testing mode in a process that is also a Ray driver (a notebook that called ``ray.init()``;
+    here the integration session's): the replica is no actor, and Ray asserts when a driver asks for its
+    assigned resources, so a worker without ``num_threads`` failed to construct. It counts one CPU."""
+    import ray
+    from ierf.serving.deployments import _assigned_cpus
+
+    assert ray.is_initialized() and ray.get_runtime_context().get_actor_id() is None
+    assert _assigned_cpus() == 1.0

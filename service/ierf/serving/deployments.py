@@ -89,9 +89,15 @@ CACHE_WRITE_DELAY_S = 0.05
 
 
 def _assigned_cpus() -> float:
-    if not ray.is_initialized():  # local testing mode: no Ray runtime (and none must be started)
+    """The CPUs Ray assigned this replica's actor. In Serve's local testing mode the replica is no actor: 1,
+    also where the process is a Ray driver (a notebook that called ``ray.init()``), which has no assignment
+    to read (Ray asserts there)."""
+    if not ray.is_initialized():  # no Ray runtime (and none must be started)
         return 1.0
-    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:
+        return 1.0
+    return float(context.get_assigned_resources().get("CPU", 1.0))
 
 
 def _timed(fn: Callable[[], R]) -> tuple[float, R]:
