@@ -25,6 +25,7 @@ from ierf.srd.reference import ReferenceSRD
 from ierf.srd.terms import Affine
 from PIL import Image
 from srd_nets import TinyVGG, assert_matches_reference
+from test_fidelity_metrics import _gradient_explain
 from torch import nn
 
 
@@ -356,23 +357,12 @@ def test_insertion_deletion_refuses_classes_that_are_not_an_integer_batch_table(
         metrics.insertion_deletion(model, x, 0, maps, classes=torch.tensor([0, 1]))
 
 
-def _input_gradient(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        score = model(x).gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, x, create_graph=True)
-        return grad.sum(1)
-
-    return explain
-
-
 def test_manipulation_attack_refuses_target_maps_of_another_size() -> None:
     model, x = _small_classifier(), torch.rand(2, 3, 12, 12)
     with pytest.raises(ValueError, match=r"target_maps must be \(2, 12, 12\), got \(2, 12, 11\)"):
         metrics.manipulation_attack(
-            _input_gradient,
-            _input_gradient(model),
+            _gradient_explain,
+            _gradient_explain(model),
             model,
             x,
             torch.tensor([0, 1]),
@@ -387,8 +377,8 @@ def test_manipulation_summary_is_the_mean_of_each_score() -> None:
     model, x = _small_classifier(), torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     goal = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(2))
     result = metrics.manipulation_attack(
-        _input_gradient,
-        _input_gradient(model),
+        _gradient_explain,
+        _gradient_explain(model),
         model,
         x,
         torch.tensor([0, 1]),
