@@ -136,6 +136,7 @@ def trace(
             }
             _restore_attributes(saved, read - constants.keys())
             _restore_contents(containers)
+    _canonical_spellings(graph)
     outputs = {
         path: values[0].node
         for path, values in tracer.module_outputs.items()
@@ -147,6 +148,32 @@ def trace(
         if len(values) > 1
     }
     return Traced(graph, outputs, constants, repeated)
+
+
+# NumPy spellings torch accepts as aliases: ``x.mean(axis=(2, 3), keepdims=True)`` is ``x.mean(dim=(2, 3),
+# keepdim=True)`` and ``torch.concatenate`` is ``torch.cat``. The rules read torch's own names, so the graph
+# is rewritten to them once here; a torch op that does not take the alias fails in the model's own forward,
+# which the first decomposition runs and refuses with its error.
+_KEYWORD_ALIASES = {"axis": "dim", "keepdims": "keepdim"}
+_FUNCTION_ALIASES = {torch.concatenate: torch.cat}
+
+
+def _canonical_spellings(graph: fx.Graph) -> None:
+    """Rewrite torch's NumPy-style aliases in ``graph`` to the canonical op and keyword names, so that a
+    rule sees ``dim`` where the model wrote ``axis`` (read as "every dimension" before, and refused so)."""
+    for node in graph.nodes:
+        if node.op == "call_function":
+            if not str(getattr(node.target, "__module__", "") or "").startswith("torch"):
+                continue  # a user's or Python's own function: its keywords mean what it says
+            node.target = _FUNCTION_ALIASES.get(node.target, node.target)
+        elif node.op != "call_method":
+            continue
+        if any(alias in node.kwargs for alias in _KEYWORD_ALIASES):
+            kwargs = dict(node.kwargs)
+            for alias, name in _KEYWORD_ALIASES.items():
+                if alias in kwargs and name not in kwargs:
+                    kwargs[name] = kwargs.pop(alias)
+            node.kwargs = kwargs
 
 
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
