@@ -213,6 +213,20 @@ def test_layers_lists_each_grid(capsys):
     assert _listed_layers(capsys.readouterr().out)["features.29"] == (512, 14, 14)
 
 
+def test_layers_takes_random_init_as_explain_does(capsys):
+    """A user copying ``--random-init`` from an explain command line gets the same table (random weights are
+    what ``layers`` loads anyway when no file is named); with ``--weights`` too it is a usage error."""
+    assert main(["layers", "--model", "resnet18"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["layers", "--model", "resnet18", "--random-init"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(["layers", "--model", "resnet18", "--random-init", "--weights", "w.pth"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    # with --server the server decides its weights: refused as explain refuses it, before any call
+    assert main(["--server", "127.0.0.1:9", "layers", "--random-init"]) == 2
+    assert "--weights/--random-init do not apply with --server" in _error(capsys)
+
+
 def test_explain_ierf_and_layer_errors(coffee_png, tmp_path, capsys):
     assert main(["layers"]) == 0
     layers = list(_listed_layers(capsys.readouterr().out))

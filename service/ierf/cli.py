@@ -124,7 +124,8 @@ class InProcessBackend:
         from ierf.models import load_model
         from ierf.srd import pfv_grid
 
-        # Names and grids depend on the graph only, so explicit random weights do when none are given.
+        # Names and grids depend on the graph only, so explicit random weights do when none are given
+        # (--random-init, accepted as explain accepts it, asks for what happens anyway).
         loaded = load_model(model, weights=weights, random_init=weights is None)
         explainer = ierf.SRD(loaded.module)
         size = (loaded.input_size, loaded.input_size)
@@ -282,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", parents=[remote], help="list the layers accepted by --layer")
     layers.add_argument("--model", help=MODEL_HELP)
-    layers.add_argument("--weights", help="state_dict file (only the graph matters; random weights otherwise)")
+    layer_weights = layers.add_mutually_exclusive_group()
+    layer_weights.add_argument("--weights", help="state_dict file (only the graph matters; random weights otherwise)")
+    layer_weights.add_argument("--random-init", action="store_true", help="random weights (the default here)")
     return parser
 
 
@@ -427,6 +430,8 @@ def _run_models(backend: Backend) -> int:
 def _run_layers(args: argparse.Namespace, backend: Backend) -> int:
     """One layer per line, its name first (``ierf layers | awk '{print $1}'`` lists the names), then its
     channels and the PFV grid that ``--position ROW,COL`` indexes."""
+    if args.random_init and args.server:  # as explain refuses it: the server decides its weights
+        raise UsageError("--weights/--random-init do not apply with --server: the server decides its weights")
     rows = backend.layers(args.model, args.weights)  # before any output: a failed call prints only its error
     width = max([len("layer"), *(len(row.name) for row in rows)])
     print(f"{'layer':<{width}}  {'channels':>8}  grid (rows x cols)")
