@@ -44,6 +44,10 @@ class UsageError(ValueError):
     """A bad command line argument detected by the CLI itself."""
 
 
+# Weight options a server ignores (it decides its own weights): refused with --server, never dropped.
+SERVER_WEIGHTS = "--weights/--random-init do not apply with --server: the server decides its weights"
+
+
 class BackendFailure(RuntimeError):
     """The backend could not answer: a server unreachable, out of time, overloaded or failing (exit
     status 1, so a script can tell "retry later" from "fix the command", which exits 2)."""
@@ -431,7 +435,7 @@ def _run_layers(args: argparse.Namespace, backend: Backend) -> int:
     """One layer per line, its name first (``ierf layers | awk '{print $1}'`` lists the names), then its
     channels and the PFV grid that ``--position ROW,COL`` indexes."""
     if args.random_init and args.server:  # as explain refuses it: the server decides its weights
-        raise UsageError("--weights/--random-init do not apply with --server: the server decides its weights")
+        raise UsageError(SERVER_WEIGHTS)
     rows = backend.layers(args.model, args.weights)  # before any output: a failed call prints only its error
     width = max([len("layer"), *(len(row.name) for row in rows)])
     print(f"{'layer':<{width}}  {'channels':>8}  grid (rows x cols)")

@@ -10,7 +10,15 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ierf.cli import BackendFailure, ClassProbability, ExplainRequest, Explanation, LayerRow, UsageError
+from ierf.cli import (
+    SERVER_WEIGHTS,
+    BackendFailure,
+    ClassProbability,
+    ExplainRequest,
+    Explanation,
+    LayerRow,
+    UsageError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,7 +121,7 @@ class RemoteBackend:
         from ierf.models.classes import class_index
 
         if request.weights is not None or request.random_init:
-            raise UsageError("--weights/--random-init do not apply with --server: the server decides its weights")
+            raise UsageError(SERVER_WEIGHTS)
         info = self.client.model(request.model)
         image = _upload(request)
         top = [
