@@ -5,7 +5,9 @@ measures, for one model:
 
 - cold: a new image (decomposition computed) — in-process ``srd.decompose(x).saliency(t)`` vs Explain;
 - warm: another class on an image already seen — in-process ``decomposition.saliency(t)`` vs Explain,
-  served from the worker's in-process LRU (L1) and, in a second phase with L1 off, from Redis (L2);
+  served from the worker's in-process LRU (L1) and, in a third phase with L1 off, from Redis (L2); a
+  second phase repeats the first with the ingress sending the pixels with every job
+  (``remembered_images: 0``), which shows what sending a repeat by its content hash alone saves;
 - floor: probes of a trivial two-deployment app on the same proxy, interleaved with the warm calls (an
   ingress whose ``Health.Check`` returns at once, or first awaits a no-op on a second deployment): what
   Ray Serve's proxy and one or two deployment hops cost on this machine with no work at all.
@@ -314,11 +316,20 @@ def main() -> None:
         address = direct_ingress_address(APP_NAME) or service.grpc_address
         print(f"Explain calls to {address}, floor probes to {floor_direct or service.grpc_address}", flush=True)
         l1 = measure(reference, address, cold_images, warm_targets, "L1", floor_address=floor_direct)
-        # Phase 2: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
         overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+        # Phase 2: the same, but the ingress sends the pixels with every job (remembers no image): what
+        # sending a repeat by its content hash alone saves.
+        with_pixels = ServiceConfig.from_args({**app_args, "ingress": {"remembered_images": 0}})
+        serve.run(build_application(with_pixels, overrides), name=APP_NAME, route_prefix="/")
+        print("phase 2: worker with L1 + L2, pixels with every job ...", flush=True)
+        address = direct_ingress_address(APP_NAME) or service.grpc_address
+        l1_pixels = measure(
+            reference, address, images(args.cold, 250), warm_targets, "L1, pixels", 15_000, floor_address=floor_direct
+        )
+        # Phase 3: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
         no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
         serve.run(build_application(no_l1, overrides), name=APP_NAME, route_prefix="/")
-        print("phase 2: worker with L2 only ...", flush=True)
+        print("phase 3: worker with L2 only ...", flush=True)
         address = direct_ingress_address(APP_NAME) or service.grpc_address
         print(f"Explain calls to {address}", flush=True)
         l2 = measure(
@@ -331,7 +342,8 @@ def main() -> None:
 
     print()
     print(f"{'series':<26} {'n':>4} {'p50 ms':>10} {'p99 ms':>10}")
-    for phase in (l1, l2):
+    phases = {"L1": l1, "L1, pixels": l1_pixels, "L2 only": l2}
+    for phase in phases.values():
         for key in SERIES:
             series = phase[key]
             print(f"{series.name:<26} {len(series.seconds):>4} {series.p50:>10.1f} {series.pct(99):>10.1f}")
@@ -339,7 +351,7 @@ def main() -> None:
     print("(p99 of fewer than 100 calls is the largest of them)")
     print("overhead = gRPC p50 - in-process p50 for the same work (target p50 <= 15 ms); paired = median of")
     print("the differences of each gRPC call and the in-process call just before it on the same image/class")
-    for phase in (l1, l2):
+    for phase in phases.values():
         for kind in ("cold", "warm"):
             grpc_s, ref_s = phase[f"grpc {kind}"], phase[f"ref {kind}"]
             paired = statistics.median(g - r for g, r in zip(grpc_s.seconds, ref_s.seconds, strict=True)) * 1000
@@ -348,20 +360,20 @@ def main() -> None:
                 f"   paired {paired:+6.1f} ms"
             )
     print("Ray Serve floor: the same proxy and hops with no work (probes interleaved with the warm calls)")
-    for phase in (l1, l2):
+    for phase in phases.values():
         grpc_s, ref_s, two = phase["grpc warm"], phase["ref warm"], phase["floor 2 hops"]
         print(
             f"  {grpc_s.name:<24} two-hop floor {two.p50:5.1f} ms; overhead above it "
             f"{grpc_s.p50 - ref_s.p50 - two.p50:+6.1f} ms"
         )
     print("where a gRPC call spends its time on the server, p50 ms (provenance; total = the ingress)")
-    for phase, label in ((l1, "L1"), (l2, "L2 only")):
-        print(f"  {'warm ' + label:<13} {phase['stages'].name}")
-        print(f"  {'cold ' + label:<13} {phase['cold stages'].name}")
+    for label, phase in phases.items():
+        print(f"  {'warm ' + label:<16} {phase['stages'].name}")
+        print(f"  {'cold ' + label:<16} {phase['cold stages'].name}")
     print("warm / cold through the service, p50 (target <= 0.2)")
-    for phase, label in ((l1, "L1 hit"), (l2, "L2 hit")):
+    for phase, label in ((l1, "L1 hit"), (l1_pixels, "L1 hit, pixels"), (l2, "L2 hit")):
         ratio = phase["grpc warm"].p50 / phase["grpc cold"].p50
-        print(f"  {label}  {ratio:6.3f}   (decomposition served from: {phase['tiers'].name})")
+        print(f"  {label:<15} {ratio:6.3f}   (decomposition served from: {phase['tiers'].name})")
 
 
 if __name__ == "__main__":

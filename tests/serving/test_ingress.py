@@ -46,11 +46,11 @@ class _Worker:
         return await self._answer(self.outcome)
 
 
-def _ingress(workers: dict[str, Any]) -> Any:
+def _ingress(workers: dict[str, Any], **ingress: Any) -> Any:
     from ierf.serving.deployments import Ingress
     from ierf.serving.settings import ServiceConfig
 
-    config = ServiceConfig.from_args({"models": [{"id": m} for m in workers]})
+    config = ServiceConfig.from_args({"models": [{"id": m} for m in workers], "ingress": ingress})
     return Ingress.func_or_class(workers, config)
 
 
@@ -1150,13 +1150,14 @@ def _pixels_message(pixels: Any) -> Any:
 def test_a_large_image_travels_to_the_worker_as_the_models_view_and_a_small_one_whole() -> None:
     """The hop to the worker costs by the byte: a decoded photo is cut to the model's view here (the very
     pixels the worker's preprocessing makes) once the model's description is known; a small image, or
-    one sent before the description arrived, travels whole."""
+    one sent before the description arrived, travels whole. (Repeats by content hash alone are off here:
+    this fake worker would answer them all.)"""
     import numpy as np
     from ierf.images import resize_crop
     from ierf_proto.v1 import explainer_pb2 as pb
 
     worker = _Capture(_full_outcome())
-    ingress = _ingress({"m": worker})
+    ingress = _ingress({"m": worker}, remembered_images=0)
     photo = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     asyncio.run(ingress.Explain(pb.ExplainRequest(image=_pixels_message(photo))))  # no description yet
     _described(ingress)

@@ -17,6 +17,7 @@ import math
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from ierf.serving.errors import (
     InvalidArgument,
     NotFound,
     Overloaded,
+    PixelsNeeded,
     ServiceError,
     StaleView,
     Unavailable,
@@ -375,6 +377,8 @@ class Ingress:
         self._probes: dict[str, asyncio.Task] = {}  # model id -> the health probe in flight
         self._answered_at: dict[str, float] = {}  # model id -> time.monotonic() of its last answer
         self._refused_at: dict[str, float] = {}  # model id -> time.monotonic() its worker's queue last refused a job
+        # (model id, content hash) of images sent to the model's workers lately, oldest first (see _send)
+        self._sent: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ------------------------------------------------------------------------------ plumbing
     def _deadline(self, grpc_context: Any, labels: dict[str, Any] | None = None) -> float:
@@ -404,20 +408,51 @@ class Ingress:
         deadline: float,
         timings: list[tuple[str, float]],
     ) -> Any:
-        """:meth:`_call`, with the image as the model's view (resize + centre crop, made here by the model's
-        description) when the decoded image is at least :data:`VIEW_MIN_FACTOR` times the view's size: a
-        photo is mostly pixels the model never sees, and the hop to the worker costs by the byte (a
-        512x512 image's dispatch took ~2 ms more than a 224x224 one's). The worker refuses a view made by
-        another preprocessing than its own (a redeploy): the description is dropped and the decoded
-        image sent instead."""
+        """:meth:`_call`, with the image by its content hash alone when this replica sent it to the model's
+        workers recently and the job reads only what their caches hold (``answerable_from_cache``): another
+        class or PFV on an image already explained, the product's warm path, then skips the view cut and
+        most of the hop's bytes. A worker that no longer holds it answers PixelsNeeded (one more hop), and
+        the job goes again with the pixels.
+
+        With pixels, as the model's view (resize + centre crop, made here by the model's description) when
+        the decoded image is at least :data:`VIEW_MIN_FACTOR` times the view's size: a photo is mostly
+        pixels the model never sees, and the hop to the worker costs by the byte (a 512x512 image's
+        dispatch took ~2 ms more than a 224x224 one's). The worker refuses a view made by another
+        preprocessing than its own (a redeploy): the description is dropped and the decoded image sent
+        instead."""
+        seen = (model_id, job.content_hash)
+        if seen in self._sent and job.answerable_from_cache:
+            start = time.perf_counter()
+            try:
+                outcome = await self._call(model_id, method, dataclasses.replace(job, pixels=None), deadline, timings)
+                self._sent.move_to_end(seen)
+                return outcome
+            except PixelsNeeded:
+                self._sent.pop(seen, None)
+                self._stage(timings, "dispatch", model_id, time.perf_counter() - start)
+        outcome = None
         view = await self._model_view(pixels, desc, model_id, timings)
         if view is not None:
             try:
                 viewed = dataclasses.replace(job, pixels=view, view_version=desc.preprocess_version)
-                return await self._call(model_id, method, viewed, deadline, timings)
+                outcome = await self._call(model_id, method, viewed, deadline, timings)
             except StaleView:
                 self._descriptions.pop(model_id, None)
-        return await self._call(model_id, method, job, deadline, timings)
+        if outcome is None:
+            outcome = await self._call(model_id, method, job, deadline, timings)
+        self._remember_sent(seen, outcome)
+        return outcome
+
+    def _remember_sent(self, seen: tuple[str, str], outcome: Any) -> None:
+        """Note an image a worker now holds, unless its artefacts were kept in no cache tier ("disabled": too big,
+        or the cache is off), where a repeat by hash would only cost a refused hop."""
+        capacity = self.config.ingress.remembered_images
+        if capacity <= 0 or any(tier == "disabled" for _, tier in outcome.provenance.cache):
+            return
+        self._sent[seen] = None
+        self._sent.move_to_end(seen)
+        while len(self._sent) > capacity:
+            self._sent.popitem(last=False)
 
     async def _model_view(
         self, pixels: np.ndarray, desc: Any, model_id: str, timings: list[tuple[str, float]]

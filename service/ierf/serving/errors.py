@@ -71,6 +71,14 @@ class StaleView(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PixelsNeeded(ServiceError):
+    """A job sent by content hash alone (a repeat of an image the ingress sent recently) that the worker cannot
+    answer from its caches (evicted, another replica without Redis, a bad cached value): the ingress sends it
+    again with the pixels. Never reaches a caller."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 #: Trailing metadata on an overload refusal: milliseconds to wait before retrying (the SDK honours it).
 RETRY_AFTER_KEY = "ierf-retry-after-ms"
 RETRY_AFTER_MS = 250

@@ -22,9 +22,14 @@ DEFAULT_METHOD = "srd"
 
 
 # --------------------------------------------------------------------------------------- messages
+# ``pixels`` None: the job travels by content hash alone (the ingress sent this image recently, and the job
+# is one ``answerable_from_cache``); a worker that no longer holds what it needs answers PixelsNeeded, and
+# the ingress sends the job again with the pixels. A warm call so skips the view cut and most of the hop.
+
+
 @dataclass
 class ExplainJob:
-    pixels: np.ndarray  # canonical uint8 (H, W, 3), or the model's view of it (view_version)
+    pixels: np.ndarray | None  # canonical uint8 (H, W, 3), the model's view of it (view_version), or None
     content_hash: str  # of the canonical pixels, also when a view travels
     method: str = DEFAULT_METHOD
     target: int | None = None
@@ -36,10 +41,16 @@ class ExplainJob:
     # preprocessing version; a decoded photo is mostly pixels the model never sees, and travels at its size
     view_version: str = ""
 
+    @property
+    def answerable_from_cache(self) -> bool:
+        """SRD saliency reads only the image's decomposition; other methods, an overlay and the returned
+        input read the pixels, cached or not."""
+        return self.method == DEFAULT_METHOD and not self.overlay and not self.return_input
+
 
 @dataclass
 class IERFJob:
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     content_hash: str
     layer: str
     positions: np.ndarray  # int64 (P, 2) rows of (row, col)
@@ -49,14 +60,24 @@ class IERFJob:
     map_itemsize: int = 4  # bytes per value of the maps the caller asked for (float32 4, float16 2)
     view_version: str = ""  # as ExplainJob's
 
+    @property
+    def answerable_from_cache(self) -> bool:
+        """iERFs read only the decomposition; overlays and the returned input read the pixels."""
+        return not self.overlay and not self.return_input
+
 
 @dataclass
 class PredictJob:
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     content_hash: str
     top_k: int = 5
     deadline: float | None = None
     view_version: str = ""  # as ExplainJob's
+
+    @property
+    def answerable_from_cache(self) -> bool:
+        """Cached logits answer any top_k."""
+        return True
 
 
 @dataclass(frozen=True)

@@ -265,6 +265,9 @@ def _userinfo_end(url: str) -> int:
     return -1 if start < 0 else url.rfind("@", start + 3)
 
 
+MAX_REMEMBERED_IMAGES = 1_000_000
+
+
 @dataclass(frozen=True)
 class IngressConfig:
     max_image_bytes: int = 20 * 1024 * 1024
@@ -277,6 +280,9 @@ class IngressConfig:
     # RESOURCE_EXHAUSTED); 0: twice and four times max_pixels. See ierf.serving.admission.
     decode_pixels: int = 0
     decode_queue_pixels: int = 0
+    # Images per ingress replica remembered as sent to a model's workers: a repeat of one travels by its
+    # content hash alone when the worker's caches can answer it (see Ingress._send); 0: always send pixels.
+    remembered_images: int = 4096
 
     def __post_init__(self) -> None:
         for key in ("max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k"):
@@ -299,6 +305,12 @@ class IngressConfig:
             )
         _integer("decode_pixels", self.decode_pixels, 0, " (0: twice max_pixels)")
         _integer("decode_queue_pixels", self.decode_queue_pixels, 0, " (0: four times max_pixels)")
+        _integer("remembered_images", self.remembered_images, 0, " (0: always send the pixels)")
+        if self.remembered_images > MAX_REMEMBERED_IMAGES:
+            raise ValueError(
+                f"remembered_images must be at most {MAX_REMEMBERED_IMAGES} (each takes ~0.3 KB of every ingress "
+                f"replica's memory), got {self.remembered_images}"
+            )
         if 0 < self.decode_queue_pixels < self.max_pixels:
             raise ValueError(
                 f"decode_queue_pixels ({self.decode_queue_pixels}) must be 0 or at least max_pixels "

@@ -26,7 +26,7 @@ import torch
 
 from ierf.interrupt import Interrupted
 from ierf.serving.cache import CacheKey, RedisSettings, RedisTier, TieredCache, tensors_nbytes
-from ierf.serving.errors import DeadlineExceeded, InvalidArgument, ServiceError, StaleView
+from ierf.serving.errors import DeadlineExceeded, InvalidArgument, PixelsNeeded, ServiceError, StaleView
 from ierf.serving.jobs import (  # re-exported: the worker's protocol, defined torch-free for the ingress
     DEFAULT_METHOD,
     ExplainJob,
@@ -88,10 +88,11 @@ class _Timer:
 
 
 class _ModelInput:
-    """The model's view of the image, computed only when needed: a cache hit skips preprocessing."""
+    """The model's view of the image, computed only when needed: a cache hit skips preprocessing. A job sent by
+    content hash alone (``pixels`` None) that needs the pixels after all is refused with PixelsNeeded."""
 
     def __init__(
-        self, host: ModelHost, pixels: np.ndarray, content_hash: str, stages: _Stages, view_version: str = ""
+        self, host: ModelHost, pixels: np.ndarray | None, content_hash: str, stages: _Stages, view_version: str = ""
     ) -> None:
         self._host, self._pixels, self._stages = host, pixels, stages
         self.content_hash = content_hash
@@ -107,6 +108,8 @@ class _ModelInput:
     def view(self) -> np.ndarray:
         """uint8 (H, W, 3) after resize and centre crop: the pixels every map refers to."""
         if self._view is None:
+            if self._pixels is None:
+                raise PixelsNeeded(f"image {self.content_hash[:16]} is not cached here: send its pixels")
             with self._stages.timed("preprocess"):
                 self._view = self._host.model.resize_crop(self._pixels)
         return self._view
@@ -293,14 +296,15 @@ class ModelHost:
         return layout
 
     # ------------------------------------------------------------------------------- description
-    def stale_view(self, pixels: np.ndarray, view_version: str) -> StaleView | None:
+    def stale_view(self, pixels: np.ndarray | None, view_version: str) -> StaleView | None:
         """The refusal of a view (``view_version`` set) cut by other preprocessing than this replica's, else
         None; cheap, so the Serve worker checks it before a job queues for the compute thread."""
         expected = (*self.input_hw, 3)
-        if not view_version or (view_version == self.model.preprocess_version and pixels.shape == expected):
+        shape = getattr(pixels, "shape", None)
+        if not view_version or (view_version == self.model.preprocess_version and shape == expected):
             return None
         return StaleView(
-            f"view made by preprocessing {view_version} at {pixels.shape}; this replica uses "
+            f"view made by preprocessing {view_version} at {shape}; this replica uses "
             f"{self.model.preprocess_version} at {expected}"
         )
 

@@ -1,0 +1,279 @@
+"""A repeat of an image travels to the worker by its content hash alone.
+
+The ingress remembers the images it sent lately (``ingress.remembered_images``); a job on one of them that
+reads only what the worker caches (``answerable_from_cache``: SRD saliency, iERFs, predictions, without
+overlays or the returned input) goes without pixels, and a worker that no longer holds the image answers
+PixelsNeeded, upon which the ingress sends the job again with them. These tests hold the two halves to each
+other on a real ModelHost (randomly initialised ResNet18): every job the ingress would send by hash is one
+the worker answers exactly as with pixels, every other is refused rather than answered wrongly, and every
+refusal ends in the right answer for the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.fakes import Method
+from serving.test_worker_warm_up import HASH, PIXELS, _host, _tamper
+
+pytestmark = pytest.mark.slow
+
+LAYER = "layer3.1"
+POSITIONS = np.array([[0, 0], [1, 2]], dtype=np.int64)
+
+
+def _jobs() -> list[tuple[str, Any, bool]]:
+    """(name, job with pixels, whether the ingress may send it by hash alone)."""
+    from ierf.serving.jobs import ExplainJob, IERFJob, PredictJob
+
+    return [
+        ("explain", ExplainJob(PIXELS, HASH, target=2), True),
+        ("explain auto target, mean", ExplainJob(PIXELS, HASH, contrast="mean"), True),
+        ("explain minus a class", ExplainJob(PIXELS, HASH, target=2, contrast=7), True),
+        ("explain with overlay", ExplainJob(PIXELS, HASH, target=2, overlay=True), False),
+        ("explain returning its input", ExplainJob(PIXELS, HASH, target=2, return_input=True), False),
+        ("explain by gradient", ExplainJob(PIXELS, HASH, method="gradient", target=2), False),
+        ("explain by gradcam", ExplainJob(PIXELS, HASH, method="gradcam", target=2), False),
+        ("ierf", IERFJob(PIXELS, HASH, LAYER, POSITIONS), True),
+        ("ierf with overlay", IERFJob(PIXELS, HASH, LAYER, POSITIONS, overlay=True), False),
+        ("ierf returning its input", IERFJob(PIXELS, HASH, LAYER, POSITIONS, return_input=True), False),
+        ("predict", PredictJob(PIXELS, HASH, top_k=3), True),
+    ]
+
+
+def _run(host: Any, job: Any) -> Any:
+    from ierf.serving.jobs import ExplainJob, IERFJob
+
+    if isinstance(job, ExplainJob):
+        return host.explain(job)
+    if isinstance(job, IERFJob):
+        return host.ierf(job)
+    return host.predict(job)
+
+
+def _same_answer(got: Any, expected: Any) -> None:
+    if expected.maps is None:
+        assert got.maps is None
+    else:
+        np.testing.assert_array_equal(got.maps, expected.maps)
+    assert (got.target, got.top_classes, got.layer) == (expected.target, expected.top_classes, expected.layer)
+
+
+@pytest.fixture(scope="module")
+def warm_host() -> Any:
+    """A host that has seen PIXELS once (decomposition and logits in its L1)."""
+    from ierf.serving.jobs import ExplainJob
+
+    host = _host({"redis_url": None})
+    host.explain(ExplainJob(PIXELS, HASH, target=1))
+    return host
+
+
+@pytest.mark.parametrize(("name", "job", "by_hash"), _jobs(), ids=[name for name, _, _ in _jobs()])
+def test_a_job_goes_by_hash_exactly_when_the_worker_answers_it_from_its_caches(
+    warm_host: Any, name: str, job: Any, by_hash: bool
+) -> None:
+    """``answerable_from_cache`` is the ingress's promise about the worker: too permissive, every such repeat
+    would cost a refused hop; too strict, warm calls would carry pixels for nothing. Here each kind of job,
+    on an image the worker holds, is answered by hash alone exactly as with its pixels, or refused."""
+    from ierf.serving.errors import PixelsNeeded
+
+    assert job.answerable_from_cache is by_hash, name
+    with_pixels = _run(warm_host, job)
+    if by_hash:
+        by_hash_alone = _run(warm_host, dataclasses.replace(job, pixels=None))
+        _same_answer(by_hash_alone, with_pixels)
+        assert {tier for _, tier in by_hash_alone.provenance.cache} == {"l1"}
+        assert "preprocess" not in dict(by_hash_alone.provenance.timings)
+    else:
+        with pytest.raises(PixelsNeeded, match=f"image {HASH[:16]} is not cached here: send its pixels"):
+            _run(warm_host, dataclasses.replace(job, pixels=None))
+
+
+def test_an_image_the_worker_does_not_hold_is_refused_by_hash_before_any_work() -> None:
+    from ierf.serving.errors import PixelsNeeded
+
+    host = _host({"redis_url": None})
+    learned: list[str] = []
+    host._learn = lambda work, seconds: learned.append(work)
+    for name, job, by_hash in _jobs():
+        if by_hash:
+            with pytest.raises(PixelsNeeded):
+                _run(host, dataclasses.replace(job, pixels=None))
+            assert len(host.cache.l1._items) == 0, name
+    assert learned == []  # no forward pass, no explanation ran
+
+
+def test_another_replica_answers_by_hash_from_redis_and_a_bad_cached_value_asks_for_the_pixels(
+    redis_flushed: Any,
+) -> None:
+    """With Redis, a repeat routed to a replica that never saw the image is a hit all the same. A cached
+    decomposition the engine fails on is dropped; without pixels the replica cannot recompute it, so it asks
+    for them, and the job sent again with them is computed afresh."""
+    from ierf.serving.errors import PixelsNeeded
+    from ierf.serving.jobs import ExplainJob
+
+    writer = _host({"redis_url": redis_flushed.url, "l1_bytes": 0})
+    expected = writer.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert writer.cache.flush(10.0)
+    other = _host({"redis_url": redis_flushed.url, "l1_bytes": 0})
+    got = other.explain(ExplainJob(None, HASH, target=3))
+    assert got.provenance.cache == [("decomposition", "l2")]
+    np.testing.assert_array_equal(got.maps, expected.maps)
+
+    def inflate(state: dict[str, Any]) -> None:  # finite ratios 1e5 times too large pass the layout check
+        for name in [k for k in state if k.endswith(".mu")]:
+            state[name] = state[name] * 1e5
+
+    _tamper(redis_flushed.url, writer._key("decomposition", "srd", HASH), inflate)
+    with pytest.raises(PixelsNeeded):
+        other.explain(ExplainJob(None, HASH, target=3))
+    again = other.explain(ExplainJob(PIXELS, HASH, target=3))
+    assert again.provenance.cache == [("decomposition", "miss")]  # the bad value was dropped, not read again
+    np.testing.assert_allclose(again.maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(expected.maps).max())
+
+
+# ------------------------------------------------------------------------- the ingress and a real worker
+class _Worker:
+    """Serve handles onto a real ModelHost, answering refusals as ExplainerWorker._run does (returned, not
+    raised), and recording whether each job carried pixels."""
+
+    def __init__(self, host: Any) -> None:
+        from ierf.serving.errors import ServiceError
+
+        self.host = host
+        self.sent: list[bool] = []
+        self.refusal_s = 0.0
+
+        def answering(fn: Callable[[Any], Any]) -> Method:
+            async def answer(job: Any) -> Any:
+                self.sent.append(job.pixels is not None)
+                try:
+                    return fn(job)
+                except ServiceError as refusal:
+                    await asyncio.sleep(self.refusal_s)  # a hop as slow as the test needs
+                    return refusal
+
+            return Method(answer)
+
+        async def describe() -> Any:
+            return host.describe()
+
+        self.explain, self.ierf, self.predict = (answering(f) for f in (host.explain, host.ierf, host.predict))
+        self.describe = Method(describe)
+
+
+def _ingress(worker: _Worker, **ingress: Any) -> Any:
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+
+    config = ServiceConfig.from_args({"models": ["r18"], "ingress": ingress})
+    return Ingress.func_or_class({"r18": worker}, config)
+
+
+def _image(seed: int) -> Any:
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    return pb.Image(tensor=pb.Tensor(data=pixels.tobytes(), dtype=pb.DATA_TYPE_UINT8, shape=[90, 120, 3]))
+
+
+def _explain(ingress: Any, seed: int, target: int, **fields: Any) -> Any:
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    return asyncio.run(ingress.Explain(pb.ExplainRequest(image=_image(seed), target=target, **fields)))
+
+
+def _map(response: Any) -> np.ndarray:
+    return np.frombuffer(response.map.data, np.float32).reshape(list(response.map.shape))
+
+
+def test_repeats_go_by_hash_and_an_evicted_image_is_sent_again_with_its_pixels() -> None:
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Worker(_host({"redis_url": None}))
+    ingress = _ingress(worker)
+    reference = _ingress(_Worker(_host({"redis_url": None})), remembered_images=0)  # always with pixels
+
+    first = _explain(ingress, 0, 1)
+    second = _explain(ingress, 0, 2)
+    with_overlay = _explain(ingress, 0, 3, overlay=True)  # reads the pixels: sent with them
+    erf = asyncio.run(
+        ingress.ComputeIERF(pb.ComputeIERFRequest(image=_image(0), layer=LAYER, positions=[pb.Position(row=1)]))
+    )
+    top = asyncio.run(ingress.Predict(pb.PredictRequest(image=_image(0), top_k=2)))
+    assert worker.sent == [True, False, True, False, False]
+    assert len(with_overlay.overlay_png) > 0 and erf.maps.shape == [1, 224, 224] and len(top.top_classes) == 2
+    assert [c.tier for c in second.provenance.cache] == [pb.CACHE_TIER_L1]
+    np.testing.assert_array_equal(_map(second), _map(_explain(reference, 0, 2)))
+
+    worker.host.cache.l1.clear()  # evicted (or another replica without Redis)
+    worker.refusal_s = 0.3
+    evicted = _explain(ingress, 0, 4)
+    assert worker.sent[-2:] == [False, True]  # refused by hash, sent again with the pixels
+    assert [c.tier for c in evicted.provenance.cache] == [pb.CACHE_TIER_MISS]
+    np.testing.assert_array_equal(_map(evicted), _map(_explain(reference, 0, 4)))
+    dispatch = [t.seconds for t in evicted.provenance.timings if t.stage == "dispatch"]
+    assert len(dispatch) == 1 and dispatch[0] >= 0.3  # both hops, the refused one included, in one stage
+    assert _explain(ingress, 0, 5).provenance.cache[0].tier == pb.CACHE_TIER_L1
+    assert worker.sent[-1] is False
+    assert first.provenance.content_hash == evicted.provenance.content_hash
+
+
+def test_the_ingress_remembers_a_bounded_number_of_images_most_recent_first() -> None:
+    worker = _Worker(_host({"redis_url": None}))
+    ingress = _ingress(worker, remembered_images=2)
+    for seed in (0, 1, 0, 2):  # 0 used again after 1: 1 is the oldest when 2 arrives
+        _explain(ingress, seed, 1)
+    assert worker.sent == [True, True, False, True]
+    _explain(ingress, 1, 1)  # forgotten: with pixels, although the worker still holds it
+    _explain(ingress, 2, 1)
+    assert worker.sent[4:] == [True, False]
+    assert len(ingress._sent) == 2
+
+
+def test_an_image_no_cache_tier_keeps_is_not_remembered() -> None:
+    """With the cache off (or values too big for every tier) a repeat by hash would only cost a refused hop."""
+    worker = _Worker(_host({"redis_url": None, "l1_bytes": 0}))
+    ingress = _ingress(worker)
+    for target in (1, 2, 3):
+        assert _explain(ingress, 0, target).provenance.cache[0].tier != 0
+    assert worker.sent == [True, True, True]
+    assert not ingress._sent
+
+
+def test_a_refusal_of_a_job_sent_by_hash_reaches_the_caller_without_a_second_hop() -> None:
+    """Only PixelsNeeded sends a job again: any other refusal is the caller's answer."""
+    from ierf.serving.errors import InvalidArgument
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Worker(_host({"redis_url": None}))
+    ingress = _ingress(worker)
+    predicted = asyncio.run(ingress.Explain(pb.ExplainRequest(image=_image(0)))).target.index
+    with pytest.raises(InvalidArgument, match="is the predicted class"):
+        asyncio.run(ingress.Explain(pb.ExplainRequest(image=_image(0), contrast_class=predicted)))
+    assert worker.sent == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1, r"remembered_images must be an integer >= 0 \(0: always send the pixels\), got -1"),
+        (True, r"remembered_images must be an integer >= 0 .* got True"),
+        (1_000_001, r"remembered_images must be at most 1000000 \(each takes ~0.3 KB"),
+    ],
+)
+def test_remembered_images_is_checked_at_deploy(value: Any, message: str) -> None:
+    from ierf.serving.settings import ServiceConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig.from_args({"models": ["r18"], "ingress": {"remembered_images": value}})
+    assert (
+        ServiceConfig.from_args({"models": ["r18"], "ingress": {"remembered_images": 0}}).ingress.remembered_images == 0
+    )
