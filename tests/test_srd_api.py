@@ -1009,6 +1009,27 @@ def test_a_decomposition_cannot_be_loaded_onto_the_meta_device() -> None:
     assert srd.load_decomposition(state, device="cpu").saliency(1).shape == (1, 8, 8)
 
 
+def test_a_device_torch_does_not_know_or_this_process_cannot_use_is_a_value_error() -> None:
+    """``load_decomposition(state, device="tpu")`` raised torch's RuntimeError from deep inside, part-way
+    through moving the state; the API's bad calls are ValueError/TypeError naming the problem."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    srd = ierf.SRD(model)
+    state = srd.decompose(torch.randn(1, 3, 8, 8)).state_dict()
+    for device in ("tpu", "bogus:1", -1):
+        with pytest.raises(ValueError, match=rf"device {re.escape(repr(device))} is not a torch device: "):
+            srd.load_decomposition(state, device=device)
+    unusable = ["mps"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1", torch.device("cuda"), 0])
+    for device in unusable:
+        with pytest.raises(ValueError, match=rf"device {re.escape(repr(device))} is not available in this process: "):
+            srd.load_decomposition(state, device=device)
+    for device in (1.5, True, [0]):
+        with pytest.raises(TypeError, match=r"device must be a torch\.device, a string or a GPU index, got"):
+            srd.load_decomposition(state, device=device)
+    for device in ("cpu", "cpu:0", torch.device("cpu"), None):
+        assert srd.load_decomposition(state, device=device).saliency(1).device.type == "cpu"
+
+
 # --- acceptance round 9: a training/evaluation loop that explains between steps ---------------------------
 
 

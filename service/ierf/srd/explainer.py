@@ -797,6 +797,26 @@ def _position_rows(positions: torch.Tensor) -> torch.Tensor:
     return positions.long().cpu()
 
 
+def _usable_device(device: torch.device | str | int) -> torch.device:
+    """``device`` as a torch.device this process can hold tensors on, else ValueError: torch raised its
+    RuntimeError for a name it does not know ("tpu"), a backend it was built without or a GPU that is not
+    there, part-way through moving a state."""
+    if isinstance(device, bool) or not isinstance(device, torch.device | str | int):
+        raise TypeError(f"device must be a torch.device, a string or a GPU index, got {type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+    if parsed.type == "meta":  # ended in .item() on a meta tensor
+        raise ValueError("device is the meta device: a decomposition there would have no values")
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as exc:  # no driver, no such GPU index, a backend not built in
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"device {device!r} is not available in this process: {reason}") from None
+    return parsed
+
+
 @register_method("srd")
 class SRD:
     """Sharing Ratio Decomposition over any supported model graph.
@@ -1008,8 +1028,8 @@ class SRD:
         weights of this architecture is not told apart, so stores key states by the weights too. ``device``:
         where the decomposition lives, the state moved there after its check (a state read from a store is on
         the CPU, where checking is fastest)."""
-        if device is not None and torch.device(device).type == "meta":  # ended in .item() on a meta tensor
-            raise ValueError("device is the meta device: a decomposition there would have no values")
+        if device is not None:
+            device = _usable_device(device)
         if like is not None:
             like.check(state)  # exact: implies the structure
         elif isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
