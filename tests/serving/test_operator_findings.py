@@ -254,6 +254,65 @@ def test_a_call_to_a_model_with_no_replica_running_fails_fast(monkeypatch: pytes
     assert took < 4, f"the call waited {took:.1f} s of its 6 s budget"
 
 
+def test_an_answer_arriving_while_the_controller_is_asked_is_not_held_for_its_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call unanswered for NO_REPLICA_CHECK_S asks Serve's controller whether any replica runs. That question
+    was awaited before the answer was looked at again, so a long job's answer arriving meanwhile waited for the
+    controller's reply (up to HEALTH_PROBE_TIMEOUT_S, 2 s, from a slow or restarting controller)."""
+    import threading
+    from types import SimpleNamespace
+
+    from ierf.serving import deployments
+    from ierf.serving.deployments import Ingress
+    from ierf.serving.settings import ServiceConfig
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    monkeypatch.setattr(deployments, "NO_REPLICA_CHECK_S", 0.1)
+    asked = threading.Event()
+
+    def slow_status() -> Any:  # a controller that takes 1.5 s to answer, and then says all is well
+        asked.set()
+        time.sleep(1.5)
+        overview = SimpleNamespace(replica_states={"RUNNING": 1}, status="HEALTHY", message="")
+        return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_r18": overview})})
+
+    monkeypatch.setattr(deployments.serve, "status", slow_status)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)
+
+    async def predict(job: Any) -> Any:  # answers 0.2 s after the controller was asked
+        while not asked.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        return _prediction()
+
+    async def never(*args: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    worker = SimpleNamespace(describe=Method(never), predict=Method(predict), explain=Method(never))
+    worker.app_name, worker.deployment_name = "ierf", "Worker_r18"
+    ingress = Ingress.func_or_class({"r18": worker}, ServiceConfig.from_args({"models": ["r18"]}))
+    pixels = bytes(4 * 4 * 3)
+    request = pb.PredictRequest(
+        image=pb.Image(tensor=pb.Tensor(data=pixels, dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
+    )
+    context = GrpcContext()
+
+    async def timed() -> tuple[Any, float]:  # timed inside the loop: asyncio.run then waits for the thread
+        start = time.monotonic()
+        return await ingress.Predict(request, context), time.monotonic() - start
+
+    response, took = asyncio.run(timed())
+    assert context.code is None and [c.index for c in response.top_classes] == [3]
+    assert took < 0.9, f"the answer waited for the controller: {took:.2f} s"
+
+
+def _prediction() -> Any:
+    from ierf.serving.jobs import Outcome, Provenance, Score
+
+    return Outcome(provenance=Provenance("r18", "d", "", "", "v", "h"), top_classes=[Score(3, "three", 0.5, 1.0)])
+
+
 @pytest.mark.parametrize("setting", ["grpc_port", "http_port"])
 def test_port_zero_is_refused_not_read_as_unset(no_ray: None, setting: str) -> None:
     """`--grpc-port 0` fell back to the config's 9000 (0 was taken for "not given"): refused by name."""

@@ -486,18 +486,30 @@ class Ingress:
         start = time.perf_counter()
         response = method.remote(job)
         answer = asyncio.ensure_future(response)  # any awaitable: a Serve response, a local-mode coroutine
+        # Unanswered for a while: is there a replica to answer at all? Asked less and less, and beside the
+        # answer: one arriving while Serve's controller is asked is not held for its reply (up to 2 s).
+        check: asyncio.Future[str | None] | None = None
         try:
             pause = NO_REPLICA_CHECK_S
-            while True:  # unanswered for a while: is there a replica to answer at all? (asked less and less)
-                done, _ = await asyncio.wait({answer}, timeout=max(min(deadline - time.time(), pause), 0.0))
-                if done:
+            ask_at = time.time() + pause
+            while True:
+                waiting = {answer} if check is None else {answer, check}
+                until = deadline if check is not None else min(deadline, ask_at)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(until - time.time(), 0.0), return_when=asyncio.FIRST_COMPLETED
+                )
+                if answer in done:
                     break
                 if time.time() >= deadline:
                     raise DeadlineExceeded(f"deadline exceeded after {remaining:.3f} s waiting for the worker")
-                down = await _deployment_down(self.workers.get(model_id))
-                if down is not None:
-                    raise Unavailable(f"model {model_id!r} has no running replica: {down}")
-                pause *= 2
+                if check is None:
+                    check = asyncio.ensure_future(_deployment_down(self.workers.get(model_id)))
+                elif check.done():
+                    down, check = check.result(), None
+                    if down is not None:
+                        raise Unavailable(f"model {model_id!r} has no running replica: {down}")
+                    pause *= 2
+                    ask_at = time.time() + pause
             outcome = answer.result()
         except Exception as exc:
             if type(exc).__name__ == "BackPressureError":  # matched by name, as in errors.py
@@ -507,6 +519,8 @@ class Ingress:
                 self._answered_at.pop(model_id, None)
             raise
         finally:
+            if check is not None:
+                check.cancel()
             if not answer.done():  # the caller went away (its gRPC deadline, a cancel), or gets no answer
                 with contextlib.suppress(Exception):  # Ray's cancel() can raise a refusal again
                     response.cancel()
