@@ -277,3 +277,67 @@ def test_remembered_images_is_checked_at_deploy(value: Any, message: str) -> Non
     assert (
         ServiceConfig.from_args({"models": ["r18"], "ingress": {"remembered_images": 0}}).ingress.remembered_images == 0
     )
+
+
+@pytest.mark.parametrize("forgotten_by", ["capacity", "a refusal"])
+def test_an_answer_by_hash_whose_image_was_forgotten_meanwhile_reaches_the_caller(forgotten_by: str) -> None:
+    """While a job sent by hash is in flight, other requests may make the ingress forget its image: newer
+    images past ``remembered_images``, or a concurrent repeat refused by a replica that does not hold it (no
+    Redis). The answer is right all the same; noting it as recent must not fail the request (it ended
+    INTERNAL with a KeyError)."""
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    worker = _Worker(_host({"redis_url": None}))
+    ingress = _ingress(worker, remembered_images=1 if forgotten_by == "capacity" else 8)
+    answer = worker.explain._fn
+    hold = {"by_hash": 0.0, "with_pixels": 0.0}
+
+    async def slowed(job: Any) -> Any:
+        outcome = await answer(job)
+        await asyncio.sleep(hold["by_hash" if job.pixels is None else "with_pixels"])
+        return outcome
+
+    worker.explain._fn = slowed
+
+    async def scenario() -> tuple[Any, Any]:
+        await ingress.Explain(pb.ExplainRequest(image=_image(0), target=1))
+        hold["by_hash"] = 0.4
+        slow = asyncio.ensure_future(ingress.Explain(pb.ExplainRequest(image=_image(0), target=2)))
+        await asyncio.sleep(0.1)  # by hash, answered, held on its way back
+        hold["by_hash"] = 0.0
+        if forgotten_by == "capacity":
+            other = await ingress.Explain(pb.ExplainRequest(image=_image(1), target=2))
+        else:  # another replica, which never saw image 0: refused by hash, then sent with the pixels
+            worker.host.cache.l1.clear()
+            hold["with_pixels"] = 0.6  # the pixels' hop still under way when the slow answer arrives
+            other = await ingress.Explain(pb.ExplainRequest(image=_image(0), target=3))
+        return await slow, other
+
+    slow, other = asyncio.run(scenario())
+    reference = _ingress(_Worker(_host({"redis_url": None})), remembered_images=0)
+    np.testing.assert_array_equal(_map(slow), _map(_explain(reference, 0, 2)))
+    assert worker.sent[1] is False  # the slow one went by hash
+    assert other.target.index == (2 if forgotten_by == "capacity" else 3)
+
+
+@pytest.mark.parametrize("rpc", ["explain", "ierf"])
+def test_an_overlay_on_a_cached_image_books_its_crop_once(warm_host: Any, rpc: str) -> None:
+    """On a cache hit the crop is first needed by the overlay: it was timed as "preprocess" inside "render",
+    so the stages summed past the request's wall time (by the crop's time, large for a large photo)."""
+    import time
+
+    from ierf.serving.jobs import ExplainJob, IERFJob
+
+    photo = np.random.default_rng(3).integers(0, 256, (1800, 2400, 3), dtype=np.uint8)
+    warm_host.explain(ExplainJob(photo, "e" * 64, target=1))  # decomposition cached
+    job = (
+        ExplainJob(photo, "e" * 64, target=2, overlay=True)
+        if rpc == "explain"
+        else IERFJob(photo, "e" * 64, LAYER, POSITIONS[:1], overlay=True)
+    )
+    start = time.perf_counter()
+    outcome = _run(warm_host, job)
+    wall = time.perf_counter() - start
+    stages = dict(outcome.provenance.timings)
+    assert stages["preprocess"] > 0.002 and outcome.overlays  # a crop worth counting, and the overlay drawn
+    assert sum(stages.values()) <= wall

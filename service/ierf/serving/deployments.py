@@ -425,7 +425,9 @@ class Ingress:
             start = time.perf_counter()
             try:
                 outcome = await self._call(model_id, method, dataclasses.replace(job, pixels=None), deadline, timings)
-                self._sent.move_to_end(seen)
+                # noted again, not moved: while it was in flight newer images or a concurrent repeat's refusal
+                # may have made this replica forget it (move_to_end raised KeyError: an INTERNAL for a right answer)
+                self._remember_sent(seen, outcome)
                 return outcome
             except PixelsNeeded:
                 self._sent.pop(seen, None)

@@ -608,9 +608,10 @@ class ModelHost:
             names = self.model.class_names
             subtracted = contrast if isinstance(contrast, str) else f"minus {contrast} {names[contrast]!r}"
             caption = saliency_caption(method, target, names[target], subtracted)
+            view = inputs.view  # on a cache hit the crop happens here: its own stage, not inside "render"
             _check_deadline(job.deadline, "rendering the overlay")
             with stages.timed("render"):
-                outcome.overlays.append(saliency_png(inputs.view, saliency_map, caption))
+                outcome.overlays.append(saliency_png(view, saliency_map, caption))
         if job.return_input:
             outcome.model_input = inputs.view
         prov.timings = stages.items
@@ -636,6 +637,7 @@ class ModelHost:
             from ierf.interrupt import checkpoint
             from ierf.serving.overlay import ierf_png
 
+            view = inputs.view  # as in explain: the crop is not rendering
             with stages.timed("render"):
                 for m, (r, c) in zip(maps_np, positions.tolist(), strict=True):
                     # ~25 ms each, up to max_positions of them: a caller gone or out of time stops the rest
@@ -643,7 +645,7 @@ class ModelHost:
                     _check_deadline(job.deadline, "rendering the overlays")
                     box = (int(r), int(c))
                     caption = f"iERF {layer.name} @ {r},{c}"
-                    outcome.overlays.append(ierf_png(inputs.view, m, box, (layer.height, layer.width), caption))
+                    outcome.overlays.append(ierf_png(view, m, box, (layer.height, layer.width), caption))
         if job.return_input:
             outcome.model_input = inputs.view
         prov.timings = stages.items
