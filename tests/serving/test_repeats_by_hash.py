@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -150,10 +151,13 @@ class _Worker:
         self.host = host
         self.sent: list[bool] = []
         self.refusal_s = 0.0
+        self.raise_for_hash: BaseException | None = None  # raised for a job without pixels, as Serve would
 
         def answering(fn: Callable[[Any], Any]) -> Method:
             async def answer(job: Any) -> Any:
                 self.sent.append(job.pixels is not None)
+                if job.pixels is None and self.raise_for_hash is not None:
+                    raise self.raise_for_hash
                 try:
                     return fn(job)
                 except ServiceError as refusal:
@@ -341,3 +345,47 @@ def test_an_overlay_on_a_cached_image_books_its_crop_once(warm_host: Any, rpc: s
     stages = dict(outcome.provenance.timings)
     assert stages["preprocess"] > 0.002 and outcome.overlays  # a crop worth counting, and the overlay drawn
     assert sum(stages.values()) <= wall
+
+
+def test_a_worker_of_an_earlier_build_fails_a_job_by_hash_and_the_caller_still_gets_its_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """During a rollout a new ingress may send a repeat by hash to a worker replica of an earlier build, which
+    takes ``pixels=None`` for an image and fails (as Serve raises a replica's exception: a RayTaskError around
+    it). Not the caller's fault: the job goes again with its pixels, and the log says why."""
+    from ray.exceptions import RayTaskError
+
+    worker = _Worker(_host({"redis_url": None}))
+    ingress = _ingress(worker)
+    reference = _explain(_ingress(_Worker(_host({"redis_url": None})), remembered_images=0), 0, 2)
+    _explain(ingress, 0, 1)
+    earlier = TypeError("expected a PIL.Image or a uint8 numpy array, got NoneType")  # resize_crop(None)
+    worker.raise_for_hash = RayTaskError("explain", "Traceback ...", earlier).as_instanceof_cause()
+    serve_log = logging.getLogger("ray.serve")  # Ray's logger does not propagate to the root's
+    serve_log.addHandler(caplog.handler)
+    try:
+        answer = _explain(ingress, 0, 2)
+    finally:
+        serve_log.removeHandler(caplog.handler)
+    np.testing.assert_array_equal(_map(answer), _map(reference))
+    assert worker.sent == [True, False, True]
+    assert "sent by content hash alone failed" in caplog.text and "got NoneType" in caplog.text
+
+
+def test_an_overload_or_a_dead_replica_met_by_a_job_by_hash_is_the_callers_answer() -> None:
+    """What a job with pixels would meet as well (a full queue, a replica gone) is not worth a second hop."""
+    from ierf.serving.errors import Overloaded, Unavailable
+    from ray.exceptions import RayActorError
+
+    from serving.fakes import BackPressureError
+
+    worker = _Worker(_host({"redis_url": None}))
+    ingress = _ingress(worker)
+    _explain(ingress, 0, 1)
+    # the replica gone first: after an overload the ingress sheds the next calls itself for a moment
+    for error, expected in ((RayActorError(), Unavailable), (BackPressureError("queue full"), Overloaded)):
+        worker.raise_for_hash = error
+        sent = len(worker.sent)
+        with pytest.raises(expected):
+            _explain(ingress, 0, 2)
+        assert worker.sent[sent:] == [False]

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import ray
 from ray import serve
@@ -45,6 +46,7 @@ from ierf.serving.errors import (
     retry_after_ms,
     retry_trailers,
     to_status,
+    unwrap,
 )
 from ierf.serving.jobs import CONTRAST_NAMES, DEFAULT_METHOD, Outcome
 from ierf.serving.protocol import UnparsedRequest
@@ -333,6 +335,14 @@ async def _deployment_down(handle: Any) -> str | None:
     return clip(message.splitlines()[-1] if message else f"the deployment is {health}")  # a traceback's last line
 
 
+def _failed_without_pixels(exc: Exception) -> bool:
+    """Whether a job sent by content hash alone failed in the worker's code (an exception, not one of its
+    refusals, nor an overload, a dead replica or the deadline, which the same job with pixels would meet too)."""
+    if isinstance(unwrap(exc), ServiceError):
+        return False
+    return to_status(exc)[0] in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+
+
 def _caller_deadline_passed(grpc_context: Any, start: float) -> bool:
     """Whether a cancel of the call that began at ``start`` (perf_counter) came with its caller's deadline:
     Serve's proxy turns an expired gRPC deadline into a cancel, which the metrics should count as
@@ -430,6 +440,19 @@ class Ingress:
                 self._remember_sent(seen, outcome)
                 return outcome
             except PixelsNeeded:
+                self._sent.pop(seen, None)
+                self._stage(timings, "dispatch", model_id, time.perf_counter() - start)
+            except Exception as exc:
+                if not _failed_without_pixels(exc):
+                    raise
+                # A worker of an earlier build (a rollout) does not know jobs without pixels, or a defect of
+                # this path: the caller still gets what the job with pixels gets, and the log says why.
+                logger.warning(
+                    "a job on image %s sent by content hash alone failed (%s: %s); sent again with its pixels",
+                    job.content_hash[:16],
+                    type(exc).__name__,
+                    to_status(exc)[1],
+                )
                 self._sent.pop(seen, None)
                 self._stage(timings, "dispatch", model_id, time.perf_counter() - start)
         outcome = None

@@ -103,7 +103,7 @@ _NEVER_RETRY = {
 
 def retry_after_ms(exc: BaseException) -> int | None:
     """The pause to suggest for ``exc`` (an overload: ours, or Ray's back-pressure), else None."""
-    exc = _unwrap(exc)
+    exc = unwrap(exc)
     if isinstance(exc, Overloaded) or type(exc).__name__ == "BackPressureError":
         return RETRY_AFTER_MS
     return None
@@ -138,7 +138,7 @@ def error_for(code: grpc.StatusCode, message: str) -> ServiceError:
     return ServiceError(message)
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap(exc: BaseException) -> BaseException:
     """Ray wraps worker exceptions (RayTaskError); the original is its ``cause``."""
     seen = 0
     while seen < 8:
@@ -159,7 +159,7 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     finite (BrokenModelError): INTERNAL, which the server-error alert counts. Anything else is a server bug:
     INTERNAL with a short message (the traceback goes to the log, not to the caller).
     """
-    exc = _unwrap(exc)
+    exc = unwrap(exc)
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     name = type(exc).__name__
