@@ -806,12 +806,31 @@ class TieredCache:
                     del self._key_locks[key]
 
     def get(
-        self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]], counted: bool = True
+        self,
+        key: str,
+        from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]],
+        counted: bool = True,
+        misses_counted: bool = True,
     ) -> Lookup[T]:
         """Look in L1, then L2. ``from_tensors`` rebuilds the object (and its byte size) from L2 tensors.
         ``counted=False``: a lookup the service makes for itself, not for a request (the hit-ratio metrics
-        count what requests found)."""
-        observe = self.observer if counted else _noop_observer
+        count what requests found). ``misses_counted=False``: a lookup for a job sent without its pixels, which
+        a miss sends back for them: its misses are counted only if a later tier finds the value (the job sent
+        again with its pixels counts them otherwise)."""
+        if not counted:
+            return self._lookup(key, from_tensors, _noop_observer)
+        if misses_counted:
+            return self._lookup(key, from_tensors, self.observer)
+        seen: list[tuple[str, str, str, float, int]] = []
+        found = self._lookup(key, from_tensors, lambda *observation: seen.append(observation))
+        for observation in seen:  # in order, once the outcome is known
+            if found.value is not None or observation[2] != "miss":
+                self.observer(*observation)
+        return found
+
+    def _lookup(
+        self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]], observe: CacheObserver
+    ) -> Lookup[T]:
         if self.l1.capacity_bytes > 0:  # L1 off: nothing to look up or count
             start = time.perf_counter()
             value = self.l1.get(key)

@@ -105,6 +105,11 @@ class _ModelInput:
             self._view = pixels
 
     @property
+    def has_pixels(self) -> bool:
+        """False for a job sent by content hash alone, whose cache misses are counted by the job sent again."""
+        return self._pixels is not None
+
+    @property
     def view(self) -> np.ndarray:
         """uint8 (H, W, 3) after resize and centre crop: the pixels every map refers to."""
         if self._view is None:
@@ -402,7 +407,7 @@ class ModelHost:
                 self.cache.discard(key)
             else:
                 start = time.perf_counter()
-                found = self.cache.get(key, rebuild)
+                found = self.cache.get(key, rebuild, misses_counted=inputs.has_pixels)
                 stages.add("cache_get", time.perf_counter() - start)
                 if found.value is not None:
                     prov.cache.append(("decomposition", found.tier))
@@ -514,7 +519,7 @@ class ModelHost:
         """The logits of this image: from L1, L2, or a forward pass (``then`` as for the decomposition)."""
         key = self._key("logits", FORWARD_METHOD, inputs.content_hash)
         start = time.perf_counter()
-        found = self.cache.get(key, self._cached_logits)
+        found = self.cache.get(key, self._cached_logits, misses_counted=inputs.has_pixels)
         stages.add("cache_get", time.perf_counter() - start)
         if found.value is not None:
             prov.cache.append(("logits", found.tier))
