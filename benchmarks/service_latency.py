@@ -228,6 +228,28 @@ def measure(
     return out
 
 
+def idle_wake_penalty(pause_s: float = SETTLE_S, repeats: int = 5) -> tuple[float, float]:
+    """(ms back to back, ms after ``pause_s`` idle) to read 4 MB this process already holds, medians.
+
+    On the VMs this was developed on, code that touches memory ran 10-40x slower for the first tens of
+    milliseconds after a process had slept ~0.25 s (pure arithmetic did not; no page faults were counted):
+    a platform effect every process on a request's path pays after an idle gap, which the cold series here
+    (each call after a SETTLE_S pause, through four processes against one) include, and the warm series
+    (back to back) do not. Printed with the results so that they can be read for what the machine did."""
+    buffer = np.ones(4 << 17)  # 4 MB of float64
+    buffer.sum()
+    hot, after_idle = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        hot.append(time.perf_counter() - start)
+        time.sleep(pause_s)
+        start = time.perf_counter()
+        buffer.sum()
+        after_idle.append(time.perf_counter() - start)
+    return statistics.median(hot) * 1000, statistics.median(after_idle) * 1000
+
+
 def _code_and_load() -> str:
     """Which code ran (a results file must name it) and how busy the machine was, as srd_speed.py prints."""
     here = Path(__file__).resolve().parent
@@ -284,6 +306,8 @@ def main() -> None:
     from ierf.serving.settings import PROCESS_ENV
 
     print("process settings (this process and the cluster): " + ", ".join(f"{k}={os.environ[k]}" for k in PROCESS_ENV))
+    hot, after_idle = idle_wake_penalty()
+    print(f"this machine: reading 4 MB took {hot:.2f} ms back to back, {after_idle:.2f} ms after {SETTLE_S} s idle")
     reference = InProcess(args.model, random_init, args.threads)
 
     model_args = {"id": args.model, "random_init": random_init, "num_threads": args.threads}
