@@ -811,7 +811,8 @@ def _usable_device(device: torch.device | str | int) -> torch.device:
         raise ValueError("device is the meta device: a decomposition there would have no values")
     try:
         torch.empty(0, device=parsed)
-    except (RuntimeError, AssertionError) as exc:  # no driver, no such GPU index, a backend not built in
+    # no driver, no such GPU index, a backend not built in ("xpu": AssertionError; "hpu": ModuleNotFoundError)
+    except (RuntimeError, AssertionError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"device {device!r} is not available in this process: {reason}") from None
     return parsed
