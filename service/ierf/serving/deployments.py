@@ -439,20 +439,18 @@ class Ingress:
                 # may have made this replica forget it (move_to_end raised KeyError: an INTERNAL for a right answer)
                 self._remember_sent(seen, outcome)
                 return outcome
-            except PixelsNeeded:
-                self._sent.pop(seen, None)
-                self._stage(timings, "dispatch", model_id, time.perf_counter() - start)
             except Exception as exc:
-                if not _failed_without_pixels(exc):
-                    raise
-                # A worker of an earlier build (a rollout) does not know jobs without pixels, or a defect of
-                # this path: the caller still gets what the job with pixels gets, and the log says why.
-                logger.warning(
-                    "a job on image %s sent by content hash alone failed (%s: %s); sent again with its pixels",
-                    job.content_hash[:16],
-                    type(exc).__name__,
-                    to_status(exc)[1],
-                )
+                if not isinstance(exc, PixelsNeeded):
+                    if not _failed_without_pixels(exc):
+                        raise
+                    # A worker of an earlier build (a rollout) does not know jobs without pixels, or a defect of
+                    # this path: the caller still gets what the job with pixels gets, and the log says why.
+                    logger.warning(
+                        "a job on image %s sent by content hash alone failed (%s: %s); sent again with its pixels",
+                        job.content_hash[:16],
+                        type(exc).__name__,
+                        to_status(exc)[1],
+                    )
                 self._sent.pop(seen, None)
                 self._stage(timings, "dispatch", model_id, time.perf_counter() - start)
         outcome = None
