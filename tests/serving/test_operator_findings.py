@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,13 +255,19 @@ def test_a_call_to_a_model_with_no_replica_running_fails_fast(monkeypatch: pytes
     assert took < 4, f"the call waited {took:.1f} s of its 6 s budget"
 
 
-def test_an_answer_arriving_while_the_controller_is_asked_is_not_held_for_its_reply(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A call unanswered for NO_REPLICA_CHECK_S asks Serve's controller whether any replica runs. That question
-    was awaited before the answer was looked at again, so a long job's answer arriving meanwhile waited for the
-    controller's reply (up to HEALTH_PROBE_TIMEOUT_S, 2 s, from a slow or restarting controller)."""
-    import threading
+def _all_is_well() -> Any:
+    """What ``serve.status()`` says of a Worker_r18 deployment with one replica RUNNING."""
+    from types import SimpleNamespace
+
+    overview = SimpleNamespace(replica_states={"RUNNING": 1}, status="HEALTHY", message="")
+    return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_r18": overview})})
+
+
+def _predicting_ingress(
+    monkeypatch: pytest.MonkeyPatch, check_s: float, status: Callable[[], Any], predict: Callable[[Any], Any]
+) -> tuple[Callable[[], Awaitable[Any]], GrpcContext]:
+    """An ingress over a Worker_r18 handle whose Predict is ``predict``, asking Serve's controller (``status``,
+    as ``serve.status`` in a replica) after ``check_s`` unanswered: (a Predict call to await, its context)."""
     from types import SimpleNamespace
 
     from ierf.serving import deployments
@@ -268,23 +275,9 @@ def test_an_answer_arriving_while_the_controller_is_asked_is_not_held_for_its_re
     from ierf.serving.settings import ServiceConfig
     from ierf_proto.v1 import explainer_pb2 as pb
 
-    monkeypatch.setattr(deployments, "NO_REPLICA_CHECK_S", 0.1)
-    asked = threading.Event()
-
-    def slow_status() -> Any:  # a controller that takes 1.5 s to answer, and then says all is well
-        asked.set()
-        time.sleep(1.5)
-        overview = SimpleNamespace(replica_states={"RUNNING": 1}, status="HEALTHY", message="")
-        return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_r18": overview})})
-
-    monkeypatch.setattr(deployments.serve, "status", slow_status)
+    monkeypatch.setattr(deployments, "NO_REPLICA_CHECK_S", check_s)
+    monkeypatch.setattr(deployments.serve, "status", status)
     monkeypatch.setattr("ray.is_initialized", lambda: True)
-
-    async def predict(job: Any) -> Any:  # answers 0.2 s after the controller was asked
-        while not asked.is_set():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
-        return _prediction()
 
     async def never(*args: Any) -> Any:
         await asyncio.sleep(3600)
@@ -292,15 +285,39 @@ def test_an_answer_arriving_while_the_controller_is_asked_is_not_held_for_its_re
     worker = SimpleNamespace(describe=Method(never), predict=Method(predict), explain=Method(never))
     worker.app_name, worker.deployment_name = "ierf", "Worker_r18"
     ingress = Ingress.func_or_class({"r18": worker}, ServiceConfig.from_args({"models": ["r18"]}))
-    pixels = bytes(4 * 4 * 3)
     request = pb.PredictRequest(
-        image=pb.Image(tensor=pb.Tensor(data=pixels, dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
+        image=pb.Image(tensor=pb.Tensor(data=bytes(4 * 4 * 3), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
     )
     context = GrpcContext()
+    return lambda: ingress.Predict(request, context), context
+
+
+def test_an_answer_arriving_while_the_controller_is_asked_is_not_held_for_its_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call unanswered for NO_REPLICA_CHECK_S asks Serve's controller whether any replica runs. That question
+    was awaited before the answer was looked at again, so a long job's answer arriving meanwhile waited for the
+    controller's reply (up to HEALTH_PROBE_TIMEOUT_S, 2 s, from a slow or restarting controller)."""
+    import threading
+
+    asked = threading.Event()
+
+    def slow_status() -> Any:  # a controller that takes 1.5 s to answer, and then says all is well
+        asked.set()
+        time.sleep(1.5)
+        return _all_is_well()
+
+    async def predict(job: Any) -> Any:  # answers 0.2 s after the controller was asked
+        while not asked.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        return _prediction()
+
+    call, context = _predicting_ingress(monkeypatch, 0.1, slow_status, predict)
 
     async def timed() -> tuple[Any, float]:  # timed inside the loop: asyncio.run then waits for the thread
         start = time.monotonic()
-        return await ingress.Predict(request, context), time.monotonic() - start
+        return await call(), time.monotonic() - start
 
     response, took = asyncio.run(timed())
     assert context.code is None and [c.index for c in response.top_classes] == [3]

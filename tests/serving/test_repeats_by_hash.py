@@ -391,12 +391,8 @@ def test_an_overload_or_a_dead_replica_met_by_a_job_by_hash_is_the_callers_answe
         assert worker.sent[sent:] == [False]
 
 
-def test_a_job_by_hash_counts_its_cache_misses_only_when_it_is_answered(redis_flushed: Any) -> None:
-    """The hit-ratio metrics count what requests found. A job by hash that misses is sent again with its pixels
-    and that job counts the miss: counted by both, every eviction would read as two misses of one request.
-    A job by hash answered from a later tier counts the earlier tier's miss as any request does."""
-    from ierf.serving.errors import PixelsNeeded
-    from ierf.serving.jobs import ExplainJob
+def _observed_host(redis_url: str | None) -> tuple[Any, list[tuple[str, str]]]:
+    """A real ModelHost whose cache lookups are recorded as (tier, result), as the hit-ratio metrics see them."""
     from ierf.serving.settings import ServiceConfig
     from ierf.serving.worker import ModelHost
 
@@ -406,9 +402,19 @@ def test_a_job_by_hash_counts_its_cache_misses_only_when_it_is_answered(redis_fl
         if op == "get":
             lookups.append((tier, result))
 
-    args = {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"redis_url": None}}
+    args = {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"redis_url": redis_url}}
     config = ServiceConfig.from_args(args)
-    host = ModelHost(config.models[0], config.cache, cache_observer=observe)
+    return ModelHost(config.models[0], config.cache, cache_observer=observe), lookups
+
+
+def test_a_job_by_hash_counts_its_cache_misses_only_when_it_is_answered(redis_flushed: Any) -> None:
+    """The hit-ratio metrics count what requests found. A job by hash that misses is sent again with its pixels
+    and that job counts the miss: counted by both, every eviction would read as two misses of one request.
+    A job by hash answered from a later tier counts the earlier tier's miss as any request does."""
+    from ierf.serving.errors import PixelsNeeded
+    from ierf.serving.jobs import ExplainJob
+
+    host, lookups = _observed_host(None)
     host.explain(ExplainJob(PIXELS, HASH, target=1))
     host.explain(ExplainJob(None, HASH, target=2))
     assert lookups == [("l1", "miss"), ("l1", "hit")]
@@ -419,11 +425,9 @@ def test_a_job_by_hash_counts_its_cache_misses_only_when_it_is_answered(redis_fl
     host.explain(ExplainJob(PIXELS, HASH, target=3))
     assert lookups[2:] == [("l1", "miss")]
 
-    config = ServiceConfig.from_args({**args, "cache": {"redis_url": redis_flushed.url}})
-    writer = ModelHost(config.models[0], config.cache)
+    writer = _host({"redis_url": redis_flushed.url})
     writer.explain(ExplainJob(PIXELS, HASH, target=1))
     assert writer.cache.flush(10.0)
-    lookups.clear()
-    reader = ModelHost(config.models[0], config.cache, cache_observer=observe)
+    reader, lookups = _observed_host(redis_flushed.url)
     reader.explain(ExplainJob(None, HASH, target=2))  # another replica: found in Redis
     assert lookups == [("l1", "miss"), ("l2", "hit")]

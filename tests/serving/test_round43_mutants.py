@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from serving.fakes import GrpcContext, Method
-from serving.test_repeats_by_hash import _explain, _ingress, _Worker
+from serving.test_operator_findings import _all_is_well, _predicting_ingress, _prediction
+from serving.test_repeats_by_hash import _explain, _ingress, _observed_host, _Worker
 from serving.test_worker_warm_up import _host
 
 pytestmark = pytest.mark.slow
@@ -79,22 +78,6 @@ def test_a_job_by_hash_failing_in_the_workers_code_as_internal_is_sent_again_wit
     assert worker.sent == [True, False, True]
 
 
-def _observed_host(redis_url: str | None) -> tuple[Any, list[tuple[str, str]]]:
-    """A real ModelHost whose cache lookups are recorded as (tier, result), as the hit-ratio metrics see them."""
-    from ierf.serving.settings import ServiceConfig
-    from ierf.serving.worker import ModelHost
-
-    lookups: list[tuple[str, str]] = []
-
-    def observe(tier: str, op: str, result: str, seconds: float, nbytes: int) -> None:
-        if op == "get":
-            lookups.append((tier, result))
-
-    args = {"models": [{"id": "r18", "name": "resnet18", "random_init": True}], "cache": {"redis_url": redis_url}}
-    config = ServiceConfig.from_args(args)
-    return ModelHost(config.models[0], config.cache, cache_observer=observe), lookups
-
-
 def test_a_prediction_by_hash_counts_its_cache_misses_only_when_it_is_answered() -> None:
     """H47: as a job by hash for a decomposition, one for logits that misses is sent again with its pixels, and
     that job counts the miss: an eviction reads as one miss of one request, not two."""
@@ -143,43 +126,24 @@ def test_a_job_by_hash_counts_an_earlier_tiers_miss_and_a_corrupt_value_as_any_r
 
 def test_an_unanswered_call_asks_the_controller_less_and_less(monkeypatch: pytest.MonkeyPatch) -> None:
     """H30, H31, H36: a call unanswered for NO_REPLICA_CHECK_S asks Serve's controller whether a replica runs,
-    then again after twice as long each time: at 0.1, 0.3 and 0.7 s of a call answered at 1.0 s. Asked at
+    then again after twice as long each time: at 0.1, 0.3 and 0.7 s of a call answered at 1.1 s. Asked at
     once, at a fixed pause or back to back, a long job's waits would load the controller for nothing."""
-    from ierf.serving import deployments
-    from ierf.serving.deployments import Ingress
-    from ierf.serving.settings import ServiceConfig
-    from ierf_proto.v1 import explainer_pb2 as pb
-
-    monkeypatch.setattr(deployments, "NO_REPLICA_CHECK_S", 0.1)
     asked: list[float] = []
     began = [0.0]
 
     def status() -> Any:  # all is well: the call keeps waiting
         asked.append(time.monotonic() - began[0])
-        overview = SimpleNamespace(replica_states={"RUNNING": 1}, status="HEALTHY", message="")
-        return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_r18": overview})})
-
-    monkeypatch.setattr(deployments.serve, "status", status)
-    monkeypatch.setattr("ray.is_initialized", lambda: True)
+        return _all_is_well()
 
     async def predict(job: Any) -> Any:  # between the third ask (~0.7 s) and a fourth (~1.5 s)
         await asyncio.sleep(1.1)
         return _prediction()
 
-    async def never(*args: Any) -> Any:
-        await asyncio.sleep(3600)
-
-    worker = SimpleNamespace(describe=Method(never), predict=Method(predict), explain=Method(never))
-    worker.app_name, worker.deployment_name = "ierf", "Worker_r18"
-    ingress = Ingress.func_or_class({"r18": worker}, ServiceConfig.from_args({"models": ["r18"]}))
-    request = pb.PredictRequest(
-        image=pb.Image(tensor=pb.Tensor(data=bytes(4 * 4 * 3), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
-    )
-    context = GrpcContext()
+    predict_call, context = _predicting_ingress(monkeypatch, 0.1, status, predict)
 
     async def call() -> Any:
         began[0] = time.monotonic()
-        return await ingress.Predict(request, context)
+        return await predict_call()
 
     response = asyncio.run(call())
     assert context.code is None and [c.index for c in response.top_classes] == [3]
@@ -193,53 +157,28 @@ def test_a_slow_controller_reply_is_awaited_without_spinning(monkeypatch: pytest
     """H28: while the controller's reply is awaited (up to 2 s from a slow one) the loop waits for it or the
     answer, not for a pause already past: that spun the event loop, a CPU of the ingress busy doing nothing
     for as long as the controller took."""
-    from ierf.serving import deployments
-    from ierf.serving.deployments import Ingress
-    from ierf.serving.settings import ServiceConfig
-    from ierf_proto.v1 import explainer_pb2 as pb
-
-    monkeypatch.setattr(deployments, "NO_REPLICA_CHECK_S", 0.05)
     replied = threading.Event()
 
     def slow_status() -> Any:  # a controller that takes 1 s to say all is well
         time.sleep(1.0)
         replied.set()
-        overview = SimpleNamespace(replica_states={"RUNNING": 1}, status="HEALTHY", message="")
-        return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_r18": overview})})
-
-    monkeypatch.setattr(deployments.serve, "status", slow_status)
-    monkeypatch.setattr("ray.is_initialized", lambda: True)
+        return _all_is_well()
 
     async def predict(job: Any) -> Any:  # answers just after the controller's reply
         while not replied.is_set():
             await asyncio.sleep(0.01)
         return _prediction()
 
-    async def never(*args: Any) -> Any:
-        await asyncio.sleep(3600)
-
-    worker = SimpleNamespace(describe=Method(never), predict=Method(predict), explain=Method(never))
-    worker.app_name, worker.deployment_name = "ierf", "Worker_r18"
-    ingress = Ingress.func_or_class({"r18": worker}, ServiceConfig.from_args({"models": ["r18"]}))
-    request = pb.PredictRequest(
-        image=pb.Image(tensor=pb.Tensor(data=bytes(4 * 4 * 3), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
-    )
-    context = GrpcContext()
+    predict_call, context = _predicting_ingress(monkeypatch, 0.05, slow_status, predict)
 
     async def call() -> tuple[Any, float]:
         cpu = time.thread_time()  # this thread's CPU: the event loop's, not the controller call's thread
-        response = await ingress.Predict(request, context)
+        response = await predict_call()
         return response, time.thread_time() - cpu
 
     response, cpu = asyncio.run(call())
     assert context.code is None and [c.index for c in response.top_classes] == [3]
     assert cpu < 0.4, f"the event loop used {cpu:.2f} s of CPU in a call of ~1 s spent waiting"
-
-
-def _prediction() -> Any:
-    from ierf.serving.jobs import Outcome, Provenance, Score
-
-    return Outcome(provenance=Provenance("r18", "d", "", "", "v", "h"), top_classes=[Score(3, "three", 0.5, 1.0)])
 
 
 def test_a_controller_question_still_in_flight_when_the_answer_arrives_is_dropped(
@@ -248,41 +187,22 @@ def test_a_controller_question_still_in_flight_when_the_answer_arrives_is_droppe
     """H32: the answer arrives while Serve's controller is still being asked; the question is cancelled with
     the call, not left running as a task nobody awaits (one per long call, each holding the controller's
     reply and its thread's wait for up to 2 s)."""
-    from ierf.serving import deployments
-    from ierf.serving.deployments import Ingress
-    from ierf.serving.settings import ServiceConfig
-    from ierf_proto.v1 import explainer_pb2 as pb
-
-    monkeypatch.setattr(deployments, "NO_REPLICA_CHECK_S", 0.05)
     asked = threading.Event()
 
     def slow_status() -> Any:  # a controller that takes 1 s to say all is well
         asked.set()
         time.sleep(1.0)
-        overview = SimpleNamespace(replica_states={"RUNNING": 1}, status="HEALTHY", message="")
-        return SimpleNamespace(applications={"ierf": SimpleNamespace(deployments={"Worker_r18": overview})})
-
-    monkeypatch.setattr(deployments.serve, "status", slow_status)
-    monkeypatch.setattr("ray.is_initialized", lambda: True)
+        return _all_is_well()
 
     async def predict(job: Any) -> Any:  # answers while the controller is asked
         while not asked.is_set():
             await asyncio.sleep(0.01)
         return _prediction()
 
-    async def never(*args: Any) -> Any:
-        await asyncio.sleep(3600)
-
-    worker = SimpleNamespace(describe=Method(never), predict=Method(predict), explain=Method(never))
-    worker.app_name, worker.deployment_name = "ierf", "Worker_r18"
-    ingress = Ingress.func_or_class({"r18": worker}, ServiceConfig.from_args({"models": ["r18"]}))
-    request = pb.PredictRequest(
-        image=pb.Image(tensor=pb.Tensor(data=bytes(4 * 4 * 3), dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 3]))
-    )
-    context = GrpcContext()
+    predict_call, context = _predicting_ingress(monkeypatch, 0.05, slow_status, predict)
 
     async def call() -> tuple[Any, list[asyncio.Task]]:
-        response = await ingress.Predict(request, context)
+        response = await predict_call()
         await asyncio.sleep(0.05)  # a cancelled task ends at the loop's next turns
         questions = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_deployment_down"]
         return response, [t for t in questions if not t.done()]
