@@ -252,6 +252,21 @@ def test_an_image_no_cache_tier_keeps_is_not_remembered() -> None:
     assert not ingress._sent
 
 
+def test_with_only_redis_to_keep_images_and_redis_down_repeats_carry_their_pixels() -> None:
+    """L1 off and Redis known down (its breaker open): the worker keeps nothing, so it reports the tier as
+    disabled and the ingress does not remember the image; before, each repeat went by hash and was refused."""
+    from ierf_proto.v1 import explainer_pb2 as pb
+
+    dead_redis = {"redis_url": "redis://127.0.0.1:1/0", "l1_bytes": 0, "failure_threshold": 1, "open_seconds": 60}
+    worker = _Worker(_host(dead_redis))
+    ingress = _ingress(worker)
+    answers = [_explain(ingress, 0, target) for target in (1, 2, 3)]
+    assert worker.host.cache.l2.breaker.state == "open"
+    assert [a.provenance.cache[0].tier for a in answers] == [pb.CACHE_TIER_DISABLED] * 3
+    assert worker.sent == [True, True, True]
+    assert not ingress._sent
+
+
 def test_a_refusal_of_a_job_sent_by_hash_reaches_the_caller_without_a_second_hop() -> None:
     """Only PixelsNeeded sends a job again: any other refusal is the caller's answer."""
     from ierf.serving.errors import InvalidArgument

@@ -875,9 +875,13 @@ class TieredCache:
 
     def can_keep(self, nbytes: int, encoded_nbytes: int) -> bool:
         """Whether a value of ``nbytes`` in L1 (``encoded_nbytes`` of tensors for L2) fits some tier: False
-        when it is too big for each, or the cache is off (L1 of 0 bytes, no Redis)."""
-        fits_l1 = nbytes <= self.l1.capacity_bytes
-        return fits_l1 or (self.l2 is not None and encoded_nbytes <= self.l2.settings.max_value_bytes)
+        when it is too big for each, the cache is off (L1 of 0 bytes, no Redis), or only Redis could keep it
+        and Redis is known down (breaker open: the write would be skipped). The ingress remembers an image
+        only while this holds, so a repeat by hash never costs a refused hop it could have foreseen."""
+        if nbytes <= self.l1.capacity_bytes:
+            return True
+        l2 = self.l2
+        return l2 is not None and encoded_nbytes <= l2.settings.max_value_bytes and l2.breaker.state != "open"
 
     def put(
         self,
