@@ -309,6 +309,37 @@ def test_can_keep_says_whether_any_tier_fits_a_value() -> None:
     with_l2.close()
 
 
+def test_may_hold_is_false_only_when_no_tier_could_answer(redis_flushed) -> None:
+    """The worker refuses a job sent by hash at once when this says False, so it must say True for every
+    place a lookup reads: L1, a deferred or queued Redis write on this replica, and Redis unless known down;
+    and it must not count or reorder anything (it is a check, not a use)."""
+    tensors = _tensors()
+    recorder = Recorder()
+    assert not TieredCache(0).may_hold(KEY) and not TieredCache(10).may_hold(KEY)
+    small = TieredCache(100, observer=recorder)
+    small.put(KEY, tensors, 60, None)
+    small.put(KEY + ":b", tensors, 40, None)
+    assert small.may_hold(KEY) and not small.may_hold(KEY + ":c")
+    small.put(KEY + ":c", tensors, 40, None)  # evicts the least recently used: KEY, as may_hold did not use it
+    assert not small.may_hold(KEY) and small.may_hold(KEY + ":b")
+    assert [op for _, op, _ in recorder.events] == ["put"] * 3  # no lookups counted
+
+    tier, release = _held_tier(redis_flushed.url)
+    cache = TieredCache(0, tier, write_behind_bytes=64 * 1024 * 1024)
+    try:
+        assert cache.may_hold(KEY + ":anything")  # Redis up: it may hold anything
+        assert cache.put(KEY + ":deferred", object(), 1, tensors, background=True, deferred=True) == "queued"
+        assert cache.put(KEY + ":queued", tensors, 1, tensors, background=True) == "queued"  # held on its way
+        for _ in range(tier.settings.failure_threshold):
+            tier.breaker.record_failure()
+        assert tier.breaker.state == "open"
+        assert not cache.may_hold(KEY + ":anything")
+        assert cache.may_hold(KEY + ":deferred") and cache.may_hold(KEY + ":queued")
+    finally:
+        release.set()
+        cache.close(timeout_s=5)
+
+
 def test_single_flight_serialises_one_key_only_and_forgets_idle_keys() -> None:
     """Before, locks were pruned past 4096 keys by "not locked", which also dropped a lock handed out
     but not yet acquired: a second request for the image then got a new lock and computed it again."""

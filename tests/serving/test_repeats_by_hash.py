@@ -446,3 +446,66 @@ def test_a_job_by_hash_counts_its_cache_misses_only_when_it_is_answered(redis_fl
     reader, lookups = _observed_host(redis_flushed.url)
     reader.explain(ExplainJob(None, HASH, target=2))  # another replica: found in Redis
     assert lookups == [("l1", "miss"), ("l2", "hit")]
+
+
+def test_a_job_by_hash_for_an_image_the_replica_surely_lacks_is_refused_without_queueing(monkeypatch) -> None:
+    """An image evicted from L1 on a replica without Redis (or with Redis known down): the refusal by hash was
+    made on the compute thread, so the attempt first waited behind the job being computed, and then the job
+    sent again with its pixels waited once more. It is now refused before it queues; an image that may be
+    held (in L1, or Redis up) still goes to the compute thread."""
+    import time
+
+    from ierf.serving.deployments import ExplainerWorker
+    from ierf.serving.errors import PixelsNeeded
+    from ierf.serving.jobs import ExplainJob, IERFJob, PredictJob
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import ModelHost
+
+    original = ModelHost.explain
+
+    def explain(self: Any, job: Any) -> Any:  # a long cold decomposition ahead in the queue
+        if job.content_hash == "busy":
+            time.sleep(1.5)
+        return original(self, job)
+
+    monkeypatch.setattr(ModelHost, "explain", explain)
+
+    def worker(cache: dict) -> Any:
+        args = {"models": [{"id": "r18", "name": "resnet18", "random_init": True, "num_threads": 1}], "cache": cache}
+        config = ServiceConfig.from_args(args)
+        return ExplainerWorker.func_or_class(config.models[0], config.cache)
+
+    without_redis = worker({"redis_url": None})
+    with_redis = worker({"redis_url": "redis://127.0.0.1:1/0", "failure_threshold": 1, "open_seconds": 60})
+    by_hash = [
+        ("explain", ExplainJob(None, "gone", target=1)),
+        ("ierf", IERFJob(None, "gone", LAYER, POSITIONS)),
+        ("predict", PredictJob(None, "gone", top_k=1)),
+    ]
+
+    async def refusal_times(w: Any) -> list[tuple[Any, float]]:
+        busy = asyncio.ensure_future(w.explain(ExplainJob(PIXELS, "busy", target=1)))
+        await asyncio.sleep(0.1)
+        timed = []
+        for rpc, job in by_hash:
+            start = time.perf_counter()
+            answer = await getattr(w, rpc)(job)
+            timed.append((answer, time.perf_counter() - start))
+        await busy
+        return timed
+
+    try:
+        for answer, waited in asyncio.run(refusal_times(without_redis)):
+            assert isinstance(answer, PixelsNeeded)
+            assert waited < 0.5, f"refused only after {waited:.2f} s behind the queued job"
+        cached = asyncio.run(without_redis.explain(ExplainJob(None, "busy", target=2)))  # held in L1: answered
+        assert not isinstance(cached, Exception) and cached.provenance.cache == [("decomposition", "l1")]
+        # Redis configured and not known down: it may hold the image, so the job queues and is asked there
+        # (the first lookup fails and opens the breaker: from then on the refusal is made at once).
+        first = asyncio.run(refusal_times(with_redis))
+        assert isinstance(first[0][0], PixelsNeeded) and first[0][1] >= 1.0
+        assert with_redis.host.cache.l2.breaker.state == "open"
+        assert all(isinstance(a, PixelsNeeded) and waited < 0.5 for a, waited in first[1:])
+    finally:
+        without_redis.__del__()
+        with_redis.__del__()

@@ -229,6 +229,11 @@ class ByteLRU(Generic[T]):
                 self._bytes -= evicted
             return True
 
+    def __contains__(self, key: object) -> bool:
+        """Membership without touching recency (a check, not a use)."""
+        with self._lock:
+            return key in self._items
+
     def discard(self, key: str) -> None:
         with self._lock:
             self._discard_locked(key)
@@ -863,6 +868,20 @@ class TieredCache:
         observe("l2", "get", "hit", time.perf_counter() - start, moved)
         self._put_l1(key, obj, nbytes)
         return Lookup(obj, "l2")
+
+    def may_hold(self, key: str) -> bool:
+        """Whether a lookup of ``key`` could find it, judged without I/O and without counting: False only when
+        L1 lacks it, no write of it to Redis waits here, and Redis is off or known down (breaker open)."""
+        if key in self.l1:
+            return True
+        if self.l2 is None:
+            return False
+        with self._deferred_lock:
+            if key in self._deferred:
+                return True
+        if self._behind is not None and self._behind.peek(key) is not None:
+            return True
+        return self.l2.breaker.state != "open"
 
     def discard(self, key: str) -> None:
         """Drop a value its user found unusable from both tiers (Redis best effort), so it is computed

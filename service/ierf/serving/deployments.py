@@ -245,18 +245,19 @@ class ExplainerWorker:
         return self.host.describe()
 
     async def explain(self, job: Any) -> Any:
-        return self._stale(job) or await self._run(self.host.explain, job)
+        return self._refused_at_once(job) or await self._run(self.host.explain, job)
 
     async def ierf(self, job: Any) -> Any:
-        return self._stale(job) or await self._run(self.host.ierf, job)
+        return self._refused_at_once(job) or await self._run(self.host.ierf, job)
 
     async def predict(self, job: Any) -> Any:
-        return self._stale(job) or await self._run(self.host.predict, job)
+        return self._refused_at_once(job) or await self._run(self.host.predict, job)
 
-    def _stale(self, job: Any) -> Any:
-        """A view cut by other preprocessing is refused at once, not after waiting for the compute thread
-        (during a rollout every large image would otherwise queue twice)."""
-        return self.host.stale_view(job.pixels, job.view_version)
+    def _refused_at_once(self, job: Any) -> Any:
+        """Refusals the ingress answers by sending the job again, made here instead of after waiting for the
+        compute thread (the attempt would otherwise queue twice): a view cut by other preprocessing (during a
+        rollout, every large image), and a job sent by hash for an image this replica surely does not hold."""
+        return self.host.stale_view(job.pixels, job.view_version) or self.host.pixels_needed(job)
 
     def check_health(self) -> None:
         # The model lives in this process; a cache outage must not restart replicas, so nothing else here.

@@ -313,6 +313,24 @@ class ModelHost:
             f"{self.model.preprocess_version} at {expected}"
         )
 
+    def pixels_needed(self, job: ExplainJob | IERFJob | PredictJob) -> PixelsNeeded | None:
+        """The refusal of a job sent without its pixels whose cached artifact this replica surely lacks
+        (:meth:`TieredCache.may_hold`), else None. Cheap, so the Serve worker checks it before the job queues
+        for the compute thread: the ingress sends the job again with the pixels, and the refused attempt
+        should not first wait behind the job being computed. A job that passes may still be refused on the
+        compute thread (evicted meanwhile, or not in Redis after all)."""
+        if job.pixels is not None:
+            return None
+        if isinstance(job, PredictJob):
+            key = self._key("logits", FORWARD_METHOD, job.content_hash)
+        elif isinstance(job, IERFJob) or (job.method or DEFAULT_METHOD) == DEFAULT_METHOD:
+            key = self._key("decomposition", DEFAULT_METHOD, job.content_hash)
+        else:
+            return None  # other methods read the pixels: refused by _ModelInput without work
+        if self.cache.may_hold(key):
+            return None
+        return PixelsNeeded(f"image {job.content_hash[:16]} is not cached here: send its pixels")
+
     def close(self, timeout_s: float = 1.0) -> None:
         """Write what waits for Redis (up to ``timeout_s`` for queued writes) and release the connection; a host
         with Redis write-behind is otherwise kept alive by its writer thread."""
