@@ -267,6 +267,25 @@ def test_with_only_redis_to_keep_images_and_redis_down_repeats_carry_their_pixel
     assert not ingress._sent
 
 
+def test_an_image_a_later_answer_kept_in_no_tier_is_forgotten() -> None:
+    """Remembered while a tier kept it; a later answer with pixels (an overlay, say) that recomputed it and kept
+    it nowhere (Redis gone down with L1 off) must make the ingress forget it, not leave it for a refused hop."""
+    from ierf.serving.jobs import Outcome, Provenance
+
+    ingress = _ingress(_Worker(_host({"redis_url": None})))
+
+    def outcome(tier: str) -> Any:
+        return Outcome(Provenance("r18", "d", "srd", "v", "p", HASH, cache=[("decomposition", tier)]))
+
+    seen = ("r18", HASH)
+    ingress._remember_sent(seen, outcome("miss"))
+    assert seen in ingress._sent
+    ingress._remember_sent(seen, outcome("disabled"))
+    assert seen not in ingress._sent
+    ingress._remember_sent(seen, outcome("disabled"))  # forgetting what is not remembered is no error
+    assert not ingress._sent
+
+
 def test_a_refusal_of_a_job_sent_by_hash_reaches_the_caller_without_a_second_hop() -> None:
     """Only PixelsNeeded sends a job again: any other refusal is the caller's answer."""
     from ierf.serving.errors import InvalidArgument

@@ -469,9 +469,11 @@ class Ingress:
 
     def _remember_sent(self, seen: tuple[str, str], outcome: Any) -> None:
         """Note an image a worker now holds, unless its artefacts were kept in no cache tier ("disabled": too big,
-        or the cache is off), where a repeat by hash would only cost a refused hop."""
+        the cache off, Redis known down), where a repeat by hash would only cost a refused hop: then an image
+        noted before is forgotten (a job with pixels, an overlay say, recomputed it and kept it nowhere)."""
         capacity = self.config.ingress.remembered_images
         if capacity <= 0 or any(tier == "disabled" for _, tier in outcome.provenance.cache):
+            self._sent.pop(seen, None)
             return
         self._sent[seen] = None
         self._sent.move_to_end(seen)
