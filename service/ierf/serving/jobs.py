@@ -105,7 +105,8 @@ class Provenance:
     preprocess_version: str
     content_hash: str
     # (artifact, tier): "l1"|"l2" found there; "miss" computed here; "disabled" computed here and kept in no
-    # tier (too big for each, or the cache is off), so the next request computes it again
+    # tier (too big for each, the cache off, or only Redis could keep it and Redis is known down), so the next
+    # request computes it again
     cache: list[tuple[str, str]] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds)
 
