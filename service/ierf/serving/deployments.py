@@ -33,6 +33,7 @@ from ierf.interrupt import Interrupted, interruptible
 from ierf.serving.errors import (
     RETRY_AFTER_MS,
     DeadlineExceeded,
+    ImageNeeded,
     InvalidArgument,
     NotFound,
     Overloaded,
@@ -271,6 +272,7 @@ DEADLINE_SLACK_S = 0.05
 
 
 _MILLIS = re.compile(r"[0-9]+(\.[0-9]+)?")
+_CONTENT_HASH = re.compile(r"[0-9a-f]{64}")  # sha256 hex, as ierf.serving.images.content_hash writes it
 
 
 def _caller_budget_s(grpc_context: Any) -> float | None:
@@ -414,12 +416,13 @@ class Ingress:
         model_id: str,
         method: Any,
         job: Any,
-        pixels: np.ndarray,
+        pixels: np.ndarray | None,
         desc: Any,
         deadline: float,
         timings: list[tuple[str, float]],
     ) -> Any:
-        """:meth:`_call`, with the image by its content hash alone when this replica sent it to the model's
+        """:meth:`_call`, with the image by its content hash alone when the caller named it so (``pixels``
+        None: :meth:`_send_referenced`), or when this replica sent it to the model's
         workers recently and the job reads only what their caches hold (``answerable_from_cache``): another
         class or PFV on an image already explained, the product's warm path, then skips the view cut and
         most of the hop's bytes. A worker that no longer holds it answers PixelsNeeded (one more hop), and
@@ -431,6 +434,8 @@ class Ingress:
         dispatch took ~2 ms more than a 224x224 one's). The worker refuses a view made by another
         preprocessing than its own (a redeploy): the description is dropped and the decoded image sent
         instead."""
+        if pixels is None:  # the caller named the image by its content hash
+            return await self._send_referenced(model_id, method, job, deadline, timings)
         seen = (model_id, job.content_hash)
         if seen in self._sent and job.answerable_from_cache:
             start = time.perf_counter()
@@ -464,6 +469,32 @@ class Ingress:
                 self._descriptions.pop(model_id, None)
         if outcome is None:
             outcome = await self._call(model_id, method, job, deadline, timings)
+        self._remember_sent(seen, outcome)
+        return outcome
+
+    async def _send_referenced(
+        self, model_id: str, method: Any, job: Any, deadline: float, timings: list[tuple[str, float]]
+    ) -> Any:
+        """A job whose caller named the image by content hash (``Image.content_hash``): sent by hash to the
+        model's workers, whichever ingress replica the caller's earlier requests reached, since each worker
+        reads its own L1 and the shared Redis. A worker that does not hold the image answers PixelsNeeded,
+        which reaches the caller as ImageNeeded (FAILED_PRECONDITION): the caller sends the pixels."""
+        if not job.answerable_from_cache:
+            raise InvalidArgument(
+                "an image named by image.content_hash serves SRD saliency, iERFs and Predict without overlay or "
+                "return_input (the others read the pixels): send image.encoded or image.tensor"
+            )
+        seen = (model_id, job.content_hash)
+        try:
+            outcome = await self._call(model_id, method, job, deadline, timings)
+        except Exception as exc:
+            if not isinstance(exc, PixelsNeeded) and not _failed_without_pixels(exc):
+                raise
+            self._sent.pop(seen, None)
+            raise ImageNeeded(
+                f"image {job.content_hash[:16]}… is not held by the workers of model {model_id!r} (evicted, or never "
+                "sent to it): send its pixels in image.encoded or image.tensor"
+            ) from None
         self._remember_sent(seen, outcome)
         return outcome
 
@@ -633,6 +664,8 @@ class Ingress:
         admitted by their count (``DecodeGate``) onto the decode threads."""
         from ierf.serving.convert import open_image
 
+        if image.WhichOneof("source") == "content_hash":
+            return self._referenced(image.content_hash)
         start = time.perf_counter()
         if image.WhichOneof("source") == "encoded" and len(image.encoded) > INLINE_OPEN_BYTES:
             pending = await asyncio.to_thread(open_image, image, self.limits)  # a linear walk over the bytes
@@ -668,6 +701,22 @@ class Ingress:
         self._stage(timings, "admission", model, waited)
         self._stage(timings, "decode", model, opened + seconds)
         return canonical
+
+    def _referenced(self, content_hash: str) -> Any:
+        """An image named by its content hash: no pixels (``_send`` sends the job by hash alone)."""
+        from ierf.serving.images import CanonicalImage
+
+        if not self.config.ingress.accept_image_references:
+            raise InvalidArgument(
+                "image.content_hash: this service takes no images by reference (ingress.accept_image_references "
+                "is off): send image.encoded or image.tensor"
+            )
+        if not _CONTENT_HASH.fullmatch(content_hash):
+            raise InvalidArgument(
+                f"image.content_hash {echo(content_hash)} is not a content hash: 64 lowercase hex digits, as in "
+                "an answer's provenance.content_hash"
+            )
+        return CanonicalImage(pixels=None, content_hash=content_hash)  # type: ignore[arg-type]
 
     def _stage(self, timings: list[tuple[str, float]], stage: str, model: str, seconds: float) -> None:
         """An ingress stage, for provenance and for ``explainer_stage_duration_seconds``."""

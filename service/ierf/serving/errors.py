@@ -79,6 +79,13 @@ class PixelsNeeded(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ImageNeeded(ServiceError):
+    """A request that named its image by content hash (Image.content_hash) for an image the model's workers no
+    longer hold, or never held: the caller sends the pixels (the SDK does so by itself)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 #: Trailing metadata on an overload refusal: milliseconds to wait before retrying (the SDK honours it).
 RETRY_AFTER_KEY = "ierf-retry-after-ms"
 RETRY_AFTER_MS = 250

@@ -283,6 +283,9 @@ class IngressConfig:
     # Images per ingress replica remembered as sent to a model's workers: a repeat of one travels by its
     # content hash alone when the worker's caches can answer it (see Ingress._send); 0: always send pixels.
     remembered_images: int = 4096
+    # Whether a request may name its image by content hash (Image.content_hash) instead of sending the pixels.
+    # The full hash is the key: a caller without the image cannot guess it (see the README's Limits).
+    accept_image_references: bool = True
 
     def __post_init__(self) -> None:
         for key in ("max_image_bytes", "max_pixels", "max_side", "max_positions", "max_top_k"):
@@ -306,6 +309,7 @@ class IngressConfig:
         _integer("decode_pixels", self.decode_pixels, 0, " (0: twice max_pixels)")
         _integer("decode_queue_pixels", self.decode_queue_pixels, 0, " (0: four times max_pixels)")
         _integer("remembered_images", self.remembered_images, 0, " (0: always send the pixels)")
+        _boolean("accept_image_references", self.accept_image_references)
         if self.remembered_images > MAX_REMEMBERED_IMAGES:
             raise ValueError(
                 f"remembered_images must be at most {MAX_REMEMBERED_IMAGES} (each takes ~0.3 KB of every ingress "

@@ -42,12 +42,14 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("encoded", "tensor")
+    __slots__ = ("encoded", "tensor", "content_hash")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     tensor: Tensor
-    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    content_hash: str
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class Position(_message.Message):
     __slots__ = ("row", "col")
