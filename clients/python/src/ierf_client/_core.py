@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
 import random
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,8 +473,11 @@ def retry_pause(
 MAX_ATTEMPT_TIMEOUT_S = 1e8
 
 
+MIN_ATTEMPT_S = 0.001  # an attempt made with (almost) no time left still goes out, and meets its deadline
+
+
 def attempt_timeout(remaining_s: float) -> float:
-    return min(max(remaining_s, 0.001), MAX_ATTEMPT_TIMEOUT_S)
+    return min(max(remaining_s, MIN_ATTEMPT_S), MAX_ATTEMPT_TIMEOUT_S)
 
 
 def channel_options_with(max_message_bytes: int, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -1044,6 +1050,106 @@ def predict_request(image: ImageInput, top_k: int, model: str) -> pb.PredictRequ
     request = pb.PredictRequest(model_id=model, top_k=top_k)
     fill_image(request.image, image)
     return request
+
+
+# ------------------------------------------------------------------------------------- references
+# Images a client remembers as held by the service (see ImageReferences); ~0.2 KB each.
+DEFAULT_REMEMBERED_IMAGES = 1024
+_REFERENCE_REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+AnyRequest = pb.ExplainRequest | pb.ComputeIERFRequest | pb.PredictRequest
+
+
+def check_remembered_images(value: object) -> int:
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"remembered_images must be an int (0: always send the pixels), got {value!r}")
+    if not 0 <= value <= 1_000_000:
+        raise ValueError(f"remembered_images must be between 0 and 1000000, got {value}")
+    return value
+
+
+def _referable(request: AnyRequest) -> bool:
+    """Whether the service answers ``request`` from its caches alone: SRD saliency, iERFs and Predict, without
+    an overlay or the model's view (those read the pixels)."""
+    if isinstance(request, pb.PredictRequest):
+        return True
+    if request.overlay or request.return_input:
+        return False
+    return not isinstance(request, pb.ExplainRequest) or request.method in ("", "srd")
+
+
+class ImageReferences:
+    """The content hashes of images this client sent lately and the service kept (no cache tier said
+    "disabled"), by the bytes sent and the model asked. A repeat that the service answers from its caches
+    then travels as ``Image(content_hash=...)``: no upload, no decoding on the server. A service that no
+    longer holds the image (or an older one that takes no references) refuses, and the client sends the
+    pixels as before: one more round trip, the same answer. Thread-safe; bounded, least recently used out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._hashes: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def key(self, request: AnyRequest) -> bytes | None:
+        """What identifies the request's image for its model; None when the request cannot go by reference."""
+        if self.capacity <= 0 or request.image.WhichOneof("source") not in ("encoded", "tensor"):
+            return None
+        digest = hashlib.sha256(request.model_id.encode() + b"\0")
+        digest.update(request.image.SerializeToString(deterministic=True))
+        return digest.digest()
+
+    def lookup(self, key: bytes | None, request: AnyRequest) -> str | None:
+        if key is None or not _referable(request):
+            return None
+        with self._lock:
+            content_hash = self._hashes.get(key)
+            if content_hash is not None:
+                self._hashes.move_to_end(key)
+            return content_hash
+
+    def note(self, key: bytes | None, provenance: pb.Provenance) -> None:
+        """Remember the image of an answer whose artefacts some cache tier kept."""
+        if key is None or not provenance.content_hash:
+            return
+        if any(c.tier == pb.CACHE_TIER_DISABLED for c in provenance.cache):
+            self.forget(key)
+            return
+        with self._lock:
+            self._hashes[key] = provenance.content_hash
+            self._hashes.move_to_end(key)
+            while len(self._hashes) > self.capacity:
+                self._hashes.popitem(last=False)
+
+    def forget(self, key: bytes) -> None:
+        with self._lock:
+            self._hashes.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+
+def refused_reference(error: IerfError) -> bool:
+    """Whether a request sent by reference was refused for that (the service no longer holds the image, or
+    takes no references), so that the pixels should be sent."""
+    return error.code in _REFERENCE_REFUSALS
+
+
+def by_reference(request: AnyRequest, content_hash: str) -> AnyRequest:
+    """``request`` with its image named by content hash; the other fields copied (not the image's bytes)."""
+    referring = type(request)()
+    for descriptor, value in request.ListFields():
+        name = descriptor.name
+        if name == "image":
+            continue
+        if descriptor.is_repeated:
+            getattr(referring, name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(referring, name).CopyFrom(value)
+        else:
+            setattr(referring, name, value)
+    referring.image.content_hash = content_hash
+    return referring
 
 
 # ------------------------------------------------------------------------------------------ health

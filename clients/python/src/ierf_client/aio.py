@@ -17,7 +17,8 @@ from ierf_client._core import Explanation, IERFResult, ImageInput, ModelInfo, Pr
 
 
 class AsyncClient:
-    """``async with AsyncClient("host:9000") as client: await client.explain(...)``."""
+    """``async with AsyncClient("host:9000") as client: await client.explain(...)``; the arguments as
+    :class:`ierf_client.Client`'s (``remembered_images`` too: repeats travel by content hash)."""
 
     def __init__(
         self,
@@ -30,8 +31,10 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         application: str | None = None,
+        remembered_images: int = _core.DEFAULT_REMEMBERED_IMAGES,
     ) -> None:
         self.address = _core.check_address(address, secure=credentials is not None)
+        self._references = _core.ImageReferences(_core.check_remembered_images(remembered_images))
         self.timeout = _core.check_timeout(timeout)
         self.token = _core.check_token(token, self.address, secure=credentials is not None)
         self.application = None if application is None else _core.check_application(application)
@@ -105,6 +108,31 @@ class AsyncClient:
                     raise attempts.error(exc) from None
                 await asyncio.sleep(pause)
 
+    async def _call_referring(self, rpc: str, request: Any, timeout: float | None) -> Any:
+        """:meth:`_call`, by the image's content hash for a repeat the service holds (see
+        :meth:`ierf_client.Client._call_referring`)."""
+        budget = self.timeout if timeout is None else _core.check_timeout(timeout)
+        deadline = time.monotonic() + budget
+        references = self._references
+        if request.image.ByteSize() > _core.INLINE_ARRAY_BYTES:  # hashing megabytes would stall the loop
+            key = await asyncio.to_thread(references.key, request)
+        else:
+            key = references.key(request)
+        content_hash = references.lookup(key, request)
+        if content_hash is not None:
+            try:
+                response = await self._call(rpc, _core.by_reference(request, content_hash), budget)
+                references.note(key, response.provenance)
+                return response
+            except _core.IerfError as exc:
+                if not _core.refused_reference(exc):
+                    raise
+                references.forget(key)  # type: ignore[arg-type]
+            budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_S)
+        response = await self._call(rpc, request, budget)
+        references.note(key, response.provenance)
+        return response
+
     async def explain(
         self,
         image: ImageInput,
@@ -121,7 +149,7 @@ class AsyncClient:
         request = await _built(
             _core.explain_request, image, target, model, method, contrast, map_dtype, overlay, return_input
         )
-        return _core.parse_explanation(await self._call("Explain", request, timeout))
+        return _core.parse_explanation(await self._call_referring("Explain", request, timeout))
 
     async def ierf(
         self,
@@ -136,13 +164,13 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> IERFResult:
         request = await _built(_core.ierf_request, image, layer, positions, model, map_dtype, overlay, return_input)
-        return _core.parse_ierf(await self._call("ComputeIERF", request, timeout))
+        return _core.parse_ierf(await self._call_referring("ComputeIERF", request, timeout))
 
     async def predict(
         self, image: ImageInput, top_k: int = 5, *, model: str = "", timeout: float | None = None
     ) -> Prediction:
         request = await _built(_core.predict_request, image, top_k, model)
-        return _core.parse_prediction(await self._call("Predict", request, timeout))
+        return _core.parse_prediction(await self._call_referring("Predict", request, timeout))
 
     async def models(self, *, timeout: float | None = None) -> _core.ModelList:
         response = await self._call("ListModels", pb.ListModelsRequest(), timeout)

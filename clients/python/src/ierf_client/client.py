@@ -30,6 +30,9 @@ class Client:
     The budget also travels to the server (metadata ``ierf-timeout-ms``), which drops work whose
     caller has given up. ``application`` names the Ray Serve application to route to: needed only when
     the Serve cluster runs more than one (sent as ``application`` metadata, Serve's routing key).
+    ``remembered_images``: images this client remembers as held by the service (0: always send the pixels);
+    a repeat of one (the same bytes, the same model) that the service answers from its caches (SRD
+    saliency, iERFs, predictions, without overlay or return_input) travels by its content hash alone.
     """
 
     def __init__(
@@ -43,8 +46,10 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         application: str | None = None,
+        remembered_images: int = _core.DEFAULT_REMEMBERED_IMAGES,
     ) -> None:
         self.address = _core.check_address(address, secure=credentials is not None)
+        self._references = _core.ImageReferences(_core.check_remembered_images(remembered_images))
         self.timeout = _core.check_timeout(timeout)
         self.token = _core.check_token(token, self.address, secure=credentials is not None)
         self.application = None if application is None else _core.check_application(application)
@@ -92,6 +97,29 @@ class Client:
                     raise attempts.error(exc) from None
                 time.sleep(pause)
 
+    def _call_referring(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        """:meth:`_call` for a request with an image: by the image's content hash when this client sent the
+        same image for the same model lately and the service kept it (:class:`_core.ImageReferences`), the
+        pixels again if the service refuses the reference; the answer is remembered for the next repeat."""
+        budget = self.timeout if timeout is None else _core.check_timeout(timeout)
+        deadline = time.monotonic() + budget
+        references = self._references
+        key = references.key(request)
+        content_hash = references.lookup(key, request)
+        if content_hash is not None:
+            try:
+                response = self._call(method, _core.by_reference(request, content_hash), budget)
+                references.note(key, response.provenance)
+                return response
+            except _core.IerfError as exc:
+                if not _core.refused_reference(exc):
+                    raise
+                references.forget(key)  # type: ignore[arg-type]
+            budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_S)
+        response = self._call(method, request, budget)
+        references.note(key, response.provenance)
+        return response
+
     # ---------------------------------------------------------------------------------- API
     def explain(
         self,
@@ -108,7 +136,7 @@ class Client:
     ) -> Explanation:
         """Signed class saliency; ``target=None`` explains the predicted top-1 class."""
         request = _core.explain_request(image, target, model, method, contrast, map_dtype, overlay, return_input)
-        return _core.parse_explanation(self._call(self._stub.Explain, request, timeout))
+        return _core.parse_explanation(self._call_referring(self._stub.Explain, request, timeout))
 
     def ierf(
         self,
@@ -124,13 +152,13 @@ class Client:
     ) -> IERFResult:
         """iERFs of the PFVs at ``positions`` [(row, col), …] of ``layer``."""
         request = _core.ierf_request(image, layer, positions, model, map_dtype, overlay, return_input)
-        return _core.parse_ierf(self._call(self._stub.ComputeIERF, request, timeout))
+        return _core.parse_ierf(self._call_referring(self._stub.ComputeIERF, request, timeout))
 
     def predict(
         self, image: ImageInput, top_k: int = 5, *, model: str = "", timeout: float | None = None
     ) -> Prediction:
         request = _core.predict_request(image, top_k, model)
-        return _core.parse_prediction(self._call(self._stub.Predict, request, timeout))
+        return _core.parse_prediction(self._call_referring(self._stub.Predict, request, timeout))
 
     def models(self, *, timeout: float | None = None) -> _core.ModelList:
         """Every model served (a list), with ``.default_model_id``: the one a call naming no model gets."""
