@@ -5,9 +5,10 @@ measures, for one model:
 
 - cold: a new image (decomposition computed) — in-process ``srd.decompose(x).saliency(t)`` vs Explain;
 - warm: another class on an image already seen — in-process ``decomposition.saliency(t)`` vs Explain,
-  served from the worker's in-process LRU (L1) and, in a third phase with L1 off, from Redis (L2); a
-  second phase repeats the first with the ingress sending the pixels with every job
-  (``remembered_images: 0``), which shows what sending a repeat by its content hash alone saves;
+  served from the worker's in-process LRU (L1) and, in a last phase with L1 off, from Redis (L2); the SDK
+  names a repeated image by its content hash. Phase 1b repeats the first with the SDK sending the pixels
+  (``Client(remembered_images=0)``; the ingress still sends the repeat on by hash), phase 2 with the pixels
+  on both legs (the ingress's ``remembered_images: 0`` too): what each saves;
 - floor: probes of a trivial two-deployment app on the same proxy, interleaved with the warm calls (an
   ingress whose ``Health.Check`` returns at once, or first awaits a no-op on a second deployment): what
   Ray Serve's proxy and one or two deployment hops cost on this machine with no work at all.
@@ -160,6 +161,7 @@ def measure(
     label: str,
     warmup_offset: int = 10_000,
     floor_address: str | None = None,
+    sdk_remembered_images: int | None = None,
 ) -> dict[str, Series]:
     """Alternate in-process calls, gRPC calls and the floor probes so all see the same machine load
     (other jobs share the cores). Two Serve apps run, so every call names its application."""
@@ -173,7 +175,12 @@ def measure(
     stages: dict[str, Series] = {}  # server-side stage timings of the warm gRPC calls (provenance)
     cold_stages: dict[str, Series] = {}  # ... and of the cold ones
     with (
-        Client(address, timeout=600, application=APP_NAME) as client,
+        Client(
+            address,
+            timeout=600,
+            application=APP_NAME,
+            **({} if sdk_remembered_images is None else {"remembered_images": sdk_remembered_images}),
+        ) as client,
         grpc.insecure_channel(floor_address or address) as channel,
     ):
         floor = health_pb2_grpc.HealthStub(channel)
@@ -341,14 +348,34 @@ def main() -> None:
         print(f"Explain calls to {address}, floor probes to {floor_direct or service.grpc_address}", flush=True)
         l1 = measure(reference, address, cold_images, warm_targets, "L1", floor_address=floor_direct)
         overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
-        # Phase 2: the same, but the ingress sends the pixels with every job (remembers no image): what
-        # sending a repeat by its content hash alone saves.
+        # Phase 1b: the SDK sends the pixels with every request (remembered_images=0), the ingress sends a
+        # repeat on to the worker by its content hash: what naming the image by hash saves on the first leg.
+        print("phase 1b: worker with L1 + L2, the SDK sends pixels ...", flush=True)
+        l1_sdk_pixels = measure(
+            reference,
+            address,
+            images(args.cold, 125),
+            warm_targets,
+            "L1, SDK pixels",
+            12_500,
+            floor_address=floor_direct,
+            sdk_remembered_images=0,
+        )
+        # Phase 2: pixels on both legs (the SDK and the ingress remember no image): what sending a repeat by
+        # its content hash alone saves in all.
         with_pixels = ServiceConfig.from_args({**app_args, "ingress": {"remembered_images": 0}})
         serve.run(build_application(with_pixels, overrides), name=APP_NAME, route_prefix="/")
         print("phase 2: worker with L1 + L2, pixels with every job ...", flush=True)
         address = direct_ingress_address(APP_NAME) or service.grpc_address
         l1_pixels = measure(
-            reference, address, images(args.cold, 250), warm_targets, "L1, pixels", 15_000, floor_address=floor_direct
+            reference,
+            address,
+            images(args.cold, 250),
+            warm_targets,
+            "L1, pixels",
+            15_000,
+            floor_address=floor_direct,
+            sdk_remembered_images=0,
         )
         # Phase 3: same cluster, worker without L1, so every reuse is a Redis fetch + rebuild.
         no_l1 = ServiceConfig.from_args({**app_args, "cache": {"redis_url": redis.url, "l1_bytes": 0}})
@@ -366,7 +393,7 @@ def main() -> None:
 
     print()
     print(f"{'series':<26} {'n':>4} {'p50 ms':>10} {'p99 ms':>10}")
-    phases = {"L1": l1, "L1, pixels": l1_pixels, "L2 only": l2}
+    phases = {"L1": l1, "L1, SDK pixels": l1_sdk_pixels, "L1, pixels": l1_pixels, "L2 only": l2}
     for phase in phases.values():
         for key in SERIES:
             series = phase[key]
@@ -395,7 +422,8 @@ def main() -> None:
         print(f"  {'warm ' + label:<16} {phase['stages'].name}")
         print(f"  {'cold ' + label:<16} {phase['cold stages'].name}")
     print("warm / cold through the service, p50 (target <= 0.2)")
-    for phase, label in ((l1, "L1 hit"), (l1_pixels, "L1 hit, pixels"), (l2, "L2 hit")):
+    hits = ((l1, "L1 hit"), (l1_sdk_pixels, "L1, SDK pixels"), (l1_pixels, "L1 hit, pixels"), (l2, "L2 hit"))
+    for phase, label in hits:
         ratio = phase["grpc warm"].p50 / phase["grpc cold"].p50
         print(f"  {label:<15} {ratio:6.3f}   (decomposition served from: {phase['tiers'].name})")
 
