@@ -15,34 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serving.fakes import GrpcContext
 from serving.test_repeats_by_hash import LAYER, _explain, _image, _ingress, _map, _Worker
 from serving.test_worker_warm_up import _host
 
 pytestmark = pytest.mark.slow
-
-
-class _Context:
-    """What the ingress reads and writes of a gRPC call's context (as Serve's proxy hands it)."""
-
-    def __init__(self) -> None:
-        self.code: Any = None
-        self.details = ""
-        self.trailers: Any = ()
-
-    def invocation_metadata(self) -> list[tuple[str, str]]:
-        return []
-
-    def request_id(self) -> str:
-        return "test"
-
-    def set_code(self, code: Any) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def set_trailing_metadata(self, trailers: Any) -> None:
-        self.trailers = trailers
 
 
 def _by_reference(content_hash: str) -> Any:
@@ -60,7 +37,7 @@ def served() -> tuple[Any, Any, str]:
 
 
 def _refused(call: Any) -> tuple[Any, str]:
-    context = _Context()
+    context = GrpcContext()
     asyncio.run(call(context))
     return context.code, context.details
 
