@@ -473,11 +473,13 @@ def retry_pause(
 MAX_ATTEMPT_TIMEOUT_S = 1e8
 
 
-MIN_ATTEMPT_S = 0.001  # an attempt made with (almost) no time left still goes out, and meets its deadline
+# The shortest timeout an attempt is given: one made with (almost) no time left still goes out, and meets its
+# deadline. Not MIN_ATTEMPT_S (the budget retry_pause keeps for a retry worth making).
+MIN_ATTEMPT_TIMEOUT_S = 0.001
 
 
 def attempt_timeout(remaining_s: float) -> float:
-    return min(max(remaining_s, MIN_ATTEMPT_S), MAX_ATTEMPT_TIMEOUT_S)
+    return min(max(remaining_s, MIN_ATTEMPT_TIMEOUT_S), MAX_ATTEMPT_TIMEOUT_S)
 
 
 def channel_options_with(max_message_bytes: int, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:

@@ -128,7 +128,7 @@ class AsyncClient:
                 if not _core.refused_reference(exc):
                     raise
                 references.forget(key)  # type: ignore[arg-type]
-            budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_S)
+            budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_TIMEOUT_S)
         response = await self._call(rpc, request, budget)
         references.note(key, response.provenance)
         return response

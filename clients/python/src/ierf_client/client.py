@@ -115,7 +115,7 @@ class Client:
                 if not _core.refused_reference(exc):
                     raise
                 references.forget(key)  # type: ignore[arg-type]
-            budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_S)
+            budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_TIMEOUT_S)
         response = self._call(method, request, budget)
         references.note(key, response.provenance)
         return response
