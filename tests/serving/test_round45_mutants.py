@@ -59,16 +59,6 @@ def test_a_reference_failed_by_an_earlier_build_is_image_needed_and_what_pixels_
 
 
 @pytest.mark.slow
-def test_a_hash_one_digit_short_is_invalid_argument() -> None:
-    """R15: 63 hex digits are not a content hash (fullmatch of exactly 64), refused before any work."""
-    worker = _Worker(_host({"redis_url": None}))
-    ingress = _ingress(worker)
-    request = pb.ExplainRequest(image=_by_reference("a" * 63))
-    code, details = _refused(lambda c: ingress.Explain(request, c))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "is not a content hash" in details
-    assert worker.sent == []
-
-
 def test_accept_image_references_must_be_a_boolean() -> None:
     """R19: "no" in a config file is a string, which would read as true."""
     from ierf.serving.settings import ServiceConfig
@@ -119,27 +109,13 @@ def test_an_image_then_kept_in_no_tier_is_forgotten(flavour: str) -> None:
     """R34: an image noted as held, then answered with a "disabled" tier (recomputed and kept nowhere): the
     client forgets it, and the next repeat sends the pixels rather than a reference."""
     service = _Service()
+
+    def kept_nowhere() -> None:
+        service.keeps = False
+
     with _serving(service) as address:
-
-        def kept_nowhere() -> None:
-            service.keeps = False
-
-        if flavour == "sync":
-            with Client(address, timeout=10) as client:
-                client.explain(PHOTO, 1, overlay=False)
-                kept_nowhere()
-                client.explain(PHOTO, 2, overlay=True)
-                client.explain(PHOTO, 3, overlay=False)
-        else:
-
-            async def run() -> None:
-                async with AsyncClient(address, timeout=10) as client:
-                    await client.explain(PHOTO, 1, overlay=False)
-                    kept_nowhere()
-                    await client.explain(PHOTO, 2, overlay=True)
-                    await client.explain(PHOTO, 3, overlay=False)
-
-            asyncio.run(run())
+        with_overlay = ("explain", (PHOTO, 2), {"overlay": True})
+        _session(flavour, address, [_sdk_explain(PHOTO, 1), kept_nowhere, with_overlay, _sdk_explain(PHOTO, 3)])
     assert service.sent == ["pixels", "pixels", "pixels"]
 
 
@@ -148,27 +124,13 @@ def test_an_answer_by_reference_is_noted_too(flavour: str) -> None:
     """R48 (sync), R49 (asyncio): the answer to a reference is noted like any other: one whose artefacts the
     service now keeps in no tier makes the client forget the image, and the next repeat sends the pixels."""
     service = _Service()
+
+    def kept_nowhere() -> None:
+        service.keeps = False
+
     with _serving(service) as address:
-
-        def kept_nowhere() -> None:
-            service.keeps = False
-
-        if flavour == "sync":
-            with Client(address, timeout=10) as client:
-                client.explain(PHOTO, 1, overlay=False)
-                kept_nowhere()
-                client.explain(PHOTO, 2, overlay=False)
-                client.explain(PHOTO, 3, overlay=False)
-        else:
-
-            async def run() -> None:
-                async with AsyncClient(address, timeout=10) as client:
-                    await client.explain(PHOTO, 1, overlay=False)
-                    kept_nowhere()
-                    await client.explain(PHOTO, 2, overlay=False)
-                    await client.explain(PHOTO, 3, overlay=False)
-
-            asyncio.run(run())
+        steps = [_sdk_explain(PHOTO, 1), kept_nowhere, _sdk_explain(PHOTO, 2), _sdk_explain(PHOTO, 3)]
+        _session(flavour, address, steps)
     assert service.sent == ["pixels", "reference", "pixels"]
 
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -84,16 +85,20 @@ class _Service(pb_grpc.ExplainServiceServicer):
         )
 
 
-def _session(flavour: str, address: str, calls: list[tuple[str, tuple, dict]], **client_kwargs: Any) -> list[Any]:
-    """The results of ``calls`` [(method, args, kwargs)] made in order on one Client (or AsyncClient)."""
+Step = tuple[str, tuple, dict] | Callable[[], None]
+
+
+def _session(flavour: str, address: str, steps: list[Step], **client_kwargs: Any) -> list[Any]:
+    """The results of ``steps`` made in order on one Client (or AsyncClient): calls (method, args, kwargs), and
+    actions between them (a function, run on the caller's side; its result is None)."""
     options = {"timeout": 10.0, **client_kwargs}
     if flavour == "sync":
         with Client(address, **options) as client:
-            return [getattr(client, use)(*args, **kwargs) for use, args, kwargs in calls]
+            return [step() if callable(step) else getattr(client, step[0])(*step[1], **step[2]) for step in steps]
 
     async def run() -> list[Any]:
         async with AsyncClient(address, **options) as client:
-            return [await getattr(client, use)(*args, **kwargs) for use, args, kwargs in calls]
+            return [step() if callable(step) else await getattr(client, step[0])(*step[1], **step[2]) for step in steps]
 
     return asyncio.run(run())
 
@@ -130,22 +135,8 @@ def test_a_repeat_goes_by_content_hash_and_gets_its_own_answer(flavour: str) -> 
 def test_a_reference_the_service_no_longer_holds_is_sent_again_with_the_pixels(flavour: str) -> None:
     service = _Service()
     with _serving(service) as address:
-        options = {"timeout": 10.0}
-        if flavour == "sync":
-            with Client(address, **options) as client:
-                client.explain(PHOTO, 1, overlay=False)
-                service.held.clear()  # evicted
-                again = client.explain(PHOTO, 2, overlay=False)
-                third = client.explain(PHOTO, 3, overlay=False)
-        else:
-
-            async def run() -> tuple[Any, Any]:
-                async with AsyncClient(address, **options) as client:
-                    await client.explain(PHOTO, 1, overlay=False)
-                    service.held.clear()
-                    return await client.explain(PHOTO, 2, overlay=False), await client.explain(PHOTO, 3, overlay=False)
-
-            again, third = asyncio.run(run())
+        steps = [_explain(PHOTO, 1), service.held.clear, _explain(PHOTO, 2), _explain(PHOTO, 3)]  # evicted
+        _, _, again, third = _session(flavour, address, steps)
     assert service.sent == ["pixels", "reference", "pixels", "reference"]
     assert again.target.index == 2 and third.target.index == 3
 

@@ -1127,6 +1127,25 @@ class ImageReferences:
         with self._lock:
             self._hashes.pop(key, None)
 
+    def referring(self, key: bytes | None, request: AnyRequest) -> AnyRequest | None:
+        """``request`` with its image named by content hash, when this client knows the service holds it."""
+        content_hash = self.lookup(key, request)
+        return None if content_hash is None else by_reference(request, content_hash)
+
+    def answered(self, key: bytes | None, response: Any) -> Any:
+        """``response``, its image noted for the next repeat."""
+        self.note(key, response.provenance)
+        return response
+
+    def refused(self, key: bytes | None, error: IerfError) -> bool:
+        """Whether ``error`` refused a request sent by reference (:func:`refused_reference`): then the
+        reference is forgotten and the pixels should follow."""
+        if not refused_reference(error):
+            return False
+        if key is not None:
+            self.forget(key)
+        return True
+
     def __len__(self) -> int:
         return len(self._hashes)
 

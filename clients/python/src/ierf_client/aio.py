@@ -118,20 +118,15 @@ class AsyncClient:
             key = await asyncio.to_thread(references.key, request)
         else:
             key = references.key(request)
-        content_hash = references.lookup(key, request)
-        if content_hash is not None:
+        referring = references.referring(key, request)
+        if referring is not None:
             try:
-                response = await self._call(rpc, _core.by_reference(request, content_hash), budget)
-                references.note(key, response.provenance)
-                return response
+                return references.answered(key, await self._call(rpc, referring, budget))
             except _core.IerfError as exc:
-                if not _core.refused_reference(exc):
+                if not references.refused(key, exc):
                     raise
-                references.forget(key)  # type: ignore[arg-type]
             budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_TIMEOUT_S)
-        response = await self._call(rpc, request, budget)
-        references.note(key, response.provenance)
-        return response
+        return references.answered(key, await self._call(rpc, request, budget))
 
     async def explain(
         self,

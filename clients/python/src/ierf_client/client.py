@@ -105,20 +105,15 @@ class Client:
         deadline = time.monotonic() + budget
         references = self._references
         key = references.key(request)
-        content_hash = references.lookup(key, request)
-        if content_hash is not None:
+        referring = references.referring(key, request)
+        if referring is not None:
             try:
-                response = self._call(method, _core.by_reference(request, content_hash), budget)
-                references.note(key, response.provenance)
-                return response
+                return references.answered(key, self._call(method, referring, budget))
             except _core.IerfError as exc:
-                if not _core.refused_reference(exc):
+                if not references.refused(key, exc):
                     raise
-                references.forget(key)  # type: ignore[arg-type]
             budget = max(deadline - time.monotonic(), _core.MIN_ATTEMPT_TIMEOUT_S)
-        response = self._call(method, request, budget)
-        references.note(key, response.provenance)
-        return response
+        return references.answered(key, self._call(method, request, budget))
 
     # ---------------------------------------------------------------------------------- API
     def explain(
