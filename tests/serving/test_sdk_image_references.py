@@ -277,3 +277,27 @@ def test_the_async_client_hashes_a_large_image_off_its_loop_and_still_refers_to_
     assert service.sent == ["pixels", "reference", "pixels"] and results[1].target.index == 2
     main = threading.main_thread().name
     assert threads[0] != main and threads[1] != main and threads[2] == main
+
+
+def test_the_key_tells_apart_what_could_decode_differently() -> None:
+    """The key hashes the image's fields (serialising the message copied a 20 MB image first): the same bytes as
+    a file or as a tensor, as a tensor of another shape or dtype, or for another model are other images."""
+    from ierf_client._core import ImageReferences
+
+    references = ImageReferences(8)
+    data = bytes(range(48))
+
+    def tensor(shape: list[int], dtype: int = pb.DATA_TYPE_UINT8, model: str = "") -> Any:
+        return pb.PredictRequest(model_id=model, image=pb.Image(tensor=pb.Tensor(data=data, dtype=dtype, shape=shape)))
+
+    keys = [
+        references.key(tensor([4, 4, 3])),
+        references.key(tensor([4, 12])),
+        references.key(tensor([4, 4, 3], pb.DATA_TYPE_FLOAT16)),
+        references.key(tensor([4, 4, 3], model="m")),
+        references.key(pb.PredictRequest(image=pb.Image(encoded=data))),
+        references.key(pb.PredictRequest(model_id="m", image=pb.Image(encoded=data))),
+    ]
+    assert len(set(keys)) == len(keys)
+    assert references.key(tensor([4, 4, 3])) == keys[0]  # and the same request, the same key
+    assert references.key(pb.PredictRequest(image=pb.Image(content_hash="0" * 64))) is None

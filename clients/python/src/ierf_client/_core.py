@@ -1095,10 +1095,20 @@ class ImageReferences:
 
     def key(self, request: AnyRequest) -> bytes | None:
         """What identifies the request's image for its model; None when the request cannot go by reference."""
-        if self.capacity <= 0 or request.image.WhichOneof("source") not in ("encoded", "tensor"):
+        source = request.image.WhichOneof("source")
+        if self.capacity <= 0 or source not in ("encoded", "tensor"):
             return None
-        digest = hashlib.sha256(request.model_id.encode() + b"\0")
-        digest.update(request.image.SerializeToString(deterministic=True))
+        model = request.model_id.encode()
+        digest = hashlib.sha256(b"%d:%s|" % (len(model), model))
+        # The fields themselves, not the serialised message: serialising copied a 20 MB image (76-130 ms here,
+        # against 19 ms for its sha256).
+        if source == "encoded":
+            digest.update(b"encoded|")
+            digest.update(request.image.encoded)
+        else:
+            tensor = request.image.tensor
+            digest.update(b"tensor:%d:%s|" % (tensor.dtype, ",".join(map(str, tensor.shape)).encode()))
+            digest.update(tensor.data)
         return digest.digest()
 
     def lookup(self, key: bytes | None, request: AnyRequest) -> str | None:
