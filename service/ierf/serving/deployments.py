@@ -439,26 +439,10 @@ class Ingress:
         seen = (model_id, job.content_hash)
         if seen in self._sent and job.answerable_from_cache:
             start = time.perf_counter()
-            try:
-                outcome = await self._call(model_id, method, dataclasses.replace(job, pixels=None), deadline, timings)
-                # noted again, not moved: while it was in flight newer images or a concurrent repeat's refusal
-                # may have made this replica forget it (move_to_end raised KeyError: an INTERNAL for a right answer)
-                self._remember_sent(seen, outcome)
+            outcome = await self._by_hash(model_id, method, job, deadline, timings)
+            if outcome is not None:
                 return outcome
-            except Exception as exc:
-                if not isinstance(exc, PixelsNeeded):
-                    if not _failed_without_pixels(exc):
-                        raise
-                    # A worker of an earlier build (a rollout) does not know jobs without pixels, or a defect of
-                    # this path: the caller still gets what the job with pixels gets, and the log says why.
-                    logger.warning(
-                        "a job on image %s sent by content hash alone failed (%s: %s); sent again with its pixels",
-                        job.content_hash[:16],
-                        type(exc).__name__,
-                        to_status(exc)[1],
-                    )
-                self._sent.pop(seen, None)
-                self._stage(timings, "dispatch", model_id, time.perf_counter() - start)
+            self._stage(timings, "dispatch", model_id, time.perf_counter() - start)  # the refused hop
         outcome = None
         view = await self._model_view(pixels, desc, model_id, timings)
         if view is not None:
@@ -484,17 +468,38 @@ class Ingress:
                 "an image named by image.content_hash serves SRD saliency, iERFs and Predict without overlay or "
                 "return_input (the others read the pixels): send image.encoded or image.tensor"
             )
-        seen = (model_id, job.content_hash)
-        try:
-            outcome = await self._call(model_id, method, job, deadline, timings)
-        except Exception as exc:
-            if not isinstance(exc, PixelsNeeded) and not _failed_without_pixels(exc):
-                raise
-            self._sent.pop(seen, None)
+        outcome = await self._by_hash(model_id, method, job, deadline, timings)
+        if outcome is None:
             raise ImageNeeded(
                 f"image {job.content_hash[:16]}… is not held by the workers of model {model_id!r} (evicted, or never "
                 "sent to it): send its pixels in image.encoded or image.tensor"
-            ) from None
+            )
+        return outcome
+
+    async def _by_hash(
+        self, model_id: str, method: Any, job: Any, deadline: float, timings: list[tuple[str, float]]
+    ) -> Any:
+        """The job sent by content hash alone; None when the workers could not answer it so (PixelsNeeded, or
+        a failure in their code: a worker of an earlier build, during a rollout, does not know jobs without
+        pixels), and then the image is forgotten. Any other error (an overload, a dead replica, the deadline,
+        a refusal of the request) is what the same job with pixels would meet: raised."""
+        seen = (model_id, job.content_hash)
+        try:
+            outcome = await self._call(model_id, method, dataclasses.replace(job, pixels=None), deadline, timings)
+        except Exception as exc:
+            if not isinstance(exc, PixelsNeeded):
+                if not _failed_without_pixels(exc):
+                    raise
+                logger.warning(
+                    "a job on image %s sent by content hash alone failed (%s: %s); the pixels are needed",
+                    job.content_hash[:16],
+                    type(exc).__name__,
+                    to_status(exc)[1],
+                )
+            self._sent.pop(seen, None)
+            return None
+        # noted again, not moved: while it was in flight newer images or a concurrent repeat's refusal may have
+        # made this replica forget it (move_to_end raised KeyError: an INTERNAL for a right answer)
         self._remember_sent(seen, outcome)
         return outcome
 
@@ -664,10 +669,11 @@ class Ingress:
         admitted by their count (``DecodeGate``) onto the decode threads."""
         from ierf.serving.convert import open_image
 
-        if image.WhichOneof("source") == "content_hash":
+        source = image.WhichOneof("source")
+        if source == "content_hash":
             return self._referenced(image.content_hash)
         start = time.perf_counter()
-        if image.WhichOneof("source") == "encoded" and len(image.encoded) > INLINE_OPEN_BYTES:
+        if source == "encoded" and len(image.encoded) > INLINE_OPEN_BYTES:
             pending = await asyncio.to_thread(open_image, image, self.limits)  # a linear walk over the bytes
         else:
             pending = open_image(image, self.limits)
