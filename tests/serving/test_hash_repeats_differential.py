@@ -84,7 +84,8 @@ def _answer(ingress: Any, rpc: str, pixels: np.ndarray, fields: dict[str, Any]) 
 
 
 def _needs(rpc: str, fields: dict[str, Any]) -> str | None:
-    """The artefact the worker reads for a job the ingress may send by hash, else None."""
+    """The artefact besides the kept view that answers a job by hash: the decomposition or the logits; None
+    for a job that reads the view itself (an overlay, the returned input, another method)."""
     if fields.get("overlay") or fields.get("return_input"):
         return None
     if rpc == "Predict":
@@ -93,7 +94,7 @@ def _needs(rpc: str, fields: dict[str, Any]) -> str | None:
 
 
 def test_repeats_by_hash_answer_exactly_as_pixels_do() -> None:
-    from ierf.serving.worker import FORWARD_METHOD
+    from ierf.serving.worker import FORWARD_METHOD, VIEW_METHOD
 
     by_hash, always_pixels = _Worker(_host({"redis_url": None})), _Worker(_host({"redis_url": None}))
     ingress, reference = _ingress(by_hash), _ingress(always_pixels, remembered_images=0)
@@ -110,16 +111,19 @@ def test_repeats_by_hash_answer_exactly_as_pixels_do() -> None:
         needs = _needs(rpc, fields)
         remembered = image in hashes and ("r18", hashes[image]) in ingress._sent
         held = False
-        if remembered and needs is not None:
-            method = FORWARD_METHOD if needs == "logits" else "srd"
-            held = by_hash.host._key(needs, method, hashes[image]) in by_hash.host.cache.l1._items
+        if remembered:  # the kept view answers any job; else the decomposition or logits a job reads
+            l1 = by_hash.host.cache.l1._items
+            held = by_hash.host._key("view", VIEW_METHOD, hashes[image]) in l1
+            if needs is not None and not held:
+                method = FORWARD_METHOD if needs == "logits" else "srd"
+                held = by_hash.host._key(needs, method, hashes[image]) in l1
         before = len(by_hash.sent)
         got, expected = _answer(ingress, rpc, images[image], fields), _answer(reference, rpc, images[image], fields)
         assert got[:2] == expected[:2], (step, rpc, fields)
         if got[0] != "answered":
             continue
         hops_taken = by_hash.sent[before:]
-        if remembered and needs is not None:
+        if remembered:
             assert hops_taken == ([False] if held else [False, True]), (step, rpc, fields, held)
             hops["by hash" if held else "refused"] += 1
         else:

@@ -3,8 +3,9 @@
 The ingress sends such a job by hash to the model's workers, which answer from their caches or refuse; the caller
 then gets FAILED_PRECONDITION and sends the pixels (the SDK does so by itself). These tests drive the real Ingress
 over a real ModelHost (randomly initialised ResNet18): an answer by reference is exactly the answer with pixels,
-every job that reads the pixels is refused with a readable INVALID_ARGUMENT, and a reference the workers do not
-hold is FAILED_PRECONDITION, never a wrong answer or a failure.
+overlays, the returned input and other methods included (the workers keep the model's view), a malformed hash
+is a readable INVALID_ARGUMENT, and a reference the workers do not hold is FAILED_PRECONDITION, never a wrong
+answer or a failure.
 """
 
 from __future__ import annotations
@@ -91,24 +92,23 @@ def test_a_reference_the_workers_do_not_hold_is_failed_precondition_and_the_serv
     assert asyncio.run(ingress.Predict(request)).top_classes  # held again
 
 
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        ({"overlay": True}, "without overlay or return_input"),
-        ({"return_input": True}, "without overlay or return_input"),
-        ({"method": "gradient"}, "without overlay or return_input"),
-    ],
-)
-def test_a_job_that_reads_the_pixels_cannot_name_its_image_by_hash(served: Any, fields: dict, message: str) -> None:
-    import grpc
+@pytest.mark.parametrize("fields", [{"overlay": True}, {"return_input": True}, {"method": "gradient"}])
+def test_a_job_that_reads_the_pixels_is_answered_from_the_kept_view(served: Any, fields: dict) -> None:
+    """Overlays, the returned input and other methods read the model's view, which the workers keep: by
+    reference they are answered exactly as with the pixels, and no pixels travel."""
     from ierf_proto.v1 import explainer_pb2 as pb
 
     worker, ingress, content_hash = served
     sent = len(worker.sent)
-    request = pb.ExplainRequest(image=_by_reference(content_hash), target=2, **fields)
-    code, details = _refused(lambda c: ingress.Explain(request, c))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details
-    assert len(worker.sent) == sent  # refused in the ingress
+    by_reference = asyncio.run(
+        ingress.Explain(pb.ExplainRequest(image=_by_reference(content_hash), target=2, **fields))
+    )
+    assert worker.sent[sent:] == [False]
+    assert pb.CacheLookup(artifact="view", tier=pb.CACHE_TIER_L1) in by_reference.provenance.cache
+    with_pixels = _explain(_ingress(_Worker(_host({"redis_url": None}))), 0, 2, **fields)
+    np.testing.assert_array_equal(_map(by_reference), _map(with_pixels))
+    assert by_reference.overlay_png == with_pixels.overlay_png
+    assert by_reference.model_input == with_pixels.model_input
 
 
 @pytest.mark.parametrize(

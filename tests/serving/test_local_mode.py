@@ -115,7 +115,8 @@ def test_baselines_are_served_through_the_method_field(ingress, method: str) -> 
 
     declared = f"{method}-{ierf.method_version(method)}+ierf-{ierf.__version__}.{engine_code_digest()}"
     assert served.provenance.method_version == declared
-    assert [c.artifact for c in served.provenance.cache] == ["logits"]  # no decomposition for a baseline
+    # no decomposition for a baseline; a repeat of the image reads the view the worker kept of it
+    assert [c.artifact for c in served.provenance.cache if c.artifact != "view"] == ["logits"]
 
     model = load_model("resnet18", random_init=True)
     pixels = np.random.default_rng(3).integers(0, 256, (120, 150, 3), dtype=np.uint8)
@@ -392,12 +393,13 @@ def test_the_logits_cache_key_names_the_architecture_and_package_version(monkeyp
     host = ModelHost(config.models[0], config.cache)
     pixels = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     host.predict(PredictJob(pixels=pixels, content_hash="c" * 64, top_k=1))
-    (key,) = list(host.cache.l1._items)
+    key, view_key = sorted(host.cache.l1._items)  # the logits, and the view kept beside them
     digest, preprocess = host.model.weights_digest, host.model.preprocess_version
     from ierf.serving.worker import engine_code_digest
 
     code = engine_code_digest()
     assert key == f"ierf:v1:safetensors-2:logits:r18:{digest}:{preprocess}:model@resnet18+ierf-9.8.7.{code}:" + "c" * 64
+    assert view_key == f"ierf:v1:safetensors-2:view:r18:{digest}:{preprocess}:view@{preprocess}:" + "c" * 64
 
 
 @pytest.mark.parametrize(

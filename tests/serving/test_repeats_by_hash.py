@@ -1,12 +1,12 @@
 """A repeat of an image travels to the worker by its content hash alone.
 
-The ingress remembers the images it sent lately (``ingress.remembered_images``); a job on one of them that
-reads only what the worker caches (``answerable_from_cache``: SRD saliency, iERFs, predictions, without
-overlays or the returned input) goes without pixels, and a worker that no longer holds the image answers
+The ingress remembers the images it sent lately (``ingress.remembered_images``); any job on one of them goes
+without pixels. The worker answers SRD saliency, iERFs and predictions from the cached decomposition or logits,
+and overlays, the returned input and the other methods from the model's view it kept of the image (a
+decomposition or logits evicted since are recomputed from that view); a worker that holds neither answers
 PixelsNeeded, upon which the ingress sends the job again with them. These tests hold the two halves to each
-other on a real ModelHost (randomly initialised ResNet18): every job the ingress would send by hash is one
-the worker answers exactly as with pixels, every other is refused rather than answered wrongly, and every
-refusal ends in the right answer for the caller.
+other on a real ModelHost (randomly initialised ResNet18): every job sent by hash is answered exactly as with
+its pixels, or refused rather than answered wrongly, and every refusal ends in the right answer for the caller.
 """
 
 from __future__ import annotations
@@ -30,22 +30,26 @@ POSITIONS = np.array([[0, 0], [1, 2]], dtype=np.int64)
 
 
 def _jobs() -> list[tuple[str, Any, bool]]:
-    """(name, job with pixels, whether the ingress may send it by hash alone)."""
+    """(name, job with pixels, whether it reads the model's view: an overlay, the returned input, another
+    method than SRD; the others read only the decomposition or the logits)."""
     from ierf.serving.jobs import ExplainJob, IERFJob, PredictJob
 
     return [
-        ("explain", ExplainJob(PIXELS, HASH, target=2), True),
-        ("explain auto target, mean", ExplainJob(PIXELS, HASH, contrast="mean"), True),
-        ("explain minus a class", ExplainJob(PIXELS, HASH, target=2, contrast=7), True),
-        ("explain with overlay", ExplainJob(PIXELS, HASH, target=2, overlay=True), False),
-        ("explain returning its input", ExplainJob(PIXELS, HASH, target=2, return_input=True), False),
-        ("explain by gradient", ExplainJob(PIXELS, HASH, method="gradient", target=2), False),
-        ("explain by gradcam", ExplainJob(PIXELS, HASH, method="gradcam", target=2), False),
-        ("ierf", IERFJob(PIXELS, HASH, LAYER, POSITIONS), True),
-        ("ierf with overlay", IERFJob(PIXELS, HASH, LAYER, POSITIONS, overlay=True), False),
-        ("ierf returning its input", IERFJob(PIXELS, HASH, LAYER, POSITIONS, return_input=True), False),
-        ("predict", PredictJob(PIXELS, HASH, top_k=3), True),
+        ("explain", ExplainJob(PIXELS, HASH, target=2), False),
+        ("explain auto target, mean", ExplainJob(PIXELS, HASH, contrast="mean"), False),
+        ("explain minus a class", ExplainJob(PIXELS, HASH, target=2, contrast=7), False),
+        ("explain with overlay", ExplainJob(PIXELS, HASH, target=2, overlay=True), True),
+        ("explain returning its input", ExplainJob(PIXELS, HASH, target=2, return_input=True), True),
+        ("explain by gradient", ExplainJob(PIXELS, HASH, method="gradient", target=2), True),
+        ("explain by gradcam", ExplainJob(PIXELS, HASH, method="gradcam", target=2), True),
+        ("ierf", IERFJob(PIXELS, HASH, LAYER, POSITIONS), False),
+        ("ierf with overlay", IERFJob(PIXELS, HASH, LAYER, POSITIONS, overlay=True), True),
+        ("ierf returning its input", IERFJob(PIXELS, HASH, LAYER, POSITIONS, return_input=True), True),
+        ("predict", PredictJob(PIXELS, HASH, top_k=3), False),
     ]
+
+
+_JOB_IDS = [name for name, _, _ in _jobs()]
 
 
 def _run(host: Any, job: Any) -> Any:
@@ -58,17 +62,41 @@ def _run(host: Any, job: Any) -> Any:
     return host.predict(job)
 
 
-def _same_answer(got: Any, expected: Any) -> None:
+def _scores(outcome: Any) -> list[Any]:
+    return [s for s in [outcome.target, *outcome.top_classes] if s is not None]
+
+
+def _same_answer(got: Any, expected: Any, exact_scores: bool = True) -> None:
+    """``exact_scores=False``: logits of a plain forward pass against a decomposition's, which differ by float
+    rounding (~1e-6)."""
     if expected.maps is None:
         assert got.maps is None
     else:
         np.testing.assert_array_equal(got.maps, expected.maps)
-    assert (got.target, got.top_classes, got.layer) == (expected.target, expected.top_classes, expected.layer)
+    if exact_scores:
+        assert (got.target, got.top_classes) == (expected.target, expected.top_classes)
+    else:
+        assert [(s.index, s.name) for s in _scores(got)] == [(s.index, s.name) for s in _scores(expected)]
+        for a, b in zip(_scores(got), _scores(expected), strict=True):
+            assert a.logit == pytest.approx(b.logit, rel=1e-5)
+            assert a.probability == pytest.approx(b.probability, rel=1e-5)
+    assert got.layer == expected.layer
+    assert got.overlays == expected.overlays  # the same PNG bytes: rendered from the same view
+    if expected.model_input is None:
+        assert got.model_input is None
+    else:
+        np.testing.assert_array_equal(got.model_input, expected.model_input)
+
+
+def _view_key(host: Any) -> str:
+    from ierf.serving.worker import VIEW_METHOD
+
+    return host._key("view", VIEW_METHOD, HASH)
 
 
 @pytest.fixture(scope="module")
 def warm_host() -> Any:
-    """A host that has seen PIXELS once (decomposition and logits in its L1)."""
+    """A host that has seen PIXELS once (decomposition, logits and view in its L1)."""
     from ierf.serving.jobs import ExplainJob
 
     host = _host({"redis_url": None})
@@ -76,25 +104,27 @@ def warm_host() -> Any:
     return host
 
 
-@pytest.mark.parametrize(("name", "job", "by_hash"), _jobs(), ids=[name for name, _, _ in _jobs()])
-def test_a_job_goes_by_hash_exactly_when_the_worker_answers_it_from_its_caches(
-    warm_host: Any, name: str, job: Any, by_hash: bool
-) -> None:
-    """``answerable_from_cache`` is the ingress's promise about the worker: too permissive, every such repeat
-    would cost a refused hop; too strict, warm calls would carry pixels for nothing. Here each kind of job,
-    on an image the worker holds, is answered by hash alone exactly as with its pixels, or refused."""
-    from ierf.serving.errors import PixelsNeeded
+@pytest.fixture(scope="module")
+def reference_host() -> Any:
+    """A host that answers every job with its pixels."""
+    return _host({"redis_url": None})
 
-    assert job.answerable_from_cache is by_hash, name
+
+@pytest.mark.parametrize(("name", "job", "reads_view"), _jobs(), ids=_JOB_IDS)
+def test_every_job_by_hash_alone_is_answered_as_with_its_pixels(
+    warm_host: Any, name: str, job: Any, reads_view: bool
+) -> None:
+    """The ingress sends every repeat by hash: each kind of job, on an image the worker holds, must be
+    answered by hash alone exactly as with its pixels (overlays byte for byte, the returned view too), from
+    what L1 holds, without cutting the view again."""
     with_pixels = _run(warm_host, job)
-    if by_hash:
-        by_hash_alone = _run(warm_host, dataclasses.replace(job, pixels=None))
-        _same_answer(by_hash_alone, with_pixels)
-        assert {tier for _, tier in by_hash_alone.provenance.cache} == {"l1"}
+    by_hash_alone = _run(warm_host, dataclasses.replace(job, pixels=None))
+    _same_answer(by_hash_alone, with_pixels)
+    assert {tier for _, tier in by_hash_alone.provenance.cache} == {"l1"}
+    assert (("view", "l1") in by_hash_alone.provenance.cache) is reads_view, name
+    assert warm_host.pixels_needed(dataclasses.replace(job, pixels=None)) is None
+    if getattr(job, "method", "srd") == "srd":  # other methods normalise the view: their own preprocess stage
         assert "preprocess" not in dict(by_hash_alone.provenance.timings)
-    else:
-        with pytest.raises(PixelsNeeded, match=f"image {HASH[:16]} is not cached here: send its pixels"):
-            _run(warm_host, dataclasses.replace(job, pixels=None))
 
 
 def test_an_image_the_worker_does_not_hold_is_refused_by_hash_before_any_work() -> None:
@@ -103,41 +133,111 @@ def test_an_image_the_worker_does_not_hold_is_refused_by_hash_before_any_work() 
     host = _host({"redis_url": None})
     learned: list[str] = []
     host._learn = lambda work, seconds: learned.append(work)
-    for name, job, by_hash in _jobs():
-        if by_hash:
-            with pytest.raises(PixelsNeeded):
-                _run(host, dataclasses.replace(job, pixels=None))
-            assert len(host.cache.l1._items) == 0, name
+    for name, job, _ in _jobs():
+        without = dataclasses.replace(job, pixels=None)
+        assert isinstance(host.pixels_needed(without), PixelsNeeded), name
+        with pytest.raises(PixelsNeeded, match=f"image {HASH[:16]} is not cached here: send its pixels"):
+            _run(host, without)
+        assert len(host.cache.l1._items) == 0, name
     assert learned == []  # no forward pass, no explanation ran
 
 
-def test_another_replica_answers_by_hash_from_redis_and_a_bad_cached_value_asks_for_the_pixels(
+@pytest.mark.parametrize(("name", "job", "reads_view"), _jobs(), ids=_JOB_IDS)
+def test_without_the_view_only_jobs_that_do_not_read_it_go_by_hash(name: str, job: Any, reads_view: bool) -> None:
+    """The view evicted, the decomposition and logits still held: a job that reads the view is refused (up
+    front and on the compute thread alike), never answered from something else; the others are answered."""
+    from ierf.serving.errors import PixelsNeeded
+    from ierf.serving.jobs import ExplainJob
+
+    host = _host({"redis_url": None})
+    host.explain(ExplainJob(PIXELS, HASH, target=1))
+    host.cache.l1.discard(_view_key(host))
+    without = dataclasses.replace(job, pixels=None)
+    if reads_view:
+        assert isinstance(host.pixels_needed(without), PixelsNeeded), name
+        with pytest.raises(PixelsNeeded):
+            _run(host, without)
+    else:
+        assert host.pixels_needed(without) is None, name
+        _same_answer(_run(host, without), _run(host, job))
+    assert _view_key(host) not in host.cache.l1  # a job by hash alone has no view to keep
+
+
+@pytest.mark.parametrize(("name", "job", "reads_view"), _jobs(), ids=_JOB_IDS)
+def test_an_evicted_decomposition_and_logits_are_recomputed_from_the_kept_view(
+    reference_host: Any, name: str, job: Any, reads_view: bool
+) -> None:
+    """Only the view held (a decomposition is 20 times its size, and goes first under memory pressure): every
+    job by hash alone is recomputed from it, exactly as from the pixels."""
+    from ierf.serving.jobs import ExplainJob
+
+    host = _host({"redis_url": None})
+    host.explain(ExplainJob(PIXELS, HASH, target=1))
+    view = host.cache.l1.get(_view_key(host))
+    host.cache.l1.clear()
+    host.cache.l1.put(_view_key(host), view, view.nbytes)
+    assert host.pixels_needed(dataclasses.replace(job, pixels=None)) is None
+    by_hash_alone = _run(host, dataclasses.replace(job, pixels=None))
+    # the reference's logits came from its decomposition (SRD jobs ran on it first), these from a forward pass
+    _same_answer(by_hash_alone, _run(reference_host, job), exact_scores=False)
+    assert ("view", "l1") in by_hash_alone.provenance.cache, name
+    assert by_hash_alone.provenance.cache[-1][1] == "miss", name  # the decomposition or logits, recomputed
+
+
+def test_the_view_kept_is_the_one_the_job_made_and_is_kept_once() -> None:
+    from ierf.serving.jobs import ExplainJob
+
+    host = _host({"redis_url": None})
+    first = host.explain(ExplainJob(PIXELS, HASH, target=1, return_input=True))
+    kept = host.cache.l1.get(_view_key(host))
+    np.testing.assert_array_equal(kept, host.model.resize_crop(PIXELS))
+    np.testing.assert_array_equal(kept, first.model_input)
+    assert kept is not first.model_input and kept.flags.c_contiguous and kept.dtype == np.uint8
+    assert dict(first.provenance.timings)["cache_put"] > 0
+    puts: list[str] = []
+    real_put = host.cache.put
+    host.cache.put = lambda key, *a, **k: puts.append(key) or real_put(key, *a, **k)
+    host.explain(ExplainJob(PIXELS, HASH, target=2, overlay=True))  # cuts the view again: already kept
+    assert puts == []
+    host.explain(ExplainJob(None, HASH, target=3, overlay=True))  # read from L1, not written back
+    assert puts == []
+
+
+def test_another_replica_answers_by_hash_from_redis_and_a_bad_cached_value_is_recomputed_from_the_view(
     redis_flushed: Any,
 ) -> None:
-    """With Redis, a repeat routed to a replica that never saw the image is a hit all the same. A cached
-    decomposition the engine fails on is dropped; without pixels the replica cannot recompute it, so it asks
-    for them, and the job sent again with them is computed afresh."""
+    """With Redis, a repeat routed to a replica that never saw the image is a hit all the same, overlays
+    included. A cached decomposition the engine fails on is dropped and recomputed from the kept view; a view
+    that is not one (another shape) is a miss, and without it the replica asks for the pixels."""
     from ierf.serving.errors import PixelsNeeded
     from ierf.serving.jobs import ExplainJob
 
     writer = _host({"redis_url": redis_flushed.url, "l1_bytes": 0})
-    expected = writer.explain(ExplainJob(PIXELS, HASH, target=3))
+    expected = writer.explain(ExplainJob(PIXELS, HASH, target=3, overlay=True))
     assert writer.cache.flush(10.0)
     other = _host({"redis_url": redis_flushed.url, "l1_bytes": 0})
-    got = other.explain(ExplainJob(None, HASH, target=3))
-    assert got.provenance.cache == [("decomposition", "l2")]
+    got = other.explain(ExplainJob(None, HASH, target=3, overlay=True))
+    assert got.provenance.cache == [("decomposition", "l2"), ("view", "l2")]
     np.testing.assert_array_equal(got.maps, expected.maps)
+    assert got.overlays == expected.overlays
 
     def inflate(state: dict[str, Any]) -> None:  # finite ratios 1e5 times too large pass the layout check
         for name in [k for k in state if k.endswith(".mu")]:
             state[name] = state[name] * 1e5
 
     _tamper(redis_flushed.url, writer._key("decomposition", "srd", HASH), inflate)
-    with pytest.raises(PixelsNeeded):
-        other.explain(ExplainJob(None, HASH, target=3))
-    again = other.explain(ExplainJob(PIXELS, HASH, target=3))
-    assert again.provenance.cache == [("decomposition", "miss")]  # the bad value was dropped, not read again
+    again = other.explain(ExplainJob(None, HASH, target=3))
+    assert again.provenance.cache == [("decomposition", "l2"), ("view", "l2"), ("decomposition", "miss")]
     np.testing.assert_allclose(again.maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(expected.maps).max())
+
+    def crop(state: dict[str, Any]) -> None:
+        state["view"] = state["view"][1:].contiguous()
+
+    _tamper(redis_flushed.url, _view_key(writer), crop)
+    with pytest.raises(PixelsNeeded):
+        other.explain(ExplainJob(None, HASH, target=3, return_input=True))
+    answer = other.explain(ExplainJob(PIXELS, HASH, target=3, return_input=True))
+    np.testing.assert_array_equal(answer.model_input, writer.model.resize_crop(PIXELS))
 
 
 # ------------------------------------------------------------------------- the ingress and a real worker
@@ -207,12 +307,12 @@ def test_repeats_go_by_hash_and_an_evicted_image_is_sent_again_with_its_pixels()
 
     first = _explain(ingress, 0, 1)
     second = _explain(ingress, 0, 2)
-    with_overlay = _explain(ingress, 0, 3, overlay=True)  # reads the pixels: sent with them
+    with_overlay = _explain(ingress, 0, 3, overlay=True)  # rendered on the view the worker kept
     erf = asyncio.run(
         ingress.ComputeIERF(pb.ComputeIERFRequest(image=_image(0), layer=LAYER, positions=[pb.Position(row=1)]))
     )
     top = asyncio.run(ingress.Predict(pb.PredictRequest(image=_image(0), top_k=2)))
-    assert worker.sent == [True, False, True, False, False]
+    assert worker.sent == [True, False, False, False, False]
     assert len(with_overlay.overlay_png) > 0 and erf.maps.shape == [1, 224, 224] and len(top.top_classes) == 2
     assert [c.tier for c in second.provenance.cache] == [pb.CACHE_TIER_L1]
     np.testing.assert_array_equal(_map(second), _map(_explain(reference, 0, 2)))
@@ -458,6 +558,9 @@ def test_a_job_by_hash_counts_its_cache_misses_only_when_it_is_answered(redis_fl
     assert lookups[2:] == []  # the job sent again counts the miss
     host.explain(ExplainJob(PIXELS, HASH, target=3))
     assert lookups[2:] == [("l1", "miss")]
+    host.cache.l1.discard(host._key("decomposition", "srd", HASH))  # the kept view stays: the job is answered
+    host.explain(ExplainJob(None, HASH, target=4))
+    assert lookups[3:] == [("l1", "miss"), ("l1", "hit")]  # the decomposition's miss, then the view
 
     writer = _host({"redis_url": redis_flushed.url})
     writer.explain(ExplainJob(PIXELS, HASH, target=1))

@@ -422,11 +422,10 @@ class Ingress:
         timings: list[tuple[str, float]],
     ) -> Any:
         """:meth:`_call`, with the image by its content hash alone when the caller named it so (``pixels``
-        None: :meth:`_send_referenced`), or when this replica sent it to the model's
-        workers recently and the job reads only what their caches hold (``answerable_from_cache``): another
-        class or PFV on an image already explained, the product's warm path, then skips the view cut and
-        most of the hop's bytes. A worker that no longer holds it answers PixelsNeeded (one more hop), and
-        the job goes again with the pixels.
+        None: :meth:`_send_referenced`), or when this replica sent it to the model's workers recently: their
+        caches hold its decomposition, logits and view, so another class, PFV, overlay or method on an image
+        already explained, the product's warm path, skips the view cut and most of the hop's bytes. A worker
+        that no longer holds it answers PixelsNeeded (one more hop), and the job goes again with the pixels.
 
         With pixels, as the model's view (resize + centre crop, made here by the model's description) when
         the decoded image is at least :data:`VIEW_MIN_FACTOR` times the view's size: a photo is mostly
@@ -437,7 +436,7 @@ class Ingress:
         if pixels is None:  # the caller named the image by its content hash
             return await self._send_referenced(model_id, method, job, deadline, timings)
         seen = (model_id, job.content_hash)
-        if seen in self._sent and job.answerable_from_cache:
+        if seen in self._sent:
             start = time.perf_counter()
             outcome = await self._by_hash(model_id, method, job, deadline, timings)
             if outcome is not None:
@@ -463,11 +462,6 @@ class Ingress:
         model's workers, whichever ingress replica the caller's earlier requests reached, since each worker
         reads its own L1 and the shared Redis. A worker that does not hold the image answers PixelsNeeded,
         which reaches the caller as ImageNeeded (FAILED_PRECONDITION): the caller sends the pixels."""
-        if not job.answerable_from_cache:
-            raise InvalidArgument(
-                "an image named by image.content_hash serves SRD saliency, iERFs and Predict without overlay or "
-                "return_input (the others read the pixels): send image.encoded or image.tensor"
-            )
         outcome = await self._by_hash(model_id, method, job, deadline, timings)
         if outcome is None:
             raise ImageNeeded(

@@ -22,9 +22,10 @@ DEFAULT_METHOD = "srd"
 
 
 # --------------------------------------------------------------------------------------- messages
-# ``pixels`` None: the job travels by content hash alone (the ingress sent this image recently, and the job
-# is one ``answerable_from_cache``); a worker that no longer holds what it needs answers PixelsNeeded, and
-# the ingress sends the job again with the pixels. A warm call so skips the view cut and most of the hop.
+# ``pixels`` None: the job travels by content hash alone (the ingress sent this image recently, or the caller
+# named it by its hash); the worker answers from what its caches hold (the decomposition, the logits, the view
+# it kept), and one that no longer holds what it needs answers PixelsNeeded: the ingress sends the job again
+# with the pixels. A warm call so skips the view cut and most of the hop.
 
 
 @dataclass
@@ -41,12 +42,6 @@ class ExplainJob:
     # preprocessing version; a decoded photo is mostly pixels the model never sees, and travels at its size
     view_version: str = ""
 
-    @property
-    def answerable_from_cache(self) -> bool:
-        """SRD saliency reads only the image's decomposition; other methods, an overlay and the returned
-        input read the pixels, cached or not."""
-        return self.method == DEFAULT_METHOD and not self.overlay and not self.return_input
-
 
 @dataclass
 class IERFJob:
@@ -60,11 +55,6 @@ class IERFJob:
     map_itemsize: int = 4  # bytes per value of the maps the caller asked for (float32 4, float16 2)
     view_version: str = ""  # as ExplainJob's
 
-    @property
-    def answerable_from_cache(self) -> bool:
-        """iERFs read only the decomposition; overlays and the returned input read the pixels."""
-        return not self.overlay and not self.return_input
-
 
 @dataclass
 class PredictJob:
@@ -73,11 +63,6 @@ class PredictJob:
     top_k: int = 5
     deadline: float | None = None
     view_version: str = ""  # as ExplainJob's
-
-    @property
-    def answerable_from_cache(self) -> bool:
-        """Cached logits answer any top_k."""
-        return True
 
 
 @dataclass(frozen=True)

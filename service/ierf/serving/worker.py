@@ -49,6 +49,10 @@ logger = logging.getLogger("ray.serve")  # Serve writes it to the replica log
 # The "method" of the plain forward pass in cache keys: the logits artifact is keyed
 # ``...:model@<architecture>+ierf-<version>:...`` (weights and preprocessing are key fields of their own).
 FORWARD_METHOD = "model"
+# The "method" of the model's view in cache keys (``...:view@<preprocess version>:...``): the uint8 crop that
+# overlays, the returned input and every method other than SRD saliency read, kept so that jobs sent by
+# content hash alone can do without the pixels.
+VIEW_METHOD = "view"
 _R = TypeVar("_R")
 
 
@@ -89,34 +93,46 @@ class _Timer:
 
 class _ModelInput:
     """The model's view of the image, computed only when needed: a cache hit skips preprocessing. A job sent by
-    content hash alone (``pixels`` None) that needs the pixels after all is refused with PixelsNeeded."""
+    content hash alone (``pixels`` None) reads the view the workers kept of it (:meth:`ModelHost._cached_view`)
+    when it needs the pixels after all (an overlay, the returned input, another method, a decomposition
+    evicted since), and is refused with PixelsNeeded when that is gone too."""
 
     def __init__(
-        self, host: ModelHost, pixels: np.ndarray | None, content_hash: str, stages: _Stages, view_version: str = ""
+        self,
+        host: ModelHost,
+        pixels: np.ndarray | None,
+        content_hash: str,
+        stages: _Stages,
+        view_version: str = "",
+        prov: Provenance | None = None,
     ) -> None:
-        self._host, self._pixels, self._stages = host, pixels, stages
+        self._host, self._pixels, self._stages, self._prov = host, pixels, stages, prov
         self.content_hash = content_hash
         self._view: np.ndarray | None = None
         self._x: torch.Tensor | None = None
+        self.made_view = False  # the view came with the job or was cut from its pixels: worth keeping
         if view_version:  # the ingress made the view; by this replica's preprocessing, or not at all
             stale = host.stale_view(pixels, view_version)
             if stale is not None:
                 raise stale
-            self._view = pixels
+            self._view, self.made_view = pixels, True
 
     @property
     def has_pixels(self) -> bool:
-        """False for a job sent by content hash alone, whose cache misses are counted by the job sent again."""
-        return self._pixels is not None
+        """False for a job sent by content hash alone whose view is not at hand in L1 either: a cache miss of it
+        sends the job back for its pixels, and that job counts the miss."""
+        return self._pixels is not None or self._host.view_in_l1(self.content_hash)
 
     @property
     def view(self) -> np.ndarray:
         """uint8 (H, W, 3) after resize and centre crop: the pixels every map refers to."""
         if self._view is None:
             if self._pixels is None:
-                raise PixelsNeeded(f"image {self.content_hash[:16]} is not cached here: send its pixels")
-            with self._stages.timed("preprocess"):
-                self._view = self._host.model.resize_crop(self._pixels)
+                self._view = self._host._cached_view(self.content_hash, self._stages, self._prov)
+            else:
+                with self._stages.timed("preprocess"):
+                    self._view = self._host.model.resize_crop(self._pixels)
+                self.made_view = True
         return self._view
 
     @property
@@ -314,22 +330,75 @@ class ModelHost:
         )
 
     def pixels_needed(self, job: ExplainJob | IERFJob | PredictJob) -> PixelsNeeded | None:
-        """The refusal of a job sent without its pixels whose cached artifact this replica surely lacks
+        """The refusal of a job sent without its pixels that this replica surely cannot answer from its caches
         (:meth:`TieredCache.may_hold`), else None. Cheap, so the Serve worker checks it before the job queues
         for the compute thread: the ingress sends the job again with the pixels, and the refused attempt
         should not first wait behind the job being computed. A job that passes may still be refused on the
-        compute thread (evicted meanwhile, or not in Redis after all)."""
-        if job.pixels is not None:
+        compute thread (evicted meanwhile, or not in Redis after all).
+
+        The kept view answers any job (the decomposition or the logits are recomputed from it); without it,
+        SRD saliency and iERFs need the decomposition and Predict the logits, while overlays, the returned
+        input and the other methods read the view itself."""
+        if job.pixels is not None or self.cache.may_hold(self._key("view", VIEW_METHOD, job.content_hash)):
             return None
         if isinstance(job, PredictJob):
-            key = self._key("logits", FORWARD_METHOD, job.content_hash)
-        elif isinstance(job, IERFJob) or (job.method or DEFAULT_METHOD) == DEFAULT_METHOD:
-            key = self._key("decomposition", DEFAULT_METHOD, job.content_hash)
+            artifact = self._key("logits", FORWARD_METHOD, job.content_hash)
+        elif (isinstance(job, IERFJob) or (job.method or DEFAULT_METHOD) == DEFAULT_METHOD) and not (
+            job.overlay or job.return_input
+        ):
+            artifact = self._key("decomposition", DEFAULT_METHOD, job.content_hash)
         else:
-            return None  # other methods read the pixels: refused by _ModelInput without work
-        if self.cache.may_hold(key):
+            artifact = None  # the pixels themselves are read
+        if artifact is not None and self.cache.may_hold(artifact):
             return None
         return PixelsNeeded(f"image {job.content_hash[:16]} is not cached here: send its pixels")
+
+    def view_in_l1(self, content_hash: str) -> bool:
+        return self._key("view", VIEW_METHOD, content_hash) in self.cache.l1
+
+    def _cached_view(self, content_hash: str, stages: _Stages, prov: Provenance | None) -> np.ndarray:
+        """The view kept of an image sent earlier (L1 or Redis), for a job that came without its pixels;
+        PixelsNeeded when no tier holds it (the ingress then sends them)."""
+        key = self._key("view", VIEW_METHOD, content_hash)
+        start = time.perf_counter()
+        found = self.cache.get(key, self._rebuilt_view, misses_counted=False)
+        stages.add("cache_get", time.perf_counter() - start)
+        if found.value is None:
+            raise PixelsNeeded(f"image {content_hash[:16]} is not cached here: send its pixels")
+        if prov is not None:
+            prov.cache.append(("view", found.tier))
+        return found.value
+
+    def _rebuilt_view(self, state: dict[str, torch.Tensor]) -> tuple[np.ndarray, int]:
+        """A view read back from Redis: uint8 of this model's input size, or a miss (ValueError)."""
+        view = state.get("view")
+        expected = (*self.input_hw, 3)
+        if not isinstance(view, torch.Tensor) or view.dtype != torch.uint8 or tuple(view.shape) != expected:
+            raise ValueError(f"a cached view is not a {expected} uint8 tensor")
+        array = view.numpy()
+        return array, array.nbytes + L1_ENTRY_OVERHEAD_BYTES
+
+    def _keep_view(self, inputs: _ModelInput, stages: _Stages) -> None:
+        """Keep the view a job made (its pixels cut, or the ingress's crop), unless L1 already holds it, so that
+        a later job by content hash alone can render overlays, return the input or run any method. Written
+        like the decomposition: L1 now, Redis after the answer. 150 KB for a 224x224 model."""
+        if not inputs.made_view:
+            return
+        key = self._key("view", VIEW_METHOD, inputs.content_hash)
+        if key in self.cache.l1:
+            return
+        start = time.perf_counter()
+        view = np.array(inputs.view, dtype=np.uint8, order="C", copy=True)  # not the job's (read-only) buffer
+        self.cache.put(
+            key,
+            view,
+            view.nbytes + L1_ENTRY_OVERHEAD_BYTES,
+            {"view": torch.from_numpy(view)},
+            background=True,
+            deferred=self.defer_cache_writes,
+            tensors_size=view.nbytes,
+        )
+        stages.add("cache_put", time.perf_counter() - start)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Write what waits for Redis (up to ``timeout_s`` for queued writes) and release the connection; a host
@@ -379,7 +448,13 @@ class ModelHost:
             weights_digest=self.model.weights_digest,
             preprocess_version=self.model.preprocess_version,
             method=method,
-            method_version=self._forward_version if method == FORWARD_METHOD else _method_version(method),
+            method_version=(
+                self._forward_version
+                if method == FORWARD_METHOD
+                else self.model.preprocess_version
+                if method == VIEW_METHOD
+                else _method_version(method)
+            ),
             content_hash=content_hash,
         ).redis_key()
 
@@ -591,7 +666,7 @@ class ModelHost:
         check_explain_args(self.description, method, job.target, contrast)
         explainer = self._explainer(method, stages)
         prov = self._provenance(method, job.content_hash)
-        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version, prov)
         work = _explain_work(method)
         if method == DEFAULT_METHOD:
 
@@ -637,6 +712,7 @@ class ModelHost:
                 outcome.overlays.append(saliency_png(view, saliency_map, caption))
         if job.return_input:
             outcome.model_input = inputs.view
+        self._keep_view(inputs, stages)
         prov.timings = stages.items
         return outcome
 
@@ -646,7 +722,7 @@ class ModelHost:
         layer = check_ierf_args(self.description, job.layer, positions)
         check_response_fits(self.description, len(positions), job.map_itemsize, job.overlay, job.return_input)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
-        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version, prov)
 
         def ierf(decomposition: Any) -> torch.Tensor:
             _check_deadline(job.deadline, "the iERF computation")
@@ -671,6 +747,7 @@ class ModelHost:
                     outcome.overlays.append(ierf_png(view, m, box, (layer.height, layer.width), caption))
         if job.return_input:
             outcome.model_input = inputs.view
+        self._keep_view(inputs, stages)
         prov.timings = stages.items
         return outcome
 
@@ -678,7 +755,7 @@ class ModelHost:
         stages = _Stages(self._record_stage, self.config.id)
         top_k = check_top_k(self.description, job.top_k)
         prov = self._provenance("", job.content_hash)
-        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version)
+        inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version, prov)
         logits = self._logits(inputs, prov, stages, job.deadline).reshape(-1)
         probabilities = torch.softmax(logits.to(torch.float64), dim=0)
         values, indices = probabilities.topk(top_k)
@@ -686,5 +763,6 @@ class ModelHost:
             Score(int(i), self.model.class_names[int(i)], float(p), float(logits[int(i)]))
             for p, i in zip(values, indices, strict=True)
         ]
+        self._keep_view(inputs, stages)
         prov.timings = stages.items
         return Outcome(provenance=prov, top_classes=top)
