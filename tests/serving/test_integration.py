@@ -212,6 +212,12 @@ def test_a_repeat_names_its_image_by_content_hash_and_gets_the_same_answer(live_
     assert again.provenance.content_hash == with_pixels.provenance.content_hash
     np.testing.assert_array_equal(again.map, with_pixels.map)
 
+    # explain's default overlay too: rendered on the view the workers kept (here in Redis), byte for byte
+    overlaid = client.explain(coffee, target=7)
+    assert "decode" not in overlaid.provenance.timings and overlaid.provenance.cache["view"] in ("l1", "l2")
+    with Client(live_service.grpc_address, timeout=180, remembered_images=0) as plain:
+        assert overlaid.overlay_png == plain.explain(coffee, target=7).overlay_png
+
 
 def _png_claiming(width: int, height: int) -> bytes:
     data = bytearray(_png(np.zeros((1, 1, 3), np.uint8)))

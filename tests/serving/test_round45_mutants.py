@@ -106,17 +106,19 @@ def test_an_answer_without_a_content_hash_teaches_the_client_nothing(flavour: st
 
 @FLAVOURS
 def test_an_image_then_kept_in_no_tier_is_forgotten(flavour: str) -> None:
-    """R34: an image noted as held, then answered with a "disabled" tier (recomputed and kept nowhere): the
-    client forgets it, and the next repeat sends the pixels rather than a reference."""
+    """R34: an image noted as held, then answered with a "disabled" tier (recomputed and kept nowhere) when its
+    pixels followed a refused reference: the client forgets it, and the next repeat sends the pixels rather
+    than a reference."""
     service = _Service()
 
-    def kept_nowhere() -> None:
+    def evicted_and_kept_nowhere() -> None:
+        service.held.clear()
         service.keeps = False
 
     with _serving(service) as address:
-        with_overlay = ("explain", (PHOTO, 2), {"overlay": True})
-        _session(flavour, address, [_sdk_explain(PHOTO, 1), kept_nowhere, with_overlay, _sdk_explain(PHOTO, 3)])
-    assert service.sent == ["pixels", "pixels", "pixels"]
+        steps = [_sdk_explain(PHOTO, 1), evicted_and_kept_nowhere, _sdk_explain(PHOTO, 2), _sdk_explain(PHOTO, 3)]
+        _session(flavour, address, steps)
+    assert service.sent == ["pixels", "reference", "pixels", "pixels"]
 
 
 @FLAVOURS
@@ -144,18 +146,18 @@ def test_an_empty_method_is_srd_and_goes_by_reference(flavour: str) -> None:
 
 
 def test_an_answer_with_pixels_makes_its_image_the_most_recently_used() -> None:
-    """R39: an overlay's answer (pixels sent, no lookup) renews the image's place: the next image evicts the
-    other one, and a repeat of this one still goes by reference."""
-    service = _Service()
-    a, b, c = (np.full((8, 8, 3), i, np.uint8) for i in range(3))
-    with _serving(service) as address, Client(address, timeout=10, remembered_images=2) as client:
-        client.predict(a)
-        client.predict(b)
-        client.explain(a, 1, overlay=True)  # pixels: a renewed by its answer
-        client.predict(c)  # b goes
-        client.predict(a)
-        client.predict(b)
-    assert service.sent == ["pixels"] * 4 + ["reference", "pixels"]
+    """R39: noting an answer renews its image's place, also for an image already remembered (an answer with
+    pixels to a call made while another call's answer taught the client its hash): the next image evicts the
+    other one."""
+    from ierf_client import _core
+
+    references = _core.ImageReferences(2)
+    a, b, c = b"a", b"b", b"c"
+    for key in (a, b, a):
+        references.note(key, pb.Provenance(content_hash=key.hex() * 32))
+    references.note(c, pb.Provenance(content_hash="c" * 64))  # b goes
+    request = pb.PredictRequest(image=pb.Image(encoded=b"x"))
+    assert references.lookup(a, request) == "61" * 32 and references.lookup(b, request) is None
 
 
 @FLAVOURS

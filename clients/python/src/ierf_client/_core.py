@@ -1071,19 +1071,10 @@ def check_remembered_images(value: object) -> int:
     return value
 
 
-def _referable(request: AnyRequest) -> bool:
-    """Whether the service answers ``request`` from its caches alone: SRD saliency, iERFs and Predict, without
-    an overlay or the model's view (those read the pixels)."""
-    if isinstance(request, pb.PredictRequest):
-        return True
-    if request.overlay or request.return_input:
-        return False
-    return not isinstance(request, pb.ExplainRequest) or request.method in ("", "srd")
-
-
 class ImageReferences:
     """The content hashes of images this client sent lately and the service kept (no cache tier said
     "disabled"), by the bytes sent and the model asked. A repeat that the service answers from its caches
+    (any method, overlays and the returned input too: the service keeps the model's view of the image)
     then travels as ``Image(content_hash=...)``: no upload, no decoding on the server. A service that no
     longer holds the image (or an older one that takes no references) refuses, and the client sends the
     pixels as before: one more round trip, the same answer. Thread-safe; bounded, least recently used out."""
@@ -1112,7 +1103,7 @@ class ImageReferences:
         return digest.digest()
 
     def lookup(self, key: bytes | None, request: AnyRequest) -> str | None:
-        if key is None or not _referable(request):
+        if key is None:
             return None
         with self._lock:
             content_hash = self._hashes.get(key)

@@ -31,8 +31,8 @@ class Client:
     caller has given up. ``application`` names the Ray Serve application to route to: needed only when
     the Serve cluster runs more than one (sent as ``application`` metadata, Serve's routing key).
     ``remembered_images``: images this client remembers as held by the service (0: always send the pixels);
-    a repeat of one (the same bytes, the same model) that the service answers from its caches (SRD
-    saliency, iERFs, predictions, without overlay or return_input) travels by its content hash alone.
+    a repeat of one (the same bytes, the same model), whatever it asks, travels by its content hash alone
+    (the service keeps the model's view of the image); if the service no longer holds it, the pixels follow.
     """
 
     def __init__(
