@@ -631,3 +631,21 @@ def test_a_job_by_hash_for_an_image_the_replica_surely_lacks_is_refused_without_
     finally:
         without_redis.__del__()
         with_redis.__del__()
+
+
+def test_every_job_on_an_image_renews_its_kept_view_in_l1() -> None:
+    """The view is put once, by the job that cut it; later jobs by hash read the decomposition, which L1 renews.
+    Unless they renew the view too, a hot image's view ages out first, and its next overlay by hash is refused."""
+    from ierf.serving.jobs import ExplainJob
+
+    sizing = _host({"redis_url": None})
+    sizing.explain(ExplainJob(PIXELS, HASH, target=1))
+    per_image = sizing.cache.l1.nbytes  # decomposition, logits, view
+    host = _host({"redis_url": None, "l1_bytes": 2 * per_image + 1024})
+    other, third = PIXELS[::-1].copy(), PIXELS[:, ::-1].copy()
+    host.explain(ExplainJob(PIXELS, HASH, target=1))
+    host.explain(ExplainJob(other, "b" * 64, target=1))
+    host.explain(ExplainJob(None, HASH, target=2))  # a hot image: by hash, without overlay
+    host.explain(ExplainJob(third, "c" * 64, target=1))  # evicts the least recently used entries
+    answer = host.explain(ExplainJob(None, HASH, target=2, overlay=True))
+    assert ("view", "l1") in answer.provenance.cache and answer.overlays

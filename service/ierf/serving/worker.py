@@ -381,11 +381,13 @@ class ModelHost:
     def _keep_view(self, inputs: _ModelInput, stages: _Stages) -> None:
         """Keep the view a job made (its pixels cut, or the ingress's crop), unless L1 already holds it, so that
         a later job by content hash alone can render overlays, return the input or run any method. Written
-        like the decomposition: L1 now, Redis after the answer. 150 KB for a 224x224 model."""
-        if not inputs.made_view:
-            return
+        like the decomposition: L1 now, Redis after the answer. 150 KB for a 224x224 model.
+
+        Every job on the image renews the view's place in L1 (a lookup of its own, not counted): a hot image's
+        view, read only by some jobs, would otherwise age out under the decomposition every job reads, and each
+        overlay by hash would then cost a refused hop and the pixels."""
         key = self._key("view", VIEW_METHOD, inputs.content_hash)
-        if key in self.cache.l1:
+        if self.cache.l1.get(key) is not None or not inputs.made_view:
             return
         start = time.perf_counter()
         view = np.array(inputs.view, dtype=np.uint8, order="C", copy=True)  # not the job's (read-only) buffer
