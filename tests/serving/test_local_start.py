@@ -810,3 +810,27 @@ def test_without_num_cpus_the_private_cluster_starts_with_the_containers_cpus(
     assert seen["num_cpus"] == 1.5
     local._init_ray(3, 100_000_000, str(tmp_path), 0)
     assert seen["num_cpus"] == 3
+
+
+def test_free_ports_come_from_outside_the_ranges_ray_and_the_os_hand_out() -> None:
+    """Ports for the proxy and metrics are picked before Ray starts; one from the kernel's ephemeral range could
+    be taken by one of Ray's own sockets before the proxy binds it (a start failed so). Each pick is free and in
+    20000-32767; a taken one is skipped."""
+    import socket
+
+    from ierf.serving.local import FREE_PORT_RANGE, free_port
+
+    low, high = FREE_PORT_RANGE
+    assert (low, high) == (20000, 32768)  # Linux's default ephemeral range starts at 32768
+    held = []
+    try:
+        for _ in range(20):
+            port = free_port()
+            assert low <= port < high
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", port))  # free indeed; held, so later picks must skip it
+            held.append(sock)
+        assert len({s.getsockname()[1] for s in held}) == 20
+    finally:
+        for sock in held:
+            sock.close()

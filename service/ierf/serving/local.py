@@ -50,8 +50,27 @@ LOOPBACK = "127.0.0.1"
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+# Where free_port looks: below Linux's ephemeral range (32768-60999), from which the OS hands a port to every
+# socket bound to port 0 (Ray's GCS, raylet, workers and their gRPC servers among them), and above Ray's worker
+# port range (10002-19999 for `ray start`). A port the OS picked from the ephemeral range could be taken by one
+# of Ray's processes between the pick and the proxy's bind: a benchmark start failed once in a dozen with
+# "Failed to bind to address '127.0.0.1:35467'".
+FREE_PORT_RANGE = (20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    """A TCP port free on 127.0.0.1 right now, from :data:`FREE_PORT_RANGE` (else one the OS picks)."""
+    import random
+
+    pick = random.SystemRandom()
+    for _ in range(64):
+        port = pick.randrange(*FREE_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken: another one
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
