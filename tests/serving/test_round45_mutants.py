@@ -156,8 +156,7 @@ def test_an_answer_with_pixels_makes_its_image_the_most_recently_used() -> None:
     for key in (a, b, a):
         references.note(key, pb.Provenance(content_hash=key.hex() * 32))
     references.note(c, pb.Provenance(content_hash="c" * 64))  # b goes
-    request = pb.PredictRequest(image=pb.Image(encoded=b"x"))
-    assert references.lookup(a, request) == "61" * 32 and references.lookup(b, request) is None
+    assert references.lookup(a) == "61" * 32 and references.lookup(b) is None
 
 
 @FLAVOURS

@@ -1073,9 +1073,9 @@ def check_remembered_images(value: object) -> int:
 
 class ImageReferences:
     """The content hashes of images this client sent lately and the service kept (no cache tier said
-    "disabled"), by the bytes sent and the model asked. A repeat that the service answers from its caches
-    (any method, overlays and the returned input too: the service keeps the model's view of the image)
-    then travels as ``Image(content_hash=...)``: no upload, no decoding on the server. A service that no
+    "disabled"), by the bytes sent and the model asked. A repeat (any method, overlays and the returned input
+    too: the service keeps the model's view of the image) then travels as ``Image(content_hash=...)``: no
+    upload, no decoding on the server. A service that no
     longer holds the image (or an older one that takes no references) refuses, and the client sends the
     pixels as before: one more round trip, the same answer. Thread-safe; bounded, least recently used out."""
 
@@ -1102,7 +1102,8 @@ class ImageReferences:
             digest.update(tensor.data)
         return digest.digest()
 
-    def lookup(self, key: bytes | None, request: AnyRequest) -> str | None:
+    def lookup(self, key: bytes | None) -> str | None:
+        """The content hash remembered for ``key`` (renewed as the most recently used), else None."""
         if key is None:
             return None
         with self._lock:
@@ -1130,7 +1131,7 @@ class ImageReferences:
 
     def referring(self, key: bytes | None, request: AnyRequest) -> AnyRequest | None:
         """``request`` with its image named by content hash, when this client knows the service holds it."""
-        content_hash = self.lookup(key, request)
+        content_hash = self.lookup(key)
         return None if content_hash is None else by_reference(request, content_hash)
 
     def answered(self, key: bytes | None, response: Any) -> Any:
