@@ -280,8 +280,9 @@ class IngressConfig:
     # RESOURCE_EXHAUSTED); 0: twice and four times max_pixels. See ierf.serving.admission.
     decode_pixels: int = 0
     decode_queue_pixels: int = 0
-    # Images per ingress replica remembered as sent to a model's workers: a repeat of one travels by its
-    # content hash alone when the worker's caches can answer it (see Ingress._send); 0: always send pixels.
+    # Images per ingress replica remembered as sent to a model's workers: any repeat of one travels by its
+    # content hash alone, the pixels following only if the worker no longer holds it (see Ingress._send);
+    # 0: always send pixels.
     remembered_images: int = 4096
     # Whether a request may name its image by content hash (Image.content_hash) instead of sending the pixels.
     # The full hash is the key: a caller without the image cannot guess it (see the README's Limits).
