@@ -38,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -214,19 +215,21 @@ def measure(
             for stage, seconds in result.provenance.timings.items():
                 cold_stages.setdefault(stage, Series(stage, [])).seconds.append(seconds)
         time.sleep(SETTLE_S)  # the last cold image's deferred cache write lands before the warm series
+
+        def grpc_warm(target: int) -> Any:
+            start = time.perf_counter()
+            result = client.explain(cold_images[-1], target=target, overlay=False)
+            out["grpc warm"].seconds.append(time.perf_counter() - start)
+            return result
+
         for i, target in enumerate(warm_targets):  # the last cold image, other classes
             # In turn first: the call made first meets the tail of the floor probes' work in the service's
             # processes (always the reference, it ran 1.5-3 ms slower than the worker's own explain stage).
             if i % 2:
-                start = time.perf_counter()
-                result = client.explain(cold_images[-1], target=target, overlay=False)
-                out["grpc warm"].seconds.append(time.perf_counter() - start)
-                out["ref warm"].seconds.append(reference.warm(target))
-            else:
-                out["ref warm"].seconds.append(reference.warm(target))
-                start = time.perf_counter()
-                result = client.explain(cold_images[-1], target=target, overlay=False)
-                out["grpc warm"].seconds.append(time.perf_counter() - start)
+                result = grpc_warm(target)
+            out["ref warm"].seconds.append(reference.warm(target))
+            if not i % 2:
+                result = grpc_warm(target)
             tiers.add(str(result.provenance.cache.get("decomposition")))
             for stage, seconds in result.provenance.timings.items():
                 stages.setdefault(stage, Series(stage, [])).seconds.append(seconds)
