@@ -141,7 +141,9 @@ class _ModelInput:
         if self._x is None:
             view = self.view
             with self._stages.timed("preprocess"):
-                pixels = torch.from_numpy(view).permute(2, 0, 1)[None].contiguous()
+                # channels first in one copy, which is writable: the view may be the job's own buffer, which
+                # Ray delivers read-only (torch.from_numpy warns on those)
+                pixels = torch.from_numpy(np.array(view.transpose(2, 0, 1), order="C"))[None]
                 self._x = self._host.model.normalize(pixels).to(self._host.device)
         return self._x
 
@@ -720,7 +722,8 @@ class ModelHost:
 
     def ierf(self, job: IERFJob) -> Outcome:
         stages = _Stages(self._record_stage, self.config.id)
-        positions = np.asarray(job.positions, dtype=np.int64).reshape(-1, 2)
+        # a copy: Ray delivers the job's arrays read-only, and torch.from_numpy warns on those (below)
+        positions = np.array(job.positions, dtype=np.int64).reshape(-1, 2)
         layer = check_ierf_args(self.description, job.layer, positions)
         check_response_fits(self.description, len(positions), job.map_itemsize, job.overlay, job.return_input)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
