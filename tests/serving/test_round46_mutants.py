@@ -70,7 +70,7 @@ def test_the_view_s_lookup_and_write_are_timed() -> None:
     assert [stage for stage, _ in kept.provenance.timings].count("cache_put") == 1
     assert kept.provenance.cache == [("decomposition", "l1")]
     by_hash = host.explain(ExplainJob(None, HASH, target=2, overlay=True))
-    assert by_hash.provenance.cache == [("decomposition", "l1"), ("view", "l1")]
+    assert by_hash.provenance.cache == [("view", "l1"), ("decomposition", "l1")]  # the overlay's view read first
     assert [stage for stage, _ in by_hash.provenance.timings].count("cache_get") == 2
 
 

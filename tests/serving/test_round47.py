@@ -46,3 +46,71 @@ def test_a_view_cut_by_the_ingress_as_ray_delivers_it_converts_without_a_warning
         )
     whole = host.explain(ExplainJob(photo, "whole-47", target=3, overlay=True))
     np.testing.assert_array_equal(cut.maps, whole.maps)
+
+
+@pytest.mark.parametrize("rpc", ["explain", "predict"])
+def test_a_job_by_hash_recomputed_from_the_view_in_redis_counts_its_misses(redis_flushed, rpc: str) -> None:
+    """Another replica holds only the image's view, in Redis (the decomposition and the logits were evicted):
+    a job by hash reads the view and recomputes, so it is not sent again, and no job with the pixels will count
+    the misses of what it recomputed. Before, they were held back (as for a job about to be refused) and then
+    never counted: the hit-ratio metrics saw a view hit and no miss, while provenance said "miss"."""
+    import redis
+    from ierf.serving.jobs import ExplainJob, PredictJob
+
+    from serving.test_repeats_by_hash import _observed_host
+
+    def job(pixels):
+        return ExplainJob(pixels, HASH, target=2) if rpc == "explain" else PredictJob(pixels, HASH, top_k=3)
+
+    writer = _host({"redis_url": redis_flushed.url})
+    getattr(writer, rpc)(job(PIXELS))
+    assert writer.cache.flush(10.0)
+    client = redis.Redis.from_url(redis_flushed.url, socket_timeout=5)
+    artefact, method = ("decomposition", "srd") if rpc == "explain" else ("logits", "model")
+    assert client.delete(writer._key(artefact, method, HASH)) == 1
+    client.close()
+
+    reader, lookups = _observed_host(redis_flushed.url)
+    outcome = getattr(reader, rpc)(job(None))
+    assert (artefact, "miss") in outcome.provenance.cache and ("view", "l2") in outcome.provenance.cache
+    # the view's lookup, then the artefact's misses, counted once the view was found
+    assert lookups == [("l1", "miss"), ("l2", "hit"), ("l1", "miss"), ("l2", "miss")]
+
+
+@pytest.mark.parametrize("kind", ["explain overlay", "explain return_input", "ierf overlay"])
+def test_a_job_by_hash_that_shows_a_view_no_replica_holds_is_refused_before_any_work(
+    redis_flushed, monkeypatch, kind: str
+) -> None:
+    """The view can age out of Redis before the decomposition does. A job by hash that would show it was
+    refused only after its map was computed, which the job sent again with the pixels then computed again."""
+    import redis
+    from ierf.serving.errors import PixelsNeeded
+    from ierf.serving.jobs import ExplainJob, IERFJob
+    from ierf.srd.explainer import Decomposition
+
+    def job(pixels):
+        if kind == "ierf overlay":
+            return IERFJob(pixels, HASH, "layer3.1", [[0, 0]], overlay=True)
+        return ExplainJob(pixels, HASH, target=2, overlay=kind.endswith("overlay"), return_input=kind.endswith("input"))
+
+    writer = _host({"redis_url": redis_flushed.url})
+    run = writer.ierf if kind.startswith("ierf") else writer.explain
+    expected = run(job(PIXELS))
+    assert writer.cache.flush(10.0)
+    client = redis.Redis.from_url(redis_flushed.url, socket_timeout=5)
+    assert client.delete(writer._key("view", "view", HASH)) == 1  # the decomposition and logits stay
+    client.close()
+
+    reader = _host({"redis_url": redis_flushed.url})
+    work: list[str] = []
+    for name in ("saliency", "ierf"):
+        original = getattr(Decomposition, name)
+        monkeypatch.setattr(
+            Decomposition, name, lambda self, *a, _o=original, _n=name, **k: work.append(_n) or _o(self, *a, **k)
+        )
+    run = reader.ierf if kind.startswith("ierf") else reader.explain
+    with pytest.raises(PixelsNeeded):
+        run(job(None))
+    assert work == []
+    again = run(job(PIXELS))  # the job sent again with its pixels
+    np.testing.assert_array_equal(again.maps, expected.maps)

@@ -749,6 +749,9 @@ class _WriteBehind:
 class Lookup(Generic[T]):
     value: T | None
     tier: str  # "l1" | "l2" | "miss"
+    # The misses a lookup with ``misses_counted=False`` held back: counted by TieredCache.count_withheld once
+    # the job goes ahead without being sent again (it found the image's view after all).
+    withheld: tuple[tuple[str, str, str, float, int], ...] = ()
 
 
 class _KeyLock:
@@ -828,10 +831,21 @@ class TieredCache:
             return self._lookup(key, from_tensors, self.observer)
         seen: list[tuple[str, str, str, float, int]] = []
         found = self._lookup(key, from_tensors, lambda *observation: seen.append(observation))
+        withheld = []
         for observation in seen:  # in order, once the outcome is known
             if found.value is not None or observation[2] != "miss":
                 self.observer(*observation)
+            else:
+                withheld.append(observation)
+        found.withheld = tuple(withheld)
         return found
+
+    def count_withheld(self, found: Lookup[Any]) -> None:
+        """Count the misses ``found`` held back: its job goes ahead after all (from the image's view, found in a
+        later lookup), so no job sent again with the pixels will count them."""
+        withheld, found.withheld = found.withheld, ()
+        for observation in withheld:
+            self.observer(*observation)
 
     def _lookup(
         self, key: str, from_tensors: Callable[[dict[str, torch.Tensor]], tuple[T, int]], observe: CacheObserver

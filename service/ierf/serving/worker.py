@@ -117,6 +117,13 @@ class _ModelInput:
                 raise stale
             self._view, self.made_view = pixels, True
 
+    def read_view_first(self) -> None:
+        """For a job by hash whose answer shows the view (an overlay, the returned input, a method that reads the
+        pixels): read it before any work, so that a replica that no longer holds it refuses at once instead of
+        after computing the map it would then compute again for the job sent with the pixels."""
+        if self._pixels is None:
+            self.view  # noqa: B018 - read for its refusal (PixelsNeeded) and to hold it for the job
+
     @property
     def has_pixels(self) -> bool:
         """False for a job sent by content hash alone whose view is not at hand in L1 either: a cache miss of it
@@ -500,6 +507,7 @@ class ModelHost:
             return decomposition, tensors_nbytes(state)
 
         with self.cache.single_flight(key):
+            found = None
             if fresh:  # the put below overwrites both tiers, but a write-behind SET may be dropped
                 self.cache.discard(key)
             else:
@@ -511,6 +519,8 @@ class ModelHost:
                     return found.value, True
             self._check_time_for(deadline, "the forward pass", DECOMPOSE, *then)
             x = inputs.x  # the preprocessing, timed as its own stage, before the forward's clock starts
+            if found is not None:
+                self.cache.count_withheld(found)  # a job by hash that found the view in Redis: not sent again
             start = time.perf_counter()
             decomposition = self.srd.decompose(x)
             seconds = time.perf_counter() - start
@@ -623,6 +633,7 @@ class ModelHost:
             return found.value
         self._check_time_for(deadline, "the forward pass", FORWARD, *then)
         x = inputs.x  # preprocessed first: its own stage, not the forward's
+        self.cache.count_withheld(found)  # as for the decomposition
         start = time.perf_counter()
         with torch.inference_mode():
             logits = self.model.module(x)
@@ -671,6 +682,8 @@ class ModelHost:
         explainer = self._explainer(method, stages)
         prov = self._provenance(method, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version, prov)
+        if job.overlay or job.return_input or method != DEFAULT_METHOD:
+            inputs.read_view_first()
         work = _explain_work(method)
         if method == DEFAULT_METHOD:
 
@@ -728,6 +741,8 @@ class ModelHost:
         check_response_fits(self.description, len(positions), job.map_itemsize, job.overlay, job.return_input)
         prov = self._provenance(DEFAULT_METHOD, job.content_hash)
         inputs = _ModelInput(self, job.pixels, job.content_hash, stages, job.view_version, prov)
+        if job.overlay or job.return_input:
+            inputs.read_view_first()
 
         def ierf(decomposition: Any) -> torch.Tensor:
             _check_deadline(job.deadline, "the iERF computation")
