@@ -4,8 +4,8 @@ the workers' L1 cleared now and then.
 
 Every answer must agree field by field (maps' bytes, target, top classes, layer, overlay, the model's input, or
 the refusal's type and message); the stages must sum below the total; and each job must take the hops its kind
-promises: by hash alone exactly when the ingress remembers the image and the job is ``answerable_from_cache``,
-refused and sent again exactly when the worker's L1 lacks what the job reads.
+promises: by hash alone exactly when the ingress remembers the image (any kind of job, since the workers keep
+the model's view), refused and sent again exactly when the worker's L1 lacks what the job reads.
 """
 
 from __future__ import annotations

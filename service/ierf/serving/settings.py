@@ -285,7 +285,7 @@ class IngressConfig:
     # 0: always send pixels.
     remembered_images: int = 4096
     # Whether a request may name its image by content hash (Image.content_hash) instead of sending the pixels.
-    # The full hash is the key: a caller without the image cannot guess it (see the README's Limits).
+    # The full hash is the key: a caller without the image cannot guess it (see the README's API section).
     accept_image_references: bool = True
 
     def __post_init__(self) -> None:
