@@ -15,7 +15,7 @@ Targets are the ground-truth class (synthetic) or the cell photo's class (grid).
 rule of ``ierf.baselines`` (signed channel sum, bilinear upsampling, no normalisation). SRD runs with
 its defaults (exact head, identity contrast); nothing here is tuned toward any method.
 
-    python benchmarks/fidelity.py                  # full run (about an hour on 2 shared cores)
+    python benchmarks/fidelity.py                  # full run (~36 min on 2 shared cores)
     python benchmarks/fidelity.py --fast           # every experiment on a small subset (a few minutes)
     python benchmarks/fidelity.py --out DIR --methods srd,gradient,gradcam --publish benchmarks/results
     python benchmarks/fidelity.py --methods srd --skip-synthetic --merge out/fidelity/results.json --out DIR
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(SEED)
     settings = FAST if args.fast else FULL
     prev = json.loads(args.merge.read_text()) if args.merge else None
-    if prev is not None and prev["settings"] != settings.__dict__:  # checked before an hour of work, not after
+    if prev is not None and prev["settings"] != settings.__dict__:  # checked before half an hour of work, not after
         parser.error(f"--merge {args.merge}: that run used other settings")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
