@@ -7,6 +7,7 @@ replica's log: the worker must take a copy of what it converts.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -114,3 +115,55 @@ def test_a_job_by_hash_that_shows_a_view_no_replica_holds_is_refused_before_any_
     assert work == []
     again = run(job(PIXELS))  # the job sent again with its pixels
     np.testing.assert_array_equal(again.maps, expected.maps)
+
+
+@pytest.mark.parametrize("rpc", ["explain", "explain overlay", "predict"])
+def test_a_job_by_hash_refused_for_its_deadline_counts_its_misses(redis_flushed, rpc: str) -> None:
+    """A deadline refusal after a cache miss reaches the caller: the job is not sent again with its pixels, so
+    the misses its lookup held back are counted by it or by no one (found in review 47)."""
+    import redis
+    from ierf.serving.errors import DeadlineExceeded
+    from ierf.serving.jobs import ExplainJob, PredictJob
+    from ierf.serving.settings import ServiceConfig
+    from ierf.serving.worker import DECOMPOSE, FORWARD, ModelHost
+
+    def job(pixels):
+        deadline = time.time() + 5.0
+        if rpc == "predict":
+            return PredictJob(pixels, HASH, top_k=3, deadline=deadline)
+        return ExplainJob(pixels, HASH, target=2, overlay=rpc.endswith("overlay"), deadline=deadline)
+
+    writer = _host({"redis_url": redis_flushed.url})
+    writer.explain(ExplainJob(PIXELS, HASH, target=2))
+    assert writer.cache.flush(10.0)
+    client = redis.Redis.from_url(redis_flushed.url, socket_timeout=5)
+    for artefact, method in (("decomposition", "srd"), ("logits", "model")):
+        assert client.delete(writer._key(artefact, method, HASH)) == 1  # only the view stays
+    client.close()
+    writer.close()
+
+    lookups: list[tuple[str, str]] = []
+    args = {
+        "models": [{"id": "r18", "name": "resnet18", "random_init": True}],
+        "cache": {"redis_url": redis_flushed.url, "l1_bytes": 0},  # every reuse through Redis
+    }
+    config = ServiceConfig.from_args(args)
+    reader = ModelHost(
+        config.models[0],
+        config.cache,
+        cache_observer=lambda tier, op, result, *_: lookups.append((tier, result)) if op == "get" else None,
+    )
+    run = reader.predict if rpc == "predict" else reader.explain
+
+    def refused(pixels) -> list[tuple[str, str]]:
+        lookups.clear()
+        for work in (DECOMPOSE, FORWARD):  # this replica learnt the work takes 100 s: a 5 s deadline is refused
+            reader._estimates[work] = reader._measured[work] = 100.0
+        with pytest.raises(DeadlineExceeded):
+            run(job(pixels))
+        return [lookup for lookup in lookups if lookup != ("l2", "hit")]  # the view's hit, by hash
+
+    with_pixels = refused(PIXELS)
+    assert with_pixels == [("l2", "miss")]
+    assert refused(None) == with_pixels  # before: [] (held back, then dropped)
+    reader.close()

@@ -517,7 +517,7 @@ class ModelHost:
                 if found.value is not None:
                     prov.cache.append(("decomposition", found.tier))
                     return found.value, True
-            self._check_time_for(deadline, "the forward pass", DECOMPOSE, *then)
+            self._check_time_after_miss(found, deadline, "the forward pass", DECOMPOSE, *then)
             x = inputs.x  # the preprocessing, timed as its own stage, before the forward's clock starts
             if found is not None:
                 self.cache.count_withheld(found)  # a job by hash that found the view in Redis: not sent again
@@ -607,6 +607,17 @@ class ModelHost:
         for name in known:
             self._estimates[name] = max(self._estimates[name], self._measured.get(name, 0.0))
 
+    def _check_time_after_miss(self, found: Any, deadline: float | None, before: str, *work: str) -> None:
+        """:meth:`_check_time_for` after a lookup that missed. Its refusal reaches the caller: a job by hash is
+        not sent again with its pixels, so the misses its lookup held back (``misses_counted=False``) are
+        counted here, or by no one."""
+        try:
+            self._check_time_for(deadline, before, *work)
+        except DeadlineExceeded:
+            if found is not None:
+                self.cache.count_withheld(found)
+            raise
+
     def _learn(self, work: str, seconds: float) -> None:
         previous = self._measured.get(work)
         self._estimates[work] = self._measured[work] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
@@ -631,7 +642,7 @@ class ModelHost:
         if found.value is not None:
             prov.cache.append(("logits", found.tier))
             return found.value
-        self._check_time_for(deadline, "the forward pass", FORWARD, *then)
+        self._check_time_after_miss(found, deadline, "the forward pass", FORWARD, *then)
         x = inputs.x  # preprocessed first: its own stage, not the forward's
         self.cache.count_withheld(found)  # as for the decomposition
         start = time.perf_counter()
