@@ -78,7 +78,7 @@ def test_a_job_by_hash_recomputed_from_the_view_in_redis_counts_its_misses(redis
     assert lookups == [("l1", "miss"), ("l2", "hit"), ("l1", "miss"), ("l2", "miss")]
 
 
-@pytest.mark.parametrize("kind", ["explain overlay", "explain return_input", "ierf overlay"])
+@pytest.mark.parametrize("kind", ["explain overlay", "explain return_input", "ierf overlay", "ierf return_input"])
 def test_a_job_by_hash_that_shows_a_view_no_replica_holds_is_refused_before_any_work(
     redis_flushed, monkeypatch, kind: str
 ) -> None:
@@ -90,8 +90,15 @@ def test_a_job_by_hash_that_shows_a_view_no_replica_holds_is_refused_before_any_
     from ierf.srd.explainer import Decomposition
 
     def job(pixels):
-        if kind == "ierf overlay":
-            return IERFJob(pixels, HASH, "layer3.1", [[0, 0]], overlay=True)
+        if kind.startswith("ierf"):
+            return IERFJob(
+                pixels,
+                HASH,
+                "layer3.1",
+                [[0, 0]],
+                overlay=kind.endswith("overlay"),
+                return_input=kind.endswith("input"),
+            )
         return ExplainJob(pixels, HASH, target=2, overlay=kind.endswith("overlay"), return_input=kind.endswith("input"))
 
     writer = _host({"redis_url": redis_flushed.url})
