@@ -174,3 +174,27 @@ def test_a_job_by_hash_refused_for_its_deadline_counts_its_misses(redis_flushed,
     assert with_pixels == [("l2", "miss")]
     assert refused(None) == with_pixels  # before: [] (held back, then dropped)
     reader.close()
+
+
+def test_a_corrupt_value_met_by_a_job_by_hash_is_counted_once(redis_flushed) -> None:
+    """Only misses are held back for a job without pixels: a corrupt value (or an error) is counted at once,
+    and counting the held-back misses later must not count it again (round 47's M28)."""
+    import collections
+
+    import redis
+    from ierf.serving.jobs import ExplainJob
+
+    from serving.test_repeats_by_hash import _observed_host
+
+    writer = _host({"redis_url": redis_flushed.url})
+    writer.explain(ExplainJob(PIXELS, HASH, target=2))
+    assert writer.cache.flush(10.0)
+    client = redis.Redis.from_url(redis_flushed.url, socket_timeout=5)
+    client.set(writer._key("decomposition", "srd", HASH), b"not a safetensors value")
+    client.close()
+
+    reader, lookups = _observed_host(redis_flushed.url)
+    outcome = reader.explain(ExplainJob(None, HASH, target=2))  # recomputed from the view in Redis
+    assert ("view", "l2") in outcome.provenance.cache
+    counted = collections.Counter(lookups)
+    assert counted[("l2", "corrupt")] == 1 and counted[("l2", "hit")] == 1, lookups
